@@ -1,0 +1,1 @@
+"""The edge: SQL, Redis, Asterisk, FreeSWITCH and in-memory fakes."""

@@ -1,0 +1,1 @@
+"""SQL system of record (SQLAlchemy 2.0): schema, migrations, repositories."""

@@ -1,0 +1,267 @@
+"""Accounts and the append-only ledger (DESIGN §5, §6).
+
+Every balance change is one row in ``ledger_entries`` with a unique reference, inserted in the
+same transaction that moves ``accounts.balance_micros`` under a row lock, so the cached balance
+always equals the sum of the ledger. Replaying a reference never posts twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from agent.adapters.sql.models import Account, LedgerEntry, RatePlan, Tenant, utcnow
+from agent.core.errors import Conflict, InvalidInput, NotFound
+
+ACCOUNT_TYPES = ("prepaid", "postpaid")
+DEFAULT_TENANT = "default"
+
+
+@dataclass(frozen=True)
+class AccountView:
+    id: str
+    tenant: str
+    plan: str
+    currency: str
+    account_type: str
+    status: str
+    balance_micros: int
+    reserved_micros: int
+    credit_limit_micros: int
+    max_concurrent_calls: int | None
+    created_at: datetime
+
+    @property
+    def available_micros(self) -> int:
+        return self.balance_micros + self.credit_limit_micros - self.reserved_micros
+
+
+@dataclass(frozen=True)
+class Posting:
+    """The outcome of a ledger posting: the entry, and whether this call created it."""
+
+    entry_id: int
+    account_id: str
+    kind: str
+    amount_micros: int
+    balance_after_micros: int
+    reference: str
+    created: bool
+
+
+def _validate_account_id(account_id: str) -> None:
+    if not account_id or len(account_id) > 64 or not account_id.isprintable() or account_id != account_id.strip():
+        raise InvalidInput(
+            f"account id {account_id!r} must be 1-64 printable characters without surrounding spaces"
+        )
+
+
+def get_plan(session: Session, name: str) -> RatePlan:
+    plan = session.scalar(select(RatePlan).where(RatePlan.name == name))
+    if plan is None:
+        raise NotFound(f"unknown rate plan {name!r}")
+    return plan
+
+
+def ensure_tenant(session: Session, name: str = DEFAULT_TENANT) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        tenant = Tenant(name=name, created_at=utcnow())
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def lock_account(session: Session, account_id: str) -> Account:
+    """Load an account under a row lock (SQLite: the BEGIN IMMEDIATE write lock)."""
+    account = session.scalar(select(Account).where(Account.id == account_id).with_for_update())
+    if account is None:
+        raise NotFound(f"unknown account {account_id!r}")
+    return account
+
+
+def create_account(
+    session: Session,
+    account_id: str,
+    *,
+    plan: str,
+    currency: str | None = None,
+    balance_micros: int = 0,
+    credit_limit_micros: int = 0,
+    account_type: str | None = None,
+    max_concurrent_calls: int | None = None,
+    tenant: str = DEFAULT_TENANT,
+) -> AccountView:
+    _validate_account_id(account_id)
+    if balance_micros < 0:
+        raise InvalidInput("an opening balance must not be negative (use a credit limit)")
+    if credit_limit_micros < 0:
+        raise InvalidInput("a credit limit must not be negative")
+    if max_concurrent_calls is not None and max_concurrent_calls < 1:
+        raise InvalidInput(f"max concurrent calls {max_concurrent_calls} must be at least 1")
+    kind = account_type or ("postpaid" if credit_limit_micros > 0 else "prepaid")
+    if kind not in ACCOUNT_TYPES:
+        raise InvalidInput(f"account type {kind!r} must be prepaid or postpaid")
+    if kind == "prepaid" and credit_limit_micros:
+        raise InvalidInput("a prepaid account has no credit limit (use --type postpaid)")
+    rate_plan = get_plan(session, plan)
+    cur = (currency or rate_plan.currency).upper()
+    if len(cur) != 3 or not cur.isalpha():
+        raise InvalidInput(f"currency {currency!r} must be a three-letter ISO 4217 code")
+    if cur != rate_plan.currency:
+        raise InvalidInput(
+            f"currency {cur} differs from plan {plan!r}, which is priced in {rate_plan.currency}"
+        )
+    if session.get(Account, account_id) is not None:
+        raise Conflict(f"account {account_id!r} already exists")
+    now = utcnow()
+    account = Account(
+        id=account_id,
+        tenant_id=ensure_tenant(session, tenant).id,
+        rate_plan_id=rate_plan.id,
+        currency=cur,
+        account_type=kind,
+        status="active",
+        credit_limit_micros=credit_limit_micros,
+        balance_micros=0,
+        reserved_micros=0,
+        max_concurrent_calls=max_concurrent_calls,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(account)
+    try:
+        session.flush()
+    except IntegrityError:
+        raise Conflict(f"account {account_id!r} already exists") from None
+    if balance_micros:
+        post_entry(session, account_id, kind="opening", amount_micros=balance_micros,
+                   reference=f"opening:{account_id}", description="opening balance")
+    return view_account(session, account_id)
+
+
+def post_entry(
+    session: Session,
+    account_id: str,
+    *,
+    kind: str,
+    amount_micros: int,
+    reference: str,
+    call_id: str | None = None,
+    description: str = "",
+) -> Posting:
+    """Append one ledger entry and move the cached balance, idempotently per reference.
+
+    A reference already in the ledger returns the stored entry with ``created=False``; if that
+    entry differs in account, kind or amount the call is refused, since the same reference must
+    always mean the same money movement.
+    """
+    account = lock_account(session, account_id)
+    existing = session.scalar(select(LedgerEntry).where(LedgerEntry.reference == reference))
+    if existing is not None:
+        if (existing.account_id, existing.kind, existing.amount_micros) != (account_id, kind, amount_micros):
+            raise Conflict(
+                f"reference {reference!r} was already used for a {existing.kind} of "
+                f"{existing.amount_micros} micro-units on account {existing.account_id!r}"
+            )
+        return Posting(existing.id, account_id, kind, amount_micros, existing.balance_after_micros,
+                       reference, created=False)
+    account.balance_micros += amount_micros
+    account.updated_at = utcnow()
+    entry = LedgerEntry(
+        account_id=account_id,
+        kind=kind,
+        amount_micros=amount_micros,
+        balance_after_micros=account.balance_micros,
+        reference=reference,
+        call_id=call_id,
+        description=description[:255],
+        created_at=account.updated_at,
+    )
+    session.add(entry)
+    session.flush()
+    return Posting(entry.id, account_id, kind, amount_micros, entry.balance_after_micros, reference,
+                   created=True)
+
+
+def topup(session: Session, account_id: str, amount_micros: int, reference: str | None = None) -> Posting:
+    if amount_micros <= 0:
+        raise InvalidInput("a top-up must be greater than zero")
+    ref = reference if reference is not None else uuid.uuid4().hex
+    if not ref.strip() or len(ref) > 128:
+        raise InvalidInput(f"reference {reference!r} must be 1-128 characters")
+    return post_entry(session, account_id, kind="topup", amount_micros=amount_micros,
+                      reference=f"topup:{account_id}:{ref}", description=f"top-up {ref}")
+
+
+def adjust(session: Session, account_id: str, amount_micros: int, *, reason: str,
+           reference: str | None = None) -> Posting:
+    if amount_micros == 0:
+        raise InvalidInput("an adjustment of zero changes nothing")
+    if not reason.strip():
+        raise InvalidInput("an adjustment needs a reason")
+    ref = reference if reference is not None else uuid.uuid4().hex
+    return post_entry(session, account_id, kind="adjustment", amount_micros=amount_micros,
+                      reference=f"adjust:{account_id}:{ref}", description=reason)
+
+
+def set_status(session: Session, account_id: str, status: str) -> AccountView:
+    if status not in ("active", "suspended", "closed"):
+        raise InvalidInput(f"status {status!r} must be active, suspended or closed")
+    account = lock_account(session, account_id)
+    account.status = status
+    account.updated_at = utcnow()
+    session.flush()
+    return view_account(session, account_id)
+
+
+def _view(account: Account, tenant: str, plan: str) -> AccountView:
+    return AccountView(
+        id=account.id, tenant=tenant, plan=plan, currency=account.currency,
+        account_type=account.account_type, status=account.status,
+        balance_micros=account.balance_micros, reserved_micros=account.reserved_micros,
+        credit_limit_micros=account.credit_limit_micros,
+        max_concurrent_calls=account.max_concurrent_calls, created_at=account.created_at,
+    )
+
+
+def _view_query() -> Any:
+    return (
+        select(Account, Tenant.name, RatePlan.name)
+        .join(Tenant, Tenant.id == Account.tenant_id)
+        .join(RatePlan, RatePlan.id == Account.rate_plan_id)
+    )
+
+
+def view_account(session: Session, account_id: str) -> AccountView:
+    row = session.execute(_view_query().where(Account.id == account_id)).first()
+    if row is None:
+        raise NotFound(f"unknown account {account_id!r}")
+    return _view(row[0], row[1], row[2])
+
+
+def list_accounts(session: Session, *, status: str | None = None, plan: str | None = None,
+                  limit: int | None = None) -> list[AccountView]:
+    query = _view_query().order_by(Account.id)
+    if status:
+        query = query.where(Account.status == status)
+    if plan:
+        query = query.where(RatePlan.name == plan)
+    if limit:
+        query = query.limit(limit)
+    return [_view(a, t, p) for a, t, p in session.execute(query)]
+
+
+def ledger_sums(session: Session) -> dict[str, int]:
+    """Sum of ledger amounts per account (accounts with no entry are absent)."""
+    rows = session.execute(
+        select(LedgerEntry.account_id, func.coalesce(func.sum(LedgerEntry.amount_micros), 0))
+        .group_by(LedgerEntry.account_id)
+    )
+    return {account_id: int(total) for account_id, total in rows}

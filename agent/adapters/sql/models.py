@@ -1,0 +1,248 @@
+"""The shared SQL schema (DESIGN §6).
+
+Table names are a contract: many PBX nodes and other tools read the same database. Money columns
+are BigInteger micro-units (``*_micros``). Timestamps are stored as naive UTC with microseconds
+(see :class:`UtcDateTime`), read back as aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY, not a BIGINT one.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+Micros = BigInteger
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out; naive UTC with microseconds on disk."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime())
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC)
+
+
+def utcnow() -> datetime:
+    """The adapters' clock for row timestamps (the core never calls it)."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class RatePlan(Base):
+    __tablename__ = "rate_plans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    currency: Mapped[str] = mapped_column(String(3), default="EUR")
+    # Plan settings for rating (DESIGN §4): local time windows and number normalisation.
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    international_prefix: Mapped[str] = mapped_column(String(8), default="00")
+    # Bumped by every import; daemons poll it to reload their in-memory rate table.
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Rate(Base):
+    __tablename__ = "rates"
+    __table_args__ = (
+        UniqueConstraint(
+            "plan_id", "prefix", "effective_from", "weekdays", "time_from_minute",
+            name="uq_rates_plan_prefix_window",
+        ),
+        Index(None, "plan_id", "prefix"),
+        CheckConstraint("rate_micros >= 0", name="rate_not_negative"),
+        CheckConstraint("connect_fee_micros >= 0", name="connect_fee_not_negative"),
+        CheckConstraint("initial_increment > 0 AND increment > 0", name="increments_positive"),
+        CheckConstraint("minimum_seconds >= 0 AND grace_seconds >= 0", name="min_grace_not_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    plan_id: Mapped[int] = mapped_column(ForeignKey("rate_plans.id", ondelete="CASCADE"))
+    prefix: Mapped[str] = mapped_column(String(32))
+    destination: Mapped[str] = mapped_column(String(128), default="")
+    rate_micros: Mapped[int] = mapped_column(Micros, comment="money per minute, micro-units")
+    connect_fee_micros: Mapped[int] = mapped_column(Micros, default=0)
+    initial_increment: Mapped[int] = mapped_column(Integer, default=1, comment="seconds")
+    increment: Mapped[int] = mapped_column(Integer, default=1, comment="seconds")
+    minimum_seconds: Mapped[int] = mapped_column(Integer, default=0)
+    grace_seconds: Mapped[int] = mapped_column(Integer, default=0)
+    # Half-open [effective_from, effective_to) in UTC; effective_from defaults to the epoch so
+    # that the unique key above is enforced (NULLs are distinct in a unique index).
+    effective_from: Mapped[datetime] = mapped_column(UtcDateTime)
+    effective_to: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Optional time-of-day window in the plan's timezone: ISO weekdays ("12345" = Mon-Fri, ""
+    # = every day) and [time_from_minute, time_to_minute) minutes of the day (may wrap midnight).
+    weekdays: Mapped[str] = mapped_column(String(7), default="")
+    time_from_minute: Mapped[int] = mapped_column(Integer, default=0)
+    time_to_minute: Mapped[int] = mapped_column(Integer, default=1440)
+    blocked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+    __table_args__ = (
+        CheckConstraint("credit_limit_micros >= 0", name="credit_limit_not_negative"),
+        CheckConstraint("reserved_micros >= 0", name="reserved_not_negative"),
+        CheckConstraint("status IN ('active', 'suspended', 'closed')", name="status_known"),
+        CheckConstraint("account_type IN ('prepaid', 'postpaid')", name="type_known"),
+    )
+
+    # The PBX's account code (Asterisk CHANNEL(accountcode), FreeSWITCH accountcode variable).
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    rate_plan_id: Mapped[int] = mapped_column(ForeignKey("rate_plans.id"))
+    currency: Mapped[str] = mapped_column(String(3))
+    account_type: Mapped[str] = mapped_column(String(8), default="prepaid")
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    credit_limit_micros: Mapped[int] = mapped_column(Micros, default=0)
+    # balance_micros is the sum of this account's ledger entries, maintained in the same
+    # transaction as every insert into ledger_entries (`billing-agent ledger check` proves it).
+    balance_micros: Mapped[int] = mapped_column(Micros, default=0)
+    # Money held by open reservations of the embedded SQL balance store (0 when Redis is used).
+    reserved_micros: Mapped[int] = mapped_column(Micros, default=0)
+    max_concurrent_calls: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class LedgerEntry(Base):
+    """Append-only: rows are inserted, never updated or deleted."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        Index(None, "account_id", "id"),
+        CheckConstraint(
+            "kind IN ('opening', 'topup', 'charge', 'refund', 'adjustment')", name="kind_known"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    # Signed: credits (top-ups, refunds) are positive, charges negative.
+    amount_micros: Mapped[int] = mapped_column(Micros)
+    balance_after_micros: Mapped[int] = mapped_column(Micros)
+    # Idempotency key of the movement, unique across the whole ledger.
+    reference: Mapped[str] = mapped_column(String(191), unique=True)
+    call_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    description: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Call(Base):
+    """One billing session: the raw facts of a call, never its price (see RatingDecision)."""
+
+    __tablename__ = "calls"
+    __table_args__ = (
+        Index(None, "account_id", "started_at"),
+        Index(None, "started_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    node: Mapped[str] = mapped_column(String(64))
+    account_id: Mapped[str] = mapped_column(String(64))
+    caller: Mapped[str] = mapped_column(String(64), default="")
+    destination: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    answered_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    duration_ms: Mapped[int] = mapped_column(BigInteger, default=0, comment="billed leg answer to hangup")
+    # ANSWERED, NO ANSWER, BUSY, FAILED, DENIED, CUT (money ran out)
+    disposition: Mapped[str] = mapped_column(String(16))
+    hangup_cause: Mapped[str] = mapped_column(String(64), default="")
+    pbx: Mapped[str] = mapped_column(String(16), default="")
+    settled_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class CallLeg(Base):
+    __tablename__ = "call_legs"
+    __table_args__ = (UniqueConstraint("call_id", "pbx_unique_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    call_id: Mapped[str] = mapped_column(ForeignKey("calls.id", ondelete="CASCADE"))
+    pbx_unique_id: Mapped[str] = mapped_column(String(64))
+    channel: Mapped[str] = mapped_column(String(255), default="")
+    direction: Mapped[str] = mapped_column(String(8), comment="inbound (caller, A) or outbound (B)")
+    sip_call_id: Mapped[str] = mapped_column(String(255), default="")
+    peer: Mapped[str] = mapped_column(String(128), default="")
+    caller: Mapped[str] = mapped_column(String(64), default="")
+    callee: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    answered_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    hangup_cause: Mapped[str] = mapped_column(String(64), default="")
+    billsec: Mapped[int] = mapped_column(Integer, default=0)
+    billed: Mapped[bool] = mapped_column(Boolean, default=False, comment="the leg billing ran from")
+
+
+class RatingDecision(Base):
+    """Append-only: the original rating is seq 1; every re-rating adds seq + 1."""
+
+    __tablename__ = "rating_decisions"
+    __table_args__ = (UniqueConstraint("call_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    call_id: Mapped[str] = mapped_column(ForeignKey("calls.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    plan_name: Mapped[str] = mapped_column(String(64), default="")
+    rate_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    prefix: Mapped[str] = mapped_column(String(32), default="")
+    rate_micros: Mapped[int] = mapped_column(Micros, default=0)
+    billed_seconds: Mapped[int] = mapped_column(Integer, default=0)
+    cost_micros: Mapped[int] = mapped_column(Micros, default=0)
+    decided_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    reason: Mapped[str] = mapped_column(String(255), default="")

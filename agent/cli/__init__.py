@@ -1,0 +1,1 @@
+"""The ``billing-agent`` command line (click). One module per command group."""

@@ -1,0 +1,134 @@
+"""What every command shares: the lazily built context, amount parsing, output and errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import wraps
+from typing import Any, NoReturn, TypeVar
+
+import click
+from sqlalchemy import Engine, inspect
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from agent.config import Config, ConfigError, load_config
+from agent.core.errors import BillingError
+from agent.core.money import MoneyError, parse_amount
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class AppContext:
+    config_path: str | None
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _config: Config | None = None
+    _engine: Engine | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.config_path, overrides=self.overrides)
+        return self._config
+
+    def engine(self, *, require_schema: bool = True) -> Engine:
+        if self._engine is None:
+            from agent.adapters.sql.engine import make_engine
+
+            db = self.config.database
+            self._engine = make_engine(db.url, pool_size=db.pool_size,
+                                       connect_timeout_seconds=db.connect_timeout_seconds, echo=db.echo)
+        if require_schema:
+            check_schema(self._engine)
+        return self._engine
+
+    def sessions(self) -> sessionmaker[Session]:
+        from agent.adapters.sql.engine import session_factory
+
+        return session_factory(self.engine())
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        from agent.adapters.sql.engine import transaction
+
+        with transaction(self.sessions()) as session:
+            yield session
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+def check_schema(engine: Engine) -> None:
+    from agent.adapters.sql.migrate import current_revision, head_revision
+
+    current = current_revision(engine)
+    head = head_revision(engine)
+    if current is None and not inspect(engine).has_table("accounts"):
+        raise BillingError(
+            f"database {engine.url.render_as_string(hide_password=True)} has no schema yet: "
+            "run `billing-agent db upgrade` first"
+        )
+    if current != head:
+        raise BillingError(
+            f"database schema is at revision {current}, this agent needs {head}: "
+            "run `billing-agent db upgrade`"
+        )
+
+
+def app(ctx: click.Context) -> AppContext:
+    obj = ctx.find_object(AppContext)
+    assert obj is not None, "the root command creates the AppContext"
+    return obj
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """Print operator-facing errors on stderr with a non-zero exit, without a traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (BillingError, ConfigError, MoneyError) as exc:
+            fail(str(exc))
+        except OperationalError as exc:
+            fail(f"database error: {exc.orig if exc.orig is not None else exc}")
+        except SQLAlchemyError as exc:
+            fail(f"database error: {exc}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+class AmountType(click.ParamType):  # type: ignore[type-arg]
+    """A decimal amount of money, parsed into micro-units by the one parser (DESIGN §3)."""
+
+    name = "amount"
+
+    def __init__(self, *, allow_negative: bool = False) -> None:
+        self.allow_negative = allow_negative
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            return parse_amount(str(value), allow_negative=self.allow_negative,
+                                what=param.human_readable_name if param else "amount")
+        except MoneyError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+AMOUNT = AmountType()
+SIGNED_AMOUNT = AmountType(allow_negative=True)
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=False, default=str))

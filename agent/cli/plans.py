@@ -1,0 +1,48 @@
+"""``billing-agent plans``: create and list rate plans."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import click
+
+from agent.adapters.sql import plans as repo
+from agent.cli.common import app, handle_errors, print_json
+
+
+@click.group()
+def plans() -> None:
+    """Rate plans (price lists); import their rates with `rates import`."""
+
+
+@plans.command()
+@click.argument("name")
+@click.option("--currency", default="EUR", show_default=True)
+@click.option("--timezone", default="UTC", show_default=True,
+              help="IANA zone in which time-of-day rate windows are read.")
+@click.option("--international-prefix", default="00", show_default=True,
+              help="Dialled prefix stripped before rating (as a leading '+' is).")
+@click.pass_context
+@handle_errors
+def create(ctx: click.Context, name: str, currency: str, timezone: str, international_prefix: str) -> None:
+    """Create the rate plan NAME."""
+    with app(ctx).transaction() as session:
+        plan = repo.create_plan(session, name, currency=currency, timezone=timezone,
+                                international_prefix=international_prefix)
+    click.echo(f"created plan {plan.name} ({plan.currency}, {plan.timezone})")
+
+
+@plans.command(name="list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def list_(ctx: click.Context, as_json: bool) -> None:
+    """List rate plans with their number of rates."""
+    with app(ctx).transaction() as session:
+        views = repo.list_plans(session)
+    if as_json:
+        print_json([dataclasses.asdict(v) for v in views])
+        return
+    click.echo(f"{'NAME':<20} {'CUR':<4} {'TIMEZONE':<20} {'RATES':>9} {'VERSION':>7}")
+    for v in views:
+        click.echo(f"{v.name:<20} {v.currency:<4} {v.timezone:<20} {v.rate_count:>9} {v.version:>7}")

@@ -1,0 +1,1 @@
+"""gevent orchestration: authorizer, nibble charger, CDR writer, call registry."""

@@ -1,0 +1,153 @@
+-- billing-agent schema for postgresql: generated from agent/adapters/sql/models.py.
+-- Prefer `billing-agent db upgrade` (migrations); this file is for DBAs who review or
+-- apply DDL by hand. Do not edit: regenerate with `billing-agent db ddl postgresql`.
+
+CREATE TABLE calls (
+	id VARCHAR(64) NOT NULL,
+	node VARCHAR(64) NOT NULL,
+	account_id VARCHAR(64) NOT NULL,
+	caller VARCHAR(64) NOT NULL,
+	destination VARCHAR(64) NOT NULL,
+	started_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	answered_at TIMESTAMP WITHOUT TIME ZONE,
+	ended_at TIMESTAMP WITHOUT TIME ZONE,
+	duration_ms BIGINT NOT NULL,
+	disposition VARCHAR(16) NOT NULL,
+	hangup_cause VARCHAR(64) NOT NULL,
+	pbx VARCHAR(16) NOT NULL,
+	settled_at TIMESTAMP WITHOUT TIME ZONE,
+	CONSTRAINT pk_calls PRIMARY KEY (id)
+);
+
+CREATE INDEX ix_calls_account_id_started_at ON calls (account_id, started_at);
+
+CREATE INDEX ix_calls_started_at ON calls (started_at);
+
+CREATE TABLE rate_plans (
+	id SERIAL NOT NULL,
+	name VARCHAR(64) NOT NULL,
+	currency VARCHAR(3) NOT NULL,
+	timezone VARCHAR(64) NOT NULL,
+	international_prefix VARCHAR(8) NOT NULL,
+	version INTEGER NOT NULL,
+	created_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	updated_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	CONSTRAINT pk_rate_plans PRIMARY KEY (id),
+	CONSTRAINT uq_rate_plans_name UNIQUE (name)
+);
+
+CREATE TABLE tenants (
+	id SERIAL NOT NULL,
+	name VARCHAR(64) NOT NULL,
+	created_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	CONSTRAINT pk_tenants PRIMARY KEY (id),
+	CONSTRAINT uq_tenants_name UNIQUE (name)
+);
+
+CREATE TABLE accounts (
+	id VARCHAR(64) NOT NULL,
+	tenant_id INTEGER NOT NULL,
+	rate_plan_id INTEGER NOT NULL,
+	currency VARCHAR(3) NOT NULL,
+	account_type VARCHAR(8) NOT NULL,
+	status VARCHAR(16) NOT NULL,
+	credit_limit_micros BIGINT NOT NULL,
+	balance_micros BIGINT NOT NULL,
+	reserved_micros BIGINT NOT NULL,
+	max_concurrent_calls INTEGER,
+	created_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	updated_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	CONSTRAINT pk_accounts PRIMARY KEY (id),
+	CONSTRAINT ck_accounts_credit_limit_not_negative CHECK (credit_limit_micros >= 0),
+	CONSTRAINT ck_accounts_reserved_not_negative CHECK (reserved_micros >= 0),
+	CONSTRAINT ck_accounts_status_known CHECK (status IN ('active', 'suspended', 'closed')),
+	CONSTRAINT ck_accounts_type_known CHECK (account_type IN ('prepaid', 'postpaid')),
+	CONSTRAINT fk_accounts_tenant_id_tenants FOREIGN KEY(tenant_id) REFERENCES tenants (id),
+	CONSTRAINT fk_accounts_rate_plan_id_rate_plans FOREIGN KEY(rate_plan_id) REFERENCES rate_plans (id)
+);
+
+CREATE TABLE call_legs (
+	id BIGSERIAL NOT NULL,
+	call_id VARCHAR(64) NOT NULL,
+	pbx_unique_id VARCHAR(64) NOT NULL,
+	channel VARCHAR(255) NOT NULL,
+	direction VARCHAR(8) NOT NULL,
+	sip_call_id VARCHAR(255) NOT NULL,
+	peer VARCHAR(128) NOT NULL,
+	caller VARCHAR(64) NOT NULL,
+	callee VARCHAR(64) NOT NULL,
+	created_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	answered_at TIMESTAMP WITHOUT TIME ZONE,
+	ended_at TIMESTAMP WITHOUT TIME ZONE,
+	hangup_cause VARCHAR(64) NOT NULL,
+	billsec INTEGER NOT NULL,
+	billed BOOLEAN NOT NULL,
+	CONSTRAINT pk_call_legs PRIMARY KEY (id),
+	CONSTRAINT uq_call_legs_call_id_pbx_unique_id UNIQUE (call_id, pbx_unique_id),
+	CONSTRAINT fk_call_legs_call_id_calls FOREIGN KEY(call_id) REFERENCES calls (id) ON DELETE CASCADE
+);
+
+CREATE TABLE rates (
+	id BIGSERIAL NOT NULL,
+	plan_id INTEGER NOT NULL,
+	prefix VARCHAR(32) NOT NULL,
+	destination VARCHAR(128) NOT NULL,
+	rate_micros BIGINT NOT NULL,
+	connect_fee_micros BIGINT NOT NULL,
+	initial_increment INTEGER NOT NULL,
+	increment INTEGER NOT NULL,
+	minimum_seconds INTEGER NOT NULL,
+	grace_seconds INTEGER NOT NULL,
+	effective_from TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	effective_to TIMESTAMP WITHOUT TIME ZONE,
+	weekdays VARCHAR(7) NOT NULL,
+	time_from_minute INTEGER NOT NULL,
+	time_to_minute INTEGER NOT NULL,
+	blocked BOOLEAN NOT NULL,
+	CONSTRAINT pk_rates PRIMARY KEY (id),
+	CONSTRAINT uq_rates_plan_prefix_window UNIQUE (plan_id, prefix, effective_from, weekdays, time_from_minute),
+	CONSTRAINT ck_rates_rate_not_negative CHECK (rate_micros >= 0),
+	CONSTRAINT ck_rates_connect_fee_not_negative CHECK (connect_fee_micros >= 0),
+	CONSTRAINT ck_rates_increments_positive CHECK (initial_increment > 0 AND increment > 0),
+	CONSTRAINT ck_rates_min_grace_not_negative CHECK (minimum_seconds >= 0 AND grace_seconds >= 0),
+	CONSTRAINT fk_rates_plan_id_rate_plans FOREIGN KEY(plan_id) REFERENCES rate_plans (id) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_rates_plan_id_prefix ON rates (plan_id, prefix);
+
+CREATE TABLE rating_decisions (
+	id BIGSERIAL NOT NULL,
+	call_id VARCHAR(64) NOT NULL,
+	seq INTEGER NOT NULL,
+	plan_name VARCHAR(64) NOT NULL,
+	rate_id BIGINT,
+	prefix VARCHAR(32) NOT NULL,
+	rate_micros BIGINT NOT NULL,
+	billed_seconds INTEGER NOT NULL,
+	cost_micros BIGINT NOT NULL,
+	decided_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	reason VARCHAR(255) NOT NULL,
+	CONSTRAINT pk_rating_decisions PRIMARY KEY (id),
+	CONSTRAINT uq_rating_decisions_call_id_seq UNIQUE (call_id, seq),
+	CONSTRAINT fk_rating_decisions_call_id_calls FOREIGN KEY(call_id) REFERENCES calls (id) ON DELETE CASCADE
+);
+
+CREATE TABLE ledger_entries (
+	id BIGSERIAL NOT NULL,
+	account_id VARCHAR(64) NOT NULL,
+	kind VARCHAR(16) NOT NULL,
+	amount_micros BIGINT NOT NULL,
+	balance_after_micros BIGINT NOT NULL,
+	reference VARCHAR(191) NOT NULL,
+	call_id VARCHAR(64),
+	description VARCHAR(255) NOT NULL,
+	created_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	CONSTRAINT pk_ledger_entries PRIMARY KEY (id),
+	CONSTRAINT ck_ledger_entries_kind_known CHECK (kind IN ('opening', 'topup', 'charge', 'refund', 'adjustment')),
+	CONSTRAINT fk_ledger_entries_account_id_accounts FOREIGN KEY(account_id) REFERENCES accounts (id),
+	CONSTRAINT uq_ledger_entries_reference UNIQUE (reference)
+);
+
+CREATE INDEX ix_ledger_entries_account_id_id ON ledger_entries (account_id, id);
+
+CREATE INDEX ix_ledger_entries_call_id ON ledger_entries (call_id);
