@@ -19,3 +19,21 @@ class Clock(Protocol):
     def monotonic_ms(self) -> int:
         """Milliseconds from an arbitrary origin that never goes backwards (for timers)."""
         ...
+
+
+class Switch(Protocol):
+    """One PBX connection as the engine sees it (an Asterisk AMI client, a FreeSWITCH socket)."""
+
+    name: str  # "asterisk" | "freeswitch"
+
+    def hangup(self, leg_id: str, cause: str = "NORMAL_CLEARING", *, escalate: bool = False) -> None:
+        """Ask the PBX to hang up a leg. Raises on refusal or timeout; the engine then
+        verifies the hangup through the leg's hangup event, and escalates if it never comes."""
+        ...
+
+    def warn(self, leg_id: str, seconds_left: int) -> None:
+        """Play the low-balance warning on a leg (best effort)."""
+        ...
+
+    def connected(self) -> bool:
+        ...

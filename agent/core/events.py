@@ -1,0 +1,184 @@
+"""The PBX-independent vocabulary between switch adapters and the call session engine.
+
+Adapters (Asterisk AMI/FastAGI, FreeSWITCH event socket) translate wire events into these
+values and execute the engine's commands; the same engine drives both switches. Every instant
+is an integer count of milliseconds since the Unix epoch (``*_ms``), taken from the PBX event
+when it carries one (AMI ``Timestamp``, ESL ``Event-Date-Timestamp``), else from the adapter's
+clock. Leg ids are the PBX's own (Asterisk ``Uniqueid``, FreeSWITCH ``Unique-ID``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Direction(StrEnum):
+    INBOUND = "inbound"  # the caller's leg (A)
+    OUTBOUND = "outbound"  # a dialled leg (B): forks, retries, transfers
+
+
+# ---------------------------------------------------------------- authorization (request/reply)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizeRequest:
+    """A call asks to be dialled (FastAGI request, parked FreeSWITCH channel)."""
+
+    pbx: str  # "asterisk" | "freeswitch"
+    leg_id: str  # the caller's (A) leg
+    account_id: str
+    destination: str
+    at_ms: int
+    caller: str = ""
+    channel: str = ""
+    sip_call_id: str = ""
+    group_id: str = ""  # Asterisk Linkedid / FreeSWITCH Channel-Call-UUID
+
+
+class DenyReason(StrEnum):
+    UNKNOWN_ACCOUNT = "unknown_account"
+    SUSPENDED = "suspended"
+    CLOSED = "closed"
+    MAX_CALLS = "max_calls"
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+    NO_RATE = "no_rate"
+    BLOCKED = "blocked"
+    BAD_REQUEST = "bad_request"
+    STORE_UNAVAILABLE = "store_unavailable"
+    SHUTTING_DOWN = "shutting_down"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizeDecision:
+    """The engine's answer. ``limit_ms`` is the hard backstop the PBX enforces even if the agent
+    dies (Asterisk ``Dial(...,L(limit_ms))``, FreeSWITCH ``sched_hangup``); 0 when denied."""
+
+    allowed: bool
+    call_id: str
+    limit_ms: int = 0
+    warning_ms: int = 0  # play a warning this long before the limit (0: none)
+    reason: DenyReason | None = None
+    detail: str = ""  # human-readable reason, for logs and the dialplan
+
+
+# ---------------------------------------------------------------- leg events (PBX -> engine)
+
+
+@dataclass(frozen=True, slots=True)
+class LegCreated:
+    leg_id: str
+    at_ms: int
+    direction: Direction
+    group_id: str = ""  # Linkedid / Channel-Call-UUID: grouping only
+    parent_leg_id: str = ""  # for a B leg: the A leg that dialled it (DialBegin / originator)
+    channel: str = ""
+    caller: str = ""
+    callee: str = ""
+    sip_call_id: str = ""
+    peer: str = ""  # SIP peer / endpoint / gateway name
+
+
+@dataclass(frozen=True, slots=True)
+class LegUpdated:
+    """Late facts about a leg (the B leg's SIP Call-ID arrives with the first SIP response)."""
+
+    leg_id: str
+    at_ms: int
+    sip_call_id: str = ""
+    peer: str = ""
+    account_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DialBegin:
+    leg_id: str  # the caller's leg
+    dest_leg_id: str
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LegAnswered:
+    leg_id: str
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LegBridged:
+    leg_id: str
+    peer_leg_id: str
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LegUnbridged:
+    leg_id: str
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LegHungUp:
+    leg_id: str
+    at_ms: int
+    cause: str = ""  # Q.850 name, e.g. NORMAL_CLEARING
+    cause_code: int = 0  # Q.850 number, e.g. 16
+    pbx_billsec: int | None = None  # the PBX's own figure, for reconciliation only
+
+
+@dataclass(frozen=True, slots=True)
+class LiveLeg:
+    """One channel found by a resync (AMI CoreShowChannels, ESL ``show channels``)."""
+
+    leg_id: str
+    direction: Direction
+    group_id: str = ""
+    parent_leg_id: str = ""
+    channel: str = ""
+    caller: str = ""
+    callee: str = ""
+    answered: bool = False
+    bridged_to: str = ""
+    created_ms: int = 0
+    answered_ms: int = 0
+    account_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PbxConnected:
+    """The adapter (re)connected and resynced: these are all the legs alive on the PBX now."""
+
+    pbx: str
+    at_ms: int
+    live_legs: tuple[LiveLeg, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class PbxDisconnected:
+    pbx: str
+    at_ms: int
+
+
+LegEvent = (
+    LegCreated | LegUpdated | DialBegin | LegAnswered | LegBridged | LegUnbridged | LegHungUp
+    | PbxConnected | PbxDisconnected
+)
+
+
+# ---------------------------------------------------------------- commands (engine -> PBX)
+
+
+@dataclass(frozen=True, slots=True)
+class HangupLeg:
+    leg_id: str
+    cause: str = "NORMAL_CLEARING"
+    escalate: bool = False  # a previous hangup was not confirmed: use the strongest command
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WarnLeg:
+    leg_id: str
+    seconds_left: int
+
+
+SwitchCommand = HangupLeg | WarnLeg
