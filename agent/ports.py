@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from agent.core.events import AuthorizeDecision, AuthorizeRequest, LegEvent
+
 
 class Clock(Protocol):
     """Time for the services; the core never reads a clock, it is given instants."""
@@ -36,4 +38,17 @@ class Switch(Protocol):
         ...
 
     def connected(self) -> bool:
+        ...
+
+
+class CallEngine(Protocol):
+    """What a switch adapter drives: the call session engine (agent/services)."""
+
+    def authorize(self, request: AuthorizeRequest) -> AuthorizeDecision:
+        """Decide a call before it is dialled. Blocks the calling greenlet for a bounded time
+        (store and rating deadlines); never raises for a business refusal (allowed=False)."""
+        ...
+
+    def on_event(self, event: LegEvent) -> None:
+        """Feed one leg event. Never blocks; the engine queues and processes it in order."""
         ...
