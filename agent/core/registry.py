@@ -1,0 +1,177 @@
+"""All live call sessions of one agent, their legs and their timers: pure, no clock, no I/O.
+
+The gevent engine (agent/services/engine.py) and the deterministic simulation
+(agent/sim/simulation.py) both drive this same object: they feed it events, store results and
+the current instant, and carry out the effects it returns.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from agent.core.events import (
+    DialBegin,
+    Direction,
+    LegAnswered,
+    LegBridged,
+    LegCreated,
+    LegEvent,
+    LegHungUp,
+    LegUnbridged,
+    LegUpdated,
+    PbxConnected,
+    PbxDisconnected,
+)
+from agent.core.session import ArmTimer, CallSession, Effect, Leg, Phase, TimerKind
+
+PENDING_LEG_LIMIT = 10_000  # legs seen before their call was authorized, kept for a while
+
+
+@dataclass
+class RegistryStats:
+    unknown_events: int = 0
+    duplicate_events: int = 0
+    timers_fired: int = 0
+
+
+@dataclass
+class CallRegistry:
+    sessions: dict[str, CallSession] = field(default_factory=dict)
+    leg_index: dict[str, str] = field(default_factory=dict)  # leg id -> call id
+    group_index: dict[str, str] = field(default_factory=dict)  # PBX group id -> call id
+    # Legs created before the call was authorized (Newchannel precedes the AGI request).
+    pending_legs: OrderedDict[str, LegCreated] = field(default_factory=OrderedDict)
+    timers: list[tuple[int, int, str, TimerKind, int]] = field(default_factory=list)
+    timer_seq: int = 0
+    stats: RegistryStats = field(default_factory=RegistryStats)
+
+    # ---------------------------------------------------------------- sessions
+
+    def add(self, session: CallSession) -> list[Effect]:
+        """Register an authorized call; legs already seen are attached to it."""
+        self.sessions[session.call_id] = session
+        self.leg_index[session.a_leg.leg_id] = session.call_id
+        if session.group_id:
+            self.group_index[session.group_id] = session.call_id
+        early = self.pending_legs.pop(session.a_leg.leg_id, None)
+        if early is not None:
+            leg = session.a_leg
+            leg.created_ms = min(leg.created_ms, early.at_ms)
+            leg.channel = leg.channel or early.channel
+            leg.sip_call_id = leg.sip_call_id or early.sip_call_id
+            leg.peer = leg.peer or early.peer
+        return self.schedule(session.start())
+
+    def remove(self, call_id: str) -> None:
+        session = self.sessions.pop(call_id, None)
+        if session is None:
+            return
+        for leg_id in session.legs:
+            if self.leg_index.get(leg_id) == call_id:
+                del self.leg_index[leg_id]
+        if session.group_id and self.group_index.get(session.group_id) == call_id:
+            del self.group_index[session.group_id]
+
+    def live_count(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.phase is not Phase.DONE)
+
+    # ---------------------------------------------------------------- events
+
+    def feed(self, event: LegEvent) -> list[Effect]:
+        if isinstance(event, PbxConnected):
+            return self._resync(event)
+        if isinstance(event, PbxDisconnected):
+            return []
+        session = self._session_for(event)
+        if session is None:
+            if isinstance(event, LegCreated):
+                self._remember_pending(event)
+            else:
+                self.stats.unknown_events += 1
+            return []
+        effects = self._dispatch(session, event)
+        for leg_id in session.legs:
+            self.leg_index.setdefault(leg_id, session.call_id)
+        return self.schedule(effects)
+
+    def _session_for(self, event: LegEvent) -> CallSession | None:
+        leg_id = getattr(event, "leg_id", "")
+        call_id = self.leg_index.get(leg_id)
+        if call_id is None and isinstance(event, LegCreated):
+            call_id = self.leg_index.get(event.parent_leg_id) if event.parent_leg_id else None
+            if call_id is None and event.group_id and event.direction is Direction.OUTBOUND:
+                call_id = self.group_index.get(event.group_id)
+        if call_id is None and isinstance(event, LegBridged):
+            call_id = self.leg_index.get(event.peer_leg_id)
+        if call_id is None:
+            return None
+        return self.sessions.get(call_id)
+
+    @staticmethod
+    def _dispatch(session: CallSession, event: LegEvent) -> list[Effect]:
+        if isinstance(event, LegCreated):
+            return session.on_leg_created(event)
+        if isinstance(event, DialBegin):
+            return session.on_dial_begin(event)
+        if isinstance(event, LegAnswered):
+            return session.on_answered(event)
+        if isinstance(event, LegBridged):
+            return session.on_bridged(event)
+        if isinstance(event, LegUnbridged):
+            return session.on_unbridged(event)
+        if isinstance(event, LegHungUp):
+            return session.on_hung_up(event)
+        if isinstance(event, LegUpdated):
+            return session.on_leg_updated(event)
+        return []
+
+    def _remember_pending(self, event: LegCreated) -> None:
+        self.pending_legs[event.leg_id] = event
+        while len(self.pending_legs) > PENDING_LEG_LIMIT:
+            self.pending_legs.popitem(last=False)
+
+    def _resync(self, event: PbxConnected) -> list[Effect]:
+        live = {leg.leg_id: leg for leg in event.live_legs}
+        effects: list[Effect] = []
+        for session in list(self.sessions.values()):
+            if session.pbx == event.pbx and session.phase in (Phase.AUTHORIZED, Phase.ANSWERED):
+                for leg in event.live_legs:
+                    if leg.parent_leg_id in session.legs and leg.leg_id not in session.legs:
+                        session.legs[leg.leg_id] = Leg(leg.leg_id, leg.direction, leg.created_ms or event.at_ms,
+                                                       channel=leg.channel, caller=leg.caller, callee=leg.callee)
+                        self.leg_index[leg.leg_id] = session.call_id
+                effects += session.on_resync(live, event.at_ms)
+        return self.schedule(effects)
+
+    # ---------------------------------------------------------------- timers
+
+    def schedule(self, effects: list[Effect]) -> list[Effect]:
+        """Keep timers in the heap; return the other effects for the caller to carry out."""
+        rest: list[Effect] = []
+        for effect in effects:
+            if isinstance(effect, ArmTimer):
+                self.timer_seq += 1
+                heapq.heappush(self.timers, (effect.at_ms, self.timer_seq, effect.call_id, effect.kind,
+                                             effect.token))
+            else:
+                rest.append(effect)
+        return rest
+
+    def next_timer_ms(self) -> int | None:
+        return self.timers[0][0] if self.timers else None
+
+    def fire_due(self, now_ms: int) -> list[Effect]:
+        """Run every timer due at ``now_ms``; returns the effects they produced."""
+        effects: list[Effect] = []
+        while self.timers and self.timers[0][0] <= now_ms:
+            _, _, call_id, kind, token = heapq.heappop(self.timers)
+            session = self.sessions.get(call_id)
+            if session is None:
+                continue
+            self.stats.timers_fired += 1
+            # Nibble boundaries and the cut instant are computed from the answer time, not from
+            # now_ms, so a late loop delays a command but never shifts the money.
+            effects += self.schedule(session.on_timer(kind, token, now_ms))
+        return effects

@@ -1,0 +1,551 @@
+"""One call's billing session as a pure state machine (DESIGN §1, §5).
+
+The engine feeds it leg events and store results with the current instant; it answers with
+effects: store steps to run, timers to arm, switch commands to send, the finished record.
+It never reads a clock and does no I/O, so every rule below is tested in microseconds and a
+deterministic simulation can run thousands of calls.
+
+Money rules (DESIGN §4-5):
+
+* Billing runs from the answer of the billed leg (the first answered dialled leg, B), never
+  from the caller's answer: an IVR that answers early does not inflate the bill.
+* Nibble k (at answer + k·N) debits ``cost(k·N) - cost((k-1)·N)`` (the slice just used) and
+  reserves ``cost((k+1)·N) - cost(k·N)`` (the next slice), so the sum of the debits is always
+  ``cost`` of the time covered, exactly, with one rounding per call.
+* The money the call may spend is ``budget = debited + granted``. When a grant comes back
+  partial, the call is *exhausted*: it is cut at ``answer + max_seconds(budget)`` exactly (minus
+  the warning lead for the warning), which is the instant the next started second would cost
+  more than the budget.
+* At the end the call is rated on its exact duration and settled. A call the agent cut is billed
+  up to the cut instant when the PBX tore it down within the verification window (our own
+  hangup latency is not the customer's use); past that window the real duration is charged and
+  the overrun shows in the store's overrun record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from agent.core.cdr import CallRecord, Disposition, LegRecord, RatingRecord
+from agent.core.events import (
+    DialBegin,
+    Direction,
+    HangupLeg,
+    LegAnswered,
+    LegBridged,
+    LegCreated,
+    LegHungUp,
+    LegUnbridged,
+    LegUpdated,
+    LiveLeg,
+    SwitchCommand,
+    WarnLeg,
+)
+
+LAST_CHANCE_LEAD_MS = 2_000  # an exhausted call asks the store once more this long before its cut
+BUSY_CAUSES = frozenset({"USER_BUSY", "17"})
+NO_ANSWER_CAUSES = frozenset({"NO_ANSWER", "NO_USER_RESPONSE", "ORIGINATOR_CANCEL", "19", "18"})
+
+
+class Tariff(Protocol):
+    """The rated price of this call's destination (a rate row of the rating engine)."""
+
+    def cost_micros(self, duration_ms: int) -> int:
+        """Cost of an answered duration (DESIGN §4)."""
+        ...
+
+    def max_seconds(self, budget_micros: int) -> int:
+        """Largest whole duration in seconds whose cost fits the budget; 0 = nothing fits."""
+        ...
+
+
+class Phase(StrEnum):
+    AUTHORIZED = "authorized"  # allowed, not yet answered
+    ANSWERED = "answered"  # billing runs
+    ENDED = "ended"  # billing stopped; waiting for the settle result
+    DONE = "done"  # settled (or released) and recorded
+
+
+class TimerKind(StrEnum):
+    NIBBLE = "nibble"
+    WARN = "warn"
+    CUT = "cut"
+    VERIFY = "verify"
+    LAST_CHANCE = "last_chance"
+    NO_ANSWER_GUARD = "no_answer_guard"
+
+
+# ------------------------------------------------------------------------------------ effects
+
+
+@dataclass(frozen=True, slots=True)
+class ArmTimer:
+    call_id: str
+    kind: TimerKind
+    at_ms: int
+    token: int  # a timer whose token is stale when it fires is ignored
+
+
+@dataclass(frozen=True, slots=True)
+class NibbleStep:
+    call_id: str
+    seq: int
+    debit_micros: int
+    reserve_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class SettleStep:
+    call_id: str
+    seq: int
+    cost_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseStep:
+    call_id: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    call_id: str
+    command: SwitchCommand
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """Something an operator must see (log at error level, metric)."""
+
+    call_id: str
+    kind: str  # "hangup_not_confirmed", "cut_overrun", ...
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    record: CallRecord
+
+
+Effect = ArmTimer | NibbleStep | SettleStep | ReleaseStep | Command | Alert | Finished
+
+
+# ------------------------------------------------------------------------------------ state
+
+
+@dataclass(slots=True)
+class Leg:
+    leg_id: str
+    direction: Direction
+    created_ms: int
+    channel: str = ""
+    sip_call_id: str = ""
+    peer: str = ""
+    caller: str = ""
+    callee: str = ""
+    answered_ms: int | None = None
+    ended_ms: int | None = None
+    hangup_cause: str = ""
+    bridged_to: str = ""
+
+    def record(self, billed: bool) -> LegRecord:
+        billsec = 0
+        if self.answered_ms is not None and self.ended_ms is not None:
+            billsec = max(0, -(-(self.ended_ms - self.answered_ms) // 1000))
+        return LegRecord(
+            pbx_unique_id=self.leg_id, direction=self.direction.value, created_ms=self.created_ms,
+            channel=self.channel, sip_call_id=self.sip_call_id, peer=self.peer, caller=self.caller,
+            callee=self.callee, answered_ms=self.answered_ms, ended_ms=self.ended_ms,
+            hangup_cause=self.hangup_cause, billsec=billsec, billed=billed,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    nibble_ms: int
+    warning_ms: int = 0
+    verify_ms: int = 3_000  # a hangup must be confirmed within this
+    max_hangup_attempts: int = 2  # a plain hangup, then an escalated one
+    no_answer_guard_ms: int = 0  # release a call that neither answers nor ends (0: never)
+
+
+@dataclass(frozen=True, slots=True)
+class RatingInfo:
+    """What the authorizer learned about the destination, kept for the rating decision."""
+
+    plan_name: str = ""
+    rate_id: int | None = None
+    prefix: str = ""
+    rate_micros: int = 0
+
+
+@dataclass
+class CallSession:
+    call_id: str
+    node: str
+    pbx: str
+    account_id: str
+    destination: str
+    caller: str
+    a_leg: Leg
+    authorized_ms: int
+    tariff: Tariff
+    rating: RatingInfo
+    settings: SessionSettings
+    granted_micros: int  # what the authorization reserved (the first slice, maybe partial)
+    limit_ms: int  # the PBX backstop handed out at authorization
+    group_id: str = ""
+    phase: Phase = Phase.AUTHORIZED
+    legs: dict[str, Leg] = field(default_factory=dict)
+    billed_leg_id: str | None = None
+    answer_ms: int | None = None
+    end_ms: int | None = None
+    end_cause: str = ""
+    seq: int = 0
+    nibbles_done: int = 0
+    debited_micros: int = 0
+    budget_micros: int = 0  # debited + currently reserved: all the call may spend so far
+    want_pending: bool = False  # a store step is in flight
+    pending_is_nibble: bool = False  # ... and it debits a nibble (not a last-chance request)
+    exhausted: bool = False
+    cut_at_ms: int | None = None
+    cut_sent_ms: int | None = None
+    hangup_attempts: int = 0
+    cut_by_agent: bool = False
+    token: int = 0
+    settled_cost_micros: int | None = None
+
+    def __post_init__(self) -> None:
+        self.legs[self.a_leg.leg_id] = self.a_leg
+        self.budget_micros = self.granted_micros
+
+    # ---------------------------------------------------------------- helpers
+
+    @property
+    def nibble_ms(self) -> int:
+        return self.settings.nibble_ms
+
+    def _cost_at(self, billed_ms: int) -> int:
+        return self.tariff.cost_micros(billed_ms)
+
+    def _arm(self, kind: TimerKind, at_ms: int) -> ArmTimer:
+        return ArmTimer(self.call_id, kind, at_ms, self.token)
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def leg_ids(self) -> list[str]:
+        return list(self.legs)
+
+    # ---------------------------------------------------------------- start
+
+    def start(self) -> list[Effect]:
+        """Effects right after the authorization was granted."""
+        if self.settings.no_answer_guard_ms:
+            return [self._arm(TimerKind.NO_ANSWER_GUARD, self.authorized_ms + self.settings.no_answer_guard_ms)]
+        return []
+
+    # ---------------------------------------------------------------- leg events
+
+    def on_leg_created(self, event: LegCreated) -> list[Effect]:
+        if event.leg_id in self.legs:
+            leg = self.legs[event.leg_id]
+            leg.channel = leg.channel or event.channel
+            leg.sip_call_id = leg.sip_call_id or event.sip_call_id
+            leg.peer = leg.peer or event.peer
+            return []
+        self.legs[event.leg_id] = Leg(
+            leg_id=event.leg_id, direction=event.direction, created_ms=event.at_ms,
+            channel=event.channel, sip_call_id=event.sip_call_id, peer=event.peer,
+            caller=event.caller, callee=event.callee,
+        )
+        return []
+
+    def on_dial_begin(self, event: DialBegin) -> list[Effect]:
+        if event.dest_leg_id not in self.legs:
+            self.legs[event.dest_leg_id] = Leg(event.dest_leg_id, Direction.OUTBOUND, event.at_ms,
+                                               callee=self.destination)
+        return []
+
+    def on_leg_updated(self, event: LegUpdated) -> list[Effect]:
+        leg = self.legs.get(event.leg_id)
+        if leg is not None:
+            leg.sip_call_id = event.sip_call_id or leg.sip_call_id
+            leg.peer = event.peer or leg.peer
+        return []
+
+    def on_bridged(self, event: LegBridged) -> list[Effect]:
+        leg = self.legs.get(event.leg_id)
+        if leg is not None:
+            leg.bridged_to = event.peer_leg_id
+        peer = self.legs.get(event.peer_leg_id)
+        if peer is not None:
+            peer.bridged_to = event.leg_id
+            # A bridge with an outbound leg proves it answered, even if we missed its answer.
+            if peer.direction is Direction.OUTBOUND and peer.answered_ms is None:
+                return self.on_answered(LegAnswered(peer.leg_id, event.at_ms))
+        return []
+
+    def on_unbridged(self, event: LegUnbridged) -> list[Effect]:
+        leg = self.legs.get(event.leg_id)
+        if leg is not None:
+            leg.bridged_to = ""
+        return []
+
+    def on_answered(self, event: LegAnswered) -> list[Effect]:
+        leg = self.legs.get(event.leg_id)
+        if leg is None or leg.answered_ms is not None or leg.ended_ms is not None:
+            return []  # unknown, a duplicate answer, or an answer reported after the hangup
+        leg.answered_ms = event.at_ms
+        if leg.direction is not Direction.OUTBOUND or self.phase is not Phase.AUTHORIZED:
+            return []  # the caller's own answer (IVR) never starts billing
+        self.billed_leg_id = leg.leg_id
+        self.answer_ms = event.at_ms
+        self.phase = Phase.ANSWERED
+        self.token += 1
+        effects: list[Effect] = []
+        first_slice = self._cost_at(self.nibble_ms)
+        if self.budget_micros < first_slice:
+            effects += self._exhaust(event.at_ms)
+        else:
+            effects.append(self._arm(TimerKind.NIBBLE, self.answer_ms + self.nibble_ms))
+        return effects
+
+    def on_hung_up(self, event: LegHungUp) -> list[Effect]:
+        leg = self.legs.get(event.leg_id)
+        if leg is None or leg.ended_ms is not None:
+            return []  # unknown, or a duplicate hangup
+        leg.ended_ms = max(event.at_ms, leg.created_ms)
+        leg.hangup_cause = event.cause or str(event.cause_code or "")
+        if self.phase in (Phase.ENDED, Phase.DONE):
+            return []
+        if leg.leg_id == self.a_leg.leg_id:
+            return self._end(event.at_ms, leg.hangup_cause)
+        if self.phase is Phase.ANSWERED and leg.leg_id == self.billed_leg_id:
+            # The billed leg is gone. Billing goes on only if the caller is bridged to another
+            # answered dialled leg (a transfer); otherwise the call is over for billing.
+            other = self._other_live_answered_leg()
+            if other is None:
+                return self._end(event.at_ms, leg.hangup_cause)
+            self.billed_leg_id = other.leg_id
+            return []
+        if self.phase is Phase.AUTHORIZED and not self._any_live_outbound():
+            return []  # a failed fork or retry: the caller may still be redirected; A's hangup ends it
+        return []
+
+    def _other_live_answered_leg(self) -> Leg | None:
+        for leg in self.legs.values():
+            if (leg.direction is Direction.OUTBOUND and leg.leg_id != self.billed_leg_id
+                    and leg.answered_ms is not None and leg.ended_ms is None):
+                return leg
+        return None
+
+    def _any_live_outbound(self) -> bool:
+        return any(leg.direction is Direction.OUTBOUND and leg.ended_ms is None for leg in self.legs.values())
+
+    # ---------------------------------------------------------------- resync
+
+    def on_resync(self, live: dict[str, LiveLeg], at_ms: int) -> list[Effect]:
+        """The PBX reconnected: every leg of ours that is no longer alive ended meanwhile.
+
+        We do not know when; we take the resync instant (the PBX backstop bounds it) and mark
+        the cause so that finance can tell such calls apart.
+        """
+        effects: list[Effect] = []
+        for leg in list(self.legs.values()):
+            if leg.ended_ms is None and leg.leg_id not in live:
+                effects += self.on_hung_up(LegHungUp(leg.leg_id, at_ms, cause="ENDED_DURING_PBX_OUTAGE"))
+        for leg_id, info in live.items():
+            known = self.legs.get(leg_id)
+            if known is not None and info.answered and known.answered_ms is None and info.answered_ms:
+                effects += self.on_answered(LegAnswered(leg_id, info.answered_ms))
+        return effects
+
+    # ---------------------------------------------------------------- timers
+
+    def on_timer(self, kind: TimerKind, token: int, now_ms: int) -> list[Effect]:
+        if token != self.token and kind is not TimerKind.VERIFY:
+            return []
+        if kind is TimerKind.VERIFY:
+            return self._verify(now_ms)
+        if kind is TimerKind.NO_ANSWER_GUARD:
+            if self.phase is Phase.AUTHORIZED:
+                return self._end(now_ms, "NO_ANSWER_GUARD")
+            return []
+        if self.phase is not Phase.ANSWERED:
+            return []
+        if kind is TimerKind.NIBBLE:
+            return self._nibble(now_ms)
+        if kind is TimerKind.WARN:
+            return [Command(self.call_id, WarnLeg(self.a_leg.leg_id, max(0, self.settings.warning_ms // 1000)))]
+        if kind is TimerKind.CUT:
+            return self._cut(now_ms)
+        if kind is TimerKind.LAST_CHANCE:
+            return self._last_chance()
+        return []
+
+    def _nibble(self, now_ms: int) -> list[Effect]:
+        if self.want_pending:
+            return []
+        assert self.answer_ms is not None
+        k = self.nibbles_done + 1
+        covered = self._cost_at(k * self.nibble_ms)
+        debit = covered - self.debited_micros
+        reserve = self._cost_at((k + 1) * self.nibble_ms) - covered
+        self.want_pending = True
+        self.pending_is_nibble = True
+        return [NibbleStep(self.call_id, self._next_seq(), debit, reserve)]
+
+    def on_nibble_result(self, seq: int, granted_micros: int, debited_micros: int, now_ms: int,
+                         *, store_ok: bool = True) -> list[Effect]:
+        """The store answered nibble ``seq``: ``debited_micros`` were taken (the slice just
+        used) and ``granted_micros`` reserved for the next slice (partial: that is all)."""
+        if seq != self.seq or not self.want_pending:
+            return []  # a stale or replayed answer
+        self.want_pending = False
+        if self.phase is not Phase.ANSWERED:
+            return []
+        assert self.answer_ms is not None
+        if not store_ok:
+            # The store is unreachable: no new money. Fail closed: cut at the end of what was
+            # granted before (the slice in flight counts as used: it will be settled).
+            if self.pending_is_nibble:
+                self.nibbles_done += 1
+                self.debited_micros = self._cost_at(self.nibbles_done * self.nibble_ms)
+            self.budget_micros = max(self.budget_micros, self.debited_micros)
+            return self._exhaust(now_ms)
+        if self.pending_is_nibble:
+            self.nibbles_done += 1
+            self.debited_micros += debited_micros
+        self.budget_micros = self.debited_micros + granted_micros
+        next_slice = self._cost_at((self.nibbles_done + 1) * self.nibble_ms) - self._cost_at(
+            self.nibbles_done * self.nibble_ms)
+        if granted_micros < next_slice:
+            return self._exhaust(now_ms)
+        if self.exhausted:  # a top-up arrived: back to normal nibbling
+            self.exhausted = False
+            self.token += 1
+        return [self._arm(TimerKind.NIBBLE, self.answer_ms + (self.nibbles_done + 1) * self.nibble_ms)]
+
+    def _exhaust(self, now_ms: int) -> list[Effect]:
+        """The budget is final: cut the call the instant the money runs out."""
+        assert self.answer_ms is not None
+        self.exhausted = True
+        self.token += 1
+        affordable_ms = self.tariff.max_seconds(self.budget_micros) * 1000
+        self.cut_at_ms = self.answer_ms + affordable_ms
+        effects: list[Effect] = [self._arm(TimerKind.CUT, max(now_ms, self.cut_at_ms))]
+        warn_at = self.cut_at_ms - self.settings.warning_ms
+        if self.settings.warning_ms and warn_at > now_ms:
+            effects.append(self._arm(TimerKind.WARN, warn_at))
+        last_chance = self.cut_at_ms - LAST_CHANCE_LEAD_MS - self.settings.warning_ms
+        if last_chance > now_ms:
+            effects.append(self._arm(TimerKind.LAST_CHANCE, last_chance))
+        return effects
+
+    def _last_chance(self) -> list[Effect]:
+        """Ask once more for the next slice (a top-up may have landed): debit nothing new."""
+        if self.want_pending:
+            return []
+        covered = self._cost_at(self.nibbles_done * self.nibble_ms)
+        # The budget beyond what is covered is already reserved; ask for the whole next slice.
+        want = self._cost_at((self.nibbles_done + 1) * self.nibble_ms) - covered
+        self.want_pending = True
+        self.pending_is_nibble = False
+        return [NibbleStep(self.call_id, self._next_seq(), 0, want)]
+
+    def _cut(self, now_ms: int) -> list[Effect]:
+        self.cut_by_agent = True
+        self.cut_sent_ms = now_ms
+        return self._send_hangups(now_ms, escalate=False)
+
+    def _send_hangups(self, now_ms: int, *, escalate: bool) -> list[Effect]:
+        self.hangup_attempts += 1
+        effects: list[Effect] = []
+        for leg in self._live_legs_to_cut():
+            effects.append(Command(self.call_id, HangupLeg(leg.leg_id, "NORMAL_CLEARING", escalate=escalate,
+                                                           reason="credit exhausted")))
+        effects.append(ArmTimer(self.call_id, TimerKind.VERIFY, now_ms + self.settings.verify_ms, self.token))
+        return effects
+
+    def _live_legs_to_cut(self) -> list[Leg]:
+        legs = [self.a_leg] if self.a_leg.ended_ms is None else []
+        if self.billed_leg_id:
+            billed = self.legs[self.billed_leg_id]
+            if billed.ended_ms is None:
+                legs.append(billed)
+        return legs
+
+    def _verify(self, now_ms: int) -> list[Effect]:
+        if self.phase is not Phase.ANSWERED or self.cut_sent_ms is None:
+            return []  # the hangup was confirmed
+        if self.hangup_attempts < self.settings.max_hangup_attempts:
+            return [Alert(self.call_id, "hangup_escalated",
+                          f"hangup not confirmed within {self.settings.verify_ms} ms; escalating"),
+                    *self._send_hangups(now_ms, escalate=True)]
+        return [Alert(self.call_id, "hangup_not_confirmed",
+                      f"the PBX did not end the call after {self.hangup_attempts} hangup commands; "
+                      "the money keeps running (the PBX limit is the backstop)"),
+                ArmTimer(self.call_id, TimerKind.VERIFY, now_ms + self.settings.verify_ms * 4, self.token)]
+
+    # ---------------------------------------------------------------- end and settle
+
+    def _end(self, at_ms: int, cause: str) -> list[Effect]:
+        self.end_ms = at_ms
+        self.end_cause = cause
+        self.token += 1
+        was_answered = self.phase is Phase.ANSWERED
+        self.phase = Phase.ENDED
+        self.want_pending = False
+        if not was_answered:
+            return [ReleaseStep(self.call_id, self._next_seq())]
+        return [SettleStep(self.call_id, self._next_seq(), self._cost_at(self.billed_ms()))]
+
+    def billed_ms(self) -> int:
+        """Answered time that is billed (see the module docstring for the cut rule)."""
+        if self.answer_ms is None or self.end_ms is None:
+            return 0
+        duration = max(0, self.end_ms - self.answer_ms)
+        if self.cut_at_ms is not None and self.cut_by_agent and self.cut_sent_ms is not None:
+            cut_rel = self.cut_at_ms - self.answer_ms
+            confirmed_in_time = self.end_ms <= self.cut_sent_ms + self.settings.verify_ms
+            if duration > cut_rel and confirmed_in_time:
+                return cut_rel
+        return duration
+
+    def on_settled(self, now_ms: int, cost_micros: int | None = None) -> list[Effect]:
+        """The store committed the settle (or the release); emit the record once."""
+        if self.phase is not Phase.ENDED:
+            return []
+        self.phase = Phase.DONE
+        billed_ms = self.billed_ms()
+        cost = self._cost_at(billed_ms) if cost_micros is None else cost_micros
+        self.settled_cost_micros = cost
+        billed_seconds = -(-billed_ms // 1000) if billed_ms else 0
+        rating = RatingRecord(
+            decided_ms=now_ms, plan_name=self.rating.plan_name, rate_id=self.rating.rate_id,
+            prefix=self.rating.prefix, rate_micros=self.rating.rate_micros,
+            billed_seconds=billed_seconds, cost_micros=cost, reason="settle",
+        )
+        record = CallRecord(
+            call_id=self.call_id, node=self.node, pbx=self.pbx, account_id=self.account_id,
+            destination=self.destination, caller=self.caller, started_ms=self.a_leg.created_ms,
+            answered_ms=self.answer_ms, ended_ms=self.end_ms, duration_ms=billed_ms,
+            disposition=self.disposition(), hangup_cause=self.end_cause, settled_ms=now_ms,
+            legs=tuple(leg.record(leg.leg_id == self.billed_leg_id) for leg in self.legs.values()),
+            rating=rating,
+        )
+        return [Finished(record)]
+
+    def disposition(self) -> Disposition:
+        if self.answer_ms is not None:
+            return Disposition.CUT if self.cut_by_agent else Disposition.ANSWERED
+        causes = {leg.hangup_cause for leg in self.legs.values() if leg.direction is Direction.OUTBOUND}
+        if causes & BUSY_CAUSES:
+            return Disposition.BUSY
+        if not causes or causes & NO_ANSWER_CAUSES or self.end_cause in NO_ANSWER_CAUSES:
+            return Disposition.NO_ANSWER
+        return Disposition.FAILED

@@ -1,0 +1,149 @@
+"""The pure call session: when billing starts, what each nibble debits, the exact cut."""
+
+from agent.core.cdr import Disposition
+from agent.core.events import Direction, HangupLeg, LegAnswered, LegCreated, LegHungUp, WarnLeg
+from agent.core.session import (
+    Alert,
+    ArmTimer,
+    Command,
+    Finished,
+    NibbleStep,
+    Phase,
+    ReleaseStep,
+    SettleStep,
+    TimerKind,
+)
+from tests.session_helpers import FlatTariff, make_session
+
+T0 = 1_000_000
+PER_SECOND = FlatTariff(rate_micros=60_000)  # 1000 micro-units per second, 1/1 increments
+
+
+def _answer_b(session, at_ms, leg="B1"):
+    session.on_leg_created(LegCreated(leg, at_ms - 100, Direction.OUTBOUND, parent_leg_id="A1"))
+    return session.on_answered(LegAnswered(leg, at_ms))
+
+
+def _timers(effects):
+    return {e.kind: e for e in effects if isinstance(e, ArmTimer)}
+
+
+def test_billing_starts_at_the_dialled_legs_answer_not_the_callers() -> None:
+    session = make_session(PER_SECOND, granted=6_000)
+    assert session.on_answered(LegAnswered("A1", T0 + 100)) == []  # the IVR answers the caller
+    assert session.phase is Phase.AUTHORIZED
+    effects = _answer_b(session, T0 + 20_000)
+    assert session.answer_ms == T0 + 20_000
+    assert _timers(effects)[TimerKind.NIBBLE].at_ms == T0 + 26_000
+
+
+def test_nibbles_debit_the_slice_used_and_reserve_the_next() -> None:
+    tariff = FlatTariff(rate_micros=600_000, connect_fee_micros=50_000, initial_increment=30, increment=6)
+    session = make_session(tariff, granted=tariff.cost_micros(6000))
+    _answer_b(session, T0)
+    debits = []
+    for k in range(1, 12):
+        (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + k * 6000)
+        assert isinstance(step, NibbleStep)
+        assert step.reserve_micros == tariff.cost_micros((k + 1) * 6000) - tariff.cost_micros(k * 6000)
+        debits.append(step.debit_micros)
+        session.on_nibble_result(step.seq, step.reserve_micros, step.debit_micros, T0 + k * 6000)
+    assert sum(debits) == tariff.cost_micros(11 * 6000)  # never a rounding drift between nibbles
+
+
+def test_partial_grant_cuts_at_the_exact_instant_the_money_runs_out() -> None:
+    session = make_session(PER_SECOND, granted=6_000, warning_ms=2000)
+    _answer_b(session, T0)
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 6000)
+    # Only 3.5 seconds' worth is left: the call may last 6 + 3 = 9 whole seconds.
+    effects = session.on_nibble_result(step.seq, 3_500, step.debit_micros, T0 + 6000)
+    timers = _timers(effects)
+    assert timers[TimerKind.CUT].at_ms == T0 + 9000
+    assert timers[TimerKind.WARN].at_ms == T0 + 7000
+    assert session.on_timer(TimerKind.WARN, session.token, T0 + 7000) == [
+        Command(session.call_id, WarnLeg("A1", 2))]
+    cut = session.on_timer(TimerKind.CUT, session.token, T0 + 9000)
+    hangups = [e.command for e in cut if isinstance(e, Command)]
+    assert hangups == [HangupLeg("A1", reason="credit exhausted"), HangupLeg("B1", reason="credit exhausted")]
+    # The PBX confirms 40 ms later: billed up to the cut, not one started second more.
+    (settle,) = session.on_hung_up(LegHungUp("A1", T0 + 9040, cause="NORMAL_CLEARING"))
+    assert isinstance(settle, SettleStep)
+    assert settle.cost_micros == 9_000
+    (finished,) = session.on_settled(T0 + 9100)
+    assert isinstance(finished, Finished)
+    assert finished.record.disposition is Disposition.CUT
+    assert finished.record.duration_ms == 9000
+
+
+def test_unconfirmed_hangup_escalates_then_alerts() -> None:
+    session = make_session(PER_SECOND, granted=2_000, verify_ms=1000)
+    effects = _answer_b(session, T0)
+    assert _timers(effects)[TimerKind.CUT].at_ms == T0 + 2000
+    session.on_timer(TimerKind.CUT, session.token, T0 + 2000)
+    escalated = session.on_timer(TimerKind.VERIFY, session.token, T0 + 3000)
+    assert any(isinstance(e, Command) and e.command.escalate for e in escalated)
+    final = session.on_timer(TimerKind.VERIFY, session.token, T0 + 4000)
+    assert any(isinstance(e, Alert) and e.kind == "hangup_not_confirmed" for e in final)
+    # When the PBX finally ends it much later, the real duration is charged.
+    (settle,) = session.on_hung_up(LegHungUp("A1", T0 + 10_000))
+    assert settle.cost_micros == 10_000
+
+
+def test_confirmed_hangup_needs_no_escalation() -> None:
+    session = make_session(PER_SECOND, granted=2_000, verify_ms=1000)
+    _answer_b(session, T0)
+    session.on_timer(TimerKind.CUT, session.token, T0 + 2000)
+    session.on_hung_up(LegHungUp("B1", T0 + 2010))
+    session.on_hung_up(LegHungUp("A1", T0 + 2020))
+    assert session.on_timer(TimerKind.VERIFY, session.token, T0 + 3000) == []
+
+
+def test_unanswered_call_is_released_with_its_disposition() -> None:
+    session = make_session(PER_SECOND, granted=6_000)
+    session.on_leg_created(LegCreated("B1", T0, Direction.OUTBOUND, parent_leg_id="A1"))
+    assert session.on_hung_up(LegHungUp("B1", T0 + 500, cause="USER_BUSY")) == []
+    (release,) = session.on_hung_up(LegHungUp("A1", T0 + 600, cause="NORMAL_CLEARING"))
+    assert isinstance(release, ReleaseStep)
+    (finished,) = session.on_settled(T0 + 700)
+    assert finished.record.disposition is Disposition.BUSY
+    assert finished.record.rating.cost_micros == 0
+
+
+def test_duplicate_and_out_of_order_events_change_nothing() -> None:
+    session = make_session(PER_SECOND, granted=6_000)
+    session.on_leg_created(LegCreated("B1", T0, Direction.OUTBOUND, parent_leg_id="A1"))
+    session.on_hung_up(LegHungUp("B1", T0 + 100))  # hangup before answer
+    assert session.on_answered(LegAnswered("B1", T0 + 200)) == []
+    assert session.answer_ms is None and session.phase is Phase.AUTHORIZED
+    session2 = make_session(PER_SECOND, granted=6_000)
+    _answer_b(session2, T0)
+    assert session2.on_answered(LegAnswered("B1", T0 + 5000)) == []  # answered twice
+    assert session2.answer_ms == T0
+    (settle,) = session2.on_hung_up(LegHungUp("A1", T0 + 3000))
+    assert session2.on_hung_up(LegHungUp("A1", T0 + 3000)) == []  # hangup twice
+    assert settle.cost_micros == 3000
+
+
+def test_transfer_keeps_billing_while_the_caller_talks_to_another_answered_leg() -> None:
+    session = make_session(PER_SECOND, granted=6_000)
+    _answer_b(session, T0)
+    _answer_b(session, T0 + 4000, leg="C1")  # the callee transferred the caller to C
+    assert session.on_hung_up(LegHungUp("B1", T0 + 5000)) == []
+    assert session.phase is Phase.ANSWERED
+    (settle,) = session.on_hung_up(LegHungUp("C1", T0 + 8000))
+    assert settle.cost_micros == 8000
+
+
+def test_grace_period_call_costs_nothing() -> None:
+    session = make_session(FlatTariff(rate_micros=60_000, connect_fee_micros=100_000, grace=5), granted=200_000)
+    _answer_b(session, T0)
+    (settle,) = session.on_hung_up(LegHungUp("A1", T0 + 4_500))
+    assert settle.cost_micros == 0
+
+
+def test_store_outage_mid_call_cuts_at_the_end_of_the_granted_slice() -> None:
+    session = make_session(PER_SECOND, granted=6_000)
+    _answer_b(session, T0)
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 6000)
+    effects = session.on_nibble_result(step.seq, 0, 0, T0 + 6250, store_ok=False)
+    assert _timers(effects)[TimerKind.CUT].at_ms == T0 + 6250  # now: the granted slice is used up
