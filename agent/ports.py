@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, LegEvent
+from agent.core.session import RatedCall
 
 
 class Clock(Protocol):
@@ -51,4 +52,12 @@ class CallEngine(Protocol):
 
     def on_event(self, event: LegEvent) -> None:
         """Feed one leg event. Never blocks; the engine queues and processes it in order."""
+        ...
+
+
+class Rater(Protocol):
+    """Rates a destination for an account (the account's plan, the plan's in-memory table)."""
+
+    def rate(self, account_id: str, destination: str, at_ms: int) -> RatedCall:
+        """Return the tariff of the call, or raise ``RatingRefused`` with the reason."""
         ...

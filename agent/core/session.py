@@ -30,6 +30,7 @@ from typing import Protocol
 
 from agent.core.cdr import CallRecord, Disposition, LegRecord, RatingRecord
 from agent.core.events import (
+    DenyReason,
     DialBegin,
     Direction,
     HangupLeg,
@@ -59,6 +60,23 @@ class Tariff(Protocol):
     def max_seconds(self, budget_micros: int) -> int:
         """Largest whole duration in seconds whose cost fits the budget; 0 = nothing fits."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class RatedCall:
+    """The rating of a destination for one account at one instant."""
+
+    tariff: Tariff
+    info: RatingInfo
+
+
+class RatingRefused(Exception):
+    """The call cannot be rated: unknown account, no rate, blocked destination, bad number."""
+
+    def __init__(self, reason: DenyReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
 
 
 class Phase(StrEnum):
