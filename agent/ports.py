@@ -6,8 +6,19 @@ the same semantics (a fake clock, an in-memory store) rather than mocks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
+from agent.core.balance import (
+    AccountState,
+    AuthorizeOutcome,
+    ExpireReport,
+    LiveCall,
+    NibbleOutcome,
+    NibbleRequest,
+    ReleaseOutcome,
+    SettleOutcome,
+)
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, LegEvent
 from agent.core.session import RatedCall
 
@@ -60,4 +71,62 @@ class Rater(Protocol):
 
     def rate(self, account_id: str, destination: str, at_ms: int) -> RatedCall:
         """Return the tariff of the call, or raise ``RatingRefused`` with the reason."""
+        ...
+
+
+class BalanceStore(Protocol):
+    """Balances and reservations shared by every node, in money (micro-units) only.
+
+    The rules are in ``agent/core/balance.py``; two implementations pass one contract suite
+    (``tests/test_balance_store_contract.py``): Redis (``agent/adapters/redis/store.py``, many
+    nodes) and SQL (``agent/adapters/sql/balance_store.py``, the embedded single-node default).
+    Every step is idempotent per ``(call_id, seq)``: authorize is seq 0, nibbles 1, 2, ...
+    Instants are milliseconds since the epoch given by the caller. A store that cannot be
+    reached raises ``StoreUnavailable`` (``agent.services.store_guard`` applies the configured
+    failure policy and deadline); business refusals are outcomes, never exceptions.
+    ``account_id`` on the per-call steps is an optional hint: the store knows each call's
+    account, but a settle for a call it lost (cache restart) can only be charged with it.
+    """
+
+    def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
+                  now_ms: int, ttl_ms: int) -> AuthorizeOutcome:
+        """Check status, concurrent calls (all nodes) and ``available >= min_micros``; reserve
+        ``min(want, available)`` for the first slice. A known call_id returns its stored outcome."""
+        ...
+
+    def debit_and_reserve(self, call_id: str, seq: int, debit_micros: int, reserve_micros: int,
+                          now_ms: int, ttl_ms: int, *, account_id: str | None = None) -> NibbleOutcome:
+        """One nibble: debit the slice just used (overrun recorded if beyond the reservation) and
+        hold up to ``reserve_micros`` for the next slice; renews the TTL."""
+        ...
+
+    def debit_and_reserve_many(self, requests: Sequence[NibbleRequest]) -> list[NibbleOutcome]:
+        """Many nibbles in one round trip (one Redis pipeline); outcomes in request order."""
+        ...
+
+    def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, *,
+               account_id: str | None = None) -> SettleOutcome:
+        """Commit the call's final cost: one ledger ``charge:{call_id}``, the rest released.
+        Raises ``UnknownCall`` for a call the store does not know when no account is given."""
+        ...
+
+    def release(self, call_id: str, seq: int, now_ms: int, *,
+                account_id: str | None = None) -> ReleaseOutcome:
+        """End a call without a charge (denied, unanswered); nibble debits, if any, are charged."""
+        ...
+
+    def expire(self, now_ms: int, *, limit: int = 1000) -> ExpireReport:
+        """Sweep reservations not renewed within their TTL and retry pending ledger writes.
+        Any node may run it; concurrent sweepers are harmless."""
+        ...
+
+    def live_calls(self) -> list[LiveCall]:
+        """Open reservations on every node (operators)."""
+        ...
+
+    def account_state(self, account_id: str) -> AccountState:
+        """Balance, reserved and available as the store sees them (raises NotFound)."""
+        ...
+
+    def close(self) -> None:
         ...

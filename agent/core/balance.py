@@ -1,0 +1,290 @@
+"""Balances and reservations shared by every node: the values and rules of the balance store.
+
+Design overview (DESIGN §5). Money is integer micro-units. For one account::
+
+    available = balance + credit_limit - reserved
+
+* **authorize** (seq 0) checks the status, the concurrent-call limit (live reservations of the
+  account on every node) and ``available >= min``; it reserves ``min(want, available)``.
+* **nibble** (seq 1, 2, ...) debits the slice just used, taking it out of the call's
+  reservation first, and tops the reservation up to the next slice (``reserve``) from what is
+  available. A debit larger than the reservation is still charged (the house never loses a
+  used second) and the difference is recorded as *overrun*, never dropped.
+* **settle** commits the final cost: what the nibbles debited counts toward it, the difference
+  is charged or refunded, the rest of the reservation is released. The SQL ledger gets exactly
+  one entry of kind ``charge`` with reference ``charge:{call_id}`` (amount ``-cost``, also for a
+  cost of zero).
+* **release** ends a call that is not to be charged (denied, never answered): the reservation
+  goes back. A released call that had nibble debits is charged those debits (see below).
+* **expire**: a reservation not renewed within its TTL is released; what its nibbles had
+  debited is charged (``charge:{call_id}``) so that a dead node's call still adds up.
+  A settle that arrives later charges the rest as an adjustment ``charge-late:{call_id}``.
+
+Every step carries the idempotency key ``(call_id, seq)``: a replayed step returns the stored
+outcome and changes nothing. The rules below are pure; the SQL store applies them directly and
+the Redis store's Lua scripts implement the same ones (one contract test suite runs on both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from agent.core.errors import BillingError, InvalidInput, NotFound
+from agent.core.events import DenyReason
+
+__all__ = [
+    "MAX_STORE_MICROS",
+    "AccountState",
+    "AuthorizeOutcome",
+    "CallClose",
+    "DenyReason",
+    "ExpireReport",
+    "LedgerPosting",
+    "LiveCall",
+    "NibbleOutcome",
+    "NibbleRequest",
+    "NibbleStatus",
+    "ReleaseOutcome",
+    "ReleaseStatus",
+    "SettleOutcome",
+    "SettleStatus",
+    "StoreUnavailable",
+    "UnknownCall",
+    "authorize_decision",
+    "check_call_id",
+    "check_micros",
+    "ledger_postings",
+    "nibble_step",
+]
+
+# Redis' Lua numbers are doubles: integers are exact below 2**53 (9e9 currency units). The
+# store refuses larger amounts rather than round one.
+MAX_STORE_MICROS = 2**53 - 1
+CALL_ID_MAX_LEN = 64
+
+
+class StoreUnavailable(BillingError):
+    """The balance store (Redis or the SQL database) did not answer in time or refused the
+    connection. Nothing was changed by this attempt, or the attempt may be replayed safely."""
+
+
+class UnknownCall(NotFound):
+    """A settle for a call the store does not know, without the account to charge it to."""
+
+
+# ---------------------------------------------------------------------------------- outcomes
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizeOutcome:
+    call_id: str
+    allowed: bool
+    reason: DenyReason | None
+    granted_micros: int  # reserved for the first slice (0 when denied)
+    available_micros: int  # available before this grant: the service's max-duration budget
+    plan: str = ""
+    currency: str = ""
+    replayed: bool = False  # the call was already authorized: stored outcome, nothing changed
+
+
+class NibbleStatus(StrEnum):
+    GRANTED = "granted"  # applied; granted_micros may be partial (that is all that is left) or 0
+    REPLAYED = "replayed"  # this (call_id, seq) was applied before: stored outcome, no change
+    STALE = "stale"  # an older seq than the last applied one: nothing changed, no grant
+    EXPIRED = "expired"  # not renewed within its TTL: no grant (settle still charges the call)
+    CLOSED = "closed"  # the call was settled, released or swept: no grant
+    UNKNOWN_CALL = "unknown_call"  # no such reservation (never authorized, or the cache lost it)
+    STORE_UNAVAILABLE = "store_unavailable"  # (failure policy) no answer: no grant
+    OFFLINE = "offline"  # (fail_open) granted from the offline credit while the store is down
+
+
+@dataclass(frozen=True, slots=True)
+class NibbleRequest:
+    call_id: str
+    seq: int
+    debit_micros: int
+    reserve_micros: int
+    now_ms: int
+    ttl_ms: int
+    account_id: str | None = None  # optional hint; the store knows the call's account
+
+
+@dataclass(frozen=True, slots=True)
+class NibbleOutcome:
+    call_id: str
+    seq: int
+    status: NibbleStatus
+    granted_micros: int  # held for the next slice
+    debited_micros: int  # taken by this step (the slice just used); 0 when nothing was applied
+    total_debited_micros: int = 0  # taken by every nibble of the call so far
+    overrun_micros: int = 0  # total debited beyond what the call held (recorded, never dropped)
+
+    @property
+    def applied(self) -> bool:
+        """The store holds this step's debit (now or from an earlier identical request)."""
+        return self.status in (NibbleStatus.GRANTED, NibbleStatus.REPLAYED)
+
+
+class SettleStatus(StrEnum):
+    SETTLED = "settled"  # committed now
+    REPLAYED = "replayed"  # already settled at this cost: nothing changed
+    AFTER_EXPIRY = "after_expiry"  # the reservation had expired (or was released): rest charged
+    WITHOUT_RESERVATION = "without_reservation"  # the store had no reservation: charged in full
+    CONFLICT = "conflict"  # already settled at another cost: nothing changed (a caller bug)
+    JOURNALED = "journaled"  # (failure policy) the store is down: kept locally, replayed later
+
+
+@dataclass(frozen=True, slots=True)
+class SettleOutcome:
+    call_id: str
+    account_id: str
+    status: SettleStatus
+    cost_micros: int  # the cost the store holds for the call
+    debited_micros: int = 0  # taken by nibbles before the settle
+    released_micros: int = 0  # reservation given back
+    overrun_micros: int = 0  # total charged beyond what the call held
+    ledger_posted: bool = True  # False: the SQL write failed; the sweeper (expire) retries it
+
+
+class ReleaseStatus(StrEnum):
+    RELEASED = "released"
+    REPLAYED = "replayed"
+    CLOSED = "closed"  # already settled or expired: nothing changed
+    UNKNOWN_CALL = "unknown_call"
+    JOURNALED = "journaled"
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseOutcome:
+    call_id: str
+    status: ReleaseStatus
+    released_micros: int = 0
+    charged_micros: int = 0  # nibble debits of a released call are charged, never given back
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireReport:
+    expired: tuple[str, ...] = ()  # calls whose reservation this sweep released
+    posted: int = 0  # ledger entries (re)written for closed calls
+    pending: int = 0  # closed calls whose ledger entry could not be written yet
+
+
+@dataclass(frozen=True, slots=True)
+class AccountState:
+    """The store's view: ``balance`` is net of what live calls' nibbles already took."""
+
+    account_id: str
+    status: str
+    balance_micros: int
+    reserved_micros: int  # held for live calls' next slices
+    credit_limit_micros: int
+    max_concurrent_calls: int | None
+    live_calls: int
+    plan: str = ""
+    currency: str = ""
+
+    @property
+    def available_micros(self) -> int:
+        return self.balance_micros + self.credit_limit_micros - self.reserved_micros
+
+
+@dataclass(frozen=True, slots=True)
+class LiveCall:
+    account_id: str
+    call_id: str
+    node: str
+    seq: int
+    reserved_micros: int
+    debited_micros: int
+    overrun_micros: int
+    created_ms: int
+    expires_ms: int
+
+
+# ------------------------------------------------------------------------------------- rules
+
+
+def check_micros(name: str, value: int) -> None:
+    """Refuse a non-integer, negative or too large amount (before anything is stored)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{name} must be integer micro-units, not {value!r}")
+    if value < 0 or value > MAX_STORE_MICROS:
+        raise InvalidInput(f"{name} {value} must be between 0 and {MAX_STORE_MICROS} micro-units")
+
+
+def check_call_id(call_id: str) -> None:
+    if not call_id or len(call_id) > CALL_ID_MAX_LEN or not call_id.isprintable():
+        raise InvalidInput(f"call id {call_id!r} must be 1-{CALL_ID_MAX_LEN} printable characters")
+
+
+def authorize_decision(*, status: str, live_calls: int, max_calls: int | None, available_micros: int,
+                       want_micros: int, min_micros: int) -> tuple[DenyReason | None, int]:
+    """Return ``(deny_reason, granted)``: the reason is None when the call is allowed."""
+    if status == "suspended":
+        return DenyReason.SUSPENDED, 0
+    if status != "active":
+        return DenyReason.CLOSED, 0
+    if max_calls is not None and max_calls > 0 and live_calls >= max_calls:
+        return DenyReason.MAX_CALLS, 0
+    if available_micros < min_micros or available_micros < 0:
+        return DenyReason.INSUFFICIENT_FUNDS, 0
+    return None, min(want_micros, available_micros)
+
+
+@dataclass(frozen=True, slots=True)
+class NibbleEffect:
+    taken_micros: int  # of the debit, covered by the call's reservation
+    overrun_micros: int  # of the debit, beyond the reservation
+    granted_micros: int  # the call's reservation after the step (for the next slice)
+
+
+def nibble_step(*, call_reserved_micros: int, debit_micros: int, reserve_micros: int,
+                available_after_debit_micros: int) -> NibbleEffect:
+    """One nibble. ``available_after_debit`` is the account's available money once the debit
+    is applied, while the call's remaining reservation is still counted as reserved."""
+    taken = min(debit_micros, call_reserved_micros)
+    remaining = call_reserved_micros - taken
+    if remaining >= reserve_micros:
+        granted = reserve_micros  # the surplus goes back
+    else:
+        granted = remaining + min(reserve_micros - remaining, max(available_after_debit_micros, 0))
+    return NibbleEffect(taken, debit_micros - taken, granted)
+
+
+class CallClose(StrEnum):
+    """How a call's reservation ended, which decides its ledger entries."""
+
+    SETTLED = "settled"  # settled while its reservation was live (or without one)
+    EXPIRED = "expired"  # swept after its TTL
+    RELEASED = "released"  # released by the service
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerPosting:
+    kind: str
+    amount_micros: int
+    reference: str
+    description: str
+
+
+def ledger_postings(call_id: str, *, closed_charge_micros: int | None, cost_micros: int | None,
+                    ) -> list[LedgerPosting]:
+    """The ledger entries a closed call must have; their sum is what the store took for it.
+
+    ``closed_charge_micros`` is what nibbles had debited when the reservation expired or was
+    released (None if it never did); ``cost_micros`` is the settled cost (None if not settled).
+    Posting them is idempotent: the references are unique in the ledger.
+    """
+    postings: list[LedgerPosting] = []
+    charge_ref = f"charge:{call_id}"
+    if closed_charge_micros is not None and closed_charge_micros > 0:
+        postings.append(LedgerPosting("charge", -closed_charge_micros, charge_ref,
+                                      "call charge: nibbles debited before the reservation closed"))
+        if cost_micros is not None and cost_micros != closed_charge_micros:
+            postings.append(LedgerPosting("adjustment", closed_charge_micros - cost_micros,
+                                          f"charge-late:{call_id}",
+                                          "call settled after its reservation closed"))
+    elif cost_micros is not None:
+        postings.append(LedgerPosting("charge", -cost_micros, charge_ref, "call charge"))
+    return postings
