@@ -151,3 +151,31 @@ CREATE TABLE ledger_entries (
 CREATE INDEX ix_ledger_entries_account_id_id ON ledger_entries (account_id, id);
 
 CREATE INDEX ix_ledger_entries_call_id ON ledger_entries (call_id);
+
+CREATE TABLE reservations (
+	call_id VARCHAR(64) NOT NULL,
+	account_id VARCHAR(64) NOT NULL,
+	node VARCHAR(64) NOT NULL,
+	state VARCHAR(16) NOT NULL,
+	seq INTEGER NOT NULL COMMENT 'last applied step (authorize = 0)',
+	granted_micros BIGINT NOT NULL COMMENT 'last step''s grant (replays)',
+	last_debit_micros BIGINT NOT NULL COMMENT 'last step''s debit (replays)',
+	auth_granted_micros BIGINT NOT NULL,
+	auth_available_micros BIGINT NOT NULL,
+	reserved_micros BIGINT NOT NULL,
+	debited_micros BIGINT NOT NULL,
+	overrun_micros BIGINT NOT NULL,
+	closed_charge_micros BIGINT COMMENT 'debits charged when the reservation expired or was released',
+	cost_micros BIGINT COMMENT 'settled cost',
+	created_at DATETIME(6) NOT NULL,
+	expires_at DATETIME(6) NOT NULL,
+	closed_at DATETIME(6),
+	CONSTRAINT pk_reservations PRIMARY KEY (call_id),
+	CONSTRAINT ck_reservations_state_known CHECK (state IN ('open', 'settled', 'released', 'expired')),
+	CONSTRAINT ck_reservations_amounts_not_negative CHECK (reserved_micros >= 0 AND debited_micros >= 0 AND overrun_micros >= 0),
+	CONSTRAINT fk_reservations_account_id_accounts FOREIGN KEY(account_id) REFERENCES accounts (id)
+);
+
+CREATE INDEX ix_reservations_account_id_state ON reservations (account_id, state);
+
+CREATE INDEX ix_reservations_state_expires_at ON reservations (state, expires_at);

@@ -246,3 +246,41 @@ class RatingDecision(Base):
     cost_micros: Mapped[int] = mapped_column(Micros, default=0)
     decided_at: Mapped[datetime] = mapped_column(UtcDateTime)
     reason: Mapped[str] = mapped_column(String(255), default="")
+
+
+class Reservation(Base):
+    """Money held for one call by the embedded SQL balance store (agent/adapters/sql/balance_store.py).
+
+    Open rows hold ``reserved_micros`` (the next slice) plus ``debited_micros`` (slices already
+    used, charged at settle as one ledger entry ``charge:{call_id}``); ``accounts.reserved_micros``
+    equals the sum of both over the account's open rows (`billing-agent ledger check` proves it).
+    Closed rows (settled, released, expired) stay as the record of the call's idempotency keys.
+    """
+
+    __tablename__ = "reservations"
+    __table_args__ = (
+        Index(None, "account_id", "state"),
+        Index(None, "state", "expires_at"),
+        CheckConstraint("state IN ('open', 'settled', 'released', 'expired')", name="state_known"),
+        CheckConstraint("reserved_micros >= 0 AND debited_micros >= 0 AND overrun_micros >= 0",
+                        name="amounts_not_negative"),
+    )
+
+    call_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    node: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[str] = mapped_column(String(16), default="open")
+    seq: Mapped[int] = mapped_column(Integer, default=0, comment="last applied step (authorize = 0)")
+    granted_micros: Mapped[int] = mapped_column(Micros, default=0, comment="last step's grant (replays)")
+    last_debit_micros: Mapped[int] = mapped_column(Micros, default=0, comment="last step's debit (replays)")
+    auth_granted_micros: Mapped[int] = mapped_column(Micros, default=0)
+    auth_available_micros: Mapped[int] = mapped_column(Micros, default=0)
+    reserved_micros: Mapped[int] = mapped_column(Micros, default=0)
+    debited_micros: Mapped[int] = mapped_column(Micros, default=0)
+    overrun_micros: Mapped[int] = mapped_column(Micros, default=0)
+    closed_charge_micros: Mapped[int | None] = mapped_column(
+        Micros, nullable=True, comment="debits charged when the reservation expired or was released")
+    cost_micros: Mapped[int | None] = mapped_column(Micros, nullable=True, comment="settled cost")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    closed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
