@@ -1,0 +1,307 @@
+"""Importing a rate deck (CSV) into a plan: validate everything, then write it in one transaction.
+
+Two streaming passes over the file keep memory bounded whatever its size:
+
+1. **Validate**: decode line by line (UTF-8, optional BOM; a bad byte is an error naming its
+   line and offset), check the header and every row with :mod:`agent.core.ratedeck`, and look
+   for duplicates and overlaps, within the file and (without ``--replace``) against the rates
+   the plan already has. Only a compact :class:`~agent.core.ratedeck.RangeIndex` stays in
+   memory, never the rows. Any error: :class:`DeckRejected` and nothing is written.
+2. **Write**, in one transaction: bump the plan's version (``WHERE version = <seen>``, so an
+   import that raced ours is refused instead of interleaved), delete the old rates when
+   replacing, read the file again and insert (COPY on PostgreSQL, batched multi-row inserts
+   elsewhere). The file's SHA-256 must match the first pass or the transaction is rolled back.
+
+Readers see the plan either before or after the commit, never a mix: the delete and the inserts
+are in the same transaction, and every backend we support gives readers a committed snapshot.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import itertools
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from agent.adapters.sql.engine import transaction
+from agent.adapters.sql.models import Rate, RatePlan, utcnow
+from agent.adapters.sql.plans import create_plan
+from agent.core.errors import Conflict, InvalidInput, NotFound
+from agent.core.ratedeck import (
+    STORED_LINE,
+    DeckError,
+    DeckHeader,
+    RangeIndex,
+    RateRow,
+    parse_header,
+    parse_row,
+)
+
+# (phase, bytes done, total bytes): phase is "validate" then "write".
+Progress = Callable[[str, int, int], None]
+
+INSERT_BATCH_ROWS = 5_000
+PROGRESS_EVERY_LINES = 8_192
+COPY_COLUMNS = (
+    "plan_id", "prefix", "destination", "rate_micros", "connect_fee_micros", "initial_increment",
+    "increment", "minimum_seconds", "grace_seconds", "effective_from", "effective_to", "weekdays",
+    "time_from_minute", "time_to_minute", "blocked",
+)
+
+
+class DeckRejected(InvalidInput):
+    """The deck has errors; nothing was written. ``errors`` holds the first ones, in file order."""
+
+    def __init__(self, source: str, errors: list[DeckError], error_count: int) -> None:
+        self.source = source
+        self.errors = errors
+        self.error_count = error_count
+        plural = "error" if error_count == 1 else "errors"
+        super().__init__(f"{source}: {error_count} {plural}; nothing was imported")
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    plan: str
+    rows_imported: int
+    rows_replaced: int
+    version: int
+    plan_created: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _PlanState:
+    id: int
+    version: int
+    currency: str
+
+
+class _ErrorLog:
+    """Counts every error, keeps the first ``keep`` (a million bad rows must not fill memory)."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.kept: list[DeckError] = []
+        self.count = 0
+
+    def add(self, error: DeckError) -> None:
+        self.count += 1
+        if len(self.kept) < self.keep:
+            self.kept.append(error)
+
+
+def import_deck(sessions: sessionmaker[Session], path: str | os.PathLike[str], plan: str, *,
+                replace: bool = False, create_missing_plan: bool = False, currency: str | None = None,
+                source: str | None = None, max_errors: int = 100,
+                progress: Progress | None = None) -> ImportResult:
+    """Import the deck at ``path`` into ``plan``; raise :class:`DeckRejected` if any row is bad.
+
+    ``currency``: the currency of a plan created by ``create_missing_plan``; when the plan
+    exists, a different currency is refused (a deck priced in the wrong money is a mistake).
+    ``source`` names the file in error messages (default: ``path``).
+    """
+    started = time.perf_counter()
+    deck = _DeckFile(Path(path), source or str(path), progress)
+    with transaction(sessions) as session:
+        state = _plan_state(session, plan, create_missing_plan=create_missing_plan, currency=currency)
+        index = RangeIndex()
+        if state is not None and not replace:
+            _index_stored_rates(session, state.id, index)
+    log = _ErrorLog(max_errors)
+    digest = deck.validate(index, log)
+    del index  # the write pass needs none of it
+    if log.count:
+        raise DeckRejected(deck.source, log.kept, log.count)
+    with transaction(sessions) as session:
+        created = state is None
+        if state is None:
+            view = create_plan(session, plan, currency=currency or "EUR")
+            state = _PlanState(view.id, view.version, view.currency)
+        _bump_version(session, plan, state)
+        replaced = _delete_rates(session, state.id) if replace else 0
+        rows = deck.rows(expected_digest=digest)
+        if session.get_bind().dialect.name == "postgresql":
+            imported = _copy_rows(session, state.id, rows)
+        else:
+            imported = _insert_rows(session, state.id, rows)
+        if progress is not None:
+            progress("write", deck.size, deck.size)  # every row is written, nothing committed yet
+    return ImportResult(plan, imported, replaced, state.version + 1, created, time.perf_counter() - started)
+
+
+def _plan_state(session: Session, name: str, *, create_missing_plan: bool, currency: str | None) -> _PlanState | None:
+    plan = session.scalar(select(RatePlan).where(RatePlan.name == name))
+    if plan is None:
+        if create_missing_plan:
+            return None
+        raise NotFound(f"unknown rate plan {name!r}: create it first (`billing-agent plans create {name}`) "
+                       "or pass --create-plan")
+    if currency is not None and currency.upper() != plan.currency:
+        raise InvalidInput(f"rate plan {name!r} is priced in {plan.currency}, not {currency.upper()}")
+    return _PlanState(plan.id, plan.version, plan.currency)
+
+
+def _index_stored_rates(session: Session, plan_id: int, index: RangeIndex) -> None:
+    query = (
+        select(Rate.prefix, Rate.weekdays, Rate.time_from_minute, Rate.effective_from, Rate.effective_to)
+        .where(Rate.plan_id == plan_id)
+        .execution_options(yield_per=10_000)
+    )
+    for prefix, weekdays, time_from, start, end in session.execute(query):
+        # Stored rows were checked when they were imported; a clash among them is not this file's fault.
+        index.add(prefix, weekdays, time_from, start, end, STORED_LINE)
+
+
+def _bump_version(session: Session, name: str, state: _PlanState) -> None:
+    # Also takes the plan's row lock (PostgreSQL, MariaDB) so two imports into one plan queue up;
+    # the second then finds a new version and stops, since it validated against stale rates.
+    result = session.execute(
+        update(RatePlan)
+        .where(RatePlan.id == state.id, RatePlan.version == state.version)
+        .values(version=RatePlan.version + 1, updated_at=utcnow())
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise Conflict(f"rate plan {name!r} was changed by another import while this file was being "
+                       "validated; nothing was imported, run the import again")
+
+
+def _delete_rates(session: Session, plan_id: int) -> int:
+    result = session.execute(delete(Rate).where(Rate.plan_id == plan_id))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _copy_rows(session: Session, plan_id: int, rows: Iterable[RateRow]) -> int:
+    driver_connection: Any = session.connection().connection.driver_connection
+    count = 0
+    statement = f"COPY rates ({', '.join(COPY_COLUMNS)}) FROM STDIN"
+    with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
+        for row in rows:
+            copy.write_row(_values(plan_id, row))
+            count += 1
+    return count
+
+
+def _insert_rows(session: Session, plan_id: int, rows: Iterable[RateRow]) -> int:
+    statement = insert(Rate)  # ORM bulk insert from dicts: no Rate objects, batched multi-row VALUES
+    count = 0
+    for batch in _batched(rows):  # itertools.batched is Python 3.12+
+        session.execute(statement, [dict(zip(COPY_COLUMNS, _values(plan_id, row), strict=True)) for row in batch])
+        count += len(batch)
+    return count
+
+
+def _batched(rows: Iterable[RateRow]) -> Iterator[tuple[RateRow, ...]]:
+    iterator = iter(rows)
+    while batch := tuple(itertools.islice(iterator, INSERT_BATCH_ROWS)):
+        yield batch
+
+
+def _values(plan_id: int, row: RateRow) -> tuple[Any, ...]:
+    return (
+        plan_id, row.prefix, row.destination, row.rate_micros, row.connect_fee_micros,
+        row.initial_increment, row.increment, row.minimum_seconds, row.grace_seconds,
+        row.effective_from, row.effective_to, row.weekdays, row.time_from_minute,
+        row.time_to_minute, row.blocked,
+    )
+
+
+class _DeckFile:
+    """One deck on disk, read in streaming passes."""
+
+    def __init__(self, path: Path, source: str, progress: Progress | None) -> None:
+        self.path = path
+        self.source = source
+        self.progress = progress
+        self.size = path.stat().st_size
+
+    def validate(self, index: RangeIndex, log: _ErrorLog) -> str:
+        """Pass 1: log every problem; return the file's SHA-256."""
+        digest = hashlib.sha256()
+        rows = 0
+        with self.path.open("rb") as raw:
+            for row in self._parse(raw, digest, log, "validate"):
+                rows += 1
+                clash = index.add(row.prefix, row.weekdays, row.time_from_minute,
+                                  row.effective_from, row.effective_to, row.line)
+                if clash is not None:
+                    log.add(DeckError(row.line, "prefix", row.prefix, clash.reason()))
+        if rows == 0 and log.count == 0:
+            log.add(DeckError(0, "", "", "no rate rows after the header"))
+        if self.progress is not None:
+            self.progress("validate", self.size, self.size)
+        return digest.hexdigest()
+
+    def rows(self, *, expected_digest: str) -> Iterator[RateRow]:
+        """Pass 2: the rows again; raise (so the transaction rolls back) if the file changed."""
+        digest = hashlib.sha256()
+        log = _ErrorLog(1)
+        with self.path.open("rb") as raw:
+            yield from self._parse(raw, digest, log, "write")
+        if log.count or digest.hexdigest() != expected_digest:
+            raise Conflict(f"{self.source} changed while it was being imported; nothing was imported")
+
+    def _parse(self, raw: BinaryIO, digest: Any, log: _ErrorLog, phase: str) -> Iterator[RateRow]:
+        errors_before = log.count
+        lines = self._decoded_lines(raw, digest, log, phase)
+        first = next(lines, None)
+        if first is None:
+            if log.count == errors_before:  # not already explained (a UTF-16 file)
+                log.add(DeckError(0, "", "", "the file is empty: expected a header row such as prefix,rate"))
+            return
+        delimiter = ";" if first.count(";") > first.count(",") else ","
+        reader = csv.reader(itertools.chain((first,), lines), delimiter=delimiter)
+        header: DeckHeader | None = None
+        line = 1
+        try:
+            for cells in reader:
+                if header is None:
+                    parsed = parse_header(cells, line)
+                    if isinstance(parsed, list):
+                        for error in parsed:
+                            log.add(error)
+                        return
+                    header = parsed
+                elif any(cells):  # blank lines (and ";;;" lines spreadsheets leave) are skipped
+                    row = parse_row(header, cells, line)
+                    if isinstance(row, RateRow):
+                        yield row
+                    else:
+                        for error in row:
+                            log.add(error)
+                line = reader.line_num + 1
+        except csv.Error as exc:
+            log.add(DeckError(reader.line_num, "", "", f"unreadable CSV: {exc}"))
+
+    def _decoded_lines(self, raw: BinaryIO, digest: Any, log: _ErrorLog, phase: str) -> Iterator[str]:
+        """Decode line by line so that a bad byte is reported with its line and offset."""
+        offset = 0
+        for number, data in enumerate(raw, start=1):
+            digest.update(data)
+            text_start = 0
+            if number == 1:
+                if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                    log.add(DeckError(1, "", "", "the file is UTF-16; save it as UTF-8 (CSV UTF-8)"))
+                    return
+                if data.startswith(codecs.BOM_UTF8):
+                    text_start = len(codecs.BOM_UTF8)
+            try:
+                text = data[text_start:].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                position = text_start + exc.start
+                log.add(DeckError(number, "", "", f"byte offset {offset + position}: not valid UTF-8 "
+                                                  f"(byte 0x{data[position]:02x}); save the file as UTF-8"))
+                text = data[text_start:].decode("utf-8", "replace")
+            offset += len(data)
+            if self.progress is not None and number % PROGRESS_EVERY_LINES == 0:
+                self.progress(phase, offset, self.size)
+            yield text
