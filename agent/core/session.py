@@ -453,7 +453,9 @@ class CallSession:
         assert self.answer_ms is not None
         self.exhausted = True
         self.token += 1
-        affordable_ms = self.tariff.max_seconds(self.budget_micros) * 1000
+        # max_seconds answers 0 ("deny") when the budget only covers a free grace period; the
+        # time already covered by nibbles was affordable all the same, so never cut before it.
+        affordable_ms = max(self.tariff.max_seconds(self.budget_micros) * 1000, self.nibbles_done * self.nibble_ms)
         self.cut_at_ms = self.answer_ms + affordable_ms
         effects: list[Effect] = [self._arm(TimerKind.CUT, max(now_ms, self.cut_at_ms))]
         warn_at = self.cut_at_ms - self.settings.warning_ms

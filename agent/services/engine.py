@@ -24,7 +24,6 @@ from agent.core.events import (
     AuthorizeDecision,
     AuthorizeRequest,
     DenyReason,
-    Direction,
     HangupLeg,
     LegEvent,
     WarnLeg,
@@ -32,19 +31,16 @@ from agent.core.events import (
 from agent.core.registry import CallRegistry
 from agent.core.session import (
     Alert,
-    CallSession,
     Command,
     Effect,
     Finished,
-    Leg,
     NibbleStep,
-    RatedCall,
-    RatingRefused,
     ReleaseStep,
     SessionSettings,
     SettleStep,
 )
 from agent.ports import Clock, Rater, Switch
+from agent.services.authorize import StoreAuthorization, decide
 from agent.services.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -56,15 +52,6 @@ SETTLE_RETRY_MAX_S = 30.0
 class DeadlineExceeded(Exception):
     """A store or switch call ran past its deadline (raised by our own gevent.Timeout, so an
     outer timeout of the caller is never mistaken for it)."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoreAuthorization:
-    allowed: bool
-    granted_micros: int = 0
-    available_micros: int = 0
-    reason: DenyReason | None = None
-    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +88,7 @@ class EngineSettings:
     store_timeout_s: float = 0.25
     switch_timeout_s: float = 5.0
     worker_pool_size: int = 256
+    max_call_seconds: int = 14_400  # no call is authorized for longer, whatever the balance
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,9 +187,6 @@ class Engine:
     def call_id_for(self, request: AuthorizeRequest) -> str:
         return CALL_ID_UNSAFE.sub("_", f"{self.settings.node}-{request.leg_id}")[:64]
 
-    def _deny(self, call_id: str, reason: DenyReason, detail: str) -> AuthorizeDecision:
-        return AuthorizeDecision(False, call_id, reason=reason, detail=detail)
-
     def _authorize(self, request: AuthorizeRequest) -> AuthorizeDecision:
         call_id = self.call_id_for(request)
         existing = self.registry.sessions.get(call_id)
@@ -209,53 +194,33 @@ class Engine:
             return AuthorizeDecision(True, call_id, existing.limit_ms, self.session_settings.warning_ms,
                                      detail="already authorized")
         if not self._accepting:
-            return self._deny(call_id, DenyReason.SHUTTING_DOWN, "the agent is shutting down")
-        if not request.account_id.strip():
-            return self._deny(call_id, DenyReason.UNKNOWN_ACCOUNT, "no account code on the channel")
-        if not request.destination.strip() or not request.leg_id:
-            return self._deny(call_id, DenyReason.BAD_REQUEST, "no destination or no unique id")
+            return AuthorizeDecision(False, call_id, reason=DenyReason.SHUTTING_DOWN,
+                                     detail="the agent is shutting down")
         now_ms = self.clock.now_ms()
-        try:
-            rated = self.rater.rate(request.account_id, request.destination, now_ms)
-        except RatingRefused as refused:
-            return self._deny(call_id, refused.reason, refused.detail)
-        want = rated.tariff.cost_micros(self.session_settings.nibble_ms)
-        minimum = rated.tariff.cost_micros(1000)
-        try:
-            with gevent.Timeout(self.settings.store_timeout_s, DeadlineExceeded):
-                outcome = self.store.authorize(request.account_id, call_id, want, minimum, now_ms)
-        except DeadlineExceeded:
-            return self._deny(call_id, DenyReason.STORE_UNAVAILABLE,
-                              f"balance store did not answer within {self.settings.store_timeout_s}s")
-        except Exception as exc:  # a store that is down denies the call (fail closed), it never hangs it
-            log.error("balance store failed during authorize of %s: %s", call_id, exc, exc_info=True)
-            return self._deny(call_id, DenyReason.STORE_UNAVAILABLE, f"balance store error: {exc}")
-        if not outcome.allowed:
-            return self._deny(call_id, outcome.reason or DenyReason.INSUFFICIENT_FUNDS, outcome.detail)
-        max_seconds = rated.tariff.max_seconds(outcome.available_micros)
-        if max_seconds <= 0:
-            self._spawn(self._release_quietly, call_id)
-            return self._deny(call_id, DenyReason.INSUFFICIENT_FUNDS, "the balance does not cover the first block")
-        limit_ms = max_seconds * 1000
-        self._open_session(request, call_id, rated, outcome.granted_micros, limit_ms, now_ms)
-        warning_ms = self.session_settings.warning_ms if limit_ms > self.session_settings.warning_ms else 0
-        return AuthorizeDecision(True, call_id, limit_ms, warning_ms,
-                                 detail=f"prefix {rated.info.prefix} plan {rated.info.plan_name}")
 
-    def _open_session(self, request: AuthorizeRequest, call_id: str, rated: RatedCall, granted: int,
-                      limit_ms: int, now_ms: int) -> None:
-        a_leg = Leg(request.leg_id, direction=Direction.INBOUND, created_ms=request.at_ms or now_ms,
-                    channel=request.channel, sip_call_id=request.sip_call_id, caller=request.caller,
-                    callee=request.destination)
-        session = CallSession(
-            call_id=call_id, node=self.settings.node, pbx=request.pbx, account_id=request.account_id,
-            destination=request.destination, caller=request.caller, a_leg=a_leg, authorized_ms=now_ms,
-            tariff=rated.tariff, rating=rated.info, settings=self.session_settings, granted_micros=granted,
-            limit_ms=limit_ms, group_id=request.group_id,
-        )
-        self._run_effects(self.registry.add(session))
-        self.metrics.live_calls.set(self.registry.live_count())
-        self._wake.set()
+        def store_authorize(account_id: str, want: int, minimum: int) -> StoreAuthorization:
+            try:
+                with gevent.Timeout(self.settings.store_timeout_s, DeadlineExceeded):
+                    return self.store.authorize(account_id, call_id, want, minimum, now_ms)
+            except DeadlineExceeded:
+                return StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE,
+                                          detail=f"balance store did not answer within "
+                                                 f"{self.settings.store_timeout_s}s")
+            except Exception as exc:  # a store that is down denies the call (fail closed), never hangs it
+                log.error("balance store failed during authorize of %s: %s", call_id, exc, exc_info=True)
+                return StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE,
+                                          detail=f"balance store error: {exc}")
+
+        outcome = decide(request, call_id=call_id, node=self.settings.node, rater=self.rater,
+                         store_authorize=store_authorize, settings=self.session_settings,
+                         max_call_seconds=self.settings.max_call_seconds, now_ms=now_ms)
+        if outcome.release_reservation:
+            self._spawn(self._release_quietly, call_id)
+        if outcome.session is not None:
+            self._run_effects(self.registry.add(outcome.session))
+            self.metrics.live_calls.set(self.registry.live_count())
+            self._wake.set()
+        return outcome.decision
 
     def _release_quietly(self, call_id: str) -> None:
         try:

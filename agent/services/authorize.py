@@ -1,0 +1,76 @@
+"""The authorization decision (DESIGN §5 "Authorize"), shared by the engine and the simulation.
+
+No gevent and no clock here: the caller passes the instant and a function that runs the
+store's atomic check-and-reserve (with its own deadline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.core.events import AuthorizeDecision, AuthorizeRequest, DenyReason, Direction
+from agent.core.session import CallSession, Leg, RatingRefused, SessionSettings
+from agent.ports import Rater
+
+
+@dataclass(frozen=True, slots=True)
+class StoreAuthorization:
+    """The store's answer: reserved ``granted_micros`` for the first slice; ``available_micros``
+    is what the account could spend before this grant (it sets the PBX backstop)."""
+
+    allowed: bool
+    granted_micros: int = 0
+    available_micros: int = 0
+    reason: DenyReason | None = None
+    detail: str = ""
+
+
+StoreAuthorize = Callable[[str, int, int], StoreAuthorization]  # (account, want, minimum)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    decision: AuthorizeDecision
+    session: CallSession | None = None
+    release_reservation: bool = False  # the store reserved, but the call is denied after all
+
+
+def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, store_authorize: StoreAuthorize,
+           settings: SessionSettings, max_call_seconds: int, now_ms: int) -> Outcome:
+    """Check the request, rate the destination, reserve the first slice, size the backstop."""
+
+    def deny(reason: DenyReason, detail: str, *, release: bool = False) -> Outcome:
+        return Outcome(AuthorizeDecision(False, call_id, reason=reason, detail=detail), release_reservation=release)
+
+    if not request.account_id.strip():
+        return deny(DenyReason.UNKNOWN_ACCOUNT, "no account code on the channel")
+    if not request.destination.strip() or not request.leg_id:
+        return deny(DenyReason.BAD_REQUEST, "no destination or no unique id")
+    try:
+        rated = rater.rate(request.account_id, request.destination, now_ms)
+    except RatingRefused as refused:
+        return deny(refused.reason, refused.detail)
+    want = rated.tariff.cost_micros(settings.nibble_ms)
+    minimum = rated.tariff.cost_micros(1000)
+    stored = store_authorize(request.account_id, want, minimum)
+    if not stored.allowed:
+        return deny(stored.reason or DenyReason.INSUFFICIENT_FUNDS, stored.detail)
+    max_seconds = min(rated.tariff.max_seconds(stored.available_micros), max_call_seconds)
+    if max_seconds <= 0:
+        return deny(DenyReason.INSUFFICIENT_FUNDS, "the balance does not cover the first charged second",
+                    release=True)
+    limit_ms = max_seconds * 1000
+    a_leg = Leg(request.leg_id, direction=Direction.INBOUND, created_ms=request.at_ms or now_ms,
+                channel=request.channel, sip_call_id=request.sip_call_id, caller=request.caller,
+                callee=request.destination)
+    session = CallSession(
+        call_id=call_id, node=node, pbx=request.pbx, account_id=request.account_id,
+        destination=request.destination, caller=request.caller, a_leg=a_leg, authorized_ms=now_ms,
+        tariff=rated.tariff, rating=rated.info, settings=settings, granted_micros=stored.granted_micros,
+        limit_ms=limit_ms, group_id=request.group_id,
+    )
+    warning_ms = settings.warning_ms if limit_ms > settings.warning_ms else 0
+    decision = AuthorizeDecision(True, call_id, limit_ms, warning_ms,
+                                 detail=f"prefix {rated.info.prefix} plan {rated.info.plan_name}")
+    return Outcome(decision, session)

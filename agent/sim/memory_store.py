@@ -1,0 +1,174 @@
+"""An in-memory balance store with the engine's money semantics, for simulations and tests.
+
+Same rules as the Redis and SQL stores (DESIGN §5): available = balance + credit_limit -
+reserved; a nibble debits the slice just used from the call's hold and replaces the hold with
+the next slice (partial when the money is short); a settle commits the final cost against what
+the nibbles debited and releases the rest; every step is idempotent per (call, seq). It also
+records every money movement, so a simulation can check that nothing was overspent or lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.core.events import DenyReason
+from agent.core.session import NibbleStep
+from agent.services.authorize import StoreAuthorization
+from agent.services.engine import StoreNibble
+
+
+class OverspendError(AssertionError):
+    """An account went below -credit_limit: a bug, never a business outcome."""
+
+
+@dataclass
+class MemAccount:
+    balance_micros: int
+    credit_limit_micros: int = 0
+    status: str = "active"
+    max_calls: int | None = None
+    reserved_micros: int = 0
+    calls: set[str] = field(default_factory=set)
+    charged_micros: int = 0  # sum of settled costs (the ledger's charges)
+    credited_micros: int = 0  # top-ups
+    lowest_micros: int = 0  # lowest balance seen
+    overspent_micros: int = 0  # money used past the floor by calls the PBX did not cut in time
+
+    @property
+    def available_micros(self) -> int:
+        return self.balance_micros + self.credit_limit_micros - self.reserved_micros
+
+
+@dataclass
+class MemCall:
+    account_id: str
+    hold_micros: int
+    debited_micros: int = 0
+    overrun_micros: int = 0
+    seen: dict[int, StoreNibble] = field(default_factory=dict)
+    settled: bool = False
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.accounts: dict[str, MemAccount] = {}
+        self.calls: dict[str, MemCall] = {}
+        self.settled: dict[str, int] = {}  # call id -> cost charged (exactly once)
+        self.unavailable = False
+        self.overspend_micros = 0  # money used beyond what the account had (a PBX that ignored a cut)
+        self.overspend_by_call: dict[str, int] = {}
+
+    def add_account(self, account_id: str, balance_micros: int, credit_limit_micros: int = 0,
+                    max_calls: int | None = None) -> None:
+        self.accounts[account_id] = MemAccount(balance_micros, credit_limit_micros, max_calls=max_calls,
+                                               lowest_micros=balance_micros)
+
+    def topup(self, account_id: str, amount_micros: int) -> None:
+        account = self.accounts[account_id]
+        account.balance_micros += amount_micros
+        account.credited_micros += amount_micros
+
+    def _check(self, account: MemAccount) -> None:
+        floor = account.balance_micros - account.reserved_micros
+        account.lowest_micros = min(account.lowest_micros, account.balance_micros)
+        if floor < -account.credit_limit_micros - account.overspent_micros:
+            raise OverspendError(f"balance {account.balance_micros} - reserved {account.reserved_micros} "
+                                 f"is below -credit_limit {account.credit_limit_micros}")
+
+    def _raise_if_down(self) -> None:
+        if self.unavailable:
+            raise ConnectionError("memory store marked unavailable")
+
+    # ---------------------------------------------------------------- EngineStore
+
+    def authorize(self, account_id: str, call_id: str, want_micros: int, min_micros: int,
+                  now_ms: int) -> StoreAuthorization:
+        self._raise_if_down()
+        account = self.accounts.get(account_id)
+        if account is None:
+            return StoreAuthorization(False, reason=DenyReason.UNKNOWN_ACCOUNT, detail=f"unknown account {account_id}")
+        if call_id in self.calls:
+            call = self.calls[call_id]
+            return StoreAuthorization(True, call.hold_micros, account.available_micros + call.hold_micros)
+        if account.status != "active":
+            return StoreAuthorization(False, reason=DenyReason.SUSPENDED, detail=f"account is {account.status}")
+        if account.max_calls is not None and len(account.calls) >= account.max_calls:
+            return StoreAuthorization(False, reason=DenyReason.MAX_CALLS,
+                                      detail=f"{len(account.calls)} calls already up")
+        available = account.available_micros
+        if available < max(min_micros, 1):
+            return StoreAuthorization(False, reason=DenyReason.INSUFFICIENT_FUNDS,
+                                      detail=f"available {available} < first block {min_micros}")
+        grant = min(want_micros, available)
+        account.reserved_micros += grant
+        account.calls.add(call_id)
+        self.calls[call_id] = MemCall(account_id, grant)
+        self._check(account)
+        return StoreAuthorization(True, grant, available)
+
+    def nibbles(self, steps: list[NibbleStep], now_ms: int) -> list[StoreNibble]:
+        self._raise_if_down()
+        return [self._nibble(step) for step in steps]
+
+    def _nibble(self, step: NibbleStep) -> StoreNibble:
+        call = self.calls.get(step.call_id)
+        if call is None or call.settled:
+            return StoreNibble(0, 0, ok=False)
+        if step.seq in call.seen:
+            return call.seen[step.seq]
+        account = self.accounts[call.account_id]
+        # Debit the slice just used out of the hold; a debit beyond the hold is still taken.
+        from_hold = min(step.debit_micros, call.hold_micros)
+        call.overrun_micros += step.debit_micros - from_hold
+        account.balance_micros -= step.debit_micros
+        account.reserved_micros -= call.hold_micros
+        call.debited_micros += step.debit_micros
+        # Replace the hold with the next slice, as much of it as the account still has.
+        grant = max(0, min(step.reserve_micros, account.available_micros))
+        call.hold_micros = grant
+        account.reserved_micros += grant
+        self._check(account)
+        result = StoreNibble(grant, step.debit_micros)
+        call.seen[step.seq] = result
+        return result
+
+    def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int) -> None:
+        self._raise_if_down()
+        call = self.calls.get(call_id)
+        if call is None:
+            raise KeyError(f"settle for unknown call {call_id}")
+        if call.settled:
+            return
+        account = self.accounts[call.account_id]
+        account.balance_micros -= cost_micros - call.debited_micros
+        account.reserved_micros -= call.hold_micros
+        account.charged_micros += cost_micros
+        account.calls.discard(call_id)
+        call.hold_micros = 0
+        call.settled = True
+        self.settled[call_id] = cost_micros
+        floor = account.balance_micros - account.reserved_micros + account.credit_limit_micros
+        if floor < -account.overspent_micros:  # recorded, never hidden: the call really used that money
+            overspend = min(-floor - account.overspent_micros, cost_micros - call.debited_micros)
+            account.overspent_micros += overspend
+            self.overspend_micros += overspend
+            self.overspend_by_call[call_id] = overspend
+        account.lowest_micros = min(account.lowest_micros, account.balance_micros)
+
+    def release(self, call_id: str, seq: int, now_ms: int) -> None:
+        self._raise_if_down()
+        call = self.calls.get(call_id)
+        if call is None or call.settled:
+            return
+        if call.debited_micros:
+            self.settle(call_id, seq, call.debited_micros, now_ms)
+            return
+        account = self.accounts[call.account_id]
+        account.reserved_micros -= call.hold_micros
+        account.calls.discard(call_id)
+        call.hold_micros = 0
+        call.settled = True
+        self.settled[call_id] = 0
+
+    def open_reservations(self) -> int:
+        return sum(1 for c in self.calls.values() if not c.settled)

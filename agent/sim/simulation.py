@@ -1,0 +1,417 @@
+"""Deterministic whole-call simulation: a seeded fake PBX, a fake clock, the real call logic.
+
+It drives the same pure :class:`CallRegistry` and the same authorization decision the daemon
+uses, with an in-memory store of the same money semantics, through thousands of calls with
+random answers, busy and unanswered calls, forks, transfers, early-answering IVRs, top-ups and
+a PBX that sometimes ignores a hangup. After the run it checks the money invariants:
+
+* no overspend: no account ever below -credit_limit when the PBX obeyed the cut;
+* conservation: for every account, opening + top-ups - charges = final balance, and the sum of
+  the charges equals the sum of the CDR costs;
+* exactly one settled CDR per authorized call;
+* every cut-off within 1 s of the instant the money ran out;
+* no reservation left open.
+
+Run it with ``python -m agent.sim.simulation --calls 100000 --seed 7`` (see bench/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from agent.core.cdr import CallRecord, Disposition
+from agent.core.events import (
+    AuthorizeRequest,
+    DenyReason,
+    DialBegin,
+    Direction,
+    HangupLeg,
+    LegAnswered,
+    LegBridged,
+    LegCreated,
+    LegEvent,
+    LegHungUp,
+)
+from agent.core.rating import RateRow
+from agent.core.registry import CallRegistry
+from agent.core.session import (
+    Alert,
+    Command,
+    Effect,
+    Finished,
+    NibbleStep,
+    RatedCall,
+    RatingInfo,
+    RatingRefused,
+    ReleaseStep,
+    SessionSettings,
+    SettleStep,
+)
+from agent.services.authorize import StoreAuthorization, decide
+from agent.sim.memory_store import MemoryStore
+
+START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    seed: int = 1
+    calls: int = 1_000
+    accounts: int = 40
+    nibble_seconds: int = 6
+    warning_seconds: int = 0
+    verify_ms: int = 3_000
+    mean_interarrival_ms: int = 150
+    mean_talk_s: int = 90
+    p_busy: float = 0.08
+    p_no_answer: float = 0.08
+    p_fork: float = 0.1
+    p_transfer: float = 0.05
+    p_early_answer: float = 0.1
+    p_topup: float = 0.05
+    p_ignore_hangup: float = 0.01
+    max_hangup_latency_ms: int = 400
+
+
+@dataclass
+class SimReport:
+    config: dict[str, Any]
+    calls_offered: int = 0
+    calls_authorized: int = 0
+    calls_denied: int = 0
+    denials: dict[str, int] = field(default_factory=dict)
+    dispositions: dict[str, int] = field(default_factory=dict)
+    nibbles: int = 0
+    cutoffs: int = 0
+    escalations: int = 0
+    unconfirmed_cutoffs: int = 0
+    worst_cut_lateness_ms: int = 0
+    overspend_micros: int = 0
+    charged_micros: int = 0
+    wall_seconds: float = 0.0
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+class _Rater:
+    def __init__(self, rows: dict[str, RateRow]) -> None:
+        self.rows = rows
+
+    def rate(self, account_id: str, destination: str, at_ms: int) -> RatedCall:
+        for length in range(len(destination), 0, -1):
+            row = self.rows.get(destination[:length])
+            if row is not None:
+                if row.blocked:
+                    raise RatingRefused(DenyReason.BLOCKED, f"destination {row.prefix} is blocked")
+                return RatedCall(row, RatingInfo("sim", row.rate_id, row.prefix, row.rate_micros))
+        raise RatingRefused(DenyReason.NO_RATE, f"no rate for {destination}")
+
+
+def _rate_rows(rng: random.Random) -> dict[str, RateRow]:
+    rows = {}
+    shapes = [(1, 1), (60, 60), (30, 6), (60, 1), (6, 6)]
+    for i in range(30):
+        prefix = str(rng.randint(20, 99)) + str(i)
+        initial, increment = rng.choice(shapes)
+        rows[prefix] = RateRow(
+            prefix=prefix, destination=f"dest {i}", rate_micros=rng.choice([9_000, 25_000, 120_000, 600_000]),
+            connect_fee_micros=rng.choice([0, 0, 10_000, 50_000]), initial_increment=initial, increment=increment,
+            minimum_seconds=rng.choice([0, 0, 30]), grace_seconds=rng.choice([0, 0, 3]), rate_id=i + 1,
+        )
+    rows["900"] = RateRow(prefix="900", destination="premium", rate_micros=3_000_000, blocked=True, rate_id=99)
+    return rows
+
+
+class Simulation:
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.now_ms = START_MS
+        self.registry = CallRegistry()
+        self.store = MemoryStore()
+        self.rows = _rate_rows(self.rng)
+        self.rater = _Rater(self.rows)
+        self.settings = SessionSettings(nibble_ms=config.nibble_seconds * 1000,
+                                        warning_ms=config.warning_seconds * 1000, verify_ms=config.verify_ms)
+        self.pbx: list[tuple[int, int, Callable[[], None]]] = []
+        self.seq = 0
+        self.records: dict[str, CallRecord] = {}
+        self.duplicate_records = 0
+        self.report = SimReport(config=asdict(config))
+        self.opening: dict[str, int] = {}
+        self.live_legs: dict[str, str] = {}  # leg id -> call id, legs the PBX has up
+        self.stubborn: set[str] = set()  # calls whose first hangup command the PBX ignores
+        self.pbx_limit_end: dict[str, int] = {}
+        self.call_budget_at_cut: dict[str, int] = {}
+        for i in range(config.accounts):
+            balance = self.rng.choice([0, 200_000, 2_000_000, 20_000_000, 200_000_000])
+            credit = self.rng.choice([0, 0, 0, 1_000_000])
+            max_calls = self.rng.choice([None, None, None, 3, 10])
+            account_id = f"acct{i}"
+            self.store.add_account(account_id, balance, credit, max_calls)
+            self.opening[account_id] = balance
+
+    # ---------------------------------------------------------------- PBX script
+
+    def at(self, at_ms: int, action: Callable[[], None]) -> None:
+        self.seq += 1
+        heapq.heappush(self.pbx, (at_ms, self.seq, action))
+
+    def emit(self, event: LegEvent) -> None:
+        self.execute(self.registry.feed(event))
+
+    def _hangup(self, leg_id: str, cause: str = "NORMAL_CLEARING") -> None:
+        if self.live_legs.pop(leg_id, None) is not None:
+            self.emit(LegHungUp(leg_id, self.now_ms, cause=cause))
+
+    def offer_call(self, index: int) -> None:
+        rng = self.rng
+        cfg = self.config
+        self.report.calls_offered += 1
+        a_leg = f"A{index}"
+        account = f"acct{rng.randrange(cfg.accounts)}"
+        prefix = rng.choice(list(self.rows))
+        destination = prefix + "".join(rng.choice("0123456789") for _ in range(7))
+        self.live_legs[a_leg] = ""
+        self.emit(LegCreated(a_leg, self.now_ms, Direction.INBOUND, group_id=a_leg, caller="100"))
+        if rng.random() < cfg.p_early_answer:
+            self.emit(LegAnswered(a_leg, self.now_ms + 5))  # an IVR answers the caller first
+        request = AuthorizeRequest("sim", a_leg, account, destination, self.now_ms, caller="100", group_id=a_leg)
+        call_id = f"sim-{a_leg}"
+
+        def store_authorize(account_id: str, want: int, minimum: int) -> StoreAuthorization:
+            return self.store.authorize(account_id, call_id, want, minimum, self.now_ms)
+
+        outcome = decide(request, call_id=call_id, node="sim", rater=self.rater, store_authorize=store_authorize,
+                         settings=self.settings, max_call_seconds=14_400, now_ms=self.now_ms)
+        if outcome.release_reservation:
+            self.store.release(call_id, 1, self.now_ms)
+        if outcome.session is None:
+            self.report.calls_denied += 1
+            reason = str(outcome.decision.reason)
+            self.report.denials[reason] = self.report.denials.get(reason, 0) + 1
+            self.at(self.now_ms + 50, lambda: self._hangup(a_leg, "CALL_REJECTED"))
+            return
+        self.report.calls_authorized += 1
+        self.execute(self.registry.add(outcome.session))
+        self.live_legs[a_leg] = call_id
+        if rng.random() < cfg.p_ignore_hangup:
+            self.stubborn.add(call_id)
+        self._script_call(a_leg, call_id, outcome.decision.limit_ms)
+
+    def _script_call(self, a_leg: str, call_id: str, limit_ms: int) -> None:
+        rng = self.rng
+        cfg = self.config
+        t = self.now_ms + 20
+        b_leg = f"{a_leg}-B1"
+        self.at(t, lambda: self._create_b(a_leg, b_leg, call_id))
+        roll = rng.random()
+        if roll < cfg.p_busy:
+            self.at(t + 400, lambda: self._hangup(b_leg, "USER_BUSY"))
+            self.at(t + 450, lambda: self._hangup(a_leg, "USER_BUSY"))
+            return
+        if roll < cfg.p_busy + cfg.p_no_answer:
+            ring = rng.randint(5_000, 30_000)
+            self.at(t + ring, lambda: self._hangup(b_leg, "NO_ANSWER"))
+            self.at(t + ring + 10, lambda: self._hangup(a_leg, "NO_ANSWER"))
+            return
+        answered_leg = b_leg
+        ring = rng.randint(500, 15_000)
+        if rng.random() < cfg.p_fork:  # two phones ring, the second one answers
+            b2 = f"{a_leg}-B2"
+            answered_leg = b2
+            self.at(t + 5, lambda: self._create_b(a_leg, b2, call_id))
+            self.at(t + ring, lambda: self._hangup(b_leg, "ORIGINATOR_CANCEL"))
+        answer_at = t + ring
+        talk_ms = max(1, int(rng.expovariate(1 / (cfg.mean_talk_s * 1000))))
+        end_at = answer_at + talk_ms
+        limit_end = answer_at + limit_ms  # Dial(...,L()) ends the call there, whatever the agent does
+        self.pbx_limit_end[call_id] = limit_end
+        self.at(answer_at, lambda: self._answer(a_leg, answered_leg))
+        final_leg = answered_leg
+        if rng.random() < cfg.p_transfer and talk_ms > 4_000:
+            c_leg = f"{a_leg}-C"
+            final_leg = c_leg
+            transfer_at = answer_at + talk_ms // 2
+            self.at(transfer_at, lambda: self._create_b(a_leg, c_leg, call_id))
+            self.at(transfer_at + 800, lambda: self._answer(a_leg, c_leg))
+            self.at(transfer_at + 900, lambda: self._hangup(answered_leg))
+        end = min(end_at, limit_end)
+        first, second = (a_leg, final_leg) if rng.random() < 0.5 else (final_leg, a_leg)
+        self.at(end, lambda: self._hangup(first))
+        self.at(end + rng.randint(1, 30), lambda: self._hangup(second))
+        if rng.random() < cfg.p_topup:
+            account = self.registry.sessions[call_id].account_id
+            amount = rng.choice([100_000, 1_000_000])
+            self.at(answer_at + rng.randint(0, talk_ms), lambda: self.store.topup(account, amount))
+
+    def _create_b(self, a_leg: str, b_leg: str, call_id: str) -> None:
+        if a_leg not in self.live_legs:
+            return
+        self.live_legs[b_leg] = call_id
+        self.emit(LegCreated(b_leg, self.now_ms, Direction.OUTBOUND, group_id=a_leg, parent_leg_id=a_leg))
+        self.emit(DialBegin(a_leg, b_leg, self.now_ms))
+
+    def _answer(self, a_leg: str, b_leg: str) -> None:
+        if a_leg not in self.live_legs or b_leg not in self.live_legs:
+            return
+        self.emit(LegAnswered(b_leg, self.now_ms))
+        self.emit(LegBridged(a_leg, b_leg, self.now_ms))
+
+    # ---------------------------------------------------------------- the agent's side
+
+    def execute(self, effects: list[Effect]) -> None:
+        queue = list(effects)
+        while queue:
+            effect = queue.pop(0)
+            if isinstance(effect, NibbleStep):
+                (result,) = self.store.nibbles([effect], self.now_ms)
+                if effect.debit_micros:
+                    self.report.nibbles += 1
+                session = self.registry.sessions.get(effect.call_id)
+                if session is not None:
+                    more = session.on_nibble_result(effect.seq, result.granted_micros, result.debited_micros,
+                                                    self.now_ms, store_ok=result.ok)
+                    queue += self.registry.schedule(more)
+            elif isinstance(effect, SettleStep):
+                self.store.settle(effect.call_id, effect.seq, effect.cost_micros, self.now_ms)
+                queue += self._settled(effect.call_id, effect.cost_micros)
+            elif isinstance(effect, ReleaseStep):
+                self.store.release(effect.call_id, effect.seq, self.now_ms)
+                queue += self._settled(effect.call_id, 0)
+            elif isinstance(effect, Command):
+                self._switch(effect)
+            elif isinstance(effect, Alert):
+                if effect.kind == "hangup_not_confirmed":
+                    self.report.unconfirmed_cutoffs += 1
+                elif effect.kind == "hangup_escalated":
+                    self.report.escalations += 1
+            elif isinstance(effect, Finished):
+                self._record(effect.record)
+
+    def _settled(self, call_id: str, cost: int) -> list[Effect]:
+        session = self.registry.sessions.get(call_id)
+        return session.on_settled(self.now_ms, cost) if session is not None else []
+
+    def _switch(self, effect: Command) -> None:
+        command = effect.command
+        if not isinstance(command, HangupLeg):
+            return
+        if not command.escalate and effect.call_id not in self.call_budget_at_cut:
+            self.report.cutoffs += 1
+            session = self.registry.sessions.get(effect.call_id)
+            if session is not None and session.cut_at_ms is not None:
+                self.call_budget_at_cut[effect.call_id] = session.cut_at_ms
+        if effect.call_id in self.stubborn and not command.escalate:
+            return  # this PBX ignores the first hangup; the escalation works
+        latency = self.rng.randint(1, self.config.max_hangup_latency_ms)
+        leg_id = command.leg_id
+        self.at(self.now_ms + latency, lambda: self._hangup(leg_id, "NORMAL_CLEARING"))
+
+    def _record(self, record: CallRecord) -> None:
+        if record.call_id in self.records:
+            self.duplicate_records += 1
+        self.records[record.call_id] = record
+        self.registry.remove(record.call_id)
+
+    # ---------------------------------------------------------------- run and check
+
+    def run(self) -> SimReport:
+        started = time.perf_counter()
+        t = self.now_ms
+        for index in range(self.config.calls):
+            t += max(1, int(self.rng.expovariate(1 / self.config.mean_interarrival_ms)))
+            self.at(t, lambda index=index: self.offer_call(index))  # type: ignore[misc]
+            if self.rng.random() < self.config.p_topup:  # an operator tops an account up
+                account = f"acct{self.rng.randrange(self.config.accounts)}"
+                amount = self.rng.choice([1_000_000, 10_000_000])
+                self.at(t, lambda account=account, amount=amount: self.store.topup(account, amount))  # type: ignore[misc]
+        while self.pbx or self.registry.timers:
+            next_pbx = self.pbx[0][0] if self.pbx else None
+            next_timer = self.registry.next_timer_ms()
+            if next_timer is not None and (next_pbx is None or next_timer <= next_pbx):
+                self.now_ms = max(self.now_ms, next_timer)
+                self.execute(self.registry.fire_due(self.now_ms))
+            else:
+                at_ms, _, action = heapq.heappop(self.pbx)
+                self.now_ms = max(self.now_ms, at_ms)
+                action()
+        self.report.wall_seconds = round(time.perf_counter() - started, 3)
+        self._check()
+        return self.report
+
+    def _check(self) -> None:
+        report = self.report
+        v = report.violations
+        report.overspend_micros = self.store.overspend_micros
+        for call_id, overspend in self.store.overspend_by_call.items():
+            if call_id not in self.stubborn:
+                v.append(f"{call_id}: overspend of {overspend} micro-units although the PBX obeyed the cut")
+        for account_id, account in self.store.accounts.items():
+            expected = self.opening[account_id] + account.credited_micros - account.charged_micros
+            if account.balance_micros != expected:
+                v.append(f"{account_id}: balance {account.balance_micros} != opening + top-ups - charges {expected}")
+            if account.reserved_micros != 0 or account.calls:
+                v.append(f"{account_id}: {account.reserved_micros} micro-units still reserved by {account.calls}")
+        if self.store.open_reservations():
+            v.append(f"{self.store.open_reservations()} reservations left open")
+        if self.duplicate_records:
+            v.append(f"{self.duplicate_records} calls produced more than one CDR")
+        if len(self.records) != report.calls_authorized:
+            v.append(f"{len(self.records)} CDRs for {report.calls_authorized} authorized calls")
+        cdr_total = sum(r.rating.cost_micros for r in self.records.values())
+        charged = sum(self.store.settled.values())
+        report.charged_micros = charged
+        if cdr_total != charged:
+            v.append(f"CDR costs {cdr_total} != charges {charged}")
+        for call_id, record in self.records.items():
+            if self.store.settled.get(call_id) != record.rating.cost_micros:
+                v.append(f"{call_id}: CDR cost {record.rating.cost_micros} != charge {self.store.settled.get(call_id)}")
+                break
+        for call_id, cut_at in self.call_budget_at_cut.items():
+            record = self.records.get(call_id)
+            if record is None or record.ended_ms is None or call_id in self.stubborn:
+                continue
+            lateness = record.ended_ms - cut_at
+            report.worst_cut_lateness_ms = max(report.worst_cut_lateness_ms, lateness)
+            if lateness > 1_000:
+                v.append(f"{call_id}: cut {lateness} ms after the money ran out")
+        report.dispositions = dict(Counter(r.disposition.value for r in self.records.values()))
+        if report.calls_authorized and not report.dispositions.get(Disposition.CUT.value):
+            v.append("no call was cut: the scenario does not exercise exhaustion")
+
+
+def run(config: SimConfig) -> SimReport:
+    return Simulation(config).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Deterministic billing simulation")
+    parser.add_argument("--calls", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--nibble-seconds", type=int, default=6)
+    parser.add_argument("--accounts", type=int, default=40)
+    args = parser.parse_args(argv)
+    report = run(SimConfig(seed=args.seed, calls=args.calls, nibble_seconds=args.nibble_seconds,
+                           accounts=args.accounts))
+    out = asdict(report)
+    out["ok"] = report.ok
+    json.dump(out, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
