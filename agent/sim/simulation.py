@@ -381,10 +381,10 @@ class Simulation:
                 v.append(f"{call_id}: CDR cost {record.rating.cost_micros} != charge {self.store.settled.get(call_id)}")
                 break
         for call_id, cut_at in self.call_budget_at_cut.items():
-            record = self.records.get(call_id)
-            if record is None or record.ended_ms is None or call_id in self.stubborn:
+            cut_record = self.records.get(call_id)
+            if cut_record is None or cut_record.ended_ms is None or call_id in self.stubborn:
                 continue
-            lateness = record.ended_ms - cut_at
+            lateness = cut_record.ended_ms - cut_at
             report.worst_cut_lateness_ms = max(report.worst_cut_lateness_ms, lateness)
             if lateness > 1_000:
                 v.append(f"{call_id}: cut {lateness} ms after the money ran out")
