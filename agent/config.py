@@ -58,6 +58,15 @@ class BillingConfig:
     default_currency: str = "EUR"
     hangup_verify_seconds: float = 3.0
     store_timeout_ms: int = 250
+    max_call_seconds: int = 14_400
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    drain_seconds: float = 20.0
+    sweep_seconds: float = 5.0
+    rates_poll_seconds: float = 5.0
+    startup_retry_max_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,7 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
     billing: BillingConfig = field(default_factory=BillingConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
     asterisk: AsteriskConfig = field(default_factory=AsteriskConfig)
     freeswitch: FreeswitchConfig = field(default_factory=FreeswitchConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -184,7 +194,9 @@ _POSITIVE = {
     ("billing", "nibble_seconds"), ("billing", "reservation_ttl_seconds"),
     ("billing", "hangup_verify_seconds"), ("billing", "store_timeout_ms"),
     ("asterisk", "ami_ping_seconds"), ("freeswitch", "command_timeout_seconds"),
-    ("cdr", "batch_size"), ("cdr", "flush_interval_ms"), ("cdr", "spool_max_mb"),
+    ("billing", "max_call_seconds"), ("daemon", "sweep_seconds"), ("daemon", "rates_poll_seconds"),
+    ("daemon", "startup_retry_max_seconds"), ("cdr", "batch_size"), ("cdr", "flush_interval_ms"),
+    ("cdr", "spool_max_mb"),
 }
 _PORTS = {("asterisk", "agi_port"), ("asterisk", "ami_port"), ("freeswitch", "port"), ("metrics", "port")}
 
@@ -194,7 +206,7 @@ def _check_value(section: str, key: str, value: Any) -> None:
         raise ValueError(f"must be greater than 0, not {value!r}")
     if (section, key) in _PORTS and not 0 <= value <= 65535:
         raise ValueError(f"must be a TCP port (0-65535), not {value!r}")
-    if (section, key) == ("billing", "warning_seconds") and value < 0:
+    if (section, key) in (("billing", "warning_seconds"), ("daemon", "drain_seconds")) and value < 0:
         raise ValueError(f"must not be negative, not {value!r}")
     if (section, key) == ("billing", "offline_credit"):
         from agent.core.money import MoneyError, parse_amount
