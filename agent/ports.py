@@ -19,6 +19,7 @@ from agent.core.balance import (
     ReleaseOutcome,
     SettleOutcome,
 )
+from agent.core.cdr import CallRecord
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, LegEvent
 from agent.core.session import RatedCall
 
@@ -129,4 +130,32 @@ class BalanceStore(Protocol):
         ...
 
     def close(self) -> None:
+        ...
+
+
+class CdrSink(Protocol):
+    """Where the engine hands every settled call (``agent/services/cdr_pipeline.py``).
+
+    ``submit`` never waits on the database: it appends the record to the node's local spool and
+    returns. A record whose ``submit`` returned is on disk in the kernel (it survives ``kill -9``
+    of the agent) and is fsync'd within the sink's group-commit interval (it then survives a power
+    loss); it reaches SQL later, in batches, exactly once. ``submit`` raises when the record
+    could not be spooled (disk full, spool over ``cdr.spool_max_mb``): the sink keeps it in
+    memory and still tries to write it to SQL, and the caller should raise an alarm.
+    """
+
+    def submit(self, record: CallRecord) -> None:
+        """Append one settled call to the spool (microseconds, no database round trip)."""
+        ...
+
+    def start(self) -> None:
+        """Start the writer: replay what an earlier run left in the spool, then follow it."""
+        ...
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every record submitted so far is in SQL; False when the time ran out."""
+        ...
+
+    def stop(self, timeout_s: float) -> None:
+        """Flush for at most ``timeout_s``, fsync and stop; what is left stays in the spool."""
         ...
