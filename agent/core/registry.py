@@ -75,7 +75,8 @@ class CallRegistry:
             del self.group_index[session.group_id]
 
     def live_count(self) -> int:
-        return sum(1 for s in self.sessions.values() if s.phase is not Phase.DONE)
+        """Calls not yet recorded (a finished call is removed as soon as its record is out)."""
+        return len(self.sessions)
 
     # ---------------------------------------------------------------- events
 
@@ -162,11 +163,14 @@ class CallRegistry:
     def next_timer_ms(self) -> int | None:
         return self.timers[0][0] if self.timers else None
 
-    def fire_due(self, now_ms: int) -> list[Effect]:
-        """Run every timer due at ``now_ms``; returns the effects they produced."""
+    def fire_due(self, now_ms: int, lateness_ms: list[int] | None = None) -> list[Effect]:
+        """Run every timer due at ``now_ms``; returns the effects they produced. When a list is
+        given, each fired timer's lateness (``now_ms`` minus its instant) is appended to it."""
         effects: list[Effect] = []
         while self.timers and self.timers[0][0] <= now_ms:
-            _, _, call_id, kind, token = heapq.heappop(self.timers)
+            at_ms, _, call_id, kind, token = heapq.heappop(self.timers)
+            if lateness_ms is not None:
+                lateness_ms.append(now_ms - at_ms)
             session = self.sessions.get(call_id)
             if session is None:
                 continue
