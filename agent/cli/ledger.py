@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import click
-from sqlalchemy import select
+from datetime import timedelta
+from typing import Any
 
-from agent.adapters.sql.accounts import ledger_sums
-from agent.adapters.sql.models import Account
+import click
+
+from agent.adapters.sql.models import utcnow
+from agent.adapters.sql.reconcile import Problem, check_ledger
 from agent.cli.common import app, fail, handle_errors, print_json
 from agent.core.money import format_amount
 
@@ -16,30 +18,50 @@ def ledger() -> None:
     """The append-only ledger."""
 
 
+def _problem_json(p: Problem) -> dict[str, Any]:
+    out: dict[str, Any] = {"problem": p.problem, "account": p.account}
+    if p.call is not None:
+        out["call"] = p.call
+    for key, value in p.detail.items():
+        if key.endswith("_micros"):
+            out[key.removesuffix("_micros")] = format_amount(int(value))
+        else:
+            out[key] = value
+    return out
+
+
+def _problem_line(p: Problem) -> str:
+    details = ", ".join(f"{k} {v}" for k, v in _problem_json(p).items() if k not in ("problem", "account", "call"))
+    who = f"{p.account}" + (f" call {p.call}" if p.call is not None else "")
+    return f"{who}: {p.problem}" + (f" ({details})" if details else "")
+
+
 @ledger.command()
+@click.option("--grace-seconds", type=click.IntRange(min=0), default=300, show_default=True,
+              help="A charge younger than this may still wait for its call record (CDR spool): "
+                   "counted as pending, not as a difference.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
+              help="List at most this many problems of each kind (all are counted).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @handle_errors
-def check(ctx: click.Context, as_json: bool) -> None:
-    """Check that every account's balance equals the sum of its ledger (exit 1 on any difference)."""
+def check(ctx: click.Context, grace_seconds: int, limit: int, as_json: bool) -> None:
+    """Prove that every balance equals the sum of its ledger, that reservations add up and that
+    every settled call has exactly one charge (exit 1 on any difference)."""
     with app(ctx).transaction() as session:
-        sums = ledger_sums(session)
-        balances = {a: b for a, b in session.execute(select(Account.id, Account.balance_micros))}
-    problems: list[dict[str, str | None]] = []
-    for account_id, balance in sorted(balances.items()):
-        total = sums.get(account_id, 0)
-        if total != balance:
-            problems.append({"account": account_id, "problem": "balance differs from ledger sum",
-                             "balance": format_amount(balance), "ledger_sum": format_amount(total)})
-    for account_id in sorted(set(sums) - set(balances)):
-        problems.append({"account": account_id, "problem": "ledger entries for an unknown account",
-                         "balance": None, "ledger_sum": format_amount(sums[account_id])})
+        report = check_ledger(session, now=utcnow(), grace=timedelta(seconds=grace_seconds), limit=limit)
     if as_json:
-        print_json({"accounts": len(balances), "ok": not problems, "problems": problems})
+        print_json({"accounts": report.accounts, "settled_calls": report.settled_calls,
+                    "charges": report.charges, "pending_charges": report.pending_charges, "ok": report.ok,
+                    "problem_count": report.problem_count,
+                    "problems": [_problem_json(p) for p in report.problems]})
     else:
-        for p in problems:
-            click.echo(f"{p['account']}: {p['problem']} (balance {p['balance']}, ledger {p['ledger_sum']})")
-        if not problems:
-            click.echo(f"ledger ok: {len(balances)} accounts, every balance equals the sum of its ledger")
-    if problems:
-        fail(f"{len(problems)} difference(s) found", code=1)
+        for p in report.problems:
+            click.echo(_problem_line(p))
+        if report.ok:
+            click.echo(f"ledger ok: {report.accounts} accounts, every balance equals the sum of its ledger; "
+                       f"{report.settled_calls} settled calls, {report.charges} charges, each call charged once"
+                       + (f" ({report.pending_charges} charges wait for their call record)"
+                          if report.pending_charges else ""))
+    if not report.ok:
+        fail(f"{report.problem_count} difference(s) found", code=1)

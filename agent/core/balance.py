@@ -183,6 +183,7 @@ class AccountState:
     live_calls: int
     plan: str = ""
     currency: str = ""
+    overrun_micros: int = 0  # total charged beyond what calls held (0 unless a step overran)
 
     @property
     def available_micros(self) -> int:

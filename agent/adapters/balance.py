@@ -1,0 +1,20 @@
+"""Build the configured balance store: Redis when ``redis.url`` is set, else the SQL database."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine
+
+from agent.adapters.sql.balance_store import SqlBalanceStore
+from agent.adapters.sql.engine import session_factory
+from agent.config import Config
+from agent.ports import BalanceStore
+
+
+def make_balance_store(config: Config, engine: Engine) -> BalanceStore:
+    sessions = session_factory(engine)
+    if config.redis.url:
+        from agent.adapters.redis.store import RedisBalanceStore, make_client
+
+        client = make_client(config.redis.url, config.redis.timeout_ms)
+        return RedisBalanceStore(client, sessions, key_prefix=config.redis.key_prefix)
+    return SqlBalanceStore(sessions)

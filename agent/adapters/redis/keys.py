@@ -1,0 +1,57 @@
+"""Redis key layout of the balance store.
+
+Every key of one account carries the hash tag ``{ID}``, so that they all live in one Redis
+Cluster slot and one Lua script can check and change them atomically::
+
+    {prefix}acct:{ID}:bal          hash: balance, credit, reserved, status, max_calls, plan,
+                                   currency, overrun (total), loaded (ms)
+    {prefix}acct:{ID}:live         zset: call id -> expires ms (open reservations, every node)
+    {prefix}acct:{ID}:unposted     set: closed calls whose ledger entries are not yet in SQL
+    {prefix}acct:{ID}:call:{CALL}  hash: one call's reservation and idempotency record
+
+Two keys outside any account are only hints, never read by a script (so no script needs keys
+of two slots): ``{prefix}calls:index`` (zset "ID\\x1fCALL" -> when the sweeper should look at
+the call; an entry is added before a call can exist and removed only once it is closed and in
+the ledger) and ``{prefix}call:{CALL}`` (the call's account, for steps that name only the call).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SEPARATOR = "\x1f"  # not printable: cannot occur in an account id
+
+
+@dataclass(frozen=True, slots=True)
+class AccountKeys:
+    account: str
+    live: str
+    unposted: str
+    call_prefix: str
+
+    def call(self, call_id: str) -> str:
+        return self.call_prefix + call_id
+
+
+class KeySpace:
+    def __init__(self, prefix: str = "") -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"redis.key_prefix {prefix!r} must not contain braces (they select the hash slot)")
+        self.prefix = prefix
+        self.index = f"{prefix}calls:index"
+
+    def of(self, account_id: str) -> AccountKeys:
+        base = f"{self.prefix}acct:{{{account_id}}}:"
+        return AccountKeys(base + "bal", base + "live", base + "unposted", base + "call:")
+
+    def call_account(self, call_id: str) -> str:
+        return f"{self.prefix}call:{call_id}"
+
+    @staticmethod
+    def member(account_id: str, call_id: str) -> str:
+        return f"{account_id}{SEPARATOR}{call_id}"
+
+    @staticmethod
+    def split(member: str) -> tuple[str, str]:
+        account_id, _, call_id = member.partition(SEPARATOR)
+        return account_id, call_id

@@ -1,0 +1,57 @@
+"""The Lua scripts of the balance store: loaded once per server (SCRIPT LOAD), run by SHA.
+
+A server that lost its script cache (restart, failover, SCRIPT FLUSH) answers NOSCRIPT; the
+store then loads every script again and retries the call once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from typing import Any
+
+import redis
+from redis.exceptions import NoScriptError
+
+NAMES = ("authorize", "nibble", "settle", "close", "mark_posted", "rebuild")
+
+
+def _source(name: str) -> str:
+    package = resources.files("agent.adapters.redis")
+    prelude = (package / "prelude.lua").read_text(encoding="utf-8")
+    return prelude + "\n" + (package / f"{name}.lua").read_text(encoding="utf-8")
+
+
+class Scripts:
+    def __init__(self) -> None:
+        self.source = {name: _source(name) for name in NAMES}
+        self.sha = {name: hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+                    for name, text in self.source.items()}
+        self._loaded = False
+
+    def load(self, client: redis.Redis) -> None:
+        """SCRIPT LOAD every script (idempotent: the SHA is the content's)."""
+        pipe = client.pipeline(transaction=False)
+        for text in self.source.values():
+            pipe.script_load(text)
+        for name, sha in zip(self.source, pipe.execute(), strict=True):
+            if sha != self.sha[name]:
+                raise RuntimeError(f"Redis returned SHA {sha} for script {name}, expected {self.sha[name]}")
+        self._loaded = True
+
+    def ensure_loaded(self, client: redis.Redis) -> None:
+        if not self._loaded:
+            self.load(client)
+
+    def call(self, client: Any, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Queue one EVALSHA on a pipeline (the caller handles NOSCRIPT)."""
+        return client.evalsha(self.sha[name], len(keys), *keys, *args)
+
+    def run(self, client: redis.Redis, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run one script now; load the scripts and retry once if the server lost them."""
+        self.ensure_loaded(client)
+        try:
+            return client.evalsha(self.sha[name], len(keys), *keys, *args)
+        except NoScriptError:
+            self.load(client)
+            return client.evalsha(self.sha[name], len(keys), *keys, *args)

@@ -1,0 +1,387 @@
+"""The multi-node balance store: hot balances and reservations in Redis, the ledger in SQL.
+
+Every check-and-change is one Lua script on the keys of one account (one hash tag, one
+cluster slot; see keys.py), loaded once and run by SHA. Scripts return plain replies; this
+module turns them into the port's outcomes (agent/core/balance.py), loads accounts missing
+from Redis from the SQL ledger, and writes each closed call's ledger entries (ledger.py).
+
+Redis calls fail fast: the client has a socket timeout and no retries of its own
+(``make_client``), and connection errors become ``StoreUnavailable`` for the failure policy.
+Redis must run with ``maxmemory-policy noeviction``: an evicted key would be money forgotten.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
+from redis.retry import Retry
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from agent.adapters.redis.keys import KeySpace
+from agent.adapters.redis.ledger import CallRecord, post_call, rebuild_account, record_from, text
+from agent.adapters.redis.scripts import Scripts
+from agent.core.balance import (
+    AccountState,
+    AuthorizeOutcome,
+    DenyReason,
+    ExpireReport,
+    LiveCall,
+    NibbleOutcome,
+    NibbleRequest,
+    NibbleStatus,
+    ReleaseOutcome,
+    ReleaseStatus,
+    SettleOutcome,
+    SettleStatus,
+    StoreUnavailable,
+    UnknownCall,
+    check_call_id,
+    check_micros,
+)
+from agent.core.errors import Conflict, InvalidInput, NotFound
+
+log = logging.getLogger(__name__)
+
+CLOSED_RETENTION_MS = 24 * 3600 * 1000  # a closed call's record answers replays for a day
+CALL_ACCOUNT_TTL_S = 7 * 24 * 3600  # call -> account hint (longest call we resume after a restart)
+LOCAL_CALL_CACHE_MAX = 200_000
+RETRY_PENDING_MS = 5_000  # a call whose ledger write failed is looked at again this soon
+
+
+def make_client(url: str, timeout_ms: int) -> redis.Redis:
+    """A client whose every call gives up after ``timeout_ms`` and never retries by itself
+    (redis-py's default retries with backoff would turn 250 ms into seconds)."""
+    seconds = timeout_ms / 1000
+    return redis.Redis.from_url(url, socket_timeout=seconds, socket_connect_timeout=seconds,
+                                retry=Retry(NoBackoff(), 0), decode_responses=True)
+
+
+@contextmanager
+def _unavailable(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise StoreUnavailable(f"Redis unavailable during {what}: {exc}") from exc
+    except OperationalError as exc:
+        raise StoreUnavailable(f"SQL database unavailable during {what}: {exc.orig}") from exc
+
+
+def _check_ttl(ttl_ms: int) -> None:
+    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0:
+        raise InvalidInput(f"reservation TTL {ttl_ms!r} ms must be a positive whole number")
+
+
+class RedisBalanceStore:
+    """Implements the ``BalanceStore`` port (agent/ports.py) for many nodes sharing one Redis."""
+
+    def __init__(self, client: redis.Redis, sessions: sessionmaker[Session], *, key_prefix: str = "",
+                 closed_retention_ms: int = CLOSED_RETENTION_MS) -> None:
+        self._client = client
+        self._sessions = sessions
+        self._keys = KeySpace(key_prefix)
+        self._scripts = Scripts()
+        self._retention_ms = closed_retention_ms
+        self._call_accounts: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _execute(self, build: Callable[[Any], object]) -> list[Any]:
+        """Run a pipeline (one round trip); load the scripts and rerun on NOSCRIPT. Every
+        command queued here is idempotent, so running the whole pipeline again is safe."""
+        self._scripts.ensure_loaded(self._client)
+        for attempt in (1, 2):
+            pipe = self._client.pipeline(transaction=False)
+            build(pipe)
+            results = pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
+                log.info("Redis lost its script cache; loading the scripts again")
+                self._scripts.load(self._client)
+                continue
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            return results
+        raise AssertionError("unreachable")
+
+    def _with_account(self, account_id: str, run: Callable[[], list[Any]]) -> list[Any]:
+        """Run a script; if the account is missing from Redis, load it from SQL and run again."""
+        reply = run()
+        if reply[0] != "noacct":
+            return reply
+        rebuild_account(self._client, self._scripts, self._keys, self._sessions, account_id, "if_absent")
+        return run()
+
+    def _remember(self, call_id: str, account_id: str) -> None:
+        if len(self._call_accounts) >= LOCAL_CALL_CACHE_MAX:
+            self._call_accounts.clear()
+        self._call_accounts[call_id] = account_id
+
+    def _accounts_of(self, call_ids: Sequence[str], hints: Sequence[str | None]) -> list[str | None]:
+        """The account of each call: this node's memory, else Redis, else the caller's hint."""
+        found: list[str | None] = [self._call_accounts.get(c) for c in call_ids]
+        missing = [i for i, a in enumerate(found) if a is None]
+        if missing:
+            stored = self._execute(lambda p: [p.get(self._keys.call_account(call_ids[i])) for i in missing])
+            for i, account_id in zip(missing, stored, strict=True):
+                found[i] = text(account_id) if account_id is not None else hints[i]
+        return found
+
+    def _forget(self, account_id: str, call_id: str) -> None:
+        """The call is closed and in the ledger: the sweeper need not look at it again. (Its
+        account hint stays: replays of its steps must still find the call's record.)"""
+        self._client.zrem(self._keys.index, self._keys.member(account_id, call_id))
+
+    def _post(self, account_id: str, call_id: str, record: CallRecord) -> bool:
+        posted = post_call(self._client, self._scripts, self._keys, self._sessions, account_id, call_id, record,
+                           self._retention_ms)
+        if posted:
+            self._forget(account_id, call_id)
+        return posted
+
+    # ------------------------------------------------------------------ authorize
+
+    def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
+                  now_ms: int, ttl_ms: int) -> AuthorizeOutcome:
+        check_call_id(call_id)
+        check_micros("want", want_micros)
+        check_micros("minimum", min_micros)
+        _check_ttl(ttl_ms)
+        if want_micros < min_micros:
+            raise InvalidInput(f"want {want_micros} is less than the minimum {min_micros}")
+        ak = self._keys.of(account_id)
+        keys = [ak.account, ak.live, ak.call(call_id)]
+        args = [account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms]
+        member = self._keys.member(account_id, call_id)
+
+        def run() -> list[Any]:
+            # The hints go first, in the same round trip: the sweeper's index must hold every
+            # call that can exist (an entry without a call is cleaned up, the reverse would leak).
+            return [text(v) for v in self._execute(lambda p: (
+                p.zadd(self._keys.index, {member: now_ms + ttl_ms}, nx=True),
+                p.set(self._keys.call_account(call_id), account_id, ex=CALL_ACCOUNT_TTL_S),
+                self._scripts.call(p, "authorize", keys, args)))[2]]
+
+        with _unavailable("authorize"):
+            try:
+                reply = self._with_account(account_id, run)
+            except NotFound:
+                reply = ["deny", "unknown_account", "0", "", ""]
+            return self._authorize_outcome(account_id, call_id, reply)
+
+    def _authorize_outcome(self, account_id: str, call_id: str, reply: list[str]) -> AuthorizeOutcome:
+        status = reply[0]
+        if status == "ok":
+            self._remember(call_id, account_id)
+            return AuthorizeOutcome(call_id, True, None, int(reply[1]), int(reply[2]), reply[3], reply[4])
+        if status == "replay":
+            if reply[5] != account_id:
+                raise Conflict(f"call {call_id!r} is already authorized on account {reply[5]!r}")
+            self._remember(call_id, account_id)
+            return AuthorizeOutcome(call_id, True, None, int(reply[1]), int(reply[2]), reply[3], reply[4],
+                                    replayed=True)
+        if status != "deny":
+            raise RuntimeError(f"authorize script answered {reply!r}")
+        member = self._keys.member(account_id, call_id)  # a denied call leaves no trace
+        self._execute(lambda p: (p.zrem(self._keys.index, member), p.delete(self._keys.call_account(call_id))))
+        return AuthorizeOutcome(call_id, False, DenyReason(reply[1]), 0, int(reply[2]), reply[3], reply[4])
+
+    # ------------------------------------------------------------------ nibbles
+
+    def debit_and_reserve(self, call_id: str, seq: int, debit_micros: int, reserve_micros: int,
+                          now_ms: int, ttl_ms: int, *, account_id: str | None = None) -> NibbleOutcome:
+        return self.debit_and_reserve_many(
+            [NibbleRequest(call_id, seq, debit_micros, reserve_micros, now_ms, ttl_ms, account_id)])[0]
+
+    def debit_and_reserve_many(self, requests: Sequence[NibbleRequest]) -> list[NibbleOutcome]:
+        """All nibbles in one pipeline (one round trip); an account missing from Redis is loaded
+        and its nibbles run again (they changed nothing the first time)."""
+        for r in requests:
+            check_call_id(r.call_id)
+            check_micros("debit", r.debit_micros)
+            check_micros("reserve", r.reserve_micros)
+            _check_ttl(r.ttl_ms)
+        with _unavailable("nibble"):
+            accounts = self._accounts_of([r.call_id for r in requests], [r.account_id for r in requests])
+            known = [(i, r, a) for i, (r, a) in enumerate(zip(requests, accounts, strict=True)) if a is not None]
+            replies = self._nibble_replies([(r, a) for _, r, a in known])
+            outcomes = [NibbleOutcome(r.call_id, r.seq, NibbleStatus.UNKNOWN_CALL, 0, 0) for r in requests]
+            for (i, request, account_id), first in zip(known, replies, strict=True):
+                reply = first
+                if reply[0] == "noacct":
+                    reply = self._with_account(account_id, partial(self._nibble_one, request, account_id))
+                if reply[0] == "noacct":  # the account is gone from SQL too
+                    continue
+                outcomes[i] = NibbleOutcome(request.call_id, request.seq, NibbleStatus(reply[0]), int(reply[1]),
+                                            int(reply[2]), int(reply[3]), int(reply[4]))
+            return outcomes
+
+    def _nibble_one(self, request: NibbleRequest, account_id: str) -> list[str]:
+        return self._nibble_replies([(request, account_id)])[0]
+
+    def _nibble_replies(self, items: Sequence[tuple[NibbleRequest, str]]) -> list[list[str]]:
+        def build(pipe: Any) -> None:
+            for r, account_id in items:
+                ak = self._keys.of(account_id)
+                self._scripts.call(pipe, "nibble", [ak.account, ak.live, ak.call(r.call_id)],
+                                   [r.call_id, r.seq, r.debit_micros, r.reserve_micros, r.now_ms, r.ttl_ms])
+
+        if not items:
+            return []
+        return [[text(v) for v in reply] for reply in self._execute(build)]
+
+    # ------------------------------------------------------------------ settle, release
+
+    def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, *,
+               account_id: str | None = None) -> SettleOutcome:
+        check_call_id(call_id)
+        check_micros("cost", cost_micros)
+        with _unavailable("settle"):
+            resolved = self._accounts_of([call_id], [account_id])[0]
+            if resolved is None:
+                raise UnknownCall(f"settle of unknown call {call_id!r}: no reservation and no account to charge")
+            ak = self._keys.of(resolved)
+            keys = [ak.account, ak.live, ak.call(call_id), ak.unposted]
+            member = self._keys.member(resolved, call_id)
+
+            def run() -> list[Any]:
+                return [text(v) for v in self._execute(lambda p: (
+                    p.zadd(self._keys.index, {member: now_ms}, nx=True),
+                    self._scripts.call(p, "settle", keys, [call_id, resolved, seq, cost_micros, now_ms])))[1]]
+
+            reply = self._with_account(resolved, run)
+            status = SettleStatus(reply[0])
+            record = record_from(reply, 2)
+            if status is SettleStatus.CONFLICT:
+                log.error("settle conflict call=%s stored_cost=%s new_cost=%d: nothing changed", call_id,
+                          record.fields.get("cost"), cost_micros)
+            elif status is SettleStatus.WITHOUT_RESERVATION:
+                log.warning("settle without reservation call=%s account=%s cost_micros=%d: charged in full",
+                            call_id, resolved, cost_micros)
+            posted = record.posted
+            if posted:
+                self._forget(resolved, call_id)
+            else:
+                posted = self._post(resolved, call_id, record)
+            if not posted:
+                self._client.zadd(self._keys.index, {member: now_ms + RETRY_PENDING_MS})
+            return SettleOutcome(call_id, resolved, status, record.number("cost"), record.number("debited"),
+                                 int(reply[1]), record.number("overrun"), ledger_posted=posted)
+
+    def release(self, call_id: str, seq: int, now_ms: int, *, account_id: str | None = None) -> ReleaseOutcome:
+        check_call_id(call_id)
+        with _unavailable("release"):
+            resolved = self._accounts_of([call_id], [account_id])[0]
+            if resolved is None:
+                return ReleaseOutcome(call_id, ReleaseStatus.UNKNOWN_CALL)
+            reply = self._with_account(resolved, lambda: self._close(resolved, call_id, "released", seq, now_ms))
+            if reply[0] == "unknown_call":
+                self._forget(resolved, call_id)
+                return ReleaseOutcome(call_id, ReleaseStatus.UNKNOWN_CALL)
+            record = record_from(reply, 2)
+            if not record.posted:
+                self._post(resolved, call_id, record)
+            elif record.state != "open":
+                self._forget(resolved, call_id)
+            return ReleaseOutcome(call_id, ReleaseStatus(reply[0]), int(reply[1]),
+                                  record.optional_int("closed_charge") or 0)
+
+    def _close(self, account_id: str, call_id: str, mode: str, seq: int, now_ms: int) -> list[str]:
+        ak = self._keys.of(account_id)
+        member = self._keys.member(account_id, call_id)
+        return [text(v) for v in self._execute(lambda p: (
+            p.zadd(self._keys.index, {member: now_ms}, nx=True),
+            self._scripts.call(p, "close", [ak.account, ak.live, ak.call(call_id), ak.unposted],
+                               [call_id, mode, seq, now_ms, self._retention_ms])))[1]]
+
+    # ------------------------------------------------------------------ the sweeper
+
+    def expire(self, now_ms: int, *, limit: int = 1000) -> ExpireReport:
+        """Release reservations past their TTL (their debits become the call's charge) and write
+        the ledger entries of closed calls that are not in SQL yet. Safe on many nodes at once."""
+        with _unavailable("expire"):
+            due = [text(m) for m in self._client.zrangebyscore(self._keys.index, "-inf", now_ms, start=0, num=limit)]
+            expired: list[str] = []
+            posted = pending = 0
+            for member in due:
+                account_id, call_id = self._keys.split(member)
+                try:
+                    reply = self._with_account(account_id,
+                                               partial(self._close, account_id, call_id, "expired", 0, now_ms))
+                except NotFound:  # an account deleted from SQL: nothing left to post
+                    reply = ["unknown_call"]
+                status = reply[0]
+                if status == "alive":
+                    self._client.zadd(self._keys.index, {member: int(reply[1])}, xx=True)
+                    continue
+                if status in ("unknown_call", "noacct"):
+                    self._forget(account_id, call_id)
+                    continue
+                record = record_from(reply, 2)
+                if status == "released":
+                    log.warning("reservation expired call=%s account=%s released_micros=%s charged_micros=%s",
+                                call_id, account_id, reply[1], record.fields.get("closed_charge"))
+                    expired.append(call_id)
+                if record.posted:
+                    self._forget(account_id, call_id)
+                elif self._post(account_id, call_id, record):
+                    posted += 1
+                else:
+                    pending += 1
+                    self._client.zadd(self._keys.index, {member: now_ms + RETRY_PENDING_MS})
+            return ExpireReport(tuple(expired), posted, pending)
+
+    # ------------------------------------------------------------------ views and maintenance
+
+    def live_calls(self) -> list[LiveCall]:
+        with _unavailable("live calls"):
+            members = [self._keys.split(text(m)) for m in self._client.zrange(self._keys.index, 0, -1)]
+            hashes = self._execute(lambda p: [p.hgetall(self._keys.of(a).call(c)) for a, c in members])
+        calls = []
+        for (account_id, call_id), raw in zip(members, hashes, strict=True):
+            fields = {text(k): text(v) for k, v in raw.items()}
+            if fields.get("state") != "open":
+                continue
+            r = CallRecord(fields)
+            calls.append(LiveCall(account_id, call_id, fields.get("node", ""), r.number("seq"), r.number("reserved"),
+                                  r.number("debited"), r.number("overrun"), r.number("created"), r.number("expires")))
+        return sorted(calls, key=lambda c: c.created_ms)
+
+    def account_state(self, account_id: str) -> AccountState:
+        ak = self._keys.of(account_id)
+        fields = ("balance", "credit", "reserved", "status", "max_calls", "plan", "currency", "overrun")
+        with _unavailable("account state"):
+            for _ in (1, 2):
+                values, live = self._execute(lambda p: (p.hmget(ak.account, fields), p.zcard(ak.live)))
+                if values[3] is not None:
+                    v = [text(x) if x is not None else "" for x in values]
+                    max_calls = int(v[4] or 0)
+                    return AccountState(account_id, v[3], int(v[0]), int(v[2]), int(v[1]),
+                                        max_calls or None, int(live), v[5], v[6], int(v[7] or 0))
+                rebuild_account(self._client, self._scripts, self._keys, self._sessions, account_id, "if_absent")
+        raise NotFound(f"account {account_id!r} could not be loaded into Redis")
+
+    def rebuild(self, account_id: str) -> AccountState:
+        """Recompute the account from the SQL ledger (after a Redis restart, failover or repair)."""
+        with _unavailable("rebuild"):
+            self._scripts.ensure_loaded(self._client)
+            rebuild_account(self._client, self._scripts, self._keys, self._sessions, account_id, "load")
+        return self.account_state(account_id)
+
+    def refresh(self, account_id: str) -> bool:
+        """Bring a cached account up to date with SQL (after a top-up, a status change); an
+        account not in Redis is left for the next call to load. True if it was cached."""
+        with _unavailable("refresh"):
+            self._scripts.ensure_loaded(self._client)
+            return rebuild_account(self._client, self._scripts, self._keys, self._sessions, account_id,
+                                   "if_present") == "loaded"
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,361 @@
+"""The embedded balance store: reservations in the SQL database itself (single node, no Redis).
+
+Same semantics as the Redis store (agent/core/balance.py; one contract suite runs on both),
+done with row locks: every step is one transaction that locks the account row first
+(``SELECT ... FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE`` write lock), then the call's
+reservation row, so two steps of one account are serialised and no lock order can deadlock.
+
+Choice made here: nibble debits are not ledger entries. They accumulate on the reservation
+(``debited_micros``) and stay counted in ``accounts.reserved_micros`` (which is the sum of
+``reserved_micros + debited_micros`` over the account's open reservations), so the balance
+keeps equal to the sum of the ledger at every instant, and the settle writes exactly one
+``charge:{call_id}`` entry for the whole call in the same transaction that closes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from agent.adapters.sql.accounts import post_entry
+from agent.adapters.sql.engine import transaction
+from agent.adapters.sql.models import Account, RatePlan, Reservation
+from agent.core.balance import (
+    AccountState,
+    AuthorizeOutcome,
+    DenyReason,
+    ExpireReport,
+    LiveCall,
+    NibbleOutcome,
+    NibbleRequest,
+    NibbleStatus,
+    ReleaseOutcome,
+    ReleaseStatus,
+    SettleOutcome,
+    SettleStatus,
+    StoreUnavailable,
+    UnknownCall,
+    authorize_decision,
+    check_call_id,
+    check_micros,
+    ledger_postings,
+    nibble_step,
+)
+from agent.core.errors import Conflict, InvalidInput, NotFound
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ATTEMPTS = 4  # deadlock victims and concurrent first inserts of one call id are retried
+RETRYABLE_SQLSTATES = {"40001", "40P01"}  # PostgreSQL serialization failure, deadlock
+RETRYABLE_MYSQL_CODES = {1213, 1205}  # deadlock, lock wait timeout
+
+
+def ms_to_datetime(ms: int) -> datetime:
+    return EPOCH + timedelta(milliseconds=ms)
+
+
+def datetime_to_ms(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(milliseconds=1)
+
+
+def _retryable(exc: DBAPIError) -> bool:
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in RETRYABLE_SQLSTATES:
+        return True
+    args: tuple[object, ...] = getattr(orig, "args", ())
+    return bool(args) and args[0] in RETRYABLE_MYSQL_CODES
+
+
+def _check_ttl(ttl_ms: int) -> None:
+    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0:
+        raise InvalidInput(f"reservation TTL {ttl_ms!r} ms must be a positive whole number")
+
+
+class SqlBalanceStore:
+    """Implements the ``BalanceStore`` port (agent/ports.py) on any supported SQL backend."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _run(self, work: Callable[[Session], T]) -> T:
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                with transaction(self._sessions) as session:
+                    return work(session)
+            except IntegrityError:
+                if attempt == ATTEMPTS:
+                    raise
+                log.info("concurrent insert of one reservation; retrying (attempt %d)", attempt)
+            except DBAPIError as exc:
+                if isinstance(exc, OperationalError) and _retryable(exc) and attempt < ATTEMPTS:
+                    log.info("transaction lost a lock race; retrying (attempt %d)", attempt)
+                    continue
+                if isinstance(exc, OperationalError) or exc.connection_invalidated:
+                    raise StoreUnavailable(f"balance store database unavailable: {exc.orig}") from exc
+                raise
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _lock_account(session: Session, account_id: str) -> Account | None:
+        return session.scalar(select(Account).where(Account.id == account_id).with_for_update())
+
+    @staticmethod
+    def _lock_call(session: Session, call_id: str) -> Reservation | None:
+        return session.scalar(select(Reservation).where(Reservation.call_id == call_id).with_for_update())
+
+    def _lock_call_and_account(self, session: Session, call_id: str) -> tuple[Reservation | None, Account | None]:
+        """Lock in the one order every step uses: the account row, then the reservation."""
+        account_id = session.scalar(select(Reservation.account_id).where(Reservation.call_id == call_id))
+        if account_id is None:
+            return None, None
+        account = self._lock_account(session, account_id)
+        return self._lock_call(session, call_id), account
+
+    @staticmethod
+    def _post(session: Session, reservation: Reservation) -> None:
+        for posting in ledger_postings(reservation.call_id, closed_charge_micros=reservation.closed_charge_micros,
+                                       cost_micros=reservation.cost_micros):
+            post_entry(session, reservation.account_id, kind=posting.kind, amount_micros=posting.amount_micros,
+                       reference=posting.reference, call_id=reservation.call_id, description=posting.description)
+
+    # ------------------------------------------------------------------ authorize
+
+    def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
+                  now_ms: int, ttl_ms: int) -> AuthorizeOutcome:
+        check_call_id(call_id)
+        check_micros("want", want_micros)
+        check_micros("minimum", min_micros)
+        _check_ttl(ttl_ms)
+        if want_micros < min_micros:
+            raise InvalidInput(f"want {want_micros} is less than the minimum {min_micros}")
+        return self._run(lambda s: self._authorize(s, account_id, call_id, node, want_micros, min_micros,
+                                                   now_ms, ttl_ms))
+
+    def _authorize(self, session: Session, account_id: str, call_id: str, node: str, want: int,
+                   minimum: int, now_ms: int, ttl_ms: int) -> AuthorizeOutcome:
+        account = self._lock_account(session, account_id)
+        if account is None:
+            return AuthorizeOutcome(call_id, False, DenyReason.UNKNOWN_ACCOUNT, 0, 0)
+        plan = session.get(RatePlan, account.rate_plan_id)
+        plan_name = plan.name if plan is not None else ""
+        existing = self._lock_call(session, call_id)
+        if existing is not None:
+            if existing.account_id != account_id:
+                raise Conflict(f"call {call_id!r} is already authorized on account {existing.account_id!r}")
+            return AuthorizeOutcome(call_id, True, None, existing.auth_granted_micros,
+                                    existing.auth_available_micros, plan_name, account.currency, replayed=True)
+        now = ms_to_datetime(now_ms)
+        live = session.scalar(
+            select(func.count()).select_from(Reservation).where(
+                Reservation.account_id == account_id, Reservation.state == "open", Reservation.expires_at > now)
+        ) or 0
+        available = account.balance_micros + account.credit_limit_micros - account.reserved_micros
+        reason, granted = authorize_decision(
+            status=account.status, live_calls=live, max_calls=account.max_concurrent_calls,
+            available_micros=available, want_micros=want, min_micros=minimum)
+        if reason is not None:
+            return AuthorizeOutcome(call_id, False, reason, 0, available, plan_name, account.currency)
+        session.add(Reservation(
+            call_id=call_id, account_id=account_id, node=node, state="open", seq=0, granted_micros=granted,
+            last_debit_micros=0, auth_granted_micros=granted, auth_available_micros=available,
+            reserved_micros=granted, debited_micros=0, overrun_micros=0, created_at=now,
+            expires_at=ms_to_datetime(now_ms + ttl_ms)))
+        account.reserved_micros += granted
+        session.flush()
+        return AuthorizeOutcome(call_id, True, None, granted, available, plan_name, account.currency)
+
+    # ------------------------------------------------------------------ nibbles
+
+    def debit_and_reserve(self, call_id: str, seq: int, debit_micros: int, reserve_micros: int,
+                          now_ms: int, ttl_ms: int, *, account_id: str | None = None) -> NibbleOutcome:
+        return self.debit_and_reserve_many(
+            [NibbleRequest(call_id, seq, debit_micros, reserve_micros, now_ms, ttl_ms, account_id)])[0]
+
+    def debit_and_reserve_many(self, requests: Sequence[NibbleRequest]) -> list[NibbleOutcome]:
+        for request in requests:
+            check_call_id(request.call_id)
+            check_micros("debit", request.debit_micros)
+            check_micros("reserve", request.reserve_micros)
+            _check_ttl(request.ttl_ms)
+        # One transaction per nibble: a batch never holds many accounts' locks at once.
+        return [self._run(lambda s, r=request: self._nibble(s, r)) for request in requests]  # type: ignore[misc]
+
+    def _nibble(self, session: Session, req: NibbleRequest) -> NibbleOutcome:
+        r, account = self._lock_call_and_account(session, req.call_id)
+        if r is None or account is None:
+            return NibbleOutcome(req.call_id, req.seq, NibbleStatus.UNKNOWN_CALL, 0, 0)
+        totals = {"total_debited_micros": r.debited_micros, "overrun_micros": r.overrun_micros}
+        if r.state != "open":
+            return NibbleOutcome(req.call_id, req.seq, NibbleStatus.CLOSED, 0, 0, **totals)
+        if req.seq == r.seq:
+            return NibbleOutcome(req.call_id, req.seq, NibbleStatus.REPLAYED, r.granted_micros,
+                                 r.last_debit_micros, **totals)
+        if req.seq < r.seq:
+            return NibbleOutcome(req.call_id, req.seq, NibbleStatus.STALE, 0, 0, **totals)
+        if datetime_to_ms(r.expires_at) <= req.now_ms:
+            return NibbleOutcome(req.call_id, req.seq, NibbleStatus.EXPIRED, 0, 0, **totals)
+        effect = nibble_step(
+            call_reserved_micros=r.reserved_micros, debit_micros=req.debit_micros,
+            reserve_micros=req.reserve_micros,
+            available_after_debit_micros=account.balance_micros + account.credit_limit_micros
+            - account.reserved_micros - (req.debit_micros - min(req.debit_micros, r.reserved_micros)))
+        remaining = r.reserved_micros - effect.taken_micros
+        # Held = reserved + debited: the debit moves inside it, an overrun and the top-up add to it.
+        account.reserved_micros += effect.overrun_micros + effect.granted_micros - remaining
+        if effect.overrun_micros:
+            log.warning("nibble overrun call=%s seq=%d overrun_micros=%d", req.call_id, req.seq,
+                        effect.overrun_micros)
+        r.seq = req.seq
+        r.reserved_micros = effect.granted_micros
+        r.granted_micros = effect.granted_micros
+        r.last_debit_micros = req.debit_micros
+        r.debited_micros += req.debit_micros
+        r.overrun_micros += effect.overrun_micros
+        r.expires_at = ms_to_datetime(req.now_ms + req.ttl_ms)
+        session.flush()
+        return NibbleOutcome(req.call_id, req.seq, NibbleStatus.GRANTED, effect.granted_micros, req.debit_micros,
+                             r.debited_micros, r.overrun_micros)
+
+    # ------------------------------------------------------------------ settle, release, expire
+
+    def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, *,
+               account_id: str | None = None) -> SettleOutcome:
+        check_call_id(call_id)
+        check_micros("cost", cost_micros)
+        return self._run(lambda s: self._settle(s, call_id, seq, cost_micros, now_ms, account_id))
+
+    def _settle(self, session: Session, call_id: str, seq: int, cost: int, now_ms: int,
+                account_hint: str | None) -> SettleOutcome:
+        r, account = self._lock_call_and_account(session, call_id)
+        if r is None:
+            return self._settle_without_reservation(session, call_id, seq, cost, now_ms, account_hint)
+        assert account is not None  # the foreign key guarantees the reservation's account
+        if r.state == "settled":
+            status = SettleStatus.REPLAYED if r.cost_micros == cost else SettleStatus.CONFLICT
+            if status is SettleStatus.CONFLICT:
+                log.error("settle conflict call=%s stored_cost=%s new_cost=%d: nothing changed", call_id,
+                          r.cost_micros, cost)
+            return SettleOutcome(call_id, r.account_id, status, r.cost_micros or 0, r.debited_micros, 0,
+                                 r.overrun_micros)
+        released = 0
+        if r.state == "open":
+            held = r.reserved_micros + r.debited_micros
+            overrun = max(0, cost - held)
+            released = r.reserved_micros
+            account.reserved_micros -= held
+            status = SettleStatus.SETTLED
+        else:  # expired or released: its debits were charged when it closed; charge the rest now
+            overrun = max(0, cost - (r.closed_charge_micros or 0))
+            status = SettleStatus.AFTER_EXPIRY
+        if overrun:
+            log.warning("settle overrun call=%s cost_micros=%d overrun_micros=%d", call_id, cost, overrun)
+        r.state, r.cost_micros, r.reserved_micros = "settled", cost, 0
+        r.overrun_micros += overrun
+        r.seq = max(r.seq, seq)
+        r.closed_at = ms_to_datetime(now_ms)
+        session.flush()
+        self._post(session, r)
+        return SettleOutcome(call_id, r.account_id, status, cost, r.debited_micros, released, r.overrun_micros)
+
+    def _settle_without_reservation(self, session: Session, call_id: str, seq: int, cost: int, now_ms: int,
+                                    account_hint: str | None) -> SettleOutcome:
+        if account_hint is None:
+            raise UnknownCall(f"settle of unknown call {call_id!r}: no reservation and no account to charge")
+        if self._lock_account(session, account_hint) is None:
+            raise NotFound(f"settle of call {call_id!r}: unknown account {account_hint!r}")
+        log.warning("settle without reservation call=%s account=%s cost_micros=%d: charged in full", call_id,
+                    account_hint, cost)
+        now = ms_to_datetime(now_ms)
+        r = Reservation(call_id=call_id, account_id=account_hint, node="", state="settled", seq=seq,
+                        granted_micros=0, last_debit_micros=0, auth_granted_micros=0, auth_available_micros=0,
+                        reserved_micros=0, debited_micros=0, overrun_micros=cost, cost_micros=cost,
+                        created_at=now, expires_at=now, closed_at=now)
+        session.add(r)
+        session.flush()
+        self._post(session, r)
+        return SettleOutcome(call_id, account_hint, SettleStatus.WITHOUT_RESERVATION, cost, 0, 0, cost)
+
+    def release(self, call_id: str, seq: int, now_ms: int, *, account_id: str | None = None) -> ReleaseOutcome:
+        check_call_id(call_id)
+        return self._run(lambda s: self._close(s, call_id, seq, now_ms, "released"))
+
+    def _close(self, session: Session, call_id: str, seq: int, now_ms: int, state: str) -> ReleaseOutcome:
+        """Release (or expire) an open reservation; its nibble debits are charged."""
+        r, account = self._lock_call_and_account(session, call_id)
+        if r is None or account is None:
+            return ReleaseOutcome(call_id, ReleaseStatus.UNKNOWN_CALL)
+        if r.state != "open":
+            replay = r.state == state == "released"
+            return ReleaseOutcome(call_id, ReleaseStatus.REPLAYED if replay else ReleaseStatus.CLOSED, 0,
+                                  r.closed_charge_micros or 0)
+        if state == "expired" and datetime_to_ms(r.expires_at) > now_ms:
+            return ReleaseOutcome(call_id, ReleaseStatus.CLOSED)  # renewed since the sweep looked
+        released = r.reserved_micros
+        account.reserved_micros -= r.reserved_micros + r.debited_micros
+        r.state, r.reserved_micros, r.closed_charge_micros = state, 0, r.debited_micros
+        r.seq = max(r.seq, seq)
+        r.closed_at = ms_to_datetime(now_ms)
+        session.flush()
+        self._post(session, r)
+        return ReleaseOutcome(call_id, ReleaseStatus.RELEASED, released, r.debited_micros)
+
+    def expire(self, now_ms: int, *, limit: int = 1000) -> ExpireReport:
+        now = ms_to_datetime(now_ms)
+        candidates = self._run(lambda s: list(s.scalars(
+            select(Reservation.call_id).where(Reservation.state == "open", Reservation.expires_at <= now)
+            .order_by(Reservation.expires_at).limit(limit))))
+        expired: list[str] = []
+        for call_id in candidates:
+            outcome = self._run(lambda s, c=call_id: self._close(s, c, 0, now_ms, "expired"))  # type: ignore[misc]
+            if outcome.status is ReleaseStatus.RELEASED:
+                log.warning("reservation expired call=%s released_micros=%d charged_micros=%d", call_id,
+                            outcome.released_micros, outcome.charged_micros)
+                expired.append(call_id)
+        return ExpireReport(tuple(expired), posted=len(expired), pending=0)
+
+    # ------------------------------------------------------------------ views
+
+    def live_calls(self) -> list[LiveCall]:
+        def work(session: Session) -> list[LiveCall]:
+            rows = session.scalars(select(Reservation).where(Reservation.state == "open")
+                                   .order_by(Reservation.created_at))
+            return [LiveCall(r.account_id, r.call_id, r.node, r.seq, r.reserved_micros, r.debited_micros,
+                             r.overrun_micros, datetime_to_ms(r.created_at), datetime_to_ms(r.expires_at))
+                    for r in rows]
+
+        return self._run(work)
+
+    def account_state(self, account_id: str) -> AccountState:
+        def work(session: Session) -> AccountState:
+            account = session.get(Account, account_id)
+            if account is None:
+                raise NotFound(f"unknown account {account_id!r}")
+            plan = session.get(RatePlan, account.rate_plan_id)
+            live, debited = session.execute(
+                select(func.count(), func.coalesce(func.sum(Reservation.debited_micros), 0))
+                .where(Reservation.account_id == account_id, Reservation.state == "open")).one()
+            overrun = session.scalar(select(func.coalesce(func.sum(Reservation.overrun_micros), 0))
+                                     .where(Reservation.account_id == account_id)) or 0
+            return AccountState(
+                account_id=account_id, status=account.status,
+                balance_micros=account.balance_micros - int(debited),
+                reserved_micros=account.reserved_micros - int(debited),
+                credit_limit_micros=account.credit_limit_micros,
+                max_concurrent_calls=account.max_concurrent_calls, live_calls=int(live),
+                plan=plan.name if plan is not None else "", currency=account.currency,
+                overrun_micros=int(overrun))
+
+        return self._run(work)
+
+    def close(self) -> None:
+        """The engine belongs to the caller."""

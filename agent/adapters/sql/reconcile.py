@@ -1,0 +1,124 @@
+"""Prove from SQL alone that the money adds up (``billing-agent ledger check``).
+
+1. Every account's balance equals the sum of its ledger entries; no entry names an unknown account.
+2. ``accounts.reserved_micros`` equals what the account's open reservations hold
+   (``reserved + debited`` of the embedded SQL balance store; 0 when Redis holds reservations).
+3. Every settled call (``calls.settled_at`` set) has exactly one ledger entry of kind ``charge``,
+   whose reference is ``charge:{call_id}``; and every charge belongs to a settled call. A charge
+   younger than the grace period may still be waiting for its call record (the CDR writer
+   spools), so it is only counted as pending.
+
+Each query is an aggregate or an anti-join, so the check scales with the tables, not with
+Python memory; at most ``limit`` rows of each kind of problem are listed, all are counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Select, and_, func, literal, or_, select
+from sqlalchemy.orm import Session, aliased
+
+from agent.adapters.sql.accounts import ledger_sums
+from agent.adapters.sql.models import Account, Call, LedgerEntry, Reservation
+
+
+@dataclass(frozen=True)
+class Problem:
+    problem: str
+    account: str | None = None
+    call: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    accounts: int = 0
+    settled_calls: int = 0
+    charges: int = 0
+    pending_charges: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    problem_count: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.problem_count == 0
+
+
+def _listed(session: Session, report: Report, query: Select[Any], make: Any, limit: int) -> None:
+    count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    report.problem_count += count
+    for row in session.execute(query.limit(limit)):
+        report.problems.append(make(row))
+
+
+def check_balances(session: Session, report: Report) -> None:
+    sums = ledger_sums(session)
+    rows = session.execute(select(Account.id, Account.balance_micros)).all()
+    report.accounts = len(rows)
+    balances = {account_id: balance for account_id, balance in rows}
+    for account_id, balance in sorted(balances.items()):
+        total = sums.get(account_id, 0)
+        if total != balance:
+            report.problem_count += 1
+            report.problems.append(Problem("balance differs from ledger sum", account_id,
+                                           detail={"balance_micros": balance, "ledger_sum_micros": total}))
+    for account_id in sorted(set(sums) - set(balances)):
+        report.problem_count += 1
+        report.problems.append(Problem("ledger entries for an unknown account", account_id,
+                                       detail={"ledger_sum_micros": sums[account_id]}))
+
+
+def check_reserved(session: Session, report: Report, limit: int) -> None:
+    held = (select(Reservation.account_id,
+                   func.sum(Reservation.reserved_micros + Reservation.debited_micros).label("held"))
+            .where(Reservation.state == "open").group_by(Reservation.account_id).subquery())
+    held_micros = func.coalesce(held.c.held, 0)
+    query = (select(Account.id, Account.reserved_micros, held_micros)
+             .outerjoin(held, held.c.account_id == Account.id)
+             .where(Account.reserved_micros != held_micros).order_by(Account.id))
+    _listed(session, report, query, lambda r: Problem(
+        "reserved differs from open reservations", r[0],
+        detail={"reserved_micros": r[1], "open_reservations_micros": int(r[2])}), limit)
+
+
+def check_charges(session: Session, report: Report, now: datetime, grace: timedelta, limit: int) -> None:
+    is_charge = LedgerEntry.kind == "charge"
+    report.settled_calls = session.scalar(select(func.count()).where(Call.settled_at.is_not(None))) or 0
+    report.charges = session.scalar(select(func.count()).where(is_charge)) or 0
+    charge = aliased(LedgerEntry)
+    _listed(session, report, (
+        select(Call.id, Call.account_id)
+        .outerjoin(charge, and_(charge.call_id == Call.id, charge.kind == "charge"))
+        .where(Call.settled_at.is_not(None), charge.id.is_(None)).order_by(Call.id)
+    ), lambda r: Problem("settled call without a charge", r[1], r[0]), limit)
+    _listed(session, report, (
+        select(LedgerEntry.call_id, func.min(LedgerEntry.account_id), func.count())
+        .where(is_charge, LedgerEntry.call_id.is_not(None)).group_by(LedgerEntry.call_id)
+        .having(func.count() > 1).order_by(LedgerEntry.call_id)
+    ), lambda r: Problem("call charged more than once", r[1], r[0], {"charges": r[2]}), limit)
+    _listed(session, report, (
+        select(LedgerEntry.reference, LedgerEntry.account_id, LedgerEntry.call_id)
+        .where(is_charge, or_(LedgerEntry.call_id.is_(None),
+                              LedgerEntry.reference != literal("charge:") + LedgerEntry.call_id))
+        .order_by(LedgerEntry.id)
+    ), lambda r: Problem("charge reference does not name its call", r[1], r[2], {"reference": r[0]}), limit)
+    unsettled = (select(LedgerEntry.call_id, LedgerEntry.account_id, LedgerEntry.created_at, Call.id)
+                 .outerjoin(Call, Call.id == LedgerEntry.call_id)
+                 .where(is_charge, LedgerEntry.call_id.is_not(None), Call.settled_at.is_(None)))
+    report.pending_charges = session.scalar(
+        select(func.count()).select_from(unsettled.where(LedgerEntry.created_at >= now - grace).subquery())) or 0
+    _listed(session, report, unsettled.where(LedgerEntry.created_at < now - grace).order_by(LedgerEntry.id),
+            lambda r: Problem("charge without a settled call", r[1], r[0],
+                              {"call_record": "missing" if r[3] is None else "not settled",
+                               "charged_at": r[2].isoformat()}), limit)
+
+
+def check_ledger(session: Session, *, now: datetime, grace: timedelta, limit: int = 100) -> Report:
+    report = Report()
+    check_balances(session, report)
+    check_reserved(session, report, limit)
+    check_charges(session, report, now, grace, limit)
+    return report
