@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, func, literal, or_, select
+from sqlalchemy import and_, func, literal, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from agent.adapters.sql.accounts import ledger_sums
@@ -47,7 +47,7 @@ class Report:
         return self.problem_count == 0
 
 
-def _listed(session: Session, report: Report, query: Select[Any], make: Any, limit: int) -> None:
+def _listed(session: Session, report: Report, query: Any, make: Any, limit: int) -> None:
     count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     report.problem_count += count
     for row in session.execute(query.limit(limit)):
