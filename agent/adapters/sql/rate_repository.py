@@ -1,0 +1,270 @@
+"""Rate plans from SQL into memory: :func:`load_table` and the reloading :class:`RatePlanCache`.
+
+A plan is streamed (server-side cursor where the backend has one, a batch at a time, only the
+columns rating needs) into a :class:`~agent.core.ratetable.RateTableBuilder`. The cache keeps
+one immutable table per plan and replaces it whole when ``rate_plans.version`` changes (every
+import bumps it): the new table is built beside the old one, which serves every lookup until
+the reference is swapped, so a reload never leaves a gap in which calls see no rates.
+
+Consistency: the version is read *before* the rows. An import that commits in between gives a
+table with the new rows and the old version number, which only costs one more reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import gevent
+from gevent.event import AsyncResult
+from gevent.greenlet import Greenlet
+from gevent.pool import Group
+from sqlalchemy import Connection, Engine, Integer, String, create_engine, select, type_coerce
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+from agent.adapters.sql.models import Rate, RatePlan
+from agent.core.errors import BillingError, InvalidInput, NotFound
+from agent.core.ratetable import RateTable, RateTableBuilder, epoch_ms_ceil
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_ROWS = 5_000
+# Raw driver values (no per-value SQLAlchemy processing: a million rows is 15 million values):
+# bounds come back as text on SQLite and naive UTC datetimes elsewhere, ``blocked`` as 0/1 or a
+# bool; _Milliseconds and the builder take either.
+_COLUMNS = (
+    Rate.prefix, Rate.destination, Rate.rate_micros, Rate.connect_fee_micros, Rate.initial_increment,
+    Rate.increment, Rate.minimum_seconds, Rate.grace_seconds, type_coerce(Rate.effective_from, String),
+    type_coerce(Rate.effective_to, String), Rate.weekdays, Rate.time_from_minute, Rate.time_to_minute,
+    type_coerce(Rate.blocked, Integer), Rate.id,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSettings:
+    id: int
+    name: str
+    currency: str
+    timezone: str
+    international_prefix: str
+    version: int
+
+
+def plan_settings(connection: Connection, plan_name: str) -> PlanSettings:
+    """The plan's rating settings and version; :class:`NotFound` if there is no such plan."""
+    found = connection.execute(
+        select(RatePlan.id, RatePlan.name, RatePlan.currency, RatePlan.timezone,
+               RatePlan.international_prefix, RatePlan.version).where(RatePlan.name == plan_name)
+    ).first()
+    if found is None:
+        raise NotFound(f"unknown rate plan {plan_name!r}")
+    return PlanSettings(*found)
+
+
+def plan_version(connection: Connection, plan_name: str) -> int | None:
+    """The plan's version (the cheap poll), or None if it no longer exists."""
+    version: int | None = connection.execute(
+        select(RatePlan.version).where(RatePlan.name == plan_name)).scalar_one_or_none()
+    return version
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A connection for long reads that never holds a write lock.
+
+    The agent's SQLite engine starts every transaction with BEGIN IMMEDIATE (engine.py), which
+    would hold the database's write lock for the whole of a million-row load. On a SQLite
+    file, reads go through a plain engine instead: in WAL mode a reader sees one snapshot per
+    statement and neither blocks nor waits for writers.
+    """
+    if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        reader = create_engine(engine.url, poolclass=NullPool, connect_args={"timeout": 30})
+        try:
+            with reader.connect() as connection:
+                yield connection
+        finally:
+            reader.dispose()
+    else:
+        with engine.connect() as connection:
+            yield connection
+
+
+def load_table(engine: Engine, plan_name: str, *, prefixes: Collection[str] | None = None,
+               batch_rows: int = DEFAULT_BATCH_ROWS, pause: Callable[[], None] | None = None) -> RateTable:
+    """Load a plan into a new :class:`RateTable` (raises :class:`NotFound` for an unknown plan).
+
+    ``prefixes`` restricts the rows to those prefixes (a one-off quote needs the prefixes of its
+    number, not a million rows). ``pause`` runs after every batch of ``batch_rows`` rows: the
+    daemon passes a cooperative yield so that a long load never starves live calls.
+    """
+    with reading(engine) as connection:
+        settings = plan_settings(connection, plan_name)
+        builder = RateTableBuilder(settings.name, currency=settings.currency, timezone=settings.timezone,
+                                   international_prefix=settings.international_prefix,
+                                   version=settings.version)
+        query = select(*_COLUMNS).where(Rate.plan_id == settings.id)
+        if prefixes is not None:
+            query = query.where(Rate.prefix.in_(sorted(set(prefixes))))
+        result = connection.execution_options(stream_results=True, yield_per=batch_rows).execute(query)
+        for batch in result.partitions():
+            _add_batch(builder, batch, plan_name)
+            if pause is not None:
+                pause()
+    return builder.build()
+
+
+def _add_batch(builder: RateTableBuilder, batch: Iterable[tuple[object, ...]], plan_name: str) -> None:
+    add = builder.add_fields
+    to_ms = _Milliseconds()
+    for (prefix, destination, rate, fee, first, increment, minimum, grace, start, end,
+         weekdays, time_from, time_to, blocked, rate_id) in batch:
+        try:
+            add(prefix, destination, rate, fee, first, increment, minimum, grace,  # type: ignore[arg-type]
+                to_ms(start), None if end is None else to_ms(end), weekdays, time_from, time_to,  # type: ignore[arg-type]
+                bool(blocked), rate_id)  # type: ignore[arg-type]
+        except InvalidInput as exc:
+            raise InvalidInput(f"plan {plan_name!r}, rates row id {rate_id}: {exc}") from None
+
+
+class _Milliseconds:
+    """Effective bounds repeat (most rows say "since the epoch"): convert each raw value once."""
+
+    def __init__(self) -> None:
+        self._known: dict[object, int] = {}
+
+    def __call__(self, raw: object) -> int:
+        ms = self._known.get(raw)
+        if ms is None:
+            moment = datetime.fromisoformat(raw) if isinstance(raw, str) else raw
+            if not isinstance(moment, datetime):
+                raise InvalidInput(f"effective bound {raw!r} is not a timestamp")
+            ms = self._known[raw] = epoch_ms_ceil(moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment)
+        return ms
+
+
+@dataclass(frozen=True, slots=True)
+class _Current:
+    table: RateTable
+    checked_at: float  # monotonic seconds of the last version check
+
+
+class RatePlanCache:
+    """The current rate table of each plan (implements :class:`agent.ports.RateSource`).
+
+    ``table_for`` never waits on SQL once a plan is loaded: when the last version check is older
+    than ``check_interval_seconds`` it starts a check in the background and answers with the
+    table it has. The check reads ``rate_plans.version``; on a change it builds the new table
+    (yielding to other greenlets between batches) and then swaps the reference, so calls see
+    the old rates until the new ones are complete, never nothing. A failed check or load is
+    logged and keeps the old table; it is retried after the interval.
+
+    The first use of a plan loads it in the caller (``preload`` does that at start-up);
+    concurrent first uses share one load.
+    """
+
+    def __init__(self, engine: Engine, *, check_interval_seconds: float = 5.0,
+                 monotonic: Callable[[], float] = time.monotonic, batch_rows: int = DEFAULT_BATCH_ROWS,
+                 first_load_timeout_seconds: float = 120.0) -> None:
+        self._engine = engine
+        self._interval = check_interval_seconds
+        self._monotonic = monotonic
+        self._batch_rows = batch_rows
+        self._first_load_timeout = first_load_timeout_seconds
+        self._tables: dict[str, _Current] = {}
+        self._first_loads: dict[str, AsyncResult] = {}
+        self._checks: dict[str, Greenlet] = {}
+        self._group = Group()
+
+    def table_for(self, plan_name: str) -> RateTable:
+        """The plan's current table; raises :class:`NotFound` for an unknown plan."""
+        current = self._tables.get(plan_name)
+        if current is None:
+            return self._first_load(plan_name)
+        if self._monotonic() - current.checked_at >= self._interval and plan_name not in self._checks:
+            check = self._group.spawn(self.refresh, plan_name)
+            self._checks[plan_name] = check
+            check.link(lambda _: self._checks.pop(plan_name, None))
+            check.link_exception(self._check_failed)
+        return current.table
+
+    def preload(self, plan_names: Iterable[str]) -> None:
+        """Load plans now (daemon start-up), so that no call waits for a first load."""
+        for name in plan_names:
+            self.table_for(name)
+
+    def refresh(self, plan_name: str) -> bool:
+        """Check the plan's version now and reload it if it changed; True if a new table is in.
+
+        SQL errors and unusable rows are logged and keep the table in use (the answer is False).
+        """
+        current = self._tables.get(plan_name)
+        if current is None:
+            self._first_load(plan_name)
+            return True
+        started = self._monotonic()
+        try:
+            with reading(self._engine) as connection:
+                version = plan_version(connection, plan_name)
+            if version is None or version == current.table.version:
+                if version is None:
+                    logger.warning("rate plan %r no longer exists; keeping its last rates", plan_name)
+                self._tables[plan_name] = _Current(current.table, started)
+                return False
+            table = self._load(plan_name)
+        except (SQLAlchemyError, BillingError) as exc:
+            logger.error("rate plan %r: reload failed, keeping version %d: %s", plan_name,
+                         current.table.version, exc)
+            self._tables[plan_name] = _Current(current.table, started)
+            return False
+        self._tables[plan_name] = _Current(table, started)  # the swap: one reference assignment
+        logger.info("rate plan %r: version %d -> %d, %d rates, loaded in %.1f s", plan_name,
+                    current.table.version, table.version, len(table), self._monotonic() - started)
+        return True
+
+    def refresh_all(self) -> None:
+        """Check every loaded plan now (SIGHUP)."""
+        for name in list(self._tables):
+            self.refresh(name)
+
+    def close(self, timeout_seconds: float = 5.0) -> None:
+        self._group.kill(timeout=timeout_seconds)
+
+    def _load(self, plan_name: str) -> RateTable:
+        return load_table(self._engine, plan_name, batch_rows=self._batch_rows, pause=_yield)
+
+    def _first_load(self, plan_name: str) -> RateTable:
+        pending = self._first_loads.get(plan_name)
+        if pending is not None:  # another greenlet is loading it: share its result
+            pending.wait(self._first_load_timeout)
+            if not pending.ready():
+                raise BillingError(f"rate plan {plan_name!r} is still loading after "
+                                   f"{self._first_load_timeout:.0f} s")
+            table: RateTable = pending.get(block=False)
+            return table
+        pending = self._first_loads[plan_name] = AsyncResult()
+        started = self._monotonic()
+        try:
+            table = self._load(plan_name)
+        except BaseException as exc:  # handed to the waiters, then re-raised (GreenletExit included)
+            pending.set_exception(exc)
+            raise
+        finally:
+            del self._first_loads[plan_name]
+        self._tables[plan_name] = _Current(table, started)
+        pending.set(table)
+        logger.info("rate plan %r: version %d, %d rates, loaded in %.1f s", plan_name, table.version,
+                    len(table), self._monotonic() - started)
+        return table
+
+    @staticmethod
+    def _check_failed(greenlet: Greenlet) -> None:
+        logger.error("rate plan check crashed: %r", greenlet.exception)
+
+
+def _yield() -> None:
+    gevent.sleep(0)
