@@ -21,6 +21,7 @@ from agent.core.balance import (
 )
 from agent.core.cdr import CallRecord
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, LegEvent
+from agent.core.ratetable import RateTable
 from agent.core.session import RatedCall
 
 
@@ -72,6 +73,16 @@ class Rater(Protocol):
 
     def rate(self, account_id: str, destination: str, at_ms: int) -> RatedCall:
         """Return the tariff of the call, or raise ``RatingRefused`` with the reason."""
+        ...
+
+
+class RateSource(Protocol):
+    """The in-memory rate table of each plan (``agent/adapters/sql/rate_repository.py``)."""
+
+    def table_for(self, plan_name: str) -> RateTable:
+        """The plan's current table (never a half-loaded one); raises ``NotFound`` for an unknown
+        plan. ``RateTable.lookup(number, at_ms)`` then gives the ``RateRow`` (a ``Tariff``) or a
+        ``Refusal`` whose ``reason`` is a ``DenyReason`` (bad_request, no_rate, blocked)."""
         ...
 
 
