@@ -412,3 +412,102 @@ def test_concurrent_calls_on_many_nodes_never_overspend(w: World) -> None:
     assert w.charges_total(account) == w.sql_balance(account) - 20 * UNIT
     assert w.store().live_calls() == []
     assert_books_balance(w, account)
+
+
+# ------------------------------------------------------- Redis: a cache rebuilt from the ledger
+
+
+@pytest.fixture(params=["redis"])
+def rw(request: pytest.FixtureRequest, engines: Engines) -> Iterator[World]:
+    yield from world_for(request, engines)
+
+
+def _wipe_redis(w: World) -> None:
+    """What a Redis restart without persistence (or a failover that lost writes) does."""
+    import redis
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    for key in client.scan_iter(match=f"{w.redis_prefix}*"):
+        client.delete(key)
+    client.close()
+
+
+def test_an_account_missing_from_redis_is_loaded_and_top_ups_reach_it(rw: World) -> None:
+    from agent.adapters.redis.store import RedisBalanceStore
+    from agent.adapters.sql import accounts as repo
+    from agent.adapters.sql.engine import transaction
+
+    rw.account("alice", balance=10 * UNIT)
+    store = rw.store()
+    assert isinstance(store, RedisBalanceStore)
+    assert store.authorize("alice", "c1", "n1", UNIT, UNIT, T0, TTL).available_micros == 10 * UNIT
+    with transaction(rw.sessions) as s:
+        repo.topup(s, "alice", 5 * UNIT, "pay-1")
+        repo.set_status(s, "alice", "suspended")
+    assert store.refresh("alice")
+    state = store.account_state("alice")
+    assert (state.balance_micros, state.reserved_micros, state.status) == (15 * UNIT, UNIT, "suspended")
+    assert store.authorize("alice", "c2", "n1", UNIT, UNIT, T0, TTL).reason is DenyReason.SUSPENDED
+
+
+def test_after_redis_lost_everything_a_settle_charges_once_and_redis_converges_to_sql(rw: World) -> None:
+    rw.account("alice", balance=10 * UNIT)
+    rw.store().authorize("alice", "c1", "n1", UNIT, UNIT, T0, TTL)
+    rw.store().debit_and_reserve("c1", 1, UNIT, UNIT, T0 + 1, TTL)
+    _wipe_redis(rw)
+    restarted = rw.store()  # an agent that restarted too: only the PBX still knows the account
+    assert restarted.debit_and_reserve("c1", 2, UNIT, UNIT, T0 + 2, TTL, account_id="alice").status is (
+        NibbleStatus.UNKNOWN_CALL)
+    out = restarted.settle("c1", 3, 2_500_000, T0 + 3, account_id="alice")
+    assert out.status is SettleStatus.WITHOUT_RESERVATION and out.ledger_posted
+    assert rw.entries("c1") == [("charge", -2_500_000, "charge:c1")]
+    assert_books_balance(rw, "alice")
+    assert rw.sql_balance("alice") == 7_500_000
+
+
+def test_a_rebuild_during_live_calls_keeps_what_they_already_took(rw: World) -> None:
+    from agent.adapters.redis.store import RedisBalanceStore
+
+    rw.account("alice", balance=10 * UNIT)
+    store = rw.store()
+    assert isinstance(store, RedisBalanceStore)
+    store.authorize("alice", "c1", "n1", UNIT, UNIT, T0, TTL)
+    store.debit_and_reserve("c1", 1, UNIT, UNIT, T0 + 1, TTL)
+    store.authorize("alice", "c2", "n1", UNIT, UNIT, T0, TTL)
+    store.settle("c2", 1, 300_000, T0 + 2)
+    before = store.account_state("alice")
+    after = store.rebuild("alice")
+    assert (after.balance_micros, after.reserved_micros) == (before.balance_micros, before.reserved_micros)
+    assert after.balance_micros == 10 * UNIT - UNIT - 300_000
+    store.settle("c1", 2, 1_200_000, T0 + 3)
+    assert_books_balance(rw, "alice")
+
+
+def test_a_ledger_write_that_failed_is_written_by_the_sweeper(rw: World, tmp_path: object) -> None:
+    from agent.adapters.sql.engine import make_engine, session_factory
+
+    rw.account("alice", balance=10 * UNIT)
+    node = rw.store()
+    node.authorize("alice", "c1", "n1", UNIT, UNIT, T0, TTL)
+    dead_sql = session_factory(make_engine(f"sqlite:///{tmp_path}/missing/dir/x.db"))
+    out = rw.store(dead_sql).settle("c1", 1, 800_000, T0 + 1)
+    assert out.status is SettleStatus.SETTLED and not out.ledger_posted
+    assert rw.entries("c1") == []
+    assert node.account_state("alice").balance_micros == 9_200_000  # Redis has it already
+    report = node.expire(T0 + 10_000)
+    assert (report.posted, report.pending) == (1, 0)
+    assert rw.entries("c1") == [("charge", -800_000, "charge:c1")]
+    assert_books_balance(rw, "alice")
+
+
+def test_redis_down_is_store_unavailable_quickly(rw: World) -> None:
+    import time
+
+    from agent.adapters.redis.store import RedisBalanceStore, make_client
+    from agent.core.balance import StoreUnavailable
+
+    store = RedisBalanceStore(make_client("redis://127.0.0.1:1/0", 200), rw.sessions)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="Redis unavailable during authorize"):
+        store.authorize("alice", "c1", "n1", UNIT, UNIT, T0, TTL)
+    assert time.monotonic() - started < 1.0
