@@ -1,0 +1,329 @@
+"""The failure policy around a balance store: a deadline per call, and what to do without it.
+
+``StoreGuard`` is itself a ``BalanceStore`` (agent/ports.py) wrapping the real one:
+
+* Every call runs under a deadline (``billing.store_timeout_ms``, a ``gevent.Timeout``; the
+  Redis client's own socket timeout also bounds it where sockets are not cooperative). A
+  failure opens a circuit for ``probe_interval_ms``: meanwhile calls fail at once instead of
+  each waiting for the deadline, then one call probes the store again.
+* ``fail_closed`` (default): authorize is denied with reason ``store_unavailable``; nibbles get
+  no grant, so the charger cuts live calls at the end of the slice they already hold.
+* ``fail_open``: authorize and nibbles are granted from an offline credit of at most
+  ``billing.offline_credit`` per account (per agent process) while the store is unreachable.
+  The account's status and concurrent-call limit cannot be checked meanwhile.
+* Either way nothing is lost: a nibble, settle or release the store did not take is written to
+  a local journal (a JSON-lines file, fsynced, or memory when no path is given) and replayed in
+  order, idempotently per ``(call_id, seq)``, by ``recover()`` (the daemon calls it every
+  sweep) or before the next batch once the store answers again. A call authorized offline is
+  authorized for real first (its reservation starts at zero, so its offline debits show as
+  overrun), and its settle is charged with the account the guard remembers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import gevent
+
+from agent.config import BillingConfig
+from agent.core.balance import (
+    AccountState,
+    AuthorizeOutcome,
+    DenyReason,
+    ExpireReport,
+    LiveCall,
+    NibbleOutcome,
+    NibbleRequest,
+    NibbleStatus,
+    ReleaseOutcome,
+    ReleaseStatus,
+    SettleOutcome,
+    SettleStatus,
+    StoreUnavailable,
+)
+from agent.core.errors import BillingError
+from agent.core.money import parse_amount
+from agent.ports import BalanceStore, Clock
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Policy = Literal["fail_closed", "fail_open"]
+
+
+class Journal:
+    """Steps the store has not taken yet, in order. With a path, every append is fsynced
+    before the caller is answered, so a crash of the agent loses none of them."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._entries: list[dict[str, Any]] = []
+        if path is not None and path.exists():
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    self._entries.append(json.loads(line))
+                except json.JSONDecodeError:  # a torn last line from a crash mid-write
+                    log.error("%s:%d: unreadable journal line skipped: %r", path, number, line[:200])
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entries(self) -> list[dict[str, Any]]:
+        return list(self._entries)
+
+    def append(self, entry: dict[str, Any]) -> None:
+        self._entries.append(entry)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(entry, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    def drop_first(self, count: int) -> None:
+        if count <= 0:
+            return
+        self._entries = self._entries[count:]
+        if self.path is not None:
+            tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+            with tmp.open("w", encoding="utf-8") as f:
+                f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in self._entries)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+
+
+class StoreGuard:
+    """Implements ``BalanceStore`` around another store, adding deadlines and the policy."""
+
+    def __init__(self, store: BalanceStore, *, clock: Clock, policy: Policy = "fail_closed",
+                 timeout_ms: int = 250, offline_credit_micros: int = 0, journal: Journal | None = None,
+                 probe_interval_ms: int = 1000) -> None:
+        if policy not in ("fail_closed", "fail_open"):
+            raise ValueError(f"failure policy {policy!r} must be fail_closed or fail_open")
+        self.store = store
+        self.clock = clock
+        self.policy = policy
+        self.timeout_s = timeout_ms / 1000
+        self.offline_credit_micros = offline_credit_micros
+        self.journal = journal if journal is not None else Journal()
+        self.probe_interval_ms = probe_interval_ms
+        self._retry_at_ms: int | None = None  # circuit open until then
+        self._offline_used: dict[str, int] = {}  # account -> offline money granted
+        self._accounts: dict[str, str] = {}  # call -> account (settles of calls the store lost)
+        self._offline_calls: dict[str, tuple[str, str]] = {}  # call -> (account, node), not in the store
+
+    @property
+    def available(self) -> bool:
+        return self._retry_at_ms is None
+
+    # ------------------------------------------------------------------ the deadline and circuit
+
+    def _attempt(self, what: str, work: Callable[[], T]) -> T:
+        now = self.clock.monotonic_ms()
+        if self._retry_at_ms is not None and now < self._retry_at_ms:
+            raise StoreUnavailable(f"balance store unavailable ({what} not tried: circuit open)")
+        timer = gevent.Timeout(self.timeout_s)
+        timer.start()
+        try:
+            result = work()
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            self._trip(what, f"no answer within {self.timeout_s * 1000:.0f} ms")
+            raise StoreUnavailable(f"balance store did not answer {what} within {self.timeout_s * 1000:.0f} ms"
+                                   ) from None
+        except StoreUnavailable as exc:
+            self._trip(what, str(exc))
+            raise
+        finally:
+            timer.close()
+        if self._retry_at_ms is not None:
+            log.warning("balance store answers again (%s); %d journaled steps to replay", what, len(self.journal))
+            self._retry_at_ms = None
+        return result
+
+    def _trip(self, what: str, reason: str) -> None:
+        if self._retry_at_ms is None:
+            log.error("balance store unavailable during %s: %s; policy %s", what, reason, self.policy)
+        self._retry_at_ms = self.clock.monotonic_ms() + self.probe_interval_ms
+
+    # ------------------------------------------------------------------ authorize
+
+    def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
+                  now_ms: int, ttl_ms: int) -> AuthorizeOutcome:
+        try:
+            outcome = self._attempt("authorize", lambda: self.store.authorize(
+                account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms))
+        except StoreUnavailable:
+            return self._authorize_offline(account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms)
+        if outcome.allowed:
+            self._accounts[call_id] = account_id
+        return outcome
+
+    def _authorize_offline(self, account_id: str, call_id: str, node: str, want: int, minimum: int, now_ms: int,
+                           ttl_ms: int) -> AuthorizeOutcome:
+        if call_id in self._offline_calls:  # a replay while still offline
+            return AuthorizeOutcome(call_id, True, None, 0, self._offline_left(account_id), replayed=True)
+        left = self._offline_left(account_id)
+        if self.policy == "fail_closed" or left <= 0 or left < minimum:
+            return AuthorizeOutcome(call_id, False, DenyReason.STORE_UNAVAILABLE, 0, 0)
+        granted = min(want, left)
+        self._offline_used[account_id] = self._offline_used.get(account_id, 0) + granted
+        self._offline_calls[call_id] = (account_id, node)
+        self._accounts[call_id] = account_id
+        self.journal.append({"op": "authorize", "account_id": account_id, "call_id": call_id, "node": node,
+                             "now_ms": now_ms, "ttl_ms": ttl_ms})
+        log.warning("offline grant call=%s account=%s granted_micros=%d offline_left_micros=%d", call_id,
+                    account_id, granted, left - granted)
+        return AuthorizeOutcome(call_id, True, None, granted, left)
+
+    def _offline_left(self, account_id: str) -> int:
+        return self.offline_credit_micros - self._offline_used.get(account_id, 0)
+
+    # ------------------------------------------------------------------ nibbles
+
+    def debit_and_reserve(self, call_id: str, seq: int, debit_micros: int, reserve_micros: int,
+                          now_ms: int, ttl_ms: int, *, account_id: str | None = None) -> NibbleOutcome:
+        return self.debit_and_reserve_many(
+            [NibbleRequest(call_id, seq, debit_micros, reserve_micros, now_ms, ttl_ms, account_id)])[0]
+
+    def debit_and_reserve_many(self, requests: Sequence[NibbleRequest]) -> list[NibbleOutcome]:
+        hinted = [r if r.account_id is not None else _with_account(r, self._accounts.get(r.call_id))
+                  for r in requests]
+        try:
+            # Journaled steps go first, so that each call's steps reach the store in seq order.
+            if len(self.journal) and not self._replay():
+                raise StoreUnavailable("journal not replayed yet")
+            offline = [r for r in hinted if r.call_id in self._offline_calls]
+            if offline:
+                raise StoreUnavailable("calls authorized offline wait for the journal")
+            return self._attempt("nibble", lambda: self.store.debit_and_reserve_many(hinted))
+        except StoreUnavailable:
+            return [self._nibble_offline(r) for r in hinted]
+
+    def _nibble_offline(self, r: NibbleRequest) -> NibbleOutcome:
+        self.journal.append({"op": "nibble", "call_id": r.call_id, "seq": r.seq, "debit_micros": r.debit_micros,
+                             "reserve_micros": r.reserve_micros, "now_ms": r.now_ms, "ttl_ms": r.ttl_ms,
+                             "account_id": r.account_id})
+        account_id = r.account_id
+        if self.policy == "fail_closed" or account_id is None:
+            return NibbleOutcome(r.call_id, r.seq, NibbleStatus.STORE_UNAVAILABLE, 0, 0)
+        granted = max(0, min(r.reserve_micros, self._offline_left(account_id)))
+        self._offline_used[account_id] = self._offline_used.get(account_id, 0) + granted
+        return NibbleOutcome(r.call_id, r.seq, NibbleStatus.OFFLINE, granted, r.debit_micros)
+
+    # ------------------------------------------------------------------ settle, release
+
+    def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, *,
+               account_id: str | None = None) -> SettleOutcome:
+        account = account_id or self._accounts.get(call_id)
+        try:
+            if len(self.journal) and not self._replay():
+                raise StoreUnavailable("journal not replayed yet")
+            outcome = self._attempt("settle", lambda: self.store.settle(call_id, seq, cost_micros, now_ms,
+                                                                        account_id=account))
+        except StoreUnavailable:
+            self.journal.append({"op": "settle", "call_id": call_id, "seq": seq, "cost_micros": cost_micros,
+                                 "now_ms": now_ms, "account_id": account})
+            log.warning("settle journaled call=%s account=%s cost_micros=%d", call_id, account, cost_micros)
+            return SettleOutcome(call_id, account or "", SettleStatus.JOURNALED, cost_micros, ledger_posted=False)
+        self._accounts.pop(call_id, None)
+        return outcome
+
+    def release(self, call_id: str, seq: int, now_ms: int, *, account_id: str | None = None) -> ReleaseOutcome:
+        account = account_id or self._accounts.get(call_id)
+        try:
+            if len(self.journal) and not self._replay():
+                raise StoreUnavailable("journal not replayed yet")
+            outcome = self._attempt("release", lambda: self.store.release(call_id, seq, now_ms, account_id=account))
+        except StoreUnavailable:
+            self.journal.append({"op": "release", "call_id": call_id, "seq": seq, "now_ms": now_ms,
+                                 "account_id": account})
+            return ReleaseOutcome(call_id, ReleaseStatus.JOURNALED)
+        self._accounts.pop(call_id, None)
+        return outcome
+
+    # ------------------------------------------------------------------ the journal
+
+    def recover(self) -> int:
+        """Replay what the journal holds, in order; returns how many steps the store took."""
+        before = len(self.journal)
+        if before:
+            self._replay()
+        return before - len(self.journal)
+
+    def _replay(self) -> bool:
+        """True once the journal is empty. Stops at the first step the store cannot take."""
+        done = 0
+        try:
+            for entry in self.journal.entries():
+                try:
+                    self._attempt("journal replay", partial(self._apply, entry))
+                except StoreUnavailable:
+                    return False
+                except BillingError as exc:  # refused for good (unknown call, bad input): log, go on
+                    log.error("journaled %s of call=%s refused by the store, dropped: %s", entry.get("op"),
+                              entry.get("call_id"), exc)
+                done += 1
+        finally:
+            self.journal.drop_first(done)
+        self._offline_used.clear()
+        self._offline_calls.clear()
+        log.warning("journal replayed: %d steps", done)
+        return True
+
+    def _apply(self, e: dict[str, Any]) -> None:
+        now_ms = max(int(e["now_ms"]), self.clock.now_ms())  # a replayed step renews from now
+        op, call_id = e["op"], str(e["call_id"])
+        if op == "authorize":
+            out = self.store.authorize(e["account_id"], call_id, e["node"], 0, 0, now_ms, int(e["ttl_ms"]))
+            if not out.allowed:
+                log.error("call=%s authorized offline is refused by the store (%s): its settle charges it in "
+                          "full", call_id, out.reason)
+        elif op == "nibble":
+            self.store.debit_and_reserve(call_id, int(e["seq"]), int(e["debit_micros"]), int(e["reserve_micros"]),
+                                         now_ms, int(e["ttl_ms"]), account_id=e.get("account_id"))
+        elif op == "settle":
+            self.store.settle(call_id, int(e["seq"]), int(e["cost_micros"]), int(e["now_ms"]),
+                              account_id=e.get("account_id"))
+            self._accounts.pop(call_id, None)
+        elif op == "release":
+            self.store.release(call_id, int(e["seq"]), int(e["now_ms"]), account_id=e.get("account_id"))
+            self._accounts.pop(call_id, None)
+        else:
+            log.error("unknown journal entry dropped: %r", e)
+
+    # ------------------------------------------------------------------ pass-through
+
+    def expire(self, now_ms: int, *, limit: int = 1000) -> ExpireReport:
+        return self._attempt("expire", lambda: self.store.expire(now_ms, limit=limit))
+
+    def live_calls(self) -> list[LiveCall]:
+        return self._attempt("live calls", self.store.live_calls)
+
+    def account_state(self, account_id: str) -> AccountState:
+        return self._attempt("account state", lambda: self.store.account_state(account_id))
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _with_account(r: NibbleRequest, account_id: str | None) -> NibbleRequest:
+    return NibbleRequest(r.call_id, r.seq, r.debit_micros, r.reserve_micros, r.now_ms, r.ttl_ms, account_id)
+
+
+def guard_from_config(store: BalanceStore, billing: BillingConfig, clock: Clock,
+                      journal_path: Path | None) -> StoreGuard:
+    """The guard the daemon runs (journal: e.g. ``{cdr.spool_dir}/balance-journal.jsonl``)."""
+    return StoreGuard(store, clock=clock, policy=billing.failure_policy, timeout_ms=billing.store_timeout_ms,
+                      offline_credit_micros=parse_amount(billing.offline_credit, what="billing.offline_credit"),
+                      journal=Journal(journal_path))

@@ -1,0 +1,232 @@
+"""The failure policy: Redis down at start, Redis cut mid-call, a store that hangs; nothing lost."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import gevent
+import pytest
+
+from agent.adapters.redis.store import RedisBalanceStore, make_client
+from agent.core.balance import DenyReason, NibbleStatus, ReleaseStatus, SettleStatus
+from agent.services.clock import ManualClock
+from agent.services.store_guard import Journal, StoreGuard
+from tests.balance_helpers import T0, UNIT, Engines, World, world_for
+
+TTL = 60_000
+
+
+class CuttableProxy:
+    """A loopback TCP proxy to Redis that a test can cut (connections reset, new ones refused
+    by closing them at once) and restore: a Redis that dies mid-call and comes back."""
+
+    def __init__(self, target: tuple[str, int] = ("127.0.0.1", 6379)) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up = True
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target, timeout=5)
+            with self.lock:
+                self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        self.up = False
+        with self.lock:
+            for s in self.sockets:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+            self.sockets.clear()
+
+    def restore(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
+    found = Engines(tmp_path_factory.mktemp("guard"))
+    yield found
+    found.dispose()
+
+
+@pytest.fixture(params=["redis"])
+def w(request: pytest.FixtureRequest, engines: Engines) -> Iterator[World]:
+    yield from world_for(request, engines)
+
+
+@pytest.fixture
+def proxy() -> Iterator[CuttableProxy]:
+    p = CuttableProxy()
+    yield p
+    p.close()
+
+
+def redis_store(w: World, url: str, timeout_ms: int = 250) -> RedisBalanceStore:
+    store = RedisBalanceStore(make_client(url, timeout_ms), w.sessions, key_prefix=w.redis_prefix or "")
+    w.opened.append(store)
+    return store
+
+
+def test_fail_closed_with_redis_down_at_start_denies_within_the_deadline(w: World) -> None:
+    clock = ManualClock(T0)
+    guard = StoreGuard(redis_store(w, "redis://127.0.0.1:1/0"), clock=clock, timeout_ms=250)
+    started = time.monotonic()
+    out = guard.authorize("alice", "c1", "n1", UNIT, UNIT, T0, TTL)
+    assert (out.allowed, out.reason) == (False, DenyReason.STORE_UNAVAILABLE)
+    assert time.monotonic() - started < 0.5
+    started = time.monotonic()
+    assert guard.authorize("alice", "c2", "n1", UNIT, UNIT, T0, TTL).reason is DenyReason.STORE_UNAVAILABLE
+    assert time.monotonic() - started < 0.05, "the open circuit answers at once"
+    assert not guard.available
+
+
+def test_fail_open_grants_at_most_the_offline_credit_per_account(w: World) -> None:
+    clock = ManualClock(T0)
+    guard = StoreGuard(redis_store(w, "redis://127.0.0.1:1/0"), clock=clock, policy="fail_open",
+                       offline_credit_micros=3 * UNIT)
+    first = guard.authorize("alice", "c1", "n1", 2 * UNIT, UNIT, T0, TTL)
+    assert (first.allowed, first.granted_micros) == (True, 2 * UNIT)
+    second = guard.authorize("alice", "c2", "n1", 2 * UNIT, UNIT // 2, T0, TTL)
+    assert (second.allowed, second.granted_micros) == (True, UNIT)
+    assert guard.authorize("alice", "c3", "n1", UNIT, 1, T0, TTL).reason is DenyReason.STORE_UNAVAILABLE
+    assert guard.authorize("bob", "c4", "n1", UNIT, UNIT, T0, TTL).allowed  # per account
+    nibble = guard.debit_and_reserve("c1", 1, 2 * UNIT, UNIT, T0 + 6000, TTL)
+    assert (nibble.status, nibble.granted_micros) == (NibbleStatus.OFFLINE, 0)  # alice's credit is spent
+
+
+def test_fail_closed_redis_cut_mid_call_loses_nothing_once_it_returns(w: World, proxy: CuttableProxy) -> None:
+    w.account("alice", balance=10 * UNIT)
+    clock = ManualClock(T0)
+    guard = StoreGuard(redis_store(w, f"redis://127.0.0.1:{proxy.port}/0"), clock=clock, probe_interval_ms=1000)
+    assert guard.authorize("alice", "c1", "n1", UNIT, UNIT, T0, TTL).allowed
+    assert guard.debit_and_reserve("c1", 1, UNIT, UNIT, T0 + 6000, TTL).status is NibbleStatus.GRANTED
+    proxy.cut()
+    cut = guard.debit_and_reserve("c1", 2, UNIT, UNIT, T0 + 12000, TTL)
+    assert (cut.status, cut.granted_micros) == (NibbleStatus.STORE_UNAVAILABLE, 0)  # cut at the end of the slice
+    assert guard.authorize("alice", "c2", "n1", UNIT, UNIT, T0 + 12000, TTL).reason is DenyReason.STORE_UNAVAILABLE
+    settled = guard.settle("c1", 3, 2_500_000, T0 + 13000)
+    assert settled.status is SettleStatus.JOURNALED and not settled.ledger_posted
+    assert w.entries("c1") == []
+    proxy.restore()
+    clock.advance(1000)
+    assert guard.recover() == 2
+    assert guard.available and len(guard.journal) == 0
+    assert w.entries("c1") == [("charge", -2_500_000, "charge:c1")]
+    assert guard.recover() == 0
+    state = guard.account_state("alice")
+    assert (state.balance_micros, state.reserved_micros, state.live_calls) == (7_500_000, 0, 0)
+    assert w.sql_balance("alice") == 7_500_000
+
+
+def test_fail_open_calls_continue_on_offline_credit_and_are_charged_once_back(w: World, proxy: CuttableProxy,
+                                                                              tmp_path: Path) -> None:
+    w.account("alice", balance=10 * UNIT)
+    clock = ManualClock(T0)
+    journal_path = tmp_path / "journal.jsonl"
+    guard = StoreGuard(redis_store(w, f"redis://127.0.0.1:{proxy.port}/0"), clock=clock, policy="fail_open",
+                       offline_credit_micros=2 * UNIT, journal=Journal(journal_path))
+    guard.authorize("alice", "live", "n1", UNIT, UNIT, T0, TTL)
+    proxy.cut()
+    nibble = guard.debit_and_reserve("live", 1, UNIT, UNIT, T0 + 6000, TTL)
+    assert (nibble.status, nibble.granted_micros) == (NibbleStatus.OFFLINE, UNIT)
+    offline = guard.authorize("alice", "new", "n1", UNIT, UNIT, T0 + 7000, TTL)
+    assert (offline.allowed, offline.granted_micros) == (True, UNIT)
+    assert guard.settle("live", 2, 1_800_000, T0 + 11000).status is SettleStatus.JOURNALED
+    assert guard.settle("new", 1, 900_000, T0 + 12000).status is SettleStatus.JOURNALED
+    assert len(Journal(journal_path)) == 4  # fsynced: a restarted agent would replay them
+    proxy.restore()
+    clock.advance(1000)
+    assert guard.recover() == 4
+    assert w.entries("live") == [("charge", -1_800_000, "charge:live")]
+    assert w.entries("new") == [("charge", -900_000, "charge:new")]
+    state = guard.account_state("alice")
+    assert (state.balance_micros, state.reserved_micros, state.live_calls) == (7_300_000, 0, 0)
+    assert w.sql_balance("alice") == 7_300_000
+    assert Journal(journal_path).entries() == []
+
+
+def test_a_restarted_agent_replays_the_journal_it_left(w: World, tmp_path: Path) -> None:
+    w.account("alice", balance=10 * UNIT)
+    journal_path = tmp_path / "journal.jsonl"
+    good = redis_store(w, "redis://127.0.0.1:6379/0")
+    good.authorize("alice", "c1", "n1", UNIT, UNIT, T0, TTL)
+    down = StoreGuard(redis_store(w, "redis://127.0.0.1:1/0"), clock=ManualClock(T0), journal=Journal(journal_path))
+    assert down.settle("c1", 1, 600_000, T0 + 1, account_id="alice").status is SettleStatus.JOURNALED
+    assert down.release("c2", 1, T0 + 2).status is ReleaseStatus.JOURNALED
+    restarted = StoreGuard(good, clock=ManualClock(T0 + 5000), journal=Journal(journal_path))
+    assert restarted.recover() == 2
+    assert w.entries("c1") == [("charge", -600_000, "charge:c1")]
+    assert w.sql_balance("alice") == 9_400_000
+
+
+class HangingStore:
+    """A store that never answers authorize (a hung connection), around a real one."""
+
+    def __init__(self, store: RedisBalanceStore) -> None:
+        self.store = store
+
+    def authorize(self, *args: object, **kwargs: object) -> object:
+        gevent.sleep(5)
+        raise AssertionError("the deadline should have fired")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+
+def test_a_hanging_store_is_cut_off_at_the_deadline(w: World) -> None:
+    guard = StoreGuard(HangingStore(redis_store(w, "redis://127.0.0.1:6379/0")),  # type: ignore[arg-type]
+                       clock=ManualClock(T0), timeout_ms=100)
+    started = time.monotonic()
+    out = guard.authorize("alice", "c1", "n1", UNIT, UNIT, T0, TTL)
+    assert out.reason is DenyReason.STORE_UNAVAILABLE
+    assert time.monotonic() - started < 0.5
+
+
+def test_the_embedded_sql_store_down_is_the_same_policy(tmp_path: Path) -> None:
+    from agent.adapters.sql.balance_store import SqlBalanceStore
+    from agent.adapters.sql.engine import make_engine, session_factory
+
+    dead = SqlBalanceStore(session_factory(make_engine("postgresql://postgres@127.0.0.1:1/none",
+                                                       connect_timeout_seconds=1)))
+    guard = StoreGuard(dead, clock=ManualClock(T0))
+    out = guard.authorize("alice", "c1", "n1", UNIT, UNIT, T0, TTL)
+    assert (out.allowed, out.reason) == (False, DenyReason.STORE_UNAVAILABLE)
+    assert guard.settle("c0", 1, UNIT, T0, account_id="alice").status is SettleStatus.JOURNALED
