@@ -22,8 +22,8 @@ SHOWN_ERRORS = 100
 @click.option("--replace", is_flag=True,
               help="Replace all the plan's rates atomically (default: add to them).")
 @click.option("--create-plan", is_flag=True, help="Create the plan if it does not exist.")
-@click.option("--currency", help="Currency of a plan made by --create-plan "
-                                 "(default: billing.default_currency); checked against an existing plan.")
+@click.option("--currency", help="The deck's currency: checked against the plan's, given to a plan made "
+                                 "by --create-plan (default: billing.default_currency).")
 @click.pass_context
 @handle_errors
 def import_command(ctx: click.Context, file: Path, plan: str, replace: bool, create_plan: bool,
@@ -35,13 +35,12 @@ def import_command(ctx: click.Context, file: Path, plan: str, replace: bool, cre
     the new one, never a mix.
     """
     context = app(ctx)
-    if create_plan and currency is None:
-        currency = context.config.billing.default_currency
     source = click.format_filename(file)
     try:
         with _progress_bar(file) as progress:
             result = import_deck(context.sessions(), file, plan, replace=replace, create_missing_plan=create_plan,
-                                 currency=currency, source=source, max_errors=SHOWN_ERRORS, progress=progress)
+                                 currency=currency, default_currency=context.config.billing.default_currency,
+                                 source=source, max_errors=SHOWN_ERRORS, progress=progress)
     except DeckRejected as exc:
         for error in exc.errors:
             click.echo(error.describe(exc.source), err=True)
