@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import click
 
 from agent.adapters.sql import accounts as repo
+from agent.cli.balance_cache import live_state, rebuild_cache, sync_account
 from agent.cli.common import AMOUNT, SIGNED_AMOUNT, app, handle_errors, print_json
 from agent.core.money import format_amount
 
@@ -79,8 +81,17 @@ def show(ctx: click.Context, account_id: str, as_json: bool) -> None:
     """Balance, reserved, available, credit limit, status of ACCOUNT_ID."""
     with app(ctx).transaction() as session:
         view = repo.view_account(session, account_id)
+    state, source = live_state(ctx, account_id)
+    if state is not None:
+        # Redis holds every node's reservations: reserved = what live calls hold (their next
+        # slices and what their nibbles took, not yet charged), so available = balance + credit - reserved.
+        held = view.balance_micros + view.credit_limit_micros - state.available_micros
+        view = dataclasses.replace(view, reserved_micros=held)
     if as_json:
-        print_json(account_json(view))
+        data = account_json(view)
+        data["live_calls"] = state.live_calls if state is not None else None
+        data["source"] = source
+        print_json(data)
     else:
         _print_account(view)
 
@@ -136,6 +147,7 @@ def topup(ctx: click.Context, account_id: str, amount: int, reference: str | Non
     """Credit AMOUNT to ACCOUNT_ID (idempotent per --reference)."""
     with app(ctx).transaction() as session:
         posting = repo.topup(session, account_id, amount, reference)
+    sync_account(ctx, account_id)
     _echo_posting(posting, "topped up", as_json)
 
 
@@ -155,6 +167,7 @@ def adjust(ctx: click.Context, account_id: str, amount: int, reason: str, refere
     """
     with app(ctx).transaction() as session:
         posting = repo.adjust(session, account_id, amount, reason=reason, reference=reference)
+    sync_account(ctx, account_id)
     _echo_posting(posting, "adjusted", as_json)
 
 
@@ -166,6 +179,7 @@ def _status_command(name: str, status: str, help_text: str) -> click.Command:
     def command(ctx: click.Context, account_id: str) -> None:
         with app(ctx).transaction() as session:
             view = repo.set_status(session, account_id, status)
+        sync_account(ctx, account_id)
         click.echo(f"account {view.id} is {view.status}")
 
     return command
@@ -173,3 +187,4 @@ def _status_command(name: str, status: str, help_text: str) -> click.Command:
 
 accounts.add_command(_status_command("suspend", "suspended", "Refuse new calls of ACCOUNT_ID."))
 accounts.add_command(_status_command("resume", "active", "Allow calls of ACCOUNT_ID again."))
+accounts.add_command(rebuild_cache)
