@@ -23,6 +23,20 @@ CREATE INDEX ix_calls_account_id_started_at ON calls (account_id, started_at);
 
 CREATE INDEX ix_calls_started_at ON calls (started_at);
 
+CREATE TABLE cdr_quarantine (
+	id INTEGER NOT NULL,
+	digest VARCHAR(64) NOT NULL,
+	call_id VARCHAR(191) NOT NULL,
+	node VARCHAR(64) NOT NULL,
+	reason VARCHAR(1000) NOT NULL,
+	payload TEXT NOT NULL,
+	created_at DATETIME NOT NULL,
+	CONSTRAINT pk_cdr_quarantine PRIMARY KEY (id),
+	CONSTRAINT uq_cdr_quarantine_digest UNIQUE (digest)
+);
+
+CREATE INDEX ix_cdr_quarantine_created_at ON cdr_quarantine (created_at);
+
 CREATE TABLE rate_plans (
 	id INTEGER NOT NULL,
 	name VARCHAR(64) NOT NULL,

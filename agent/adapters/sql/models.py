@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.dialects import mysql
@@ -246,6 +247,25 @@ class RatingDecision(Base):
     cost_micros: Mapped[int] = mapped_column(Micros, default=0)
     decided_at: Mapped[datetime] = mapped_column(UtcDateTime)
     reason: Mapped[str] = mapped_column(String(255), default="")
+
+
+class CdrQuarantine(Base):
+    """CDRs the database refused or the agent could not decode, kept with the reason.
+
+    Filled by the CDR writer (agent/adapters/sql/cdr_writer.py); ``digest`` (sha256 of the
+    spooled JSON) makes a replay quarantine a record once. Operators fix and re-inject by hand.
+    """
+
+    __tablename__ = "cdr_quarantine"
+    __table_args__ = (Index(None, "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    call_id: Mapped[str] = mapped_column(String(191), default="")
+    node: Mapped[str] = mapped_column(String(64), default="")
+    reason: Mapped[str] = mapped_column(String(1000))
+    payload: Mapped[str] = mapped_column(Text, comment="the spooled JSON of the call record")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class Reservation(Base):
