@@ -1,11 +1,171 @@
-"""``billing-agent rates quote`` (being written: see issue 3)."""
+"""``billing-agent rates quote``: the rate a call gets, its cost line by line, or its max duration.
+
+The same lookup and the same arithmetic as the daemon (``agent/core/ratetable.py`` and
+``agent/core/rating.py``), on only the rows that could rate the number.
+"""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
 import click
+
+from agent.adapters.sql.rate_repository import load_table
+from agent.cli.common import AMOUNT, app, fail, handle_errors, print_json
+from agent.core.clock import parse_iso8601
+from agent.core.money import format_amount
+from agent.core.ratetable import OPEN_END_MS, RateTable, Refusal, epoch_ms, format_instant
+from agent.core.rating import MAX_SECONDS_CAP, RateRow, cost_micros_for_seconds, max_seconds, quote
+
+
+def _parse_at(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_iso8601(value, what="--at")
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc} (e.g. 2026-01-31T08:00:00Z, or with an offset)") from None
 
 
 @click.command(name="quote")
-def quote_command() -> None:
-    """Quote a call (not implemented yet)."""
-    raise click.ClickException("rates quote is not implemented yet")
+@click.argument("number")
+@click.option("--plan", required=True, help="Rate plan name.")
+@click.option("--seconds", type=click.IntRange(min=0), help="Answered duration in seconds: quote its cost.")
+@click.option("--budget", type=AMOUNT, help="Money to spend: the longest call it pays for.")
+@click.option("--at", "at", callback=_parse_at, metavar="ISO8601",
+              help="Start of the call (default: now); without an offset it is UTC.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (amounts as decimal strings).")
+@click.pass_context
+@handle_errors
+def quote_command(ctx: click.Context, number: str, plan: str, seconds: int | None, budget: int | None,
+                  at: datetime | None, as_json: bool) -> None:
+    """Rate NUMBER on a plan: its cost for --seconds N, or its max duration for --budget AMOUNT.
+
+    Exits 1 with the reason when the number cannot be rated (not a number, no rate, blocked).
+    """
+    if (seconds is None) == (budget is None):
+        raise click.UsageError("give exactly one of --seconds N or --budget AMOUNT")
+    at_ms = epoch_ms(at if at is not None else datetime.now(UTC))
+    table = load_table(app(ctx).engine(), plan, for_number=number)
+    found = table.lookup(number, at_ms)
+    if isinstance(found, Refusal):
+        fail(found.detail)
+    head = _head(table, number, at_ms, found)
+    if seconds is not None:
+        _print_cost(head, table, found, seconds, as_json)
+    else:
+        assert budget is not None
+        _print_max(head, table, found, budget, as_json)
+
+
+def _head(table: RateTable, number: str, at_ms: int, row: RateRow) -> dict[str, Any]:
+    return {
+        "plan": table.plan_name,
+        "plan_version": table.version,
+        "currency": table.currency,
+        "number": number,
+        "normalised": table.normalise(number),
+        "at": format_instant(at_ms),
+        "prefix": row.prefix,
+        "destination": row.destination,
+        "rate_id": row.rate_id,
+        "rate_per_minute": format_amount(row.rate_micros),
+        "connect_fee": format_amount(row.connect_fee_micros),
+        "initial_increment": row.initial_increment,
+        "increment": row.increment,
+        "minimum_seconds": row.minimum_seconds,
+        "grace_seconds": row.grace_seconds,
+        "effective_from": format_instant(row.effective_from_ms),
+        "effective_to": None if row.effective_to_ms == OPEN_END_MS else format_instant(row.effective_to_ms),
+        "weekdays": row.weekdays,
+        "time_from": _hhmm(row.time_from_minute),
+        "time_to": _hhmm(row.time_to_minute),
+    }
+
+
+def _hhmm(minute: int) -> str:
+    return f"{minute // 60:02d}:{minute % 60:02d}"
+
+
+def _print_cost(head: dict[str, Any], table: RateTable, row: RateRow, seconds: int, as_json: bool) -> None:
+    q = quote(row, seconds * 1000)
+    breakdown: list[dict[str, Any]] = []
+    if q.connect_fee_micros:
+        breakdown.append({"item": "connect_fee", "amount": format_amount(q.connect_fee_micros)})
+    breakdown += [{"item": f"{block.kind}_block", "count": block.count, "seconds_each": block.seconds_each,
+                   "from_second": block.from_second, "to_second": block.to_second,
+                   "amount": format_amount(block.cost_micros)} for block in q.blocks]
+    if as_json:
+        print_json({**head, "seconds": q.seconds, "billed_seconds": q.billed_seconds, "waived": q.waived,
+                    "minimum_applied": q.minimum_applied, "cost": format_amount(q.cost_micros),
+                    "breakdown": breakdown})
+        return
+    _echo_rate(head, table, row)
+    if q.waived:
+        why = "no answered second" if q.seconds == 0 else f"within the grace period of {row.grace_seconds} s"
+        click.echo(f"{'duration':<12}{q.seconds} s answered: {why}, nothing is charged (connect fee waived)")
+    else:
+        minimum = f" (raised to the minimum of {row.minimum_seconds} s)" if q.minimum_applied else ""
+        click.echo(f"{'duration':<12}{q.seconds} s answered{minimum} -> {q.billed_seconds} s billed")
+    if q.connect_fee_micros:
+        click.echo(f"{'connect fee':<40}{format_amount(q.connect_fee_micros):>16}")
+    for block in q.blocks:
+        label = "first block" if block.kind == "initial" else "next blocks"
+        span = f"{block.count} x {block.seconds_each} s ({block.from_second}-{block.to_second} s)"
+        click.echo(f"{label:<12}{span:<28}{format_amount(block.cost_micros):>16}")
+    click.echo(f"{'total':<40}{format_amount(q.cost_micros):>16} {table.currency}")
+
+
+def _print_max(head: dict[str, Any], table: RateTable, row: RateRow, budget_micros: int, as_json: bool) -> None:
+    best = max_seconds(row, budget_micros)
+    capped = best == MAX_SECONDS_CAP
+    cost = cost_micros_for_seconds(row, best)
+    first_charged = cost_micros_for_seconds(row, row.grace_seconds + 1)
+    following = None if capped or best == 0 else cost_micros_for_seconds(row, best + 1)
+    if as_json:
+        print_json({**head, "budget": format_amount(budget_micros), "max_seconds": best, "limit_ms": best * 1000,
+                    "allowed": best > 0, "capped": capped, "cost": format_amount(cost),
+                    "next_second_cost": None if following is None else format_amount(following),
+                    "first_charged_second_cost": format_amount(first_charged)})
+        return
+    _echo_rate(head, table, row)
+    click.echo(f"{'budget':<12}{format_amount(budget_micros)} {table.currency}")
+    if best == 0:
+        click.echo(f"{'max':<12}0 s: deny. The first charged second (second {row.grace_seconds + 1}: connect fee, "
+                   f"minimum and first block) costs {format_amount(first_charged)}")
+    elif capped:
+        click.echo(f"{'max':<12}{best} s (no limit: once the connect fee is paid every second is free)")
+    else:
+        click.echo(f"{'max':<12}{best} s ({_human(best)}), costing {format_amount(cost)}; "
+                   f"one second more would cost {format_amount(following or 0)}")
+
+
+def _echo_rate(head: dict[str, Any], table: RateTable, row: RateRow) -> None:
+    zone = "" if table.timezone == "UTC" else f" ({_local(head['at'], table.timezone)} {table.timezone})"
+    click.echo(f"{'plan':<12}{table.plan_name} ({table.currency}), version {table.version}")
+    click.echo(f"{'number':<12}{head['number']} -> {head['normalised']}")
+    click.echo(f"{'at':<12}{head['at']}{zone}")
+    name = f" {row.destination}" if row.destination else ""
+    click.echo(f"{'rate':<12}prefix {row.prefix}{name}: {head['rate_per_minute']} {table.currency}/min, "
+               f"connect fee {head['connect_fee']}, blocks {row.initial_increment} s then {row.increment} s, "
+               f"minimum {row.minimum_seconds} s, grace {row.grace_seconds} s")
+    limits = []
+    if row.effective_from_ms or head["effective_to"]:
+        limits.append(f"effective {head['effective_from']} to {head['effective_to'] or 'open-ended'}")
+    if row.weekdays or (row.time_from_minute, row.time_to_minute) != (0, 1440):
+        days = f"ISO weekdays {row.weekdays}" if row.weekdays else "every day"
+        limits.append(f"{days} {head['time_from']}-{head['time_to']} {table.timezone}")
+    if limits:
+        click.echo(f"{'':<12}{'; '.join(limits)}")
+
+
+def _local(at_iso: str, timezone: str) -> str:
+    return parse_iso8601(at_iso).astimezone(ZoneInfo(timezone)).isoformat()
+
+
+def _human(seconds: int) -> str:
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{hours} h " if hours else "") + f"{minutes} min {secs} s"

@@ -28,13 +28,16 @@ an int (``int("1" + prefix)``, so that ``044`` and ``44`` stay apart; an int key
 size of a string and cheaper to hash). Its value is the row packed into one ``bytes`` record
 (a ``tuple`` of records for the few prefixes with several rows): one object per row, read with
 one ``struct`` call, so a million prefixes stay compact and a lookup touches few cache lines.
-A lookup parses the number once and probes ``key // 10**k`` for the prefix lengths present,
-longest first, then builds one :class:`RateRow` for the answer.
+A lookup parses the number once and probes ``key // 10**k`` for candidate lengths ``k``,
+longest first. In a big table a direct index on the number's first six digits (4 MB) says
+which lengths can match at all (exactly below six digits, as a filter above), so a lookup
+usually probes the dict once or twice instead of once per prefix length in the plan.
 """
 
 from __future__ import annotations
 
 import struct
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -46,12 +49,16 @@ from agent.core.events import DenyReason
 from agent.core.rating import MINUTES_PER_DAY, OPEN_END_MS, RateRow, check_row
 
 MAX_NUMBER_DIGITS = 64
+MAX_PREFIX_DIGITS = 32  # the ``rates.prefix`` column (and a bit per length in the filter)
+GROUP_DIGITS = 6  # the length filter indexes the first six digits of a number
+FILTER_MIN_PREFIXES = 20_000  # below this a table is small enough to probe every length
 _ALL_DAYS_MASK = 0b11111110  # bit d set for ISO weekday d (1 = Monday ... 7 = Sunday)
 _ALWAYS = 0  # window id of "every day, all day"
 _MS_PER_DAY = 86_400_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NO_ID = -1
 _POWERS = tuple(10**k for k in range(MAX_NUMBER_DIGITS + 2))
+_GROUPS = 10**GROUP_DIGITS
 
 # One row: destination id, rate, connect fee, initial increment, increment, minimum, grace,
 # effective from, effective to (ms), window id, blocked, rate id. 63 bytes: a 96-byte object.
@@ -113,6 +120,10 @@ class RateTable:
         # Per number length n: (prefix length k, divisor 10**(n-k)) for each k <= n, longest first.
         self._probes = [tuple((k, _POWERS[n - k]) for k in lengths if k <= n)
                         for n in range(MAX_NUMBER_DIGITS + 1)]
+        wanted = builder.length_filter
+        if wanted is None:
+            wanted = len(self._index) >= FILTER_MIN_PREFIXES
+        self._filter = _LengthFilter(self._index) if wanted else None
 
     def __len__(self) -> int:
         """The number of rate rows."""
@@ -147,8 +158,10 @@ class RateTable:
             assert isinstance(refusal, Refusal)
             return refusal
         key = int("1" + digits)
+        n = len(digits)
         index = self._index
-        for length, divisor in self._probes[len(digits)]:
+        probes = self._probes[n] if self._filter is None or n < GROUP_DIGITS else self._filter.probes(key, n)
+        for length, divisor in probes:
             entry = index.get(key // divisor)
             if entry is None:
                 continue
@@ -169,15 +182,7 @@ class RateTable:
     # -------------------------------------------------------------------------- internals
 
     def _digits(self, number: str) -> str | Refusal:
-        if number[:1] == "+":
-            rest, how = number[1:], "after the leading '+'"
-        elif self._intl and number.startswith(self._intl):
-            rest, how = number[self._intl_length:], "after the international prefix"
-        else:
-            rest, how = number, ""
-        if rest.isdigit() and rest.isascii() and len(rest) <= MAX_NUMBER_DIGITS:
-            return rest
-        return Refusal(DenyReason.BAD_REQUEST, _bad_number_detail(number, rest, how), number)
+        return normalise_number(number, self._intl)
 
     @staticmethod
     def _blocked(number: str, row: RateRow) -> Refusal:
@@ -203,6 +208,71 @@ class RateTable:
         if minute < end:  # the morning part belongs to the day before
             return bool(mask >> (weekday - 1 or 7) & 1)
         return False
+
+
+class _LengthFilter:
+    """Which prefix lengths can match a number, found from its first six digits.
+
+    ``long[g]`` has bit ``L - 1`` set when some prefix of length ``L >= 6`` starts with the six
+    digits ``g`` (a filter: the dict still decides). ``short[g // 10]`` has bit ``L - 1`` set
+    when the first ``L < 6`` digits are a prefix (exact). The union, as lengths longest first,
+    is memoised per distinct mask: real plans have a few thousand.
+    """
+
+    def __init__(self, index: dict[int, Entry]) -> None:
+        self.long = array("I", bytes(4 * _GROUPS))
+        self.short = array("I", bytes(4 * _GROUPS // 10))
+        for key in index:
+            length = _BIT_LENGTH_TO_DIGITS[key.bit_length()]
+            if key < _POWERS[length]:
+                length -= 1
+            if length >= GROUP_DIGITS:
+                self.long[key // _POWERS[length - GROUP_DIGITS] - _GROUPS] |= 1 << (length - 1)
+            else:
+                span = _POWERS[GROUP_DIGITS - 1 - length]
+                start = (key - _POWERS[length]) * span
+                bit = 1 << (length - 1)
+                for group in range(start, start + span):
+                    self.short[group] |= bit
+        self._memo: dict[int, tuple[tuple[int, int], ...]] = {}
+
+    def probes(self, key: int, n: int) -> tuple[tuple[int, int], ...]:
+        """(length, divisor of ``key``) for each candidate prefix length of an n-digit number."""
+        group = key // _POWERS[n - GROUP_DIGITS] - _GROUPS
+        mask = (self.long[group] | self.short[group // 10]) << 7 | n  # n <= 64 fits in 7 bits
+        probes = self._memo.get(mask)
+        if probes is None:
+            bits = mask >> 7
+            probes = self._memo[mask] = tuple((length, _POWERS[n - length])
+                                              for length in range(min(n, MAX_PREFIX_DIGITS), 0, -1)
+                                              if bits >> (length - 1) & 1)
+        return probes
+
+
+# The number of decimal digits of an int with a given bit length, or one more (then corrected).
+_BIT_LENGTH_TO_DIGITS = tuple(len(str(1 << bits)) - 1 if bits else 0 for bits in range(4 * MAX_NUMBER_DIGITS))
+
+
+def normalise_number(number: str, international_prefix: str) -> str | Refusal:
+    """The digits rated for a dialled number (module docstring), or a ``bad_request`` refusal."""
+    if number[:1] == "+":
+        rest, how = number[1:], "after the leading '+'"
+    elif international_prefix and number.startswith(international_prefix):
+        rest, how = number[len(international_prefix):], "after the international prefix"
+    else:
+        rest, how = number, ""
+    if rest.isdigit() and rest.isascii() and len(rest) <= MAX_NUMBER_DIGITS:
+        return rest
+    return Refusal(DenyReason.BAD_REQUEST, _bad_number_detail(number, rest, how), number)
+
+
+def candidate_prefixes(number: str, international_prefix: str, *, longest: int = 32) -> list[str]:
+    """Every prefix a number could be rated on (none for a bad number): a one-off quote loads
+    only these rows instead of the whole plan."""
+    digits = normalise_number(number, international_prefix)
+    if isinstance(digits, Refusal):
+        return []
+    return [digits[:k] for k in range(1, min(len(digits), longest) + 1)]
 
 
 def _bad_number_detail(number: str, rest: str, how: str) -> str:
@@ -252,6 +322,7 @@ class RateTableBuilder:
         self.weekday_texts: list[str] = [""]
         self._window_ids: dict[tuple[str, int, int], int] = {("", 0, MINUTES_PER_DAY): _ALWAYS}
         self._built = False
+        self.length_filter: bool | None = None
 
     def add(self, row: RateRow) -> None:
         """Add one row; raises :class:`InvalidInput` naming the prefix and field if it is unusable."""
@@ -272,10 +343,10 @@ class RateTableBuilder:
         to_ms = OPEN_END_MS if effective_to_ms is None else effective_to_ms
         if not (initial_increment >= 1 and increment >= 1 and to_ms > effective_from_ms and rate_micros >= 0
                 and connect_fee_micros >= 0 and minimum_seconds >= 0 and grace_seconds >= 0
-                and prefix.isdigit() and prefix.isascii() and len(prefix) <= MAX_NUMBER_DIGITS):
+                and prefix.isdigit() and prefix.isascii() and len(prefix) <= MAX_PREFIX_DIGITS):
             check_row(RateRow(prefix, destination, rate_micros, connect_fee_micros, initial_increment,
                               increment, minimum_seconds, grace_seconds, effective_from_ms, to_ms))
-            raise InvalidInput(f"rate {prefix!r}: prefix is longer than {MAX_NUMBER_DIGITS} digits")
+            raise InvalidInput(f"rate {prefix!r}: prefix is longer than {MAX_PREFIX_DIGITS} digits")
         dest_id = self._destination_ids.get(destination)
         if dest_id is None:
             dest_id = self._destination_ids[destination] = len(self.destinations)
@@ -306,9 +377,14 @@ class RateTableBuilder:
             self.weekday_texts.append(weekdays)
         return window
 
-    def build(self) -> RateTable:
-        """Order the rows of prefixes that have several (most specific first) and freeze."""
+    def build(self, *, length_filter: bool | None = None) -> RateTable:
+        """Order the rows of prefixes that have several (most specific first) and freeze.
+
+        ``length_filter``: index the first six digits (4.4 MB) to skip absent prefix lengths;
+        by default only for tables of at least ``FILTER_MIN_PREFIXES`` prefixes.
+        """
         self._built = True
+        self.length_filter = length_filter
         coverage = [_coverage(window) for window in self.windows]
 
         def precedence(record: bytes) -> tuple[int, int, int]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,7 +29,7 @@ from sqlalchemy.pool import NullPool
 
 from agent.adapters.sql.models import Rate, RatePlan
 from agent.core.errors import BillingError, InvalidInput, NotFound
-from agent.core.ratetable import RateTable, RateTableBuilder, epoch_ms_ceil
+from agent.core.ratetable import RateTable, RateTableBuilder, candidate_prefixes, epoch_ms_ceil
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +94,14 @@ def reading(engine: Engine) -> Iterator[Connection]:
             yield connection
 
 
-def load_table(engine: Engine, plan_name: str, *, prefixes: Collection[str] | None = None,
+def load_table(engine: Engine, plan_name: str, *, for_number: str | None = None,
                batch_rows: int = DEFAULT_BATCH_ROWS, pause: Callable[[], None] | None = None) -> RateTable:
     """Load a plan into a new :class:`RateTable` (raises :class:`NotFound` for an unknown plan).
 
-    ``prefixes`` restricts the rows to those prefixes (a one-off quote needs the prefixes of its
-    number, not a million rows). ``pause`` runs after every batch of ``batch_rows`` rows: the
-    daemon passes a cooperative yield so that a long load never starves live calls.
+    ``for_number`` loads only the rows that could rate that number (a one-off quote needs a
+    few rows, not a million); the lookup rules are the same. ``pause`` runs after every batch
+    of ``batch_rows`` rows: the daemon passes a cooperative yield so that a long load never
+    starves live calls.
     """
     with reading(engine) as connection:
         settings = plan_settings(connection, plan_name)
@@ -108,8 +109,8 @@ def load_table(engine: Engine, plan_name: str, *, prefixes: Collection[str] | No
                                    international_prefix=settings.international_prefix,
                                    version=settings.version)
         query = select(*_COLUMNS).where(Rate.plan_id == settings.id)
-        if prefixes is not None:
-            query = query.where(Rate.prefix.in_(sorted(set(prefixes))))
+        if for_number is not None:
+            query = query.where(Rate.prefix.in_(candidate_prefixes(for_number, settings.international_prefix)))
         result = connection.execution_options(stream_results=True, yield_per=batch_rows).execute(query)
         for batch in result.partitions():
             _add_batch(builder, batch, plan_name)
