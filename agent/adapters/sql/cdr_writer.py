@@ -1,0 +1,246 @@
+"""Batched, idempotent CDR writes: ``calls``, ``call_legs`` and ``rating_decisions`` (DESIGN §6).
+
+One batch is one transaction. PostgreSQL (psycopg 3) loads the rows with COPY into
+per-connection temporary staging tables, then ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``;
+the other backends use multi-row inserts that skip duplicates (SQLite ``ON CONFLICT DO
+NOTHING``, MySQL/MariaDB ``ON DUPLICATE KEY UPDATE`` of the key to itself, which, unlike
+``INSERT IGNORE``, still refuses a value that does not fit instead of truncating it). The unique
+keys (``calls.id``, ``call_legs (call_id, pbx_unique_id)``, ``rating_decisions (call_id, seq)``)
+make a replay of a batch that already committed change nothing.
+
+A batch the database refuses because of its data (a DB-API ``DataError``/``IntegrityError``,
+or a value that cannot even be converted) is split in halves until the guilty records are
+alone; those are returned as rejected (the pipeline quarantines them in ``cdr_quarantine``) and
+the rest is written. Any other error (connection refused or lost, deadlock, missing table) is
+``CdrStoreUnavailable``: nothing is rejected, the pipeline retries the batch later.
+
+Behind PgBouncer, use session pooling (the staging tables are per connection) or ``use_copy=False``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, Table, insert
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+
+from agent.adapters.sql.models import Call, CallLeg, CdrQuarantine, RatingDecision, utcnow
+from agent.core.cdr import CallRecord
+from agent.services.cdr_pipeline import (
+    CdrStoreUnavailable,
+    CdrWriteReport,
+    QuarantineRefused,
+    RejectedCdr,
+    encode_record,
+)
+
+log = logging.getLogger(__name__)
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EPOCH_NAIVE = datetime(1970, 1, 1)
+
+CALLS: Table = Call.__table__  # type: ignore[assignment]
+LEGS: Table = CallLeg.__table__  # type: ignore[assignment]
+DECISIONS: Table = RatingDecision.__table__  # type: ignore[assignment]
+QUARANTINE: Table = CdrQuarantine.__table__  # type: ignore[assignment]
+
+CALL_COLUMNS = ("id", "node", "account_id", "caller", "destination", "started_at", "answered_at",
+                "ended_at", "duration_ms", "disposition", "hangup_cause", "pbx", "settled_at")
+LEG_COLUMNS = ("call_id", "pbx_unique_id", "channel", "direction", "sip_call_id", "peer", "caller",
+               "callee", "created_at", "answered_at", "ended_at", "hangup_cause", "billsec", "billed")
+DECISION_COLUMNS = ("call_id", "seq", "plan_name", "rate_id", "prefix", "rate_micros", "billed_seconds",
+                    "cost_micros", "decided_at", "reason")
+
+# The column a MySQL "ON DUPLICATE KEY UPDATE" sets to itself (any column of a unique key).
+SKIP_KEY = {"calls": "id", "call_legs": "call_id", "rating_decisions": "call_id", "cdr_quarantine": "digest"}
+
+# MySQL/MariaDB errors about the data of a row that PyMySQL reports as OperationalError.
+MYSQL_DATA_ERRORS = {1048, 1264, 1292, 1366, 1406, 1452, 3819, 4025}
+# PostgreSQL SQLSTATE classes about the data: 22 data exception, 23 integrity violation.
+PG_DATA_CLASSES = ("22", "23")
+
+
+def _naive(ms: int | None) -> datetime | None:
+    return None if ms is None else EPOCH_NAIVE + timedelta(milliseconds=ms)
+
+
+def _aware(ms: int | None) -> datetime | None:
+    return None if ms is None else EPOCH + timedelta(milliseconds=ms)
+
+
+def record_rows(record: CallRecord, *, aware: bool) -> tuple[tuple[Any, ...], list[tuple[Any, ...]],
+                                                             tuple[Any, ...]]:
+    """The ``calls`` row, the ``call_legs`` rows and the ``rating_decisions`` row of a record,
+    in the column orders above (datetimes naive UTC for COPY, aware for SQLAlchemy)."""
+    ts = _aware if aware else _naive
+    r = record
+    call = (r.call_id, r.node, r.account_id, r.caller, r.destination, ts(r.started_ms), ts(r.answered_ms),
+            ts(r.ended_ms), r.duration_ms, r.disposition.value, r.hangup_cause, r.pbx, ts(r.settled_ms))
+    legs = [(r.call_id, leg.pbx_unique_id, leg.channel, leg.direction, leg.sip_call_id, leg.peer, leg.caller,
+             leg.callee, ts(leg.created_ms), ts(leg.answered_ms), ts(leg.ended_ms), leg.hangup_cause,
+             leg.billsec, leg.billed) for leg in r.legs]
+    g = r.rating
+    decision = (r.call_id, g.seq, g.plan_name, g.rate_id, g.prefix, g.rate_micros, g.billed_seconds,
+                g.cost_micros, ts(g.decided_ms), g.reason)
+    return call, legs, decision
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """True when the database (or the driver) refused the rows for what they contain."""
+    orig = getattr(exc, "orig", None) or exc
+    if isinstance(orig, ValueError | TypeError | OverflowError):
+        return True
+    names = {cls.__name__ for cls in type(orig).__mro__}
+    if names & {"DataError", "IntegrityError"}:  # DB-API 2 (PEP 249) names, any driver
+        return True
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate[:2] in PG_DATA_CLASSES:
+        return True
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return bool(args) and isinstance(args[0], int) and args[0] in MYSQL_DATA_ERRORS
+
+
+def describe(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = " ".join(str(orig).split()) or type(orig).__name__
+    return f"{type(orig).__name__}: {text}"[:1000]
+
+
+def _printable(text: str, limit: int) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in text)[:limit]
+
+
+class SqlCdrStore:
+    """Implements ``CdrStore`` (agent/services/cdr_pipeline.py) on any SQLAlchemy engine."""
+
+    def __init__(self, engine: Engine, *, use_copy: bool | None = None) -> None:
+        self.engine = engine
+        self.backend = engine.dialect.name
+        driver = engine.dialect.driver
+        self.use_copy = (self.backend == "postgresql" and driver == "psycopg") if use_copy is None else use_copy
+
+    # ------------------------------------------------------------------ writing
+
+    def write(self, records: Sequence[CallRecord]) -> CdrWriteReport:
+        if not records:
+            return CdrWriteReport(written=0)
+        try:
+            new_calls = self._write_batch(records)
+        except Exception as exc:  # classified below; gevent.Timeout and GreenletExit propagate
+            if not is_data_error(exc):
+                raise CdrStoreUnavailable(describe(exc)) from exc
+            if len(records) == 1:
+                record = records[0]
+                return CdrWriteReport(written=0, rejected=[
+                    RejectedCdr(record.call_id, record.node, describe(exc), self._payload(record))])
+            middle = len(records) // 2
+            first = self.write(records[:middle])
+            second = self.write(records[middle:])
+            return CdrWriteReport(written=first.written + second.written,
+                                  rejected=[*first.rejected, *second.rejected],
+                                  new_calls=_add(first.new_calls, second.new_calls))
+        return CdrWriteReport(written=len(records), new_calls=new_calls)
+
+    @staticmethod
+    def _payload(record: CallRecord) -> bytes:
+        try:
+            return encode_record(record)
+        except (TypeError, ValueError):
+            return repr(record).encode("ascii", "backslashreplace")
+
+    def _write_batch(self, records: Sequence[CallRecord]) -> int | None:
+        if self.use_copy:
+            return self._write_copy(records)
+        calls: list[dict[str, Any]] = []
+        legs: list[dict[str, Any]] = []
+        decisions: list[dict[str, Any]] = []
+        for record in records:
+            call, leg_rows, decision = record_rows(record, aware=True)
+            calls.append(dict(zip(CALL_COLUMNS, call, strict=True)))
+            legs.extend(dict(zip(LEG_COLUMNS, leg, strict=True)) for leg in leg_rows)
+            decisions.append(dict(zip(DECISION_COLUMNS, decision, strict=True)))
+        with self.engine.begin() as conn:
+            result = conn.execute(self._insert_skipping_duplicates(CALLS), calls)
+            if legs:
+                conn.execute(self._insert_skipping_duplicates(LEGS), legs)
+            conn.execute(self._insert_skipping_duplicates(DECISIONS), decisions)
+        # MySQL counts a skipped duplicate as "found", so its row count says nothing here.
+        return result.rowcount if self.backend != "mysql" and result.rowcount >= 0 else None
+
+    def _insert_skipping_duplicates(self, table: Table) -> Any:
+        key = table.c[SKIP_KEY[table.name]]
+        if self.backend == "sqlite":
+            return sqlite.insert(table).on_conflict_do_nothing()
+        if self.backend == "postgresql":
+            return postgresql.insert(table).on_conflict_do_nothing()
+        if self.backend in ("mysql", "mariadb"):
+            # Setting the key to itself is a no-op on a duplicate; errors on the data still raise.
+            return mysql.insert(table).on_duplicate_key_update({key.name: key})
+        return insert(table)  # unknown backend: a duplicate raises and the batch is split
+
+    def _write_copy(self, records: Sequence[CallRecord]) -> int:
+        calls: list[tuple[Any, ...]] = []
+        legs: list[tuple[Any, ...]] = []
+        decisions: list[tuple[Any, ...]] = []
+        for record in records:
+            call, leg_rows, decision = record_rows(record, aware=False)
+            calls.append(call)
+            legs.extend(leg_rows)
+            decisions.append(decision)
+        with self.engine.begin() as conn:
+            info = conn.info
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            with raw.cursor() as cursor:
+                if not info.get("cdr_staging"):
+                    for table, columns in ((CALLS, CALL_COLUMNS), (LEGS, LEG_COLUMNS),
+                                           (DECISIONS, DECISION_COLUMNS)):
+                        cursor.execute(
+                            f"CREATE TEMP TABLE IF NOT EXISTS stage_{table.name} ON COMMIT DELETE ROWS AS "
+                            f"SELECT {', '.join(columns)} FROM {table.name} WITH NO DATA")
+                inserted = 0
+                for table, columns, rows in ((CALLS, CALL_COLUMNS, calls), (LEGS, LEG_COLUMNS, legs),
+                                             (DECISIONS, DECISION_COLUMNS, decisions)):
+                    if not rows:
+                        continue
+                    names = ", ".join(columns)
+                    with cursor.copy(f"COPY stage_{table.name} ({names}) FROM STDIN") as copy:
+                        for row in rows:
+                            copy.write_row(row)
+                    cursor.execute(f"INSERT INTO {table.name} ({names}) SELECT {names} FROM stage_{table.name} "
+                                   "ON CONFLICT DO NOTHING")
+                    if table is CALLS:
+                        inserted = cursor.rowcount
+        info["cdr_staging"] = True  # only once the transaction that created them committed
+        return inserted
+
+    # ------------------------------------------------------------------ quarantine
+
+    def quarantine(self, rejected: Sequence[RejectedCdr]) -> None:
+        if not rejected:
+            return
+        now = utcnow()
+        rows = [{
+            "digest": hashlib.sha256(item.payload).hexdigest(),
+            "call_id": _printable(item.call_id, 191),
+            "node": _printable(item.node, 64),
+            "reason": _printable(item.reason, 1000),
+            "payload": item.payload.decode("utf-8", "backslashreplace").replace("\x00", "\\x00"),
+            "created_at": now,
+        } for item in rejected]
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(self._insert_skipping_duplicates(QUARANTINE), rows)
+        except Exception as exc:  # classified: unreachable is retried, anything else kept locally
+            if is_data_error(exc):
+                raise QuarantineRefused(describe(exc)) from exc
+            raise CdrStoreUnavailable(describe(exc)) from exc
+
+
+def _add(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a + b
+

@@ -1,0 +1,215 @@
+"""The CDR pipeline service over a real spool and an in-memory store: batching, outages, a full
+spool, rejected records, restarts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import gevent.event
+import pytest
+
+from agent.adapters.cdr.spool import Spool
+from agent.core.cdr import CallRecord
+from agent.services.cdr_pipeline import (
+    CdrPipeline,
+    CdrStoreUnavailable,
+    CdrWriteReport,
+    PipelineSettings,
+    QuarantineRefused,
+    RejectedCdr,
+    SpoolFull,
+    encode_record,
+)
+from agent.services.metrics import Metrics
+from tests.cdr_builders import make_record
+
+
+class InMemoryCdrStore:
+    """A CdrStore with the SQL store's semantics: idempotent per call id, rejects chosen ids."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, CallRecord] = {}
+        self.order: list[str] = []
+        self.batches: list[int] = []
+        self.quarantined: dict[str, str] = {}
+        self.down = False
+        self.broken = False
+        self.refuse_quarantine = False
+        self.reject: set[str] = set()
+        self.wrote = gevent.event.Event()
+
+    def write(self, records: Sequence[CallRecord]) -> CdrWriteReport:
+        if self.down:
+            raise CdrStoreUnavailable("connection refused")
+        if self.broken:
+            self.broken = False
+            raise RuntimeError("a bug in the store")
+        rejected = [RejectedCdr(r.call_id, r.node, "bad row", encode_record(r)) for r in records
+                    if r.call_id in self.reject]
+        for record in records:
+            if record.call_id not in self.reject and record.call_id not in self.calls:
+                self.calls[record.call_id] = record
+                self.order.append(record.call_id)
+        self.batches.append(len(records))
+        self.wrote.set()
+        return CdrWriteReport(written=len(records) - len(rejected), rejected=rejected)
+
+    def quarantine(self, rejected: Sequence[RejectedCdr]) -> None:
+        if self.refuse_quarantine:
+            raise QuarantineRefused("no")
+        for item in rejected:
+            self.quarantined[item.call_id] = item.reason
+
+
+@pytest.fixture
+def store() -> InMemoryCdrStore:
+    return InMemoryCdrStore()
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+def make_pipeline(spool_dir: Path, store: InMemoryCdrStore, *, max_bytes: int = 1 << 20,
+                  metrics: Metrics | None = None, **settings: int | float) -> CdrPipeline:
+    options: dict[str, int | float] = {"batch_size": 10, "flush_interval_ms": 20, "retry_max_s": 0.05}
+    options.update(settings)
+    return CdrPipeline(Spool(spool_dir, max_bytes=max_bytes), store,
+                       PipelineSettings(**options), metrics=metrics)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def pipeline(spool_dir: Path, store: InMemoryCdrStore) -> Iterator[CdrPipeline]:
+    p = make_pipeline(spool_dir, store)
+    p.start()
+    yield p
+    p.stop(2)
+
+
+def ids(n: int, start: int = 0) -> list[str]:
+    return [f"call-{i:06d}" for i in range(start, start + n)]
+
+
+def test_submitted_calls_reach_sql_in_order_in_bounded_batches(pipeline: CdrPipeline,
+                                                                store: InMemoryCdrStore) -> None:
+    for i in range(95):
+        pipeline.submit(make_record(i))
+    assert pipeline.flush(5)
+    assert store.order == ids(95)
+    assert max(store.batches) <= 10 and sum(store.batches) == 95
+    assert pipeline.spool.backlog_bytes() == 0
+
+
+def test_a_full_batch_is_written_without_waiting_for_the_interval(spool_dir: Path, store: InMemoryCdrStore) -> None:
+    pipeline = make_pipeline(spool_dir, store, flush_interval_ms=60_000)
+    pipeline.start()
+    gevent.sleep(0)  # the writer drains the (empty) spool and starts waiting
+    for i in range(10):
+        pipeline.submit(make_record(i))
+    assert store.wrote.wait(timeout=5)
+    assert store.order == ids(10)
+    pipeline.stop(2)
+
+
+def test_database_outage_holds_calls_in_the_spool_and_writes_them_once_back(pipeline: CdrPipeline,
+                                                                             store: InMemoryCdrStore) -> None:
+    store.down = True
+    for i in range(40):
+        pipeline.submit(make_record(i))
+    assert not pipeline.flush(0.2)
+    assert store.order == [] and pipeline.counters.retries >= 1
+    store.down = False
+    assert pipeline.flush(5)
+    assert store.order == ids(40)
+
+
+def test_an_unexpected_store_error_is_retried_not_fatal(pipeline: CdrPipeline, store: InMemoryCdrStore) -> None:
+    store.broken = True
+    pipeline.submit(make_record(1))
+    assert pipeline.flush(5)
+    assert store.order == ids(1, 1)
+
+
+def test_stopping_while_the_database_is_away_keeps_the_calls_for_the_next_start(
+        spool_dir: Path, store: InMemoryCdrStore) -> None:
+    store.down = True
+    first = make_pipeline(spool_dir, store)
+    first.start()
+    for i in range(25):
+        first.submit(make_record(i))
+    first.stop(0.2)
+    store.down = False
+    second = make_pipeline(spool_dir, store)
+    second.start()
+    assert second.flush(5)
+    assert store.order == ids(25)
+    second.stop(1)
+
+
+def test_rejected_calls_are_quarantined_and_the_rest_written(pipeline: CdrPipeline, store: InMemoryCdrStore) -> None:
+    store.reject = {"call-000003"}
+    for i in range(6):
+        pipeline.submit(make_record(i))
+    assert pipeline.flush(5)
+    assert store.order == [c for c in ids(6) if c != "call-000003"]
+    assert store.quarantined == {"call-000003": "bad row"}
+    assert pipeline.counters.rejected == 1
+
+
+def test_when_sql_refuses_the_quarantine_too_the_record_is_kept_locally(pipeline: CdrPipeline,
+                                                                         store: InMemoryCdrStore,
+                                                                         spool_dir: Path) -> None:
+    store.reject = {"call-000001"}
+    store.refuse_quarantine = True
+    pipeline.submit(make_record(1))
+    assert pipeline.flush(5)
+    kept = list((spool_dir / "quarantine").glob("rejected-*.json"))
+    assert [p.read_bytes() for p in kept] == [encode_record(make_record(1))]
+    assert "bad row" in kept[0].with_suffix(".txt").read_text()
+
+
+def test_a_full_spool_raises_to_the_engine_and_keeps_the_call_in_memory(
+        spool_dir: Path, store: InMemoryCdrStore, caplog: pytest.LogCaptureFixture) -> None:
+    store.down = True
+    pipeline = make_pipeline(spool_dir, store, max_bytes=2_000)
+    pipeline.start()
+    refused = 0
+    for i in range(10):
+        try:
+            pipeline.submit(make_record(i))
+        except SpoolFull:
+            refused += 1
+    assert refused > 0 and pipeline.counters.refused == refused
+    assert "CDR NOT SPOOLED" in caplog.text and "is FULL" in caplog.text
+    store.down = False
+    assert pipeline.flush(5)
+    assert sorted(store.order) == ids(10)  # spooled and in-memory ones alike
+    pipeline.stop(1)
+
+
+def test_metrics_show_the_backlog_the_outage_and_the_visibility_delay(spool_dir: Path,
+                                                                      store: InMemoryCdrStore) -> None:
+    metrics = Metrics()
+    settled_ms = make_record(0).settled_ms or 0
+    pipeline = CdrPipeline(Spool(spool_dir, max_bytes=1 << 20), store,
+                           PipelineSettings(batch_size=10, flush_interval_ms=20, retry_max_s=0.05),
+                           metrics=metrics, now_ms=lambda: settled_ms + 1500)
+    pipeline.start()
+    store.down = True
+    pipeline.submit(make_record(0))
+    assert not pipeline.flush(0.15)
+
+    def value(name: str, labels: dict[str, str] | None = None) -> float:
+        return metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+    assert value("billing_cdr_database_up") == 0
+    assert value("billing_cdr_queue_depth") == 1
+    store.down = False
+    assert pipeline.flush(5)
+    assert value("billing_cdr_database_up") == 1
+    assert value("billing_cdr_written_total") == 1
+    assert value("billing_cdr_visible_seconds_bucket", {"le": "2.0"}) == 1
+    assert value("billing_cdr_visible_seconds_bucket", {"le": "1.0"}) == 0
+    pipeline.stop(1)

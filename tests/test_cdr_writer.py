@@ -1,0 +1,180 @@
+"""The SQL CDR writer on SQLite, PostgreSQL (COPY) and MariaDB: batches, replays, rejected rows,
+and a database that goes away and comes back while the pipeline keeps spooling."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from agent.adapters.cdr.spool import Spool
+from agent.adapters.sql.cdr_writer import SqlCdrStore
+from agent.adapters.sql.engine import make_engine
+from agent.adapters.sql.migrate import upgrade
+from agent.adapters.sql.models import Call, CallLeg, CdrQuarantine, RatingDecision
+from agent.core.cdr import Disposition
+from agent.services.cdr_pipeline import CdrPipeline, CdrStoreUnavailable, PipelineSettings, decode_record
+from tests.cdr_builders import call_ids, counts, make_record, quarantine_rows
+from tests.test_store_guard import CuttableProxy
+
+
+def test_batch_insert_writes_calls_legs_and_the_rating_decision(engine: Engine) -> None:
+    store = SqlCdrStore(engine)
+    report = store.write([make_record(i) for i in range(60)])
+    assert (report.written, report.rejected) == (60, [])
+    assert counts(engine) == (60, 120, 60)
+    with Session(engine) as session:
+        call = session.get(Call, "call-000007")
+        assert call is not None
+        assert call.started_at == datetime(2026, 1, 1, 0, 7, tzinfo=UTC)
+        assert call.answered_at == datetime(2026, 1, 1, 0, 7, 5, tzinfo=UTC)
+        assert (call.duration_ms, call.disposition, call.account_id) == (61_000, "ANSWERED", "acct-1")
+        legs = session.scalars(select(CallLeg).where(CallLeg.call_id == "call-000007")
+                               .order_by(CallLeg.pbx_unique_id)).all()
+        assert [(leg.direction, leg.billed, leg.billsec) for leg in legs] == [("inbound", False, 66),
+                                                                            ("outbound", True, 61)]
+        decision = session.scalars(select(RatingDecision).where(RatingDecision.call_id == "call-000007")).one()
+        assert (decision.seq, decision.billed_seconds, decision.cost_micros) == (1, 61, 122_000)
+
+
+def test_replaying_a_committed_batch_changes_nothing(engine: Engine) -> None:
+    store = SqlCdrStore(engine)
+    records = [make_record(i) for i in range(30)]
+    store.write(records)
+    again = store.write([*records, make_record(99)])
+    assert again.written == 31
+    assert counts(engine) == (31, 62, 31)
+    if again.new_calls is not None:
+        assert again.new_calls == 1
+
+
+def test_a_row_the_database_rejects_is_quarantined_and_the_rest_written(engine: Engine) -> None:
+    store = SqlCdrStore(engine)
+    records = [make_record(i) for i in range(20)]
+    records[7] = make_record(7, destination=None)  # NOT NULL in every backend
+    report = store.write(records)
+    assert report.written == 19
+    assert [r.call_id for r in report.rejected] == ["call-000007"]
+    reason = report.rejected[0].reason
+    assert "null" in reason.lower() or "destination" in reason.lower(), reason
+    store.quarantine(report.rejected)
+    store.quarantine(report.rejected)  # a replay quarantines once
+    assert quarantine_rows(engine) == [("call-000007", reason)]
+    assert len(call_ids(engine)) == 19 and "call-000007" not in call_ids(engine)
+    with Session(engine) as session:
+        payload = session.scalars(select(CdrQuarantine.payload)).one()
+    assert decode_record(payload.encode()).call_id == "call-000007"  # the operator can fix and re-inject it
+
+
+def test_a_value_too_long_for_its_column(engine: Engine) -> None:
+    store = SqlCdrStore(engine)
+    report = store.write([make_record(0), make_record(1, destination="4" * 80), make_record(2)])
+    if engine.dialect.name == "sqlite":
+        assert report.written == 3  # SQLite does not enforce VARCHAR lengths
+        return
+    assert report.written == 2
+    assert [r.call_id for r in report.rejected] == ["call-000001"]
+    assert "long" in report.rejected[0].reason.lower()
+    assert call_ids(engine) == ["call-000000", "call-000002"]
+
+
+def test_database_unreachable_is_not_a_rejection(tmp_path: Path) -> None:
+    store = SqlCdrStore(make_engine(f"sqlite:///{tmp_path / 'missing' / 'cdr.db'}"))
+    with pytest.raises(CdrStoreUnavailable):
+        store.write([make_record(1)])
+
+
+class Outage:
+    """Takes a backend's database away and brings it back: a cuttable TCP proxy for the servers,
+    a folder that does not exist yet for SQLite."""
+
+    def __init__(self, engine: Engine, tmp_path: Path) -> None:
+        self.backend = engine.dialect.name
+        self.proxy: CuttableProxy | None = None
+        if self.backend == "sqlite":
+            self.engine = make_engine(f"sqlite:///{tmp_path / 'later' / 'cdr.db'}")
+        else:
+            url = engine.url
+            self.proxy = CuttableProxy((url.host or "127.0.0.1", url.port or 0))
+            self.engine = make_engine(url.set(port=self.proxy.port).render_as_string(hide_password=False),
+                                      connect_timeout_seconds=2)
+            self.proxy.cut()
+
+    def cut(self) -> None:
+        assert self.proxy is not None
+        self.proxy.cut()
+
+    def restore(self) -> None:
+        if self.proxy is not None:
+            self.proxy.restore()
+            return
+        Path(str(self.engine.url.database)).parent.mkdir()
+        upgrade(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self.proxy is not None:
+            self.proxy.close()
+
+
+@pytest.fixture
+def outage(engine: Engine, tmp_path: Path) -> Iterator[Outage]:
+    down = Outage(engine, tmp_path)
+    yield down
+    down.close()
+
+
+def test_database_down_then_up_loses_nothing(outage: Outage, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=10 << 20)
+    pipeline = CdrPipeline(spool, SqlCdrStore(outage.engine),
+                           PipelineSettings(batch_size=10, flush_interval_ms=20, retry_max_s=0.1))
+    pipeline.start()
+    try:
+        for i in range(35):
+            pipeline.submit(make_record(i))
+        assert not pipeline.flush(0.4)  # the database is away: the spool holds everything
+        assert pipeline.counters.retries >= 1 and spool.backlog_bytes() > 0
+        outage.restore()
+        assert pipeline.flush(15)
+        assert counts(outage.engine) == (35, 70, 35)
+        if outage.proxy is not None:  # and once more, mid-stream
+            outage.cut()
+            for i in range(35, 60):
+                pipeline.submit(make_record(i))
+            assert not pipeline.flush(0.3)
+            outage.restore()
+            assert pipeline.flush(15)
+            assert counts(outage.engine) == (60, 120, 60)
+        assert spool.backlog_bytes() == 0
+    finally:
+        pipeline.stop(5)
+
+
+def test_undecodable_spool_entries_are_quarantined_not_dropped(sqlite_engine: Engine, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    spool.append(b'{"call_id": "half a record"')
+    spool.append(json.dumps(make_record(1).to_dict()).encode())
+    pipeline = CdrPipeline(spool, SqlCdrStore(sqlite_engine))
+    report = pipeline.replay_now()
+    assert (report.written, report.rejected) == (1, 1)
+    rows = quarantine_rows(sqlite_engine)
+    assert len(rows) == 1 and "undecodable spool entry at segment 1 offset 0" in rows[0][1]
+    assert call_ids(sqlite_engine) == ["call-000001"]
+    pipeline.stop(1)
+
+
+def _disposition(engine: Engine, call_id: str) -> Any:
+    with engine.connect() as conn:
+        return conn.scalar(select(Call.disposition).where(Call.id == call_id))
+
+
+def test_unanswered_call_is_written_with_a_zero_decision(engine: Engine) -> None:
+    SqlCdrStore(engine).write([make_record(3, answered=False)])
+    assert _disposition(engine, "call-000003") == Disposition.NO_ANSWER.value
+    assert counts(engine) == (1, 2, 1)
