@@ -511,3 +511,8 @@ def test_redis_down_is_store_unavailable_quickly(rw: World) -> None:
     with pytest.raises(StoreUnavailable, match="Redis unavailable during authorize"):
         store.authorize("alice", "c1", "n1", UNIT, UNIT, T0, TTL)
     assert time.monotonic() - started < 1.0
+
+
+def test_a_nibble_seq_below_one_is_refused(w: World) -> None:
+    with pytest.raises(InvalidInput, match="seq 0"):
+        w.store().debit_and_reserve("c1", 0, UNIT, UNIT, T0, TTL)

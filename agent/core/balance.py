@@ -52,8 +52,11 @@ __all__ = [
     "StoreUnavailable",
     "UnknownCall",
     "authorize_decision",
+    "check_authorize",
     "check_call_id",
     "check_micros",
+    "check_nibble",
+    "check_ttl",
     "ledger_postings",
     "nibble_step",
 ]
@@ -215,8 +218,32 @@ def check_micros(name: str, value: int) -> None:
 
 
 def check_call_id(call_id: str) -> None:
-    if not call_id or len(call_id) > CALL_ID_MAX_LEN or not call_id.isprintable():
+    if not isinstance(call_id, str) or not call_id or len(call_id) > CALL_ID_MAX_LEN or not call_id.isprintable():
         raise InvalidInput(f"call id {call_id!r} must be 1-{CALL_ID_MAX_LEN} printable characters")
+
+
+def check_ttl(ttl_ms: int) -> None:
+    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0:
+        raise InvalidInput(f"reservation TTL {ttl_ms!r} ms must be a positive whole number")
+
+
+def check_authorize(call_id: str, want_micros: int, min_micros: int, ttl_ms: int) -> None:
+    check_call_id(call_id)
+    check_micros("want", want_micros)
+    check_micros("minimum", min_micros)
+    check_ttl(ttl_ms)
+    if want_micros < min_micros:
+        raise InvalidInput(f"want {want_micros} is less than the minimum {min_micros}")
+
+
+def check_nibble(request: NibbleRequest) -> None:
+    check_call_id(request.call_id)
+    if isinstance(request.seq, bool) or not isinstance(request.seq, int) or request.seq < 1:
+        raise InvalidInput(f"nibble seq {request.seq!r} of call {request.call_id!r} must be 1 or more "
+                           "(0 is the authorize)")
+    check_micros("debit", request.debit_micros)
+    check_micros("reserve", request.reserve_micros)
+    check_ttl(request.ttl_ms)
 
 
 def authorize_decision(*, status: str, live_calls: int, max_calls: int | None, available_micros: int,

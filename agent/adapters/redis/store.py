@@ -43,10 +43,12 @@ from agent.core.balance import (
     SettleStatus,
     StoreUnavailable,
     UnknownCall,
+    check_authorize,
     check_call_id,
     check_micros,
+    check_nibble,
 )
-from agent.core.errors import Conflict, InvalidInput, NotFound
+from agent.core.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +74,6 @@ def _unavailable(what: str) -> Iterator[None]:
         raise StoreUnavailable(f"Redis unavailable during {what}: {exc}") from exc
     except OperationalError as exc:
         raise StoreUnavailable(f"SQL database unavailable during {what}: {exc.orig}") from exc
-
-
-def _check_ttl(ttl_ms: int) -> None:
-    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0:
-        raise InvalidInput(f"reservation TTL {ttl_ms!r} ms must be a positive whole number")
 
 
 class RedisBalanceStore:
@@ -150,12 +147,7 @@ class RedisBalanceStore:
 
     def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
                   now_ms: int, ttl_ms: int) -> AuthorizeOutcome:
-        check_call_id(call_id)
-        check_micros("want", want_micros)
-        check_micros("minimum", min_micros)
-        _check_ttl(ttl_ms)
-        if want_micros < min_micros:
-            raise InvalidInput(f"want {want_micros} is less than the minimum {min_micros}")
+        check_authorize(call_id, want_micros, min_micros, ttl_ms)
         ak = self._keys.of(account_id)
         keys = [ak.account, ak.live, ak.call(call_id)]
         args = [account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms]
@@ -204,10 +196,7 @@ class RedisBalanceStore:
         """All nibbles in one pipeline (one round trip); an account missing from Redis is loaded
         and its nibbles run again (they changed nothing the first time)."""
         for r in requests:
-            check_call_id(r.call_id)
-            check_micros("debit", r.debit_micros)
-            check_micros("reserve", r.reserve_micros)
-            _check_ttl(r.ttl_ms)
+            check_nibble(r)
         with _unavailable("nibble"):
             accounts = self._accounts_of([r.call_id for r in requests], [r.account_id for r in requests])
             known = [(i, r, a) for i, (r, a) in enumerate(zip(requests, accounts, strict=True)) if a is not None]

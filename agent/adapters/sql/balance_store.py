@@ -42,12 +42,14 @@ from agent.core.balance import (
     StoreUnavailable,
     UnknownCall,
     authorize_decision,
+    check_authorize,
     check_call_id,
     check_micros,
+    check_nibble,
     ledger_postings,
     nibble_step,
 )
-from agent.core.errors import Conflict, InvalidInput, NotFound
+from agent.core.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +74,6 @@ def _retryable(exc: DBAPIError) -> bool:
         return True
     args: tuple[object, ...] = getattr(orig, "args", ())
     return bool(args) and args[0] in RETRYABLE_MYSQL_CODES
-
-
-def _check_ttl(ttl_ms: int) -> None:
-    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0:
-        raise InvalidInput(f"reservation TTL {ttl_ms!r} ms must be a positive whole number")
 
 
 class SqlBalanceStore:
@@ -132,12 +129,7 @@ class SqlBalanceStore:
 
     def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
                   now_ms: int, ttl_ms: int) -> AuthorizeOutcome:
-        check_call_id(call_id)
-        check_micros("want", want_micros)
-        check_micros("minimum", min_micros)
-        _check_ttl(ttl_ms)
-        if want_micros < min_micros:
-            raise InvalidInput(f"want {want_micros} is less than the minimum {min_micros}")
+        check_authorize(call_id, want_micros, min_micros, ttl_ms)
         return self._run(lambda s: self._authorize(s, account_id, call_id, node, want_micros, min_micros,
                                                    now_ms, ttl_ms))
 
@@ -183,10 +175,7 @@ class SqlBalanceStore:
 
     def debit_and_reserve_many(self, requests: Sequence[NibbleRequest]) -> list[NibbleOutcome]:
         for request in requests:
-            check_call_id(request.call_id)
-            check_micros("debit", request.debit_micros)
-            check_micros("reserve", request.reserve_micros)
-            _check_ttl(request.ttl_ms)
+            check_nibble(request)
         # One transaction per nibble: a batch never holds many accounts' locks at once.
         return [self._run(lambda s, r=request: self._nibble(s, r)) for request in requests]  # type: ignore[misc]
 
