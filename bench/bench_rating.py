@@ -219,7 +219,7 @@ def server_database(backend: str) -> tuple[str, Any]:
 
 def summarise(kind: str, runs: list[dict[str, Any]]) -> str:
     def med(key: str) -> float:
-        return statistics.median(r[key] for r in runs)
+        return float(statistics.median(r[key] for r in runs))
 
     seconds = med("seconds") if "seconds" in runs[0] else med("total_seconds")
     extra = f" (builder alone {med('builder_seconds'):.1f} s)" if "builder_seconds" in runs[0] else ""

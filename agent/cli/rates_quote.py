@@ -16,8 +16,8 @@ from agent.adapters.sql.rate_repository import load_table
 from agent.cli.common import AMOUNT, app, fail, handle_errors, print_json
 from agent.core.clock import parse_iso8601
 from agent.core.money import format_amount
-from agent.core.ratetable import OPEN_END_MS, RateTable, Refusal, epoch_ms, format_instant
-from agent.core.rating import MAX_SECONDS_CAP, RateRow, cost_micros_for_seconds, max_seconds, quote
+from agent.core.ratetable import RateTable, Refusal, epoch_ms, format_instant
+from agent.core.rating import MAX_SECONDS_CAP, OPEN_END_MS, RateRow, cost_micros_for_seconds, max_seconds, quote
 
 
 def _parse_at(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:

@@ -96,7 +96,8 @@ def epoch_ms_ceil(moment: datetime) -> int:
 
 def format_instant(at_ms: int) -> str:
     """``2026-01-31T12:00:00Z`` for an epoch-ms instant."""
-    return (_EPOCH + timedelta(milliseconds=at_ms)).isoformat().replace("+00:00", "Z")
+    moment = _EPOCH + timedelta(milliseconds=at_ms)
+    return moment.isoformat(timespec="milliseconds" if at_ms % 1000 else "seconds").replace("+00:00", "Z")
 
 
 class RateTable:
@@ -159,8 +160,14 @@ class RateTable:
             return refusal
         key = int("1" + digits)
         n = len(digits)
+        if self._filter is None or n < GROUP_DIGITS:
+            probes = self._probes[n]
+        else:  # _LengthFilter.probes, inlined
+            lengths = self._filter
+            group = key // _POWERS[n - GROUP_DIGITS] - _GROUPS
+            mask = (lengths.long[group] | lengths.short[group // 10]) << 7 | n
+            probes = lengths.memo.get(mask) or lengths.probes(key, n)
         index = self._index
-        probes = self._probes[n] if self._filter is None or n < GROUP_DIGITS else self._filter.probes(key, n)
         for length, divisor in probes:
             entry = index.get(key // divisor)
             if entry is None:
@@ -168,7 +175,7 @@ class RateTable:
             for record in (entry,) if isinstance(entry, bytes) else entry:
                 (dest, rate, fee, first, increment, minimum, grace, start_ms, end_ms, window, blocked,
                  rate_id) = _unpack(record)
-                if not start_ms <= at_ms < end_ms or (window != _ALWAYS and not self._in_window(window, at_ms)):
+                if not start_ms <= at_ms < end_ms or (window and not self._in_window(window, at_ms)):  # 0: _ALWAYS
                     continue
                 _, time_from, time_to = self._windows[window]
                 row: RateRow = _new_row(RateRow, (
@@ -234,16 +241,16 @@ class _LengthFilter:
                 bit = 1 << (length - 1)
                 for group in range(start, start + span):
                     self.short[group] |= bit
-        self._memo: dict[int, tuple[tuple[int, int], ...]] = {}
+        self.memo: dict[int, tuple[tuple[int, int], ...]] = {}
 
     def probes(self, key: int, n: int) -> tuple[tuple[int, int], ...]:
         """(length, divisor of ``key``) for each candidate prefix length of an n-digit number."""
         group = key // _POWERS[n - GROUP_DIGITS] - _GROUPS
         mask = (self.long[group] | self.short[group // 10]) << 7 | n  # n <= 64 fits in 7 bits
-        probes = self._memo.get(mask)
+        probes = self.memo.get(mask)
         if probes is None:
             bits = mask >> 7
-            probes = self._memo[mask] = tuple((length, _POWERS[n - length])
+            probes = self.memo[mask] = tuple((length, _POWERS[n - length])
                                               for length in range(min(n, MAX_PREFIX_DIGITS), 0, -1)
                                               if bits >> (length - 1) & 1)
         return probes
