@@ -1,0 +1,1 @@
+"""FreeSWITCH edge: event-socket framing, the supervised greenswitch client, the adapter."""

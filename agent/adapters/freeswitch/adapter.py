@@ -1,0 +1,323 @@
+"""FreeSWITCH switch adapter: authorization of parked calls, supervision, cut-off.
+
+Authorization: park + resume, as CGRateS does, rather than the outbound ``socket`` app. One
+inbound socket carries everything (the supervision needs it anyway: B legs, hangups, resync);
+a call costs no TCP connection of its own; greenswitch's outbound server polls ``accept`` with
+100 ms sleeps; and a parked call fails closed by itself: ``park_timeout`` in the dialplan hangs
+it up if the agent is down, and the dialplan dials only when the agent set
+``billing_decision=allow``. After a reconnect the resync finds the calls still parked and
+authorizes them, so a restart does not strand callers.
+
+The flow for a CHANNEL_PARK of the billing dialplan (``billing_destination`` set, no decision):
+``engine.authorize`` → ``uuid_setvar_multi`` (decision, call id, limit, backstop) and
+``sched_hangup +(backstop + ring allowance)`` on the A leg (the absolute ceiling, pipelined) →
+``uuid_transfer`` back into the billing context, whose dial extension puts
+``execute_on_answer='sched_hangup +<backstop>'`` on every B leg: the PBX cuts the call at the
+B answer + the limit even if the agent dies. A refusal sets the decision, the reason and a
+Q.850 cause, and transfers to the refusal extension (a plain ``uuid_kill`` with the cause if
+that fails).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.pool
+
+from agent.adapters.freeswitch import commands
+from agent.adapters.freeswitch.esl import EslClient, EslSettings
+from agent.adapters.freeswitch.esl_protocol import EslError, Event, FramingError, parse_event
+from agent.adapters.freeswitch.translate import (
+    PBX,
+    SUBSCRIBED_EVENTS,
+    EventTranslator,
+    authorize_request,
+    awaiting_authorization,
+    parked_for_billing,
+)
+from agent.core.events import (
+    AuthorizeDecision,
+    AuthorizeRequest,
+    DenyReason,
+    LegEvent,
+    LegHungUp,
+    PbxConnected,
+    PbxDisconnected,
+)
+from agent.ports import CallEngine, Clock
+from agent.services.clock import SystemClock
+
+log = logging.getLogger(__name__)
+
+VANISHED_CAUSE = "NO_SUCH_CHANNEL"  # FreeSWITCH no longer knows the leg and we missed its hangup
+
+
+class SwitchCommandError(Exception):
+    """FreeSWITCH refused a command (the reply names why)."""
+
+
+@dataclass(frozen=True)
+class FreeswitchSettings:
+    esl: EslSettings = field(default_factory=EslSettings)
+    context: str = "billing-outbound"  # the dialplan context of dialplan/freeswitch/billing.xml
+    ring_allowance_s: int = 120  # A-leg ceiling = backstop + this (ringing, gateway failover)
+    warning_sound: str = "tone_stream://%(200,100,800);loops=3"
+    warning_legs: str = "aleg"  # only the payer hears it
+    authorize_concurrency: int = 512
+    resync_batch: int = 50  # uuid_dump commands pipelined per round trip
+
+    @classmethod
+    def from_config(cls, config: Any) -> FreeswitchSettings:
+        """From the ``freeswitch`` section of agent.yaml (agent.config.FreeswitchConfig)."""
+        timeout = float(getattr(config, "command_timeout_seconds", 5.0))
+        return cls(esl=EslSettings(host=config.host, port=int(config.port), password=config.password,
+                                   command_timeout_s=timeout))
+
+
+@dataclass
+class AdapterStats:
+    events: int = 0
+    bad_events: int = 0  # events with a decoding problem (logged with the header at fault)
+    frame_errors: int = 0  # broken framing (wrong Content-Length...): the connection was reset
+    authorizations: int = 0
+    resyncs: int = 0
+    vanished_legs: int = 0
+
+
+class FreeswitchAdapter:
+    """Implements the ``Switch`` port (agent/ports.py) and drives a ``CallEngine``."""
+
+    name = PBX
+
+    def __init__(self, engine: CallEngine, settings: FreeswitchSettings | None = None, *,
+                 clock: Clock | None = None) -> None:
+        self.engine = engine
+        self.settings = settings or FreeswitchSettings()
+        self.clock = clock or SystemClock()
+        self.translator = EventTranslator()
+        self.stats = AdapterStats()
+        self.synced = gevent.event.Event()  # set after each successful resync
+        self.client = EslClient(
+            replace(self.settings.esl, events=SUBSCRIBED_EVENTS), on_event=self._on_event,
+            on_connected=self._resync, on_disconnected=self._on_disconnected, on_frame_error=self._on_frame_error)
+        self._auth_pool = gevent.pool.Pool(self.settings.authorize_concurrency)
+        self._authorizing: dict[str, list[LegEvent]] = {}  # A leg -> its events held during authorize
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self.client.start()
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self.client.stop(timeout_s)
+        self._auth_pool.kill(timeout=timeout_s)
+
+    # ---------------------------------------------------------------- Switch port
+
+    def connected(self) -> bool:
+        return self.client.connected
+
+    def hangup(self, leg_id: str, cause: str = "NORMAL_CLEARING", *, escalate: bool = False) -> None:
+        """``uuid_kill``; escalated: again, then ``hupall`` of every leg sharing the call's
+        ``call_uuid`` (B legs the agent never saw included). The engine verifies through the
+        leg's hangup event; a leg FreeSWITCH no longer knows is reported as ended."""
+        reply = self.client.api(commands.uuid_kill(leg_id, cause))
+        if commands.is_no_such_channel(reply):
+            self._vanished(leg_id)
+        elif not commands.is_ok(reply):
+            raise SwitchCommandError(f"uuid_kill {leg_id} {cause}: {commands.first_line(reply)}")
+        if escalate:
+            group = self.translator.group_of(leg_id) or leg_id
+            reply = self.client.api(commands.hupall_call(cause, group))
+            log.warning("escalated hangup of leg %s: hupall call_uuid=%s: %s", leg_id, group,
+                        commands.first_line(reply))
+
+    def warn(self, leg_id: str, seconds_left: int) -> None:
+        reply = self.client.api(commands.broadcast(leg_id, self.settings.warning_sound, self.settings.warning_legs))
+        if not commands.is_ok(reply):
+            log.warning("low-balance warning on leg %s (%d s left) not played: %s", leg_id, seconds_left,
+                        commands.first_line(reply))
+
+    # ---------------------------------------------------------------- events
+
+    def _on_event(self, event: Event) -> None:
+        """greenswitch's dispatch greenlet: translate and hand over; never block."""
+        self.stats.events += 1
+        if event.problems:
+            self.stats.bad_events += 1
+            log.warning("FreeSWITCH event %s of channel %s: %s", event.name or "?", event.get("Unique-ID") or "?",
+                        "; ".join(event.problems))
+        name = event.name
+        if name == "CHANNEL_PARK":
+            if awaiting_authorization(event):
+                self._start_authorization(event)
+            return
+        for leg_event in self.translator.translate(event, self.clock.now_ms()):
+            self._emit(leg_event)
+
+    def _emit(self, leg_event: LegEvent) -> None:
+        held = self._authorizing.get(getattr(leg_event, "leg_id", ""))
+        if held is not None:  # the engine does not know this call yet: after its decision
+            held.append(leg_event)
+        else:
+            self.engine.on_event(leg_event)
+
+    def _on_frame_error(self, reason: str) -> None:
+        self.stats.frame_errors += 1
+        log.error("%s; resetting the connection and resynchronising", reason)
+
+    def _on_disconnected(self, reason: str) -> None:
+        self.synced.clear()
+        self.engine.on_event(PbxDisconnected(PBX, self.clock.now_ms()))
+
+    # ---------------------------------------------------------------- authorization
+
+    def _start_authorization(self, event: Event) -> None:
+        leg_id = event.get("Unique-ID")
+        if not leg_id or leg_id in self._authorizing:
+            return  # a duplicate park (resync and event together): one decision is enough
+        self._authorizing[leg_id] = []
+        request = authorize_request(event, self.clock.now_ms())
+        greenlet = self._auth_pool.spawn(self._authorize, request)
+        greenlet.link_exception(self._authorize_failed)
+
+    @staticmethod
+    def _authorize_failed(greenlet: gevent.Greenlet[Any, Any]) -> None:
+        log.error("authorization greenlet failed: %r", greenlet.exception)
+
+    def _authorize(self, request: AuthorizeRequest) -> None:
+        self.stats.authorizations += 1
+        try:
+            decision = self.engine.authorize(request)
+        except Exception as exc:  # the engine must not raise; if it does, the call is refused
+            log.exception("engine.authorize failed for leg %s", request.leg_id)
+            decision = AuthorizeDecision(False, "", reason=DenyReason.STORE_UNAVAILABLE, detail=f"agent error: {exc}")
+        finally:
+            for leg_event in self._authorizing.pop(request.leg_id, []):
+                self.engine.on_event(leg_event)
+        try:
+            if decision.allowed:
+                self._allow(request, decision)
+            else:
+                self._deny(request, decision)
+        except (EslError, commands.UnsafeValue, SwitchCommandError) as exc:
+            # The channel stays parked: park_timeout ends it, or the next resync decides again.
+            log.error("could not apply the decision for leg %s (%s): %s", request.leg_id,
+                      "allow" if decision.allowed else decision.reason, exc)
+
+    def _allow(self, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
+        leg_id = request.leg_id
+        backstop_s = commands.backstop_seconds(decision.limit_ms)
+        variables = {
+            "billing_decision": "allow", "billing_call_id": decision.call_id,
+            "billing_limit_ms": str(decision.limit_ms), "billing_backstop_s": str(backstop_s),
+        }
+        try:
+            transfer = commands.transfer(leg_id, request.destination, self.settings.context)
+        except commands.UnsafeValue as exc:
+            self._kill_refused(leg_id, "INVALID_NUMBER_FORMAT", str(exc))
+            return
+        setvar, ceiling = self.client.api_many([
+            commands.setvar_multi(leg_id, variables),
+            commands.sched_hangup(leg_id, backstop_s + self.settings.ring_allowance_s),
+        ])
+        if commands.is_no_such_channel(setvar):
+            self._vanished(leg_id)
+            return
+        if not commands.is_ok(setvar):
+            self._kill_refused(leg_id, "TEMPORARY_FAILURE", f"uuid_setvar_multi: {commands.first_line(setvar)}")
+            return
+        if not commands.is_ok(ceiling):  # the B-leg backstop of the dialplan still holds
+            log.error("sched_hangup ceiling for leg %s refused: %s", leg_id, commands.first_line(ceiling))
+        reply = self.client.api(transfer)
+        if commands.is_no_such_channel(reply):
+            self._vanished(leg_id)
+        elif not commands.is_ok(reply):
+            self._kill_refused(leg_id, "TEMPORARY_FAILURE", f"uuid_transfer: {commands.first_line(reply)}")
+
+    def _deny(self, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
+        leg_id = request.leg_id
+        cause = commands.deny_cause(decision)
+        reason = str(decision.reason or DenyReason.BAD_REQUEST)
+        reply = self.client.api(commands.setvar_multi(leg_id, {
+            "billing_decision": "deny", "billing_reason": reason, "billing_hangup_cause": cause,
+            "billing_detail": decision.detail or reason,
+        }))
+        if commands.is_no_such_channel(reply):
+            self._vanished(leg_id)
+            return
+        if commands.is_ok(reply):
+            try:
+                reply = self.client.api(commands.transfer(leg_id, request.destination, self.settings.context))
+            except commands.UnsafeValue as exc:
+                reply = f"-ERR {exc}"
+            if commands.is_ok(reply) or commands.is_no_such_channel(reply):
+                return
+        self._kill_refused(leg_id, cause, commands.first_line(reply))
+
+    def _kill_refused(self, leg_id: str, cause: str, why: str) -> None:
+        log.error("hanging up leg %s with %s: %s", leg_id, cause, why)
+        reply = self.client.api(commands.uuid_kill(leg_id, cause))
+        if commands.is_no_such_channel(reply):
+            self._vanished(leg_id)
+
+    def _vanished(self, leg_id: str) -> None:
+        """FreeSWITCH does not know the leg: if we never saw it end, tell the engine it did."""
+        if self.translator.has_ended(leg_id):
+            return
+        self.stats.vanished_legs += 1
+        self.translator.mark_ended(leg_id)
+        self._emit(LegHungUp(leg_id, self.clock.now_ms(), cause=VANISHED_CAUSE))
+
+    # ---------------------------------------------------------------- resync
+
+    def _resync(self) -> None:
+        """After every (re)connect: every live channel, then one PbxConnected for the engine."""
+        listing = self.client.api("show channels as json")
+        leg_ids = channel_uuids(listing)
+        dumps: list[Event] = []
+        batch = max(1, self.settings.resync_batch)
+        for start in range(0, len(leg_ids), batch):
+            chunk = leg_ids[start:start + batch]
+            replies = self.client.api_many([commands.uuid_dump(leg_id) for leg_id in chunk])
+            for leg_id, reply in zip(chunk, replies, strict=True):
+                if reply.startswith("-ERR"):
+                    continue  # ended since the listing; its hangup event is on its way
+                try:
+                    dumps.append(parse_event(reply.encode(), where=f"uuid_dump {leg_id}"))
+                except FramingError as exc:
+                    log.error("resync: %s; channel skipped", exc)
+        now_ms = self.clock.now_ms()
+        live, updates = self.translator.reset_live(dumps, now_ms)
+        self.stats.resyncs += 1
+        log.info("FreeSWITCH resync: %d live channels", len(live))
+        self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live)))
+        for update in updates:
+            self.engine.on_event(update)
+        for dump in dumps:
+            if parked_for_billing(dump):
+                self._start_authorization(dump)
+        self.synced.set()
+
+
+def channel_uuids(listing: str) -> list[str]:
+    """The uuids of ``show channels as json`` (``{"row_count": 0}`` when there are none)."""
+    try:
+        data = json.loads(listing)
+    except ValueError as exc:
+        raise EslError(f"'show channels as json' did not return JSON ({exc}): {listing[:120]!r}") from exc
+    if not isinstance(data, dict):
+        raise EslError(f"'show channels as json' returned {type(data).__name__}, not an object")
+    uuids = []
+    for row in data.get("rows") or []:
+        leg_id = row.get("uuid", "") if isinstance(row, dict) else ""
+        try:
+            uuids.append(commands.check_uuid(leg_id))
+        except commands.UnsafeValue as exc:
+            log.warning("resync: %s; skipped", exc)
+    return uuids

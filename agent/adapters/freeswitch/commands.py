@@ -1,0 +1,140 @@
+"""The ``api`` commands the agent sends to FreeSWITCH, built from checked values (pure).
+
+Every value placed in a command is checked first: a space would shift the arguments, a
+newline would smuggle a second command into the socket, and an empty value can widen a
+command's target (``hupall CAUSE call_uuid`` with no value hangs up *every* channel).
+"""
+
+from __future__ import annotations
+
+import re
+
+from agent.core.events import AuthorizeDecision, DenyReason
+
+_UUID_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+_CAUSE = re.compile(r"[A-Z][A-Z0-9_]{1,63}")
+_DESTINATION = re.compile(r"[0-9A-Za-z+*#._-]{1,64}")
+_CONTEXT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_VAR_VALUE_UNSAFE = re.compile(r"[;=\r\n]")
+
+BACKSTOP_SAFETY_S = 1
+"""``sched_hangup +N`` fires at ``floor(now) + N`` seconds, seen by a scheduler that polls every
+0.5 s (switch_scheduler.c): up to 0.5 s *after* N whole seconds. The backstop is therefore
+one second shorter than the money allows, so that it is never later."""
+
+DENY_CAUSES: dict[DenyReason, str] = {
+    DenyReason.UNKNOWN_ACCOUNT: "CALL_REJECTED",
+    DenyReason.SUSPENDED: "CALL_REJECTED",
+    DenyReason.CLOSED: "CALL_REJECTED",
+    DenyReason.MAX_CALLS: "USER_BUSY",
+    DenyReason.INSUFFICIENT_FUNDS: "OUTGOING_CALL_BARRED",
+    DenyReason.NO_RATE: "NO_ROUTE_DESTINATION",
+    DenyReason.BLOCKED: "OUTGOING_CALL_BARRED",
+    DenyReason.BAD_REQUEST: "INVALID_NUMBER_FORMAT",
+    DenyReason.STORE_UNAVAILABLE: "TEMPORARY_FAILURE",
+    DenyReason.SHUTTING_DOWN: "TEMPORARY_FAILURE",
+}
+"""Q.850 cause names (SIP: 403, 486, 403, 404, 403, 484, 503) given to refused calls."""
+
+
+class UnsafeValue(ValueError):
+    """A value that cannot be put in an event-socket command."""
+
+
+def check_uuid(value: str, what: str = "channel uuid") -> str:
+    if not _UUID_SAFE.fullmatch(value):
+        raise UnsafeValue(f"{what} {value!r} is not a channel uuid (letters, digits, ._:@- only)")
+    return value
+
+
+def check_cause(value: str) -> str:
+    if not _CAUSE.fullmatch(value):
+        raise UnsafeValue(f"hangup cause {value!r} is not a Q.850 cause name such as NORMAL_CLEARING")
+    return value
+
+
+def check_destination(value: str) -> str:
+    if not _DESTINATION.fullmatch(value):
+        raise UnsafeValue(f"destination {value!r} cannot be used as a dialplan extension")
+    return value
+
+
+def check_context(value: str) -> str:
+    if not _CONTEXT.fullmatch(value):
+        raise UnsafeValue(f"dialplan context {value!r} is not a plain name")
+    return value
+
+
+def plain_value(value: str) -> str:
+    """A channel-variable value for ``uuid_setvar_multi`` (``;`` and ``=`` separate pairs)."""
+    return _VAR_VALUE_UNSAFE.sub(" ", value).strip()[:200]
+
+
+def deny_cause(decision: AuthorizeDecision) -> str:
+    return DENY_CAUSES.get(decision.reason, "CALL_REJECTED") if decision.reason else "CALL_REJECTED"
+
+
+def backstop_seconds(limit_ms: int) -> int:
+    """Whole seconds for ``sched_hangup +N`` that never outlast ``limit_ms`` (0: hang up at once)."""
+    return max(0, limit_ms // 1000 - BACKSTOP_SAFETY_S)
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+def uuid_kill(leg_id: str, cause: str) -> str:
+    return f"uuid_kill {check_uuid(leg_id)} {check_cause(cause)}"
+
+
+def hupall_call(cause: str, call_uuid: str) -> str:
+    """Every channel of one call (A and all its B legs share ``call_uuid``)."""
+    return f"hupall {check_cause(cause)} call_uuid {check_uuid(call_uuid, 'call uuid')}"
+
+
+def sched_hangup(leg_id: str, seconds: int, cause: str = "ALLOTTED_TIMEOUT") -> str:
+    if seconds < 0:
+        raise UnsafeValue(f"sched_hangup needs a delay of 0 s or more, not {seconds}")
+    return f"sched_hangup +{seconds} {check_uuid(leg_id)} {check_cause(cause)}"
+
+
+def setvar_multi(leg_id: str, variables: dict[str, str]) -> str:
+    pairs = []
+    for name, value in variables.items():
+        if not _VAR_NAME.fullmatch(name):
+            raise UnsafeValue(f"channel variable name {name!r} is not a plain name")
+        pairs.append(f"{name}={plain_value(value)}")
+    if not pairs:
+        raise UnsafeValue("uuid_setvar_multi needs at least one variable")
+    return f"uuid_setvar_multi {check_uuid(leg_id)} {';'.join(pairs)}"
+
+
+def transfer(leg_id: str, destination: str, context: str) -> str:
+    return f"uuid_transfer {check_uuid(leg_id)} {check_destination(destination)} XML {check_context(context)}"
+
+
+def broadcast(leg_id: str, sound: str, legs: str = "aleg") -> str:
+    if not sound or any(ch.isspace() for ch in sound):
+        raise UnsafeValue(f"warning sound {sound!r} must be one path or tone_stream:// without spaces")
+    if legs not in ("aleg", "bleg", "both", "holdb"):
+        raise UnsafeValue(f"uuid_broadcast legs must be aleg, bleg, both or holdb, not {legs!r}")
+    return f"uuid_broadcast {check_uuid(leg_id)} {sound} {legs}"
+
+
+def uuid_dump(leg_id: str) -> str:
+    return f"uuid_dump {check_uuid(leg_id)}"
+
+
+# ------------------------------------------------------------------------------------ replies
+
+
+def is_ok(reply: str) -> bool:
+    return reply.startswith("+OK")
+
+
+def is_no_such_channel(reply: str) -> bool:
+    return reply.startswith("-ERR No such channel") or reply.startswith("-ERR invalid uuid")
+
+
+def first_line(reply: str) -> str:
+    return reply.strip().split("\n", 1)[0]

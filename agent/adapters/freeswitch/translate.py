@@ -1,0 +1,324 @@
+"""FreeSWITCH channel events -> the engine's leg events (pure: no I/O, no clock).
+
+What the captures and mod_sofia show (reference/protocols.md §4.3, §5.2):
+
+* A B leg (created by ``bridge``) has ``variable_originator`` = the A leg's uuid, and
+  ``Other-Type: originator`` + ``Other-Leg-Unique-ID`` = A. Its ``Channel-Call-UUID`` is A's
+  uuid in CHANNEL_CREATE but becomes its own after the unbridge, so the group is learnt once.
+* The B leg's ``variable_sip_call_id`` is absent from CHANNEL_CREATE; it arrives with the first
+  SIP response (CHANNEL_PROGRESS(_MEDIA), CHANNEL_ANSWER, or the HANGUP_COMPLETE of a failed
+  attempt) and is reported once as ``LegUpdated``.
+* Billing runs from the B leg's answer: ``Caller-Channel-Answered-Time`` (µs) of the B leg's
+  CHANNEL_ANSWER. The A leg's answer (an IVR, or the bridge) is reported too; the engine
+  ignores it for billing.
+* CHANNEL_HANGUP_COMPLETE carries ``Caller-Channel-Hangup-Time`` (µs, the instant of the
+  hangup), ``Hangup-Cause``, ``variable_hangup_cause_q850`` and ``variable_billsec``.
+
+Events of channels never seen before (the agent restarted, the socket dropped) are translated
+all the same: a live leg is first introduced with a ``LegCreated`` built from the event's own
+channel data, so the engine can attach it to its call through the originator.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from agent.adapters.freeswitch.esl_protocol import Event
+from agent.core.events import (
+    AuthorizeRequest,
+    Direction,
+    LegAnswered,
+    LegBridged,
+    LegCreated,
+    LegEvent,
+    LegHungUp,
+    LegUnbridged,
+    LegUpdated,
+    LiveLeg,
+)
+
+PBX = "freeswitch"
+SUBSCRIBED_EVENTS = (
+    "CHANNEL_CREATE", "CHANNEL_PARK", "CHANNEL_PROGRESS", "CHANNEL_PROGRESS_MEDIA", "CHANNEL_ANSWER",
+    "CHANNEL_BRIDGE", "CHANNEL_UNBRIDGE", "CHANNEL_HANGUP_COMPLETE", "HEARTBEAT",
+)
+# Channel variables shared with dialplan/freeswitch/billing.xml.
+VAR_DESTINATION = "billing_destination"  # set by the dialplan before park: the number to rate and dial
+VAR_ACCOUNT = "billing_account"  # optional; defaults to accountcode
+VAR_DECISION = "billing_decision"  # set by the agent: allow | deny
+ENDED_MEMORY = 20_000  # recently ended legs remembered (late events, "No such channel" replies)
+
+
+def micros_to_ms(raw: str) -> int | None:
+    """An ESL µs timestamp as ms; None when absent, zero ("not yet") or not a number."""
+    if not raw or not raw.isdigit():
+        return None
+    value = int(raw)
+    return value // 1000 if value > 0 else None
+
+
+def event_ms(event: Event, now_ms: int) -> int:
+    return micros_to_ms(event.get("Event-Date-Timestamp")) or now_ms
+
+
+def _int_or_none(raw: str) -> int | None:
+    raw = raw.strip()
+    return int(raw) if raw.isdigit() else None
+
+
+def variable(event: Event, name: str) -> str:
+    return event.get("variable_" + name)
+
+
+def parent_of(event: Event) -> str:
+    """The A leg that dialled this one ("" for an A leg)."""
+    originator = variable(event, "originator")
+    if originator:
+        return originator
+    if event.get("Other-Type") == "originator":
+        return event.get("Other-Leg-Unique-ID")
+    return ""
+
+
+def direction_of(event: Event, parent: str) -> Direction:
+    if parent:
+        return Direction.OUTBOUND
+    return Direction.INBOUND if event.get("Call-Direction", "inbound") == "inbound" else Direction.OUTBOUND
+
+
+def account_of(event: Event) -> str:
+    return (variable(event, VAR_ACCOUNT) or variable(event, "accountcode")).strip()
+
+
+def peer_of(event: Event) -> str:
+    return variable(event, "sip_gateway_name") or variable(event, "sip_profile_name")
+
+
+@dataclass(slots=True)
+class LegInfo:
+    leg_id: str
+    direction: Direction
+    group_id: str
+    parent_leg_id: str
+    sip_call_id: str = ""
+    answered: bool = False
+
+
+@dataclass
+class TranslatorStats:
+    events: int = 0
+    unknown_leg_events: int = 0  # events of legs never seen (synthesised LegCreated or passed on)
+    dropped: int = 0  # events without a Unique-ID
+
+
+class EventTranslator:
+    """Keeps the little per-leg state translation needs (group, parent, Call-ID reported)."""
+
+    def __init__(self, *, ended_memory: int = ENDED_MEMORY) -> None:
+        self.legs: dict[str, LegInfo] = {}
+        self.ended: OrderedDict[str, str] = OrderedDict()  # leg id -> group id
+        self.ended_memory = ended_memory
+        self.stats = TranslatorStats()
+
+    # ---------------------------------------------------------------- queries
+
+    def group_of(self, leg_id: str) -> str:
+        info = self.legs.get(leg_id)
+        if info is not None:
+            return info.group_id
+        return self.ended.get(leg_id, "")
+
+    def has_ended(self, leg_id: str) -> bool:
+        return leg_id in self.ended
+
+    def is_live(self, leg_id: str) -> bool:
+        return leg_id in self.legs
+
+    # ---------------------------------------------------------------- events
+
+    def translate(self, event: Event, now_ms: int) -> list[LegEvent]:
+        name = event.name
+        handler = _HANDLERS.get(name)
+        if handler is None:
+            return []
+        leg_id = event.get("Unique-ID")
+        if not leg_id:
+            self.stats.dropped += 1
+            return []
+        self.stats.events += 1
+        return handler(self, event, leg_id, now_ms)
+
+    def _created(self, event: Event, leg_id: str, now_ms: int) -> list[LegEvent]:
+        info, created = self._learn(event, leg_id, now_ms, force_created=True)
+        return created
+
+    def _progress(self, event: Event, leg_id: str, now_ms: int) -> list[LegEvent]:
+        if leg_id in self.ended:
+            return []
+        _, out = self._learn(event, leg_id, now_ms)
+        return out + self._call_id_update(event, leg_id, now_ms)
+
+    def _answered(self, event: Event, leg_id: str, now_ms: int) -> list[LegEvent]:
+        if leg_id in self.ended:
+            return []
+        info, out = self._learn(event, leg_id, now_ms)
+        out += self._call_id_update(event, leg_id, now_ms)
+        info.answered = True
+        at_ms = micros_to_ms(event.get("Caller-Channel-Answered-Time")) or event_ms(event, now_ms)
+        out.append(LegAnswered(leg_id, at_ms))
+        return out
+
+    def _bridged(self, event: Event, leg_id: str, now_ms: int) -> list[LegEvent]:
+        a_leg = event.get("Bridge-A-Unique-ID") or leg_id
+        b_leg = event.get("Bridge-B-Unique-ID") or event.get("Other-Leg-Unique-ID")
+        if not b_leg:
+            return []
+        _, out = self._learn(event, leg_id, now_ms)
+        out.append(LegBridged(a_leg, b_leg, event_ms(event, now_ms)))
+        return out
+
+    def _unbridged(self, event: Event, leg_id: str, now_ms: int) -> list[LegEvent]:
+        at_ms = event_ms(event, now_ms)
+        a_leg = event.get("Bridge-A-Unique-ID") or leg_id
+        out: list[LegEvent] = [LegUnbridged(a_leg, at_ms)]
+        b_leg = event.get("Bridge-B-Unique-ID")
+        if b_leg:
+            out.append(LegUnbridged(b_leg, at_ms))
+        return out
+
+    def _hung_up(self, event: Event, leg_id: str, now_ms: int) -> list[LegEvent]:
+        out = self._call_id_update(event, leg_id, now_ms) if leg_id in self.legs else []
+        if leg_id not in self.legs and leg_id not in self.ended:
+            self.stats.unknown_leg_events += 1
+        info = self.legs.pop(leg_id, None)
+        self._remember_ended(leg_id, info.group_id if info else event.get("Channel-Call-UUID"))
+        at_ms = micros_to_ms(event.get("Caller-Channel-Hangup-Time")) or event_ms(event, now_ms)
+        cause = event.get("Hangup-Cause") or variable(event, "hangup_cause")
+        out.append(LegHungUp(leg_id, at_ms, cause=cause,
+                             cause_code=_int_or_none(variable(event, "hangup_cause_q850")) or 0,
+                             pbx_billsec=_int_or_none(variable(event, "billsec"))))
+        return out
+
+    # ---------------------------------------------------------------- helpers
+
+    def _learn(self, event: Event, leg_id: str, now_ms: int, *,
+               force_created: bool = False) -> tuple[LegInfo, list[LegEvent]]:
+        """The leg's info; a leg seen for the first time is introduced with a LegCreated."""
+        info = self.legs.get(leg_id)
+        if info is not None and not force_created:
+            return info, []
+        if info is None:
+            if not force_created:
+                self.stats.unknown_leg_events += 1
+            parent = parent_of(event)
+            info = LegInfo(leg_id, direction_of(event, parent), event.get("Channel-Call-UUID") or leg_id, parent)
+            self.legs[leg_id] = info
+            self.ended.pop(leg_id, None)
+        sip_call_id = variable(event, "sip_call_id")
+        info.sip_call_id = info.sip_call_id or sip_call_id
+        created_ms = micros_to_ms(event.get("Caller-Channel-Created-Time")) or event_ms(event, now_ms)
+        return info, [LegCreated(
+            leg_id=leg_id, at_ms=created_ms, direction=info.direction, group_id=info.group_id,
+            parent_leg_id=info.parent_leg_id, channel=event.get("Channel-Name"),
+            caller=event.get("Caller-Caller-ID-Number"), callee=event.get("Caller-Destination-Number"),
+            sip_call_id=sip_call_id, peer=peer_of(event),
+        )]
+
+    def _call_id_update(self, event: Event, leg_id: str, now_ms: int) -> list[LegEvent]:
+        info = self.legs.get(leg_id)
+        sip_call_id = variable(event, "sip_call_id")
+        if info is None or not sip_call_id or info.sip_call_id == sip_call_id:
+            return []
+        info.sip_call_id = sip_call_id
+        return [LegUpdated(leg_id, event_ms(event, now_ms), sip_call_id=sip_call_id, peer=peer_of(event))]
+
+    def mark_ended(self, leg_id: str) -> None:
+        """The leg is gone (FreeSWITCH said so) even though we saw no hangup event."""
+        info = self.legs.pop(leg_id, None)
+        self._remember_ended(leg_id, info.group_id if info else "")
+
+    def _remember_ended(self, leg_id: str, group_id: str) -> None:
+        self.ended[leg_id] = group_id
+        self.ended.move_to_end(leg_id)
+        while len(self.ended) > self.ended_memory:
+            self.ended.popitem(last=False)
+
+    # ---------------------------------------------------------------- resync
+
+    def reset_live(self, dumps: list[Event], now_ms: int) -> tuple[list[LiveLeg], list[LegEvent]]:
+        """After a (re)connect: the live legs from ``uuid_dump``; legs we knew that are gone are
+        forgotten (the engine ends them from the resync). Returns the live legs and the Call-IDs
+        learnt meanwhile (``LegUpdated``)."""
+        live: list[LiveLeg] = []
+        updates: list[LegEvent] = []
+        seen: set[str] = set()
+        for dump in dumps:
+            leg_id = dump.get("Unique-ID")
+            if not leg_id:
+                continue
+            seen.add(leg_id)
+            known = self.legs.get(leg_id)
+            if known is None:
+                parent = parent_of(dump)
+                group = dump.get("Channel-Call-UUID") or leg_id
+                known = LegInfo(leg_id, direction_of(dump, parent), group, parent)
+                self.legs[leg_id] = known
+                self.ended.pop(leg_id, None)
+            sip_call_id = variable(dump, "sip_call_id")
+            if sip_call_id and sip_call_id != known.sip_call_id:
+                known.sip_call_id = sip_call_id
+                updates.append(LegUpdated(leg_id, now_ms, sip_call_id=sip_call_id, peer=peer_of(dump)))
+            live.append(live_leg(dump, known))
+        for leg_id in [leg for leg in self.legs if leg not in seen]:
+            info = self.legs.pop(leg_id)
+            self._remember_ended(leg_id, info.group_id)
+        return live, updates
+
+
+def live_leg(dump: Event, info: LegInfo) -> LiveLeg:
+    answered_ms = micros_to_ms(dump.get("Caller-Channel-Answered-Time")) or 0
+    return LiveLeg(
+        leg_id=info.leg_id, direction=info.direction, group_id=info.group_id, parent_leg_id=info.parent_leg_id,
+        channel=dump.get("Channel-Name"), caller=dump.get("Caller-Caller-ID-Number"),
+        callee=dump.get("Caller-Destination-Number"),
+        answered=bool(answered_ms) or dump.get("Answer-State") == "answered",
+        bridged_to=variable(dump, "bridge_uuid") or variable(dump, "signal_bond"),
+        created_ms=micros_to_ms(dump.get("Caller-Channel-Created-Time")) or 0,
+        answered_ms=answered_ms, account_id=account_of(dump),
+    )
+
+
+def awaiting_authorization(event: Event) -> bool:
+    """A CHANNEL_PARK of the billing dialplan (which clears any old decision before parking)."""
+    return bool(variable(event, VAR_DESTINATION)) and not variable(event, VAR_DECISION)
+
+
+def parked_for_billing(dump: Event) -> bool:
+    """A channel found parked by the billing dialplan at resync: either never decided (the agent
+    was away) or decided without the transfer taking effect; both are authorized (again: the
+    engine answers a repeated request with the same decision) and resumed."""
+    return bool(variable(dump, VAR_DESTINATION)) and variable(dump, "current_application") == "park"
+
+
+def authorize_request(event: Event, now_ms: int) -> AuthorizeRequest:
+    """The request for a parked channel (CHANNEL_PARK, or its ``uuid_dump`` after a resync)."""
+    leg_id = event.get("Unique-ID")
+    return AuthorizeRequest(
+        pbx=PBX, leg_id=leg_id, account_id=account_of(event),
+        destination=variable(event, VAR_DESTINATION).strip(),
+        at_ms=micros_to_ms(event.get("Caller-Channel-Created-Time")) or event_ms(event, now_ms),
+        caller=event.get("Caller-Caller-ID-Number"), channel=event.get("Channel-Name"),
+        sip_call_id=variable(event, "sip_call_id"), group_id=event.get("Channel-Call-UUID") or leg_id,
+    )
+
+
+_HANDLERS = {
+    "CHANNEL_CREATE": EventTranslator._created,
+    "CHANNEL_PROGRESS": EventTranslator._progress,
+    "CHANNEL_PROGRESS_MEDIA": EventTranslator._progress,
+    "CHANNEL_ANSWER": EventTranslator._answered,
+    "CHANNEL_BRIDGE": EventTranslator._bridged,
+    "CHANNEL_UNBRIDGE": EventTranslator._unbridged,
+    "CHANNEL_HANGUP_COMPLETE": EventTranslator._hung_up,
+}

@@ -1,0 +1,842 @@
+"""A fake FreeSWITCH event socket on loopback that plays whole calls (tests, benchmarks, demo).
+
+It writes the bytes mod_event_socket writes (the frame layouts of reference/protocols.md §4 and
+the captures in shared/captures/freeswitch; its event encoder reproduces every captured event
+byte for byte, see tests/test_esl_protocol.py) and behaves like the billing dialplan of
+dialplan/freeswitch/billing.xml around the agent:
+
+* ``place_call(account, destination, ...)`` creates the A leg, parks it for the agent
+  (CHANNEL_CREATE, CHANNEL_PARK with ``billing_destination`` and ``accountcode``) and waits for
+  the ``uuid_transfer``; without one, ``park_timeout`` hangs the call up;
+* after the transfer it reads ``billing_decision``: ``deny`` hangs up with
+  ``billing_hangup_cause``; ``allow`` dials the B-leg attempts in order (gateway failover),
+  each a CHANNEL_CREATE, a CHANNEL_PROGRESS carrying its SIP Call-ID, then a failure or the
+  answer; an answered leg gets the dialplan's ``execute_on_answer`` backstop
+  (``sched_hangup +billing_backstop_s``), the caller is answered and bridged; after ``talk_ms``
+  the caller (or the callee) hangs up and the other side follows (``hangup_after_bridge``);
+* API commands: ``uuid_kill`` (ignored when ``ignore_uuid_kill``: the escalation test),
+  ``hupall``, ``sched_hangup``, ``uuid_setvar(_multi)``, ``uuid_getvar``, ``uuid_transfer``,
+  ``uuid_broadcast``, ``uuid_dump``, ``uuid_exists``, ``show channels as json``, ``status``,
+  and ``bgapi``; the wrong password gets ``-ERR invalid`` and the goodbye notice;
+* faults: ``drop_connections()`` (the socket dies mid-call, calls go on), ``stall(s)``
+  (nothing written for a while: a black-holed link), ``inject(bytes)`` (malformed frames).
+
+Time is the real clock (gevent timers); timestamps are wall-clock µs, strictly increasing;
+uuids come from a seeded generator. Run ``python -m agent.sim.freeswitch --help`` for a
+standalone server (the benchmark runs it in a separate process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.pool
+from gevent import socket
+from gevent.server import StreamServer
+
+from agent.adapters.freeswitch.esl_protocol import (
+    encode_api_response,
+    encode_auth_request,
+    encode_command_reply,
+    encode_disconnect_notice,
+    encode_event,
+    encode_event_body,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PASSWORD = "ClueCon"
+Q850 = {
+    "NORMAL_CLEARING": 16, "USER_BUSY": 17, "NO_USER_RESPONSE": 18, "NO_ANSWER": 19, "CALL_REJECTED": 21,
+    "NO_ROUTE_DESTINATION": 3, "UNALLOCATED_NUMBER": 1, "INVALID_NUMBER_FORMAT": 28,
+    "NORMAL_TEMPORARY_FAILURE": 41, "TEMPORARY_FAILURE": 41, "OUTGOING_CALL_BARRED": 52,
+    "ORIGINATOR_CANCEL": 487, "ALLOTTED_TIMEOUT": 602, "MANAGER_REQUEST": 503, "NORMAL_CIRCUIT_CONGESTION": 34,
+    "SERVICE_UNAVAILABLE": 63,
+}
+STATE_NUMBERS = {"CS_NEW": 0, "CS_INIT": 1, "CS_ROUTING": 2, "CS_EXECUTE": 4, "CS_CONSUME_MEDIA": 7,
+                 "CS_EXCHANGE_MEDIA": 5, "CS_HANGUP": 10, "CS_REPORTING": 11, "CS_DESTROY": 12}
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One B-leg attempt of the bridge; several attempts in order are a gateway failover."""
+
+    gateway: str = "carrier"
+    ring_ms: int = 20  # until the first SIP response: CHANNEL_PROGRESS with the leg's Call-ID
+    answer_after_ms: int = 50  # from the attempt's start to the answer (or the failure)
+    fail_cause: str = ""  # non-empty: the attempt fails with this cause instead of answering
+
+
+@dataclass
+class FakeCall:
+    """A scripted call and what happened to it."""
+
+    account: str
+    destination: str
+    caller: str
+    attempts: tuple[Attempt, ...]
+    talk_ms: int
+    hangup_by: str  # "caller" | "callee"
+    early_answer: bool
+    a_uuid: str = ""
+    b_uuids: list[str] = field(default_factory=list)
+    parked_at: float = 0.0  # perf_counter when CHANNEL_PARK was written
+    transferred_at: float = 0.0  # perf_counter when uuid_transfer was read
+    decision: str = ""
+    outcome: str = ""  # answered | denied | failed | park_timeout | killed_while_parked | cancelled
+    hangup_cause: str = ""  # the A leg's
+    b_answered_us: int = 0
+    a_ended_us: int = 0
+    b_ended_us: int = 0
+    warnings: list[str] = field(default_factory=list)
+    done: gevent.event.Event = field(default_factory=gevent.event.Event)
+
+    @property
+    def auth_latency_ms(self) -> float:
+        return (self.transferred_at - self.parked_at) * 1000 if self.transferred_at else float("nan")
+
+    @property
+    def talk_us(self) -> int:
+        """Billable time as FreeSWITCH saw it: B answer to the end of the call."""
+        if not self.b_answered_us:
+            return 0
+        end = min(x for x in (self.a_ended_us, self.b_ended_us) if x) if (self.a_ended_us or self.b_ended_us) else 0
+        return max(0, end - self.b_answered_us)
+
+
+@dataclass
+class FakeChannel:
+    uuid: str
+    direction: str  # inbound | outbound
+    name: str
+    caller: str
+    destination: str
+    created_us: int
+    call: FakeCall
+    variables: dict[str, str] = field(default_factory=dict)
+    gateway: str = ""
+    state: str = "CS_INIT"
+    call_state: str = "DOWN"
+    answer_state: str = "ringing"
+    answered_us: int = 0
+    progress_us: int = 0
+    bridged_us: int = 0
+    hangup_us: int = 0
+    hangup_cause: str = ""
+    peer: FakeChannel | None = None
+    other_type: str = ""  # originator (on a B leg) | originatee (on the A leg once bridged)
+    parked: bool = False
+    transfer: gevent.event.Event = field(default_factory=gevent.event.Event)
+    ended: gevent.event.Event = field(default_factory=gevent.event.Event)
+
+
+class _Connection:
+    def __init__(self, sock: socket.socket, address: Any) -> None:
+        self.sock = sock
+        self.address = address
+        self.authed = False
+        self.events: set[str] = set()
+        self.all_events = False
+        self.lock = gevent.lock.Semaphore()
+        self.alive = True
+
+    def wants(self, name: str) -> bool:
+        return self.authed and (self.all_events or name in self.events)
+
+    def send(self, data: bytes) -> None:
+        if not self.alive:
+            return
+        with self.lock:
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                self.alive = False
+
+
+class FakeFreeswitch:
+    """An event-socket server on loopback with scripted calls (see the module docstring)."""
+
+    def __init__(self, *, password: str = DEFAULT_PASSWORD, host: str = "127.0.0.1", port: int = 0, seed: int = 7,
+                 heartbeat_s: float = 20.0, park_timeout_s: float = 10.0, ignore_uuid_kill: bool = False,
+                 hostname: str = "fake-fs", clock: Callable[[], float] = time.time) -> None:
+        self.password = password
+        self.heartbeat_s = heartbeat_s
+        self.park_timeout_s = park_timeout_s
+        self.ignore_uuid_kill = ignore_uuid_kill
+        self.hostname = hostname
+        self.clock = clock
+        self._rng = random.Random(seed)
+        self.core_uuid = self._new_uuid()
+        self.server = StreamServer((host, port), self._serve)
+        self.group = gevent.pool.Group()
+        self.channels: dict[str, FakeChannel] = {}
+        self.calls: list[FakeCall] = []
+        self.commands: list[str] = []  # every command received, in order (auth included)
+        self.connections_accepted = 0
+        self._connections: set[_Connection] = set()
+        self._sequence = 0
+        self._last_us = 0
+        self._stalled_until = 0.0
+        self._started = time.monotonic()
+        self._sessions_since_start = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def start(self) -> FakeFreeswitch:
+        self.server.start()
+        if self.heartbeat_s > 0:
+            self.group.spawn(self._heartbeats)
+        return self
+
+    def stop(self) -> None:
+        self.server.stop(timeout=1)
+        for conn in list(self._connections):
+            self._close(conn)
+        self.group.kill(timeout=2)
+
+    def __enter__(self) -> FakeFreeswitch:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------- scripting
+
+    def place_call(self, account: str, destination: str, *, answer_after_ms: int = 50, talk_ms: int = 1000,
+                   caller: str = "1001", attempts: Iterable[Attempt] | None = None, hangup_by: str = "caller",
+                   early_answer: bool = False) -> FakeCall:
+        """Start a call through the billing dialplan; returns its handle (``call.done`` is set at the end)."""
+        plan = tuple(attempts) if attempts is not None else (Attempt(answer_after_ms=answer_after_ms),)
+        call = FakeCall(account, destination, caller, plan, talk_ms, hangup_by, early_answer)
+        call.a_uuid = self._new_uuid()
+        self.calls.append(call)
+        self.group.spawn(self._run_call, call)
+        return call
+
+    def drop_connections(self) -> None:
+        """The TCP connections die (no goodbye); calls go on."""
+        for conn in list(self._connections):
+            self._close(conn)
+
+    def stall(self, seconds: float) -> None:
+        """Write nothing (no events, replies or heartbeats) for ``seconds``: a black-holed link."""
+        self._stalled_until = time.monotonic() + seconds
+
+    def inject(self, data: bytes) -> None:
+        """Write raw bytes to every authenticated connection (malformed-frame tests)."""
+        for conn in list(self._connections):
+            if conn.authed:
+                conn.send(data)
+
+    def fire(self, headers: list[tuple[str, str]], body: str = "") -> None:
+        """Send an arbitrary event (``Event-Name`` first) to its subscribers."""
+        name = headers[0][1] if headers and headers[0][0] == "Event-Name" else ""
+        self._send_event(name, lambda: encode_event(headers, body))
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every placed call has finished."""
+        deadline = time.monotonic() + timeout_s
+        for call in list(self.calls):
+            if not call.done.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    def live_connections(self) -> int:
+        return sum(1 for conn in self._connections if conn.alive and conn.authed)
+
+    # ---------------------------------------------------------------- calls
+
+    def _run_call(self, call: FakeCall) -> None:
+        try:
+            self._play(call)
+        except Exception:  # a fake that dies silently would hang the tests
+            log.exception("fake call %s failed", call.a_uuid)
+        finally:
+            call.done.set()
+
+    def _play(self, call: FakeCall) -> None:
+        now = self._now_us()
+        self._sessions_since_start += 1
+        a = FakeChannel(call.a_uuid, "inbound", f"sofia/customers/{call.caller}@127.0.0.1:5060", call.caller,
+                        call.destination, now, call)
+        a.variables.update({
+            "direction": "inbound", "uuid": a.uuid, "sip_call_id": f"{self._rng.getrandbits(48):x}@127.0.0.1",
+            "sip_from_user": call.caller, "sofia_profile_name": "customers", "accountcode": call.account,
+            "call_uuid": a.uuid,
+        })
+        self.channels[a.uuid] = a
+        self._channel_event("CHANNEL_CREATE", a, ("switch_core_state_machine.c", "switch_core_session_run", 608))
+        a.state = "CS_EXECUTE"
+        a.call_state = "RINGING"
+        if call.early_answer:
+            self._answer(a)
+        # The billing-authorize extension: set the destination, park for the agent.
+        a.variables.update({"billing_destination": call.destination, "current_application": "park"})
+        a.parked = True
+        self._channel_event("CHANNEL_PARK", a, ("switch_ivr.c", "switch_ivr_park", 1010))
+        call.parked_at = time.perf_counter()
+        gevent.wait([a.transfer, a.ended], count=1, timeout=self.park_timeout_s)
+        if a.ended.is_set():
+            call.outcome = call.outcome or "killed_while_parked"
+            return
+        if not a.transfer.is_set():
+            call.outcome = "park_timeout"
+            self.hangup(a, "NORMAL_CLEARING")
+            return
+        a.parked = False
+        self._channel_event("CHANNEL_UNPARK", a, ("switch_ivr.c", "switch_ivr_park", 1213))
+        call.decision = a.variables.get("billing_decision", "")
+        if call.decision == "deny":
+            call.outcome = "denied"
+            self.hangup(a, a.variables.get("billing_hangup_cause") or "CALL_REJECTED")
+            return
+        if call.decision != "allow":
+            call.outcome = "failed"
+            self.hangup(a, "NO_ROUTE_DESTINATION")  # no extension matches without a decision
+            return
+        a.variables["current_application"] = "bridge"
+        last_cause = "NO_ROUTE_DESTINATION"
+        for attempt in call.attempts:
+            result = self._dial(call, a, attempt)
+            if result is None:
+                return  # answered and finished, or the caller went away
+            last_cause = result
+        call.outcome = "failed"
+        self.hangup(a, last_cause)
+
+    def _dial(self, call: FakeCall, a: FakeChannel, attempt: Attempt) -> str | None:
+        """One B-leg attempt; returns its failure cause, or None when the call is over."""
+        b = FakeChannel(self._new_uuid(), "outbound", f"sofia/gateway/{attempt.gateway}/{call.destination}",
+                        call.caller, call.destination, self._now_us(), call, gateway=attempt.gateway)
+        b.variables.update({
+            "direction": "outbound", "is_outbound": "true", "uuid": b.uuid, "sip_gateway_name": attempt.gateway,
+            "sip_profile_name": "gateway", "originator": a.uuid, "originating_leg_uuid": a.uuid,
+            "call_uuid": a.uuid, "signal_bond": a.uuid,
+        })
+        b.peer, b.other_type = a, "originator"
+        call.b_uuids.append(b.uuid)
+        self.channels[b.uuid] = b
+        self._channel_event("CHANNEL_CREATE", b, ("switch_core_state_machine.c", "switch_core_session_run", 608),
+                            call_uuid=a.uuid)
+        if a.ended.wait(attempt.ring_ms / 1000):
+            self.hangup(b, "ORIGINATOR_CANCEL")
+            call.outcome = call.outcome or "cancelled"
+            return None
+        b.variables["sip_call_id"] = str(uuidlib.UUID(int=self._rng.getrandbits(128), version=4))
+        b.progress_us = self._now_us()
+        b.call_state = "EARLY"
+        self._channel_event("CHANNEL_PROGRESS", b, ("switch_channel.c", "switch_channel_perform_mark_ring_ready", 3576),
+                            call_uuid=a.uuid)
+        if a.ended.wait(max(0, attempt.answer_after_ms - attempt.ring_ms) / 1000):
+            self.hangup(b, "ORIGINATOR_CANCEL")
+            call.outcome = call.outcome or "cancelled"
+            return None
+        if b.ended.is_set():
+            return b.hangup_cause or "NORMAL_TEMPORARY_FAILURE"
+        if attempt.fail_cause:
+            self.hangup(b, attempt.fail_cause)
+            return attempt.fail_cause
+        self._answer(b, call_uuid=a.uuid)
+        call.b_answered_us = b.answered_us
+        self._backstop_on_answer(a, b)
+        if not a.answered_us:
+            self._answer(a)
+        self._bridge(a, b)
+        call.outcome = "answered"
+        if not gevent.wait([a.ended, b.ended], count=1, timeout=call.talk_ms / 1000):
+            self.hangup(a if call.hangup_by == "caller" else b, "NORMAL_CLEARING")
+        a.ended.wait(5)
+        b.ended.wait(5)
+        return None
+
+    def _answer(self, ch: FakeChannel, call_uuid: str = "") -> None:
+        ch.answered_us = self._now_us()
+        ch.answer_state = "answered"
+        ch.call_state = "ACTIVE"
+        self._channel_event("CHANNEL_ANSWER", ch, ("switch_channel.c", "switch_channel_perform_mark_answered", 3848),
+                            call_uuid=call_uuid)
+
+    def _bridge(self, a: FakeChannel, b: FakeChannel) -> None:
+        now = self._now_us()
+        a.bridged_us = b.bridged_us = now
+        a.peer, a.other_type = b, "originatee"
+        a.variables.update({"bridge_uuid": b.uuid, "signal_bond": b.uuid, "last_bridge_to": b.uuid})
+        b.variables.update({"bridge_uuid": a.uuid, "last_bridge_to": a.uuid})
+        self._channel_event("CHANNEL_BRIDGE", a, ("switch_ivr_bridge.c", "switch_ivr_multi_threaded_bridge", 1689),
+                            extra=[("Bridge-A-Unique-ID", a.uuid), ("Bridge-B-Unique-ID", b.uuid)])
+
+    def _backstop_on_answer(self, a: FakeChannel, b: FakeChannel) -> None:
+        """The dialplan's ``execute_on_answer='sched_hangup +${billing_backstop_s} ALLOTTED_TIMEOUT'``."""
+        raw = a.variables.get("billing_backstop_s", "")
+        if raw.isdigit():
+            self.schedule_hangup(b, int(raw), "ALLOTTED_TIMEOUT")
+
+    def schedule_hangup(self, ch: FakeChannel, seconds: int, cause: str) -> None:
+        """``sched_hangup +N``: FreeSWITCH fires at floor(now) + N whole seconds (+0: now)."""
+        if seconds == 0:
+            self.group.spawn(self.hangup, ch, cause)
+            return
+        fire_at = int(self.clock()) + seconds
+        self.group.add(gevent.spawn_later(max(0.0, fire_at - self.clock()), self.hangup, ch, cause))
+
+    def hangup(self, ch: FakeChannel, cause: str) -> None:
+        """Hang a channel up with its events; a bridged peer follows (hangup_after_bridge)."""
+        if ch.hangup_us:
+            return
+        ch.hangup_us = self._now_us()
+        ch.hangup_cause = cause
+        ch.state, ch.call_state, ch.answer_state = "CS_HANGUP", "HANGUP", "hangup"
+        self._channel_event("CHANNEL_HANGUP", ch, ("switch_channel.c", "switch_channel_perform_hangup", 3383),
+                            extra=[("Hangup-Cause", cause)])
+        peer = ch.peer if ch.peer is not None and ch.bridged_us else None
+        if peer is not None:
+            a_side = ch if ch.direction == "inbound" else peer
+            b_side = peer if a_side is ch else ch
+            if not a_side.variables.get("_unbridged"):
+                a_side.variables["_unbridged"] = "1"
+                self._channel_event("CHANNEL_UNBRIDGE", a_side,
+                                    ("switch_ivr_bridge.c", "switch_ivr_multi_threaded_bridge", 1883),
+                                    extra=[("Bridge-A-Unique-ID", a_side.uuid), ("Bridge-B-Unique-ID", b_side.uuid)])
+        ch.state = "CS_REPORTING"
+        ch.variables.update(self._cdr_variables(ch, cause))
+        self._channel_event("CHANNEL_HANGUP_COMPLETE", ch,
+                            ("switch_core_state_machine.c", "switch_core_session_reporting_state", 943),
+                            extra=[("Hangup-Cause", cause)])
+        ch.state = "CS_DESTROY"
+        self._channel_event("CHANNEL_DESTROY", ch,
+                            ("switch_core_session.c", "switch_core_session_perform_destroy", 1738))
+        self.channels.pop(ch.uuid, None)
+        call = ch.call
+        if ch.direction == "inbound":
+            call.a_ended_us = ch.hangup_us
+            call.hangup_cause = cause
+        elif ch.answered_us:
+            call.b_ended_us = ch.hangup_us
+        ch.ended.set()
+        if peer is not None and not peer.hangup_us:
+            self.hangup(peer, "NORMAL_CLEARING")
+
+    def _cdr_variables(self, ch: FakeChannel, cause: str) -> dict[str, str]:
+        end = ch.hangup_us
+        answered = ch.answered_us
+        bill_us = end - answered if answered else 0
+        return {
+            "hangup_cause": cause, "hangup_cause_q850": str(Q850.get(cause, 16)),
+            "start_uepoch": str(ch.created_us), "answer_uepoch": str(answered), "end_uepoch": str(end),
+            "duration": str(end // 1_000_000 - ch.created_us // 1_000_000),
+            "billsec": str(end // 1_000_000 - answered // 1_000_000 if answered else 0),
+            "billmsec": str(bill_us // 1000), "billusec": str(bill_us),
+        }
+
+    # ---------------------------------------------------------------- events
+
+    def _now_us(self) -> int:
+        now = int(self.clock() * 1_000_000)
+        self._last_us = max(now, self._last_us + 1)
+        return self._last_us
+
+    def _core_headers(self, name: str, calling: tuple[str, str, int]) -> list[tuple[str, str]]:
+        at_us = self._now_us()
+        self._sequence += 1
+        seconds = at_us / 1_000_000
+        return [
+            ("Event-Name", name), ("Core-UUID", self.core_uuid), ("FreeSWITCH-Hostname", self.hostname),
+            ("FreeSWITCH-Switchname", self.hostname), ("FreeSWITCH-IPv4", "127.0.0.1"), ("FreeSWITCH-IPv6", "::1"),
+            ("Event-Date-Local", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))),
+            ("Event-Date-GMT", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(seconds))),
+            ("Event-Date-Timestamp", str(at_us)), ("Event-Calling-File", calling[0]),
+            ("Event-Calling-Function", calling[1]), ("Event-Calling-Line-Number", str(calling[2])),
+            ("Event-Sequence", str(self._sequence)),
+        ]
+
+    def channel_headers(self, name: str, ch: FakeChannel, calling: tuple[str, str, int] = ("fake.c", "fake", 1), *,
+                        extra: list[tuple[str, str]] | None = None, call_uuid: str = "") -> list[tuple[str, str]]:
+        """The headers FreeSWITCH puts on a channel event (switch_channel_event_set_data)."""
+        headers = self._core_headers(name, calling)
+        headers += extra or []
+        headers += [
+            ("Channel-State", ch.state), ("Channel-Call-State", ch.call_state),
+            ("Channel-State-Number", str(STATE_NUMBERS.get(ch.state, 4))), ("Channel-Name", ch.name),
+            ("Unique-ID", ch.uuid), ("Call-Direction", ch.direction), ("Presence-Call-Direction", ch.direction),
+            ("Channel-HIT-Dialplan", "true" if ch.direction == "inbound" else "false"),
+            ("Channel-Call-UUID", call_uuid or ch.uuid), ("Answer-State", ch.answer_state),
+        ]
+        if ch.hangup_cause:
+            headers.append(("Hangup-Cause", ch.hangup_cause))
+        headers += self._profile("Caller", ch, with_times=True)
+        if ch.peer is not None and ch.other_type:
+            headers.append(("Other-Type", ch.other_type))
+            headers += self._profile("Other-Leg", ch.peer, with_times=False)
+        headers += [(f"variable_{key}", value) for key, value in ch.variables.items() if not key.startswith("_")]
+        return headers
+
+    @staticmethod
+    def _profile(prefix: str, ch: FakeChannel, *, with_times: bool) -> list[tuple[str, str]]:
+        def t(value: int) -> str:
+            return str(value) if with_times else "0"
+
+        return [
+            (f"{prefix}-Direction", ch.direction), (f"{prefix}-Logical-Direction", ch.direction),
+            (f"{prefix}-Username", ch.caller), (f"{prefix}-Dialplan", "XML"),
+            (f"{prefix}-Caller-ID-Name", ch.caller), (f"{prefix}-Caller-ID-Number", ch.caller),
+            (f"{prefix}-Network-Addr", "127.0.0.1"), (f"{prefix}-ANI", ch.caller),
+            (f"{prefix}-Destination-Number", ch.destination), (f"{prefix}-Unique-ID", ch.uuid),
+            (f"{prefix}-Source", "mod_sofia"), (f"{prefix}-Context", "billing-outbound"),
+            (f"{prefix}-Channel-Name", ch.name), (f"{prefix}-Profile-Index", "1"),
+            (f"{prefix}-Profile-Created-Time", t(ch.created_us)), (f"{prefix}-Channel-Created-Time", t(ch.created_us)),
+            (f"{prefix}-Channel-Answered-Time", t(ch.answered_us)),
+            (f"{prefix}-Channel-Progress-Time", t(ch.progress_us)),
+            (f"{prefix}-Channel-Progress-Media-Time", "0"), (f"{prefix}-Channel-Hangup-Time", t(ch.hangup_us)),
+            (f"{prefix}-Channel-Transfer-Time", "0"), (f"{prefix}-Channel-Resurrect-Time", "0"),
+            (f"{prefix}-Channel-Bridged-Time", t(ch.bridged_us)), (f"{prefix}-Channel-Last-Hold", "0"),
+            (f"{prefix}-Channel-Hold-Accum", "0"), (f"{prefix}-Screen-Bit", "true"),
+            (f"{prefix}-Privacy-Hide-Name", "false"), (f"{prefix}-Privacy-Hide-Number", "false"),
+        ]
+
+    def _channel_event(self, name: str, ch: FakeChannel, calling: tuple[str, str, int], *,
+                       extra: list[tuple[str, str]] | None = None, call_uuid: str = "") -> None:
+        self._send_event(name, lambda: encode_event(self.channel_headers(name, ch, calling, extra=extra,
+                                                                         call_uuid=call_uuid)))
+
+    def _send_event(self, name: str, build: Callable[[], bytes]) -> None:
+        targets = [conn for conn in self._connections if conn.wants(name)]
+        if not targets or self._stalled():
+            if not targets:
+                self._sequence += 1  # FreeSWITCH numbers every event, delivered or not
+            return
+        data = build()
+        for conn in targets:
+            conn.send(data)
+
+    def _stalled(self) -> bool:
+        return time.monotonic() < self._stalled_until
+
+    def _heartbeats(self) -> None:
+        while True:
+            gevent.sleep(self.heartbeat_s)
+            self._send_event("HEARTBEAT", self._heartbeat_frame)
+
+    def _heartbeat_frame(self) -> bytes:
+        up = int((time.monotonic() - self._started) * 1000)
+        return encode_event(self._core_headers("HEARTBEAT", ("switch_core.c", "send_heartbeat", 91)) + [
+            ("Event-Info", "System Ready"),
+            ("Up-Time", f"0 years, 0 days, 0 hours, 0 minutes, {up // 1000} seconds, {up % 1000} milliseconds, "
+                        "0 microseconds"),
+            ("FreeSWITCH-Version", "1.10.12-fake"), ("Uptime-msec", str(up)),
+            ("Session-Count", str(len(self.channels))), ("Max-Sessions", "2000"), ("Session-Per-Sec", "300"),
+            ("Session-Since-Startup", str(self._sessions_since_start)), ("Idle-CPU", "99.000000"),
+        ])
+
+    # ---------------------------------------------------------------- the socket
+
+    def _serve(self, sock: socket.socket, address: Any) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as mod_event_socket does
+        conn = _Connection(sock, address)
+        self._connections.add(conn)
+        self.connections_accepted += 1
+        try:
+            if not self._stalled():
+                conn.send(encode_auth_request())
+            buf = b""
+            while conn.alive:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                buf += data
+                while conn.alive:
+                    end = buf.find(b"\n\n")
+                    if end < 0:
+                        break
+                    command, buf = buf[:end].decode("utf-8", "replace"), buf[end + 2:]
+                    self.commands.append(command)
+                    if not self._stalled():
+                        self._command(conn, command.strip())
+        except OSError:
+            pass
+        finally:
+            self._close(conn)
+
+    def _close(self, conn: _Connection) -> None:
+        conn.alive = False
+        self._connections.discard(conn)
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        conn.sock.close()
+
+    def _reply(self, conn: _Connection, text: str, extra: Iterable[tuple[str, str]] = ()) -> None:
+        conn.send(encode_command_reply(text, extra))
+
+    def _command(self, conn: _Connection, command: str) -> None:
+        verb, _, rest = command.partition(" ")
+        if not conn.authed:
+            if verb != "auth":
+                self._reply(conn, "-ERR command not found")
+            elif rest == self.password:
+                conn.authed = True
+                self._reply(conn, "+OK accepted")
+            else:
+                self._reply(conn, "-ERR invalid")
+                conn.send(encode_disconnect_notice())
+                self._close(conn)
+            return
+        if verb == "event":
+            self._subscribe(conn, rest)
+        elif verb == "api":
+            conn.send(encode_api_response(self.api(rest)))
+        elif verb == "bgapi":
+            job = self._new_uuid()
+            self._reply(conn, f"+OK Job-UUID: {job}", [("Job-UUID", job)])
+            self.group.spawn(self._background_job, job, rest)
+        elif verb in ("nixevent", "noevents", "filter", "linger", "nolinger", "log", "nolog"):
+            self._reply(conn, "+OK")
+        elif verb == "exit":
+            self._reply(conn, "+OK bye")
+            conn.send(encode_disconnect_notice())
+            self._close(conn)
+        else:
+            self._reply(conn, "-ERR command not found")
+
+    def _subscribe(self, conn: _Connection, rest: str) -> None:
+        kind, _, names = rest.partition(" ")
+        if kind != "plain":
+            self._reply(conn, f"-ERR the fake FreeSWITCH speaks only event plain, not {kind}")
+            return
+        words = [word for word in names.split() if word != "CUSTOM"]
+        if not words:
+            self._reply(conn, "-ERR no keywords supplied")
+            return
+        if "ALL" in words:
+            conn.all_events = True
+        conn.events.update(words)
+        self._reply(conn, "+OK event listener enabled plain")
+
+    def _background_job(self, job: str, command: str) -> None:
+        output = self.api(command)
+        verb, _, arg = command.partition(" ")
+        self._send_event("BACKGROUND_JOB", lambda: encode_event(
+            self._core_headers("BACKGROUND_JOB", ("mod_event_socket.c", "api_exec", 1580))
+            + [("Job-UUID", job), ("Job-Command", verb), ("Job-Command-Arg", arg)], output))
+
+    # ---------------------------------------------------------------- api
+
+    def api(self, command: str) -> str:
+        """Run one API command as mod_commands would; returns its output."""
+        verb, _, arg = command.strip().partition(" ")
+        handler = _API.get(verb)
+        try:
+            output = handler(self, arg.strip()) if handler else f"-ERR {verb} Command not found!\n"
+        except (ValueError, IndexError) as exc:
+            output = f"-ERR {verb}: {exc}\n"
+        self._send_event("API", lambda: encode_event(
+            self._core_headers("API", ("switch_loadable_module.c", "switch_api_execute", 3140))
+            + [("API-Command", verb)] + ([("API-Command-Argument", arg)] if arg else [])))
+        return output
+
+    def _api_uuid_kill(self, arg: str) -> str:
+        leg, _, cause = arg.partition(" ")
+        ch = self.channels.get(leg)
+        if ch is None or ch.hangup_us:
+            return "-ERR No such channel!\n"
+        if not self.ignore_uuid_kill:
+            self.group.spawn(self.hangup, ch, cause.strip() or "NORMAL_CLEARING")
+        return "+OK\n"
+
+    def _api_hupall(self, arg: str) -> str:
+        words = arg.split()
+        cause = words[0] if words else "MANAGER_REQUEST"
+        pairs = list(zip(words[1::2], words[2::2], strict=False))
+        for ch in list(self.channels.values()):
+            if all(ch.variables.get(name) == value for name, value in pairs):
+                self.group.spawn(self.hangup, ch, cause)
+        if pairs:
+            return f"+OK hangup all channels matching [{pairs[0][0]}]=[{pairs[0][1]}] with cause: {cause}\n"
+        return f"+OK hangup all channels with cause {cause}\n"
+
+    def _api_sched_hangup(self, arg: str) -> str:
+        words = arg.split()
+        if len(words) < 2:
+            return "-USAGE: [+]<time> <uuid> [<cause>]\n"
+        ch = self.channels.get(words[1])
+        if ch is None:
+            return "-ERR No such channel!\n"
+        cause = words[2] if len(words) > 2 else "ALLOTTED_TIMEOUT"
+        when = words[0]
+        seconds = int(when[1:]) if when.startswith("+") else max(0, int(when) - int(self.clock()))
+        self.schedule_hangup(ch, seconds, cause)
+        return "+OK\n"
+
+    def _api_uuid_setvar(self, arg: str) -> str:
+        leg, _, rest = arg.partition(" ")
+        ch = self.channels.get(leg)
+        if ch is None:
+            return "-ERR No such channel!\n"
+        name, _, value = rest.partition(" ")
+        if not name:
+            return "-ERR No variable specified\n"
+        if value:
+            ch.variables[name] = value
+        else:
+            ch.variables.pop(name, None)
+        return "+OK\n"
+
+    def _api_uuid_setvar_multi(self, arg: str) -> str:
+        leg, _, rest = arg.partition(" ")
+        ch = self.channels.get(leg)
+        if ch is None:
+            return "-ERR No such channel!\n-USAGE: <uuid> <var>=<value>;<var>=<value>...\n"
+        for pair in rest.split(";"):
+            name, _, value = pair.partition("=")
+            if name:
+                ch.variables[name] = value
+        return "+OK\n"
+
+    def _api_uuid_getvar(self, arg: str) -> str:
+        leg, _, name = arg.partition(" ")
+        ch = self.channels.get(leg)
+        if ch is None:
+            return "-ERR No such channel!\n"
+        return ch.variables.get(name.strip(), "_undef_")
+
+    def _api_uuid_transfer(self, arg: str) -> str:
+        words = arg.split()
+        if len(words) < 2:
+            return "-USAGE: <uuid> [-bleg|-both] <dest-exten> [<dialplan>] [<context>]\n"
+        ch = self.channels.get(words[0])
+        if ch is None or ch.hangup_us:
+            return "-ERR No such channel!\n"
+        if ch.parked and not ch.transfer.is_set():
+            ch.call.transferred_at = time.perf_counter()
+            ch.transfer.set()
+        return "+OK\n"
+
+    def _api_uuid_broadcast(self, arg: str) -> str:
+        words = arg.split()
+        ch = self.channels.get(words[0]) if words else None
+        if ch is None or len(words) < 2:
+            return "-ERR invalid uuid\n"
+        ch.call.warnings.append(words[1])
+        return "+OK Message sent\n"
+
+    def _api_uuid_dump(self, arg: str) -> str:
+        ch = self.channels.get(arg.split(" ", maxsplit=1)[0])
+        if ch is None:
+            return "-ERR No such channel!\n"
+        call_uuid = ch.variables.get("call_uuid", ch.uuid) if ch.direction == "outbound" and not ch.hangup_us else ""
+        headers = self.channel_headers("CHANNEL_DATA", ch, ("mod_commands.c", "uuid_dump_function", 6495),
+                                       call_uuid=call_uuid)
+        return encode_event_body(headers).decode()
+
+    def _api_uuid_exists(self, arg: str) -> str:
+        return "true" if arg in self.channels else "false"
+
+    def _api_show(self, arg: str) -> str:
+        if not arg.startswith("channels"):
+            return "-USAGE: show channels [as json]\n"
+        rows = [self._channel_row(ch) for ch in sorted(self.channels.values(), key=lambda c: c.created_us)]
+        if not rows:
+            return '{"row_count": 0}\n'
+        return json.dumps({"row_count": len(rows), "rows": rows}, separators=(",", ":"))
+
+    def _channel_row(self, ch: FakeChannel) -> dict[str, str]:
+        created = ch.created_us // 1_000_000
+        return {
+            "uuid": ch.uuid, "direction": ch.direction,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)), "created_epoch": str(created),
+            "name": ch.name, "state": ch.state, "cid_name": ch.caller, "cid_num": ch.caller, "ip_addr": "127.0.0.1",
+            "dest": ch.destination, "application": ch.variables.get("current_application", ""),
+            "application_data": "", "dialplan": "XML", "context": "billing-outbound",
+            "hostname": self.hostname, "accountcode": ch.variables.get("accountcode", ""),
+            "callstate": ch.call_state, "call_uuid": ch.variables.get("call_uuid", ch.uuid),
+        }
+
+    def _api_status(self, arg: str) -> str:
+        return (f"UP 0 years, 0 days, 0 hours, 0 minutes, {int(time.monotonic() - self._started)} seconds\n"
+                f"FreeSWITCH (Version 1.10.12-fake) is ready\n{self._sessions_since_start} session(s) since startup\n"
+                f"{len(self.channels)} session(s) - peak 0, last 5min 0\n")
+
+    def _new_uuid(self) -> str:
+        return str(uuidlib.UUID(int=self._rng.getrandbits(128), version=4))
+
+
+_API: dict[str, Callable[[FakeFreeswitch, str], str]] = {
+    "uuid_kill": FakeFreeswitch._api_uuid_kill,
+    "hupall": FakeFreeswitch._api_hupall,
+    "sched_hangup": FakeFreeswitch._api_sched_hangup,
+    "uuid_setvar": FakeFreeswitch._api_uuid_setvar,
+    "uuid_setvar_multi": FakeFreeswitch._api_uuid_setvar_multi,
+    "uuid_getvar": FakeFreeswitch._api_uuid_getvar,
+    "uuid_transfer": FakeFreeswitch._api_uuid_transfer,
+    "uuid_broadcast": FakeFreeswitch._api_uuid_broadcast,
+    "uuid_dump": FakeFreeswitch._api_uuid_dump,
+    "uuid_exists": FakeFreeswitch._api_uuid_exists,
+    "show": FakeFreeswitch._api_show,
+    "status": FakeFreeswitch._api_status,
+}
+
+
+# ------------------------------------------------------------------------------------ standalone
+
+
+def _load(fake: FakeFreeswitch, rate: float, calls: int, talk_ms: int) -> dict[str, Any]:
+    """Place ``calls`` calls at ``rate`` per second; report the park -> transfer latencies."""
+    interval = 1.0 / rate
+    started = time.perf_counter()
+    placed: list[FakeCall] = []
+    for index in range(calls):
+        gevent.sleep(max(0.0, started + index * interval - time.perf_counter()))
+        placed.append(fake.place_call(f"acct{index % 50}", f"3314{index:06d}", answer_after_ms=20, talk_ms=talk_ms))
+    fake.wait_idle(talk_ms / 1000 + 30)
+    latencies = sorted(call.auth_latency_ms for call in placed if call.transferred_at)
+    outcomes: dict[str, int] = {}
+    for call in placed:
+        outcomes[call.outcome or "unfinished"] = outcomes.get(call.outcome or "unfinished", 0) + 1
+    return {"calls": calls, "rate": rate, "authorized": len(latencies), "latencies_ms": latencies,
+            "outcomes": outcomes, "seconds": time.perf_counter() - started}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="A fake FreeSWITCH event socket for tests, benchmarks and demos.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8021)
+    parser.add_argument("--password", default=DEFAULT_PASSWORD)
+    parser.add_argument("--heartbeat", type=float, default=20.0, help="seconds between HEARTBEAT events")
+    parser.add_argument("--load-rate", type=float, default=0.0, help="place calls at this rate once a client is in")
+    parser.add_argument("--load-calls", type=int, default=0)
+    parser.add_argument("--talk-ms", type=int, default=1000)
+    args = parser.parse_args(argv)
+    fake = FakeFreeswitch(password=args.password, host=args.host, port=args.port, heartbeat_s=args.heartbeat)
+    fake.start()
+    print(json.dumps({"listening": fake.port}), flush=True)
+    try:
+        if args.load_calls:
+            while fake.live_connections() == 0:
+                gevent.sleep(0.05)
+            gevent.sleep(0.5)  # let the client subscribe and resync
+            print(json.dumps(_load(fake, args.load_rate, args.load_calls, args.talk_ms)), flush=True)
+        else:
+            gevent.wait()
+    finally:
+        fake.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
