@@ -8,6 +8,7 @@ import click
 
 from agent import __version__
 from agent.cli.accounts import accounts
+from agent.cli.cdrs import cdrs
 from agent.cli.common import AppContext
 from agent.cli.db import db
 from agent.cli.ledger import ledger
@@ -37,6 +38,7 @@ cli.add_command(accounts)
 cli.add_command(plans)
 cli.add_command(rates)
 cli.add_command(ledger)
+cli.add_command(cdrs)
 
 
 def main() -> None:

@@ -1,0 +1,346 @@
+"""``billing-agent cdrs``: list, show, export and reconcile the call records; replay the spool."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from typing import IO, Any, TypeVar
+
+import click
+
+from agent.adapters.cdr.query import CdrFilter, CdrView, DecisionView, LegView, get_cdr, iter_cdrs
+from agent.adapters.cdr.reconcile import ReconcileLine, ReconcileSummary, reconcile
+from agent.cli.common import app, fail, handle_errors, print_json
+from agent.core.cdr import Disposition
+from agent.core.clock import parse_iso8601
+from agent.core.money import format_amount
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CSV_COLUMNS = (
+    "call_id", "node", "pbx", "account_id", "caller", "destination", "started_at", "answered_at", "ended_at",
+    "duration_ms", "disposition", "hangup_cause", "settled_at", "rating_seq", "plan", "prefix", "rate_per_minute",
+    "billed_seconds", "cost", "decided_at", "rating_reason", "pbx_billsec", "billed_leg", "billed_leg_peer",
+    "billed_leg_sip_call_id", "leg_count", "legs",
+)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _instant(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_iso8601(value, what=f"--{param.name}")
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc} (e.g. 2026-01-31, 2026-01-31T08:00:00Z or with an offset)") from None
+
+
+def _disposition(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    wanted = value.strip().upper().replace("_", " ")
+    known = [d.value for d in Disposition]
+    if wanted not in known:
+        raise click.BadParameter(f"{value!r} is not one of {', '.join(known)}")
+    return wanted
+
+
+def filter_options(func: F) -> F:
+    """--account, --since, --until, --destination, --disposition, --node (all optional)."""
+    options = [
+        click.option("--account", "account_id", help="Only this account."),
+        click.option("--since", callback=_instant, metavar="ISO8601",
+                     help="Calls started at or after (UTC if no offset)."),
+        click.option("--until", callback=_instant, metavar="ISO8601", help="Calls started before."),
+        click.option("--destination", "destination_prefix", metavar="PREFIX", help="Destination numbers starting so."),
+        click.option("--disposition", callback=_disposition,
+                     help="ANSWERED, NO_ANSWER, BUSY, FAILED, DENIED or CUT."),
+        click.option("--node", help="Only calls of this agent node."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _filter(kwargs: dict[str, Any]) -> CdrFilter:
+    return CdrFilter(**{k: kwargs.pop(k) for k in ("account_id", "since", "until", "destination_prefix",
+                                                   "disposition", "node")})
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def leg_json(leg: LegView) -> dict[str, Any]:
+    return {
+        "pbx_unique_id": leg.pbx_unique_id, "direction": leg.direction, "channel": leg.channel,
+        "sip_call_id": leg.sip_call_id, "peer": leg.peer, "caller": leg.caller, "callee": leg.callee,
+        "created_at": _iso(leg.created_at), "answered_at": _iso(leg.answered_at), "ended_at": _iso(leg.ended_at),
+        "hangup_cause": leg.hangup_cause, "billsec": leg.billsec, "billed": leg.billed,
+    }
+
+
+def decision_json(d: DecisionView) -> dict[str, Any]:
+    return {
+        "seq": d.seq, "plan": d.plan_name, "rate_id": d.rate_id, "prefix": d.prefix,
+        "rate_per_minute": format_amount(d.rate_micros), "billed_seconds": d.billed_seconds,
+        "cost": format_amount(d.cost_micros), "decided_at": _iso(d.decided_at), "reason": d.reason,
+    }
+
+
+def cdr_json(v: CdrView) -> dict[str, Any]:
+    return {
+        "call_id": v.call_id, "node": v.node, "pbx": v.pbx, "account_id": v.account_id, "caller": v.caller,
+        "destination": v.destination, "started_at": _iso(v.started_at), "answered_at": _iso(v.answered_at),
+        "ended_at": _iso(v.ended_at), "duration_ms": v.duration_ms, "disposition": v.disposition,
+        "hangup_cause": v.hangup_cause, "settled_at": _iso(v.settled_at),
+        "rating": decision_json(v.rating) if v.rating else None,
+        "legs": [leg_json(leg) for leg in v.legs],
+    }
+
+
+def cdr_csv_row(v: CdrView) -> list[Any]:
+    d = v.rating
+    billed = v.billed_leg
+    legs = json.dumps([leg_json(leg) for leg in v.legs], separators=(",", ":"))
+    return [
+        v.call_id, v.node, v.pbx, v.account_id, v.caller, v.destination, _iso(v.started_at), _iso(v.answered_at),
+        _iso(v.ended_at), v.duration_ms, v.disposition, v.hangup_cause, _iso(v.settled_at),
+        d.seq if d else "", d.plan_name if d else "", d.prefix if d else "",
+        format_amount(d.rate_micros) if d else "", d.billed_seconds if d else "",
+        format_amount(d.cost_micros) if d else "", _iso(d.decided_at) if d else "", d.reason if d else "",
+        billed.billsec if billed else "", billed.pbx_unique_id if billed else "", billed.peer if billed else "",
+        billed.sip_call_id if billed else "", len(v.legs), legs,
+    ]
+
+
+def write_csv(views: Iterable[CdrView], out: IO[str]) -> int:
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    count = 0
+    for view in views:
+        writer.writerow(cdr_csv_row(view))
+        count += 1
+    return count
+
+
+def write_jsonl(views: Iterable[CdrView], out: IO[str]) -> int:
+    count = 0
+    for view in views:
+        out.write(json.dumps(cdr_json(view), separators=(",", ":")))
+        out.write("\n")
+        count += 1
+    return count
+
+
+def _table(views: Iterable[CdrView]) -> None:
+    click.echo(f"{'started (UTC)':<20} {'call':<24} {'account':<14} {'destination':<16} {'disposition':<11} "
+               f"{'secs':>6} {'billed':>6} {'cost':>12}  node")
+    for v in views:
+        d = v.rating
+        click.echo(f"{v.started_at:%Y-%m-%d %H:%M:%S}  {v.call_id[:24]:<24} {v.account_id[:14]:<14} "
+                   f"{v.destination[:16]:<16} {v.disposition:<11} {-(-v.duration_ms // 1000):>6} "
+                   f"{d.billed_seconds if d else '-':>6} {format_amount(d.cost_micros) if d else '-':>12}  {v.node}")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@click.group()
+def cdrs() -> None:
+    """Call detail records: every settled call, its legs and its rating decisions."""
+
+
+@cdrs.command(name="list")
+@filter_options
+@click.option("--limit", type=click.IntRange(min=0), default=100, show_default=True,
+              help="At most this many calls (0 = all; for big exports use `cdrs export`).")
+@click.option("--json", "fmt", flag_value="json", help="A JSON array.")
+@click.option("--csv", "fmt", flag_value="csv", help="CSV with a header line.")
+@click.option("--jsonl", "fmt", flag_value="jsonl", help="JSON lines, one call per line.")
+@click.pass_context
+@handle_errors
+def list_command(ctx: click.Context, /, limit: int, fmt: str | None, **filters: Any) -> None:
+    """Calls in start order, with their current rating decision."""
+    views = iter_cdrs(app(ctx).engine(), _filter(filters), limit=limit or None)
+    out = sys.stdout
+    if fmt == "json":
+        print_json([cdr_json(v) for v in views])
+    elif fmt == "csv":
+        write_csv(views, out)
+    elif fmt == "jsonl":
+        write_jsonl(views, out)
+    else:
+        _table(views)
+
+
+@cdrs.command()
+@click.argument("call_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def show(ctx: click.Context, call_id: str, as_json: bool) -> None:
+    """One call: its facts, every leg and its whole rating history (the last one counts)."""
+    view, history = get_cdr(app(ctx).engine(), call_id)
+    data = cdr_json(view)
+    data["rating_history"] = [decision_json(d) for d in history]
+    if as_json:
+        print_json(data)
+        return
+    for key in ("call_id", "account_id", "node", "pbx", "caller", "destination", "disposition", "hangup_cause",
+                "started_at", "answered_at", "ended_at", "settled_at", "duration_ms"):
+        click.echo(f"{key.replace('_', ' '):<14} {data[key] if data[key] is not None else '-'}")
+    click.echo(f"legs ({len(view.legs)}):")
+    for leg in view.legs:
+        mark = " (billed)" if leg.billed else ""
+        click.echo(f"  {leg.direction:<8} {leg.pbx_unique_id}  {leg.channel}  peer {leg.peer or '-'}  sip "
+                   f"{leg.sip_call_id or '-'}  billsec {leg.billsec}  {leg.hangup_cause}{mark}")
+    click.echo("rating decisions:")
+    for d in history:
+        current = "  <- current" if view.rating and d.seq == view.rating.seq else ""
+        click.echo(f"  #{d.seq} {_iso(d.decided_at)} plan {d.plan_name or '-'} prefix {d.prefix or '-'} "
+                   f"rate {format_amount(d.rate_micros)}/min billed {d.billed_seconds}s cost "
+                   f"{format_amount(d.cost_micros)} ({d.reason}){current}")
+
+
+@cdrs.command()
+@filter_options
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+              help="File to write (default: standard output).")
+@click.pass_context
+@handle_errors
+def export(ctx: click.Context, /, fmt: str, output: str, **filters: Any) -> None:
+    """Every matching call, streamed (bounded memory, for millions of calls)."""
+    views = iter_cdrs(app(ctx).engine(), _filter(filters))
+    write = write_csv if fmt == "csv" else write_jsonl
+    if output == "-":
+        count = write(views, sys.stdout)
+    else:
+        try:
+            with open(output, "w", encoding="utf-8", newline="") as handle:
+                count = write(views, handle)
+        except OSError as exc:
+            fail(f"{output}: cannot write the export: {exc.strerror}")
+    click.echo(f"exported {count} calls", err=True)
+
+
+def _reconcile_json(line: ReconcileLine) -> dict[str, Any]:
+    return {"call_id": line.call_id, "account_id": line.account_id, "started_at": _iso(line.started_at),
+            "disposition": line.disposition, "pbx_billsec": line.pbx_billsec,
+            "charged_seconds": line.charged_seconds, "expected_seconds": line.expected_seconds,
+            "increment": line.increment, "difference": line.difference, "status": line.status}
+
+
+@cdrs.command(name="reconcile")
+@click.option("--since", callback=_instant, required=True, metavar="ISO8601", help="Calls started at or after.")
+@click.option("--until", callback=_instant, metavar="ISO8601", help="Calls started before.")
+@click.option("--account", "account_id", help="Only this account.")
+@click.option("--node", help="Only calls of this agent node.")
+@click.option("--all", "show_all", is_flag=True, help="List every call, not only the flagged ones.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def reconcile_command(ctx: click.Context, since: datetime, until: datetime | None, account_id: str | None,
+                      node: str | None, show_all: bool, as_json: bool) -> None:
+    """Compare the PBX's billed seconds with the charged seconds; flag differences beyond one increment.
+
+    Exits 1 when a call is flagged (for cron and monitoring)."""
+    where = CdrFilter(account_id=account_id, since=since, until=until, node=node)
+    summary = ReconcileSummary()
+    listed: list[dict[str, Any]] = []
+    for line in reconcile(app(ctx).engine(), where):
+        summary.add(line)
+        if not (line.flagged or show_all):
+            continue
+        if as_json:
+            listed.append(_reconcile_json(line))
+        else:
+            diff = "-" if line.difference is None else f"{line.difference:+d}"
+            click.echo(f"{line.status:<13} {line.call_id}  account {line.account_id}  pbx {line.pbx_billsec}s  "
+                       f"charged {line.charged_seconds}s  expected {line.expected_seconds}s  diff {diff}s  "
+                       f"increment {line.increment}s")
+    totals = {"checked": summary.checked, "flagged": summary.flagged, "pbx_seconds": summary.pbx_seconds,
+              "charged_seconds": summary.charged_seconds, "by_status": dict(sorted(summary.statuses.items()))}
+    if as_json:
+        print_json({"summary": totals, "calls": listed})
+    else:
+        click.echo(f"checked {summary.checked} calls: {summary.flagged} flagged; PBX billed "
+                   f"{summary.pbx_seconds} s, charged {summary.charged_seconds} s")
+    if summary.flagged:
+        sys.exit(1)
+
+
+def _quarantine_rows(engine: Any, limit: int) -> Iterator[dict[str, Any]]:
+    from sqlalchemy import select
+
+    from agent.adapters.sql.models import CdrQuarantine as Q
+
+    with engine.connect() as conn:
+        for row in conn.execute(select(Q.id, Q.call_id, Q.node, Q.reason, Q.created_at)
+                                .order_by(Q.id.desc()).limit(limit)):
+            yield {"id": row.id, "call_id": row.call_id, "node": row.node, "reason": row.reason,
+                   "created_at": _iso(row.created_at)}
+
+
+@cdrs.command()
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def quarantine(ctx: click.Context, limit: int, as_json: bool) -> None:
+    """CDRs the database refused (newest first), with the reason; the full record is in
+    ``cdr_quarantine.payload``."""
+    rows = list(_quarantine_rows(app(ctx).engine(), limit))
+    if as_json:
+        print_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['created_at']}  {row['call_id'] or '?'}  node {row['node']}: {row['reason']}")
+    if not rows:
+        click.echo("no quarantined CDRs")
+
+
+@cdrs.command()
+@click.option("--spool-dir", help="The spool folder (default: cdr.spool_dir of the config).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def replay(ctx: click.Context, spool_dir: str | None, as_json: bool) -> None:
+    """Write what the local spool holds to SQL now (a stopped agent's leftovers).
+
+    A running agent replays its spool by itself and holds its lock; this command then refuses."""
+    from agent.adapters.cdr.factory import make_cdr_pipeline, spool_path
+    from agent.services.cdr_pipeline import CdrStoreUnavailable, SpoolError
+
+    context = app(ctx)
+    folder = spool_path(context.config, spool_dir)
+    if not folder.is_dir():
+        fail(f"{folder}: no CDR spool folder here (cdr.spool_dir, or --spool-dir)")
+    try:
+        pipeline = make_cdr_pipeline(context.config, context.engine(), spool_dir=str(folder))
+    except SpoolError as exc:
+        fail(str(exc))
+    try:
+        report = pipeline.replay_now()
+    except CdrStoreUnavailable as exc:
+        fail(f"database unreachable: {exc}; {pipeline.spool.backlog_bytes()} bytes stay in {folder}")
+    finally:
+        pipeline.spool.close()
+    data = {"spool": str(folder), "written": report.written, "quarantined": report.rejected,
+            "quarantined_locally": report.quarantined_locally, "damaged_regions": report.damaged_regions,
+            "batches": report.batches, "backlog_bytes": report.backlog_bytes}
+    if as_json:
+        print_json(data)
+        return
+    click.echo(f"{folder}: {report.written} CDRs written to SQL in {report.batches} batches, "
+               f"{report.rejected} quarantined ({report.quarantined_locally} in {folder / 'quarantine'}), "
+               f"{report.damaged_regions} damaged spool regions quarantined; {report.backlog_bytes} bytes left")

@@ -1,0 +1,222 @@
+"""``billing-agent cdrs``: list/show/export with filters, CSV and JSON lines, reconcile, replay."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from sqlalchemy import Engine
+
+from agent.adapters.cdr.spool import Spool
+from agent.adapters.sql.cdr_writer import SqlCdrStore
+from agent.adapters.sql.engine import session_factory, transaction
+from agent.adapters.sql.models import Rate, RatePlan, RatingDecision
+from agent.cli.main import cli
+from agent.services.cdr_pipeline import encode_record
+from tests.cdr_builders import T0, call_ids, make_record
+
+
+def run(engine: Engine, *args: str) -> Result:
+    url = engine.url.render_as_string(hide_password=False)
+    return CliRunner().invoke(cli, ["--database-url", url, *args], catch_exceptions=False)
+
+
+def jsonl(result: Result) -> list[dict[str, object]]:
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines() if line]
+
+
+@pytest.fixture
+def calls(engine: Engine) -> Engine:
+    """Eight calls: two accounts, two nodes, three destinations, answered and not."""
+    records = [
+        make_record(0, account_id="alice", destination="493012345"),
+        make_record(1, account_id="alice", destination="4989555", node="node2"),
+        make_record(2, account_id="bob", destination="441234567"),
+        make_record(3, account_id="alice", destination="493099999", answered=False),
+        make_record(4, account_id="bob", destination="4930_777", node="node2"),
+        make_record(5, account_id="alice", destination="441200000"),
+        make_record(6, account_id="bob", destination="493011111", answered=False),
+        make_record(7, account_id="alice", destination="4930%", duration_ms=1_500),
+    ]
+    assert SqlCdrStore(engine).write(records).written == 8
+    return engine
+
+
+def test_list_filters_combine(calls: Engine) -> None:
+    def ids(*args: str) -> list[object]:
+        return [row["call_id"] for row in jsonl(run(calls, "cdrs", "list", "--jsonl", *args))]
+
+    assert ids() == [f"call-00000{i}" for i in range(8)]  # start order
+    assert ids("--account", "alice") == ["call-000000", "call-000001", "call-000003", "call-000005", "call-000007"]
+    assert ids("--since", "2026-01-01T00:02:00Z", "--until", "2026-01-01T00:05:00Z") == [
+        "call-000002", "call-000003", "call-000004"]
+    assert ids("--since", "2026-01-01T01:03:00+01:00", "--until", "2026-01-01T00:04:00") == ["call-000003"]
+    assert ids("--destination", "4930") == ["call-000000", "call-000003", "call-000004", "call-000006",
+                                            "call-000007"]
+    assert ids("--destination", "4930_") == ["call-000004"]  # a literal "_", not a wildcard
+    assert ids("--destination", "4930%") == ["call-000007"]
+    assert ids("--disposition", "no_answer") == ["call-000003", "call-000006"]
+    assert ids("--node", "node2", "--account", "bob") == ["call-000004"]
+    assert ids("--limit", "2") == ["call-000000", "call-000001"]
+
+
+def test_each_cdr_carries_its_legs_and_current_rating(calls: Engine) -> None:
+    row = jsonl(run(calls, "cdrs", "list", "--jsonl", "--account", "bob", "--limit", "1"))[0]
+    assert row["started_at"] == "2026-01-01T00:02:00.000Z"
+    assert row["rating"] == {"seq": 1, "plan": "retail", "rate_id": 1, "prefix": "49",
+                             "rate_per_minute": "0.120000", "billed_seconds": 61, "cost": "0.122000",
+                             "decided_at": "2026-01-01T00:03:06.003Z", "reason": "settle"}
+    legs = row["legs"]
+    assert isinstance(legs, list)
+    assert [(leg["direction"], leg["billed"], leg["billsec"]) for leg in legs] == [("inbound", False, 66),
+                                                                                 ("outbound", True, 61)]
+    as_json = json.loads(run(calls, "cdrs", "list", "--json", "--account", "bob", "--limit", "1").stdout)
+    assert as_json == [row]
+
+
+def test_list_csv_has_a_header_and_one_row_per_call(calls: Engine) -> None:
+    result = run(calls, "cdrs", "list", "--csv", "--disposition", "ANSWERED")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["call_id"] for r in rows] == ["call-000000", "call-000001", "call-000002", "call-000004",
+                                            "call-000005", "call-000007"]
+    last = rows[-1]
+    assert (last["destination"], last["cost"], last["billed_seconds"], last["pbx_billsec"]) == (
+        "4930%", "0.004000", "2", "2")
+    assert [leg["pbx_unique_id"] for leg in json.loads(last["legs"])] == ["call-000007.a", "call-000007.b"]
+
+
+def test_list_table_for_people(calls: Engine) -> None:
+    result = run(calls, "cdrs", "list", "--account", "bob")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "disposition" in lines[0] and len(lines) == 4
+    assert "call-000002" in lines[1] and "0.122000" in lines[1]
+
+
+def test_show_gives_the_legs_and_the_whole_rating_history(calls: Engine) -> None:
+    with transaction(session_factory(calls)) as session:
+        session.add(RatingDecision(call_id="call-000002", seq=2, plan_name="retail", prefix="44", rate_micros=60_000,
+                                   billed_seconds=61, cost_micros=61_000, reason="rerate",
+                                   decided_at=datetime(2026, 2, 1, tzinfo=UTC)))
+    data = json.loads(run(calls, "cdrs", "show", "call-000002", "--json").stdout)
+    assert data["rating"]["seq"] == 2 and data["rating"]["cost"] == "0.061000"
+    assert [d["seq"] for d in data["rating_history"]] == [1, 2]
+    assert len(data["legs"]) == 2
+    text = run(calls, "cdrs", "show", "call-000002").stdout
+    assert "#2 2026-02-01T00:00:00.000Z" in text and "<- current" in text and "(billed)" in text
+
+
+def test_show_an_unknown_call_fails_with_its_name(sqlite_engine: Engine) -> None:
+    result = run(sqlite_engine, "cdrs", "show", "nope")
+    assert result.exit_code == 1
+    assert "unknown call 'nope'" in result.stderr
+
+
+def test_a_bad_instant_names_the_option(sqlite_engine: Engine) -> None:
+    result = run(sqlite_engine, "cdrs", "list", "--since", "yesterday")
+    assert result.exit_code == 2
+    assert "--since 'yesterday' is not an ISO 8601" in result.stderr
+
+
+def test_export_streams_csv_to_a_file_and_json_lines_to_stdout(calls: Engine, tmp_path: Path) -> None:
+    target = tmp_path / "out.csv"
+    result = run(calls, "cdrs", "export", "--account", "alice", "-o", str(target))
+    assert result.exit_code == 0, result.output
+    assert "exported 5 calls" in result.stderr
+    assert [r["call_id"] for r in csv.DictReader(target.open())] == [
+        "call-000000", "call-000001", "call-000003", "call-000005", "call-000007"]
+    rows = jsonl(run(calls, "cdrs", "export", "--format", "jsonl", "--destination", "44"))
+    assert [r["call_id"] for r in rows] == ["call-000002", "call-000005"]
+
+
+def test_export_in_small_chunks_keeps_every_call_in_order(sqlite_engine: Engine) -> None:
+    from agent.adapters.cdr.query import CdrFilter, iter_cdrs
+
+    SqlCdrStore(sqlite_engine).write([make_record(i) for i in range(25)])
+    views = list(iter_cdrs(sqlite_engine, CdrFilter(), chunk=4))
+    assert [v.call_id for v in views] == call_ids(sqlite_engine)
+    assert all(len(v.legs) == 2 and v.rating is not None for v in views)
+
+
+def _plan_with_rates(engine: Engine) -> dict[str, int]:
+    """Rate ids of a per-second rate and of a 60/60 rate."""
+    with transaction(session_factory(engine)) as session:
+        plan = RatePlan(name="retail", currency="EUR")
+        session.add(plan)
+        session.flush()
+        ids = {}
+        for prefix, initial, increment in (("49", 1, 1), ("44", 60, 60)):
+            rate = Rate(plan_id=plan.id, prefix=prefix, rate_micros=60_000, initial_increment=initial,
+                        increment=increment, effective_from=datetime(1970, 1, 1, tzinfo=UTC))
+            session.add(rate)
+            session.flush()
+            ids[prefix] = rate.id
+    return ids
+
+
+def test_reconcile_flags_charges_beyond_one_increment_of_the_pbx_seconds(engine: Engine) -> None:
+    ids = _plan_with_rates(engine)
+    SqlCdrStore(engine).write([
+        make_record(0, rate_id=ids["49"], billsec=60),  # 61 charged, PBX 60: one second, normal
+        make_record(1, rate_id=ids["49"], billsec=50),  # 61 charged, PBX 50: overcharged
+        make_record(2, rate_id=ids["44"], billsec=59, billed_seconds=60, destination="4412"),  # 60/60 block
+        make_record(3, rate_id=ids["44"], billsec=130, billed_seconds=60, destination="4412"),  # undercharged
+        make_record(4, rate_id=999_999, billsec=61),  # its rate is gone: 1-second increments
+        make_record(5, answered=False),
+    ])
+    result = run(engine, "cdrs", "reconcile", "--since", "2026-01-01", "--json")
+    assert result.exit_code == 1  # something is flagged
+    data = json.loads(result.stdout)
+    assert data["summary"] == {"checked": 6, "flagged": 2, "pbx_seconds": 60 + 50 + 59 + 130 + 61,
+                               "charged_seconds": 61 + 61 + 60 + 60 + 61,
+                               "by_status": {"ok": 4, "overcharged": 1, "undercharged": 1}}
+    flagged = {c["call_id"]: (c["status"], c["difference"], c["increment"]) for c in data["calls"]}
+    assert flagged == {"call-000001": ("overcharged", 11, 1), "call-000003": ("undercharged", -120, 60)}
+    clean = run(engine, "cdrs", "reconcile", "--since", "2026-01-01", "--until", "2026-01-01T00:01:00Z")
+    assert clean.exit_code == 0 and "checked 1 calls: 0 flagged" in clean.stdout
+
+
+def test_replay_writes_a_stopped_agents_spool_once(sqlite_engine: Engine, tmp_path: Path) -> None:
+    folder = tmp_path / "spool"
+    spool = Spool(folder, max_bytes=1 << 20)
+    for i in range(12):
+        spool.append(encode_record(make_record(i)))
+    spool.append(b"not a call")
+    spool.close()
+    result = run(sqlite_engine, "cdrs", "replay", "--spool-dir", str(folder), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["written"], report["quarantined"], report["backlog_bytes"]) == (12, 1, 0)
+    assert len(call_ids(sqlite_engine)) == 12
+    again = run(sqlite_engine, "cdrs", "replay", "--spool-dir", str(folder))
+    assert again.exit_code == 0 and "0 CDRs written" in again.stdout
+    quarantined = run(sqlite_engine, "cdrs", "quarantine")
+    assert "undecodable spool entry" in quarantined.stdout
+
+
+def test_replay_refuses_a_spool_a_running_agent_owns(sqlite_engine: Engine, tmp_path: Path) -> None:
+    folder = tmp_path / "spool"
+    owner = Spool(folder, max_bytes=1 << 20)
+    result = run(sqlite_engine, "cdrs", "replay", "--spool-dir", str(folder))
+    assert result.exit_code == 1
+    assert "in use by process" in result.stderr
+    owner.close()
+
+
+def test_replay_with_the_database_away_keeps_the_spool(tmp_path: Path) -> None:
+    folder = tmp_path / "spool"
+    spool = Spool(folder, max_bytes=1 << 20)
+    spool.append(encode_record(make_record(T0 % 7)))
+    spool.close()
+    url = "postgresql://nobody@127.0.0.1:1/none"
+    result = CliRunner().invoke(cli, ["--database-url", url, "cdrs", "replay", "--spool-dir", str(folder)])
+    assert result.exit_code == 1
+    assert "database" in result.stderr
+    assert list(folder.glob("seg-*.cdr"))
