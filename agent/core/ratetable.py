@@ -125,6 +125,8 @@ class RateTable:
         if wanted is None:
             wanted = len(self._index) >= FILTER_MIN_PREFIXES
         self._filter = _LengthFilter(self._index) if wanted else None
+        if self._filter is not None:  # shortcuts for the hot path
+            self._long, self._short, self._probe_memo = self._filter.long, self._filter.short, self._filter.memo
 
     def __len__(self) -> int:
         """The number of rate rows."""
@@ -163,10 +165,9 @@ class RateTable:
         if self._filter is None or n < GROUP_DIGITS:
             probes = self._probes[n]
         else:  # _LengthFilter.probes, inlined
-            lengths = self._filter
             group = key // _POWERS[n - GROUP_DIGITS] - _GROUPS
-            mask = (lengths.long[group] | lengths.short[group // 10]) << 7 | n
-            probes = lengths.memo.get(mask) or lengths.probes(key, n)
+            probes = (self._probe_memo.get((self._long[group] | self._short[group // 10]) << 7 | n)
+                      or self._filter.probes(key, n))
         index = self._index
         for length, divisor in probes:
             entry = index.get(key // divisor)
