@@ -3,6 +3,7 @@ spool, rejected records, restarts."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from agent.services.cdr_pipeline import (
     QuarantineRefused,
     RejectedCdr,
     SpoolFull,
+    decode_record,
     encode_record,
 )
 from agent.services.metrics import Metrics
@@ -213,3 +215,18 @@ def test_metrics_show_the_backlog_the_outage_and_the_visibility_delay(spool_dir:
     assert value("billing_cdr_visible_seconds_bucket", {"le": "2.0"}) == 1
     assert value("billing_cdr_visible_seconds_bucket", {"le": "1.0"}) == 0
     pipeline.stop(1)
+
+
+@pytest.mark.parametrize("record", [make_record(1), make_record(2, answered=False),
+                                    make_record(3, caller="Zoë \u2603", settled_ms=None, legs=())])
+def test_the_spooled_form_is_the_records_dict_and_decodes_back(record: CallRecord) -> None:
+    payload = encode_record(record)
+    assert payload.isascii()
+    assert json.loads(payload) == record.to_dict()
+    assert decode_record(payload) == record
+
+
+@pytest.mark.parametrize("payload", [b"[]", b'{"call_id": "x"}', b"\xff\xfe", b"{"])
+def test_anything_else_does_not_decode(payload: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_record(payload)

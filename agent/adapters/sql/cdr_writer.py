@@ -1,7 +1,9 @@
 """Batched, idempotent CDR writes: ``calls``, ``call_legs`` and ``rating_decisions`` (DESIGN §6).
 
-One batch is one transaction. PostgreSQL (psycopg 3) loads the rows with COPY into
-per-connection temporary staging tables, then ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``;
+One batch is one transaction. PostgreSQL (psycopg 3) loads the rows with COPY, straight into
+the tables inside a savepoint; when a row is already there (a replay after a crash) the savepoint
+is rolled back and the batch goes through per-connection temporary staging tables and
+``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` instead (twice the server's work, so only then);
 the other backends use multi-row inserts that skip duplicates (SQLite ``ON CONFLICT DO
 NOTHING``, MySQL/MariaDB ``ON DUPLICATE KEY UPDATE`` of the key to itself, which, unlike
 ``INSERT IGNORE``, still refuses a value that does not fit instead of truncating it). The unique
@@ -57,6 +59,10 @@ DECISION_COLUMNS = ("call_id", "seq", "plan_name", "rate_id", "prefix", "rate_mi
 
 # The column a MySQL "ON DUPLICATE KEY UPDATE" sets to itself (any column of a unique key).
 SKIP_KEY = {"calls": "id", "call_legs": "call_id", "rating_decisions": "call_id", "cdr_quarantine": "digest"}
+
+UNIQUE_VIOLATION = "23505"
+# After a duplicate (a replay), this many batches go through staging before COPY is tried direct again.
+STAGED_AFTER_DUPLICATE = 8
 
 # MySQL/MariaDB errors about the data of a row that PyMySQL reports as OperationalError.
 MYSQL_DATA_ERRORS = {1048, 1264, 1292, 1366, 1406, 1452, 3819, 4025}
@@ -122,6 +128,7 @@ class SqlCdrStore:
         self.backend = engine.dialect.name
         driver = engine.dialect.driver
         self.use_copy = (self.backend == "postgresql" and driver == "psycopg") if use_copy is None else use_copy
+        self._staging_batches_left = 0
 
     # ------------------------------------------------------------------ writing
 
@@ -191,31 +198,57 @@ class SqlCdrStore:
             calls.append(call)
             legs.extend(leg_rows)
             decisions.append(decision)
+        tables = ((CALLS, CALL_COLUMNS, calls), (LEGS, LEG_COLUMNS, legs), (DECISIONS, DECISION_COLUMNS, decisions))
         with self.engine.begin() as conn:
-            info = conn.info
+            info = conn.info  # per DBAPI connection: survives the checkout
             raw = conn.connection.driver_connection
             assert raw is not None
             with raw.cursor() as cursor:
-                if not info.get("cdr_staging"):
-                    for table, columns in ((CALLS, CALL_COLUMNS), (LEGS, LEG_COLUMNS),
-                                           (DECISIONS, DECISION_COLUMNS)):
-                        cursor.execute(
-                            f"CREATE TEMP TABLE IF NOT EXISTS stage_{table.name} ON COMMIT DELETE ROWS AS "
-                            f"SELECT {', '.join(columns)} FROM {table.name} WITH NO DATA")
-                inserted = 0
-                for table, columns, rows in ((CALLS, CALL_COLUMNS, calls), (LEGS, LEG_COLUMNS, legs),
-                                             (DECISIONS, DECISION_COLUMNS, decisions)):
-                    if not rows:
-                        continue
-                    names = ", ".join(columns)
-                    with cursor.copy(f"COPY stage_{table.name} ({names}) FROM STDIN") as copy:
+                if self._staging_batches_left == 0 and self._copy_direct(cursor, tables):
+                    return len(calls)
+                self._staging_batches_left = max(0, self._staging_batches_left - 1)
+                inserted = self._copy_staged(cursor, info, tables)
+        info["cdr_staging"] = True  # only once the transaction that created them committed
+        return inserted
+
+    def _copy_direct(self, cursor: Any, tables: Any) -> bool:
+        """COPY straight into the tables (half the server's work of staging); False when a row is
+        already there (a replay after a crash), with nothing written: the caller then stages."""
+        cursor.execute("SAVEPOINT cdr_direct")
+        try:
+            for table, columns, rows in tables:
+                if rows:
+                    with cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
                         for row in rows:
                             copy.write_row(row)
-                    cursor.execute(f"INSERT INTO {table.name} ({names}) SELECT {names} FROM stage_{table.name} "
-                                   "ON CONFLICT DO NOTHING")
-                    if table is CALLS:
-                        inserted = cursor.rowcount
-        info["cdr_staging"] = True  # only once the transaction that created them committed
+        except Exception as exc:  # only a duplicate is handled here; anything else goes up
+            if getattr(exc, "sqlstate", None) != UNIQUE_VIOLATION:
+                raise
+            cursor.execute("ROLLBACK TO SAVEPOINT cdr_direct")
+            self._staging_batches_left = STAGED_AFTER_DUPLICATE
+            return False
+        cursor.execute("RELEASE SAVEPOINT cdr_direct")
+        return True
+
+    @staticmethod
+    def _copy_staged(cursor: Any, info: dict[Any, Any], tables: Any) -> int:
+        """COPY into per-connection temporary tables, then insert what is not there yet."""
+        if not info.get("cdr_staging"):
+            for table, columns, _ in tables:
+                cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS stage_{table.name} ON COMMIT DELETE ROWS AS "
+                               f"SELECT {', '.join(columns)} FROM {table.name} WITH NO DATA")
+        inserted = 0
+        for table, columns, rows in tables:
+            if not rows:
+                continue
+            names = ", ".join(columns)
+            with cursor.copy(f"COPY stage_{table.name} ({names}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            cursor.execute(f"INSERT INTO {table.name} ({names}) SELECT {names} FROM stage_{table.name} "
+                           "ON CONFLICT DO NOTHING")
+            if table is CALLS:
+                inserted = cursor.rowcount
         return inserted
 
     # ------------------------------------------------------------------ quarantine
