@@ -97,6 +97,7 @@ class FakeCall:
     decision: str = ""
     outcome: str = ""  # answered | denied | failed | park_timeout | killed_while_parked | cancelled
     hangup_cause: str = ""  # the A leg's
+    b_hangup_cause: str = ""  # the answered B leg's
     b_answered_us: int = 0
     a_ended_us: int = 0
     b_ended_us: int = 0
@@ -428,6 +429,7 @@ class FakeFreeswitch:
             call.hangup_cause = cause
         elif ch.answered_us:
             call.b_ended_us = ch.hangup_us
+            call.b_hangup_cause = cause
         ch.ended.set()
         if peer is not None and not peer.hangup_us:
             self.hangup(peer, "NORMAL_CLEARING")

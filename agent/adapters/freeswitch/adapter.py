@@ -148,17 +148,16 @@ class FreeswitchAdapter:
     def _on_event(self, event: Event) -> None:
         """greenswitch's dispatch greenlet: translate and hand over; never block."""
         self.stats.events += 1
-        if event.problems:
+        if event.name == "CHANNEL_PARK":
+            if awaiting_authorization(event):
+                self._start_authorization(event)
+        else:
+            for leg_event in self.translator.translate(event, self.clock.now_ms()):
+                self._emit(leg_event)
+        if event.problems:  # headers are decoded when read: the problems of the ones we used
             self.stats.bad_events += 1
             log.warning("FreeSWITCH event %s of channel %s: %s", event.name or "?", event.get("Unique-ID") or "?",
                         "; ".join(event.problems))
-        name = event.name
-        if name == "CHANNEL_PARK":
-            if awaiting_authorization(event):
-                self._start_authorization(event)
-            return
-        for leg_event in self.translator.translate(event, self.clock.now_ms()):
-            self._emit(leg_event)
 
     def _emit(self, leg_event: LegEvent) -> None:
         held = self._authorizing.get(getattr(leg_event, "leg_id", ""))
