@@ -57,8 +57,9 @@ _ALWAYS = 0  # window id of "every day, all day"
 _MS_PER_DAY = 86_400_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NO_ID = -1
-_POWERS = tuple(10**k for k in range(MAX_NUMBER_DIGITS + 2))
-_GROUPS = 10**GROUP_DIGITS
+_MAX_WINDOW_ID = 0xFFFF  # the record's "H" field
+_POWERS: tuple[int, ...] = tuple(10**k for k in range(MAX_NUMBER_DIGITS + 2))
+_GROUPS: int = 10**GROUP_DIGITS
 
 # One row: destination id, rate, connect fee, initial increment, increment, minimum, grace,
 # effective from, effective to (ms), window id, blocked, rate id. 63 bytes: a 96-byte object.
@@ -380,6 +381,9 @@ class RateTableBuilder:
         if window is None:
             check_row(RateRow(prefix, "", 0, weekdays=weekdays, time_from_minute=time_from,
                               time_to_minute=time_to))
+            if len(self.windows) > _MAX_WINDOW_ID:
+                raise InvalidInput(f"rate {prefix!r}: plan {self.plan_name!r} has more than {_MAX_WINDOW_ID} "
+                                   "distinct time windows")
             window = self._window_ids[key] = len(self.windows)
             self.windows.append((_weekday_mask(weekdays), time_from, time_to))
             self.weekday_texts.append(weekdays)
