@@ -114,6 +114,20 @@ def test_plans_do_not_mix(engine: Engine, retail: int) -> None:
     assert found(load_table(engine, "retail").lookup("331", WEDNESDAY_10H)).rate_micros == 12_000
 
 
+def test_a_long_load_on_sqlite_does_not_lock_out_writers(sqlite_engine: Engine) -> None:
+    plan_id = make_plan(sqlite_engine)
+    add_rates(sqlite_engine, [rate_values(plan_id, f"33{i}", 1) for i in range(10)])
+    writes: list[float] = []
+
+    def write_while_loading() -> None:  # the agent's engine takes the write lock at BEGIN
+        with sqlite_engine.begin() as conn:
+            conn.execute(update(RatePlan).where(RatePlan.id == plan_id).values(currency="USD"))
+        writes.append(1)
+
+    table = load_table(sqlite_engine, "retail", batch_rows=3, pause=write_while_loading)
+    assert len(table) == 10 and len(writes) == 4
+
+
 # ------------------------------------------------------------------------------ the cache
 
 

@@ -117,16 +117,17 @@ def load_table(engine: Engine, plan_name: str, *, for_number: str | None = None,
         if for_number is not None:
             query = query.where(Rate.prefix.in_(candidate_prefixes(for_number, settings.international_prefix)))
         result = connection.execution_options(stream_results=True, yield_per=batch_rows).execute(query)
+        to_ms = _Milliseconds()
         for batch in result.partitions():
-            _add_batch(builder, batch, plan_name)
+            _add_batch(builder, batch, plan_name, to_ms)
             if pause is not None:
                 pause()
     return builder.build()
 
 
-def _add_batch(builder: RateTableBuilder, batch: Iterable[tuple[object, ...]], plan_name: str) -> None:
+def _add_batch(builder: RateTableBuilder, batch: Iterable[tuple[object, ...]], plan_name: str,
+               to_ms: _Milliseconds) -> None:
     add = builder.add_fields
-    to_ms = _Milliseconds()
     for (prefix, destination, rate, fee, first, increment, minimum, grace, start, end,
          weekdays, time_from, time_to, blocked, rate_id) in batch:
         try:
