@@ -78,6 +78,9 @@ def test_each_cdr_carries_its_legs_and_current_rating(calls: Engine) -> None:
                                                                                  ("outbound", True, 61)]
     as_json = json.loads(run(calls, "cdrs", "list", "--json", "--account", "bob", "--limit", "1").stdout)
     assert as_json == [row]
+    shown = json.loads(run(calls, "cdrs", "show", "call-000002", "--json").stdout)
+    assert shown.pop("rating_history") == [row["rating"]]
+    assert shown == row  # the export path (timestamps formatted by SQL) and show agree
 
 
 def test_list_csv_has_a_header_and_one_row_per_call(calls: Engine) -> None:
@@ -89,7 +92,11 @@ def test_list_csv_has_a_header_and_one_row_per_call(calls: Engine) -> None:
     last = rows[-1]
     assert (last["destination"], last["cost"], last["billed_seconds"], last["pbx_billsec"]) == (
         "4930%", "0.004000", "2", "2")
-    assert [leg["pbx_unique_id"] for leg in json.loads(last["legs"])] == ["call-000007.a", "call-000007.b"]
+    assert (last["leg_count"], last["a_leg"], last["b_leg"], last["b_peer"], last["b_answered_at"]) == (
+        "2", "call-000007.a", "call-000007.b", "carrier", "2026-01-01T00:07:05.000Z")
+    with_legs = run(calls, "cdrs", "list", "--csv", "--legs", "--limit", "1")
+    first = next(csv.DictReader(io.StringIO(with_legs.stdout)))
+    assert [leg["pbx_unique_id"] for leg in json.loads(first["legs"])] == ["call-000000.a", "call-000000.b"]
 
 
 def test_list_table_for_people(calls: Engine) -> None:
@@ -136,13 +143,14 @@ def test_export_streams_csv_to_a_file_and_json_lines_to_stdout(calls: Engine, tm
     assert [r["call_id"] for r in rows] == ["call-000002", "call-000005"]
 
 
-def test_export_in_small_chunks_keeps_every_call_in_order(sqlite_engine: Engine) -> None:
-    from agent.adapters.cdr.query import CdrFilter, iter_cdrs
+def test_export_streams_in_small_fetches_and_keeps_every_call_in_order(sqlite_engine: Engine) -> None:
+    from agent.adapters.cdr.export import iter_flat
+    from agent.adapters.cdr.query import CdrFilter
 
     SqlCdrStore(sqlite_engine).write([make_record(i) for i in range(25)])
-    views = list(iter_cdrs(sqlite_engine, CdrFilter(), chunk=4))
-    assert [v.call_id for v in views] == call_ids(sqlite_engine)
-    assert all(len(v.legs) == 2 and v.rating is not None for v in views)
+    cdrs = list(iter_flat(sqlite_engine, CdrFilter(), fetch=4))
+    assert [c.call_id for c in cdrs] == call_ids(sqlite_engine)
+    assert all(len(c.legs) == 2 and c.decision is not None for c in cdrs)
 
 
 def _plan_with_rates(engine: Engine) -> dict[str, int]:

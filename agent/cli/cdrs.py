@@ -11,7 +11,9 @@ from typing import IO, Any, TypeVar
 
 import click
 
-from agent.adapters.cdr.query import CdrFilter, CdrView, DecisionView, LegView, get_cdr, iter_cdrs
+from agent.adapters.cdr.export import CSV_COLUMNS, FlatCdr, csv_row, iter_flat
+from agent.adapters.cdr.export import cdr_json as flat_json
+from agent.adapters.cdr.query import CdrFilter, CdrView, DecisionView, LegView, get_cdr
 from agent.adapters.cdr.reconcile import ReconcileLine, ReconcileSummary, reconcile
 from agent.cli.common import app, fail, handle_errors, print_json
 from agent.core.cdr import Disposition
@@ -19,14 +21,6 @@ from agent.core.clock import parse_iso8601
 from agent.core.money import format_amount
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-CSV_COLUMNS = (
-    "call_id", "node", "pbx", "account_id", "caller", "destination", "started_at", "answered_at", "ended_at",
-    "duration_ms", "disposition", "hangup_cause", "settled_at", "rating_seq", "plan", "prefix", "rate_per_minute",
-    "billed_seconds", "cost", "decided_at", "rating_reason", "pbx_billsec", "billed_leg", "billed_leg_peer",
-    "billed_leg_sip_call_id", "leg_count", "legs",
-)
-
 
 # --------------------------------------------------------------------------- options
 
@@ -107,48 +101,33 @@ def cdr_json(v: CdrView) -> dict[str, Any]:
     }
 
 
-def cdr_csv_row(v: CdrView) -> list[Any]:
-    d = v.rating
-    billed = v.billed_leg
-    legs = json.dumps([leg_json(leg) for leg in v.legs], separators=(",", ":"))
-    return [
-        v.call_id, v.node, v.pbx, v.account_id, v.caller, v.destination, _iso(v.started_at), _iso(v.answered_at),
-        _iso(v.ended_at), v.duration_ms, v.disposition, v.hangup_cause, _iso(v.settled_at),
-        d.seq if d else "", d.plan_name if d else "", d.prefix if d else "",
-        format_amount(d.rate_micros) if d else "", d.billed_seconds if d else "",
-        format_amount(d.cost_micros) if d else "", _iso(d.decided_at) if d else "", d.reason if d else "",
-        billed.billsec if billed else "", billed.pbx_unique_id if billed else "", billed.peer if billed else "",
-        billed.sip_call_id if billed else "", len(v.legs), legs,
-    ]
-
-
-def write_csv(views: Iterable[CdrView], out: IO[str]) -> int:
+def write_csv(cdrs: Iterable[FlatCdr], out: IO[str], *, with_legs: bool = False) -> int:
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow([*CSV_COLUMNS, "legs"] if with_legs else CSV_COLUMNS)
     count = 0
-    for view in views:
-        writer.writerow(cdr_csv_row(view))
+    for cdr in cdrs:
+        writer.writerow(csv_row(cdr, with_legs=with_legs))
         count += 1
     return count
 
 
-def write_jsonl(views: Iterable[CdrView], out: IO[str]) -> int:
+def write_jsonl(cdrs: Iterable[FlatCdr], out: IO[str]) -> int:
     count = 0
-    for view in views:
-        out.write(json.dumps(cdr_json(view), separators=(",", ":")))
+    for cdr in cdrs:
+        out.write(json.dumps(flat_json(cdr), separators=(",", ":")))
         out.write("\n")
         count += 1
     return count
 
 
-def _table(views: Iterable[CdrView]) -> None:
+def _table(cdrs: Iterable[FlatCdr]) -> None:
     click.echo(f"{'started (UTC)':<20} {'call':<24} {'account':<14} {'destination':<16} {'disposition':<11} "
                f"{'secs':>6} {'billed':>6} {'cost':>12}  node")
-    for v in views:
-        d = v.rating
-        click.echo(f"{v.started_at:%Y-%m-%d %H:%M:%S}  {v.call_id[:24]:<24} {v.account_id[:14]:<14} "
-                   f"{v.destination[:16]:<16} {v.disposition:<11} {-(-v.duration_ms // 1000):>6} "
-                   f"{d.billed_seconds if d else '-':>6} {format_amount(d.cost_micros) if d else '-':>12}  {v.node}")
+    for cdr in cdrs:
+        c, d = cdr.call, cdr.decision
+        started = f"{c[6][:10]} {c[6][11:19]}"
+        click.echo(f"{started:<20} {c[0][:24]:<24} {c[3][:14]:<14} {c[5][:16]:<16} {c[10]:<11} "
+                   f"{-(-c[9] // 1000):>6} {d[5] if d else '-':>6} {format_amount(d[6]) if d else '-':>12}  {c[1]}")
 
 
 # --------------------------------------------------------------------------- commands
@@ -166,20 +145,20 @@ def cdrs() -> None:
 @click.option("--json", "fmt", flag_value="json", help="A JSON array.")
 @click.option("--csv", "fmt", flag_value="csv", help="CSV with a header line.")
 @click.option("--jsonl", "fmt", flag_value="jsonl", help="JSON lines, one call per line.")
+@click.option("--legs", "with_legs", is_flag=True, help="CSV: add a `legs` column, every leg as JSON.")
 @click.pass_context
 @handle_errors
-def list_command(ctx: click.Context, /, limit: int, fmt: str | None, **filters: Any) -> None:
+def list_command(ctx: click.Context, /, limit: int, fmt: str | None, with_legs: bool, **filters: Any) -> None:
     """Calls in start order, with their current rating decision."""
-    views = iter_cdrs(app(ctx).engine(), _filter(filters), limit=limit or None)
-    out = sys.stdout
-    if fmt == "json":
-        print_json([cdr_json(v) for v in views])
+    cdrs = iter_flat(app(ctx).engine(), _filter(filters), limit=limit or None)
+    if fmt is None:
+        _table(cdrs)
+    elif fmt == "json":
+        print_json([flat_json(cdr) for cdr in cdrs])
     elif fmt == "csv":
-        write_csv(views, out)
-    elif fmt == "jsonl":
-        write_jsonl(views, out)
+        write_csv(cdrs, sys.stdout, with_legs=with_legs)
     else:
-        _table(views)
+        write_jsonl(cdrs, sys.stdout)
 
 
 @cdrs.command()
@@ -216,25 +195,32 @@ def show(ctx: click.Context, call_id: str, as_json: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False, allow_dash=True), default="-",
               help="File to write (default: standard output).")
+@click.option("--legs", "with_legs", is_flag=True, help="CSV: add a `legs` column, every leg as JSON.")
 @click.pass_context
 @handle_errors
-def export(ctx: click.Context, /, fmt: str, output: str, **filters: Any) -> None:
-    """Every matching call, streamed (bounded memory, for millions of calls)."""
-    views = iter_cdrs(app(ctx).engine(), _filter(filters))
-    write = write_csv if fmt == "csv" else write_jsonl
+def export(ctx: click.Context, /, fmt: str, output: str, with_legs: bool, **filters: Any) -> None:
+    """Every matching call, streamed (bounded memory, for millions of calls).
+
+    CSV has one line per call with its current rating, the caller's leg (a_*) and the billed leg
+    (b_*); JSON lines have every leg and the current rating nested."""
+    cdrs = iter_flat(app(ctx).engine(), _filter(filters))
+
+    def write(out: IO[str]) -> int:
+        return write_csv(cdrs, out, with_legs=with_legs) if fmt == "csv" else write_jsonl(cdrs, out)
+
     if output == "-":
-        count = write(views, sys.stdout)
+        count = write(sys.stdout)
     else:
         try:
             with open(output, "w", encoding="utf-8", newline="") as handle:
-                count = write(views, handle)
+                count = write(handle)
         except OSError as exc:
             fail(f"{output}: cannot write the export: {exc.strerror}")
     click.echo(f"exported {count} calls", err=True)
 
 
 def _reconcile_json(line: ReconcileLine) -> dict[str, Any]:
-    return {"call_id": line.call_id, "account_id": line.account_id, "started_at": _iso(line.started_at),
+    return {"call_id": line.call_id, "account_id": line.account_id, "started_at": line.started_at,
             "disposition": line.disposition, "pbx_billsec": line.pbx_billsec,
             "charged_seconds": line.charged_seconds, "expected_seconds": line.expected_seconds,
             "increment": line.increment, "difference": line.difference, "status": line.status}

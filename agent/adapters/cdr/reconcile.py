@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, Engine, select
 
-from agent.adapters.cdr.query import CdrFilter, CdrView, iter_cdr_chunks
+from agent.adapters.cdr.export import FlatCdr, open_stream
+from agent.adapters.cdr.query import CdrFilter
 from agent.adapters.sql.models import Rate
 from agent.core.rating import RateRow, billed_seconds
 
@@ -27,7 +28,7 @@ STATUSES = ("ok", "overcharged", "undercharged", "no_pbx_leg", "unrated")
 class ReconcileLine:
     call_id: str
     account_id: str
-    started_at: datetime
+    started_at: str  # ISO 8601
     disposition: str
     pbx_billsec: int | None
     charged_seconds: int | None
@@ -64,12 +65,12 @@ class ReconcileSummary:
         self.statuses[line.status] += 1
 
 
-def check_call(view: CdrView, rule: RateRow | None) -> ReconcileLine:
+def check_call(cdr: FlatCdr, rule: RateRow | None) -> ReconcileLine:
     """Pure: compare one call's charged seconds with its PBX billsec rounded by ``rule``."""
-    leg = view.billed_leg
+    leg = cdr.billed_leg()
     rule = rule or RateRow(prefix="", destination="", rate_micros=0)
-    pbx = leg.billsec if leg else None
-    charged = view.rating.billed_seconds if view.rating else None
+    pbx: int | None = leg[11] if leg else None
+    charged: int | None = cdr.decision[5] if cdr.decision else None
     expected = billed_seconds(rule, pbx) if pbx is not None else None
     if charged is None:
         status = "unrated"
@@ -79,30 +80,33 @@ def check_call(view: CdrView, rule: RateRow | None) -> ReconcileLine:
         status = "ok"
     else:
         status = "overcharged" if charged > expected else "undercharged"
-    return ReconcileLine(call_id=view.call_id, account_id=view.account_id, started_at=view.started_at,
-                         disposition=view.disposition, pbx_billsec=pbx, charged_seconds=charged,
+    return ReconcileLine(call_id=cdr.call_id, account_id=cdr.call[3], started_at=cdr.call[6],
+                         disposition=cdr.call[10], pbx_billsec=pbx, charged_seconds=charged,
                          expected_seconds=expected, increment=rule.increment, status=status)
 
 
-def _load_rules(conn: Connection, rate_ids: set[int], cache: dict[int, RateRow | None]) -> None:
-    """Rate rows by id (only the rounding fields matter here), read once each."""
-    wanted = sorted(rate_ids - cache.keys())
-    if not wanted:
-        return
-    rows = conn.execute(select(Rate.id, Rate.initial_increment, Rate.increment, Rate.minimum_seconds,
-                               Rate.grace_seconds).where(Rate.id.in_(wanted)))
-    for rate_id, initial, increment, minimum, grace in rows:
-        cache[rate_id] = RateRow(prefix="", destination="", rate_micros=0, initial_increment=initial,
-                                 increment=increment, minimum_seconds=minimum, grace_seconds=grace)
-    for rate_id in wanted:
-        cache.setdefault(rate_id, None)
+class _Rules:
+    """Rate rows by id (only the rounding fields matter here), each read once."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.cache: dict[int, RateRow | None] = {}
+
+    def get(self, rate_id: int | None) -> RateRow | None:
+        if rate_id is None:
+            return None
+        if rate_id not in self.cache:
+            row: Any = self.conn.execute(select(Rate.initial_increment, Rate.increment, Rate.minimum_seconds,
+                                                Rate.grace_seconds).where(Rate.id == rate_id)).first()
+            self.cache[rate_id] = None if row is None else RateRow(
+                prefix="", destination="", rate_micros=0, initial_increment=row[0], increment=row[1],
+                minimum_seconds=row[2], grace_seconds=row[3])
+        return self.cache[rate_id]
 
 
 def reconcile(engine: Engine, where: CdrFilter) -> Iterator[ReconcileLine]:
     """One line per call matching ``where``, in start order (streamed)."""
-    rules: dict[int, RateRow | None] = {}
-    for conn, views in iter_cdr_chunks(engine, where):
-        _load_rules(conn, {v.rating.rate_id for v in views if v.rating and v.rating.rate_id is not None}, rules)
-        for view in views:
-            rate_id = view.rating.rate_id if view.rating else None
-            yield check_call(view, rules.get(rate_id) if rate_id is not None else None)
+    with open_stream(engine, where) as (cdrs, side):
+        rules = _Rules(side)
+        for cdr in cdrs:
+            yield check_call(cdr, rules.get(cdr.decision[2] if cdr.decision else None))

@@ -1,0 +1,212 @@
+"""Streaming calls out of SQL as flat rows of text and numbers: list, export, reconcile.
+
+One query streams every matching call with its legs and its rating decisions:
+``calls LEFT JOIN rating_decisions LEFT JOIN call_legs``, ordered by ``(started_at, id)`` so that
+a call's rows arrive together and are folded into one :class:`FlatCdr` with its current decision
+(the highest seq) (bounded memory: one call at a time, plus the driver's fetch buffer). It runs on a
+server-side cursor on PostgreSQL and MySQL (SQLite's cursor is lazy by nature); every step is an
+index lookup, so the cost grows linearly with the calls exported.
+
+The database formats every timestamp as ISO 8601 text with milliseconds
+(``2026-01-01T00:00:05.000Z``): no Python datetime is built, converted and formatted per value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, String, select
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
+
+from agent.adapters.cdr.query import CdrFilter, filter_calls
+from agent.adapters.sql.models import Call, CallLeg, RatingDecision
+from agent.core.money import format_amount
+
+DEFAULT_FETCH = 5_000  # rows per round trip of the server-side cursor
+
+
+class iso_ms(FunctionElement[str]):  # lower case: an SQL function, named like one
+    """A UTC timestamp column as ISO 8601 text with milliseconds and a Z, NULL stays NULL."""
+
+    type = String()
+    name = "iso_ms"
+    inherit_cache = True
+
+
+@compiles(iso_ms, "postgresql")
+def _iso_pg(element: iso_ms, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"to_char({compiler.process(element.clauses, **kw)}, 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+
+
+@compiles(iso_ms, "mysql")
+@compiles(iso_ms, "mariadb")
+def _iso_mysql(element: iso_ms, compiler: SQLCompiler, **kw: Any) -> str:
+    column = compiler.process(element.clauses, **kw)
+    # %% because PyMySQL's paramstyle is pyformat.
+    return (f"CONCAT(DATE_FORMAT({column}, '%%Y-%%m-%%dT%%H:%%i:%%s.'), "
+            f"LPAD(FLOOR(MICROSECOND({column}) / 1000), 3, '0'), 'Z')")
+
+
+@compiles(iso_ms, "sqlite")
+def _iso_sqlite(element: iso_ms, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"strftime('%Y-%m-%dT%H:%M:%fZ', {compiler.process(element.clauses, **kw)})"
+
+
+CALL_COLUMNS = ("call_id", "node", "pbx", "account_id", "caller", "destination", "started_at", "answered_at",
+                "ended_at", "duration_ms", "disposition", "hangup_cause", "settled_at")
+LEG_COLUMNS = ("pbx_unique_id", "direction", "channel", "sip_call_id", "peer", "caller", "callee", "created_at",
+               "answered_at", "ended_at", "hangup_cause", "billsec", "billed")
+# One line per call: the call, its current decision, the caller's leg (a_*) and the leg billing ran
+# from (b_*; its billsec is the PBX's view of the call). All legs of calls with more than two
+# are in the JSON lines export, or in the ``legs`` column of ``--legs`` (a JSON array; slower).
+CSV_COLUMNS = (
+    *CALL_COLUMNS, "rating_seq", "plan", "prefix", "rate_per_minute", "billed_seconds", "cost", "decided_at",
+    "rating_reason", "leg_count", "a_leg", "a_channel", "a_sip_call_id", "a_hangup_cause", "b_leg", "b_channel",
+    "b_peer", "b_sip_call_id", "b_answered_at", "b_hangup_cause", "pbx_billsec",
+)
+N_CALL, N_DECISION = len(CALL_COLUMNS), 9
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FlatCdr:
+    call: Row  # CALL_COLUMNS
+    decision: Row | None  # the current one: (seq, plan, rate_id, prefix, rate, billed_s, cost, decided_at, reason)
+    legs: list[Row]  # LEG_COLUMNS, oldest first
+
+    @property
+    def call_id(self) -> str:
+        return str(self.call[0])
+
+    def caller_leg(self) -> Row | None:
+        """The first inbound leg (the caller's, A)."""
+        for leg in self.legs:
+            if leg[1] == "inbound":
+                return leg
+        return None
+
+    def billed_leg(self) -> Row | None:
+        """The leg billing ran from, else the outbound leg with the most billsec."""
+        for leg in self.legs:
+            if leg[12]:
+                return leg
+        outbound = [leg for leg in self.legs if leg[1] == "outbound"]
+        return max(outbound, key=lambda leg: leg[11]) if outbound else None
+
+
+def stream_query(where: CdrFilter, limit: int | None = None) -> Any:
+    calls: Any = Call.__table__
+    if limit is not None:  # limit calls, not joined rows
+        calls = filter_calls(select(calls), where, calls).order_by(calls.c.started_at, calls.c.id) \
+            .limit(limit).subquery("c")
+    c, d, leg = calls.c, RatingDecision.__table__.c, CallLeg.__table__.c
+    columns = (
+        c.id, c.node, c.pbx, c.account_id, c.caller, c.destination, iso_ms(c.started_at), iso_ms(c.answered_at),
+        iso_ms(c.ended_at), c.duration_ms, c.disposition, c.hangup_cause, iso_ms(c.settled_at),
+        d.seq, d.plan_name, d.rate_id, d.prefix, d.rate_micros, d.billed_seconds, d.cost_micros,
+        iso_ms(d.decided_at), d.reason,
+        leg.pbx_unique_id, leg.direction, leg.channel, leg.sip_call_id, leg.peer, leg.caller, leg.callee,
+        iso_ms(leg.created_at), iso_ms(leg.answered_at), iso_ms(leg.ended_at), leg.hangup_cause, leg.billsec,
+        leg.billed,
+    )
+    query = (select(*columns).select_from(calls)
+             .outerjoin(RatingDecision.__table__, d.call_id == c.id)
+             .outerjoin(CallLeg.__table__, leg.call_id == c.id))
+    if limit is None:
+        query = filter_calls(query, where, calls)
+    return query.order_by(c.started_at, c.id)
+
+
+def _fold(rows: Iterable[Any]) -> Iterator[FlatCdr]:
+    """Consecutive rows of one call (one per leg and decision) into one FlatCdr, keeping the
+    decision with the highest seq (a join on it alone costs the server a sub-plan per call)."""
+    call: Row | None = None
+    decision: Row | None = None
+    legs: dict[str, Row] = {}
+    for row in rows:
+        if call is None or row[0] != call[0]:
+            if call is not None:
+                yield FlatCdr(call, decision, _ordered(legs))
+            call, decision, legs = tuple(row[:N_CALL]), None, {}
+        seq = row[N_CALL]
+        if seq is not None and (decision is None or seq > decision[0]):
+            decision = tuple(row[N_CALL:N_CALL + N_DECISION])
+        unique_id = row[N_CALL + N_DECISION]
+        if unique_id is not None and unique_id not in legs:
+            legs[unique_id] = tuple(row[N_CALL + N_DECISION:])
+    if call is not None:
+        yield FlatCdr(call, decision, _ordered(legs))
+
+
+def _ordered(legs: dict[str, Row]) -> list[Row]:
+    ordered = list(legs.values())
+    if len(ordered) > 1:
+        ordered.sort(key=lambda leg: (leg[7], leg[0]))  # created_at (ISO text sorts), then unique id
+    return ordered
+
+
+@contextmanager
+def open_stream(engine: Engine, where: CdrFilter, *, limit: int | None = None,
+                fetch: int = DEFAULT_FETCH) -> Iterator[tuple[Iterator[FlatCdr], Connection]]:
+    """The matching calls in (started_at, id) order, and a connection for the caller's own
+    queries while the stream is open (MySQL cannot query on a connection that streams; SQLite
+    must not open a second one, since every SQLite transaction here takes the write lock)."""
+    with ExitStack() as stack:
+        conn = stack.enter_context(engine.connect())
+        side = conn if engine.dialect.name == "sqlite" else stack.enter_context(engine.connect())
+        result = conn.execution_options(stream_results=True, yield_per=fetch).execute(stream_query(where, limit))
+        yield _fold(result), side
+
+
+def iter_flat(engine: Engine, where: CdrFilter, *, limit: int | None = None,
+              fetch: int = DEFAULT_FETCH) -> Iterator[FlatCdr]:
+    with open_stream(engine, where, limit=limit, fetch=fetch) as (cdrs, _):
+        yield from cdrs
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def legs_json(cdr: FlatCdr) -> list[dict[str, Any]]:
+    return [dict(zip(LEG_COLUMNS, leg, strict=True)) for leg in cdr.legs]
+
+
+def decision_json(d: Row | None) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    return {"seq": d[0], "plan": d[1], "rate_id": d[2], "prefix": d[3], "rate_per_minute": format_amount(d[4]),
+            "billed_seconds": d[5], "cost": format_amount(d[6]), "decided_at": d[7], "reason": d[8]}
+
+
+def cdr_json(cdr: FlatCdr) -> dict[str, Any]:
+    """One call as JSON types: timestamps ISO text, amounts decimal strings (DESIGN §7)."""
+    data = dict(zip(CALL_COLUMNS, cdr.call, strict=True))
+    data["rating"] = decision_json(cdr.decision)
+    data["legs"] = legs_json(cdr)
+    return data
+
+
+def csv_row(cdr: FlatCdr, *, with_legs: bool = False) -> list[Any]:
+    """CSV_COLUMNS (plus ``legs``, every leg as JSON, when ``with_legs``)."""
+    d = cdr.decision
+    rating = [d[0], d[1], d[3], format_amount(d[4]), d[5], format_amount(d[6]), d[7], d[8]] if d else NO_RATING
+    a = cdr.caller_leg()
+    b = cdr.billed_leg()
+    row = [*cdr.call, *rating, len(cdr.legs),
+           *((a[0], a[2], a[3], a[10]) if a else NO_A_LEG),
+           *((b[0], b[2], b[4], b[3], b[8], b[10], b[11]) if b else NO_B_LEG)]
+    if with_legs:
+        row.append(json.dumps(legs_json(cdr), separators=(",", ":")))
+    return row
+
+
+NO_RATING = [""] * 8
+NO_A_LEG = ("",) * 4
+NO_B_LEG = ("",) * 7
