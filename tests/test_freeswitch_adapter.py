@@ -315,6 +315,21 @@ def test_legs_that_ended_during_the_outage_are_missing_from_the_resync(fake: Fak
     assert not engine.hung_up(call.a_uuid)  # the engine ends them from the resync
 
 
+def test_a_call_created_during_the_resync_is_live_and_fully_reported(fake: FakeFreeswitch, engine: FakeEngine,
+                                                                      started: Started) -> None:
+    start_adapter(fake, engine, started)
+    fake.slow_api["show"] = 0.3  # the listing is taken, then the socket is busy for 0.3 s
+    fake.drop_connections()
+    engine.wait_for(lambda: sum(c.startswith("api show") for c in fake.commands) == 2)
+    call = fake.place_call("1001", "33123456", talk_ms=200)  # created after the listing
+    engine.wait_for(lambda: len(engine.of(PbxConnected)) == 2)
+    assert call.a_uuid in [leg.leg_id for leg in engine.of(PbxConnected)[1].live_legs]
+    finish(call)
+    a, b = call.a_uuid, b_leg(call)
+    engine.wait_for(lambda: engine.hung_up(a, b))
+    assert engine.of(LegAnswered, a) and engine.of(LegAnswered, b)  # not mistaken for ended legs
+
+
 def test_wrong_password_is_a_clear_error_with_backoff(fake: FakeFreeswitch, engine: FakeEngine,
                                                       started: Started, caplog: pytest.LogCaptureFixture) -> None:
     fake.password = "s3cret"

@@ -186,6 +186,7 @@ class FakeFreeswitch:
         self.calls: list[FakeCall] = []
         self.commands: list[str] = []  # every command received, in order (auth included)
         self.connections_accepted = 0
+        self.slow_api: dict[str, float] = {}  # verb -> seconds it takes (its output is taken first)
         self._connections: set[_Connection] = set()
         self._sequence = 0
         self._last_us = 0
@@ -647,6 +648,8 @@ class FakeFreeswitch:
             output = handler(self, arg.strip()) if handler else f"-ERR {verb} Command not found!\n"
         except (ValueError, IndexError) as exc:
             output = f"-ERR {verb}: {exc}\n"
+        if verb in self.slow_api:  # the socket is busy meanwhile; calls and their events go on
+            gevent.sleep(self.slow_api[verb])
         self._send_event("API", lambda: encode_event(
             self._core_headers("API", ("switch_loadable_module.c", "switch_api_execute", 3140))
             + [("API-Command", verb)] + ([("API-Command-Argument", arg)] if arg else [])))
@@ -805,13 +808,104 @@ def _load(fake: FakeFreeswitch, rate: float, calls: int, talk_ms: int) -> dict[s
     for index in range(calls):
         gevent.sleep(max(0.0, started + index * interval - time.perf_counter()))
         placed.append(fake.place_call(f"acct{index % 50}", f"3314{index:06d}", answer_after_ms=20, talk_ms=talk_ms))
+    placing_s = time.perf_counter() - started
     fake.wait_idle(talk_ms / 1000 + 30)
     latencies = sorted(call.auth_latency_ms for call in placed if call.transferred_at)
     outcomes: dict[str, int] = {}
     for call in placed:
         outcomes[call.outcome or "unfinished"] = outcomes.get(call.outcome or "unfinished", 0) + 1
     return {"calls": calls, "rate": rate, "authorized": len(latencies), "latencies_ms": latencies,
-            "outcomes": outcomes, "seconds": time.perf_counter() - started}
+            "outcomes": outcomes, "seconds": time.perf_counter() - started, "offered_rate": calls / placing_s}
+
+
+# What a sofia leg carries besides the billing variables (names from real events): events of the
+# flood weigh what FreeSWITCH's weigh (4-10 KB), so the parsing figures are honest.
+SOFIA_VARIABLES = {
+    **{f"sip_{name}": value for name, value in (
+        ("from_user", "1001"), ("from_port", "5060"), ("from_uri", "1001@127.0.0.1:5060"), ("from_host", "127.0.0.1"),
+        ("local_network_addr", "127.0.0.1"), ("network_ip", "127.0.0.1"), ("network_port", "5060"),
+        ("invite_stamp", "1795335300137004"), ("received_ip", "127.0.0.1"), ("received_port", "5060"),
+        ("via_protocol", "udp"), ("from_tag", "5081SIPpTag001"), ("full_via", "SIP/2.0/UDP 127.0.0.1:5060;branch=z9"),
+        ("full_from", "<sip:1001@127.0.0.1:5060>;tag=5081SIPpTag001"), ("full_to", "<sip:3312345@127.0.0.1:5080>"),
+        ("req_user", "3312345"), ("req_port", "5080"), ("req_uri", "3312345@127.0.0.1:5080"), ("req_host", "127.0.0.1"),
+        ("to_user", "3312345"), ("to_port", "5080"), ("to_uri", "3312345@127.0.0.1:5080"), ("to_host", "127.0.0.1"),
+        ("contact_user", "1001"), ("contact_port", "5060"), ("contact_uri", "1001@127.0.0.1:5060"),
+        ("contact_host", "127.0.0.1"), ("via_host", "127.0.0.1"), ("via_port", "5060"), ("cseq", "1"))},
+    "switch_r_sdp": "v=0\no=user1 53655765 2353687637 IN IP4 127.0.0.1\ns=-\nc=IN IP4 127.0.0.1\nt=0 0\n"
+                    "m=audio 6000 RTP/AVP 0\na=rtpmap:0 PCMU/8000\n",
+    **{f"rtp_{name}": value for name, value in (
+        ("use_codec_string", "PCMU"), ("audio_recv_pt", "0"), ("use_codec_name", "PCMU"), ("use_codec_rate", "8000"),
+        ("use_codec_ptime", "20"), ("use_codec_channels", "1"), ("last_audio_codec_string", "PCMU@8000h@20i@1c"),
+        ("use_pt", "0"), ("use_ssrc", "51171884"), ("local_sdp_str", "v=0\no=FreeSWITCH 1 2 IN IP4 127.0.0.1\n"))},
+    "ep_codec_string": "CORE_PCM_MODULE.PCMU@8000h@20i@64000b", "remote_video_media_flow": "inactive",
+    "remote_audio_media_flow": "sendrecv", "read_codec": "PCMU", "original_read_codec": "PCMU", "read_rate": "8000",
+    "original_read_rate": "8000", "write_codec": "PCMU", "write_rate": "8000", "dtmf_type": "info",
+    "endpoint_disposition": "ANSWER", "local_media_ip": "127.0.0.1", "local_media_port": "21002",
+    "advertised_media_ip": "127.0.0.1", "remote_media_ip": "127.0.0.1", "remote_media_port": "6008",
+    "sofia_profile_name": "customers", "sofia_profile_url": "sip:mod_sofia@127.0.0.1:5080",
+}
+
+
+def synthetic_call_frames(fake: FakeFreeswitch, calls: int) -> list[bytes]:
+    """The event frames of ``calls`` whole calls (create, progress, answer, bridge, hangups), for floods."""
+    frames: list[bytes] = []
+
+    def frame(name: str, ch: FakeChannel, **kw: Any) -> bytes:
+        return encode_event(fake.channel_headers(name, ch, ("fake.c", "flood", 1), **kw))
+
+    for index in range(calls):
+        call = FakeCall("acct", f"3314{index:06d}", "1001", (), 0, "caller", False)
+        now = fake._now_us()
+        a = FakeChannel(fake._new_uuid(), "inbound", "sofia/customers/1001@127.0.0.1:5060", "1001",
+                        call.destination, now, call,
+                        variables={"accountcode": "acct", "sip_call_id": f"{index}@x", **SOFIA_VARIABLES})
+        b = FakeChannel(fake._new_uuid(), "outbound", f"sofia/gateway/carrier/{call.destination}", "1001",
+                        call.destination, now, call, gateway="carrier",
+                        variables={"originator": a.uuid, "sip_gateway_name": "carrier", "call_uuid": a.uuid,
+                                   **SOFIA_VARIABLES})
+        b.peer, b.other_type = a, "originator"
+        frames.append(frame("CHANNEL_CREATE", a))
+        frames.append(frame("CHANNEL_CREATE", b, call_uuid=a.uuid))
+        b.variables["sip_call_id"] = f"b{index}@carrier"
+        b.progress_us = fake._now_us()
+        frames.append(frame("CHANNEL_PROGRESS", b, call_uuid=a.uuid))
+        b.answered_us = a.answered_us = fake._now_us()
+        b.answer_state = a.answer_state = "answered"
+        frames.append(frame("CHANNEL_ANSWER", b, call_uuid=a.uuid))
+        frames.append(frame("CHANNEL_ANSWER", a))
+        a.peer, a.other_type = b, "originatee"
+        a.bridged_us = b.bridged_us = fake._now_us()
+        bridge = [("Bridge-A-Unique-ID", a.uuid), ("Bridge-B-Unique-ID", b.uuid)]
+        frames.append(frame("CHANNEL_BRIDGE", a, extra=bridge))
+        a.hangup_us = b.hangup_us = fake._now_us()
+        a.hangup_cause = b.hangup_cause = "NORMAL_CLEARING"
+        frames.append(frame("CHANNEL_UNBRIDGE", a, extra=bridge))
+        a.variables.update(fake._cdr_variables(a, "NORMAL_CLEARING"))
+        b.variables.update(fake._cdr_variables(b, "NORMAL_CLEARING"))
+        frames.append(frame("CHANNEL_HANGUP_COMPLETE", a, extra=[("Hangup-Cause", "NORMAL_CLEARING")]))
+        frames.append(frame("CHANNEL_HANGUP_COMPLETE", b, extra=[("Hangup-Cause", "NORMAL_CLEARING")]))
+    return frames
+
+
+def _flood(fake: FakeFreeswitch, events: int, pool_calls: int) -> dict[str, Any]:
+    """Write ``events`` event frames as fast as the socket takes them (a pool of calls, repeated)."""
+    pool = synthetic_call_frames(fake, pool_calls)
+    chunk: list[bytes] = []
+    chunk_bytes = 0
+    written = 0
+    total_bytes = 0
+    started = time.perf_counter()
+    while written < events:
+        frame = pool[written % len(pool)]
+        chunk.append(frame)
+        chunk_bytes += len(frame)
+        written += 1
+        if chunk_bytes >= 256 * 1024 or written == events:
+            fake.inject(b"".join(chunk))
+            total_bytes += chunk_bytes
+            chunk, chunk_bytes = [], 0
+    return {"flood_events": events, "flood_bytes": total_bytes, "flood_write_s": time.perf_counter() - started,
+            "mean_event_bytes": total_bytes // max(1, events)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -823,16 +917,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-rate", type=float, default=0.0, help="place calls at this rate once a client is in")
     parser.add_argument("--load-calls", type=int, default=0)
     parser.add_argument("--talk-ms", type=int, default=1000)
+    parser.add_argument("--flood-events", type=int, default=0, help="write this many events as fast as possible")
+    parser.add_argument("--flood-pool", type=int, default=500, help="distinct calls the flood cycles through")
     args = parser.parse_args(argv)
     fake = FakeFreeswitch(password=args.password, host=args.host, port=args.port, heartbeat_s=args.heartbeat)
     fake.start()
     print(json.dumps({"listening": fake.port}), flush=True)
     try:
-        if args.load_calls:
+        if args.load_calls or args.flood_events:
             while fake.live_connections() == 0:
                 gevent.sleep(0.05)
             gevent.sleep(0.5)  # let the client subscribe and resync
-            print(json.dumps(_load(fake, args.load_rate, args.load_calls, args.talk_ms)), flush=True)
+            if args.load_calls:
+                print(json.dumps(_load(fake, args.load_rate, args.load_calls, args.talk_ms)), flush=True)
+            if args.flood_events:
+                print(json.dumps(_flood(fake, args.flood_events, args.flood_pool)), flush=True)
+                sys.stdin.readline()  # keep the socket open until the client has read everything
         else:
             gevent.wait()
     finally:

@@ -9,8 +9,8 @@ it up if the agent is down, and the dialplan dials only when the agent set
 authorizes them, so a restart does not strand callers.
 
 The flow for a CHANNEL_PARK of the billing dialplan (``billing_destination`` set, no decision):
-``engine.authorize`` → ``uuid_setvar_multi`` (decision, call id, limit, backstop) and
-``sched_hangup +(backstop + ring allowance)`` on the A leg (the absolute ceiling, pipelined) →
+``engine.authorize`` → in one round trip, ``uuid_setvar_multi`` (decision, call id, limit,
+backstop), ``sched_hangup +(backstop + ring allowance)`` on the A leg (the absolute ceiling) and
 ``uuid_transfer`` back into the billing context, whose dial extension puts
 ``execute_on_answer='sched_hangup +<backstop>'`` on every B leg: the PBX cuts the call at the
 B answer + the limit even if the agent dies. A refusal sets the decision, the reason and a
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -55,6 +56,8 @@ from agent.services.clock import SystemClock
 log = logging.getLogger(__name__)
 
 VANISHED_CAUSE = "NO_SUCH_CHANNEL"  # FreeSWITCH no longer knows the leg and we missed its hangup
+MAX_AUTHORIZATIONS_PER_LEG = 3  # a resync may ask again; more means a loop between us and the dialplan
+MAX_TRACKED_ATTEMPTS = 100_000
 
 
 class SwitchCommandError(Exception):
@@ -107,6 +110,7 @@ class FreeswitchAdapter:
             on_connected=self._resync, on_disconnected=self._on_disconnected, on_frame_error=self._on_frame_error)
         self._auth_pool = gevent.pool.Pool(self.settings.authorize_concurrency)
         self._authorizing: dict[str, list[LegEvent]] = {}  # A leg -> its events held during authorize
+        self._attempts: OrderedDict[str, int] = OrderedDict()  # A leg -> authorizations started
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -126,16 +130,18 @@ class FreeswitchAdapter:
         """``uuid_kill``; escalated: again, then ``hupall`` of every leg sharing the call's
         ``call_uuid`` (B legs the agent never saw included). The engine verifies through the
         leg's hangup event; a leg FreeSWITCH no longer knows is reported as ended."""
-        reply = self.client.api(commands.uuid_kill(leg_id, cause))
+        kill = commands.uuid_kill(leg_id, cause)
+        group = self.translator.group_of(leg_id) or leg_id
+        if escalate:
+            reply, everything = self.client.api_many([kill, commands.hupall_call(cause, group)])
+            log.warning("escalated hangup of leg %s: uuid_kill: %s; hupall call_uuid=%s: %s", leg_id,
+                        commands.first_line(reply), group, commands.first_line(everything))
+        else:
+            reply = self.client.api(kill)
         if commands.is_no_such_channel(reply):
             self._vanished(leg_id)
         elif not commands.is_ok(reply):
             raise SwitchCommandError(f"uuid_kill {leg_id} {cause}: {commands.first_line(reply)}")
-        if escalate:
-            group = self.translator.group_of(leg_id) or leg_id
-            reply = self.client.api(commands.hupall_call(cause, group))
-            log.warning("escalated hangup of leg %s: hupall call_uuid=%s: %s", leg_id, group,
-                        commands.first_line(reply))
 
     def warn(self, leg_id: str, seconds_left: int) -> None:
         reply = self.client.api(commands.broadcast(leg_id, self.settings.warning_sound, self.settings.warning_legs))
@@ -148,12 +154,10 @@ class FreeswitchAdapter:
     def _on_event(self, event: Event) -> None:
         """greenswitch's dispatch greenlet: translate and hand over; never block."""
         self.stats.events += 1
-        if event.name == "CHANNEL_PARK":
-            if awaiting_authorization(event):
-                self._start_authorization(event)
-        else:
-            for leg_event in self.translator.translate(event, self.clock.now_ms()):
-                self._emit(leg_event)
+        for leg_event in self.translator.translate(event, self.clock.now_ms()):
+            self._emit(leg_event)
+        if event.name == "CHANNEL_PARK" and awaiting_authorization(event):
+            self._start_authorization(event)
         if event.problems:  # headers are decoded when read: the problems of the ones we used
             self.stats.bad_events += 1
             log.warning("FreeSWITCH event %s of channel %s: %s", event.name or "?", event.get("Unique-ID") or "?",
@@ -180,6 +184,14 @@ class FreeswitchAdapter:
         leg_id = event.get("Unique-ID")
         if not leg_id or leg_id in self._authorizing:
             return  # a duplicate park (resync and event together): one decision is enough
+        attempts = self._attempts.get(leg_id, 0) + 1
+        self._attempts[leg_id] = attempts
+        while len(self._attempts) > MAX_TRACKED_ATTEMPTS:
+            self._attempts.popitem(last=False)
+        if attempts > MAX_AUTHORIZATIONS_PER_LEG:  # parked again and again: something is broken
+            self._auth_pool.spawn(self._kill_quietly, leg_id, "TEMPORARY_FAILURE",
+                                  f"parked for authorization {attempts} times")
+            return
         self._authorizing[leg_id] = []
         request = authorize_request(event, self.clock.now_ms())
         greenlet = self._auth_pool.spawn(self._authorize, request)
@@ -210,6 +222,9 @@ class FreeswitchAdapter:
                       "allow" if decision.allowed else decision.reason, exc)
 
     def _allow(self, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
+        """One round trip: the decision, the ceiling and the transfer, pipelined. The transfer
+        can only dial if the decision landed (billing.xml dials on billing_decision=allow only;
+        otherwise the call parks again and is asked about once more)."""
         leg_id = request.leg_id
         backstop_s = commands.backstop_seconds(decision.limit_ms)
         variables = {
@@ -221,23 +236,23 @@ class FreeswitchAdapter:
         except commands.UnsafeValue as exc:
             self._kill_refused(leg_id, "INVALID_NUMBER_FORMAT", str(exc))
             return
-        setvar, ceiling = self.client.api_many([
+        setvar, ceiling, moved = self.client.api_many([
             commands.setvar_multi(leg_id, variables),
             commands.sched_hangup(leg_id, backstop_s + self.settings.ring_allowance_s),
+            transfer,
         ])
         if commands.is_no_such_channel(setvar):
             self._vanished(leg_id)
-            return
-        if not commands.is_ok(setvar):
+        elif not commands.is_ok(setvar):
             self._kill_refused(leg_id, "TEMPORARY_FAILURE", f"uuid_setvar_multi: {commands.first_line(setvar)}")
-            return
-        if not commands.is_ok(ceiling):  # the B-leg backstop of the dialplan still holds
-            log.error("sched_hangup ceiling for leg %s refused: %s", leg_id, commands.first_line(ceiling))
-        reply = self.client.api(transfer)
-        if commands.is_no_such_channel(reply):
-            self._vanished(leg_id)
-        elif not commands.is_ok(reply):
-            self._kill_refused(leg_id, "TEMPORARY_FAILURE", f"uuid_transfer: {commands.first_line(reply)}")
+        elif not commands.is_ok(moved):
+            if commands.is_no_such_channel(moved):
+                self._vanished(leg_id)
+            else:
+                self._kill_refused(leg_id, "TEMPORARY_FAILURE", f"uuid_transfer: {commands.first_line(moved)}")
+        if not commands.is_ok(ceiling) and not commands.is_no_such_channel(ceiling):
+            log.error("sched_hangup ceiling for leg %s refused: %s (the callee-leg backstop still holds)", leg_id,
+                      commands.first_line(ceiling))
 
     def _deny(self, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
         leg_id = request.leg_id
@@ -259,6 +274,12 @@ class FreeswitchAdapter:
                 return
         self._kill_refused(leg_id, cause, commands.first_line(reply))
 
+    def _kill_quietly(self, leg_id: str, cause: str, why: str) -> None:
+        try:
+            self._kill_refused(leg_id, cause, why)
+        except (EslError, commands.UnsafeValue) as exc:
+            log.error("could not hang up leg %s: %s", leg_id, exc)
+
     def _kill_refused(self, leg_id: str, cause: str, why: str) -> None:
         log.error("hanging up leg %s with %s: %s", leg_id, cause, why)
         reply = self.client.api(commands.uuid_kill(leg_id, cause))
@@ -277,6 +298,7 @@ class FreeswitchAdapter:
 
     def _resync(self) -> None:
         """After every (re)connect: every live channel, then one PbxConnected for the engine."""
+        known_before = set(self.translator.legs)
         listing = self.client.api("show channels as json")
         leg_ids = channel_uuids(listing)
         dumps: list[Event] = []
@@ -292,7 +314,7 @@ class FreeswitchAdapter:
                 except FramingError as exc:
                     log.error("resync: %s; channel skipped", exc)
         now_ms = self.clock.now_ms()
-        live, updates = self.translator.reset_live(dumps, now_ms)
+        live, updates = self.translator.reset_live(dumps, known_before, now_ms)
         self.stats.resyncs += 1
         log.info("FreeSWITCH resync: %d live channels", len(live))
         self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live)))

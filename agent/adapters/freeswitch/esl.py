@@ -57,6 +57,7 @@ from agent.adapters.freeswitch.esl_protocol import (
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 256 * 1024
+STABLE_CONNECTION_S = 10.0
 
 
 class NotConnected(EslError):
@@ -138,7 +139,9 @@ class GreenswitchConnection(InboundESL):  # type: ignore[misc]  # greenswitch ha
     def _dispatch(self, frame: Frame) -> None:
         kind = frame.content_type
         if kind == EVENT_PLAIN:
-            self._esl_event_queue.put(parse_event(frame.body, where=f"event at byte {frame.offset}"))
+            event = parse_event(frame.body, where=f"event at byte {frame.offset}")
+            event.received_at = time.perf_counter()
+            self._esl_event_queue.put(event)
         elif kind in (COMMAND_REPLY, API_RESPONSE):
             if not self._commands_sent:
                 log.warning("FreeSWITCH sent a %s nobody asked for: %r", kind, frame.reply_text or frame.body[:80])
@@ -334,9 +337,11 @@ class EslClient:
             self.connections += 1
             was_ready = True
             log.info("connected to FreeSWITCH %s (connection #%d)", self.settings.address, self.connections)
+            connected_at = time.monotonic()
             self.on_connected()
-            self.backoff.reset()
             self._watch(conn)
+            if time.monotonic() - connected_at >= STABLE_CONNECTION_S:
+                self.backoff.reset()  # a connection that lived is retried at once; a flapping one backs off
             return self.backoff.next()
         except AuthenticationFailed as exc:
             self.auth_failures += 1

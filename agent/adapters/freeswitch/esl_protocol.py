@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, unquote, unquote_to_bytes
 
@@ -84,7 +85,7 @@ class Event:
     A repeated header name yields its first value, as ``switch_event_get_header`` does.
     """
 
-    __slots__ = ("_cache", "_text", "body", "problems", "where")
+    __slots__ = ("_cache", "_text", "body", "problems", "received_at", "where")
 
     def __init__(self, text: str = "", body: str = "", *, where: str = "event") -> None:
         self._text = "\n" + text + "\n"  # every header is then "\nName: value\n"
@@ -92,6 +93,7 @@ class Event:
         self.body = body
         self.problems: list[str] = []
         self.where = where
+        self.received_at = 0.0  # time.perf_counter() when the connection read it (0: not from a socket)
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str], body: str = "") -> Event:
@@ -345,6 +347,7 @@ def _unquote_checked(name: str, value: str, event: Event) -> str:
 # ------------------------------------------------------------------------------------ encoding
 
 
+@lru_cache(maxsize=16_384)  # most values repeat (addresses, flags, names, uuids of live calls)
 def url_encode(value: str) -> str:
     """Encode a header value exactly as ``switch_url_encode`` does (an empty value is ``_undef_``)."""
     if not value:

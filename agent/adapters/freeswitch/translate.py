@@ -102,7 +102,18 @@ class LegInfo:
     group_id: str
     parent_leg_id: str
     sip_call_id: str = ""
-    answered: bool = False
+    created_ms: int = 0
+    answered_ms: int = 0
+    channel: str = ""
+    caller: str = ""
+    callee: str = ""
+    account_id: str = ""
+
+    def live(self) -> LiveLeg:
+        return LiveLeg(leg_id=self.leg_id, direction=self.direction, group_id=self.group_id,
+                       parent_leg_id=self.parent_leg_id, channel=self.channel, caller=self.caller, callee=self.callee,
+                       answered=bool(self.answered_ms), created_ms=self.created_ms, answered_ms=self.answered_ms,
+                       account_id=self.account_id)
 
 
 @dataclass
@@ -164,8 +175,8 @@ class EventTranslator:
             return []
         info, out = self._learn(event, leg_id, now_ms)
         out += self._call_id_update(event, leg_id, now_ms)
-        info.answered = True
         at_ms = micros_to_ms(event.get("Caller-Channel-Answered-Time")) or event_ms(event, now_ms)
+        info.answered_ms = info.answered_ms or at_ms
         out.append(LegAnswered(leg_id, at_ms))
         return out
 
@@ -211,19 +222,27 @@ class EventTranslator:
         if info is None:
             if not force_created:
                 self.stats.unknown_leg_events += 1
-            parent = parent_of(event)
-            info = LegInfo(leg_id, direction_of(event, parent), event.get("Channel-Call-UUID") or leg_id, parent)
+            info = self._new_info(event, leg_id, now_ms)
             self.legs[leg_id] = info
             self.ended.pop(leg_id, None)
         sip_call_id = variable(event, "sip_call_id")
         info.sip_call_id = info.sip_call_id or sip_call_id
-        created_ms = micros_to_ms(event.get("Caller-Channel-Created-Time")) or event_ms(event, now_ms)
         return info, [LegCreated(
-            leg_id=leg_id, at_ms=created_ms, direction=info.direction, group_id=info.group_id,
-            parent_leg_id=info.parent_leg_id, channel=event.get("Channel-Name"),
-            caller=event.get("Caller-Caller-ID-Number"), callee=event.get("Caller-Destination-Number"),
+            leg_id=leg_id, at_ms=info.created_ms, direction=info.direction, group_id=info.group_id,
+            parent_leg_id=info.parent_leg_id, channel=info.channel, caller=info.caller, callee=info.callee,
             sip_call_id=sip_call_id, peer=peer_of(event),
         )]
+
+    @staticmethod
+    def _new_info(event: Event, leg_id: str, now_ms: int) -> LegInfo:
+        parent = parent_of(event)
+        return LegInfo(
+            leg_id, direction_of(event, parent), event.get("Channel-Call-UUID") or leg_id, parent,
+            created_ms=micros_to_ms(event.get("Caller-Channel-Created-Time")) or event_ms(event, now_ms),
+            answered_ms=micros_to_ms(event.get("Caller-Channel-Answered-Time")) or 0,
+            channel=event.get("Channel-Name"), caller=event.get("Caller-Caller-ID-Number"),
+            callee=event.get("Caller-Destination-Number"), account_id=account_of(event),
+        )
 
     def _call_id_update(self, event: Event, leg_id: str, now_ms: int) -> list[LegEvent]:
         info = self.legs.get(leg_id)
@@ -246,33 +265,39 @@ class EventTranslator:
 
     # ---------------------------------------------------------------- resync
 
-    def reset_live(self, dumps: list[Event], now_ms: int) -> tuple[list[LiveLeg], list[LegEvent]]:
-        """After a (re)connect: the live legs from ``uuid_dump``; legs we knew that are gone are
-        forgotten (the engine ends them from the resync). Returns the live legs and the Call-IDs
-        learnt meanwhile (``LegUpdated``)."""
+    def reset_live(self, dumps: list[Event], known_before: set[str],
+                   now_ms: int) -> tuple[list[LiveLeg], list[LegEvent]]:
+        """After a (re)connect: every leg alive now, and the Call-IDs learnt meanwhile.
+
+        ``dumps`` are the ``uuid_dump`` of the channels ``show channels`` listed; ``known_before``
+        the legs we knew when the listing was asked for. Events keep flowing during the resync,
+        so a leg created since then is alive although unlisted, a leg that ended since then is
+        listed although gone, and only a leg known before and not listed ended while we were
+        away (it is forgotten: the engine ends it from the resync).
+        """
         live: list[LiveLeg] = []
         updates: list[LegEvent] = []
         seen: set[str] = set()
         for dump in dumps:
             leg_id = dump.get("Unique-ID")
-            if not leg_id:
+            if not leg_id or leg_id in self.ended or leg_id in seen:
                 continue
             seen.add(leg_id)
             known = self.legs.get(leg_id)
             if known is None:
-                parent = parent_of(dump)
-                group = dump.get("Channel-Call-UUID") or leg_id
-                known = LegInfo(leg_id, direction_of(dump, parent), group, parent)
+                known = self._new_info(dump, leg_id, now_ms)
                 self.legs[leg_id] = known
-                self.ended.pop(leg_id, None)
             sip_call_id = variable(dump, "sip_call_id")
             if sip_call_id and sip_call_id != known.sip_call_id:
                 known.sip_call_id = sip_call_id
                 updates.append(LegUpdated(leg_id, now_ms, sip_call_id=sip_call_id, peer=peer_of(dump)))
             live.append(live_leg(dump, known))
-        for leg_id in [leg for leg in self.legs if leg not in seen]:
-            info = self.legs.pop(leg_id)
-            self._remember_ended(leg_id, info.group_id)
+        for leg_id, info in self.legs.items():
+            if leg_id not in seen and leg_id not in known_before:
+                live.append(info.live())  # created during the resync: its events told us
+        for leg_id in known_before:
+            if leg_id not in seen and leg_id in self.legs:
+                self.mark_ended(leg_id)
         return live, updates
 
 
@@ -315,6 +340,7 @@ def authorize_request(event: Event, now_ms: int) -> AuthorizeRequest:
 
 _HANDLERS = {
     "CHANNEL_CREATE": EventTranslator._created,
+    "CHANNEL_PARK": EventTranslator._progress,  # introduces the A leg if its CREATE was missed
     "CHANNEL_PROGRESS": EventTranslator._progress,
     "CHANNEL_PROGRESS_MEDIA": EventTranslator._progress,
     "CHANNEL_ANSWER": EventTranslator._answered,
