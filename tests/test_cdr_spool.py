@@ -245,12 +245,17 @@ def test_an_unreadable_committed_file_replays_everything(spool_dir: Path) -> Non
 
 def test_sync_fsyncs_the_written_segments(spool_dir: Path) -> None:
     synced: list[int] = []
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        os.fsync(fd)
+
     spool = Spool(spool_dir, max_bytes=1 << 20, segment_bytes=100)
     for p in payloads(6):
         spool.append(p)
-    spool.sync(lambda fd: (synced.append(fd), os.fsync(fd))[0] and None)
+    spool.sync(fsync)
     assert len(synced) >= 3  # every segment written, and the folder that lists them
     synced.clear()
-    spool.sync(lambda fd: synced.append(fd))
+    spool.sync(fsync)
     assert synced == []  # nothing new
     spool.close()
