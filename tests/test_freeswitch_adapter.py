@@ -14,6 +14,7 @@ import gevent
 import gevent.event
 import gevent.pool
 import pytest
+from gevent.server import StreamServer
 from greenswitch import InboundESL
 
 from agent.adapters.freeswitch.adapter import FreeswitchAdapter, FreeswitchSettings
@@ -118,12 +119,12 @@ def started() -> Iterator[Started]:
         adapter.stop(timeout_s=1.0)
 
 
-def start_adapter(fake: FakeFreeswitch, engine: FakeEngine, started: Started, *, wait: bool = True,
+def start_adapter(port: int, engine: FakeEngine, started: Started, *, wait: bool = True,
                   **esl: Any) -> FreeswitchAdapter:
     options: dict[str, Any] = {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "heartbeat_timeout_s": 2.0,
                                "command_timeout_s": 1.0, "connect_timeout_s": 1.0}
     options.update(esl)
-    adapter = FreeswitchAdapter(engine, FreeswitchSettings(esl=EslSettings(port=fake.port, **options)))
+    adapter = FreeswitchAdapter(engine, FreeswitchSettings(esl=EslSettings(port=port, **options)))
     engine.switch = adapter
     started.append(adapter)
     adapter.start()
@@ -145,7 +146,7 @@ def b_leg(call: FakeCall, index: int = -1) -> str:
 
 def test_answered_call_is_billed_from_the_b_leg_answer(fake: FakeFreeswitch, engine: FakeEngine,
                                                        started: Started) -> None:
-    start_adapter(fake, engine, started)
+    start_adapter(fake.port, engine, started)
     call = fake.place_call("1001", "33123456", caller="2001", early_answer=True,
                            attempts=[Attempt(gateway="carrier", ring_ms=30, answer_after_ms=200)], talk_ms=400)
     finish(call)
@@ -189,7 +190,7 @@ def fake_sip_call_id(engine: FakeEngine, leg_id: str) -> str:
 
 def test_cut_when_the_engine_says_so(fake: FakeFreeswitch, engine: FakeEngine, started: Started) -> None:
     engine.cut_after_ms = 300
-    start_adapter(fake, engine, started)
+    start_adapter(fake.port, engine, started)
     call = fake.place_call("1001", "33123456", talk_ms=5000)
     finish(call)
     a, b = call.a_uuid, b_leg(call)
@@ -202,7 +203,7 @@ def test_cut_when_the_engine_says_so(fake: FakeFreeswitch, engine: FakeEngine, s
 def test_backstop_ends_the_call_when_the_agent_is_gone(fake: FakeFreeswitch, engine: FakeEngine,
                                                        started: Started) -> None:
     engine.decide = lambda request: AuthorizeDecision(True, "c1", limit_ms=2000)
-    adapter = start_adapter(fake, engine, started)
+    adapter = start_adapter(fake.port, engine, started)
     call = fake.place_call("1001", "33123456", talk_ms=10_000)
     engine.wait_for(lambda: bool(engine.of(LegAnswered)))
     adapter.stop(timeout_s=1.0)  # the agent dies right after the answer
@@ -219,7 +220,7 @@ def test_denied_call_is_hung_up_with_a_clear_cause(fake: FakeFreeswitch, engine:
                                                    started: Started) -> None:
     engine.decide = lambda request: AuthorizeDecision(False, "c2", reason=DenyReason.INSUFFICIENT_FUNDS,
                                                       detail="balance 0.00; needs 0.06; first second")
-    start_adapter(fake, engine, started)
+    start_adapter(fake.port, engine, started)
     call = fake.place_call("1001", "33123456")
     finish(call)
     assert call.outcome == "denied" and call.hangup_cause == "OUTGOING_CALL_BARRED"
@@ -231,7 +232,7 @@ def test_denied_call_is_hung_up_with_a_clear_cause(fake: FakeFreeswitch, engine:
 
 
 def test_b_leg_failover_to_a_second_gateway(fake: FakeFreeswitch, engine: FakeEngine, started: Started) -> None:
-    start_adapter(fake, engine, started)
+    start_adapter(fake.port, engine, started)
     call = fake.place_call("1001", "33123456", talk_ms=300, attempts=[
         Attempt(gateway="carrier", fail_cause="NORMAL_TEMPORARY_FAILURE"), Attempt(gateway="backup")])
     finish(call)
@@ -256,7 +257,7 @@ def test_hangup_while_authorizing_reaches_the_engine_after_its_decision(fake: Fa
         return AuthorizeDecision(True, "c3", limit_ms=60_000)
 
     engine.decide = slow
-    adapter = start_adapter(fake, engine, started)
+    adapter = start_adapter(fake.port, engine, started)
     call = fake.place_call("1001", "33123456")
     finish(call)
     engine.wait_for(lambda: engine.hung_up(call.a_uuid))
@@ -269,7 +270,7 @@ def test_calls_parked_while_the_agent_was_away_are_authorized_at_resync(fake: Fa
                                                                         started: Started) -> None:
     call = fake.place_call("1001", "33123456", talk_ms=200)
     gevent.sleep(0.05)  # parked, nobody listening
-    start_adapter(fake, engine, started)
+    start_adapter(fake.port, engine, started)
     finish(call)
     assert call.outcome == "answered"
     assert engine.requests[0].leg_id == call.a_uuid
@@ -282,7 +283,7 @@ def test_calls_parked_while_the_agent_was_away_are_authorized_at_resync(fake: Fa
 
 def test_dropped_socket_mid_call_reconnects_resyncs_and_still_bills(fake: FakeFreeswitch, engine: FakeEngine,
                                                                    started: Started) -> None:
-    adapter = start_adapter(fake, engine, started)
+    adapter = start_adapter(fake.port, engine, started)
     call = fake.place_call("1001", "33123456", talk_ms=900)
     engine.wait_for(lambda: bool(engine.of(LegBridged)))
     fake.drop_connections()
@@ -304,7 +305,7 @@ def test_dropped_socket_mid_call_reconnects_resyncs_and_still_bills(fake: FakeFr
 
 def test_legs_that_ended_during_the_outage_are_missing_from_the_resync(fake: FakeFreeswitch, engine: FakeEngine,
                                                                       started: Started) -> None:
-    start_adapter(fake, engine, started)
+    start_adapter(fake.port, engine, started)
     call = fake.place_call("1001", "33123456", talk_ms=300)
     engine.wait_for(lambda: bool(engine.of(LegBridged)))
     fake.stall(0.8)  # the link is black-holed: no reconnect possible meanwhile
@@ -317,7 +318,7 @@ def test_legs_that_ended_during_the_outage_are_missing_from_the_resync(fake: Fak
 
 def test_a_call_created_during_the_resync_is_live_and_fully_reported(fake: FakeFreeswitch, engine: FakeEngine,
                                                                       started: Started) -> None:
-    start_adapter(fake, engine, started)
+    start_adapter(fake.port, engine, started)
     fake.slow_api["show"] = 0.3  # the listing is taken, then the socket is busy for 0.3 s
     fake.drop_connections()
     engine.wait_for(lambda: sum(c.startswith("api show") for c in fake.commands) == 2)
@@ -334,7 +335,7 @@ def test_wrong_password_is_a_clear_error_with_backoff(fake: FakeFreeswitch, engi
                                                       started: Started, caplog: pytest.LogCaptureFixture) -> None:
     fake.password = "s3cret"
     caplog.set_level(logging.ERROR)
-    adapter = start_adapter(fake, engine, started, wait=False, backoff_max_s=0.25)
+    adapter = start_adapter(fake.port, engine, started, wait=False, backoff_max_s=0.25)
     gevent.sleep(1.0)
     assert not adapter.connected()
     assert 2 <= adapter.client.auth_failures <= 6, adapter.client.auth_failures  # no crash loop
@@ -348,17 +349,40 @@ def test_wrong_password_is_a_clear_error_with_backoff(fake: FakeFreeswitch, engi
     assert adapter.synced.wait(WAIT_S)
 
 
+def test_acl_rejection_and_a_silent_server_are_named(engine: FakeEngine, started: Started) -> None:
+    def rude(sock: Any, address: Any) -> None:
+        text = b"Access Denied, go away.\n"
+        sock.sendall(b"Content-Type: text/rude-rejection\nContent-Length: %d\n\n%s" % (len(text), text))
+
+    def silent(sock: Any, address: Any) -> None:
+        gevent.sleep(5)
+
+    for handler, expected in ((rude, "rejected this client: 'Access Denied, go away.'"),
+                              (silent, "no auth/request from")):
+        server = StreamServer(("127.0.0.1", 0), handler)
+        server.start()
+        try:
+            adapter = start_adapter(server.server_port, engine, started, wait=False, connect_timeout_s=0.3)
+            with gevent.Timeout(WAIT_S):
+                while expected not in adapter.client.last_error:
+                    gevent.sleep(0.05)
+            assert not adapter.connected()
+            adapter.stop(timeout_s=1.0)
+        finally:
+            server.stop(timeout=1)
+
+
 def test_heartbeat_silence_makes_the_client_reconnect(fake: FakeFreeswitch, engine: FakeEngine,
                                                       started: Started) -> None:
-    adapter = start_adapter(fake, engine, started, heartbeat_timeout_s=0.6)
+    adapter = start_adapter(fake.port, engine, started, heartbeat_timeout_s=0.6)
     fake.stall(1.2)
     engine.wait_for(lambda: len(engine.of(PbxConnected)) == 2, timeout_s=4)
-    assert "no data (not even HEARTBEAT)" in adapter.client.last_error or adapter.client.connections == 2
+    assert "no data (not even HEARTBEAT) for " in adapter.last_disconnect
 
 
 def test_a_command_in_flight_times_out_and_resets_the_connection(fake: FakeFreeswitch, engine: FakeEngine,
                                                                  started: Started) -> None:
-    adapter = start_adapter(fake, engine, started, command_timeout_s=0.3)
+    adapter = start_adapter(fake.port, engine, started, command_timeout_s=0.3)
     fake.stall(0.5)
     started_at = gevent.get_hub().loop.now()
     with pytest.raises(Exception, match=r"did not answer \['api', 'uuid_kill'\] within 0.3s"):
@@ -369,7 +393,7 @@ def test_a_command_in_flight_times_out_and_resets_the_connection(fake: FakeFrees
 
 def test_a_wrong_content_length_resets_the_connection(fake: FakeFreeswitch, engine: FakeEngine,
                                                       started: Started) -> None:
-    adapter = start_adapter(fake, engine, started)
+    adapter = start_adapter(fake.port, engine, started)
     good = encode_event([("Event-Name", "CHANNEL_ANSWER"), ("Unique-ID", "u1")])
     head, body = good.split(b"\n\n", 1)
     fake.inject(b"Content-Length: %d\nContent-Type: text/event-plain\n\n" % (len(body) - 7) + body + good)
@@ -382,7 +406,7 @@ def test_a_wrong_content_length_resets_the_connection(fake: FakeFreeswitch, engi
 
 def test_bad_url_encoding_and_unknown_channels_are_handled(fake: FakeFreeswitch, engine: FakeEngine,
                                                            started: Started, caplog: pytest.LogCaptureFixture) -> None:
-    adapter = start_adapter(fake, engine, started)
+    adapter = start_adapter(fake.port, engine, started)
     caplog.set_level(logging.WARNING)
     stranger = "5e1f0000-0000-4000-8000-00000000beef"
     body = (b"Event-Name: CHANNEL_ANSWER\nUnique-ID: " + stranger.encode()
@@ -416,7 +440,7 @@ def test_bad_url_encoding_and_unknown_channels_are_handled(fake: FakeFreeswitch,
 
 def test_escalated_hangup_when_uuid_kill_is_ignored(engine: FakeEngine, started: Started) -> None:
     with FakeFreeswitch(heartbeat_s=0.2, ignore_uuid_kill=True) as deaf:
-        adapter = start_adapter(deaf, engine, started)
+        adapter = start_adapter(deaf.port, engine, started)
         call = deaf.place_call("1001", "33123456", talk_ms=10_000)
         engine.wait_for(lambda: bool(engine.of(LegBridged)))
         adapter.hangup(call.a_uuid, "NORMAL_CLEARING")
@@ -430,7 +454,7 @@ def test_escalated_hangup_when_uuid_kill_is_ignored(engine: FakeEngine, started:
 
 def test_hangup_of_a_leg_freeswitch_no_longer_knows_reports_it_ended(fake: FakeFreeswitch, engine: FakeEngine,
                                                                      started: Started) -> None:
-    adapter = start_adapter(fake, engine, started)
+    adapter = start_adapter(fake.port, engine, started)
     ghost = "0f0f0f0f-0000-4000-8000-000000000002"
     adapter.hangup(ghost)
     assert engine.of(LegHungUp, ghost)[0].cause == "NO_SUCH_CHANNEL"
@@ -441,7 +465,7 @@ def test_hangup_of_a_leg_freeswitch_no_longer_knows_reports_it_ended(fake: FakeF
 
 
 def test_warning_is_broadcast_to_the_caller(fake: FakeFreeswitch, engine: FakeEngine, started: Started) -> None:
-    adapter = start_adapter(fake, engine, started)
+    adapter = start_adapter(fake.port, engine, started)
     call = fake.place_call("1001", "33123456", talk_ms=400)
     engine.wait_for(lambda: bool(engine.of(LegBridged)))
     adapter.warn(call.a_uuid, 30)

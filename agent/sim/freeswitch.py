@@ -14,6 +14,8 @@ dialplan/freeswitch/billing.xml around the agent:
   answer; an answered leg gets the dialplan's ``execute_on_answer`` backstop
   (``sched_hangup +billing_backstop_s``), the caller is answered and bridged; after ``talk_ms``
   the caller (or the callee) hangs up and the other side follows (``hangup_after_bridge``);
+* ``callee_backstop=False`` plays a dialplan without the callee-leg backstop (the agent's own cut
+  then ends calls that run out of money);
 * API commands: ``uuid_kill`` (ignored when ``ignore_uuid_kill``: the escalation test),
   ``hupall``, ``sched_hangup``, ``uuid_setvar(_multi)``, ``uuid_getvar``, ``uuid_transfer``,
   ``uuid_broadcast``, ``uuid_dump``, ``uuid_exists``, ``show channels as json``, ``status``,
@@ -171,11 +173,13 @@ class FakeFreeswitch:
 
     def __init__(self, *, password: str = DEFAULT_PASSWORD, host: str = "127.0.0.1", port: int = 0, seed: int = 7,
                  heartbeat_s: float = 20.0, park_timeout_s: float = 10.0, ignore_uuid_kill: bool = False,
-                 hostname: str = "fake-fs", clock: Callable[[], float] = time.time) -> None:
+                 callee_backstop: bool = True, hostname: str = "fake-fs",
+                 clock: Callable[[], float] = time.time) -> None:
         self.password = password
         self.heartbeat_s = heartbeat_s
         self.park_timeout_s = park_timeout_s
         self.ignore_uuid_kill = ignore_uuid_kill
+        self.callee_backstop = callee_backstop  # False: a dialplan without the execute_on_answer backstop
         self.hostname = hostname
         self.clock = clock
         self._rng = random.Random(seed)
@@ -386,7 +390,7 @@ class FakeFreeswitch:
     def _backstop_on_answer(self, a: FakeChannel, b: FakeChannel) -> None:
         """The dialplan's ``execute_on_answer='sched_hangup +${billing_backstop_s} ALLOTTED_TIMEOUT'``."""
         raw = a.variables.get("billing_backstop_s", "")
-        if raw.isdigit():
+        if raw.isdigit() and self.callee_backstop:
             self.schedule_hangup(b, int(raw), "ALLOTTED_TIMEOUT")
 
     def schedule_hangup(self, ch: FakeChannel, seconds: int, cause: str) -> None:

@@ -105,6 +105,7 @@ class FreeswitchAdapter:
         self.translator = EventTranslator()
         self.stats = AdapterStats()
         self.synced = gevent.event.Event()  # set after each successful resync
+        self.last_disconnect = ""  # why the last connection ended (health checks, logs)
         self.client = EslClient(
             replace(self.settings.esl, events=SUBSCRIBED_EVENTS), on_event=self._on_event,
             on_connected=self._resync, on_disconnected=self._on_disconnected, on_frame_error=self._on_frame_error)
@@ -175,6 +176,7 @@ class FreeswitchAdapter:
         log.error("%s; resetting the connection and resynchronising", reason)
 
     def _on_disconnected(self, reason: str) -> None:
+        self.last_disconnect = reason
         self.synced.clear()
         self.engine.on_event(PbxDisconnected(PBX, self.clock.now_ms()))
 
