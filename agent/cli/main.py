@@ -14,6 +14,7 @@ from agent.cli.db import db
 from agent.cli.ledger import ledger
 from agent.cli.plans import plans
 from agent.cli.rates import rates
+from agent.cli.rerate import rerate_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -39,6 +40,7 @@ cli.add_command(plans)
 cli.add_command(rates)
 cli.add_command(ledger)
 cli.add_command(cdrs)
+cli.add_command(rerate_command)
 
 
 def main() -> None:

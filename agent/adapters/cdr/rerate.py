@@ -1,0 +1,200 @@
+"""Re-rating stored calls with a plan's current rates (``billing-agent rerate``).
+
+For every call in the time range whose current rating decision (highest seq) was made with the
+plan, the plan's current table rates the call again: same destination, same start instant, same
+billed duration (``calls.duration_ms``), the rules of DESIGN §4. A call whose cost or billed
+seconds change gets, in one transaction,
+
+* a new ``rating_decisions`` row with ``seq + 1`` (history is never updated), and
+* a ledger ``adjustment`` of the difference (old cost - new cost: a higher cost debits the
+  account) with the reference ``rerate:{call_id}:{seq}``.
+
+Running it again finds every call already at its current price and changes nothing; two runs at
+once collide on the unique keys ``(call_id, seq)`` and the ledger reference, so a call is
+re-rated once. Calls are read a page at a time (keyset on ``(started_at, id)``), each page's
+changes committed before the next page is read: bounded memory, short transactions (SQLite
+takes its write lock per transaction), and an interrupted run can simply be run again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased
+
+from agent.adapters.sql.accounts import post_entry
+from agent.adapters.sql.engine import session_factory, transaction
+from agent.adapters.sql.models import Call, RatingDecision, utcnow
+from agent.adapters.sql.rate_repository import load_table
+from agent.core.errors import BillingError, Conflict
+from agent.core.money import format_amount
+from agent.core.ratetable import RateTable, Refusal, epoch_ms
+from agent.core.rating import cost_micros, whole_seconds
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 500
+SAMPLE_SIZE = 20
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCall:
+    call_id: str
+    account_id: str
+    destination: str
+    started_at: datetime
+    duration_ms: int
+    seq: int  # of the current decision
+    rate_id: int | None
+    prefix: str
+    rate_micros: int
+    billed_seconds: int
+    cost_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    call: StoredCall
+    rate_id: int | None
+    prefix: str
+    rate_micros: int
+    billed_seconds: int
+    cost_micros: int
+
+    @property
+    def seq(self) -> int:
+        return self.call.seq + 1
+
+    @property
+    def adjustment_micros(self) -> int:
+        """What the ledger entry moves: positive gives money back, negative takes more."""
+        return self.call.cost_micros - self.cost_micros
+
+
+@dataclass
+class RerateReport:
+    plan: str
+    dry_run: bool
+    checked: int = 0
+    changed: int = 0
+    applied: int = 0  # changes committed by this run (0 on a dry run)
+    already_done: int = 0  # re-rated meanwhile by another run
+    unratable: int = 0  # the plan has no rate (or blocks the destination) at the call's start now
+    old_total_micros: int = 0  # of the changed calls
+    new_total_micros: int = 0
+    sample: list[Change] = field(default_factory=list)
+    unratable_sample: list[tuple[str, str]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def difference_micros(self) -> int:
+        return self.new_total_micros - self.old_total_micros
+
+
+def reprice(call: StoredCall, table: RateTable) -> Change | Refusal | None:
+    """Pure: the call's price with ``table``; None when it does not change."""
+    found = table.lookup(call.destination, epoch_ms(call.started_at))
+    if isinstance(found, Refusal):
+        return found
+    cost = cost_micros(found, call.duration_ms)
+    seconds = whole_seconds(call.duration_ms)  # as the session engine records it
+    if (cost, seconds) == (call.cost_micros, call.billed_seconds):
+        return None
+    return Change(call, found.rate_id, found.prefix, found.rate_micros, seconds, cost)
+
+
+def _pages(engine: Engine, plan: str, since: datetime, until: datetime | None,
+           account_id: str | None) -> Iterator[list[StoredCall]]:
+    newer = aliased(RatingDecision)
+    d = RatingDecision
+    current = ~select(newer.id).where(newer.call_id == d.call_id, newer.seq > d.seq).exists()
+    base: Any = (select(Call.id, Call.account_id, Call.destination, Call.started_at, Call.duration_ms, d.seq,
+                        d.rate_id, d.prefix, d.rate_micros, d.billed_seconds, d.cost_micros)
+                 .join(d, d.call_id == Call.id)
+                 .where(current, d.plan_name == plan, Call.started_at >= since))
+    if until is not None:
+        base = base.where(Call.started_at < until)
+    if account_id is not None:
+        base = base.where(Call.account_id == account_id)
+    after: tuple[datetime, str] | None = None
+    while True:
+        query = base
+        if after is not None:
+            query = query.where(or_(Call.started_at > after[0], and_(Call.started_at == after[0], Call.id > after[1])))
+        with engine.connect() as conn:
+            rows = conn.execute(query.order_by(Call.started_at, Call.id).limit(PAGE_SIZE)).all()
+        if not rows:
+            return
+        yield [StoredCall(*row) for row in rows]
+        after = (rows[-1][3], rows[-1][0])
+
+
+def _apply(session: Session, change: Change, now: datetime, plan: str) -> None:
+    call = change.call
+    session.add(RatingDecision(
+        call_id=call.call_id, seq=change.seq, plan_name=plan, rate_id=change.rate_id, prefix=change.prefix,
+        rate_micros=change.rate_micros, billed_seconds=change.billed_seconds, cost_micros=change.cost_micros,
+        decided_at=now, reason=f"rerate: cost {format_amount(call.cost_micros)} -> "
+                               f"{format_amount(change.cost_micros)}"))
+    session.flush()  # the (call_id, seq) key refuses a second re-rating of the same decision
+    if change.adjustment_micros:
+        post_entry(session, call.account_id, kind="adjustment", amount_micros=change.adjustment_micros,
+                   reference=f"rerate:{call.call_id}:{change.seq}", call_id=call.call_id,
+                   description=f"re-rating of call {call.call_id} (decision {change.seq})")
+
+
+def _commit_page(engine: Engine, changes: list[Change], plan: str, report: RerateReport) -> None:
+    """One transaction for the page; if any call collides, each call on its own."""
+    if not changes:
+        return
+    factory = session_factory(engine)
+    now = utcnow()
+    try:
+        with transaction(factory) as session:
+            for change in changes:
+                _apply(session, change, now, plan)
+        report.applied += len(changes)
+        return
+    except (IntegrityError, BillingError):
+        log.info("a page of re-ratings collided; applying its %d calls one by one", len(changes))
+    for change in changes:
+        try:
+            with transaction(factory) as session:
+                _apply(session, change, now, plan)
+            report.applied += 1
+        except (IntegrityError, Conflict):
+            report.already_done += 1  # another run re-rated this decision first
+        except BillingError as exc:  # e.g. the account no longer exists
+            report.failures.append((change.call.call_id, str(exc)))
+
+
+def rerate(engine: Engine, plan: str, since: datetime, *, until: datetime | None = None,
+           account_id: str | None = None, dry_run: bool = False, table: RateTable | None = None) -> RerateReport:
+    """Re-rate the plan's calls started in [since, until); raises NotFound for an unknown plan."""
+    table = table or load_table(engine, plan)
+    report = RerateReport(plan=plan, dry_run=dry_run)
+    for page in _pages(engine, plan, since, until, account_id):
+        changes: list[Change] = []
+        for call in page:
+            report.checked += 1
+            outcome = reprice(call, table)
+            if isinstance(outcome, Refusal):
+                report.unratable += 1
+                if len(report.unratable_sample) < SAMPLE_SIZE:
+                    report.unratable_sample.append((call.call_id, outcome.detail))
+            elif outcome is not None:
+                changes.append(outcome)
+        report.changed += len(changes)
+        report.old_total_micros += sum(c.call.cost_micros for c in changes)
+        report.new_total_micros += sum(c.cost_micros for c in changes)
+        report.sample.extend(changes[:SAMPLE_SIZE - len(report.sample)])
+        if not dry_run:
+            _commit_page(engine, changes, plan, report)
+    return report
+

@@ -1,0 +1,88 @@
+"""``billing-agent rerate``: price stored calls again with a plan's current rates."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import click
+
+from agent.adapters.cdr.rerate import Change, RerateReport, rerate
+from agent.cli.common import app, handle_errors, print_json
+from agent.core.clock import parse_iso8601
+from agent.core.money import format_amount
+
+
+def _instant(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_iso8601(value, what=f"--{param.name}")
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc} (e.g. 2026-01-31, 2026-01-31T08:00:00Z or with an offset)") from None
+
+
+def _change_json(change: Change) -> dict[str, Any]:
+    return {"call_id": change.call.call_id, "account_id": change.call.account_id,
+            "destination": change.call.destination, "seq": change.seq,
+            "old_cost": format_amount(change.call.cost_micros), "new_cost": format_amount(change.cost_micros),
+            "adjustment": format_amount(change.adjustment_micros), "prefix": change.prefix,
+            "rate_per_minute": format_amount(change.rate_micros), "billed_seconds": change.billed_seconds}
+
+
+def report_json(report: RerateReport) -> dict[str, Any]:
+    return {
+        "plan": report.plan, "dry_run": report.dry_run, "calls_checked": report.checked,
+        "calls_changed": report.changed, "calls_applied": report.applied,
+        "calls_already_rerated": report.already_done, "calls_unratable": report.unratable,
+        "old_total": format_amount(report.old_total_micros), "new_total": format_amount(report.new_total_micros),
+        "difference": format_amount(report.difference_micros),
+        "changes": [_change_json(c) for c in report.sample],
+        "unratable": [{"call_id": c, "reason": r} for c, r in report.unratable_sample],
+        "failures": [{"call_id": c, "reason": r} for c, r in report.failures],
+    }
+
+
+def _print(report: RerateReport) -> None:
+    what = "would change" if report.dry_run else "changed"
+    click.echo(f"plan {report.plan}: {report.checked} calls checked, {report.changed} {what}, "
+               f"{report.unratable} without a rate now")
+    click.echo(f"cost of the changed calls: {format_amount(report.old_total_micros)} -> "
+               f"{format_amount(report.new_total_micros)} (difference {format_amount(report.difference_micros)})")
+    for change in report.sample:
+        data = _change_json(change)
+        click.echo(f"  {data['call_id']}  {data['account_id']}  {data['destination']}  {data['old_cost']} -> "
+                   f"{data['new_cost']}  (decision {data['seq']}, ledger {data['adjustment']})")
+    if report.changed > len(report.sample):
+        click.echo(f"  ... and {report.changed - len(report.sample)} more")
+    for call_id, reason in report.unratable_sample:
+        click.echo(f"  not re-rated: {call_id}: {reason}")
+    if report.dry_run:
+        click.echo("dry run: nothing was written")
+    else:
+        click.echo(f"applied {report.applied} new rating decisions and ledger adjustments"
+                   + (f"; {report.already_done} were re-rated by another run meanwhile" if report.already_done else ""))
+    for call_id, reason in report.failures:
+        click.echo(f"error: {call_id}: {reason}", err=True)
+
+
+@click.command(name="rerate")
+@click.option("--plan", required=True, help="Rate plan whose calls are priced again with its current rates.")
+@click.option("--since", callback=_instant, required=True, metavar="ISO8601", help="Calls started at or after.")
+@click.option("--until", callback=_instant, metavar="ISO8601", help="Calls started before.")
+@click.option("--account", "account_id", help="Only this account.")
+@click.option("--dry-run", is_flag=True, help="Show the totals and the changes; write nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def rerate_command(ctx: click.Context, plan: str, since: datetime, until: datetime | None, account_id: str | None,
+                   dry_run: bool, as_json: bool) -> None:
+    """Rate stored calls again; each changed call gets a new rating decision and a ledger
+    adjustment of the difference (reference rerate:CALL:SEQ). Running it twice changes nothing."""
+    report = rerate(app(ctx).engine(), plan, since, until=until, account_id=account_id, dry_run=dry_run)
+    if as_json:
+        print_json(report_json(report))
+    else:
+        _print(report)
+    if report.failures:
+        ctx.exit(1)
