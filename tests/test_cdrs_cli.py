@@ -154,15 +154,15 @@ def test_export_streams_in_small_fetches_and_keeps_every_call_in_order(sqlite_en
 
 
 def _plan_with_rates(engine: Engine) -> dict[str, int]:
-    """Rate ids of a per-second rate and of a 60/60 rate."""
+    """Rate ids of a per-second rate, a 60/60 rate and a rate with a 30-second minimum."""
     with transaction(session_factory(engine)) as session:
         plan = RatePlan(name="retail", currency="EUR")
         session.add(plan)
         session.flush()
         ids = {}
-        for prefix, initial, increment in (("49", 1, 1), ("44", 60, 60)):
+        for prefix, initial, increment, minimum in (("49", 1, 1, 0), ("44", 60, 60, 0), ("39", 1, 1, 30)):
             rate = Rate(plan_id=plan.id, prefix=prefix, rate_micros=60_000, initial_increment=initial,
-                        increment=increment, effective_from=datetime(1970, 1, 1, tzinfo=UTC))
+                        increment=increment, minimum_seconds=minimum, effective_from=datetime(1970, 1, 1, tzinfo=UTC))
             session.add(rate)
             session.flush()
             ids[prefix] = rate.id
@@ -178,13 +178,14 @@ def test_reconcile_flags_charges_beyond_one_increment_of_the_pbx_seconds(engine:
         make_record(3, rate_id=ids["44"], billsec=130, billed_seconds=60, destination="4412"),  # undercharged
         make_record(4, rate_id=999_999, billsec=61),  # its rate is gone: 1-second increments
         make_record(5, answered=False),
+        make_record(6, rate_id=ids["39"], duration_ms=9_500, billsec=10, destination="3906"),  # minimum 30 s
     ])
     result = run(engine, "cdrs", "reconcile", "--since", "2026-01-01", "--json")
     assert result.exit_code == 1  # something is flagged
     data = json.loads(result.stdout)
-    assert data["summary"] == {"checked": 6, "flagged": 2, "pbx_seconds": 60 + 50 + 59 + 130 + 61,
-                               "charged_seconds": 61 + 61 + 60 + 60 + 61,
-                               "by_status": {"ok": 4, "overcharged": 1, "undercharged": 1}}
+    assert data["summary"] == {"checked": 7, "flagged": 2, "pbx_seconds": 60 + 50 + 59 + 130 + 61 + 10,
+                               "charged_seconds": 61 + 61 + 60 + 60 + 61 + 30,
+                               "by_status": {"ok": 5, "overcharged": 1, "undercharged": 1}}
     flagged = {c["call_id"]: (c["status"], c["difference"], c["increment"]) for c in data["calls"]}
     assert flagged == {"call-000001": ("overcharged", 11, 1), "call-000003": ("undercharged", -120, 60)}
     clean = run(engine, "cdrs", "reconcile", "--since", "2026-01-01", "--until", "2026-01-01T00:01:00Z")

@@ -3,8 +3,9 @@
 The PBX's view is the billsec of the leg billing ran from (Asterisk ``CDR(billsec)``, FreeSWITCH
 ``billsec``): whole seconds, truncated by some PBXs, so one second of difference is normal. The
 check rounds the PBX's seconds with the same rate's rules (minimum, initial increment, increment,
-grace; DESIGN §4) and flags a call when what we charged differs from that by more than one
-increment. A rate that no longer exists (a replaced deck) is checked with 1-second increments.
+grace; DESIGN §4), does the same to the decision's billed seconds, and flags a call when the
+two differ by more than one increment. A rate that no longer exists (a replaced deck) is
+checked with 1-second increments.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ def check_call(cdr: FlatCdr, rule: RateRow | None) -> ReconcileLine:
     leg = cdr.billed_leg()
     rule = rule or RateRow(prefix="", destination="", rate_micros=0)
     pbx: int | None = leg[11] if leg else None
-    charged: int | None = cdr.decision[5] if cdr.decision else None
+    # Rounded by the same rule as the PBX's seconds, so that the check holds whether a decision
+    # records the answered seconds or the billed blocks (rounding twice changes nothing).
+    charged = billed_seconds(rule, cdr.decision[5]) if cdr.decision else None
     expected = billed_seconds(rule, pbx) if pbx is not None else None
     if charged is None:
         status = "unrated"
