@@ -303,6 +303,19 @@ def test_dropped_socket_mid_call_reconnects_resyncs_and_still_bills(fake: FakeFr
     assert adapter.client.connections == 2
 
 
+def test_events_read_just_before_a_drop_are_still_handed_over(fake: FakeFreeswitch, engine: FakeEngine,
+                                                               started: Started) -> None:
+    start_adapter(fake.port, engine, started)
+    call = fake.place_call("1001", "33123456", talk_ms=10_000)
+    engine.wait_for(lambda: bool(engine.of(LegBridged)))
+    fake.hangup(fake.channels[call.a_uuid], "NORMAL_CLEARING")  # the hangup events are written...
+    fake.drop_connections()  # ...and the socket dies right after them
+    engine.wait_for(lambda: len(engine.of(PbxConnected)) == 2)
+    hangups = [e for e in engine.events if isinstance(e, (LegHungUp, PbxDisconnected))]
+    assert [type(e) for e in hangups] == [LegHungUp, LegHungUp, PbxDisconnected]
+    assert hangups[0].at_ms == call.a_ended_us // 1000  # the exact instant, not the resync's
+
+
 def test_legs_that_ended_during_the_outage_are_missing_from_the_resync(fake: FakeFreeswitch, engine: FakeEngine,
                                                                       started: Started) -> None:
     start_adapter(fake.port, engine, started)

@@ -162,9 +162,10 @@ class GreenswitchConnection(InboundESL):  # type: ignore[misc]  # greenswitch ha
             log.debug("ignoring a %s frame from FreeSWITCH", kind)
 
     def _lost(self, reason: str) -> None:
+        # _run stays True: greenswitch's dispatcher must still hand over the events read before
+        # the loss (a hangup just before a drop matters); close() drains it, then stops it.
         self.closed_reason = self.closed_reason or reason
         self.connected = False
-        self._run = False
         pending: list[gevent.event.AsyncResult[Reply]] = self._commands_sent
         self._commands_sent = []
         for result in pending:
@@ -216,8 +217,13 @@ class GreenswitchConnection(InboundESL):  # type: ignore[misc]  # greenswitch ha
                 self.send_many(["exit"], min(timeout_s, self.settings.command_timeout_s))
             except EslError:
                 pass
-        self._run = False
         self._lost("closed by the agent")
+        dispatcher = self._process_events_greenlet
+        deadline = time.monotonic() + timeout_s
+        while (dispatcher is not None and not dispatcher.dead and not self._esl_event_queue.empty()
+               and time.monotonic() < deadline):
+            gevent.sleep(0.005)
+        self._run = False
         gevent.killall(self.greenlets(), timeout=timeout_s)
 
 
