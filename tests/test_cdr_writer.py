@@ -178,3 +178,64 @@ def test_unanswered_call_is_written_with_a_zero_decision(engine: Engine) -> None
     SqlCdrStore(engine).write([make_record(3, answered=False)])
     assert _disposition(engine, "call-000003") == Disposition.NO_ANSWER.value
     assert counts(engine) == (1, 2, 1)
+
+
+PARTITION_SCRIPT = Path(__file__).resolve().parents[1] / "sql" / "postgresql-partition-cdrs.sql"
+
+
+@pytest.fixture
+def partitioned(postgres_url: str) -> Iterator[Engine]:
+    """A migrated PostgreSQL database, then sql/postgresql-partition-cdrs.sql applied."""
+    from sqlalchemy import text
+
+    from agent.adapters.sql.models import Base
+
+    eng = make_engine(postgres_url)
+    with eng.begin() as conn:
+        Base.metadata.drop_all(conn)
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    upgrade(eng)
+    SqlCdrStore(eng).write([make_record(i) for i in range(5)])  # rows from before the conversion
+    raw = eng.raw_connection()
+    try:
+        with raw.cursor() as cursor:
+            cursor.execute(PARTITION_SCRIPT.read_text())
+        raw.commit()
+    finally:
+        raw.close()
+    yield eng
+    with eng.begin() as conn:
+        Base.metadata.drop_all(conn)
+        conn.execute(text("DROP FUNCTION IF EXISTS cdr_ensure_months"))
+    eng.dispose()
+
+
+def test_monthly_partitions_on_postgresql_keep_cdr_writes_idempotent(partitioned: Engine) -> None:
+    from sqlalchemy import text
+
+    from agent.adapters.cdr.export import iter_flat
+    from agent.adapters.cdr.query import CdrFilter
+
+    with partitioned.connect() as conn:
+        parts = set(conn.scalars(text("SELECT relname FROM pg_class WHERE relispartition")))
+        assert {"calls_2026_01", "call_legs_2026_01", "calls_default"} <= parts
+        assert conn.scalar(text("SELECT count(*) FROM calls_2026_01")) == 5  # the old rows moved in
+        conn.execute(text("SELECT cdr_ensure_months('2026-02-01', 0)"))  # the monthly cron
+        conn.commit()
+    store = SqlCdrStore(partitioned)
+    t0_feb = 1_769_904_000_000  # 2026-02-01T00:00:00Z
+    records = [make_record(i) for i in range(10)] + [make_record(i, call_id=f"feb-{i}", started_ms=t0_feb + i)
+                                                     for i in range(3)]
+    assert store.write(records).written == 13
+    assert store.write(records).written == 13  # a replay: COPY meets the keys, staging skips them
+    assert counts(partitioned) == (13, 26, 13)
+    assert len(list(iter_flat(partitioned, CdrFilter()))) == 13
+    with partitioned.connect() as conn:
+        assert conn.scalar(text("SELECT count(*) FROM calls_2026_02")) == 3
+        assert conn.scalar(text("SELECT count(*) FROM calls_default")) == 0
+    with partitioned.begin() as conn:  # retire January as the script's notes say
+        conn.execute(text("DELETE FROM rating_decisions WHERE call_id IN (SELECT id FROM calls_2026_01)"))
+        conn.execute(text("ALTER TABLE calls DETACH PARTITION calls_2026_01"))
+        conn.execute(text("ALTER TABLE call_legs DETACH PARTITION call_legs_2026_01"))
+        conn.execute(text("DROP TABLE calls_2026_01, call_legs_2026_01"))
+    assert counts(partitioned) == (3, 6, 3)
