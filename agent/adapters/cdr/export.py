@@ -14,6 +14,8 @@ The database formats every timestamp as ISO 8601 text with milliseconds
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -157,12 +159,74 @@ def open_stream(engine: Engine, where: CdrFilter, *, limit: int | None = None,
                 fetch: int = DEFAULT_FETCH) -> Iterator[tuple[Iterator[FlatCdr], Connection]]:
     """The matching calls in (started_at, id) order, and a connection for the caller's own
     queries while the stream is open (MySQL cannot query on a connection that streams; SQLite
-    must not open a second one, since every SQLite transaction here takes the write lock)."""
+    must not open a second one, since every SQLite transaction here takes the write lock).
+
+    On a server, a reader thread fetches the next rows while the caller formats the current
+    ones, so that the database and the caller work at the same time (two queued fetches at
+    most: bounded memory)."""
     with ExitStack() as stack:
         conn = stack.enter_context(engine.connect())
-        side = conn if engine.dialect.name == "sqlite" else stack.enter_context(engine.connect())
+        local = engine.dialect.name == "sqlite"
+        side = conn if local else stack.enter_context(engine.connect())
         result = conn.execution_options(stream_results=True, yield_per=fetch).execute(stream_query(where, limit))
-        yield _fold(result), side
+        if local:
+            yield _fold(result), side
+            return
+        reader = stack.enter_context(_Prefetch(result.partitions()))
+        yield _fold(reader.rows()), side
+
+
+class _Prefetch:
+    """Runs an iterator of row batches in a thread, at most two batches ahead."""
+
+    _END = object()
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        self._batches = batches
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cdr-export-fetch", daemon=True)
+
+    def __enter__(self) -> _Prefetch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a put, then let the thread see the flag
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            for batch in self._batches:
+                if not self._offer(batch):
+                    return
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._offer(exc)
+            return
+        self._offer(self._END)
+
+    def _offer(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def rows(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield from item
 
 
 def iter_flat(engine: Engine, where: CdrFilter, *, limit: int | None = None,
