@@ -100,12 +100,14 @@ def country_rows(rng: random.Random, code: str, name: str, used: set[str],
     fee = format_amount(rng.choice((10_000, 20_000, 50_000))) if rng.random() < 0.1 else ""
     grace = rng.choice((0, 0, 0, 3, 5))
     special = rng.random()
-    if special < 0.04:  # peak/off-peak: three rows that cover the week exactly once
+    if special < 0.04:  # peak/off-peak: four rows that cover the week exactly once
         peak, off = price(rng, base, 1.0, 1.3), price(rng, base, 0.5, 0.8)
         yield row(code, f"{name} - Fixed Peak", peak, steps=steps, weekdays="12345", time_from="08:00",
                   time_to="20:00")
-        yield row(code, f"{name} - Fixed Off-peak", off, steps=steps, weekdays="12345", time_from="20:00",
+        yield row(code, f"{name} - Fixed Off-peak", off, steps=steps, weekdays="12345", time_from="00:00",
                   time_to="08:00")
+        yield row(code, f"{name} - Fixed Off-peak", off, steps=steps, weekdays="12345", time_from="20:00",
+                  time_to="24:00")
         yield row(code, f"{name} - Fixed Weekend", off, steps=steps, weekdays="67")
     elif special < 0.08:  # a scheduled price change
         yield row(code, f"{name} - Fixed", price(rng, base, 1.0, 1.0), steps=steps, effective_to=PRICE_CHANGE_AT)

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from agent.adapters.sql.rate_import import DeckRejected, Progress, import_deck
-from agent.cli.common import app, handle_errors
+from agent.cli.common import app, fail, handle_errors
 
 SHOWN_ERRORS = 100
 
@@ -41,6 +41,8 @@ def import_command(ctx: click.Context, file: Path, plan: str, replace: bool, cre
             result = import_deck(context.sessions(), file, plan, replace=replace, create_missing_plan=create_plan,
                                  currency=currency, default_currency=context.config.billing.default_currency,
                                  source=source, max_errors=SHOWN_ERRORS, progress=progress)
+    except OSError as exc:  # unreadable, vanished, or a directory swapped in since click checked it
+        fail(f"cannot read {source}: {exc.strerror or exc}")
     except DeckRejected as exc:
         for error in exc.errors:
             click.echo(error.describe(exc.source), err=True)
