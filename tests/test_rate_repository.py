@@ -102,6 +102,14 @@ def test_load_only_the_rows_a_number_needs(engine: Engine, retail: int) -> None:
     assert len(load_table(engine, "retail", for_number="12ab")) == 0
 
 
+def test_destination_names_come_back_verbatim(engine: Engine) -> None:
+    plan_id = make_plan(engine)
+    name = "Côte d'Ivoire \x1f mobile, «Orange» | 1"  # the unit separator packs MySQL rows
+    add_rates(engine, [rate_values(plan_id, "225", 7, destination=name, weekdays="67")])
+    row = found(load_table(engine, "retail").lookup("+2250123", epoch_ms(datetime(2026, 3, 7, tzinfo=UTC))))
+    assert (row.destination, row.weekdays, row.rate_micros) == (name, "67", 7)
+
+
 def test_unknown_plan(engine: Engine, retail: int) -> None:
     with pytest.raises(NotFound, match="unknown rate plan 'gold'"):
         load_table(engine, "gold")
