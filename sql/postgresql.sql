@@ -2,6 +2,34 @@
 -- Prefer `billing-agent db upgrade` (migrations); this file is for DBAs who review or
 -- apply DDL by hand. Do not edit: regenerate with `billing-agent db ddl postgresql`.
 
+CREATE TABLE agent_nodes (
+	node VARCHAR(64) NOT NULL,
+	host VARCHAR(255) NOT NULL,
+	pid INTEGER NOT NULL,
+	version VARCHAR(32) NOT NULL,
+	pbx VARCHAR(64) NOT NULL,
+	started_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	heartbeat_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	stopped_at TIMESTAMP WITHOUT TIME ZONE,
+	live_calls INTEGER NOT NULL,
+	CONSTRAINT pk_agent_nodes PRIMARY KEY (node)
+);
+
+CREATE TABLE call_commands (
+	id BIGSERIAL NOT NULL,
+	call_id VARCHAR(64) NOT NULL,
+	node VARCHAR(64) NOT NULL,
+	command VARCHAR(16) NOT NULL,
+	reason VARCHAR(255) NOT NULL,
+	requested_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	done_at TIMESTAMP WITHOUT TIME ZONE,
+	result VARCHAR(255) NOT NULL,
+	CONSTRAINT pk_call_commands PRIMARY KEY (id),
+	CONSTRAINT ck_call_commands_command_known CHECK (command IN ('hangup'))
+);
+
+CREATE INDEX ix_call_commands_node_done_at ON call_commands (node, done_at);
+
 CREATE TABLE calls (
 	id VARCHAR(64) NOT NULL,
 	node VARCHAR(64) NOT NULL,
@@ -36,6 +64,22 @@ CREATE TABLE cdr_quarantine (
 );
 
 CREATE INDEX ix_cdr_quarantine_created_at ON cdr_quarantine (created_at);
+
+CREATE TABLE live_calls (
+	call_id VARCHAR(64) NOT NULL,
+	node VARCHAR(64) NOT NULL,
+	pbx VARCHAR(16) NOT NULL,
+	account_id VARCHAR(64) NOT NULL,
+	destination VARCHAR(64) NOT NULL,
+	caller VARCHAR(128) NOT NULL,
+	a_leg_id VARCHAR(191) NOT NULL,
+	authorized_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	answered_at TIMESTAMP WITHOUT TIME ZONE,
+	cut_at TIMESTAMP WITHOUT TIME ZONE,
+	CONSTRAINT pk_live_calls PRIMARY KEY (call_id)
+);
+
+CREATE INDEX ix_live_calls_node ON live_calls (node);
 
 CREATE TABLE rate_plans (
 	id SERIAL NOT NULL,

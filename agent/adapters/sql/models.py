@@ -304,3 +304,66 @@ class Reservation(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
     closed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class AgentNode(Base):
+    """One row per running agent (``node.id``): operators see which nodes are alive.
+
+    The daemon refreshes ``heartbeat_at`` every ``daemon.publish_seconds``; ``stopped_at`` is set
+    on a clean shutdown. A node whose heartbeat is old has crashed or lost the database.
+    """
+
+    __tablename__ = "agent_nodes"
+
+    node: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    version: Mapped[str] = mapped_column(String(32), default="")
+    pbx: Mapped[str] = mapped_column(String(64), default="", comment="enabled switch adapters")
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    stopped_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    live_calls: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class LiveCallRow(Base):
+    """The calls a node supervises right now (facts only: the money is in the balance store).
+
+    Published off the call path by each daemon (new calls inserted, answers updated once, ended
+    calls deleted) so that ``billing-agent calls list`` sees every node's calls.
+    """
+
+    __tablename__ = "live_calls"
+    __table_args__ = (Index(None, "node"),)
+
+    call_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    node: Mapped[str] = mapped_column(String(64))
+    pbx: Mapped[str] = mapped_column(String(16), default="")
+    account_id: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(64), default="")
+    caller: Mapped[str] = mapped_column(String(128), default="")
+    a_leg_id: Mapped[str] = mapped_column(String(191), default="")
+    authorized_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    answered_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    cut_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True,
+                                                    comment="when the money runs out (set once exhausted)")
+
+
+class CallCommand(Base):
+    """An operator's request for a live call (``billing-agent calls hangup``), carried out by the
+    node that supervises the call; it marks the row done with the result."""
+
+    __tablename__ = "call_commands"
+    __table_args__ = (
+        Index(None, "node", "done_at"),
+        CheckConstraint("command IN ('hangup')", name="command_known"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    call_id: Mapped[str] = mapped_column(String(64))
+    node: Mapped[str] = mapped_column(String(64))
+    command: Mapped[str] = mapped_column(String(16), default="hangup")
+    reason: Mapped[str] = mapped_column(String(255), default="")
+    requested_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    done_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    result: Mapped[str] = mapped_column(String(255), default="")
