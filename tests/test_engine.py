@@ -146,3 +146,21 @@ def test_store_down_denies_quickly_and_shutting_down_denies(setup) -> None:
     engine.stop_accepting()
     assert engine.authorize(AuthorizeRequest("asterisk", "A9", "dave", "33123", clock.now_ms())).reason \
         is DenyReason.SHUTTING_DOWN
+
+
+def test_operator_hangup_cuts_a_live_call_and_charges_up_to_the_request(setup) -> None:
+    engine, store, switch, cdrs, clock = setup
+    store.add_account("carol", 100_000)
+    decision = engine.authorize(AuthorizeRequest("asterisk", "A3", "carol", "33123", clock.now_ms()))
+    engine.on_event(LegCreated("B3", clock.now_ms(), Direction.OUTBOUND, parent_leg_id="A3"))
+    engine.on_event(LegAnswered("B3", clock.now_ms()))
+    gevent.sleep(0.3)
+    assert not engine.request_hangup("n1-unknown")
+    assert engine.request_hangup(decision.call_id, "fraud check")
+    _wait(lambda: cdrs.records)
+    (record,) = cdrs.records
+    assert record.disposition is Disposition.CUT
+    assert {leg for leg, _, _ in switch.hangups} == {"A3", "B3"}
+    assert record.rating.cost_micros == 1000  # 0.3 s: one started second
+    assert store.accounts["carol"].balance_micros == 99_000
+    assert store.open_reservations() == 0

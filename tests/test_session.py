@@ -147,3 +147,27 @@ def test_store_outage_mid_call_cuts_at_the_end_of_the_granted_slice() -> None:
     (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 6000)
     effects = session.on_nibble_result(step.seq, 0, 0, T0 + 6250, store_ok=False)
     assert _timers(effects)[TimerKind.CUT].at_ms == T0 + 6250  # now: the granted slice is used up
+
+
+def test_operator_hangup_stops_billing_at_the_request_and_keeps_nibbling_until_confirmed() -> None:
+    session = make_session(PER_SECOND, granted=6_000, verify_ms=1000)
+    _answer_b(session, T0)
+    effects = session.operator_cut(T0 + 4_200, "operator request")
+    hangups = [e.command for e in effects if isinstance(e, Command)]
+    assert hangups == [HangupLeg("A1", reason="operator request"), HangupLeg("B1", reason="operator request")]
+    # Nibble timers stay armed: if the PBX never ends the call, it keeps being charged.
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 6000)
+    assert isinstance(step, NibbleStep)
+    (settle,) = session.on_hung_up(LegHungUp("A1", T0 + 4_700))
+    assert settle.cost_micros == 5_000  # 4.2 s started seconds, not the 4.7 s the PBX took
+    (finished,) = session.on_settled(T0 + 4_800)
+    assert finished.record.disposition is Disposition.CUT
+
+
+def test_operator_hangup_before_answer_cuts_the_caller_and_charges_nothing() -> None:
+    session = make_session(PER_SECOND, granted=6_000)
+    (command,) = [e for e in session.operator_cut(T0 + 500, "fraud") if isinstance(e, Command)]
+    assert command.command == HangupLeg("A1", reason="fraud")
+    (release,) = session.on_hung_up(LegHungUp("A1", T0 + 600))
+    assert isinstance(release, ReleaseStep)
+    assert session.operator_cut(T0 + 700, "again") == []

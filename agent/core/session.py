@@ -232,6 +232,7 @@ class CallSession:
     cut_sent_ms: int | None = None
     hangup_attempts: int = 0
     cut_by_agent: bool = False
+    cut_reason: str = "credit exhausted"
     token: int = 0
     settled_cost_micros: int | None = None
 
@@ -482,12 +483,25 @@ class CallSession:
         self.cut_sent_ms = now_ms
         return self._send_hangups(now_ms, escalate=False)
 
+    def operator_cut(self, now_ms: int, reason: str) -> list[Effect]:
+        """An operator hangs the call up (``billing-agent calls hangup``). Billing stops at this
+        instant if the PBX confirms within the verify window (as for a cut when the money runs
+        out); timers are kept, so an unconfirmed hangup goes on being charged and escalated."""
+        if self.phase in (Phase.ENDED, Phase.DONE):
+            return []
+        if self.phase is Phase.ANSWERED and self.cut_at_ms is None:
+            self.cut_at_ms = now_ms
+        self.cut_by_agent = True
+        self.cut_sent_ms = now_ms
+        self.cut_reason = reason
+        return self._send_hangups(now_ms, escalate=False)
+
     def _send_hangups(self, now_ms: int, *, escalate: bool) -> list[Effect]:
         self.hangup_attempts += 1
         effects: list[Effect] = []
         for leg in self._live_legs_to_cut():
             effects.append(Command(self.call_id, HangupLeg(leg.leg_id, "NORMAL_CLEARING", escalate=escalate,
-                                                           reason="credit exhausted")))
+                                                           reason=self.cut_reason)))
         effects.append(ArmTimer(self.call_id, TimerKind.VERIFY, now_ms + self.settings.verify_ms, self.token))
         return effects
 

@@ -103,7 +103,13 @@ class _Settled:
     cost_micros: int | None
 
 
-_Internal = _NibbleResults | _Settled
+@dataclass(frozen=True, slots=True)
+class _OperatorCut:
+    call_id: str
+    reason: str
+
+
+_Internal = _NibbleResults | _Settled | _OperatorCut
 
 
 class Engine:
@@ -182,6 +188,14 @@ class Engine:
 
     def on_event(self, event: LegEvent) -> None:
         self._inbox.put_nowait(event)
+
+    def request_hangup(self, call_id: str, reason: str = "operator request") -> bool:
+        """Cut a live call (an operator's ``calls hangup``); False when this node does not know
+        the call. The cut is verified and escalated like a cut for credit."""
+        if call_id not in self.registry.sessions:
+            return False
+        self._inbox.put_nowait(_OperatorCut(call_id, reason))
+        return True
 
     # ---------------------------------------------------------------- authorization
 
@@ -267,6 +281,12 @@ class Engine:
                 effects = session.on_nibble_result(step.seq, result.granted_micros, result.debited_micros,
                                                    now_ms, store_ok=result.ok)
                 self._run_effects(self.registry.schedule(effects))
+            return
+        if isinstance(item, _OperatorCut):
+            session = self.registry.sessions.get(item.call_id)
+            if session is not None:
+                log.info("operator cut call=%s account=%s reason=%s", item.call_id, session.account_id, item.reason)
+                self._run_effects(self.registry.schedule(session.operator_cut(self.clock.now_ms(), item.reason)))
             return
         if isinstance(item, _Settled):
             session = self.registry.sessions.get(item.call_id)
