@@ -67,6 +67,7 @@ class DaemonConfig:
     sweep_seconds: float = 5.0
     rates_poll_seconds: float = 5.0
     startup_retry_max_seconds: float = 30.0
+    publish_seconds: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,8 @@ _POSITIVE = {
     ("billing", "hangup_verify_seconds"), ("billing", "store_timeout_ms"),
     ("asterisk", "ami_ping_seconds"), ("freeswitch", "command_timeout_seconds"),
     ("billing", "max_call_seconds"), ("daemon", "sweep_seconds"), ("daemon", "rates_poll_seconds"),
-    ("daemon", "startup_retry_max_seconds"), ("cdr", "batch_size"), ("cdr", "flush_interval_ms"),
-    ("cdr", "spool_max_mb"),
+    ("daemon", "startup_retry_max_seconds"), ("daemon", "publish_seconds"), ("cdr", "batch_size"),
+    ("cdr", "flush_interval_ms"), ("cdr", "spool_max_mb"),
 }
 _PORTS = {("asterisk", "agi_port"), ("asterisk", "ami_port"), ("freeswitch", "port"), ("metrics", "port")}
 

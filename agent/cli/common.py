@@ -11,10 +11,11 @@ from functools import wraps
 from typing import Any, NoReturn, TypeVar
 
 import click
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from agent.adapters.sql.migrate import check_schema
 from agent.config import Config, ConfigError, load_config
 from agent.core.errors import BillingError
 from agent.core.money import MoneyError, parse_amount
@@ -61,23 +62,6 @@ class AppContext:
     def close(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
-
-
-def check_schema(engine: Engine) -> None:
-    from agent.adapters.sql.migrate import current_revision, head_revision
-
-    current = current_revision(engine)
-    head = head_revision(engine)
-    if current is None and not inspect(engine).has_table("accounts"):
-        raise BillingError(
-            f"database {engine.url.render_as_string(hide_password=True)} has no schema yet: "
-            "run `billing-agent db upgrade` first"
-        )
-    if current != head:
-        raise BillingError(
-            f"database schema is at revision {current}, this agent needs {head}: "
-            "run `billing-agent db upgrade`"
-        )
 
 
 def app(ctx: click.Context) -> AppContext:

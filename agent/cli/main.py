@@ -8,13 +8,16 @@ import click
 
 from agent import __version__
 from agent.cli.accounts import accounts
+from agent.cli.calls import calls
 from agent.cli.cdrs import cdrs
 from agent.cli.common import AppContext
 from agent.cli.db import db
+from agent.cli.demo import demo_command
 from agent.cli.ledger import ledger
 from agent.cli.plans import plans
 from agent.cli.rates import rates
 from agent.cli.rerate import rerate_command
+from agent.cli.run import run_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -41,6 +44,9 @@ cli.add_command(rates)
 cli.add_command(ledger)
 cli.add_command(cdrs)
 cli.add_command(rerate_command)
+cli.add_command(calls)
+cli.add_command(run_command)
+cli.add_command(demo_command)
 
 
 def main() -> None:

@@ -1,0 +1,361 @@
+"""``billing-agent demo``: the real daemon, a simulated PBX on loopback, a handful of calls.
+
+Everything happens in a temporary folder that is removed at the end: a SQLite database, the
+CDR spool, a demo rate deck with prices high enough that money runs out in seconds. The PBX is
+simulated (agent/sim) but speaks the real wire protocols to the real adapters: FastAGI and AMI
+for Asterisk (the default), the event socket for FreeSWITCH (``--pbx freeswitch``).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+import gevent
+from sqlalchemy import Engine, select
+
+from agent.adapters.sql.accounts import create_account
+from agent.adapters.sql.engine import make_engine, session_factory, transaction
+from agent.adapters.sql.migrate import upgrade
+from agent.adapters.sql.models import Call, RatingDecision, utcnow
+from agent.adapters.sql.rate_import import import_deck
+from agent.adapters.sql.reconcile import check_ledger
+from agent.config import Config, load_config
+from agent.core.money import format_amount, parse_amount
+
+PLAN = "demo"
+# Demo prices: a euro-cent a second to France, so a call runs out of money in seconds.
+DEMO_DECK = """\
+prefix,destination,rate,connect_fee,initial_increment,increment,minimum,grace,effective_from,effective_to,weekdays,time_from,time_to,blocked
+33,France (demo price),0.60,0,1,1,0,0,,,,,,no
+44,United Kingdom (demo price),0.30,0.02,1,1,0,0,,,,,,no
+4490,United Kingdom - Premium,0,0,1,1,0,0,,,,,,yes
+"""
+
+
+@dataclass(frozen=True)
+class DemoAccount:
+    account_id: str
+    balance: str
+    max_calls: int | None = None
+
+
+@dataclass(frozen=True)
+class DemoCall:
+    label: str
+    account: str
+    destination: str
+    start_after_s: float
+    talk_ms: int
+    expect: str  # the outcome the demo checks: answered | cut | denied
+    caller: str = "1001"
+
+
+ACCOUNTS = (
+    DemoAccount("alice", "5.00"),
+    DemoAccount("bob", "0.08"),
+    DemoAccount("carol", "0.00"),
+    DemoAccount("acme", "0.12"),
+)
+
+CALLS = (
+    DemoCall("alice talks 5.5 s to France", "alice", "33142685300", 0.0, 5_500, "answered", "1001"),
+    DemoCall("bob has 8 s of money, wants 20 s", "bob", "33612345678", 0.5, 20_000, "cut", "1002"),
+    DemoCall("carol has no money", "carol", "33142685300", 1.0, 5_000, "denied", "1003"),
+    DemoCall("alice dials a blocked premium number", "alice", "449012345", 1.5, 5_000, "denied", "1001"),
+    DemoCall("acme line 1 (0.12 shared by two calls)", "acme", "33140000001", 2.0, 20_000, "cut", "1004"),
+    DemoCall("acme line 2 (0.12 shared by two calls)", "acme", "33140000002", 2.0, 20_000, "cut", "1005"),
+)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prepare_database(url: str, folder: Path) -> Engine:
+    """Schema, the demo deck and the demo accounts."""
+    engine = make_engine(url)
+    upgrade(engine)
+    deck = folder / "demo-rates.csv"
+    deck.write_text(DEMO_DECK)
+    sessions = session_factory(engine)
+    import_deck(sessions, deck, PLAN, create_missing_plan=True, currency="EUR")
+    with transaction(sessions) as session:
+        for account in ACCOUNTS:
+            create_account(session, account.account_id, plan=PLAN,
+                           balance_micros=parse_amount(account.balance), max_concurrent_calls=account.max_calls)
+    return engine
+
+
+def demo_config(folder: Path, pbx: str, agi_port: int, pbx_port: int) -> Config:
+    overrides: dict[str, dict[str, Any]] = {
+        "database": {"url": f"sqlite:///{folder / 'billing-agent.db'}"},
+        "node": {"id": "demo"},
+        "billing": {"nibble_seconds": 1, "warning_seconds": 0, "hangup_verify_seconds": 2.0},
+        "daemon": {"drain_seconds": 10.0, "sweep_seconds": 1.0, "publish_seconds": 1.0},
+        "metrics": {"enabled": True, "host": "127.0.0.1", "port": 0},
+        "cdr": {"spool_dir": str(folder / "spool"), "flush_interval_ms": 200},
+        "logging": {"level": "info", "format": "text"},
+    }
+    if pbx == "asterisk":
+        overrides["asterisk"] = {"enabled": True, "agi_host": "127.0.0.1", "agi_port": agi_port,
+                                 "ami_host": "127.0.0.1", "ami_port": pbx_port, "ami_username": "billing",
+                                 "ami_secret": "demo-secret"}
+    else:
+        overrides["freeswitch"] = {"enabled": True, "host": "127.0.0.1", "port": pbx_port, "password": "ClueCon"}
+    return load_config(None, environ={}, overrides=overrides, cwd=folder)
+
+
+# ------------------------------------------------------------------ the simulated PBX
+
+
+class SimulatedPbx:
+    """The fake Asterisk or FreeSWITCH, started before the daemon so that its port is known."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.agi_port = _free_port() if kind == "asterisk" else 0
+        self.fake: Any
+        if kind == "asterisk":
+            from agent.sim.asterisk import FakeAsterisk
+
+            self.fake = FakeAsterisk("127.0.0.1", self.agi_port, ami_port=0, ami_username="billing",
+                                     ami_secret="demo-secret").start()
+            self.port = int(self.fake.ami_port)
+        else:
+            from agent.sim.freeswitch import FakeFreeswitch
+
+            self.fake = FakeFreeswitch(port=0, heartbeat_s=5.0).start()
+            self.port = int(self.fake.port)
+
+    def place(self, call: DemoCall) -> Any:
+        return self.fake.place_call(call.account, call.destination, caller=call.caller, answer_after_ms=300,
+                                    talk_ms=call.talk_ms)
+
+    def stop(self) -> None:
+        self.fake.stop()
+
+
+def _outcome(call: DemoCall, handle: Any) -> str:
+    """Normalise what the fakes report to answered | cut | denied | other."""
+    outcome = str(getattr(handle, "outcome", ""))
+    if outcome in ("denied", "refused"):
+        return "denied"
+    talk_us = getattr(handle, "talk_us", None)  # the fake FreeSWITCH: a cut call talked less than scripted
+    if outcome == "answered" and isinstance(talk_us, int) and talk_us < (call.talk_ms - 500) * 1000:
+        return "cut"
+    return outcome
+
+
+# ------------------------------------------------------------------ showing it
+
+
+class EventLog(logging.Handler):
+    """Keeps the last decisions and money movements for the live view."""
+
+    def __init__(self, size: int = 10) -> None:
+        super().__init__(logging.INFO)
+        self.lines: deque[str] = deque(maxlen=size)
+        self.all: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.name.startswith("agent.services.engine") and message.split(" ", 1)[0] in (
+                "authorize", "cut", "settled", "operator"):
+            line = time.strftime("%H:%M:%S ", time.localtime(record.created)) + message
+            self.lines.append(line)
+            self.all.append(line)
+        elif record.levelno >= logging.WARNING:
+            line = f"{record.levelname} {record.name}: {message}"
+            self.lines.append(line)
+            self.all.append(line)
+
+
+@dataclass
+class View:
+    daemon: Any
+    events: EventLog
+    started: float = field(default_factory=time.monotonic)
+
+    def table(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+
+        calls = Table(title=f"live calls (t = {time.monotonic() - self.started:4.1f} s)", expand=False)
+        for column in ("call", "account", "destination", "state", "answered", "spent", "budget", "cut at"):
+            calls.add_column(column, justify="right" if column in ("answered", "spent", "budget") else "left")
+        for c in sorted(self.daemon.live_call_dicts(), key=lambda c: c["call_id"]):
+            cut = f"+{(c['cut_at_ms'] - self.daemon.clock.now_ms()) / 1000:.1f}s" if c["cut_at_ms"] else ""
+            calls.add_row(c["call_id"][-18:], c["account"], c["destination"], c["phase"],
+                          f"{c['answered_seconds']} s", format_amount(c["spent_micros"]),
+                          format_amount(c["budget_micros"]), cut)
+        balances = Table(title="balances (shared store)", expand=False)
+        for column in ("account", "balance", "reserved", "available"):
+            balances.add_column(column, justify="right")
+        for account in ACCOUNTS:
+            try:
+                state = self.daemon.store.account_state(account.account_id)
+                balances.add_row(account.account_id, format_amount(state.balance_micros),
+                                 format_amount(state.reserved_micros), format_amount(state.available_micros))
+            except Exception as exc:  # the view never stops the demo
+                logging.getLogger(__name__).warning("balance of %s: %s", account.account_id, exc, exc_info=True)
+                balances.add_row(account.account_id, f"({exc.__class__.__name__})", "", "")
+        return Group(calls, balances, "\n".join(self.events.lines))
+
+
+def _show_results(engine: Engine, handles: list[tuple[DemoCall, Any]], out: Any) -> bool:
+    from rich.table import Table
+
+    ok = True
+    outcomes = Table(title="calls: expected and seen")
+    for column in ("call", "expected", "seen", "PBX says"):
+        outcomes.add_column(column)
+    for call, handle in handles:
+        seen = _outcome(call, handle)
+        good = seen == call.expect
+        ok = ok and good
+        detail = getattr(handle, "reason", "") or getattr(handle, "hangup_cause", "") or ""
+        outcomes.add_row(call.label, call.expect, ("" if good else "[red]") + seen, str(detail))
+    out.print(outcomes)
+
+    cdrs = Table(title="CDRs in SQL (calls + rating_decisions)")
+    for column in ("call", "account", "destination", "disposition", "billed s", "cost", "cause"):
+        cdrs.add_column(column, justify="right" if column in ("billed s", "cost") else "left")
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(Call.id, Call.account_id, Call.destination, Call.disposition, RatingDecision.billed_seconds,
+                   RatingDecision.cost_micros, Call.hangup_cause)
+            .join(RatingDecision, RatingDecision.call_id == Call.id).order_by(Call.started_at)).all()
+    for row in rows:
+        cdrs.add_row(row[0][-18:], row[1], row[2], row[3], str(row[4]), format_amount(row[5]), row[6])
+    out.print(cdrs)
+    answered = sum(1 for call, _ in handles if call.expect != "denied")
+    if len(rows) != answered:
+        out.print(f"[red]expected {answered} CDRs, found {len(rows)}")
+        ok = False
+
+    with transaction(session_factory(engine)) as session:
+        report = check_ledger(session, now=utcnow(), grace=timedelta(seconds=0))
+    if report.ok:
+        out.print(f"ledger check: OK ({report.accounts} accounts, {report.settled_calls} settled calls, "
+                  f"{report.charges} charges; every balance is the sum of its ledger, no reservation left)")
+    else:
+        ok = False
+        out.print(f"[red]ledger check: {report.problem_count} problems")
+        for p in report.problems:
+            out.print(f"  {p.account} {p.call or ''}: {p.problem} {p.detail}")
+    return ok
+
+
+# ------------------------------------------------------------------ the command
+
+
+@click.command("demo")
+@click.option("--pbx", type=click.Choice(["asterisk", "freeswitch"]), default="asterisk", show_default=True,
+              help="Which simulated PBX the daemon talks to.")
+@click.option("--keep", is_flag=True, help="Keep the temporary folder (database, spool, log) and print its path.")
+def demo_command(pbx: str, keep: bool) -> None:
+    """See the product work: real daemon, simulated PBX on loopback, a few calls (about 20 s)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from agent.daemon import Daemon, StartupError, configure_logging
+
+    out = Console()
+    began = time.monotonic()
+    folder_handle = tempfile.TemporaryDirectory(prefix="billing-agent-demo-")
+    folder = Path(folder_handle.name)
+    pbx_sim: SimulatedPbx | None = None
+    daemon: Daemon | None = None
+    ok = False
+    try:
+        configure_logging("warning", "text")
+        log_file = logging.FileHandler(folder / "agent.log")
+        log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log_file.setLevel(logging.INFO)
+        events = EventLog()
+        root = logging.getLogger()
+        root.setLevel(logging.INFO)
+        root.handlers[0].setLevel(logging.ERROR)  # the console shows the live view, the file has it all
+        root.addHandler(log_file)
+        root.addHandler(events)
+
+        out.print(f"[bold]billing-agent demo[/bold]: temporary folder {folder}")
+        sql = prepare_database(f"sqlite:///{folder / 'billing-agent.db'}", folder)
+        sql.dispose()
+        out.print(f"  database: SQLite, schema at head, demo rate deck imported into plan '{PLAN}', accounts "
+                  + ", ".join(f"{a.account_id} {a.balance} EUR" for a in ACCOUNTS))
+        pbx_sim = SimulatedPbx(pbx)
+        config = demo_config(folder, pbx, pbx_sim.agi_port, pbx_sim.port)
+        daemon = Daemon(config)
+        started = time.monotonic()
+        daemon.start()
+        out.print(f"  daemon ready in {time.monotonic() - started:.2f} s: {pbx} adapter, embedded SQL balance store, "
+                  f"health at {daemon.status_url}/health")
+        if pbx == "asterisk":
+            out.print(f"  simulated Asterisk: FastAGI client -> 127.0.0.1:{pbx_sim.agi_port}, "
+                      f"AMI server on 127.0.0.1:{pbx_sim.port}")
+        else:
+            out.print(f"  simulated FreeSWITCH: event socket on 127.0.0.1:{pbx_sim.port}")
+        _wait_connected(daemon)
+
+        handles: list[tuple[DemoCall, Any]] = []
+        view = View(daemon, events)
+        t0 = time.monotonic()
+        pending = list(CALLS)
+        with Live(view.table(), console=out, refresh_per_second=4, transient=False) as live:
+            deadline = t0 + 45
+            while time.monotonic() < deadline:
+                now = time.monotonic() - t0
+                while pending and pending[0].start_after_s <= now:
+                    call = pending.pop(0)
+                    handles.append((call, pbx_sim.place(call)))
+                live.update(view.table())
+                if not pending and all(h.done.is_set() for _, h in handles) and not daemon.live_call_dicts():
+                    break
+                gevent.sleep(0.25)
+            live.update(view.table())
+        took = daemon.shutdown()
+        out.print(f"  daemon stopped in {took:.1f} s (CDRs flushed, reservations closed)")
+        sql = make_engine(config.database.url)
+        try:
+            ok = _show_results(sql, handles, out)
+        finally:
+            sql.dispose()
+    except StartupError as exc:
+        out.print(f"[red]the daemon could not start: {exc}")
+    finally:
+        if daemon is not None and not daemon.stopped.is_set():
+            daemon.shutdown()
+        if pbx_sim is not None:
+            pbx_sim.stop()
+        for handler in list(logging.getLogger().handlers):
+            if isinstance(handler, logging.FileHandler):
+                handler.close()
+                logging.getLogger().removeHandler(handler)
+        if keep:
+            out.print(f"kept {folder} (agent.log has every decision and money movement)")
+        else:
+            folder_handle.cleanup()
+    out.print(f"demo {'passed' if ok else '[red]FAILED[/red]'} in {time.monotonic() - began:.1f} s")
+    sys.exit(0 if ok else 1)
+
+
+def _wait_connected(daemon: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(a.connected() for a in daemon.adapters):
+            return
+        gevent.sleep(0.05)
+    raise click.ClickException("the simulated PBX did not connect to the daemon within 10 s")

@@ -1,0 +1,450 @@
+"""``billing-agent run``: the composition root of the daemon a PBX admin runs.
+
+Builds every part from the configuration, owns every long-lived greenlet, and runs the
+lifecycle: start (the status port and the PBX listeners are bound first, so a port in use fails
+at once; the database is retried with backoff while /health is red), serve, and on
+SIGTERM/SIGINT stop taking new calls at once, supervise the live ones for
+``daemon.drain_seconds``, flush the CDRs and exit (a second signal exits at once: reservations
+then expire by themselves, no money is lost). SIGHUP reloads the rate plans.
+
+``gevent.monkey.patch_all()`` has already run (agent/entry.py) when this module is used by the
+daemon commands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import gevent
+import gevent.event
+import gevent.pool
+from sqlalchemy import Engine, select, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from agent import __version__
+from agent.adapters.cdr.factory import make_cdr_pipeline, spool_path
+from agent.adapters.http_status import StatusServer
+from agent.adapters.sql.account_plans import AccountPlans
+from agent.adapters.sql.engine import make_engine
+from agent.adapters.sql.live_calls import LiveCallFact, LiveCallPublisher
+from agent.adapters.sql.migrate import check_schema
+from agent.adapters.sql.models import RatePlan
+from agent.adapters.sql.rate_repository import RatePlanCache
+from agent.config import Config
+from agent.core.errors import BillingError
+from agent.services.cdr_pipeline import CdrPipeline
+from agent.services.clock import SystemClock
+from agent.services.engine import Engine as CallEngine
+from agent.services.engine import EngineSettings
+from agent.services.metrics import Metrics
+from agent.services.rater import PlanRater
+from agent.services.store_guard import StoreGuard, guard_from_config
+from agent.services.store_port import EngineStoreAdapter
+
+log = logging.getLogger("agent.daemon")
+
+
+class StartupError(BillingError):
+    """The daemon cannot start (a port in use, a schema too old...); the message says why."""
+
+
+class SwitchAdapter(Protocol):
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout_s: float = 2.0) -> None: ...
+
+    def connected(self) -> bool: ...
+
+    def hangup(self, leg_id: str, cause: str = "NORMAL_CLEARING", *, escalate: bool = False) -> None: ...
+
+    def warn(self, leg_id: str, seconds_left: int) -> None: ...
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """One line per event; JSON lines when asked (for log shippers)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    if level != "debug":  # protocol chatter only when debugging
+        for noisy in ("panoramisk", "greenswitch", "asyncio", "sqlalchemy.engine", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                "msg": record.getMessage()}
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+@dataclass
+class Health:
+    """What /health reports; each flag is set by the part that knows."""
+
+    database: tuple[bool, str] = (False, "not connected yet")
+    pbx: dict[str, Callable[[], bool]] = field(default_factory=dict)
+
+
+class Daemon:
+    def __init__(self, config: Config, *, clock: SystemClock | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.metrics = Metrics()
+        self.health = Health()
+        self.group = gevent.pool.Group()
+        self.stopping = gevent.event.Event()
+        self.ready = gevent.event.Event()
+        self.stopped = gevent.event.Event()
+        self.sql: Engine | None = None
+        self.store: StoreGuard | None = None
+        self.engine: CallEngine | None = None
+        self.status: StatusServer | None = None
+        self.rate_cache: RatePlanCache | None = None
+        self.cdr: CdrPipeline | None = None
+        self.publisher: LiveCallPublisher | None = None
+        self.adapters: list[SwitchAdapter] = []
+        self.started_monotonic = time.monotonic()
+        self.ready_seconds: float | None = None
+        self._signals = 0
+        self._database_where = ""
+
+    # ---------------------------------------------------------------- start
+
+    def start(self) -> None:
+        """Build and start everything; raises StartupError with the reason when it cannot."""
+        self.started_monotonic = time.monotonic()
+        self._bind_status()
+        self.sql = self._connect_database()
+        self._check_schema(self.sql)
+        self.store = self._make_store(self.sql)
+        self.rate_cache = self._make_rate_cache(self.sql)
+        self.cdr = make_cdr_pipeline(self.config, self.sql, metrics=self.metrics)
+        self.cdr.start()
+        plans = AccountPlans(self.sql, self.clock.now_ms)
+        billing = self.config.billing
+        store = EngineStoreAdapter(self.store, node=self.config.node.id,
+                                   ttl_ms=billing.reservation_ttl_seconds * 1000)
+        self.engine = CallEngine(
+            settings=EngineSettings(
+                node=self.config.node.id, nibble_seconds=billing.nibble_seconds,
+                warning_seconds=billing.warning_seconds,
+                hangup_verify_ms=int(billing.hangup_verify_seconds * 1000),
+                store_timeout_s=billing.store_timeout_ms / 1000, max_call_seconds=billing.max_call_seconds),
+            store=store, rater=PlanRater(plans.plan_of, self.rate_cache), clock=self.clock, cdr=self.cdr,
+            metrics=self.metrics)
+        self.engine.start()
+        self._start_adapters(self.engine)
+        self.publisher = LiveCallPublisher(self.sql, self.config.node.id)
+        self.publisher.register(host=socket.gethostname(), pid=os.getpid(), version=__version__,
+                                pbx=",".join(a.name for a in self.adapters))
+        self._spawn(self._sweep_loop, "reservation sweeper")
+        self._spawn(self._publish_loop, "live-call publisher")
+        self.ready_seconds = time.monotonic() - self.started_monotonic
+        log.info("billing agent ready in %.2fs: node=%s store=%s pbx=%s status=%s", self.ready_seconds,
+                 self.config.node.id, "redis" if self.config.redis.url else "sql",
+                 ",".join(a.name for a in self.adapters) or "none", self.status_url or "disabled")
+        self.ready.set()
+
+    @property
+    def status_url(self) -> str:
+        if self.status is None:
+            return ""
+        return f"http://{self.config.metrics.host}:{self.status.port}"
+
+    def _spawn(self, func: Callable[[], None], what: str) -> None:
+        greenlet = self.group.spawn(func)
+        greenlet.link_exception(lambda g: log.critical("%s died: %r", what, g.exception))
+
+    def _bind_status(self) -> None:
+        metrics = self.config.metrics
+        if not metrics.enabled:
+            return
+        checks = {"database": lambda: self.health.database, "store": self._store_health, "pbx": self._pbx_health,
+                  "cdr": self._cdr_health}
+        self.status = StatusServer(metrics.host, metrics.port, self.metrics, checks, calls=self.live_call_dicts)
+        try:
+            self.status.start()
+        except OSError as exc:
+            self.status = None
+            raise StartupError(f"metrics.port: cannot listen on {metrics.host}:{metrics.port}: "
+                               f"{exc.strerror or exc}") from None
+
+    def _store_health(self) -> tuple[bool, str]:
+        if self.store is None:
+            return False, "not connected yet"
+        kind = "redis" if self.config.redis.url else "sql"
+        if self.store.available:
+            return True, kind
+        return False, f"{kind} unreachable ({self.config.billing.failure_policy})"
+
+    def _pbx_health(self) -> tuple[bool, str]:
+        if not self.adapters:
+            return True, "no PBX adapter enabled"
+        states = {a.name: a.connected() for a in self.adapters}
+        down = [name for name, up in states.items() if not up]
+        return not down, "down: " + ", ".join(down) if down else "connected: " + ", ".join(states)
+
+    def _cdr_health(self) -> tuple[bool, str]:
+        if self.cdr is None:
+            return False, "not started"
+        c = self.cdr.counters
+        # The spool keeps CDRs through a database outage: not a reason to fail the health check.
+        return True, f"{c.spooled} spooled, {c.written} in SQL, {c.refused} refused by the spool"
+
+    def _connect_database(self) -> Engine:
+        db = self.config.database
+        engine = make_engine(db.url, pool_size=db.pool_size, connect_timeout_seconds=db.connect_timeout_seconds,
+                             echo=db.echo)
+        delay = 0.5
+        where = self._database_where = engine.url.render_as_string(hide_password=True)
+        while not self.stopping.is_set():
+            try:
+                with engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+                self.health.database = (True, where)
+                self.metrics.connection_up.labels("database").set(1)
+                return engine
+            except SQLAlchemyError as exc:
+                self.health.database = (False, f"{where}: {exc.__class__.__name__}")
+                self.metrics.connection_up.labels("database").set(0)
+                log.error("database %s unreachable (%s); retrying in %.1fs", where,
+                          str(getattr(exc, "orig", exc)).strip(), delay)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, self.config.daemon.startup_retry_max_seconds)
+        raise StartupError("stopped while waiting for the database")
+
+    @staticmethod
+    def _check_schema(engine: Engine) -> None:
+        try:
+            check_schema(engine)
+        except BillingError as exc:
+            raise StartupError(str(exc)) from None
+
+    def _make_store(self, engine: Engine) -> StoreGuard:
+        from agent.adapters.balance import make_balance_store
+
+        journal = spool_path(self.config) / "balance-journal.jsonl"
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        store = make_balance_store(self.config, engine)
+        guard = guard_from_config(store, self.config.billing, self.clock, journal)
+        replayed = guard.recover()
+        if replayed:
+            log.warning("replayed %d balance steps journaled by an earlier run", replayed)
+        return guard
+
+    def _make_rate_cache(self, engine: Engine) -> RatePlanCache:
+        cache = RatePlanCache(engine, check_interval_seconds=self.config.daemon.rates_poll_seconds)
+        with engine.connect() as conn:
+            names = list(conn.scalars(select(RatePlan.name)))
+        cache.preload(names)
+        log.info("rate plans loaded: %s", ", ".join(names) or "none")
+        return cache
+
+    def _start_adapters(self, engine: CallEngine) -> None:
+        """Bind every enabled PBX listener now (a port in use fails the start)."""
+        if self.config.asterisk.enabled:
+            from agent.adapters.asterisk.adapter import AsteriskAdapter, AsteriskSettings
+
+            self._start_adapter(engine, AsteriskAdapter(engine, AsteriskSettings.from_config(self.config.asterisk)),
+                                f"asterisk.agi_port {self.config.asterisk.agi_host}:{self.config.asterisk.agi_port}")
+        if self.config.freeswitch.enabled:
+            from agent.adapters.freeswitch.adapter import FreeswitchAdapter, FreeswitchSettings
+
+            self._start_adapter(engine, FreeswitchAdapter(engine, FreeswitchSettings.from_config(
+                self.config.freeswitch)), f"freeswitch {self.config.freeswitch.host}:{self.config.freeswitch.port}")
+        if not self.adapters:
+            log.warning("no PBX adapter enabled (asterisk.enabled / freeswitch.enabled): no call will reach "
+                        "this agent")
+
+    def _start_adapter(self, engine: CallEngine, adapter: SwitchAdapter, where: str) -> None:
+        engine.add_switch(adapter)
+        try:
+            adapter.start()
+        except OSError as exc:
+            raise StartupError(f"{where}: cannot listen: {exc.strerror or exc}") from None
+        self.adapters.append(adapter)
+
+    # ---------------------------------------------------------------- live calls
+
+    def live_call_facts(self) -> list[LiveCallFact]:
+        if self.engine is None:
+            return []
+        return [LiveCallFact(s.call_id, s.pbx, s.account_id, s.destination, s.caller, s.a_leg.leg_id,
+                             s.authorized_ms, s.answer_ms, s.cut_at_ms if s.exhausted else None)
+                for s in list(self.engine.registry.sessions.values())]
+
+    def live_call_dicts(self) -> list[dict[str, Any]]:
+        """/calls: this node's calls with their money, as the engine sees them."""
+        if self.engine is None:
+            return []
+        now = self.clock.now_ms()
+        return [{
+            "call_id": s.call_id, "account": s.account_id, "destination": s.destination, "caller": s.caller,
+            "node": s.node, "pbx": s.pbx, "phase": s.phase.value,
+            "answered_seconds": (now - s.answer_ms) // 1000 if s.answer_ms else 0,
+            "spent_micros": s.debited_micros, "budget_micros": s.budget_micros,
+            "cut_at_ms": s.cut_at_ms if s.exhausted else None,
+        } for s in list(self.engine.registry.sessions.values())]
+
+    # ---------------------------------------------------------------- background work
+
+    def _sweep_loop(self) -> None:
+        interval = self.config.daemon.sweep_seconds
+        while not self.stopping.wait(interval):
+            self.sweep_once()
+
+    def sweep_once(self) -> None:
+        store = self.store
+        if store is None:
+            return
+        try:
+            replayed = store.recover()
+            if replayed:
+                log.warning("balance store back: %d journaled steps replayed", replayed)
+            report = store.expire(self.clock.now_ms())
+            if report.expired:
+                log.warning("released %d expired reservations: %s", len(report.expired),
+                            ", ".join(report.expired[:10]))
+        except Exception as exc:  # the store being down is reported by /health, never fatal
+            log.error("reservation sweep failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        self.metrics.connection_up.labels("store").set(1 if store.available else 0)
+
+    def _publish_loop(self) -> None:
+        interval = self.config.daemon.publish_seconds
+        while not self.stopping.is_set():
+            self.publish_once()
+            self.stopping.wait(interval)
+        # Draining: keep publishing (and carrying out hangups) until the shutdown ends the greenlet.
+        while True:
+            self.publish_once()
+            gevent.sleep(interval)
+
+    def publish_once(self) -> None:
+        """Publish live calls and the heartbeat, carry out operators' hangups, sample connection states."""
+        for adapter in self.adapters:
+            self.metrics.connection_up.labels(adapter.name).set(1 if adapter.connected() else 0)
+        publisher, engine = self.publisher, self.engine
+        if publisher is None or engine is None:
+            return
+        try:
+            publisher.publish(self.live_call_facts())
+            for command in publisher.pending_commands():
+                found = engine.request_hangup(command.call_id, command.reason or "operator request")
+                publisher.complete(command.id, "hangup sent" if found else "call already ended")
+            self.health.database = (True, self._database_where)
+            self.metrics.connection_up.labels("database").set(1)
+        except SQLAlchemyError as exc:
+            self.health.database = (False, f"{self._database_where}: {exc.__class__.__name__}")
+            self.metrics.connection_up.labels("database").set(0)
+            log.error("publishing live calls failed (database): %s", str(getattr(exc, "orig", exc)).strip())
+
+    def reload(self) -> None:
+        if self.rate_cache is not None:
+            self.rate_cache.refresh_all()
+        log.info("rate plans checked for changes (SIGHUP)")
+
+    # ---------------------------------------------------------------- run and stop
+
+    def install_signals(self) -> None:
+        gevent.signal_handler(signal.SIGTERM, self._on_stop_signal, "SIGTERM")
+        gevent.signal_handler(signal.SIGINT, self._on_stop_signal, "SIGINT")
+        gevent.signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload, "rate reload"))
+
+    def _on_stop_signal(self, name: str) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second %s: exiting now; open reservations expire by themselves (no money is lost)", name)
+            logging.shutdown()
+            os._exit(130)
+        live = self.engine.live_calls() if self.engine else 0
+        log.info("%s: refusing new calls; draining %d live calls for up to %.0fs", name, live,
+                 self.config.daemon.drain_seconds)
+        self.stopping.set()
+        if self.engine is not None:
+            self.engine.stop_accepting()
+
+    def run_until_stopped(self) -> None:
+        self.stopping.wait()
+        self.shutdown()
+
+    def shutdown(self) -> float:
+        """Stop in order; returns the seconds it took."""
+        began = time.monotonic()
+        self.stopping.set()
+        engine = self.engine
+        if engine is not None:
+            engine.stop_accepting()
+            live = engine.live_calls()
+            if live and not engine.drain(self.config.daemon.drain_seconds):
+                log.warning("%d calls still live after the drain; their reservations stay valid until they expire "
+                            "or another agent's resync picks them up", engine.live_calls())
+        for adapter in reversed(self.adapters):
+            _quietly(lambda a=adapter: a.stop(2.0), f"stop {adapter.name}")  # type: ignore[misc]
+        if engine is not None:
+            engine.stop(5)
+        self.group.kill(timeout=2)
+        if self.cdr is not None:
+            cdr = self.cdr
+            _quietly(lambda: cdr.stop(10), "flush CDRs")
+        if self.publisher is not None:
+            publisher = self.publisher
+            _quietly(publisher.stopped, "unpublish live calls")
+        if self.store is not None:
+            _quietly(self.store.close, "close store")
+        if self.status is not None:
+            self.status.stop()
+        if self.sql is not None:
+            self.sql.dispose()
+        took = time.monotonic() - began
+        log.info("billing agent stopped in %.1fs", took)
+        self.stopped.set()
+        return took
+
+
+def _quietly(func: Callable[[], Any], what: str) -> None:
+    try:
+        func()
+    except Exception:  # shutdown goes on whatever one part does
+        log.exception("%s failed during shutdown", what)
+
+
+def run_daemon(config: Config) -> int:
+    """``billing-agent run``: returns the exit code."""
+    configure_logging(config.logging.level, config.logging.format)
+    daemon = Daemon(config)
+    daemon.install_signals()
+    log.info("billing-agent %s starting: config %s, node %s", __version__, config.source, config.node.id)
+    try:
+        daemon.start()
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        daemon.shutdown()
+        return 2
+    if daemon.stopping.is_set():
+        daemon.shutdown()
+        return 0
+    daemon.run_until_stopped()
+    return 0
+
+
+def journal_path(config: Config) -> Path:
+    return spool_path(config) / "balance-journal.jsonl"
