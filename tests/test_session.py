@@ -171,3 +171,20 @@ def test_operator_hangup_before_answer_cuts_the_caller_and_charges_nothing() -> 
     (release,) = session.on_hung_up(LegHungUp("A1", T0 + 600))
     assert isinstance(release, ReleaseStep)
     assert session.operator_cut(T0 + 700, "again") == []
+
+
+def test_a_call_ended_by_the_pbx_limit_is_recorded_as_cut() -> None:
+    # Asterisk's L() may hang up a hair before the agent's own cut: still a cut for credit.
+    session = make_session(PER_SECOND, granted=2_000)
+    assert session.limit_ms == 2_000
+    _answer_b(session, T0)
+    session.on_hung_up(LegHungUp("B1", T0 + 1_990, cause="NORMAL_CLEARING"))
+    session.on_hung_up(LegHungUp("A1", T0 + 2_000, cause="NORMAL_CLEARING"))
+    (finished,) = session.on_settled(T0 + 2_100)
+    assert finished.record.disposition is Disposition.CUT
+    # A caller who hangs up well before the limit is an ordinary answered call.
+    early = make_session(PER_SECOND, granted=6_000, a_leg="A2")
+    _answer_b(early, T0, leg="B2")
+    early.on_hung_up(LegHungUp("A2", T0 + 3_000, cause="NORMAL_CLEARING"))
+    (finished,) = early.on_settled(T0 + 3_100)
+    assert finished.record.disposition is Disposition.ANSWERED

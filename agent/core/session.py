@@ -46,6 +46,7 @@ from agent.core.events import (
 )
 
 LAST_CHANCE_LEAD_MS = 2_000  # an exhausted call asks the store once more this long before its cut
+BACKSTOP_TOLERANCE_MS = 1_000  # a call that lasted to within this of its PBX limit was cut by the limit
 BUSY_CAUSES = frozenset({"USER_BUSY", "17"})
 NO_ANSWER_CAUSES = frozenset({"NO_ANSWER", "NO_USER_RESPONSE", "ORIGINATOR_CANCEL", "19", "18"})
 
@@ -574,9 +575,18 @@ class CallSession:
         )
         return [Finished(record)]
 
+    def _ended_by_backstop(self) -> bool:
+        """The PBX's own limit ended the call (Asterisk ``L()``, FreeSWITCH ``sched_hangup``): the
+        money ran out, even if the PBX was faster than the agent's cut. FreeSWITCH says so with
+        ALLOTTED_TIMEOUT; Asterisk's ``L()`` hangs up with a normal cause, so the duration tells:
+        the call lasted to within a second of the limit handed out at authorization."""
+        if self.end_cause == "ALLOTTED_TIMEOUT":
+            return True
+        return self.limit_ms > 0 and self.billed_ms() >= self.limit_ms - BACKSTOP_TOLERANCE_MS
+
     def disposition(self) -> Disposition:
         if self.answer_ms is not None:
-            return Disposition.CUT if self.cut_by_agent else Disposition.ANSWERED
+            return Disposition.CUT if self.cut_by_agent or self._ended_by_backstop() else Disposition.ANSWERED
         causes = {leg.hangup_cause for leg in self.legs.values() if leg.direction is Direction.OUTBOUND}
         if causes & BUSY_CAUSES:
             return Disposition.BUSY
