@@ -1,0 +1,1 @@
+"""Asterisk adapter: FastAGI authorization and AMI supervision (gevent-native, pure parsers)."""

@@ -1,0 +1,317 @@
+"""Asterisk switch adapter: FastAGI authorization, AMI supervision, cut-off.
+
+Authorization (FastAGI, dialplan/asterisk/extensions_billing.conf): the dialplan clears
+``BILLING_DECISION``, runs ``AGI(agi://agent/authorize,${CHANNEL(accountcode)})`` and dials only
+when the variable reads ``allow`` — fail closed: an agent that is down, slow or confused leaves
+no variable and the call is refused (``AGISTATUS=FAILURE`` alone would let it through). The
+agent asks the engine, then sets, pipelined in one write: ``BILLING_LIMIT_MS`` (for
+``Dial(...,L())``: Asterisk cuts the callee at answer + limit even if the agent dies),
+``BILLING_WARN_MS`` (optional), and ``BILLING_DECISION`` last, so that ``allow`` is only seen
+with its limit. A refusal sets ``BILLING_REASON``, ``BILLING_CAUSE`` (Q.850) and ``deny``.
+
+Supervision (AMI): channel events become leg events (translate.py); the engine bills from the
+callee's answer and asks for hangups, carried out with the ``Hangup`` action by ``Uniqueid``
+and verified by the engine through the leg's ``Hangup`` event; a channel Asterisk no longer
+knows is reported as ended. After every (re)connect, ``CoreShowChannels`` lists the live
+channels and the engine reconciles its calls with them (``PbxConnected``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.pool
+
+from agent.adapters.asterisk.agi import AgiSession, FastAgiServer
+from agent.adapters.asterisk.agi_protocol import AgiEnvironment, get_variable, set_variable
+from agent.adapters.asterisk.ami import AmiClient, AmiError, AmiSettings
+from agent.adapters.asterisk.ami_protocol import AmiMessage
+from agent.adapters.asterisk.translate import PBX, EventTranslator, cause_number
+from agent.core.events import (
+    AuthorizeDecision,
+    AuthorizeRequest,
+    DenyReason,
+    Direction,
+    LegCreated,
+    LegEvent,
+    LegHungUp,
+    PbxConnected,
+    PbxDisconnected,
+)
+from agent.ports import CallEngine, Clock
+from agent.services.clock import SystemClock
+
+log = logging.getLogger(__name__)
+
+VANISHED_CAUSE = "NO_SUCH_CHANNEL"  # Asterisk no longer knows the leg and we missed its hangup
+AGI_SCRIPT = "authorize"
+# Channel variables shared with dialplan/asterisk/extensions_billing.conf.
+VAR_DECISION = "BILLING_DECISION"
+VAR_LIMIT_MS = "BILLING_LIMIT_MS"
+VAR_WARN_MS = "BILLING_WARN_MS"
+VAR_REASON = "BILLING_REASON"
+VAR_CAUSE = "BILLING_CAUSE"
+
+DENY_CAUSES: dict[DenyReason, int] = {
+    DenyReason.UNKNOWN_ACCOUNT: 21,  # CALL_REJECTED
+    DenyReason.SUSPENDED: 21,
+    DenyReason.CLOSED: 21,
+    DenyReason.MAX_CALLS: 17,  # USER_BUSY
+    DenyReason.INSUFFICIENT_FUNDS: 52,  # OUTGOING_CALL_BARRED
+    DenyReason.NO_RATE: 3,  # NO_ROUTE_DESTINATION
+    DenyReason.BLOCKED: 52,
+    DenyReason.BAD_REQUEST: 28,  # INVALID_NUMBER_FORMAT
+    DenyReason.STORE_UNAVAILABLE: 41,  # TEMPORARY_FAILURE
+    DenyReason.SHUTTING_DOWN: 41,
+}
+"""Q.850 causes given to refused calls (SIP: 403, 486, 403, 404, 403, 484, 503), as FreeSWITCH."""
+
+CALL_ID_VARIABLE = {"SIP": "SIPCALLID", "PJSIP": "CHANNEL(pjsip,call-id)"}
+
+
+class SwitchCommandError(Exception):
+    """Asterisk refused a command (the reply names why)."""
+
+
+@dataclass(frozen=True)
+class AsteriskSettings:
+    agi_host: str = "127.0.0.1"
+    agi_port: int = 4573
+    agi_max_sessions: int = 2000
+    agi_environment_timeout_s: float = 5.0
+    agi_command_timeout_s: float = 5.0
+    ami: AmiSettings = field(default_factory=AmiSettings)
+    fetch_call_ids: bool = True  # Getvar the SIP Call-ID of dialled legs (PJSIP has no VarSet for it)
+
+    @classmethod
+    def from_config(cls, config: Any) -> AsteriskSettings:
+        """From the ``asterisk`` section of agent.yaml (agent.config.AsteriskConfig)."""
+        ping_s = float(getattr(config, "ami_ping_seconds", 10.0))
+        return cls(
+            agi_host=config.agi_host, agi_port=int(config.agi_port),
+            ami=AmiSettings(host=config.ami_host, port=int(config.ami_port), username=config.ami_username,
+                            secret=config.ami_secret, ping_interval_s=ping_s,
+                            ping_timeout_s=max(1.0, min(5.0, ping_s / 2))),
+        )
+
+
+@dataclass
+class AdapterStats:
+    events: int = 0
+    authorizations: int = 0
+    refused_requests: int = 0  # AGI sessions refused before the engine (unknown script, no unique id)
+    resyncs: int = 0
+    vanished_legs: int = 0
+    call_id_lookups: int = 0
+
+
+class AsteriskAdapter:
+    """Implements the ``Switch`` port (agent/ports.py) and drives a ``CallEngine``."""
+
+    name = PBX
+
+    def __init__(self, engine: CallEngine, settings: AsteriskSettings | None = None, *,
+                 clock: Clock | None = None) -> None:
+        self.engine = engine
+        self.settings = settings or AsteriskSettings()
+        self.clock = clock or SystemClock()
+        self.translator = EventTranslator()
+        self.stats = AdapterStats()
+        self.synced = gevent.event.Event()  # set after each successful resync
+        self.last_disconnect = ""
+        self.agi = FastAgiServer(self.settings.agi_host, self.settings.agi_port, self._authorize_session,
+                                 max_sessions=self.settings.agi_max_sessions,
+                                 environment_timeout_s=self.settings.agi_environment_timeout_s,
+                                 command_timeout_s=self.settings.agi_command_timeout_s)
+        self.ami = AmiClient(self.settings.ami, on_event=self._on_event, on_connected=self._resync,
+                             on_disconnected=self._on_disconnected)
+        self._lookups = gevent.pool.Pool(64)
+        self._authorizing: dict[str, list[LegEvent]] = {}  # A leg -> its events held during authorize
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def agi_port(self) -> int:
+        return self.agi.bound_port
+
+    def start(self) -> None:
+        """Bind FastAGI now (``OSError`` if the port is taken); AMI connects in the background."""
+        self.agi.start()
+        self.ami.start()
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self.agi.stop(timeout_s)
+        self.ami.stop(timeout_s)
+        self._lookups.kill(timeout=timeout_s)
+
+    # ---------------------------------------------------------------- Switch port
+
+    def connected(self) -> bool:
+        return self.ami.connected
+
+    def hangup(self, leg_id: str, cause: str = "NORMAL_CLEARING", *, escalate: bool = False) -> None:
+        """AMI ``Hangup`` by Uniqueid; escalated: the channel name too, then every live leg of the
+        call's Linkedid group (dialled legs the engine never saw included)."""
+        number = str(cause_number(cause))
+        targets = [leg_id]
+        if escalate:
+            channel = self.translator.channel_of(leg_id)
+            group = self.translator.group_of(leg_id)
+            targets += [channel] if channel else []
+            targets += [other for other in self.translator.legs_of_group(group) if other != leg_id] if group else []
+        first = self.ami.action("Hangup", [("Channel", leg_id), ("Cause", number)])
+        for target in targets[1:]:
+            try:
+                reply = self.ami.action("Hangup", [("Channel", target), ("Cause", number)])
+                log.warning("escalated hangup of leg %s: Hangup %s: %s %s", leg_id, target, reply.response,
+                            reply.get("Message"))
+            except AmiError as exc:
+                log.error("escalated hangup of leg %s: Hangup %s: %s", leg_id, target, exc)
+        if first.response == "Success":
+            return
+        message = first.get("Message")
+        if message == "No such channel":
+            self._vanished(leg_id)
+            return
+        raise SwitchCommandError(f"Hangup {leg_id} cause {number}: {first.response} {message}".strip())
+
+    def warn(self, leg_id: str, seconds_left: int) -> None:
+        """Asterisk plays the warning itself: ``Dial(...,L(limit:warn))`` with ``BILLING_WARN_MS``."""
+        log.debug("low-balance warning for leg %s (%d s left) is played by Dial's L() option", leg_id, seconds_left)
+
+    # ---------------------------------------------------------------- events (AMI reader greenlet: never block)
+
+    def _on_event(self, message: AmiMessage) -> None:
+        self.stats.events += 1
+        for leg_event in self.translator.translate(message, self.clock.now_ms()):
+            self._emit(leg_event)
+            if (self.settings.fetch_call_ids and isinstance(leg_event, LegCreated)
+                    and leg_event.direction is Direction.OUTBOUND and not self._lookups.full()):
+                variable = CALL_ID_VARIABLE.get(leg_event.channel.partition("/")[0])
+                if variable:
+                    self._lookups.spawn(self._fetch_call_id, leg_event.leg_id, variable)
+
+    def _emit(self, leg_event: LegEvent) -> None:
+        held = self._authorizing.get(getattr(leg_event, "leg_id", ""))
+        if held is not None:  # the engine does not know this call yet: after its decision
+            held.append(leg_event)
+        else:
+            self.engine.on_event(leg_event)
+
+    def _fetch_call_id(self, leg_id: str, variable: str) -> None:
+        self.stats.call_id_lookups += 1
+        try:
+            reply = self.ami.action("Getvar", [("Channel", leg_id), ("Variable", variable)])
+        except AmiError as exc:
+            log.debug("Getvar %s of leg %s: %s", variable, leg_id, exc)
+            return
+        value = reply.get("Value") if reply.response == "Success" else ""
+        for update in self.translator.call_id_learnt(leg_id, value, self.clock.now_ms()):
+            self._emit(update)
+
+    def _on_disconnected(self, reason: str) -> None:
+        self.last_disconnect = reason
+        self.synced.clear()
+        self.engine.on_event(PbxDisconnected(PBX, self.clock.now_ms()))
+
+    def _vanished(self, leg_id: str) -> None:
+        """Asterisk does not know the leg: if we never saw it end, tell the engine it did."""
+        if self.translator.has_ended(leg_id):
+            return
+        self.stats.vanished_legs += 1
+        self.translator.mark_ended(leg_id)
+        self._emit(LegHungUp(leg_id, self.clock.now_ms(), cause=VANISHED_CAUSE))
+
+    # ---------------------------------------------------------------- resync
+
+    def _resync(self) -> None:
+        """After every (re)connect: every live channel, then one PbxConnected for the engine."""
+        known_before = set(self.translator.legs)
+        listing = self.ami.action_list("CoreShowChannels", "CoreShowChannelsComplete")
+        now_ms = self.clock.now_ms()
+        live = self.translator.reset_live(listing, known_before, now_ms)
+        self.stats.resyncs += 1
+        log.info("Asterisk resync: %d live channels", len(live))
+        self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live)))
+        self.synced.set()
+
+    # ---------------------------------------------------------------- authorization (one AGI session)
+
+    def _authorize_session(self, session: AgiSession, env: AgiEnvironment) -> None:
+        script = env.script
+        leg_id = env.get("agi_uniqueid").strip()
+        if script != AGI_SCRIPT:
+            self._refuse(session, env, f"unknown AGI script {script!r} (the dialplan must call "
+                                       f"agi://host:port/{AGI_SCRIPT})")
+            return
+        if not leg_id:
+            self._refuse(session, env, "the AGI environment has no agi_uniqueid")
+            return
+        sip_call_id = ""
+        variable = CALL_ID_VARIABLE.get(env.get("agi_type"))
+        if variable:
+            sip_call_id = session.command(get_variable(variable)).value or ""
+        request = authorize_request(env, self.clock.now_ms(), sip_call_id)
+        decision = self._decide(request)
+        self._answer(session, request, decision)
+
+    def _decide(self, request: AuthorizeRequest) -> AuthorizeDecision:
+        self.stats.authorizations += 1
+        held = self._authorizing.setdefault(request.leg_id, [])
+        try:
+            return self.engine.authorize(request)
+        except Exception as exc:  # the engine must not raise; if it does, the call is refused
+            log.exception("engine.authorize failed for leg %s", request.leg_id)
+            return AuthorizeDecision(False, "", reason=DenyReason.STORE_UNAVAILABLE, detail=f"agent error: {exc}")
+        finally:
+            if self._authorizing.get(request.leg_id) is held:
+                del self._authorizing[request.leg_id]
+            for leg_event in held:
+                self.engine.on_event(leg_event)
+
+    def _answer(self, session: AgiSession, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
+        if decision.allowed:
+            commands = [set_variable(VAR_LIMIT_MS, decision.limit_ms)]
+            if 0 < decision.warning_ms < decision.limit_ms:
+                commands.append(set_variable(VAR_WARN_MS, decision.warning_ms))
+            commands.append(set_variable(VAR_DECISION, "allow"))
+            replies = session.run(commands)
+            if not replies[0].ok:  # no limit, no dial: turn the allow into a refusal
+                log.error("leg %s: SET VARIABLE %s refused (%s); refusing the call", request.leg_id, VAR_LIMIT_MS,
+                          replies[0].text)
+                session.run([set_variable(VAR_REASON, "agent_error"), set_variable(VAR_CAUSE, 41),
+                             set_variable(VAR_DECISION, "deny")])
+            elif not replies[-1].ok:
+                log.error("leg %s: SET VARIABLE %s refused: %s (the dialplan refuses the call)", request.leg_id,
+                          VAR_DECISION, replies[-1].text)
+            return
+        reason = str(decision.reason or DenyReason.BAD_REQUEST)
+        cause = DENY_CAUSES.get(decision.reason, 21) if decision.reason else 21
+        session.run([set_variable(VAR_REASON, reason), set_variable(VAR_CAUSE, cause),
+                     set_variable(VAR_DECISION, "deny")])
+
+    def _refuse(self, session: AgiSession, env: AgiEnvironment, why: str) -> None:
+        self.stats.refused_requests += 1
+        log.error("FastAGI request of channel %s refused: %s", env.get("agi_channel") or "?", why)
+        session.run([set_variable(VAR_REASON, str(DenyReason.BAD_REQUEST)), set_variable(VAR_CAUSE, 21),
+                     set_variable(VAR_DECISION, "deny")])
+
+
+def _known(value: str) -> str:
+    return "" if value.strip() in ("", "unknown") else value.strip()
+
+
+def authorize_request(env: AgiEnvironment, now_ms: int, sip_call_id: str = "") -> AuthorizeRequest:
+    """The request of one FastAGI session. The account is the first AGI argument when given
+    (``AGI(agi://agent/authorize,${CHANNEL(accountcode)})``), else the channel's account code."""
+    account = (env.args[0] if env.args else "").strip() or env.get("agi_accountcode").strip()
+    leg_id = env.get("agi_uniqueid").strip()
+    return AuthorizeRequest(
+        pbx=PBX, leg_id=leg_id, account_id=account, destination=_known(env.get("agi_extension")),
+        at_ms=now_ms, caller=_known(env.get("agi_callerid")), channel=env.get("agi_channel"),
+        sip_call_id=sip_call_id, group_id=leg_id,
+    )
