@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from agent.adapters.sql.cdr_writer import SqlCdrStore
 from agent.adapters.sql.engine import session_factory, transaction
 from agent.adapters.sql.models import Rate, RatePlan, RatingDecision
 from agent.cli.main import cli
+from agent.core.cdr import CallRecord
 from agent.services.cdr_pipeline import encode_record
 from tests.cdr_builders import T0, call_ids, make_record
 
@@ -229,3 +231,83 @@ def test_replay_with_the_database_away_keeps_the_spool(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "database" in result.stderr
     assert list(folder.glob("seg-*.cdr"))
+
+
+def _awkward_calls() -> list[CallRecord]:
+    """Forks, a call without legs, a refund-sized cost, texts that CSV must quote."""
+    fork = make_record(1, account_id="bob, \"the builder\"", destination="4930\n777")
+    b1, b2 = (replace(fork.legs[1], pbx_unique_id=f"b{i}", billed=False, billsec=s, peer="p,eer")
+              for i, s in ((1, 40), (2, 40)))
+    forked_unbilled = replace(fork, legs=(fork.legs[0], b1, b2))  # two equal outbound legs: the first
+    three = make_record(2)
+    late_billed = replace(three.legs[1], pbx_unique_id="zz", created_ms=three.started_ms + 500, billsec=3,
+                          billed=True)
+    unbilled = replace(three.legs[1], billed=False, billsec=99)
+    two_inbound = replace(three.legs[0], pbx_unique_id="a0", created_ms=three.started_ms - 1)
+    return [
+        make_record(0, hangup_cause="", caller=""),
+        forked_unbilled,
+        replace(three, legs=(three.legs[0], two_inbound, unbilled, late_billed)),
+        replace(make_record(3), legs=()),
+        make_record(4, cost_micros=-1_500_000, answered=False, node="node2"),
+        make_record(5, destination="44\"1"),
+    ]
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_postgresql_writes_the_same_csv_itself(engine: Engine, tmp_path: Path) -> None:
+    """On PostgreSQL `cdrs export` lets the server format the CSV (COPY ... TO STDOUT): byte for
+    byte what the Python writer makes, with every filter."""
+    from agent.adapters.cdr.export import copy_csv, iter_flat
+    from agent.adapters.cdr.query import CdrFilter
+    from agent.cli.cdrs import write_csv
+
+    SqlCdrStore(engine).write(_awkward_calls())
+    with transaction(session_factory(engine)) as session:
+        session.add(RatingDecision(call_id="call-000002", seq=2, plan_name="retail", prefix="4", rate_micros=1,
+                                   billed_seconds=1, cost_micros=7, reason="rerate, \"again\"",
+                                   decided_at=datetime(2026, 2, 1, tzinfo=UTC)))
+    filters = [CdrFilter(), CdrFilter(account_id="bob, \"the builder\""), CdrFilter(destination_prefix="4930\n"),
+               CdrFilter(destination_prefix="44\""), CdrFilter(node="node2", disposition="NO ANSWER"),
+               CdrFilter(since=datetime(2026, 1, 1, 1, 1, tzinfo=timezone(timedelta(hours=1))),
+                         until=datetime(2026, 1, 1, 0, 4, tzinfo=UTC))]
+    for where in filters:
+        server = io.BytesIO()
+        count = copy_csv(engine, where, server)
+        local = io.StringIO()
+        assert write_csv(iter_flat(engine, where), local) == count
+        assert server.getvalue().decode() == local.getvalue(), where
+    assert count == 3  # the time range: calls 1, 2 and 3 (the offset is honoured)
+    target = tmp_path / "all.csv"
+    result = run(engine, "cdrs", "export", "-o", str(target))
+    assert result.exit_code == 0 and "exported 6 calls" in result.stderr
+    rows = list(csv.DictReader(target.open(newline="")))
+    assert [(r["rating_seq"], r["leg_count"]) for r in rows] == [("1", "2"), ("1", "3"), ("2", "4"), ("1", "0"),
+                                                                 ("1", "2"), ("1", "2")]
+    assert (rows[1]["b_leg"], rows[2]["a_leg"], rows[2]["b_leg"], rows[4]["cost"]) == ("b1", "a0", "zz",
+                                                                                       "-1.500000")
+
+
+@pytest.mark.filterwarnings("ignore:Previous unbuffered result")  # PyMySQL, leaving a stream early
+def test_the_stream_folds_calls_across_fetches_and_can_be_left_early(engine: Engine) -> None:
+    """Small fetches (a call's rows split between two) on every backend, the current decision
+    is the highest seq, and leaving the stream early frees its connection (no hang, no leak)."""
+    from agent.adapters.cdr.export import iter_flat
+    from agent.adapters.cdr.query import CdrFilter
+
+    SqlCdrStore(engine).write([make_record(i) for i in range(25)])
+    with transaction(session_factory(engine)) as session:
+        for seq in (2, 3):
+            session.add(RatingDecision(call_id="call-000007", seq=seq, plan_name="retail", prefix="4",
+                                       rate_micros=1, billed_seconds=1, cost_micros=seq, reason="rerate",
+                                       decided_at=datetime(2026, 2, seq, tzinfo=UTC)))
+    cdrs = list(iter_flat(engine, CdrFilter(), fetch=3))
+    assert [c.call_id for c in cdrs] == call_ids(engine)
+    assert all(len(c.legs) == 2 for c in cdrs)
+    assert [c.decision[0] if c.decision else None for c in cdrs].count(1) == 24
+    assert cdrs[7].decision is not None and cdrs[7].decision[0] == 3
+    for _ in range(3):
+        stream = iter_flat(engine, CdrFilter(), fetch=2)
+        assert next(stream).call_id == "call-000000"
+        stream.close()
+    assert engine.pool.checkedout() == 0
