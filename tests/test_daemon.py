@@ -1,0 +1,216 @@
+"""The daemon as an admin runs it: composition, lifecycle, health, live calls and operator hangups.
+
+Driven in-process against the fake FreeSWITCH (real event-socket bytes) on a temporary SQLite
+database prepared like ``billing-agent demo`` does; the ``run`` command itself is exercised in a
+subprocess with real signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import gevent
+import gevent.socket
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from agent.adapters.sql.engine import make_engine, session_factory, transaction
+from agent.adapters.sql.models import AgentNode, Call, LiveCallRow, utcnow
+from agent.adapters.sql.reconcile import check_ledger
+from agent.cli.demo import demo_config, prepare_database
+from agent.cli.main import cli
+from agent.config import load_config
+from agent.daemon import Daemon, StartupError
+from agent.sim.freeswitch import FakeFreeswitch
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """A cooperative GET (the test process is not monkey-patched, the server is a greenlet)."""
+    with gevent.Timeout(5):
+        conn = gevent.socket.create_connection(("127.0.0.1", port))
+        try:
+            conn.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+        finally:
+            conn.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    with gevent.Timeout(timeout):
+        while not predicate():
+            gevent.sleep(0.02)
+
+
+@pytest.fixture
+def fake_fs() -> Iterator[FakeFreeswitch]:
+    fake = FakeFreeswitch(port=0, heartbeat_s=1.0).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, fake_fs: FakeFreeswitch) -> Iterator[Daemon]:
+    prepare_database(f"sqlite:///{tmp_path / 'billing-agent.db'}", tmp_path).dispose()
+    agent = Daemon(demo_config(tmp_path, "freeswitch", 0, fake_fs.port))
+    agent.start()
+    wait_for(lambda: all(a.connected() for a in agent.adapters))
+    yield agent
+    if not agent.stopped.is_set():
+        agent.shutdown()
+
+
+def test_calls_are_authorized_billed_cut_and_recorded_then_the_daemon_stops_cleanly(
+        daemon: Daemon, fake_fs: FakeFreeswitch, tmp_path: Path) -> None:
+    assert daemon.status is not None
+    status, body = http_get(daemon.status.port, "/health")
+    assert status == 200, body
+    assert json.loads(body)["checks"]["pbx"]["detail"] == "connected: freeswitch"
+
+    talk = fake_fs.place_call("alice", "33142685300", answer_after_ms=50, talk_ms=1_500)
+    cut = fake_fs.place_call("bob", "33612345678", answer_after_ms=50, talk_ms=30_000)  # 8 s of money
+    denied = fake_fs.place_call("carol", "33142685300", talk_ms=1_000)
+    for call in (talk, cut, denied):
+        assert call.done.wait(20), call
+    assert denied.outcome == "denied"
+    assert cut.talk_us < 9_000_000  # cut by the money, not the scripted 30 s
+
+    _, metrics = http_get(daemon.status.port, "/metrics")
+    assert b'billing_authorizations_total{result="allowed"} 2.0' in metrics
+    assert b'billing_connection_up{target="freeswitch"} 1.0' in metrics
+
+    took = daemon.shutdown()
+    assert took < 30
+    sql = make_engine(daemon.config.database.url)
+    try:
+        with sql.connect() as conn:
+            dispositions = dict(conn.execute(select(Call.account_id, Call.disposition)).all())
+            node = conn.execute(select(AgentNode.stopped_at)).one()
+            live_left = conn.execute(select(LiveCallRow)).all()
+        assert dispositions == {"alice": "ANSWERED", "bob": "CUT"}
+        assert node.stopped_at is not None and live_left == []
+        with transaction(session_factory(sql)) as session:
+            report = check_ledger(session, now=utcnow(), grace=timedelta(0))
+        assert report.ok, report.problems
+        assert report.settled_calls == 2
+    finally:
+        sql.dispose()
+
+
+def test_operators_list_live_calls_and_hang_one_up_from_the_cli(daemon: Daemon, fake_fs: FakeFreeswitch) -> None:
+    call = fake_fs.place_call("alice", "33142685300", answer_after_ms=50, talk_ms=60_000)
+    wait_for(lambda: any(c["phase"] == "answered" for c in daemon.live_call_dicts()))
+    gevent.sleep(daemon.config.daemon.publish_seconds + 0.5)  # published to SQL
+    runner = CliRunner()
+    url = ["--database-url", daemon.config.database.url]
+    listed = runner.invoke(cli, [*url, "calls", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    (live,) = json.loads(listed.output)["calls"]
+    assert (live["account"], live["destination"], live["state"], live["node"]) == (
+        "alice", "33142685300", "answered", "demo")
+    assert live["spent"] is not None and not live["node_stale"]
+
+    hung = runner.invoke(cli, [*url, "calls", "hangup", live["call_id"], "--reason", "test", "--json"])
+    assert hung.exit_code == 0, hung.output
+    assert json.loads(hung.output)["result"] == "hangup sent"
+    assert call.done.wait(10)
+    wait_for(lambda: not daemon.live_call_dicts())
+
+    missing = runner.invoke(cli, [*url, "calls", "hangup", "no-such-call"])
+    assert missing.exit_code == 1 and "not live on any node" in missing.output
+
+
+def test_a_port_in_use_fails_the_start_naming_the_key(tmp_path: Path) -> None:
+    prepare_database(f"sqlite:///{tmp_path / 'billing-agent.db'}", tmp_path).dispose()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config = load_config(None, environ={}, cwd=tmp_path, overrides={
+            "database": {"url": f"sqlite:///{tmp_path / 'billing-agent.db'}"},
+            "metrics": {"port": busy.getsockname()[1]}})
+        agent = Daemon(config)
+        with pytest.raises(StartupError, match="metrics.port"):
+            agent.start()
+        agent.shutdown()
+
+
+def test_a_database_without_schema_fails_the_start_with_the_fix(tmp_path: Path) -> None:
+    config = load_config(None, environ={}, cwd=tmp_path, overrides={
+        "database": {"url": f"sqlite:///{tmp_path / 'empty.db'}"}, "metrics": {"port": 0}})
+    agent = Daemon(config)
+    with pytest.raises(StartupError, match="db upgrade"):
+        agent.start()
+    agent.shutdown()
+
+
+def test_an_unreachable_database_is_retried_with_health_red(tmp_path: Path) -> None:
+    config = load_config(None, environ={}, cwd=tmp_path, overrides={
+        "database": {"url": "postgresql+psycopg://nobody@127.0.0.1:1/none", "connect_timeout_seconds": 1},
+        "metrics": {"port": 0}, "daemon": {"startup_retry_max_seconds": 0.5}})
+    agent = Daemon(config)
+    starting = gevent.spawn(agent.start)
+    wait_for(lambda: agent.status is not None and "unreachable" not in agent.health.database[1]
+             and agent.health.database[1] != "not connected yet")
+    assert agent.status is not None
+    status, body = http_get(agent.status.port, "/health")
+    assert status == 503
+    assert json.loads(body)["checks"]["database"]["ok"] is False
+    agent.stopping.set()
+    with pytest.raises(StartupError, match="stopped while waiting"):
+        starting.get(timeout=10)
+    agent.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_run_stops_on_sigterm_and_a_bad_config_fails_before_anything_listens(tmp_path: Path) -> None:
+    prepare_database(f"sqlite:///{tmp_path / 'billing-agent.db'}", tmp_path).dispose()
+    exe = [sys.executable, "-m", "agent.entry"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("billing:\n  nibble_seconds: -1\n")
+    result = subprocess.run([*exe, "--config", str(bad), "run"], check=False, capture_output=True, text=True,
+                            timeout=60,
+                            cwd=tmp_path)
+    assert result.returncode != 0
+    assert "nibble_seconds" in result.stderr
+
+    port = _free_port()
+    good = tmp_path / "agent.yaml"
+    good.write_text(f"database:\n  url: sqlite:///{tmp_path / 'billing-agent.db'}\nmetrics:\n  port: {port}\n"
+                    f"cdr:\n  spool_dir: {tmp_path / 'spool'}\n")
+    proc = subprocess.Popen([*exe, "--config", str(good), "run"], stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 30
+        lines = []
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline() if proc.stderr else ""
+            lines.append(line)
+            if "ready in" in line or not line:
+                break
+        assert any("ready in" in line for line in lines), "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "stopped in" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
