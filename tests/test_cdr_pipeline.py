@@ -76,7 +76,8 @@ def spool_dir(tmp_path: Path) -> Path:
 
 def make_pipeline(spool_dir: Path, store: InMemoryCdrStore, *, max_bytes: int = 1 << 20,
                   metrics: Metrics | None = None, **settings: int | float) -> CdrPipeline:
-    options: dict[str, int | float] = {"batch_size": 10, "flush_interval_ms": 20, "retry_max_s": 0.05}
+    options: dict[str, int | float] = {"batch_size": 10, "backlog_batch_size": 25, "flush_interval_ms": 20,
+                                       "retry_max_s": 0.05}
     options.update(settings)
     return CdrPipeline(Spool(spool_dir, max_bytes=max_bytes), store,
                        PipelineSettings(**options), metrics=metrics)  # type: ignore[arg-type]
@@ -100,7 +101,7 @@ def test_submitted_calls_reach_sql_in_order_in_bounded_batches(pipeline: CdrPipe
         pipeline.submit(make_record(i))
     assert pipeline.flush(5)
     assert store.order == ids(95)
-    assert max(store.batches) <= 10 and sum(store.batches) == 95
+    assert max(store.batches) <= 25 and sum(store.batches) == 95
     assert pipeline.spool.backlog_bytes() == 0
 
 
@@ -125,6 +126,7 @@ def test_database_outage_holds_calls_in_the_spool_and_writes_them_once_back(pipe
     store.down = False
     assert pipeline.flush(5)
     assert store.order == ids(40)
+    assert store.batches == [10, 25, 5]  # a backlog goes in bigger transactions
 
 
 def test_an_unexpected_store_error_is_retried_not_fatal(pipeline: CdrPipeline, store: InMemoryCdrStore) -> None:

@@ -220,6 +220,9 @@ class _Prometheus:
 class PipelineSettings:
     node: str = "node1"
     batch_size: int = 500
+    # A backlog (a replay, the database back after an outage) is written in bigger transactions:
+    # 2,000 to 5,000 rows per commit is ~1.5x the rate of 500 on PostgreSQL.
+    backlog_batch_size: int = 5_000
     flush_interval_ms: int = 500  # longest a CDR lingers before its batch is written
     fsync_interval_ms: int = 100  # group commit: power-loss window of a spooled CDR
     retry_max_s: float = 30.0
@@ -388,11 +391,13 @@ class CdrPipeline:
         )
 
     def _drain(self) -> None:
-        """Write batches until the spool and the overflow are empty."""
+        """Write batches until the spool and the overflow are empty; after one full batch (a
+        backlog) in batches of ``backlog_batch_size``."""
+        size = self.settings.batch_size
         while True:
             if self._inflight is None:
                 self._unread = 0
-                batch = self.spool.read(self.settings.batch_size)
+                batch = self.spool.read(size)
                 self._count_damaged(batch.damaged)
                 self._inflight = batch
             batch = self._inflight
@@ -403,8 +408,9 @@ class CdrPipeline:
             self._progress.set()
             if self._prom is not None:
                 self._prom.backlog.set(self.spool.backlog_bytes())
-            if len(batch.entries) < self.settings.batch_size:
+            if len(batch.entries) < size:
                 break
+            size = max(self.settings.batch_size, self.settings.backlog_batch_size)
         self._write_overflow()
         self._database_is_up()
 
