@@ -4,6 +4,7 @@ writes nothing; a second run changes nothing; history is never updated."""
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from click.testing import CliRunner, Result
 from sqlalchemy import Engine, select
 
 from agent.adapters.cdr.rerate import Change, RerateReport, _commit_page, _pages, reprice, rerate
+from agent.adapters.redis.store import RedisBalanceStore, make_client
 from agent.adapters.sql.accounts import create_account, post_entry, view_account
 from agent.adapters.sql.cdr_writer import SqlCdrStore
 from agent.adapters.sql.engine import session_factory, transaction
@@ -26,6 +28,7 @@ HEADER = "prefix,destination,rate,connect_fee,initial_increment,increment,minimu
 OLD_DECK = HEADER + "49,Germany,0.12,0,1,1,0,0\n44,United Kingdom,0.06,0,60,60,0,0\n33,France,0.03,0,1,1,0,0\n"
 NEW_DECK = HEADER + "49,Germany,0.06,0,1,1,0,0\n44,United Kingdom,0.06,0,60,60,0,0\n"  # 49 halved, 33 gone
 UNIT = 1_000_000
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def run(engine: Engine, *args: str) -> Result:
@@ -157,3 +160,37 @@ def test_an_unknown_plan_is_an_error_naming_it(world: Engine) -> None:
     result = run(world, "rerate", "--plan", "nope", "--since", "2026-01-01")
     assert result.exit_code == 1
     assert "unknown rate plan 'nope'" in result.stderr
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_the_shared_redis_balances_follow_the_adjustments(world: Engine, tmp_path: Path,
+                                                          redis_client: object) -> None:
+    """With Redis as the balance store, the nodes see the re-rated balances at once."""
+    prefix = f"test:{uuid.uuid4().hex[:10]}:"
+    url = world.url.render_as_string(hide_password=False)
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"database:\n  url: {url}\nredis:\n  url: {REDIS_URL}\n  key_prefix: '{prefix}'\n")
+    node = RedisBalanceStore(make_client(REDIS_URL, 1000), session_factory(world), key_prefix=prefix)
+    try:
+        node.authorize("alice", "live", "n1", UNIT, 0, 1_800_000_000_000, 60_000)  # alice is now cached
+        before = node.account_state("alice").balance_micros
+        result = CliRunner().invoke(cli, ["--config", str(config), "rerate", "--plan", "retail", "--since",
+                                          "2026-01-01"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert node.account_state("alice").balance_micros == before + 61_000 + 125_000 == balance(world, "alice")
+    finally:
+        for key in redis_client.scan_iter(match=f"{prefix}*"):  # type: ignore[attr-defined]
+            redis_client.delete(key)  # type: ignore[attr-defined]
+        node.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_redis_away_is_a_warning_the_ledger_has_the_adjustments(world: Engine, tmp_path: Path) -> None:
+    url = world.url.render_as_string(hide_password=False)
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"database:\n  url: {url}\nredis:\n  url: redis://127.0.0.1:1/0\n  timeout_ms: 200\n")
+    result = CliRunner().invoke(cli, ["--config", str(config), "rerate", "--plan", "retail", "--since",
+                                      "2026-01-01"])
+    assert result.exit_code == 0 and "applied 3" in result.stdout
+    assert "rebuild-cache" in result.stderr
+    assert balance(world, "alice") == 10 * UNIT - 61_000 - 125_000 - 30_500

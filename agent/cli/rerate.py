@@ -8,7 +8,9 @@ from typing import Any
 import click
 
 from agent.adapters.cdr.rerate import Change, RerateReport, rerate
+from agent.cli.balance_cache import redis_store
 from agent.cli.common import app, handle_errors, print_json
+from agent.core.balance import StoreUnavailable
 from agent.core.clock import parse_iso8601
 from agent.core.money import format_amount
 
@@ -66,6 +68,22 @@ def _print(report: RerateReport) -> None:
         click.echo(f"error: {call_id}: {reason}", err=True)
 
 
+def refresh_accounts(ctx: click.Context, account_ids: list[str]) -> None:
+    """Bring the shared balance cache (Redis) in step with the adjustments the ledger got; a
+    Redis that cannot be reached is a warning: the ledger has them, rebuild-cache later."""
+    store = redis_store(ctx) if account_ids else None
+    if store is None:
+        return
+    try:
+        for account_id in account_ids:
+            store.refresh(account_id)
+    except StoreUnavailable as exc:
+        click.echo(f"warning: the ledger has the adjustments but Redis was not updated ({exc}); run "
+                   f"`billing-agent accounts rebuild-cache` once Redis is back", err=True)
+    finally:
+        store.close()
+
+
 @click.command(name="rerate")
 @click.option("--plan", required=True, help="Rate plan whose calls are priced again with its current rates.")
 @click.option("--since", callback=_instant, required=True, metavar="ISO8601", help="Calls started at or after.")
@@ -80,6 +98,7 @@ def rerate_command(ctx: click.Context, plan: str, since: datetime, until: dateti
     """Rate stored calls again; each changed call gets a new rating decision and a ledger
     adjustment of the difference (reference rerate:CALL:SEQ). Running it twice changes nothing."""
     report = rerate(app(ctx).engine(), plan, since, until=until, account_id=account_id, dry_run=dry_run)
+    refresh_accounts(ctx, sorted(report.accounts))
     if as_json:
         print_json(report_json(report))
     else:

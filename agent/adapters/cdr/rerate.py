@@ -91,6 +91,7 @@ class RerateReport:
     sample: list[Change] = field(default_factory=list)
     unratable_sample: list[tuple[str, str]] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    accounts: set[str] = field(default_factory=set)  # whose ledger this run moved (a shared cache to refresh)
 
     @property
     def difference_micros(self) -> int:
@@ -160,6 +161,7 @@ def _commit_page(engine: Engine, changes: list[Change], plan: str, report: Rerat
             for change in changes:
                 _apply(session, change, now, plan)
         report.applied += len(changes)
+        report.accounts.update(c.call.account_id for c in changes if c.adjustment_micros)
         return
     except (IntegrityError, BillingError):
         log.info("a page of re-ratings collided; applying its %d calls one by one", len(changes))
@@ -168,6 +170,8 @@ def _commit_page(engine: Engine, changes: list[Change], plan: str, report: Rerat
             with transaction(factory) as session:
                 _apply(session, change, now, plan)
             report.applied += 1
+            if change.adjustment_micros:
+                report.accounts.add(change.call.account_id)
         except (IntegrityError, Conflict):
             report.already_done += 1  # another run re-rated this decision first
         except BillingError as exc:  # e.g. the account no longer exists
