@@ -84,6 +84,15 @@ EVENT_CLASSES = ("system", "call", "log", "verbose", "command", "agent", "user",
                  "cdr", "dialplan", "originate", "agi", "cc", "aoc", "test", "security", "message")
 AGI_DEAD_OK = ("GET VARIABLE", "GET FULL VARIABLE", "SET VARIABLE", "NOOP", "VERBOSE", "EXEC", "DATABASE",
                "ASYNCAGI BREAK", "SPEECH DESTROY", "SPEECH UNLOAD GRAMMAR")
+AGI_COMMANDS = (  # res_agi.c's command table (Asterisk 20), longest first for the prefix match
+    "ASYNCAGI BREAK", "CHANNEL STATUS", "CONTROL STREAM FILE", "DATABASE DELTREE", "DATABASE DEL", "DATABASE GET",
+    "DATABASE PUT", "GET FULL VARIABLE", "GET DATA", "GET OPTION", "GET VARIABLE", "RECEIVE CHAR",
+    "RECEIVE TEXT", "RECORD FILE", "SAY ALPHA", "SAY DATETIME", "SAY DATE", "SAY DIGITS", "SAY NUMBER",
+    "SAY PHONETIC", "SAY TIME", "SEND IMAGE", "SEND TEXT", "SET AUTOHANGUP", "SET CALLERID", "SET CONTEXT",
+    "SET EXTENSION", "SET MUSIC", "SET PRIORITY", "SET VARIABLE", "SPEECH ACTIVATE GRAMMAR", "SPEECH CREATE",
+    "SPEECH DEACTIVATE GRAMMAR", "SPEECH DESTROY", "SPEECH LOAD GRAMMAR", "SPEECH RECOGNIZE", "SPEECH SET",
+    "SPEECH UNLOAD GRAMMAR", "STREAM FILE", "TDD MODE", "WAIT FOR DIGIT", "ANSWER", "EXEC", "GOSUB", "HANGUP",
+    "NOOP", "VERBOSE")
 AGI_511 = "511 Command Not Permitted on a dead channel or intercept routine\n"
 AGI_510 = "510 Invalid or unknown command\n"
 SET_VARIABLE_USAGE = ("520-Invalid command syntax.  Proper usage follows:\n"
@@ -112,6 +121,7 @@ class FakeCall:
     b_uniqueids: list[str] = field(default_factory=list)
     decision: str = ""
     limit_ms: int | None = None
+    limit_raw: str = ""  # BILLING_LIMIT_MS as the agent set it
     warn_ms: int | None = None
     reason: str = ""
     billing_cause: str = ""
@@ -546,12 +556,13 @@ class FakeAsterisk:
         if call.agi_status == "HANGUP" or call._stop.is_set():
             call.outcome = "cancelled"
             self._end_unanswered(a, None, a.variables.get("_hangup_cause_", "") or str(call._stop_cause), "AGI",
-                                 "NO ANSWER", pbx_hangup=False)
+                                 "NO ANSWER")
             return
         call.decision = a.variables.get("BILLING_DECISION", "")
         call.reason = a.variables.get("BILLING_REASON", "")
         call.billing_cause = a.variables.get("BILLING_CAUSE", "")
-        call.limit_ms = _int_or_none(a.variables.get("BILLING_LIMIT_MS", ""))
+        call.limit_raw = a.variables.get("BILLING_LIMIT_MS", "")
+        call.limit_ms = _int_or_none(call.limit_raw)
         call.warn_ms = _int_or_none(a.variables.get("BILLING_WARN_MS", ""))
         allowed = call.decision == "allow"
         self._newexten(a, 4, "GotoIf", f"{0 if allowed else 1}?refused")
@@ -622,9 +633,9 @@ class FakeAsterisk:
                 if not command:
                     continue
                 call.agi_commands.append(command)
+                self._agi_command(a, link, command)
                 if call.agi_hangup_at_command and len(call.agi_commands) == call.agi_hangup_at_command:
                     self._caller_hangup_during_agi(call, a, link)
-                self._agi_command(a, link, command)
         finally:
             watcher.kill()
 
@@ -633,15 +644,18 @@ class FakeAsterisk:
         call._stop.wait()
         if not link.dead:
             a.variables["_hangup_cause_"] = str(call._stop_cause)
-            if not call.ignore_ami_hangup or call._stop_leg in ("caller", "callee"):
+            if call._stop_leg == "caller":  # a BYE/CANCEL; an AMI Hangup publishes no HangupRequest
                 self._chan_event("HangupRequest", a, [("Cause", str(call._stop_cause))])
-                link.hangup_notice()
+            link.hangup_notice()
 
     def _caller_hangup_during_agi(self, call: FakeCall, a: FakeChannel, link: _AgiLink) -> None:
-        a.variables["_hangup_cause_"] = "16"
-        self._chan_event("HangupRequest", a, [("Cause", "16")])
-        link.hangup_notice()
-        self._request_stop(call, "caller", 16)
+        """The caller's BYE arrives while a command runs: its reply went first, then HANGUP."""
+        self._request_stop(call, "caller", 16)  # the watcher writes HANGUP and the HangupRequest
+        gevent.idle()
+        if not link.dead:
+            a.variables["_hangup_cause_"] = "16"
+            self._chan_event("HangupRequest", a, [("Cause", "16")])
+            link.hangup_notice()
 
     def _agi_command(self, a: FakeChannel, link: _AgiLink, command: str) -> None:
         command_id = str(self._rng.randrange(1, 2**31))
@@ -663,11 +677,10 @@ class FakeAsterisk:
         words = [word.upper() for word in argv]
         verb2 = " ".join(words[:2])
         verb1 = words[0] if words else ""
-        known = verb2 in ("GET VARIABLE", "GET FULL", "SET VARIABLE") or verb1 in ("VERBOSE", "NOOP", "ANSWER",
-                                                                                   "HANGUP", "EXEC")
+        known = next((name for name in AGI_COMMANDS if words[:len(name.split())] == name.split()), "")
         if not known:
             return AGI_510
-        if link.dead and not any(" ".join(words).startswith(ok) for ok in AGI_DEAD_OK):
+        if link.dead and known not in AGI_DEAD_OK and known.split()[0] != "DATABASE":
             return AGI_511
         if verb2 == "GET VARIABLE":
             if len(argv) != 3:
@@ -705,7 +718,11 @@ class FakeAsterisk:
         if verb1 == "EXEC":
             app = argv[1].lower() if len(argv) > 1 else ""
             return "200 result=0\n" if app in ("noop", "verbose", "log", "set") else "200 result=-2\n"
-        return AGI_510
+        if known in ("STREAM FILE", "CONTROL STREAM FILE"):
+            return "200 result=-1 endpos=0\n"  # no sound files on the fake (agi-5: a missing file)
+        if known == "CHANNEL STATUS":
+            return f"200 result={a.state}\n"
+        return "200 result=0\n"
 
     def _set_var(self, ch: FakeChannel, name: str, value: str) -> None:
         if name.upper() == "CHANNEL(ACCOUNTCODE)":
@@ -763,6 +780,12 @@ class FakeAsterisk:
         targets = [f"{self.tech}/{self._trunk_name(i)}/{call.destination}" for i in range(call.forks)]
         dial_data = f"{'&'.join(targets)},{DIAL_TIMEOUT_S},{option}"
         self._newexten(a, 5, "Dial", dial_data)
+        if call.limit_raw.strip() and (limit is None or limit <= 0):
+            # ast_bridge_timelimit: "Bridge does not accept L(x), hanging up." -> Dial returns -1
+            call.outcome = "refused"
+            call.dial_status = "INVALIDARGS"
+            self._end_unanswered(a, None, "16", "Dial", "FAILED")
+            return
         for name in ("DIALSTATUS", "DIALEDPEERNUMBER", "DIALEDPEERNAME", "ANSWEREDTIME", "ANSWEREDTIME_MS",
                      "DIALEDTIME", "DIALEDTIME_MS", "RINGTIME", "RINGTIME_MS", "PROGRESSTIME", "PROGRESSTIME_MS"):
             self._varset(a, name, "")
@@ -816,7 +839,8 @@ class FakeAsterisk:
     def _cancel_dial(self, call: FakeCall, a: FakeChannel, legs: list[FakeChannel], dial_data: str) -> None:
         """The caller hung up (or was hung up) while the callee rang: DialEnd CANCEL, Dial returns -1."""
         cause = call._stop_cause
-        self._chan_event("HangupRequest", a, [("Cause", str(cause))])
+        if call._stop_leg == "caller":
+            self._chan_event("HangupRequest", a, [("Cause", str(cause))])
         for b in legs:
             self._dial_event("DialEnd", a, b, ("DialStatus", "CANCEL"))
             self._hangup_event(b, cause)
@@ -826,11 +850,10 @@ class FakeAsterisk:
         self._end_unanswered(a, legs[0], str(cause), "Dial", "NO ANSWER", cdr_data=dial_data)
 
     def _end_unanswered(self, a: FakeChannel, dest: FakeChannel | None, cause: str, app: str, disposition: str,
-                        *, pbx_hangup: bool = True, cdr_data: str = "") -> None:
+                        *, cdr_data: str = "") -> None:
         """The end of a call that never bridged (ami-4's order): SoftHangupRequest, Cdr, Hangup."""
         end = self.clock()
-        if pbx_hangup:
-            self._chan_event("SoftHangupRequest", a, [("Cause", str(SOFTHANGUP_APPUNLOAD))])
+        self._chan_event("SoftHangupRequest", a, [("Cause", str(SOFTHANGUP_APPUNLOAD))])
         self._cdr(a, dest, app, cdr_data or a.appdata, a.created, 0.0, end, disposition)
         if app != a.app and dest is not None:
             self._cdr(a, None, a.app, a.appdata, end, 0.0, end, disposition)
