@@ -13,6 +13,7 @@ daemon commands.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -105,8 +106,10 @@ class Health:
 
 
 class Daemon:
-    def __init__(self, config: Config, *, clock: SystemClock | None = None) -> None:
+    def __init__(self, config: Config, *, clock: SystemClock | None = None,
+                 reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.reload_config = reload_config
         self.clock = clock or SystemClock()
         self.metrics = Metrics()
         self.health = Health()
@@ -358,9 +361,25 @@ class Daemon:
             log.error("publishing live calls failed (database): %s", str(getattr(exc, "orig", exc)).strip())
 
     def reload(self) -> None:
+        """SIGHUP: re-read the rate plans and the configuration file. Logging applies at once;
+        other changed keys are named and need a restart (they shape connections and listeners)."""
         if self.rate_cache is not None:
             self.rate_cache.refresh_all()
         log.info("rate plans checked for changes (SIGHUP)")
+        if self.reload_config is None:
+            return
+        try:
+            new = self.reload_config()
+        except Exception as exc:  # a bad edit must not take the running daemon down
+            log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc, exc_info=True)
+            return
+        if new.logging != self.config.logging:
+            configure_logging(new.logging.level, new.logging.format)
+            log.info("SIGHUP: logging now level=%s format=%s", new.logging.level, new.logging.format)
+        pending = [f"{section}.{key}" for section, key in _changed_keys(self.config, new) if section != "logging"]
+        if pending:
+            log.warning("SIGHUP: changed keys that take effect only after a restart: %s", ", ".join(pending))
+        self.config = dataclasses.replace(self.config, logging=new.logging)
 
     # ---------------------------------------------------------------- run and stop
 
@@ -420,6 +439,18 @@ class Daemon:
         return took
 
 
+def _changed_keys(old: Config, new: Config) -> list[tuple[str, str]]:
+    changed = []
+    for section in dataclasses.fields(Config):
+        if section.name == "source":
+            continue
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        for key in dataclasses.fields(before):
+            if getattr(before, key.name) != getattr(after, key.name):
+                changed.append((section.name, key.name))
+    return changed
+
+
 def _quietly(func: Callable[[], Any], what: str) -> None:
     try:
         func()
@@ -427,10 +458,10 @@ def _quietly(func: Callable[[], Any], what: str) -> None:
         log.exception("%s failed during shutdown", what)
 
 
-def run_daemon(config: Config) -> int:
+def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
     """``billing-agent run``: returns the exit code."""
     configure_logging(config.logging.level, config.logging.format)
-    daemon = Daemon(config)
+    daemon = Daemon(config, reload_config=reload_config)
     daemon.install_signals()
     log.info("billing-agent %s starting: config %s, node %s", __version__, config.source, config.node.id)
     try:

@@ -207,6 +207,16 @@ def test_run_stops_on_sigterm_and_a_bad_config_fails_before_anything_listens(tmp
             if "ready in" in line or not line:
                 break
         assert any("ready in" in line for line in lines), "".join(lines)
+        good.write_text(good.read_text() + "logging:\n  level: debug\nnode:\n  id: renamed\n")
+        proc.send_signal(signal.SIGHUP)
+        reloaded = []
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline() if proc.stderr else ""
+            reloaded.append(line)
+            if "restart: node.id" in line or not line:
+                break
+        text = "".join(reloaded)
+        assert "SIGHUP: logging now level=debug" in text and "restart: node.id" in text, text
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err

@@ -7,6 +7,7 @@ import sys
 import click
 
 from agent.cli.common import app, handle_errors
+from agent.config import Config
 
 
 @click.command("run")
@@ -18,7 +19,12 @@ def run_command(ctx: click.Context) -> None:
     The configuration is validated before any port is bound; a bad key exits with its name and
     the reason. SIGHUP reloads the rate plans; a second SIGTERM exits at once (open reservations
     then expire by themselves)."""
-    config = app(ctx).config  # validation errors surface here, before anything listens
+    context = app(ctx)
+    config = context.config  # validation errors surface here, before anything listens
+    from agent.config import load_config
     from agent.daemon import run_daemon
 
-    sys.exit(run_daemon(config))
+    def reload_config() -> Config:
+        return load_config(context.config_path, overrides=context.overrides)
+
+    sys.exit(run_daemon(config, reload_config))
