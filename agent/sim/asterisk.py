@@ -888,10 +888,11 @@ class FakeAsterisk:
         self._newexten(b, 1, "AppDial", "(Outgoing Line)")
         self._emit("BridgeEnter", "call", self._bridge_fields(bridge_id, 1, "simple_bridge") + b.snapshot())
         self._emit("BridgeEnter", "call", self._bridge_fields(bridge_id, 2, "simple_bridge") + a.snapshot())
-        self._varset(a, "BRIDGEPEER", b.name)
-        self._varset(a, "BRIDGEPVTCALLID", b.call_id)
-        self._varset(b, "BRIDGEPEER", a.name)
-        self._varset(b, "BRIDGEPVTCALLID", a.call_id)
+        for _ in range(3):  # the bridge sets them at each technology change (simple_bridge -> native_rtp)
+            self._varset(a, "BRIDGEPEER", b.name)
+            self._varset(a, "BRIDGEPVTCALLID", b.call_id)
+            self._varset(b, "BRIDGEPEER", a.name)
+            self._varset(b, "BRIDGEPVTCALLID", a.call_id)
         call.outcome = "answered"
         limit_s = call.limit_ms / 1000 if call.limit_ms else None
         if limit_s is not None and call.warn_ms is None:
