@@ -588,6 +588,13 @@ def test_hangup_by_uniqueid_with_a_cause(make: Callable[..., tuple[FakeAsterisk,
     reader = AmiReader(fake.ami_port)
     call = fake.place_call("1001", "3312", talk_ms=5000)
     reader.wait_for(lambda ms: sum(get(m, "Event") == "BridgeEnter" for m in ms) == 2)
+    b = fake.find_channel(call.b_uniqueids[0])
+    assert b is not None and b.name.startswith("PJSIP/carrier-")
+    reader.send(f"Action: Getvar\r\nActionID: g1\r\nChannel: {b.name}\r\nVariable: CHANNEL(pjsip,call-id)\r\n\r\n"
+                "Action: Getvar\r\nActionID: g2\r\nChannel: PJSIP/gone-00000001\r\nVariable: SIPCALLID\r\n\r\n")
+    assert reader.response("g1") == [("Response", "Success"), ("ActionID", "g1"),
+                                     ("Variable", "CHANNEL(pjsip,call-id)"), ("Value", b.call_id)]
+    assert reader.response("g2") == [("Response", "Error"), ("ActionID", "g2"), ("Message", "No such channel")]
     reader.send(f"Action: Hangup\r\nActionID: h\r\nChannel: {call.a_uniqueid}\r\nCause: 17\r\n\r\n")
     assert get(reader.response("h"), "Message") == "Channel Hungup"
     assert call.done.wait(3)

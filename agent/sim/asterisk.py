@@ -503,7 +503,7 @@ class FakeAsterisk:
         billsec = int(end - answer) if answer else 0
         self._emit("Cdr", "cdr", [
             ("AccountCode", a.accountcode), ("Source", a.caller_num), ("Destination", a.exten),
-            ("DestinationContext", CUSTOMER_CONTEXT), ("CallerID", f'"" <{a.caller_num}>'), ("Channel", a.name),
+            ("DestinationContext", a.context), ("CallerID", f'"" <{a.caller_num}>'), ("Channel", a.name),
             ("DestinationChannel", dest.name if dest else ""), ("LastApplication", app), ("LastData", data),
             ("StartTime", fmt(start)), ("AnswerTime", fmt(answer)), ("EndTime", fmt(end)),
             ("Duration", str(int(end - start))), ("BillableSeconds", str(billsec)), ("Disposition", disposition),
