@@ -319,6 +319,18 @@ def test_login_refused_is_logged_and_retried_with_backoff(world: World, caplog: 
     assert adapter.connected()
 
 
+def test_calls_are_refused_while_ami_is_down(world: World) -> None:
+    world.store.add_account("1017", 10_000_000)
+    world.fake.refuse_logins(True)
+    adapter = world.start_adapter(wait=False)
+    call = finish(world.fake.place_call("1017", "33123456"))
+    assert (call.outcome, call.reason, call.billing_cause) == ("denied", "pbx_unsupervised", "41")
+    assert world.recorder.requests == []  # the engine was not even asked
+    world.fake.refuse_logins(False)
+    assert adapter.synced.wait(WAIT_S)
+    assert finish(world.fake.place_call("1017", "33123456", talk_ms=100)).outcome == "answered"
+
+
 def test_garbage_on_the_ami_socket(world: World) -> None:
     world.store.add_account("1014", 10_000_000)
     adapter = world.start_adapter()

@@ -55,6 +55,7 @@ VAR_LIMIT_MS = "BILLING_LIMIT_MS"
 VAR_WARN_MS = "BILLING_WARN_MS"
 VAR_REASON = "BILLING_REASON"
 VAR_CAUSE = "BILLING_CAUSE"
+REASON_UNSUPERVISED = "pbx_unsupervised"  # AMI is down: refused by the adapter itself (cause 41)
 
 DENY_CAUSES: dict[DenyReason, int] = {
     DenyReason.UNKNOWN_ACCOUNT: 21,  # CALL_REJECTED
@@ -86,6 +87,8 @@ class AsteriskSettings:
     agi_command_timeout_s: float = 5.0
     ami: AmiSettings = field(default_factory=AmiSettings)
     fetch_call_ids: bool = True  # Getvar the SIP Call-ID of dialled legs (PJSIP has no VarSet for it)
+    # Without AMI the agent sees no answer and no hangup: it cannot bill, so it refuses (fail closed).
+    authorize_without_ami: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> AsteriskSettings:
@@ -250,6 +253,13 @@ class AsteriskAdapter:
             return
         if not leg_id:
             self._refuse(session, env, "the AGI environment has no agi_uniqueid")
+            return
+        if not self.settings.authorize_without_ami and not self.ami.connected:
+            self.stats.refused_requests += 1
+            log.error("call of channel %s refused: AMI %s is not connected (%s), the call could not be billed",
+                      env.get("agi_channel") or "?", self.settings.ami.address, self.ami.last_error or "connecting")
+            session.run([set_variable(VAR_REASON, REASON_UNSUPERVISED), set_variable(VAR_CAUSE, 41),
+                         set_variable(VAR_DECISION, "deny")])
             return
         sip_call_id = ""
         variable = CALL_ID_VARIABLE.get(env.get("agi_type"))

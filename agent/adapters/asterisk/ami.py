@@ -65,7 +65,7 @@ class AmiSettings:
     port: int = 5038
     username: str = "billing"
     secret: str = ""
-    events: str = "call,system"  # Login "Events:" filter: channel events + FullyBooted
+    events: str = "call"  # Login "Events:" filter: the channel events (manager_billing.conf: read = call)
     ping_interval_s: float = 10.0
     ping_timeout_s: float = 5.0
     connect_timeout_s: float = 3.0
