@@ -295,29 +295,31 @@ def _pg_amount(expr: str) -> str:
     return f"({expr}::numeric / 1000000)::numeric(38, 6)"  # format_amount: six decimals, '-' sign
 
 
-# CSV_COLUMNS, in order, as PostgreSQL expressions over c (calls), d (current decision), n (leg
-# count), a (the caller's leg) and b (the billed leg), chosen as FlatCdr.caller_leg/billed_leg do.
+# CSV_COLUMNS, in order, as PostgreSQL expressions over c (calls), d (its current decision) and g
+# (its legs, read once: their count, the caller's leg a and the billed leg b, chosen as
+# FlatCdr.caller_leg/billed_leg do).
 _PG_CSV_EXPRESSIONS = (
     "c.id", _pg_text("c.node"), _pg_text("c.pbx"), _pg_text("c.account_id"), _pg_text("c.caller"),
     _pg_text("c.destination"), _pg_time("c.started_at"), _pg_time("c.answered_at"), _pg_time("c.ended_at"),
     "c.duration_ms", _pg_text("c.disposition"), _pg_text("c.hangup_cause"), _pg_time("c.settled_at"),
     "d.seq", _pg_text("d.plan_name"), _pg_text("d.prefix"), _pg_amount("d.rate_micros"), "d.billed_seconds",
     _pg_amount("d.cost_micros"), _pg_time("d.decided_at"), _pg_text("d.reason"),
-    "n.leg_count", _pg_text("a.pbx_unique_id"), _pg_text("a.channel"), _pg_text("a.sip_call_id"),
-    _pg_text("a.hangup_cause"), _pg_text("b.pbx_unique_id"), _pg_text("b.channel"), _pg_text("b.peer"),
-    _pg_text("b.sip_call_id"), _pg_time("b.answered_at"), _pg_text("b.hangup_cause"), "b.billsec",
+    "g.leg_count", _pg_text("(g.a).pbx_unique_id"), _pg_text("(g.a).channel"), _pg_text("(g.a).sip_call_id"),
+    _pg_text("(g.a).hangup_cause"), _pg_text("(g.b).pbx_unique_id"), _pg_text("(g.b).channel"),
+    _pg_text("(g.b).peer"), _pg_text("(g.b).sip_call_id"), _pg_time("(g.b).answered_at"),
+    _pg_text("(g.b).hangup_cause"), "(g.b).billsec",
 )
 assert len(_PG_CSV_EXPRESSIONS) == len(CSV_COLUMNS)
 
 _PG_CSV_FROM = """
 FROM calls c
 LEFT JOIN LATERAL (SELECT x.* FROM rating_decisions x WHERE x.call_id = c.id ORDER BY x.seq DESC LIMIT 1) d ON true
-LEFT JOIN LATERAL (SELECT count(*) AS leg_count FROM call_legs l WHERE l.call_id = c.id) n ON true
-LEFT JOIN LATERAL (SELECT l.* FROM call_legs l WHERE l.call_id = c.id AND l.direction = 'inbound'
-                   ORDER BY l.created_at, l.pbx_unique_id LIMIT 1) a ON true
-LEFT JOIN LATERAL (SELECT l.* FROM call_legs l WHERE l.call_id = c.id AND (l.billed OR l.direction = 'outbound')
-                   ORDER BY l.billed DESC, CASE WHEN l.billed THEN 0 ELSE l.billsec END DESC,
-                            l.created_at, l.pbx_unique_id LIMIT 1) b ON true
+LEFT JOIN LATERAL (
+    SELECT count(*) AS leg_count,
+           (array_agg(l ORDER BY l.created_at, l.pbx_unique_id) FILTER (WHERE l.direction = 'inbound'))[1] AS a,
+           (array_agg(l ORDER BY l.billed DESC, CASE WHEN l.billed THEN 0 ELSE l.billsec END DESC, l.created_at,
+                                 l.pbx_unique_id) FILTER (WHERE l.billed OR l.direction = 'outbound'))[1] AS b
+    FROM call_legs l WHERE l.call_id = c.id) g ON true
 """
 
 
@@ -357,6 +359,7 @@ def copy_csv(engine: Engine, where: CdrFilter, out: IO[bytes]) -> int:
         raw = conn.connection.driver_connection
         assert raw is not None
         with raw.cursor() as cursor:
+            cursor.execute("SET LOCAL jit = off")  # ~0.3 s of compiling for no gain here
             with cursor.copy(statement, params) as copy:
                 for chunk in copy:
                     out.write(chunk)
