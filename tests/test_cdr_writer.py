@@ -239,3 +239,78 @@ def test_monthly_partitions_on_postgresql_keep_cdr_writes_idempotent(partitioned
         conn.execute(text("ALTER TABLE call_legs DETACH PARTITION call_legs_2026_01"))
         conn.execute(text("DROP TABLE calls_2026_01, call_legs_2026_01"))
     assert counts(partitioned) == (3, 6, 3)
+
+
+# ------------------------------------------------------------------- PostgreSQL: spooled JSON to COPY
+
+
+def _all_rows(engine: Engine) -> list[list[tuple[Any, ...]]]:
+    """Every calls, call_legs and rating_decisions row, without the surrogate ids."""
+    tables = [(Call, [c for c in Call.__table__.c]),
+              (CallLeg, [c for c in CallLeg.__table__.c if c.name != "id"]),
+              (RatingDecision, [c for c in RatingDecision.__table__.c if c.name != "id"])]
+    with engine.connect() as conn:
+        return [sorted(tuple(r) for r in conn.execute(select(*columns))) for _, columns in tables]
+
+
+def _varied_records() -> list[Any]:
+    from dataclasses import replace
+
+    base = make_record(3)
+    return [
+        make_record(0),
+        make_record(1, answered=False),  # no answer instant, no rate id, unbilled legs
+        make_record(2, cost_micros=-2_500_000, settled_ms=None, caller="", hangup_cause=""),
+        replace(base, legs=()),
+        make_record(4, started_ms=1_767_225_600_999, duration_ms=1),  # milliseconds kept
+        make_record(5, node="n" * 64, destination="0" * 64),
+    ]
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_spooled_json_goes_to_copy_as_the_same_rows(engine: Engine) -> None:
+    from agent.services.cdr_pipeline import encode_record
+
+    records = _varied_records()
+    store = SqlCdrStore(engine)
+    assert store.write_spooled([encode_record(r) for r in records]) == [
+        r.settled_ms or r.ended_ms or r.started_ms for r in records]
+    fast = _all_rows(engine)
+    with engine.begin() as conn:
+        conn.execute(Call.__table__.delete())
+    store.write(records)
+    assert _all_rows(engine) == fast
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_the_fast_path_hands_back_what_it_cannot_write(engine: Engine) -> None:
+    from agent.services.cdr_pipeline import encode_record
+
+    store = SqlCdrStore(engine)
+    assert store.write_spooled([encode_record(make_record(0, caller='say "hi"'))]) is None  # escaped in JSON
+    assert store.write_spooled([encode_record(make_record(0, destination="Zürich"))]) is None  # \u00fc
+    assert store.write_spooled([b'{"call_id": "x"}']) is None  # missing fields
+    wrong = encode_record(make_record(0)).replace(b'"duration_ms":61000', b'"duration_ms":"61s"')
+    assert store.write_spooled([encode_record(make_record(1)), wrong]) is None  # the database refuses it
+    assert counts(engine) == (0, 0, 0)  # nothing of a refused batch stays
+    assert store.write_spooled([encode_record(make_record(2))]) == [make_record(2).settled_ms]
+    assert store.write_spooled([encode_record(make_record(2))]) is None  # already there: a replay
+    assert store.write([make_record(2), make_record(3)]).written == 2  # ...which the general path skips
+    assert counts(engine) == (2, 4, 2)
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_the_pipeline_takes_the_fast_path_and_falls_back_per_batch(engine: Engine, tmp_path: Path) -> None:
+    from agent.services.cdr_pipeline import encode_record
+
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    records = [make_record(i) for i in range(30)]
+    records[12] = make_record(12, destination=None)  # the general path quarantines it
+    for record in records:
+        spool.append(encode_record(record))
+    pipeline = CdrPipeline(spool, SqlCdrStore(engine), PipelineSettings(batch_size=10))
+    report = pipeline.replay_now()
+    assert (report.written, report.rejected, report.backlog_bytes) == (29, 1, 0)
+    assert counts(engine) == (29, 58, 29)
+    assert [call_id for call_id, _ in quarantine_rows(engine)] == ["call-000012"]
+    spool.close()

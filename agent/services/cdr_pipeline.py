@@ -139,6 +139,10 @@ class CdrSpool(Protocol):
 
 
 class CdrStore(Protocol):
+    """A store may also offer ``write_spooled(payloads) -> list[int] | None``: a fast path that
+    writes spooled payloads without decoding them, returning each call's settled instant (ms),
+    or None when the batch must take ``write`` (see SqlCdrStore.write_spooled)."""
+
     def write(self, records: Sequence[CallRecord]) -> CdrWriteReport:
         """Insert the records idempotently; isolate and return the rows the database rejects.
         Raises CdrStoreUnavailable when the database cannot be reached."""
@@ -422,6 +426,12 @@ class CdrPipeline:
 
     def _write_batch(self, entries: Sequence[SpoolEntry]) -> None:
         started = time.monotonic()
+        fast = getattr(self.store, "write_spooled", None)
+        if fast is not None:
+            settled: list[int] | None = fast([entry.payload for entry in entries])
+            if settled is not None:
+                self._count_written(len(entries), len(entries), settled, started)
+                return
         records: list[CallRecord] = []
         undecodable: list[RejectedCdr] = []
         for entry in entries:
@@ -436,18 +446,21 @@ class CdrPipeline:
         self._written(records, report, started)
 
     def _written(self, records: Sequence[CallRecord], report: CdrWriteReport, started: float) -> None:
-        self.counters.written += report.written
+        settled = [r.settled_ms or r.ended_ms or r.started_ms for r in records] if self._prom is not None else []
+        self._count_written(len(records), report.written, settled, started)
+
+    def _count_written(self, count: int, written: int, settled_ms: Sequence[int], started: float) -> None:
+        self.counters.written += written
         self.counters.batches += 1
-        self._queued = max(0, self._queued - len(records))
+        self._queued = max(0, self._queued - count)
         if self._prom is None:
             return
         now_ms = self._now_ms()
-        self._prom.written.inc(report.written)
+        self._prom.written.inc(written)
         self._prom.queue.set(self._queued)
         self._prom.batch_seconds.observe(time.monotonic() - started)
-        for record in records:
-            settled_ms = record.settled_ms or record.ended_ms or record.started_ms
-            self._prom.visible.observe(max(0, now_ms - settled_ms) / 1000)
+        for moment_ms in settled_ms:
+            self._prom.visible.observe(max(0, now_ms - moment_ms) / 1000)
 
     def _quarantine(self, rejected: list[RejectedCdr]) -> None:
         if not rejected:

@@ -22,6 +22,7 @@ Behind PgBouncer, use session pooling (the staging tables are per connection) or
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -95,6 +96,67 @@ def record_rows(record: CallRecord, *, aware: bool) -> tuple[tuple[Any, ...], li
     return call, legs, decision
 
 
+# --------------------------------------------------------------------------- spooled JSON -> COPY text
+
+_NULL = "\\N"
+_SECONDS: dict[int, str] = {}  # epoch second -> "YYYY-MM-DD HH:MM:SS" (calls of a batch share seconds)
+
+
+def _copy_ts(ms: int | None) -> str:
+    if ms is None:
+        return _NULL
+    seconds, millis = divmod(ms, 1000)
+    prefix = _SECONDS.get(seconds)
+    if prefix is None:
+        if len(_SECONDS) >= 100_000:
+            _SECONDS.clear()
+        prefix = _SECONDS[seconds] = (EPOCH_NAIVE + timedelta(seconds=seconds)).isoformat(" ")
+    return f"{prefix}.{millis:03d}"
+
+
+def _s(value: object) -> str:
+    """A text value as it is; anything else (a JSON null in a text field) is not for this path."""
+    if type(value) is not str:
+        raise TypeError(f"expected a string, not {value!r}")
+    return value
+
+
+def _copy_int(value: int | None) -> str:
+    return _NULL if value is None else str(value)
+
+
+def spooled_copy_lines(payload: bytes, calls: list[str], legs: list[str], decisions: list[str]) -> int:
+    """Append the COPY text lines (CALL_COLUMNS, LEG_COLUMNS, DECISION_COLUMNS) of one spooled
+    call, straight from its JSON (no CallRecord: ~3x less Python per call than decoding it).
+    Returns its settled instant (ms). Only for a payload without a backslash: then no string in
+    it holds a quote, a control character or a non-ASCII character (JSON would have escaped
+    them), so none needs COPY escaping. Raises KeyError/TypeError/ValueError on anything else;
+    a value of the wrong type makes the database refuse the batch (the general path then
+    isolates the record)."""
+    d = json.loads(payload)
+    cid = _s(d["call_id"])
+    ts = _copy_ts
+    calls.append(f"{cid}\t{_s(d['node'])}\t{_s(d['account_id'])}\t{_s(d['caller'])}\t{_s(d['destination'])}\t"
+                 f"{ts(d['started_ms'])}\t{ts(d['answered_ms'])}\t{ts(d['ended_ms'])}\t{d['duration_ms']}\t"
+                 f"{_s(d['disposition'])}\t{_s(d['hangup_cause'])}\t{_s(d['pbx'])}\t{ts(d['settled_ms'])}\n")
+    for leg in d["legs"]:
+        billed = leg["billed"]
+        if not isinstance(billed, bool):
+            raise TypeError(f"billed is {billed!r}")
+        legs.append(f"{cid}\t{_s(leg['pbx_unique_id'])}\t{_s(leg['channel'])}\t{_s(leg['direction'])}\t{_s(leg['sip_call_id'])}\t"
+                    f"{_s(leg['peer'])}\t{_s(leg['caller'])}\t{_s(leg['callee'])}\t{ts(leg['created_ms'])}\t"
+                    f"{ts(leg['answered_ms'])}\t{ts(leg['ended_ms'])}\t{_s(leg['hangup_cause'])}\t{leg['billsec']}\t"
+                    f"{'t' if billed else 'f'}\n")
+    r = d["rating"]
+    decisions.append(f"{cid}\t{r['seq']}\t{_s(r['plan_name'])}\t{_copy_int(r['rate_id'])}\t{_s(r['prefix'])}\t"
+                     f"{r['rate_micros']}\t{r['billed_seconds']}\t{r['cost_micros']}\t{ts(r['decided_ms'])}\t"
+                     f"{_s(r['reason'])}\n")
+    settled: int | None = d["settled_ms"] or d["ended_ms"] or d["started_ms"]
+    if not isinstance(settled, int):
+        raise TypeError(f"settled_ms is {settled!r}")
+    return settled
+
+
 def is_data_error(exc: BaseException) -> bool:
     """True when the database (or the driver) refused the rows for what they contain."""
     orig = getattr(exc, "orig", None) or exc
@@ -151,6 +213,38 @@ class SqlCdrStore:
                                   rejected=[*first.rejected, *second.rejected],
                                   new_calls=_add(first.new_calls, second.new_calls))
         return CdrWriteReport(written=len(records), new_calls=new_calls)
+
+    def write_spooled(self, payloads: Sequence[bytes]) -> list[int] | None:
+        """PostgreSQL's fast path: the spooled JSON goes to COPY as text lines, without
+        decoding it into CallRecords. Returns each call's settled instant (ms), or None when
+        the batch needs the general path (``write``): no COPY, a replay of rows already there,
+        a payload it does not handle, a row the database refuses. Raises CdrStoreUnavailable."""
+        if not self.use_copy or self._staging_batches_left:
+            return None
+        calls: list[str] = []
+        legs: list[str] = []
+        decisions: list[str] = []
+        settled: list[int] = []
+        try:
+            for payload in payloads:
+                if b"\\" in payload:
+                    return None
+                settled.append(spooled_copy_lines(payload, calls, legs, decisions))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        tables = ((CALLS, CALL_COLUMNS, calls), (LEGS, LEG_COLUMNS, legs), (DECISIONS, DECISION_COLUMNS, decisions))
+        try:
+            with self.engine.begin() as conn:
+                raw = conn.connection.driver_connection
+                assert raw is not None
+                with raw.cursor() as cursor:
+                    if not self._copy_direct(cursor, tables, text_lines=True):
+                        return None  # rolled back to the savepoint: nothing written
+        except Exception as exc:  # classified: gevent.Timeout and GreenletExit propagate
+            if is_data_error(exc):
+                return None
+            raise CdrStoreUnavailable(describe(exc)) from exc
+        return settled
 
     @staticmethod
     def _payload(record: CallRecord) -> bytes:
@@ -211,14 +305,18 @@ class SqlCdrStore:
         info["cdr_staging"] = True  # only once the transaction that created them committed
         return inserted
 
-    def _copy_direct(self, cursor: Any, tables: Any) -> bool:
+    def _copy_direct(self, cursor: Any, tables: Any, *, text_lines: bool = False) -> bool:
         """COPY straight into the tables (half the server's work of staging); False when a row is
-        already there (a replay after a crash), with nothing written: the caller then stages."""
+        already there (a replay after a crash), with nothing written: the caller then stages.
+        ``text_lines``: the rows are COPY text lines already."""
         cursor.execute("SAVEPOINT cdr_direct")
         try:
             for table, columns, rows in tables:
                 if rows:
                     with cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
+                        if text_lines:
+                            copy.write("".join(rows).encode("ascii"))
+                            continue
                         for row in rows:
                             copy.write_row(row)
         except Exception as exc:  # only a duplicate is handled here; anything else goes up
