@@ -245,6 +245,14 @@ class Daemon:
     def _make_store(self, engine: Engine) -> StoreGuard:
         from agent.adapters.balance import make_balance_store
 
+        if self.config.redis.url and engine.dialect.name == "sqlite":
+            # Several nodes sharing balances need a shared SQL server; and under gevent, SQLite's
+            # busy wait blocks the whole process while another greenlet holds its write lock
+            # across a Redis round trip (seen as "database is locked" after a long freeze).
+            raise StartupError("redis.url is set but database.url is SQLite: the Redis balance store is for "
+                               "several nodes and needs a shared PostgreSQL or MariaDB database "
+                               "(or remove redis.url to use the embedded SQL store)")
+
         journal = spool_path(self.config) / "balance-journal.jsonl"
         journal.parent.mkdir(parents=True, exist_ok=True)
         store = make_balance_store(self.config, engine)

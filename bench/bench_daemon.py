@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -43,11 +42,11 @@ def child(args: argparse.Namespace) -> dict[str, float]:
     from datetime import timedelta
 
     import gevent
-    from sqlalchemy import func, select
 
+    from agent.adapters.balance import make_balance_store
     from agent.adapters.sql.accounts import create_account
     from agent.adapters.sql.engine import make_engine, session_factory, transaction
-    from agent.adapters.sql.models import Reservation, utcnow
+    from agent.adapters.sql.models import utcnow
     from agent.adapters.sql.reconcile import check_ledger
     from agent.cli.demo import SimulatedPbx, demo_config, prepare_database
     from agent.daemon import Daemon
@@ -64,10 +63,9 @@ def child(args: argparse.Namespace) -> dict[str, float]:
     config = demo_config(folder, args.pbx, pbx.agi_port, pbx.port)
     from dataclasses import replace
 
-    # The shipped nibble (6 s), not the demo's 1 s; Redis when asked (many nodes' production set-up).
+    # The shipped nibble (6 s), not the demo's 1 s.
     config = replace(config, daemon=replace(config.daemon, drain_seconds=args.drain),
-                     billing=replace(config.billing, nibble_seconds=args.nibble_seconds),
-                     redis=replace(config.redis, url=args.redis_url or "", key_prefix=f"bench-daemon-{os.getpid()}:"))
+                     billing=replace(config.billing, nibble_seconds=args.nibble_seconds))
     daemon = Daemon(config)
     began = time.monotonic()
     daemon.start()
@@ -96,16 +94,13 @@ def child(args: argparse.Namespace) -> dict[str, float]:
     pbx.stop()
 
     sql = make_engine(url)
-    with sql.connect() as conn:
-        left_open = conn.scalar(select(func.count()).select_from(Reservation).where(Reservation.state == "open"))
-    from agent.adapters.sql.balance_store import SqlBalanceStore
-
-    store = SqlBalanceStore(session_factory(sql))
+    store = make_balance_store(config, sql)  # the daemon's store: SQL reservations or Redis
+    left_open = len(store.live_calls())
     later_ms = int(time.time() * 1000) + config.billing.reservation_ttl_seconds * 1000 + 1000
     while store.expire(later_ms).expired:
         pass
-    with sql.connect() as conn:
-        after_sweep = conn.scalar(select(func.count()).select_from(Reservation).where(Reservation.state == "open"))
+    after_sweep = len(store.live_calls())
+    store.close()
     with transaction(session_factory(sql)) as session:
         report = check_ledger(session, now=utcnow(), grace=timedelta(hours=1))
     sql.dispose()
@@ -121,7 +116,6 @@ def main() -> None:
     parser.add_argument("--pbx", choices=["asterisk", "freeswitch"], default="asterisk")
     parser.add_argument("--drain", type=float, default=20.0, help="daemon.drain_seconds (default 20, as shipped)")
     parser.add_argument("--nibble-seconds", type=int, default=6, help="billing.nibble_seconds (default 6, as shipped)")
-    parser.add_argument("--redis-url", default="", help="use the Redis balance store (e.g. redis://127.0.0.1:6379/0)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-demo", action="store_true", help="skip timing billing-agent demo")
     args = parser.parse_args()
@@ -132,8 +126,6 @@ def main() -> None:
     for i in range(args.runs):
         command = [sys.executable, __file__, "--child", "--calls", str(args.calls), "--pbx", args.pbx,
                    "--drain", str(args.drain), "--nibble-seconds", str(args.nibble_seconds)]
-        if args.redis_url:
-            command += ["--redis-url", args.redis_url]
         out = subprocess.run(command, capture_output=True, text=True, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
         runs.append(result)

@@ -224,3 +224,14 @@ def test_run_stops_on_sigterm_and_a_bad_config_fails_before_anything_listens(tmp
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_redis_with_sqlite_is_refused_at_start(tmp_path: Path) -> None:
+    prepare_database(f"sqlite:///{tmp_path / 'billing-agent.db'}", tmp_path).dispose()
+    config = load_config(None, environ={}, cwd=tmp_path, overrides={
+        "database": {"url": f"sqlite:///{tmp_path / 'billing-agent.db'}"}, "metrics": {"port": 0},
+        "redis": {"url": "redis://127.0.0.1:6379/0"}})
+    agent = Daemon(config)
+    with pytest.raises(StartupError, match="shared PostgreSQL or MariaDB"):
+        agent.start()
+    agent.shutdown()
