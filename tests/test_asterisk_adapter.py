@@ -156,7 +156,8 @@ def test_answered_call_is_authorized_limited_and_billed_from_the_callee_answer(w
     (request,) = world.recorder.requests
     assert (request.pbx, request.leg_id, request.account_id, request.destination, request.caller, request.group_id) == (
         "asterisk", call.a_uniqueid, "1001", "33123456", "2001", call.a_uniqueid)
-    assert request.sip_call_id and request.channel.startswith("PJSIP/")
+    assert request.channel.startswith("PJSIP/")
+    assert [e.sip_call_id for e in world.recorder.of(LegUpdated, call.a_uniqueid) if e.sip_call_id]  # GET VARIABLE
     b = call.b_uniqueids[0]
     created = world.recorder.of(LegCreated, b)[0]
     assert created.direction is Direction.OUTBOUND and created.group_id == call.a_uniqueid

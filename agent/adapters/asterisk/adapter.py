@@ -24,10 +24,11 @@ from typing import Any
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.pool
 
 from agent.adapters.asterisk.agi import AgiSession, FastAgiServer
-from agent.adapters.asterisk.agi_protocol import AgiEnvironment, get_variable, set_variable
+from agent.adapters.asterisk.agi_protocol import AgiEnvironment, AgiReply, get_variable, set_variable
 from agent.adapters.asterisk.ami import AmiClient, AmiError, AmiSettings
 from agent.adapters.asterisk.ami_protocol import AmiMessage
 from agent.adapters.asterisk.translate import PBX, EventTranslator, cause_number
@@ -39,6 +40,7 @@ from agent.core.events import (
     LegCreated,
     LegEvent,
     LegHungUp,
+    LegUpdated,
     PbxConnected,
     PbxDisconnected,
 )
@@ -89,6 +91,9 @@ class AsteriskSettings:
     fetch_call_ids: bool = True  # Getvar the SIP Call-ID of dialled legs (PJSIP has no VarSet for it)
     # Without AMI the agent sees no answer and no hangup: it cannot bill, so it refuses (fail closed).
     authorize_without_ami: bool = False
+    # Authorizations running at once (more AGI sessions wait their turn): bounds the balance
+    # store's connections (redis-py's pool refuses the 101st concurrent caller by default).
+    authorize_concurrency: int = 64
 
     @classmethod
     def from_config(cls, config: Any) -> AsteriskSettings:
@@ -134,6 +139,7 @@ class AsteriskAdapter:
                              on_disconnected=self._on_disconnected)
         self._lookups = gevent.pool.Pool(64)
         self._authorizing: dict[str, list[LegEvent]] = {}  # A leg -> its events held during authorize
+        self._authorize_slots = gevent.lock.BoundedSemaphore(self.settings.authorize_concurrency)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -261,19 +267,31 @@ class AsteriskAdapter:
             session.run([set_variable(VAR_REASON, REASON_UNSUPERVISED), set_variable(VAR_CAUSE, 41),
                          set_variable(VAR_DECISION, "deny")])
             return
-        sip_call_id = ""
+        # The Call-ID is asked first but read after the decision: the engine works while Asterisk
+        # answers (one round trip less); the A leg learns its Call-ID right after (LegUpdated).
         variable = CALL_ID_VARIABLE.get(env.get("agi_type"))
         if variable:
-            sip_call_id = session.command(get_variable(variable)).value or ""
-        request = authorize_request(env, self.clock.now_ms(), sip_call_id)
+            session.send([get_variable(variable)])
+        request = authorize_request(env, self.clock.now_ms())
         decision = self._decide(request)
-        self._answer(session, request, decision)
+        replies = self._answer(session, request, decision)
+        call_id = (replies[0].value or "") if variable and replies else ""
+        if call_id and decision.allowed:
+            self.translator.call_id_learnt(leg_id, call_id, self.clock.now_ms())
+            self._emit(LegUpdated(leg_id, self.clock.now_ms(), sip_call_id=call_id))
 
     def _decide(self, request: AuthorizeRequest) -> AuthorizeDecision:
         self.stats.authorizations += 1
         held = self._authorizing.setdefault(request.leg_id, [])
         try:
-            return self.engine.authorize(request)
+            if not self._authorize_slots.acquire(timeout=self.settings.agi_command_timeout_s):
+                return AuthorizeDecision(False, "", reason=DenyReason.STORE_UNAVAILABLE,
+                                         detail=f"{self.settings.authorize_concurrency} authorizations already "
+                                                f"running for {self.settings.agi_command_timeout_s}s")
+            try:
+                return self.engine.authorize(request)
+            finally:
+                self._authorize_slots.release()
         except Exception as exc:  # the engine must not raise; if it does, the call is refused
             log.exception("engine.authorize failed for leg %s", request.leg_id)
             return AuthorizeDecision(False, "", reason=DenyReason.STORE_UNAVAILABLE, detail=f"agent error: {exc}")
@@ -283,26 +301,30 @@ class AsteriskAdapter:
             for leg_event in held:
                 self.engine.on_event(leg_event)
 
-    def _answer(self, session: AgiSession, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
+    def _answer(self, session: AgiSession, request: AuthorizeRequest,
+                decision: AuthorizeDecision) -> list[AgiReply]:
+        """Set the decision's variables; returns every reply read (earlier ``send``s first)."""
         if decision.allowed:
             commands = [set_variable(VAR_LIMIT_MS, decision.limit_ms)]
             if 0 < decision.warning_ms < decision.limit_ms:
                 commands.append(set_variable(VAR_WARN_MS, decision.warning_ms))
             commands.append(set_variable(VAR_DECISION, "allow"))
+            earlier = session.awaiting
             replies = session.run(commands)
-            if not replies[0].ok:  # no limit, no dial: turn the allow into a refusal
+            mine = replies[earlier:]
+            if not mine[0].ok:  # no limit, no dial: turn the allow into a refusal
                 log.error("leg %s: SET VARIABLE %s refused (%s); refusing the call", request.leg_id, VAR_LIMIT_MS,
                           replies[0].text)
                 session.run([set_variable(VAR_REASON, "agent_error"), set_variable(VAR_CAUSE, 41),
                              set_variable(VAR_DECISION, "deny")])
-            elif not replies[-1].ok:
+            elif not mine[-1].ok:
                 log.error("leg %s: SET VARIABLE %s refused: %s (the dialplan refuses the call)", request.leg_id,
-                          VAR_DECISION, replies[-1].text)
-            return
+                          VAR_DECISION, mine[-1].text)
+            return replies
         reason = str(decision.reason or DenyReason.BAD_REQUEST)
         cause = DENY_CAUSES.get(decision.reason, 21) if decision.reason else 21
-        session.run([set_variable(VAR_REASON, reason), set_variable(VAR_CAUSE, cause),
-                     set_variable(VAR_DECISION, "deny")])
+        return session.run([set_variable(VAR_REASON, reason), set_variable(VAR_CAUSE, cause),
+                            set_variable(VAR_DECISION, "deny")])
 
     def _refuse(self, session: AgiSession, env: AgiEnvironment, why: str) -> None:
         self.stats.refused_requests += 1

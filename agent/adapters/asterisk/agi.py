@@ -62,6 +62,7 @@ class AgiSession:
         self.command_timeout_s = command_timeout_s
         self.reader = AgiReplyReader()
         self.hung_up = False  # Asterisk wrote HANGUP: the channel is gone (commands may still answer)
+        self.awaiting = 0  # commands sent whose reply has not been read
         self._items: list[AgiReply | str] = []
         self._rest = b""
 
@@ -78,21 +79,31 @@ class AgiSession:
                     raise AgiClosed(f"closed after {len(buffer)} bytes, before the end of the AGI environment")
                 buffer += data
 
-    def run(self, commands: list[bytes]) -> list[AgiReply]:
-        """Write the commands at once (Asterisk reads them in order) and read one reply each.
+    def send(self, commands: list[bytes]) -> None:
+        """Write commands now (Asterisk reads them in order); ``replies`` reads their answers."""
+        with gevent.Timeout(self.command_timeout_s, AgiClosed(f"AGI write blocked for {self.command_timeout_s}s")):
+            self.sock.sendall(b"".join(commands))
+        self.awaiting += len(commands)
 
-        ``HANGUP`` lines in between are noted (``hung_up``) and skipped."""
+    def replies(self) -> list[AgiReply]:
+        """One reply per command sent and not yet answered, in order. ``HANGUP`` lines in between
+        are noted (``hung_up``) and skipped: they are never taken for a reply."""
         replies: list[AgiReply] = []
         with gevent.Timeout(self.command_timeout_s, AgiClosed(f"no AGI reply within {self.command_timeout_s}s")):
-            self.sock.sendall(b"".join(commands))
-            while len(replies) < len(commands):
+            while self.awaiting:
                 item = self._next_item()
                 if item == HANGUP:
                     self.hung_up = True
                     continue
                 assert isinstance(item, AgiReply)
                 replies.append(item)
+                self.awaiting -= 1
         return replies
+
+    def run(self, commands: list[bytes]) -> list[AgiReply]:
+        """Send the commands pipelined and read their replies (and those of earlier ``send``s)."""
+        self.send(commands)
+        return self.replies()
 
     def command(self, command: bytes) -> AgiReply:
         return self.run([command])[0]
