@@ -31,6 +31,7 @@ from gevent import monkey
 monkey.patch_all()  # redis-py and the SQL driver must yield to the hub, as in the daemon
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -405,10 +406,15 @@ def ami_flood_main(calls: int) -> int:
     return 0
 
 
-def agi_env(index: int) -> bytes:
+@functools.cache
+def agi_env_template() -> str:
     env = (CAPTURES / "agi-1-authorize-01.txt").read_text().split("\n>> ")[0]
     lines = [line[3:] for line in env.split("\n") if line.startswith("<< ")]
-    text = "\n".join(lines) + "\n\n"
+    return "\n".join(lines) + "\n\n"
+
+
+def agi_env(index: int) -> bytes:
+    text = agi_env_template()
     account = f"acct{index % ACCOUNTS}"
     text = (text.replace("agi_type: SIP", "agi_type: PJSIP").replace("1795335056.4", f"1795500000.{index}")
             .replace("agi_accountcode: 1001", f"agi_accountcode: {account}")
