@@ -115,6 +115,7 @@ class AdapterStats:
     resyncs: int = 0
     vanished_legs: int = 0
     call_id_lookups: int = 0
+    call_id_lookups_skipped: int = 0  # 64 Getvars already in flight (an event flood): Call-ID left out
 
 
 class AsteriskAdapter:
@@ -199,9 +200,11 @@ class AsteriskAdapter:
         for leg_event in self.translator.translate(message, self.clock.now_ms()):
             self._emit(leg_event)
             if (self.settings.fetch_call_ids and isinstance(leg_event, LegCreated)
-                    and leg_event.direction is Direction.OUTBOUND and not self._lookups.full()):
+                    and leg_event.direction is Direction.OUTBOUND):
                 variable = CALL_ID_VARIABLE.get(leg_event.channel.partition("/")[0])
-                if variable:
+                if variable and self._lookups.full():
+                    self.stats.call_id_lookups_skipped += 1
+                elif variable:
                     self._lookups.spawn(self._fetch_call_id, leg_event.leg_id, variable)
 
     def _emit(self, leg_event: LegEvent) -> None:
