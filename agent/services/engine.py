@@ -272,10 +272,15 @@ class Engine:
     def _apply(self, item: LegEvent | _Internal) -> None:
         if isinstance(item, _NibbleResults):
             now_ms = self.clock.now_ms()
+            trace = log.isEnabledFor(logging.DEBUG)  # one line per money movement when debugging
             for step, result in zip(item.steps, item.results, strict=True):
                 session = self.registry.sessions.get(step.call_id)
                 if session is None:
                     continue
+                if trace:
+                    log.debug("nibble call=%s account=%s seq=%d debit_micros=%d granted_micros=%d ok=%s node=%s",
+                              step.call_id, session.account_id, step.seq, step.debit_micros, result.granted_micros,
+                              result.ok, self.settings.node)
                 if result.ok and step.debit_micros:
                     self.metrics.nibble_debits.inc()
                 effects = session.on_nibble_result(step.seq, result.granted_micros, result.debited_micros,
@@ -373,8 +378,9 @@ class Engine:
                 if isinstance(command, HangupLeg):
                     if not command.escalate:
                         self.metrics.cutoffs.inc()
-                    log.info("cut call=%s leg=%s escalate=%s reason=%s", effect.call_id, command.leg_id,
-                             command.escalate, command.reason)
+                    log.info("cut call=%s account=%s leg=%s escalate=%s reason=%s node=%s", effect.call_id,
+                             session.account_id if session else "?", command.leg_id, command.escalate,
+                             command.reason, self.settings.node)
                     switch.hangup(command.leg_id, command.cause, escalate=command.escalate)
                 elif isinstance(command, WarnLeg):
                     switch.warn(command.leg_id, command.seconds_left)
