@@ -6,8 +6,9 @@
 --   * calls:      PRIMARY KEY (id)                      -> (id, started_at)
 --   * call_legs:  UNIQUE (call_id, pbx_unique_id)       -> (call_id, pbx_unique_id, created_at)
 --                 PRIMARY KEY (id)                      -> (id, created_at)
---   * the foreign keys of call_legs and rating_decisions to calls(id) are dropped (a key of a
---     partitioned table that leaves out the partition key cannot be referenced).
+--   * the foreign keys of call_legs and rating_decisions to calls(id), which a database made
+--     before migration 0005 still has, are dropped (a key of a partitioned table that leaves
+--     out the partition key cannot be referenced).
 -- Idempotent CDR writes still hold: a replayed CDR carries the same started_at / created_at as
 -- the first copy (they come from the spooled record), so the new keys refuse it exactly as the old
 -- ones did, and the writer (COPY, or INSERT ... ON CONFLICT DO NOTHING) needs no change. A call
@@ -37,8 +38,8 @@ BEGIN;
 
 LOCK TABLE calls, call_legs, rating_decisions IN ACCESS EXCLUSIVE MODE;
 
-ALTER TABLE call_legs DROP CONSTRAINT fk_call_legs_call_id_calls;
-ALTER TABLE rating_decisions DROP CONSTRAINT fk_rating_decisions_call_id_calls;
+ALTER TABLE call_legs DROP CONSTRAINT IF EXISTS fk_call_legs_call_id_calls;
+ALTER TABLE rating_decisions DROP CONSTRAINT IF EXISTS fk_rating_decisions_call_id_calls;
 
 ALTER TABLE calls RENAME TO calls_unpartitioned;
 ALTER TABLE calls_unpartitioned RENAME CONSTRAINT pk_calls TO pk_calls_unpartitioned;

@@ -30,6 +30,26 @@ CREATE TABLE call_commands (
 
 CREATE INDEX ix_call_commands_node_done_at ON call_commands (node, done_at);
 
+CREATE TABLE call_legs (
+	id BIGSERIAL NOT NULL,
+	call_id VARCHAR(64) NOT NULL,
+	pbx_unique_id VARCHAR(64) NOT NULL,
+	channel VARCHAR(255) NOT NULL,
+	direction VARCHAR(8) NOT NULL,
+	sip_call_id VARCHAR(255) NOT NULL,
+	peer VARCHAR(128) NOT NULL,
+	caller VARCHAR(64) NOT NULL,
+	callee VARCHAR(64) NOT NULL,
+	created_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	answered_at TIMESTAMP WITHOUT TIME ZONE,
+	ended_at TIMESTAMP WITHOUT TIME ZONE,
+	hangup_cause VARCHAR(64) NOT NULL,
+	billsec INTEGER NOT NULL,
+	billed BOOLEAN NOT NULL,
+	CONSTRAINT pk_call_legs PRIMARY KEY (id),
+	CONSTRAINT uq_call_legs_call_id_pbx_unique_id UNIQUE (call_id, pbx_unique_id)
+);
+
 CREATE TABLE calls (
 	id VARCHAR(64) NOT NULL,
 	node VARCHAR(64) NOT NULL,
@@ -94,6 +114,22 @@ CREATE TABLE rate_plans (
 	CONSTRAINT uq_rate_plans_name UNIQUE (name)
 );
 
+CREATE TABLE rating_decisions (
+	id BIGSERIAL NOT NULL,
+	call_id VARCHAR(64) NOT NULL,
+	seq INTEGER NOT NULL,
+	plan_name VARCHAR(64) NOT NULL,
+	rate_id BIGINT,
+	prefix VARCHAR(32) NOT NULL,
+	rate_micros BIGINT NOT NULL,
+	billed_seconds INTEGER NOT NULL,
+	cost_micros BIGINT NOT NULL,
+	decided_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	reason VARCHAR(255) NOT NULL,
+	CONSTRAINT pk_rating_decisions PRIMARY KEY (id),
+	CONSTRAINT uq_rating_decisions_call_id_seq UNIQUE (call_id, seq)
+);
+
 CREATE TABLE tenants (
 	id SERIAL NOT NULL,
 	name VARCHAR(64) NOT NULL,
@@ -124,27 +160,6 @@ CREATE TABLE accounts (
 	CONSTRAINT fk_accounts_rate_plan_id_rate_plans FOREIGN KEY(rate_plan_id) REFERENCES rate_plans (id)
 );
 
-CREATE TABLE call_legs (
-	id BIGSERIAL NOT NULL,
-	call_id VARCHAR(64) NOT NULL,
-	pbx_unique_id VARCHAR(64) NOT NULL,
-	channel VARCHAR(255) NOT NULL,
-	direction VARCHAR(8) NOT NULL,
-	sip_call_id VARCHAR(255) NOT NULL,
-	peer VARCHAR(128) NOT NULL,
-	caller VARCHAR(64) NOT NULL,
-	callee VARCHAR(64) NOT NULL,
-	created_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
-	answered_at TIMESTAMP WITHOUT TIME ZONE,
-	ended_at TIMESTAMP WITHOUT TIME ZONE,
-	hangup_cause VARCHAR(64) NOT NULL,
-	billsec INTEGER NOT NULL,
-	billed BOOLEAN NOT NULL,
-	CONSTRAINT pk_call_legs PRIMARY KEY (id),
-	CONSTRAINT uq_call_legs_call_id_pbx_unique_id UNIQUE (call_id, pbx_unique_id),
-	CONSTRAINT fk_call_legs_call_id_calls FOREIGN KEY(call_id) REFERENCES calls (id) ON DELETE CASCADE
-);
-
 CREATE TABLE rates (
 	id BIGSERIAL NOT NULL,
 	plan_id INTEGER NOT NULL,
@@ -172,23 +187,6 @@ CREATE TABLE rates (
 );
 
 CREATE INDEX ix_rates_plan_id_prefix ON rates (plan_id, prefix);
-
-CREATE TABLE rating_decisions (
-	id BIGSERIAL NOT NULL,
-	call_id VARCHAR(64) NOT NULL,
-	seq INTEGER NOT NULL,
-	plan_name VARCHAR(64) NOT NULL,
-	rate_id BIGINT,
-	prefix VARCHAR(32) NOT NULL,
-	rate_micros BIGINT NOT NULL,
-	billed_seconds INTEGER NOT NULL,
-	cost_micros BIGINT NOT NULL,
-	decided_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
-	reason VARCHAR(255) NOT NULL,
-	CONSTRAINT pk_rating_decisions PRIMARY KEY (id),
-	CONSTRAINT uq_rating_decisions_call_id_seq UNIQUE (call_id, seq),
-	CONSTRAINT fk_rating_decisions_call_id_calls FOREIGN KEY(call_id) REFERENCES calls (id) ON DELETE CASCADE
-);
 
 CREATE TABLE ledger_entries (
 	id BIGSERIAL NOT NULL,

@@ -277,7 +277,8 @@ def test_spooled_json_goes_to_copy_as_the_same_rows(engine: Engine) -> None:
         r.settled_ms or r.ended_ms or r.started_ms for r in records]
     fast = _all_rows(engine)
     with engine.begin() as conn:
-        conn.execute(Call.__table__.delete())
+        for table in (Call, CallLeg, RatingDecision):
+            conn.execute(table.__table__.delete())
     store.write(records)
     assert _all_rows(engine) == fast
 
