@@ -154,6 +154,7 @@ class Daemon:
                 store_timeout_s=billing.store_timeout_ms / 1000, max_call_seconds=billing.max_call_seconds),
             store=store, rater=PlanRater(plans.plan_of, self.rate_cache), clock=self.clock, cdr=self.cdr,
             metrics=self.metrics)
+        self._offer_adoption(self.engine, self.store)
         self.engine.start()
         self._start_adapters(self.engine)
         self.publisher = LiveCallPublisher(self.sql, self.config.node.id)
@@ -269,6 +270,19 @@ class Daemon:
         cache.preload(names)
         log.info("rate plans loaded: %s", ", ".join(names) or "none")
         return cache
+
+    def _offer_adoption(self, engine: CallEngine, store: StoreGuard) -> None:
+        """Calls an earlier run of this node left supervised (hand-over at shutdown, a crash):
+        the first resync of each PBX adopts those still live; the rest expire in the store."""
+        try:
+            mine = [c for c in store.live_calls() if c.node == self.config.node.id]
+        except Exception as exc:  # the store is down: nothing to adopt now, the sweeper expires them later
+            log.warning("cannot list open reservations to adopt: %s", exc, exc_info=True)
+            return
+        engine.adoptable = {c.call_id: c for c in mine}
+        if mine:
+            log.warning("%d calls of node %s from an earlier run still hold reservations; adopting those the PBX "
+                        "still shows", len(mine), self.config.node.id)
 
     def _start_adapters(self, engine: CallEngine) -> None:
         """Bind every enabled PBX listener now (a port in use fails the start)."""
@@ -415,7 +429,9 @@ class Daemon:
 
     def shutdown(self) -> float:
         """Stop in order; returns the seconds it took. Each step is bounded, so that with the
-        shipped drain (20 s) the agent is gone well within systemd's 30-40 s stop timeout."""
+        shipped drain (20 s) the agent is gone well within systemd's 30-40 s stop timeout. Calls
+        still live after the drain keep their reservations: the next start of this node adopts
+        them from the PBX's resync, or they expire (the PBX limit still ends them)."""
         began = time.monotonic()
         self.stopping.set()
         engine = self.engine

@@ -235,3 +235,41 @@ def test_redis_with_sqlite_is_refused_at_start(tmp_path: Path) -> None:
     with pytest.raises(StartupError, match="shared PostgreSQL or MariaDB"):
         agent.start()
     agent.shutdown()
+
+
+def test_a_restarted_agent_adopts_the_calls_it_handed_over_and_bills_them_once(
+        tmp_path: Path, fake_fs: FakeFreeswitch) -> None:
+    prepare_database(f"sqlite:///{tmp_path / 'billing-agent.db'}", tmp_path).dispose()
+    config = demo_config(tmp_path, "freeswitch", 0, fake_fs.port)
+    from dataclasses import replace
+
+    config = replace(config, daemon=replace(config.daemon, drain_seconds=0.0))
+    first = Daemon(config)
+    first.start()
+    wait_for(lambda: all(a.connected() for a in first.adapters))
+    call = fake_fs.place_call("alice", "33142685300", answer_after_ms=50, talk_ms=6_000)
+    wait_for(lambda: any(c["phase"] == "answered" for c in first.live_call_dicts()))
+    gevent.sleep(2.2)  # two nibbles debited by the first run
+    first.shutdown()  # drain 0: the call is handed over, its reservation stays open
+    assert not call.done.is_set()
+
+    second = Daemon(config)
+    second.start()
+    try:
+        wait_for(lambda: any(c["phase"] == "answered" for c in second.live_call_dicts()), timeout=10)
+        assert call.done.wait(15)
+        wait_for(lambda: not second.live_call_dicts(), timeout=10)
+    finally:
+        second.shutdown()
+    sql = make_engine(config.database.url)
+    try:
+        with sql.connect() as conn:
+            (cdr,) = conn.execute(select(Call.account_id, Call.disposition, Call.duration_ms)).all()
+        assert cdr[0] == "alice" and cdr[1] == "ANSWERED"
+        assert 5_900 <= cdr[2] <= 7_000  # the whole call, billed once, across the two runs
+        with transaction(session_factory(sql)) as session:
+            report = check_ledger(session, now=utcnow(), grace=timedelta(0))
+        assert report.ok, report.problems
+        assert report.settled_calls == 1 and report.charges == 1
+    finally:
+        sql.dispose()

@@ -188,3 +188,34 @@ def test_a_call_ended_by_the_pbx_limit_is_recorded_as_cut() -> None:
     early.on_hung_up(LegHungUp("A2", T0 + 3_000, cause="NORMAL_CLEARING"))
     (finished,) = early.on_settled(T0 + 3_100)
     assert finished.record.disposition is Disposition.ANSWERED
+
+
+def test_an_adopted_call_continues_from_the_nibbles_the_store_debited() -> None:
+    tariff = FlatTariff(rate_micros=600_000, connect_fee_micros=50_000)
+    session = make_session(tariff, granted=0, nibble_s=6)
+    _answer_b(session, T0)
+    debited = tariff.cost_micros(3 * 6000)  # three nibbles done before the restart
+    next_slice = tariff.cost_micros(4 * 6000) - debited
+    effects = session.adopt_progress(debited_micros=debited, reserved_micros=next_slice, seq=3, now_ms=T0 + 20_000)
+    assert session.nibbles_done == 3
+    assert _timers(effects)[TimerKind.NIBBLE].at_ms == T0 + 24_000
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 24_000)
+    assert step.seq == 4 and step.debit_micros == next_slice
+    # An adopted call whose money is already final is cut when it runs out.
+    short = make_session(PER_SECOND, granted=0, a_leg="A2")
+    _answer_b(short, T0, leg="B2")
+    effects = short.adopt_progress(debited_micros=6_000, reserved_micros=1_500, seq=1, now_ms=T0 + 6_500)
+    assert _timers(effects)[TimerKind.CUT].at_ms == T0 + 7_000
+
+
+def test_an_adopted_call_in_a_flat_stretch_of_its_tariff_is_not_cut() -> None:
+    # 30 s initial increment, 6 s nibbles: nibbles 2-5 debit nothing and reserve nothing.
+    tariff = FlatTariff(rate_micros=600_000, initial_increment=30, increment=6)
+    session = make_session(tariff, granted=0, nibble_s=6)
+    _answer_b(session, T0)
+    effects = session.adopt_progress(debited_micros=tariff.cost_micros(18_000), reserved_micros=0, seq=3,
+                                     now_ms=T0 + 20_000)
+    assert TimerKind.CUT not in _timers(effects)
+    assert _timers(effects)[TimerKind.NIBBLE].at_ms == T0 + 20_000  # catch up at once, debiting nothing
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 20_000)
+    assert step.debit_micros == 0

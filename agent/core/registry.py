@@ -21,10 +21,21 @@ from agent.core.events import (
     LegHungUp,
     LegUnbridged,
     LegUpdated,
+    LiveLeg,
     PbxConnected,
     PbxDisconnected,
 )
-from agent.core.session import ArmTimer, CallSession, Effect, Leg, Phase, TimerKind
+from agent.core.session import (
+    ArmTimer,
+    CallSession,
+    Effect,
+    Leg,
+    Phase,
+    RatingInfo,
+    SessionSettings,
+    Tariff,
+    TimerKind,
+)
 
 PENDING_LEG_LIMIT = 10_000  # legs seen before their call was authorized, kept for a while
 
@@ -63,6 +74,32 @@ class CallRegistry:
             leg.sip_call_id = leg.sip_call_id or early.sip_call_id
             leg.peer = leg.peer or early.peer
         return self.schedule(session.start())
+
+    def adopt(self, *, call_id: str, node: str, pbx: str, account_id: str, a_leg: LiveLeg,
+              others: list[LiveLeg], tariff: Tariff, rating: RatingInfo, settings: SessionSettings,
+              debited_micros: int, reserved_micros: int, seq: int, now_ms: int) -> list[Effect]:
+        """Supervise a call found live on the PBX whose reservation an earlier run of this node
+        left open (agent restart, hand-over): rebuild its session from the legs the PBX shows
+        and continue billing from what the store debited."""
+        created_ms = a_leg.created_ms or now_ms
+        session = CallSession(
+            call_id=call_id, node=node, pbx=pbx, account_id=account_id, destination=a_leg.callee,
+            caller=a_leg.caller, a_leg=Leg(a_leg.leg_id, Direction.INBOUND, created_ms, channel=a_leg.channel,
+                                           caller=a_leg.caller, callee=a_leg.callee),
+            authorized_ms=created_ms, tariff=tariff, rating=rating, settings=settings,
+            granted_micros=reserved_micros, limit_ms=0, group_id=a_leg.group_id)
+        effects = self.add(session)
+        for leg in others:
+            session.on_leg_created(LegCreated(leg.leg_id, leg.created_ms or now_ms, leg.direction,
+                                              group_id=leg.group_id, parent_leg_id=a_leg.leg_id, channel=leg.channel,
+                                              caller=leg.caller, callee=leg.callee))
+            self.leg_index[leg.leg_id] = call_id
+        answered = sorted((leg for leg in others if leg.answered), key=lambda leg: leg.answered_ms or now_ms)
+        if answered:
+            effects += session.on_answered(LegAnswered(answered[0].leg_id, answered[0].answered_ms or now_ms))
+        effects += session.adopt_progress(debited_micros=debited_micros, reserved_micros=reserved_micros, seq=seq,
+                                          now_ms=now_ms)
+        return self.schedule(effects)
 
     def remove(self, call_id: str) -> None:
         session = self.sessions.pop(call_id, None)

@@ -46,6 +46,7 @@ from agent.core.events import (
 )
 
 LAST_CHANCE_LEAD_MS = 2_000  # an exhausted call asks the store once more this long before its cut
+MAX_ADOPTED_NIBBLES = 1_000_000  # a bound for the adoption search (an 11-day call at 1 s nibbles)
 BACKSTOP_TOLERANCE_MS = 1_000  # a call that lasted to within this of its PBX limit was cut by the limit
 BUSY_CAUSES = frozenset({"USER_BUSY", "17"})
 NO_ANSWER_CAUSES = frozenset({"NO_ANSWER", "NO_USER_RESPONSE", "ORIGINATOR_CANCEL", "19", "18"})
@@ -383,6 +384,32 @@ class CallSession:
             if known is not None and info.answered and known.answered_ms is None and info.answered_ms:
                 effects += self.on_answered(LegAnswered(leg_id, info.answered_ms))
         return effects
+
+    # ---------------------------------------------------------------- adoption (agent restart)
+
+    def adopt_progress(self, *, debited_micros: int, reserved_micros: int, seq: int, now_ms: int) -> list[Effect]:
+        """Take over a call another run of this node authorized (its reservation is still open
+        in the store): continue from what the store says was debited. Debits are whole nibble
+        slices, ``cost(k*N) - cost((k-1)*N)``, so ``debited == cost(k*N)`` gives the k nibbles
+        done; the next nibble is due at answer + (k+1)*N (at once when that is past)."""
+        self.seq = max(self.seq, seq)
+        self.debited_micros = debited_micros
+        self.budget_micros = debited_micros + reserved_micros
+        self.granted_micros = reserved_micros
+        if self.phase is not Phase.ANSWERED or self.answer_ms is None:
+            return []
+        # The fewest nibbles that cover the debit: where the tariff is flat (an initial increment
+        # longer than a nibble) several counts debit the same, and the later nibbles of a flat
+        # stretch debit nothing, so catching up through them is free and reserves correctly.
+        done = 0
+        while self._cost_at(done * self.nibble_ms) < debited_micros and done < MAX_ADOPTED_NIBBLES:
+            done += 1
+        self.nibbles_done = done
+        self.token += 1  # drop the timers armed by the replayed answer
+        next_slice = self._cost_at((done + 1) * self.nibble_ms) - self._cost_at(done * self.nibble_ms)
+        if reserved_micros < next_slice:  # the budget is final: cut when it runs out
+            return self._exhaust(now_ms)
+        return [self._arm(TimerKind.NIBBLE, max(now_ms, self.answer_ms + (done + 1) * self.nibble_ms))]
 
     # ---------------------------------------------------------------- timers
 

@@ -20,12 +20,16 @@ import gevent.event
 import gevent.pool
 import gevent.queue
 
+from agent.core.balance import LiveCall
 from agent.core.events import (
     AuthorizeDecision,
     AuthorizeRequest,
     DenyReason,
+    Direction,
     HangupLeg,
     LegEvent,
+    LiveLeg,
+    PbxConnected,
     WarnLeg,
 )
 from agent.core.registry import CallRegistry
@@ -35,6 +39,7 @@ from agent.core.session import (
     Effect,
     Finished,
     NibbleStep,
+    RatingRefused,
     ReleaseStep,
     SessionSettings,
     SettleStep,
@@ -138,6 +143,9 @@ class Engine:
         self._nibble_batch: list[NibbleStep] = []
         self.on_finished: list[Callable[[Any], None]] = []
         self.lateness_samples: list[int] | None = None  # benchmarks set a list to get raw samples
+        # Open reservations an earlier run of this node left (the daemon fills it at start); a
+        # resync that shows their legs live on the PBX adopts them (agent restart, hand-over).
+        self.adoptable: dict[str, LiveCall] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -200,7 +208,39 @@ class Engine:
     # ---------------------------------------------------------------- authorization
 
     def call_id_for(self, request: AuthorizeRequest) -> str:
-        return CALL_ID_UNSAFE.sub("_", f"{self.settings.node}-{request.leg_id}")[:64]
+        return self.call_id_of_leg(request.leg_id)
+
+    def call_id_of_leg(self, a_leg_id: str) -> str:
+        return CALL_ID_UNSAFE.sub("_", f"{self.settings.node}-{a_leg_id}")[:64]
+
+    def _adopt(self, event: PbxConnected) -> None:
+        """Adopt the calls of an earlier run found live on the PBX (see ``adoptable``)."""
+        now_ms = self.clock.now_ms()
+        for a_leg in event.live_legs:
+            if a_leg.direction is not Direction.INBOUND:
+                continue
+            call_id = self.call_id_of_leg(a_leg.leg_id)
+            held = self.adoptable.pop(call_id, None)
+            if held is None or call_id in self.registry.sessions:
+                continue
+            others = [leg for leg in event.live_legs if leg is not a_leg and leg.direction is Direction.OUTBOUND
+                      and _same_call(leg, a_leg)]
+            try:
+                rated = self.rater.rate(held.account_id, a_leg.callee, a_leg.created_ms or now_ms)
+            except RatingRefused as refused:
+                log.error("cannot adopt call=%s account=%s dest=%r: %s; its reservation will expire and the PBX "
+                          "limit ends it", call_id, held.account_id, a_leg.callee, refused.detail)
+                continue
+            effects = self.registry.adopt(
+                call_id=call_id, node=self.settings.node, pbx=event.pbx, account_id=held.account_id, a_leg=a_leg,
+                others=others, tariff=rated.tariff, rating=rated.info, settings=self.session_settings,
+                debited_micros=held.debited_micros, reserved_micros=held.reserved_micros, seq=held.seq,
+                now_ms=now_ms)
+            self.metrics.live_calls.set(self.registry.live_count())
+            log.warning("adopted call=%s account=%s dest=%s from an earlier run: %d legs live, %d micro-units "
+                        "already debited", call_id, held.account_id, a_leg.callee, 1 + len(others),
+                        held.debited_micros)
+            self._run_effects(effects)
 
     def _authorize(self, request: AuthorizeRequest) -> AuthorizeDecision:
         call_id = self.call_id_for(request)
@@ -298,6 +338,8 @@ class Engine:
             if session is not None:
                 self._run_effects(session.on_settled(self.clock.now_ms(), item.cost_micros))
             return
+        if isinstance(item, PbxConnected) and self.adoptable:
+            self._adopt(item)
         before = self.registry.stats.unknown_events
         self._run_effects(self.registry.feed(item))
         if self.registry.stats.unknown_events != before:
@@ -408,3 +450,8 @@ class Engine:
         for callback in self.on_finished:
             callback(record)
 
+
+def _same_call(leg: LiveLeg, a_leg: LiveLeg) -> bool:
+    if a_leg.leg_id in (leg.parent_leg_id, leg.bridged_to):
+        return True
+    return bool(a_leg.group_id) and leg.group_id == a_leg.group_id
