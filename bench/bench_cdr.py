@@ -64,7 +64,7 @@ def part_replay(url: str, count: int) -> dict[str, float]:
     from agent.adapters.cdr.spool import Spool
     from agent.adapters.sql.cdr_writer import SqlCdrStore
     from agent.adapters.sql.engine import make_engine
-    from agent.services.cdr_pipeline import CdrPipeline, PipelineSettings, decode_record, encode_record
+    from agent.services.cdr_pipeline import CdrPipeline, PipelineSettings, decode_record, spool_payload
     from tests.cdr_builders import make_record
 
     _truncate(url)
@@ -73,7 +73,7 @@ def part_replay(url: str, count: int) -> dict[str, float]:
     records = [make_record(i, call_id=f"bench-{i:08d}") for i in range(count)]
     started = time.perf_counter()
     for record in records:
-        spool.append(encode_record(record))  # what submit() does on the call path
+        spool.append(spool_payload(record))  # what submit() does on the call path
     submit_s = time.perf_counter() - started
     spool.sync()
     spool.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import gevent.event
 import pytest
@@ -231,4 +232,55 @@ def test_the_spooled_form_is_the_records_dict_and_decodes_back(record: CallRecor
 @pytest.mark.parametrize("payload", [b"[]", b'{"call_id": "x"}', b"\xff\xfe", b"{"])
 def test_anything_else_does_not_decode(payload: bytes) -> None:
     with pytest.raises(ValueError):
+        decode_record(payload)
+
+
+ODD_TEXT = 'a\\b\tc\nd\re "q" Zoë \u2603 \\N'
+
+
+@pytest.mark.parametrize("record", [
+    make_record(1), make_record(2, answered=False), make_record(3, settled_ms=None, legs=()),
+    make_record(4, caller=ODD_TEXT, destination="\\N", hangup_cause="\t", started_ms=1_767_225_600_999),
+    make_record(5, cost_micros=-2_500_000, rate_id=None, started_ms=0),
+])
+def test_the_spooled_form_is_copy_lines_and_decodes_back(record: CallRecord) -> None:
+    from agent.services.cdr_lines import copy_rows
+    from agent.services.cdr_pipeline import spool_payload
+
+    payload = spool_payload(record)
+    settled, call, legs, decision = copy_rows(payload)
+    assert settled == (record.settled_ms or record.ended_ms or record.started_ms)
+    assert len(call.split(b"\t")) == 13 and len(decision.split(b"\t")) == 10
+    assert [len(leg.split(b"\t")) for leg in legs] == [14] * len(record.legs)
+    assert decode_record(payload) == record
+
+
+def test_a_record_the_copy_lines_cannot_carry_is_spooled_as_json() -> None:
+    from dataclasses import replace
+
+    from agent.services.cdr_pipeline import spool_payload
+
+    for record in (make_record(1, destination=None), replace(make_record(2), duration_ms=None),
+                   make_record(3, started_ms=10**17)):
+        payload = spool_payload(record)
+        assert payload == encode_record(record)
+        assert json.loads(payload)["call_id"] == record.call_id
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: p.replace(b"\tANSWERED\t", b"\tANSWERED\tX\t"),  # a field too many
+    lambda p: p.replace(b"\t61000\t", b"\t61s\t"),  # not an integer
+    lambda p: p.replace(b"2026-01-01 00:01:00.000", b"2026-13-01 00:01:00.000"),  # not an instant
+    lambda p: p.replace(b"call-000001\t1\t", b"call-000002\t1\t"),  # a decision of another call
+    lambda p: p.replace(b"\tt\n", b"\ty\n"),  # not a boolean
+    lambda p: p.replace(b"acct-1", b"acct-\xff"),  # not UTF-8
+    lambda p: p[:-1],  # the last line cut
+    lambda p: p.split(b"\n", 1)[0] + b"\n",  # the header alone
+])
+def test_damaged_copy_lines_do_not_decode(damage: Any) -> None:
+    from agent.services.cdr_pipeline import spool_payload
+
+    payload = damage(spool_payload(make_record(1)))
+    assert payload.startswith(b"cdr2\t")
+    with pytest.raises(ValueError, match="malformed call record"):
         decode_record(payload)

@@ -284,6 +284,48 @@ def test_spooled_json_goes_to_copy_as_the_same_rows(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_spooled_copy_lines_go_to_copy_as_the_same_rows(engine: Engine) -> None:
+    from dataclasses import replace
+
+    from agent.services.cdr_pipeline import encode_record, spool_payload
+
+    odd = 'a\\b\tc\nd\re "q" Zoë \u2603 \\N'
+    records = [*_varied_records(), make_record(6, caller=odd, destination="\\N"),
+               replace(make_record(7, hangup_cause="\t"), legs=(replace(make_record(7).legs[0], channel=odd),))]
+    payloads = [spool_payload(r) for r in records]
+    assert all(p.startswith(b"cdr2\t") for p in payloads)
+    payloads[1] = encode_record(records[1])  # an earlier spool's JSON in the same batch
+    store = SqlCdrStore(engine)
+    assert store.write_spooled(payloads) == [r.settled_ms or r.ended_ms or r.started_ms for r in records]
+    fast = _all_rows(engine)
+    with engine.begin() as conn:
+        for table in (Call, CallLeg, RatingDecision):
+            conn.execute(table.__table__.delete())
+    store.write(records)
+    assert _all_rows(engine) == fast
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_copy_lines_the_database_refuses_take_the_general_path(engine: Engine, tmp_path: Path) -> None:
+    from agent.services.cdr_pipeline import spool_payload
+
+    store = SqlCdrStore(engine)
+    wrong = spool_payload(make_record(1)).replace(b"\t61000\t", b"\t61s\t")
+    assert store.write_spooled([spool_payload(make_record(0)), wrong]) is None
+    assert store.write_spooled([spool_payload(make_record(0, caller="nul\x00"))]) is None
+    assert counts(engine) == (0, 0, 0)  # nothing of a refused batch stays
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    for payload in (spool_payload(make_record(0)), wrong, spool_payload(make_record(2))):
+        spool.append(payload)
+    pipeline = CdrPipeline(spool, store, PipelineSettings(batch_size=10))
+    report = pipeline.replay_now()
+    assert (report.written, report.rejected, report.backlog_bytes) == (2, 1, 0)
+    assert call_ids(engine) == ["call-000000", "call-000002"]
+    assert [call_id for call_id, _ in quarantine_rows(engine)] == [""]  # undecodable: kept as spooled
+    pipeline.stop(1)
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
 def test_the_fast_path_hands_back_what_it_cannot_write(engine: Engine) -> None:
     from agent.services.cdr_pipeline import encode_record
 

@@ -41,6 +41,8 @@ import gevent.pool
 from prometheus_client import Counter, Gauge, Histogram
 
 from agent.core.cdr import CallRecord, LegRecord, RatingRecord
+from agent.services.cdr_lines import TAG as LINES_TAG
+from agent.services.cdr_lines import decode_lines, encode_lines
 from agent.services.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -170,14 +172,26 @@ def record_dict(record: CallRecord) -> dict[str, Any]:
 
 
 def encode_record(record: CallRecord) -> bytes:
-    """The spooled form of a call: compact ASCII JSON of ``CallRecord.to_dict()`` (money in
-    micro-units, instants in ms); keys, not positions, so that a record spooled before an
-    upgrade that adds a field still decodes."""
+    """The JSON form of a call: compact ASCII JSON of ``CallRecord.to_dict()`` (money in
+    micro-units, instants in ms). Spooled by earlier versions and still for a record the
+    COPY-lines form cannot carry (``spool_payload``); kept in ``cdr_quarantine`` and in the log
+    lines of a record the spool refused, for people to read and re-inject."""
     return json.dumps(record_dict(record), separators=(",", ":")).encode("ascii")
 
 
+def spool_payload(record: CallRecord) -> bytes:
+    """What ``submit`` spools: the COPY-lines form (agent/services/cdr_lines.py), or the JSON
+    form for a record with a value that form cannot carry as it is."""
+    try:
+        return encode_lines(record)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return encode_record(record)
+
+
 def decode_record(payload: bytes) -> CallRecord:
-    """Raises ValueError with the reason on anything that is not a spooled call."""
+    """Either spooled form. Raises ValueError with the reason on anything that is not a spooled call."""
+    if payload.startswith(LINES_TAG):
+        return decode_lines(payload)
     data = json.loads(payload)
     if not isinstance(data, dict):
         raise ValueError(f"a spooled call is a JSON object, not {type(data).__name__}")
@@ -268,11 +282,11 @@ class CdrPipeline:
     # ------------------------------------------------------------------ the call path
 
     def submit(self, record: CallRecord) -> None:
-        payload = encode_record(record)
+        payload = spool_payload(record)
         try:
             self.spool.append(payload)
         except SpoolError as exc:
-            self._keep_in_memory(record, payload, exc)
+            self._keep_in_memory(record, encode_record(record), exc)
             raise
         self.counters.spooled += 1
         self._queued += 1

@@ -33,6 +33,8 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from agent.adapters.sql.models import Call, CallLeg, CdrQuarantine, RatingDecision, utcnow
 from agent.core.cdr import CallRecord
+from agent.services.cdr_lines import TAG as LINES_TAG
+from agent.services.cdr_lines import copy_rows
 from agent.services.cdr_pipeline import (
     CdrStoreUnavailable,
     CdrWriteReport,
@@ -215,28 +217,43 @@ class SqlCdrStore:
         return CdrWriteReport(written=len(records), new_calls=new_calls)
 
     def write_spooled(self, payloads: Sequence[bytes]) -> list[int] | None:
-        """PostgreSQL's fast path: the spooled JSON goes to COPY as text lines, without
-        decoding it into CallRecords. Returns each call's settled instant (ms), or None when
-        the batch needs the general path (``write``): no COPY, a replay of rows already there,
+        """PostgreSQL's fast path: spooled calls go to COPY without being decoded into
+        CallRecords; the COPY-lines form (agent/services/cdr_lines.py) as it is, the JSON form
+        of earlier spools converted to COPY text lines. Returns each call's settled instant
+        (ms), or None when the batch needs the general path (``write``): no COPY, a replay of rows already there,
         a payload it does not handle, a row the database refuses. Raises CdrStoreUnavailable."""
         if not self.use_copy or self._staging_batches_left:
             return None
-        calls: list[str] = []
-        legs: list[str] = []
-        decisions: list[str] = []
+        calls: list[bytes] = []
+        legs: list[bytes] = []
+        decisions: list[bytes] = []
         settled: list[int] = []
+        text_calls: list[str] = []
+        text_legs: list[str] = []
+        text_decisions: list[str] = []
         try:
             for payload in payloads:
+                if payload.startswith(LINES_TAG):  # the COPY-lines form: as it is
+                    moment, call, leg_lines, decision = copy_rows(payload)
+                    settled.append(moment)
+                    calls.append(call)
+                    legs += leg_lines
+                    decisions.append(decision)
+                    continue
                 if b"\\" in payload:
                     return None
-                settled.append(spooled_copy_lines(payload, calls, legs, decisions))
+                settled.append(spooled_copy_lines(payload, text_calls, text_legs, text_decisions))
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
+        for target, text_lines in ((calls, text_calls), (legs, text_legs), (decisions, text_decisions)):
+            target.extend(line[:-1].encode("ascii") for line in text_lines)
         tables = ((CALLS, CALL_COLUMNS, calls), (LEGS, LEG_COLUMNS, legs), (DECISIONS, DECISION_COLUMNS, decisions))
         try:
             with self.engine.begin() as conn:
                 raw = conn.connection.driver_connection
                 assert raw is not None
+                if raw.info.encoding != "utf-8":
+                    return None  # the lines are UTF-8
                 with raw.cursor() as cursor:
                     if not self._copy_direct(cursor, tables, text_lines=True):
                         return None  # rolled back to the savepoint: nothing written
@@ -308,14 +325,14 @@ class SqlCdrStore:
     def _copy_direct(self, cursor: Any, tables: Any, *, text_lines: bool = False) -> bool:
         """COPY straight into the tables (half the server's work of staging); False when a row is
         already there (a replay after a crash), with nothing written: the caller then stages.
-        ``text_lines``: the rows are COPY text lines already."""
+        ``text_lines``: the rows are COPY text lines already (bytes, without their newline)."""
         cursor.execute("SAVEPOINT cdr_direct")
         try:
             for table, columns, rows in tables:
                 if rows:
                     with cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
                         if text_lines:
-                            copy.write("".join(rows).encode("ascii"))
+                            copy.write(b"\n".join(rows) + b"\n")
                             continue
                         for row in rows:
                             copy.write_row(row)
