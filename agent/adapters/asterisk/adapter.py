@@ -94,6 +94,10 @@ class AsteriskSettings:
     # Authorizations running at once (more AGI sessions wait their turn): bounds the balance
     # store's connections (redis-py's pool refuses the 101st concurrent caller by default).
     authorize_concurrency: int = 64
+    # BILLING_LIMIT_MS = the engine's limit minus this. Asterisk ends an L() call a few ms after
+    # answer + limit (and later on a loaded box); billed per started increment, a call cut at
+    # 2,001 ms of a 2,000 ms limit would cost a third second the balance does not hold.
+    limit_margin_ms: int = 250
 
     @classmethod
     def from_config(cls, config: Any) -> AsteriskSettings:
@@ -308,8 +312,9 @@ class AsteriskAdapter:
                 decision: AuthorizeDecision) -> list[AgiReply]:
         """Set the decision's variables; returns every reply read (earlier ``send``s first)."""
         if decision.allowed:
-            commands = [set_variable(VAR_LIMIT_MS, decision.limit_ms)]
-            if 0 < decision.warning_ms < decision.limit_ms:
+            limit_ms = pbx_limit_ms(decision.limit_ms, self.settings.limit_margin_ms)
+            commands = [set_variable(VAR_LIMIT_MS, limit_ms)]
+            if 0 < decision.warning_ms < limit_ms:
                 commands.append(set_variable(VAR_WARN_MS, decision.warning_ms))
             commands.append(set_variable(VAR_DECISION, "allow"))
             earlier = session.awaiting
@@ -334,6 +339,11 @@ class AsteriskAdapter:
         log.error("FastAGI request of channel %s refused: %s", env.get("agi_channel") or "?", why)
         session.run([set_variable(VAR_REASON, str(DenyReason.BAD_REQUEST)), set_variable(VAR_CAUSE, 21),
                      set_variable(VAR_DECISION, "deny")])
+
+
+def pbx_limit_ms(limit_ms: int, margin_ms: int) -> int:
+    """The limit handed to ``Dial(...,L())``: never above the engine's, never 0 (L(0) fails Dial)."""
+    return max(1, limit_ms - margin_ms) if limit_ms > 2 * margin_ms else max(1, limit_ms // 2)
 
 
 def _known(value: str) -> str:
