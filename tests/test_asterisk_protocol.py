@@ -204,6 +204,7 @@ def test_resync_from_core_show_channels() -> None:
                                   set(translator.legs), now_ms=1795335130000)
     assert {leg.leg_id for leg in again} == {"1795335125.10", "1795335125.11"}
     assert translator.has_ended("1795335075.8") and translator.has_ended("1795335075.9")
+    assert list(translator.bridges) == ["8dd3b5da-507f-45d0-9e31-767cf5c481f0"]  # the ended call's is gone
 
 
 def test_events_of_unknown_channels_introduce_them() -> None:

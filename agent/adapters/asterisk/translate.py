@@ -366,6 +366,12 @@ class EventTranslator:
         for leg_id in known_before:
             if leg_id not in seen and leg_id in self.legs:
                 self.mark_ended(leg_id)
+        for bridge_id in list(self.bridges):  # bridges whose BridgeLeave/Destroy we missed
+            members = [leg_id for leg_id in self.bridges[bridge_id] if leg_id in self.legs]
+            if members:
+                self.bridges[bridge_id] = members
+            else:
+                del self.bridges[bridge_id]
         return live
 
 
