@@ -16,9 +16,10 @@ import gevent
 import gevent.event
 import pytest
 from gevent import socket
+from gevent.server import StreamServer
 
 from agent.adapters.asterisk.adapter import AsteriskAdapter, AsteriskSettings
-from agent.adapters.asterisk.ami import AmiSettings
+from agent.adapters.asterisk.ami import AmiSettings, NotConnected
 from agent.core.cdr import CallRecord, Disposition
 from agent.core.events import (
     AuthorizeDecision,
@@ -446,3 +447,79 @@ def test_escalated_hangup_hits_every_leg_of_the_call(world: World) -> None:
     world.fake.ignore_hangups(call, False)
     adapter.hangup(call.a_uniqueid)
     finish(call)
+
+
+# ------------------------------------------------------------------------------------ AMI client, small peer
+
+
+class NullEngine:
+    def authorize(self, request: AuthorizeRequest) -> AuthorizeDecision:
+        raise AssertionError("no call in this test")
+
+    def on_event(self, event: LegEvent) -> None:
+        pass
+
+
+class TinyAmi:
+    """An AMI peer that logs in, lists no channels, records actions and never answers Hangup."""
+
+    def __init__(self) -> None:
+        self.actions: list[dict[str, str]] = []
+        self.sockets: list[socket.socket] = []
+        self.server = StreamServer(("127.0.0.1", 0), self._serve)
+        self.server.start()
+
+    def _serve(self, sock: socket.socket, address: Any) -> None:
+        self.sockets.append(sock)
+        sock.sendall(b"Asterisk Call Manager/9.0.0\r\n")
+        buffer = b""
+        while True:
+            try:
+                data = sock.recv(4096)
+            except OSError:
+                return
+            if not data:
+                return
+            buffer += data
+            while b"\r\n\r\n" in buffer:
+                block, buffer = buffer.split(b"\r\n\r\n", 1)
+                fields = dict(line.split(": ", 1) for line in block.decode().split("\r\n"))
+                self.actions.append(fields)
+                aid = fields["ActionID"].encode()
+                if fields["Action"] == "Login":
+                    sock.sendall(b"Response: Success\r\nActionID: %s\r\nMessage: Authentication accepted\r\n\r\n" % aid)
+                elif fields["Action"] == "CoreShowChannels":
+                    sock.sendall(b"Response: Success\r\nActionID: %s\r\nEventList: start\r\n\r\n"
+                                 b"Event: CoreShowChannelsComplete\r\nActionID: %s\r\nEventList: Complete\r\n"
+                                 b"ListItems: 0\r\n\r\n" % (aid, aid))
+
+    def drop(self) -> None:
+        for sock in self.sockets:
+            sock.shutdown(socket.SHUT_RDWR)
+        self.sockets.clear()
+
+    def stop(self) -> None:
+        self.drop()
+        self.server.stop(timeout=1)
+
+
+def test_actions_pending_at_a_drop_fail_at_once_and_are_never_resent() -> None:
+    peer = TinyAmi()
+    recorder = Recorder(NullEngine())
+    adapter = AsteriskAdapter(recorder, AsteriskSettings(agi_port=0, ami=AmiSettings(
+        port=peer.server.server_port, backoff_initial_s=0.05, backoff_max_s=0.1, action_timeout_s=5.0)))
+    try:
+        adapter.start()
+        assert adapter.synced.wait(WAIT_S)
+        pending = gevent.spawn(adapter.hangup, "1795335999.5")
+        wait_for(lambda: any(a["Action"] == "Hangup" for a in peer.actions), "the Hangup sent")
+        peer.drop()
+        with pytest.raises(NotConnected, match="AMI connection lost"):
+            pending.get(timeout=1.0)  # not after action_timeout_s: at the drop
+        wait_for(lambda: len(recorder.of(PbxConnected)) == 2, "reconnect")
+        gevent.sleep(0.2)
+        assert [a["Action"] for a in peer.actions].count("Hangup") == 1  # panoramisk would re-send it now
+        assert [a["Action"] for a in peer.actions].count("Login") == 2
+    finally:
+        adapter.stop(1.0)
+        peer.stop()
