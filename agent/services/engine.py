@@ -94,6 +94,7 @@ class EngineSettings:
     switch_timeout_s: float = 5.0
     worker_pool_size: int = 256
     max_call_seconds: int = 14_400  # no call is authorized for longer, whatever the balance
+    nibble_chunk: int = 250  # nibbles per store round trip (Redis pipeline, SQL transactions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,7 +375,12 @@ class Engine:
         if not self._nibble_batch:
             return
         batch, self._nibble_batch = self._nibble_batch, []
-        self._spawn(self._run_nibbles, batch)
+        # Chunks, each with its own deadline: a store that takes a while per step (the embedded
+        # SQL store does one transaction per nibble) must not fail a whole second's nibbles of
+        # thousands of calls, which would cut them all at the end of their slice.
+        chunk = self.settings.nibble_chunk
+        for start in range(0, len(batch), chunk):
+            self._spawn(self._run_nibbles, batch[start:start + chunk])
 
     def _run_nibbles(self, steps: list[NibbleStep]) -> None:
         try:
