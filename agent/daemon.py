@@ -5,7 +5,8 @@ lifecycle: start (the status port and the PBX listeners are bound first, so a po
 at once; the database is retried with backoff while /health is red), serve, and on
 SIGTERM/SIGINT stop taking new calls at once, supervise the live ones for
 ``daemon.drain_seconds``, flush the CDRs and exit (a second signal exits at once: reservations
-then expire by themselves, no money is lost). SIGHUP reloads the rate plans.
+then expire by themselves, no money is lost). Calls still live are handed over: the next start
+of the node adopts them from the PBX's resync. SIGHUP reloads the rate plans.
 
 ``gevent.monkey.patch_all()`` has already run (agent/entry.py) when this module is used by the
 daemon commands.
@@ -439,8 +440,9 @@ class Daemon:
             engine.stop_accepting()
             live = engine.live_calls()
             if live and not self._timed("drain", lambda: engine.drain(self.config.daemon.drain_seconds)):
-                log.warning("%d calls still live after the drain; their reservations stay valid until they expire "
-                            "or another agent's resync picks them up", engine.live_calls())
+                log.warning("%d calls still live after the drain: their reservations stay open; the next start of node "
+                            "%s adopts those still live, the others expire", engine.live_calls(),
+                            self.config.node.id)
         for adapter in reversed(self.adapters):
             self._timed(f"stop {adapter.name}", lambda a=adapter: a.stop(2.0))  # type: ignore[misc]
         if engine is not None:
