@@ -230,15 +230,15 @@ def _show_results(engine: Engine, handles: list[tuple[DemoCall, Any]], out: Any)
     out.print(outcomes)
 
     cdrs = Table(title="CDRs in SQL (calls + rating_decisions)")
-    for column in ("call", "account", "destination", "disposition", "billed s", "cost", "cause"):
-        cdrs.add_column(column, justify="right" if column in ("billed s", "cost") else "left")
+    for column in ("account", "destination", "disposition", "billed s", "cost", "hangup cause"):
+        cdrs.add_column(column, justify="right" if column in ("billed s", "cost") else "left", no_wrap=True)
     with engine.connect() as conn:
         rows = conn.execute(
             select(Call.id, Call.account_id, Call.destination, Call.disposition, RatingDecision.billed_seconds,
                    RatingDecision.cost_micros, Call.hangup_cause)
             .join(RatingDecision, RatingDecision.call_id == Call.id).order_by(Call.started_at)).all()
     for row in rows:
-        cdrs.add_row(row[0][-18:], row[1], row[2], row[3], str(row[4]), format_amount(row[5]), row[6])
+        cdrs.add_row(row[1], row[2], row[3], str(row[4]), format_amount(row[5]), row[6])
     out.print(cdrs)
     answered = sum(1 for call, _ in handles if call.expect != "denied")
     if len(rows) != answered:
