@@ -219,3 +219,15 @@ def test_an_adopted_call_in_a_flat_stretch_of_its_tariff_is_not_cut() -> None:
     assert _timers(effects)[TimerKind.NIBBLE].at_ms == T0 + 20_000  # catch up at once, debiting nothing
     (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 20_000)
     assert step.debit_micros == 0
+
+
+def test_an_adopted_call_is_billed_from_its_real_answer_not_from_the_restart() -> None:
+    # The PBX's listing only says the callee is up: the store's last renewal dates the nibbles.
+    session = make_session(PER_SECOND, granted=0, nibble_s=1)
+    _answer_b(session, T0 + 9_000)  # what a resync after the restart reports
+    session.adopt_progress(debited_micros=4_000, reserved_micros=1_000, seq=4, now_ms=T0 + 9_000,
+                           last_renewal_ms=T0 + 4_010)  # nibble 4, taken 10 ms late
+    assert session.answer_ms == T0 + 10
+    session.on_hung_up(LegHungUp("A1", T0 + 9_500))
+    (finished,) = session.on_settled(T0 + 9_600)
+    assert finished.record.duration_ms == 9_490

@@ -77,7 +77,8 @@ class CallRegistry:
 
     def adopt(self, *, call_id: str, node: str, pbx: str, account_id: str, a_leg: LiveLeg,
               others: list[LiveLeg], tariff: Tariff, rating: RatingInfo, settings: SessionSettings,
-              debited_micros: int, reserved_micros: int, seq: int, now_ms: int) -> list[Effect]:
+              debited_micros: int, reserved_micros: int, seq: int, now_ms: int,
+              last_renewal_ms: int | None = None) -> list[Effect]:
         """Supervise a call found live on the PBX whose reservation an earlier run of this node
         left open (agent restart, hand-over): rebuild its session from the legs the PBX shows
         and continue billing from what the store debited."""
@@ -98,7 +99,7 @@ class CallRegistry:
         if answered:
             effects += session.on_answered(LegAnswered(answered[0].leg_id, answered[0].answered_ms or now_ms))
         effects += session.adopt_progress(debited_micros=debited_micros, reserved_micros=reserved_micros, seq=seq,
-                                          now_ms=now_ms)
+                                          now_ms=now_ms, last_renewal_ms=last_renewal_ms)
         return self.schedule(effects)
 
     def remove(self, call_id: str) -> None:

@@ -387,7 +387,8 @@ class CallSession:
 
     # ---------------------------------------------------------------- adoption (agent restart)
 
-    def adopt_progress(self, *, debited_micros: int, reserved_micros: int, seq: int, now_ms: int) -> list[Effect]:
+    def adopt_progress(self, *, debited_micros: int, reserved_micros: int, seq: int, now_ms: int,
+                       last_renewal_ms: int | None = None) -> list[Effect]:
         """Take over a call another run of this node authorized (its reservation is still open
         in the store): continue from what the store says was debited. Debits are whole nibble
         slices, ``cost(k*N) - cost((k-1)*N)``, so ``debited == cost(k*N)`` gives the k nibbles
@@ -405,6 +406,15 @@ class CallSession:
         while self._cost_at(done * self.nibble_ms) < debited_micros and done < MAX_ADOPTED_NIBBLES:
             done += 1
         self.nibbles_done = done
+        if done and last_renewal_ms is not None:
+            # The store renewed the reservation when nibble k was taken, at answer + k*N (plus the
+            # timer's lateness): a later answer than that, as a PBX that only knows the channel is
+            # up reports, would drop talk time from the bill. Never earlier than the truth.
+            estimate = last_renewal_ms - done * self.nibble_ms
+            if estimate < self.answer_ms:
+                self.answer_ms = estimate
+                if self.billed_leg_id is not None:
+                    self.legs[self.billed_leg_id].answered_ms = estimate
         self.token += 1  # drop the timers armed by the replayed answer
         next_slice = self._cost_at((done + 1) * self.nibble_ms) - self._cost_at(done * self.nibble_ms)
         if reserved_micros < next_slice:  # the budget is final: cut when it runs out

@@ -95,6 +95,7 @@ class EngineSettings:
     worker_pool_size: int = 256
     max_call_seconds: int = 14_400  # no call is authorized for longer, whatever the balance
     nibble_chunk: int = 250  # nibbles per store round trip (Redis pipeline, SQL transactions)
+    reservation_ttl_ms: int = 30_000  # as the store adapter renews them (adoption dates nibbles by it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +237,7 @@ class Engine:
                 call_id=call_id, node=self.settings.node, pbx=event.pbx, account_id=held.account_id, a_leg=a_leg,
                 others=others, tariff=rated.tariff, rating=rated.info, settings=self.session_settings,
                 debited_micros=held.debited_micros, reserved_micros=held.reserved_micros, seq=held.seq,
-                now_ms=now_ms)
+                now_ms=now_ms, last_renewal_ms=held.expires_ms - self.settings.reservation_ttl_ms)
             self.metrics.live_calls.set(self.registry.live_count())
             log.warning("adopted call=%s account=%s dest=%s from an earlier run: %d legs live, %d micro-units "
                         "already debited", call_id, held.account_id, a_leg.callee, 1 + len(others),
