@@ -132,8 +132,8 @@ def part_visible(url: str, rate_per_s: int, seconds: float) -> dict[str, float]:
             delays_ms.extend(now_ms - (r.settled_ms or 0) for r in records)
             return report
 
-        def write_spooled(self, payloads: list[bytes]) -> list[int] | None:
-            settled = store.write_spooled(payloads)
+        def write_spooled(self, payloads: list[bytes], *, sending: Any = None) -> list[int] | None:
+            settled = store.write_spooled(payloads, sending=sending)
             if settled is not None:
                 now_ms = time.time() * 1000
                 delays_ms.extend(now_ms - moment for moment in settled)

@@ -29,14 +29,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import gevent
 import gevent.event
+import gevent.monkey
 import gevent.pool
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -48,6 +51,8 @@ from agent.services.metrics import Metrics
 log = logging.getLogger(__name__)
 
 RETRY_START_S = 0.5
+READ_AHEAD_WAIT_S = 60.0  # a local disk read of one batch; longer is a hung disk
+READ_AHEAD_SWITCH_INTERVAL_S = 0.0002
 LOUD_LOG_EVERY_S = 10.0
 
 
@@ -74,16 +79,15 @@ class QuarantineRefused(Exception):
     """The database would not store a quarantine row either (the pipeline keeps it locally)."""
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class SpoolPosition:
-    """A place in the spool: a segment number and a byte offset in it."""
+class SpoolPosition(NamedTuple):
+    """A place in the spool: a segment number and a byte offset in it (ordered; a tuple, as
+    one is made per record read)."""
 
     segment: int
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
-class SpoolEntry:
+class SpoolEntry(NamedTuple):
     position: SpoolPosition
     payload: bytes
 
@@ -141,9 +145,11 @@ class CdrSpool(Protocol):
 
 
 class CdrStore(Protocol):
-    """A store may also offer ``write_spooled(payloads) -> list[int] | None``: a fast path that
-    writes spooled payloads without decoding them, returning each call's settled instant (ms),
-    or None when the batch must take ``write`` (see SqlCdrStore.write_spooled)."""
+    """A store may also offer ``write_spooled(payloads, *, sending=None) -> list[int] | None``:
+    a fast path that writes spooled payloads without decoding them, returning each call's
+    settled instant (ms), or None when the batch must take ``write`` (see
+    SqlCdrStore.write_spooled); it calls ``sending()`` once its Python work is done and it
+    sends the rows (the pipeline then reads the next batch while the database works)."""
 
     def write(self, records: Sequence[CallRecord]) -> CdrWriteReport:
         """Insert the records idempotently; isolate and return the rows the database rejects.
@@ -257,6 +263,60 @@ class ReplayReport:
     backlog_bytes: int
 
 
+class _ReadAhead:
+    """``spool.read(size)`` running while the writer waits for the database; ``take`` gives it.
+
+    A greenlet of the pipeline's group: in the daemon (gevent-patched) psycopg waits for the
+    server cooperatively, so the read runs while the server works, and the spool (appends from
+    the call path included) is still only touched by one greenlet at a time. With ``thread``
+    (``replay_now`` unpatched, ``cdrs replay``: nothing else appends meanwhile) a native thread,
+    as psycopg then waits without the GIL. Either way the writer calls ``wait`` before it
+    commits or reads again, so a read never runs concurrently with another or with a commit,
+    and the entries still leave the spool in order, only after their transaction committed.
+    """
+
+    def __init__(self, spool: CdrSpool, size: int, group: gevent.pool.Group, *, thread: bool) -> None:
+        self._result: SpoolRead | None = None
+        self._error: BaseException | None = None
+        self._greenlet: gevent.Greenlet[..., None] | None = None
+        self._thread: threading.Thread | None = None
+        if not thread:
+            self._greenlet = group.spawn(self._run, spool, size)
+        else:
+            self._thread = threading.Thread(target=self._run, args=(spool, size), name="cdr-read-ahead",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self, spool: CdrSpool, size: int) -> None:
+        try:
+            self._result = spool.read(size)
+        except Exception as exc:  # noqa: BLE001 - re-raised by take() in the writer
+            self._error = exc
+
+    def wait(self) -> None:
+        """Until the read finished; raises SpoolError when it takes longer than READ_AHEAD_WAIT_S
+        (a hung disk: the writer retries later and waits for this same read again first)."""
+        if self._greenlet is not None:
+            self._greenlet.join(timeout=READ_AHEAD_WAIT_S)
+            done = self._greenlet.dead
+        else:
+            assert self._thread is not None
+            self._thread.join(timeout=READ_AHEAD_WAIT_S)
+            done = not self._thread.is_alive()
+        if not done:
+            raise SpoolError(f"reading the CDR spool took over {READ_AHEAD_WAIT_S:.0f} s")
+
+    def take(self) -> SpoolRead | None:
+        """After ``wait``: the batch read; None after a failed read (the spool then reads it
+        again), re-raising what was not a SpoolError."""
+        if isinstance(self._error, SpoolError):
+            log.error("reading the CDR spool ahead failed: %s; reading again", self._error)
+            return None
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
 class CdrPipeline:
     """Implements the ``CdrSink`` port (agent/ports.py)."""
 
@@ -272,6 +332,7 @@ class CdrPipeline:
         self._due = gevent.event.Event()  # write now: batch full, flush or stop asked
         self._progress = gevent.event.Event()  # a batch committed (flush waiters re-check)
         self._inflight: SpoolRead | None = None
+        self._ahead: _ReadAhead | None = None  # the next batch, read while one is written
         self._overflow: deque[CallRecord] = deque()
         self._unread = 0  # appended since the writer last read (the batch-full trigger)
         self._queued = 0  # submitted by this process and not yet in SQL (the queue-depth gauge)
@@ -399,7 +460,18 @@ class CdrPipeline:
         """Write everything spooled to SQL now, in the calling greenlet (``cdrs replay``).
         Raises CdrStoreUnavailable when the database cannot be reached."""
         before = CdrCounters(**vars(self.counters))
-        self._drain()
+        if gevent.monkey.is_module_patched("threading"):
+            self._drain()
+        else:
+            # Unpatched (the CLI), the read-ahead is a native thread: nothing else runs meanwhile.
+            # With the default 5 ms switch interval the writer, woken by each reply of the
+            # server, would wait that long for the GIL while the reader holds it.
+            previous = sys.getswitchinterval()
+            sys.setswitchinterval(READ_AHEAD_SWITCH_INTERVAL_S)
+            try:
+                self._drain(thread_ahead=True)
+            finally:
+                sys.setswitchinterval(previous)
         c = self.counters
         return ReplayReport(
             written=c.written - before.written, rejected=c.rejected - before.rejected,
@@ -408,27 +480,48 @@ class CdrPipeline:
             batches=c.batches - before.batches, backlog_bytes=self.spool.backlog_bytes(),
         )
 
-    def _drain(self) -> None:
+    def _drain(self, *, thread_ahead: bool = False) -> None:
         """Write batches until the spool and the overflow are empty; after one full batch (a
-        backlog) in batches of ``backlog_batch_size``."""
+        backlog) in batches of ``backlog_batch_size``. While a full batch is being written, the
+        next one is read from the spool (``_ReadAhead``): the Python work of reading overlaps
+        the database's work of writing. ``thread_ahead``: in a native thread (only when nothing
+        else can append meanwhile)."""
         size = self.settings.batch_size
         while True:
             if self._inflight is None:
                 self._unread = 0
-                batch = self.spool.read(size)
+                ahead, batch = self._ahead, None
+                if ahead is not None:
+                    ahead.wait()  # a hung read raises and stays here, to be waited for again
+                    self._ahead = None
+                    batch = ahead.take()
+                if batch is None:
+                    batch = self.spool.read(size)
                 self._count_damaged(batch.damaged)
                 self._inflight = batch
             batch = self._inflight
-            if batch.entries:
-                self._write_batch(batch.entries)
+            full = len(batch.entries) >= size
+            size = max(self.settings.batch_size, self.settings.backlog_batch_size) if full else size
+
+            def read_ahead(size: int = size) -> None:
+                if self._ahead is None:
+                    self._ahead = _ReadAhead(self.spool, size, self._group, thread=thread_ahead)
+
+            try:
+                if batch.entries:
+                    self._write_batch(batch.entries, read_ahead if full else None)
+                if full:
+                    read_ahead()  # when the store did not
+            finally:
+                if self._ahead is not None:
+                    self._ahead.wait()  # no spool.read in flight past this point
             self.spool.commit(batch.end)
             self._inflight = None
             self._progress.set()
             if self._prom is not None:
                 self._prom.backlog.set(self.spool.backlog_bytes())
-            if len(batch.entries) < size:
+            if not full:
                 break
-            size = max(self.settings.batch_size, self.settings.backlog_batch_size)
         self._write_overflow()
         self._database_is_up()
 
@@ -438,11 +531,15 @@ class CdrPipeline:
             if self._prom is not None:
                 self._prom.quarantined.labels("spool_damaged").inc(damaged)
 
-    def _write_batch(self, entries: Sequence[SpoolEntry]) -> None:
+    def _write_batch(self, entries: Sequence[SpoolEntry], read_ahead: Callable[[], None] | None = None) -> None:
+        """``read_ahead``: start reading the next batch (the store calls it once its own Python
+        work is done and the database's begins; here before the general path)."""
         started = time.monotonic()
         fast = getattr(self.store, "write_spooled", None)
         if fast is not None:
-            settled: list[int] | None = fast([entry.payload for entry in entries])
+            payloads = [entry.payload for entry in entries]
+            settled: list[int] | None = (fast(payloads, sending=read_ahead) if read_ahead is not None
+                                         else fast(payloads))
             if settled is not None:
                 self._count_written(len(entries), len(entries), settled, started)
                 return
@@ -455,6 +552,8 @@ class CdrPipeline:
                 undecodable.append(RejectedCdr("", self.settings.node, f"undecodable spool entry at "
                                                f"segment {entry.position.segment} offset "
                                                f"{entry.position.offset}: {exc}", entry.payload))
+        if read_ahead is not None:
+            read_ahead()
         report = self.store.write(records)
         self._quarantine([*undecodable, *report.rejected])
         self._written(records, report, started)

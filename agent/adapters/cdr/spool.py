@@ -105,12 +105,19 @@ def scan(data: bytes, start: int, limit: int, *, final: bool) -> tuple[list[tupl
     frames: list[tuple[int, bytes]] = []
     damaged: list[tuple[int, int, str]] = []
     i = start
-    while i < len(data) and len(frames) < limit:
-        end = _frame_at(data, i)
-        if end is not None:
-            frames.append((i, data[i + HEADER.size:end]))
-            i = end
-            continue
+    size = len(data)
+    unpack, head, crc32, pack_length = HEADER.unpack_from, HEADER.size, zlib.crc32, LENGTH.pack
+    while i < size and len(frames) < limit:
+        # _frame_at inlined: this loop runs once per record of a replay
+        if size - i >= head:
+            magic, length, crc = unpack(data, i)
+            end = i + head + length
+            if magic == MAGIC and length <= MAX_RECORD_BYTES and end <= size:
+                body = data[i + head:end]
+                if crc32(body, crc32(pack_length(length))) == crc:
+                    frames.append((i, body))
+                    i = end
+                    continue
         if not final and _incomplete_tail(data, i):
             break
         reason = _damage_reason(data, i)
@@ -349,7 +356,7 @@ class Spool:
             for start, stop, reason in bad:
                 self._quarantine_region(number, base + start, data[start:stop], reason)
                 damaged += 1
-            entries.extend(SpoolEntry(SpoolPosition(number, base + off), body) for off, body in frames)
+            entries += [SpoolEntry(SpoolPosition(number, base + off), body) for off, body in frames]
             self._read_pos = SpoolPosition(number, base + end)
             if base + end < self._sizes[number] or active:
                 break  # batch full, or waiting for the rest of a frame being written

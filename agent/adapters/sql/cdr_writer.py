@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -216,12 +216,14 @@ class SqlCdrStore:
                                   new_calls=_add(first.new_calls, second.new_calls))
         return CdrWriteReport(written=len(records), new_calls=new_calls)
 
-    def write_spooled(self, payloads: Sequence[bytes]) -> list[int] | None:
+    def write_spooled(self, payloads: Sequence[bytes], *, sending: Callable[[], None] | None = None
+                      ) -> list[int] | None:
         """PostgreSQL's fast path: spooled calls go to COPY without being decoded into
         CallRecords; the COPY-lines form (agent/services/cdr_lines.py) as it is, the JSON form
         of earlier spools converted to COPY text lines. Returns each call's settled instant
         (ms), or None when the batch needs the general path (``write``): no COPY, a replay of rows already there,
-        a payload it does not handle, a row the database refuses. Raises CdrStoreUnavailable."""
+        a payload it does not handle, a row the database refuses. Raises CdrStoreUnavailable.
+        ``sending`` is called once the rows are ready, before they go to the server."""
         if not self.use_copy or self._staging_batches_left:
             return None
         calls: list[bytes] = []
@@ -247,7 +249,11 @@ class SqlCdrStore:
             return None
         for target, text_lines in ((calls, text_calls), (legs, text_legs), (decisions, text_decisions)):
             target.extend(line[:-1].encode("ascii") for line in text_lines)
-        tables = ((CALLS, CALL_COLUMNS, calls), (LEGS, LEG_COLUMNS, legs), (DECISIONS, DECISION_COLUMNS, decisions))
+        tables = tuple((table, columns, b"\n".join(lines) + b"\n" if lines else b"")
+                       for table, columns, lines in ((CALLS, CALL_COLUMNS, calls), (LEGS, LEG_COLUMNS, legs),
+                                                     (DECISIONS, DECISION_COLUMNS, decisions)))
+        if sending is not None:
+            sending()
         try:
             with self.engine.begin() as conn:
                 raw = conn.connection.driver_connection
@@ -325,14 +331,14 @@ class SqlCdrStore:
     def _copy_direct(self, cursor: Any, tables: Any, *, text_lines: bool = False) -> bool:
         """COPY straight into the tables (half the server's work of staging); False when a row is
         already there (a replay after a crash), with nothing written: the caller then stages.
-        ``text_lines``: the rows are COPY text lines already (bytes, without their newline)."""
+        ``text_lines``: the rows are COPY text already, one block of lines (bytes)."""
         cursor.execute("SAVEPOINT cdr_direct")
         try:
             for table, columns, rows in tables:
                 if rows:
                     with cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
                         if text_lines:
-                            copy.write(b"\n".join(rows) + b"\n")
+                            copy.write(rows)
                             continue
                         for row in rows:
                             copy.write_row(row)
