@@ -231,3 +231,10 @@ def test_an_adopted_call_is_billed_from_its_real_answer_not_from_the_restart() -
     session.on_hung_up(LegHungUp("A1", T0 + 9_500))
     (finished,) = session.on_settled(T0 + 9_600)
     assert finished.record.duration_ms == 9_490
+
+
+def test_a_pbx_limit_that_fires_late_is_not_billed_past_the_limit() -> None:
+    session = make_session(PER_SECOND, granted=2_000)
+    _answer_b(session, T0)
+    (settle,) = [e for e in session.on_hung_up(LegHungUp("A1", T0 + 2_001)) if isinstance(e, SettleStep)]
+    assert settle.cost_micros == 2_000  # not a third started second the balance never held

@@ -586,6 +586,10 @@ class CallSession:
             confirmed_in_time = self.end_ms <= self.cut_sent_ms + self.settings.verify_ms
             if duration > cut_rel and confirmed_in_time:
                 return cut_rel
+        if 0 < self.limit_ms < duration <= self.limit_ms + BACKSTOP_TOLERANCE_MS:
+            # The PBX's own limit (L(), sched_hangup) fired a hair late: the money covered only
+            # the limit, and the customer did not choose the extra milliseconds.
+            return self.limit_ms
         return duration
 
     def on_settled(self, now_ms: int, cost_micros: int | None = None) -> list[Effect]:

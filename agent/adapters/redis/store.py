@@ -58,12 +58,20 @@ LOCAL_CALL_CACHE_MAX = 200_000
 RETRY_PENDING_MS = 5_000  # a call whose ledger write failed is looked at again this soon
 
 
-def make_client(url: str, timeout_ms: int) -> redis.Redis:
+MAX_CONNECTIONS = 256  # per process; a burst beyond it waits for a free connection
+
+
+def make_client(url: str, timeout_ms: int, *, max_connections: int = MAX_CONNECTIONS) -> redis.Redis:
     """A client whose every call gives up after ``timeout_ms`` and never retries by itself
-    (redis-py's default retries with backoff would turn 250 ms into seconds)."""
+    (redis-py's default retries with backoff would turn 250 ms into seconds). Its pool makes a
+    caller beyond ``max_connections`` wait (up to ``timeout_ms``) for a connection instead of
+    failing at once: redis-py's default pool refuses the 101st concurrent caller, which turned a
+    burst of 500 authorizations into 396 ``store_unavailable`` denials."""
     seconds = timeout_ms / 1000
-    return redis.Redis.from_url(url, socket_timeout=seconds, socket_connect_timeout=seconds,
-                                retry=Retry(NoBackoff(), 0), decode_responses=True)
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=seconds, socket_timeout=seconds,
+        socket_connect_timeout=seconds, retry=Retry(NoBackoff(), 0), decode_responses=True)
+    return redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
 
 
 @contextmanager
