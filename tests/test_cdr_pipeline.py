@@ -284,3 +284,72 @@ def test_damaged_copy_lines_do_not_decode(damage: Any) -> None:
     assert payload.startswith(b"cdr2\t")
     with pytest.raises(ValueError, match="malformed call record"):
         decode_record(payload)
+
+
+class FastPathStore(InMemoryCdrStore):
+    """With ``write_spooled`` like the SQL store on PostgreSQL; ``fail_once`` names calls whose
+    batch fails the first time (the database away), ``refuse`` calls whose batch it hands back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_once: set[str] = set()
+        self.refuse: set[str] = set()
+        self.fast_writes: list[str] = []
+
+    def write_spooled(self, payloads: Sequence[bytes], *, sending: Any = None) -> list[int] | None:
+        records = [decode_record(p) for p in payloads]
+        if sending is not None:
+            sending()
+        ids = {r.call_id for r in records}
+        if ids & self.fail_once:
+            self.fail_once -= ids
+            raise CdrStoreUnavailable("connection lost")
+        if ids & self.refuse:
+            return None
+        for record in records:
+            self.calls.setdefault(record.call_id, record)
+            self.fast_writes.append(record.call_id)
+        return [r.settled_ms or 0 for r in records]
+
+
+def _spooled(spool_dir: Path, count: int) -> Spool:
+    from agent.services.cdr_pipeline import spool_payload
+
+    spool = Spool(spool_dir, max_bytes=1 << 20)
+    for i in range(count):
+        spool.append(spool_payload(make_record(i)))
+    return spool
+
+
+@pytest.mark.parametrize("thread", [True, False])
+def test_batches_written_ahead_all_land_once_and_leave_the_spool(spool_dir: Path, thread: bool) -> None:
+    store = FastPathStore()
+    store.fail_once = {"call-000035"}  # a batch written ahead (30-39) fails: the writer writes it itself
+    store.refuse = {"call-000047"}  # one the fast path hands back: the general path writes it
+    pipeline = CdrPipeline(_spooled(spool_dir, 83), store, PipelineSettings(batch_size=10, backlog_batch_size=10))
+    if thread:
+        pipeline.replay_now()  # unpatched: the batch ahead goes in a native thread
+    else:
+        pipeline.start()  # the writer greenlet: the batch ahead goes in a greenlet
+        assert pipeline.flush(10)
+    assert (pipeline.counters.written, pipeline.spool.backlog_bytes()) == (83, 0)
+    assert sorted(store.calls) == [f"call-{i:06d}" for i in range(83)]
+    assert sorted(store.fast_writes) == [f"call-{i:06d}" for i in range(83) if not 40 <= i < 50]
+    assert [c for c in store.order if c.startswith("call-00004")] == [f"call-{i:06d}" for i in range(40, 50)]
+    pipeline.stop(1)
+
+
+def test_a_batch_written_ahead_leaves_the_spool_only_after_the_one_before_it(spool_dir: Path) -> None:
+    store = FastPathStore()
+    store.fail_once = {"call-000000"}  # the writer's own batch fails, the one ahead (10-19) is written
+    pipeline = CdrPipeline(_spooled(spool_dir, 35), store, PipelineSettings(batch_size=10, backlog_batch_size=10))
+    backlog = pipeline.spool.backlog_bytes()
+    with pytest.raises(CdrStoreUnavailable):
+        pipeline.replay_now()
+    assert sorted(store.calls) == [f"call-{i:06d}" for i in range(10, 20)]
+    assert pipeline.spool.backlog_bytes() == backlog  # nothing left the spool: 0-9 are not in SQL
+
+    report = pipeline.replay_now()
+    assert (report.written, report.backlog_bytes) == (35, 0)
+    assert sorted(store.fast_writes) == [f"call-{i:06d}" for i in range(35)]  # 10-19 not written twice
+    pipeline.stop(1)

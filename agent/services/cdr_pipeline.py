@@ -51,8 +51,8 @@ from agent.services.metrics import Metrics
 log = logging.getLogger(__name__)
 
 RETRY_START_S = 0.5
-READ_AHEAD_WAIT_S = 60.0  # a local disk read of one batch; longer is a hung disk
-READ_AHEAD_SWITCH_INTERVAL_S = 0.0002
+AHEAD_WAIT_S = 120.0  # a local disk read and a transaction of one batch; longer is a hang
+AHEAD_SWITCH_INTERVAL_S = 0.0002
 LOUD_LOG_EVERY_S = 10.0
 
 
@@ -263,48 +263,65 @@ class ReplayReport:
     backlog_bytes: int
 
 
-class _ReadAhead:
-    """``spool.read(size)`` running while the writer waits for the database; ``take`` gives it.
+class _Ahead:
+    """The next batch, read from the spool and written to SQL by the store's fast path
+    (``write_spooled``) while the writer writes the current one: two transactions at once,
+    so that the database works on two cores. ``take`` gives it, written or not.
 
     A greenlet of the pipeline's group: in the daemon (gevent-patched) psycopg waits for the
-    server cooperatively, so the read runs while the server works, and the spool (appends from
-    the call path included) is still only touched by one greenlet at a time. With ``thread``
-    (``replay_now`` unpatched, ``cdrs replay``: nothing else appends meanwhile) a native thread,
-    as psycopg then waits without the GIL. Either way the writer calls ``wait`` before it
-    commits or reads again, so a read never runs concurrently with another or with a commit,
-    and the entries still leave the spool in order, only after their transaction committed.
+    server cooperatively, so both writes proceed, and the spool (appends from the call path
+    included) is still only touched by one greenlet at a time. With ``thread`` (``replay_now``
+    unpatched, ``cdrs replay``: nothing else appends meanwhile) a native thread, as psycopg then
+    waits without the GIL. The writer calls ``wait`` before it commits or reads again, so a read
+    never runs concurrently with another or with a commit; the entries leave the spool in
+    order, each batch only after its transaction and those of all batches before it committed
+    (the later batch may commit in SQL first: after a crash its rows are replayed, and the
+    unique keys skip them).
     """
 
-    def __init__(self, spool: CdrSpool, size: int, group: gevent.pool.Group, *, thread: bool) -> None:
-        self._result: SpoolRead | None = None
+    def __init__(self, spool: CdrSpool, store: CdrStore, size: int, group: gevent.pool.Group, *,
+                 thread: bool) -> None:
+        self._read: SpoolRead | None = None
         self._error: BaseException | None = None
+        self.settled: list[int] | None = None  # set when the store wrote the batch
+        self.write_seconds = 0.0
         self._greenlet: gevent.Greenlet[..., None] | None = None
         self._thread: threading.Thread | None = None
         if not thread:
-            self._greenlet = group.spawn(self._run, spool, size)
+            self._greenlet = group.spawn(self._run, spool, store, size)
         else:
-            self._thread = threading.Thread(target=self._run, args=(spool, size), name="cdr-read-ahead",
+            self._thread = threading.Thread(target=self._run, args=(spool, store, size), name="cdr-write-ahead",
                                             daemon=True)
             self._thread.start()
 
-    def _run(self, spool: CdrSpool, size: int) -> None:
+    def _run(self, spool: CdrSpool, store: CdrStore, size: int) -> None:
         try:
-            self._result = spool.read(size)
+            self._read = spool.read(size)
         except Exception as exc:  # noqa: BLE001 - re-raised by take() in the writer
             self._error = exc
+            return
+        fast = getattr(store, "write_spooled", None)
+        if fast is None or not self._read.entries:
+            return
+        started = time.monotonic()
+        try:
+            self.settled = fast([entry.payload for entry in self._read.entries])
+        except Exception as exc:  # noqa: BLE001 - the writer writes the batch itself and reports
+            log.info("CDR batch written ahead failed (%s); the writer writes it again", exc)
+        self.write_seconds = time.monotonic() - started
 
     def wait(self) -> None:
-        """Until the read finished; raises SpoolError when it takes longer than READ_AHEAD_WAIT_S
-        (a hung disk: the writer retries later and waits for this same read again first)."""
+        """Until the read and write finished; raises SpoolError when that takes longer than
+        AHEAD_WAIT_S (the writer retries later and waits for this same worker again first)."""
         if self._greenlet is not None:
-            self._greenlet.join(timeout=READ_AHEAD_WAIT_S)
+            self._greenlet.join(timeout=AHEAD_WAIT_S)
             done = self._greenlet.dead
         else:
             assert self._thread is not None
-            self._thread.join(timeout=READ_AHEAD_WAIT_S)
+            self._thread.join(timeout=AHEAD_WAIT_S)
             done = not self._thread.is_alive()
         if not done:
-            raise SpoolError(f"reading the CDR spool took over {READ_AHEAD_WAIT_S:.0f} s")
+            raise SpoolError(f"reading and writing a CDR batch ahead took over {AHEAD_WAIT_S:.0f} s")
 
     def take(self) -> SpoolRead | None:
         """After ``wait``: the batch read; None after a failed read (the spool then reads it
@@ -314,7 +331,7 @@ class _ReadAhead:
             return None
         if self._error is not None:
             raise self._error
-        return self._result
+        return self._read
 
 
 class CdrPipeline:
@@ -332,7 +349,8 @@ class CdrPipeline:
         self._due = gevent.event.Event()  # write now: batch full, flush or stop asked
         self._progress = gevent.event.Event()  # a batch committed (flush waiters re-check)
         self._inflight: SpoolRead | None = None
-        self._ahead: _ReadAhead | None = None  # the next batch, read while one is written
+        self._ahead: _Ahead | None = None  # the next batch, read and written while one is written
+        self._inflight_written: _Ahead | None = None  # the worker that wrote _inflight already
         self._overflow: deque[CallRecord] = deque()
         self._unread = 0  # appended since the writer last read (the batch-full trigger)
         self._queued = 0  # submitted by this process and not yet in SQL (the queue-depth gauge)
@@ -467,7 +485,7 @@ class CdrPipeline:
             # With the default 5 ms switch interval the writer, woken by each reply of the
             # server, would wait that long for the GIL while the reader holds it.
             previous = sys.getswitchinterval()
-            sys.setswitchinterval(READ_AHEAD_SWITCH_INTERVAL_S)
+            sys.setswitchinterval(AHEAD_SWITCH_INTERVAL_S)
             try:
                 self._drain(thread_ahead=True)
             finally:
@@ -483,40 +501,44 @@ class CdrPipeline:
     def _drain(self, *, thread_ahead: bool = False) -> None:
         """Write batches until the spool and the overflow are empty; after one full batch (a
         backlog) in batches of ``backlog_batch_size``. While a full batch is being written, the
-        next one is read from the spool (``_ReadAhead``): the Python work of reading overlaps
-        the database's work of writing. ``thread_ahead``: in a native thread (only when nothing
-        else can append meanwhile)."""
+        next one is read and written too (``_Ahead``), and committed in the spool after it.
+        ``thread_ahead``: in a native thread (only when nothing else can append meanwhile)."""
         size = self.settings.batch_size
         while True:
             if self._inflight is None:
                 self._unread = 0
-                ahead, batch = self._ahead, None
-                if ahead is not None:
-                    ahead.wait()  # a hung read raises and stays here, to be waited for again
-                    self._ahead = None
-                    batch = ahead.take()
+                batch, written = None, None
+                if self._ahead is not None:
+                    self._ahead.wait()  # a hang raises and stays here, to be waited for again
+                    written, self._ahead = self._ahead, None
+                    batch = written.take()
                 if batch is None:
-                    batch = self.spool.read(size)
+                    batch, written = self.spool.read(size), None
                 self._count_damaged(batch.damaged)
                 self._inflight = batch
+                self._inflight_written = written if written is not None and written.settled is not None else None
             batch = self._inflight
             full = len(batch.entries) >= size
             size = max(self.settings.batch_size, self.settings.backlog_batch_size) if full else size
 
-            def read_ahead(size: int = size) -> None:
+            def ahead(size: int = size) -> None:
                 if self._ahead is None:
-                    self._ahead = _ReadAhead(self.spool, size, self._group, thread=thread_ahead)
+                    self._ahead = _Ahead(self.spool, self.store, size, self._group, thread=thread_ahead)
 
             try:
-                if batch.entries:
-                    self._write_batch(batch.entries, read_ahead if full else None)
-                if full:
-                    read_ahead()  # when the store did not
+                done = self._inflight_written
+                if done is not None and done.settled is not None:
+                    self._count_written(len(batch.entries), len(batch.entries), done.settled,
+                                        time.monotonic() - done.write_seconds)
+                elif batch.entries:
+                    self._write_batch(batch.entries, ahead if full else None)
+                if full and done is None:
+                    ahead()  # when the store did not
             finally:
                 if self._ahead is not None:
                     self._ahead.wait()  # no spool.read in flight past this point
             self.spool.commit(batch.end)
-            self._inflight = None
+            self._inflight = self._inflight_written = None
             self._progress.set()
             if self._prom is not None:
                 self._prom.backlog.set(self.spool.backlog_bytes())
