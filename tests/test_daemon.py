@@ -277,3 +277,17 @@ def test_a_restarted_agent_adopts_the_calls_it_handed_over_and_bills_them_once(t
         assert report.settled_calls == 1 and report.charges == 1
     finally:
         sql.dispose()
+
+
+def test_health_turns_red_when_the_pbx_connection_is_lost(daemon: Daemon, fake_fs: FakeFreeswitch) -> None:
+    assert daemon.status is not None
+    fake_fs.stop()  # FreeSWITCH goes away
+    wait_for(lambda: not all(a.connected() for a in daemon.adapters))
+    status, body = http_get(daemon.status.port, "/health")
+    assert status == 503
+    report = json.loads(body)
+    assert report["checks"]["pbx"] == {"ok": False, "detail": "down: freeswitch"}
+    assert report["checks"]["database"]["ok"] and report["checks"]["store"]["ok"]
+    daemon.publish_once()
+    _, metrics = http_get(daemon.status.port, "/metrics")
+    assert b'billing_connection_up{target="freeswitch"} 0.0' in metrics
