@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,8 +40,9 @@ from agent.core.events import (
     LegUnbridged,
     LegUpdated,
 )
+from tests.captures import captures_dir
 
-CAPTURES = Path("/work/shared/captures/asterisk")
+CAPTURES = captures_dir("asterisk")
 AMI_FILES = ["ami-1-cut-by-limit.txt", "ami-2-caller-hangs-up.txt", "ami-3-actions-live-call.txt",
              "ami-4-busy.txt", "ami-5-exec-dial-in-agi.txt"]
 AGI_FILES = ["agi-1-authorize-01.txt", "agi-2-authorize-01.txt", "agi-3-authorize-01.txt",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import re
-from pathlib import Path
 
 import pytest
 
@@ -30,8 +29,9 @@ from agent.adapters.freeswitch.esl_protocol import (
     encode_event_body,
     parse_event,
 )
+from tests.captures import captures_dir
 
-CAPTURES = Path("/work/shared/captures/freeswitch")
+CAPTURES = captures_dir("freeswitch")
 CAPTURE_FILES = ["esl-1-cut-by-sched-hangup.txt", "esl-2-caller-hangs-up.txt", "esl-3-park-authorize-and-api.txt"]
 # The recorder wrote "\n### SENT: <command>\n" in place of what the client sent (captures/README.md).
 SENT_MARKER = re.compile(rb"\n?### SENT: ([^\n]*)\n")

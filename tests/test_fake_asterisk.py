@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import gevent
 import gevent.queue
@@ -19,8 +18,9 @@ from gevent import socket
 from gevent.server import StreamServer
 
 from agent.sim.asterisk import AMI_BANNER, FakeAsterisk, FakeCall
+from tests.captures import captures_dir
 
-CAPTURES = Path("/work/shared/captures/asterisk")
+CAPTURES = captures_dir("asterisk")
 if not CAPTURES.is_dir():  # the fixtures live outside the repository
     pytest.skip("captures/asterisk not available", allow_module_level=True)
 
