@@ -23,7 +23,7 @@ import gevent
 import gevent.socket
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from agent.adapters.sql.engine import make_engine, session_factory, transaction
 from agent.adapters.sql.models import AgentNode, Call, LiveCallRow, utcnow
@@ -291,3 +291,53 @@ def test_health_turns_red_when_the_pbx_connection_is_lost(daemon: Daemon, fake_f
     daemon.publish_once()
     _, metrics = http_get(daemon.status.port, "/metrics")
     assert b'billing_connection_up{target="freeswitch"} 0.0' in metrics
+
+
+def _read_until(proc: subprocess.Popen[str], needle: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline() if proc.stderr else ""
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} not seen:\n{''.join(seen)}")
+
+
+def test_a_second_sigterm_exits_at_once_and_the_reservation_is_left_to_expire(tmp_path: Path) -> None:
+    sql = prepare_database(f"sqlite:///{tmp_path / 'billing-agent.db'}", tmp_path)
+    from agent.adapters.sql.accounts import create_account
+
+    with transaction(session_factory(sql)) as session:
+        create_account(session, "acct0", plan="demo", balance_micros=10_000_000)
+    fs_port, status_port = _free_port(), _free_port()
+    fake = subprocess.Popen([sys.executable, "-m", "agent.sim.freeswitch", "--port", str(fs_port), "--load-rate", "5",
+                             "--load-calls", "1", "--talk-ms", "60000"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"database:\n  url: sqlite:///{tmp_path / 'billing-agent.db'}\nmetrics:\n  port: {status_port}\n"
+                      f"cdr:\n  spool_dir: {tmp_path / 'spool'}\nfreeswitch:\n  enabled: true\n  port: {fs_port}\n")
+    agent = subprocess.Popen([sys.executable, "-m", "agent.entry", "--config", str(config), "run"],
+                             stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        _read_until(agent, "authorize call=", 30)
+        gevent.sleep(1.5)  # answered, a nibble taken
+        agent.send_signal(signal.SIGTERM)
+        _read_until(agent, "draining 1 live calls", 10)
+        began = time.monotonic()
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=10) == 130
+        assert time.monotonic() - began < 5
+        with sql.connect() as conn:
+            open_reservations = conn.execute(text("SELECT count(*) FROM reservations WHERE state = 'open'")).scalar()
+        assert open_reservations == 1  # held, not lost: the sweeper or the next start settles it
+        with transaction(session_factory(sql)) as session:
+            assert check_ledger(session, now=utcnow(), grace=timedelta(hours=1)).ok
+    finally:
+        for proc in (agent, fake):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        sql.dispose()
