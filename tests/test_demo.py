@@ -16,8 +16,9 @@ def test_demo_places_calls_through_the_real_daemon_and_leaves_nothing_behind(pbx
     scratch.mkdir()
     work = tmp_path / "cwd"
     work.mkdir()
+    keep = ["--keep"] if pbx == "freeswitch" else []
     result = subprocess.run(
-        [sys.executable, "-m", "agent.entry", "demo", "--pbx", pbx], cwd=work, capture_output=True, text=True,
+        [sys.executable, "-m", "agent.entry", "demo", "--pbx", pbx, *keep], cwd=work, capture_output=True, text=True,
         timeout=120, check=False, env={**os.environ, "TMPDIR": str(scratch), "COLUMNS": "160"})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     out = result.stdout
@@ -25,5 +26,10 @@ def test_demo_places_calls_through_the_real_daemon_and_leaves_nothing_behind(pbx
     assert "demo passed" in out
     for label in ("bob has 8 s of money", "carol has no money", "acme line 2"):
         assert label in out
-    assert list(scratch.iterdir()) == []  # the temporary folder is gone
+    if keep:  # the admin asked to look at the database, the spool and the log afterwards
+        (kept,) = scratch.iterdir()
+        assert "authorize call=" in (kept / "agent.log").read_text()
+        assert (kept / "billing-agent.db").is_file()
+    else:
+        assert list(scratch.iterdir()) == []  # the temporary folder is gone
     assert list(work.iterdir()) == []  # nothing written where it was started

@@ -9,6 +9,7 @@ for Asterisk (the default), the event socket for FreeSWITCH (``--pbx freeswitch`
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import sys
 import tempfile
@@ -274,8 +275,7 @@ def demo_command(pbx: str, keep: bool) -> None:
 
     out = Console()
     began = time.monotonic()
-    folder_handle = tempfile.TemporaryDirectory(prefix="billing-agent-demo-")
-    folder = Path(folder_handle.name)
+    folder = Path(tempfile.mkdtemp(prefix="billing-agent-demo-"))
     pbx_sim: SimulatedPbx | None = None
     daemon: Daemon | None = None
     ok = False
@@ -347,7 +347,7 @@ def demo_command(pbx: str, keep: bool) -> None:
         if keep:
             out.print(f"kept {folder} (agent.log has every decision and money movement)")
         else:
-            folder_handle.cleanup()
+            shutil.rmtree(folder, ignore_errors=True)
     out.print(f"demo {'passed' if ok else '[red]FAILED[/red]'} in {time.monotonic() - began:.1f} s")
     sys.exit(0 if ok else 1)
 
