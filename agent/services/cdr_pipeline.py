@@ -5,11 +5,16 @@
     engine ── submit() ──▶ spool.append()        os.write: survives kill -9 as soon as it returns
                               │  syncer greenlet: fsync every fsync_interval_ms (group commit)
                               ▼
-    writer greenlet: spool.read(batch_size) in order → decode → store.write() (one transaction,
+    writer greenlet: spool.read(batch_size) in order → store.write_spooled() (PostgreSQL: the
+                     spooled COPY lines as they are) or decode → store.write() (one transaction,
                      idempotent through the unique keys) → spool.commit(end): entries leave the
                      spool only now, after their transaction committed.
+                     A backlog: while the writer writes one full batch, ``_Ahead`` reads and
+                     writes the next on a second connection; both are committed in the spool in
+                     order once both transactions are done.
 
-* The call path never waits on the database: ``submit`` is an ``os.write`` of one framed record.
+* The call path never waits on the database: ``submit`` is an ``os.write`` of one framed record
+  (the call's rows as COPY text lines, agent/services/cdr_lines.py).
 * Database unreachable: the writer keeps its batch, backs off (0.5 s doubling to
   ``retry_max_s``) and retries while the spool grows (bounded by ``cdr.spool_max_mb``).
 * Rows the database rejects are isolated by the store (binary split of the batch) and quarantined
