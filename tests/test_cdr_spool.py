@@ -243,6 +243,29 @@ def test_an_unreadable_committed_file_replays_everything(spool_dir: Path) -> Non
     spool.close()
 
 
+def test_a_segment_retired_during_an_fsync_is_closed_only_after_its_own(spool_dir: Path) -> None:
+    """The pipeline's fsync yields (gevent's thread pool); appends that roll to a new segment
+    meanwhile must not get the segment they retire closed before it was fsync'd."""
+    spool = Spool(spool_dir, max_bytes=1 << 20, segment_bytes=100)
+    spool.append(payloads(1)[0])
+    rolled = False
+
+    def fsync_while_appending(fd: int) -> None:
+        nonlocal rolled
+        if not rolled:
+            rolled = True
+            for p in payloads(4, 1):  # retires the segment being fsync'd, starts others
+                spool.append(p)
+        os.fsync(fd)
+
+    spool.sync(fsync_while_appending)
+    spool.sync(os.fsync)  # raised EBADF: the first sync had closed the retired segment
+    spool.append(payloads(1, 5)[0])
+    spool.sync(os.fsync)
+    assert drain(spool) == payloads(6)
+    spool.close()
+
+
 def test_sync_fsyncs_the_written_segments(spool_dir: Path) -> None:
     synced: list[int] = []
 

@@ -310,7 +310,10 @@ class Spool:
         self._active = self._active_fd = None
 
     def sync(self, fsync: Callable[[int], None] = os.fsync) -> None:
+        """``fsync`` may yield (the pipeline runs it in gevent's thread pool): a segment retired
+        meanwhile is dirty again and closed by the next sync, never by this one."""
         fds, self._dirty = self._dirty, set()
+        closing = fds & self._retired  # retired before these fsyncs: nothing appends to them any more
         try:
             for fd in fds:
                 fsync(fd)
@@ -324,7 +327,7 @@ class Spool:
         except OSError as exc:
             self._dirty |= fds
             raise SpoolError(f"{self.directory}: fsync failed: {exc.strerror}") from None
-        for fd in fds & self._retired:
+        for fd in closing:
             self._retired.discard(fd)
             os.close(fd)
 
