@@ -81,6 +81,8 @@ class SqlBalanceStore:
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
+        bind = sessions.kw.get("bind")
+        self._single_writer = getattr(getattr(bind, "dialect", None), "name", "") == "sqlite"
 
     # ------------------------------------------------------------------ plumbing
 
@@ -176,6 +178,11 @@ class SqlBalanceStore:
     def debit_and_reserve_many(self, requests: Sequence[NibbleRequest]) -> list[NibbleOutcome]:
         for request in requests:
             check_nibble(request)
+        if self._single_writer:
+            # SQLite locks the whole database per transaction anyway: one transaction for the
+            # batch saves a commit (and its WAL sync) per nibble, which was the embedded node's
+            # ceiling (about 500 calls on 1 s nibbles). No lock ordering to fear with one writer.
+            return self._run(lambda s: [self._nibble(s, r) for r in requests])
         # One transaction per nibble: a batch never holds many accounts' locks at once.
         return [self._run(lambda s, r=request: self._nibble(s, r)) for request in requests]  # type: ignore[misc]
 
