@@ -44,6 +44,8 @@ from agent.adapters.sql.models import RatePlan
 from agent.adapters.sql.rate_repository import RatePlanCache
 from agent.config import Config
 from agent.core.errors import BillingError
+from agent.core.money import format_amount
+from agent.core.ratetable import format_instant
 from agent.services.cdr_pipeline import CdrPipeline
 from agent.services.clock import SystemClock
 from agent.services.engine import Engine as CallEngine
@@ -186,7 +188,7 @@ class Daemon:
             return
         checks = {"database": lambda: self.health.database, "store": self._store_health, "pbx": self._pbx_health,
                   "cdr": self._cdr_health}
-        self.status = StatusServer(metrics.host, metrics.port, self.metrics, checks, calls=self.live_call_dicts)
+        self.status = StatusServer(metrics.host, metrics.port, self.metrics, checks, calls=self.live_calls_json)
         try:
             self.status.start()
         except OSError as exc:
@@ -331,6 +333,17 @@ class Daemon:
             "spent_micros": s.debited_micros, "budget_micros": s.budget_micros,
             "cut_at_ms": s.cut_at_ms if s.exhausted else None,
         } for s in list(self.engine.registry.sessions.values())]
+
+    def live_calls_json(self) -> list[dict[str, Any]]:
+        """/calls: amounts as decimal strings (DESIGN §7), instants as ISO 8601 UTC."""
+        out = []
+        for call in self.live_call_dicts():
+            call["spent"] = format_amount(call.pop("spent_micros"))
+            call["budget"] = format_amount(call.pop("budget_micros"))
+            cut_at_ms = call.pop("cut_at_ms")
+            call["cut_at"] = format_instant(cut_at_ms) if cut_at_ms else None
+            out.append(call)
+        return out
 
     # ---------------------------------------------------------------- background work
 

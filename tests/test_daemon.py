@@ -115,6 +115,11 @@ def test_operators_list_live_calls_and_hang_one_up_from_the_cli(daemon: Daemon, 
     call = fake_fs.place_call("alice", "33142685300", answer_after_ms=50, talk_ms=60_000)
     wait_for(lambda: any(c["phase"] == "answered" for c in daemon.live_call_dicts()))
     gevent.sleep(daemon.config.daemon.publish_seconds + 0.5)  # published to SQL
+    assert daemon.status is not None
+    _, body = http_get(daemon.status.port, "/calls")
+    (mine,) = json.loads(body)
+    assert mine["account"] == "alice" and mine["phase"] == "answered"
+    assert mine["spent"].count(".") == 1 and len(mine["spent"].split(".")[1]) == 6  # "0.010000", never a float
     runner = CliRunner()
     url = ["--database-url", daemon.config.database.url]
     listed = runner.invoke(cli, [*url, "calls", "list", "--json"])
