@@ -523,3 +523,23 @@ def test_actions_pending_at_a_drop_fail_at_once_and_are_never_resent() -> None:
     finally:
         adapter.stop(1.0)
         peer.stop()
+
+
+def test_a_call_answered_during_an_ami_outage_is_billed_from_its_real_answer(world: World) -> None:
+    world.store.add_account("1011", 10_000_000)
+    adapter = world.start_adapter()
+    call = world.fake.place_call("1011", "33123456", answer_after_ms=300, talk_ms=2_500)
+    wait_for(lambda: bool(call.b_uniqueids), "dial")
+    world.fake.refuse_logins(True)
+    world.fake.drop_ami_connections()  # the callee answers while the agent cannot see it
+    wait_for(lambda: bool(call.answered_ms), "answer on the PBX")
+    gevent.sleep(1.2)
+    world.fake.refuse_logins(False)
+    wait_for(lambda: len(world.recorder.of(PbxConnected)) == 2, "reconnect")
+    resync = world.recorder.of(PbxConnected)[1]
+    (b_leg,) = [leg for leg in resync.live_legs if leg.leg_id == call.b_uniqueids[0]]
+    assert abs(b_leg.answered_ms - call.answered_ms) <= 5  # CDR(answer,u), not the resync instant
+    finish(call)
+    (record,) = world.cdrs.wait()
+    assert abs(record.duration_ms - 2_500) <= 150  # the whole talk, not only what followed the resync
+    assert adapter.ami.stats.connections == 2

@@ -757,6 +757,8 @@ class FakeAsterisk:
             return ch.context
         if upper == "PRIORITY":
             return str(ch.priority)
+        if compact == "CDR(ANSWER,U)":  # epoch seconds with microseconds, as res_cdr's "u" option
+            return f"{ch.answered:.6f}" if ch.answered else "0.000000"
         if compact in ("CDR(BILLSEC)", "CDR(DURATION)"):
             end = self.clock()
             if compact == "CDR(DURATION)":

@@ -18,8 +18,10 @@ channels and the engine reconciles its calls with them (``PbxConnected``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import gevent
@@ -49,6 +51,8 @@ from agent.services.clock import SystemClock
 
 log = logging.getLogger(__name__)
 
+MISSED_ANSWER_LOOKUPS = 16  # Getvar CDR(answer,u) at once after a resync
+MAX_MISSED_ANSWER_LOOKUPS = 2_000  # beyond that, the rest are billed from the resync instant
 VANISHED_CAUSE = "NO_SUCH_CHANNEL"  # Asterisk no longer knows the leg and we missed its hangup
 AGI_SCRIPT = "authorize"
 # Channel variables shared with dialplan/asterisk/extensions_billing.conf.
@@ -250,10 +254,39 @@ class AsteriskAdapter:
         listing = self.ami.action_list("CoreShowChannels", "CoreShowChannelsComplete")
         now_ms = self.clock.now_ms()
         live = self.translator.reset_live(listing, known_before, now_ms)
+        learnt = self._missed_answers(self.translator.assumed_answers)
+        if learnt:
+            live = [dataclasses.replace(leg, answered_ms=learnt[leg.leg_id]) if leg.leg_id in learnt else leg
+                    for leg in live]
         self.stats.resyncs += 1
         log.info("Asterisk resync: %d live channels", len(live))
         self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live)))
         self.synced.set()
+
+    def _missed_answers(self, leg_ids: list[str]) -> dict[str, int]:
+        """When a callee answered while AMI was away (or before this agent started), the listing
+        only says the channel is up: ask Asterisk for the real instant (``CDR(answer,u)``, epoch
+        seconds with microseconds), so the call is billed from its answer, not from the resync."""
+        if not leg_ids:
+            return {}
+        learnt: dict[str, int] = {}
+
+        def fetch(leg_id: str) -> None:
+            try:
+                reply = self.ami.action("Getvar", [("Channel", leg_id), ("Variable", "CDR(answer,u)")])
+            except AmiError as exc:
+                log.debug("Getvar CDR(answer,u) of leg %s: %s", leg_id, exc)
+                return
+            answered_ms = _epoch_ms(reply.get("Value") if reply.response == "Success" else "")
+            if answered_ms:
+                self.translator.answer_learnt(leg_id, answered_ms)
+                learnt[leg_id] = self.translator.legs[leg_id].answered_ms if leg_id in self.translator.legs else 0
+
+        pool = gevent.pool.Pool(MISSED_ANSWER_LOOKUPS)
+        pool.map(fetch, leg_ids[:MAX_MISSED_ANSWER_LOOKUPS])
+        if learnt:
+            log.info("Asterisk resync: real answer instants of %d legs answered while AMI was away", len(learnt))
+        return {leg_id: ms for leg_id, ms in learnt.items() if ms}
 
     # ---------------------------------------------------------------- authorization (one AGI session)
 
@@ -360,3 +393,12 @@ def authorize_request(env: AgiEnvironment, now_ms: int, sip_call_id: str = "") -
         at_ms=now_ms, caller=_known(env.get("agi_callerid")), channel=env.get("agi_channel"),
         sip_call_id=sip_call_id, group_id=leg_id,
     )
+
+
+def _epoch_ms(value: str) -> int:
+    """``1795884213.123456`` (CDR(answer,u)) as epoch ms; 0 for empty, zero or junk."""
+    try:
+        seconds = Decimal(value.strip())
+    except ArithmeticError:
+        return 0
+    return int(seconds * 1000) if seconds.is_finite() and seconds > 0 else 0

@@ -142,6 +142,7 @@ class EventTranslator:
         self.ended: OrderedDict[str, str] = OrderedDict()  # leg id -> group id
         self.bridges: dict[str, list[str]] = {}
         self.ended_memory = ended_memory
+        self.assumed_answers: list[str] = []  # legs the last resync found up without an answer time
         self.stats = TranslatorStats()
 
     # ---------------------------------------------------------------- queries
@@ -325,6 +326,12 @@ class EventTranslator:
         while len(self.ended) > self.ended_memory:
             self.ended.popitem(last=False)
 
+    def answer_learnt(self, leg_id: str, answered_ms: int) -> None:
+        """The real answer instant of a leg a resync found up (``CDR(answer,u)``)."""
+        info = self.legs.get(leg_id)
+        if info is not None and 0 < answered_ms <= info.answered_ms:
+            info.answered_ms = answered_ms
+
     # ---------------------------------------------------------------- resync
 
     def reset_live(self, listing: list[AmiMessage], known_before: set[str], now_ms: int) -> list[LiveLeg]:
@@ -335,6 +342,7 @@ class EventTranslator:
         and only a leg known before and not listed ended while we were away."""
         live: list[LiveLeg] = []
         seen: dict[str, None] = {}  # ordered
+        self.assumed_answers = []
         by_id = {m.get("Uniqueid"): m for m in listing if m.get("Uniqueid")}
         for leg_id, message in by_id.items():
             if leg_id in self.ended or leg_id in seen or is_plumbing(message.get("Channel")):
@@ -348,7 +356,8 @@ class EventTranslator:
                 info = leg_info(message, leg_id, "", created, parent=parent)
                 self.legs[leg_id] = info
             if message.get("ChannelState") == STATE_UP and not info.answered_ms:
-                info.answered_ms = now_ms  # the answer came while we were away: from now on
+                info.answered_ms = now_ms  # the answer came while we were away: from now on,
+                self.assumed_answers.append(leg_id)  # unless the adapter learns the real instant
             bridge = message.get("BridgeId")
             if bridge and leg_id not in self.bridges.setdefault(bridge, []):
                 self.bridges[bridge].append(leg_id)
