@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -105,7 +105,6 @@ class Health:
     """What /health reports; each flag is set by the part that knows."""
 
     database: tuple[bool, str] = (False, "not connected yet")
-    pbx: dict[str, Callable[[], bool]] = field(default_factory=dict)
 
 
 class Daemon:
@@ -118,7 +117,6 @@ class Daemon:
         self.health = Health()
         self.group = gevent.pool.Group()
         self.stopping = gevent.event.Event()
-        self.ready = gevent.event.Event()
         self.stopped = gevent.event.Event()
         self.sql: Engine | None = None
         self.store: StoreGuard | None = None
@@ -128,8 +126,6 @@ class Daemon:
         self.cdr: CdrPipeline | None = None
         self.publisher: LiveCallPublisher | None = None
         self.adapters: list[SwitchAdapter] = []
-        self.started_monotonic = time.monotonic()
-        self.ready_seconds: float | None = None
         self._signals = 0
         self._database_where = ""
 
@@ -137,7 +133,7 @@ class Daemon:
 
     def start(self) -> None:
         """Build and start everything; raises StartupError with the reason when it cannot."""
-        self.started_monotonic = time.monotonic()
+        began = time.monotonic()
         self._bind_status()
         self.sql = self._connect_database()
         self._check_schema(self.sql)
@@ -166,11 +162,9 @@ class Daemon:
                                 pbx=",".join(a.name for a in self.adapters))
         self._spawn(self._sweep_loop, "reservation sweeper")
         self._spawn(self._publish_loop, "live-call publisher")
-        self.ready_seconds = time.monotonic() - self.started_monotonic
-        log.info("billing agent ready in %.2fs: node=%s store=%s pbx=%s status=%s", self.ready_seconds,
+        log.info("billing agent ready in %.2fs: node=%s store=%s pbx=%s status=%s", time.monotonic() - began,
                  self.config.node.id, "redis" if self.config.redis.url else "sql",
                  ",".join(a.name for a in self.adapters) or "none", self.status_url or "disabled")
-        self.ready.set()
 
     @property
     def status_url(self) -> str:
@@ -258,7 +252,7 @@ class Daemon:
                                "several nodes and needs a shared PostgreSQL or MariaDB database "
                                "(or remove redis.url to use the embedded SQL store)")
 
-        journal = spool_path(self.config) / "balance-journal.jsonl"
+        journal = journal_path(self.config)
         journal.parent.mkdir(parents=True, exist_ok=True)
         store = make_balance_store(self.config, engine)
         guard = guard_from_config(store, self.config.billing, self.clock, journal)
@@ -322,7 +316,8 @@ class Daemon:
                 for s in list(self.engine.registry.sessions.values())]
 
     def live_call_dicts(self) -> list[dict[str, Any]]:
-        """/calls: this node's calls with their money, as the engine sees them."""
+        """This node's calls with their money in micro-units, as the engine sees them (the demo's view;
+        ``live_calls_json`` formats them for /calls)."""
         if self.engine is None:
             return []
         now = self.clock.now_ms()
@@ -369,11 +364,9 @@ class Daemon:
         self.metrics.connection_up.labels("store").set(1 if store.available else 0)
 
     def _publish_loop(self) -> None:
+        # Also while draining: live calls stay listed and operators' hangups are carried out until
+        # the shutdown kills this greenlet.
         interval = self.config.daemon.publish_seconds
-        while not self.stopping.is_set():
-            self.publish_once()
-            self.stopping.wait(interval)
-        # Draining: keep publishing (and carrying out hangups) until the shutdown ends the greenlet.
         while True:
             self.publish_once()
             gevent.sleep(interval)
@@ -470,7 +463,8 @@ class Daemon:
         if self.store is not None:
             self._timed("close store", self.store.close)
         if self.status is not None:
-            self._timed("stop status server", lambda: self.status.stop(1) if self.status else None)
+            status = self.status
+            self._timed("stop status server", lambda: status.stop(1))
         if self.sql is not None:
             self.sql.dispose()
         took = time.monotonic() - began
@@ -524,4 +518,5 @@ def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None
 
 
 def journal_path(config: Config) -> Path:
+    """The StoreGuard's journal of balance steps taken while the store was down (beside the CDR spool)."""
     return spool_path(config) / "balance-journal.jsonl"

@@ -28,7 +28,7 @@ from sqlalchemy import select, text
 from agent.adapters.sql.engine import make_engine, session_factory, transaction
 from agent.adapters.sql.models import AgentNode, Call, LiveCallRow, utcnow
 from agent.adapters.sql.reconcile import check_ledger
-from agent.cli.demo import SimulatedPbx, demo_config, prepare_database
+from agent.cli.demo import SimulatedPbx, demo_config, free_port, prepare_database
 from agent.cli.main import cli
 from agent.config import load_config
 from agent.daemon import Daemon, StartupError
@@ -180,12 +180,6 @@ def test_an_unreachable_database_is_retried_with_health_red(tmp_path: Path) -> N
     agent.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_run_stops_on_sigterm_and_a_bad_config_fails_before_anything_listens(tmp_path: Path) -> None:
     prepare_database(f"sqlite:///{tmp_path / 'billing-agent.db'}", tmp_path).dispose()
     exe = [sys.executable, "-m", "agent.entry"]
@@ -197,7 +191,7 @@ def test_run_stops_on_sigterm_and_a_bad_config_fails_before_anything_listens(tmp
     assert result.returncode != 0
     assert "nibble_seconds" in result.stderr
 
-    port = _free_port()
+    port = free_port()
     good = tmp_path / "agent.yaml"
     good.write_text(f"database:\n  url: sqlite:///{tmp_path / 'billing-agent.db'}\nmetrics:\n  port: {port}\n"
                     f"cdr:\n  spool_dir: {tmp_path / 'spool'}\n")
@@ -317,7 +311,7 @@ def test_a_second_sigterm_exits_at_once_and_the_reservation_is_left_to_expire(tm
 
     with transaction(session_factory(sql)) as session:
         create_account(session, "acct0", plan="demo", balance_micros=10_000_000)
-    fs_port, status_port = _free_port(), _free_port()
+    fs_port, status_port = free_port(), free_port()
     fake = subprocess.Popen([sys.executable, "-m", "agent.sim.freeswitch", "--port", str(fs_port), "--load-rate", "5",
                              "--load-calls", "1", "--talk-ms", "60000"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -78,7 +78,8 @@ CALLS = (
 )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback now (the simulated Asterisk must know the AGI port first)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -126,7 +127,7 @@ class SimulatedPbx:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self.agi_port = _free_port() if kind == "asterisk" else 0
+        self.agi_port = free_port() if kind == "asterisk" else 0
         self.fake: Any
         if kind == "asterisk":
             from agent.sim.asterisk import FakeAsterisk
