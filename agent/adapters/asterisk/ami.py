@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,11 +35,11 @@ import gevent.pool
 from gevent import socket
 
 from agent.adapters.asterisk.ami_protocol import AmiFramingError, AmiMessage, AmiParser, encode_action
+from agent.adapters.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 256 * 1024
-STABLE_CONNECTION_S = 10.0
 
 
 class AmiError(Exception):
@@ -77,23 +76,6 @@ class AmiSettings:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
-
-
-class Backoff:
-    """Capped exponential backoff with jitter; reset after a connection that lived."""
-
-    def __init__(self, initial_s: float, max_s: float) -> None:
-        self.initial_s = initial_s
-        self.max_s = max_s
-        self._next_s = initial_s
-
-    def next(self) -> float:
-        delay = self._next_s
-        self._next_s = min(self.max_s, self._next_s * 2)
-        return min(self.max_s, delay * random.uniform(0.8, 1.2))  # jitter, not security
-
-    def reset(self) -> None:
-        self._next_s = self.initial_s
 
 
 @dataclass
@@ -269,10 +251,8 @@ class AmiClient:
             connected_at = time.monotonic()
             self.group.spawn(self._resync, conn)
             self._watch(conn, reader)
-            if time.monotonic() - connected_at >= STABLE_CONNECTION_S:
-                self.backoff.reset()  # a connection that lived is retried at once; a flapping one backs off
             self.last_error = conn.closed_reason
-            return self.backoff.next()
+            return self.backoff.after_connection(time.monotonic() - connected_at)
         except LoginRefused as exc:
             self.stats.login_refusals += 1
             self.last_error = str(exc)

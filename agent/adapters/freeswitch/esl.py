@@ -25,7 +25,6 @@ means a dead peer), and reconnect with a capped exponential backoff.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import gevent.pool
 from gevent import socket
 from greenswitch.esl import InboundESL, NotConnectedError
 
+from agent.adapters.backoff import Backoff
 from agent.adapters.freeswitch.esl_protocol import (
     API_RESPONSE,
     AUTH_REQUEST,
@@ -57,7 +57,6 @@ from agent.adapters.freeswitch.esl_protocol import (
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 256 * 1024
-STABLE_CONNECTION_S = 10.0
 
 
 class NotConnected(EslError):
@@ -227,23 +226,6 @@ class GreenswitchConnection(InboundESL):  # type: ignore[misc]  # greenswitch ha
         gevent.killall(self.greenlets(), timeout=timeout_s)
 
 
-class Backoff:
-    """Capped exponential backoff with jitter; reset after a good connection."""
-
-    def __init__(self, initial_s: float, max_s: float) -> None:
-        self.initial_s = initial_s
-        self.max_s = max_s
-        self._next_s = initial_s
-
-    def next(self) -> float:
-        delay = self._next_s
-        self._next_s = min(self.max_s, self._next_s * 2)
-        return min(self.max_s, delay * random.uniform(0.8, 1.2))  # jitter, not security
-
-    def reset(self) -> None:
-        self._next_s = self.initial_s
-
-
 EventCallback = Callable[[Event], None]
 
 
@@ -346,9 +328,7 @@ class EslClient:
             connected_at = time.monotonic()
             self.on_connected()
             self._watch(conn)
-            if time.monotonic() - connected_at >= STABLE_CONNECTION_S:
-                self.backoff.reset()  # a connection that lived is retried at once; a flapping one backs off
-            return self.backoff.next()
+            return self.backoff.after_connection(time.monotonic() - connected_at)
         except AuthenticationFailed as exc:
             self.auth_failures += 1
             self.last_error = str(exc)
