@@ -41,6 +41,8 @@ def test_config_is_frozen() -> None:
         ("bling:\n  x: 1\n", "unknown section 'bling'"),
         ("billing:\n  nibble_seconds: five\n", "billing.nibble_seconds: must be a whole number"),
         ("billing:\n  nibble_seconds: 0\n", "billing.nibble_seconds: must be greater than 0"),
+        ("daemon:\n  publish_seconds: 0\n", "daemon.publish_seconds: must be greater than 0"),
+        ("daemon:\n  drain_seconds: -1\n", "daemon.drain_seconds: must not be negative"),
         ("billing:\n  failure_policy: maybe\n", "billing.failure_policy: must be one of fail_closed, fail_open"),
         ("billing:\n  offline_credit: '1.1234567'\n", "billing.offline_credit: offline_credit"),
         ("asterisk:\n  agi_port: 70000\n", "asterisk.agi_port: must be a TCP port"),

@@ -340,3 +340,15 @@ def test_a_second_sigterm_exits_at_once_and_the_reservation_is_left_to_expire(tm
                 proc.kill()
                 proc.wait()
         sql.dispose()
+
+
+def test_bad_arguments_to_the_live_call_commands_are_named(tmp_path: Path) -> None:
+    runner = CliRunner()
+    url = ["--database-url", f"sqlite:///{tmp_path / 'billing-agent.db'}"]
+    prepare_database(url[1], tmp_path).dispose()
+    wait = runner.invoke(cli, [*url, "calls", "hangup", "some-call", "--wait", "-1"])
+    assert wait.exit_code == 2 and "--wait" in wait.output
+    demo = runner.invoke(cli, ["demo", "--pbx", "yate"])
+    assert demo.exit_code == 2 and "'yate' is not one of" in demo.output
+    empty = runner.invoke(cli, [*url, "calls", "list", "--json"])
+    assert empty.exit_code == 0 and json.loads(empty.output) == {"calls": [], "nodes": []}
