@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import gevent
 import gevent.event
@@ -46,6 +46,7 @@ from agent.config import Config
 from agent.core.errors import BillingError
 from agent.core.money import format_amount
 from agent.core.ratetable import format_instant
+from agent.ports import SwitchAdapter
 from agent.services.cdr_pipeline import CdrPipeline
 from agent.services.clock import SystemClock
 from agent.services.engine import Engine as CallEngine
@@ -60,20 +61,6 @@ log = logging.getLogger("agent.daemon")
 
 class StartupError(BillingError):
     """The daemon cannot start (a port in use, a schema too old...); the message says why."""
-
-
-class SwitchAdapter(Protocol):
-    name: str
-
-    def start(self) -> None: ...
-
-    def stop(self, timeout_s: float = 2.0) -> None: ...
-
-    def connected(self) -> bool: ...
-
-    def hangup(self, leg_id: str, cause: str = "NORMAL_CLEARING", *, escalate: bool = False) -> None: ...
-
-    def warn(self, leg_id: str, seconds_left: int) -> None: ...
 
 
 def configure_logging(level: str, fmt: str) -> None:

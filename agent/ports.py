@@ -51,7 +51,23 @@ class Switch(Protocol):
         """Play the low-balance warning on a leg (best effort)."""
         ...
 
+    def arm_backstop(self, leg_id: str, at_ms: int, caller_leg_id: str = "") -> None:
+        """Move the PBX's own hangup of a call to ``at_ms`` (epoch ms): the billed leg's, and the
+        caller leg's ceiling where the PBX keeps one. Raises on refusal; the earlier backstop
+        then stays, which is never before the money ran out."""
+        ...
+
     def connected(self) -> bool:
+        ...
+
+
+class SwitchAdapter(Switch, Protocol):
+    """A switch adapter as the daemon runs it: the ``Switch`` port and its lifecycle."""
+
+    def start(self) -> None:
+        ...
+
+    def stop(self, timeout_s: float = 2.0) -> None:
         ...
 
 

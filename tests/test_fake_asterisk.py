@@ -210,8 +210,11 @@ def make() -> Iterable[Callable[..., tuple[FakeAsterisk, AgiAgent]]]:
 
 
 def allow(limit_ms: int, warn_ms: int | None = None) -> list[str]:
+    """The agent's variables as single commands (the backstop is the limit: the callee's
+    TIMEOUT(absolute), armed by the dialplan's U() at the answer)."""
     commands = ["GET VARIABLE CHANNEL(accountcode)", 'SET VARIABLE BILLING_DECISION "allow"',
-                f"SET VARIABLE BILLING_LIMIT_MS {limit_ms}"]
+                f"SET VARIABLE BILLING_LIMIT_MS {limit_ms}",
+                f"SET VARIABLE BILLING_BACKSTOP_S {limit_ms // 1000}.{limit_ms % 1000:03d}"]
     if warn_ms is not None:
         commands.append(f"SET VARIABLE BILLING_WARN_MS {warn_ms}")
     return commands

@@ -47,11 +47,12 @@ def settle_call(engine: Engine, call_id: str, cost: int, *, record: bool = True)
         add_call(engine, call_id, settled=True)
 
 
-def add_call(engine: Engine, call_id: str, *, settled: bool) -> None:
+def add_call(engine: Engine, call_id: str, *, settled: bool, answered: bool = True) -> None:
     now = datetime.now(UTC)
     with transaction(session_factory(engine)) as s:
         s.add(Call(id=call_id, node="n1", account_id="alice", caller="", destination="100", started_at=now,
-                   duration_ms=1000, disposition="ANSWERED", hangup_cause="", pbx="test",
+                   answered_at=now if answered else None, duration_ms=1000 if answered else 0,
+                   disposition="ANSWERED" if answered else "BUSY", hangup_cause="", pbx="test",
                    settled_at=now if settled else None))
 
 
@@ -75,12 +76,13 @@ def test_a_clean_ledger_with_settled_calls_passes(db: tuple[Path, Engine]) -> No
     assert result.exit_code == 0 and "2 settled calls, 2 charges, each call charged once" in result.stdout
 
 
-def test_a_settled_call_without_a_charge_is_a_difference(db: tuple[Path, Engine]) -> None:
+def test_an_answered_call_without_a_charge_is_a_difference(db: tuple[Path, Engine]) -> None:
     config, engine = db
     add_call(engine, "lost", settled=True)
+    add_call(engine, "busy", settled=True, answered=False)  # released, never charged: as it should be
     code, report = check(config)
     assert code == 1
-    assert problems(report) == [("settled call without a charge", "lost")]
+    assert problems(report) == [("answered call without a charge", "lost")]
 
 
 def test_a_call_charged_twice_is_a_difference(db: tuple[Path, Engine]) -> None:

@@ -119,8 +119,9 @@ def test_duplicate_and_out_of_order_events_change_nothing() -> None:
     _answer_b(session2, T0)
     assert session2.on_answered(LegAnswered("B1", T0 + 5000)) == []  # answered twice
     assert session2.answer_ms == T0
-    (settle,) = session2.on_hung_up(LegHungUp("A1", T0 + 3000))
+    session2.on_hung_up(LegHungUp("A1", T0 + 3000))
     assert session2.on_hung_up(LegHungUp("A1", T0 + 3000)) == []  # hangup twice
+    (settle,) = session2.on_hung_up(LegHungUp("B1", T0 + 3004))  # the callee follows: billed to 3000
     assert settle.cost_micros == 3000
 
 
@@ -137,7 +138,8 @@ def test_transfer_keeps_billing_while_the_caller_talks_to_another_answered_leg()
 def test_grace_period_call_costs_nothing() -> None:
     session = make_session(FlatTariff(rate_micros=60_000, connect_fee_micros=100_000, grace=5), granted=200_000)
     _answer_b(session, T0)
-    (settle,) = session.on_hung_up(LegHungUp("A1", T0 + 4_500))
+    session.on_hung_up(LegHungUp("A1", T0 + 4_500))
+    (settle,) = session.on_hung_up(LegHungUp("B1", T0 + 4_510))
     assert settle.cost_micros == 0
 
 
@@ -186,6 +188,7 @@ def test_a_call_ended_by_the_pbx_limit_is_recorded_as_cut() -> None:
     early = make_session(PER_SECOND, granted=6_000, a_leg="A2")
     _answer_b(early, T0, leg="B2")
     early.on_hung_up(LegHungUp("A2", T0 + 3_000, cause="NORMAL_CLEARING"))
+    early.on_hung_up(LegHungUp("B2", T0 + 3_002, cause="NORMAL_CLEARING"))
     (finished,) = early.on_settled(T0 + 3_100)
     assert finished.record.disposition is Disposition.ANSWERED
 
@@ -229,6 +232,7 @@ def test_an_adopted_call_is_billed_from_its_real_answer_not_from_the_restart() -
                            last_renewal_ms=T0 + 4_010)  # nibble 4, taken 10 ms late
     assert session.answer_ms == T0 + 10
     session.on_hung_up(LegHungUp("A1", T0 + 9_500))
+    session.on_hung_up(LegHungUp("B1", T0 + 9_501))
     (finished,) = session.on_settled(T0 + 9_600)
     assert finished.record.duration_ms == 9_490
 
@@ -236,5 +240,6 @@ def test_an_adopted_call_is_billed_from_its_real_answer_not_from_the_restart() -
 def test_a_pbx_limit_that_fires_late_is_not_billed_past_the_limit() -> None:
     session = make_session(PER_SECOND, granted=2_000)
     _answer_b(session, T0)
-    (settle,) = [e for e in session.on_hung_up(LegHungUp("A1", T0 + 2_001)) if isinstance(e, SettleStep)]
+    # The PBX's backstop ends the callee a hair late, the caller follows.
+    (settle,) = [e for e in session.on_hung_up(LegHungUp("B1", T0 + 2_001)) if isinstance(e, SettleStep)]
     assert settle.cost_micros == 2_000  # not a third started second the balance never held

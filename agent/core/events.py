@@ -51,8 +51,11 @@ class DenyReason(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class AuthorizeDecision:
-    """The engine's answer. ``limit_ms`` is the hard backstop the PBX enforces even if the agent
-    dies (Asterisk ``Dial(...,L(limit_ms))``, FreeSWITCH ``sched_hangup``); 0 when denied."""
+    """The engine's answer. ``limit_ms`` is what the money pays for from the callee's answer (the
+    agent cuts there); ``backstop_ms`` is when the PBX ends the call by itself if the agent is
+    gone (Asterisk ``TIMEOUT(absolute)`` on the callee, FreeSWITCH ``sched_hangup``): never before
+    ``limit_ms``, so the PBX never takes paid time away, and moved by the agent as money is
+    granted (``ArmBackstop``). Both 0 when denied."""
 
     allowed: bool
     call_id: str
@@ -60,6 +63,12 @@ class AuthorizeDecision:
     warning_ms: int = 0  # play a warning this long before the limit (0: none)
     reason: DenyReason | None = None
     detail: str = ""  # human-readable reason, for logs and the dialplan
+    backstop_ms: int = 0
+
+    @property
+    def pbx_backstop_ms(self) -> int:
+        """The PBX backstop from the answer (``limit_ms`` when no margin was given)."""
+        return max(self.backstop_ms, self.limit_ms)
 
 
 # ---------------------------------------------------------------- leg events (PBX -> engine)
@@ -81,13 +90,14 @@ class LegCreated:
 
 @dataclass(frozen=True, slots=True)
 class LegUpdated:
-    """Late facts about a leg (the B leg's SIP Call-ID arrives with the first SIP response)."""
+    """Late facts about a leg (a SIP Call-ID asked of the PBX, the number a dialled leg dialled)."""
 
     leg_id: str
     at_ms: int
     sip_call_id: str = ""
     peer: str = ""
     account_id: str = ""
+    callee: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,4 +191,15 @@ class WarnLeg:
     seconds_left: int
 
 
-SwitchCommand = HangupLeg | WarnLeg
+@dataclass(frozen=True, slots=True)
+class ArmBackstop:
+    """Move the PBX's own hangup of a call (the backstop that holds if the agent dies) to
+    ``at_ms`` (epoch ms): set on the billed leg (it stays with the call through a transfer) and,
+    where the PBX keeps a ceiling on the caller's leg too (FreeSWITCH), on ``caller_leg_id``."""
+
+    leg_id: str
+    at_ms: int
+    caller_leg_id: str = ""
+
+
+SwitchCommand = HangupLeg | WarnLeg | ArmBackstop

@@ -7,6 +7,7 @@ the current instant, and carry out the effects it returns.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -127,6 +128,13 @@ class CallRegistry:
         if session is None:
             if isinstance(event, LegCreated):
                 self._remember_pending(event)
+            elif isinstance(event, LegUpdated) and event.leg_id in self.pending_legs:
+                # A fact about a leg whose call is not authorized yet (the caller's Call-ID
+                # asked at its Newchannel): kept with the leg until the call is.
+                early = self.pending_legs[event.leg_id]
+                self.pending_legs[event.leg_id] = dataclasses.replace(
+                    early, sip_call_id=event.sip_call_id or early.sip_call_id, peer=event.peer or early.peer,
+                    callee=early.callee or event.callee)
             else:
                 self.stats.unknown_events += 1
             return []

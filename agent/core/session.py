@@ -20,6 +20,17 @@ Money rules (DESIGN §4-5):
   up to the cut instant when the PBX tore it down within the verification window (our own
   hangup latency is not the customer's use); past that window the real duration is charged and
   the overrun shows in the store's overrun record.
+* The PBX holds a backstop of its own (it ends the call if the agent dies). It is never set
+  before the money runs out (the PBX must not take paid time away) and it moves with the
+  money: each granted nibble pushes it to the end of what is reserved plus a slack, an
+  exhausted call pins it ``backstop_margin_ms`` after the cut, a top-up moves it again
+  (``ArmBackstop``). So money that lands mid-call extends the call on both switches, and an
+  agent that dies leaves the call at most one slice and a slack beyond its reserved money.
+* Billing runs on the dialled leg. When the caller's leg leaves while that leg stays up (the
+  caller transferred the call: SIP REFER, blind or attended), the account goes on paying for
+  the carrier leg, is still cut when the money runs out, and billing ends with that leg. A
+  dialled leg that follows the caller within ``TRANSFER_GRACE_MS`` is an ordinary hangup, billed
+  to the caller's hangup instant.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from typing import Protocol
 
 from agent.core.cdr import CallRecord, Disposition, LegRecord, RatingRecord
 from agent.core.events import (
+    ArmBackstop,
     DenyReason,
     DialBegin,
     Direction,
@@ -47,7 +59,10 @@ from agent.core.events import (
 
 LAST_CHANCE_LEAD_MS = 2_000  # an exhausted call asks the store once more this long before its cut
 MAX_ADOPTED_NIBBLES = 1_000_000  # a bound for the adoption search (an 11-day call at 1 s nibbles)
-BACKSTOP_TOLERANCE_MS = 1_000  # a call that lasted to within this of its PBX limit was cut by the limit
+BACKSTOP_TOLERANCE_MS = 2_000  # a call that ended this close after the PBX backstop was ended by it
+# FreeSWITCH's sched_hangup is whole-second, polled every 0.5 s: it fires up to 1.5 s after the
+# instant asked (Asterisk's TIMEOUT(absolute) is ms-exact); 2 s covers both.
+TRANSFER_GRACE_MS = 1_500  # a dialled leg still up this long after the caller left was transferred
 BUSY_CAUSES = frozenset({"USER_BUSY", "17"})
 NO_ANSWER_CAUSES = frozenset({"NO_ANSWER", "NO_USER_RESPONSE", "ORIGINATOR_CANCEL", "19", "18"})
 
@@ -95,6 +110,7 @@ class TimerKind(StrEnum):
     VERIFY = "verify"
     LAST_CHANCE = "last_chance"
     NO_ANSWER_GUARD = "no_answer_guard"
+    TRANSFER_CHECK = "transfer_check"
 
 
 # ------------------------------------------------------------------------------------ effects
@@ -189,6 +205,16 @@ class SessionSettings:
     verify_ms: int = 3_000  # a hangup must be confirmed within this
     max_hangup_attempts: int = 2  # a plain hangup, then an escalated one
     no_answer_guard_ms: int = 0  # release a call that neither answers nor ends (0: never)
+    # The PBX backstop ends a call this long after its money ran out when the agent has not
+    # (the agent cuts at the exact instant; the margin keeps the PBX from ever cutting first).
+    backstop_margin_ms: int = 1_000
+    max_call_ms: int = 0  # no call lasts longer, whatever the money (0: no cap)
+
+    @property
+    def backstop_slack_ms(self) -> int:
+        """How far past the reserved slice the backstop sits while nibbles are granted: the next
+        nibble's store round trip and re-arm must land before it fires."""
+        return max(self.nibble_ms, 2 * self.backstop_margin_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +241,7 @@ class CallSession:
     rating: RatingInfo
     settings: SessionSettings
     granted_micros: int  # what the authorization reserved (the first slice, maybe partial)
-    limit_ms: int  # the PBX backstop handed out at authorization
+    limit_ms: int  # what the money paid for at authorization, from the answer (the first PBX backstop)
     group_id: str = ""
     phase: Phase = Phase.AUTHORIZED
     legs: dict[str, Leg] = field(default_factory=dict)
@@ -237,6 +263,9 @@ class CallSession:
     cut_reason: str = "credit exhausted"
     token: int = 0
     settled_cost_micros: int | None = None
+    backstop_at_ms: int | None = None  # where the PBX's own hangup of the call stands (epoch ms)
+    caller_left_ms: int | None = None  # the caller's leg ended while the billed leg stayed up
+    transferred: bool = False  # ... and the billed leg was still up TRANSFER_GRACE_MS later
 
     def __post_init__(self) -> None:
         self.legs[self.a_leg.leg_id] = self.a_leg
@@ -296,6 +325,7 @@ class CallSession:
         if leg is not None:
             leg.sip_call_id = event.sip_call_id or leg.sip_call_id
             leg.peer = event.peer or leg.peer
+            leg.callee = leg.callee or event.callee
         return []
 
     def on_bridged(self, event: LegBridged) -> list[Effect]:
@@ -327,9 +357,11 @@ class CallSession:
         self.answer_ms = event.at_ms
         self.phase = Phase.ANSWERED
         self.token += 1
+        if self.limit_ms > 0:  # the dialplan armed the PBX backstop at the answer with the decision's
+            self.backstop_at_ms = self.answer_ms + self.limit_ms + self.settings.backstop_margin_ms
         effects: list[Effect] = []
         first_slice = self._cost_at(self.nibble_ms)
-        if self.budget_micros < first_slice:
+        if self.budget_micros < first_slice or self._at_max_duration(1):
             effects += self._exhaust(event.at_ms)
         else:
             effects.append(self._arm(TimerKind.NIBBLE, self.answer_ms + self.nibble_ms))
@@ -344,8 +376,17 @@ class CallSession:
         if self.phase in (Phase.ENDED, Phase.DONE):
             return []
         if leg.leg_id == self.a_leg.leg_id:
+            if self.phase is Phase.ANSWERED and self._billed_leg_live() and not self.cut_by_agent:
+                # Either an ordinary hangup (the dialled leg follows in milliseconds) or the
+                # caller transferred the call (the dialled leg stays up): wait and see.
+                self.caller_left_ms = event.at_ms
+                return [ArmTimer(self.call_id, TimerKind.TRANSFER_CHECK, event.at_ms + TRANSFER_GRACE_MS, self.token)]
             return self._end(event.at_ms, leg.hangup_cause)
         if self.phase is Phase.ANSWERED and leg.leg_id == self.billed_leg_id:
+            if self.caller_left_ms is not None:
+                if self.transferred:  # the transferred call is over: billed to this instant
+                    return self._end(event.at_ms, leg.hangup_cause)
+                return self._end(self.caller_left_ms, self.a_leg.hangup_cause or leg.hangup_cause)
             # The billed leg is gone. Billing goes on only if the caller is bridged to another
             # answered dialled leg (a transfer); otherwise the call is over for billing.
             other = self._other_live_answered_leg()
@@ -363,6 +404,9 @@ class CallSession:
                     and leg.answered_ms is not None and leg.ended_ms is None):
                 return leg
         return None
+
+    def _billed_leg_live(self) -> bool:
+        return self.billed_leg_id is not None and self.legs[self.billed_leg_id].ended_ms is None
 
     def _any_live_outbound(self) -> bool:
         return any(leg.direction is Direction.OUTBOUND and leg.ended_ms is None for leg in self.legs.values())
@@ -417,13 +461,22 @@ class CallSession:
                     self.legs[self.billed_leg_id].answered_ms = estimate
         self.token += 1  # drop the timers armed by the replayed answer
         next_slice = self._cost_at((done + 1) * self.nibble_ms) - self._cost_at(done * self.nibble_ms)
-        if reserved_micros < next_slice:  # the budget is final: cut when it runs out
+        if reserved_micros < next_slice or self._at_max_duration(done + 1):  # the budget is final
             return self._exhaust(now_ms)
-        return [self._arm(TimerKind.NIBBLE, max(now_ms, self.answer_ms + (done + 1) * self.nibble_ms))]
+        self.exhausted = False  # the replayed answer may have found no budget yet
+        self.cut_at_ms = None
+        # The backstop the earlier run left is unknown here: set it from what is reserved.
+        return [self._arm(TimerKind.NIBBLE, max(now_ms, self.answer_ms + (done + 1) * self.nibble_ms)),
+                *self._move_backstop(max(now_ms, self.answer_ms + (done + 1) * self.nibble_ms)
+                                     + self.settings.backstop_slack_ms)]
 
     # ---------------------------------------------------------------- timers
 
     def on_timer(self, kind: TimerKind, token: int, now_ms: int) -> list[Effect]:
+        if kind is TimerKind.TRANSFER_CHECK:
+            if self.phase is Phase.ANSWERED and self.caller_left_ms is not None and self._billed_leg_live():
+                self.transferred = True  # billing goes on with the dialled leg the caller handed over
+            return []
         if token != self.token and kind is not TimerKind.VERIFY:
             return []
         if kind is TimerKind.VERIFY:
@@ -480,12 +533,30 @@ class CallSession:
         self.budget_micros = self.debited_micros + granted_micros
         next_slice = self._cost_at((self.nibbles_done + 1) * self.nibble_ms) - self._cost_at(
             self.nibbles_done * self.nibble_ms)
-        if granted_micros < next_slice:
+        if granted_micros < next_slice or self._at_max_duration(self.nibbles_done + 1):
             return self._exhaust(now_ms)
         if self.exhausted:  # a top-up arrived: back to normal nibbling
             self.exhausted = False
+            self.cut_at_ms = None
             self.token += 1
-        return [self._arm(TimerKind.NIBBLE, self.answer_ms + (self.nibbles_done + 1) * self.nibble_ms)]
+        return [self._arm(TimerKind.NIBBLE, self.answer_ms + (self.nibbles_done + 1) * self.nibble_ms),
+                *self._move_backstop(self.answer_ms + (self.nibbles_done + 1) * self.nibble_ms
+                                     + self.settings.backstop_slack_ms)]
+
+    def _at_max_duration(self, nibbles: int) -> bool:
+        """The call would pass the daemon's longest call within ``nibbles`` nibbles."""
+        return 0 < self.settings.max_call_ms <= nibbles * self.nibble_ms
+
+    def _move_backstop(self, at_ms: int) -> list[Effect]:
+        """Re-arm the PBX's own hangup of the call at ``at_ms`` (nothing when it is there already)."""
+        if self.billed_leg_id is None or at_ms == self.backstop_at_ms:
+            return []
+        billed = self.legs[self.billed_leg_id]
+        if billed.ended_ms is not None:
+            return []
+        self.backstop_at_ms = at_ms
+        caller = self.a_leg.leg_id if self.a_leg.ended_ms is None else ""
+        return [Command(self.call_id, ArmBackstop(billed.leg_id, at_ms, caller))]
 
     def _exhaust(self, now_ms: int) -> list[Effect]:
         """The budget is final: cut the call the instant the money runs out."""
@@ -495,8 +566,12 @@ class CallSession:
         # max_seconds answers 0 ("deny") when the budget only covers a free grace period; the
         # time already covered by nibbles was affordable all the same, so never cut before it.
         affordable_ms = max(self.tariff.max_seconds(self.budget_micros) * 1000, self.nibbles_done * self.nibble_ms)
+        if self.settings.max_call_ms and affordable_ms >= self.settings.max_call_ms:
+            affordable_ms = self.settings.max_call_ms
+            self.cut_reason = "maximum call duration"
         self.cut_at_ms = self.answer_ms + affordable_ms
-        effects: list[Effect] = [self._arm(TimerKind.CUT, max(now_ms, self.cut_at_ms))]
+        effects: list[Effect] = [self._arm(TimerKind.CUT, max(now_ms, self.cut_at_ms)),
+                                 *self._move_backstop(self.cut_at_ms + self.settings.backstop_margin_ms)]
         warn_at = self.cut_at_ms - self.settings.warning_ms
         if self.settings.warning_ms and warn_at > now_ms:
             effects.append(self._arm(TimerKind.WARN, warn_at))
@@ -581,16 +656,26 @@ class CallSession:
         if self.answer_ms is None or self.end_ms is None:
             return 0
         duration = max(0, self.end_ms - self.answer_ms)
-        if self.cut_at_ms is not None and self.cut_by_agent and self.cut_sent_ms is not None:
-            cut_rel = self.cut_at_ms - self.answer_ms
-            confirmed_in_time = self.end_ms <= self.cut_sent_ms + self.settings.verify_ms
-            if duration > cut_rel and confirmed_in_time:
-                return cut_rel
-        if 0 < self.limit_ms < duration <= self.limit_ms + BACKSTOP_TOLERANCE_MS:
-            # The PBX's own limit (L(), sched_hangup) fired a hair late: the money covered only
-            # the limit, and the customer did not choose the extra milliseconds.
-            return self.limit_ms
+        if self.cut_at_ms is None or duration <= self.cut_at_ms - self.answer_ms:
+            return duration
+        cut_rel = self.cut_at_ms - self.answer_ms
+        confirmed_in_time = self.cut_sent_ms is not None and self.end_ms <= self.cut_sent_ms + self.settings.verify_ms
+        if self.cut_by_agent and confirmed_in_time:
+            return cut_rel  # our own hangup latency is not the customer's use
+        if self.exhausted and self._ended_by_pbx_backstop():
+            # The PBX's own backstop (or Asterisk's L() with a warning) ended the call after the
+            # money ran out: the money covered only up to the cut, and the customer did not
+            # choose the extra milliseconds.
+            return cut_rel
         return duration
+
+    def _ended_by_pbx_backstop(self) -> bool:
+        if self.end_ms is None or self.cut_at_ms is None:
+            return False
+        if self.end_cause == "ALLOTTED_TIMEOUT":
+            return True
+        backstop = self.backstop_at_ms if self.backstop_at_ms is not None else self.cut_at_ms
+        return self.end_ms <= max(backstop, self.cut_at_ms) + BACKSTOP_TOLERANCE_MS
 
     def on_settled(self, now_ms: int, cost_micros: int | None = None) -> list[Effect]:
         """The store committed the settle (or the release); emit the record once."""
@@ -617,13 +702,14 @@ class CallSession:
         return [Finished(record)]
 
     def _ended_by_backstop(self) -> bool:
-        """The PBX's own limit ended the call (Asterisk ``L()``, FreeSWITCH ``sched_hangup``): the
-        money ran out, even if the PBX was faster than the agent's cut. FreeSWITCH says so with
-        ALLOTTED_TIMEOUT; Asterisk's ``L()`` hangs up with a normal cause, so the duration tells:
-        the call lasted to within a second of the limit handed out at authorization."""
+        """The money ran out and the call ended at the cut: by the agent, or by the PBX's own
+        backstop when it was faster (FreeSWITCH says so with ALLOTTED_TIMEOUT; Asterisk's
+        timeout hangs up with a normal cause, so the instant tells)."""
         if self.end_cause == "ALLOTTED_TIMEOUT":
             return True
-        return self.limit_ms > 0 and self.billed_ms() >= self.limit_ms - BACKSTOP_TOLERANCE_MS
+        if not self.exhausted or self.cut_at_ms is None or self.end_ms is None:
+            return False
+        return self.end_ms >= self.cut_at_ms - BACKSTOP_TOLERANCE_MS // 2 and self._ended_by_pbx_backstop()
 
     def disposition(self) -> Disposition:
         if self.answer_ms is not None:

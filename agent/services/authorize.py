@@ -72,5 +72,6 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
     )
     warning_ms = settings.warning_ms if limit_ms > settings.warning_ms else 0
     decision = AuthorizeDecision(True, call_id, limit_ms, warning_ms,
-                                 detail=f"prefix {rated.info.prefix} plan {rated.info.plan_name}")
+                                 detail=f"prefix {rated.info.prefix} plan {rated.info.plan_name}",
+                                 backstop_ms=limit_ms + settings.backstop_margin_ms)
     return Outcome(decision, session)

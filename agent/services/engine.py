@@ -22,6 +22,7 @@ import gevent.queue
 
 from agent.core.balance import LiveCall
 from agent.core.events import (
+    ArmBackstop,
     AuthorizeDecision,
     AuthorizeRequest,
     DenyReason,
@@ -134,7 +135,7 @@ class Engine:
         self.switches: dict[str, Switch] = {}
         self.session_settings = SessionSettings(
             nibble_ms=settings.nibble_seconds * 1000, warning_ms=settings.warning_seconds * 1000,
-            verify_ms=settings.hangup_verify_ms,
+            verify_ms=settings.hangup_verify_ms, max_call_ms=settings.max_call_seconds * 1000,
         )
         self._inbox: gevent.queue.Queue[LegEvent | _Internal] = gevent.queue.Queue()
         self._wake = gevent.event.Event()
@@ -187,6 +188,11 @@ class Engine:
     # ---------------------------------------------------------------- CallEngine port
 
     def authorize(self, request: AuthorizeRequest) -> AuthorizeDecision:
+        if not request.account_id.strip():
+            log.error("call of %s channel %s to %r has no account code: the dialplan must set it before the call "
+                      "enters billing-outbound (Asterisk: Set(CHANNEL(accountcode)=...); FreeSWITCH: accountcode "
+                      "or billing_account); refused", request.pbx, request.channel or request.leg_id,
+                      request.destination)
         started = self.clock.monotonic_ms()
         decision = self._authorize(request)
         self.metrics.authorize_seconds.observe((self.clock.monotonic_ms() - started) / 1000)
@@ -249,7 +255,8 @@ class Engine:
         existing = self.registry.sessions.get(call_id)
         if existing is not None:  # the PBX asked twice for one call: the same answer, no new money
             return AuthorizeDecision(True, call_id, existing.limit_ms, self.session_settings.warning_ms,
-                                     detail="already authorized")
+                                     detail="already authorized",
+                                     backstop_ms=existing.limit_ms + self.session_settings.backstop_margin_ms)
         if not self._accepting:
             return AuthorizeDecision(False, call_id, reason=DenyReason.SHUTTING_DOWN,
                                      detail="the agent is shutting down")
@@ -433,6 +440,8 @@ class Engine:
                     switch.hangup(command.leg_id, command.cause, escalate=command.escalate)
                 elif isinstance(command, WarnLeg):
                     switch.warn(command.leg_id, command.seconds_left)
+                elif isinstance(command, ArmBackstop):
+                    switch.arm_backstop(command.leg_id, command.at_ms, command.caller_leg_id)
         except Exception:  # verification escalates if it mattered
             log.warning("switch command %s for call %s failed", command, effect.call_id, exc_info=True)
 

@@ -127,6 +127,9 @@ class FakeCall:
     billing_cause: str = ""
     agi_status: str = ""  # SUCCESS | FAILURE | HANGUP
     agi_commands: list[str] = field(default_factory=list)  # what the agent sent, in order
+    agi_stalled: int = 0  # commands that sat in res_agi's buffer behind another (pipelining)
+    backstop_raw: str = ""  # BILLING_BACKSTOP_S as the agent set it
+    backstop_rearms: int = 0  # AMI Setvar TIMEOUT(absolute) on the call's callee
     dial_status: str = ""
     outcome: str = ""  # answered | cut | denied | refused | busy | no_answer | cancelled
     hangup_cause: int = 0  # the A leg's Q.850 cause
@@ -142,6 +145,7 @@ class FakeCall:
     _stop: gevent.event.Event = field(default_factory=gevent.event.Event, repr=False)
     _stop_leg: Any = field(default=None, repr=False)
     _stop_cause: int = 16
+    _rearmed: gevent.event.Event = field(default_factory=gevent.event.Event, repr=False)
 
     @property
     def talk_s(self) -> float:
@@ -175,7 +179,8 @@ class FakeChannel:
     created: float = 0.0
     answered: float = 0.0
     bridge_id: str = ""
-    time_to_hangup: int = 0
+    time_to_hangup: int = 0  # epoch seconds of TIMEOUT(absolute), as Status shows it (0: none)
+    timeout_at: float = 0.0  # wall clock of TIMEOUT(absolute) (0: none)
     cause: int = 0
     hungup: bool = False
     variables: dict[str, str] = field(default_factory=dict)
@@ -564,7 +569,8 @@ class FakeAsterisk:
         call.limit_raw = a.variables.get("BILLING_LIMIT_MS", "")
         call.limit_ms = _int_or_none(call.limit_raw)
         call.warn_ms = _int_or_none(a.variables.get("BILLING_WARN_MS", ""))
-        allowed = call.decision == "allow"
+        call.backstop_raw = a.variables.get("BILLING_BACKSTOP_S", "")
+        allowed = call.decision == "allow" and call.backstop_raw != ""
         self._newexten(a, 4, "GotoIf", f"{0 if allowed else 1}?refused")
         if not allowed:
             call.outcome = "denied" if call.decision == "deny" else "refused"
@@ -611,27 +617,47 @@ class FakeAsterisk:
             ("agi_threadid", self._threadid), ("agi_arg_1", call.account))]
 
     def _agi_loop(self, call: FakeCall, a: FakeChannel, link: _AgiLink, sock: socket.socket) -> str:
+        """res_agi's run_agi(): wait until the socket is readable, then ``fgets`` ONE line from a
+        stdio buffer (fdopen'd, filled a whole read at a time), run it, and wait again. A second
+        command that came in the same read sits in the buffer unseen until more bytes or the
+        close make the socket readable: pipelining stalls exactly as on a real Asterisk. At the
+        close the buffered lines still run (their replies go nowhere), then the dialplan goes on."""
         watcher = self.group.spawn(self._agi_hangup_watch, call, a, link)
+        stdio = b""
+        eof = False
+
+        def read() -> bytes | None:
+            data: bytes | None = None
+            try:
+                with gevent.Timeout(self.agi_idle_timeout_s, False):
+                    data = sock.recv(4096)
+            except OSError:
+                data = b""
+            return data
+
         try:
-            buf = b""
             while True:
-                while b"\n" not in buf:
-                    data: bytes | None = None
-                    try:
-                        with gevent.Timeout(self.agi_idle_timeout_s, False):
-                            data = sock.recv(4096)
-                    except OSError:
-                        data = b""
+                if not eof:  # ast_waitfor_nandfds on the socket: new bytes (or the close) wake it
+                    data = read()
                     if data is None:
                         log.warning("AGI peer silent for %.0f s: giving up", self.agi_idle_timeout_s)
                         return "HANGUP" if link.dead else "FAILURE"
-                    if not data:
-                        return "HANGUP" if link.dead else "SUCCESS"
-                    buf += data
-                line, _, buf = buf.partition(b"\n")
+                    eof = not data
+                    stdio += data
+                while b"\n" not in stdio and not eof:  # fgets reads on until the line is whole
+                    data = read()
+                    if data is None:
+                        return "HANGUP" if link.dead else "FAILURE"
+                    eof = not data
+                    stdio += data
+                if not stdio:
+                    return "HANGUP" if link.dead else "SUCCESS"  # "AGI Script ... completed"
+                line, _, stdio = stdio.partition(b"\n")
                 command = line.decode("utf-8", "replace").strip()
                 if not command:
                     continue
+                if b"\n" in stdio and not eof:
+                    call.agi_stalled += 1  # the agent pipelined: the next line waits for more bytes
                 call.agi_commands.append(command)
                 self._agi_command(a, link, command)
                 if call.agi_hangup_at_command and len(call.agi_commands) == call.agi_hangup_at_command:
@@ -717,6 +743,12 @@ class FakeAsterisk:
             return "200 result=1\n"
         if verb1 == "EXEC":
             app = argv[1].lower() if len(argv) > 1 else ""
+            if app == "mset":  # pbx_builtin_setvar_multiple: name=value pairs split on commas
+                for pair in (argv[2] if len(argv) > 2 else "").split(","):
+                    name, sep, value = pair.partition("=")
+                    if sep and name.strip():
+                        self._set_var(a, name.strip(), value)
+                return "200 result=0\n"
             return "200 result=0\n" if app in ("noop", "verbose", "log", "set") else "200 result=-2\n"
         if known in ("STREAM FILE", "CONTROL STREAM FILE"):
             return "200 result=-1 endpos=0\n"  # no sound files on the fake (agi-5: a missing file)
@@ -728,7 +760,22 @@ class FakeAsterisk:
         if name.upper() == "CHANNEL(ACCOUNTCODE)":
             ch.accountcode = value
             return
+        if name.upper().replace(" ", "") == "TIMEOUT(ABSOLUTE)":
+            self._set_timeout(ch, value)
+            return
         self._varset(ch, name, value)
+
+    def _set_timeout(self, ch: FakeChannel, value: str) -> None:
+        """func_timeout.c: ``sscanf("%ld%lf")`` seconds from now, ms and finer kept; 0, a negative
+        or junk cancel the hangup. A channel in a bridge wakes up at the instant."""
+        match = re.match(r"\s*(\d+)(\.\d*)?", value)
+        seconds = float(match.group(1) + (match.group(2) or "")) if match else 0.0
+        now = self.clock()
+        ch.timeout_at = now + seconds if seconds > 0 else 0.0
+        ch.time_to_hangup = int(ch.timeout_at) if ch.timeout_at else 0
+        if ch.role == "B":
+            ch.call.backstop_rearms += 1
+        ch.call._rearmed.set()
 
     def _read_var(self, ch: FakeChannel, name: str) -> str | None:
         """A variable or one of the dialplan functions the billing agent reads."""
@@ -765,7 +812,7 @@ class FakeAsterisk:
                 return str(int(end - ch.created))
             return str(int(end - ch.answered)) if ch.answered else "0"
         if compact == "TIMEOUT(ABSOLUTE)":
-            return "0"
+            return f"{max(0.0, ch.timeout_at - self.clock()):.3f}" if ch.timeout_at else "0"
         if key.startswith("_"):
             return None
         return ch.variables.get(key)
@@ -778,11 +825,13 @@ class FakeAsterisk:
     def _dial(self, call: FakeCall, a: FakeChannel) -> None:
         limit = call.limit_ms
         warn = call.warn_ms
-        option = f"L({limit if limit is not None else ''}{f':{warn}' if warn is not None else ''})"
+        option = f"U(billing-answered^{call.backstop_raw})"
+        if warn is not None:  # the dialplan's warn branch: L(limit:warn) as well
+            option += f"L({limit if limit is not None else ''}:{warn})"
         targets = [f"{self.tech}/{self._trunk_name(i)}/{call.destination}" for i in range(call.forks)]
         dial_data = f"{'&'.join(targets)},{DIAL_TIMEOUT_S},{option}"
         self._newexten(a, 5, "Dial", dial_data)
-        if call.limit_raw.strip() and (limit is None or limit <= 0):
+        if warn is not None and call.limit_raw.strip() and (limit is None or limit <= 0):
             # ast_bridge_timelimit: "Bridge does not accept L(x), hanging up." -> Dial returns -1
             call.outcome = "refused"
             call.dial_status = "INVALIDARGS"
@@ -896,29 +945,48 @@ class FakeAsterisk:
             self._varset(b, "BRIDGEPEER", a.name)
             self._varset(b, "BRIDGEPVTCALLID", a.call_id)
         call.outcome = "answered"
-        limit_s = call.limit_ms / 1000 if call.limit_ms else None
-        if limit_s is not None and call.warn_ms is None:
-            b.time_to_hangup = int(now + limit_s)  # L() without a warning is S(): whentohangup on the callee
-        if limit_s is not None and call.warn_ms is not None and 0 < call.warn_ms <= limit_s * 1000:
-            self.group.add(gevent.spawn_later(max(0.0, limit_s - call.warn_ms / 1000), self._warn, call, b))
-        talk_s = call.talk_ms / 1000
-        deadline = min(talk_s, limit_s) if limit_s is not None else talk_s
-        stopped = call._stop.wait(deadline)
-        if stopped:
-            leg, cause = call._stop_leg, call._stop_cause
-            if leg == "callee" or leg is b:
-                how = "callee"
-            else:
-                how = "caller"
-            if isinstance(leg, FakeChannel):
-                call.cut_by = "ami"
+        # U(billing-answered^X): the callee runs the gosub before the bridge: TIMEOUT(absolute)=X.
+        self._newexten(b, 1, "Set", f"TIMEOUT(absolute)={call.backstop_raw}", context="billing-answered")
+        self._set_timeout(b, call.backstop_raw)
+        self._newexten(b, 2, "Return", "", context="billing-answered")
+        limit_at = None  # L(limit:warn): the bridge's own limit (the warn branch only)
+        if call.warn_ms is not None and call.limit_ms:
+            limit_at = now + call.limit_ms / 1000
+            if 0 < call.warn_ms <= call.limit_ms:
+                self.group.add(gevent.spawn_later(max(0.0, call.limit_ms / 1000 - call.warn_ms / 1000),
+                                                  self._warn, call, b))
+        talk_end = now + call.talk_ms / 1000
+        how, cause = call.hangup_by, 16
+        while True:
+            ends = [(talk_end, "talk")]
+            if limit_at is not None:
+                ends.append((limit_at, "limit"))
+            if b.timeout_at:
+                ends.append((b.timeout_at, "backstop"))
+            end_at, why = min(ends)
+            call._rearmed.clear()
+            wait_s = max(0.0, end_at - self.clock())
+            if wait_s > 0:
+                gevent.wait([call._stop, call._rearmed], timeout=wait_s, count=1)
+            if call._stop.is_set():
+                leg, cause = call._stop_leg, call._stop_cause
+                how = "callee" if leg == "callee" or leg is b else "caller"
+                if isinstance(leg, FakeChannel):
+                    call.cut_by = "ami"
+                    call.outcome = "cut"
+                break
+            if call._rearmed.is_set():
+                continue  # TIMEOUT(absolute) moved (AMI Setvar): wait for the new instant
+            if self.clock() + 0.0005 < end_at:
+                continue
+            if why == "talk":
+                how, cause = call.hangup_by, 16
+            else:  # L() or the callee's TIMEOUT(absolute): Asterisk hangs the callee up
+                how, cause = "limit", 16
+                call.cut_by = why
                 call.outcome = "cut"
-        elif limit_s is not None and limit_s <= talk_s:
-            how, cause = "limit", 16
-            call.cut_by = "limit"
-            call.outcome = "cut"
-        else:
-            how, cause = call.hangup_by, 16
+            break
+        stopped = call._stop.is_set()
         self._end_bridge(call, a, b, how, cause, dial_data, ami=isinstance(call._stop_leg, FakeChannel) and stopped)
 
     def _warn(self, call: FakeCall, b: FakeChannel) -> None:

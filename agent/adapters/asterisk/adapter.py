@@ -4,16 +4,26 @@ Authorization (FastAGI, dialplan/asterisk/extensions_billing.conf): the dialplan
 ``BILLING_DECISION``, runs ``AGI(agi://agent/authorize,${CHANNEL(accountcode)})`` and dials only
 when the variable reads ``allow`` — fail closed: an agent that is down, slow or confused leaves
 no variable and the call is refused (``AGISTATUS=FAILURE`` alone would let it through). The
-agent asks the engine, then sets, pipelined in one write: ``BILLING_LIMIT_MS`` (for
-``Dial(...,L())``: Asterisk cuts the callee at answer + limit even if the agent dies),
-``BILLING_WARN_MS`` (optional), and ``BILLING_DECISION`` last, so that ``allow`` is only seen
-with its limit. A refusal sets ``BILLING_REASON``, ``BILLING_CAUSE`` (Q.850) and ``deny``.
+agent asks the engine, then answers with **one** command, ``EXEC MSet``: ``BILLING_LIMIT_MS``
+(what the money pays for), ``BILLING_BACKSTOP_S`` (the backstop: ``Dial``'s ``U()`` sets it as
+``TIMEOUT(absolute)`` on the callee when it answers, so Asterisk ends the call even if the agent
+dies), ``BILLING_WARN_MS`` (optional) and ``BILLING_DECISION=allow``, all at once; or
+``BILLING_REASON``, ``BILLING_CAUSE`` (Q.850) and ``deny``. One round trip after the
+environment block: real ``res_agi`` reads one command at a time (see agi.py), so nothing is
+pipelined, and the caller's SIP Call-ID is asked over AMI, off the call's path.
 
 Supervision (AMI): channel events become leg events (translate.py); the engine bills from the
 callee's answer and asks for hangups, carried out with the ``Hangup`` action by ``Uniqueid``
 and verified by the engine through the leg's ``Hangup`` event; a channel Asterisk no longer
-knows is reported as ended. After every (re)connect, ``CoreShowChannels`` lists the live
-channels and the engine reconciles its calls with them (``PbxConnected``).
+knows is reported as ended. As money is granted the engine moves the backstop: ``Setvar
+TIMEOUT(absolute)`` on the billed leg (ms precision; ``L()`` cannot move once ``Dial`` runs).
+After every (re)connect, ``CoreShowChannels`` lists the live channels and the engine reconciles
+its calls with them (``PbxConnected``); every SIP leg's Call-ID is asked with ``Getvar``.
+
+Rights: the shipped AMI user has ``read = call`` and ``write = call,reporting``. A missing
+write class shows as ``Permission denied`` on the first action that needs it, logged with the
+class to add; a missing ``read = call`` shows as calls whose channel events never come, logged
+the same way at the first authorization.
 """
 
 from __future__ import annotations
@@ -30,7 +40,13 @@ import gevent.lock
 import gevent.pool
 
 from agent.adapters.asterisk.agi import AgiSession, FastAgiServer
-from agent.adapters.asterisk.agi_protocol import AgiEnvironment, AgiReply, get_variable, set_variable
+from agent.adapters.asterisk.agi_protocol import (
+    AgiEnvironment,
+    AgiReply,
+    UnsafeValue,
+    exec_mset,
+    set_variable,
+)
 from agent.adapters.asterisk.ami import AmiClient, AmiError, AmiSettings
 from agent.adapters.asterisk.ami_protocol import AmiMessage
 from agent.adapters.asterisk.translate import PBX, EventTranslator, cause_number
@@ -38,11 +54,10 @@ from agent.core.events import (
     AuthorizeDecision,
     AuthorizeRequest,
     DenyReason,
-    Direction,
+    LegAnswered,
     LegCreated,
     LegEvent,
     LegHungUp,
-    LegUpdated,
     PbxConnected,
     PbxDisconnected,
 )
@@ -51,13 +66,14 @@ from agent.services.clock import SystemClock
 
 log = logging.getLogger(__name__)
 
-MISSED_ANSWER_LOOKUPS = 16  # Getvar CDR(answer,u) at once after a resync
+MISSED_ANSWER_LOOKUPS = 16  # Getvar CDR(answer,u) (and Call-IDs) at once after a resync
 MAX_MISSED_ANSWER_LOOKUPS = 2_000  # beyond that, the rest are billed from the resync instant
 VANISHED_CAUSE = "NO_SUCH_CHANNEL"  # Asterisk no longer knows the leg and we missed its hangup
 AGI_SCRIPT = "authorize"
 # Channel variables shared with dialplan/asterisk/extensions_billing.conf.
 VAR_DECISION = "BILLING_DECISION"
 VAR_LIMIT_MS = "BILLING_LIMIT_MS"
+VAR_BACKSTOP_S = "BILLING_BACKSTOP_S"
 VAR_WARN_MS = "BILLING_WARN_MS"
 VAR_REASON = "BILLING_REASON"
 VAR_CAUSE = "BILLING_CAUSE"
@@ -78,6 +94,10 @@ DENY_CAUSES: dict[DenyReason, int] = {
 """Q.850 causes given to refused calls (SIP: 403, 486, 403, 404, 403, 484, 503), as FreeSWITCH."""
 
 CALL_ID_VARIABLE = {"SIP": "SIPCALLID", "PJSIP": "CHANNEL(pjsip,call-id)"}
+BACKSTOP_VARIABLE = "TIMEOUT(absolute)"  # seconds from now, ms precision (func_timeout.c); 0 cancels
+RIGHTS_CHECK_DELAY_S = 1.0  # an authorized leg with no AMI event this long after: no read=call
+PERMISSION_DENIED = "Permission denied"
+ACTION_CLASS = {"Hangup": "call", "Getvar": "call", "Setvar": "call", "CoreShowChannels": "reporting"}
 
 
 class SwitchCommandError(Exception):
@@ -92,16 +112,12 @@ class AsteriskSettings:
     agi_environment_timeout_s: float = 5.0
     agi_command_timeout_s: float = 5.0
     ami: AmiSettings = field(default_factory=AmiSettings)
-    fetch_call_ids: bool = True  # Getvar the SIP Call-ID of dialled legs (PJSIP has no VarSet for it)
+    fetch_call_ids: bool = True  # Getvar every SIP leg's Call-ID (the least-rights user gets no VarSet)
     # Without AMI the agent sees no answer and no hangup: it cannot bill, so it refuses (fail closed).
     authorize_without_ami: bool = False
     # Authorizations running at once (more AGI sessions wait their turn): bounds the balance
     # store's connections (redis-py's pool refuses the 101st concurrent caller by default).
     authorize_concurrency: int = 64
-    # BILLING_LIMIT_MS = the engine's limit minus this. Asterisk ends an L() call a few ms after
-    # answer + limit (and later on a loaded box); billed per started increment, a call cut at
-    # 2,001 ms of a 2,000 ms limit would cost a third second the balance does not hold.
-    limit_margin_ms: int = 250
 
     @classmethod
     def from_config(cls, config: Any) -> AsteriskSettings:
@@ -124,6 +140,8 @@ class AdapterStats:
     vanished_legs: int = 0
     call_id_lookups: int = 0
     call_id_lookups_skipped: int = 0  # 64 Getvars already in flight (an event flood): Call-ID left out
+    backstops_armed: int = 0
+    mset_fallbacks: int = 0  # EXEC MSet refused: the decision went as SET VARIABLE, one at a time
 
 
 class AsteriskAdapter:
@@ -149,6 +167,7 @@ class AsteriskAdapter:
         self._lookups = gevent.pool.Pool(64)
         self._authorizing: dict[str, list[LegEvent]] = {}  # A leg -> its events held during authorize
         self._authorize_slots = gevent.lock.BoundedSemaphore(self.settings.authorize_concurrency)
+        self._missing_rights: set[str] = set()  # classes already reported missing (once per connection)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -195,11 +214,43 @@ class AsteriskAdapter:
         if message == "No such channel":
             self._vanished(leg_id)
             return
+        self._check_denied("Hangup", first)
         raise SwitchCommandError(f"Hangup {leg_id} cause {number}: {first.response} {message}".strip())
 
     def warn(self, leg_id: str, seconds_left: int) -> None:
         """Asterisk plays the warning itself: ``Dial(...,L(limit:warn))`` with ``BILLING_WARN_MS``."""
         log.debug("low-balance warning for leg %s (%d s left) is played by Dial's L() option", leg_id, seconds_left)
+
+    def arm_backstop(self, leg_id: str, at_ms: int, caller_leg_id: str = "") -> None:
+        """``Setvar TIMEOUT(absolute)`` on the billed leg: Asterisk hangs it up at ``at_ms`` by
+        itself (the dialplan's ``U()`` set the first one at the answer). Only that leg carries
+        the backstop, so it stays with the call through a transfer; the caller's leg needs none."""
+        delay_ms = max(1, at_ms - self.clock.now_ms())  # never 0: TIMEOUT(absolute)=0 cancels
+        value = f"{delay_ms // 1000}.{delay_ms % 1000:03d}"
+        reply = self.ami.action("Setvar", [("Channel", leg_id), ("Variable", BACKSTOP_VARIABLE), ("Value", value)])
+        if reply.response == "Success":
+            self.stats.backstops_armed += 1
+            return
+        if reply.get("Message") == "No such channel":
+            self._vanished(leg_id)
+            return
+        self._check_denied("Setvar", reply)
+        raise SwitchCommandError(f"Setvar {BACKSTOP_VARIABLE}={value} on {leg_id}: {reply.response} "
+                                 f"{reply.get('Message')}".strip())
+
+    def _check_denied(self, action: str, reply: AmiMessage) -> None:
+        """``Permission denied``: the AMI user lacks the write class of ``action``; say which, once."""
+        if reply.get("Message") != PERMISSION_DENIED:
+            return
+        klass = ACTION_CLASS.get(action, "call")
+        if f"write:{klass}" in self._missing_rights:
+            return
+        self._missing_rights.add(f"write:{klass}")
+        log.error("Asterisk refused AMI %s to user %r: Permission denied. The agent needs 'write = %s' "
+                  "(dialplan/asterisk/manager_billing.conf: read = call, write = call,reporting); "
+                  "without it %s", action, self.settings.ami.username, "call,reporting",
+                  "calls cannot be cut, backstops moved or SIP Call-IDs read" if klass == "call"
+                  else "live calls cannot be listed after a reconnect")
 
     # ---------------------------------------------------------------- events (AMI reader greenlet: never block)
 
@@ -207,13 +258,23 @@ class AsteriskAdapter:
         self.stats.events += 1
         for leg_event in self.translator.translate(message, self.clock.now_ms()):
             self._emit(leg_event)
-            if (self.settings.fetch_call_ids and isinstance(leg_event, LegCreated)
-                    and leg_event.direction is Direction.OUTBOUND):
-                variable = CALL_ID_VARIABLE.get(leg_event.channel.partition("/")[0])
-                if variable and self._lookups.full():
-                    self.stats.call_id_lookups_skipped += 1
-                elif variable:
-                    self._lookups.spawn(self._fetch_call_id, leg_event.leg_id, variable)
+            if self.settings.fetch_call_ids and isinstance(leg_event, LegCreated):
+                self._ask_call_id(leg_event.leg_id, leg_event.channel)
+            elif (self.settings.fetch_call_ids and isinstance(leg_event, LegAnswered)
+                    and not self.translator.call_id_of(leg_event.leg_id)):
+                # An outbound PJSIP channel may have no dialog (so no Call-ID) at its Newchannel.
+                self._ask_call_id(leg_event.leg_id, self.translator.channel_of(leg_event.leg_id))
+
+    def _ask_call_id(self, leg_id: str, channel: str) -> None:
+        """Every SIP leg's Call-ID, asked with ``Getvar`` (the shipped least-rights user gets no
+        ``VarSet`` events, and PJSIP publishes none)."""
+        variable = CALL_ID_VARIABLE.get(channel.partition("/")[0])
+        if not variable:
+            return
+        if self._lookups.full():
+            self.stats.call_id_lookups_skipped += 1
+            return
+        self._lookups.spawn(self._fetch_call_id, leg_id, variable)
 
     def _emit(self, leg_event: LegEvent) -> None:
         held = self._authorizing.get(getattr(leg_event, "leg_id", ""))
@@ -229,6 +290,7 @@ class AsteriskAdapter:
         except AmiError as exc:
             log.debug("Getvar %s of leg %s: %s", variable, leg_id, exc)
             return
+        self._check_denied("Getvar", reply)
         value = reply.get("Value") if reply.response == "Success" else ""
         for update in self.translator.call_id_learnt(leg_id, value, self.clock.now_ms()):
             self._emit(update)
@@ -236,6 +298,7 @@ class AsteriskAdapter:
     def _on_disconnected(self, reason: str) -> None:
         self.last_disconnect = reason
         self.synced.clear()
+        self._missing_rights.clear()
         self.engine.on_event(PbxDisconnected(PBX, self.clock.now_ms()))
 
     def _vanished(self, leg_id: str) -> None:
@@ -251,7 +314,14 @@ class AsteriskAdapter:
     def _resync(self) -> None:
         """After every (re)connect: every live channel, then one PbxConnected for the engine."""
         known_before = set(self.translator.legs)
-        listing = self.ami.action_list("CoreShowChannels", "CoreShowChannelsComplete")
+        try:
+            listing = self.ami.action_list("CoreShowChannels", "CoreShowChannelsComplete")
+        except AmiError as exc:
+            if PERMISSION_DENIED in str(exc):
+                log.error("Asterisk refused AMI CoreShowChannels to user %r: Permission denied. The agent needs "
+                          "'write = call,reporting' (dialplan/asterisk/manager_billing.conf) to list the live "
+                          "calls after every (re)connect", self.settings.ami.username)
+            raise
         now_ms = self.clock.now_ms()
         live = self.translator.reset_live(listing, known_before, now_ms)
         learnt = self._missed_answers(self.translator.assumed_answers)
@@ -261,6 +331,10 @@ class AsteriskAdapter:
         self.stats.resyncs += 1
         log.info("Asterisk resync: %d live channels", len(live))
         self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live)))
+        if self.settings.fetch_call_ids:  # after a restart every leg is new to us: ask each its Call-ID
+            for leg in live:
+                if not self.translator.call_id_of(leg.leg_id):
+                    self._ask_call_id(leg.leg_id, leg.channel)
         self.synced.set()
 
     def _missed_answers(self, leg_ids: list[str]) -> dict[str, int]:
@@ -304,21 +378,22 @@ class AsteriskAdapter:
             self.stats.refused_requests += 1
             log.error("call of channel %s refused: AMI %s is not connected (%s), the call could not be billed",
                       env.get("agi_channel") or "?", self.settings.ami.address, self.ami.last_error or "connecting")
-            session.run([set_variable(VAR_REASON, REASON_UNSUPERVISED), set_variable(VAR_CAUSE, 41),
-                         set_variable(VAR_DECISION, "deny")])
+            self._set(session, leg_id, [(VAR_REASON, REASON_UNSUPERVISED), (VAR_CAUSE, 41), (VAR_DECISION, "deny")])
             return
-        # The Call-ID is asked first but read after the decision: the engine works while Asterisk
-        # answers (one round trip less); the A leg learns its Call-ID right after (LegUpdated).
-        variable = CALL_ID_VARIABLE.get(env.get("agi_type"))
-        if variable:
-            session.send([get_variable(variable)])
         request = authorize_request(env, self.clock.now_ms())
         decision = self._decide(request)
-        replies = self._answer(session, request, decision)
-        call_id = (replies[0].value or "") if variable and replies else ""
-        if call_id and decision.allowed:
-            self.translator.call_id_learnt(leg_id, call_id, self.clock.now_ms())
-            self._emit(LegUpdated(leg_id, self.clock.now_ms(), sip_call_id=call_id))
+        self._answer(session, request, decision)
+        if decision.allowed and not self.settings.authorize_without_ami:
+            gevent.spawn_later(RIGHTS_CHECK_DELAY_S, self._check_events_arrive, leg_id)
+
+    def _check_events_arrive(self, leg_id: str) -> None:
+        """An allowed call whose caller leg never showed on AMI: the user cannot read call events."""
+        if "read:call" in self._missing_rights or not self.ami.connected or self.translator.known(leg_id):
+            return
+        self._missing_rights.add("read:call")
+        log.error("Asterisk sent no AMI event for channel %s, which the agent just authorized: the AMI user %r "
+                  "needs 'read = call' (dialplan/asterisk/manager_billing.conf); without it no answer or hangup "
+                  "is seen and calls are not billed", leg_id, self.settings.ami.username)
 
     def _decide(self, request: AuthorizeRequest) -> AuthorizeDecision:
         self.stats.authorizations += 1
@@ -341,42 +416,50 @@ class AsteriskAdapter:
             for leg_event in held:
                 self.engine.on_event(leg_event)
 
-    def _answer(self, session: AgiSession, request: AuthorizeRequest,
-                decision: AuthorizeDecision) -> list[AgiReply]:
-        """Set the decision's variables; returns every reply read (earlier ``send``s first)."""
+    def _answer(self, session: AgiSession, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
         if decision.allowed:
-            limit_ms = pbx_limit_ms(decision.limit_ms, self.settings.limit_margin_ms)
-            commands = [set_variable(VAR_LIMIT_MS, limit_ms)]
-            if 0 < decision.warning_ms < limit_ms:
-                commands.append(set_variable(VAR_WARN_MS, decision.warning_ms))
-            commands.append(set_variable(VAR_DECISION, "allow"))
-            earlier = session.awaiting
-            replies = session.run(commands)
-            mine = replies[earlier:]
-            if not mine[0].ok:  # no limit, no dial: turn the allow into a refusal
-                log.error("leg %s: SET VARIABLE %s refused (%s); refusing the call", request.leg_id, VAR_LIMIT_MS,
-                          replies[0].text)
-                session.run([set_variable(VAR_REASON, "agent_error"), set_variable(VAR_CAUSE, 41),
-                             set_variable(VAR_DECISION, "deny")])
-            elif not mine[-1].ok:
-                log.error("leg %s: SET VARIABLE %s refused: %s (the dialplan refuses the call)", request.leg_id,
-                          VAR_DECISION, mine[-1].text)
-            return replies
+            values: list[tuple[str, str | int]] = [(VAR_LIMIT_MS, decision.limit_ms),
+                                                   (VAR_BACKSTOP_S, backstop_seconds(decision.pbx_backstop_ms))]
+            if 0 < decision.warning_ms < decision.limit_ms:
+                values.append((VAR_WARN_MS, decision.warning_ms))
+            self._set(session, request.leg_id, [*values, (VAR_DECISION, "allow")])
+            return
         reason = str(decision.reason or DenyReason.BAD_REQUEST)
         cause = DENY_CAUSES.get(decision.reason, 21) if decision.reason else 21
-        return session.run([set_variable(VAR_REASON, reason), set_variable(VAR_CAUSE, cause),
-                            set_variable(VAR_DECISION, "deny")])
+        self._set(session, request.leg_id, [(VAR_REASON, reason), (VAR_CAUSE, cause), (VAR_DECISION, "deny")])
+
+    def _set(self, session: AgiSession, leg_id: str, values: list[tuple[str, str | int]]) -> None:
+        """The decision's variables in one ``EXEC MSet`` (``BILLING_DECISION`` last). If MSet is
+        refused (an Asterisk without it), the same variables one ``SET VARIABLE`` at a time, the
+        decision last, so that ``allow`` is never seen without its limit."""
+        try:
+            reply = session.command(exec_mset(values))
+        except UnsafeValue as exc:
+            log.error("leg %s: %s; refusing the call", leg_id, exc)
+            reply = None
+        if reply is not None and reply.ok and reply.result is not None and reply.result >= 0:
+            return
+        self.stats.mset_fallbacks += 1
+        log.warning("leg %s: EXEC MSet answered %r; setting the variables one at a time", leg_id,
+                    reply.text if reply is not None else "not sent")
+        for name, value in values:
+            answer: AgiReply = session.command(set_variable(name, value if isinstance(value, int) else str(value)))
+            if not answer.ok:
+                log.error("leg %s: SET VARIABLE %s refused (%s); the dialplan refuses the call", leg_id, name,
+                          answer.text)
+                return
 
     def _refuse(self, session: AgiSession, env: AgiEnvironment, why: str) -> None:
         self.stats.refused_requests += 1
         log.error("FastAGI request of channel %s refused: %s", env.get("agi_channel") or "?", why)
-        session.run([set_variable(VAR_REASON, str(DenyReason.BAD_REQUEST)), set_variable(VAR_CAUSE, 21),
-                     set_variable(VAR_DECISION, "deny")])
+        self._set(session, env.get("agi_uniqueid") or "?",
+                  [(VAR_REASON, str(DenyReason.BAD_REQUEST)), (VAR_CAUSE, 21), (VAR_DECISION, "deny")])
 
 
-def pbx_limit_ms(limit_ms: int, margin_ms: int) -> int:
-    """The limit handed to ``Dial(...,L())``: never above the engine's, never 0 (L(0) fails Dial)."""
-    return max(1, limit_ms - margin_ms) if limit_ms > 2 * margin_ms else max(1, limit_ms // 2)
+def backstop_seconds(backstop_ms: int) -> str:
+    """``TIMEOUT(absolute)`` seconds with milliseconds (``12.750``): never 0, which would cancel it."""
+    backstop_ms = max(1, backstop_ms)
+    return f"{backstop_ms // 1000}.{backstop_ms % 1000:03d}"
 
 
 def _known(value: str) -> str:

@@ -62,7 +62,7 @@ class AgiSession:
         self.command_timeout_s = command_timeout_s
         self.reader = AgiReplyReader()
         self.hung_up = False  # Asterisk wrote HANGUP: the channel is gone (commands may still answer)
-        self.awaiting = 0  # commands sent whose reply has not been read
+        self.commands_sent = 0  # round trips after the environment block
         self._items: list[AgiReply | str] = []
         self._rest = b""
 
@@ -79,34 +79,27 @@ class AgiSession:
                     raise AgiClosed(f"closed after {len(buffer)} bytes, before the end of the AGI environment")
                 buffer += data
 
-    def send(self, commands: list[bytes]) -> None:
-        """Write commands now (Asterisk reads them in order); ``replies`` reads their answers."""
+    def command(self, command: bytes) -> AgiReply:
+        """Write one command and read its reply. Never more than one command in flight: real
+        ``res_agi`` reads its socket through a stdio buffer (``fgets`` after a poll), so a second
+        line written before the first reply sits in that buffer, unseen, until more bytes or the
+        close arrive: pipelined commands stalled every call for our whole read timeout (5 s on
+        Asterisk 20.20 and 22.10). ``HANGUP`` lines that come before the reply are noted
+        (``hung_up``) and skipped: they are never taken for the reply."""
+        if command.count(b"\n") != 1 or not command.endswith(b"\n"):
+            raise AgiProtocolError(f"one AGI command per write, ending in a newline: {command[:80]!r}")
         with gevent.Timeout(self.command_timeout_s, AgiClosed(f"AGI write blocked for {self.command_timeout_s}s")):
-            self.sock.sendall(b"".join(commands))
-        self.awaiting += len(commands)
-
-    def replies(self) -> list[AgiReply]:
-        """One reply per command sent and not yet answered, in order. ``HANGUP`` lines in between
-        are noted (``hung_up``) and skipped: they are never taken for a reply."""
-        replies: list[AgiReply] = []
-        with gevent.Timeout(self.command_timeout_s, AgiClosed(f"no AGI reply within {self.command_timeout_s}s")):
-            while self.awaiting:
+            self.sock.sendall(command)
+        self.commands_sent += 1
+        with gevent.Timeout(self.command_timeout_s, AgiClosed(f"no AGI reply within {self.command_timeout_s}s "
+                                                              f"to {command.strip()[:60]!r}")):
+            while True:
                 item = self._next_item()
                 if item == HANGUP:
                     self.hung_up = True
                     continue
                 assert isinstance(item, AgiReply)
-                replies.append(item)
-                self.awaiting -= 1
-        return replies
-
-    def run(self, commands: list[bytes]) -> list[AgiReply]:
-        """Send the commands pipelined and read their replies (and those of earlier ``send``s)."""
-        self.send(commands)
-        return self.replies()
-
-    def command(self, command: bytes) -> AgiReply:
-        return self.run([command])[0]
+                return item
 
     def _next_item(self) -> AgiReply | str:
         while not self._items:

@@ -161,6 +161,14 @@ class EventTranslator:
     def has_ended(self, leg_id: str) -> bool:
         return leg_id in self.ended
 
+    def known(self, leg_id: str) -> bool:
+        """Seen on AMI: live now, or ended and still remembered."""
+        return leg_id in self.legs or leg_id in self.ended
+
+    def call_id_of(self, leg_id: str) -> str:
+        info = self.legs.get(leg_id)
+        return info.sip_call_id if info is not None else ""
+
     # ---------------------------------------------------------------- events
 
     def translate(self, message: AmiMessage, now_ms: int) -> list[LegEvent]:
@@ -200,12 +208,18 @@ class EventTranslator:
             _, out = self._learn(message, caller, now_ms, "")
         else:
             caller = ""
+        dialled = dialled_number(message.get("DialString"))
         info = self.legs.get(dest)
         if info is None:
-            info, created = self._learn(message, dest, now_ms, "Dest", parent=caller)
+            info, created = self._learn(message, dest, now_ms, "Dest", parent=caller, callee=dialled)
             out += created
-        elif caller and not info.parent_leg_id:
-            info.parent_leg_id = caller
+        else:
+            if caller and not info.parent_leg_id:
+                info.parent_leg_id = caller
+            if dialled and not info.callee:
+                # A dialled channel's Newchannel says Exten "s": the number is in Dial's string.
+                info.callee = dialled
+                out.append(LegUpdated(dest, event_ms(message, now_ms), callee=dialled))
         if caller:
             out.append(DialBegin(caller, dest, event_ms(message, now_ms)))
         return out
@@ -300,7 +314,7 @@ class EventTranslator:
         return []
 
     def _learn(self, message: AmiMessage, leg_id: str, now_ms: int, prefix: str, *,
-               parent: str = "") -> tuple[LegInfo, list[LegEvent]]:
+               parent: str = "", callee: str = "") -> tuple[LegInfo, list[LegEvent]]:
         """The leg's info; a leg seen for the first time is introduced with a LegCreated."""
         info = self.legs.get(leg_id)
         if info is not None:
@@ -308,6 +322,7 @@ class EventTranslator:
         if message.event != "Newchannel":
             self.stats.unknown_leg_events += 1
         info = leg_info(message, leg_id, prefix, event_ms(message, now_ms), parent=parent)
+        info.callee = info.callee or callee
         self.legs[leg_id] = info
         self.ended.pop(leg_id, None)
         return info, [LegCreated(
@@ -395,6 +410,21 @@ def leg_info(message: AmiMessage, leg_id: str, prefix: str, at_ms: int, *, paren
         callee="" if callee == "s" else callee, account_id=_value(message.get(prefix + "AccountCode")),
         created_ms=at_ms,
     )
+
+
+def dialled_number(dial_string: str) -> str:
+    """The number in ``DialBegin``'s ``DialString``: ``carrier/12125551234`` (chan_sip),
+    ``12125551234@carrier`` (PJSIP), ``carrier/sip:12125551234@host``; "" when it names none."""
+    target = dial_string.strip()
+    if "/" in target:
+        target = target.split("/", 1)[1]
+    elif "@" not in target:
+        return ""  # "carrier": a peer without a number
+    for scheme in ("sip:", "sips:", "tel:"):
+        if target.lower().startswith(scheme):
+            target = target[len(scheme):]
+    target = target.split("@", 1)[0].split(";", 1)[0]
+    return target if target and all(ch.isalnum() or ch in "+*#" for ch in target) else ""
 
 
 def peer_of(channel: str) -> str:

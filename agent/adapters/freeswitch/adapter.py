@@ -90,6 +90,7 @@ class AdapterStats:
     authorizations: int = 0
     resyncs: int = 0
     vanished_legs: int = 0
+    backstops_armed: int = 0
 
 
 class FreeswitchAdapter:
@@ -143,6 +144,25 @@ class FreeswitchAdapter:
             self._vanished(leg_id)
         elif not commands.is_ok(reply):
             raise SwitchCommandError(f"uuid_kill {leg_id} {cause}: {commands.first_line(reply)}")
+
+    def arm_backstop(self, leg_id: str, at_ms: int, caller_leg_id: str = "") -> None:
+        """Move the backstop: ``sched_del`` the leg's scheduled hangup, ``sched_hangup`` it at the
+        epoch second at or after ``at_ms`` (and the same for the caller's ceiling while it is up),
+        in one round trip. ``sched_del`` takes the channel's tasks as a group: the only ones the
+        billing dialplan schedules on these channels are these hangups."""
+        epoch_s = commands.epoch_second_at_or_after(at_ms)
+        batch = [commands.sched_del(leg_id), commands.sched_hangup_at(leg_id, epoch_s)]
+        if caller_leg_id:
+            batch += [commands.sched_del(caller_leg_id), commands.sched_hangup_at(caller_leg_id, epoch_s)]
+        replies = self.client.api_many(batch)
+        armed = replies[1]
+        if commands.is_ok(armed):
+            self.stats.backstops_armed += 1
+            return
+        if commands.is_no_such_channel(armed):
+            self._vanished(leg_id)
+            return
+        raise SwitchCommandError(f"sched_hangup {epoch_s} {leg_id}: {commands.first_line(armed)}")
 
     def warn(self, leg_id: str, seconds_left: int) -> None:
         reply = self.client.api(commands.broadcast(leg_id, self.settings.warning_sound, self.settings.warning_legs))
@@ -228,7 +248,7 @@ class FreeswitchAdapter:
         can only dial if the decision landed (billing.xml dials on billing_decision=allow only;
         otherwise the call parks again and is asked about once more)."""
         leg_id = request.leg_id
-        backstop_s = commands.backstop_seconds(decision.limit_ms)
+        backstop_s = commands.backstop_seconds(decision.pbx_backstop_ms)
         variables = {
             "billing_decision": "allow", "billing_call_id": decision.call_id,
             "billing_limit_ms": str(decision.limit_ms), "billing_backstop_s": str(backstop_s),

@@ -18,10 +18,12 @@ _CONTEXT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _VAR_VALUE_UNSAFE = re.compile(r"[;=\r\n]")
 
-BACKSTOP_SAFETY_S = 1
-"""``sched_hangup +N`` fires at ``floor(now) + N`` seconds, seen by a scheduler that polls every
-0.5 s (switch_scheduler.c): up to 0.5 s *after* N whole seconds. The backstop is therefore
-one second shorter than the money allows, so that it is never later."""
+SCHEDULER_SLACK_S = 1
+"""``sched_hangup +N`` runs at ``floor(now) + N`` whole seconds (up to a second *before* now + N),
+seen by a scheduler that polls every 0.5 s (switch_scheduler.c: it fires once the epoch second
+reaches the task's). The backstop must never end a call before its money is used, so a relative
+backstop gets one second more than asked, and an absolute one is rounded up to the next second:
+it fires between the instant asked and 1.5 s after it. The agent itself cuts at the exact instant."""
 
 DENY_CAUSES: dict[DenyReason, str] = {
     DenyReason.UNKNOWN_ACCOUNT: "CALL_REJECTED",
@@ -75,9 +77,15 @@ def deny_cause(decision: AuthorizeDecision) -> str:
     return DENY_CAUSES.get(decision.reason, "CALL_REJECTED") if decision.reason else "CALL_REJECTED"
 
 
-def backstop_seconds(limit_ms: int) -> int:
-    """Whole seconds for ``sched_hangup +N`` that never outlast ``limit_ms`` (0: hang up at once)."""
-    return max(0, limit_ms // 1000 - BACKSTOP_SAFETY_S)
+def backstop_seconds(backstop_ms: int) -> int:
+    """Whole seconds for ``sched_hangup +N`` at the answer that never end the call before
+    ``backstop_ms`` after it."""
+    return max(1, -(-backstop_ms // 1000) + SCHEDULER_SLACK_S)
+
+
+def epoch_second_at_or_after(at_ms: int) -> int:
+    """The absolute ``sched_hangup`` time (epoch seconds) that fires no earlier than ``at_ms``."""
+    return -(-at_ms // 1000)
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -96,6 +104,18 @@ def sched_hangup(leg_id: str, seconds: int, cause: str = "ALLOTTED_TIMEOUT") -> 
     if seconds < 0:
         raise UnsafeValue(f"sched_hangup needs a delay of 0 s or more, not {seconds}")
     return f"sched_hangup +{seconds} {check_uuid(leg_id)} {check_cause(cause)}"
+
+
+def sched_hangup_at(leg_id: str, epoch_s: int, cause: str = "ALLOTTED_TIMEOUT") -> str:
+    """``sched_hangup <epoch>``: without ``+`` the time is absolute (mod_commands)."""
+    if epoch_s <= 0:
+        raise UnsafeValue(f"sched_hangup needs an epoch time, not {epoch_s}")
+    return f"sched_hangup {epoch_s} {check_uuid(leg_id)} {check_cause(cause)}"
+
+
+def sched_del(leg_id: str) -> str:
+    """Delete the tasks scheduled for a channel (their group is the channel's uuid)."""
+    return f"sched_del {check_uuid(leg_id)}"
 
 
 def setvar_multi(leg_id: str, variables: dict[str, str]) -> str:

@@ -92,8 +92,9 @@ def check_charges(session: Session, report: Report, now: datetime, grace: timede
     _listed(session, report, (
         select(Call.id, Call.account_id)
         .outerjoin(charge, and_(charge.call_id == Call.id, charge.kind == "charge"))
-        .where(Call.settled_at.is_not(None), charge.id.is_(None)).order_by(Call.id)
-    ), lambda r: Problem("settled call without a charge", r[1], r[0]), limit)
+        # An unanswered call (busy, failed, no answer) is released, not charged: nothing to find.
+        .where(Call.settled_at.is_not(None), Call.answered_at.is_not(None), charge.id.is_(None)).order_by(Call.id)
+    ), lambda r: Problem("answered call without a charge", r[1], r[0]), limit)
     _listed(session, report, (
         select(LedgerEntry.call_id, func.min(LedgerEntry.account_id), func.count())
         .where(is_charge, LedgerEntry.call_id.is_not(None)).group_by(LedgerEntry.call_id)

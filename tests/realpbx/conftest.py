@@ -1,0 +1,57 @@
+"""Fixtures of the real-PBX suite: skipped, with the reason, when no PBX is installed (CI has none)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.realpbx.lab import Agent, AsteriskPbx, Carrier, FreeswitchPbx, Pbx, PbxBuild, discover, free_port
+
+BUILDS, NOTES = discover()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "build" in metafunc.fixturenames:
+        if BUILDS:
+            metafunc.parametrize("build", BUILDS, ids=[b.label for b in BUILDS], scope="module")
+        else:
+            metafunc.parametrize("build", [pytest.param(None, marks=pytest.mark.skip(reason="; ".join(NOTES)))],
+                                 ids=["no-pbx"], scope="module")
+
+
+class Lab:
+    """One PBX, one carrier and one agent, started for a test module and stopped after it."""
+
+    def __init__(self, build: PbxBuild, folder: Path) -> None:
+        self.build = build
+        self.folder = folder
+        self.carrier = Carrier(folder)
+        self.pbx: Pbx
+        if build.kind == "asterisk":
+            self.pbx = AsteriskPbx(build, folder / "pbx", self.carrier.port, free_port())
+        else:
+            self.pbx = FreeswitchPbx(build, folder / "pbx", self.carrier.port)
+        self.agent = Agent(folder, self.pbx.agent_settings())
+
+    def stop(self) -> None:
+        for thing in (self.agent, self.pbx, self.carrier):
+            try:
+                thing.stop()
+            except Exception:  # noqa: BLE001 - stop the others whatever happens
+                pass
+
+
+@pytest.fixture(scope="module")
+def lab_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    labs: list[Lab] = []
+
+    def make(build: PbxBuild, name: str) -> Lab:
+        lab = Lab(build, tmp_path_factory.mktemp(f"{name}-{build.label}"))
+        labs.append(lab)
+        return lab
+
+    yield make
+    for lab in labs:
+        lab.stop()
