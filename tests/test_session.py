@@ -69,6 +69,7 @@ def test_partial_grant_cuts_at_the_exact_instant_the_money_runs_out() -> None:
     (settle,) = session.on_hung_up(LegHungUp("A1", T0 + 9040, cause="NORMAL_CLEARING"))
     assert isinstance(settle, SettleStep)
     assert settle.cost_micros == 9_000
+    session.on_hung_up(LegHungUp("B1", T0 + 9045, cause="NORMAL_CLEARING"))
     (finished,) = session.on_settled(T0 + 9100)
     assert isinstance(finished, Finished)
     assert finished.record.disposition is Disposition.CUT
@@ -162,6 +163,7 @@ def test_operator_hangup_stops_billing_at_the_request_and_keeps_nibbling_until_c
     assert isinstance(step, NibbleStep)
     (settle,) = session.on_hung_up(LegHungUp("A1", T0 + 4_700))
     assert settle.cost_micros == 5_000  # 4.2 s started seconds, not the 4.7 s the PBX took
+    session.on_hung_up(LegHungUp("B1", T0 + 4_702))
     (finished,) = session.on_settled(T0 + 4_800)
     assert finished.record.disposition is Disposition.CUT
 
@@ -243,3 +245,46 @@ def test_a_pbx_limit_that_fires_late_is_not_billed_past_the_limit() -> None:
     # The PBX's backstop ends the callee a hair late, the caller follows.
     (settle,) = [e for e in session.on_hung_up(LegHungUp("B1", T0 + 2_001)) if isinstance(e, SettleStep)]
     assert settle.cost_micros == 2_000  # not a third started second the balance never held
+
+
+def test_the_record_waits_a_moment_for_the_other_legs_hangup() -> None:
+    """The caller's BYE ends the call; the callee's hangup event comes after the settle: the CDR
+    still has both legs' ends. A leg whose end never comes does not hold the record forever."""
+    session = make_session(PER_SECOND, granted=6_000)
+    _answer_b(session, T0)
+    session.on_hung_up(LegHungUp("B1", T0 + 3_000))  # the billed leg ends first: billing stops
+    (timer,) = session.on_settled(T0 + 3_010)
+    assert isinstance(timer, ArmTimer) and timer.kind is TimerKind.FINISH
+    (finished,) = session.on_hung_up(LegHungUp("A1", T0 + 3_020, cause="NORMAL_CLEARING"))
+    assert isinstance(finished, Finished)
+    assert {leg.pbx_unique_id: leg.ended_ms for leg in finished.record.legs} == {"A1": T0 + 3_020, "B1": T0 + 3_000}
+    assert finished.record.duration_ms == 3_000 and finished.record.settled_ms == T0 + 3_010
+    lone = make_session(PER_SECOND, granted=6_000, a_leg="A2")
+    _answer_b(lone, T0, leg="B2")
+    lone.on_hung_up(LegHungUp("B2", T0 + 2_000))
+    (timer,) = lone.on_settled(T0 + 2_010)
+    (finished,) = lone.on_timer(TimerKind.FINISH, timer.token, timer.at_ms)
+    assert isinstance(finished, Finished) and lone.on_timer(TimerKind.FINISH, timer.token, timer.at_ms) == []
+
+
+def test_a_caller_who_transfers_the_call_leaves_the_carrier_leg_billed_until_it_ends() -> None:
+    """SIP REFER: the caller's leg leaves, the dialled leg stays up (now talking to the transfer
+    target). Billing goes on with it; an ordinary hangup (the callee follows at once) is billed
+    to the caller's hangup instant."""
+    session = make_session(PER_SECOND, granted=6_000)
+    _answer_b(session, T0)
+    (check,) = session.on_hung_up(LegHungUp("A1", T0 + 2_000))
+    assert check.kind is TimerKind.TRANSFER_CHECK and check.at_ms == T0 + 2_000 + 1_500
+    assert session.on_timer(TimerKind.TRANSFER_CHECK, check.token, check.at_ms) == []
+    assert session.transferred and session.phase is Phase.ANSWERED
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 6_000)  # still nibbling
+    session.on_nibble_result(step.seq, 0, step.debit_micros, T0 + 6_000)  # no more money
+    cut = session.on_timer(TimerKind.CUT, session.token, T0 + 6_000)
+    assert [e.command for e in cut if isinstance(e, Command)] == [HangupLeg("B1", reason="credit exhausted")]
+    (settle,) = session.on_hung_up(LegHungUp("B1", T0 + 6_030))
+    assert settle.cost_micros == 6_000
+    ordinary = make_session(PER_SECOND, granted=6_000, a_leg="A2")
+    _answer_b(ordinary, T0, leg="B2")
+    ordinary.on_hung_up(LegHungUp("A2", T0 + 2_000))
+    (settle,) = ordinary.on_hung_up(LegHungUp("B2", T0 + 2_004))
+    assert settle.cost_micros == 2_000 and not ordinary.transferred

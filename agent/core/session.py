@@ -63,6 +63,7 @@ BACKSTOP_TOLERANCE_MS = 2_000  # a call that ended this close after the PBX back
 # FreeSWITCH's sched_hangup is whole-second, polled every 0.5 s: it fires up to 1.5 s after the
 # instant asked (Asterisk's TIMEOUT(absolute) is ms-exact); 2 s covers both.
 TRANSFER_GRACE_MS = 1_500  # a dialled leg still up this long after the caller left was transferred
+LEG_LINGER_MS = 1_000  # a settled call's record waits this long at most for its other legs' hangups
 BUSY_CAUSES = frozenset({"USER_BUSY", "17"})
 NO_ANSWER_CAUSES = frozenset({"NO_ANSWER", "NO_USER_RESPONSE", "ORIGINATOR_CANCEL", "19", "18"})
 
@@ -100,6 +101,7 @@ class Phase(StrEnum):
     AUTHORIZED = "authorized"  # allowed, not yet answered
     ANSWERED = "answered"  # billing runs
     ENDED = "ended"  # billing stopped; waiting for the settle result
+    SETTLED = "settled"  # settled; the record waits a moment for the last legs' hangups
     DONE = "done"  # settled (or released) and recorded
 
 
@@ -111,6 +113,7 @@ class TimerKind(StrEnum):
     LAST_CHANCE = "last_chance"
     NO_ANSWER_GUARD = "no_answer_guard"
     TRANSFER_CHECK = "transfer_check"
+    FINISH = "finish"
 
 
 # ------------------------------------------------------------------------------------ effects
@@ -208,13 +211,16 @@ class SessionSettings:
     # The PBX backstop ends a call this long after its money ran out when the agent has not
     # (the agent cuts at the exact instant; the margin keeps the PBX from ever cutting first).
     backstop_margin_ms: int = 1_000
+    # While nibbles are granted the backstop sits this far past the reserved slice (at least one
+    # nibble): the next nibble's re-arm must land before it fires, and an agent restarted
+    # within it (systemd's RestartSec plus the start) adopts the call before the PBX ends it.
+    # An agent that never comes back leaves a call at most one slice and this beyond its money.
+    backstop_slack_min_ms: int = 10_000
     max_call_ms: int = 0  # no call lasts longer, whatever the money (0: no cap)
 
     @property
     def backstop_slack_ms(self) -> int:
-        """How far past the reserved slice the backstop sits while nibbles are granted: the next
-        nibble's store round trip and re-arm must land before it fires."""
-        return max(self.nibble_ms, 2 * self.backstop_margin_ms)
+        return max(self.nibble_ms, self.backstop_slack_min_ms, 2 * self.backstop_margin_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +269,7 @@ class CallSession:
     cut_reason: str = "credit exhausted"
     token: int = 0
     settled_cost_micros: int | None = None
+    settled_ms: int = 0
     backstop_at_ms: int | None = None  # where the PBX's own hangup of the call stands (epoch ms)
     caller_left_ms: int | None = None  # the caller's leg ended while the billed leg stayed up
     transferred: bool = False  # ... and the billed leg was still up TRANSFER_GRACE_MS later
@@ -373,7 +380,9 @@ class CallSession:
             return []  # unknown, or a duplicate hangup
         leg.ended_ms = max(event.at_ms, leg.created_ms)
         leg.hangup_cause = event.cause or str(event.cause_code or "")
-        if self.phase in (Phase.ENDED, Phase.DONE):
+        if self.phase is Phase.SETTLED and all(other.ended_ms is not None for other in self.legs.values()):
+            return self._finish()
+        if self.phase in (Phase.ENDED, Phase.SETTLED, Phase.DONE):
             return []
         if leg.leg_id == self.a_leg.leg_id:
             if self.phase is Phase.ANSWERED and self._billed_leg_live() and not self.cut_by_agent:
@@ -473,6 +482,8 @@ class CallSession:
     # ---------------------------------------------------------------- timers
 
     def on_timer(self, kind: TimerKind, token: int, now_ms: int) -> list[Effect]:
+        if kind is TimerKind.FINISH:
+            return self._finish()
         if kind is TimerKind.TRANSFER_CHECK:
             if self.phase is Phase.ANSWERED and self.caller_left_ms is not None and self._billed_leg_live():
                 self.transferred = True  # billing goes on with the dialled leg the caller handed over
@@ -600,7 +611,7 @@ class CallSession:
         """An operator hangs the call up (``billing-agent calls hangup``). Billing stops at this
         instant if the PBX confirms within the verify window (as for a cut when the money runs
         out); timers are kept, so an unconfirmed hangup goes on being charged and escalated."""
-        if self.phase in (Phase.ENDED, Phase.DONE):
+        if self.phase in (Phase.ENDED, Phase.SETTLED, Phase.DONE):
             return []
         if self.phase is Phase.ANSWERED and self.cut_at_ms is None:
             self.cut_at_ms = now_ms
@@ -678,10 +689,24 @@ class CallSession:
         return self.end_ms <= max(backstop, self.cut_at_ms) + BACKSTOP_TOLERANCE_MS
 
     def on_settled(self, now_ms: int, cost_micros: int | None = None) -> list[Effect]:
-        """The store committed the settle (or the release); emit the record once."""
+        """The store committed the settle (or the release); emit the record once, when every leg
+        has ended or ``LEG_LINGER_MS`` later (the other leg's hangup event usually follows the
+        one that ended the call by a few ms: the CDR should have its end)."""
         if self.phase is not Phase.ENDED:
             return []
+        self.phase = Phase.SETTLED
+        self.settled_ms = now_ms
+        self.settled_cost_micros = cost_micros
+        if any(leg.ended_ms is None for leg in self.legs.values()):
+            return [ArmTimer(self.call_id, TimerKind.FINISH, now_ms + LEG_LINGER_MS, self.token)]
+        return self._finish()
+
+    def _finish(self) -> list[Effect]:
+        if self.phase is not Phase.SETTLED:
+            return []
         self.phase = Phase.DONE
+        now_ms = self.settled_ms
+        cost_micros = self.settled_cost_micros
         billed_ms = self.billed_ms()
         cost = self._cost_at(billed_ms) if cost_micros is None else cost_micros
         self.settled_cost_micros = cost
