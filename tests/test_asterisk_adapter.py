@@ -8,6 +8,7 @@ gevent events. A few tests use a small recording engine to look at the leg event
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -155,14 +156,16 @@ def test_answered_call_is_authorized_limited_and_billed_from_the_callee_answer(w
     call = finish(world.fake.place_call("1001", "33123456", caller="2001", answer_after_ms=150, talk_ms=1200))
     (record,) = world.cdrs.wait()
     assert call.outcome == "answered" and call.decision == "allow" and call.agi_status == "SUCCESS"
-    assert call.agi_commands == ["GET VARIABLE CHANNEL(pjsip,call-id)", "SET VARIABLE BILLING_LIMIT_MS 9999750",
-                                 'SET VARIABLE BILLING_DECISION "allow"']
-    assert call.limit_ms == 10_000_000 - 250  # the engine's limit less the margin for Asterisk's lateness
+    # One command, one round trip (res_agi reads commands one at a time: nothing pipelined).
+    assert call.agi_commands == [
+        'EXEC MSet "BILLING_LIMIT_MS=10000000,BILLING_BACKSTOP_S=10001.000,BILLING_DECISION=allow"']
+    assert call.agi_stalled == 0
+    assert call.limit_ms == 10_000_000 and call.backstop_raw == "10001.000"  # the backstop: 1 s after the money
     (request,) = world.recorder.requests
     assert (request.pbx, request.leg_id, request.account_id, request.destination, request.caller, request.group_id) == (
         "asterisk", call.a_uniqueid, "1001", "33123456", "2001", call.a_uniqueid)
     assert request.channel.startswith("PJSIP/")
-    assert [e.sip_call_id for e in world.recorder.of(LegUpdated, call.a_uniqueid) if e.sip_call_id]  # GET VARIABLE
+    assert [e.sip_call_id for e in world.recorder.of(LegUpdated, call.a_uniqueid) if e.sip_call_id]  # AMI Getvar
     b = call.b_uniqueids[0]
     created = world.recorder.of(LegCreated, b)[0]
     assert created.direction is Direction.OUTBOUND and created.group_id == call.a_uniqueid
@@ -184,10 +187,13 @@ def test_call_is_cut_when_the_money_runs_out(world: World) -> None:
     world.start_adapter()
     call = finish(world.fake.place_call("1002", "33123456", talk_ms=10_000))
     (record,) = world.cdrs.wait()
-    assert call.limit_ms == 1750 and call.outcome == "cut"  # engine: 2 s; Asterisk's L() ends it first
+    # The agent cuts at 2 s exactly; the PBX's own backstop (the callee's TIMEOUT(absolute)) sits
+    # a second later, so it never takes paid time away.
+    assert call.limit_ms == 2000 and call.backstop_raw == "3.000"
+    assert call.outcome == "cut" and call.cut_by == "ami"
     assert record.disposition is Disposition.CUT
-    assert record.duration_ms >= 1700, record.duration_ms
-    assert record.rating.cost_micros == 2000  # not a third second: L() may fire late, by less than the margin
+    assert 1950 <= record.duration_ms <= 2000, record.duration_ms
+    assert record.rating.cost_micros == 2000
     assert world.store.accounts["1002"].balance_micros >= 0
     assert world.store.open_reservations() == 0
 
@@ -233,7 +239,7 @@ def test_denied_calls_are_refused_by_the_dialplan(world: World, account: str, ba
     call = finish(world.fake.place_call(account, destination))
     assert (call.outcome, call.decision, call.reason, call.billing_cause) == ("denied", "deny", reason, cause)
     assert call.hangup_cause == int(cause) and not call.b_uniqueids
-    assert call.agi_commands[-1] == 'SET VARIABLE BILLING_DECISION "deny"'
+    assert call.agi_commands == [f'EXEC MSet "BILLING_REASON={reason},BILLING_CAUSE={cause},BILLING_DECISION=deny"']
     gevent.sleep(0.2)
     assert world.cdrs.records == [] and world.engine.live_calls() == 0
 
@@ -295,8 +301,9 @@ def test_hangup_during_an_agi_command(world: World) -> None:
     adapter = world.start_adapter()
     call = finish(world.fake.place_call("1011", "33123456", agi_hangup_at_command=1))
     assert call.outcome in ("cancelled", "refused", "denied") and not call.b_uniqueids
-    assert call.agi_commands[-1] == 'SET VARIABLE BILLING_DECISION "allow"'  # allowed on a dead channel
-    wait_for(lambda: adapter.agi.stats.hangups_seen == 1, "HANGUP seen")
+    # The caller's BYE lands while the one command runs: its reply, then HANGUP (the agent has
+    # its answer and closes); the decision was set, but nothing is dialled on a dead channel.
+    assert call.agi_commands[-1].endswith('BILLING_DECISION=allow"')
     (record,) = world.cdrs.wait()
     assert record.disposition is not Disposition.ANSWERED and record.rating.cost_micros == 0
     assert world.store.open_reservations() == 0 and world.store.accounts["1011"].balance_micros == 10_000_000
@@ -374,21 +381,26 @@ def test_silent_ami_is_detected_by_the_ping_watchdog(world: World) -> None:
     assert adapter.ami.stats.ping_failures >= 1
 
 
-def agi_exchange(port: int, data: bytes, *, close: bool = False, timeout_s: float = 3.0) -> bytes:
+def agi_exchange(port: int, data: bytes, *, close: bool = False, timeout_s: float = 3.0,
+                 replies: tuple[bytes, ...] = (b"200 result=0\n",)) -> bytes:
+    """Play Asterisk: the environment, then one reply per command line as it comes (the last of
+    ``replies`` repeats), until the agent closes."""
     sock = socket.create_connection(("127.0.0.1", port))
     try:
         sock.sendall(data)
         if close:
             sock.shutdown(socket.SHUT_WR)
         out = b""
+        answered = 0
         with gevent.Timeout(timeout_s, False):
             while True:
                 chunk = sock.recv(4096)
                 if not chunk:
                     break
                 out += chunk
-                if out.count(b"\n") >= 3 and out.endswith(b'"deny"\n'):  # answer each SET then wait for close
-                    sock.sendall(b"200 result=1\n" * 3)
+                while not close and out.count(b"\n") > answered:
+                    sock.sendall(replies[min(answered, len(replies) - 1)])
+                    answered += 1
         return out
     finally:
         sock.close()
@@ -412,11 +424,24 @@ def test_malformed_agi_peers_never_stall_the_agent(world: World) -> None:
     assert other.dead  # the hub kept running (panoramisk's reader would spin here, freezing everything)
     # A "?query" suffix still routes; no tech-specific Call-ID for DAHDI; the argument is the account.
     reply = agi_exchange(port, ENV % b"nobody")
-    assert reply == (b'SET VARIABLE BILLING_REASON "unknown_account"\nSET VARIABLE BILLING_CAUSE 21\n'
-                     b'SET VARIABLE BILLING_DECISION "deny"\n')
+    assert reply == b'EXEC MSet "BILLING_REASON=unknown_account,BILLING_CAUSE=21,BILLING_DECISION=deny"\n'
     unknown_script = agi_exchange(port, (ENV % b"1015").replace(b"script: authorize?acct=1", b"script: billing"))
-    assert unknown_script.endswith(b'SET VARIABLE BILLING_DECISION "deny"\n')
+    assert unknown_script.endswith(b'BILLING_DECISION=deny"\n')
     assert adapter.stats.refused_requests == 1
+
+
+def test_an_asterisk_without_mset_gets_the_decision_one_set_variable_at_a_time(world: World) -> None:
+    """EXEC of an application Asterisk does not have answers ``200 result=-2``: the same
+    variables go as SET VARIABLE, each written only once the one before is answered (a line
+    written early would sit unread in res_agi's buffer), the decision last."""
+    world.store.add_account("1019", 10_000_000)
+    adapter = world.start_adapter()
+    reply = agi_exchange(adapter.agi_port, ENV % b"1019", replies=(b"200 result=-2\n", b"200 result=1\n"))
+    assert reply.split(b"\n")[:-1] == [
+        b'EXEC MSet "BILLING_LIMIT_MS=10000000,BILLING_BACKSTOP_S=10001.000,BILLING_DECISION=allow"',
+        b"SET VARIABLE BILLING_LIMIT_MS 10000000", b'SET VARIABLE BILLING_BACKSTOP_S "10001.000"',
+        b'SET VARIABLE BILLING_DECISION "allow"']
+    assert adapter.stats.mset_fallbacks == 1
 
 
 def test_agi_port_in_use_fails_fast(world: World) -> None:
@@ -543,3 +568,20 @@ def test_a_call_answered_during_an_ami_outage_is_billed_from_its_real_answer(wor
     (record,) = world.cdrs.wait()
     assert abs(record.duration_ms - 2_500) <= 150  # the whole talk, not only what followed the resync
     assert adapter.ami.stats.connections == 2
+
+
+def test_the_backstop_moves_when_the_agent_re_arms_it(world: World) -> None:
+    """``arm_backstop``: AMI ``Setvar TIMEOUT(absolute)`` on the callee (ms precision, relative to
+    now), where ``L()`` could not move once Dial ran (fixtures/captures/asterisk-*/ami-rearm.txt)."""
+    world.store.add_account("1020", 10_000_000)
+    adapter = world.start_adapter()
+    call = world.fake.place_call("1020", "33123456", talk_ms=30_000)
+    wait_for(lambda: bool(call.b_uniqueids) and world.fake.find_channel(call.b_uniqueids[0]) is not None
+             and world.fake.find_channel(call.b_uniqueids[0]).timeout_at > 0, "the callee's backstop armed")
+    armed_at = time.time()
+    adapter.arm_backstop(call.b_uniqueids[0], int(armed_at * 1000) + 700, call.a_uniqueid)
+    finish(call)
+    assert call.cut_by == "backstop" and call.backstop_rearms == 2  # the dialplan's U(), then ours
+    assert 0.65 <= call.ended_ms / 1000 - armed_at <= 0.9
+    assert any(a.get("Action") == "Setvar" and a.get("Variable") == "TIMEOUT(absolute)" for a in world.fake.actions)
+    assert adapter.stats.backstops_armed == 1

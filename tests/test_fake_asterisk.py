@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import gevent
 import gevent.queue
@@ -482,7 +483,9 @@ def test_cut_by_limit_matches_ami_1(make: Callable[..., tuple[FakeAsterisk, AgiA
     assert call.done.wait(5)
     ended(reader, call)
     assert fake_shape(reader, call) == capture_shape("ami-1-cut-by-limit.txt")
-    assert (call.outcome, call.cut_by, call.hangup_cause, call.b_hangup_cause) == ("cut", "limit", 16, 16)
+    # Ended by the callee's TIMEOUT(absolute) (the dialplan's U()), in the order of ami-1 and of
+    # fixtures/captures/asterisk-*/ami-backstop.txt: the callee leaves first, both cause 16.
+    assert (call.outcome, call.cut_by, call.hangup_cause, call.b_hangup_cause) == ("cut", "backstop", 16, 16)
     assert 0.29 <= call.talk_s < 1.0 and call.billsec == 0
     reader.close()
 
@@ -662,11 +665,14 @@ def test_no_answer_callee_hangup_and_warning(make: Callable[..., tuple[FakeAster
     reader.close()
 
 
-def test_zero_limit_fails_the_dial(make: Callable[..., tuple[FakeAsterisk, AgiAgent]]) -> None:
+def test_a_zero_backstop_cancels_the_timeout_as_func_timeout_does(
+        make: Callable[..., tuple[FakeAsterisk, AgiAgent]]) -> None:
+    """TIMEOUT(absolute)=0 (or junk) cancels the hangup (func_timeout.c): the agent never sends it
+    (agent/adapters/asterisk/adapter.py backstop_seconds), and the fake does what Asterisk does."""
     fake, _ = make(allow(0))
-    call = fake.place_call("1001", "3312")
+    call = fake.place_call("1001", "3312", talk_ms=600)
     assert call.done.wait(5)
-    assert call.outcome == "refused" and not call.b_uniqueids
+    assert call.outcome == "answered" and call.cut_by == "" and call.talk_s >= 0.55
 
 
 # ------------------------------------------------------------------------------------ faults
@@ -689,3 +695,38 @@ def test_dropped_ami_and_injected_garbage(make: Callable[..., tuple[FakeAsterisk
     gevent.sleep(0.1)
     assert not any(get(m, "ActionID") == "p" for m in again.messages())  # a stalled link answers nothing
     again.close()
+
+
+# ------------------------------------------------------------------------------------ the new real captures
+
+RECORDED = Path(__file__).resolve().parent / "fixtures" / "captures"
+
+
+def recorded_shape(folder: str, name: str) -> list[tuple[str, ...]]:
+    raw = (RECORDED / folder / name).read_bytes()
+    msgs = parse_ami(raw[raw.index(b"\r\n") + 2:])
+    a = next(get(m, "Channel") for m in msgs if get(m, "Event") == "Newchannel")
+    bs = {get(m, "Channel") for m in msgs if get(m, "Event") == "Newchannel" and "carrier" in get(m, "Channel")}
+    linked = [m for m in msgs if get(m, "Event") and get(m, "Event") not in (
+        "FullyBooted", "SuccessfulAuth", "CEL", "NewConnectedLine", "NewCallerid", "RTCPSent", "RTCPReceived")
+        and not get(m, "ActionID")]
+    return [item for item in shape(linked, a, bs) if item[0] != "Cdr"]
+
+
+@pytest.mark.parametrize(("folder", "tech"), [("asterisk-22.10.1-pjsip", "PJSIP"), ("asterisk-20.20.1-pjsip", "PJSIP")])
+def test_a_call_ended_by_its_backstop_matches_the_real_asterisk(
+        make: Callable[..., tuple[FakeAsterisk, AgiAgent]], folder: str, tech: str) -> None:
+    """Recorded from a real Asterisk (tests/realpbx/record.py): the callee's TIMEOUT(absolute)
+    armed by the dialplan's U() ends the call; the fake writes the same events in the same order."""
+    fake, agent = make(allow(300), tech=tech)
+    reader = AmiReader(fake.ami_port)
+    call = fake.place_call("1001", "12125551234", caller="1001", ring=False, talk_ms=5000)
+    assert call.done.wait(5)
+    ended(reader, call)
+    # BridgeDestroy races the callee's Hangup (20.20 and 22.10 differ): where it falls says nothing.
+    skip = {"Cdr", "NewConnectedLine", "NewCallerid", "BridgeDestroy"}
+    got = [item for item in fake_shape(reader, call) if item[0] not in skip]
+    want = [item for item in recorded_shape(folder, "ami-backstop.txt") if item[0] not in skip]
+    assert [(e[0], e[1]) for e in got] == [(e[0], e[1]) for e in want]
+    assert call.cut_by == "backstop" and 0.29 <= call.talk_s < 1.0
+    reader.close()

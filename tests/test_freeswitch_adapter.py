@@ -7,6 +7,7 @@ test body waits on gevent events. The engine is a small recording fake with scri
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -178,8 +179,8 @@ def test_answered_call_is_billed_from_the_b_leg_answer(fake: FakeFreeswitch, eng
 
     setvars = next(c for c in fake.commands if c.startswith("api uuid_setvar_multi"))
     assert f"api uuid_setvar_multi {a} billing_decision=allow;billing_call_id=call-{a};" \
-           "billing_limit_ms=60000;billing_backstop_s=59" == setvars
-    assert f"api sched_hangup +179 {a} ALLOTTED_TIMEOUT" in fake.commands  # backstop + ring allowance
+           "billing_limit_ms=60000;billing_backstop_s=61" == setvars  # never before the money: +1 s for floor(now)
+    assert f"api sched_hangup +181 {a} ALLOTTED_TIMEOUT" in fake.commands  # backstop + ring allowance
     assert f"api uuid_transfer {a} 33123456 XML billing-outbound" in fake.commands
 
 
@@ -209,11 +210,12 @@ def test_backstop_ends_the_call_when_the_agent_is_gone(fake: FakeFreeswitch, eng
     adapter.stop(timeout_s=1.0)  # the agent dies right after the answer
     finish(call)
     talk_ms = call.talk_us // 1000
-    assert talk_ms <= 2000, talk_ms  # never later than the money allows
-    assert 0 < talk_ms <= 1050, talk_ms  # sched_hangup +1 fires at floor(answer) + 1 s
+    # Never before the money runs out (the customer paid for it); the whole-second scheduler
+    # ends it within a second and a half after (the agent, when alive, cuts at the instant).
+    assert 2000 <= talk_ms <= 3050, talk_ms  # sched_hangup +3 fires at floor(answer) + 3 s
     assert (call.b_hangup_cause, call.hangup_cause) == ("ALLOTTED_TIMEOUT", "NORMAL_CLEARING")
     assert f"api uuid_setvar_multi {call.a_uuid} billing_decision=allow;billing_call_id=c1;billing_limit_ms=2000;" \
-           "billing_backstop_s=1" in fake.commands
+           "billing_backstop_s=3" in fake.commands
 
 
 def test_denied_call_is_hung_up_with_a_clear_cause(fake: FakeFreeswitch, engine: FakeEngine,
@@ -494,3 +496,24 @@ def test_stock_greenswitch_understands_the_fake(fake: FakeFreeswitch) -> None:
         client.connect()
         assert client.send("api uuid_kill 0f0f0f0f-0000-4000-8000-000000000003").data == "-ERR No such channel!\n"
         client.stop()
+
+
+def test_the_backstop_moves_when_the_agent_re_arms_it(fake: FakeFreeswitch, engine: FakeEngine,
+                                                      started: Started) -> None:
+    """``arm_backstop``: the callee's scheduled hangup is deleted and scheduled again at the epoch
+    second at or after the new instant (money that landed, or ran out, since the answer)."""
+    adapter = start_adapter(fake.port, engine, started)  # 60 s of money at authorize
+    call = fake.place_call("1001", "33123456", talk_ms=30_000)
+    engine.wait_for(lambda: bool(engine.of(LegAnswered)))
+    a, b = call.a_uuid, b_leg(call)
+    at_ms = int(time.time() * 1000) + 1_200
+    adapter.arm_backstop(b, at_ms, a)
+    finish(call)
+    epoch = -(-at_ms // 1000)
+    assert [c for c in fake.commands if c.startswith(("api sched_del", f"api sched_hangup {epoch}"))] == [
+        f"api sched_del {b}", f"api sched_hangup {epoch} {b} ALLOTTED_TIMEOUT",
+        f"api sched_del {a}"]
+    assert f"api sched_hangup {epoch + 1} {a} ALLOTTED_TIMEOUT" in fake.commands
+    assert call.b_hangup_cause == "ALLOTTED_TIMEOUT"
+    assert at_ms <= call.b_ended_us // 1000 <= epoch * 1000 + 100  # never before the instant asked
+    assert adapter.stats.backstops_armed == 1

@@ -1,7 +1,7 @@
 """The pure call session: when billing starts, what each nibble debits, the exact cut."""
 
 from agent.core.cdr import Disposition
-from agent.core.events import Direction, HangupLeg, LegAnswered, LegCreated, LegHungUp, WarnLeg
+from agent.core.events import ArmBackstop, Direction, HangupLeg, LegAnswered, LegCreated, LegHungUp, WarnLeg
 from agent.core.session import (
     Alert,
     ArmTimer,
@@ -288,3 +288,37 @@ def test_a_caller_who_transfers_the_call_leaves_the_carrier_leg_billed_until_it_
     ordinary.on_hung_up(LegHungUp("A2", T0 + 2_000))
     (settle,) = ordinary.on_hung_up(LegHungUp("B2", T0 + 2_004))
     assert settle.cost_micros == 2_000 and not ordinary.transferred
+
+
+def _backstops(effects):
+    return [e.command for e in effects if isinstance(e, Command) and isinstance(e.command, ArmBackstop)]
+
+
+def test_the_pbx_backstop_is_never_before_the_money_and_moves_with_it() -> None:
+    """The PBX's own hangup (holds if the agent dies): set by the dialplan at the answer to the
+    authorized limit plus the margin; each granted nibble re-arms it one slice and a slack ahead;
+    an exhausted call pins it a margin after the cut; money that lands mid-call moves it again."""
+    session = make_session(PER_SECOND, granted=6_000, nibble_s=6, limit_ms=20_000)  # 20 s of money at authorize
+    assert _backstops(_answer_b(session, T0)) == []
+    assert session.backstop_at_ms == T0 + 20_000 + 1_000
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 6_000)
+    granted = session.on_nibble_result(step.seq, 6_000, step.debit_micros, T0 + 6_000)
+    # Reserved to 12 s; the slack (at least 10 s) lets a restarted agent adopt the call in time.
+    assert _backstops(granted) == [ArmBackstop("B1", T0 + 12_000 + 10_000, "A1")]
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 12_000)
+    partial = session.on_nibble_result(step.seq, 2_500, step.debit_micros, T0 + 12_000)  # 2.5 s left
+    assert _timers(partial)[TimerKind.CUT].at_ms == T0 + 14_000
+    assert _backstops(partial) == [ArmBackstop("B1", T0 + 14_000 + 1_000, "A1")]
+    (chance,) = session.on_timer(TimerKind.LAST_CHANCE, session.token, T0 + 12_000)
+    topped_up = session.on_nibble_result(chance.seq, 6_000, 0, T0 + 12_500)  # a top-up landed
+    assert TimerKind.CUT not in _timers(topped_up) and not session.exhausted
+    assert _backstops(topped_up) == [ArmBackstop("B1", T0 + 18_000 + 10_000, "A1")]
+
+
+def test_no_call_outlasts_the_longest_call_whatever_the_money() -> None:
+    session = make_session(PER_SECOND, granted=6_000, nibble_s=6, max_call_ms=9_000)
+    _answer_b(session, T0)
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 6_000)
+    effects = session.on_nibble_result(step.seq, 6_000, step.debit_micros, T0 + 6_000)
+    assert _timers(effects)[TimerKind.CUT].at_ms == T0 + 9_000 and session.cut_reason == "maximum call duration"
+    assert _backstops(effects) == [ArmBackstop("B1", T0 + 10_000, "A1")]

@@ -539,13 +539,15 @@ class FakeAsterisk:
         call.a_uniqueid = a.uniqueid
         a.caller_num, a.exten, a.context, a.dnid = call.caller, call.destination, CUSTOMER_CONTEXT, call.destination
         a.call_id = self._call_id("A")
+        if self.tech == "PJSIP":  # chan_pjsip creates the caller's channel ringing (captures asterisk-*-pjsip)
+            a.state = 4
         self._chan_event("Newchannel", a)
         if self.tech == "SIP":
             port = 6200 + int(call.caller[-2:]) if call.caller[-2:].isdigit() else 5060
             self._varset(a, "SIPURI", f"sip:{call.caller}@127.0.0.1:{port}")
             self._varset(a, "SIPDOMAIN", "127.0.0.1")
             self._varset(a, "SIPCALLID", a.call_id)
-        self._newstate(a, 4)
+            self._newstate(a, 4)  # chan_sip: Down, then Ring (capture ami-1)
         self._device_state(a)
         # The admin's context sets the account code and enters billing-outbound.
         self._newexten(a, 1, "Set", f"CHANNEL(accountcode)={call.account}")
@@ -920,6 +922,11 @@ class FakeAsterisk:
         b.answered = now
         call.answered_ms = now * 1000
         self._newstate(b, 6)
+        # U(billing-answered^X): the callee runs the gosub as it answers, before DialEnd and the
+        # bridge (captures asterisk-*/ami-backstop.txt): TIMEOUT(absolute)=X on the callee.
+        self._newexten(b, 1, "Set", f"TIMEOUT(absolute)={call.backstop_raw}", context="billing-answered")
+        self._set_timeout(b, call.backstop_raw)
+        self._newexten(b, 2, "Return", "", context="billing-answered")
         self._varset(a, "DIALSTATUS", "ANSWER")
         self._varset(a, "DIALEDPEERNAME", b.name)
         self._varset(a, "DIALEDPEERNUMBER", f"{self.trunk}/{call.destination}")
@@ -945,10 +952,6 @@ class FakeAsterisk:
             self._varset(b, "BRIDGEPEER", a.name)
             self._varset(b, "BRIDGEPVTCALLID", a.call_id)
         call.outcome = "answered"
-        # U(billing-answered^X): the callee runs the gosub before the bridge: TIMEOUT(absolute)=X.
-        self._newexten(b, 1, "Set", f"TIMEOUT(absolute)={call.backstop_raw}", context="billing-answered")
-        self._set_timeout(b, call.backstop_raw)
-        self._newexten(b, 2, "Return", "", context="billing-answered")
         limit_at = None  # L(limit:warn): the bridge's own limit (the warn branch only)
         if call.warn_ms is not None and call.limit_ms:
             limit_at = now + call.limit_ms / 1000

@@ -187,6 +187,7 @@ class FakeFreeswitch:
         self.server = StreamServer((host, port), self._serve)
         self.group = gevent.pool.Group()
         self.channels: dict[str, FakeChannel] = {}
+        self.scheduled: dict[str, list[gevent.Greenlet[Any, Any]]] = {}  # sched_hangup tasks by channel uuid
         self.calls: list[FakeCall] = []
         self.commands: list[str] = []  # every command received, in order (auth included)
         self.connections_accepted = 0
@@ -399,7 +400,19 @@ class FakeFreeswitch:
             self.group.spawn(self.hangup, ch, cause)
             return
         fire_at = int(self.clock()) + seconds
-        self.group.add(gevent.spawn_later(max(0.0, fire_at - self.clock()), self.hangup, ch, cause))
+        task = gevent.spawn_later(max(0.0, fire_at - self.clock()), self.hangup, ch, cause)
+        self.group.add(task)
+        self.scheduled.setdefault(ch.uuid, []).append(task)
+
+    def _api_sched_del(self, arg: str) -> str:
+        """``sched_del <group>``: the tasks whose group is the channel's uuid (mod_commands)."""
+        group = arg.strip()
+        if not group:
+            return "-ERR Invalid syntax\n"
+        tasks = [task for task in self.scheduled.pop(group, []) if not task.dead]
+        for task in tasks:
+            task.kill(block=False)
+        return f"+OK Deleted: {len(tasks)}\n"
 
     def hangup(self, ch: FakeChannel, cause: str) -> None:
         """Hang a channel up with its events; a bridged peer follows (hangup_after_bridge)."""
@@ -789,6 +802,7 @@ _API: dict[str, Callable[[FakeFreeswitch, str], str]] = {
     "uuid_kill": FakeFreeswitch._api_uuid_kill,
     "hupall": FakeFreeswitch._api_hupall,
     "sched_hangup": FakeFreeswitch._api_sched_hangup,
+    "sched_del": FakeFreeswitch._api_sched_del,
     "uuid_setvar": FakeFreeswitch._api_uuid_setvar,
     "uuid_setvar_multi": FakeFreeswitch._api_uuid_setvar_multi,
     "uuid_getvar": FakeFreeswitch._api_uuid_getvar,

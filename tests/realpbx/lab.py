@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 DIALPLAN = REPO / "dialplan"
 AMI_USER = "billing"
 AMI_SECRET = "lab-secret-0123456789"
+RECORDER_USER = "recorder"  # read = all: tests/realpbx/record.py records transcripts with it
+RECORDER_SECRET = "recorder-secret-0123456789"
 ESL_PASSWORD = "lab-ClueCon"
 TRANSFER_TARGET = "2000"  # an extension that answers and waits: where the REFER scenario sends the call
 STATIC_PREFIX = "0000"  # numbers behind it are dialled without the agent (the post-dial-delay baseline)
@@ -576,7 +578,8 @@ rungroup = root
         noload = ["chan_alsa.so", "chan_oss.so", "chan_console.so", "chan_mgcp.so", "chan_skinny.so",
                   "chan_unistim.so", "chan_iax2.so", "chan_dahdi.so", "res_hep.so", "res_hep_rtcp.so",
                   "res_hep_pjsip.so", "cdr_radius.so", "cel_radius.so", "res_phoneprov.so",
-                  "res_pjsip_phoneprov_provider.so", "res_stun_monitor.so", "res_pjsip_outbound_publish.so", "res_xmpp.so", "chan_motif.so", skip_driver]
+                  "res_pjsip_phoneprov_provider.so", "res_stun_monitor.so", "res_pjsip_outbound_publish.so",
+                  "res_xmpp.so", "chan_motif.so", skip_driver]
         if self.build.driver == "SIP":
             noload += ["res_pjsip.so"]
         _write(self.etc / "modules.conf", "[modules]\nautoload = yes\n" + "".join(f"noload => {m}\n" for m in noload))
@@ -599,6 +602,13 @@ port = {self.ami_port}
 bindaddr = 127.0.0.1
 timestampevents = yes
 #include manager_billing.conf
+
+[{RECORDER_USER}]
+secret = {RECORDER_SECRET}
+deny = 0.0.0.0/0.0.0.0
+permit = 127.0.0.1/255.255.255.255
+read = all
+write = all
 """)
         shutil.copy(DIALPLAN / "asterisk" / "extensions_billing.conf", self.etc / "extensions_billing.conf")
         dial_static = (f"PJSIP/${{EXTEN:{len(STATIC_PREFIX)}}}@carrier" if self.build.driver == "PJSIP"

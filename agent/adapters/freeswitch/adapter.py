@@ -147,13 +147,13 @@ class FreeswitchAdapter:
 
     def arm_backstop(self, leg_id: str, at_ms: int, caller_leg_id: str = "") -> None:
         """Move the backstop: ``sched_del`` the leg's scheduled hangup, ``sched_hangup`` it at the
-        epoch second at or after ``at_ms`` (and the same for the caller's ceiling while it is up),
-        in one round trip. ``sched_del`` takes the channel's tasks as a group: the only ones the
+        epoch second at or after ``at_ms`` (and the caller's ceiling a second later while it is
+        up), in one round trip. ``sched_del`` takes the channel's tasks as a group: the only ones the
         billing dialplan schedules on these channels are these hangups."""
         epoch_s = commands.epoch_second_at_or_after(at_ms)
         batch = [commands.sched_del(leg_id), commands.sched_hangup_at(leg_id, epoch_s)]
-        if caller_leg_id:
-            batch += [commands.sched_del(caller_leg_id), commands.sched_hangup_at(caller_leg_id, epoch_s)]
+        if caller_leg_id:  # a second later: the billed leg is the one the backstop ends (ALLOTTED_TIMEOUT)
+            batch += [commands.sched_del(caller_leg_id), commands.sched_hangup_at(caller_leg_id, epoch_s + 1)]
         replies = self.client.api_many(batch)
         armed = replies[1]
         if commands.is_ok(armed):
