@@ -158,9 +158,9 @@ def test_answered_call_is_authorized_limited_and_billed_from_the_callee_answer(w
     assert call.outcome == "answered" and call.decision == "allow" and call.agi_status == "SUCCESS"
     # One command, one round trip (res_agi reads commands one at a time: nothing pipelined).
     assert call.agi_commands == [
-        'EXEC MSet "BILLING_LIMIT_MS=10000000,BILLING_BACKSTOP_S=10001.000,BILLING_DECISION=allow"']
+        'EXEC MSet "BILLING_LIMIT_MS=10000000,BILLING_BACKSTOP_MS=10001000,BILLING_DECISION=allow"']
     assert call.agi_stalled == 0
-    assert call.limit_ms == 10_000_000 and call.backstop_raw == "10001.000"  # the backstop: 1 s after the money
+    assert call.limit_ms == 10_000_000 and call.backstop_raw == "10001000"  # the backstop: 1 s after the money
     (request,) = world.recorder.requests
     assert (request.pbx, request.leg_id, request.account_id, request.destination, request.caller, request.group_id) == (
         "asterisk", call.a_uniqueid, "1001", "33123456", "2001", call.a_uniqueid)
@@ -187,9 +187,9 @@ def test_call_is_cut_when_the_money_runs_out(world: World) -> None:
     world.start_adapter()
     call = finish(world.fake.place_call("1002", "33123456", talk_ms=10_000))
     (record,) = world.cdrs.wait()
-    # The agent cuts at 2 s exactly; the PBX's own backstop (the callee's TIMEOUT(absolute)) sits
+    # The agent cuts at 2 s exactly; the PBX's own backstop (L(x): the callee's hangup time) sits
     # a second later, so it never takes paid time away.
-    assert call.limit_ms == 2000 and call.backstop_raw == "3.000"
+    assert call.limit_ms == 2000 and call.backstop_raw == "3000"
     assert call.outcome == "cut" and call.cut_by == "ami"
     assert record.disposition is Disposition.CUT
     assert 1950 <= record.duration_ms <= 2000, record.duration_ms
@@ -438,8 +438,8 @@ def test_an_asterisk_without_mset_gets_the_decision_one_set_variable_at_a_time(w
     adapter = world.start_adapter()
     reply = agi_exchange(adapter.agi_port, ENV % b"1019", replies=(b"200 result=-2\n", b"200 result=1\n"))
     assert reply.split(b"\n")[:-1] == [
-        b'EXEC MSet "BILLING_LIMIT_MS=10000000,BILLING_BACKSTOP_S=10001.000,BILLING_DECISION=allow"',
-        b"SET VARIABLE BILLING_LIMIT_MS 10000000", b'SET VARIABLE BILLING_BACKSTOP_S "10001.000"',
+        b'EXEC MSet "BILLING_LIMIT_MS=10000000,BILLING_BACKSTOP_MS=10001000,BILLING_DECISION=allow"',
+        b"SET VARIABLE BILLING_LIMIT_MS 10000000", b"SET VARIABLE BILLING_BACKSTOP_MS 10001000",
         b'SET VARIABLE BILLING_DECISION "allow"']
     assert adapter.stats.mset_fallbacks == 1
 
@@ -572,7 +572,7 @@ def test_a_call_answered_during_an_ami_outage_is_billed_from_its_real_answer(wor
 
 def test_the_backstop_moves_when_the_agent_re_arms_it(world: World) -> None:
     """``arm_backstop``: AMI ``Setvar TIMEOUT(absolute)`` on the callee (ms precision, relative to
-    now), where ``L()`` could not move once Dial ran (fixtures/captures/asterisk-*/ami-rearm.txt)."""
+    now) moves the callee's hangup time that ``L(x)`` set (fixtures/captures/asterisk-*/ami-rearm.txt)."""
     world.store.add_account("1020", 10_000_000)
     adapter = world.start_adapter()
     call = world.fake.place_call("1020", "33123456", talk_ms=30_000)
@@ -581,7 +581,7 @@ def test_the_backstop_moves_when_the_agent_re_arms_it(world: World) -> None:
     armed_at = time.time()
     adapter.arm_backstop(call.b_uniqueids[0], int(armed_at * 1000) + 700, call.a_uniqueid)
     finish(call)
-    assert call.cut_by == "backstop" and call.backstop_rearms == 2  # the dialplan's U(), then ours
+    assert call.cut_by == "backstop" and call.backstop_rearms == 1
     assert 0.65 <= call.ended_ms / 1000 - armed_at <= 0.9
     assert any(a.get("Action") == "Setvar" and a.get("Variable") == "TIMEOUT(absolute)" for a in world.fake.actions)
     assert adapter.stats.backstops_armed == 1

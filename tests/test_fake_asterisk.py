@@ -211,11 +211,11 @@ def make() -> Iterable[Callable[..., tuple[FakeAsterisk, AgiAgent]]]:
 
 
 def allow(limit_ms: int, warn_ms: int | None = None) -> list[str]:
-    """The agent's variables as single commands (the backstop is the limit: the callee's
-    TIMEOUT(absolute), armed by the dialplan's U() at the answer)."""
+    """The agent's variables as single commands (the backstop is the limit: Dial's L(x) sets the
+    callee's hangup time at its answer)."""
     commands = ["GET VARIABLE CHANNEL(accountcode)", 'SET VARIABLE BILLING_DECISION "allow"',
                 f"SET VARIABLE BILLING_LIMIT_MS {limit_ms}",
-                f"SET VARIABLE BILLING_BACKSTOP_S {limit_ms // 1000}.{limit_ms % 1000:03d}"]
+                f"SET VARIABLE BILLING_BACKSTOP_MS {limit_ms}"]
     if warn_ms is not None:
         commands.append(f"SET VARIABLE BILLING_WARN_MS {warn_ms}")
     return commands
@@ -290,7 +290,7 @@ def test_env_block_has_the_captured_lines_in_order(make: Callable[..., tuple[Fak
     assert agent.env_raw.endswith(b"\n\n") and b"\r" not in agent.env_raw
     got = lines[:-2]
     assert [line.split(": ")[0] for line in got] == [line.split(": ")[0] for line in env]
-    differ = {"agi_request", "agi_channel", "agi_uniqueid", "agi_threadid", "agi_context"}
+    differ = {"agi_request", "agi_channel", "agi_uniqueid", "agi_threadid", "agi_context", "agi_priority"}
     assert [line for line in got if line.split(": ")[0] not in differ] == \
         [line for line in env if line.split(": ")[0] not in differ]
     fields = dict(line.split(": ", 1) for line in got)
@@ -483,7 +483,7 @@ def test_cut_by_limit_matches_ami_1(make: Callable[..., tuple[FakeAsterisk, AgiA
     assert call.done.wait(5)
     ended(reader, call)
     assert fake_shape(reader, call) == capture_shape("ami-1-cut-by-limit.txt")
-    # Ended by the callee's TIMEOUT(absolute) (the dialplan's U()), in the order of ami-1 and of
+    # Ended by the callee's hangup time (Dial's L(x) without a warning), in the order of ami-1 and of
     # fixtures/captures/asterisk-*/ami-backstop.txt: the callee leaves first, both cause 16.
     assert (call.outcome, call.cut_by, call.hangup_cause, call.b_hangup_cause) == ("cut", "backstop", 16, 16)
     assert 0.29 <= call.talk_s < 1.0 and call.billsec == 0
@@ -665,14 +665,13 @@ def test_no_answer_callee_hangup_and_warning(make: Callable[..., tuple[FakeAster
     reader.close()
 
 
-def test_a_zero_backstop_cancels_the_timeout_as_func_timeout_does(
-        make: Callable[..., tuple[FakeAsterisk, AgiAgent]]) -> None:
-    """TIMEOUT(absolute)=0 (or junk) cancels the hangup (func_timeout.c): the agent never sends it
-    (agent/adapters/asterisk/adapter.py backstop_seconds), and the fake does what Asterisk does."""
+def test_zero_limit_fails_the_dial(make: Callable[..., tuple[FakeAsterisk, AgiAgent]]) -> None:
+    """``L(0)``: "Bridge does not accept L(0), hanging up" (features.c): Dial fails, nothing rings.
+    The agent never sends it (agent/adapters/asterisk/adapter.py: at least 1 ms)."""
     fake, _ = make(allow(0))
-    call = fake.place_call("1001", "3312", talk_ms=600)
+    call = fake.place_call("1001", "3312")
     assert call.done.wait(5)
-    assert call.outcome == "answered" and call.cut_by == "" and call.talk_s >= 0.55
+    assert call.outcome == "refused" and not call.b_uniqueids
 
 
 # ------------------------------------------------------------------------------------ faults
@@ -716,8 +715,8 @@ def recorded_shape(folder: str, name: str) -> list[tuple[str, ...]]:
 @pytest.mark.parametrize(("folder", "tech"), [("asterisk-22.10.1-pjsip", "PJSIP"), ("asterisk-20.20.1-pjsip", "PJSIP")])
 def test_a_call_ended_by_its_backstop_matches_the_real_asterisk(
         make: Callable[..., tuple[FakeAsterisk, AgiAgent]], folder: str, tech: str) -> None:
-    """Recorded from a real Asterisk (tests/realpbx/record.py): the callee's TIMEOUT(absolute)
-    armed by the dialplan's U() ends the call; the fake writes the same events in the same order."""
+    """Recorded from a real Asterisk (tests/realpbx/record.py): the callee's hangup time, set by
+    Dial's L(x) at its answer, ends the call; the fake writes the same events in the same order."""
     fake, agent = make(allow(300), tech=tech)
     reader = AmiReader(fake.ami_port)
     call = fake.place_call("1001", "12125551234", caller="1001", ring=False, talk_ms=5000)

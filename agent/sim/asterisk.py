@@ -128,7 +128,7 @@ class FakeCall:
     agi_status: str = ""  # SUCCESS | FAILURE | HANGUP
     agi_commands: list[str] = field(default_factory=list)  # what the agent sent, in order
     agi_stalled: int = 0  # commands that sat in res_agi's buffer behind another (pipelining)
-    backstop_raw: str = ""  # BILLING_BACKSTOP_S as the agent set it
+    backstop_raw: str = ""  # BILLING_BACKSTOP_MS as the agent set it
     backstop_rearms: int = 0  # AMI Setvar TIMEOUT(absolute) on the call's callee
     dial_status: str = ""
     outcome: str = ""  # answered | cut | denied | refused | busy | no_answer | cancelled
@@ -554,10 +554,12 @@ class FakeAsterisk:
         a.accountcode = call.account
         self._chan_event("NewAccountCode", a, [("OldAccountCode", "")])
         self._newexten(a, 2, "Goto", f"{BILLING_CONTEXT},{call.destination},1")
-        self._newexten(a, 1, "NoOp", "billing", context=BILLING_CONTEXT)
-        self._newexten(a, 2, "Set", "BILLING_DECISION=")
-        self._varset(a, "BILLING_DECISION", "")
-        self._newexten(a, 3, "AGI", f"agi://{self.agi_host}:{self.agi_port}/authorize,{call.account}")
+        cleared = ("BILLING_DECISION", "BILLING_LIMIT_MS", "BILLING_BACKSTOP_MS", "BILLING_WARN_MS", "BILLING_REASON",
+                   "BILLING_CAUSE")
+        self._newexten(a, 1, "MSet", ",".join(f"{name}=" for name in cleared), context=BILLING_CONTEXT)
+        for name in cleared:
+            self._varset(a, name, "")
+        self._newexten(a, 2, "AGI", f"agi://{self.agi_host}:{self.agi_port}/authorize,{call.account}")
         call.agi_status = self._agi(call, a)
         self._varset(a, "AGISTATUS", call.agi_status)
         if call.agi_status == "HANGUP" or call._stop.is_set():
@@ -571,13 +573,14 @@ class FakeAsterisk:
         call.limit_raw = a.variables.get("BILLING_LIMIT_MS", "")
         call.limit_ms = _int_or_none(call.limit_raw)
         call.warn_ms = _int_or_none(a.variables.get("BILLING_WARN_MS", ""))
-        call.backstop_raw = a.variables.get("BILLING_BACKSTOP_S", "")
+        call.backstop_raw = a.variables.get("BILLING_BACKSTOP_MS", "")
         allowed = call.decision == "allow" and call.backstop_raw != ""
-        self._newexten(a, 4, "GotoIf", f"{0 if allowed else 1}?refused")
+        self._newexten(a, 3, "GotoIf", f"{0 if allowed else 1}?refused")
         if not allowed:
             call.outcome = "denied" if call.decision == "deny" else "refused"
             cause = _int_or_none(call.billing_cause) or 21
-            self._newexten(a, 7, "Hangup", str(cause))
+            self._newexten(a, 10, "Log", f"NOTICE,billing refused {a.name} to {call.destination}")
+            self._newexten(a, 11, "Hangup", str(cause))
             self._end_unanswered(a, None, str(cause), "Hangup", "NO ANSWER")
             return
         self._dial(call, a)
@@ -615,7 +618,7 @@ class FakeAsterisk:
             ("agi_calleridname", "unknown"), ("agi_callingpres", "0"), ("agi_callingani2", "0"),
             ("agi_callington", "0"), ("agi_callingtns", "0"), ("agi_dnid", call.destination or "unknown"),
             ("agi_rdnis", "unknown"), ("agi_context", BILLING_CONTEXT), ("agi_extension", call.destination),
-            ("agi_priority", "3"), ("agi_enhanced", "0.0"), ("agi_accountcode", call.account),
+            ("agi_priority", "2"), ("agi_enhanced", "0.0"), ("agi_accountcode", call.account),
             ("agi_threadid", self._threadid), ("agi_arg_1", call.account))]
 
     def _agi_loop(self, call: FakeCall, a: FakeChannel, link: _AgiLink, sock: socket.socket) -> str:
@@ -767,7 +770,7 @@ class FakeAsterisk:
             return
         self._varset(ch, name, value)
 
-    def _set_timeout(self, ch: FakeChannel, value: str) -> None:
+    def _set_timeout(self, ch: FakeChannel, value: str, *, rearm: bool = True) -> None:
         """func_timeout.c: ``sscanf("%ld%lf")`` seconds from now, ms and finer kept; 0, a negative
         or junk cancel the hangup. A channel in a bridge wakes up at the instant."""
         match = re.match(r"\s*(\d+)(\.\d*)?", value)
@@ -775,7 +778,7 @@ class FakeAsterisk:
         now = self.clock()
         ch.timeout_at = now + seconds if seconds > 0 else 0.0
         ch.time_to_hangup = int(ch.timeout_at) if ch.timeout_at else 0
-        if ch.role == "B":
+        if ch.role == "B" and rearm:
             ch.call.backstop_rearms += 1
         ch.call._rearmed.set()
 
@@ -827,13 +830,18 @@ class FakeAsterisk:
     def _dial(self, call: FakeCall, a: FakeChannel) -> None:
         limit = call.limit_ms
         warn = call.warn_ms
-        option = f"U(billing-answered^{call.backstop_raw})"
-        if warn is not None:  # the dialplan's warn branch: L(limit:warn) as well
-            option += f"L({limit if limit is not None else ''}:{warn})"
+        # L(x) (no warning): the callee's whentohangup at its answer; the warn branch: L(limit:warn),
+        # bridge timers that cannot move.
+        option = f"L({call.backstop_raw})" if warn is None else f"L({limit if limit is not None else ''}:{warn})"
         targets = [f"{self.tech}/{self._trunk_name(i)}/{call.destination}" for i in range(call.forks)]
         dial_data = f"{'&'.join(targets)},{DIAL_TIMEOUT_S},{option}"
-        self._newexten(a, 5, "Dial", dial_data)
-        if warn is not None and call.limit_raw.strip() and (limit is None or limit <= 0):
+        trunk = f"{self.tech}/{self.trunk}"
+        dial = f"PJSIP/{call.destination}@{self.trunk}" if self.tech == "PJSIP" else f"{trunk}/{call.destination}"
+        self._newexten(a, 4, "Set", f"BILLING_DIAL={dial}")
+        self._newexten(a, 5, "GotoIf", f"{1 if warn is not None else 0}?warn")
+        self._newexten(a, 9 if warn is not None else 6, "Dial", dial_data)
+        raw_limit = call.backstop_raw if warn is None else call.limit_raw
+        if (_int_or_none(raw_limit) or 0) <= 0:
             # ast_bridge_timelimit: "Bridge does not accept L(x), hanging up." -> Dial returns -1
             call.outcome = "refused"
             call.dial_status = "INVALIDARGS"
@@ -883,7 +891,7 @@ class FakeAsterisk:
             self._varset(a, "DIALSTATUS", status)
             call.outcome = "busy" if call.busy else "no_answer"
             a_cause = 17 if call.busy else 16  # Dial copies the callee's busy cause to the caller
-            self._newexten(a, 6, "Hangup", "")
+            self._newexten(a, 10 if warn is not None else 7, "Hangup", "")
             self._end_unanswered(a, legs[0], str(a_cause), "Dial", "BUSY" if call.busy else "NO ANSWER",
                                  cdr_data=dial_data)
             return
@@ -922,11 +930,9 @@ class FakeAsterisk:
         b.answered = now
         call.answered_ms = now * 1000
         self._newstate(b, 6)
-        # U(billing-answered^X): the callee runs the gosub as it answers, before DialEnd and the
-        # bridge (captures asterisk-*/ami-backstop.txt): TIMEOUT(absolute)=X on the callee.
-        self._newexten(b, 1, "Set", f"TIMEOUT(absolute)={call.backstop_raw}", context="billing-answered")
-        self._set_timeout(b, call.backstop_raw)
-        self._newexten(b, 2, "Return", "", context="billing-answered")
+        if call.warn_ms is None:  # L(x) with no warning: app_dial sets the callee's whentohangup
+            backstop_ms = _int_or_none(call.backstop_raw) or 0
+            self._set_timeout(b, f"{backstop_ms // 1000}.{backstop_ms % 1000:03d}", rearm=False)
         self._varset(a, "DIALSTATUS", "ANSWER")
         self._varset(a, "DIALEDPEERNAME", b.name)
         self._varset(a, "DIALEDPEERNUMBER", f"{self.trunk}/{call.destination}")

@@ -1065,3 +1065,51 @@ def running(*things: Any) -> Iterator[None]:
         for thing in reversed(things):
             with contextlib.suppress(Exception):
                 thing.stop()
+
+
+# ------------------------------------------------------------------------------------ packet timing
+
+
+class SipCapture:
+    """``tcpdump`` of the PBX's SIP port on loopback: the wire instants of each INVITE and of the
+    200 OK the PBX sends back (sipp's own clock ticks in steps of a few ms)."""
+
+    def __init__(self, folder: Path, port: int, name: str) -> None:
+        self.path = folder / f"{name}.pcap"
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("tcpdump") is not None and shutil.which("tshark") is not None
+
+    def start(self) -> SipCapture:
+        self.process = subprocess.Popen(["tcpdump", "-i", "lo", "-U", "-n", "-w", str(self.path),
+                                         f"udp port {self.port}"], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        return self
+
+    def stop(self) -> None:
+        time.sleep(0.3)
+        stop_process(self.process, signal.SIGINT, 5)
+
+    def post_dial_delays_ms(self) -> list[float]:
+        """Per call: the customer's INVITE arriving at the PBX to the PBX's 200 OK for it."""
+        out = subprocess.run(
+            ["tshark", "-r", str(self.path), "-d", f"udp.port=={self.port},sip", "-Y", "sip", "-T", "fields",
+             "-e", "frame.time_epoch", "-e", "udp.dstport", "-e", "sip.Call-ID", "-e", "sip.Method",
+             "-e", "sip.Status-Code", "-e", "sip.CSeq.method"],
+            capture_output=True, text=True, timeout=120, check=False).stdout
+        invites: dict[str, float] = {}
+        answers: dict[str, float] = {}
+        for line in out.splitlines():
+            parts = line.split("\t")
+            if len(parts) < 6:
+                continue
+            at, dstport, call_id, method, status, cseq_method = parts[:6]
+            if method == "INVITE" and dstport == str(self.port):
+                invites.setdefault(call_id, float(at))
+            elif status == "200" and cseq_method == "INVITE" and dstport != str(self.port):
+                answers.setdefault(call_id, float(at))
+        return [(answers[c] - invites[c]) * 1000 for c in invites if c in answers]

@@ -6,8 +6,8 @@ For each Asterisk build and channel driver found (lab.discover), in a private la
 server plays the agent (one ``EXEC MSet`` per call, as the agent does), an AMI client logged in
 with ``read = all`` records every byte, and sipp places the calls. Scenarios:
 
-* ``backstop``: allowed with ``BILLING_BACKSTOP_S=2.000``; nobody cuts: the callee's
-  ``TIMEOUT(absolute)`` (armed by the shipped dialplan's ``U()``) ends the call at 2 s.
+* ``backstop``: allowed with ``BILLING_BACKSTOP_MS=2000``; nobody cuts: the callee's hangup
+  time (set by the shipped dialplan's ``Dial(...,L(2000))`` at the answer) ends the call at 2 s.
 * ``rearm``: the same, and 1 s after the answer AMI ``Setvar TIMEOUT(absolute)=2.500`` on the
   callee moves its end to 3.5 s; ``Getvar`` of each leg's SIP Call-ID.
 * ``caller-hangs-up``: a 60 s backstop; the caller's BYE after 1.5 s.
@@ -63,8 +63,9 @@ class AgiRecorder:
                 buffer += data
             env, _, buffer = buffer.partition(b"\n\n")
             lines += [f"<< {line}" for line in env.decode().split("\n")] + ["<< "]
-            command = (f'EXEC MSet "BILLING_LIMIT_MS={int(float(self.backstop) * 1000)},'
-                       f'BILLING_BACKSTOP_S={self.backstop},BILLING_DECISION=allow"')
+            backstop_ms = int(float(self.backstop) * 1000)
+            command = (f'EXEC MSet "BILLING_LIMIT_MS={backstop_ms},'
+                       f'BILLING_BACKSTOP_MS={backstop_ms},BILLING_DECISION=allow"')
             conn.sendall(command.encode() + b"\n")
             lines.append(f">> {command}")
             while b"\n" not in buffer:
@@ -75,13 +76,13 @@ class AgiRecorder:
 
 
 class AmiRecorder:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, events: str = "on") -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.raw = bytearray()
         self.lock = threading.Lock()
         threading.Thread(target=self._read, daemon=True).start()
         self.send(f"Action: Login\r\nActionID: login-1\r\nUsername: {RECORDER_USER}\r\n"
-                  f"Secret: {RECORDER_SECRET}\r\n\r\n")
+                  f"Secret: {RECORDER_SECRET}\r\nEvents: {events}\r\n\r\n")
 
     def _read(self) -> None:
         while True:

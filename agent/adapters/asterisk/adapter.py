@@ -5,9 +5,9 @@ Authorization (FastAGI, dialplan/asterisk/extensions_billing.conf): the dialplan
 when the variable reads ``allow`` — fail closed: an agent that is down, slow or confused leaves
 no variable and the call is refused (``AGISTATUS=FAILURE`` alone would let it through). The
 agent asks the engine, then answers with **one** command, ``EXEC MSet``: ``BILLING_LIMIT_MS``
-(what the money pays for), ``BILLING_BACKSTOP_S`` (the backstop: ``Dial``'s ``U()`` sets it as
-``TIMEOUT(absolute)`` on the callee when it answers, so Asterisk ends the call even if the agent
-dies), ``BILLING_WARN_MS`` (optional) and ``BILLING_DECISION=allow``, all at once; or
+(what the money pays for), ``BILLING_BACKSTOP_MS`` (the backstop: ``Dial``'s ``L(x)`` without a
+warning sets it as the callee's hangup time when it answers, so Asterisk ends the call even if
+the agent dies), ``BILLING_WARN_MS`` (optional) and ``BILLING_DECISION=allow``, all at once; or
 ``BILLING_REASON``, ``BILLING_CAUSE`` (Q.850) and ``deny``. One round trip after the
 environment block: real ``res_agi`` reads one command at a time (see agi.py), so nothing is
 pipelined, and the caller's SIP Call-ID is asked over AMI, off the call's path.
@@ -73,7 +73,7 @@ AGI_SCRIPT = "authorize"
 # Channel variables shared with dialplan/asterisk/extensions_billing.conf.
 VAR_DECISION = "BILLING_DECISION"
 VAR_LIMIT_MS = "BILLING_LIMIT_MS"
-VAR_BACKSTOP_S = "BILLING_BACKSTOP_S"
+VAR_BACKSTOP_MS = "BILLING_BACKSTOP_MS"
 VAR_WARN_MS = "BILLING_WARN_MS"
 VAR_REASON = "BILLING_REASON"
 VAR_CAUSE = "BILLING_CAUSE"
@@ -94,7 +94,9 @@ DENY_CAUSES: dict[DenyReason, int] = {
 """Q.850 causes given to refused calls (SIP: 403, 486, 403, 404, 403, 484, 503), as FreeSWITCH."""
 
 CALL_ID_VARIABLE = {"SIP": "SIPCALLID", "PJSIP": "CHANNEL(pjsip,call-id)"}
-BACKSTOP_VARIABLE = "TIMEOUT(absolute)"  # seconds from now, ms precision (func_timeout.c); 0 cancels
+# The callee's hangup time (whentohangup) that L(x) set at its answer: seconds from now with ms
+# (func_timeout.c); 0 cancels it, so it is never sent.
+BACKSTOP_VARIABLE = "TIMEOUT(absolute)"
 RIGHTS_CHECK_DELAY_S = 1.0  # an authorized leg with no AMI event this long after: no read=call
 PERMISSION_DENIED = "Permission denied"
 ACTION_CLASS = {"Hangup": "call", "Getvar": "call", "Setvar": "call", "CoreShowChannels": "reporting"}
@@ -223,8 +225,8 @@ class AsteriskAdapter:
 
     def arm_backstop(self, leg_id: str, at_ms: int, caller_leg_id: str = "") -> None:
         """``Setvar TIMEOUT(absolute)`` on the billed leg: Asterisk hangs it up at ``at_ms`` by
-        itself (the dialplan's ``U()`` set the first one at the answer). Only that leg carries
-        the backstop, so it stays with the call through a transfer; the caller's leg needs none."""
+        itself (the dialplan's ``L(x)`` set the first one at the answer: the same whentohangup).
+        Only that leg carries the backstop, so it stays with the call through a transfer."""
         delay_ms = max(1, at_ms - self.clock.now_ms())  # never 0: TIMEOUT(absolute)=0 cancels
         value = f"{delay_ms // 1000}.{delay_ms % 1000:03d}"
         reply = self.ami.action("Setvar", [("Channel", leg_id), ("Variable", BACKSTOP_VARIABLE), ("Value", value)])
@@ -419,7 +421,7 @@ class AsteriskAdapter:
     def _answer(self, session: AgiSession, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
         if decision.allowed:
             values: list[tuple[str, str | int]] = [(VAR_LIMIT_MS, decision.limit_ms),
-                                                   (VAR_BACKSTOP_S, backstop_seconds(decision.pbx_backstop_ms))]
+                                                   (VAR_BACKSTOP_MS, max(1, decision.pbx_backstop_ms))]
             if 0 < decision.warning_ms < decision.limit_ms:
                 values.append((VAR_WARN_MS, decision.warning_ms))
             self._set(session, request.leg_id, [*values, (VAR_DECISION, "allow")])
@@ -454,12 +456,6 @@ class AsteriskAdapter:
         log.error("FastAGI request of channel %s refused: %s", env.get("agi_channel") or "?", why)
         self._set(session, env.get("agi_uniqueid") or "?",
                   [(VAR_REASON, str(DenyReason.BAD_REQUEST)), (VAR_CAUSE, 21), (VAR_DECISION, "deny")])
-
-
-def backstop_seconds(backstop_ms: int) -> str:
-    """``TIMEOUT(absolute)`` seconds with milliseconds (``12.750``): never 0, which would cancel it."""
-    backstop_ms = max(1, backstop_ms)
-    return f"{backstop_ms // 1000}.{backstop_ms % 1000:03d}"
 
 
 def _known(value: str) -> str:
