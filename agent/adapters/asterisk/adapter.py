@@ -50,6 +50,7 @@ from agent.adapters.asterisk.agi_protocol import (
 from agent.adapters.asterisk.ami import AmiClient, AmiError, AmiSettings
 from agent.adapters.asterisk.ami_protocol import AmiMessage
 from agent.adapters.asterisk.translate import PBX, EventTranslator, cause_number
+from agent.adapters.legs import HeldEvents
 from agent.core.events import (
     AuthorizeDecision,
     AuthorizeRequest,
@@ -167,7 +168,7 @@ class AsteriskAdapter:
         self.ami = AmiClient(self.settings.ami, on_event=self._on_event, on_connected=self._resync,
                              on_disconnected=self._on_disconnected)
         self._lookups = gevent.pool.Pool(64)
-        self._authorizing: dict[str, list[LegEvent]] = {}  # A leg -> its events held during authorize
+        self.held = HeldEvents(self.engine.on_event)  # a caller's events while its call is authorized
         self._authorize_slots = gevent.lock.BoundedSemaphore(self.settings.authorize_concurrency)
         self._missing_rights: set[str] = set()  # classes already reported missing (once per connection)
 
@@ -279,11 +280,7 @@ class AsteriskAdapter:
         self._lookups.spawn(self._fetch_call_id, leg_id, variable)
 
     def _emit(self, leg_event: LegEvent) -> None:
-        held = self._authorizing.get(getattr(leg_event, "leg_id", ""))
-        if held is not None:  # the engine does not know this call yet: after its decision
-            held.append(leg_event)
-        else:
-            self.engine.on_event(leg_event)
+        self.held.emit(leg_event)
 
     def _fetch_call_id(self, leg_id: str, variable: str) -> None:
         self.stats.call_id_lookups += 1
@@ -399,7 +396,7 @@ class AsteriskAdapter:
 
     def _decide(self, request: AuthorizeRequest) -> AuthorizeDecision:
         self.stats.authorizations += 1
-        held = self._authorizing.setdefault(request.leg_id, [])
+        holding = self.held.hold(request.leg_id)  # False: a second AGI of this leg is already deciding
         try:
             if not self._authorize_slots.acquire(timeout=self.settings.agi_command_timeout_s):
                 return AuthorizeDecision(False, "", reason=DenyReason.STORE_UNAVAILABLE,
@@ -413,10 +410,8 @@ class AsteriskAdapter:
             log.exception("engine.authorize failed for leg %s", request.leg_id)
             return AuthorizeDecision(False, "", reason=DenyReason.STORE_UNAVAILABLE, detail=f"agent error: {exc}")
         finally:
-            if self._authorizing.get(request.leg_id) is held:
-                del self._authorizing[request.leg_id]
-            for leg_event in held:
-                self.engine.on_event(leg_event)
+            if holding:
+                self.held.release(request.leg_id)
 
     def _answer(self, session: AgiSession, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
         if decision.allowed:

@@ -23,10 +23,10 @@ leg is first introduced with a ``LegCreated`` built from the event's own channel
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from agent.adapters.asterisk.ami_protocol import AmiMessage, timestamp_ms
+from agent.adapters.legs import ENDED_MEMORY, EndedLegs
 from agent.core.events import (
     DialBegin,
     Direction,
@@ -41,7 +41,6 @@ from agent.core.events import (
 )
 
 PBX = "asterisk"
-ENDED_MEMORY = 20_000
 STATE_UP = "6"
 CALL_ID_VARIABLES = frozenset({"SIPCALLID", "CHANNEL(pjsip,call-id)"})
 
@@ -139,9 +138,8 @@ class EventTranslator:
 
     def __init__(self, *, ended_memory: int = ENDED_MEMORY) -> None:
         self.legs: dict[str, LegInfo] = {}
-        self.ended: OrderedDict[str, str] = OrderedDict()  # leg id -> group id
+        self.ended = EndedLegs(ended_memory)
         self.bridges: dict[str, list[str]] = {}
-        self.ended_memory = ended_memory
         self.assumed_answers: list[str] = []  # legs the last resync found up without an answer time
         self.stats = TranslatorStats()
 
@@ -149,7 +147,7 @@ class EventTranslator:
 
     def group_of(self, leg_id: str) -> str:
         info = self.legs.get(leg_id)
-        return info.group_id if info is not None else self.ended.get(leg_id, "")
+        return info.group_id if info is not None else self.ended.group_of(leg_id)
 
     def channel_of(self, leg_id: str) -> str:
         info = self.legs.get(leg_id)
@@ -280,7 +278,7 @@ class EventTranslator:
             members = self.bridges[info.bridge_id]
             if leg_id in members:
                 members.remove(leg_id)
-        self._remember_ended(leg_id, info.group_id if info else message.get("Linkedid"))
+        self.ended.add(leg_id, info.group_id if info else message.get("Linkedid"))
         code = _int(message.get("Cause"))
         return [LegHungUp(leg_id, event_ms(message, now_ms), cause=cause_name(code, message.get("Cause-txt")),
                           cause_code=code)]
@@ -324,7 +322,7 @@ class EventTranslator:
         info = leg_info(message, leg_id, prefix, event_ms(message, now_ms), parent=parent)
         info.callee = info.callee or callee
         self.legs[leg_id] = info
-        self.ended.pop(leg_id, None)
+        self.ended.discard(leg_id)
         return info, [LegCreated(
             leg_id=leg_id, at_ms=info.created_ms, direction=info.direction, group_id=info.group_id,
             parent_leg_id=info.parent_leg_id, channel=info.channel, caller=info.caller, callee=info.callee,
@@ -333,13 +331,7 @@ class EventTranslator:
 
     def mark_ended(self, leg_id: str) -> None:
         info = self.legs.pop(leg_id, None)
-        self._remember_ended(leg_id, info.group_id if info else "")
-
-    def _remember_ended(self, leg_id: str, group_id: str) -> None:
-        self.ended[leg_id] = group_id
-        self.ended.move_to_end(leg_id)
-        while len(self.ended) > self.ended_memory:
-            self.ended.popitem(last=False)
+        self.ended.add(leg_id, info.group_id if info else "")
 
     def answer_learnt(self, leg_id: str, answered_ms: int) -> None:
         """The real answer instant of a leg a resync found up (``CDR(answer,u)``)."""

@@ -41,6 +41,7 @@ from agent.adapters.freeswitch.translate import (
     awaiting_authorization,
     parked_for_billing,
 )
+from agent.adapters.legs import HeldEvents
 from agent.core.events import (
     AuthorizeDecision,
     AuthorizeRequest,
@@ -111,7 +112,7 @@ class FreeswitchAdapter:
             replace(self.settings.esl, events=SUBSCRIBED_EVENTS), on_event=self._on_event,
             on_connected=self._resync, on_disconnected=self._on_disconnected, on_frame_error=self._on_frame_error)
         self._auth_pool = gevent.pool.Pool(self.settings.authorize_concurrency)
-        self._authorizing: dict[str, list[LegEvent]] = {}  # A leg -> its events held during authorize
+        self.held = HeldEvents(self.engine.on_event)  # a caller's events while its call is authorized
         self._attempts: OrderedDict[str, int] = OrderedDict()  # A leg -> authorizations started
 
     # ---------------------------------------------------------------- lifecycle
@@ -185,11 +186,7 @@ class FreeswitchAdapter:
                         "; ".join(event.problems))
 
     def _emit(self, leg_event: LegEvent) -> None:
-        held = self._authorizing.get(getattr(leg_event, "leg_id", ""))
-        if held is not None:  # the engine does not know this call yet: after its decision
-            held.append(leg_event)
-        else:
-            self.engine.on_event(leg_event)
+        self.held.emit(leg_event)
 
     def _on_frame_error(self, reason: str) -> None:
         self.stats.frame_errors += 1
@@ -204,7 +201,7 @@ class FreeswitchAdapter:
 
     def _start_authorization(self, event: Event) -> None:
         leg_id = event.get("Unique-ID")
-        if not leg_id or leg_id in self._authorizing:
+        if not leg_id or leg_id in self.held:
             return  # a duplicate park (resync and event together): one decision is enough
         attempts = self._attempts.get(leg_id, 0) + 1
         self._attempts[leg_id] = attempts
@@ -214,7 +211,7 @@ class FreeswitchAdapter:
             self._auth_pool.spawn(self._kill_quietly, leg_id, "TEMPORARY_FAILURE",
                                   f"parked for authorization {attempts} times")
             return
-        self._authorizing[leg_id] = []
+        self.held.hold(leg_id)
         request = authorize_request(event, self.clock.now_ms())
         greenlet = self._auth_pool.spawn(self._authorize, request)
         greenlet.link_exception(self._authorize_failed)
@@ -231,8 +228,7 @@ class FreeswitchAdapter:
             log.exception("engine.authorize failed for leg %s", request.leg_id)
             decision = AuthorizeDecision(False, "", reason=DenyReason.STORE_UNAVAILABLE, detail=f"agent error: {exc}")
         finally:
-            for leg_event in self._authorizing.pop(request.leg_id, []):
-                self.engine.on_event(leg_event)
+            self.held.release(request.leg_id)
         try:
             if decision.allowed:
                 self._allow(request, decision)

@@ -21,10 +21,10 @@ channel data, so the engine can attach it to its call through the originator.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from agent.adapters.freeswitch.esl_protocol import Event
+from agent.adapters.legs import ENDED_MEMORY, EndedLegs
 from agent.core.events import (
     AuthorizeRequest,
     Direction,
@@ -47,7 +47,6 @@ SUBSCRIBED_EVENTS = (
 VAR_DESTINATION = "billing_destination"  # set by the dialplan before park: the number to rate and dial
 VAR_ACCOUNT = "billing_account"  # optional; defaults to accountcode
 VAR_DECISION = "billing_decision"  # set by the agent: allow | deny
-ENDED_MEMORY = 20_000  # recently ended legs remembered (late events, "No such channel" replies)
 
 
 def micros_to_ms(raw: str) -> int | None:
@@ -128,8 +127,7 @@ class EventTranslator:
 
     def __init__(self, *, ended_memory: int = ENDED_MEMORY) -> None:
         self.legs: dict[str, LegInfo] = {}
-        self.ended: OrderedDict[str, str] = OrderedDict()  # leg id -> group id
-        self.ended_memory = ended_memory
+        self.ended = EndedLegs(ended_memory)
         self.stats = TranslatorStats()
 
     # ---------------------------------------------------------------- queries
@@ -138,7 +136,7 @@ class EventTranslator:
         info = self.legs.get(leg_id)
         if info is not None:
             return info.group_id
-        return self.ended.get(leg_id, "")
+        return self.ended.group_of(leg_id)
 
     def has_ended(self, leg_id: str) -> bool:
         return leg_id in self.ended
@@ -203,7 +201,7 @@ class EventTranslator:
         if leg_id not in self.legs and leg_id not in self.ended:
             self.stats.unknown_leg_events += 1
         info = self.legs.pop(leg_id, None)
-        self._remember_ended(leg_id, info.group_id if info else event.get("Channel-Call-UUID"))
+        self.ended.add(leg_id, info.group_id if info else event.get("Channel-Call-UUID"))
         at_ms = micros_to_ms(event.get("Caller-Channel-Hangup-Time")) or event_ms(event, now_ms)
         cause = event.get("Hangup-Cause") or variable(event, "hangup_cause")
         out.append(LegHungUp(leg_id, at_ms, cause=cause,
@@ -224,7 +222,7 @@ class EventTranslator:
                 self.stats.unknown_leg_events += 1
             info = self._new_info(event, leg_id, now_ms)
             self.legs[leg_id] = info
-            self.ended.pop(leg_id, None)
+            self.ended.discard(leg_id)
         sip_call_id = variable(event, "sip_call_id")
         info.sip_call_id = info.sip_call_id or sip_call_id
         return info, [LegCreated(
@@ -255,13 +253,7 @@ class EventTranslator:
     def mark_ended(self, leg_id: str) -> None:
         """The leg is gone (FreeSWITCH said so) even though we saw no hangup event."""
         info = self.legs.pop(leg_id, None)
-        self._remember_ended(leg_id, info.group_id if info else "")
-
-    def _remember_ended(self, leg_id: str, group_id: str) -> None:
-        self.ended[leg_id] = group_id
-        self.ended.move_to_end(leg_id)
-        while len(self.ended) > self.ended_memory:
-            self.ended.popitem(last=False)
+        self.ended.add(leg_id, info.group_id if info else "")
 
     # ---------------------------------------------------------------- resync
 
