@@ -11,6 +11,7 @@ Environment variables are ``BILLING_AGENT_<SECTION>_<KEY>`` in upper case, for e
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 from collections.abc import Mapping
@@ -173,14 +174,19 @@ def _convert(value: Any, hint: Any, *, from_text: bool) -> Any:
             return int(value)
         raise ValueError(f"must be a whole number, not {value!r}")
     if hint is float:
+        number: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if from_text and isinstance(value, str):
+            number = float(value)
+        elif from_text and isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError(f"must be a number, not {value!r}")
+        if number is None:
+            raise ValueError(f"must be a number, not {value!r}")
+        if not math.isfinite(number):  # nan compares false with everything: no check would catch it
+            raise ValueError(f"must be a finite number, not {value!r}")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -247,6 +253,20 @@ def _apply(
             layers.setdefault(section, {})[key] = converted
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; a config must say which one it means."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> Mapping[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -255,7 +275,7 @@ def _read_yaml(path: Path) -> Mapping[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader that refuses duplicate keys
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is None:

@@ -251,6 +251,7 @@ def _awkward_calls() -> list[CallRecord]:
         replace(make_record(3), legs=()),
         make_record(4, cost_micros=-1_500_000, answered=False, node="node2"),
         make_record(5, destination="44\"1"),
+        make_record(6, caller="=HYPERLINK(\"http://x\")", destination="+4930", account_id="@acct"),
     ]
 
 
@@ -280,10 +281,12 @@ def test_postgresql_writes_the_same_csv_itself(engine: Engine, tmp_path: Path) -
     assert count == 3  # the time range: calls 1, 2 and 3 (the offset is honoured)
     target = tmp_path / "all.csv"
     result = run(engine, "cdrs", "export", "-o", str(target))
-    assert result.exit_code == 0 and "exported 6 calls" in result.stderr
+    assert result.exit_code == 0 and "exported 7 calls" in result.stderr
     rows = list(csv.DictReader(target.open(newline="")))
     assert [(r["rating_seq"], r["leg_count"]) for r in rows] == [("1", "2"), ("1", "3"), ("2", "4"), ("1", "0"),
-                                                                 ("1", "2"), ("1", "2")]
+                                                                 ("1", "2"), ("1", "2"), ("1", "2")]
+    assert (rows[6]["caller"], rows[6]["destination"], rows[6]["account_id"]) == (
+        "'=HYPERLINK(\"http://x\")", "'+4930", "'@acct")
     assert (rows[1]["b_leg"], rows[2]["a_leg"], rows[2]["b_leg"], rows[4]["cost"]) == ("b1", "a0", "zz",
                                                                                        "-1.500000")
 
@@ -311,3 +314,15 @@ def test_the_stream_folds_calls_across_fetches_and_can_be_left_early(engine: Eng
         assert next(stream).call_id == "call-000000"
         stream.close()
     assert engine.pool.checkedout() == 0
+
+
+def test_csv_cells_a_spreadsheet_would_evaluate_are_made_inert(engine: Engine) -> None:
+    """A caller ID is whatever the calling party sent: ``=``, ``+``, ``-``, ``@``, tab or CR at
+    the start of a text cell gets a leading quote (OWASP CSV injection); amounts stay numbers."""
+    SqlCdrStore(engine).write([make_record(0, caller="=cmd|' /C calc'!A0", destination="-2+3",
+                                           account_id="\tacct", cost_micros=-1_500_000)])
+    for args in (("cdrs", "list", "--csv"), ("cdrs", "export")):
+        result = run(engine, *args)
+        (row,) = list(csv.DictReader(io.StringIO(result.stdout)))
+        assert (row["caller"], row["destination"], row["account_id"]) == ("'=cmd|' /C calc'!A0", "'-2+3", "'\tacct")
+        assert row["cost"] == "-1.500000"  # a negative amount is a number, not a formula

@@ -92,3 +92,23 @@ def test_example_config_loads_and_documents_every_key() -> None:
         assert f"\n{section.name}:" in text, f"section {section.name} missing from agent.yaml.example"
         for key in dataclasses.fields(getattr(config, section.name)):
             assert f"  {key.name}:" in text, f"{section.name}.{key.name} missing from agent.yaml.example"
+
+
+@pytest.mark.parametrize("raw", ["nan", "NaN", "inf", "-inf", "Infinity"])
+def test_non_finite_numbers_are_refused_before_anything_starts(raw: str, tmp_path: Path) -> None:
+    """nan compares false with everything, so 'greater than 0' let it through (issue 14.11)."""
+    with pytest.raises(ConfigError, match=r"BILLING_AGENT_BILLING_HANGUP_VERIFY_SECONDS: "
+                                          r"billing\.hangup_verify_seconds: must be a finite number"):
+        load_config(environ={"BILLING_AGENT_BILLING_HANGUP_VERIFY_SECONDS": raw}, cwd=tmp_path)
+    path = tmp_path / "agent.yaml"
+    path.write_text("daemon:\n  drain_seconds: .nan\n")
+    with pytest.raises(ConfigError, match=r"daemon\.drain_seconds: must be a finite number"):
+        load_config(path, environ={})
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("billing:\n  nibble_seconds: 6\n  warning_seconds: 0\n  nibble_seconds: 3\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'nibble_seconds' \(first on line 2\)") as info:
+        load_config(path, environ={})
+    assert "line 4" in str(info.value)

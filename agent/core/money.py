@@ -7,6 +7,7 @@ cell, CLI argument and YAML value goes through :func:`parse_amount`, every print
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation
 
 MICROS_PER_UNIT = 1_000_000
@@ -15,6 +16,9 @@ DECIMALS = 6
 # An int64 column holds at most 9.2e18 micro-units; refuse anything near that before the
 # database does, so the error names the value instead of an overflow deep in a driver.
 MAX_ABS_MICROS = 10**17
+
+
+_PLAIN_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
 
 
 class MoneyError(ValueError):
@@ -38,6 +42,11 @@ def parse_amount(text: str | int | Decimal, *, allow_negative: bool = False, wha
         cleaned = text.strip()
         if not cleaned:
             raise MoneyError(f"{what} is empty")
+        # Decimal() also takes 1e3, 1_000, NaN and digits of any script (١٠, ０.5): an amount is
+        # plain ASCII decimal text, nothing a spreadsheet or a keyboard layout slipped in.
+        if not _PLAIN_DECIMAL.fullmatch(cleaned):
+            raise MoneyError(f"{what} {text!r} is not a number: plain decimal digits 0-9 with one '.' at most "
+                             "(no exponent, separator or other script)")
         try:
             value = Decimal(cleaned)
         except InvalidOperation:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,16 +25,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 class Lab:
     """One PBX, one carrier and one agent, started for a test module and stopped after it."""
 
-    def __init__(self, build: PbxBuild, folder: Path) -> None:
+    def __init__(self, build: PbxBuild, folder: Path, *, ami_read: str = "", ami_write: str = "",
+                 agent_extra: dict[str, Any] | None = None) -> None:
         self.build = build
         self.folder = folder
         self.carrier = Carrier(folder)
         self.pbx: Pbx
         if build.kind == "asterisk":
-            self.pbx = AsteriskPbx(build, folder / "pbx", self.carrier.port, free_port())
+            self.pbx = AsteriskPbx(build, folder / "pbx", self.carrier.port, free_port(), ami_read=ami_read,
+                                   ami_write=ami_write)
         else:
             self.pbx = FreeswitchPbx(build, folder / "pbx", self.carrier.port)
-        self.agent = Agent(folder, self.pbx.agent_settings())
+        self.agent = Agent(folder, self.pbx.agent_settings(), extra=agent_extra)
 
     def stop(self) -> None:
         for thing in (self.agent, self.pbx, self.carrier):
@@ -47,8 +50,8 @@ class Lab:
 def lab_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     labs: list[Lab] = []
 
-    def make(build: PbxBuild, name: str) -> Lab:
-        lab = Lab(build, tmp_path_factory.mktemp(f"{name}-{build.label}"))
+    def make(build: PbxBuild, name: str, **options: Any) -> Lab:
+        lab = Lab(build, tmp_path_factory.mktemp(f"{name}-{build.label}"), **options)
         labs.append(lab)
         return lab
 

@@ -258,8 +258,28 @@ def cdr_json(cdr: FlatCdr) -> dict[str, Any]:
     return data
 
 
+# Text that came from outside (a caller ID is whatever the calling party put in its From
+# header): a cell starting with one of these is a formula to a spreadsheet. OWASP's advice: a
+# leading single quote, which spreadsheets take as "text" and do not show.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+TEXT_COLUMNS = frozenset({
+    "call_id", "node", "pbx", "account_id", "caller", "destination", "disposition", "hangup_cause", "plan",
+    "prefix", "rating_reason", "a_leg", "a_channel", "a_sip_call_id", "a_hangup_cause", "b_leg", "b_channel",
+    "b_peer", "b_sip_call_id", "b_hangup_cause",
+})
+_TEXT_INDEXES = frozenset(i for i, name in enumerate(CSV_COLUMNS) if name in TEXT_COLUMNS)
+
+
+def neutralize(value: Any) -> Any:
+    """A text cell a spreadsheet would evaluate, made inert; anything else unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def csv_row(cdr: FlatCdr, *, with_legs: bool = False) -> list[Any]:
-    """CSV_COLUMNS (plus ``legs``, every leg as JSON, when ``with_legs``)."""
+    """CSV_COLUMNS (plus ``legs``, every leg as JSON, when ``with_legs``); outside text is
+    neutralized (``neutralize``) so that no cell is a live formula."""
     d = cdr.decision
     rating = [d[0], d[1], d[3], format_amount(d[4]), d[5], format_amount(d[6]), d[7], d[8]] if d else NO_RATING
     a = cdr.caller_leg()
@@ -267,6 +287,7 @@ def csv_row(cdr: FlatCdr, *, with_legs: bool = False) -> list[Any]:
     row = [*cdr.call, *rating, len(cdr.legs),
            *((a[0], a[2], a[3], a[10]) if a else NO_A_LEG),
            *((b[0], b[2], b[4], b[3], b[8], b[10], b[11]) if b else NO_B_LEG)]
+    row = [neutralize(value) if i in _TEXT_INDEXES else value for i, value in enumerate(row)]
     if with_legs:
         row.append(json.dumps(legs_json(cdr), separators=(",", ":")))
     return row
@@ -283,8 +304,11 @@ _ISO = "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'"
 
 
 def _pg_text(expr: str) -> str:
-    # An empty string as NULL: PostgreSQL's CSV writes NULL bare and '' as "", Python's csv both bare.
-    return f"NULLIF({expr}, '')"
+    # An empty string as NULL: PostgreSQL's CSV writes NULL bare and '' as "", Python's csv both
+    # bare; a cell a spreadsheet would evaluate gets a leading quote, as ``neutralize`` does.
+    starts = ", ".join("E'\\t'" if c == "\t" else "E'\\r'" if c == "\r" else f"'{c}'" for c in FORMULA_STARTS)
+    quote = "''''"  # SQL for a string holding one single quote
+    return f"CASE WHEN left({expr}, 1) IN ({starts}) THEN {quote} || {expr} ELSE NULLIF({expr}, '') END"
 
 
 def _pg_time(expr: str) -> str:
@@ -299,7 +323,7 @@ def _pg_amount(expr: str) -> str:
 # (its legs, read once: their count, the caller's leg a and the billed leg b, chosen as
 # FlatCdr.caller_leg/billed_leg do).
 _PG_CSV_EXPRESSIONS = (
-    "c.id", _pg_text("c.node"), _pg_text("c.pbx"), _pg_text("c.account_id"), _pg_text("c.caller"),
+    _pg_text("c.id"), _pg_text("c.node"), _pg_text("c.pbx"), _pg_text("c.account_id"), _pg_text("c.caller"),
     _pg_text("c.destination"), _pg_time("c.started_at"), _pg_time("c.answered_at"), _pg_time("c.ended_at"),
     "c.duration_ms", _pg_text("c.disposition"), _pg_text("c.hangup_cause"), _pg_time("c.settled_at"),
     "d.seq", _pg_text("d.plan_name"), _pg_text("d.prefix"), _pg_amount("d.rate_micros"), "d.billed_seconds",
