@@ -137,7 +137,7 @@ class Daemon:
                 node=self.config.node.id, nibble_seconds=billing.nibble_seconds,
                 warning_seconds=billing.warning_seconds,
                 hangup_verify_ms=int(billing.hangup_verify_seconds * 1000),
-                store_timeout_s=billing.store_timeout_ms / 1000, max_call_seconds=billing.max_call_seconds,
+                max_call_seconds=billing.max_call_seconds,
                 reservation_ttl_ms=billing.reservation_ttl_seconds * 1000),
             store=store, rater=PlanRater(plans.plan_of, self.rate_cache), clock=self.clock, cdr=self.cdr,
             metrics=self.metrics)

@@ -18,11 +18,13 @@ from agent.core.balance import (
     NibbleRequest,
     ReleaseOutcome,
     SettleOutcome,
+    StoreAuthorization,
+    StoreNibble,
 )
 from agent.core.cdr import CallRecord
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, LegEvent
 from agent.core.ratetable import RateTable
-from agent.core.session import RatedCall
+from agent.core.session import NibbleStep, RatedCall
 
 
 class Clock(Protocol):
@@ -157,6 +159,36 @@ class BalanceStore(Protocol):
         ...
 
     def close(self) -> None:
+        ...
+
+
+class EngineStore(Protocol):
+    """The balance store as the call engine uses it, in money terms (one per process).
+
+    Implemented by ``agent.services.store_port.EngineStoreAdapter`` over a ``BalanceStore``
+    (the daemon: Redis or SQL behind ``StoreGuard``, which owns the deadline and the failure
+    policy) and by the in-memory store of the simulations (``agent.sim.memory_store``); both
+    pass ``tests/test_engine_store_contract.py``. The engine puts no deadline of its own on
+    these calls: one layer owns it (a second, racing deadline kept the guard's circuit and its
+    ``fail_open`` credit from ever taking effect). Each step carries its call's account, so no
+    layer keeps a call -> account map. A store that cannot answer returns a refusal or a
+    ``StoreNibble(ok=False)`` (fail closed) rather than raising; ``settle`` and ``release``
+    raise only for a step they cannot take (``BillingError``: permanent; anything else:
+    transient, retried).
+    """
+
+    def authorize(self, account_id: str, call_id: str, want_micros: int, min_micros: int,
+                  now_ms: int) -> StoreAuthorization:
+        ...
+
+    def nibbles(self, steps: list[NibbleStep], now_ms: int) -> list[StoreNibble]:
+        """Outcomes in step order; each step idempotent per (call_id, seq)."""
+        ...
+
+    def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, account_id: str) -> None:
+        ...
+
+    def release(self, call_id: str, seq: int, now_ms: int, account_id: str) -> None:
         ...
 
 

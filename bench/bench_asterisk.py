@@ -108,7 +108,7 @@ def redis_engine(workdir: str) -> tuple[Engine, Any]:
             repo.create_account(s, f"acct{index}", plan="bench", balance_micros=10**12)
     prefix = f"bench-ast:{uuid.uuid4().hex[:8]}:"
     store = RedisBalanceStore(make_client(REDIS_URL, 2000), sessions, key_prefix=prefix)
-    engine = Engine(settings=EngineSettings(node="bench", nibble_seconds=6, store_timeout_s=1.0),
+    engine = Engine(settings=EngineSettings(node="bench", nibble_seconds=6),
                     store=EngineStoreAdapter(store, node="bench", ttl_ms=600_000), rater=OneRate(),
                     clock=SystemClock(), cdr=Cdrs())
     engine.start()

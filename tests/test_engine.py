@@ -38,6 +38,7 @@ class FakeSwitch:
         self.clock = clock
         self.obey = obey
         self.hangups: list[tuple[str, bool, int]] = []
+        self.backstops: list[tuple[str, int]] = []
 
     def hangup(self, leg_id: str, cause: str = "NORMAL_CLEARING", *, escalate: bool = False) -> None:
         self.hangups.append((leg_id, escalate, self.clock.now_ms()))
@@ -46,6 +47,9 @@ class FakeSwitch:
 
     def warn(self, leg_id: str, seconds_left: int) -> None:
         pass
+
+    def arm_backstop(self, leg_id: str, at_ms: int, caller_leg_id: str = "") -> None:
+        self.backstops.append((leg_id, at_ms))
 
     def connected(self) -> bool:
         return True
@@ -164,3 +168,199 @@ def test_operator_hangup_cuts_a_live_call_and_charges_up_to_the_request(setup) -
     assert record.rating.cost_micros == 1000  # 0.3 s: one started second
     assert store.accounts["carol"].balance_micros == 99_000
     assert store.open_reservations() == 0
+
+
+
+# ------------------------------------------------------------------------------------ failures (issue 14)
+
+
+class HungStore:
+    """A BalanceStore that never answers (a Redis that accepts connections and says nothing)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __getattr__(self, name: str):  # authorize, debit_and_reserve_many, settle, ...
+        def hang(*args, **kwargs):
+            self.calls += 1
+            gevent.sleep(3600)
+        return hang
+
+
+def test_fail_open_takes_effect_when_the_store_hangs() -> None:
+    """The guard owns the deadline: its timeout opens the circuit and fail_open grants offline
+    credit (a second, racing deadline in the engine used to deny every call instead)."""
+    from agent.services.store_guard import StoreGuard
+    from agent.services.store_port import EngineStoreAdapter
+
+    clock = SystemClock()
+    hung = HungStore()
+    guard = StoreGuard(hung, clock=clock, policy="fail_open", timeout_ms=100, offline_credit_micros=5_000)
+    engine = Engine(settings=EngineSettings(node="n1", nibble_seconds=1), rater=Rater(), clock=clock, cdr=Cdrs(),
+                    store=EngineStoreAdapter(guard, node="n1", ttl_ms=30_000))
+    engine.start()
+    try:
+        started = clock.monotonic_ms()
+        first = engine.authorize(AuthorizeRequest("asterisk", "A1", "alice", "33123", clock.now_ms()))
+        took_first = clock.monotonic_ms() - started
+        started = clock.monotonic_ms()
+        second = engine.authorize(AuthorizeRequest("asterisk", "A2", "alice", "33123", clock.now_ms()))
+        took_second = clock.monotonic_ms() - started
+        assert first.allowed and second.allowed  # offline credit: 5 s of talk for the account
+        assert 90 <= took_first < 600 and took_second < 50  # one deadline, then the circuit is open
+        assert hung.calls == 1 and not guard.available
+        poor = engine.authorize(AuthorizeRequest("asterisk", "A3", "alice", "33123", clock.now_ms()))
+        assert poor.allowed and poor.limit_ms <= 3_000  # what is left of the offline credit, no more
+    finally:
+        engine.stop(1)
+
+
+class SlowStore(MemoryStore):
+    """Settles take two seconds: the store is up, but slow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.settle_calls = 0
+
+    def settle(self, call_id, seq, cost_micros, now_ms, account_id=""):
+        self.settle_calls += 1
+        gevent.sleep(2.0)
+        super().settle(call_id, seq, cost_micros, now_ms, account_id)
+
+
+def test_the_loop_never_waits_for_a_slow_store() -> None:
+    """With every store worker busy on slow settles, the other calls' timers still fire on time:
+    the loop only queues work (it used to block in Pool.spawn, cutting nobody meanwhile)."""
+    clock = SystemClock()
+    store = SlowStore()
+    cdrs = Cdrs()
+    settings = EngineSettings(node="n1", nibble_seconds=1, store_workers=2, switch_workers=2, nibble_workers=2)
+    engine = Engine(settings=settings,
+                    store=store, rater=Rater(), clock=clock, cdr=cdrs)
+    switch = FakeSwitch(engine, clock)
+    engine.add_switch(switch)
+    engine.lateness_samples = []
+    engine.start()
+    try:
+        for n in range(6):
+            store.add_account(f"a{n}", 100_000)
+            assert engine.authorize(AuthorizeRequest("asterisk", f"A{n}", f"a{n}", "33123", clock.now_ms())).allowed
+            engine.on_event(LegCreated(f"B{n}", clock.now_ms(), Direction.OUTBOUND, parent_leg_id=f"A{n}"))
+            engine.on_event(LegAnswered(f"B{n}", clock.now_ms()))
+        store.add_account("short", 1_500)  # cut 1 s after its answer
+        assert engine.authorize(AuthorizeRequest("asterisk", "AS", "short", "33123", clock.now_ms())).allowed
+        gevent.sleep(0.2)
+        for n in range(6):  # six settles: two run (2 s each), four wait in the queue
+            engine.on_event(LegHungUp(f"B{n}", clock.now_ms()))
+        engine.on_event(LegCreated("BS", clock.now_ms(), Direction.OUTBOUND, parent_leg_id="AS"))
+        answered = clock.now_ms()
+        engine.on_event(LegAnswered("BS", answered))
+        _wait(lambda: any(leg == "AS" for leg, _, _ in switch.hangups), timeout=3)
+        (cut_at,) = [at for leg, _, at in switch.hangups if leg == "AS"]
+        assert 1000 <= cut_at - answered <= 1000 + 100
+        assert max(engine.lateness_samples) < 100
+        _wait(lambda: len(cdrs.records) == 7, timeout=10)
+        assert store.settle_calls == 7
+    finally:
+        engine.stop(1)
+
+
+class RefusingStore(MemoryStore):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+        self.settle_calls = 0
+        self.release_seqs: list[int] = []
+
+    def settle(self, call_id, seq, cost_micros, now_ms, account_id=""):
+        self.settle_calls += 1
+        raise self.error
+
+    def release(self, call_id, seq, now_ms, account_id=""):
+        self.release_seqs.append(seq)
+        super().release(call_id, seq, now_ms, account_id)
+
+
+def _answer_and_hang_up(engine: Engine, store: MemoryStore, clock: SystemClock, n: int) -> None:
+    store.add_account(f"acct{n}", 100_000)
+    assert engine.authorize(AuthorizeRequest("asterisk", f"A{n}", f"acct{n}", "33123", clock.now_ms())).allowed
+    engine.on_event(LegCreated(f"B{n}", clock.now_ms(), Direction.OUTBOUND, parent_leg_id=f"A{n}"))
+    engine.on_event(LegAnswered(f"B{n}", clock.now_ms()))
+    engine.on_event(LegHungUp(f"B{n}", clock.now_ms() + 400))
+
+
+def test_a_settle_refused_for_good_is_not_retried_and_the_cdr_is_written() -> None:
+    from agent.core.errors import Conflict
+
+    clock = SystemClock()
+    store = RefusingStore(Conflict("already settled at another cost"))
+    cdrs = Cdrs()
+    engine = Engine(settings=EngineSettings(node="n1", nibble_seconds=1), store=store, rater=Rater(), clock=clock,
+                    cdr=cdrs)
+    engine.start()
+    try:
+        _answer_and_hang_up(engine, store, clock, 1)
+        _wait(lambda: cdrs.records)
+        gevent.sleep(0.5)
+        assert store.settle_calls == 1 and engine.metrics.settle_retries._value.get() == 0
+        assert engine.live_calls() == 0
+    finally:
+        engine.stop(1)
+
+
+def test_a_shutdown_during_a_failing_settle_still_writes_the_cdr() -> None:
+    clock = SystemClock()
+    store = RefusingStore(ConnectionError("store unreachable"))
+    cdrs = Cdrs()
+    engine = Engine(settings=EngineSettings(node="n1", nibble_seconds=1), store=store, rater=Rater(), clock=clock,
+                    cdr=cdrs)
+    engine.start()
+    _answer_and_hang_up(engine, store, clock, 2)
+    _wait(lambda: store.settle_calls >= 2)  # retried: a transient failure
+    assert cdrs.records == []
+    engine.stop(1)
+    (record,) = cdrs.records
+    assert record.call_id == "n1-A2" and record.rating.cost_micros > 0
+
+
+def test_a_release_carries_its_own_seq() -> None:
+    clock = SystemClock()
+    store = RefusingStore(ConnectionError("unused"))
+    cdrs = Cdrs()
+    engine = Engine(settings=EngineSettings(node="n1", nibble_seconds=1), store=store, rater=Rater(), clock=clock,
+                    cdr=cdrs)
+    engine.start()
+    try:
+        store.add_account("r", 100_000)
+        assert engine.authorize(AuthorizeRequest("asterisk", "AR", "r", "33123", clock.now_ms())).allowed
+        engine.on_event(LegHungUp("AR", clock.now_ms()))  # gone before anything was dialled
+        _wait(lambda: cdrs.records)
+        assert store.release_seqs == [1]
+    finally:
+        engine.stop(1)
+
+
+def test_an_ntp_step_moves_the_live_calls_with_it() -> None:
+    """The wall clock steps (NTP) while a call is live: its cut keeps its real instant, forward or
+    backward, and its duration its monotonic length."""
+    from agent.services.clock import ManualClock
+
+    for step in (10_000, -10_000):
+        clock = ManualClock(1_800_000_000_000)
+        store = MemoryStore()
+        store.add_account("alice", 3_500)
+        engine = Engine(settings=EngineSettings(node="n1", nibble_seconds=1), store=store, rater=Rater(),
+                        clock=clock, cdr=Cdrs())
+        assert engine.authorize(AuthorizeRequest("asterisk", "A1", "alice", "33123", clock.now_ms())).allowed
+        engine._apply(LegCreated("B1", clock.now_ms(), Direction.OUTBOUND, parent_leg_id="A1"))
+        answered = clock.now_ms()
+        engine._apply(LegAnswered("B1", answered))
+        first_timer = engine.registry.next_timer_ms()
+        assert first_timer == answered + 1_000
+        engine._now_ms()
+        clock.advance(200)
+        clock.step_wall(step)
+        now = engine._now_ms()
+        assert engine.registry.next_timer_ms() == first_timer + step  # still 800 ms away
+        assert engine.registry.next_timer_ms() - now == 800
+        assert engine.registry.sessions["n1-A1"].answer_ms == answered + step

@@ -165,12 +165,13 @@ def test_fail_open_calls_continue_on_offline_credit_and_are_charged_once_back(w:
                        offline_credit_micros=2 * UNIT, journal=Journal(journal_path))
     guard.authorize("alice", "live", "n1", UNIT, UNIT, T0, TTL)
     proxy.cut()
-    nibble = guard.debit_and_reserve("live", 1, UNIT, UNIT, T0 + 6000, TTL)
+    # Every step names its account (the engine's steps do): the guard keeps no call map.
+    nibble = guard.debit_and_reserve("live", 1, UNIT, UNIT, T0 + 6000, TTL, account_id="alice")
     assert (nibble.status, nibble.granted_micros) == (NibbleStatus.OFFLINE, UNIT)
     offline = guard.authorize("alice", "new", "n1", UNIT, UNIT, T0 + 7000, TTL)
     assert (offline.allowed, offline.granted_micros) == (True, UNIT)
-    assert guard.settle("live", 2, 1_800_000, T0 + 11000).status is SettleStatus.JOURNALED
-    assert guard.settle("new", 1, 900_000, T0 + 12000).status is SettleStatus.JOURNALED
+    assert guard.settle("live", 2, 1_800_000, T0 + 11000, account_id="alice").status is SettleStatus.JOURNALED
+    assert guard.settle("new", 1, 900_000, T0 + 12000).status is SettleStatus.JOURNALED  # offline: it knows
     assert len(Journal(journal_path)) == 4  # fsynced: a restarted agent would replay them
     proxy.restore()
     clock.advance(1000)

@@ -80,6 +80,29 @@ class UnknownCall(NotFound):
 
 
 @dataclass(frozen=True, slots=True)
+class StoreAuthorization:
+    """The engine-facing answer to an authorization: ``granted_micros`` reserved for the first
+    slice; ``available_micros`` is what the account could spend before this grant (it sizes the
+    limit handed to the PBX)."""
+
+    allowed: bool
+    granted_micros: int = 0
+    available_micros: int = 0
+    reason: DenyReason | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreNibble:
+    """The engine-facing answer to one nibble: reserved ``granted_micros`` for the next slice
+    after debiting ``debited_micros``; ``ok`` False means no new money (fail closed)."""
+
+    granted_micros: int
+    debited_micros: int
+    ok: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class AuthorizeOutcome:
     call_id: str
     allowed: bool

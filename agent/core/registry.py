@@ -206,6 +206,17 @@ class CallRegistry:
                 rest.append(effect)
         return rest
 
+    def shift_time(self, delta_ms: int) -> int:
+        """The wall clock stepped: move every live call's instants and every timer by the step
+        (a uniform shift keeps the heap ordered). Returns the number of calls moved."""
+        self.timers = [(at_ms + delta_ms, seq, call_id, kind, token)
+                       for at_ms, seq, call_id, kind, token in self.timers]
+        for session in self.sessions.values():
+            session.shift_time(delta_ms)
+        for leg_id, early in list(self.pending_legs.items()):
+            self.pending_legs[leg_id] = dataclasses.replace(early, at_ms=early.at_ms + delta_ms)
+        return len(self.sessions)
+
     def next_timer_ms(self) -> int | None:
         return self.timers[0][0] if self.timers else None
 

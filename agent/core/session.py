@@ -133,6 +133,7 @@ class NibbleStep:
     seq: int
     debit_micros: int
     reserve_micros: int
+    account_id: str = ""  # the session's account: the store needs no call -> account map of its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,12 +141,14 @@ class SettleStep:
     call_id: str
     seq: int
     cost_micros: int
+    account_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class ReleaseStep:
     call_id: str
     seq: int
+    account_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,7 +521,7 @@ class CallSession:
         reserve = self._cost_at((k + 1) * self.nibble_ms) - covered
         self.want_pending = True
         self.pending_is_nibble = True
-        return [NibbleStep(self.call_id, self._next_seq(), debit, reserve)]
+        return [NibbleStep(self.call_id, self._next_seq(), debit, reserve, self.account_id)]
 
     def on_nibble_result(self, seq: int, granted_micros: int, debited_micros: int, now_ms: int,
                          *, store_ok: bool = True) -> list[Effect]:
@@ -600,7 +603,7 @@ class CallSession:
         want = self._cost_at((self.nibbles_done + 1) * self.nibble_ms) - covered
         self.want_pending = True
         self.pending_is_nibble = False
-        return [NibbleStep(self.call_id, self._next_seq(), 0, want)]
+        return [NibbleStep(self.call_id, self._next_seq(), 0, want, self.account_id)]
 
     def _cut(self, now_ms: int) -> list[Effect]:
         self.cut_by_agent = True
@@ -659,8 +662,8 @@ class CallSession:
         self.phase = Phase.ENDED
         self.want_pending = False
         if not was_answered:
-            return [ReleaseStep(self.call_id, self._next_seq())]
-        return [SettleStep(self.call_id, self._next_seq(), self._cost_at(self.billed_ms()))]
+            return [ReleaseStep(self.call_id, self._next_seq(), self.account_id)]
+        return [SettleStep(self.call_id, self._next_seq(), self._cost_at(self.billed_ms()), self.account_id)]
 
     def billed_ms(self) -> int:
         """Answered time that is billed (see the module docstring for the cut rule)."""
@@ -725,6 +728,30 @@ class CallSession:
             rating=rating,
         )
         return [Finished(record)]
+
+    def flush_record(self, now_ms: int) -> list[Effect]:
+        """The process stops: a settled call waiting for its other legs' hangups goes out now."""
+        return self._finish() if self.phase is Phase.SETTLED else []
+
+    def shift_time(self, delta_ms: int) -> None:
+        """The wall clock stepped by ``delta_ms``: every instant of this call moves with it, so its
+        timers keep their real instants and its durations their length."""
+        def moved(value: int | None) -> int | None:
+            return None if value is None else value + delta_ms
+
+        self.authorized_ms += delta_ms
+        self.answer_ms = moved(self.answer_ms)
+        self.end_ms = moved(self.end_ms)
+        self.cut_at_ms = moved(self.cut_at_ms)
+        self.cut_sent_ms = moved(self.cut_sent_ms)
+        self.backstop_at_ms = moved(self.backstop_at_ms)
+        self.caller_left_ms = moved(self.caller_left_ms)
+        if self.settled_ms:
+            self.settled_ms += delta_ms
+        for leg in self.legs.values():
+            leg.created_ms += delta_ms
+            leg.answered_ms = moved(leg.answered_ms)
+            leg.ended_ms = moved(leg.ended_ms)
 
     def _ended_by_backstop(self) -> bool:
         """The money ran out and the call ended at the cut: by the agent, or by the PBX's own

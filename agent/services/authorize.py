@@ -9,22 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from agent.core.balance import StoreAuthorization
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, DenyReason, Direction
 from agent.core.session import CallSession, Leg, RatingRefused, SessionSettings
 from agent.ports import Rater
-
-
-@dataclass(frozen=True, slots=True)
-class StoreAuthorization:
-    """The store's answer: reserved ``granted_micros`` for the first slice; ``available_micros``
-    is what the account could spend before this grant (it sets the PBX backstop)."""
-
-    allowed: bool
-    granted_micros: int = 0
-    available_micros: int = 0
-    reason: DenyReason | None = None
-    detail: str = ""
-
 
 StoreAuthorize = Callable[[str, int, int], StoreAuthorization]  # (account, want, minimum)
 

@@ -18,12 +18,17 @@ class ManualClock:
 
     def __init__(self, start_ms: int = 1_700_000_000_000) -> None:
         self._now_ms = start_ms
+        self._wall_offset_ms = 0  # what step_wall() moved the wall clock by
 
     def now_ms(self) -> int:
-        return self._now_ms
+        return self._now_ms + self._wall_offset_ms
 
     def monotonic_ms(self) -> int:
         return self._now_ms
+
+    def step_wall(self, delta_ms: int) -> None:
+        """An NTP step: the wall clock jumps, the monotonic one does not."""
+        self._wall_offset_ms += delta_ms
 
     def advance(self, delta_ms: int) -> None:
         if delta_ms < 0:
@@ -31,4 +36,4 @@ class ManualClock:
         self._now_ms += delta_ms
 
     def set(self, now_ms: int) -> None:
-        self.advance(now_ms - self._now_ms)
+        self.advance(now_ms - self.now_ms())

@@ -1,10 +1,20 @@
 """The call session engine on gevent: the ``CallEngine`` the switch adapters drive.
 
 One loop greenlet owns the pure :class:`CallRegistry`: it applies leg events, fires timers and
-applies store results, in order, so no lock is needed. Everything that waits (the balance
-store, the switch, the CDR sink) runs in an owned pool of worker greenlets, each with a
-deadline, and reports back to the loop through its inbox. Nibbles that fall due together are
-sent to the store as one batch (one pipeline on Redis).
+applies store results, in order, so no lock is needed. The loop never blocks: everything that
+waits goes on a queue (``put`` never blocks) served by a fixed set of workers, store work and
+switch commands apart (a store that stalls must not delay a cut, and a PBX that stalls must not
+delay a nibble), and the workers report back through the loop's inbox. Nibbles that fall due
+together are sent to the store as one batch (one pipeline on Redis).
+
+Deadlines: the store's belong to the store (``EngineStore``: ``StoreGuard`` in the daemon), the
+switch commands' to the engine (``switch_timeout_s``). Errors are sorted: a step the store
+refuses for good (``BillingError``: a conflict, an unknown call) is not retried; anything else
+is retried with a capped backoff, without holding a worker while it waits.
+
+Timers run on the monotonic clock: the registry's instants are wall-clock ms (the PBX stamps
+its events with the wall clock), and when the wall clock steps (NTP) every live call's time
+base moves with it, so no cut comes early or late; durations keep their monotonic length.
 """
 
 from __future__ import annotations
@@ -20,7 +30,8 @@ import gevent.event
 import gevent.pool
 import gevent.queue
 
-from agent.core.balance import LiveCall
+from agent.core.balance import LiveCall, StoreAuthorization, StoreNibble
+from agent.core.errors import BillingError
 from agent.core.events import (
     ArmBackstop,
     AuthorizeDecision,
@@ -45,40 +56,20 @@ from agent.core.session import (
     SessionSettings,
     SettleStep,
 )
-from agent.ports import Clock, Rater, Switch
-from agent.services.authorize import StoreAuthorization, decide
+from agent.ports import Clock, EngineStore, Rater, Switch
+from agent.services.authorize import decide
 from agent.services.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 CALL_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.:@-]")
 SETTLE_RETRY_MAX_S = 30.0
+CLOCK_STEP_MS = 500  # the wall clock moved this much more (or less) than the monotonic one: a step
 
 
 class DeadlineExceeded(Exception):
-    """A store or switch call ran past its deadline (raised by our own gevent.Timeout, so an
-    outer timeout of the caller is never mistaken for it)."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoreNibble:
-    granted_micros: int
-    debited_micros: int
-    ok: bool = True
-
-
-class EngineStore(Protocol):
-    """The balance-store operations the engine needs, in money terms (see services/store_port.py
-    for the adapter from the BalanceStore port)."""
-
-    def authorize(self, account_id: str, call_id: str, want_micros: int, min_micros: int,
-                  now_ms: int) -> StoreAuthorization: ...
-
-    def nibbles(self, steps: list[NibbleStep], now_ms: int) -> list[StoreNibble]: ...
-
-    def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int) -> None: ...
-
-    def release(self, call_id: str, seq: int, now_ms: int) -> None: ...
+    """A switch command ran past its deadline (raised by our own gevent.Timeout, so an outer
+    timeout of the caller is never mistaken for it)."""
 
 
 class CdrSubmit(Protocol):
@@ -91,9 +82,10 @@ class EngineSettings:
     nibble_seconds: int = 6
     warning_seconds: int = 0
     hangup_verify_ms: int = 3_000
-    store_timeout_s: float = 0.25
     switch_timeout_s: float = 5.0
-    worker_pool_size: int = 256
+    nibble_workers: int = 16  # nibble batches in flight at once (each up to nibble_chunk calls)
+    store_workers: int = 64  # settles and releases in flight at once
+    switch_workers: int = 64  # switch commands in flight at once (hangups, backstops, warnings)
     max_call_seconds: int = 14_400  # no call is authorized for longer, whatever the balance
     nibble_chunk: int = 250  # nibbles per store round trip (Redis pipeline, SQL transactions)
     reservation_ttl_ms: int = 30_000  # as the store adapter renews them (adoption dates nibbles by it)
@@ -120,6 +112,50 @@ class _OperatorCut:
 _Internal = _NibbleResults | _Settled | _OperatorCut
 
 
+class WorkQueue:
+    """Jobs run by a fixed number of worker greenlets, in order of arrival. ``put`` never blocks
+    (the queue is unbounded: the loop that puts must never wait for a busy store or PBX), and a
+    job that fails is logged, never the end of its worker."""
+
+    def __init__(self, name: str, workers: int, group: gevent.pool.Group) -> None:
+        self.name = name
+        self.workers = workers
+        self.group = group
+        self.queue: gevent.queue.Queue[tuple[Callable[..., None], tuple[Any, ...]]] = gevent.queue.Queue()
+        self.busy = 0
+
+    def start(self) -> None:
+        for _ in range(self.workers):
+            self.group.spawn(self._work)
+
+    def put(self, job: Callable[..., None], *args: Any) -> None:
+        self.queue.put_nowait((job, args))
+
+    def depth(self) -> int:
+        return int(self.queue.qsize())
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait until the queue is empty and no job runs, at most ``timeout_s``."""
+        with gevent.Timeout(timeout_s, False):
+            while self.queue.qsize() or self.busy:
+                gevent.sleep(0.01)
+            return True
+        return False
+
+    def _work(self) -> None:
+        while True:
+            job, args = self.queue.get()
+            self.busy += 1
+            try:
+                job(*args)
+            except (gevent.GreenletExit, gevent.Timeout):
+                raise
+            except Exception:
+                log.exception("engine %s job %s failed", self.name, getattr(job, "__name__", job))
+            finally:
+                self.busy -= 1
+
+
 class Engine:
     """Implements the ``CallEngine`` port (agent/ports.py)."""
 
@@ -140,7 +176,14 @@ class Engine:
         self._inbox: gevent.queue.Queue[LegEvent | _Internal] = gevent.queue.Queue()
         self._wake = gevent.event.Event()
         self._group = gevent.pool.Group()
-        self._workers = gevent.pool.Pool(settings.worker_pool_size)
+        # Nibbles apart from settles: a slow settle must not delay the next slice of money (and
+        # with it a cut); each queue has workers of its own.
+        self._nibble_work = WorkQueue("nibble", settings.nibble_workers, self._group)
+        self._store_work = WorkQueue("store", settings.store_workers, self._group)
+        self._switch_work = WorkQueue("switch", settings.switch_workers, self._group)
+        self._retries = gevent.pool.Group()  # settles waiting for their next attempt
+        self._pending_settles: dict[str, SettleStep] = {}  # not yet committed by the store
+        self._clock_ref: tuple[int, int] | None = None  # (monotonic, wall) at the last loop turn
         self._accepting = True
         self._running = False
         self._nibble_batch: list[NibbleStep] = []
@@ -157,6 +200,9 @@ class Engine:
 
     def start(self) -> None:
         self._running = True
+        self._nibble_work.start()
+        self._store_work.start()
+        self._switch_work.start()
         loop = self._group.spawn(self._loop)
         loop.link_exception(self._crashed)
 
@@ -178,9 +224,25 @@ class Engine:
     def stop(self, timeout_s: float = 5.0) -> None:
         self._running = False
         self._wake.set()
-        self._workers.join(timeout=timeout_s)
-        self._workers.kill(timeout=1)
+        self._nibble_work.join(min(timeout_s, 1.0))
+        self._store_work.join(timeout_s)
+        self._switch_work.join(min(timeout_s, 1.0))
+        self._retries.kill(timeout=1)
         self._group.kill(timeout=timeout_s)
+        self._records_at_stop()
+
+    def _records_at_stop(self) -> None:
+        """No call ends the process without its CDR: a settle still failing is written with the
+        rated cost (the store journal or the reservation's expiry carries the money, and the log
+        says which call), and a record waiting for a leg's hangup goes out as it is."""
+        now_ms = self.clock.now_ms()
+        for call_id, step in list(self._pending_settles.items()):
+            log.error("shutdown: settle of call=%s account=%s cost_micros=%d not committed; its CDR is written, "
+                      "its reservation's expiry (or the store journal) carries the money", call_id,
+                      step.account_id, step.cost_micros)
+            self._apply(_Settled(call_id, step.cost_micros))
+        for session in list(self.registry.sessions.values()):
+            self._run_effects(self.registry.schedule(session.flush_record(now_ms)))
 
     def _crashed(self, greenlet: gevent.Greenlet[Any, Any]) -> None:
         log.critical("engine loop died: %r; live calls are no longer supervised", greenlet.exception)
@@ -263,13 +325,10 @@ class Engine:
         now_ms = self.clock.now_ms()
 
         def store_authorize(account_id: str, want: int, minimum: int) -> StoreAuthorization:
+            # No deadline here: the store owns it (StoreGuard), so that its circuit and failure
+            # policy see the timeout (a racing one here denied every call, fail_open or not).
             try:
-                with gevent.Timeout(self.settings.store_timeout_s, DeadlineExceeded):
-                    return self.store.authorize(account_id, call_id, want, minimum, now_ms)
-            except DeadlineExceeded:
-                return StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE,
-                                          detail=f"balance store did not answer within "
-                                                 f"{self.settings.store_timeout_s}s")
+                return self.store.authorize(account_id, call_id, want, minimum, now_ms)
             except Exception as exc:  # a store that is down denies the call (fail closed), never hangs it
                 log.error("balance store failed during authorize of %s: %s", call_id, exc, exc_info=True)
                 return StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE,
@@ -279,26 +338,40 @@ class Engine:
                          store_authorize=store_authorize, settings=self.session_settings,
                          max_call_seconds=self.settings.max_call_seconds, now_ms=now_ms)
         if outcome.release_reservation:
-            self._spawn(self._release_quietly, call_id)
+            self._store_work.put(self._release_quietly, call_id, 1, request.account_id)
         if outcome.session is not None:
             self._run_effects(self.registry.add(outcome.session))
             self.metrics.live_calls.set(self.registry.live_count())
             self._wake.set()
         return outcome.decision
 
-    def _release_quietly(self, call_id: str) -> None:
+    def _release_quietly(self, call_id: str, seq: int, account_id: str) -> None:
         try:
-            with gevent.Timeout(self.settings.store_timeout_s * 4, DeadlineExceeded):
-                self.store.release(call_id, 1, self.clock.now_ms())
+            self.store.release(call_id, seq, self.clock.now_ms(), account_id)
         except Exception:  # the reservation expires by itself
             log.warning("release of %s failed; its reservation will expire", call_id, exc_info=True)
 
     # ---------------------------------------------------------------- the loop
 
+    def _now_ms(self) -> int:
+        """The wall clock for the registry, with steps detected against the monotonic clock: a
+        step moves every live call's time base (timers included) by the step, so each timer
+        still fires at its real instant and every duration keeps its monotonic length."""
+        mono, wall = self.clock.monotonic_ms(), self.clock.now_ms()
+        if self._clock_ref is not None:
+            ref_mono, ref_wall = self._clock_ref
+            step = (wall - ref_wall) - (mono - ref_mono)
+            if abs(step) >= CLOCK_STEP_MS:
+                moved = self.registry.shift_time(step)
+                log.warning("the wall clock stepped by %+d ms (NTP?): %d live calls and their timers moved with it",
+                            step, moved)
+        self._clock_ref = (mono, wall)
+        return wall
+
     def _loop(self) -> None:
         while self._running:
             next_ms = self.registry.next_timer_ms()
-            wait_s = 0.5 if next_ms is None else max(0.0, (next_ms - self.clock.now_ms()) / 1000)
+            wait_s = 0.5 if next_ms is None else max(0.0, (next_ms - self._now_ms()) / 1000)
             try:
                 item = self._inbox.get(timeout=min(wait_s, 0.5))
             except gevent.queue.Empty:
@@ -307,7 +380,7 @@ class Engine:
                 self._apply(item)
                 while not self._inbox.empty():
                     self._apply(self._inbox.get_nowait())
-            now_ms = self.clock.now_ms()
+            now_ms = self._now_ms()
             due = self.registry.next_timer_ms()
             if due is not None and due <= now_ms:
                 lateness: list[int] = []
@@ -344,8 +417,8 @@ class Engine:
             return
         if isinstance(item, _Settled):
             session = self.registry.sessions.get(item.call_id)
-            if session is not None:
-                self._run_effects(session.on_settled(self.clock.now_ms(), item.cost_micros))
+            if session is not None:  # the record may wait for a leg's hangup: a FINISH timer
+                self._run_effects(self.registry.schedule(session.on_settled(self.clock.now_ms(), item.cost_micros)))
             return
         if isinstance(item, PbxConnected) and self.adoptable:
             self._adopt(item)
@@ -361,23 +434,16 @@ class Engine:
             if isinstance(effect, NibbleStep):
                 self._nibble_batch.append(effect)
             elif isinstance(effect, SettleStep):
-                self._spawn(self._settle, effect)
+                self._pending_settles[effect.call_id] = effect
+                self._store_work.put(self._settle, effect, 0)
             elif isinstance(effect, ReleaseStep):
-                self._spawn(self._release, effect)
+                self._store_work.put(self._release, effect)
             elif isinstance(effect, Command):
-                self._spawn(self._command, effect)
+                self._switch_work.put(self._command, effect)
             elif isinstance(effect, Alert):
                 self._alert(effect)
             elif isinstance(effect, Finished):
                 self._finished(effect)
-
-    def _spawn(self, func: Callable[..., None], *args: Any) -> None:
-        greenlet = self._workers.spawn(func, *args)
-        greenlet.link_exception(self._worker_failed)
-
-    @staticmethod
-    def _worker_failed(greenlet: gevent.Greenlet[Any, Any]) -> None:
-        log.error("engine worker failed: %r", greenlet.exception)
 
     def _flush_nibbles(self) -> None:
         if not self._nibble_batch:
@@ -388,37 +454,40 @@ class Engine:
         # thousands of calls, which would cut them all at the end of their slice.
         chunk = self.settings.nibble_chunk
         for start in range(0, len(batch), chunk):
-            self._spawn(self._run_nibbles, batch[start:start + chunk])
+            self._nibble_work.put(self._run_nibbles, batch[start:start + chunk])
 
     def _run_nibbles(self, steps: list[NibbleStep]) -> None:
         try:
-            with gevent.Timeout(self.settings.store_timeout_s * 4, DeadlineExceeded):
-                results = self.store.nibbles(steps, self.clock.now_ms())
+            results = self.store.nibbles(steps, self.clock.now_ms())
         except Exception:  # fail closed: no new money
             log.error("nibble batch of %d calls failed; cutting them at the end of their slice",
                       len(steps), exc_info=True)
             results = [StoreNibble(0, 0, ok=False) for _ in steps]
         self._inbox.put_nowait(_NibbleResults(steps, results))
 
-    def _settle(self, step: SettleStep) -> None:
-        delay = 0.2
-        while True:
-            try:
-                with gevent.Timeout(self.settings.store_timeout_s * 8, DeadlineExceeded):
-                    self.store.settle(step.call_id, step.seq, step.cost_micros, self.clock.now_ms())
-                break
-            except Exception:  # retried: the money must be settled
-                self.metrics.settle_retries.inc()
-                log.error("settle of %s (%d micro-units) failed; retrying in %.1fs", step.call_id,
-                          step.cost_micros, delay, exc_info=True)
-                if not self._running:
-                    return  # shutdown: the reservation's expiry settles what was debited
-                gevent.sleep(delay)
-                delay = min(delay * 2, SETTLE_RETRY_MAX_S)
+    def _settle(self, step: SettleStep, attempt: int) -> None:
+        if step.call_id not in self._pending_settles:
+            return  # written at shutdown already
+        try:
+            self.store.settle(step.call_id, step.seq, step.cost_micros, self.clock.now_ms(), step.account_id)
+        except BillingError as exc:  # refused for good (a conflict, an unknown call): retrying changes nothing
+            self.metrics.alerts.labels("settle_refused").inc()
+            log.error("ALERT settle_refused call=%s account=%s cost_micros=%d: %s; the CDR is written, the ledger "
+                      "needs an operator (billing-agent ledger check)", step.call_id, step.account_id,
+                      step.cost_micros, exc)
+        except Exception:  # transient: the money must be settled
+            self.metrics.settle_retries.inc()
+            delay = min(0.2 * 2 ** min(attempt, 10), SETTLE_RETRY_MAX_S)
+            log.error("settle of call=%s (%d micro-units) failed (attempt %d); retrying in %.1fs", step.call_id,
+                      step.cost_micros, attempt + 1, delay, exc_info=attempt == 0)
+            if self._running:  # waits without a worker; at shutdown the CDR goes out (_records_at_stop)
+                self._retries.add(gevent.spawn_later(delay, self._store_work.put, self._settle, step, attempt + 1))
+            return
+        self._pending_settles.pop(step.call_id, None)
         self._inbox.put_nowait(_Settled(step.call_id, step.cost_micros))
 
     def _release(self, step: ReleaseStep) -> None:
-        self._release_quietly(step.call_id)
+        self._release_quietly(step.call_id, step.seq, step.account_id)
         self._inbox.put_nowait(_Settled(step.call_id, 0))
 
     def _command(self, effect: Command) -> None:
@@ -442,8 +511,8 @@ class Engine:
                     switch.warn(command.leg_id, command.seconds_left)
                 elif isinstance(command, ArmBackstop):
                     switch.arm_backstop(command.leg_id, command.at_ms, command.caller_leg_id)
-        except Exception:  # verification escalates if it mattered
-            log.warning("switch command %s for call %s failed", command, effect.call_id, exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - the verification escalates if it mattered
+            log.warning("switch command %s for call %s failed: %s", command, effect.call_id, exc)
 
     def _alert(self, alert: Alert) -> None:
         self.metrics.alerts.labels(alert.kind).inc()

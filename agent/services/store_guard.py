@@ -16,7 +16,7 @@
   order, idempotently per ``(call_id, seq)``, by ``recover()`` (the daemon calls it every
   sweep) or before the next batch once the store answers again. A call authorized offline is
   authorized for real first (its reservation starts at zero, so its offline debits show as
-  overrun), and its settle is charged with the account the guard remembers.
+  overrun), and its settle is charged to the account every step names.
 """
 
 from __future__ import annotations
@@ -118,8 +118,9 @@ class StoreGuard:
         self.probe_interval_ms = probe_interval_ms
         self._retry_at_ms: int | None = None  # circuit open until then
         self._offline_used: dict[str, int] = {}  # account -> offline money granted
-        self._accounts: dict[str, str] = {}  # call -> account (settles of calls the store lost)
-        self._offline_calls: dict[str, tuple[str, str]] = {}  # call -> (account, node), not in the store
+        # Calls authorized offline, not in the store yet (their account rides with every step:
+        # the guard keeps no call -> account map of its own).
+        self._offline_calls: dict[str, tuple[str, str]] = {}  # call -> (account, node)
 
     @property
     def available(self) -> bool:
@@ -165,8 +166,6 @@ class StoreGuard:
                 account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms))
         except StoreUnavailable:
             return self._authorize_offline(account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms)
-        if outcome.allowed:
-            self._accounts[call_id] = account_id
         return outcome
 
     def _authorize_offline(self, account_id: str, call_id: str, node: str, want: int, minimum: int, now_ms: int,
@@ -179,7 +178,6 @@ class StoreGuard:
         granted = min(want, left)
         self._offline_used[account_id] = self._offline_used.get(account_id, 0) + granted
         self._offline_calls[call_id] = (account_id, node)
-        self._accounts[call_id] = account_id
         self.journal.append({"op": "authorize", "account_id": account_id, "call_id": call_id, "node": node,
                              "now_ms": now_ms, "ttl_ms": ttl_ms})
         log.warning("offline grant call=%s account=%s granted_micros=%d offline_left_micros=%d", call_id,
@@ -197,8 +195,8 @@ class StoreGuard:
             [NibbleRequest(call_id, seq, debit_micros, reserve_micros, now_ms, ttl_ms, account_id)])[0]
 
     def debit_and_reserve_many(self, requests: Sequence[NibbleRequest]) -> list[NibbleOutcome]:
-        hinted = [r if r.account_id is not None else _with_account(r, self._accounts.get(r.call_id))
-                  for r in requests]
+        hinted = [r if r.account_id is not None or r.call_id not in self._offline_calls
+                  else _with_account(r, self._offline_calls[r.call_id][0]) for r in requests]
         try:
             # Journaled steps go first, so that each call's steps reach the store in seq order.
             if len(self.journal) and not self._replay():
@@ -225,7 +223,7 @@ class StoreGuard:
 
     def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, *,
                account_id: str | None = None) -> SettleOutcome:
-        account = account_id or self._accounts.get(call_id)
+        account = account_id or self._offline_account(call_id)
         try:
             if len(self.journal) and not self._replay():
                 raise StoreUnavailable("journal not replayed yet")
@@ -236,11 +234,10 @@ class StoreGuard:
                                  "now_ms": now_ms, "account_id": account})
             log.warning("settle journaled call=%s account=%s cost_micros=%d", call_id, account, cost_micros)
             return SettleOutcome(call_id, account or "", SettleStatus.JOURNALED, cost_micros, ledger_posted=False)
-        self._accounts.pop(call_id, None)
         return outcome
 
     def release(self, call_id: str, seq: int, now_ms: int, *, account_id: str | None = None) -> ReleaseOutcome:
-        account = account_id or self._accounts.get(call_id)
+        account = account_id or self._offline_account(call_id)
         try:
             if len(self.journal) and not self._replay():
                 raise StoreUnavailable("journal not replayed yet")
@@ -249,8 +246,11 @@ class StoreGuard:
             self.journal.append({"op": "release", "call_id": call_id, "seq": seq, "now_ms": now_ms,
                                  "account_id": account})
             return ReleaseOutcome(call_id, ReleaseStatus.JOURNALED)
-        self._accounts.pop(call_id, None)
         return outcome
+
+    def _offline_account(self, call_id: str) -> str | None:
+        offline = self._offline_calls.get(call_id)
+        return offline[0] if offline is not None else None
 
     # ------------------------------------------------------------------ the journal
 
@@ -295,10 +295,8 @@ class StoreGuard:
         elif op == "settle":
             self.store.settle(call_id, int(e["seq"]), int(e["cost_micros"]), int(e["now_ms"]),
                               account_id=e.get("account_id"))
-            self._accounts.pop(call_id, None)
         elif op == "release":
             self.store.release(call_id, int(e["seq"]), int(e["now_ms"]), account_id=e.get("account_id"))
-            self._accounts.pop(call_id, None)
         else:
             log.error("unknown journal entry dropped: %r", e)
 

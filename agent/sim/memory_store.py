@@ -1,4 +1,4 @@
-"""An in-memory balance store with the engine's money semantics, for simulations and tests.
+"""An in-memory ``EngineStore`` (agent/ports.py) for simulations and tests.
 
 Same rules as the Redis and SQL stores (DESIGN §5): available = balance + credit_limit -
 reserved; a nibble debits the slice just used from the call's hold and replaces the hold with
@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agent.core.balance import StoreAuthorization, StoreNibble, UnknownCall
 from agent.core.events import DenyReason
 from agent.core.session import NibbleStep
-from agent.services.authorize import StoreAuthorization
-from agent.services.engine import StoreNibble
 
 
 class OverspendError(AssertionError):
@@ -79,7 +78,7 @@ class MemoryStore:
         if self.unavailable:
             raise ConnectionError("memory store marked unavailable")
 
-    # ---------------------------------------------------------------- EngineStore
+    # ---------------------------------------------------------------- EngineStore (agent/ports.py)
 
     def authorize(self, account_id: str, call_id: str, want_micros: int, min_micros: int,
                   now_ms: int) -> StoreAuthorization:
@@ -132,11 +131,11 @@ class MemoryStore:
         call.seen[step.seq] = result
         return result
 
-    def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int) -> None:
+    def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, account_id: str = "") -> None:
         self._raise_if_down()
         call = self.calls.get(call_id)
         if call is None:
-            raise KeyError(f"settle for unknown call {call_id}")
+            raise UnknownCall(f"settle for unknown call {call_id}")
         if call.settled:
             return
         account = self.accounts[call.account_id]
@@ -155,7 +154,7 @@ class MemoryStore:
             self.overspend_by_call[call_id] = overspend
         account.lowest_micros = min(account.lowest_micros, account.balance_micros)
 
-    def release(self, call_id: str, seq: int, now_ms: int) -> None:
+    def release(self, call_id: str, seq: int, now_ms: int, account_id: str = "") -> None:
         self._raise_if_down()
         call = self.calls.get(call_id)
         if call is None or call.settled:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from agent.core.balance import StoreAuthorization
 from agent.core.cdr import CallRecord, Disposition
 from agent.core.events import (
     AuthorizeRequest,
@@ -56,7 +57,7 @@ from agent.core.session import (
     SessionSettings,
     SettleStep,
 )
-from agent.services.authorize import StoreAuthorization, decide
+from agent.services.authorize import decide
 from agent.sim.memory_store import MemoryStore
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
