@@ -112,9 +112,12 @@ class Daemon:
         self.rate_cache: RatePlanCache | None = None
         self.cdr: CdrPipeline | None = None
         self.publisher: LiveCallPublisher | None = None
+        self.plans: AccountPlans | None = None
         self.adapters: list[SwitchAdapter] = []
         self._signals = 0
         self._database_where = ""
+        self._publish_failures = 0
+        self._publish_every_s = config.daemon.publish_seconds
 
     # ---------------------------------------------------------------- start
 
@@ -128,7 +131,7 @@ class Daemon:
         self.rate_cache = self._make_rate_cache(self.sql)
         self.cdr = make_cdr_pipeline(self.config, self.sql, metrics=self.metrics)
         self.cdr.start()
-        plans = AccountPlans(self.sql, self.clock.now_ms)
+        plans = self.plans = AccountPlans(self.sql, self.clock.now_ms)
         billing = self.config.billing
         store = EngineStoreAdapter(self.store, node=self.config.node.id,
                                    ttl_ms=billing.reservation_ttl_seconds * 1000)
@@ -167,7 +170,7 @@ class Daemon:
         metrics = self.config.metrics
         if not metrics.enabled:
             return
-        checks = {"database": lambda: self.health.database, "store": self._store_health, "pbx": self._pbx_health,
+        checks = {"database": self._database_health, "store": self._store_health, "pbx": self._pbx_health,
                   "cdr": self._cdr_health}
         self.status = StatusServer(metrics.host, metrics.port, self.metrics, checks, calls=self.live_calls_json)
         try:
@@ -176,6 +179,14 @@ class Daemon:
             self.status = None
             raise StartupError(f"metrics.port: cannot listen on {metrics.host}:{metrics.port}: "
                                f"{exc.strerror or exc}") from None
+
+    def _database_health(self) -> tuple[bool, str]:
+        ok, detail = self.health.database
+        stale_since = self.plans.stale_since_ms if self.plans is not None else None
+        if stale_since is not None:
+            return False, (f"{detail}; calls rated on each account's last known plan since "
+                           f"{format_instant(stale_since)} (the database does not answer)")
+        return ok, detail
 
     def _store_health(self) -> tuple[bool, str]:
         if self.store is None:
@@ -372,10 +383,17 @@ class Daemon:
                 publisher.complete(command.id, "hangup sent" if found else "call already ended")
             self.health.database = (True, self._database_where)
             self.metrics.connection_up.labels("database").set(1)
+            if self._publish_failures:
+                log.warning("publishing live calls works again after %d failed attempts", self._publish_failures)
+                self._publish_failures = 0
         except SQLAlchemyError as exc:
             self.health.database = (False, f"{self._database_where}: {exc.__class__.__name__}")
             self.metrics.connection_up.labels("database").set(0)
-            log.error("publishing live calls failed (database): %s", str(getattr(exc, "orig", exc)).strip())
+            self._publish_failures += 1
+            # The first failure, then one line a minute: an outage must not flood the log.
+            if self._publish_failures == 1 or self._publish_failures % max(1, int(60 / self._publish_every_s)) == 0:
+                log.error("publishing live calls failed (database, %d attempts so far): %s", self._publish_failures,
+                          str(getattr(exc, "orig", exc)).strip())
 
     def reload(self) -> None:
         """SIGHUP: re-read the rate plans and the configuration file. Logging applies at once;

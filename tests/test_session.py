@@ -322,3 +322,27 @@ def test_no_call_outlasts_the_longest_call_whatever_the_money() -> None:
     effects = session.on_nibble_result(step.seq, 6_000, step.debit_micros, T0 + 6_000)
     assert _timers(effects)[TimerKind.CUT].at_ms == T0 + 9_000 and session.cut_reason == "maximum call duration"
     assert _backstops(effects) == [ArmBackstop("B1", T0 + 10_000, "A1")]
+
+
+def test_a_cut_for_lack_of_a_grant_says_the_store_granted_nothing() -> None:
+    """Issue 14.9: a balance store that answers nothing (or lost the call) is not "credit
+    exhausted": the money may well be there."""
+    session = make_session(PER_SECOND, granted=6_000)
+    _answer_b(session, T0)
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 6_000)
+    effects = session.on_nibble_result(step.seq, 0, 0, T0 + 6_000, store_ok=False, why="unknown_call")
+    assert _timers(effects)[TimerKind.CUT].at_ms == T0 + 6_000
+    assert session.cut_reason == "no money granted by the balance store (unknown_call)"
+
+
+def test_a_call_whose_channel_went_away_unseen_is_released_by_the_guard() -> None:
+    """Issue 14.4: authorized, then nothing (the channel was already gone): the guard releases
+    it instead of holding the account's call slot forever."""
+    from agent.core.session import SessionSettings
+
+    session = make_session(PER_SECOND, granted=6_000)
+    session.settings = SessionSettings(nibble_ms=6_000, no_answer_guard_ms=180_000)
+    (guard,) = session.start()
+    assert guard.kind is TimerKind.NO_ANSWER_GUARD and guard.at_ms == session.authorized_ms + 180_000
+    (release,) = session.on_timer(TimerKind.NO_ANSWER_GUARD, guard.token, guard.at_ms)
+    assert isinstance(release, ReleaseStep) and session.end_cause == "NO_ANSWER_GUARD"

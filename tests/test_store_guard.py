@@ -231,3 +231,32 @@ def test_the_embedded_sql_store_down_is_the_same_policy(tmp_path: Path) -> None:
     out = guard.authorize("alice", "c1", "n1", UNIT, UNIT, T0, TTL)
     assert (out.allowed, out.reason) == (False, DenyReason.STORE_UNAVAILABLE)
     assert guard.settle("c0", 1, UNIT, T0, account_id="alice").status is SettleStatus.JOURNALED
+
+
+def test_a_redis_that_restarts_empty_does_not_cut_a_call_that_has_money(w: World) -> None:
+    """Issue 14.9: the store lost the live call (its keys are gone); the next nibble reserves the
+    slice again from the account's balance (rebuilt from the SQL ledger), the call goes on, and
+    the settle charges its whole cost once."""
+    import redis as redis_lib
+
+    from agent.core.session import NibbleStep
+    from agent.services.store_port import EngineStoreAdapter
+
+    w.account("alice", balance=10 * UNIT)
+    store = EngineStoreAdapter(redis_store(w, "redis://127.0.0.1:6379/0"), node="n1", ttl_ms=TTL)
+    assert store.authorize("alice", "live", UNIT, UNIT, T0).allowed
+    (first,) = store.nibbles([NibbleStep("live", 1, UNIT, UNIT, "alice")], T0 + 6_000)
+    assert first.ok and first.granted_micros == UNIT
+    client = redis_lib.Redis.from_url("redis://127.0.0.1:6379/0")
+    for key in client.scan_iter(match=f"{w.redis_prefix}*", count=1000):  # Redis restarted with nothing
+        client.delete(key)
+    client.close()
+    (second,) = store.nibbles([NibbleStep("live", 2, UNIT, UNIT, "alice")], T0 + 12_000)
+    assert second.ok and second.granted_micros == UNIT and second.debited_micros == UNIT
+    store.settle("live", 3, 3 * UNIT, T0 + 15_000, "alice")
+    assert w.entries("live") == [("charge", -3 * UNIT, "charge:live")]
+    assert w.sql_balance("alice") == 7 * UNIT
+    state = store.store.account_state("alice")
+    assert (state.balance_micros, state.reserved_micros, state.live_calls) == (7 * UNIT, 0, 0)
+    w.record_settled_calls()
+    assert w.ledger_problems() == []

@@ -100,6 +100,7 @@ class StoreNibble:
     granted_micros: int
     debited_micros: int
     ok: bool = True
+    why: str = ""  # when not ok: what the store said (store_unavailable, expired, unknown_call...)
 
 
 @dataclass(frozen=True, slots=True)

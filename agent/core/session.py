@@ -524,7 +524,7 @@ class CallSession:
         return [NibbleStep(self.call_id, self._next_seq(), debit, reserve, self.account_id)]
 
     def on_nibble_result(self, seq: int, granted_micros: int, debited_micros: int, now_ms: int,
-                         *, store_ok: bool = True) -> list[Effect]:
+                         *, store_ok: bool = True, why: str = "") -> list[Effect]:
         """The store answered nibble ``seq``: ``debited_micros`` were taken (the slice just
         used) and ``granted_micros`` reserved for the next slice (partial: that is all)."""
         if seq != self.seq or not self.want_pending:
@@ -534,6 +534,9 @@ class CallSession:
             return []
         assert self.answer_ms is not None
         if not store_ok:
+            # The cut's reason says what happened: the money may well be there (a balance store
+            # that restarted empty, a circuit open), it is the store that granted none.
+            self.cut_reason = f"no money granted by the balance store ({why or 'store_unavailable'})"
             # The store is unreachable: no new money. Fail closed: cut at the end of what was
             # granted before (the slice in flight counts as used: it will be settled).
             if self.pending_is_nibble:

@@ -89,6 +89,10 @@ class EngineSettings:
     max_call_seconds: int = 14_400  # no call is authorized for longer, whatever the balance
     nibble_chunk: int = 250  # nibbles per store round trip (Redis pipeline, SQL transactions)
     reservation_ttl_ms: int = 30_000  # as the store adapter renews them (adoption dates nibbles by it)
+    # A call authorized but neither answered nor ended after this long is released: its channel
+    # went away unseen (the PBX rings at most 60 s in the shipped dialplans, 110 s with the
+    # FreeSWITCH backup trunk); it must not hold an account's call slot forever.
+    no_answer_guard_ms: int = 180_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +176,7 @@ class Engine:
         self.session_settings = SessionSettings(
             nibble_ms=settings.nibble_seconds * 1000, warning_ms=settings.warning_seconds * 1000,
             verify_ms=settings.hangup_verify_ms, max_call_ms=settings.max_call_seconds * 1000,
+            no_answer_guard_ms=settings.no_answer_guard_ms,
         )
         self._inbox: gevent.queue.Queue[LegEvent | _Internal] = gevent.queue.Queue()
         self._wake = gevent.event.Event()
@@ -406,7 +411,7 @@ class Engine:
                 if result.ok and step.debit_micros:
                     self.metrics.nibble_debits.inc()
                 effects = session.on_nibble_result(step.seq, result.granted_micros, result.debited_micros,
-                                                   now_ms, store_ok=result.ok)
+                                                   now_ms, store_ok=result.ok, why=result.why)
                 self._run_effects(self.registry.schedule(effects))
             return
         if isinstance(item, _OperatorCut):

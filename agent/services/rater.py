@@ -32,7 +32,7 @@ class PlanRater:
             plan = self.plan_of(account_id)
         except Exception as exc:  # the database is down and the account is not cached: deny, never hang
             raise RatingRefused(DenyReason.STORE_UNAVAILABLE,
-                                f"plan of account {account_id!r} unknown: {exc.__class__.__name__}") from exc
+                                f"plan of account {account_id!r} unknown: {exc.__class__.__name__}: {exc}") from exc
         if plan is None:
             raise RatingRefused(DenyReason.UNKNOWN_ACCOUNT, f"unknown account {account_id!r}")
         try:

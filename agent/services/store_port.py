@@ -3,10 +3,14 @@ normally behind ``StoreGuard``, which owns the deadline and the failure policy).
 
 from __future__ import annotations
 
+import logging
+
 from agent.core.balance import NibbleRequest, NibbleStatus, StoreAuthorization, StoreNibble, StoreUnavailable
 from agent.core.events import DenyReason
 from agent.core.session import NibbleStep
 from agent.ports import BalanceStore
+
+log = logging.getLogger(__name__)
 
 # Outcomes that applied the step (or had applied it before): the grant is real.
 _APPLIED = frozenset({NibbleStatus.GRANTED, NibbleStatus.REPLAYED, NibbleStatus.OFFLINE})
@@ -40,10 +44,33 @@ class EngineStoreAdapter:
         try:
             outcomes = self.store.debit_and_reserve_many(requests)
         except StoreUnavailable:
-            return [StoreNibble(0, 0, ok=False) for _ in steps]
-        # Anything but an applied step (expired, closed, lost by the cache, unreachable) gets no
-        # new money: the engine cuts the call at the end of what it was granted (fail closed).
-        return [StoreNibble(o.granted_micros, o.debited_micros, ok=o.status in _APPLIED) for o in outcomes]
+            return [StoreNibble(0, 0, ok=False, why="store_unavailable") for _ in steps]
+        # Anything but an applied step (expired, closed, unreachable) gets no new money: the
+        # engine cuts the call at the end of what it was granted (fail closed).
+        results = [StoreNibble(o.granted_micros, o.debited_micros, ok=o.status in _APPLIED, why=str(o.status))
+                   for o in outcomes]
+        for index, (step, outcome) in enumerate(zip(steps, outcomes, strict=True)):
+            if outcome.status is NibbleStatus.UNKNOWN_CALL and step.account_id:
+                results[index] = self._reserve_again(step, now_ms) or results[index]
+        return results
+
+    def _reserve_again(self, step: NibbleStep, now_ms: int) -> StoreNibble | None:
+        """The store lost a live call (a Redis that restarted empty, rebuilt from the SQL ledger):
+        reserve its next slice again from the account's balance, so a call that still has money
+        goes on. The slices debited before are not in the store any more; the settle charges
+        the call's whole cost (``without_reservation``), so nothing is lost or charged twice."""
+        try:
+            again = self.store.authorize(step.account_id, step.call_id, self.node, max(step.reserve_micros, 1), 1,
+                                         now_ms, self.ttl_ms)
+        except StoreUnavailable:
+            return None
+        if not again.allowed:
+            log.warning("call=%s account=%s: the balance store lost its reservation and refuses a new one (%s)",
+                        step.call_id, step.account_id, again.reason)
+            return None
+        log.warning("call=%s account=%s: the balance store had lost its reservation (restarted empty?); reserved "
+                    "again from the account's balance", step.call_id, step.account_id)
+        return StoreNibble(min(again.granted_micros, step.reserve_micros), step.debit_micros)
 
     def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, account_id: str) -> None:
         self.store.settle(call_id, seq, cost_micros, now_ms, account_id=account_id or None)
