@@ -53,7 +53,7 @@ from agent.services.engine import Engine as CallEngine
 from agent.services.engine import EngineSettings
 from agent.services.metrics import Metrics
 from agent.services.rater import PlanRater
-from agent.services.store_guard import StoreGuard, guard_from_config
+from agent.services.store_guard import Journal, StoreGuard, guard_from_config
 from agent.services.store_port import EngineStoreAdapter
 
 log = logging.getLogger("agent.daemon")
@@ -151,6 +151,7 @@ class Daemon:
         self.publisher.register(host=socket.gethostname(), pid=os.getpid(), version=__version__,
                                 pbx=",".join(a.name for a in self.adapters))
         self._spawn(self._sweep_loop, "reservation sweeper")
+        self._spawn(self._journal_sync_loop, "balance journal fsync")
         self._spawn(self._publish_loop, "live-call publisher")
         log.info("billing agent ready in %.2fs: node=%s store=%s pbx=%s status=%s", time.monotonic() - began,
                  self.config.node.id, "redis" if self.config.redis.url else "sql",
@@ -339,6 +340,18 @@ class Daemon:
         return out
 
     # ---------------------------------------------------------------- background work
+
+    def _journal_sync_loop(self) -> None:
+        """Group commit of the balance journal, in gevent's thread pool (never an fsync on the hub)."""
+        pool = gevent.get_hub().threadpool
+        while not self.stopping.is_set():
+            store = self.store
+            if store is not None:
+                try:
+                    pool.apply(store.journal.sync)
+                except OSError as exc:
+                    log.error("balance journal fsync failed: %s", exc)
+            self.stopping.wait(Journal.SYNC_INTERVAL_S)
 
     def _sweep_loop(self) -> None:
         interval = self.config.daemon.sweep_seconds

@@ -172,7 +172,7 @@ def test_fail_open_calls_continue_on_offline_credit_and_are_charged_once_back(w:
     assert (offline.allowed, offline.granted_micros) == (True, UNIT)
     assert guard.settle("live", 2, 1_800_000, T0 + 11000, account_id="alice").status is SettleStatus.JOURNALED
     assert guard.settle("new", 1, 900_000, T0 + 12000).status is SettleStatus.JOURNALED  # offline: it knows
-    assert len(Journal(journal_path)) == 4  # fsynced: a restarted agent would replay them
+    assert len(Journal(journal_path)) == 4  # in the kernel at once: a restarted agent would replay them
     proxy.restore()
     clock.advance(1000)
     assert guard.recover() == 4
@@ -260,3 +260,38 @@ def test_a_redis_that_restarts_empty_does_not_cut_a_call_that_has_money(w: World
     assert (state.balance_micros, state.reserved_micros, state.live_calls) == (7 * UNIT, 0, 0)
     w.record_settled_calls()
     assert w.ledger_problems() == []
+
+
+def test_a_balance_redis_cannot_hold_exactly_is_refused_by_name(w: World) -> None:
+    """Issue 14.10: Lua numbers are doubles, exact up to 2**53 micro-units; beyond, the account
+    is refused with a clear error instead of being loaded rounded (…980001 read as …980000)."""
+    from agent.core.errors import InvalidInput
+
+    w.account("dong", balance=9_007_199_254_980_001)  # 9e9 units: realistic in VND
+    store = redis_store(w, "redis://127.0.0.1:6379/0")
+    with pytest.raises(InvalidInput, match=r"account 'dong': balance 9007199254\.980001 exceeds what the Redis "
+                                           r"balance store holds exactly \(9007199254\.740991"):
+        store.authorize("dong", "c1", "n1", UNIT, UNIT, T0, TTL)
+    w.account("fine", balance=9_007_199_254_740_991)
+    assert store.authorize("fine", "c2", "n1", UNIT, UNIT, T0, TTL).allowed
+    assert store.account_state("fine").balance_micros == 9_007_199_254_740_991  # exact at the limit
+
+
+def test_the_journal_writes_at_once_and_fsyncs_in_groups_off_the_caller(tmp_path: Path) -> None:
+    """Issue 14.8: during an outage every nibble is journaled; each append is one write (in the
+    kernel when it returns: a kill -9 keeps it) and the fsyncs are grouped by ``sync``, which the
+    daemon runs in a thread, never one per nibble on the hub."""
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    synced: list[int] = []
+    for seq in range(1, 101):
+        journal.append({"op": "nibble", "call_id": "c1", "seq": seq})
+    assert len(Journal(path)) == 100  # readable by a restarted agent before any fsync
+    journal.sync(fsync=synced.append)
+    journal.sync(fsync=synced.append)  # nothing new: no second fsync
+    assert len(synced) == 1
+    journal.drop_first(60)
+    assert [e["seq"] for e in Journal(path).entries()] == list(range(61, 101))
+    journal.append({"op": "nibble", "call_id": "c1", "seq": 101})
+    journal.close()
+    assert len(Journal(path)) == 41

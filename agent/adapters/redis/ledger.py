@@ -28,8 +28,9 @@ from agent.adapters.redis.scripts import Scripts
 from agent.adapters.sql.accounts import lock_account, post_entry
 from agent.adapters.sql.engine import transaction
 from agent.adapters.sql.models import LedgerEntry, RatePlan
-from agent.core.balance import ledger_postings
-from agent.core.errors import BillingError
+from agent.core.balance import MAX_STORE_MICROS, ledger_postings
+from agent.core.errors import BillingError, InvalidInput
+from agent.core.money import format_amount
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,18 @@ def _ledger_sums(session: Session, account_id: str, call_ids: Iterable[str]) -> 
     return sums
 
 
+def check_redis_range(account_id: str, balance_micros: int, credit_limit_micros: int) -> None:
+    """Redis scripts compute in Lua numbers, doubles: integers are exact only up to 2**53
+    micro-units (9,007,199,254.740991 units; a balance in VND or IDR can pass it). An account
+    beyond that is refused by name rather than loaded rounded (SQL …980001 read back …980000)."""
+    for what, value in (("balance", balance_micros), ("credit limit", credit_limit_micros)):
+        if abs(value) > MAX_STORE_MICROS:
+            raise InvalidInput(
+                f"account {account_id!r}: {what} {format_amount(value)} exceeds what the Redis balance store holds "
+                f"exactly ({format_amount(MAX_STORE_MICROS)}; Lua numbers are doubles): use the SQL balance "
+                "store for this account's currency, or keep amounts below that")
+
+
 def rebuild_account(client: redis.Redis, scripts: Scripts, keys: KeySpace, sessions: sessionmaker[Session],
                     account_id: str, mode: str) -> str:
     """Load (``if_absent``), refresh (``if_present``) or rebuild (``load``) one account from SQL.
@@ -112,6 +125,7 @@ def rebuild_account(client: redis.Redis, scripts: Scripts, keys: KeySpace, sessi
     ak = keys.of(account_id)
     with transaction(sessions) as session:
         account = lock_account(session, account_id)
+        check_redis_range(account_id, account.balance_micros, account.credit_limit_micros)
         plan = session.get(RatePlan, account.rate_plan_id)
         pipe = client.pipeline(transaction=False)
         pipe.zrange(ak.live, 0, -1)
