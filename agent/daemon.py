@@ -124,6 +124,7 @@ class Daemon:
     def start(self) -> None:
         """Build and start everything; raises StartupError with the reason when it cannot."""
         began = time.monotonic()
+        self._check_spool_dir()
         self._bind_status()
         self.sql = self._connect_database()
         self._check_schema(self.sql)
@@ -162,6 +163,17 @@ class Daemon:
         if self.status is None:
             return ""
         return f"http://{self.config.metrics.host}:{self.status.port}"
+
+    def _check_spool_dir(self) -> None:
+        """The CDR spool and the balance journal live in ``cdr.spool_dir``: a folder that cannot
+        be made or written stops the start with the key, before anything is bound."""
+        folder = spool_path(self.config)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cdr.spool_dir: cannot create {folder}: {exc.strerror or exc}") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StartupError(f"cdr.spool_dir: {folder} is not writable by this user")
 
     def _spawn(self, func: Callable[[], None], what: str) -> None:
         greenlet = self.group.spawn(func)

@@ -211,9 +211,11 @@ def test_metrics_show_the_backlog_the_outage_and_the_visibility_delay(spool_dir:
 
     assert value("billing_cdr_database_up") == 0
     assert value("billing_cdr_queue_depth") == 1
+    assert value("billing_cdr_spool_backlog_bytes") > 0  # while it waits, not only after a commit
     store.down = False
     assert pipeline.flush(5)
     assert value("billing_cdr_database_up") == 1
+    assert value("billing_cdr_spool_backlog_bytes") == 0
     assert value("billing_cdr_written_total") == 1
     assert value("billing_cdr_visible_seconds_bucket", {"le": "2.0"}) == 1
     assert value("billing_cdr_visible_seconds_bucket", {"le": "1.0"}) == 0

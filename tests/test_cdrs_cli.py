@@ -326,3 +326,21 @@ def test_csv_cells_a_spreadsheet_would_evaluate_are_made_inert(engine: Engine) -
         (row,) = list(csv.DictReader(io.StringIO(result.stdout)))
         assert (row["caller"], row["destination"], row["account_id"]) == ("'=cmd|' /C calc'!A0", "'-2+3", "'\tacct")
         assert row["cost"] == "-1.500000"  # a negative amount is a number, not a formula
+
+
+def test_a_reversed_range_is_an_error_not_an_empty_answer(calls: Engine) -> None:
+    for args in (("cdrs", "list"), ("cdrs", "export"), ("rerate", "--plan", "retail")):
+        result = run(calls, *args, "--since", "2026-02-01T00:00:00Z", "--until", "2026-01-01T00:00:00Z")
+        assert result.exit_code == 1, args
+        assert "--until 2026-01-01T00:00:00+00:00 is not after --since 2026-02-01T00:00:00+00:00" in result.stderr
+
+
+def test_a_read_command_on_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from agent.cli.main import cli
+
+    missing = tmp_path / "nothing-here.db"
+    result = CliRunner().invoke(cli, ["--database-url", f"sqlite:///{missing}", "accounts", "list"])
+    assert result.exit_code != 0 and "run `billing-agent db upgrade` first" in result.stderr
+    assert not missing.exists()

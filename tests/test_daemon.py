@@ -190,6 +190,12 @@ def test_run_stops_on_sigterm_and_a_bad_config_fails_before_anything_listens(tmp
                             cwd=tmp_path)
     assert result.returncode != 0
     assert "nibble_seconds" in result.stderr
+    (tmp_path / "afile").write_text("")
+    unwritable = subprocess.run([*exe, "run"], check=False, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                                env={**os.environ, "BILLING_AGENT_CDR_SPOOL_DIR": str(tmp_path / "afile" / "spool"),
+                                     "BILLING_AGENT_METRICS_PORT": "0"})
+    assert unwritable.returncode != 0 and "Traceback" not in unwritable.stderr
+    assert f"cdr.spool_dir: cannot create {tmp_path / 'afile' / 'spool'}: Not a directory" in unwritable.stderr
 
     port = free_port()
     good = tmp_path / "agent.yaml"

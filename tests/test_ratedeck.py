@@ -314,3 +314,13 @@ def test_index_agrees_with_brute_force(spans: list[tuple[int, int | None]]) -> N
         assert (clash is not None) == expected
         if clash is None:
             accepted.append((start, stop))
+
+
+@pytest.mark.parametrize("control", ["\x00", "\x01", "\n", "\x7f"])
+def test_a_control_character_in_a_destination_is_named_with_its_line(control: str) -> None:
+    """Issue 14.13: a NUL reached the database as a raw driver traceback; now the deck's own
+    error names the line, the column and the character."""
+    errors = row(7, destination=f"Fra{control}nce")
+    assert isinstance(errors, list) and len(errors) == 1
+    assert (errors[0].line, errors[0].column) == (7, "destination")
+    assert f"control character {control!r} at position 4" in errors[0].reason

@@ -62,8 +62,17 @@ def filter_options(func: F) -> F:
 
 
 def _filter(kwargs: dict[str, Any]) -> CdrFilter:
-    return CdrFilter(**{k: kwargs.pop(k) for k in ("account_id", "since", "until", "destination_prefix",
-                                                   "disposition", "node")})
+    where = CdrFilter(**{k: kwargs.pop(k) for k in ("account_id", "since", "until", "destination_prefix",
+                                                    "disposition", "node")})
+    check_range(where.since, where.until)
+    return where
+
+
+def check_range(since: datetime | None, until: datetime | None) -> None:
+    """A reversed --since/--until is a mistake, not an empty answer."""
+    if since is not None and until is not None and until <= since:
+        fail(f"--until {until.isoformat()} is not after --since {since.isoformat()}: the range "
+             "[since, until) holds no call")
 
 
 # --------------------------------------------------------------------------- rendering

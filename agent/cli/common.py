@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import wraps
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -21,6 +22,17 @@ from agent.core.errors import BillingError
 from agent.core.money import MoneyError, parse_amount
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def missing_sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names when it does not exist (None for other databases and memory)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database)
+    return None if path.exists() else path.absolute()
 
 
 @dataclass
@@ -41,6 +53,11 @@ class AppContext:
             from agent.adapters.sql.engine import make_engine
 
             db = self.config.database
+            if require_schema:
+                missing = missing_sqlite_file(db.url)
+                if missing is not None:  # connecting would create an empty database file here
+                    raise BillingError(f"no database at {missing} (database.url {db.url}): run "
+                                       "`billing-agent db upgrade` first, or point --config/--database-url at yours")
             self._engine = make_engine(db.url, pool_size=db.pool_size,
                                        connect_timeout_seconds=db.connect_timeout_seconds, echo=db.echo)
         if require_schema:

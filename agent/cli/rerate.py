@@ -9,7 +9,7 @@ import click
 
 from agent.adapters.cdr.rerate import Change, RerateReport, rerate
 from agent.cli.balance_cache import redis_store
-from agent.cli.common import app, handle_errors, print_json
+from agent.cli.common import app, fail, handle_errors, print_json
 from agent.core.balance import StoreUnavailable
 from agent.core.clock import parse_iso8601
 from agent.core.money import format_amount
@@ -97,6 +97,9 @@ def rerate_command(ctx: click.Context, plan: str, since: datetime, until: dateti
                    dry_run: bool, as_json: bool) -> None:
     """Rate stored calls again; each changed call gets a new rating decision and a ledger
     adjustment of the difference (reference rerate:CALL:SEQ). Running it twice changes nothing."""
+    if until is not None and until <= since:
+        fail(f"--until {until.isoformat()} is not after --since {since.isoformat()}: the range "
+             "[since, until) holds no call")
     report = rerate(app(ctx).engine(), plan, since, until=until, account_id=account_id, dry_run=dry_run)
     refresh_accounts(ctx, sorted(report.accounts))
     if as_json:

@@ -179,6 +179,9 @@ def _parse_prefix(raw: str) -> str:
 def _parse_destination(raw: str) -> str:
     if len(raw) > MAX_DESTINATION_CHARS:
         raise ValueError(f"longer than {MAX_DESTINATION_CHARS} characters")
+    control = next((ch for ch in raw if ord(ch) < 32 or ord(ch) == 127), None)
+    if control is not None:  # a NUL or a line break would be refused by the database, or worse, stored
+        raise ValueError(f"contains the control character {control!r} at position {raw.index(control) + 1}")
     return raw
 
 

@@ -349,6 +349,10 @@ class CdrPipeline:
         self.settings = settings or PipelineSettings()
         self.counters = CdrCounters()
         self._prom = _Prometheus(metrics) if metrics is not None else None
+        if self._prom is not None:
+            # Read at each scrape: set only after a commit, it stayed 0 while CDRs waited out an
+            # outage, exactly when it matters.
+            self._prom.backlog.set_function(lambda: float(self.spool.backlog_bytes()))
         self._now_ms = now_ms or (lambda: time.time_ns() // 1_000_000)
         self._group = gevent.pool.Group()
         self._due = gevent.event.Event()  # write now: batch full, flush or stop asked
@@ -545,8 +549,6 @@ class CdrPipeline:
             self.spool.commit(batch.end)
             self._inflight = self._inflight_written = None
             self._progress.set()
-            if self._prom is not None:
-                self._prom.backlog.set(self.spool.backlog_bytes())
             if not full:
                 break
         self._write_overflow()
