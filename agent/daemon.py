@@ -534,6 +534,7 @@ def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None
     daemon = Daemon(config, reload_config=reload_config)
     daemon.install_signals()
     log.info("billing-agent %s starting: config %s, node %s", __version__, config.source, config.node.id)
+    raise_descriptor_limit()
     try:
         daemon.start()
     except StartupError as exc:
@@ -545,6 +546,30 @@ def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None
         return 0
     daemon.run_until_stopped()
     return 0
+
+
+MIN_DESCRIPTORS = 4096  # calls (AGI sockets), AMI/ESL, SQL and Redis pools, spool segments, status port
+
+
+def raise_descriptor_limit() -> int:
+    """Every call is at least one socket (FastAGI) and the status port may hold a few more: take
+    the hard limit the service manager allows (the systemd unit sets LimitNOFILE=65536), and
+    say when it is low. Returns the soft limit in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65_536)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("file descriptors: limit raised from %d to %d", soft, target)
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("file descriptors: cannot raise the limit from %d: %s", soft, exc)
+    if soft < MIN_DESCRIPTORS:
+        log.warning("file descriptors: the limit is %d; %d or more is advised (LimitNOFILE= in the systemd unit, "
+                    "ulimit -n)", soft, MIN_DESCRIPTORS)
+    return soft
 
 
 def journal_path(config: Config) -> Path:

@@ -13,7 +13,8 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from gevent.pywsgi import WSGIServer
+import gevent.pool
+from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.services.metrics import Metrics
@@ -24,13 +25,33 @@ HealthCheck = Callable[[], tuple[bool, str]]
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 
+MAX_CONNECTIONS = 32  # scrapes and health checks; more wait in the listen backlog, holding no descriptor
+REQUEST_TIMEOUT_S = 5.0  # a client that does not finish its request (or read the answer) in this is dropped
+
+
+class _TimedHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no types for pywsgi
+    """pywsgi waits for a request's headers without a deadline: 1,020 slow, never-finished
+    requests once held 1,020 of the process's 1,024 descriptors and FastAGI could not accept a
+    call. Every read and write of a status connection now has a deadline."""
+
+    def handle(self) -> None:
+        self.socket.settimeout(REQUEST_TIMEOUT_S)
+        super().handle()
+
+
 class StatusServer:
+    """``/metrics``, ``/health`` and ``/calls`` with a cap on connections (``MAX_CONNECTIONS``,
+    the rest wait in the kernel's backlog) and a deadline on each (``REQUEST_TIMEOUT_S``), so the
+    status port can never starve the call path of descriptors."""
+
     def __init__(self, host: str, port: int, metrics: Metrics, checks: dict[str, HealthCheck],
-                 calls: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+                 calls: Callable[[], list[dict[str, Any]]] | None = None, *,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.metrics = metrics
         self.checks = checks
         self.calls = calls or (lambda: [])
-        self.server = WSGIServer((host, port), self._app, log=None, error_log=log)
+        self.server = WSGIServer((host, port), self._app, log=None, error_log=log, handler_class=_TimedHandler,
+                                 spawn=gevent.pool.Pool(max_connections))
 
     @property
     def port(self) -> int:
