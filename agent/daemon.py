@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from agent.adapters.cdr.factory import make_cdr_pipeline, spool_path
 from agent.adapters.http_status import StatusServer
 from agent.adapters.sql.account_plans import AccountPlans
 from agent.adapters.sql.engine import make_engine
-from agent.adapters.sql.live_calls import LiveCallFact, LiveCallPublisher
+from agent.adapters.sql.live_calls import LiveCallFact, LiveCallPublisher, live_call_rows
 from agent.adapters.sql.migrate import check_schema
 from agent.adapters.sql.models import RatePlan
 from agent.adapters.sql.rate_repository import RatePlanCache
@@ -50,7 +51,7 @@ from agent.ports import SwitchAdapter
 from agent.services.cdr_pipeline import CdrPipeline
 from agent.services.clock import SystemClock
 from agent.services.engine import Engine as CallEngine
-from agent.services.engine import EngineSettings
+from agent.services.engine import EngineSettings, LeftBehind
 from agent.services.metrics import Metrics
 from agent.services.rater import PlanRater
 from agent.services.store_guard import Journal, StoreGuard, guard_from_config
@@ -289,6 +290,16 @@ class Daemon:
             log.warning("cannot list open reservations to adopt: %s", exc, exc_info=True)
             return
         engine.adoptable = {c.call_id: c for c in mine}
+        if mine and self.sql is not None:  # what the earlier run published about them, before register() clears it
+            try:
+                rows = [row for row in live_call_rows(self.sql) if row.node == self.config.node.id]
+            except SQLAlchemyError as exc:
+                log.warning("cannot read the calls the earlier run published: %s", exc)
+                rows = []
+            engine.adoptable_facts = {row.call_id: LeftBehind(
+                call_id=row.call_id, pbx=row.pbx, destination=row.destination, caller=row.caller,
+                a_leg_id=row.a_leg_id, authorized_ms=_epoch_ms(row.authorized_at),
+                answered_ms=_epoch_ms(row.answered_at) if row.answered_at is not None else None) for row in rows}
         if mine:
             log.warning("%d calls of node %s from an earlier run still hold reservations; adopting those the PBX "
                         "still shows", len(mine), self.config.node.id)
@@ -489,7 +500,8 @@ class Daemon:
             cdr = self.cdr
             self._timed("flush CDRs", lambda: cdr.stop(5))
         if self.publisher is not None:
-            self._timed("unpublish live calls", self.publisher.stopped)
+            publisher, handed_over = self.publisher, self.live_call_facts()
+            self._timed("unpublish live calls", lambda: publisher.stopped(handed_over))
         if self.store is not None:
             self._timed("close store", self.store.close)
         if self.status is not None:
@@ -546,6 +558,11 @@ def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None
         return 0
     daemon.run_until_stopped()
     return 0
+
+
+def _epoch_ms(moment: datetime) -> int:
+    return int(moment.replace(tzinfo=UTC).timestamp() * 1000) if moment.tzinfo is None else int(
+        moment.timestamp() * 1000)
 
 
 MIN_DESCRIPTORS = 4096  # calls (AGI sockets), AMI/ESL, SQL and Redis pools, spool segments, status port

@@ -358,3 +358,48 @@ def test_bad_arguments_to_the_live_call_commands_are_named(tmp_path: Path) -> No
     assert demo.exit_code == 2 and "'yate' is not one of" in demo.output
     empty = runner.invoke(cli, [*url, "calls", "list", "--json"])
     assert empty.exit_code == 0 and json.loads(empty.output) == {"calls": [], "nodes": []}
+
+
+@pytest.mark.parametrize("pbx_kind", ["asterisk", "freeswitch"])
+def test_a_call_that_ends_while_the_agent_is_down_is_settled_once_with_a_cdr(tmp_path: Path, pbx_kind: str) -> None:
+    """Issue 14.3: the call ends between the agent's stop and its next start. The next start's
+    resync no longer shows it: it is settled from what the store knows (the debited nibbles),
+    once, with a CDR marked ENDED_WHILE_AGENT_DOWN, and the ledger adds up."""
+    prepare_database(f"sqlite:///{tmp_path / 'billing-agent.db'}", tmp_path).dispose()
+    pbx = SimulatedPbx(pbx_kind)
+    config = demo_config(tmp_path, pbx_kind, pbx.agi_port, pbx.port)
+    from dataclasses import replace
+
+    config = replace(config, daemon=replace(config.daemon, drain_seconds=0.0))
+    try:
+        first = Daemon(config)
+        first.start()
+        wait_for(lambda: all(a.connected() for a in first.adapters))
+        call = pbx.fake.place_call("alice", "33142685300", answer_after_ms=50, talk_ms=3_000)
+        wait_for(lambda: any(c["phase"] == "answered" for c in first.live_call_dicts()))
+        gevent.sleep(2.2)  # two nibbles debited by the first run
+        first.shutdown()  # drain 0: the call is handed over, its reservation stays open
+        assert call.done.wait(10)  # ... and ends while no agent runs
+        second = Daemon(config)
+        second.start()
+        try:
+            wait_for(lambda: second.engine is not None and not second.engine.adoptable, timeout=10)
+            assert second.cdr is not None and second.cdr.flush(5)
+        finally:
+            second.shutdown()
+    finally:
+        pbx.stop()
+    sql = make_engine(config.database.url)
+    try:
+        with sql.connect() as conn:
+            (cdr,) = conn.execute(select(Call.account_id, Call.disposition, Call.hangup_cause, Call.duration_ms,
+                                         Call.destination)).all()
+        assert cdr[:3] == ("alice", "ANSWERED", "ENDED_WHILE_AGENT_DOWN")
+        assert cdr[4] == "33142685300", cdr  # published by the first run
+        assert cdr[3] >= 2_000, cdr  # the time the debited nibbles covered
+        with transaction(session_factory(sql)) as session:
+            report = check_ledger(session, now=utcnow(), grace=timedelta(0))
+        assert report.ok, report.problems
+        assert report.settled_calls == 1 and report.charges == 1
+    finally:
+        sql.dispose()

@@ -31,6 +31,7 @@ import gevent.pool
 import gevent.queue
 
 from agent.core.balance import LiveCall, StoreAuthorization, StoreNibble
+from agent.core.cdr import CallRecord, Disposition, LegRecord, RatingRecord
 from agent.core.errors import BillingError
 from agent.core.events import (
     ArmBackstop,
@@ -51,10 +52,12 @@ from agent.core.session import (
     Effect,
     Finished,
     NibbleStep,
+    RatingInfo,
     RatingRefused,
     ReleaseStep,
     SessionSettings,
     SettleStep,
+    Tariff,
 )
 from agent.ports import Clock, EngineStore, Rater, Switch
 from agent.services.authorize import decide
@@ -113,7 +116,37 @@ class _OperatorCut:
     reason: str
 
 
-_Internal = _NibbleResults | _Settled | _OperatorCut
+@dataclass(frozen=True, slots=True)
+class _Record:
+    record: CallRecord
+
+
+@dataclass(frozen=True, slots=True)
+class LeftBehind:
+    """What an earlier run of this node published about a call it supervised (live_calls)."""
+
+    call_id: str
+    pbx: str
+    destination: str
+    caller: str
+    a_leg_id: str
+    authorized_ms: int
+    answered_ms: int | None
+
+
+ENDED_WHILE_AGENT_DOWN = "ENDED_WHILE_AGENT_DOWN"
+
+
+def covered_by(tariff: Tariff, debited_micros: int, nibble_ms: int) -> int:
+    """The talk time whole nibbles paid for: the fewest k with cost(k * N) >= debited (the
+    nibbles of a flat stretch debit nothing, so the fewest is the honest count)."""
+    k = 0
+    while debited_micros > 0 and tariff.cost_micros(k * nibble_ms) < debited_micros and k < 10_000_000:
+        k += 1
+    return k * nibble_ms
+
+
+_Internal = _NibbleResults | _Settled | _OperatorCut | _Record
 
 
 class WorkQueue:
@@ -197,6 +230,8 @@ class Engine:
         # Open reservations an earlier run of this node left (the daemon fills it at start); a
         # resync that shows their legs live on the PBX adopts them (agent restart, hand-over).
         self.adoptable: dict[str, LiveCall] = {}
+        # What the earlier run had published about those calls (destination, caller, legs).
+        self.adoptable_facts: dict[str, LeftBehind] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -317,6 +352,70 @@ class Engine:
                         held.debited_micros)
             self._run_effects(effects)
 
+    def _settle_left_behind(self, event: PbxConnected) -> None:
+        """Calls an earlier run of this node left with open reservations that this PBX no longer
+        shows ended while no agent watched them (kill -9, a crash). No event says when; the store
+        says what their nibbles debited. Settle exactly that, once, and write the CDR, marked
+        ``ENDED_WHILE_AGENT_DOWN`` with the time those nibbles covered, rather than let the
+        reservation expire with no record (``ledger check`` then found a charge without a call).
+        The PBX's own CDR (Asterisk's cdr_csv, FreeSWITCH's cdr) has the exact end for a check."""
+        live = {leg.leg_id for leg in event.live_legs} | {leg.group_id for leg in event.live_legs}
+        now_ms = self.clock.now_ms()
+        for call_id, held in list(self.adoptable.items()):
+            facts = self.adoptable_facts.get(call_id)
+            if facts is not None and facts.pbx and facts.pbx != event.pbx:
+                continue  # another PBX's call: its own resync decides
+            if facts is None and len(self.switches) > 1:
+                continue  # which PBX had it is unknown: its reservation expires as before
+            if facts is not None and facts.a_leg_id in live:
+                continue  # still up (its caller transferred it, say): the backstop and the expiry handle it
+            del self.adoptable[call_id]
+            record = self._left_behind_record(held, facts, event.pbx, now_ms)
+            log.warning("call=%s account=%s ended while the agent was down: settled from the store (%d micro-units "
+                        "the nibbles debited), CDR marked %s", call_id, held.account_id, held.debited_micros,
+                        ENDED_WHILE_AGENT_DOWN)
+            self._store_work.put(self._settle_record, SettleStep(call_id, held.seq + 1, held.debited_micros,
+                                                                 held.account_id), record)
+
+    def _left_behind_record(self, held: LiveCall, facts: LeftBehind | None, pbx: str, now_ms: int) -> CallRecord:
+        covered_ms = 0
+        info = RatingInfo()
+        if facts is not None and facts.destination:
+            try:
+                rated = self.rater.rate(held.account_id, facts.destination, facts.authorized_ms)
+                info = rated.info
+                covered_ms = covered_by(rated.tariff, held.debited_micros, self.session_settings.nibble_ms)
+            except RatingRefused:
+                pass
+        started_ms = facts.authorized_ms if facts is not None else held.created_ms
+        answered_ms = facts.answered_ms if facts is not None else None
+        if answered_ms is None and held.debited_micros:
+            answered_ms = started_ms
+        ended_ms = answered_ms + covered_ms if answered_ms is not None else started_ms
+        legs = (LegRecord(facts.a_leg_id, "inbound", started_ms, caller=facts.caller, callee=facts.destination,
+                          answered_ms=answered_ms, hangup_cause=ENDED_WHILE_AGENT_DOWN),) if facts else ()
+        return CallRecord(
+            call_id=held.call_id, node=self.settings.node, pbx=facts.pbx if facts and facts.pbx else pbx,
+            account_id=held.account_id, destination=facts.destination if facts else "",
+            caller=facts.caller if facts else "", started_ms=started_ms, answered_ms=answered_ms,
+            ended_ms=ended_ms, duration_ms=covered_ms,
+            disposition=Disposition.ANSWERED if answered_ms is not None else Disposition.NO_ANSWER,
+            hangup_cause=ENDED_WHILE_AGENT_DOWN, settled_ms=now_ms, legs=legs,
+            rating=RatingRecord(decided_ms=now_ms, plan_name=info.plan_name, rate_id=info.rate_id,
+                                prefix=info.prefix, rate_micros=info.rate_micros,
+                                billed_seconds=-(-covered_ms // 1000), cost_micros=held.debited_micros,
+                                reason=ENDED_WHILE_AGENT_DOWN.lower()))
+
+    def _settle_record(self, step: SettleStep, record: CallRecord) -> None:
+        """A settle with its record ready (no session): the record goes out whatever the store
+        says, since a reservation left to expire charges the same debited amount."""
+        try:
+            self.store.settle(step.call_id, step.seq, step.cost_micros, self.clock.now_ms(), step.account_id)
+        except Exception as exc:  # noqa: BLE001 - the expiry charges the same money; the CDR must not wait
+            log.error("settle of call=%s left behind failed (%s); its reservation's expiry charges the same "
+                      "%d micro-units", step.call_id, exc, step.cost_micros)
+        self._inbox.put_nowait(_Record(record))
+
     def _authorize(self, request: AuthorizeRequest) -> AuthorizeDecision:
         call_id = self.call_id_for(request)
         existing = self.registry.sessions.get(call_id)
@@ -420,6 +519,9 @@ class Engine:
                 log.info("operator cut call=%s account=%s reason=%s", item.call_id, session.account_id, item.reason)
                 self._run_effects(self.registry.schedule(session.operator_cut(self.clock.now_ms(), item.reason)))
             return
+        if isinstance(item, _Record):
+            self._finished(Finished(item.record))
+            return
         if isinstance(item, _Settled):
             session = self.registry.sessions.get(item.call_id)
             if session is not None:  # the record may wait for a leg's hangup: a FINISH timer
@@ -427,6 +529,7 @@ class Engine:
             return
         if isinstance(item, PbxConnected) and self.adoptable:
             self._adopt(item)
+            self._settle_left_behind(item)
         before = self.registry.stats.unknown_events
         self._run_effects(self.registry.feed(item))
         if self.registry.stats.unknown_events != before:
@@ -527,7 +630,7 @@ class Engine:
 
     def _finished(self, effect: Finished) -> None:
         record = effect.record
-        self.registry.remove(record.call_id)
+        self.registry.remove(record.call_id)  # (a record with no session: a call left behind)
         self.metrics.live_calls.set(self.registry.live_count())
         self.metrics.settled.labels(record.disposition.value).inc()
         log.info("settled call=%s account=%s disposition=%s billed_s=%d cost_micros=%d node=%s",

@@ -104,12 +104,19 @@ class LiveCallPublisher:
             conn.execute(update(CallCommand).where(CallCommand.id == command_id)
                          .values(done_at=utcnow(), result=result[:255]))
 
-    def stopped(self) -> None:
-        """Clean shutdown: no call of this node is live any more."""
+    def stopped(self, handed_over: Iterable[LiveCallFact] = ()) -> None:
+        """Clean shutdown. Calls still live are handed over (their reservations stay open): their
+        rows stay, so that the next start of this node knows what they were (destination,
+        caller, legs) even if they end before it resyncs; every other row of the node goes."""
+        kept = {f.call_id: f for f in handed_over}
         with self.engine.begin() as conn:
-            conn.execute(delete(LiveCallRow).where(LiveCallRow.node == self.node))
+            conn.execute(delete(LiveCallRow).where(LiveCallRow.node == self.node,
+                                                   LiveCallRow.call_id.not_in(list(kept) or [""])))
+            missing = [f for call_id, f in kept.items() if call_id not in self._published]
+            if missing:
+                conn.execute(insert(LiveCallRow), [self._row(f) for f in missing])
             conn.execute(update(AgentNode).where(AgentNode.node == self.node)
-                         .values(stopped_at=utcnow(), heartbeat_at=utcnow(), live_calls=0))
+                         .values(stopped_at=utcnow(), heartbeat_at=utcnow(), live_calls=len(kept)))
         self._published.clear()
 
 
