@@ -1,11 +1,14 @@
 """One daemon supervising many concurrent answered calls (issue 5 figure).
 
     python bench/bench_engine.py --calls 10000 --seconds 30 [--store memory|redis]
+    python bench/bench_engine.py --calls 2000 --seconds 20 --slow-store-ms 2000   (issue 14)
 
 Authorizes N calls, answers them all within one second, lets them run with 1 s nibbles for the
 given time, then hangs them all up. Reports timer lateness (p50/p99/max over every nibble
-timer), nibble debits per second, and resident memory per live call. Run several times and
-compare medians: the machine is shared.
+timer), nibble debits per second, and resident memory per live call. With ``--slow-store-ms``
+every nibble batch and settle takes that long to answer (a store that is up but slow): the
+timers of the calls must still fire on time, since the loop only queues store work. Run
+several times and compare medians: the machine is shared.
 """
 
 from __future__ import annotations
@@ -56,9 +59,28 @@ def percentile(values: list[int], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
+SLOW_MS = 0
+
+
+class SlowStore(MemoryStore):
+    """Answers every nibble batch and settle ``delay_ms`` late."""
+
+    def __init__(self, delay_ms: int) -> None:
+        super().__init__()
+        self.delay_s = delay_ms / 1000
+
+    def nibbles(self, steps, now_ms):  # type: ignore[no-untyped-def]
+        gevent.sleep(self.delay_s)
+        return super().nibbles(steps, now_ms)
+
+    def settle(self, call_id, seq, cost_micros, now_ms, account_id=""):  # type: ignore[no-untyped-def]
+        gevent.sleep(self.delay_s)
+        super().settle(call_id, seq, cost_micros, now_ms, account_id)
+
+
 def make_store(kind: str, accounts: int):  # type: ignore[no-untyped-def]
     if kind == "memory":
-        store = MemoryStore()
+        store = MemoryStore() if not SLOW_MS else SlowStore(SLOW_MS)
         for i in range(accounts):
             store.add_account(f"acct{i}", 10**12)
         return store
@@ -70,7 +92,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10_000)
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--store", default="memory")
+    parser.add_argument("--slow-store-ms", type=int, default=0, help="every store answer this late")
     args = parser.parse_args()
+    global SLOW_MS
+    SLOW_MS = args.slow_store_ms
     clock = SystemClock()
     cdr = NullCdr()
     store = make_store(args.store, accounts=100)
@@ -102,8 +127,9 @@ def main() -> None:
     cpu_used = time.process_time() - cpu_before
     debits = engine.metrics.nibble_debits._value.get() - debits_before
     samples = list(engine.lateness_samples)
-    for i in range(args.calls):
+    for i in range(args.calls):  # both legs: a caller's leg alone leaving is a transfer
         engine.on_event(LegHungUp(f"A{i}", clock.now_ms()))
+        engine.on_event(LegHungUp(f"B{i}", clock.now_ms()))
     deadline = time.monotonic() + 60
     while engine.live_calls() and time.monotonic() < deadline:
         gevent.sleep(0.1)
@@ -119,6 +145,7 @@ def main() -> None:
         "nibble_debits_per_s": round(debits / args.seconds),
         "cpu_share_of_one_core": round(cpu_used / args.seconds, 3),
         "rss_per_live_call_kb": round((rss_live - rss_before) / args.calls / 1024, 2),
+        "slow_store_ms": args.slow_store_ms,
         "cdrs": cdr.count,
         "left_live": engine.live_calls(),
     }))
