@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -45,8 +46,13 @@ def subject(request: pytest.FixtureRequest, engines: Engines) -> Iterator[Subjec
         def add(account_id: str, balance: int, max_calls: int | None, w: World = world) -> None:
             w.account(account_id, balance=balance, max_calls=max_calls)
 
-        yield Subject(EngineStoreAdapter(real, node="n1", ttl_ms=30_000), add,
-                      lambda a: real.account_state(a).balance_micros, lambda a: real.account_state(a).reserved_micros)
+        def balance(account_id: str, store: Any = real) -> int:
+            return int(store.account_state(account_id).balance_micros)
+
+        def reserved(account_id: str, store: Any = real) -> int:
+            return int(store.account_state(account_id).reserved_micros)
+
+        yield Subject(EngineStoreAdapter(real, node="n1", ttl_ms=30_000), add, balance, reserved)
 
 
 def test_authorize_reserves_the_first_slice_or_says_why_not(subject: Subject) -> None:
