@@ -76,14 +76,30 @@ def post_dial_delays(folder: Path, pbx: Pbx, calls: list[tuple[str, str]], rate:
     return [float(c.post_dial_delay_ms) for c in run.result.values() if c.post_dial_delay_ms is not None]
 
 
+def fresh_database(url: str, label: str) -> str:
+    """A database of its own for each PBX's lab on a server (SQLite: a file in the lab folder)."""
+    if not url or url.startswith("sqlite"):
+        return url
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = "bench_" + "".join(ch if ch.isalnum() else "_" for ch in label.lower())
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {name}" + (" WITH (FORCE)" if "postgresql" in url else "")))
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
 def bench_pbx(build: PbxBuild, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     folder = root / build.label
     folder.mkdir(parents=True)
     carrier = Carrier(folder).start()
     pbx: Pbx = (AsteriskPbx(build, folder / "pbx", carrier.port, free_port()) if build.kind == "asterisk"
                 else FreeswitchPbx(build, folder / "pbx", carrier.port))
-    agent = Agent(folder, pbx.agent_settings(), database_url=args.database_url, redis_url=args.redis_url,
-                  nibble_seconds=args.nibble_seconds)
+    agent = Agent(folder, pbx.agent_settings(), database_url=fresh_database(args.database_url, build.label),
+                  redis_url=args.redis_url, nibble_seconds=args.nibble_seconds)
     n = args.calls
     result: dict[str, Any] = {"pbx": build.label, "calls": n, "rate": args.rate}
     try:
