@@ -90,6 +90,8 @@ class FreeswitchConfig:
     port: int = 8021
     password: str = "ClueCon"
     command_timeout_seconds: float = 5.0
+    authorize_host: str = "127.0.0.1"
+    authorize_port: int = 8084
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,8 @@ _POSITIVE = {
     ("daemon", "startup_retry_max_seconds"), ("daemon", "publish_seconds"), ("cdr", "batch_size"),
     ("cdr", "flush_interval_ms"), ("cdr", "spool_max_mb"),
 }
-_PORTS = {("asterisk", "agi_port"), ("asterisk", "ami_port"), ("freeswitch", "port"), ("metrics", "port")}
+_PORTS = {("asterisk", "agi_port"), ("asterisk", "ami_port"), ("freeswitch", "port"), ("metrics", "port"),
+          ("freeswitch", "authorize_port")}
 
 
 def _check_value(section: str, key: str, value: Any) -> None:

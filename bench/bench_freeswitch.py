@@ -228,7 +228,7 @@ def socket_events_run(events: int, engine_kind: str) -> dict[str, Any]:
 
 def memory_events_run(events: int) -> dict[str, Any]:
     """Frames replayed from memory through parser + translation + hand-off (no socket, no greenlet hop)."""
-    fake = FakeFreeswitch(seed=3)
+    fake = FakeFreeswitch(seed=3, mode="park")  # the park path: park -> transfer latency
     pool = synthetic_call_frames(fake, 500)
     data = b"".join(pool[i % len(pool)] for i in range(events))
     engine = CountingEngine()

@@ -58,7 +58,7 @@ def wait_for(predicate: Any, timeout: float = 10.0) -> None:
 
 @pytest.fixture
 def fake_fs() -> Iterator[FakeFreeswitch]:
-    fake = FakeFreeswitch(port=0, heartbeat_s=1.0).start()
+    fake = FakeFreeswitch(port=0, heartbeat_s=1.0, authorize_port=free_port()).start()
     yield fake
     fake.stop()
 
@@ -66,7 +66,7 @@ def fake_fs() -> Iterator[FakeFreeswitch]:
 @pytest.fixture
 def daemon(tmp_path: Path, fake_fs: FakeFreeswitch) -> Iterator[Daemon]:
     prepare_database(f"sqlite:///{tmp_path / 'billing-agent.db'}", tmp_path).dispose()
-    agent = Daemon(demo_config(tmp_path, "freeswitch", 0, fake_fs.port))
+    agent = Daemon(demo_config(tmp_path, "freeswitch", fake_fs.authorize_port, fake_fs.port))
     agent.start()
     wait_for(lambda: all(a.connected() for a in agent.adapters))
     yield agent

@@ -97,7 +97,7 @@ class FakeEngine:
 
 @pytest.fixture
 def fake() -> Iterator[FakeFreeswitch]:
-    server = FakeFreeswitch(heartbeat_s=0.2, park_timeout_s=3.0).start()
+    server = FakeFreeswitch(heartbeat_s=0.2, park_timeout_s=3.0, mode="park").start()
     yield server
     server.stop()
 
@@ -454,7 +454,7 @@ def test_bad_url_encoding_and_unknown_channels_are_handled(fake: FakeFreeswitch,
 
 
 def test_escalated_hangup_when_uuid_kill_is_ignored(engine: FakeEngine, started: Started) -> None:
-    with FakeFreeswitch(heartbeat_s=0.2, ignore_uuid_kill=True) as deaf:
+    with FakeFreeswitch(heartbeat_s=0.2, ignore_uuid_kill=True, mode="park") as deaf:
         adapter = start_adapter(deaf.port, engine, started)
         call = deaf.place_call("1001", "33123456", talk_ms=10_000)
         engine.wait_for(lambda: bool(engine.of(LegBridged)))
@@ -511,9 +511,80 @@ def test_the_backstop_moves_when_the_agent_re_arms_it(fake: FakeFreeswitch, engi
     finish(call)
     epoch = -(-at_ms // 1000)
     assert [c for c in fake.commands if c.startswith(("api sched_del", f"api sched_hangup {epoch}"))] == [
+        f"api sched_del {a}",  # at authorize: billing.xml's guard goes, the caller's ceiling comes
         f"api sched_del {b}", f"api sched_hangup {epoch} {b} ALLOTTED_TIMEOUT",
         f"api sched_del {a}"]
     assert f"api sched_hangup {epoch + 1} {a} ALLOTTED_TIMEOUT" in fake.commands
     assert call.b_hangup_cause == "ALLOTTED_TIMEOUT"
     assert at_ms <= call.b_ended_us // 1000 <= epoch * 1000 + 100  # never before the instant asked
     assert adapter.stats.backstops_armed == 1
+
+
+# ------------------------------------------------------------------------------------ the socket application
+
+
+@pytest.fixture
+def socket_fake() -> Iterator[FakeFreeswitch]:
+    server = FakeFreeswitch(heartbeat_s=0.2, mode="socket").start()
+    yield server
+    server.stop()
+
+
+def start_socket_adapter(fake: FakeFreeswitch, engine: FakeEngine, started: Started) -> FreeswitchAdapter:
+    options = {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "heartbeat_timeout_s": 2.0, "command_timeout_s": 1.0,
+               "connect_timeout_s": 1.0}
+    adapter = FreeswitchAdapter(engine, FreeswitchSettings(esl=EslSettings(port=fake.port, **options),
+                                                           authorize_port=0))
+    engine.switch = adapter
+    started.append(adapter)
+    adapter.start()
+    fake.authorize_port = adapter.authorize_port
+    assert adapter.synced.wait(WAIT_S), adapter.client.last_error
+    return adapter
+
+
+def test_the_socket_application_authorizes_in_one_round_trip(socket_fake: FakeFreeswitch, engine: FakeEngine,
+                                                             started: Started) -> None:
+    """billing.xml's ``socket`` app connects; the agent answers ``connect``, decides from the
+    channel data, sets the decision and the caller's ceiling in one write and closes; the
+    dialplan goes on at once (no parked channel to wake: the park loop sleeps 20 ms a turn)."""
+    start_socket_adapter(socket_fake, engine, started)
+    call = socket_fake.place_call("1001", "33123456", caller="2001", answer_after_ms=50, talk_ms=400)
+    finish(call)
+    assert call.outcome == "answered" and call.decision == "allow"
+    (request,) = engine.requests
+    assert (request.leg_id, request.account_id, request.destination, request.caller) == (
+        call.a_uuid, "1001", "33123456", "2001")
+    outbound = [c for c in socket_fake.commands if c.startswith("outbound ")]
+    assert outbound == [
+        "outbound connect",
+        f"outbound api uuid_setvar_multi {call.a_uuid} billing_decision=allow;billing_call_id=call-{call.a_uuid};"
+        "billing_limit_ms=60000;billing_backstop_s=61",
+        f"outbound api sched_del {call.a_uuid}",
+        f"outbound api sched_hangup +181 {call.a_uuid} ALLOTTED_TIMEOUT"]
+    assert not any(c.startswith("api uuid_transfer") for c in socket_fake.commands)  # the dialplan transfers
+    engine.wait_for(lambda: engine.hung_up(call.a_uuid, b_leg(call)))
+
+
+def test_a_refusal_over_the_socket_and_an_agent_that_cannot_be_reached(socket_fake: FakeFreeswitch,
+                                                                       engine: FakeEngine, started: Started) -> None:
+    engine.decide = lambda request: AuthorizeDecision(False, "c9", reason=DenyReason.MAX_CALLS, detail="2 calls up")
+    adapter = start_socket_adapter(socket_fake, engine, started)
+    denied = socket_fake.place_call("1001", "33123456")
+    finish(denied)
+    assert (denied.outcome, denied.hangup_cause) == ("denied", "USER_BUSY")
+    adapter.stop(timeout_s=1.0)  # the agent is gone: the socket application cannot connect
+    refused = socket_fake.place_call("1001", "33123456")
+    finish(refused)
+    assert (refused.outcome, refused.hangup_cause) == ("failed", "TEMPORARY_FAILURE")  # fail closed
+
+
+def test_an_allowed_call_outlives_the_dialplans_guard(engine: FakeEngine, started: Started) -> None:
+    """billing.xml schedules a hangup (10 s) before it asks, in case the agent never decides; an
+    allowed call must not be cut by it: the agent replaces it with the call's own ceiling."""
+    with FakeFreeswitch(heartbeat_s=0.2, mode="socket", authorize_guard_s=1) as guarded:
+        start_socket_adapter(guarded, engine, started)
+        call = guarded.place_call("1001", "33123456", talk_ms=2_500)
+        finish(call)
+        assert call.outcome == "answered" and call.hangup_cause == "NORMAL_CLEARING"
+        assert call.b_ended_us - call.b_answered_us >= 2_400_000

@@ -115,7 +115,8 @@ def demo_config(folder: Path, pbx: str, agi_port: int, pbx_port: int) -> Config:
                                  "ami_host": "127.0.0.1", "ami_port": pbx_port, "ami_username": "billing",
                                  "ami_secret": "demo-secret"}
     else:
-        overrides["freeswitch"] = {"enabled": True, "host": "127.0.0.1", "port": pbx_port, "password": "ClueCon"}
+        overrides["freeswitch"] = {"enabled": True, "host": "127.0.0.1", "port": pbx_port, "password": "ClueCon",
+                                   "authorize_host": "127.0.0.1", "authorize_port": agi_port}
     return load_config(None, environ={}, overrides=overrides, cwd=folder)
 
 
@@ -127,7 +128,7 @@ class SimulatedPbx:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self.agi_port = free_port() if kind == "asterisk" else 0
+        self.agi_port = free_port()  # where the PBX reaches the agent: FastAGI, or FreeSWITCH's socket app
         self.fake: Any
         if kind == "asterisk":
             from agent.sim.asterisk import FakeAsterisk
@@ -138,7 +139,7 @@ class SimulatedPbx:
         else:
             from agent.sim.freeswitch import FakeFreeswitch
 
-            self.fake = FakeFreeswitch(port=0, heartbeat_s=5.0).start()
+            self.fake = FakeFreeswitch(port=0, heartbeat_s=5.0, authorize_port=self.agi_port).start()
             self.port = int(self.fake.port)
 
     def place(self, call: DemoCall) -> Any:

@@ -5,8 +5,12 @@ the captures in shared/captures/freeswitch; its event encoder reproduces every c
 byte for byte, see tests/test_esl_protocol.py) and behaves like the billing dialplan of
 dialplan/freeswitch/billing.xml around the agent:
 
-* ``place_call(account, destination, ...)`` creates the A leg, parks it for the agent
-  (CHANNEL_CREATE, CHANNEL_PARK with ``billing_destination`` and ``accountcode``) and waits for
+* ``place_call(account, destination, ...)`` creates the A leg and asks the agent, as the
+  shipped billing.xml does: ``mode="socket"`` (the default) runs the ``socket`` application,
+  an outbound connection to ``authorize_port`` (``connect`` answered with the channel data,
+  then the agent's ``api`` commands answered one by one, until the agent closes; a port that
+  refuses leaves no decision, and the call is refused TEMPORARY_FAILURE); ``mode="park"``
+  parks the A leg (CHANNEL_PARK with ``billing_destination`` and ``accountcode``) and waits for
   the ``uuid_transfer``; without one, ``park_timeout`` hangs the call up;
 * after the transfer it reads ``billing_decision``: ``deny`` hangs up with
   ``billing_hangup_cause``; ``allow`` dials the B-leg attempts in order (gateway failover),
@@ -55,6 +59,7 @@ from agent.adapters.freeswitch.esl_protocol import (
     encode_disconnect_notice,
     encode_event,
     encode_event_body,
+    url_encode,
 )
 
 log = logging.getLogger(__name__)
@@ -173,8 +178,15 @@ class FakeFreeswitch:
 
     def __init__(self, *, password: str = DEFAULT_PASSWORD, host: str = "127.0.0.1", port: int = 0, seed: int = 7,
                  heartbeat_s: float = 20.0, park_timeout_s: float = 10.0, ignore_uuid_kill: bool = False,
-                 callee_backstop: bool = True, hostname: str = "fake-fs",
+                 callee_backstop: bool = True, hostname: str = "fake-fs", mode: str = "socket",
+                 authorize_host: str = "127.0.0.1", authorize_port: int = 8084, authorize_guard_s: int = 10,
                  clock: Callable[[], float] = time.time) -> None:
+        if mode not in ("socket", "park"):
+            raise ValueError(f"mode must be socket or park, not {mode!r}")
+        self.mode = mode
+        self.authorize_host = authorize_host
+        self.authorize_port = authorize_port  # set by whoever starts the agent's listener
+        self.authorize_guard_s = authorize_guard_s  # billing.xml's sched_hangup before the socket
         self.password = password
         self.heartbeat_s = heartbeat_s
         self.park_timeout_s = park_timeout_s
@@ -293,21 +305,38 @@ class FakeFreeswitch:
         a.call_state = "RINGING"
         if call.early_answer:
             self._answer(a)
-        # The billing-authorize extension: set the destination, park for the agent.
-        a.variables.update({"billing_destination": call.destination, "current_application": "park"})
-        a.parked = True
-        self._channel_event("CHANNEL_PARK", a, ("switch_ivr.c", "switch_ivr_park", 1010))
-        call.parked_at = time.perf_counter()
-        gevent.wait([a.transfer, a.ended], count=1, timeout=self.park_timeout_s)
-        if a.ended.is_set():
-            call.outcome = call.outcome or "killed_while_parked"
-            return
-        if not a.transfer.is_set():
-            call.outcome = "park_timeout"
-            self.hangup(a, "NORMAL_CLEARING")
-            return
-        a.parked = False
-        self._channel_event("CHANNEL_UNPARK", a, ("switch_ivr.c", "switch_ivr_park", 1213))
+        if self.mode == "socket":
+            # billing-authorize: set the destination, ask the agent over the socket application,
+            # transfer back into the context (billing-unreachable refuses when no decision came).
+            a.variables.update({"billing_destination": call.destination, "billing_asked": "true",
+                                "current_application": "socket"})
+            call.parked_at = time.perf_counter()
+            self.schedule_hangup(a, self.authorize_guard_s, "TEMPORARY_FAILURE")
+            self._outbound_socket(a)
+            call.transferred_at = time.perf_counter()
+            if a.ended.is_set():
+                call.outcome = call.outcome or "killed_while_parked"
+                return
+            if not a.variables.get("billing_decision"):
+                call.outcome = "failed"
+                self.hangup(a, "TEMPORARY_FAILURE")  # billing-unreachable
+                return
+        else:
+            # The billing-authorize extension of a parking dialplan: park for the agent.
+            a.variables.update({"billing_destination": call.destination, "current_application": "park"})
+            a.parked = True
+            self._channel_event("CHANNEL_PARK", a, ("switch_ivr.c", "switch_ivr_park", 1010))
+            call.parked_at = time.perf_counter()
+            gevent.wait([a.transfer, a.ended], count=1, timeout=self.park_timeout_s)
+            if a.ended.is_set():
+                call.outcome = call.outcome or "killed_while_parked"
+                return
+            if not a.transfer.is_set():
+                call.outcome = "park_timeout"
+                self.hangup(a, "NORMAL_CLEARING")
+                return
+            a.parked = False
+            self._channel_event("CHANNEL_UNPARK", a, ("switch_ivr.c", "switch_ivr_park", 1213))
         call.decision = a.variables.get("billing_decision", "")
         if call.decision == "deny":
             call.outcome = "denied"
@@ -326,6 +355,43 @@ class FakeFreeswitch:
             last_cause = result
         call.outcome = "failed"
         self.hangup(a, last_cause)
+
+    def _outbound_socket(self, a: FakeChannel) -> None:
+        """mod_event_socket's ``socket`` application (sync, full): connect; answer ``connect``
+        with the channel's data (one command/reply header block, URL-encoded, as
+        switch_event_serialize writes it); run each ``api`` command and answer it; stop when the
+        agent closes. A refused or silent port just ends the application."""
+        try:
+            sock = socket.create_connection((self.authorize_host, self.authorize_port), timeout=2.0)
+        except OSError as exc:
+            log.info("socket application: cannot connect to %s:%s: %s", self.authorize_host, self.authorize_port,
+                     exc)
+            return
+        buffer = b""
+        try:
+            sock.settimeout(10.0)
+            while True:
+                while b"\n\n" not in buffer:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                command, _, buffer = buffer.partition(b"\n\n")
+                text = command.decode("utf-8", "replace").strip()
+                self.commands.append(f"outbound {text}")
+                if text == "connect":
+                    headers = [("Content-Type", "command/reply"), ("Reply-Text", "+OK"), ("Socket-Mode", "static"),
+                               ("Control", "full"), *self.channel_headers("CHANNEL_DATA", a)]
+                    sock.sendall("".join(f"{name}: {url_encode(value)}\n" for name, value in headers).encode()
+                                 + b"\n")
+                elif text.startswith("api "):
+                    sock.sendall(encode_api_response(self.api(text[4:])))
+                else:
+                    sock.sendall(encode_command_reply("-ERR command not found"))
+        except OSError:
+            return
+        finally:
+            sock.close()
 
     def _dial(self, call: FakeCall, a: FakeChannel, attempt: Attempt) -> str | None:
         """One B-leg attempt; returns its failure cause, or None when the call is over."""

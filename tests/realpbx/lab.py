@@ -770,6 +770,7 @@ class FreeswitchPbx(Pbx):
         self.carrier_port = carrier_port
         self.sip_port = free_port(socket.SOCK_DGRAM)
         self.esl_port = free_port()
+        self.authorize_port = free_port()  # the agent's listener for billing.xml's socket application
         self.rtp_start = rtp_base()
         self.process = None
         self.conf = folder / "conf"
@@ -788,6 +789,7 @@ class FreeswitchPbx(Pbx):
 <document type="freeswitch/xml">
   <X-PRE-PROCESS cmd="set" data="billing_trunk=sofia/gateway/carrier"/>
   <X-PRE-PROCESS cmd="set" data="billing_transfer_context=from-customer"/>
+  <X-PRE-PROCESS cmd="set" data="billing_agent=127.0.0.1:{self.authorize_port}"/>
   <section name="configuration">
     <configuration name="switch.conf">
       <settings>
@@ -937,7 +939,7 @@ class FreeswitchPbx(Pbx):
 
     def agent_settings(self) -> dict[str, Any]:
         return {"freeswitch": {"enabled": True, "host": "127.0.0.1", "port": self.esl_port,
-                               "password": ESL_PASSWORD}}
+                               "password": ESL_PASSWORD, "authorize_port": self.authorize_port}}
 
     def live_channels(self) -> int:
         out = self.cli("show channels count")

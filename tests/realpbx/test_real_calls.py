@@ -227,3 +227,23 @@ def test_a_killed_agent_is_restarted_and_bills_the_call_once_and_whole(lab: Lab)
     assert all(leg["sip_call_id"] for leg in cdr["legs"]), cdr  # Call-IDs asked again after the restart
     ok, report = lab.agent.ledger_check()
     assert ok, report
+
+
+def test_calls_are_refused_at_once_while_the_agent_is_down(lab: Lab) -> None:
+    """Fail closed: with the agent gone, the shipped dialplan dials nothing and refuses the call
+    without making the caller wait (Asterisk: AGI cannot connect; FreeSWITCH: the socket
+    application cannot connect, billing-unreachable)."""
+    payer = account(lab, "2011", "100")
+    lab.agent.kill()
+    try:
+        invited_before = len(lab.carrier.invited_call_ids())
+        started = time.monotonic()
+        run = run_customers(lab.folder, lab.pbx.sip_port, [(payer, NUMBER)], hold_ms=1_000, name="agent-down")
+        waited_s = time.monotonic() - started
+        (call,) = run.result.values()
+        assert call.answered_tick is None and call.final_code is not None and call.final_code >= 400, call
+        assert waited_s < 5.0, waited_s
+        assert len(lab.carrier.invited_call_ids()) == invited_before  # nothing reached the carrier
+    finally:
+        lab.agent.start()
+    assert lab.agent.cdrs(payer) == []
