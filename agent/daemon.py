@@ -44,6 +44,7 @@ from agent.adapters.sql.migrate import check_schema
 from agent.adapters.sql.models import RatePlan
 from agent.adapters.sql.rate_repository import RatePlanCache
 from agent.config import Config
+from agent.core.balance import LiveCall
 from agent.core.errors import BillingError
 from agent.core.money import format_amount
 from agent.core.ratetable import format_instant
@@ -283,26 +284,61 @@ class Daemon:
 
     def _offer_adoption(self, engine: CallEngine, store: StoreGuard) -> None:
         """Calls an earlier run of this node left supervised (hand-over at shutdown, a crash):
-        the first resync of each PBX adopts those still live; the rest expire in the store."""
-        try:
-            mine = [c for c in store.live_calls() if c.node == self.config.node.id]
-        except Exception as exc:  # the store is down: nothing to adopt now, the sweeper expires them later
-            log.warning("cannot list open reservations to adopt: %s", exc, exc_info=True)
-            return
-        engine.adoptable = {c.call_id: c for c in mine}
-        if mine and self.sql is not None:  # what the earlier run published about them, before register() clears it
+        the first resync of each PBX adopts those still live and settles those that ended.
+
+        Two sources: the open reservations in the balance store, and what the earlier run
+        published in ``live_calls``. A call published but unknown to the store (a Redis that
+        restarted empty while no agent ran) is adopted too, from nothing debited: supervised
+        again it re-reserves and its settle charges its whole cost; ended, it gets its CDR.
+        Before, such calls went unbilled with no record (bench/bench_faults.py)."""
+        mine = self._open_reservations(store)
+        if mine is None:
+            return  # the store stayed unreachable: its reservations expire (the sweeper) as before
+        held: dict[str, LiveCall] = {c.call_id: c for c in mine}
+        rows = []
+        if self.sql is not None:  # what the earlier run published, before register() clears it
             try:
                 rows = [row for row in live_call_rows(self.sql) if row.node == self.config.node.id]
             except SQLAlchemyError as exc:
                 log.warning("cannot read the calls the earlier run published: %s", exc)
-                rows = []
-            engine.adoptable_facts = {row.call_id: LeftBehind(
-                call_id=row.call_id, pbx=row.pbx, destination=row.destination, caller=row.caller,
-                a_leg_id=row.a_leg_id, authorized_ms=_epoch_ms(row.authorized_at),
-                answered_ms=_epoch_ms(row.answered_at) if row.answered_at is not None else None) for row in rows}
-        if mine:
+        now_ms = self.clock.now_ms()
+        ttl_ms = self.config.billing.reservation_ttl_seconds * 1000
+        for row in rows:
+            if row.call_id not in held and row.account_id:
+                log.warning("call=%s account=%s: published by an earlier run of node %s but unknown to the balance "
+                            "store (restarted empty?); adopting it from its published facts", row.call_id,
+                            row.account_id, row.node)
+                held[row.call_id] = LiveCall(account_id=row.account_id, call_id=row.call_id, node=row.node, seq=0,
+                                             reserved_micros=0, debited_micros=0, overrun_micros=0,
+                                             created_ms=_epoch_ms(row.authorized_at), expires_ms=now_ms + ttl_ms)
+        engine.adoptable = held
+        engine.unreserved = {call_id for call_id in held if call_id not in {c.call_id for c in mine}}
+        engine.adoptable_facts = {row.call_id: LeftBehind(
+            call_id=row.call_id, pbx=row.pbx, destination=row.destination, caller=row.caller,
+            a_leg_id=row.a_leg_id, authorized_ms=_epoch_ms(row.authorized_at),
+            answered_ms=_epoch_ms(row.answered_at) if row.answered_at is not None else None) for row in rows}
+        if held:
             log.warning("%d calls of node %s from an earlier run still hold reservations; adopting those the PBX "
-                        "still shows", len(mine), self.config.node.id)
+                        "still shows", len(held), self.config.node.id)
+
+    def _open_reservations(self, store: StoreGuard) -> list[LiveCall] | None:
+        """This node's open reservations. A store that does not answer at start (Redis
+        restarting, say) is asked again for ``ADOPTION_LISTING_WAIT_S``: giving up at once left
+        every call of the earlier run unadopted, unbilled and without a CDR."""
+        deadline = time.monotonic() + ADOPTION_LISTING_WAIT_S
+        delay_s = 0.2
+        while True:
+            try:
+                return [c for c in store.live_calls() if c.node == self.config.node.id]
+            except Exception as exc:  # noqa: BLE001 - any store failure: ask again, then give up with the reason
+                if time.monotonic() + delay_s > deadline:
+                    log.error("cannot list the open reservations of an earlier run after %.0f s: %s; calls it left "
+                              "are not adopted (their reservations expire, charging what their nibbles debited)",
+                              ADOPTION_LISTING_WAIT_S, exc)
+                    return None
+                log.warning("cannot list the open reservations of an earlier run yet (%s); asking again", exc)
+                gevent.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
 
     def _start_adapters(self, engine: CallEngine) -> None:
         """Bind every enabled PBX listener now (a port in use fails the start)."""
@@ -565,6 +601,7 @@ def _epoch_ms(moment: datetime) -> int:
         moment.timestamp() * 1000)
 
 
+ADOPTION_LISTING_WAIT_S = 15.0  # the store down at start: how long adoption waits for it
 MIN_DESCRIPTORS = 4096  # calls (AGI sockets), AMI/ESL, SQL and Redis pools, spool segments, status port
 
 

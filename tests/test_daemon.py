@@ -33,6 +33,7 @@ from agent.cli.main import cli
 from agent.config import load_config
 from agent.daemon import Daemon, StartupError
 from agent.sim.freeswitch import FakeFreeswitch
+from tests.conftest import REDIS_URL
 
 
 def http_get(port: int, path: str) -> tuple[int, bytes]:
@@ -401,5 +402,62 @@ def test_a_call_that_ends_while_the_agent_is_down_is_settled_once_with_a_cdr(tmp
             report = check_ledger(session, now=utcnow(), grace=timedelta(0))
         assert report.ok, report.problems
         assert report.settled_calls == 1 and report.charges == 1
+    finally:
+        sql.dispose()
+
+
+def test_calls_left_behind_survive_a_redis_that_restarted_empty(tmp_path: Path, postgres_url: str,
+                                                               redis_client: Any, redis_prefix: str) -> None:
+    """Found by bench/bench_faults.py: the agent is killed, Redis restarts empty meanwhile, and
+    the next start found no reservation to adopt: both calls went unbilled with no CDR. Now the
+    calls the earlier run published (live_calls) are adopted from their facts: the one still up
+    is supervised and billed whole (re-reserved), the one that ended gets its CDR; the ledger
+    adds up."""
+    from dataclasses import replace
+
+    from tests.conftest import _fresh_schema
+
+    sql = make_engine(postgres_url)
+    _fresh_schema(sql)
+    sql.dispose()
+    prepare_database(postgres_url, tmp_path).dispose()
+    pbx = SimulatedPbx("asterisk")
+    config = demo_config(tmp_path, "asterisk", pbx.agi_port, pbx.port)
+    config = replace(config, database=replace(config.database, url=postgres_url),
+                     redis=replace(config.redis, url=REDIS_URL, key_prefix=redis_prefix),
+                     daemon=replace(config.daemon, drain_seconds=0.0, publish_seconds=0.2))
+    try:
+        first = Daemon(config)
+        first.start()
+        wait_for(lambda: all(a.connected() for a in first.adapters))
+        short = pbx.fake.place_call("alice", "33142685300", answer_after_ms=50, talk_ms=2_500)
+        long = pbx.fake.place_call("bob", "33142685301", answer_after_ms=50, talk_ms=6_000)
+        wait_for(lambda: sum(c["phase"] == "answered" for c in first.live_call_dicts()) == 2)
+        gevent.sleep(1.5)  # published, nibbles debited
+        first.shutdown()  # drain 0: handed over
+        for key in redis_client.scan_iter(match=f"{redis_prefix}*", count=1000):  # Redis restarted empty
+            redis_client.delete(key)
+        assert short.done.wait(10)  # ended while no agent ran
+        second = Daemon(config)
+        second.start()
+        try:
+            assert long.done.wait(15)
+            wait_for(lambda: second.engine is not None and not second.engine.adoptable
+                     and not second.live_call_dicts(), timeout=10)
+            assert second.cdr is not None and second.cdr.flush(5)
+        finally:
+            second.shutdown()
+    finally:
+        pbx.stop()
+    sql = make_engine(postgres_url)
+    try:
+        with sql.connect() as conn:
+            cdrs = {row[0]: row for row in conn.execute(select(Call.account_id, Call.hangup_cause, Call.duration_ms))}
+        assert set(cdrs) == {"alice", "bob"}, cdrs
+        assert cdrs["alice"][1] == "ENDED_WHILE_AGENT_DOWN"
+        assert cdrs["bob"][1] != "ENDED_WHILE_AGENT_DOWN" and cdrs["bob"][2] >= 5_500, cdrs  # supervised to its end
+        with transaction(session_factory(sql)) as session:
+            report = check_ledger(session, now=utcnow(), grace=timedelta(0))
+        assert report.ok, report.problems
     finally:
         sql.dispose()

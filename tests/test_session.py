@@ -213,6 +213,27 @@ def test_an_adopted_call_continues_from_the_nibbles_the_store_debited() -> None:
     assert _timers(effects)[TimerKind.CUT].at_ms == T0 + 7_000
 
 
+def test_an_adopted_call_whose_reservation_the_store_lost_reserves_again_instead_of_being_cut() -> None:
+    """A Redis that restarted empty while no agent ran: the call is adopted from what the earlier
+    run published, with nothing reserved. That is no verdict on the money: nibble at once (the
+    store reserves again), catching up with the time already talked, never a cut at once."""
+    session = make_session(PER_SECOND, granted=0, nibble_s=1)
+    _answer_b(session, T0)
+    effects = session.adopt_progress(debited_micros=0, reserved_micros=0, seq=0, now_ms=T0 + 3_500,
+                                      reservation_lost=True)
+    assert TimerKind.CUT not in _timers(effects)
+    assert _timers(effects)[TimerKind.NIBBLE].at_ms == T0 + 3_500
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 3_500)
+    assert (step.seq, step.debit_micros, step.reserve_micros) == (1, 1_000, 1_000)
+    effects = session.on_nibble_result(1, granted_micros=1_000, debited_micros=1_000, now_ms=T0 + 3_510)
+    assert _timers(effects)[TimerKind.NIBBLE].at_ms == T0 + 2_000  # past: the catch-up goes on at once
+    # The same adoption without the flag means the money is final: a cut.
+    broke = make_session(PER_SECOND, granted=0, a_leg="A2")
+    _answer_b(broke, T0, leg="B2")
+    assert TimerKind.CUT in _timers(broke.adopt_progress(debited_micros=0, reserved_micros=0, seq=0,
+                                                         now_ms=T0 + 3_500))
+
+
 def test_an_adopted_call_in_a_flat_stretch_of_its_tariff_is_not_cut() -> None:
     # 30 s initial increment, 6 s nibbles: nibbles 2-5 debit nothing and reserve nothing.
     tariff = FlatTariff(rate_micros=600_000, initial_increment=30, increment=6)

@@ -444,11 +444,16 @@ class CallSession:
     # ---------------------------------------------------------------- adoption (agent restart)
 
     def adopt_progress(self, *, debited_micros: int, reserved_micros: int, seq: int, now_ms: int,
-                       last_renewal_ms: int | None = None) -> list[Effect]:
+                       last_renewal_ms: int | None = None, reservation_lost: bool = False) -> list[Effect]:
         """Take over a call another run of this node authorized (its reservation is still open
         in the store): continue from what the store says was debited. Debits are whole nibble
         slices, ``cost(k*N) - cost((k-1)*N)``, so ``debited == cost(k*N)`` gives the k nibbles
-        done; the next nibble is due at answer + (k+1)*N (at once when that is past)."""
+        done; the next nibble is due at answer + (k+1)*N (at once when that is past).
+
+        ``reservation_lost``: the store no longer knows the call (a Redis that restarted empty
+        while no agent ran). Nothing reserved is then no verdict on the money: nibble at once
+        (the store reserves again from the balance, and the settle charges the whole cost);
+        the nibbles catch up with the time already talked."""
         self.seq = max(self.seq, seq)
         self.debited_micros = debited_micros
         self.budget_micros = debited_micros + reserved_micros
@@ -472,6 +477,11 @@ class CallSession:
                 if self.billed_leg_id is not None:
                     self.legs[self.billed_leg_id].answered_ms = estimate
         self.token += 1  # drop the timers armed by the replayed answer
+        if reservation_lost:
+            self.exhausted = False
+            self.cut_at_ms = None
+            return [self._arm(TimerKind.NIBBLE, now_ms),
+                    *self._move_backstop(now_ms + self.settings.backstop_slack_ms)]
         next_slice = self._cost_at((done + 1) * self.nibble_ms) - self._cost_at(done * self.nibble_ms)
         if reserved_micros < next_slice or self._at_max_duration(done + 1):  # the budget is final
             return self._exhaust(now_ms)

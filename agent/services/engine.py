@@ -232,6 +232,9 @@ class Engine:
         self.adoptable: dict[str, LiveCall] = {}
         # What the earlier run had published about those calls (destination, caller, legs).
         self.adoptable_facts: dict[str, LeftBehind] = {}
+        # Calls in ``adoptable`` whose reservation the store lost (published, but unknown to it):
+        # adopted, they reserve again at once rather than count as having no money.
+        self.unreserved: set[str] = set()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -345,7 +348,8 @@ class Engine:
                 call_id=call_id, node=self.settings.node, pbx=event.pbx, account_id=held.account_id, a_leg=a_leg,
                 others=others, tariff=rated.tariff, rating=rated.info, settings=self.session_settings,
                 debited_micros=held.debited_micros, reserved_micros=held.reserved_micros, seq=held.seq,
-                now_ms=now_ms, last_renewal_ms=held.expires_ms - self.settings.reservation_ttl_ms)
+                now_ms=now_ms, last_renewal_ms=held.expires_ms - self.settings.reservation_ttl_ms,
+                reservation_lost=call_id in self.unreserved)
             self.metrics.live_calls.set(self.registry.live_count())
             log.warning("adopted call=%s account=%s dest=%s from an earlier run: %d legs live, %d micro-units "
                         "already debited", call_id, held.account_id, a_leg.callee, 1 + len(others),
