@@ -81,6 +81,8 @@ class AsteriskConfig:
     ami_username: str = "billing"
     ami_secret: str = ""
     ami_ping_seconds: float = 10.0
+    cdr_file: str = ""
+    cdr_columns: str = "1,2,3"
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class FreeswitchConfig:
     command_timeout_seconds: float = 5.0
     authorize_host: str = "127.0.0.1"
     authorize_port: int = 8084
+    cdr_file: str = ""
+    cdr_columns: str = "1,2,3"
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,10 @@ def _check_value(section: str, key: str, value: Any) -> None:
             parse_amount(value, what="offline_credit")
         except MoneyError as exc:
             raise ValueError(str(exc)) from None
+    if key == "cdr_columns":
+        parts = [part.strip() for part in str(value).split(",")]
+        if len(parts) != 3 or not all(part.isdigit() and int(part) >= 1 for part in parts):
+            raise ValueError(f"must be three column numbers from 1 (leg id, answer, end) such as 1,5,6, not {value!r}")
     if (section, key) == ("node", "id") and not value.strip():
         raise ValueError("must not be empty")
     if (section, key) == ("database", "url") and "://" not in value:

@@ -461,3 +461,49 @@ def test_calls_left_behind_survive_a_redis_that_restarted_empty(tmp_path: Path, 
         assert report.ok, report.problems
     finally:
         sql.dispose()
+
+
+@pytest.mark.parametrize("pbx_kind", ["asterisk", "freeswitch"])
+def test_a_call_that_ends_while_the_agent_is_down_is_billed_from_the_pbx_cdr(tmp_path: Path, pbx_kind: str) -> None:
+    """With the PBX's own CDR file set up (asterisk.cdr_file / freeswitch.cdr_file), a call that
+    ended while no agent ran is billed its real duration, not the nibbles it had paid."""
+    from dataclasses import replace
+
+    prepare_database(f"sqlite:///{tmp_path / 'billing-agent.db'}", tmp_path).dispose()
+    pbx = SimulatedPbx(pbx_kind)
+    cdr_file = tmp_path / "pbx-cdr.csv"
+    pbx.fake.cdr_file = str(cdr_file)
+    config = demo_config(tmp_path, pbx_kind, pbx.agi_port, pbx.port)
+    section = "asterisk" if pbx_kind == "asterisk" else "freeswitch"
+    config = replace(config, daemon=replace(config.daemon, drain_seconds=0.0),
+                     **{section: replace(getattr(config, section), cdr_file=str(cdr_file))})
+    try:
+        first = Daemon(config)
+        first.start()
+        wait_for(lambda: all(a.connected() for a in first.adapters))
+        call = pbx.fake.place_call("alice", "33142685300", answer_after_ms=50, talk_ms=4_300)
+        wait_for(lambda: any(c["phase"] == "answered" for c in first.live_call_dicts()))
+        gevent.sleep(1.2)  # one nibble debited by the first run
+        first.shutdown()  # drain 0: the call is handed over ...
+        assert call.done.wait(10)  # ... and ends 3 s later while no agent runs
+        second = Daemon(config)
+        second.start()
+        try:
+            wait_for(lambda: second.engine is not None and not second.engine.adoptable, timeout=10)
+            assert second.cdr is not None and second.cdr.flush(5)
+        finally:
+            second.shutdown()
+    finally:
+        pbx.stop()
+    sql = make_engine(config.database.url)
+    try:
+        with sql.connect() as conn:
+            (cdr,) = conn.execute(select(Call.hangup_cause, Call.duration_ms)).all()
+            (reason, cost) = conn.execute(text("SELECT reason, cost_micros FROM rating_decisions")).one()
+        assert cdr[0] == "ENDED_WHILE_AGENT_DOWN" and reason == "ended_while_agent_down_pbx_cdr"
+        assert 4_250 <= cdr[1] <= 4_400, cdr  # the real talk (4.3 s), not the 1-2 s the nibbles paid
+        with transaction(session_factory(sql)) as session:
+            report = check_ledger(session, now=utcnow(), grace=timedelta(0))
+        assert report.ok, report.problems
+    finally:
+        sql.dispose()

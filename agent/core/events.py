@@ -155,11 +155,24 @@ class LiveLeg:
 
 @dataclass(frozen=True, slots=True)
 class PbxConnected:
-    """The adapter (re)connected and resynced: these are all the legs alive on the PBX now."""
+    """The adapter (re)connected and resynced: these are all the legs alive on the PBX now,
+    and (``ended``) what the PBX's own CDR file says of calls that ended, when one is set up."""
 
     pbx: str
     at_ms: int
     live_legs: tuple[LiveLeg, ...] = field(default_factory=tuple)
+    ended: tuple[EndedCall, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class EndedCall:
+    """The PBX's own record of a call that ended (its CDR): the caller's leg, when the call was
+    answered (None: never) and when it ended. Calls that ended while no agent watched them
+    (a crash, an AMI outage) are billed from it, to the millisecond."""
+
+    a_leg_id: str
+    answered_ms: int | None
+    ended_ms: int
 
 
 @dataclass(frozen=True, slots=True)

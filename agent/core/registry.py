@@ -182,6 +182,7 @@ class CallRegistry:
 
     def _resync(self, event: PbxConnected) -> list[Effect]:
         live = {leg.leg_id: leg for leg in event.live_legs}
+        ended = {call.a_leg_id: call for call in event.ended}
         effects: list[Effect] = []
         for session in list(self.sessions.values()):
             if session.pbx == event.pbx and session.phase in (Phase.AUTHORIZED, Phase.ANSWERED):
@@ -190,7 +191,7 @@ class CallRegistry:
                         session.legs[leg.leg_id] = Leg(leg.leg_id, leg.direction, leg.created_ms or event.at_ms,
                                                        channel=leg.channel, caller=leg.caller, callee=leg.callee)
                         self.leg_index[leg.leg_id] = session.call_id
-                effects += session.on_resync(live, event.at_ms)
+                effects += session.on_resync(live, event.at_ms, ended.get(session.a_leg.leg_id))
         return self.schedule(effects)
 
     # ---------------------------------------------------------------- timers

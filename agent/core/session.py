@@ -45,6 +45,7 @@ from agent.core.events import (
     DenyReason,
     DialBegin,
     Direction,
+    EndedCall,
     HangupLeg,
     LegAnswered,
     LegBridged,
@@ -425,16 +426,18 @@ class CallSession:
 
     # ---------------------------------------------------------------- resync
 
-    def on_resync(self, live: dict[str, LiveLeg], at_ms: int) -> list[Effect]:
+    def on_resync(self, live: dict[str, LiveLeg], at_ms: int, ended: EndedCall | None = None) -> list[Effect]:
         """The PBX reconnected: every leg of ours that is no longer alive ended meanwhile.
 
-        We do not know when; we take the resync instant (the PBX backstop bounds it) and mark
-        the cause so that finance can tell such calls apart.
+        When: the PBX's own CDR of the call (``ended``) says; without one, the resync instant
+        (the PBX backstop bounds it). The cause is marked so that finance can tell such calls
+        apart.
         """
         effects: list[Effect] = []
+        end_ms = min(at_ms, max(ended.ended_ms, self.authorized_ms)) if ended is not None else at_ms
         for leg in list(self.legs.values()):
             if leg.ended_ms is None and leg.leg_id not in live:
-                effects += self.on_hung_up(LegHungUp(leg.leg_id, at_ms, cause="ENDED_DURING_PBX_OUTAGE"))
+                effects += self.on_hung_up(LegHungUp(leg.leg_id, end_ms, cause="ENDED_DURING_PBX_OUTAGE"))
         for leg_id, info in live.items():
             known = self.legs.get(leg_id)
             if known is not None and info.answered and known.answered_ms is None and info.answered_ms:

@@ -39,6 +39,7 @@ from agent.core.events import (
     AuthorizeRequest,
     DenyReason,
     Direction,
+    EndedCall,
     HangupLeg,
     LegEvent,
     LiveLeg,
@@ -135,6 +136,7 @@ class LeftBehind:
 
 
 ENDED_WHILE_AGENT_DOWN = "ENDED_WHILE_AGENT_DOWN"
+FROM_PBX_CDR = "ended_while_agent_down_pbx_cdr"  # the rating reason of such a call billed from the PBX's CDR
 
 
 def covered_by(tariff: Tariff, debited_micros: int, nibble_ms: int) -> int:
@@ -364,6 +366,7 @@ class Engine:
         reservation expire with no record (``ledger check`` then found a charge without a call).
         The PBX's own CDR (Asterisk's cdr_csv, FreeSWITCH's cdr) has the exact end for a check."""
         live = {leg.leg_id for leg in event.live_legs} | {leg.group_id for leg in event.live_legs}
+        ended = {call.a_leg_id: call for call in event.ended}
         now_ms = self.clock.now_ms()
         for call_id, held in list(self.adoptable.items()):
             facts = self.adoptable_facts.get(call_id)
@@ -374,28 +377,54 @@ class Engine:
             if facts is not None and facts.a_leg_id in live:
                 continue  # still up (its caller transferred it, say): the backstop and the expiry handle it
             del self.adoptable[call_id]
-            record = self._left_behind_record(held, facts, event.pbx, now_ms)
-            log.warning("call=%s account=%s ended while the agent was down: settled from the store (%d micro-units "
-                        "the nibbles debited), CDR marked %s", call_id, held.account_id, held.debited_micros,
-                        ENDED_WHILE_AGENT_DOWN)
-            self._store_work.put(self._settle_record, SettleStep(call_id, held.seq + 1, held.debited_micros,
+            self.unreserved.discard(call_id)
+            pbx_cdr = ended.get(facts.a_leg_id) if facts is not None else None
+            record = self._left_behind_record(held, facts, event.pbx, now_ms, pbx_cdr)
+            assert record.rating is not None
+            if pbx_cdr is not None and record.rating.reason == FROM_PBX_CDR:
+                log.warning("call=%s account=%s ended while the agent was down: settled from the PBX's CDR (%d ms "
+                            "talked, %d micro-units; the nibbles had debited %d), CDR marked %s", call_id,
+                            held.account_id, record.duration_ms, record.rating.cost_micros, held.debited_micros,
+                            ENDED_WHILE_AGENT_DOWN)
+            else:
+                log.warning("call=%s account=%s ended while the agent was down: settled from the store (%d "
+                            "micro-units the nibbles debited; no PBX CDR of it), CDR marked %s", call_id,
+                            held.account_id, held.debited_micros, ENDED_WHILE_AGENT_DOWN)
+            self._store_work.put(self._settle_record, SettleStep(call_id, held.seq + 1, record.rating.cost_micros,
                                                                  held.account_id), record)
 
-    def _left_behind_record(self, held: LiveCall, facts: LeftBehind | None, pbx: str, now_ms: int) -> CallRecord:
+    def _left_behind_record(self, held: LiveCall, facts: LeftBehind | None, pbx: str, now_ms: int,
+                            pbx_cdr: EndedCall | None = None) -> CallRecord:
+        """The record of a call that ended while no agent ran: from the PBX's own CDR when it
+        has the call (its real answer and end), else the time the debited nibbles covered."""
         covered_ms = 0
+        cost = held.debited_micros
+        reason = ENDED_WHILE_AGENT_DOWN.lower()
         info = RatingInfo()
+        started_ms = facts.authorized_ms if facts is not None else held.created_ms
+        answered_ms = facts.answered_ms if facts is not None else None
+        ended_ms: int | None = None
         if facts is not None and facts.destination:
             try:
                 rated = self.rater.rate(held.account_id, facts.destination, facts.authorized_ms)
+            except RatingRefused:
+                rated = None
+            if rated is not None:
                 info = rated.info
                 covered_ms = covered_by(rated.tariff, held.debited_micros, self.session_settings.nibble_ms)
-            except RatingRefused:
-                pass
-        started_ms = facts.authorized_ms if facts is not None else held.created_ms
-        answered_ms = facts.answered_ms if facts is not None else None
-        if answered_ms is None and held.debited_micros:
+                if pbx_cdr is not None:
+                    reason = FROM_PBX_CDR
+                    answered_ms, ended_ms = pbx_cdr.answered_ms, pbx_cdr.ended_ms
+                    # The real talk, whatever the reservation held: the call ran on the PBX's own
+                    # limit (set from the money there was at authorize); the agent, had it run,
+                    # would have nibbled on. Several calls of one account left running without an
+                    # agent can take it below its limit: that is what they used.
+                    covered_ms = ended_ms - answered_ms if answered_ms is not None else 0
+                    cost = rated.tariff.cost_micros(covered_ms)
+        if answered_ms is None and cost:
             answered_ms = started_ms
-        ended_ms = answered_ms + covered_ms if answered_ms is not None else started_ms
+        if ended_ms is None:
+            ended_ms = answered_ms + covered_ms if answered_ms is not None else started_ms
         legs = (LegRecord(facts.a_leg_id, "inbound", started_ms, caller=facts.caller, callee=facts.destination,
                           answered_ms=answered_ms, hangup_cause=ENDED_WHILE_AGENT_DOWN),) if facts else ()
         return CallRecord(
@@ -407,8 +436,7 @@ class Engine:
             hangup_cause=ENDED_WHILE_AGENT_DOWN, settled_ms=now_ms, legs=legs,
             rating=RatingRecord(decided_ms=now_ms, plan_name=info.plan_name, rate_id=info.rate_id,
                                 prefix=info.prefix, rate_micros=info.rate_micros,
-                                billed_seconds=-(-covered_ms // 1000), cost_micros=held.debited_micros,
-                                reason=ENDED_WHILE_AGENT_DOWN.lower()))
+                                billed_seconds=-(-covered_ms // 1000), cost_micros=cost, reason=reason))
 
     def _settle_record(self, step: SettleStep, record: CallRecord) -> None:
         """A settle with its record ready (no session): the record goes out whatever the store

@@ -291,11 +291,13 @@ class FakeAsterisk:
     def __init__(self, agi_host: str = "127.0.0.1", agi_port: int = 4573, *, ami_host: str = "127.0.0.1",
                  ami_port: int = 0, ami_username: str = "billing", ami_secret: str = "secret",
                  tech: str = "PJSIP", trunk: str = "carrier", seed: int = 7, login_failure_delay_s: float = 1.0,
-                 agi_idle_timeout_s: float = 60.0, clock: Callable[[], float] = time.time) -> None:
+                 agi_idle_timeout_s: float = 60.0, cdr_file: str = "",
+                 clock: Callable[[], float] = time.time) -> None:
         if tech not in ("PJSIP", "SIP"):
             raise ValueError(f"tech must be PJSIP or SIP, not {tech!r}")
         self.agi_host = agi_host
         self.agi_port = agi_port
+        self.cdr_file = cdr_file  # where cdr_custom writes the shipped format ("": no CDR file)
         self.ami_username = ami_username
         self.ami_secret = ami_secret
         self.tech = tech
@@ -526,7 +528,19 @@ class FakeAsterisk:
             for ch in list(self.channels.values()):
                 if ch.call is call:
                     self.channels.pop(ch.uniqueid, None)
+            self._write_cdr(call)
             call.done.set()
+
+    def _write_cdr(self, call: FakeCall) -> None:
+        """cdr_custom with the shipped mapping (dialplan/asterisk/cdr_custom.conf): the caller's
+        uniqueid, ``${CDR(answer,u)}``, ``${CDR(end,u)}`` (epoch seconds, 6 decimals; an
+        unanswered call's answer is empty), the disposition."""
+        if not self.cdr_file or not call.a_uniqueid:
+            return
+        answer = f"{call.answered_ms / 1000:.6f}" if call.answered_ms else ""
+        disposition = "ANSWERED" if call.answered_ms else "NO ANSWER"
+        with open(self.cdr_file, "a", encoding="utf-8") as out:
+            out.write(f'"{call.a_uniqueid}","{answer}","{call.ended_ms / 1000:.6f}","{disposition}"\n')
 
     def _request_stop(self, call: FakeCall, leg: Any, cause: int) -> None:
         if call._stop.is_set():

@@ -180,13 +180,14 @@ class FakeFreeswitch:
                  heartbeat_s: float = 20.0, park_timeout_s: float = 10.0, ignore_uuid_kill: bool = False,
                  callee_backstop: bool = True, hostname: str = "fake-fs", mode: str = "socket",
                  authorize_host: str = "127.0.0.1", authorize_port: int = 8084, authorize_guard_s: int = 10,
-                 clock: Callable[[], float] = time.time) -> None:
+                 cdr_file: str = "", clock: Callable[[], float] = time.time) -> None:
         if mode not in ("socket", "park"):
             raise ValueError(f"mode must be socket or park, not {mode!r}")
         self.mode = mode
         self.authorize_host = authorize_host
         self.authorize_port = authorize_port  # set by whoever starts the agent's listener
         self.authorize_guard_s = authorize_guard_s  # billing.xml's sched_hangup before the socket
+        self.cdr_file = cdr_file  # mod_cdr_csv's file ("": none)
         self.password = password
         self.heartbeat_s = heartbeat_s
         self.park_timeout_s = park_timeout_s
@@ -287,7 +288,17 @@ class FakeFreeswitch:
         except Exception:  # a fake that dies silently would hang the tests
             log.exception("fake call %s failed", call.a_uuid)
         finally:
+            self._write_cdr(call)
             call.done.set()
+
+    def _write_cdr(self, call: FakeCall) -> None:
+        """mod_cdr_csv, the caller's leg, with a template that starts ``"${uuid}",
+        "${answer_uepoch}","${end_uepoch}"`` (µs; an unanswered call's answer is 0)."""
+        if not self.cdr_file or not call.a_uuid:
+            return
+        ended_us = call.a_ended_us or call.b_ended_us or self._now_us()
+        with open(self.cdr_file, "a", encoding="utf-8") as out:
+            out.write(f'"{call.a_uuid}","{call.b_answered_us or 0}","{ended_us}","{call.hangup_cause}"\n')
 
     def _play(self, call: FakeCall) -> None:
         now = self._now_us()

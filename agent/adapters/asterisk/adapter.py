@@ -51,6 +51,7 @@ from agent.adapters.asterisk.ami import AmiClient, AmiError, AmiSettings
 from agent.adapters.asterisk.ami_protocol import AmiMessage
 from agent.adapters.asterisk.translate import PBX, EventTranslator, cause_number
 from agent.adapters.legs import HeldEvents
+from agent.adapters.pbx_cdr import parse_columns, read_ended_calls
 from agent.core.events import (
     AuthorizeDecision,
     AuthorizeRequest,
@@ -121,6 +122,8 @@ class AsteriskSettings:
     # Authorizations running at once (more AGI sessions wait their turn): bounds the balance
     # store's connections (redis-py's pool refuses the 101st concurrent caller by default).
     authorize_concurrency: int = 64
+    cdr_file: str = ""  # Asterisk's cdr_custom file of the shipped format (agent.adapters.pbx_cdr); "": none
+    cdr_columns: tuple[int, int, int] = (0, 1, 2)  # 0-based: the caller's leg id, the answer, the end
 
     @classmethod
     def from_config(cls, config: Any) -> AsteriskSettings:
@@ -131,6 +134,8 @@ class AsteriskSettings:
             ami=AmiSettings(host=config.ami_host, port=int(config.ami_port), username=config.ami_username,
                             secret=config.ami_secret, ping_interval_s=ping_s,
                             ping_timeout_s=max(1.0, min(5.0, ping_s / 2))),
+            cdr_file=str(getattr(config, "cdr_file", "") or ""),
+            cdr_columns=parse_columns(str(getattr(config, "cdr_columns", "1,2,3"))),
         )
 
 
@@ -329,7 +334,9 @@ class AsteriskAdapter:
                     for leg in live]
         self.stats.resyncs += 1
         log.info("Asterisk resync: %d live channels", len(live))
-        self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live)))
+        ended = (read_ended_calls(self.settings.cdr_file, columns=self.settings.cdr_columns)
+                 if self.settings.cdr_file else ())
+        self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live), ended))
         if self.settings.fetch_call_ids:  # after a restart every leg is new to us: ask each its Call-ID
             for leg in live:
                 if not self.translator.call_id_of(leg.leg_id):

@@ -60,6 +60,7 @@ from agent.adapters.freeswitch.translate import (
     parked_for_billing,
 )
 from agent.adapters.legs import HeldEvents
+from agent.adapters.pbx_cdr import parse_columns, read_ended_calls
 from agent.core.events import (
     AuthorizeDecision,
     AuthorizeRequest,
@@ -94,6 +95,8 @@ class FreeswitchSettings:
     resync_batch: int = 50  # uuid_dump commands pipelined per round trip
     authorize_host: str = "127.0.0.1"  # the outbound-socket listener of billing.xml's socket app
     authorize_port: int | None = None  # None: no listener (a dialplan that parks calls); 0: any free port
+    cdr_file: str = ""  # mod_cdr_csv's file of the shipped template (agent.adapters.pbx_cdr); "": none
+    cdr_columns: tuple[int, int, int] = (0, 1, 2)  # 0-based: the caller's leg id, the answer, the end
 
     @classmethod
     def from_config(cls, config: Any) -> FreeswitchSettings:
@@ -102,7 +105,9 @@ class FreeswitchSettings:
         return cls(esl=EslSettings(host=config.host, port=int(config.port), password=config.password,
                                    command_timeout_s=timeout),
                    authorize_host=str(getattr(config, "authorize_host", "127.0.0.1")),
-                   authorize_port=int(getattr(config, "authorize_port", 8084)) or None)
+                   authorize_port=int(getattr(config, "authorize_port", 8084)) or None,
+                   cdr_file=str(getattr(config, "cdr_file", "") or ""),
+                   cdr_columns=parse_columns(str(getattr(config, "cdr_columns", "1,2,3"))))
 
 
 @dataclass
@@ -434,7 +439,9 @@ class FreeswitchAdapter:
         live, updates = self.translator.reset_live(dumps, known_before, now_ms)
         self.stats.resyncs += 1
         log.info("FreeSWITCH resync: %d live channels", len(live))
-        self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live)))
+        ended = (read_ended_calls(self.settings.cdr_file, columns=self.settings.cdr_columns)
+                 if self.settings.cdr_file else ())
+        self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live), ended))
         for update in updates:
             self.engine.on_event(update)
         for dump in dumps:
