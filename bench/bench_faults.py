@@ -23,9 +23,12 @@ two parts:
 Then every call is over, the agent runs until every reservation has been settled or has expired,
 and the report compares, call by call, the money charged (the CDR's rating decision) with §4 of
 the call's real duration as the PBX saw it (answer to hangup; 0.60/min in 1 s increments, so one
-started second costs 10,000 micro-units), counts CDRs (none missing, none twice), runs ``ledger
-check``, and gives the cut delay of the calls cut for money (the PBX's end minus the answer plus
-the limit the agent set). Prints a JSON report; ``--json FILE`` writes it.
+started second costs 10,000 micro-units; a call cut for money: the time paid for), counts CDRs
+(none missing, none twice), runs ``ledger check``, and gives the cut delay of the calls the agent
+cut for money (the PBX's end minus the answer plus the limit the agent set) and, apart, of those
+the PBX's own limit ended while no agent ran. The simulated Asterisk writes its CDR file as the
+shipped cdr_custom.conf does and the agent reads it (``--no-pbx-cdr``: not). Prints a JSON
+report; ``--json FILE`` writes it.
 """
 
 from __future__ import annotations
@@ -306,10 +309,10 @@ def report(placed: list[Placed], agent: Agent, timeline: Timeline) -> dict[str, 
             entry["max_over_micros"] = max(entry["max_over_micros"], diff)
             entry["max_under_micros"] = max(entry["max_under_micros"], -diff)
     differing = [row for row in rows if row["charged"] != row["expected"]][:10]
-    late = [(p.call.ended_ms - p.call.answered_ms) - p.call.limit_ms for p in answered
-            if p.poor and p.call.outcome == "cut" and p.call.limit_ms is not None]
     by_agent = [(p.call.ended_ms - p.call.answered_ms) - p.call.limit_ms for p in answered
                 if p.poor and p.call.cut_by == "ami" and p.call.limit_ms is not None]
+    by_pbx = [(p.call.ended_ms - p.call.answered_ms) - p.call.limit_ms for p in answered
+              if p.poor and p.call.outcome == "cut" and p.call.cut_by != "ami" and p.call.limit_ms is not None]
     ok, ledger = agent.ledger_check()
     return {
         "calls": len(placed), "outcomes": dict(outcomes), "answered": len(answered), "cdrs": len(cdrs),
@@ -318,9 +321,10 @@ def report(placed: list[Placed], agent: Agent, timeline: Timeline) -> dict[str, 
         "money": by_cause,
         "charged_minus_expected_micros": sum(r["charged"] - r["expected"] for r in rows),
         "differing_examples": differing,
-        "cut_calls": len(late), "cut_late_ms": {"p50": pct(late, 0.5), "p99": pct(late, 0.99),
-                                                "max": max(late) if late else float("nan")},
-        "cut_by_agent_late_ms_max": max(by_agent) if by_agent else float("nan"),
+        "cut_by_agent": len(by_agent), "cut_late_ms": {"p50": pct(by_agent, 0.5), "p99": pct(by_agent, 0.99),
+                                                       "max": max(by_agent) if by_agent else float("nan")},
+        # Money that ran out while no agent ran: the PBX's own limit (backstop) ended the call.
+        "cut_by_pbx_backstop": len(by_pbx), "backstop_late_ms_max": max(by_pbx) if by_pbx else float("nan"),
         "ledger_check_ok": ok, "ledger_check": ledger.strip()[-2000:], "timeline": timeline.events,
     }
 
@@ -337,6 +341,8 @@ def main() -> None:
     parser.add_argument("--db-outage", type=float, default=30.0, help="seconds the database is unreachable")
     parser.add_argument("--hang", type=float, default=10.0, help="seconds the store hangs (each part)")
     parser.add_argument("--nibble-seconds", type=int, default=2)
+    parser.add_argument("--no-pbx-cdr", action="store_true",
+                        help="no PBX CDR file for the agent: calls that end while it is down are billed from the store")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -354,11 +360,12 @@ def main() -> None:
     redis = PrivateRedis(folder)
     redis.start()
     redis_proxy = Proxy(redis.port)
+    cdr_file = "" if args.no_pbx_cdr else str(folder / "pbx-cdr.csv")  # Asterisk's cdr_custom, as shipped
     pbx = FakeAsterisk("127.0.0.1", free_port(), ami_port=0, ami_username="billing", ami_secret=AMI_SECRET,
-                       seed=args.seed).start()
+                       seed=args.seed, cdr_file=cdr_file).start()
     pbx_settings = {"asterisk": {"enabled": True, "agi_host": "127.0.0.1", "agi_port": pbx.agi_port,
                                  "ami_host": "127.0.0.1", "ami_port": int(pbx.ami_port), "ami_username": "billing",
-                                 "ami_secret": AMI_SECRET, "ami_ping_seconds": 2}}
+                                 "ami_secret": AMI_SECRET, "ami_ping_seconds": 2, "cdr_file": cdr_file}}
     rich = [f"70{i:02d}" for i in range(30)]
     poor = [f"80{i:02d}" for i in range(10)]
     timeline = Timeline()
@@ -403,7 +410,8 @@ def main() -> None:
         db_proxy.stop()
         redis.kill()
     result["settings"] = {"calls": args.calls, "rate": args.rate, "seed": args.seed, "db_outage_s": args.db_outage,
-                          "hang_s": args.hang, "nibble_s": args.nibble_seconds, "folder": str(folder)}
+                          "hang_s": args.hang, "nibble_s": args.nibble_seconds, "pbx_cdr_file": bool(cdr_file),
+                          "folder": str(folder)}
     print(json.dumps(result, indent=2, default=str))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))
@@ -411,8 +419,8 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     print(f"\n{len(placed)} calls; CDRs {result['cdrs']}; answered without CDR {result['answered_without_cdr']}; "
           f"charged - expected {result['charged_minus_expected_micros']} micro-units; ledger check "
-          f"{'OK' if result['ledger_check_ok'] else 'FAILED'}; cut delay p50 {result['cut_late_ms']['p50']:.0f} ms, "
-          f"max {result['cut_late_ms']['max']:.0f} ms")
+          f"{'OK' if result['ledger_check_ok'] else 'FAILED'}; cut by the agent: delay p50 "
+          f"{result['cut_late_ms']['p50']:.0f} ms, max {result['cut_late_ms']['max']:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -367,3 +367,17 @@ def test_a_call_whose_channel_went_away_unseen_is_released_by_the_guard() -> Non
     assert guard.kind is TimerKind.NO_ANSWER_GUARD and guard.at_ms == session.authorized_ms + 180_000
     (release,) = session.on_timer(TimerKind.NO_ANSWER_GUARD, guard.token, guard.at_ms)
     assert isinstance(release, ReleaseStep) and session.end_cause == "NO_ANSWER_GUARD"
+
+
+def test_a_call_that_ended_during_a_pbx_outage_ends_where_the_pbx_cdr_says() -> None:
+    """The AMI/ESL connection came back: the call's legs are gone. Without the PBX's CDR the
+    call ends at the resync instant (bounded by the backstop); with it, at its real end."""
+    from agent.core.events import EndedCall
+
+    for ended, expected_ms in ((None, 9_000), (EndedCall("A1", T0, T0 + 4_321), 4_321)):
+        session = make_session(PER_SECOND, granted=60_000)
+        _answer_b(session, T0)
+        session.on_resync({}, T0 + 9_000, ended)
+        (finished,) = session.on_settled(T0 + 9_100)
+        assert finished.record.duration_ms == expected_ms
+        assert finished.record.hangup_cause == "ENDED_DURING_PBX_OUTAGE"

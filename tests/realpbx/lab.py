@@ -595,6 +595,7 @@ rungroup = root
         _write(self.etc / "rtp.conf", f"[general]\nrtpstart = {self.rtp_start}\nrtpend = {self.rtp_start + 4000}\n")
         _write(self.etc / "cdr.conf", "[general]\nenable = yes\nunanswered = yes\n[csv]\nusegmtime = yes\n"
                                       "loguniqueid = yes\nloguserfield = yes\naccountlogs = no\n")
+        shutil.copy(DIALPLAN / "asterisk" / "cdr_custom.conf", self.etc / "cdr_custom.conf")  # as shipped
         # The AMI user exactly as shipped, with the admin's secret (and, for a test, other rights).
         shipped = (DIALPLAN / "asterisk" / "manager_billing.conf").read_text()
         shipped = shipped.replace("secret = change-me-to-a-long-random-secret", f"secret = {AMI_SECRET}")
@@ -703,7 +704,7 @@ contact = sip:127.0.0.1:{self.carrier_port}
 """)
 
     def start(self) -> None:
-        for sub in ("var/keys", "agi", "spool", "run", "log/cdr-csv"):
+        for sub in ("var/keys", "agi", "spool", "run", "log/cdr-csv", "log/cdr-custom"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
         out = open(self.folder / "asterisk.out", "ab")
         self.process = subprocess.Popen(
@@ -740,7 +741,8 @@ contact = sip:127.0.0.1:{self.carrier_port}
     def agent_settings(self) -> dict[str, Any]:
         return {"asterisk": {"enabled": True, "agi_host": "127.0.0.1", "agi_port": self.agi_port,
                              "ami_host": "127.0.0.1", "ami_port": self.ami_port, "ami_username": AMI_USER,
-                             "ami_secret": AMI_SECRET, "ami_ping_seconds": 5}}
+                             "ami_secret": AMI_SECRET, "ami_ping_seconds": 5,
+                             "cdr_file": str(self.folder / "log" / "cdr-custom" / "billing.csv")}}
 
     def live_channels(self) -> int:
         out = self.cli("core show channels count")
@@ -939,7 +941,9 @@ class FreeswitchPbx(Pbx):
 
     def agent_settings(self) -> dict[str, Any]:
         return {"freeswitch": {"enabled": True, "host": "127.0.0.1", "port": self.esl_port,
-                               "password": ESL_PASSWORD, "authorize_port": self.authorize_port}}
+                               "password": ESL_PASSWORD, "authorize_port": self.authorize_port,
+                               # mod_cdr_csv's Master.csv with the lab's template: uuid, answer_uepoch, end_uepoch
+                               "cdr_file": str(self.folder / "log" / "cdr-csv" / "Master.csv"), "cdr_columns": "1,5,6"}}
 
     def live_channels(self) -> int:
         out = self.cli("show channels count")

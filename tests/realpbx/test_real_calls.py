@@ -247,3 +247,23 @@ def test_calls_are_refused_at_once_while_the_agent_is_down(lab: Lab) -> None:
     finally:
         lab.agent.start()
     assert lab.agent.cdrs(payer) == []
+
+
+def test_a_call_that_ends_while_the_agent_is_down_is_billed_from_the_pbx_cdr(lab: Lab) -> None:
+    """kill -9 of the agent mid-call; the caller hangs up while no agent runs; the restarted
+    agent bills the call its real duration from the PBX's own CDR file (Asterisk cdr_custom with
+    the shipped mapping; FreeSWITCH mod_cdr_csv), not the one nibble it had paid."""
+    payer = account(lab, "2012", "100")
+    run = run_customers(lab.folder, lab.pbx.sip_port, [(payer, NUMBER)], hold_ms=5_000, name="ended-down", wait=False)
+    time.sleep(2.5)  # answered, a nibble taken
+    lab.agent.kill()
+    (call,) = run.wait().values()  # the caller's BYE at 5 s: no agent runs
+    assert call.answered_tick is not None, call
+    lab.agent.start()
+    (cdr,) = lab.agent.wait_cdrs(1, payer)
+    assert cdr["hangup_cause"] == "ENDED_WHILE_AGENT_DOWN", cdr
+    assert cdr["rating"]["reason"] == "ended_while_agent_down_pbx_cdr", cdr
+    assert 4_800 <= cdr["duration_ms"] <= 5_300, cdr  # the real talk
+    assert micros(cdr["rating"]["cost"]) == cost_micros(cdr["duration_ms"]), cdr
+    ok, report = lab.agent.ledger_check()
+    assert ok, report
