@@ -295,3 +295,57 @@ def test_the_journal_writes_at_once_and_fsyncs_in_groups_off_the_caller(tmp_path
     journal.append({"op": "nibble", "call_id": "c1", "seq": 101})
     journal.close()
     assert len(Journal(path)) == 41
+
+
+class SlowFlakyStore:
+    """A real store whose settles take ``delay_s``, and that can be down, or fail once on a call."""
+
+    def __init__(self, store: RedisBalanceStore) -> None:
+        self.store = store
+        self.delay_s = 0.0
+        self.down = False
+        self.fail_once_on: str | None = None
+
+    def settle(self, call_id: str, *args: object, **kwargs: object) -> object:
+        from agent.core.balance import StoreUnavailable
+
+        if self.down or self.fail_once_on == call_id:
+            self.fail_once_on = None
+            raise StoreUnavailable("down")
+        gevent.sleep(self.delay_s)
+        return self.store.settle(call_id, *args, **kwargs)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+
+def test_concurrent_settles_never_drop_a_journaled_step(w: World) -> None:
+    """Found on a real FreeSWITCH under load (bench_realpbx): several store workers replayed the
+    journal at once, each then dropped as many entries as it had applied, so a step journaled
+    meanwhile was dropped unapplied and its call was never charged (50 calls in one run). One
+    replay at a time; whoever finds one running journals its own step behind it."""
+    for n in range(1, 6):
+        w.account(f"a{n}", balance=10 * UNIT)
+    clock = ManualClock(T0)
+    store = SlowFlakyStore(redis_store(w, "redis://127.0.0.1:6379/0"))
+    guard = StoreGuard(store, clock=clock, timeout_ms=2_000, probe_interval_ms=1000)  # type: ignore[arg-type]
+    for n in range(1, 6):
+        assert guard.authorize(f"a{n}", f"c{n}", "n1", UNIT, UNIT, T0, TTL).allowed
+    store.down = True
+    for n in (1, 2):  # the store is down: journaled
+        assert guard.settle(f"c{n}", 1, UNIT, T0 + 1000, account_id=f"a{n}").status is SettleStatus.JOURNALED
+    store.down = False
+    store.delay_s = 0.05
+    clock.advance(1000)
+    first = gevent.spawn(guard.settle, "c3", 1, UNIT, T0 + 2000, account_id="a3")  # replays c1, c2 slowly
+    gevent.sleep(0.01)
+    second = gevent.spawn(guard.settle, "c4", 1, UNIT, T0 + 2000, account_id="a4")
+    gevent.sleep(0.06)
+    store.fail_once_on = "c1"  # a third settle meets the store failing once
+    third = gevent.spawn(guard.settle, "c5", 1, UNIT, T0 + 2000, account_id="a5")
+    gevent.joinall([first, second, third], timeout=5, raise_error=True)
+    clock.advance(1000)
+    guard.recover()
+    assert len(guard.journal) == 0
+    for n in range(1, 6):
+        assert w.entries(f"c{n}") == [("charge", -UNIT, f"charge:c{n}")], n

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import gevent
+import gevent.lock
 
 from agent.config import BillingConfig
 from agent.core.balance import (
@@ -148,6 +149,7 @@ class StoreGuard:
         # Calls authorized offline, not in the store yet (their account rides with every step:
         # the guard keeps no call -> account map of its own).
         self._offline_calls: dict[str, tuple[str, str]] = {}  # call -> (account, node)
+        self._replaying = gevent.lock.Semaphore()  # one journal replay at a time (see _replay)
 
     @property
     def available(self) -> bool:
@@ -289,7 +291,21 @@ class StoreGuard:
         return before - len(self.journal)
 
     def _replay(self) -> bool:
-        """True once the journal is empty. Stops at the first step the store cannot take."""
+        """True once the journal's steps are in the store. Stops at the first step the store
+        cannot take. One replay at a time: each drops the entries it applied from the head of
+        the journal, so two at once dropped a step journaled meanwhile, unapplied (a settle
+        lost: its call never charged). Whoever finds a replay running waits for it (at most the
+        deadline), then replays what is left."""
+        if not self._replaying.acquire(timeout=self.timeout_s):
+            return False
+        try:
+            return self._replay_locked()
+        finally:
+            self._replaying.release()
+
+    def _replay_locked(self) -> bool:
+        if not len(self.journal):
+            return True
         done = 0
         try:
             for entry in self.journal.entries():
