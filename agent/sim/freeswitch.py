@@ -357,6 +357,11 @@ class FakeFreeswitch:
             call.outcome = "failed"
             self.hangup(a, "NO_ROUTE_DESTINATION")  # no extension matches without a decision
             return
+        # billing-dial: the 10 s guard goes (sched_cancel), the caller's ceiling comes.
+        self._api_sched_del(a.uuid)
+        ceiling = a.variables.get("billing_ceiling_s", "")
+        if ceiling.isdigit():
+            self.schedule_hangup(a, int(ceiling), "ALLOTTED_TIMEOUT")
         a.variables["current_application"] = "bridge"
         last_cause = "NO_ROUTE_DESTINATION"
         for attempt in call.attempts:

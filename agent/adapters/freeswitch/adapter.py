@@ -303,17 +303,17 @@ class FreeswitchAdapter:
             self.held.release(request.leg_id)
 
     def _decision_commands(self, request: AuthorizeRequest, decision: AuthorizeDecision) -> list[str]:
-        """The variables the dialplan reads (and, when allowed, the caller's ceiling)."""
+        """The variables the dialplan reads, in one command: FreeSWITCH reads an outbound
+        socket byte by byte with a sched_yield after each, so every command and byte sent
+        before the dialplan can go on is post-dial delay. billing.xml itself replaces its 10 s
+        guard with the caller's ceiling (``billing_ceiling_s``: backstop + ring allowance)."""
         leg_id = request.leg_id
         if decision.allowed:
             backstop_s = commands.backstop_seconds(decision.pbx_backstop_ms)
             return [commands.setvar_multi(leg_id, {
-                        "billing_decision": "allow", "billing_call_id": decision.call_id,
-                        "billing_limit_ms": str(decision.limit_ms), "billing_backstop_s": str(backstop_s)}),
-                    # billing.xml's 10 s guard against an agent that never decides goes; the
-                    # caller's ceiling replaces it (re-arms move it the same way).
-                    commands.sched_del(leg_id),
-                    commands.sched_hangup(leg_id, backstop_s + self.settings.ring_allowance_s)]
+                "billing_decision": "allow", "billing_call_id": decision.call_id,
+                "billing_limit_ms": str(decision.limit_ms), "billing_backstop_s": str(backstop_s),
+                "billing_ceiling_s": str(backstop_s + self.settings.ring_allowance_s)})]
         reason = str(decision.reason or DenyReason.BAD_REQUEST)
         return [commands.setvar_multi(leg_id, {
             "billing_decision": "deny", "billing_reason": reason,
@@ -362,7 +362,7 @@ class FreeswitchAdapter:
         except commands.UnsafeValue as exc:
             self._kill_refused(leg_id, "INVALID_NUMBER_FORMAT", str(exc))
             return
-        setvar, _guard, ceiling, moved = self.client.api_many([*self._decision_commands(request, decision), transfer])
+        setvar, moved = self.client.api_many([*self._decision_commands(request, decision), transfer])
         if commands.is_no_such_channel(setvar):
             self._vanished(leg_id)
         elif not commands.is_ok(setvar):
@@ -372,9 +372,6 @@ class FreeswitchAdapter:
                 self._vanished(leg_id)
             else:
                 self._kill_refused(leg_id, "TEMPORARY_FAILURE", f"uuid_transfer: {commands.first_line(moved)}")
-        if not commands.is_ok(ceiling) and not commands.is_no_such_channel(ceiling):
-            log.error("sched_hangup ceiling for leg %s refused: %s (the callee-leg backstop still holds)", leg_id,
-                      commands.first_line(ceiling))
 
     def _deny(self, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
         leg_id = request.leg_id
