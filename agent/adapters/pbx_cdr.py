@@ -11,9 +11,10 @@ mod_cdr_csv template names its own, see ``dialplan/freeswitch/README.md``)::
 
 * the leg id is Asterisk's ``${CDR(uniqueid)}`` (the caller's channel) or FreeSWITCH's
   ``${uuid}`` of the caller's leg (rows of other legs match no call and are ignored);
-* an instant is epoch seconds with a fraction (Asterisk's ``${CDR(answer,u)}``:
-  ``1796276920.123456``) or whole epoch microseconds (FreeSWITCH's ``${answer_uepoch}``) or
-  milliseconds; empty or ``0`` is "never" (not answered).
+* an instant is epoch seconds with a fraction (Asterisk's ``answer(double)`` of an advanced
+  cdr_custom mapping, or ``${CDR(answer,u)}`` of a legacy one: ``1796276920.123456``) or
+  whole epoch microseconds (FreeSWITCH's ``${answer_uepoch}``) or milliseconds; empty or
+  zero is "never" (not answered).
 
 Several lines for one caller's leg (Asterisk writes one per Dial attempt, failover included)
 are merged: the earliest answer, the latest end. Bytes in, values out; the adapters read the
@@ -45,14 +46,14 @@ def parse_instant_ms(text: str) -> int | None:
     """An epoch instant in ms from seconds with a fraction, microseconds or milliseconds;
     None for empty or 0 ("never")."""
     raw = text.strip()
-    if raw in ("", "0", "0.000000", "0.0"):
+    if raw in ("", "0"):
         return None
     try:
         if "." in raw:
             value = Decimal(raw)
             if not value.is_finite() or value < 0:
                 raise BadInstant(f"not an instant: {text!r}")
-            return int(value * 1000)
+            return int(value * 1000) if value else None  # Asterisk's answer(double) of an unanswered call: 0.000000
         if not raw.isdigit():
             raise BadInstant(f"not an instant: {text!r}")
         digits = len(raw)

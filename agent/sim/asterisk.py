@@ -533,11 +533,11 @@ class FakeAsterisk:
 
     def _write_cdr(self, call: FakeCall) -> None:
         """cdr_custom with the shipped mapping (dialplan/asterisk/cdr_custom.conf): the caller's
-        uniqueid, ``${CDR(answer,u)}``, ``${CDR(end,u)}`` (epoch seconds, 6 decimals; an
-        unanswered call's answer is empty), the disposition."""
+        uniqueid, ``answer(double)``, ``end(double)`` (epoch seconds, 6 decimals; an unanswered
+        call's answer is 0.000000), the disposition."""
         if not self.cdr_file or not call.a_uniqueid:
             return
-        answer = f"{call.answered_ms / 1000:.6f}" if call.answered_ms else ""
+        answer = f"{call.answered_ms / 1000:.6f}" if call.answered_ms else "0.000000"
         disposition = "ANSWERED" if call.answered_ms else "NO ANSWER"
         with open(self.cdr_file, "a", encoding="utf-8") as out:
             out.write(f'"{call.a_uniqueid}","{answer}","{call.ended_ms / 1000:.6f}","{disposition}"\n')
