@@ -275,7 +275,8 @@ def report(placed: list[Placed], agent: Agent, timeline: Timeline) -> dict[str, 
     ids = Counter(cdr["call_id"] for cdr in cdrs)
     outcomes = Counter(p.call.outcome or "unfinished" for p in placed)
     answered = [p for p in placed if p.call.answered_ms]
-    missing: list[str] = []
+    missing: list[dict[str, Any]] = []
+    cut_delays: list[float] = []  # real end minus the billed end, calls the agent cut
     rows: list[dict[str, Any]] = []
     for p in answered:
         found = by_leg.get(p.call.a_uniqueid) or []
@@ -288,10 +289,14 @@ def report(placed: list[Placed], agent: Agent, timeline: Timeline) -> dict[str, 
             continue
         (cdr,) = unique.values()
         talk_ms = p.call.ended_ms - p.call.answered_ms
-        if p.call.cut_by == "ami" and p.call.limit_ms is not None and p.poor:
-            # Cut for money: what was paid for, not the few ms the cut took (charging a started
-            # second the account cannot pay would overdraw it); the delay is reported apart.
-            talk_ms = min(talk_ms, p.call.limit_ms)
+        if p.call.cut_by == "ami":
+            # Cut by the agent (money out, or the store gone under fail_closed): billed up to the
+            # cut instant, not the few ms the PBX took to carry the hangup out (a started second
+            # the account could not pay would overdraw it). Checked: the cut came within 100 ms.
+            delay_ms = talk_ms - cdr["duration_ms"]
+            cut_delays.append(delay_ms)
+            if 0 <= delay_ms <= 100:
+                talk_ms = cdr["duration_ms"]
         charged = int(Decimal(cdr["rating"]["cost"]) * 1_000_000) if cdr.get("rating") else 0
         rows.append({"part": p.part, "cause": cdr.get("hangup_cause", ""), "talk_ms": talk_ms,
                      "expected": cost_micros(talk_ms), "charged": charged, "call_id": cdr["call_id"]})
@@ -321,6 +326,9 @@ def report(placed: list[Placed], agent: Agent, timeline: Timeline) -> dict[str, 
         "money": by_cause,
         "charged_minus_expected_micros": sum(r["charged"] - r["expected"] for r in rows),
         "differing_examples": differing,
+        "agent_cuts": len(cut_delays),
+        "agent_cut_pbx_lag_ms": {"p50": pct(cut_delays, 0.5), "p99": pct(cut_delays, 0.99),
+                                 "max": max(cut_delays) if cut_delays else float("nan")},
         "cut_by_agent": len(by_agent), "cut_late_ms": {"p50": pct(by_agent, 0.5), "p99": pct(by_agent, 0.99),
                                                        "max": max(by_agent) if by_agent else float("nan")},
         # Money that ran out while no agent ran: the PBX's own limit (backstop) ended the call.
