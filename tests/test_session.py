@@ -381,3 +381,19 @@ def test_a_call_that_ended_during_a_pbx_outage_ends_where_the_pbx_cdr_says() -> 
         (finished,) = session.on_settled(T0 + 9_100)
         assert finished.record.duration_ms == expected_ms
         assert finished.record.hangup_cause == "ENDED_DURING_PBX_OUTAGE"
+
+
+def test_a_call_authorized_after_the_pbx_listing_is_not_ended_by_it() -> None:
+    """Found by bench/bench_faults.py: right after a restart the engine took the resync late,
+    after a new call was authorized; the listing (asked before) did not show it, and the call
+    was ended at once as ENDED_DURING_PBX_OUTAGE, then talked 16 s unbilled."""
+    from agent.core.events import PbxConnected
+    from agent.core.registry import CallRegistry
+
+    registry = CallRegistry()
+    session = make_session(PER_SECOND, granted=60_000, at_ms=T0 + 100)
+    registry.add(session)
+    registry.feed(PbxConnected("asterisk", T0 + 150, (), listed_ms=T0 + 50))  # listed before it
+    assert all(leg.ended_ms is None for leg in session.legs.values())
+    registry.feed(PbxConnected("asterisk", T0 + 300, (), listed_ms=T0 + 200))  # listed after: it ended
+    assert session.a_leg.ended_ms == T0 + 300

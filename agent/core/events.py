@@ -162,6 +162,8 @@ class PbxConnected:
     at_ms: int
     live_legs: tuple[LiveLeg, ...] = field(default_factory=tuple)
     ended: tuple[EndedCall, ...] = field(default_factory=tuple)
+    # When the listing was asked for: a call authorized since is not in it, whatever it says.
+    listed_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

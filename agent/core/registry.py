@@ -185,6 +185,11 @@ class CallRegistry:
         ended = {call.a_leg_id: call for call in event.ended}
         effects: list[Effect] = []
         for session in list(self.sessions.values()):
+            if event.listed_ms is not None and session.authorized_ms >= event.listed_ms:
+                # Authorized after the PBX listed its channels (the engine may take the event
+                # late): absent from the listing is no sign of its end. Found by bench_faults:
+                # such a call was ended at once as ENDED_DURING_PBX_OUTAGE and talked unbilled.
+                continue
             if session.pbx == event.pbx and session.phase in (Phase.AUTHORIZED, Phase.ANSWERED):
                 for leg in event.live_legs:
                     if leg.parent_leg_id in session.legs and leg.leg_id not in session.legs:

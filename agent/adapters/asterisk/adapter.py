@@ -318,6 +318,7 @@ class AsteriskAdapter:
     def _resync(self) -> None:
         """After every (re)connect: every live channel, then one PbxConnected for the engine."""
         known_before = set(self.translator.legs)
+        listed_ms = self.clock.now_ms()
         try:
             listing = self.ami.action_list("CoreShowChannels", "CoreShowChannelsComplete")
         except AmiError as exc:
@@ -336,7 +337,7 @@ class AsteriskAdapter:
         log.info("Asterisk resync: %d live channels", len(live))
         ended = (read_ended_calls(self.settings.cdr_file, columns=self.settings.cdr_columns)
                  if self.settings.cdr_file else ())
-        self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live), ended))
+        self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live), ended, listed_ms))
         if self.settings.fetch_call_ids:  # after a restart every leg is new to us: ask each its Call-ID
             for leg in live:
                 if not self.translator.call_id_of(leg.leg_id):

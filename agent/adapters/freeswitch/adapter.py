@@ -418,6 +418,7 @@ class FreeswitchAdapter:
     def _resync(self) -> None:
         """After every (re)connect: every live channel, then one PbxConnected for the engine."""
         known_before = set(self.translator.legs)
+        listed_ms = self.clock.now_ms()
         listing = self.client.api("show channels as json")
         leg_ids = channel_uuids(listing)
         dumps: list[Event] = []
@@ -438,7 +439,7 @@ class FreeswitchAdapter:
         log.info("FreeSWITCH resync: %d live channels", len(live))
         ended = (read_ended_calls(self.settings.cdr_file, columns=self.settings.cdr_columns)
                  if self.settings.cdr_file else ())
-        self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live), ended))
+        self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live), ended, listed_ms))
         for update in updates:
             self.engine.on_event(update)
         for dump in dumps:
