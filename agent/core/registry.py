@@ -55,7 +55,11 @@ class CallRegistry:
     group_index: dict[str, str] = field(default_factory=dict)  # PBX group id -> call id
     # Legs created before the call was authorized (Newchannel precedes the AGI request).
     pending_legs: OrderedDict[str, LegCreated] = field(default_factory=OrderedDict)
-    timers: list[tuple[int, int, str, TimerKind, int]] = field(default_factory=list)
+    # (instant, seq, call, kind, token, when it was armed as far as the registry knows)
+    timers: list[tuple[int, int, str, TimerKind, int, int]] = field(default_factory=list)
+    # The latest instant the engine gave (fire_due, or the engine before it applies an event):
+    # only to tell a timer armed already due from a late loop. The core reads no clock.
+    now_hint_ms: int = 0
     timer_seq: int = 0
     stats: RegistryStats = field(default_factory=RegistryStats)
 
@@ -208,7 +212,7 @@ class CallRegistry:
             if isinstance(effect, ArmTimer):
                 self.timer_seq += 1
                 heapq.heappush(self.timers, (effect.at_ms, self.timer_seq, effect.call_id, effect.kind,
-                                             effect.token))
+                                             effect.token, self.now_hint_ms))
             else:
                 rest.append(effect)
         return rest
@@ -216,8 +220,9 @@ class CallRegistry:
     def shift_time(self, delta_ms: int) -> int:
         """The wall clock stepped: move every live call's instants and every timer by the step
         (a uniform shift keeps the heap ordered). Returns the number of calls moved."""
-        self.timers = [(at_ms + delta_ms, seq, call_id, kind, token)
-                       for at_ms, seq, call_id, kind, token in self.timers]
+        self.timers = [(at_ms + delta_ms, seq, call_id, kind, token, armed_ms + delta_ms)
+                       for at_ms, seq, call_id, kind, token, armed_ms in self.timers]
+        self.now_hint_ms += delta_ms
         for session in self.sessions.values():
             session.shift_time(delta_ms)
         for leg_id, early in list(self.pending_legs.items()):
@@ -229,12 +234,15 @@ class CallRegistry:
 
     def fire_due(self, now_ms: int, lateness_ms: list[int] | None = None) -> list[Effect]:
         """Run every timer due at ``now_ms``; returns the effects they produced. When a list is
-        given, each fired timer's lateness (``now_ms`` minus its instant) is appended to it."""
+        given, each fired timer's lateness is appended to it: ``now_ms`` minus its instant, or
+        minus the instant it was armed (``now_hint_ms``) when it was armed already due (a
+        nibble catching up after a slow store answer: not the loop's delay)."""
         effects: list[Effect] = []
+        self.now_hint_ms = max(self.now_hint_ms, now_ms)
         while self.timers and self.timers[0][0] <= now_ms:
-            at_ms, _, call_id, kind, token = heapq.heappop(self.timers)
+            at_ms, _, call_id, kind, token, armed_ms = heapq.heappop(self.timers)
             if lateness_ms is not None:
-                lateness_ms.append(now_ms - at_ms)
+                lateness_ms.append(now_ms - max(at_ms, armed_ms))
             session = self.sessions.get(call_id)
             if session is None:
                 continue

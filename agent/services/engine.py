@@ -513,6 +513,7 @@ class Engine:
             except gevent.queue.Empty:
                 item = None
             if item is not None:
+                self.registry.now_hint_ms = self._now_ms()
                 self._apply(item)
                 while not self._inbox.empty():
                     self._apply(self._inbox.get_nowait())
