@@ -294,6 +294,7 @@ class Daemon:
         mine = self._open_reservations(store)
         if mine is None:
             return  # the store stayed unreachable: its reservations expire (the sweeper) as before
+        stored = {c.call_id for c in mine}
         held: dict[str, LiveCall] = {c.call_id: c for c in mine}
         rows = []
         if self.sql is not None:  # what the earlier run published, before register() clears it
@@ -312,7 +313,7 @@ class Daemon:
                                              reserved_micros=0, debited_micros=0, overrun_micros=0,
                                              created_ms=_epoch_ms(row.authorized_at), expires_ms=now_ms + ttl_ms)
         engine.adoptable = held
-        engine.unreserved = {call_id for call_id in held if call_id not in {c.call_id for c in mine}}
+        engine.unreserved = set(held) - stored
         engine.adoptable_facts = {row.call_id: LeftBehind(
             call_id=row.call_id, pbx=row.pbx, destination=row.destination, caller=row.caller,
             a_leg_id=row.a_leg_id, authorized_ms=_epoch_ms(row.authorized_at),

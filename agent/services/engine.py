@@ -364,7 +364,8 @@ class Engine:
         says what their nibbles debited. Settle exactly that, once, and write the CDR, marked
         ``ENDED_WHILE_AGENT_DOWN`` with the time those nibbles covered, rather than let the
         reservation expire with no record (``ledger check`` then found a charge without a call).
-        The PBX's own CDR (Asterisk's cdr_csv, FreeSWITCH's cdr) has the exact end for a check."""
+        When the PBX writes its own CDR file for the agent (``PbxConnected.ended``), the call is
+        billed its real answer-to-end time from it instead."""
         live = {leg.leg_id for leg in event.live_legs} | {leg.group_id for leg in event.live_legs}
         ended = {call.a_leg_id: call for call in event.ended}
         now_ms = self.clock.now_ms()
@@ -381,7 +382,7 @@ class Engine:
             pbx_cdr = ended.get(facts.a_leg_id) if facts is not None else None
             record = self._left_behind_record(held, facts, event.pbx, now_ms, pbx_cdr)
             assert record.rating is not None
-            if pbx_cdr is not None and record.rating.reason == FROM_PBX_CDR:
+            if record.rating.reason == FROM_PBX_CDR:
                 log.warning("call=%s account=%s ended while the agent was down: settled from the PBX's CDR (%d ms "
                             "talked, %d micro-units; the nibbles had debited %d), CDR marked %s", call_id,
                             held.account_id, record.duration_ms, record.rating.cost_micros, held.debited_micros,
