@@ -33,6 +33,7 @@ from agent.adapters.asterisk.agi_protocol import (
     parse_environment,
     split_environment,
 )
+from agent.adapters.listener import serve_tcp
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +135,7 @@ class FastAgiServer:
 
     def start(self) -> None:
         """Bind and listen now (``OSError`` if the address is in use), accept in the background."""
-        listener = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self.host, self.port))
-            listener.listen(1024)
-        except OSError:
-            listener.close()
-            raise
-        self._server = StreamServer(listener, self._handle, spawn=self.pool)
-        self._server.start()
+        self._server = serve_tcp(self.host, self.port, self._handle, self.pool)
         log.info("FastAGI listening on %s:%d", self.host, self.bound_port)
 
     def stop(self, timeout_s: float = 2.0) -> None:

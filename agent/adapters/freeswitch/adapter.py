@@ -60,6 +60,7 @@ from agent.adapters.freeswitch.translate import (
     parked_for_billing,
 )
 from agent.adapters.legs import HeldEvents
+from agent.adapters.listener import serve_tcp
 from agent.adapters.pbx_cdr import parse_columns, read_ended_calls
 from agent.core.events import (
     AuthorizeDecision,
@@ -159,16 +160,7 @@ class FreeswitchAdapter:
 
     def _listen(self, port: int) -> None:
         host = self.settings.authorize_host
-        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((host, port))
-            listener.listen(1024)
-        except OSError:
-            listener.close()
-            raise
-        self._authorize_server = StreamServer(listener, self._socket_session, spawn=self._auth_pool)
-        self._authorize_server.start()
+        self._authorize_server = serve_tcp(host, port, self._socket_session, self._auth_pool)
         log.info("FreeSWITCH authorize socket listening on %s:%d", host, self.authorize_port)
 
     def stop(self, timeout_s: float = 2.0) -> None:
