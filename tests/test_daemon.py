@@ -361,6 +361,27 @@ def test_bad_arguments_to_the_live_call_commands_are_named(tmp_path: Path) -> No
     assert empty.exit_code == 0 and json.loads(empty.output) == {"calls": [], "nodes": []}
 
 
+def _call_ends_between_two_runs(config: Any, pbx: SimulatedPbx, *, talk_ms: int, handed_over_after_s: float) -> None:
+    """alice calls 33142685300; the first run stops (drain 0: the call is handed over, its
+    reservation stays open) ``handed_over_after_s`` after the answer; the call ends while no
+    agent runs; a second run starts, settles what it was left and flushes its CDRs."""
+    first = Daemon(config)
+    first.start()
+    wait_for(lambda: all(a.connected() for a in first.adapters))
+    call = pbx.fake.place_call("alice", "33142685300", answer_after_ms=50, talk_ms=talk_ms)
+    wait_for(lambda: any(c["phase"] == "answered" for c in first.live_call_dicts()))
+    gevent.sleep(handed_over_after_s)
+    first.shutdown()
+    assert call.done.wait(10)
+    second = Daemon(config)
+    second.start()
+    try:
+        wait_for(lambda: second.engine is not None and not second.engine.adoptable, timeout=10)
+        assert second.cdr is not None and second.cdr.flush(5)
+    finally:
+        second.shutdown()
+
+
 @pytest.mark.parametrize("pbx_kind", ["asterisk", "freeswitch"])
 def test_a_call_that_ends_while_the_agent_is_down_is_settled_once_with_a_cdr(tmp_path: Path, pbx_kind: str) -> None:
     """Issue 14.3: the call ends between the agent's stop and its next start. The next start's
@@ -373,21 +394,7 @@ def test_a_call_that_ends_while_the_agent_is_down_is_settled_once_with_a_cdr(tmp
 
     config = replace(config, daemon=replace(config.daemon, drain_seconds=0.0))
     try:
-        first = Daemon(config)
-        first.start()
-        wait_for(lambda: all(a.connected() for a in first.adapters))
-        call = pbx.fake.place_call("alice", "33142685300", answer_after_ms=50, talk_ms=3_000)
-        wait_for(lambda: any(c["phase"] == "answered" for c in first.live_call_dicts()))
-        gevent.sleep(2.2)  # two nibbles debited by the first run
-        first.shutdown()  # drain 0: the call is handed over, its reservation stays open
-        assert call.done.wait(10)  # ... and ends while no agent runs
-        second = Daemon(config)
-        second.start()
-        try:
-            wait_for(lambda: second.engine is not None and not second.engine.adoptable, timeout=10)
-            assert second.cdr is not None and second.cdr.flush(5)
-        finally:
-            second.shutdown()
+        _call_ends_between_two_runs(config, pbx, talk_ms=3_000, handed_over_after_s=2.2)  # two nibbles debited
     finally:
         pbx.stop()
     sql = make_engine(config.database.url)
@@ -478,21 +485,7 @@ def test_a_call_that_ends_while_the_agent_is_down_is_billed_from_the_pbx_cdr(tmp
     config = replace(config, daemon=replace(config.daemon, drain_seconds=0.0),
                      **{section: replace(getattr(config, section), cdr_file=str(cdr_file))})
     try:
-        first = Daemon(config)
-        first.start()
-        wait_for(lambda: all(a.connected() for a in first.adapters))
-        call = pbx.fake.place_call("alice", "33142685300", answer_after_ms=50, talk_ms=4_300)
-        wait_for(lambda: any(c["phase"] == "answered" for c in first.live_call_dicts()))
-        gevent.sleep(1.2)  # one nibble debited by the first run
-        first.shutdown()  # drain 0: the call is handed over ...
-        assert call.done.wait(10)  # ... and ends 3 s later while no agent runs
-        second = Daemon(config)
-        second.start()
-        try:
-            wait_for(lambda: second.engine is not None and not second.engine.adoptable, timeout=10)
-            assert second.cdr is not None and second.cdr.flush(5)
-        finally:
-            second.shutdown()
+        _call_ends_between_two_runs(config, pbx, talk_ms=4_300, handed_over_after_s=1.2)  # one nibble debited
     finally:
         pbx.stop()
     sql = make_engine(config.database.url)
