@@ -144,7 +144,8 @@ class Daemon:
                 warning_seconds=billing.warning_seconds,
                 hangup_verify_ms=int(billing.hangup_verify_seconds * 1000),
                 max_call_seconds=billing.max_call_seconds,
-                reservation_ttl_ms=billing.reservation_ttl_seconds * 1000),
+                reservation_ttl_ms=billing.reservation_ttl_seconds * 1000,
+                nibble_lead_ms=billing.store_timeout_ms + NIBBLE_LEAD_MARGIN_MS),
             store=store, rater=PlanRater(plans.plan_of, self.rate_cache), clock=self.clock, cdr=self.cdr,
             metrics=self.metrics)
         self._offer_adoption(self.engine, self.store)
@@ -603,6 +604,10 @@ def _epoch_ms(moment: datetime) -> int:
 
 
 ADOPTION_LISTING_WAIT_S = 15.0  # the store down at start: how long adoption waits for it
+# A nibble runs the store deadline plus this before its slice's boundary: the loop turn, the
+# batching and a Redis or SQL round trip fit in it, so a store that fails is known in time to
+# cut at the boundary.
+NIBBLE_LEAD_MARGIN_MS = 100
 MIN_DESCRIPTORS = 4096  # calls (AGI sockets), AMI/ESL, SQL and Redis pools, spool segments, status port
 
 

@@ -42,12 +42,12 @@ class FlatTariff:
 
 def make_session(tariff: FlatTariff, *, granted: int, nibble_s: int = 6, warning_ms: int = 0,
                  verify_ms: int = 3000, a_leg: str = "A1", at_ms: int = 1_000_000, max_call_ms: int = 0,
-                 limit_ms: int | None = None) -> CallSession:
+                 limit_ms: int | None = None, nibble_lead_ms: int = 0) -> CallSession:
     return CallSession(
         call_id="node1-" + a_leg, node="node1", pbx="asterisk", account_id="alice", destination="33123",
         caller="100", a_leg=Leg(a_leg, Direction.INBOUND, at_ms), authorized_ms=at_ms, tariff=tariff,
         rating=RatingInfo(plan_name="retail", prefix="33", rate_micros=tariff.rate_micros),
         settings=SessionSettings(nibble_ms=nibble_s * 1000, warning_ms=warning_ms, verify_ms=verify_ms,
-                                 max_call_ms=max_call_ms),
+                                 max_call_ms=max_call_ms, nibble_lead_ms=nibble_lead_ms),
         granted_micros=granted, limit_ms=tariff.max_seconds(granted) * 1000 if limit_ms is None else limit_ms,
     )

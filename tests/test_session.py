@@ -152,6 +152,32 @@ def test_store_outage_mid_call_cuts_at_the_end_of_the_granted_slice() -> None:
     assert _timers(effects)[TimerKind.CUT].at_ms == T0 + 6250  # now: the granted slice is used up
 
 
+def test_nibbles_run_a_store_deadline_early_so_a_hung_store_cuts_at_the_boundary_exactly() -> None:
+    # Issue 14: a nibble at the boundary that waited out a 250 ms deadline cut the call 250 ms
+    # into a slice nobody paid for. With the lead, the store's failure is known before it starts.
+    session = make_session(PER_SECOND, granted=6_000, nibble_lead_ms=350)
+    effects = _answer_b(session, T0)
+    assert _timers(effects)[TimerKind.NIBBLE].at_ms == T0 + 5_650
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 5_650)
+    assert (step.debit_micros, step.reserve_micros) == (6_000, 6_000)  # slice 1 debited, slice 2 asked
+    effects = session.on_nibble_result(step.seq, 0, 0, T0 + 5_900, store_ok=False)  # the deadline ran out
+    assert _timers(effects)[TimerKind.CUT].at_ms == T0 + 6_000
+    session.on_timer(TimerKind.CUT, session.token, T0 + 6_000)
+    (settle,) = session.on_hung_up(LegHungUp("A1", T0 + 6_030))
+    assert settle.cost_micros == 6_000
+    # A granted nibble arms the next one the lead before its boundary too.
+    session = make_session(PER_SECOND, granted=6_000, nibble_lead_ms=350)
+    _answer_b(session, T0)
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 5_650)
+    effects = session.on_nibble_result(step.seq, 6_000, 6_000, T0 + 5_660)
+    assert _timers(effects)[TimerKind.NIBBLE].at_ms == T0 + 11_650
+
+
+def test_the_nibble_lead_never_exceeds_half_a_nibble() -> None:
+    session = make_session(PER_SECOND, granted=1_000, nibble_s=1, nibble_lead_ms=2_000)
+    assert _timers(_answer_b(session, T0))[TimerKind.NIBBLE].at_ms == T0 + 500
+
+
 def test_operator_hangup_stops_billing_at_the_request_and_keeps_nibbling_until_confirmed() -> None:
     session = make_session(PER_SECOND, granted=6_000, verify_ms=1000)
     _answer_b(session, T0)

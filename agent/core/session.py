@@ -221,6 +221,17 @@ class SessionSettings:
     # An agent that never comes back leaves a call at most one slice and this beyond its money.
     backstop_slack_min_ms: int = 10_000
     max_call_ms: int = 0  # no call lasts longer, whatever the money (0: no cap)
+    # Nibble k runs this long before its boundary (answer + k·N): the store's answer, or its
+    # deadline running out, is then known before the slice it pays for begins, so a store that
+    # grants nothing (hung, down, fail_closed) cuts the call at the boundary exactly, not a
+    # deadline later with unpaid time on it. The engine sets it to the store deadline plus a
+    # margin; it never exceeds half a nibble. A call that ends inside the lead is refunded the
+    # unused part of the slice at the settle.
+    nibble_lead_ms: int = 0
+
+    @property
+    def lead_ms(self) -> int:
+        return max(0, min(self.nibble_lead_ms, self.nibble_ms // 2))
 
     @property
     def backstop_slack_ms(self) -> int:
@@ -375,7 +386,7 @@ class CallSession:
         if self.budget_micros < first_slice or self._at_max_duration(1):
             effects += self._exhaust(event.at_ms)
         else:
-            effects.append(self._arm(TimerKind.NIBBLE, self.answer_ms + self.nibble_ms))
+            effects.append(self._arm(TimerKind.NIBBLE, self._nibble_due_ms(1)))
         return effects
 
     def on_hung_up(self, event: LegHungUp) -> list[Effect]:
@@ -471,10 +482,10 @@ class CallSession:
             done += 1
         self.nibbles_done = done
         if done and last_renewal_ms is not None:
-            # The store renewed the reservation when nibble k was taken, at answer + k*N (plus the
-            # timer's lateness): a later answer than that, as a PBX that only knows the channel is
-            # up reports, would drop talk time from the bill. Never earlier than the truth.
-            estimate = last_renewal_ms - done * self.nibble_ms
+            # The store renewed the reservation when nibble k was taken, at answer + k*N - lead
+            # (plus the timer's lateness): a later answer than that, as a PBX that only knows the
+            # channel is up reports, would drop talk time from the bill. Never earlier than the truth.
+            estimate = last_renewal_ms - done * self.nibble_ms + self.settings.lead_ms
             if estimate < self.answer_ms:
                 self.answer_ms = estimate
                 if self.billed_leg_id is not None:
@@ -491,7 +502,7 @@ class CallSession:
         self.exhausted = False  # the replayed answer may have found no budget yet
         self.cut_at_ms = None
         # The backstop the earlier run left is unknown here: set it from what is reserved.
-        return [self._arm(TimerKind.NIBBLE, max(now_ms, self.answer_ms + (done + 1) * self.nibble_ms)),
+        return [self._arm(TimerKind.NIBBLE, max(now_ms, self._nibble_due_ms(done + 1))),
                 *self._move_backstop(max(now_ms, self.answer_ms + (done + 1) * self.nibble_ms)
                                      + self.settings.backstop_slack_ms)]
 
@@ -569,9 +580,14 @@ class CallSession:
             self.exhausted = False
             self.cut_at_ms = None
             self.token += 1
-        return [self._arm(TimerKind.NIBBLE, self.answer_ms + (self.nibbles_done + 1) * self.nibble_ms),
+        return [self._arm(TimerKind.NIBBLE, self._nibble_due_ms(self.nibbles_done + 1)),
                 *self._move_backstop(self.answer_ms + (self.nibbles_done + 1) * self.nibble_ms
                                      + self.settings.backstop_slack_ms)]
+
+    def _nibble_due_ms(self, k: int) -> int:
+        """When nibble ``k`` runs: the lead before its boundary (see ``nibble_lead_ms``)."""
+        assert self.answer_ms is not None
+        return self.answer_ms + k * self.nibble_ms - self.settings.lead_ms
 
     def _at_max_duration(self, nibbles: int) -> bool:
         """The call would pass the daemon's longest call within ``nibbles`` nibbles."""

@@ -93,6 +93,9 @@ class EngineSettings:
     max_call_seconds: int = 14_400  # no call is authorized for longer, whatever the balance
     nibble_chunk: int = 250  # nibbles per store round trip (Redis pipeline, SQL transactions)
     reservation_ttl_ms: int = 30_000  # as the store adapter renews them (adoption dates nibbles by it)
+    # Each nibble runs this long before the boundary of the slice it pays for (SessionSettings.
+    # nibble_lead_ms): the daemon gives the store deadline plus a margin.
+    nibble_lead_ms: int = 0
     # A call authorized but neither answered nor ended after this long is released: its channel
     # went away unseen (the PBX rings at most 60 s in the shipped dialplans, 110 s with the
     # FreeSWITCH backup trunk); it must not hold an account's call slot forever.
@@ -211,7 +214,7 @@ class Engine:
         self.session_settings = SessionSettings(
             nibble_ms=settings.nibble_seconds * 1000, warning_ms=settings.warning_seconds * 1000,
             verify_ms=settings.hangup_verify_ms, max_call_ms=settings.max_call_seconds * 1000,
-            no_answer_guard_ms=settings.no_answer_guard_ms,
+            no_answer_guard_ms=settings.no_answer_guard_ms, nibble_lead_ms=settings.nibble_lead_ms,
         )
         self._inbox: gevent.queue.Queue[LegEvent | _Internal] = gevent.queue.Queue()
         self._wake = gevent.event.Event()
