@@ -10,14 +10,18 @@ from agent.core.events import (
     AuthorizeRequest,
     DenyReason,
     Direction,
+    EndedCall,
     LegAnswered,
     LegCreated,
     LegHungUp,
+    PbxCdrReread,
+    PbxConnected,
 )
 from agent.core.rating import RateRow
 from agent.core.session import RatedCall, RatingInfo, RatingRefused
+from agent.ports import LiveCall
 from agent.services.clock import SystemClock
-from agent.services.engine import Engine, EngineSettings
+from agent.services.engine import FROM_PBX_CDR, Engine, EngineSettings, LeftBehind
 from agent.sim.memory_store import MemoryStore
 
 PER_SECOND = RateRow(prefix="33", destination="France", rate_micros=60_000)  # 1000 micro-units a second
@@ -364,3 +368,65 @@ def test_an_ntp_step_moves_the_live_calls_with_it() -> None:
         assert engine.registry.next_timer_ms() == first_timer + step  # still 800 ms away
         assert engine.registry.next_timer_ms() - now == 800
         assert engine.registry.sessions["n1-A1"].answer_ms == answered + step
+
+
+def _left_behind(engine: Engine, store: MemoryStore, clock: SystemClock, a_leg: str) -> tuple[str, int]:
+    """A call an earlier run left: reserved in the store, published (answered 5 s ago)."""
+    now = clock.now_ms()
+    call_id = engine.call_id_of_leg(a_leg)
+    assert store.authorize("alice", call_id, 1_000, 1_000, now - 5_000).allowed
+    engine.adoptable[call_id] = LiveCall(account_id="alice", call_id=call_id, node="n1", seq=0, reserved_micros=1_000,
+                                         debited_micros=0, overrun_micros=0, created_ms=now - 5_000,
+                                         expires_ms=now + 30_000)
+    engine.adoptable_facts[call_id] = LeftBehind(call_id, "asterisk", "33123", "100", a_leg, now - 5_000, now - 4_800)
+    return call_id, now
+
+
+def test_a_left_behind_call_waits_for_its_pbx_cdr_line_when_the_pbx_had_not_written_it(setup) -> None:
+    """Found by bench_faults: a call that ended just before the resync's listing had no line in
+    the PBX's CDR file yet; it was billed from the store's nibbles. It now waits for the file's
+    second read and is billed its real duration from it."""
+    engine, store, switch, cdrs, clock = setup
+    store.add_account("alice", 100_000)
+    call_id, now = _left_behind(engine, store, clock, "A9")
+    engine.on_event(PbxConnected("asterisk", now, (), (), now, cdr_reread=True))
+    gevent.sleep(0.2)
+    assert not cdrs.records and call_id in engine.adoptable
+    engine.on_event(PbxCdrReread("asterisk", now + 2_000, (EndedCall("A9", now - 4_800, now - 1_500),)))
+    _wait(lambda: cdrs.records)
+    (record,) = cdrs.records
+    assert record.rating is not None and record.rating.reason == FROM_PBX_CDR
+    assert (record.duration_ms, record.rating.cost_micros) == (3_300, 4_000)
+    assert store.settled[call_id] == 4_000 and not engine.adoptable
+
+
+def test_a_left_behind_call_without_a_line_on_the_second_read_is_billed_from_the_store(setup) -> None:
+    engine, store, switch, cdrs, clock = setup
+    store.add_account("alice", 100_000)
+    call_id, now = _left_behind(engine, store, clock, "A8")
+    engine.on_event(PbxConnected("asterisk", now, (), (), now, cdr_reread=True))
+    engine.on_event(PbxCdrReread("asterisk", now + 2_000, ()))
+    _wait(lambda: cdrs.records)
+    (record,) = cdrs.records
+    assert record.rating is not None and record.rating.reason != FROM_PBX_CDR
+    assert record.hangup_cause == "ENDED_WHILE_AGENT_DOWN" and store.settled[call_id] == 0
+
+
+def test_a_call_gone_during_an_ami_outage_ends_at_its_late_pbx_cdr_line(setup) -> None:
+    """The same race for a call this run supervised: gone from the listing after a PBX
+    reconnect, its CDR line not written yet. It ends at the line's instant once read, not at
+    the resync instant (which would bill the outage)."""
+    engine, store, switch, cdrs, clock = setup
+    store.add_account("alice", 100_000)
+    assert engine.authorize(AuthorizeRequest("asterisk", "A1", "alice", "33123", clock.now_ms())).allowed
+    engine.on_event(LegCreated("B1", clock.now_ms(), Direction.OUTBOUND, parent_leg_id="A1"))
+    answered = clock.now_ms()
+    engine.on_event(LegAnswered("B1", answered))
+    gevent.sleep(0.1)
+    engine.on_event(PbxConnected("asterisk", answered + 3_000, (), (), answered + 3_000, cdr_reread=True))
+    gevent.sleep(0.2)
+    assert engine.live_calls() == 1 and not cdrs.records  # held for its line
+    engine.on_event(PbxCdrReread("asterisk", answered + 5_000, (EndedCall("A1", answered, answered + 1_200),)))
+    _wait(lambda: cdrs.records)
+    (record,) = cdrs.records
+    assert record.duration_ms == 1_200 and record.rating is not None and record.rating.cost_micros == 2_000

@@ -60,3 +60,23 @@ def test_only_the_tail_of_a_big_file_is_read_and_a_missing_file_is_logged(tmp_pa
     assert "missing.csv: not there (yet)" in caplog.text
     assert read_ended_calls(tmp_path) == ()  # a folder: an error that says what is wrong
     assert "billed from what the balance store knows" in caplog.text
+
+
+def test_the_file_is_read_again_after_a_resync_for_lines_written_late(tmp_path: Path) -> None:
+    import gevent
+    import gevent.pool
+
+    from agent.adapters.pbx_cdr import reread_later
+    from agent.core.events import PbxCdrReread
+
+    path = tmp_path / "billing.csv"
+    path.write_text('"leg1","1796276920.000000","1796276921.000000"\n')
+    got: list[PbxCdrReread] = []
+    pool = gevent.pool.Group()
+    reread_later(pool, "asterisk", str(path), (0, 1, 2), lambda: 42, got.append, delay_s=0.05)
+    with path.open("a") as out:  # the PBX writes the last call's line after the listing
+        out.write('"leg2","1796276930.000000","1796276931.500000"\n')
+    pool.join(timeout=5)
+    (event,) = got
+    assert (event.pbx, event.at_ms) == ("asterisk", 42)
+    assert EndedCall("leg2", 1796276930000, 1796276931500) in event.ended

@@ -26,11 +26,15 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from agent.core.events import EndedCall
+import gevent
+import gevent.pool
+
+from agent.core.events import EndedCall, PbxCdrReread
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +153,27 @@ def read_ended_calls(path: str | Path, *, columns: tuple[int, int, int] = (0, 1,
     if scan.bad_lines > len(scan.problems):
         log.warning("PBX CDR file %s: %d more lines skipped", where, scan.bad_lines - len(scan.problems))
     return tuple(scan.calls.values())
+
+
+# A PBX writes a call's CDR line just after its channel is gone (Asterisk's CDR engine runs the
+# backends from a task processor; FreeSWITCH's mod_cdr_csv at the session's destruction): a
+# call that ended a moment before a resync's listing can lack its line in the first read. The
+# adapters read the file again this long after the resync (``PbxCdrReread``).
+CDR_REREAD_DELAY_S = 2.0
+
+
+def reread_later(pool: gevent.pool.Group, pbx: str, path: str, columns: tuple[int, int, int],
+                 now_ms: Callable[[], int], deliver: Callable[[PbxCdrReread], None],
+                 delay_s: float = CDR_REREAD_DELAY_S) -> None:
+    """Read ``path`` again in ``delay_s`` (a greenlet of ``pool``, which the adapter kills when
+    it stops) and hand the engine what it says."""
+
+    def reread() -> None:
+        gevent.sleep(delay_s)
+        deliver(PbxCdrReread(pbx, now_ms(), read_ended_calls(path, columns=columns)))
+
+    def failed(greenlet: gevent.Greenlet[[], None]) -> None:
+        log.error("PBX CDR file %s: the second read after a resync failed: %r; calls that waited for it are "
+                  "billed at the next resync", path, greenlet.exception)
+
+    pool.spawn(reread).link_exception(failed)

@@ -164,6 +164,21 @@ class PbxConnected:
     ended: tuple[EndedCall, ...] = field(default_factory=tuple)
     # When the listing was asked for: a call authorized since is not in it, whatever it says.
     listed_ms: int | None = None
+    # The adapter reads the PBX's CDR file again a little later (``PbxCdrReread``): a call absent
+    # from the listing whose line is not in ``ended`` yet waits for it (the PBX writes a call's
+    # line just after the channel is gone; one that ended just before the listing may be
+    # missing here). False: no CDR file, or no second read.
+    cdr_reread: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PbxCdrReread:
+    """The PBX's CDR file read again after a resync that said ``cdr_reread``: the calls held
+    back for want of their line are now ended from it, or, without one, as before."""
+
+    pbx: str
+    at_ms: int
+    ended: tuple[EndedCall, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +200,7 @@ class PbxDisconnected:
 
 LegEvent = (
     LegCreated | LegUpdated | DialBegin | LegAnswered | LegBridged | LegUnbridged | LegHungUp
-    | PbxConnected | PbxDisconnected
+    | PbxConnected | PbxDisconnected | PbxCdrReread
 )
 
 

@@ -23,6 +23,7 @@ from agent.core.events import (
     LegUnbridged,
     LegUpdated,
     LiveLeg,
+    PbxCdrReread,
     PbxConnected,
     PbxDisconnected,
 )
@@ -55,6 +56,9 @@ class CallRegistry:
     group_index: dict[str, str] = field(default_factory=dict)  # PBX group id -> call id
     # Legs created before the call was authorized (Newchannel precedes the AGI request).
     pending_legs: OrderedDict[str, LegCreated] = field(default_factory=OrderedDict)
+    # Calls gone from a PBX's listing whose CDR line was not written yet: the resync and the
+    # session's legs that were live in it, until ``PbxCdrReread``.
+    awaiting_cdr: dict[str, tuple[PbxConnected, dict[str, LiveLeg]]] = field(default_factory=dict)
     # (instant, seq, call, kind, token, when it was armed as far as the registry knows)
     timers: list[tuple[int, int, str, TimerKind, int, int]] = field(default_factory=list)
     # The latest instant the engine gave (fire_due, or the engine before it applies an event):
@@ -127,6 +131,8 @@ class CallRegistry:
     def feed(self, event: LegEvent) -> list[Effect]:
         if isinstance(event, PbxConnected):
             return self._resync(event)
+        if isinstance(event, PbxCdrReread):
+            return self._cdr_reread(event)
         if isinstance(event, PbxDisconnected):
             return []
         session = self._session_for(event)
@@ -200,7 +206,28 @@ class CallRegistry:
                         session.legs[leg.leg_id] = Leg(leg.leg_id, leg.direction, leg.created_ms or event.at_ms,
                                                        channel=leg.channel, caller=leg.caller, callee=leg.callee)
                         self.leg_index[leg.leg_id] = session.call_id
-                effects += session.on_resync(live, event.at_ms, ended.get(session.a_leg.leg_id))
+                line = ended.get(session.a_leg.leg_id)
+                if line is None and event.cdr_reread and session.a_leg.leg_id not in live:
+                    # Gone from the PBX and no CDR line yet: the PBX may not have written it (the
+                    # call ended just before the listing). Ended when the file is read again.
+                    self.awaiting_cdr[session.call_id] = (event, {leg_id: live[leg_id] for leg_id in session.legs
+                                                                  if leg_id in live})
+                    continue
+                effects += session.on_resync(live, event.at_ms, line)
+        return self.schedule(effects)
+
+    def _cdr_reread(self, event: PbxCdrReread) -> list[Effect]:
+        """End the calls ``_resync`` held back for their CDR line: from it when it is there now,
+        else at the resync instant as before."""
+        ended = {call.a_leg_id: call for call in event.ended}
+        effects: list[Effect] = []
+        for call_id, (resync, live) in list(self.awaiting_cdr.items()):
+            if resync.pbx != event.pbx:
+                continue
+            del self.awaiting_cdr[call_id]
+            session = self.sessions.get(call_id)
+            if session is not None and session.phase in (Phase.AUTHORIZED, Phase.ANSWERED):
+                effects += session.on_resync(live, resync.at_ms, ended.get(session.a_leg.leg_id))
         return self.schedule(effects)
 
     # ---------------------------------------------------------------- timers

@@ -51,7 +51,7 @@ from agent.adapters.asterisk.ami import AmiClient, AmiError, AmiSettings
 from agent.adapters.asterisk.ami_protocol import AmiMessage
 from agent.adapters.asterisk.translate import PBX, EventTranslator, cause_number
 from agent.adapters.legs import HeldEvents
-from agent.adapters.pbx_cdr import parse_columns, read_ended_calls
+from agent.adapters.pbx_cdr import parse_columns, read_ended_calls, reread_later
 from agent.core.events import (
     AuthorizeDecision,
     AuthorizeRequest,
@@ -173,6 +173,7 @@ class AsteriskAdapter:
         self.ami = AmiClient(self.settings.ami, on_event=self._on_event, on_connected=self._resync,
                              on_disconnected=self._on_disconnected)
         self._lookups = gevent.pool.Pool(64)
+        self._cdr_rereads = gevent.pool.Group()  # the PBX CDR file read again after a resync
         self.held = HeldEvents(self.engine.on_event)  # a caller's events while its call is authorized
         self._authorize_slots = gevent.lock.BoundedSemaphore(self.settings.authorize_concurrency)
         self._missing_rights: set[str] = set()  # classes already reported missing (once per connection)
@@ -192,6 +193,7 @@ class AsteriskAdapter:
         self.agi.stop(timeout_s)
         self.ami.stop(timeout_s)
         self._lookups.kill(timeout=timeout_s)
+        self._cdr_rereads.kill(timeout=timeout_s)
 
     # ---------------------------------------------------------------- Switch port
 
@@ -337,7 +339,11 @@ class AsteriskAdapter:
         log.info("Asterisk resync: %d live channels", len(live))
         ended = (read_ended_calls(self.settings.cdr_file, columns=self.settings.cdr_columns)
                  if self.settings.cdr_file else ())
-        self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live), ended, listed_ms))
+        reread = bool(self.settings.cdr_file)
+        self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live), ended, listed_ms, cdr_reread=reread))
+        if reread:
+            reread_later(self._cdr_rereads, PBX, self.settings.cdr_file, self.settings.cdr_columns,
+                         self.clock.now_ms, self.engine.on_event)
         if self.settings.fetch_call_ids:  # after a restart every leg is new to us: ask each its Call-ID
             for leg in live:
                 if not self.translator.call_id_of(leg.leg_id):

@@ -61,7 +61,7 @@ from agent.adapters.freeswitch.translate import (
 )
 from agent.adapters.legs import HeldEvents
 from agent.adapters.listener import serve_tcp
-from agent.adapters.pbx_cdr import parse_columns, read_ended_calls
+from agent.adapters.pbx_cdr import parse_columns, read_ended_calls, reread_later
 from agent.core.events import (
     AuthorizeDecision,
     AuthorizeRequest,
@@ -140,6 +140,7 @@ class FreeswitchAdapter:
             replace(self.settings.esl, events=SUBSCRIBED_EVENTS), on_event=self._on_event,
             on_connected=self._resync, on_disconnected=self._on_disconnected, on_frame_error=self._on_frame_error)
         self._auth_pool = gevent.pool.Pool(self.settings.authorize_concurrency)
+        self._cdr_rereads = gevent.pool.Group()  # the PBX CDR file read again after a resync
         self.held = HeldEvents(self.engine.on_event)  # a caller's events while its call is authorized
         self._attempts: OrderedDict[str, int] = OrderedDict()  # A leg -> authorizations started
         self._authorize_server: StreamServer | None = None
@@ -169,6 +170,7 @@ class FreeswitchAdapter:
             self._authorize_server = None
         self.client.stop(timeout_s)
         self._auth_pool.kill(timeout=timeout_s)
+        self._cdr_rereads.kill(timeout=timeout_s)
 
     # ---------------------------------------------------------------- Switch port
 
@@ -431,7 +433,11 @@ class FreeswitchAdapter:
         log.info("FreeSWITCH resync: %d live channels", len(live))
         ended = (read_ended_calls(self.settings.cdr_file, columns=self.settings.cdr_columns)
                  if self.settings.cdr_file else ())
-        self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live), ended, listed_ms))
+        reread = bool(self.settings.cdr_file)
+        self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live), ended, listed_ms, cdr_reread=reread))
+        if reread:
+            reread_later(self._cdr_rereads, PBX, self.settings.cdr_file, self.settings.cdr_columns,
+                         self.clock.now_ms, self.engine.on_event)
         for update in updates:
             self.engine.on_event(update)
         for dump in dumps:
