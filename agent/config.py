@@ -237,6 +237,13 @@ def _check_value(section: str, key: str, value: Any) -> None:
         raise ValueError("must not be empty")
     if (section, key) == ("database", "url") and "://" not in value:
         raise ValueError(f"must be an SQLAlchemy URL such as sqlite:///billing-agent.db, not {value!r}")
+    if (section, key) == ("redis", "url") and value:
+        from agent.redis_url import RedisUrlError, parse_redis_url
+
+        try:
+            parse_redis_url(value)
+        except RedisUrlError as exc:
+            raise ValueError(exc.reason) from None
 
 
 def _apply(

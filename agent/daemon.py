@@ -45,7 +45,7 @@ from agent.adapters.sql.models import RatePlan
 from agent.adapters.sql.rate_repository import RatePlanCache
 from agent.config import Config
 from agent.core.balance import LiveCall
-from agent.core.errors import BillingError
+from agent.core.errors import BillingError, InvalidInput
 from agent.core.money import format_amount
 from agent.core.ratetable import format_instant
 from agent.ports import SwitchAdapter
@@ -268,7 +268,10 @@ class Daemon:
 
         journal = journal_path(self.config)
         journal.parent.mkdir(parents=True, exist_ok=True)
-        store = make_balance_store(self.config, engine)
+        try:
+            store = make_balance_store(self.config, engine)
+        except InvalidInput as exc:  # redis.url names a deployment unfit for balances (connect.py)
+            raise StartupError(str(exc)) from None
         guard = guard_from_config(store, self.config.billing, self.clock, journal)
         replayed = guard.recover()
         if replayed:

@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from agent.adapters.redis.connect import RedisClient
 from agent.adapters.redis.keys import KeySpace
 from agent.adapters.redis.scripts import Scripts
 from agent.adapters.sql.accounts import lock_account, post_entry
@@ -69,7 +70,7 @@ def record_from(reply: list[object], start: int) -> CallRecord:
     return CallRecord(dict(zip(items[0::2], items[1::2], strict=True)))
 
 
-def post_call(client: redis.Redis, scripts: Scripts, keys: KeySpace, sessions: sessionmaker[Session],
+def post_call(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: sessionmaker[Session],
               account_id: str, call_id: str, record: CallRecord, retention_ms: int) -> bool:
     """Write a closed call's ledger entries, then mark it posted. False: SQL refused, retry later."""
     postings = ledger_postings(call_id, closed_charge_micros=record.optional_int("closed_charge"),
@@ -116,7 +117,7 @@ def check_redis_range(account_id: str, balance_micros: int, credit_limit_micros:
                 "store for this account's currency, or keep amounts below that")
 
 
-def rebuild_account(client: redis.Redis, scripts: Scripts, keys: KeySpace, sessions: sessionmaker[Session],
+def rebuild_account(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: sessionmaker[Session],
                     account_id: str, mode: str) -> str:
     """Load (``if_absent``), refresh (``if_present``) or rebuild (``load``) one account from SQL.
 

@@ -10,8 +10,9 @@ import hashlib
 from importlib import resources
 from typing import Any
 
-import redis
 from redis.exceptions import NoScriptError
+
+from agent.adapters.redis.connect import RedisClient
 
 NAMES = ("authorize", "nibble", "settle", "close", "mark_posted", "rebuild")
 
@@ -29,25 +30,26 @@ class Scripts:
                     for name, text in self.source.items()}
         self._loaded = False
 
-    def load(self, client: redis.Redis) -> None:
-        """SCRIPT LOAD every script (idempotent: the SHA is the content's)."""
-        pipe = client.pipeline(transaction=False)
-        for text in self.source.values():
-            pipe.script_load(text)
-        for name, sha in zip(self.source, pipe.execute(), strict=True):
+    def load(self, client: RedisClient) -> None:
+        """SCRIPT LOAD every script (idempotent: the SHA is the content's). One command each, not
+        a pipeline: a cluster client sends SCRIPT LOAD to every master, a pipeline cannot."""
+        for name, text in self.source.items():
+            sha = client.script_load(text)
             if sha != self.sha[name]:
                 raise RuntimeError(f"Redis returned SHA {sha} for script {name}, expected {self.sha[name]}")
         self._loaded = True
 
-    def ensure_loaded(self, client: redis.Redis) -> None:
+    def ensure_loaded(self, client: RedisClient) -> None:
         if not self._loaded:
             self.load(client)
 
     def call(self, client: Any, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Queue one EVALSHA on a pipeline (the caller handles NOSCRIPT)."""
-        return client.evalsha(self.sha[name], len(keys), *keys, *args)
+        """Queue one EVALSHA on a pipeline (the caller handles NOSCRIPT). Through
+        ``execute_command``: redis-py's cluster pipeline blocks its ``evalsha`` method, yet routes
+        the command by its keys (all of one slot here) like any other."""
+        return client.execute_command("EVALSHA", self.sha[name], len(keys), *keys, *args)
 
-    def run(self, client: redis.Redis, name: str, keys: list[str], args: list[Any]) -> Any:
+    def run(self, client: RedisClient, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run one script now; load the scripts and retry once if the server lost them."""
         self.ensure_loaded(client)
         try:

@@ -20,11 +20,12 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError
+from redis.exceptions import ClusterDownError, ClusterError, NoScriptError, RedisClusterException, TryAgainError
 from redis.retry import Retry
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from agent.adapters.redis.connect import RedisClient, make_cluster_client, make_sentinel_client
 from agent.adapters.redis.keys import KeySpace
 from agent.adapters.redis.ledger import CallRecord, post_call, rebuild_account, record_from, text
 from agent.adapters.redis.scripts import Scripts
@@ -49,6 +50,7 @@ from agent.core.balance import (
     check_nibble,
 )
 from agent.core.errors import Conflict, NotFound
+from agent.redis_url import parse_redis_url
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +110,21 @@ def _fast_readiness_checks() -> None:
     parser.select = _SelectForRedis(current, monkey.get_original("select", "poll"))  # type: ignore[assignment,attr-defined]
 
 
-def make_client(url: str, timeout_ms: int, *, max_connections: int = MAX_CONNECTIONS) -> redis.Redis:
+def make_client(url: str, timeout_ms: int, *, max_connections: int = MAX_CONNECTIONS) -> RedisClient:
     """A client whose every call gives up after ``timeout_ms`` and never retries by itself
     (redis-py's default retries with backoff would turn 250 ms into seconds). Its pool makes a
     caller beyond ``max_connections`` wait (up to ``timeout_ms``) for a connection instead of
     failing at once: redis-py's default pool refuses the 101st concurrent caller, which turned a
-    burst of 500 authorizations into 396 ``store_unavailable`` denials."""
+    burst of 500 authorizations into 396 ``store_unavailable`` denials.
+
+    ``redis+cluster://`` and ``redis+sentinel://`` URLs give the clients of connect.py (agent/redis_url.py
+    has the syntax); a cluster URL none of whose seeds answers raises ``RedisSetupError``."""
     _fast_readiness_checks()
+    target = parse_redis_url(url)
+    if target.mode == "cluster":
+        return make_cluster_client(target, timeout_ms)
+    if target.mode == "sentinel":
+        return make_sentinel_client(target, timeout_ms)
     seconds = timeout_ms / 1000
     pool = redis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=seconds, socket_timeout=seconds,
@@ -128,6 +138,9 @@ def _unavailable(what: str) -> Iterator[None]:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise StoreUnavailable(f"Redis unavailable during {what}: {exc}") from exc
+    except (ClusterError, ClusterDownError, TryAgainError, RedisClusterException) as exc:
+        # A master lost and not replaced yet, slots migrating: the same for the failure policy.
+        raise StoreUnavailable(f"Redis Cluster unavailable during {what}: {exc}") from exc
     except OperationalError as exc:
         raise StoreUnavailable(f"SQL database unavailable during {what}: {exc.orig}") from exc
 
@@ -135,7 +148,7 @@ def _unavailable(what: str) -> Iterator[None]:
 class RedisBalanceStore:
     """Implements the ``BalanceStore`` port (agent/ports.py) for many nodes sharing one Redis."""
 
-    def __init__(self, client: redis.Redis, sessions: sessionmaker[Session], *, key_prefix: str = "",
+    def __init__(self, client: RedisClient, sessions: sessionmaker[Session], *, key_prefix: str = "",
                  closed_retention_ms: int = CLOSED_RETENTION_MS) -> None:
         self._client = client
         self._sessions = sessions

@@ -1,0 +1,141 @@
+"""Clients for a Redis Cluster and a Sentinel-managed master, and the start-up check of a deployment.
+
+Both clients fail fast like the single-server one (``store.make_client``): socket timeouts of
+``redis.timeout_ms`` and no retries of their own, so a dead node becomes ``StoreUnavailable``
+for the failure policy within one deadline. The cluster client follows MOVED/ASK redirections
+(after a failover the slot map is read again) and sends each pipeline's commands to the nodes
+that own their keys; every script touches the keys of one account, i.e. one slot (keys.py).
+
+``check_deployment`` runs once at start (agent/adapters/balance.py) and refuses a deployment that
+would lose money or cannot take writes: an eviction policy other than ``noeviction``, a replica as
+the write endpoint, a cluster node behind a single-server URL, a cluster whose slots are not all
+assigned. A deployment that does not answer is left to the failure policy, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from agent.core.errors import InvalidInput
+from agent.redis_url import RedisTarget
+
+log = logging.getLogger(__name__)
+
+SLOTS = 16384
+
+# One server (through a Sentinel or not) or a cluster: the store uses the commands both have.
+RedisClient = redis.Redis | RedisCluster
+
+
+class RedisSetupError(InvalidInput):
+    """The configured Redis cannot hold the balances (the message names redis.url and why)."""
+
+
+def _setup_error(target: RedisTarget, reason: str) -> RedisSetupError:
+    return RedisSetupError(f"redis.url ({target.describe()}): {reason}")
+
+
+def _node_options(target: RedisTarget, timeout_ms: int) -> dict[str, Any]:
+    seconds = timeout_ms / 1000
+    return {"username": target.username, "password": target.password, "socket_timeout": seconds,
+            "socket_connect_timeout": seconds, "decode_responses": True, "retry": Retry(NoBackoff(), 0)}
+
+
+def _seed_report(target: RedisTarget, timeout_ms: int) -> str:
+    """Why each seed node did not give a slot map (redis-py reports only the last one)."""
+    options = _node_options(target, timeout_ms)
+    reports = []
+    for host, port in target.hosts:
+        client = redis.Redis(host=host, port=port, **options)
+        try:
+            info = client.info("cluster")
+            reports.append(f"{host}:{port} answers" + ("" if info.get("cluster_enabled") else
+                                                       " but is not a cluster node (cluster-enabled no)"))
+        except redis.RedisError as exc:
+            reports.append(f"{host}:{port}: {exc}")
+        finally:
+            client.close()
+    return "; ".join(reports)
+
+
+def make_cluster_client(target: RedisTarget, timeout_ms: int) -> RedisCluster:
+    """A cluster client; needs one seed that answers (the slot map comes from it)."""
+    try:
+        seeds = [ClusterNode(h, p) for h, p in target.hosts]  # type: ignore[no-untyped-call]
+        return RedisCluster(startup_nodes=seeds, require_full_coverage=True, **_node_options(target, timeout_ms))
+    except RedisClusterException as exc:
+        text = str(exc)
+        if "slots are not covered" in text or "not covered" in text:
+            raise _setup_error(target, f"the cluster does not serve every slot yet ({text}); a cluster still "
+                                       "forming is refused: wait until `redis-cli --cluster check` passes") from None
+        raise _setup_error(target, f"no seed node gave the cluster's slot map: {_seed_report(target, timeout_ms)}"
+                           ) from None
+
+
+def make_sentinel_client(target: RedisTarget, timeout_ms: int) -> redis.Redis:
+    """The master the Sentinels name; each new connection asks them where it is now, so a
+    failover is followed (a connection to a demoted master is dropped on its READONLY reply).
+    Its pool grows as needed (redis-py's Sentinel pool cannot block like BlockingConnectionPool)."""
+    seconds = timeout_ms / 1000
+    # redis-py leaves Sentinel and master_for untyped
+    sentinel = Sentinel(list(target.hosts), sentinel_kwargs={  # type: ignore[no-untyped-call]
+        "socket_timeout": seconds, "socket_connect_timeout": seconds}, **_node_options(target, timeout_ms))
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        target.master_name, db=target.db, **_node_options(target, timeout_ms))
+    return client
+
+
+# ---------------------------------------------------------------------------- start-up check
+
+
+def _check_server(target: RedisTarget, where: str, info: dict[str, Any], *, in_cluster: bool) -> None:
+    role = str(info.get("role", "master"))
+    if role != "master":
+        upstream = f"{info.get('master_host')}:{info.get('master_port')}"
+        raise _setup_error(target, f"{where} is a replica (role {role} of {upstream}): the balance store writes, "
+                                   "give the master (or a redis+sentinel:// URL, which follows failovers)")
+    if info.get("cluster_enabled") and not in_cluster:
+        raise _setup_error(target, f"{where} is a Redis Cluster node (cluster_enabled:1): use "
+                                   "redis+cluster://host:port[,host:port...] so keys reach the node that owns them")
+    policy = str(info.get("maxmemory_policy", "noeviction"))
+    if policy != "noeviction":
+        raise _setup_error(target, f"{where} has maxmemory-policy {policy}: the balance store needs noeviction "
+                                   "(an evicted key is money forgotten); set `maxmemory-policy noeviction` in its "
+                                   "redis.conf (and CONFIG SET it now)")
+
+
+def check_deployment(client: RedisClient, target: RedisTarget) -> None:
+    """Refuse what would lose money or cannot take writes; a Redis that does not answer now is
+    logged and left to the failure policy (the store guard), as a Redis lost later would be."""
+    try:
+        if isinstance(client, RedisCluster):
+            _check_cluster(client, target)
+        else:
+            _check_server(target, target.describe(), client.info(), in_cluster=False)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        log.warning("redis.url (%s) does not answer at start (%s): the failure policy applies until it does; "
+                    "its eviction policy and role are not checked", target.describe(), exc)
+
+
+def _check_cluster(client: RedisCluster, target: RedisTarget) -> None:
+    for node in client.get_primaries():  # type: ignore[no-untyped-call]
+        where = f"cluster node {node.host}:{node.port}"
+        info = client.get_redis_connection(node).info()
+        _check_server(target, where, info, in_cluster=True)
+        state = client.get_redis_connection(node).cluster("info")
+        assigned = int(state.get("cluster_slots_assigned", 0))
+        if assigned < SLOTS:
+            raise _setup_error(target, f"{where}: {assigned} of {SLOTS} slots assigned; a cluster still forming is "
+                                       "refused: wait until `redis-cli --cluster check` passes")
+        if state.get("cluster_state") != "ok":
+            log.warning("redis.url (%s): %s reports cluster_state %s (a master down, failover under way?): the "
+                        "failure policy applies to the slots it cannot serve", target.describe(), where,
+                        state.get("cluster_state"))
