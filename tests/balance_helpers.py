@@ -29,7 +29,10 @@ from agent.core.errors import NotFound
 from agent.ports import BalanceStore
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-STORE_KINDS = ["redis", "sqlite", "postgresql", "mysql"]
+# "redis-cluster": the same store on a real 3-master + 3-replica Redis Cluster (conftest.py)
+STORE_KINDS = ["redis", "redis-cluster", "sqlite", "postgresql", "mysql"]
+REDIS_KINDS = {"redis": "redis_url_single", "redis-cluster": "redis_cluster_url",
+               "redis-sentinel": "redis_sentinel_url"}  # kind -> the fixture giving its redis.url
 T0 = 1_800_000_000_000  # a fixed instant (ms) for deterministic tests
 UNIT = 1_000_000
 
@@ -53,16 +56,17 @@ class World:
     engine: Engine
     sessions: sessionmaker[Session]
     redis_prefix: str | None = None
+    redis_url: str = REDIS_URL
     opened: list[BalanceStore] = field(default_factory=list)
 
     def store(self, sessions: sessionmaker[Session] | None = None) -> BalanceStore:
         """A new store instance with its own connections (another node)."""
         store: BalanceStore
-        if self.kind == "redis":
+        if self.kind in REDIS_KINDS:
             from agent.adapters.redis.store import RedisBalanceStore, make_client
 
             assert self.redis_prefix is not None
-            store = RedisBalanceStore(make_client(REDIS_URL, 2000), sessions or self.sessions,
+            store = RedisBalanceStore(make_client(self.redis_url, 2000), sessions or self.sessions,
                                       key_prefix=self.redis_prefix)
         else:
             store = SqlBalanceStore(sessions or session_factory(self.engine))
@@ -116,6 +120,16 @@ class World:
         with transaction(self.sessions) as s:
             return check_ledger(s, now=datetime.now(UTC), grace=timedelta(0)).problems
 
+    def wipe_redis(self) -> None:
+        """Delete this world's keys: what a Redis restart without persistence (or a failover that
+        lost writes) does. On a cluster the scan visits every master."""
+        from agent.adapters.redis.store import make_client
+
+        client = make_client(self.redis_url, 2000)
+        for key in list(client.scan_iter(match=f"{self.redis_prefix}*", count=1000)):
+            client.delete(key)
+        client.close()
+
     def close(self) -> None:
         for store in self.opened:
             store.close()
@@ -136,7 +150,7 @@ class Engines:
 def world_for(request: pytest.FixtureRequest, engines_: Engines) -> Iterator[World]:
     engines, tmp = engines_.by_backend, engines_.tmp
     kind = request.param
-    backend = "sqlite" if kind == "redis" else kind
+    backend = "sqlite" if kind in REDIS_KINDS else kind
     if backend not in engines:
         if backend == "sqlite":
             url = f"sqlite:///{tmp / 'ledger.db'}"
@@ -148,18 +162,14 @@ def world_for(request: pytest.FixtureRequest, engines_: Engines) -> Iterator[Wor
     engine = engines[backend]
     clear_rows(engine)
     prefix = None
-    if kind == "redis":
-        request.getfixturevalue("redis_client")  # skips (or fails in CI) without a Redis
+    url = REDIS_URL
+    if kind in REDIS_KINDS:
+        url = request.getfixturevalue(REDIS_KINDS[kind])  # skips (or fails in CI) without that Redis
         prefix = f"test:{uuid.uuid4().hex[:10]}:"
-    world = World(kind, engine, session_factory(engine), prefix)
+    world = World(kind, engine, session_factory(engine), prefix, url)
     try:
         yield world
     finally:
         world.close()
         if prefix is not None:
-            import redis
-
-            client = redis.Redis.from_url(REDIS_URL)
-            for key in client.scan_iter(match=f"{prefix}*", count=1000):
-                client.delete(key)
-            client.close()
+            world.wipe_redis()

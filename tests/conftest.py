@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import Engine, text
@@ -18,6 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from agent.adapters.sql.engine import make_engine, session_factory
 from agent.adapters.sql.migrate import upgrade
+
+if TYPE_CHECKING:
+    from tests.redis_servers import Cluster, SentinelSetup
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -126,3 +130,49 @@ def redis_prefix(redis_client: object) -> Iterator[str]:
     yield prefix
     for key in redis_client.scan_iter(match=f"{prefix}*", count=1000):  # type: ignore[attr-defined]
         redis_client.delete(key)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def redis_url_single(redis_client: object) -> str:
+    """The loopback Redis (one server) as a ``redis.url``."""
+    return REDIS_URL
+
+
+def _redis_server_missing() -> None:
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        service_unavailable("redis-server (to start a cluster or sentinel)", FileNotFoundError("not on PATH"))
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A real 3-master + 3-replica Redis Cluster on free loopback ports, started once per session
+    (about 2 s) and stopped by PID at the end. A test that kills a node restarts it before it ends."""
+    from tests.redis_servers import start_cluster
+
+    _redis_server_missing()
+    cluster = start_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: Cluster) -> str:
+    return redis_cluster.url
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSetup]:
+    """One master, one replica, one Sentinel (quorum 1), started once per session."""
+    from tests.redis_servers import start_sentinel
+
+    _redis_server_missing()
+    setup = start_sentinel(tmp_path_factory.mktemp("redis-sentinel"))
+    yield setup
+    setup.stop()
+
+
+@pytest.fixture
+def redis_sentinel_url(redis_sentinel: SentinelSetup) -> str:
+    return redis_sentinel.url

@@ -417,19 +417,9 @@ def test_concurrent_calls_on_many_nodes_never_overspend(w: World) -> None:
 # ------------------------------------------------------- Redis: a cache rebuilt from the ledger
 
 
-@pytest.fixture(params=["redis"])
+@pytest.fixture(params=["redis", "redis-cluster"])
 def rw(request: pytest.FixtureRequest, engines: Engines) -> Iterator[World]:
     yield from world_for(request, engines)
-
-
-def _wipe_redis(w: World) -> None:
-    """What a Redis restart without persistence (or a failover that lost writes) does."""
-    import redis
-
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-    for key in client.scan_iter(match=f"{w.redis_prefix}*"):
-        client.delete(key)
-    client.close()
 
 
 def test_an_account_missing_from_redis_is_loaded_and_top_ups_reach_it(rw: World) -> None:
@@ -454,7 +444,7 @@ def test_after_redis_lost_everything_a_settle_charges_once_and_redis_converges_t
     rw.account("alice", balance=10 * UNIT)
     rw.store().authorize("alice", "c1", "n1", UNIT, UNIT, T0, TTL)
     rw.store().debit_and_reserve("c1", 1, UNIT, UNIT, T0 + 1, TTL)
-    _wipe_redis(rw)
+    rw.wipe_redis()
     restarted = rw.store()  # an agent that restarted too: only the PBX still knows the account
     assert restarted.debit_and_reserve("c1", 2, UNIT, UNIT, T0 + 2, TTL, account_id="alice").status is (
         NibbleStatus.UNKNOWN_CALL)

@@ -1,0 +1,179 @@
+"""Redis deployments other than one server: Sentinel, and what is refused at start.
+
+The cluster runs the whole balance-store contract (test_balance_store_contract.py, kind
+"redis-cluster"); here the Sentinel-managed master runs a smoke part of it, and each deployment
+that would lose money or cannot take writes is refused with redis.url and the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import tests.test_balance_store_contract as contract
+from agent.adapters.balance import make_balance_store
+from agent.adapters.redis.connect import RedisSetupError
+from agent.adapters.sql.engine import make_engine
+from agent.adapters.sql.migrate import upgrade
+from agent.config import Config, ConfigError, load_config
+from tests.balance_helpers import T0, UNIT, Engines, World, world_for
+from tests.redis_servers import Cluster, SentinelSetup, free_port, start_cluster_node, start_server
+
+# ------------------------------------------------------------------------------ Sentinel
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
+    found = Engines(tmp_path_factory.mktemp("deployments"))
+    yield found
+    found.dispose()
+
+
+@pytest.fixture(params=["redis-sentinel"])
+def sw(request: pytest.FixtureRequest, engines: Engines) -> Iterator[World]:
+    yield from world_for(request, engines)
+
+
+SMOKE: list[Callable[[World], None]] = [
+    contract.test_authorize_grants_what_is_left_and_denies_below_the_minimum,
+    contract.test_settle_charges_the_cost_once_and_releases_the_rest,
+    contract.test_max_concurrent_calls_are_counted_across_nodes,
+    contract.test_concurrent_calls_on_many_nodes_never_overspend,
+]
+
+
+@pytest.mark.parametrize("contract_test", SMOKE, ids=lambda t: t.__name__.removeprefix("test_"))
+def test_the_master_named_by_the_sentinels_holds_the_balances(sw: World, contract_test: Callable[[World], None]
+                                                             ) -> None:
+    contract_test(sw)
+
+
+def test_the_sentinel_master_is_the_one_written(sw: World, redis_sentinel: SentinelSetup) -> None:
+    sw.account("alice", balance=10 * UNIT)
+    sw.store().authorize("alice", "c1", "n1", UNIT, UNIT, T0, contract.TTL)
+    keys = redis_sentinel.master.client().keys(f"{sw.redis_prefix}acct:{{alice}}:*")
+    assert keys, "the reservation is not on the master the Sentinel names"
+
+
+# ------------------------------------------------------------------------- refused at start
+
+
+def _config(url: str) -> Config:
+    return load_config(None, environ={}, overrides={"redis": {"url": url, "timeout_ms": 500}})
+
+
+def _refusal(url: str, tmp_path: Path) -> str:
+    """What the start-up check (agent/adapters/balance.py, run by the daemon) says of ``url``."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    try:
+        with pytest.raises(RedisSetupError) as caught:
+            make_balance_store(_config(url), engine).close()
+    finally:
+        engine.dispose()
+    return str(caught.value)
+
+
+@pytest.fixture(params=["redis-cluster"])
+def cw(request: pytest.FixtureRequest, engines: Engines) -> Iterator[World]:
+    yield from world_for(request, engines)
+
+
+def test_a_cluster_url_works_while_one_seed_is_dead(cw: World, redis_cluster: Cluster) -> None:
+    cw.redis_url = f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{redis_cluster.masters[1].port}"
+    cw.account("alice", balance=10 * UNIT)
+    store = make_balance_store(_config(cw.redis_url), cw.engine)  # the start-up check passes
+    try:
+        assert store.authorize("alice", "c1", "n1", UNIT, UNIT, T0, contract.TTL).granted_micros == UNIT
+        assert store.settle("c1", 1, 400_000, T0 + 1000).ledger_posted
+    finally:
+        store.close()
+    assert cw.sql_balance("alice") == 9_600_000
+
+
+def test_a_cluster_url_none_of_whose_seeds_answers_is_refused_naming_each(tmp_path: Path) -> None:
+    first, second = free_port(), free_port()
+    message = _refusal(f"redis+cluster://127.0.0.1:{first},127.0.0.1:{second}", tmp_path)
+    assert message.startswith("redis.url (Redis Cluster (seeds ")
+    assert "no seed node gave the cluster's slot map" in message
+    assert f"127.0.0.1:{first}: Error 111" in message and f"127.0.0.1:{second}: Error 111" in message
+
+
+def test_a_cluster_still_forming_is_refused(tmp_path: Path) -> None:
+    node = start_cluster_node(tmp_path / "forming")
+    try:
+        node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 5000)  # the other slots not yet assigned
+        message = _refusal(f"redis+cluster://127.0.0.1:{node.port}", tmp_path)
+    finally:
+        node.stop()
+    assert "does not serve every slot yet" in message and "5001 of 16384 covered" in message
+    assert "still forming is refused" in message
+
+
+def test_a_cluster_node_behind_a_single_server_url_is_refused(redis_cluster: Cluster, tmp_path: Path) -> None:
+    message = _refusal(f"redis://127.0.0.1:{redis_cluster.masters[0].port}/0", tmp_path)
+    assert "is a Redis Cluster node" in message and "redis+cluster://" in message
+
+
+def test_a_replica_given_as_the_write_endpoint_is_refused(redis_sentinel: SentinelSetup, tmp_path: Path) -> None:
+    message = _refusal(f"redis://127.0.0.1:{redis_sentinel.replica.port}/0", tmp_path)
+    assert f"is a replica (role slave of 127.0.0.1:{redis_sentinel.master.port})" in message
+    assert message.startswith("redis.url ")
+
+
+def test_redis_that_may_evict_keys_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "lru", "--maxmemory-policy", "allkeys-lru")
+    try:
+        message = _refusal(f"redis://127.0.0.1:{server.port}/0", tmp_path)
+    finally:
+        server.stop()
+    assert "maxmemory-policy allkeys-lru" in message and "needs noeviction" in message
+
+
+def test_one_cluster_master_that_may_evict_keys_is_refused(redis_cluster: Cluster, tmp_path: Path) -> None:
+    master = redis_cluster.masters[2].client()
+    master.config_set("maxmemory-policy", "volatile-lru")
+    try:
+        message = _refusal(redis_cluster.url, tmp_path)
+    finally:
+        master.config_set("maxmemory-policy", "noeviction")
+    assert f"cluster node 127.0.0.1:{redis_cluster.masters[2].port} has maxmemory-policy volatile-lru" in message
+
+
+def test_a_redis_that_does_not_answer_at_start_is_left_to_the_failure_policy(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    store = make_balance_store(_config(f"redis://127.0.0.1:{free_port()}/0"), engine)  # no refusal
+    store.close()
+    engine.dispose()
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("redis+cluster://127.0.0.1", "'127.0.0.1' is not host:port"),
+    ("redis+cluster://127.0.0.1:7000/3", "database 0 only"),
+    ("redis+sentinel://127.0.0.1:26379", "ends with /master_name"),
+    ("redis+sentinel://127.0.0.1:26379/billing/x", "database 'x' is not a number"),
+    ("memcached://127.0.0.1:11211", "unknown scheme 'memcached'"),
+])
+def test_a_redis_url_that_cannot_be_read_stops_the_configuration(url: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=r"redis\.url: .*" + reason.replace("(", r"\(")):
+        _config(url)
+
+
+def test_the_daemon_refuses_to_start_on_a_replica(redis_sentinel: SentinelSetup, postgres_url: str,
+                                                  tmp_path: Path) -> None:
+    from agent.daemon import Daemon, StartupError
+
+    engine = make_engine(postgres_url)
+    upgrade(engine)  # the schema check passes: the store step is the one that refuses
+    engine.dispose()
+    config = load_config(None, environ={}, cwd=tmp_path, overrides={
+        "database": {"url": postgres_url}, "metrics": {"port": 0},
+        "cdr": {"spool_dir": str(tmp_path / "spool")},
+        "redis": {"url": f"redis://127.0.0.1:{redis_sentinel.replica.port}/0"}})
+    agent = Daemon(config)
+    try:
+        with pytest.raises(StartupError, match=r"redis.url .* is a replica"):
+            agent.start()
+    finally:
+        agent.shutdown()
