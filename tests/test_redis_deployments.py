@@ -177,3 +177,93 @@ def test_the_daemon_refuses_to_start_on_a_replica(redis_sentinel: SentinelSetup,
             agent.start()
     finally:
         agent.shutdown()
+
+
+# ----------------------------------------------------------------------- cluster failover
+
+SLICE = 100_000
+
+
+def _owner(cluster: Cluster, key: str) -> int:
+    """Index in ``cluster.masters`` of the master serving ``key`` (the others answer MOVED)."""
+    import redis
+
+    for i, master in enumerate(cluster.masters):
+        try:
+            master.client().exists(key)
+            return i
+        except redis.ResponseError:
+            continue
+    raise AssertionError(f"no master serves {key}")
+
+
+def test_a_master_killed_while_calls_nibble_loses_no_money(cw: World, redis_cluster: Cluster) -> None:
+    import time
+
+    from agent.core.balance import NibbleRequest, NibbleStatus, StoreUnavailable
+    from tests.redis_servers import wait_for
+
+    accounts = [f"acct{i}" for i in range(9)]  # spread over the three masters' slots
+    for account in accounts:
+        cw.account(account, balance=100 * UNIT)
+    store = cw.store()
+    calls = {f"call-{a}": a for a in accounts}
+    for call_id, account in calls.items():
+        assert store.authorize(account, call_id, "n1", SLICE, SLICE, T0, contract.TTL).allowed
+    seq = dict.fromkeys(calls, 1)
+
+    def nibble_round(now_ms: int) -> list[NibbleStatus]:
+        """One batch: every call's next slice, across the masters (one pipeline, split by node)."""
+        outcomes = store.debit_and_reserve_many([NibbleRequest(c, seq[c], SLICE, SLICE, now_ms, contract.TTL, a)
+                                                 for c, a in calls.items()])
+        for out in outcomes:
+            if out.applied:
+                seq[out.call_id] += 1
+        return [out.status for out in outcomes]
+
+    for step in range(3):
+        assert set(nibble_round(T0 + 1000 * step)) == {NibbleStatus.GRANTED}
+    victim_index = _owner(redis_cluster, f"{cw.redis_prefix}acct:{{{accounts[0]}}}:bal")
+    victim, heir = redis_cluster.masters[victim_index], redis_cluster.replicas[victim_index]
+    last_round = {c: seq[c] - 1 for c in calls}
+    victim.stop()  # kill -9 of a master while its calls are live
+    killed = time.monotonic()
+    refused = 0
+    statuses: list[NibbleStatus] = []
+
+    def nibbles_go_on() -> bool:
+        nonlocal refused, statuses
+        try:
+            statuses = nibble_round(T0 + 10_000)
+        except StoreUnavailable:  # the failure policy's case: the store guard journals and retries
+            refused += 1
+            return False
+        return True
+
+    wait_for("nibbles go on after the replica's promotion", nibbles_go_on, timeout_s=15)
+    outage_s = time.monotonic() - killed
+    # A batch refused half-way (the other masters applied their part) was sent again whole:
+    # those parts answer REPLAYED, the rest GRANTED; none is applied twice (checked below).
+    assert set(statuses) <= {NibbleStatus.GRANTED, NibbleStatus.REPLAYED}
+    try:
+        # The step a node sent just before the kill, sent again: applied once, never twice.
+        replays = store.debit_and_reserve_many([NibbleRequest(c, n, SLICE, SLICE, T0 + 10_000, contract.TTL, a)
+                                                for (c, a), n in zip(calls.items(), last_round.values(), strict=True)])
+        assert {out.status for out in replays} <= {NibbleStatus.REPLAYED, NibbleStatus.STALE}
+        for account in accounts:  # the rebuild path (accounts rebuild-cache) keeps what live calls took
+            before = store.account_state(account)
+            after = store.rebuild(account)
+            assert (after.balance_micros, after.reserved_micros) == (before.balance_micros, before.reserved_micros)
+        for call_id in calls:
+            out = store.settle(call_id, seq[call_id], (seq[call_id] - 1) * SLICE, T0 + 20_000)
+            assert out.ledger_posted and out.debited_micros == (seq[call_id] - 1) * SLICE
+        for account in accounts:
+            contract.assert_books_balance(cw, account)
+            assert cw.sql_balance(account) == 100 * UNIT - 4 * SLICE  # four slices used, charged once
+    finally:
+        # The old master comes back as a replica of its heir: the session's cluster is whole again.
+        victim.restart()
+        redis_cluster.masters[victim_index], redis_cluster.replicas[victim_index] = heir, victim
+        wait_for("cluster whole again", lambda: redis_cluster.state_ok() and victim.client().info(
+            "replication").get("master_link_status") == "up")
+    print(f"failover: store unavailable for {outage_s:.2f}s ({refused} nibble batches refused)")

@@ -249,8 +249,8 @@ class FreeswitchAdapter:
 
     def _socket_session(self, sock: socket.socket, address: object) -> None:
         """One call's authorization over the outbound socket of billing.xml's ``socket`` app:
-        ``connect``, its channel data, the decision's ``api`` commands in one write, their
-        replies, close (FreeSWITCH then goes on with the dialplan)."""
+        ``connect``, its channel data, the decision's ``api`` commands in one write and the end
+        of our stream (FreeSWITCH then goes on with the dialplan), their replies, close."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         reader = FrameReader()
         leg_id = ""
@@ -271,6 +271,11 @@ class FreeswitchAdapter:
             steps = self._decision_commands(request, decision)
             with gevent.Timeout(self.settings.esl.command_timeout_s, EslError("no reply to the decision")):
                 sock.sendall(b"".join(encode_command(f"api {step}") for step in steps))
+                # Half-close at once: FreeSWITCH runs the commands, writes the replies, reads
+                # the end of the stream and goes on with the dialplan, without waiting for this
+                # greenlet to be scheduled, read the replies and close (post-dial delay, issue
+                # 13). The replies are still read below, for the log.
+                sock.shutdown(socket.SHUT_WR)
                 replies = _read_frames(sock, reader, len(steps))
             for command, reply in zip(steps, replies, strict=True):
                 if not commands.is_ok(reply.text()):  # the variables did not land: the dialplan refuses

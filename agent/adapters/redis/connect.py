@@ -18,8 +18,10 @@ import logging
 from typing import Any
 
 import redis
+from redis._parsers.commands import CommandPolicies, RequestPolicy, ResponsePolicy
 from redis.backoff import NoBackoff
-from redis.cluster import ClusterNode, RedisCluster
+from redis.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.commands.policies import BasePolicyResolver, PolicyResolver, StaticPolicyResolver
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
@@ -66,11 +68,37 @@ def _seed_report(target: RedisTarget, timeout_ms: int) -> str:
     return "; ".join(reports)
 
 
+class _ScriptsByKeys(BasePolicyResolver):
+    """EVALSHA routed by its keys, read locally from ``numkeys``. Without this, redis-py's cluster
+    pipeline asks the default node ``COMMAND GETKEYS`` for every EVALSHA it queues: one more round
+    trip per script, and once that node is dead (a master killed) no pipeline runs at all, even
+    after its replica took over (the lookup fails before the slot map is ever refreshed)."""
+
+    def __init__(self, fallback: PolicyResolver | None = None) -> None:
+        keyed = CommandPolicies(RequestPolicy.DEFAULT_KEYED, ResponsePolicy.DEFAULT_KEYED)
+        super().__init__({"core": {"evalsha": keyed, "eval": keyed}}, fallback)
+
+    def with_fallback(self, fallback: PolicyResolver) -> PolicyResolver:
+        return _ScriptsByKeys(fallback)
+
+
+class _Cluster(RedisCluster):
+    """redis-py's cluster client whose pipelines use its policy resolver too (redis-py 8.1 builds
+    each pipeline with the default resolver, ignoring the client's)."""
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        pipe: ClusterPipeline = super().pipeline(transaction, shard_hint)  # type: ignore[no-untyped-call]
+        pipe._policy_resolver = self._policy_resolver
+        return pipe
+
+
 def make_cluster_client(target: RedisTarget, timeout_ms: int) -> RedisCluster:
     """A cluster client; needs one seed that answers (the slot map comes from it)."""
     try:
         seeds = [ClusterNode(h, p) for h, p in target.hosts]  # type: ignore[no-untyped-call]
-        return RedisCluster(startup_nodes=seeds, require_full_coverage=True, **_node_options(target, timeout_ms))
+        return _Cluster(startup_nodes=seeds, require_full_coverage=True,
+                            policy_resolver=_ScriptsByKeys(StaticPolicyResolver()),
+                            **_node_options(target, timeout_ms))
     except RedisClusterException as exc:
         text = str(exc)
         if "not covered" in text:
