@@ -423,3 +423,16 @@ def test_a_call_authorized_after_the_pbx_listing_is_not_ended_by_it() -> None:
     assert all(leg.ended_ms is None for leg in session.legs.values())
     registry.feed(PbxConnected("asterisk", T0 + 300, (), listed_ms=T0 + 200))  # listed after: it ended
     assert session.a_leg.ended_ms == T0 + 300
+
+
+def test_a_cut_sent_late_bills_the_talk_until_it_was_sent() -> None:
+    """Found by bench_faults: the agent was down when the money ran out at 5 s; restarted, it
+    cut at 7.6 s. The customer talked those 2.6 s: they are charged (an overrun), only the
+    PBX's teardown after the hangup is not. A cut a few ms late (a timer) stays free."""
+    for sent_at, expected in ((T0 + 5_030, 5_000), (T0 + 7_600, 8_000)):
+        session = make_session(PER_SECOND, granted=5_000, nibble_s=6)
+        _answer_b(session, T0)  # the grant covers 5 s, less than the first slice: exhausted at once
+        assert session.cut_at_ms == T0 + 5_000
+        session.on_timer(TimerKind.CUT, session.token, sent_at)
+        (settle,) = session.on_hung_up(LegHungUp("A1", sent_at + 40))
+        assert settle.cost_micros == expected

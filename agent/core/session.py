@@ -19,7 +19,8 @@ Money rules (DESIGN §4-5):
 * At the end the call is rated on its exact duration and settled. A call the agent cut is billed
   up to the cut instant when the PBX tore it down within the verification window (our own
   hangup latency is not the customer's use); past that window the real duration is charged and
-  the overrun shows in the store's overrun record.
+  the overrun shows in the store's overrun record. A cut sent more than ``CUT_LATENESS_FREE_MS``
+  after the money ran out (an agent that was down) is billed up to when it was sent.
 * The PBX holds a backstop of its own (it ends the call if the agent dies). It is never set
   before the money runs out (the PBX must not take paid time away) and it moves with the
   money: each granted nibble pushes it to the end of what is reserved plus a slack, an
@@ -65,6 +66,10 @@ BACKSTOP_TOLERANCE_MS = 2_000  # a call that ended this close after the PBX back
 # instant asked (Asterisk's TIMEOUT(absolute) is ms-exact); 2 s covers both.
 TRANSFER_GRACE_MS = 1_500  # a dialled leg still up this long after the caller left was transferred
 LEG_LINGER_MS = 1_000  # a settled call's record waits this long at most for its other legs' hangups
+# A cut sent at most this long after the money ran out is billed to that instant (a timer's
+# lateness is ours); sent later (the agent was down, the loop or the store held it up), the
+# customer talked on until it was sent, and that time is charged (an overrun past the money).
+CUT_LATENESS_FREE_MS = 100
 BUSY_CAUSES = frozenset({"USER_BUSY", "17"})
 NO_ANSWER_CAUSES = frozenset({"NO_ANSWER", "NO_USER_RESPONSE", "ORIGINATOR_CANCEL", "19", "18"})
 
@@ -707,7 +712,13 @@ class CallSession:
         cut_rel = self.cut_at_ms - self.answer_ms
         confirmed_in_time = self.cut_sent_ms is not None and self.end_ms <= self.cut_sent_ms + self.settings.verify_ms
         if self.cut_by_agent and confirmed_in_time:
-            return cut_rel  # our own hangup latency is not the customer's use
+            # Our own hangup latency is not the customer's use; the talk before we acted is.
+            # Found by bench_faults: an agent restarted 2.6 s after a call's money ran out cut it
+            # at once and billed it to the money's end, giving the 2.6 s away.
+            assert self.cut_sent_ms is not None
+            if self.cut_sent_ms - self.cut_at_ms <= CUT_LATENESS_FREE_MS:
+                return cut_rel
+            return min(duration, self.cut_sent_ms - self.answer_ms)
         if self.exhausted and self._ended_by_pbx_backstop():
             # The PBX's own backstop (or Asterisk's L() with a warning) ended the call after the
             # money ran out: the money covered only up to the cut, and the customer did not
