@@ -35,6 +35,7 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent import __version__
+from agent.adapters.authorized_journal import AuthorizedJournal
 from agent.adapters.cdr.factory import make_cdr_pipeline, spool_path
 from agent.adapters.http_status import StatusServer
 from agent.adapters.sql.account_plans import AccountPlans
@@ -46,6 +47,7 @@ from agent.adapters.sql.rate_repository import RatePlanCache
 from agent.config import Config
 from agent.core.balance import LiveCall
 from agent.core.errors import BillingError, InvalidInput
+from agent.core.events import AuthorizeDecision, AuthorizeRequest
 from agent.core.money import format_amount
 from agent.core.ratetable import format_instant
 from agent.ports import SwitchAdapter
@@ -120,6 +122,7 @@ class Daemon:
         self._database_where = ""
         self._publish_failures = 0
         self._publish_every_s = config.daemon.publish_seconds
+        self.authorized_journal = AuthorizedJournal(spool_path(config))
 
     # ---------------------------------------------------------------- start
 
@@ -149,6 +152,7 @@ class Daemon:
             store=store, rater=PlanRater(plans.plan_of, self.rate_cache), clock=self.clock, cdr=self.cdr,
             metrics=self.metrics)
         self._offer_adoption(self.engine, self.store)
+        self._start_authorized_journal(self.engine)
         self.engine.start()
         self._start_adapters(self.engine)
         self.publisher = LiveCallPublisher(self.sql, self.config.node.id)
@@ -301,6 +305,7 @@ class Daemon:
         stored = {c.call_id for c in mine}
         held: dict[str, LiveCall] = {c.call_id: c for c in mine}
         rows = []
+        journaled = self.authorized_journal.read()  # calls authorized since the earlier run's last publish
         if self.sql is not None:  # what the earlier run published, before register() clears it
             try:
                 rows = [row for row in live_call_rows(self.sql) if row.node == self.config.node.id]
@@ -322,9 +327,36 @@ class Daemon:
             call_id=row.call_id, pbx=row.pbx, destination=row.destination, caller=row.caller,
             a_leg_id=row.a_leg_id, authorized_ms=_epoch_ms(row.authorized_at),
             answered_ms=_epoch_ms(row.answered_at) if row.answered_at is not None else None) for row in rows}
+        for call_id in held.keys() - engine.adoptable_facts.keys():
+            entry = journaled.get(call_id)
+            if entry is not None:
+                try:
+                    engine.adoptable_facts[call_id] = LeftBehind(
+                        call_id=call_id, pbx=str(entry["pbx"]), destination=str(entry["destination"]),
+                        caller=str(entry["caller"]), a_leg_id=str(entry["a_leg_id"]),
+                        authorized_ms=int(str(entry["authorized_ms"])), answered_ms=None)
+                except (KeyError, ValueError) as exc:
+                    log.warning("authorized-calls journal: call=%s: %r missing or wrong; skipped", call_id, exc)
         if held:
             log.warning("%d calls of node %s from an earlier run still hold reservations; adopting those the PBX "
                         "still shows", len(held), self.config.node.id)
+
+    def _start_authorized_journal(self, engine: CallEngine) -> None:
+        """A new journal of the calls this run authorizes (agent/adapters/authorized_journal.py)."""
+        journal = self.authorized_journal
+        try:
+            journal.start()
+        except OSError as exc:
+            log.error("authorized-calls journal %s: %s; calls authorized just before a crash will be settled "
+                      "from the balance store only", journal.path, exc.strerror or exc)
+            return
+
+        def append(request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
+            journal.append(call_id=decision.call_id, pbx=request.pbx, a_leg_id=request.leg_id,
+                           account_id=request.account_id, destination=request.destination, caller=request.caller,
+                           authorized_ms=request.at_ms)
+
+        engine.on_authorized.append(append)
 
     def _open_reservations(self, store: StoreGuard) -> list[LiveCall] | None:
         """This node's open reservations. A store that does not answer at start (Redis
@@ -545,6 +577,7 @@ class Daemon:
             self._timed("unpublish live calls", lambda: publisher.stopped(handed_over))
         if self.store is not None:
             self._timed("close store", self.store.close)
+        self.authorized_journal.close()
         if self.status is not None:
             status = self.status
             self._timed("stop status server", lambda: status.stop(1))

@@ -361,12 +361,16 @@ def test_bad_arguments_to_the_live_call_commands_are_named(tmp_path: Path) -> No
     assert empty.exit_code == 0 and json.loads(empty.output) == {"calls": [], "nodes": []}
 
 
-def _call_ends_between_two_runs(config: Any, pbx: SimulatedPbx, *, talk_ms: int, handed_over_after_s: float) -> None:
+def _call_ends_between_two_runs(config: Any, pbx: SimulatedPbx, *, talk_ms: int, handed_over_after_s: float,
+                                unpublished: bool = False) -> None:
     """alice calls 33142685300; the first run stops (drain 0: the call is handed over, its
     reservation stays open) ``handed_over_after_s`` after the answer; the call ends while no
-    agent runs; a second run starts, settles what it was left and flushes its CDRs."""
+    agent runs; a second run starts, settles what it was left and flushes its CDRs.
+    ``unpublished``: the first run never publishes its calls (killed within a publish interval)."""
     first = Daemon(config)
     first.start()
+    if unpublished:
+        first.publisher = None
     wait_for(lambda: all(a.connected() for a in first.adapters))
     call = pbx.fake.place_call("alice", "33142685300", answer_after_ms=50, talk_ms=talk_ms)
     wait_for(lambda: any(c["phase"] == "answered" for c in first.live_call_dicts()))
@@ -498,5 +502,36 @@ def test_a_call_that_ends_while_the_agent_is_down_is_billed_from_the_pbx_cdr(tmp
         with transaction(session_factory(sql)) as session:
             report = check_ledger(session, now=utcnow(), grace=timedelta(0))
         assert report.ok, report.problems
+    finally:
+        sql.dispose()
+
+
+def test_a_call_authorized_just_before_a_crash_is_billed_from_the_pbx_cdr_by_the_local_journal(tmp_path: Path) -> None:
+    """Found by bench_faults: killed less than a publish interval after authorizing a call, the
+    agent left only the call's reservation; the next run recorded it NO ANSWER for 0. The local
+    journal of authorized calls gives the next run its leg and destination: billed its real talk
+    from the PBX's CDR."""
+    from dataclasses import replace
+
+    prepare_database(f"sqlite:///{tmp_path / 'billing-agent.db'}", tmp_path).dispose()
+    pbx = SimulatedPbx("asterisk")
+    cdr_file = tmp_path / "pbx-cdr.csv"
+    pbx.fake.cdr_file = str(cdr_file)
+    config = demo_config(tmp_path, "asterisk", pbx.agi_port, pbx.port)
+    config = replace(config, daemon=replace(config.daemon, drain_seconds=0.0),
+                     asterisk=replace(config.asterisk, cdr_file=str(cdr_file)))
+    try:
+        _call_ends_between_two_runs(config, pbx, talk_ms=2_300, handed_over_after_s=0.2, unpublished=True)
+    finally:
+        pbx.stop()
+    sql = make_engine(config.database.url)
+    try:
+        with sql.connect() as conn:
+            (cdr,) = conn.execute(select(Call.disposition, Call.hangup_cause, Call.duration_ms,
+                                         Call.destination)).all()
+            (reason, cost) = conn.execute(text("SELECT reason, cost_micros FROM rating_decisions")).one()
+        assert cdr[:2] == ("ANSWERED", "ENDED_WHILE_AGENT_DOWN") and reason == "ended_while_agent_down_pbx_cdr"
+        assert 2_250 <= cdr[2] <= 2_400 and cdr[3] == "33142685300", cdr
+        assert cost > 0
     finally:
         sql.dispose()

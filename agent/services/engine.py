@@ -232,6 +232,8 @@ class Engine:
         self._running = False
         self._nibble_batch: list[NibbleStep] = []
         self.on_finished: list[Callable[[Any], None]] = []
+        # Told of every allowed call at once (the daemon's local journal of authorized calls).
+        self.on_authorized: list[Callable[[AuthorizeRequest, AuthorizeDecision], None]] = []
         self.lateness_samples: list[int] | None = None  # benchmarks set a list to get raw samples
         # Open reservations an earlier run of this node left (the daemon fills it at start); a
         # resync that shows their legs live on the PBX adopts them (agent restart, hand-over).
@@ -309,6 +311,12 @@ class Engine:
                       request.destination)
         started = self.clock.monotonic_ms()
         decision = self._authorize(request)
+        if decision.allowed:
+            for hook in self.on_authorized:
+                try:
+                    hook(request, decision)
+                except Exception:  # a journal that fails must not refuse the call
+                    log.exception("on_authorized hook failed for call=%s", decision.call_id)
         self.metrics.authorize_seconds.observe((self.clock.monotonic_ms() - started) / 1000)
         self.metrics.authorizations.labels("allowed" if decision.allowed else str(decision.reason)).inc()
         log.info("authorize call=%s account=%s dest=%s node=%s allowed=%s limit_ms=%d reason=%s %s",
