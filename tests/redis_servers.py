@@ -61,10 +61,11 @@ class Server:
             self.process.kill()
             self.process.wait(timeout=10)
 
-    def restart(self) -> None:
-        """Start again with the same arguments (a cluster node keeps its identity: nodes.conf)."""
+    def restart(self, *extra: str) -> None:
+        """Start again with the same arguments (a cluster node keeps its identity: nodes.conf),
+        plus ``extra`` ones this time."""
         self.stop()
-        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen([*self.args, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(f"redis-server on port {self.port}", lambda: self.client().ping())
 
 

@@ -100,6 +100,19 @@ def test_a_cluster_url_none_of_whose_seeds_answers_is_refused_naming_each(tmp_pa
     assert f"127.0.0.1:{first}: Error 111" in message and f"127.0.0.1:{second}: Error 111" in message
 
 
+def test_a_refusal_never_prints_the_password(tmp_path: Path) -> None:
+    message = _refusal(f"redis+cluster://billing:s3cret@127.0.0.1:{free_port()}", tmp_path)
+    assert "s3cret" not in message and "no seed node" in message
+    with pytest.raises(ConfigError) as caught:
+        _config("redis+sentinel://billing:s3cret@127.0.0.1:26379")
+    assert "s3cret" not in str(caught.value)
+    from agent.redis_url import RedisUrlError, parse_redis_url
+
+    with pytest.raises(RedisUrlError, match=r"'redis\+sentinel://billing:\*\*\*@127.0.0.1:26379'") as parsed:
+        parse_redis_url("redis+sentinel://billing:s3cret@127.0.0.1:26379")
+    assert "s3cret" not in str(parsed.value)
+
+
 def test_a_cluster_still_forming_is_refused(tmp_path: Path) -> None:
     node = start_cluster_node(tmp_path / "forming")
     try:
@@ -267,3 +280,40 @@ def test_a_master_killed_while_calls_nibble_loses_no_money(cw: World, redis_clus
         wait_for("cluster whole again", lambda: redis_cluster.state_ok() and victim.client().info(
             "replication").get("master_link_status") == "up")
     print(f"failover: store unavailable for {outage_s:.2f}s ({refused} nibble batches refused)")
+
+
+def test_a_sentinel_failover_is_followed_and_nibbles_go_on(sw: World, redis_sentinel: SentinelSetup) -> None:
+    from agent.core.balance import NibbleStatus, StoreUnavailable
+    from tests.redis_servers import wait_for
+
+    sw.account("alice", balance=10 * UNIT)
+    store = sw.store()
+    assert store.authorize("alice", "c1", "n1", SLICE, SLICE, T0, contract.TTL).allowed
+    assert store.debit_and_reserve("c1", 1, SLICE, SLICE, T0 + 1000, contract.TTL).status is NibbleStatus.GRANTED
+    old, heir = redis_sentinel.master, redis_sentinel.replica
+    wait_for("the replica has the reservation", lambda: heir.client().exists(f"{sw.redis_prefix}acct:{{alice}}:bal"))
+    old.stop()
+    seq = 2
+
+    def nibble() -> bool:
+        nonlocal seq
+        try:
+            out = store.debit_and_reserve("c1", seq, SLICE, SLICE, T0 + 2000, contract.TTL)
+        except StoreUnavailable:  # the Sentinels have not promoted the replica yet
+            return False
+        assert out.status is NibbleStatus.GRANTED
+        return True
+
+    try:
+        wait_for("nibbles go on on the promoted replica", nibble, timeout_s=20)
+        assert heir.client().info("replication")["role"] == "master"
+        out = store.settle("c1", 3, 2 * SLICE, T0 + 3000)
+        assert out.ledger_posted and out.debited_micros == 2 * SLICE
+        contract.assert_books_balance(sw, "alice")
+        assert sw.sql_balance("alice") == 10 * UNIT - 2 * SLICE
+    finally:
+        # Back as a replica of its heir at once (the Sentinel would do it too, within ~10 s).
+        old.restart("--replicaof", "127.0.0.1", str(heir.port))
+        redis_sentinel.master, redis_sentinel.replica = heir, old
+        wait_for("old master back as a replica", lambda: old.client().info("replication").get(
+            "master_link_status") == "up")
