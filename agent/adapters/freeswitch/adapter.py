@@ -268,7 +268,7 @@ class FreeswitchAdapter:
                 return  # a second connection for the same leg: the first decides
             request = authorize_request(event, self.clock.now_ms())
             decision = self._decide(request)
-            steps = self._decision_commands(request, decision)
+            steps, informative = self._decision_commands(request, decision)
             with gevent.Timeout(self.settings.esl.command_timeout_s, EslError("no reply to the decision")):
                 sock.sendall(b"".join(encode_command(f"api {step}") for step in steps))
                 # Half-close at once: FreeSWITCH runs the commands, writes the replies, reads
@@ -281,6 +281,8 @@ class FreeswitchAdapter:
                 if not commands.is_ok(reply.text()):  # the variables did not land: the dialplan refuses
                     log.error("leg %s: %s answered %s", leg_id, command.split(" ", 1)[0],
                               commands.first_line(reply.text()))
+            sock.close()
+            self._set_informative(leg_id, informative)
         except (EslError, FramingError, OSError, commands.UnsafeValue) as exc:
             log.error("FreeSWITCH authorize socket, leg %s: %s (the dialplan refuses the call: no decision)",
                       leg_id or "?", exc)
@@ -301,22 +303,37 @@ class FreeswitchAdapter:
         finally:
             self.held.release(request.leg_id)
 
-    def _decision_commands(self, request: AuthorizeRequest, decision: AuthorizeDecision) -> list[str]:
-        """The variables the dialplan reads, in one command: FreeSWITCH reads an outbound
-        socket byte by byte with a sched_yield after each, so every command and byte sent
-        before the dialplan can go on is post-dial delay. billing.xml itself replaces its 10 s
-        guard with the caller's ceiling (``billing_ceiling_s``: backstop + ring allowance)."""
+    def _decision_commands(self, request: AuthorizeRequest,
+                           decision: AuthorizeDecision) -> tuple[list[str], list[str]]:
+        """The variables the dialplan reads, in one command over the authorize socket, and
+        those it does not read (for the admin's CDR template and logs), sent afterwards over
+        the event socket. FreeSWITCH reads an outbound socket a byte at a time with a poll and
+        a sched_yield after each (mod_event_socket's read_packet), so every byte sent before the
+        dialplan can go on is post-dial delay. billing.xml itself replaces its 10 s guard with
+        the caller's ceiling (``billing_ceiling_s``: backstop + ring allowance)."""
         leg_id = request.leg_id
         if decision.allowed:
             backstop_s = commands.backstop_seconds(decision.pbx_backstop_ms)
-            return [commands.setvar_multi(leg_id, {
-                "billing_decision": "allow", "billing_call_id": decision.call_id,
-                "billing_limit_ms": str(decision.limit_ms), "billing_backstop_s": str(backstop_s),
-                "billing_ceiling_s": str(backstop_s + self.settings.ring_allowance_s)})]
+            return ([commands.setvar_multi(leg_id, {
+                "billing_decision": "allow", "billing_backstop_s": str(backstop_s),
+                "billing_ceiling_s": str(backstop_s + self.settings.ring_allowance_s)})],
+                [commands.setvar_multi(leg_id, {"billing_call_id": decision.call_id,
+                                                "billing_limit_ms": str(decision.limit_ms)})])
         reason = str(decision.reason or DenyReason.BAD_REQUEST)
-        return [commands.setvar_multi(leg_id, {
+        return ([commands.setvar_multi(leg_id, {
             "billing_decision": "deny", "billing_reason": reason,
-            "billing_hangup_cause": commands.deny_cause(decision), "billing_detail": decision.detail or reason})]
+            "billing_hangup_cause": commands.deny_cause(decision), "billing_detail": decision.detail or reason})], [])
+
+    def _set_informative(self, leg_id: str, steps: list[str]) -> None:
+        """The decision's variables the dialplan does not wait for, once FreeSWITCH went on."""
+        if not steps:
+            return
+        try:
+            for command, reply in zip(steps, self.client.api_many(steps), strict=True):
+                if not commands.is_ok(reply):
+                    log.warning("leg %s: %s answered %s", leg_id, command.split(" ", 1)[0], commands.first_line(reply))
+        except (EslError, OSError) as exc:  # the call goes on; only the informative variables are missing
+            log.warning("leg %s: billing_call_id and billing_limit_ms not set: %s", leg_id, exc)
 
     def _start_authorization(self, event: Event) -> None:
         leg_id = event.get("Unique-ID")
@@ -361,7 +378,8 @@ class FreeswitchAdapter:
         except commands.UnsafeValue as exc:
             self._kill_refused(leg_id, "INVALID_NUMBER_FORMAT", str(exc))
             return
-        setvar, moved = self.client.api_many([*self._decision_commands(request, decision), transfer])
+        critical, informative = self._decision_commands(request, decision)
+        setvar, moved, *_ = self.client.api_many([*critical, transfer, *informative])
         if commands.is_no_such_channel(setvar):
             self._vanished(leg_id)
         elif not commands.is_ok(setvar):
