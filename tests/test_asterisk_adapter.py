@@ -585,3 +585,30 @@ def test_the_backstop_moves_when_the_agent_re_arms_it(world: World) -> None:
     assert 0.65 <= call.ended_ms / 1000 - armed_at <= 0.9
     assert any(a.get("Action") == "Setvar" and a.get("Variable") == "TIMEOUT(absolute)" for a in world.fake.actions)
     assert adapter.stats.backstops_armed == 1
+
+
+def test_a_listed_leg_that_hangs_up_before_the_listing_reaches_the_engine_is_told_again(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by bench_faults: after a restart the resync listed a call, the call hung up while the
+    adapter was still looking up answers, and its hangup reached the engine before the listing:
+    the engine (which adopts calls from the listing) dropped it, adopted the call, cut it for
+    nothing and never ended it. The hangup is now told again after the listing."""
+    world.store.add_account("1017", 10_000_000)
+    adapter = world.start_adapter()
+    call = world.fake.place_call("1017", "33123456", talk_ms=30_000)
+    wait_for(lambda: bool(call.b_uniqueids) and bool(world.recorder.of(LegAnswered, call.b_uniqueids[0])), "answer")
+    looked_up = adapter._missed_answers
+
+    def hang_up_meanwhile(legs: list[str]) -> dict[str, int]:
+        world.fake.hangup(call)
+        wait_for(lambda: adapter.translator.has_ended(call.a_uniqueid), "the hangup event")
+        return looked_up(legs)
+
+    monkeypatch.setattr(adapter, "_missed_answers", hang_up_meanwhile)
+    world.fake.drop_ami_connections()
+    wait_for(lambda: len(world.recorder.of(PbxConnected)) == 2, "reconnect")
+    events = world.recorder.events
+    resync_at = events.index(world.recorder.of(PbxConnected)[1])
+    assert call.a_uniqueid in {leg.leg_id for leg in events[resync_at].live_legs}  # listed before it ended
+    again = [e for e in events[resync_at:] if isinstance(e, LegHungUp) and e.leg_id == call.a_uniqueid]
+    assert again and again[0] == world.recorder.of(LegHungUp, call.a_uniqueid)[0]  # same instant and cause

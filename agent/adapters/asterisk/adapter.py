@@ -308,8 +308,12 @@ class AsteriskAdapter:
         self.engine.on_event(PbxDisconnected(PBX, self.clock.now_ms()))
 
     def _vanished(self, leg_id: str) -> None:
-        """Asterisk does not know the leg: if we never saw it end, tell the engine it did."""
+        """Asterisk does not know the leg: if we never saw it end, tell the engine it did; if
+        we did, tell it again (the engine may not have known the call then: see ``_resync``)."""
         if self.translator.has_ended(leg_id):
+            hangup = self.translator.ended.hangup_of(leg_id)
+            if hangup is not None:
+                self._emit(hangup)
             return
         self.stats.vanished_legs += 1
         self.translator.mark_ended(leg_id)
@@ -341,6 +345,14 @@ class AsteriskAdapter:
                  if self.settings.cdr_file else ())
         reread = bool(self.settings.cdr_file)
         self.engine.on_event(PbxConnected(PBX, now_ms, tuple(live), ended, listed_ms, cdr_reread=reread))
+        # A listed leg that hung up while the answers were looked up above: its LegHungUp reached
+        # the engine before this listing, when it did not know the call (an earlier run's, to be
+        # adopted from the listing) and dropped it. Found by bench_faults: such a call was
+        # adopted, cut for nothing and never ended. Told again, after the listing.
+        for leg in live:
+            hangup = self.translator.ended.hangup_of(leg.leg_id)
+            if hangup is not None:
+                self._emit(hangup)
         if reread:
             reread_later(self._cdr_rereads, PBX, self.settings.cdr_file, self.settings.cdr_columns,
                          self.clock.now_ms, self.engine.on_event)

@@ -278,10 +278,11 @@ class EventTranslator:
             members = self.bridges[info.bridge_id]
             if leg_id in members:
                 members.remove(leg_id)
-        self.ended.add(leg_id, info.group_id if info else message.get("Linkedid"))
         code = _int(message.get("Cause"))
-        return [LegHungUp(leg_id, event_ms(message, now_ms), cause=cause_name(code, message.get("Cause-txt")),
-                          cause_code=code)]
+        hangup = LegHungUp(leg_id, event_ms(message, now_ms), cause=cause_name(code, message.get("Cause-txt")),
+                           cause_code=code)
+        self.ended.add(leg_id, info.group_id if info else message.get("Linkedid"), hangup)
+        return [hangup]
 
     def _var_set(self, message: AmiMessage, now_ms: int) -> list[LegEvent]:
         if message.get("Variable") not in CALL_ID_VARIABLES:
