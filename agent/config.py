@@ -120,6 +120,12 @@ class CdrConfig:
 
 
 @dataclass(frozen=True)
+class FraudConfig:
+    rules_file: str = ""  # fraud rules (fraud/rules.yaml); "" = no rules
+    alert_period_seconds: float = 60.0  # one alert per account and rule per period
+
+
+@dataclass(frozen=True)
 class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
@@ -131,6 +137,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cdr: CdrConfig = field(default_factory=CdrConfig)
+    fraud: FraudConfig = field(default_factory=FraudConfig)
     source: str = "embedded defaults"
 
 
@@ -209,7 +216,7 @@ _POSITIVE = {
     ("asterisk", "ami_ping_seconds"), ("freeswitch", "command_timeout_seconds"),
     ("billing", "max_call_seconds"), ("daemon", "sweep_seconds"), ("daemon", "rates_poll_seconds"),
     ("daemon", "startup_retry_max_seconds"), ("daemon", "publish_seconds"), ("cdr", "batch_size"),
-    ("cdr", "flush_interval_ms"), ("cdr", "spool_max_mb"),
+    ("cdr", "flush_interval_ms"), ("cdr", "spool_max_mb"), ("fraud", "alert_period_seconds"),
 }
 _PORTS = {("asterisk", "agi_port"), ("asterisk", "ami_port"), ("freeswitch", "port"), ("metrics", "port"),
           ("freeswitch", "authorize_port")}

@@ -37,9 +37,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from agent import __version__
 from agent.adapters.authorized_journal import AuthorizedJournal
 from agent.adapters.cdr.factory import make_cdr_pipeline, spool_path
+from agent.adapters.fraud_rules_file import RulesFileError, load_rules
 from agent.adapters.http_status import StatusServer
 from agent.adapters.sql.account_plans import AccountPlans
 from agent.adapters.sql.engine import make_engine
+from agent.adapters.sql.fraud import SqlFraudActions
 from agent.adapters.sql.live_calls import LiveCallFact, LiveCallPublisher, live_call_rows
 from agent.adapters.sql.migrate import check_schema
 from agent.adapters.sql.models import RatePlan
@@ -55,6 +57,7 @@ from agent.services.cdr_pipeline import CdrPipeline
 from agent.services.clock import SystemClock
 from agent.services.engine import Engine as CallEngine
 from agent.services.engine import EngineSettings, LeftBehind
+from agent.services.fraud import FraudGuard
 from agent.services.metrics import Metrics
 from agent.services.rater import PlanRater
 from agent.services.store_guard import Journal, StoreGuard, guard_from_config
@@ -117,6 +120,7 @@ class Daemon:
         self.cdr: CdrPipeline | None = None
         self.publisher: LiveCallPublisher | None = None
         self.plans: AccountPlans | None = None
+        self.fraud: FraudGuard | None = None
         self.adapters: list[SwitchAdapter] = []
         self._signals = 0
         self._database_where = ""
@@ -153,6 +157,7 @@ class Daemon:
             metrics=self.metrics)
         self._offer_adoption(self.engine, self.store)
         self._start_authorized_journal(self.engine)
+        self._start_fraud(self.engine, self.sql, self.store)
         self.engine.start()
         self._start_adapters(self.engine)
         self.publisher = LiveCallPublisher(self.sql, self.config.node.id)
@@ -341,6 +346,38 @@ class Daemon:
             log.warning("%d calls of node %s from an earlier run still hold reservations; adopting those the PBX "
                         "still shows", len(held), self.config.node.id)
 
+    def _start_fraud(self, engine: CallEngine, sql: Engine, store: StoreGuard) -> None:
+        """Fraud rules (``fraud.rules_file``): a file with an error stops the start, naming it."""
+        path = self.config.fraud.rules_file
+        if not path:
+            return
+        try:
+            rules = load_rules(path)
+        except RulesFileError as exc:
+            raise StartupError(f"fraud.rules_file: {exc}") from None
+        refresh = getattr(store.store, "refresh", None)  # Redis keeps the status of its own
+        guard = self.fraud = FraudGuard(
+            rules, node=self.config.node.id, actions=SqlFraudActions(sql, refresh), clock=self.clock,
+            metrics=self.metrics, alert_period_ms=int(self.config.fraud.alert_period_seconds * 1000))
+        guard.cut_local = engine.cut_account
+        engine.screens.append(guard)
+        engine.on_finished.append(guard.finished)
+        guard.start()
+        log.info("fraud rules: %d rules, %d destination groups from %s", len(rules.rules), len(rules.groups), path)
+
+    def reload_fraud_rules(self) -> bool:
+        """SIGHUP: re-read the fraud rules; a file with an error keeps the running rules."""
+        path = self.config.fraud.rules_file
+        if self.fraud is None or not path:
+            return False
+        try:
+            rules = load_rules(path)
+        except RulesFileError as exc:
+            log.error("SIGHUP: fraud rules not reloaded, keeping the running ones:\n%s", exc)
+            return False
+        self.fraud.replace_rules(rules)
+        return True
+
     def _start_authorized_journal(self, engine: CallEngine) -> None:
         """A new journal of the calls this run authorizes (agent/adapters/authorized_journal.py)."""
         journal = self.authorized_journal
@@ -510,6 +547,7 @@ class Daemon:
         if self.rate_cache is not None:
             self.rate_cache.refresh_all()
         log.info("rate plans checked for changes (SIGHUP)")
+        self.reload_fraud_rules()
         if self.reload_config is None:
             return
         try:
@@ -568,6 +606,9 @@ class Daemon:
             self._timed(f"stop {adapter.name}", lambda a=adapter: a.stop(2.0))  # type: ignore[misc]
         if engine is not None:
             self._timed("stop engine", lambda: engine.stop(3))
+        if self.fraud is not None:
+            fraud = self.fraud
+            self._timed("write fraud alerts", lambda: fraud.stop(2))
         self._timed("stop background greenlets", lambda: self.group.kill(timeout=2))
         if self.cdr is not None:
             cdr = self.cdr

@@ -23,6 +23,7 @@ from agent.core.balance import (
 )
 from agent.core.cdr import CallRecord
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, LegEvent
+from agent.core.fraud import AlertRecord
 from agent.core.ratetable import RateTable
 from agent.core.session import NibbleStep, RatedCall
 
@@ -217,4 +218,22 @@ class CdrSink(Protocol):
 
     def stop(self, timeout_s: float) -> None:
         """Flush for at most ``timeout_s``, fsync and stop; what is left stays in the spool."""
+        ...
+
+
+class FraudActions(Protocol):
+    """What the fraud service writes, off the call path (``agent/adapters/sql/fraud.py``). Each
+    method may raise when the database is away: the service keeps the work queued and retries."""
+
+    def record_alerts(self, alerts: Sequence[AlertRecord]) -> None:
+        """Append alerts to the ``alerts`` table (one transaction)."""
+        ...
+
+    def suspend(self, account_id: str, rule: str, at_ms: int) -> bool:
+        """Set the account suspended, naming the rule and the instant (and push the status into
+        the balance store); False when it was not active."""
+        ...
+
+    def cut_elsewhere(self, account_id: str, node: str, reason: str) -> list[str]:
+        """Ask the other nodes to hang up the account's live calls; the call ids asked for."""
         ...

@@ -15,6 +15,28 @@ CREATE TABLE agent_nodes (
 	CONSTRAINT pk_agent_nodes PRIMARY KEY (node)
 );
 
+CREATE TABLE alerts (
+	id BIGINT NOT NULL AUTO_INCREMENT,
+	created_at DATETIME(6) NOT NULL COMMENT 'when the rule fired',
+	node VARCHAR(64) NOT NULL,
+	account_id VARCHAR(64) NOT NULL,
+	rule VARCHAR(64) NOT NULL,
+	kind VARCHAR(32) NOT NULL COMMENT 'the rule''s kind: new_calls, live_calls...',
+	figure BIGINT NOT NULL COMMENT 'the figure that crossed (micro-units for spend)',
+	threshold BIGINT NOT NULL,
+	window_s INTEGER NOT NULL,
+	action VARCHAR(16) NOT NULL COMMENT 'alert, deny or suspend',
+	call_id VARCHAR(64) NOT NULL COMMENT 'the call the rule fired on',
+	destination VARCHAR(64) NOT NULL,
+	detail VARCHAR(255) NOT NULL,
+	acked_at DATETIME(6),
+	CONSTRAINT pk_alerts PRIMARY KEY (id)
+);
+
+CREATE INDEX ix_alerts_account_id_created_at ON alerts (account_id, created_at);
+
+CREATE INDEX ix_alerts_created_at ON alerts (created_at);
+
 CREATE TABLE call_commands (
 	id BIGINT NOT NULL AUTO_INCREMENT,
 	call_id VARCHAR(64) NOT NULL,
@@ -151,6 +173,8 @@ CREATE TABLE accounts (
 	max_concurrent_calls INTEGER,
 	created_at DATETIME(6) NOT NULL,
 	updated_at DATETIME(6) NOT NULL,
+	suspended_by_rule VARCHAR(64),
+	suspended_at DATETIME(6),
 	CONSTRAINT pk_accounts PRIMARY KEY (id),
 	CONSTRAINT ck_accounts_credit_limit_not_negative CHECK (credit_limit_micros >= 0),
 	CONSTRAINT ck_accounts_reserved_not_negative CHECK (reserved_micros >= 0),

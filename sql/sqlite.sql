@@ -15,6 +15,28 @@ CREATE TABLE agent_nodes (
 	CONSTRAINT pk_agent_nodes PRIMARY KEY (node)
 );
 
+CREATE TABLE alerts (
+	id INTEGER NOT NULL,
+	created_at DATETIME NOT NULL,
+	node VARCHAR(64) NOT NULL,
+	account_id VARCHAR(64) NOT NULL,
+	rule VARCHAR(64) NOT NULL,
+	kind VARCHAR(32) NOT NULL,
+	figure BIGINT NOT NULL,
+	threshold BIGINT NOT NULL,
+	window_s INTEGER NOT NULL,
+	action VARCHAR(16) NOT NULL,
+	call_id VARCHAR(64) NOT NULL,
+	destination VARCHAR(64) NOT NULL,
+	detail VARCHAR(255) NOT NULL,
+	acked_at DATETIME,
+	CONSTRAINT pk_alerts PRIMARY KEY (id)
+);
+
+CREATE INDEX ix_alerts_account_id_created_at ON alerts (account_id, created_at);
+
+CREATE INDEX ix_alerts_created_at ON alerts (created_at);
+
 CREATE TABLE call_commands (
 	id INTEGER NOT NULL,
 	call_id VARCHAR(64) NOT NULL,
@@ -151,6 +173,8 @@ CREATE TABLE accounts (
 	max_concurrent_calls INTEGER,
 	created_at DATETIME NOT NULL,
 	updated_at DATETIME NOT NULL,
+	suspended_by_rule VARCHAR(64),
+	suspended_at DATETIME,
 	CONSTRAINT pk_accounts PRIMARY KEY (id),
 	CONSTRAINT ck_accounts_credit_limit_not_negative CHECK (credit_limit_micros >= 0),
 	CONSTRAINT ck_accounts_reserved_not_negative CHECK (reserved_micros >= 0),

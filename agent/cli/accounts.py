@@ -27,6 +27,8 @@ def account_json(view: repo.AccountView) -> dict[str, Any]:
         "credit_limit": format_amount(view.credit_limit_micros),
         "max_concurrent_calls": view.max_concurrent_calls,
         "created_at": view.created_at.isoformat(),
+        "suspended_by_rule": view.suspended_by_rule,
+        "suspended_at": view.suspended_at.isoformat() if view.suspended_at else None,
     }
 
 
@@ -34,6 +36,8 @@ def _print_account(view: repo.AccountView) -> None:
     data = account_json(view)
     width = max(len(k) for k in data)
     for key, value in data.items():
+        if key in ("suspended_by_rule", "suspended_at") and value is None:
+            continue
         shown = "unlimited" if value is None and key == "max_concurrent_calls" else value
         click.echo(f"{key.replace('_', ' '):<{width}}  {shown}")
 

@@ -13,6 +13,7 @@ from agent.cli.cdrs import cdrs
 from agent.cli.common import AppContext
 from agent.cli.db import db
 from agent.cli.demo import demo_command
+from agent.cli.fraud import alerts, fraud
 from agent.cli.ledger import ledger
 from agent.cli.plans import plans
 from agent.cli.rates import rates
@@ -47,6 +48,8 @@ cli.add_command(rerate_command)
 cli.add_command(calls)
 cli.add_command(run_command)
 cli.add_command(demo_command)
+cli.add_command(fraud)
+cli.add_command(alerts)
 
 
 def main() -> None:

@@ -47,6 +47,7 @@ class DenyReason(StrEnum):
     BAD_REQUEST = "bad_request"
     STORE_UNAVAILABLE = "store_unavailable"
     SHUTTING_DOWN = "shutting_down"
+    FRAUD_RULE = "fraud_rule"  # a fraud rule (fraud/rules.yaml) refused the call or suspended the account
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,30 @@ class Hit:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """One row of the ``alerts`` table: a rule that fired, the figures that crossed, the action."""
+
+    at_ms: int
+    node: str
+    account_id: str
+    rule: str
+    kind: str
+    figure: int
+    threshold: int
+    window_s: int
+    action: str
+    call_id: str = ""
+    destination: str = ""
+    detail: str = ""
+
+    @classmethod
+    def of(cls, hit: Hit, facts: CallFacts, node: str, action: str) -> AlertRecord:
+        rule = hit.rule
+        return cls(facts.at_ms, node, facts.account_id, rule.name, rule.kind.value, hit.figure, rule.threshold,
+                   rule.window_s, action, facts.call_id, facts.destination, hit.describe())
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     hits: tuple[Hit, ...] = ()
     deny: Hit | None = None  # the first deny or suspend hit that refuses this call

@@ -81,6 +81,18 @@ class CdrSubmit(Protocol):
     def submit(self, record: Any) -> None: ...
 
 
+class CallScreen(Protocol):
+    """A check of every new call before the balance store (the fraud rules, agent/services/fraud.py)."""
+
+    def screen(self, request: AuthorizeRequest, call_id: str, now_ms: int) -> AuthorizeDecision | None:
+        """None to go on, or the refusal; must not block."""
+        ...
+
+    def decided(self, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
+        """The final decision on a call the screen let through."""
+        ...
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     node: str
@@ -234,6 +246,8 @@ class Engine:
         self.on_finished: list[Callable[[Any], None]] = []
         # Told of every allowed call at once (the daemon's local journal of authorized calls).
         self.on_authorized: list[Callable[[AuthorizeRequest, AuthorizeDecision], None]] = []
+        # Checks of every new call before the store (the fraud rules); the first refusal wins.
+        self.screens: list[CallScreen] = []
         self.lateness_samples: list[int] | None = None  # benchmarks set a list to get raw samples
         # Open reservations an earlier run of this node left (the daemon fills it at start); a
         # resync that shows their legs live on the PBX adopts them (agent restart, hand-over).
@@ -334,6 +348,13 @@ class Engine:
             return False
         self._inbox.put_nowait(_OperatorCut(call_id, reason))
         return True
+
+    def cut_account(self, account_id: str, reason: str) -> list[str]:
+        """Cut every call of the account this node supervises (a fraud suspension); never blocks."""
+        calls = [s.call_id for s in list(self.registry.sessions.values()) if s.account_id == account_id]
+        for call_id in calls:
+            self._inbox.put_nowait(_OperatorCut(call_id, reason))
+        return calls
 
     # ---------------------------------------------------------------- authorization
 
@@ -499,6 +520,10 @@ class Engine:
             return AuthorizeDecision(False, call_id, reason=DenyReason.SHUTTING_DOWN,
                                      detail="the agent is shutting down")
         now_ms = self.clock.now_ms()
+        for screen in self.screens:
+            refused = screen.screen(request, call_id, now_ms)
+            if refused is not None:
+                return refused
 
         def store_authorize(account_id: str, want: int, minimum: int) -> StoreAuthorization:
             # No deadline here: the store owns it (StoreGuard), so that its circuit and failure
@@ -519,6 +544,8 @@ class Engine:
             self._run_effects(self.registry.add(outcome.session))
             self.metrics.live_calls.set(self.registry.live_count())
             self._wake.set()
+        for screen in self.screens:
+            screen.decided(request, outcome.decision)
         return outcome.decision
 
     def _release_quietly(self, call_id: str, seq: int, account_id: str) -> None:

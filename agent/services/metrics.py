@@ -20,6 +20,8 @@ class Metrics:
         self.cutoffs = Counter("billing_cutoffs", "Calls cut because the money ran out", registry=r)
         self.failed_cutoffs = Counter("billing_failed_cutoffs", "Cut-offs the PBX did not confirm", registry=r)
         self.alerts = Counter("billing_alerts", "Operator alerts", ["kind"], registry=r)
+        self.fraud_alerts = Counter("billing_fraud_alerts", "Fraud rules that fired (one per account and rule "
+                                    "per minute)", ["rule", "action"], registry=r)
         self.settled = Counter("billing_settled_calls", "Calls settled", ["disposition"], registry=r)
         self.settle_retries = Counter("billing_settle_retries", "Settle attempts that failed and were retried",
                                       registry=r)

@@ -36,6 +36,8 @@ class AccountView:
     credit_limit_micros: int
     max_concurrent_calls: int | None
     created_at: datetime
+    suspended_by_rule: str | None = None  # the fraud rule that suspended the account
+    suspended_at: datetime | None = None
 
     @property
     def available_micros(self) -> int:
@@ -217,6 +219,9 @@ def set_status(session: Session, account_id: str, status: str) -> AccountView:
     account = lock_account(session, account_id)
     account.status = status
     account.updated_at = utcnow()
+    if status != "suspended":  # resumed (or closed): no longer suspended by a fraud rule
+        account.suspended_by_rule = None
+        account.suspended_at = None
     session.flush()
     return view_account(session, account_id)
 
@@ -228,6 +233,7 @@ def _view(account: Account, tenant: str, plan: str) -> AccountView:
         balance_micros=account.balance_micros, reserved_micros=account.reserved_micros,
         credit_limit_micros=account.credit_limit_micros,
         max_concurrent_calls=account.max_concurrent_calls, created_at=account.created_at,
+        suspended_by_rule=account.suspended_by_rule, suspended_at=account.suspended_at,
     )
 
 

@@ -158,6 +158,9 @@ class Account(Base):
     max_concurrent_calls: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # Set when a fraud rule suspended the account (fraud/rules.yaml); cleared by `accounts resume`.
+    suspended_by_rule: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    suspended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class LedgerEntry(Base):
@@ -372,3 +375,30 @@ class CallCommand(Base):
     requested_at: Mapped[datetime] = mapped_column(UtcDateTime)
     done_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     result: Mapped[str] = mapped_column(String(255), default="")
+
+
+class FraudAlert(Base):
+    """One fraud rule that fired (DESIGN §8). Append-only: rows are inserted by the daemon and
+    never deleted; ``alerts ack`` only stamps ``acked_at`` once. ``account_id`` names the account
+    without a foreign key, so an alert outlives an account that was deleted."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        Index(None, "created_at"),
+        Index(None, "account_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, comment="when the rule fired")
+    node: Mapped[str] = mapped_column(String(64))
+    account_id: Mapped[str] = mapped_column(String(64))
+    rule: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32), comment="the rule's kind: new_calls, live_calls...")
+    figure: Mapped[int] = mapped_column(BigInteger, comment="the figure that crossed (micro-units for spend)")
+    threshold: Mapped[int] = mapped_column(BigInteger)
+    window_s: Mapped[int] = mapped_column(Integer, default=0)
+    action: Mapped[str] = mapped_column(String(16), comment="alert, deny or suspend")
+    call_id: Mapped[str] = mapped_column(String(64), default="", comment="the call the rule fired on")
+    destination: Mapped[str] = mapped_column(String(64), default="")
+    detail: Mapped[str] = mapped_column(String(255), default="")
+    acked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)

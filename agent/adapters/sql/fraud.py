@@ -1,0 +1,115 @@
+"""Fraud rules in SQL: the append-only ``alerts`` table, an account suspended by a rule, and the
+hangup of its live calls on the other nodes (through ``call_commands``, the path of
+``billing-agent calls hangup``). Called off the call path by the fraud service's worker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.orm import Session
+
+from agent.adapters.sql.models import Account, CallCommand, FraudAlert, LiveCallRow, utcnow
+from agent.core.errors import NotFound
+from agent.core.fraud import AlertRecord
+
+
+def _moment(at_ms: int) -> datetime:
+    return datetime.fromtimestamp(at_ms / 1000, tz=UTC)
+
+
+class SqlFraudActions:
+    """The ``FraudActions`` port on the shared database. ``refresh`` pushes an account's new status
+    into the balance store when it keeps one of its own (Redis); the SQL store reads it at once."""
+
+    def __init__(self, engine: Engine, refresh: Callable[[str], object] | None = None) -> None:
+        self.engine = engine
+        self.refresh = refresh
+
+    def record_alerts(self, alerts: Sequence[AlertRecord]) -> None:
+        if not alerts:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(insert(FraudAlert), [{
+                "created_at": _moment(a.at_ms), "node": a.node[:64], "account_id": a.account_id[:64],
+                "rule": a.rule[:64], "kind": a.kind[:32], "figure": a.figure, "threshold": a.threshold,
+                "window_s": a.window_s, "action": a.action[:16], "call_id": a.call_id[:64],
+                "destination": a.destination[:64], "detail": a.detail[:255]} for a in alerts])
+
+    def suspend(self, account_id: str, rule: str, at_ms: int) -> bool:
+        """Suspend an active account, naming the rule and the instant; False when it is unknown or
+        not active (already suspended, closed)."""
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(Account).where(Account.id == account_id, Account.status == "active")
+                .values(status="suspended", suspended_by_rule=rule[:64], suspended_at=_moment(at_ms),
+                        updated_at=utcnow())).rowcount
+            status = conn.scalar(select(Account.status).where(Account.id == account_id))
+        if status == "suspended" and self.refresh is not None:  # again on a retry: Redis may have failed
+            self.refresh(account_id)
+        return bool(changed)
+
+    def cut_elsewhere(self, account_id: str, node: str, reason: str) -> list[str]:
+        """Queue a hangup of every live call of the account that another node supervises; the
+        owning node carries it out within ``daemon.publish_seconds``. Returns the call ids."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(LiveCallRow.call_id, LiveCallRow.node).where(
+                LiveCallRow.account_id == account_id, LiveCallRow.node != node)).all()
+            if rows:
+                now = utcnow()
+                conn.execute(insert(CallCommand), [
+                    {"call_id": call_id, "node": owner, "command": "hangup", "reason": reason[:255],
+                     "requested_at": now, "result": ""} for call_id, owner in rows])
+        return [row[0] for row in rows]
+
+
+@dataclass(frozen=True)
+class AlertView:
+    id: int
+    created_at: datetime
+    node: str
+    account_id: str
+    rule: str
+    kind: str
+    figure: int
+    threshold: int
+    window_s: int
+    action: str
+    call_id: str
+    destination: str
+    detail: str
+    acked_at: datetime | None
+
+
+def _view(row: FraudAlert) -> AlertView:
+    return AlertView(row.id, row.created_at, row.node, row.account_id, row.rule, row.kind, row.figure, row.threshold,
+                     row.window_s, row.action, row.call_id, row.destination, row.detail, row.acked_at)
+
+
+def list_alerts(engine: Engine, *, since: datetime | None = None, account_id: str | None = None,
+                unacked: bool = False, limit: int | None = None) -> list[AlertView]:
+    query = select(FraudAlert).order_by(FraudAlert.created_at, FraudAlert.id)
+    if since is not None:
+        query = query.where(FraudAlert.created_at >= since)
+    if account_id:
+        query = query.where(FraudAlert.account_id == account_id)
+    if unacked:
+        query = query.where(FraudAlert.acked_at.is_(None))
+    if limit:
+        query = query.limit(limit)
+    with Session(engine) as session:
+        return [_view(row) for row in session.scalars(query)]
+
+
+def ack_alert(engine: Engine, alert_id: int) -> tuple[AlertView, bool]:
+    """Stamp ``acked_at`` once; returns the alert and whether this call acknowledged it."""
+    with engine.begin() as conn:
+        changed = conn.execute(update(FraudAlert).where(FraudAlert.id == alert_id, FraudAlert.acked_at.is_(None))
+                               .values(acked_at=utcnow())).rowcount
+    with Session(engine) as session:
+        row = session.get(FraudAlert, alert_id)
+        if row is None:
+            raise NotFound(f"no alert {alert_id} (see `billing-agent alerts list`)")
+        return _view(row), bool(changed)

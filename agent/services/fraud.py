@@ -1,0 +1,213 @@
+"""Fraud rules at authorize (DESIGN §8): the engine's call screen, and the actions off the call path.
+
+``FraudGuard.screen`` runs inside ``Engine.authorize`` before the balance store: it counts the
+call, evaluates the rules (pure, ``agent/core/fraud.py``) and refuses it (``DenyReason.FRAUD_RULE``)
+when a deny or suspend rule fires. It never waits: alerts and the SQL side of a suspension go on
+a queue served by one worker greenlet (``FraudActions``: the alerts table, the account's status,
+hangups queued for other nodes), retried with a backoff while the database is away; the
+account's live calls on this node are cut at once through the engine. Counters are node-local
+(``LocalCounters``): see README "Fraud rules".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gevent
+import gevent.event
+
+from agent.core.cdr import CallRecord, Disposition
+from agent.core.events import AuthorizeDecision, AuthorizeRequest, DenyReason
+from agent.core.fraud import AlertRecord, AlertThrottle, CallFacts, Hit, LocalCounters, destination_digits, evaluate
+from agent.core.fraud_rules import RuleSet
+from agent.ports import Clock, FraudActions
+from agent.services.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED_ALERTS = 10_000
+ALERT_BATCH = 500
+RETRY_MAX_S = 30.0
+SUSPENDED_HOLD_MS = 5_000  # kept locally this long after the SQL status is written
+
+
+@dataclass(slots=True)
+class _Suspension:
+    account_id: str
+    rule: str
+    at_ms: int
+    call_id: str
+    written_ms: int | None = None  # when SQL (and the store) had the status
+
+
+class FraudGuard:
+    def __init__(self, rules: RuleSet, *, node: str, actions: FraudActions, clock: Clock,
+                 metrics: Metrics | None = None, alert_period_ms: int = 60_000) -> None:
+        self.rules = rules
+        self.node = node
+        self.actions = actions
+        self.clock = clock
+        self.metrics = metrics or Metrics()
+        self.counters = LocalCounters(rules.longest_window_ms())
+        self.throttle = AlertThrottle(alert_period_ms)
+        # Cuts the account's live calls on this node; returns their call ids (the engine's cut_account).
+        self.cut_local: Callable[[str, str], list[str]] = lambda account_id, reason: []
+        self.suspended: dict[str, _Suspension] = {}
+        self._alerts: deque[AlertRecord] = deque()
+        self._suspensions: deque[_Suspension] = deque()
+        self._wake = gevent.event.Event()
+        self._worker: gevent.Greenlet[[], None] | None = None
+        self._running = False
+        self.dropped_alerts = 0
+
+    # ---------------------------------------------------------------- rules
+
+    def replace_rules(self, rules: RuleSet) -> None:
+        """New rules (SIGHUP); the counters go on (a window that grew fills up from now)."""
+        self.rules = rules
+        self.counters.keep_ms = max(self.counters.keep_ms, rules.longest_window_ms())
+        log.info("fraud rules: %d rules, %d destination groups", len(rules.rules), len(rules.groups))
+
+    # ---------------------------------------------------------------- the call path (engine screen)
+
+    def screen(self, request: AuthorizeRequest, call_id: str, now_ms: int) -> AuthorizeDecision | None:
+        """None to go on with the call, or the refusal. Never blocks."""
+        account_id = request.account_id
+        held = self.suspended.get(account_id)
+        if held is not None:
+            if held.written_ms is None or now_ms - held.written_ms < SUSPENDED_HOLD_MS:
+                return AuthorizeDecision(False, call_id, reason=DenyReason.FRAUD_RULE,
+                                         detail=f"account suspended by fraud rule {held.rule}")
+            del self.suspended[account_id]  # the balance store refuses it now (status suspended)
+        if not self.rules.rules:
+            return None
+        digits = destination_digits(request.destination)
+        facts = CallFacts(account_id, call_id, digits, self.rules.groups_of(digits), now_ms, request.caller,
+                          request.pbx)
+        self.counters.attempt(facts)
+        verdict = evaluate(self.rules, self.counters, facts)
+        for error in verdict.errors:
+            log.warning("fraud %s (counted as not met) call=%s account=%s", error, call_id, account_id)
+        for hit in verdict.hits:
+            self._alert(hit, facts)
+        if verdict.suspend is not None:
+            self._suspend(verdict.suspend, facts)
+        if verdict.deny is not None:
+            rule = verdict.deny.rule
+            return AuthorizeDecision(False, call_id, reason=DenyReason.FRAUD_RULE,
+                                     detail=f"fraud rule {rule.name}: {verdict.deny.describe()}")
+        # Counted live now, not once the store answered: parallel calls of an attack must see each other.
+        self.counters.started(account_id, call_id, facts.groups)
+        return None
+
+    def decided(self, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
+        """The engine's final decision on a call the screen let through."""
+        if not decision.allowed:
+            self.counters.forget(request.account_id, decision.call_id)
+            return
+        held = self.suspended.get(request.account_id)
+        if held is not None:  # suspended while this call waited for the store: cut it too
+            self.cut_local(request.account_id, f"account suspended by fraud rule {held.rule}")
+
+    def finished(self, record: CallRecord) -> None:
+        """A settled call (the engine's on_finished): spend and short-call figures."""
+        self.counters.ended(record.account_id, record.call_id, record.settled_ms or record.ended_ms or 0,
+                            record.rating.cost_micros, record.disposition is Disposition.ANSWERED,
+                            record.duration_ms)
+
+    # ---------------------------------------------------------------- actions
+
+    def _alert(self, hit: Hit, facts: CallFacts) -> None:
+        rule = hit.rule
+        action = rule.action.value
+        if action == "deny" and rule.deny_group_only:
+            action = "deny_group"
+        if not self.throttle.allow(facts.account_id, rule.name, facts.at_ms):
+            return
+        record = AlertRecord.of(hit, facts, self.node, action)
+        self.metrics.fraud_alerts.labels(rule.name, rule.action.value).inc()
+        log.warning("FRAUD ALERT rule=%s account=%s action=%s %s call=%s dest=%s node=%s", rule.name,
+                    facts.account_id, action, hit.describe(), facts.call_id, facts.destination, self.node)
+        if len(self._alerts) >= MAX_QUEUED_ALERTS:
+            dropped = self._alerts.popleft()
+            self.dropped_alerts += 1
+            log.error("fraud alert queue full (database away?): alert not stored: %s", dropped)
+        self._alerts.append(record)
+        self._wake.set()
+
+    def _suspend(self, hit: Hit, facts: CallFacts) -> None:
+        if facts.account_id in self.suspended:
+            return
+        suspension = _Suspension(facts.account_id, hit.rule.name, facts.at_ms, facts.call_id)
+        self.suspended[facts.account_id] = suspension
+        reason = f"account suspended by fraud rule {hit.rule.name}"
+        cut = self.cut_local(facts.account_id, reason)
+        log.warning("FRAUD SUSPEND account=%s rule=%s: new calls refused, %d live calls cut on node %s%s",
+                    facts.account_id, hit.rule.name, len(cut), self.node, f" ({', '.join(cut)})" if cut else "")
+        self._suspensions.append(suspension)
+        self._wake.set()
+
+    # ---------------------------------------------------------------- the worker
+
+    def start(self) -> None:
+        self._running = True
+        self._worker = gevent.spawn(self._work)
+        self._worker.link_exception(lambda g: log.critical("fraud actions worker died: %r", g.exception))
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Write what is queued (at most ``timeout_s``), then stop."""
+        self._running = False
+        self._wake.set()
+        if self._worker is not None:
+            self._worker.join(timeout=timeout_s)
+            self._worker.kill(timeout=1)
+        if self._alerts or self._suspensions:
+            log.error("fraud: %d alerts and %d suspensions not written to SQL at shutdown", len(self._alerts),
+                      len(self._suspensions))
+
+    def _work(self) -> None:
+        failures = 0
+        while self._running or self._alerts or self._suspensions:
+            if not self._alerts and not self._suspensions:
+                self._wake.clear()
+                self._wake.wait(timeout=1.0)
+                continue
+            if self.flush_once():
+                failures = 0
+                continue
+            failures += 1
+            delay = min(0.5 * 2 ** min(failures - 1, 10), RETRY_MAX_S)
+            if not self._running:
+                return
+            self._wake.clear()
+            self._wake.wait(timeout=delay)
+
+    def flush_once(self) -> bool:
+        """Write the queued suspensions and alerts; False (they stay queued) when the database failed."""
+        try:
+            while self._suspensions:
+                suspension = self._suspensions[0]
+                reason = f"account suspended by fraud rule {suspension.rule}"
+                changed = self.actions.suspend(suspension.account_id, suspension.rule, suspension.at_ms)
+                elsewhere = self.actions.cut_elsewhere(suspension.account_id, self.node, reason)
+                suspension.written_ms = self.clock.now_ms()
+                self._suspensions.popleft()
+                log.warning("FRAUD SUSPEND account=%s rule=%s written (%s); %d live calls on other nodes asked "
+                            "to hang up", suspension.account_id, suspension.rule,
+                            "suspended" if changed else "was not active", len(elsewhere))
+            while self._alerts:
+                batch = [self._alerts[i] for i in range(min(ALERT_BATCH, len(self._alerts)))]
+                self.actions.record_alerts(batch)
+                for _ in batch:
+                    self._alerts.popleft()
+        except Exception as exc:  # noqa: BLE001 - the database comes back; the queue keeps them
+            log.error("fraud: writing %d alerts / %d suspensions failed (%s); retrying", len(self._alerts),
+                      len(self._suspensions), exc)
+            return False
+        return True
+
+    def queued(self) -> int:
+        return len(self._alerts) + len(self._suspensions)

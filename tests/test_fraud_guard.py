@@ -1,0 +1,278 @@
+"""Fraud rules in the engine's authorize path: an IRSF burst is refused, the account suspended and
+its live calls cut; alerts and the suspension reach SQL off the call path, also after the
+database was away. The engine runs with an in-memory store and a fake switch; the SQL side runs on
+SQLite, PostgreSQL and MariaDB; the CLI shows what the operator sees."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import gevent
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import Engine, select
+
+from agent.adapters.fraud_rules_file import load_rules
+from agent.adapters.sql import accounts as repo
+from agent.adapters.sql.engine import session_factory, transaction
+from agent.adapters.sql.fraud import SqlFraudActions
+from agent.adapters.sql.models import CallCommand, LiveCallRow, utcnow
+from agent.adapters.sql.plans import create_plan
+from agent.cli.main import cli
+from agent.core.events import AuthorizeRequest, DenyReason, Direction, LegAnswered, LegCreated, LegHungUp
+from agent.core.fraud import AlertRecord
+from agent.core.fraud_rules import RuleSet
+from agent.core.rating import RateRow
+from agent.core.session import RatedCall, RatingInfo
+from agent.services.clock import SystemClock
+from agent.services.engine import Engine as CallEngine
+from agent.services.engine import EngineSettings
+from agent.services.fraud import FraudGuard
+from agent.services.metrics import Metrics
+from agent.sim.memory_store import MemoryStore
+
+RULES = """
+groups:
+  premium: {prefixes: ["882", "+53"]}
+rules:
+  - {name: irsf_parallel, kind: live_calls, group: premium, threshold: 3, action: suspend}
+  - {name: cps, kind: new_calls, window_s: 1, threshold: 50, action: deny}
+"""
+
+
+class Rater:
+    def rate(self, account_id: str, destination: str, at_ms: int) -> RatedCall:
+        return RatedCall(RateRow(prefix="", destination="any", rate_micros=60_000), RatingInfo("retail", 1, "", 60_000))
+
+
+class Switch:
+    name = "asterisk"
+
+    def __init__(self, engine: CallEngine, clock: SystemClock) -> None:
+        self.engine, self.clock = engine, clock
+        self.hangups: list[str] = []
+
+    def hangup(self, leg_id: str, cause: str = "NORMAL_CLEARING", *, escalate: bool = False) -> None:
+        self.hangups.append(leg_id)
+        self.engine.on_event(LegHungUp(leg_id, self.clock.now_ms(), cause="NORMAL_CLEARING"))
+
+    def warn(self, leg_id: str, seconds_left: int) -> None:
+        pass
+
+    def arm_backstop(self, leg_id: str, at_ms: int, caller_leg_id: str = "") -> None:
+        pass
+
+    def connected(self) -> bool:
+        return True
+
+
+class Actions:
+    """FraudActions in memory; ``down`` makes every write fail as a database away would."""
+
+    def __init__(self) -> None:
+        self.alerts: list[AlertRecord] = []
+        self.suspended: list[tuple[str, str]] = []
+        self.down = False
+
+    def record_alerts(self, alerts: Sequence[AlertRecord]) -> None:
+        if self.down:
+            raise OSError("database away")
+        self.alerts.extend(alerts)
+
+    def suspend(self, account_id: str, rule: str, at_ms: int) -> bool:
+        if self.down:
+            raise OSError("database away")
+        self.suspended.append((account_id, rule))
+        return True
+
+    def cut_elsewhere(self, account_id: str, node: str, reason: str) -> list[str]:
+        return []
+
+
+class Cdrs:
+    def __init__(self) -> None:
+        self.records: list[object] = []
+
+    def submit(self, record: object) -> None:
+        self.records.append(record)
+
+
+def rules(tmp_path: Path, text: str = RULES) -> RuleSet:
+    path = tmp_path / "rules.yaml"
+    path.write_text(text)
+    return load_rules(path)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[tuple[CallEngine, FraudGuard, MemoryStore, Switch, Actions]]:
+    clock = SystemClock()
+    store = MemoryStore()
+    metrics = Metrics()
+    engine = CallEngine(settings=EngineSettings(node="n1", nibble_seconds=6), store=store, rater=Rater(),
+                        clock=clock, cdr=Cdrs(), metrics=metrics)
+    switch = Switch(engine, clock)
+    engine.add_switch(switch)
+    actions = Actions()
+    guard = FraudGuard(rules(tmp_path), node="n1", actions=actions, clock=clock, metrics=metrics)
+    guard.cut_local = engine.cut_account
+    engine.screens.append(guard)
+    engine.on_finished.append(guard.finished)
+    engine.start()
+    guard.start()
+    yield engine, guard, store, switch, actions
+    guard.stop(1)
+    engine.stop(1)
+
+
+def wait(predicate: object, timeout: float = 5.0) -> None:
+    with gevent.Timeout(timeout):
+        while not predicate():  # type: ignore[operator]
+            gevent.sleep(0.01)
+
+
+def call(engine: CallEngine, n: int, account: str, number: str) -> AuthorizeRequest:
+    return AuthorizeRequest("asterisk", f"A{n}", account, number, engine.clock.now_ms())
+
+
+def answer(engine: CallEngine, n: int) -> None:
+    now = engine.clock.now_ms()
+    engine.on_event(LegCreated(f"B{n}", now, Direction.OUTBOUND, parent_leg_id=f"A{n}"))
+    engine.on_event(LegAnswered(f"B{n}", now))
+
+
+def test_irsf_burst_suspends_the_account_and_cuts_its_live_calls(rig) -> None:
+    engine, guard, store, switch, actions = rig
+    store.add_account("victim", 100_000_000)
+    store.add_account("neighbour", 100_000_000)
+    for n in range(3):
+        assert engine.authorize(call(engine, n, "victim", "+88212345")).allowed
+        answer(engine, n)
+    assert engine.authorize(call(engine, 9, "victim", "+33140000000")).allowed  # not premium: not counted
+    answer(engine, 9)
+    assert engine.authorize(call(engine, 20, "neighbour", "+88212345")).allowed  # its own counters
+    fourth = engine.authorize(call(engine, 3, "victim", "00882999"))
+    assert not fourth.allowed and fourth.reason is DenyReason.FRAUD_RULE
+    assert "irsf_parallel" in fourth.detail and "4 > 3" in fourth.detail
+    # Every live call of the account is cut, the premium ones and the other one; the neighbour's stays.
+    wait(lambda: {"A0", "B0", "A1", "B1", "A2", "B2", "A9", "B9"} <= set(switch.hangups))
+    later = engine.authorize(call(engine, 4, "victim", "+33140000000"))
+    assert not later.allowed and later.reason is DenyReason.FRAUD_RULE and "suspended" in later.detail
+    wait(lambda: actions.suspended == [("victim", "irsf_parallel")] and actions.alerts)
+    (alert,) = actions.alerts
+    assert (alert.account_id, alert.rule, alert.figure, alert.threshold, alert.action) == \
+        ("victim", "irsf_parallel", 4, 3, "suspend")
+    assert engine.metrics.fraud_alerts.labels("irsf_parallel", "suspend")._value.get() == 1
+    wait(lambda: engine.live_calls() == 1)  # the neighbour's call
+    assert not {"A20", "B20"} & set(switch.hangups)
+
+
+def test_a_call_denied_by_the_store_frees_its_live_slot(rig) -> None:
+    engine, guard, store, switch, actions = rig
+    store.add_account("poor", 0)
+    for n in range(5):  # refused for money: never live, never counted towards irsf_parallel
+        decision = engine.authorize(call(engine, n, "poor", "+88212345"))
+        assert decision.reason is DenyReason.INSUFFICIENT_FUNDS
+    assert actions.alerts == [] and guard.suspended == {}
+
+
+def test_alerts_wait_for_the_database_and_are_written_once(rig, tmp_path: Path) -> None:
+    engine, guard, store, switch, actions = rig
+    actions.down = True
+    store.add_account("victim", 100_000_000)
+    for n in range(4):
+        engine.authorize(call(engine, n, "victim", "+5371234"))
+    gevent.sleep(0.1)
+    assert guard.queued() == 2 and actions.alerts == []  # the suspension and its alert, kept
+    actions.down = False
+    assert guard.flush_once()
+    assert [a.rule for a in actions.alerts] == ["irsf_parallel"] and actions.suspended == [("victim", "irsf_parallel")]
+    assert guard.queued() == 0
+
+
+def test_rules_replaced_on_reload_apply_to_the_next_call(rig, tmp_path: Path) -> None:
+    engine, guard, store, switch, actions = rig
+    store.add_account("a", 100_000_000)
+    assert engine.authorize(call(engine, 1, "a", "+33140")).allowed
+    guard.replace_rules(rules(tmp_path, "rules:\n  - {name: none, kind: new_calls, window_s: 60, threshold: 0, "
+                                        "action: deny}\n"))
+    refused = engine.authorize(call(engine, 2, "a", "+33140"))
+    assert not refused.allowed and "fraud rule none" in refused.detail
+
+
+# ---------------------------------------------------------------- SQL and the CLI
+
+
+def run(engine: Engine, *args: str) -> tuple[int, str]:
+    url = engine.url.render_as_string(hide_password=False)
+    result = CliRunner().invoke(cli, ["--database-url", url, *args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_suspension_alerts_and_remote_hangups_in_sql(engine: Engine) -> None:
+    sessions = session_factory(engine)
+    with transaction(sessions) as s:
+        create_plan(s, "retail", currency="EUR")
+        repo.create_account(s, "victim", plan="retail", balance_micros=5_000_000)
+        now = utcnow()
+        for call_id, node in (("n1-a", "n1"), ("n2-b", "n2"), ("n3-c", "n3")):
+            s.add(LiveCallRow(call_id=call_id, node=node, account_id="victim", authorized_at=now))
+        s.add(LiveCallRow(call_id="n2-other", node="n2", account_id="someone", authorized_at=now))
+    refreshed: list[str] = []
+    actions = SqlFraudActions(engine, refresh=refreshed.append)
+    at_ms = 1_780_000_000_000
+    assert actions.suspend("victim", "irsf_parallel", at_ms)
+    assert not actions.suspend("victim", "irsf_parallel", at_ms)  # already suspended: said so
+    assert refreshed == ["victim", "victim"]  # pushed to the store again on a retry
+    assert not actions.suspend("ghost", "irsf_parallel", at_ms)
+    assert sorted(actions.cut_elsewhere("victim", "n1", "account suspended by fraud rule irsf_parallel")) == \
+        ["n2-b", "n3-c"]
+    with transaction(sessions) as s:
+        commands = s.execute(select(CallCommand.call_id, CallCommand.node, CallCommand.reason)).all()
+    assert sorted(c[:2] for c in commands) == [("n2-b", "n2"), ("n3-c", "n3")]
+    actions.record_alerts([
+        AlertRecord(at_ms, "n1", "victim", "irsf_parallel", "live_calls", 4, 3, 0, "suspend", "n1-x", "88212",
+                    "live_calls to premium = 4 > 3"),
+        AlertRecord(at_ms + 1, "n1", "deleted-account", "spend_velocity", "spend", 51_000_000, 50_000_000, 3600,
+                    "alert")])
+
+    code, out = run(engine, "accounts", "show", "victim", "--json")
+    shown = json.loads(out)
+    assert code == 0 and shown["status"] == "suspended" and shown["suspended_by_rule"] == "irsf_parallel"
+    assert shown["suspended_at"].startswith("2026-05-28T")
+    code, out = run(engine, "accounts", "show", "victim")
+    assert "suspended by rule     irsf_parallel" in out and "suspended at          2026-05-28T20:26:40" in out
+
+    code, out = run(engine, "alerts", "list", "--json")
+    listed = json.loads(out)
+    assert [(a["account"], a["rule"], a["figure"], a["threshold"], a["action"]) for a in listed] == [
+        ("victim", "irsf_parallel", 4, 3, "suspend"),
+        ("deleted-account", "spend_velocity", "51.000000", "50.000000", "alert")]
+    first = listed[0]["id"]
+    code, out = run(engine, "alerts", "list", "--since", "2026-05-28T20:26:40.001Z", "--json")
+    assert [a["rule"] for a in json.loads(out)] == ["spend_velocity"]
+    assert run(engine, "alerts", "ack", str(first)) == (0, f"alert {first} acknowledged\n")
+    code, out = run(engine, "alerts", "ack", str(first))
+    assert code == 0 and "already acknowledged" in out
+    code, out = run(engine, "alerts", "list", "--unacked", "--json")
+    assert [a["rule"] for a in json.loads(out)] == ["spend_velocity"]
+    code, out = run(engine, "alerts", "ack", "99999")
+    assert code == 1 and "no alert 99999" in out
+
+    run(engine, "accounts", "resume", "victim")
+    code, out = run(engine, "accounts", "show", "victim", "--json")
+    assert json.loads(out)["suspended_by_rule"] is None and json.loads(out)["status"] == "active"
+
+
+def test_rules_check_command(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(RULES)
+    result = CliRunner().invoke(cli, ["fraud", "rules", "check", str(good)])
+    assert result.exit_code == 0 and "OK, 2 rules" in result.output
+    assert "rule irsf_parallel: live_calls to premium > 3 -> suspend" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - {name: x, kind: live_calls, threshold: 1, action: explode}\n")
+    result = CliRunner().invoke(cli, ["fraud", "rules", "check", str(bad)])
+    assert result.exit_code == 1
+    assert f"{bad}:2: key action: unknown action 'explode' (expected alert, deny or suspend)" in result.output
