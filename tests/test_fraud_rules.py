@@ -125,7 +125,7 @@ def test_cel_condition_accepts_macro_variables_and_reads_the_call(tmp_path: Path
           hr: {prefixes: ["882"]}
         """)
     rules = load_rules(path)
-    counters = LocalCounters(rules.longest_window_ms())
+    counters = LocalCounters(rules)
     night = facts("a", "n1", "+88212345", rules, at_ms=3 * 3_600_000)
     counters.attempt(night)
     assert [h.rule.name for h in evaluate(rules, counters, night).hits] == ["night"]
@@ -148,7 +148,7 @@ def test_new_calls_per_second_slide_and_deny(tmp_path: Path) -> None:
         rules:
           - {name: cps, kind: new_calls, window_s: 1, threshold: 2, action: deny}
         """)
-    counters = LocalCounters(rules.longest_window_ms())
+    counters = LocalCounters(rules)
     verdicts = []
     for i, at in enumerate([0, 100, 200, 1150, 1180]):
         call = facts("a", f"c{i}", "+3314", rules, at)
@@ -167,7 +167,7 @@ def test_live_calls_to_a_group_suspend_only_for_group_calls(tmp_path: Path) -> N
         rules:
           - {name: irsf, kind: live_calls, group: hr, threshold: 2, action: suspend}
         """)
-    counters = LocalCounters(rules.longest_window_ms())
+    counters = LocalCounters(rules)
     for i in range(2):
         call = facts("a", f"p{i}", "0088299", rules, i)
         counters.attempt(call)
@@ -193,7 +193,7 @@ def test_distinct_destinations_spend_and_short_calls(tmp_path: Path) -> None:
           - {name: velocity, kind: spend, window_s: 3600, threshold: "1.50", action: alert}
           - {name: wangiri, kind: short_calls, window_s: 600, threshold: 50, min_calls: 4, action: deny}
         """)
-    counters = LocalCounters(rules.longest_window_ms())
+    counters = LocalCounters(rules)
     for i, number in enumerate(["+331", "+331", "+332"]):
         call = facts("a", f"c{i}", number, rules, i)
         counters.attempt(call)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from agent.core.fraud_rules import Action, Rule, RuleKind, RuleSet
 
@@ -90,20 +91,81 @@ class Verdict:
     errors: tuple[str, ...] = ()  # CEL conditions that failed at run time (counted as not met)
 
 
+class FigureKey(NamedTuple):
+    """What one figure counts; rules that count the same thing share its window (a tuple: it is
+    hashed on every call)."""
+
+    kind: RuleKind
+    window_ms: int
+    group: str
+    short_call_ms: int
+
+    @classmethod
+    def of(cls, rule: Rule) -> FigureKey:
+        short = rule.short_call_s * 1000 if rule.kind is RuleKind.SHORT_CALLS else 0
+        group = rule.group if rule.kind in (RuleKind.NEW_CALLS, RuleKind.DISTINCT_DESTINATIONS) else ""
+        return cls(rule.kind, rule.window_ms, group, short)
+
+
+class _Window:
+    """One sliding window of one account, kept up to date as entries come and go (amortised O(1)
+    per event: an authorization never scans a history). ``value`` is what the entry adds: 1 for a
+    call, the cost for spend, 1 for a short call; ``tag`` the number for distinct destinations."""
+
+    __slots__ = ("entries", "total", "count", "tags")
+
+    def __init__(self) -> None:
+        self.entries: deque[tuple[int, int, str]] = deque()  # (ms, value, tag)
+        self.total = 0  # sum of the values
+        self.count = 0  # entries
+        self.tags: dict[str, int] = {}  # tag -> entries with it
+
+    def add(self, at_ms: int, value: int, tag: str = "") -> None:
+        self.entries.append((at_ms, value, tag))
+        self.total += value
+        self.count += 1
+        if tag:
+            self.tags[tag] = self.tags.get(tag, 0) + 1
+
+    def prune(self, since_ms: int) -> None:
+        """Drop entries at or before ``since_ms`` (the window is ``(since, now]``)."""
+        entries = self.entries
+        while entries and entries[0][0] <= since_ms:
+            _, value, tag = entries.popleft()
+            self.total -= value
+            self.count -= 1
+            if tag:
+                left = self.tags[tag] - 1
+                if left:
+                    self.tags[tag] = left
+                else:
+                    del self.tags[tag]
+
+
 @dataclass(slots=True)
 class _Account:
-    attempts: deque[tuple[int, str, frozenset[str]]] = field(default_factory=deque)  # (ms, digits, groups)
+    windows: dict[FigureKey, _Window] = field(default_factory=dict)
     live: dict[str, frozenset[str]] = field(default_factory=dict)  # call id -> groups
-    settled: deque[tuple[int, int, bool, int]] = field(default_factory=deque)  # (ms, cost, answered, duration_ms)
 
 
 class LocalCounters:
     """One node's counters (a node-local first version: with several nodes each counts its own
-    calls; see README "Fraud rules")."""
+    calls; see README "Fraud rules"). Only the figures the rules need are kept; new rules (a
+    reload) start their windows empty."""
 
-    def __init__(self, keep_ms: int) -> None:
-        self.keep_ms = keep_ms  # the longest window of the rules
+    def __init__(self, rules: RuleSet) -> None:
         self._accounts: dict[str, _Account] = {}
+        self.keys: frozenset[FigureKey] = frozenset()
+        self.set_rules(rules)
+
+    def set_rules(self, rules: RuleSet) -> None:
+        self._key_of = {r.name: FigureKey.of(r) for r in rules.rules}
+        self.keys = frozenset(FigureKey.of(r) for r in rules.rules if r.kind is not RuleKind.LIVE_CALLS)
+        self._attempt_keys = [k for k in self.keys if k.kind in (RuleKind.NEW_CALLS, RuleKind.DISTINCT_DESTINATIONS)]
+        self._settle_keys = [k for k in self.keys if k.kind in (RuleKind.SPEND, RuleKind.SHORT_CALLS)]
+        for account in self._accounts.values():
+            for gone in set(account.windows) - self.keys:
+                del account.windows[gone]
 
     def _account(self, account_id: str) -> _Account:
         account = self._accounts.get(account_id)
@@ -111,11 +173,22 @@ class LocalCounters:
             account = self._accounts[account_id] = _Account()
         return account
 
+    @staticmethod
+    def _window(windows: dict[FigureKey, _Window], key: FigureKey) -> _Window:
+        window = windows.get(key)
+        if window is None:
+            window = windows[key] = _Window()
+        return window
+
     def attempt(self, facts: CallFacts) -> None:
         """A new call was asked for (counted whatever the decision: a denied attacker keeps being denied)."""
         account = self._account(facts.account_id)
-        account.attempts.append((facts.at_ms, facts.destination, facts.groups))
-        self._prune(account, facts.at_ms)
+        for key in self._attempt_keys:
+            if key.group and key.group not in facts.groups:
+                continue
+            window = self._window(account.windows, key)
+            window.add(facts.at_ms, 1, facts.destination if key.kind is RuleKind.DISTINCT_DESTINATIONS else "")
+            window.prune(facts.at_ms - key.window_ms)
 
     def started(self, account_id: str, call_id: str, groups: frozenset[str]) -> None:
         self._account(account_id).live[call_id] = groups
@@ -124,8 +197,16 @@ class LocalCounters:
               duration_ms: int) -> None:
         account = self._account(account_id)
         account.live.pop(call_id, None)
-        account.settled.append((at_ms, cost_micros, answered, duration_ms))
-        self._prune(account, at_ms)
+        for key in self._settle_keys:
+            if key.kind is RuleKind.SPEND:
+                window = self._window(account.windows, key)
+                window.add(at_ms, cost_micros)
+            elif answered:
+                window = self._window(account.windows, key)
+                window.add(at_ms, 1 if duration_ms < key.short_call_ms else 0)
+            else:
+                continue
+            window.prune(at_ms - key.window_ms)
 
     def forget(self, account_id: str, call_id: str) -> None:
         """A call counted live that was denied after all."""
@@ -133,19 +214,15 @@ class LocalCounters:
         if account is not None:
             account.live.pop(call_id, None)
 
-    def _prune(self, account: _Account, now_ms: int) -> None:
-        oldest = now_ms - self.keep_ms
-        while account.attempts and account.attempts[0][0] < oldest:
-            account.attempts.popleft()
-        while account.settled and account.settled[0][0] < oldest:
-            account.settled.popleft()
-
     def sweep(self, now_ms: int) -> int:
         """Drop accounts with nothing left in any window; returns how many remain."""
         for account_id in list(self._accounts):
             account = self._accounts[account_id]
-            self._prune(account, now_ms)
-            if not account.attempts and not account.settled and not account.live:
+            for key, window in list(account.windows.items()):
+                window.prune(now_ms - key.window_ms)
+                if not window.count:
+                    del account.windows[key]
+            if not account.windows and not account.live:
                 del self._accounts[account_id]
         return len(self._accounts)
 
@@ -154,44 +231,24 @@ class LocalCounters:
         account = self._accounts.get(facts.account_id)
         if account is None:
             return 0
-        since = facts.at_ms - rule.window_ms
-        if rule.kind is RuleKind.NEW_CALLS:
-            count = 0
-            for at_ms, _, groups in reversed(account.attempts):
-                if at_ms <= since:
-                    break
-                if not rule.group or rule.group in groups:
-                    count += 1
-            return count
-        if rule.kind is RuleKind.DISTINCT_DESTINATIONS:
-            seen: set[str] = set()
-            for at_ms, digits, groups in reversed(account.attempts):
-                if at_ms <= since:
-                    break
-                if not rule.group or rule.group in groups:
-                    seen.add(digits)
-            return len(seen)
         if rule.kind is RuleKind.LIVE_CALLS:
             live = sum(1 for groups in account.live.values() if not rule.group or rule.group in groups)
             mine = facts.call_id not in account.live and (not rule.group or rule.group in facts.groups)
             return live + (1 if mine else 0)
-        if rule.kind is RuleKind.SPEND:
-            total = 0
-            for at_ms, cost, _, _ in reversed(account.settled):
-                if at_ms <= since:
-                    break
-                total += cost
-            return total
-        answered = short = 0
-        for at_ms, _, was_answered, duration_ms in reversed(account.settled):
-            if at_ms <= since:
-                break
-            if was_answered:
-                answered += 1
-                short += duration_ms < rule.short_call_s * 1000
-        if answered < rule.min_calls:
+        key = self._key_of.get(rule.name) or FigureKey.of(rule)
+        window = account.windows.get(key)
+        if window is None:
             return 0
-        return short * 100 // answered
+        window.prune(facts.at_ms - key.window_ms)
+        if rule.kind is RuleKind.NEW_CALLS:
+            return window.count
+        if rule.kind is RuleKind.DISTINCT_DESTINATIONS:
+            return len(window.tags)
+        if rule.kind is RuleKind.SPEND:
+            return window.total
+        if window.count < rule.min_calls:  # short_calls: total = short ones, count = answered ones
+            return 0
+        return window.total * 100 // window.count
 
 
 def in_scope(rule: Rule, facts: CallFacts) -> bool:

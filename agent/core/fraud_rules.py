@@ -144,13 +144,26 @@ class Rule:
 class RuleSet:
     rules: tuple[Rule, ...] = ()
     groups: dict[str, frozenset[str]] = field(default_factory=dict)  # name -> prefixes (digits)
+    _by_prefix: dict[str, frozenset[str]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _longest: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_prefix: dict[str, set[str]] = {}
+        for name, prefixes in self.groups.items():
+            for prefix in prefixes:
+                by_prefix.setdefault(prefix, set()).add(name)
+        # Frozen: the lookup tables are set once here (object.__setattr__ is the dataclass idiom).
+        object.__setattr__(self, "_by_prefix", {prefix: frozenset(names) for prefix, names in by_prefix.items()})
+        object.__setattr__(self, "_longest", max(map(len, by_prefix), default=0))
 
     def groups_of(self, digits: str) -> frozenset[str]:
         """The groups whose prefix list holds a prefix of ``digits``."""
-        if not self.groups or not digits:
-            return frozenset()
-        prefixes = {digits[:n] for n in range(1, min(len(digits), MAX_PREFIX_DIGITS) + 1)}
-        return frozenset(name for name, members in self.groups.items() if not prefixes.isdisjoint(members))
+        found: frozenset[str] = frozenset()
+        for n in range(1, min(len(digits), self._longest) + 1):
+            names = self._by_prefix.get(digits[:n])
+            if names is not None:
+                found = found | names
+        return found
 
     def longest_window_ms(self) -> int:
         return max((rule.window_ms for rule in self.rules), default=0)

@@ -51,7 +51,7 @@ class FraudGuard:
         self.actions = actions
         self.clock = clock
         self.metrics = metrics or Metrics()
-        self.counters = LocalCounters(rules.longest_window_ms())
+        self.counters = LocalCounters(rules)
         self.throttle = AlertThrottle(alert_period_ms)
         # Cuts the account's live calls on this node; returns their call ids (the engine's cut_account).
         self.cut_local: Callable[[str, str], list[str]] = lambda account_id, reason: []
@@ -66,9 +66,9 @@ class FraudGuard:
     # ---------------------------------------------------------------- rules
 
     def replace_rules(self, rules: RuleSet) -> None:
-        """New rules (SIGHUP); the counters go on (a window that grew fills up from now)."""
+        """New rules (SIGHUP): the figures they share with the old ones go on; new ones start empty."""
         self.rules = rules
-        self.counters.keep_ms = max(self.counters.keep_ms, rules.longest_window_ms())
+        self.counters.set_rules(rules)
         log.info("fraud rules: %d rules, %d destination groups", len(rules.rules), len(rules.groups))
 
     # ---------------------------------------------------------------- the call path (engine screen)
