@@ -6,7 +6,7 @@ at once; the database is retried with backoff while /health is red), serve, and 
 SIGTERM/SIGINT stop taking new calls at once, supervise the live ones for
 ``daemon.drain_seconds``, flush the CDRs and exit (a second signal exits at once: reservations
 then expire by themselves, no money is lost). Calls still live are handed over: the next start
-of the node adopts them from the PBX's resync. SIGHUP reloads the rate plans.
+of the node adopts them from the PBX's resync. SIGHUP reloads the rate plans and the fraud rules.
 
 ``gevent.monkey.patch_all()`` has already run (agent/entry.py) when this module is used by the
 daemon commands.
