@@ -26,6 +26,9 @@ def test_demo_places_calls_through_the_real_daemon_and_leaves_nothing_behind(pbx
     assert "demo passed" in out
     for label in ("bob has 8 s of money", "carol has no money", "acme line 2"):
         assert label in out
+    # The IRSF burst: the fraud rule's alert and the suspension it caused.
+    assert "rule irsf_parallel, live_calls to high_risk = 4" in " ".join(out.split())
+    assert "account mallory: suspended, by rule irsf_parallel" in " ".join(out.split())
     if keep:  # the admin asked to look at the database, the spool and the log afterwards
         (kept,) = scratch.iterdir()
         assert "authorize call=" in (kept / "agent.log").read_text()

@@ -8,6 +8,7 @@ for Asterisk (the default), the event socket for FreeSWITCH (``--pbx freeswitch`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import socket
@@ -30,7 +31,7 @@ from agent.adapters.sql.migrate import upgrade
 from agent.adapters.sql.models import Call, RatingDecision, utcnow
 from agent.adapters.sql.rate_import import import_deck
 from agent.adapters.sql.reconcile import check_ledger
-from agent.config import Config, load_config
+from agent.config import Config, FraudConfig, load_config
 from agent.core.money import format_amount, parse_amount
 
 PLAN = "demo"
@@ -40,7 +41,16 @@ prefix,destination,rate,connect_fee,initial_increment,increment,minimum,grace,ef
 33,France (demo price),0.60,0,1,1,0,0,,,,,,no
 44,United Kingdom (demo price),0.30,0.02,1,1,0,0,,,,,,no
 4490,United Kingdom - Premium,0,0,1,1,0,0,,,,,,yes
+882,International Networks (demo price),0.90,0,1,1,0,0,,,,,,no
 """
+# The demo's fraud rule: a 4th live call to the high-risk group suspends the account (IRSF).
+DEMO_RULES = """\
+groups:
+  high_risk: {prefixes: ["870", "881", "882", "883", "979", "53"]}
+rules:
+  - {name: irsf_parallel, kind: live_calls, group: high_risk, threshold: 3, action: suspend}
+"""
+IRSF_ACCOUNT = "mallory"
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,7 @@ ACCOUNTS = (
     DemoAccount("bob", "0.08"),
     DemoAccount("carol", "0.00"),
     DemoAccount("acme", "0.12"),
+    DemoAccount(IRSF_ACCOUNT, "20.00"),
 )
 
 CALLS = (
@@ -75,6 +86,12 @@ CALLS = (
     DemoCall("alice dials a blocked premium number", "alice", "449012345", 1.5, 5_000, "denied", "1001"),
     DemoCall("acme line 1 (0.12 shared by two calls)", "acme", "33140000001", 2.0, 20_000, "cut", "1004"),
     DemoCall("acme line 2 (0.12 shared by two calls)", "acme", "33140000002", 2.0, 20_000, "cut", "1005"),
+    # IRSF: a hijacked PBX account opens parallel calls to premium international ranges; the 4th
+    # live one trips the fraud rule: the account is suspended, its calls cut, the rest refused.
+    # (a second between the 3rd and the 4th: the 3rd is answered before the rule cuts it)
+    *(DemoCall(f"mallory (hijacked) premium call {n + 1}", IRSF_ACCOUNT, f"88216000000{n}",
+               3.0 + 0.5 * n + (0.5 if n >= 3 else 0), 30_000, "cut" if n < 3 else "denied", "6666")
+      for n in range(5)),
 )
 
 
@@ -243,6 +260,7 @@ def _show_results(engine: Engine, handles: list[tuple[DemoCall, Any]], out: Any)
     for row in rows:
         cdrs.add_row(row[1], row[2], row[3], str(row[4]), format_amount(row[5]), row[6])
     out.print(cdrs)
+    ok = _show_fraud(engine, out) and ok
     answered = sum(1 for call, _ in handles if call.expect != "denied")
     if len(rows) != answered:
         out.print(f"[red]expected {answered} CDRs, found {len(rows)}")
@@ -259,6 +277,27 @@ def _show_results(engine: Engine, handles: list[tuple[DemoCall, Any]], out: Any)
         for p in report.problems:
             out.print(f"  {p.account} {p.call or ''}: {p.problem} {p.detail}")
     return ok
+
+
+def _show_fraud(engine: Engine, out: Any) -> bool:
+    """The alert the IRSF burst raised and the suspension it caused, as an operator sees them."""
+    from agent.adapters.sql.accounts import view_account
+    from agent.adapters.sql.fraud import list_alerts
+
+    alerts = list_alerts(engine)
+    for alert in alerts:
+        out.print(f"fraud alert {alert.id}: account {alert.account_id}, rule {alert.rule}, {alert.detail}, "
+                  f"action {alert.action} (billing-agent alerts list)")
+    with transaction(session_factory(engine)) as session:
+        account = view_account(session, IRSF_ACCOUNT)
+    at = account.suspended_at.strftime("%H:%M:%S") if account.suspended_at else "-"
+    out.print(f"account {account.id}: {account.status}, by rule {account.suspended_by_rule} at {at} UTC "
+              "(billing-agent accounts show; `accounts resume` lifts it)")
+    good = ([(a.account_id, a.rule, a.action) for a in alerts] == [(IRSF_ACCOUNT, "irsf_parallel", "suspend")]
+            and account.status == "suspended" and account.suspended_by_rule == "irsf_parallel")
+    if not good:
+        out.print("[red]expected one irsf_parallel alert and the account suspended by it")
+    return good
 
 
 # ------------------------------------------------------------------ the command
@@ -299,7 +338,11 @@ def demo_command(pbx: str, keep: bool) -> None:
         out.print(f"  database: SQLite, schema at head, demo rate deck imported into plan '{PLAN}', accounts "
                   + ", ".join(f"{a.account_id} {a.balance} EUR" for a in ACCOUNTS))
         pbx_sim = SimulatedPbx(pbx)
-        config = demo_config(folder, pbx, pbx_sim.agi_port, pbx_sim.port)
+        rules = folder / "fraud-rules.yaml"
+        rules.write_text(DEMO_RULES)
+        config = dataclasses.replace(demo_config(folder, pbx, pbx_sim.agi_port, pbx_sim.port),
+                                     fraud=FraudConfig(rules_file=str(rules)))
+        out.print(f"  fraud rule: a 4th live call of one account to the high-risk group ({rules.name}) suspends it")
         daemon = Daemon(config)
         started = time.monotonic()
         daemon.start()
