@@ -356,14 +356,25 @@ class Daemon:
         except RulesFileError as exc:
             raise StartupError(f"fraud.rules_file: {exc}") from None
         refresh = getattr(store.store, "refresh", None)  # Redis keeps the status of its own
+        counters = None
+        redis = self.config.redis
+        if redis.url:  # the figures shared by every node
+            from agent.adapters.redis.counters import RedisFraudCounters
+            from agent.adapters.redis.store import make_client
+
+            counters = RedisFraudCounters(
+                make_client(redis.url, redis.timeout_ms), key_prefix=redis.key_prefix, rules=rules,
+                live_ttl_ms=(self.config.billing.max_call_seconds + NO_ANSWER_GUARD_S) * 1000)
         guard = self.fraud = FraudGuard(
             rules, node=self.config.node.id, actions=SqlFraudActions(sql, refresh), clock=self.clock,
-            metrics=self.metrics, alert_period_ms=int(self.config.fraud.alert_period_seconds * 1000))
+            metrics=self.metrics, alert_period_ms=int(self.config.fraud.alert_period_seconds * 1000),
+            counters=counters)
         guard.cut_local = engine.cut_account
         engine.screens.append(guard)
         engine.on_finished.append(guard.finished)
         guard.start()
-        log.info("fraud rules: %d rules, %d destination groups from %s", len(rules.rules), len(rules.groups), path)
+        log.info("fraud rules: %d rules, %d destination groups from %s, counters %s", len(rules.rules),
+                 len(rules.groups), path, "in Redis (every node)" if counters else "in memory (this node)")
 
     def reload_fraud_rules(self) -> bool:
         """SIGHUP: re-read the fraud rules; a file with an error keeps the running rules."""
@@ -685,6 +696,7 @@ ADOPTION_LISTING_WAIT_S = 15.0  # the store down at start: how long adoption wai
 # batching and a Redis or SQL round trip fit in it, so a store that fails is known in time to
 # cut at the boundary.
 NIBBLE_LEAD_MARGIN_MS = 100
+NO_ANSWER_GUARD_S = 180  # a call neither answered nor ended is released after this (EngineSettings.no_answer_guard_ms)
 MIN_DESCRIPTORS = 4096  # calls (AGI sockets), AMI/ESL, SQL and Redis pools, spool segments, status port
 
 

@@ -23,7 +23,8 @@ from agent.core.balance import (
 )
 from agent.core.cdr import CallRecord
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, LegEvent
-from agent.core.fraud import AlertRecord
+from agent.core.fraud import AlertRecord, CallFacts
+from agent.core.fraud_rules import RuleSet
 from agent.core.ratetable import RateTable
 from agent.core.session import NibbleStep, RatedCall
 
@@ -236,4 +237,29 @@ class FraudActions(Protocol):
 
     def cut_elsewhere(self, account_id: str, node: str, reason: str) -> list[str]:
         """Ask the other nodes to hang up the account's live calls; the call ids asked for."""
+        ...
+
+
+class FraudCounters(Protocol):
+    """The figures of the fraud rules per account (``agent/core/fraud.py``): ``LocalCounters`` in
+    memory (one node) or ``agent/adapters/redis/counters.py`` (shared by every node). Instants are
+    the caller's. A ``shared`` implementation does a round trip and may raise."""
+
+    shared: bool
+
+    def set_rules(self, rules: RuleSet) -> None:
+        ...
+
+    def observe(self, facts: CallFacts) -> dict[str, int]:
+        """Count a new call (an attempt, and live until ``forget`` or ``ended``); every rule's
+        figure for it by rule name."""
+        ...
+
+    def forget(self, account_id: str, call_id: str) -> None:
+        """A call counted by ``observe`` was refused: it is not live."""
+        ...
+
+    def ended(self, account_id: str, call_id: str, at_ms: int, cost_micros: int, answered: bool,
+              duration_ms: int) -> None:
+        """A settled call: no longer live; its cost and length go into the settle figures."""
         ...

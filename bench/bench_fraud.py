@@ -3,6 +3,7 @@
 
     python bench/bench_fraud.py                        # the shipped fraud/rules.yaml, 5 runs
     python bench/bench_fraud.py --rules my.yaml --runs 7 --calls 20000 --accounts 500
+    python bench/bench_fraud.py --redis redis://127.0.0.1:6379/0 --calls 5000   # counters in Redis
 
 The real ``Engine.authorize`` (in-memory balance store, a flat rate, no PBX) is timed call by call
 with and without a ``FraudGuard`` on the same traffic, interleaved run by run: ``--accounts``
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import random
 import statistics
 import sys
@@ -28,11 +30,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.adapters.fraud_rules_file import load_rules
+from agent.adapters.redis.counters import RedisFraudCounters
 from agent.core.events import AuthorizeRequest
 from agent.core.fraud import AlertRecord, CallFacts
 from agent.core.fraud_rules import Action, RuleSet
 from agent.core.rating import RateRow
 from agent.core.session import RatedCall, RatingInfo
+from agent.ports import FraudCounters
 from agent.services.engine import Engine, EngineSettings
 from agent.services.fraud import FraudGuard
 from agent.sim.memory_store import MemoryStore
@@ -81,6 +85,21 @@ def no_suspend(rules: RuleSet) -> RuleSet:
                          for r in rules.rules), rules.groups)
 
 
+def make_counters(rules: RuleSet, args: argparse.Namespace, seed: int) -> FraudCounters | None:
+    if not args.redis:
+        return None
+    import redis
+
+    client = redis.Redis.from_url(args.redis, decode_responses=True)
+    return RedisFraudCounters(client, key_prefix=f"bench-fraud:{os.getpid()}:{seed}:", rules=rules)
+
+
+def drop_keys(counters: FraudCounters | None) -> None:
+    if isinstance(counters, RedisFraudCounters):
+        for key in counters.client.scan_iter(match=f"{counters.prefix}*", count=1000):
+            counters.client.delete(key)
+
+
 def one_run(rules: RuleSet | None, args: argparse.Namespace, seed: int) -> list[float]:
     rng = random.Random(seed)
     clock = Clock()
@@ -91,15 +110,17 @@ def one_run(rules: RuleSet | None, args: argparse.Namespace, seed: int) -> list[
     for account in accounts:
         store.add_account(account, 10**12)
     risky = sorted(rules.groups.get("high_risk", ())) if rules else ["882"]
+    counters = make_counters(rules, args, seed) if rules is not None else None
     if rules is not None:
-        guard = FraudGuard(rules, node="bench", actions=NoActions(), clock=clock)  # type: ignore[arg-type]
+        guard = FraudGuard(rules, node="bench", actions=NoActions(), clock=clock,  # type: ignore[arg-type]
+                           counters=counters)
         engine.screens.append(guard)
-        for account in accounts:  # a history inside every window
-            for k in range(args.history):
-                at = clock.ms - rng.randrange(1, 250_000)
-                facts = CallFacts(account, f"h{k}", f"331{rng.randrange(10**8)}", frozenset(), at)
-                guard.counters.attempt(facts)
-                guard.counters.ended(account, f"h{k}", at, rng.randrange(0, 50_000), True, rng.randrange(1, 300_000))
+        history = sorted((clock.ms - rng.randrange(1, 250_000), account, k)
+                         for account in accounts for k in range(args.history))
+        for at, account, k in history:  # a history inside every window, oldest first
+            facts = CallFacts(account, f"h{k}", f"331{rng.randrange(10**8)}", frozenset(), at)
+            guard.counters.observe(facts)
+            guard.counters.ended(account, f"h{k}", at, rng.randrange(0, 50_000), True, rng.randrange(1, 300_000))
     timings: list[float] = []
     for n in range(args.calls):
         account = accounts[rng.randrange(len(accounts))]
@@ -111,11 +132,11 @@ def one_run(rules: RuleSet | None, args: argparse.Namespace, seed: int) -> list[
         started = time.perf_counter_ns()
         engine.authorize(request)
         timings.append((time.perf_counter_ns() - started) / 1000)
-        if len(engine.registry.sessions) > 2000:  # keep the registry (and live counters) at a steady size
+        if rules is not None and n % 2 == 0:  # calls end as they come: live counts stay steady
+            guard.counters.ended(account, engine.call_id_for(request), clock.ms, 1000, True, 30_000)
+        if len(engine.registry.sessions) > 2000:  # keep the registry at a steady size
             engine.registry.sessions.clear()
-            if rules is not None:
-                for account_counts in guard.counters._accounts.values():
-                    account_counts.live.clear()
+    drop_keys(counters)
     return timings
 
 
@@ -132,6 +153,7 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=500)
     parser.add_argument("--history", type=int, default=50, help="earlier attempts and settled calls per account")
     parser.add_argument("--risky", type=float, default=0.02, help="share of calls to the high-risk group")
+    parser.add_argument("--redis", default="", help="redis://... : the counters in Redis (shared by every node)")
     args = parser.parse_args()
     import logging
 
@@ -145,7 +167,8 @@ def main() -> None:
         print(f"run {run + 1}: off p50 {rows[-1][0]:.1f} p99 {rows[-1][1]:.1f} us; "
               f"on p50 {rows[-1][2]:.1f} p99 {rows[-1][3]:.1f} us", flush=True)
     med = [statistics.median(r[i] for r in rows) for i in range(4)]
-    print(f"{len(rules.rules)} rules, {args.accounts} accounts, {args.history} history entries each, "
+    where = "in Redis" if args.redis else "in memory"
+    print(f"{len(rules.rules)} rules, counters {where}, {args.accounts} accounts, {args.history} history entries each, "
           f"{args.calls} calls per run, {args.runs} runs (medians):")
     print(f"  authorize without rules: p50 {med[0]:.1f} us, p99 {med[1]:.1f} us")
     print(f"  authorize with rules:    p50 {med[2]:.1f} us, p99 {med[3]:.1f} us")

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, select
 
 from agent.adapters.fraud_rules_file import load_rules
+from agent.adapters.redis.counters import RedisFraudCounters
 from agent.adapters.sql import accounts as repo
 from agent.adapters.sql.engine import session_factory, transaction
 from agent.adapters.sql.fraud import SqlFraudActions
@@ -105,8 +106,14 @@ def rules(tmp_path: Path, text: str = RULES) -> RuleSet:
     return load_rules(path)
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[tuple[CallEngine, FraudGuard, MemoryStore, Switch, Actions]]:
+@pytest.fixture(params=["memory", "redis"])
+def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[CallEngine, FraudGuard, MemoryStore,
+                                                                          Switch, Actions]]:
+    """The engine with the fraud screen; counters in memory, or in Redis (updates by a worker)."""
+    counters = None
+    if request.param == "redis":
+        counters = RedisFraudCounters(request.getfixturevalue("redis_client"),
+                                      key_prefix=request.getfixturevalue("redis_prefix"))
     clock = SystemClock()
     store = MemoryStore()
     metrics = Metrics()
@@ -115,7 +122,7 @@ def rig(tmp_path: Path) -> Iterator[tuple[CallEngine, FraudGuard, MemoryStore, S
     switch = Switch(engine, clock)
     engine.add_switch(switch)
     actions = Actions()
-    guard = FraudGuard(rules(tmp_path), node="n1", actions=actions, clock=clock, metrics=metrics)
+    guard = FraudGuard(rules(tmp_path), node="n1", actions=actions, clock=clock, metrics=metrics, counters=counters)
     guard.cut_local = engine.cut_account
     engine.screens.append(guard)
     engine.on_finished.append(guard.finished)
@@ -174,6 +181,7 @@ def test_a_call_denied_by_the_store_frees_its_live_slot(rig) -> None:
     for n in range(5):  # refused for money: never live, never counted towards irsf_parallel
         decision = engine.authorize(call(engine, n, "poor", "+88212345"))
         assert decision.reason is DenyReason.INSUFFICIENT_FUNDS
+        gevent.sleep(0.02)  # with Redis counters, the worker takes the refused call out of the live set
     assert actions.alerts == [] and guard.suspended == {}
 
 
@@ -276,3 +284,38 @@ def test_rules_check_command(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["fraud", "rules", "check", str(bad)])
     assert result.exit_code == 1
     assert f"{bad}:2: key action: unknown action 'explode' (expected alert, deny or suspend)" in result.output
+
+
+class BrokenCounters:
+    """Shared counters whose Redis is away."""
+
+    shared = True
+
+    def set_rules(self, rules: RuleSet) -> None:
+        pass
+
+    def observe(self, facts: object) -> dict[str, int]:
+        raise ConnectionError("redis is away")
+
+    def forget(self, account_id: str, call_id: str) -> None:
+        raise ConnectionError("redis is away")
+
+    def ended(self, *args: object) -> None:
+        raise ConnectionError("redis is away")
+
+
+def test_counters_that_fail_let_calls_through_to_the_store_and_say_so(tmp_path: Path) -> None:
+    clock = SystemClock()
+    store = MemoryStore()
+    store.add_account("a", 100_000_000)
+    metrics = Metrics()
+    engine = CallEngine(settings=EngineSettings(node="n1"), store=store, rater=Rater(), clock=clock, cdr=Cdrs(),
+                        metrics=metrics)
+    guard = FraudGuard(rules(tmp_path), node="n1", actions=Actions(), clock=clock, metrics=metrics,
+                       counters=BrokenCounters())
+    engine.screens.append(guard)
+    try:
+        assert all(engine.authorize(call(engine, n, "a", "+88212345")).allowed for n in range(5))
+        assert metrics.alerts.labels("fraud_counters_unavailable")._value.get() == 5
+    finally:
+        engine.stop(1)

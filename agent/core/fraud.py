@@ -4,7 +4,8 @@ Pure (no I/O, no clock): every instant is an argument. :class:`LocalCounters` ke
 figures of one node in memory (sliding windows of exact timestamps, pruned to the longest
 window of the rules); :func:`evaluate` turns the figures of one call into a :class:`Verdict`.
 The service (``agent/services/fraud.py``) feeds the counters from authorize and settle and
-carries the actions out.
+carries the actions out; ``agent/adapters/redis/counters.py`` keeps the same figures in Redis,
+shared by every node.
 
 A rule fires on a call when its figure, counting this call, exceeds its threshold (``>``), the
 call is in the rule's scope, and its CEL condition (evaluated only then, it costs ~0.3 ms) holds.
@@ -13,10 +14,11 @@ call is in the rule's scope, and its CEL condition (evaluated only then, it cost
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from agent.core.fraud_rules import Action, Rule, RuleKind, RuleSet
+from agent.core.fraud_rules import GROUPABLE, Action, Rule, RuleKind, RuleSet
 
 MS_PER_HOUR = 3_600_000
 MS_PER_DAY = 86_400_000
@@ -103,7 +105,7 @@ class FigureKey(NamedTuple):
     @classmethod
     def of(cls, rule: Rule) -> FigureKey:
         short = rule.short_call_s * 1000 if rule.kind is RuleKind.SHORT_CALLS else 0
-        group = rule.group if rule.kind in (RuleKind.NEW_CALLS, RuleKind.DISTINCT_DESTINATIONS) else ""
+        group = rule.group if rule.kind in GROUPABLE else ""
         return cls(rule.kind, rule.window_ms, group, short)
 
 
@@ -153,12 +155,15 @@ class LocalCounters:
     calls; see README "Fraud rules"). Only the figures the rules need are kept; new rules (a
     reload) start their windows empty."""
 
+    shared = False  # in memory: updated inline, never a round trip
+
     def __init__(self, rules: RuleSet) -> None:
         self._accounts: dict[str, _Account] = {}
         self.keys: frozenset[FigureKey] = frozenset()
         self.set_rules(rules)
 
     def set_rules(self, rules: RuleSet) -> None:
+        self._rules = rules
         self._key_of = {r.name: FigureKey.of(r) for r in rules.rules}
         self.keys = frozenset(FigureKey.of(r) for r in rules.rules if r.kind is not RuleKind.LIVE_CALLS)
         self._attempt_keys = [k for k in self.keys if k.kind in (RuleKind.NEW_CALLS, RuleKind.DISTINCT_DESTINATIONS)]
@@ -179,6 +184,13 @@ class LocalCounters:
         if window is None:
             window = windows[key] = _Window()
         return window
+
+    def observe(self, facts: CallFacts) -> dict[str, int]:
+        """Count a new call (an attempt, and live until ``forget`` or ``ended``) and return every
+        rule's figure for it, by rule name."""
+        self.attempt(facts)
+        self.started(facts.account_id, facts.call_id, facts.groups)
+        return {rule.name: self.figure(rule, facts) for rule in self._rules.rules}
 
     def attempt(self, facts: CallFacts) -> None:
         """A new call was asked for (counted whatever the decision: a denied attacker keeps being denied)."""
@@ -232,9 +244,7 @@ class LocalCounters:
         if account is None:
             return 0
         if rule.kind is RuleKind.LIVE_CALLS:
-            live = sum(1 for groups in account.live.values() if not rule.group or rule.group in groups)
-            mine = facts.call_id not in account.live and (not rule.group or rule.group in facts.groups)
-            return live + (1 if mine else 0)
+            return sum(1 for groups in account.live.values() if not rule.group or rule.group in groups)
         key = self._key_of.get(rule.name) or FigureKey.of(rule)
         window = account.windows.get(key)
         if window is None:
@@ -256,14 +266,14 @@ def in_scope(rule: Rule, facts: CallFacts) -> bool:
     return not rule.deny_group_only or rule.group in facts.groups
 
 
-def evaluate(rules: RuleSet, counters: LocalCounters, facts: CallFacts) -> Verdict:
-    """Every rule on one call; ``counters.attempt(facts)`` has counted the call already."""
+def evaluate(rules: RuleSet, figures: Mapping[str, int], facts: CallFacts) -> Verdict:
+    """Every rule on one call, from its figures (``observe``: the call itself counted)."""
     hits: list[Hit] = []
     errors: list[str] = []
     deny: Hit | None = None
     suspend: Hit | None = None
     for rule in rules.rules:
-        figure = counters.figure(rule, facts)
+        figure = figures.get(rule.name, 0)
         if figure <= rule.threshold or not in_scope(rule, facts):
             continue
         if rule.condition is not None:

@@ -5,8 +5,8 @@ call, evaluates the rules (pure, ``agent/core/fraud.py``) and refuses it (``Deny
 when a deny or suspend rule fires. It never waits: alerts and the SQL side of a suspension go on
 a queue served by one worker greenlet (``FraudActions``: the alerts table, the account's status,
 hangups queued for other nodes), retried with a backoff while the database is away; the
-account's live calls on this node are cut at once through the engine. Counters are node-local
-(``LocalCounters``): see README "Fraud rules".
+account's live calls on this node are cut at once through the engine. Counters are in memory
+(``LocalCounters``, one node) or in Redis (``RedisFraudCounters``, every node), see README.
 """
 
 from __future__ import annotations
@@ -15,20 +15,24 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import gevent
 import gevent.event
+import gevent.queue
 
 from agent.core.cdr import CallRecord, Disposition
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, DenyReason
 from agent.core.fraud import AlertRecord, AlertThrottle, CallFacts, Hit, LocalCounters, destination_digits, evaluate
 from agent.core.fraud_rules import RuleSet
-from agent.ports import Clock, FraudActions
+from agent.ports import Clock, FraudActions, FraudCounters
 from agent.services.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 MAX_QUEUED_ALERTS = 10_000
+MAX_QUEUED_COUNTER_UPDATES = 100_000
+COUNTER_RETRIES = 6  # about 6 s of backoff before a shared counter update is given up
 ALERT_BATCH = 500
 RETRY_MAX_S = 30.0
 SUSPENDED_HOLD_MS = 5_000  # kept locally this long after the SQL status is written
@@ -45,13 +49,20 @@ class _Suspension:
 
 class FraudGuard:
     def __init__(self, rules: RuleSet, *, node: str, actions: FraudActions, clock: Clock,
-                 metrics: Metrics | None = None, alert_period_ms: int = 60_000) -> None:
+                 metrics: Metrics | None = None, alert_period_ms: int = 60_000,
+                 counters: FraudCounters | None = None) -> None:
         self.rules = rules
         self.node = node
         self.actions = actions
         self.clock = clock
         self.metrics = metrics or Metrics()
-        self.counters = LocalCounters(rules)
+        self.counters: FraudCounters = counters if counters is not None else LocalCounters(rules)
+        self.counters.set_rules(rules)
+        # Updates of shared counters (Redis) after the decision: a worker makes the round trips,
+        # never the engine loop (``finished`` runs in it).
+        self._counter_jobs: gevent.queue.Queue[tuple[Callable[..., None], tuple[Any, ...]]] = gevent.queue.Queue()
+        self._counter_worker: gevent.Greenlet[[], None] | None = None
+        self._counter_failures = 0
         self.throttle = AlertThrottle(alert_period_ms)
         # Cuts the account's live calls on this node; returns their call ids (the engine's cut_account).
         self.cut_local: Callable[[str, str], list[str]] = lambda account_id, reason: []
@@ -74,7 +85,9 @@ class FraudGuard:
     # ---------------------------------------------------------------- the call path (engine screen)
 
     def screen(self, request: AuthorizeRequest, call_id: str, now_ms: int) -> AuthorizeDecision | None:
-        """None to go on with the call, or the refusal. Never blocks."""
+        """None to go on with the call, or the refusal. In memory it never waits; with Redis
+        counters it makes one round trip (``redis.timeout_ms`` at most), and a Redis that fails
+        lets the call through unscreened (logged and counted: money is the balance store's)."""
         account_id = request.account_id
         held = self.suspended.get(account_id)
         if held is not None:
@@ -87,8 +100,12 @@ class FraudGuard:
         digits = destination_digits(request.destination)
         facts = CallFacts(account_id, call_id, digits, self.rules.groups_of(digits), now_ms, request.caller,
                           request.pbx)
-        self.counters.attempt(facts)
-        verdict = evaluate(self.rules, self.counters, facts)
+        try:
+            figures = self.counters.observe(facts)
+        except Exception as exc:  # noqa: BLE001 - fraud figures are advisory; the call goes to the store
+            self._counters_failed("observe", exc)
+            return None
+        verdict = evaluate(self.rules, figures, facts)
         for error in verdict.errors:
             log.warning("fraud %s (counted as not met) call=%s account=%s", error, call_id, account_id)
         for hit in verdict.hits:
@@ -96,17 +113,18 @@ class FraudGuard:
         if verdict.suspend is not None:
             self._suspend(verdict.suspend, facts)
         if verdict.deny is not None:
+            self._update(self.counters.forget, account_id, call_id)
             rule = verdict.deny.rule
             return AuthorizeDecision(False, call_id, reason=DenyReason.FRAUD_RULE,
                                      detail=f"fraud rule {rule.name}: {verdict.deny.describe()}")
-        # Counted live now, not once the store answered: parallel calls of an attack must see each other.
-        self.counters.started(account_id, call_id, facts.groups)
+        # ``observe`` counted the call live already, not once the store answered: the parallel
+        # calls of an attack must see each other.
         return None
 
     def decided(self, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
         """The engine's final decision on a call the screen let through."""
         if not decision.allowed:
-            self.counters.forget(request.account_id, decision.call_id)
+            self._update(self.counters.forget, request.account_id, decision.call_id)
             return
         held = self.suspended.get(request.account_id)
         if held is not None:  # suspended while this call waited for the store: cut it too
@@ -114,9 +132,37 @@ class FraudGuard:
 
     def finished(self, record: CallRecord) -> None:
         """A settled call (the engine's on_finished): spend and short-call figures."""
-        self.counters.ended(record.account_id, record.call_id, record.settled_ms or record.ended_ms or 0,
-                            record.rating.cost_micros, record.disposition is Disposition.ANSWERED,
-                            record.duration_ms)
+        self._update(self.counters.ended, record.account_id, record.call_id,
+                     record.settled_ms or record.ended_ms or 0, record.rating.cost_micros,
+                     record.disposition is Disposition.ANSWERED, record.duration_ms)
+
+    def _update(self, step: Callable[..., None], *args: Any) -> None:
+        if not self.counters.shared:
+            step(*args)
+            return
+        if self._counter_jobs.qsize() >= MAX_QUEUED_COUNTER_UPDATES:
+            log.error("fraud counter updates queued beyond %d (Redis away?): %s%r dropped",
+                      MAX_QUEUED_COUNTER_UPDATES, getattr(step, "__name__", step), args)
+            return
+        self._counter_jobs.put_nowait((step, args))
+
+    def _counters_failed(self, what: str, exc: Exception) -> None:
+        self._counter_failures += 1
+        self.metrics.alerts.labels("fraud_counters_unavailable").inc()
+        if self._counter_failures == 1 or self._counter_failures % 100 == 0:
+            log.error("fraud counters: %s failed (%s; %d failures so far): calls go on unscreened by the rules",
+                      what, exc, self._counter_failures)
+
+    def _run_counter_jobs(self) -> None:
+        while True:
+            step, args = self._counter_jobs.get()
+            for attempt in range(COUNTER_RETRIES):
+                try:
+                    step(*args)
+                    break
+                except Exception as exc:  # noqa: BLE001 - retried, then logged: a lost update only skews a figure
+                    self._counters_failed(getattr(step, "__name__", "update"), exc)
+                    gevent.sleep(min(0.2 * 2 ** attempt, 5.0))
 
     # ---------------------------------------------------------------- actions
 
@@ -156,6 +202,10 @@ class FraudGuard:
         self._running = True
         self._worker = gevent.spawn(self._work)
         self._worker.link_exception(lambda g: log.critical("fraud actions worker died: %r", g.exception))
+        if self.counters.shared:
+            self._counter_worker = gevent.spawn(self._run_counter_jobs)
+            self._counter_worker.link_exception(
+                lambda g: log.critical("fraud counters worker died: %r", g.exception))
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Write what is queued (at most ``timeout_s``), then stop."""
@@ -164,6 +214,11 @@ class FraudGuard:
         if self._worker is not None:
             self._worker.join(timeout=timeout_s)
             self._worker.kill(timeout=1)
+        if self._counter_worker is not None:
+            with gevent.Timeout(timeout_s, False):
+                while self._counter_jobs.qsize():
+                    gevent.sleep(0.01)
+            self._counter_worker.kill(timeout=1)
         if self._alerts or self._suspensions:
             log.error("fraud: %d alerts and %d suspensions not written to SQL at shutdown", len(self._alerts),
                       len(self._suspensions))

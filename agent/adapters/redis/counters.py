@@ -1,0 +1,198 @@
+"""Fraud counters in Redis, shared by every node (``redis.url`` set): the figures of
+``agent/core/fraud.py`` (``LocalCounters``) kept in one place, so a rule sees an account's calls
+on all nodes.
+
+One Lua script per step, each on one account's keys (hash tag ``{ID}``: one Redis Cluster slot),
+so a step is atomic and one round trip. The instants are the caller's (no Redis clock)::
+
+    {prefix}fraud:{ID}:w:{kind}:{window_ms}:{group}:{short_ms}   zset, one per figure of the rules:
+        new_calls              member call id, score ms
+        distinct_destinations  member number, score ms of its last attempt
+        spend / short_calls    member "call id:value", score ms (value: cost, 1 when short);
+                               the hash "...:agg" keeps total and count, updated as members come
+                               and go, so no step sums a history
+    {prefix}fraud:{ID}:live:{group}   zset: call id -> ms after which it no longer counts (a node
+                                      that died cannot hold a call live for ever); group "" = all
+
+Keys expire a minute after their window (and ``live_ttl_ms`` after the last live call).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from agent.adapters.redis.keys import KeySpace
+from agent.core.fraud import CallFacts, FigureKey
+from agent.core.fraud_rules import RuleKind, RuleSet
+
+KEY_GRACE_MS = 60_000
+
+_PRUNE = """
+local function prune(key, agg, cutoff)
+  if agg ~= '' then
+    local gone = redis.call('ZRANGEBYSCORE', key, '-inf', cutoff)
+    if #gone == 0 then return end
+    local total = 0
+    for _, member in ipairs(gone) do
+      total = total + tonumber(string.match(member, ':(%-?%d+)$'))
+    end
+    redis.call('HINCRBY', agg, 'total', 0 - total)  -- never -0, which HINCRBY refuses
+    redis.call('HINCRBY', agg, 'count', 0 - #gone)
+  end
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', cutoff)
+end
+"""
+
+# KEYS: per figure, its zset then its agg hash ("" placeholders are not allowed: agg keys always
+# given). ARGV: now, call id, number, ",groups,", live ttl ms, count of figures, then per figure
+# kind, window_ms, group, min_calls.
+OBSERVE = _PRUNE + """
+local now = tonumber(ARGV[1])
+local call_id, number, groups, ttl = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
+local out = {}
+for i = 1, n do
+  local key, agg = KEYS[2 * i - 1], KEYS[2 * i]
+  local base = 6 + 4 * (i - 1)
+  local kind, window, group, min_calls = ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3],
+                                         tonumber(ARGV[base + 4])
+  local matches = group == '' or string.find(groups, ',' .. group .. ',', 1, true) ~= nil
+  if kind == 'live_calls' then
+    if matches then redis.call('ZADD', key, now + ttl, call_id) end
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    redis.call('PEXPIRE', key, ttl)
+    out[i] = redis.call('ZCARD', key)
+  elseif kind == 'new_calls' or kind == 'distinct_destinations' then
+    if matches then redis.call('ZADD', key, now, kind == 'new_calls' and call_id or number) end
+    prune(key, '', now - window)
+    redis.call('PEXPIRE', key, window + 60000)
+    out[i] = redis.call('ZCARD', key)
+  else
+    prune(key, agg, now - window)
+    local total = tonumber(redis.call('HGET', agg, 'total') or '0')
+    local count = tonumber(redis.call('HGET', agg, 'count') or '0')
+    if kind == 'spend' then
+      out[i] = total
+    elseif count < min_calls or count == 0 then
+      out[i] = 0
+    else
+      out[i] = math.floor(total * 100 / count)
+    end
+  end
+end
+return out
+"""
+
+# KEYS: the live zsets, then per settle figure its zset and agg. ARGV: now, call id, count of live
+# keys, count of settle figures, then per settle figure: kind, window_ms, value ('' = not counted).
+ENDED = _PRUNE + """
+local now, call_id = tonumber(ARGV[1]), ARGV[2]
+local lives, figures = tonumber(ARGV[3]), tonumber(ARGV[4])
+for i = 1, lives do redis.call('ZREM', KEYS[i], call_id) end
+for i = 1, figures do
+  local key, agg = KEYS[lives + 2 * i - 1], KEYS[lives + 2 * i]
+  local base = 4 + 3 * (i - 1)
+  local window, value = tonumber(ARGV[base + 2]), ARGV[base + 3]
+  if value ~= '' then
+    if redis.call('ZADD', key, now, call_id .. ':' .. value) == 1 then
+      redis.call('HINCRBY', agg, 'total', tonumber(value))
+      redis.call('HINCRBY', agg, 'count', 1)
+    end
+  end
+  prune(key, agg, now - window)
+  redis.call('PEXPIRE', key, window + 60000)
+  redis.call('PEXPIRE', agg, window + 60000)
+end
+return 1
+"""
+
+FORGET = """
+for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+return 1
+"""
+
+
+class RedisFraudCounters:
+    """The ``FraudCounters`` port on Redis. Every call may raise a redis error (the caller, the
+    fraud service, lets the call through unscreened and logs it: the money is guarded by the
+    balance store, not by these figures)."""
+
+    shared = True  # a round trip: the service updates it from a worker, never from the engine loop
+
+    def __init__(self, client: Any, *, key_prefix: str = "", live_ttl_ms: int = 4 * 3_600_000,
+                 rules: RuleSet | None = None) -> None:
+        self.client = client
+        self.keys = KeySpace(key_prefix)  # refuses a prefix with braces
+        self.prefix = key_prefix
+        self.live_ttl_ms = live_ttl_ms
+        self._sha: dict[str, str] = {}
+        self._sources = {"observe": OBSERVE, "ended": ENDED, "forget": FORGET}
+        self.set_rules(rules or RuleSet())
+
+    def set_rules(self, rules: RuleSet) -> None:
+        self.rules = rules
+        self._figures: list[tuple[str, FigureKey, int]] = [(r.name, FigureKey.of(r), r.min_calls) for r in rules.rules]
+        self._live_groups = sorted({r.group for r in rules.rules if r.kind is RuleKind.LIVE_CALLS})
+        settle = (RuleKind.SPEND, RuleKind.SHORT_CALLS)
+        self._settle = sorted({FigureKey.of(r) for r in rules.rules if r.kind in settle})
+
+    # ---------------------------------------------------------------- keys
+
+    def _base(self, account_id: str) -> str:
+        return f"{self.prefix}fraud:{{{account_id}}}:"
+
+    def _window_key(self, account_id: str, key: FigureKey) -> str:
+        if key.kind is RuleKind.LIVE_CALLS:
+            return self._live_key(account_id, key.group)
+        return f"{self._base(account_id)}w:{key.kind.value}:{key.window_ms}:{key.group}:{key.short_call_ms}"
+
+    def _live_key(self, account_id: str, group: str) -> str:
+        return f"{self._base(account_id)}live:{group}"
+
+    # ---------------------------------------------------------------- steps
+
+    def observe(self, facts: CallFacts) -> dict[str, int]:
+        if not self._figures:
+            return {}
+        keys: list[str] = []
+        args: list[Any] = [facts.at_ms, facts.call_id, facts.destination, "," + ",".join(sorted(facts.groups)) + ",",
+                           self.live_ttl_ms, len(self._figures)]
+        for _, key, min_calls in self._figures:
+            window = self._window_key(facts.account_id, key)
+            keys += [window, window + ":agg"]
+            args += [key.kind.value, key.window_ms, key.group, min_calls]
+        values = self._run("observe", keys, args)
+        return {name: int(value) for (name, _, _), value in zip(self._figures, values, strict=True)}
+
+    def forget(self, account_id: str, call_id: str) -> None:
+        if self._live_groups:
+            self._run("forget", [self._live_key(account_id, group) for group in self._live_groups], [call_id])
+
+    def ended(self, account_id: str, call_id: str, at_ms: int, cost_micros: int, answered: bool,
+              duration_ms: int) -> None:
+        if not self._live_groups and not self._settle:
+            return
+        keys = [self._live_key(account_id, group) for group in self._live_groups]
+        args: list[Any] = [at_ms, call_id, len(self._live_groups), len(self._settle)]
+        for key in self._settle:
+            window = self._window_key(account_id, key)
+            keys += [window, window + ":agg"]
+            if key.kind is RuleKind.SPEND:
+                value = str(cost_micros)
+            else:
+                value = str(int(duration_ms < key.short_call_ms)) if answered else ""
+            args += [key.kind.value, key.window_ms, value]
+        self._run("ended", keys, args)
+
+    def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        sha = self._sha.get(name)
+        if sha is None:
+            sha = self._sha[name] = hashlib.sha1(self._sources[name].encode(), usedforsecurity=False).hexdigest()
+        try:
+            return self.client.evalsha(sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self.client.script_load(self._sources[name])
+            return self.client.evalsha(sha, len(keys), *keys, *args)

@@ -1,0 +1,123 @@
+"""The figures of the fraud rules, one contract for both counters: in memory (one node) and in Redis
+(shared by every node; a real Redis, a key prefix of this test's own). Instants are given, never
+read: windows slide on fake milliseconds."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.adapters.fraud_rules_file import load_rules
+from agent.adapters.redis.counters import RedisFraudCounters
+from agent.core.fraud import CallFacts, LocalCounters, Verdict, destination_digits, evaluate
+from agent.core.fraud_rules import RuleSet
+from agent.ports import FraudCounters
+
+Make = Callable[[RuleSet], FraudCounters]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make(request: pytest.FixtureRequest) -> Make:
+    if request.param == "memory":
+        return LocalCounters
+    client = request.getfixturevalue("redis_client")
+    prefix = request.getfixturevalue("redis_prefix")
+    return lambda rules: RedisFraudCounters(client, key_prefix=prefix, rules=rules)
+
+
+def rules_from(tmp_path: Path, text: str) -> RuleSet:
+    path = tmp_path / "rules.yaml"
+    path.write_text(textwrap.dedent(text).lstrip())
+    return load_rules(path)
+
+
+def facts(account: str, call_id: str, number: str, rules: RuleSet, at_ms: int) -> CallFacts:
+    digits = destination_digits(number)
+    return CallFacts(account, call_id, digits, rules.groups_of(digits), at_ms)
+
+
+def check(rules: RuleSet, counters: FraudCounters, call: CallFacts) -> Verdict:
+    """As the service does: observe, evaluate, and forget a refused call."""
+    verdict = evaluate(rules, counters.observe(call), call)
+    if verdict.deny is not None:
+        counters.forget(call.account_id, call.call_id)
+    return verdict
+
+
+def test_new_calls_per_second_slide_and_deny(make: Make, tmp_path: Path) -> None:
+    rules = rules_from(tmp_path, """
+        rules:
+          - {name: cps, kind: new_calls, window_s: 1, threshold: 2, action: deny}
+        """)
+    counters = make(rules)
+    verdicts = [check(rules, counters, facts("a", f"c{i}", "+3314", rules, at))
+                for i, at in enumerate([0, 100, 200, 1150, 1180])]
+    assert [v.deny is not None for v in verdicts] == [False, False, True, False, True]
+    assert verdicts[2].deny is not None and verdicts[2].deny.figure == 3
+    assert check(rules, counters, facts("b", "x", "+3314", rules, 210)).deny is None  # b has its own counters
+
+
+def test_live_calls_to_a_group_suspend_only_for_group_calls(make: Make, tmp_path: Path) -> None:
+    rules = rules_from(tmp_path, """
+        groups: {hr: {prefixes: ["882"]}}
+        rules:
+          - {name: irsf, kind: live_calls, group: hr, threshold: 2, action: suspend}
+        """)
+    counters = make(rules)
+    for i in range(2):
+        assert check(rules, counters, facts("a", f"p{i}", "0088299", rules, i)).suspend is None
+    assert check(rules, counters, facts("a", "dom", "+3314", rules, 5)).hits == ()  # 2 live to the group
+    verdict = check(rules, counters, facts("a", "p2", "+88299", rules, 6))
+    assert verdict.suspend is not None and verdict.suspend.figure == 3 and verdict.deny is verdict.suspend
+    counters.ended("a", "p0", 7, 0, True, 1000)
+    again = check(rules, counters, facts("a", "p3", "+88299", rules, 8))
+    assert again.suspend is None  # p0 ended, p2 was refused: 2 with this one
+
+
+def test_distinct_destinations_spend_and_short_calls(make: Make, tmp_path: Path) -> None:
+    rules = rules_from(tmp_path, """
+        rules:
+          - {name: scan, kind: distinct_destinations, window_s: 60, threshold: 2, action: alert}
+          - {name: velocity, kind: spend, window_s: 3600, threshold: "1.50", action: alert}
+          - {name: wangiri, kind: short_calls, window_s: 600, threshold: 50, min_calls: 4, action: deny}
+        """)
+    counters = make(rules)
+    for i, number in enumerate(["+331", "+331", "+332"]):
+        assert check(rules, counters, facts("a", f"c{i}", number, rules, i)).hits == ()  # 2 distinct: not over 2
+    counters.ended("a", "c0", 10, 1_000_000, True, 2_000)
+    counters.ended("a", "c1", 11, 600_000, True, 3_000)
+    counters.ended("a", "c2", 12, 0, False, 0)  # unanswered calls are not in the short-call share
+    verdict = check(rules, counters, facts("a", "c3", "+333", rules, 20))
+    assert {h.rule.name: h.figure for h in verdict.hits} == {"scan": 3, "velocity": 1_600_000}
+    assert verdict.deny is None  # 2 answered calls: under min_calls, no short-call share yet
+    counters.ended("a", "c3", 30, 0, True, 60_000)
+    counters.ended("a", "c4", 31, 0, True, 1_000)
+    verdict = check(rules, counters, facts("a", "c5", "+331", rules, 40))
+    assert verdict.deny is not None and verdict.deny.rule.name == "wangiri" and verdict.deny.figure == 75
+    # An hour later the first calls have left every window: spend 0.10 (not 1.70), one answered
+    # call (under min_calls), one number.
+    counters.ended("a", "c5", 3_600_011, 100_000, True, 20_000)
+    assert check(rules, counters, facts("a", "c6", "+331", rules, 3_600_012)).hits == ()
+
+
+def test_two_nodes_on_one_redis_see_each_others_calls(redis_client: object, redis_prefix: str,
+                                                       tmp_path: Path) -> None:
+    rules = rules_from(tmp_path, """
+        groups: {hr: {prefixes: ["882"]}}
+        rules:
+          - {name: irsf, kind: live_calls, group: hr, threshold: 3, action: suspend}
+        """)
+    node1 = RedisFraudCounters(redis_client, key_prefix=redis_prefix, rules=rules)
+    node2 = RedisFraudCounters(redis_client, key_prefix=redis_prefix, rules=rules)
+    local1, local2 = LocalCounters(rules), LocalCounters(rules)
+    verdicts, local_verdicts = [], []
+    for i in range(4):  # an attack spread over two nodes: 2 calls each
+        shared, alone = (node1, local1) if i % 2 == 0 else (node2, local2)
+        call = facts("a", f"n{i % 2 + 1}-c{i}", "+88212", rules, 1000 + i)
+        verdicts.append(check(rules, shared, call))
+        local_verdicts.append(check(rules, alone, call))
+    assert [v.suspend is not None for v in verdicts] == [False, False, False, True]
+    assert all(v.suspend is None for v in local_verdicts)  # node-local counters see 2 each: never over 3
