@@ -123,6 +123,9 @@ class CdrConfig:
 class FraudConfig:
     rules_file: str = ""  # fraud rules (fraud/rules.yaml); "" = no rules
     alert_period_seconds: float = 60.0  # one alert per account and rule per period
+    webhook_url: str = ""  # http(s) URL that gets every alert as a signed JSON POST; "" = none
+    webhook_secret: str = ""  # HMAC-SHA256 key of the X-Billing-Signature header
+    webhook_timeout_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,7 @@ _POSITIVE = {
     ("billing", "max_call_seconds"), ("daemon", "sweep_seconds"), ("daemon", "rates_poll_seconds"),
     ("daemon", "startup_retry_max_seconds"), ("daemon", "publish_seconds"), ("cdr", "batch_size"),
     ("cdr", "flush_interval_ms"), ("cdr", "spool_max_mb"), ("fraud", "alert_period_seconds"),
+    ("fraud", "webhook_timeout_seconds"),
 }
 _PORTS = {("asterisk", "agi_port"), ("asterisk", "ami_port"), ("freeswitch", "port"), ("metrics", "port"),
           ("freeswitch", "authorize_port")}
@@ -240,6 +244,12 @@ def _check_value(section: str, key: str, value: Any) -> None:
         parts = [part.strip() for part in str(value).split(",")]
         if len(parts) != 3 or not all(part.isdigit() and int(part) >= 1 for part in parts):
             raise ValueError(f"must be three column numbers from 1 (leg id, answer, end) such as 1,5,6, not {value!r}")
+    if (section, key) == ("fraud", "webhook_url") and value:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, not {value!r}")
     if (section, key) == ("node", "id") and not value.strip():
         raise ValueError("must not be empty")
     if (section, key) == ("database", "url") and "://" not in value:

@@ -46,6 +46,7 @@ from agent.adapters.sql.live_calls import LiveCallFact, LiveCallPublisher, live_
 from agent.adapters.sql.migrate import check_schema
 from agent.adapters.sql.models import RatePlan
 from agent.adapters.sql.rate_repository import RatePlanCache
+from agent.adapters.webhook import AlertWebhook
 from agent.config import Config
 from agent.core.balance import LiveCall
 from agent.core.errors import BillingError, InvalidInput
@@ -121,6 +122,7 @@ class Daemon:
         self.publisher: LiveCallPublisher | None = None
         self.plans: AccountPlans | None = None
         self.fraud: FraudGuard | None = None
+        self.webhook: AlertWebhook | None = None
         self.adapters: list[SwitchAdapter] = []
         self._signals = 0
         self._database_where = ""
@@ -370,6 +372,15 @@ class Daemon:
             metrics=self.metrics, alert_period_ms=int(self.config.fraud.alert_period_seconds * 1000),
             counters=counters)
         guard.cut_local = engine.cut_account
+        fraud = self.config.fraud
+        if fraud.webhook_url:
+            if not fraud.webhook_secret:
+                raise StartupError("fraud.webhook_secret: must be set when fraud.webhook_url is (it signs every alert)")
+            webhook = self.webhook = AlertWebhook(fraud.webhook_url, fraud.webhook_secret,
+                                                  spool_path(self.config) / "alerts",
+                                                  timeout_s=fraud.webhook_timeout_seconds)
+            guard.on_alert.append(webhook.enqueue)
+            webhook.start()
         engine.screens.append(guard)
         engine.on_finished.append(guard.finished)
         guard.start()
@@ -620,6 +631,9 @@ class Daemon:
         if self.fraud is not None:
             fraud = self.fraud
             self._timed("write fraud alerts", lambda: fraud.stop(2))
+        if self.webhook is not None:  # what it did not deliver stays in its spool for the next start
+            webhook = self.webhook
+            self._timed("stop the alert webhook", lambda: webhook.stop(1))
         self._timed("stop background greenlets", lambda: self.group.kill(timeout=2))
         if self.cdr is not None:
             cdr = self.cdr

@@ -18,6 +18,7 @@ from agent.cli.main import cli
 from agent.config import FraudConfig
 from agent.daemon import Daemon, StartupError
 from agent.sim.freeswitch import FakeFreeswitch
+from tests.test_fraud_webhook import Receiver
 
 RULES = """
 groups:
@@ -25,6 +26,15 @@ groups:
 rules:
   - {name: irsf_parallel, kind: live_calls, group: risky, threshold: 2, action: suspend}
 """
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.release.set()
+    r.server.shutdown()
+    r.server.server_close()
 
 
 def wait_for(predicate: object, timeout: float = 10.0) -> None:
@@ -40,17 +50,18 @@ def fake_fs() -> Iterator[FakeFreeswitch]:
     fake.stop()
 
 
-def fraud_daemon(tmp_path: Path, fake_fs: FakeFreeswitch, rules: str) -> Daemon:
+def fraud_daemon(tmp_path: Path, fake_fs: FakeFreeswitch, rules: str, webhook_url: str = "") -> Daemon:
     prepare_database(f"sqlite:///{tmp_path / 'billing-agent.db'}", tmp_path).dispose()
     path = tmp_path / "rules.yaml"
     path.write_text(rules)
     config = demo_config(tmp_path, "freeswitch", fake_fs.authorize_port, fake_fs.port)
-    return Daemon(dataclasses.replace(config, fraud=FraudConfig(rules_file=str(path))))
+    return Daemon(dataclasses.replace(config, fraud=FraudConfig(rules_file=str(path), webhook_url=webhook_url,
+                                                                webhook_secret="k" if webhook_url else "")))
 
 
 def test_parallel_calls_to_a_risky_group_suspend_the_account_and_cut_its_calls(
-        tmp_path: Path, fake_fs: FakeFreeswitch) -> None:
-    daemon = fraud_daemon(tmp_path, fake_fs, RULES)
+        tmp_path: Path, fake_fs: FakeFreeswitch, receiver: Receiver) -> None:
+    daemon = fraud_daemon(tmp_path, fake_fs, RULES, webhook_url=receiver.url)
     daemon.start()
     try:
         wait_for(lambda: all(a.connected() for a in daemon.adapters))
@@ -67,6 +78,9 @@ def test_parallel_calls_to_a_risky_group_suspend_the_account_and_cut_its_calls(
             "alice", "irsf_parallel", 3, "suspend")
         shown = json.loads(CliRunner().invoke(cli, [*url, "accounts", "show", "alice", "--json"]).output)
         assert shown["status"] == "suspended" and shown["suspended_by_rule"] == "irsf_parallel"
+        wait_for(lambda: receiver.received)  # the webhook got it too, signed
+        (headers, body), = receiver.received
+        assert json.loads(body)["rule"] == "irsf_parallel" and headers["X-Billing-Signature"].startswith("sha256=")
 
         # SIGHUP: a broken file keeps the running rules; a good one replaces them.
         path = Path(daemon.config.fraud.rules_file)

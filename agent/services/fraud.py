@@ -67,6 +67,8 @@ class FraudGuard:
         # Cuts the account's live calls on this node; returns their call ids (the engine's cut_account).
         self.cut_local: Callable[[str, str], list[str]] = lambda account_id, reason: []
         self.suspended: dict[str, _Suspension] = {}
+        # Told of every alert at once (the webhook's disk spool); must not wait on the network.
+        self.on_alert: list[Callable[[AlertRecord], None]] = []
         self._alerts: deque[AlertRecord] = deque()
         self._suspensions: deque[_Suspension] = deque()
         self._wake = gevent.event.Event()
@@ -183,6 +185,11 @@ class FraudGuard:
             log.error("fraud alert queue full (database away?): alert not stored: %s", dropped)
         self._alerts.append(record)
         self._wake.set()
+        for hook in self.on_alert:
+            try:
+                hook(record)
+            except Exception:  # a delivery that fails must not refuse or pass the call
+                log.exception("fraud alert hook failed for account=%s rule=%s", record.account_id, record.rule)
 
     def _suspend(self, hit: Hit, facts: CallFacts) -> None:
         if facts.account_id in self.suspended:
