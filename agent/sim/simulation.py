@@ -12,6 +12,13 @@ a PBX that sometimes ignores a hangup. After the run it checks the money invaria
 * every cut-off within 1 s of the instant the money ran out;
 * no reservation left open.
 
+With ``irsf_calls`` it adds an IRSF attack at 03:00: a hijacked account opens that many parallel
+calls to a premium range (``1900``, 3.00/min), one every ``irsf_interval_ms``, answered at once and
+talking ``irsf_talk_s`` each; with ``irsf_rules``
+the fraud rule ``irsf_parallel`` (more than ``irsf_threshold`` live calls to the group: suspend)
+screens every call as the daemon does (``agent/core/fraud.py``), and the report says what the
+attack cost, when the rule fired and how late the account's calls were cut (a violation past 1 s).
+
 Run it with ``python -m agent.sim.simulation --calls 100000 --seed 7`` (see bench/).
 """
 
@@ -31,6 +38,7 @@ from typing import Any
 from agent.core.balance import StoreAuthorization
 from agent.core.cdr import CallRecord, Disposition
 from agent.core.events import (
+    AuthorizeDecision,
     AuthorizeRequest,
     DenyReason,
     DialBegin,
@@ -42,6 +50,8 @@ from agent.core.events import (
     LegEvent,
     LegHungUp,
 )
+from agent.core.fraud import CallFacts, LocalCounters, destination_digits, evaluate
+from agent.core.fraud_rules import Action, Rule, RuleKind, RuleSet
 from agent.core.rating import RateRow
 from agent.core.registry import CallRegistry
 from agent.core.session import (
@@ -57,10 +67,12 @@ from agent.core.session import (
     SessionSettings,
     SettleStep,
 )
-from agent.services.authorize import decide
+from agent.services.authorize import Outcome, decide
 from agent.sim.memory_store import MemoryStore
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+IRSF_ACCOUNT = "hijacked"
+IRSF_PREFIX = "1900"  # background prefixes start with 20-99: never in this group
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,11 @@ class SimConfig:
     p_topup: float = 0.05
     p_ignore_hangup: float = 0.01
     max_hangup_latency_ms: int = 400
+    irsf_calls: int = 0  # 0: no attack
+    irsf_rules: bool = True
+    irsf_threshold: int = 5
+    irsf_talk_s: int = 3_600
+    irsf_interval_ms: int = 500
 
 
 @dataclass
@@ -99,6 +116,10 @@ class SimReport:
     overspend_micros: int = 0
     charged_micros: int = 0
     wall_seconds: float = 0.0
+    irsf_allowed: int = 0  # attack calls authorized
+    irsf_loss_micros: int = 0  # what the attack calls cost the account
+    irsf_fired_after_ms: int | None = None  # from the first attack call to the suspension
+    irsf_worst_cut_ms: int | None = None  # from the suspension to the end of the last call it cut
     violations: list[str] = field(default_factory=list)
 
     @property
@@ -163,6 +184,20 @@ class Simulation:
             account_id = f"acct{i}"
             self.store.add_account(account_id, balance, credit, max_calls)
             self.opening[account_id] = balance
+        self.fraud: RuleSet | None = None
+        self.counters: LocalCounters | None = None
+        self.suspended_ms: dict[str, int] = {}
+        self.cut_by_rule: set[str] = set()
+        if config.irsf_calls:
+            self.rows[IRSF_PREFIX] = RateRow(prefix=IRSF_PREFIX, destination="premium (IRSF)", rate_micros=3_000_000,
+                                             rate_id=98)
+            self.store.add_account(IRSF_ACCOUNT, 1_000_000_000)
+            self.opening[IRSF_ACCOUNT] = 1_000_000_000
+            if config.irsf_rules:
+                rule = Rule(name="irsf_parallel", kind=RuleKind.LIVE_CALLS, threshold=config.irsf_threshold,
+                            action=Action.SUSPEND, line=0, group="premium")
+                self.fraud = RuleSet((rule,), {"premium": frozenset({IRSF_PREFIX})})
+                self.counters = LocalCounters(self.fraud)
 
     # ---------------------------------------------------------------- PBX script
 
@@ -177,14 +212,17 @@ class Simulation:
         if self.live_legs.pop(leg_id, None) is not None:
             self.emit(LegHungUp(leg_id, self.now_ms, cause=cause))
 
-    def offer_call(self, index: int) -> None:
+    def offer_call(self, index: int, attack: bool = False) -> None:
         rng = self.rng
         cfg = self.config
         self.report.calls_offered += 1
         a_leg = f"A{index}"
-        account = f"acct{rng.randrange(cfg.accounts)}"
-        prefix = rng.choice(list(self.rows))
-        destination = prefix + "".join(rng.choice("0123456789") for _ in range(7))
+        if attack:
+            account, destination = IRSF_ACCOUNT, f"{IRSF_PREFIX}{5550000 + index % 10000}"
+        else:
+            account = f"acct{rng.randrange(cfg.accounts)}"
+            prefix = rng.choice([p for p in self.rows if p != IRSF_PREFIX])
+            destination = prefix + "".join(rng.choice("0123456789") for _ in range(7))
         self.live_legs[a_leg] = ""
         self.emit(LegCreated(a_leg, self.now_ms, Direction.INBOUND, group_id=a_leg, caller="100"))
         if rng.random() < cfg.p_early_answer:
@@ -195,8 +233,14 @@ class Simulation:
         def store_authorize(account_id: str, want: int, minimum: int) -> StoreAuthorization:
             return self.store.authorize(account_id, call_id, want, minimum, self.now_ms)
 
-        outcome = decide(request, call_id=call_id, node="sim", rater=self.rater, store_authorize=store_authorize,
-                         settings=self.settings, max_call_seconds=14_400, now_ms=self.now_ms)
+        refused = self._screen(request, call_id)
+        if refused is not None:
+            outcome = Outcome(refused)
+        else:
+            outcome = decide(request, call_id=call_id, node="sim", rater=self.rater, store_authorize=store_authorize,
+                             settings=self.settings, max_call_seconds=14_400, now_ms=self.now_ms)
+            if outcome.session is None and self.counters is not None:
+                self.counters.forget(account, call_id)
         if outcome.release_reservation:
             self.store.release(call_id, 1, self.now_ms)
         if outcome.session is None:
@@ -208,9 +252,49 @@ class Simulation:
         self.report.calls_authorized += 1
         self.execute(self.registry.add(outcome.session))
         self.live_legs[a_leg] = call_id
+        if attack:
+            self.report.irsf_allowed += 1
+            self._script_attack(a_leg, call_id, outcome.decision.limit_ms)
+            return
         if rng.random() < cfg.p_ignore_hangup:
             self.stubborn.add(call_id)
         self._script_call(a_leg, call_id, outcome.decision.limit_ms)
+
+    def _screen(self, request: AuthorizeRequest, call_id: str) -> AuthorizeDecision | None:
+        """The fraud rules, as ``agent/services/fraud.py`` applies them (synchronously here)."""
+        if self.fraud is None or self.counters is None:
+            return None
+        account = request.account_id
+        if account in self.suspended_ms:
+            return AuthorizeDecision(False, call_id, reason=DenyReason.FRAUD_RULE, detail="account suspended")
+        digits = destination_digits(request.destination)
+        facts = CallFacts(account, call_id, digits, self.fraud.groups_of(digits), self.now_ms)
+        verdict = evaluate(self.fraud, self.counters.observe(facts), facts)
+        if verdict.suspend is not None:
+            self.suspended_ms[account] = self.now_ms
+            first = min((s.authorized_ms for s in self.registry.sessions.values() if s.account_id == account),
+                        default=self.now_ms)
+            self.report.irsf_fired_after_ms = self.now_ms - first
+            for session in list(self.registry.sessions.values()):
+                if session.account_id == account:
+                    self.cut_by_rule.add(session.call_id)
+                    self.execute(self.registry.schedule(session.operator_cut(self.now_ms, "fraud rule")))
+        if verdict.deny is not None:
+            self.counters.forget(account, call_id)
+            return AuthorizeDecision(False, call_id, reason=DenyReason.FRAUD_RULE, detail=verdict.deny.describe())
+        return None
+
+    def _script_attack(self, a_leg: str, call_id: str, limit_ms: int) -> None:
+        """An attack call: the premium number answers at once (300 ms) and talks until the PBX limit,
+        the cut or irsf_talk_s."""
+        b_leg = f"{a_leg}-B1"
+        t = self.now_ms + 20
+        self.at(t, lambda: self._create_b(a_leg, b_leg, call_id))
+        answer_at = t + 300
+        self.at(answer_at, lambda: self._answer(a_leg, b_leg))
+        end = min(answer_at + self.config.irsf_talk_s * 1000, answer_at + limit_ms)
+        self.at(end, lambda: self._hangup(b_leg))
+        self.at(end + 5, lambda: self._hangup(a_leg))
 
     def _script_call(self, a_leg: str, call_id: str, limit_ms: int) -> None:
         rng = self.rng
@@ -326,6 +410,9 @@ class Simulation:
             self.duplicate_records += 1
         self.records[record.call_id] = record
         self.registry.remove(record.call_id)
+        if self.counters is not None:
+            self.counters.ended(record.account_id, record.call_id, self.now_ms, record.rating.cost_micros,
+                                record.answered_ms is not None, record.duration_ms)
 
     # ---------------------------------------------------------------- run and check
 
@@ -339,6 +426,11 @@ class Simulation:
                 account = f"acct{self.rng.randrange(self.config.accounts)}"
                 amount = self.rng.choice([1_000_000, 10_000_000])
                 self.at(t, lambda account=account, amount=amount: self.store.topup(account, amount))  # type: ignore[misc]
+        attack_at = START_MS + 3 * 3_600_000  # 03:00, as such attacks come
+        for n in range(self.config.irsf_calls):
+            index = self.config.calls + n
+            self.at(attack_at + n * self.config.irsf_interval_ms,
+                    lambda index=index: self.offer_call(index, attack=True))  # type: ignore[misc]
         while self.pbx or self.registry.timers:
             next_pbx = self.pbx[0][0] if self.pbx else None
             next_timer = self.registry.next_timer_ms()
@@ -389,6 +481,17 @@ class Simulation:
             report.worst_cut_lateness_ms = max(report.worst_cut_lateness_ms, lateness)
             if lateness > 1_000:
                 v.append(f"{call_id}: cut {lateness} ms after the money ran out")
+        report.irsf_loss_micros = sum(r.rating.cost_micros for r in self.records.values()
+                                      if r.account_id == IRSF_ACCOUNT)
+        for account_id, suspended_ms in self.suspended_ms.items():
+            for call_id in self.cut_by_rule:
+                cut_record = self.records.get(call_id)
+                if cut_record is None or cut_record.account_id != account_id or cut_record.ended_ms is None:
+                    continue
+                late = cut_record.ended_ms - suspended_ms
+                report.irsf_worst_cut_ms = max(report.irsf_worst_cut_ms or 0, late)
+                if late > 1_000:
+                    v.append(f"{call_id}: cut {late} ms after the fraud rule suspended {account_id}")
         report.dispositions = dict(Counter(r.disposition.value for r in self.records.values()))
         if report.calls_authorized and not report.dispositions.get(Disposition.CUT.value):
             v.append("no call was cut: the scenario does not exercise exhaustion")
@@ -404,9 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--nibble-seconds", type=int, default=6)
     parser.add_argument("--accounts", type=int, default=40)
+    parser.add_argument("--irsf-calls", type=int, default=0, help="an IRSF attack of this many parallel calls")
+    parser.add_argument("--no-fraud-rules", action="store_true", help="the attack with the fraud rules off")
     args = parser.parse_args(argv)
     report = run(SimConfig(seed=args.seed, calls=args.calls, nibble_seconds=args.nibble_seconds,
-                           accounts=args.accounts))
+                           accounts=args.accounts, irsf_calls=args.irsf_calls, irsf_rules=not args.no_fraud_rules))
     out = asdict(report)
     out["ok"] = report.ok
     json.dump(out, sys.stdout, indent=2)
