@@ -260,6 +260,7 @@ class FraudCounters(Protocol):
         ...
 
     def ended(self, account_id: str, call_id: str, at_ms: int, cost_micros: int, answered: bool,
-              duration_ms: int) -> None:
-        """A settled call: no longer live; its cost and length go into the settle figures."""
+              duration_ms: int) -> dict[str, int]:
+        """A settled call: no longer live; its cost and length go into the settle figures, whose
+        values after it are returned by rule name (spend and short_calls rules)."""
         ...

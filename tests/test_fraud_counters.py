@@ -87,14 +87,14 @@ def test_distinct_destinations_spend_and_short_calls(make: Make, tmp_path: Path)
     counters = make(rules)
     for i, number in enumerate(["+331", "+331", "+332"]):
         assert check(rules, counters, facts("a", f"c{i}", number, rules, i)).hits == ()  # 2 distinct: not over 2
-    counters.ended("a", "c0", 10, 1_000_000, True, 2_000)
-    counters.ended("a", "c1", 11, 600_000, True, 3_000)
+    assert counters.ended("a", "c0", 10, 1_000_000, True, 2_000) == {"velocity": 1_000_000, "wangiri": 0}
+    assert counters.ended("a", "c1", 11, 600_000, True, 3_000) == {"velocity": 1_600_000, "wangiri": 0}
     counters.ended("a", "c2", 12, 0, False, 0)  # unanswered calls are not in the short-call share
     verdict = check(rules, counters, facts("a", "c3", "+333", rules, 20))
     assert {h.rule.name: h.figure for h in verdict.hits} == {"scan": 3, "velocity": 1_600_000}
     assert verdict.deny is None  # 2 answered calls: under min_calls, no short-call share yet
     counters.ended("a", "c3", 30, 0, True, 60_000)
-    counters.ended("a", "c4", 31, 0, True, 1_000)
+    assert counters.ended("a", "c4", 31, 0, True, 1_000) == {"velocity": 1_600_000, "wangiri": 75}
     verdict = check(rules, counters, facts("a", "c5", "+331", rules, 40))
     assert verdict.deny is not None and verdict.deny.rule.name == "wangiri" and verdict.deny.figure == 75
     # An hour later the first calls have left every window: spend 0.10 (not 1.70), one answered

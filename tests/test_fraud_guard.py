@@ -33,6 +33,7 @@ from agent.services.engine import EngineSettings
 from agent.services.fraud import FraudGuard
 from agent.services.metrics import Metrics
 from agent.sim.memory_store import MemoryStore
+from tests.cdr_builders import make_record
 
 RULES = """
 groups:
@@ -319,3 +320,34 @@ def test_counters_that_fail_let_calls_through_to_the_store_and_say_so(tmp_path: 
         assert metrics.alerts.labels("fraud_counters_unavailable")._value.get() == 5
     finally:
         engine.stop(1)
+
+
+@pytest.mark.parametrize("where", ["memory", "redis"])
+def test_spend_velocity_suspends_at_the_settle_that_crosses_it(where: str, request: pytest.FixtureRequest,
+                                                                 tmp_path: Path) -> None:
+    counters = None
+    if where == "redis":
+        counters = RedisFraudCounters(request.getfixturevalue("redis_client"),
+                                      key_prefix=request.getfixturevalue("redis_prefix"))
+    actions = Actions()
+    guard = FraudGuard(rules(tmp_path, 'rules:\n  - {name: velocity, kind: spend, window_s: 3600, threshold: "1.00", '
+                                       'action: suspend}\n'), node="n1", actions=actions, clock=SystemClock(),
+                       counters=counters)
+    cuts: list[tuple[str, str]] = []
+    guard.cut_local = lambda account, reason: cuts.append((account, reason)) or ["n1-live"]  # type: ignore[func-returns-value]
+    guard.start()
+    try:
+        guard.finished(make_record(1, account_id="a", cost_micros=600_000))
+        gevent.sleep(0.05)
+        assert cuts == [] and guard.suspended == {}  # 0.60 spent: under 1.00
+        guard.finished(make_record(2, account_id="a", cost_micros=600_000))
+        wait(lambda: cuts)  # 1.20: the settle that crossed it suspends the account and cuts its calls now
+        assert cuts == [("a", "account suspended by fraud rule velocity")]
+        wait(lambda: actions.suspended == [("a", "velocity")])
+        (alert,) = actions.alerts
+        assert (alert.rule, alert.figure, alert.threshold, alert.action) == ("velocity", 1_200_000, 1_000_000,
+                                                                              "suspend")
+        refused = guard.screen(AuthorizeRequest("asterisk", "L9", "a", "+3314", 0), "n1-L9", 0)
+        assert refused is not None and refused.reason is DenyReason.FRAUD_RULE
+    finally:
+        guard.stop(1)

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from agent.core.fraud_rules import GROUPABLE, Action, Rule, RuleKind, RuleSet
 
+SETTLE_KINDS = frozenset({RuleKind.SPEND, RuleKind.SHORT_CALLS})  # figures fed by settles
 MS_PER_HOUR = 3_600_000
 MS_PER_DAY = 86_400_000
 
@@ -206,7 +207,15 @@ class LocalCounters:
         self._account(account_id).live[call_id] = groups
 
     def ended(self, account_id: str, call_id: str, at_ms: int, cost_micros: int, answered: bool,
-              duration_ms: int) -> None:
+              duration_ms: int) -> dict[str, int]:
+        """A settled call: no longer live, counted in the settle figures; returns the figures of
+        the rules fed by settles (spend, short_calls) by rule name, so they act at once."""
+        self._settle_call(account_id, call_id, at_ms, cost_micros, answered, duration_ms)
+        probe = CallFacts(account_id, call_id, "", frozenset(), at_ms)
+        return {rule.name: self.figure(rule, probe) for rule in self._rules.rules if rule.kind in SETTLE_KINDS}
+
+    def _settle_call(self, account_id: str, call_id: str, at_ms: int, cost_micros: int, answered: bool,
+                     duration_ms: int) -> None:
         account = self._account(account_id)
         account.live.pop(call_id, None)
         for key in self._settle_keys:

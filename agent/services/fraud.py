@@ -24,7 +24,7 @@ import gevent.queue
 from agent.core.cdr import CallRecord, Disposition
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, DenyReason
 from agent.core.fraud import AlertRecord, AlertThrottle, CallFacts, Hit, LocalCounters, destination_digits, evaluate
-from agent.core.fraud_rules import RuleSet
+from agent.core.fraud_rules import Action, RuleSet
 from agent.ports import Clock, FraudActions, FraudCounters
 from agent.services.metrics import Metrics
 
@@ -133,10 +133,25 @@ class FraudGuard:
             self.cut_local(request.account_id, f"account suspended by fraud rule {held.rule}")
 
     def finished(self, record: CallRecord) -> None:
-        """A settled call (the engine's on_finished): spend and short-call figures."""
-        self._update(self.counters.ended, record.account_id, record.call_id,
-                     record.settled_ms or record.ended_ms or 0, record.rating.cost_micros,
-                     record.disposition is Disposition.ANSWERED, record.duration_ms)
+        """A settled call (the engine's on_finished): spend and short-call figures, and the rules
+        they feed act at once (an alert or a suspension now, not at the account's next call)."""
+        self._update(self._settled, record)
+
+    def _settled(self, record: CallRecord) -> None:
+        at_ms = record.settled_ms or record.ended_ms or 0
+        figures = self.counters.ended(record.account_id, record.call_id, at_ms, record.rating.cost_micros,
+                                      record.disposition is Disposition.ANSWERED, record.duration_ms)
+        if not figures:
+            return
+        digits = destination_digits(record.destination)
+        facts = CallFacts(record.account_id, record.call_id, digits, self.rules.groups_of(digits), at_ms,
+                          record.caller, record.pbx)
+        verdict = evaluate(self.rules, figures, facts)
+        for hit in verdict.hits:
+            if hit.rule.action is not Action.DENY:  # a deny rule refuses the account's next calls itself
+                self._alert(hit, facts)
+        if verdict.suspend is not None:
+            self._suspend(verdict.suspend, facts)
 
     def _update(self, step: Callable[..., None], *args: Any) -> None:
         if not self.counters.shared:

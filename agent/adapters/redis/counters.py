@@ -92,6 +92,7 @@ ENDED = _PRUNE + """
 local now, call_id = tonumber(ARGV[1]), ARGV[2]
 local lives, figures = tonumber(ARGV[3]), tonumber(ARGV[4])
 for i = 1, lives do redis.call('ZREM', KEYS[i], call_id) end
+local out = {}
 for i = 1, figures do
   local key, agg = KEYS[lives + 2 * i - 1], KEYS[lives + 2 * i]
   local base = 4 + 3 * (i - 1)
@@ -105,8 +106,10 @@ for i = 1, figures do
   prune(key, agg, now - window)
   redis.call('PEXPIRE', key, window + 60000)
   redis.call('PEXPIRE', agg, window + 60000)
+  out[2 * i - 1] = tonumber(redis.call('HGET', agg, 'total') or '0')
+  out[2 * i] = tonumber(redis.call('HGET', agg, 'count') or '0')
 end
-return 1
+return out
 """
 
 FORGET = """
@@ -172,9 +175,9 @@ class RedisFraudCounters:
             self._run("forget", [self._live_key(account_id, group) for group in self._live_groups], [call_id])
 
     def ended(self, account_id: str, call_id: str, at_ms: int, cost_micros: int, answered: bool,
-              duration_ms: int) -> None:
+              duration_ms: int) -> dict[str, int]:
         if not self._live_groups and not self._settle:
-            return
+            return {}
         keys = [self._live_key(account_id, group) for group in self._live_groups]
         args: list[Any] = [at_ms, call_id, len(self._live_groups), len(self._settle)]
         for key in self._settle:
@@ -185,7 +188,18 @@ class RedisFraudCounters:
             else:
                 value = str(int(duration_ms < key.short_call_ms)) if answered else ""
             args += [key.kind.value, key.window_ms, value]
-        self._run("ended", keys, args)
+        values = self._run("ended", keys, args)
+        totals = {key: (int(values[2 * i]), int(values[2 * i + 1])) for i, key in enumerate(self._settle)}
+        figures: dict[str, int] = {}
+        for rule in self.rules.rules:
+            if rule.kind not in (RuleKind.SPEND, RuleKind.SHORT_CALLS):
+                continue
+            total, count = totals[FigureKey.of(rule)]
+            if rule.kind is RuleKind.SPEND:
+                figures[rule.name] = total
+            else:
+                figures[rule.name] = 0 if count < rule.min_calls or not count else total * 100 // count
+        return figures
 
     def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         sha = self._sha.get(name)
