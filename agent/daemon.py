@@ -41,7 +41,7 @@ from agent.adapters.fraud_rules_file import RulesFileError, load_rules
 from agent.adapters.http_status import StatusServer
 from agent.adapters.sql.account_plans import AccountPlans
 from agent.adapters.sql.engine import make_engine
-from agent.adapters.sql.fraud import SqlFraudActions
+from agent.adapters.sql.fraud import SqlFraudActions, suspended_by_rule
 from agent.adapters.sql.live_calls import LiveCallFact, LiveCallPublisher, live_call_rows
 from agent.adapters.sql.migrate import check_schema
 from agent.adapters.sql.models import RatePlan
@@ -123,6 +123,8 @@ class Daemon:
         self.plans: AccountPlans | None = None
         self.fraud: FraudGuard | None = None
         self.webhook: AlertWebhook | None = None
+        self.alert_stream: Any = None  # AlertStream when redis.url is set
+        self._fraud_cut: set[str] = set()  # calls cut here because a fraud rule suspended their account
         self.adapters: list[SwitchAdapter] = []
         self._signals = 0
         self._database_where = ""
@@ -360,18 +362,24 @@ class Daemon:
         refresh = getattr(store.store, "refresh", None)  # Redis keeps the status of its own
         counters = None
         redis = self.config.redis
-        if redis.url:  # the figures shared by every node
+        if redis.url:  # the figures shared by every node, and the alerts on a stream
+            from agent.adapters.redis.alert_stream import AlertStream
             from agent.adapters.redis.counters import RedisFraudCounters
             from agent.adapters.redis.store import make_client
 
+            client = make_client(redis.url, redis.timeout_ms)
             counters = RedisFraudCounters(
-                make_client(redis.url, redis.timeout_ms), key_prefix=redis.key_prefix, rules=rules,
+                client, key_prefix=redis.key_prefix, rules=rules,
                 live_ttl_ms=(self.config.billing.max_call_seconds + NO_ANSWER_GUARD_S) * 1000)
+            self.alert_stream = AlertStream(client, key_prefix=redis.key_prefix)
         guard = self.fraud = FraudGuard(
             rules, node=self.config.node.id, actions=SqlFraudActions(sql, refresh), clock=self.clock,
             metrics=self.metrics, alert_period_ms=int(self.config.fraud.alert_period_seconds * 1000),
             counters=counters)
         guard.cut_local = engine.cut_account
+        if self.alert_stream is not None:
+            guard.on_alert.append(self.alert_stream.enqueue)
+            self.alert_stream.start()
         fraud = self.config.fraud
         if fraud.webhook_url:
             if not fraud.webhook_secret:
@@ -549,6 +557,8 @@ class Daemon:
             for command in publisher.pending_commands():
                 found = engine.request_hangup(command.call_id, command.reason or "operator request")
                 publisher.complete(command.id, "hangup sent" if found else "call already ended")
+            if self.fraud is not None and self.sql is not None:
+                self._cut_suspended_accounts(engine, self.sql)
             self.health.database = (True, self._database_where)
             self.metrics.connection_up.labels("database").set(1)
             if self._publish_failures:
@@ -562,6 +572,25 @@ class Daemon:
             if self._publish_failures == 1 or self._publish_failures % max(1, int(60 / self._publish_every_s)) == 0:
                 log.error("publishing live calls failed (database, %d attempts so far): %s", self._publish_failures,
                           str(getattr(exc, "orig", exc)).strip())
+
+    def _cut_suspended_accounts(self, engine: CallEngine, sql: Engine) -> None:
+        """Cut this node's calls of accounts a fraud rule suspended, on whichever node: the
+        suspending node queues hangups for the calls published then, and this catches the calls
+        authorized here just before the suspension and not yet published."""
+        live: dict[str, list[str]] = {}
+        for session in list(engine.registry.sessions.values()):
+            live.setdefault(session.account_id, []).append(session.call_id)
+        self._fraud_cut &= {call_id for calls in live.values() for call_id in calls}
+        if not live:
+            return
+        for account_id, rule in suspended_by_rule(sql, sorted(live)).items():
+            fresh = [call_id for call_id in live[account_id] if call_id not in self._fraud_cut]
+            for call_id in fresh:
+                engine.request_hangup(call_id, f"account suspended by fraud rule {rule}")
+                self._fraud_cut.add(call_id)
+            if fresh:
+                log.warning("FRAUD SUSPEND account=%s rule=%s: %d live calls cut on node %s", account_id, rule,
+                            len(fresh), self.config.node.id)
 
     def reload(self) -> None:
         """SIGHUP: re-read the rate plans and the configuration file. Logging applies at once;
@@ -631,6 +660,9 @@ class Daemon:
         if self.fraud is not None:
             fraud = self.fraud
             self._timed("write fraud alerts", lambda: fraud.stop(2))
+        if self.alert_stream is not None:
+            stream = self.alert_stream
+            self._timed("stop the alert stream", lambda: stream.stop(1))
         if self.webhook is not None:  # what it did not deliver stays in its spool for the next start
             webhook = self.webhook
             self._timed("stop the alert webhook", lambda: webhook.stop(1))

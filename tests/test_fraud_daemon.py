@@ -8,11 +8,13 @@ import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import gevent
 import pytest
 from click.testing import CliRunner
 
+from agent.adapters.sql.engine import make_engine
 from agent.cli.demo import demo_config, free_port, prepare_database
 from agent.cli.main import cli
 from agent.config import FraudConfig
@@ -100,3 +102,58 @@ def test_a_broken_rules_file_stops_the_start_naming_the_key_and_line(tmp_path: P
     with pytest.raises(StartupError, match=r"fraud.rules_file: .*rules.yaml:2: key threshold: -1 must not be negative"):
         daemon.start()
     daemon.shutdown()
+
+
+def test_an_attack_spread_over_two_nodes_is_seen_whole_and_cut_on_both(
+        tmp_path: Path, postgres_url: str, redis_client: Any, redis_prefix: str) -> None:
+    """PostgreSQL + Redis, two daemons (n1, n2) each with its own FreeSWITCH: 2 risky calls on n1,
+    then 2 on n2. Node-local counters would see 2 each; the Redis counters see 4 > 3, n2 suspends
+    the account, cuts its call and has n1 cut its two through call_commands."""
+    from tests.conftest import REDIS_URL, _fresh_schema
+
+    sql = make_engine(postgres_url)
+    _fresh_schema(sql)
+    sql.dispose()
+    prepare_database(postgres_url, tmp_path).dispose()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace("threshold: 2", "threshold: 3"))
+    fakes, daemons = [], []
+    try:
+        for node in ("n1", "n2"):
+            fake = FakeFreeswitch(port=0, heartbeat_s=1.0, authorize_port=free_port()).start()
+            fakes.append(fake)
+            folder = tmp_path / node
+            folder.mkdir()
+            config = demo_config(folder, "freeswitch", fake.authorize_port, fake.port)
+            config = dataclasses.replace(
+                config, database=dataclasses.replace(config.database, url=postgres_url),
+                redis=dataclasses.replace(config.redis, url=REDIS_URL, key_prefix=redis_prefix),
+                node=dataclasses.replace(config.node, id=node),
+                daemon=dataclasses.replace(config.daemon, drain_seconds=0.0, publish_seconds=0.2),
+                fraud=FraudConfig(rules_file=str(rules)))
+            daemon = Daemon(config)
+            daemon.start()
+            daemons.append(daemon)
+            wait_for(lambda d=daemon: all(a.connected() for a in d.adapters))
+        n1, n2 = daemons
+        on_n1 = [fakes[0].place_call("alice", f"336123456{n}", answer_after_ms=50, talk_ms=60_000) for n in range(2)]
+        wait_for(lambda: sum(c["phase"] == "answered" for c in n1.live_call_dicts()) == 2)
+        third = fakes[1].place_call("alice", "3361234562", answer_after_ms=50, talk_ms=60_000)
+        wait_for(lambda: sum(c["phase"] == "answered" for c in n2.live_call_dicts()) == 1)
+        fourth = fakes[1].place_call("alice", "3361234563", answer_after_ms=50, talk_ms=60_000)
+        assert fourth.done.wait(10) and fourth.outcome == "denied"
+        for call in [*on_n1, third]:  # every live call of the account, on both nodes
+            assert call.done.wait(5), call
+            assert call.talk_us < 10_000_000
+        wait_for(lambda: redis_client.xrange(f"{redis_prefix}fraud:alerts"))
+        stream = redis_client.xrange(f"{redis_prefix}fraud:alerts")
+        (_, fields), = stream
+        assert (fields[b"account"], fields[b"rule"], fields[b"figure"], fields[b"node"]) == (
+            b"alice", b"irsf_parallel", b"4", b"n2")
+        later = fakes[0].place_call("alice", "33142685300", talk_ms=1_000)  # n1 refuses it too (status)
+        assert later.done.wait(10) and later.outcome == "denied"
+    finally:
+        for daemon in daemons:
+            daemon.shutdown()
+        for fake in fakes:
+            fake.stop()

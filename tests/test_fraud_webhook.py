@@ -109,3 +109,16 @@ def test_a_hanging_receiver_times_out_and_a_refusal_is_set_aside(receiver: Recei
 def test_a_webhook_url_that_is_not_http_is_refused_naming_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="fraud.webhook_url.*http:// or https://"):
         load_config(None, environ={}, cwd=tmp_path, overrides={"fraud": {"webhook_url": "ftp://example.com/x"}})
+
+
+def test_alerts_go_to_a_redis_stream_in_order(redis_client: object, redis_prefix: str) -> None:
+    from agent.adapters.redis.alert_stream import AlertStream
+
+    stream = AlertStream(redis_client, key_prefix=redis_prefix)
+    stream.enqueue(alert("irsf_parallel"))
+    stream.enqueue(alert("spend_velocity", 7))
+    assert stream.send_once() == 2 and stream.pending() == 0
+    entries = redis_client.xrange(f"{redis_prefix}fraud:alerts")  # type: ignore[attr-defined]
+    fields = [{k.decode(): v.decode() for k, v in entry.items()} for _, entry in entries]
+    assert [(f["account"], f["rule"], f["figure"], f["action"]) for f in fields] == [
+        ("victim", "irsf_parallel", "4", "suspend"), ("victim", "spend_velocity", "7", "suspend")]
