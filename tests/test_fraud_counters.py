@@ -121,3 +121,18 @@ def test_two_nodes_on_one_redis_see_each_others_calls(redis_client: object, redi
         local_verdicts.append(check(rules, alone, call))
     assert [v.suspend is not None for v in verdicts] == [False, False, False, True]
     assert all(v.suspend is None for v in local_verdicts)  # node-local counters see 2 each: never over 3
+
+
+def test_memory_counters_forget_accounts_whose_windows_emptied(tmp_path: Path) -> None:
+    rules = rules_from(tmp_path, """
+        rules:
+          - {name: cpm, kind: new_calls, window_s: 60, threshold: 100, action: alert}
+          - {name: velocity, kind: spend, window_s: 600, threshold: "9.00", action: alert}
+        """)
+    counters = LocalCounters(rules)
+    for n in range(50):
+        call = facts(f"acct{n}", f"c{n}", "+331", rules, n)
+        counters.observe(call)
+        counters.ended(call.account_id, call.call_id, n + 1, 10, True, 1_000)
+    assert counters.sweep(30_000) == 50  # spend still in its 10-minute window
+    assert counters.sweep(700_000) == 0  # every window empty, no live call: nothing kept

@@ -36,6 +36,7 @@ COUNTER_RETRIES = 6  # about 6 s of backoff before a shared counter update is gi
 ALERT_BATCH = 500
 RETRY_MAX_S = 30.0
 SUSPENDED_HOLD_MS = 5_000  # kept locally this long after the SQL status is written
+SWEEP_EVERY_MS = 60_000  # in-memory counters: accounts with empty windows are dropped this often
 
 
 @dataclass(slots=True)
@@ -247,7 +248,11 @@ class FraudGuard:
 
     def _work(self) -> None:
         failures = 0
+        next_sweep_ms = self.clock.monotonic_ms() + SWEEP_EVERY_MS
         while self._running or self._alerts or self._suspensions:
+            if self.clock.monotonic_ms() >= next_sweep_ms:
+                next_sweep_ms = self.clock.monotonic_ms() + SWEEP_EVERY_MS
+                self.sweep()
             if not self._alerts and not self._suspensions:
                 self._wake.clear()
                 self._wake.wait(timeout=1.0)
@@ -261,6 +266,13 @@ class FraudGuard:
                 return
             self._wake.clear()
             self._wake.wait(timeout=delay)
+
+    def sweep(self) -> None:
+        """Forget in-memory figures of accounts with nothing left in any window (bounded memory)."""
+        sweep = getattr(self.counters, "sweep", None)
+        if sweep is not None:
+            left = sweep(self.clock.now_ms())
+            log.debug("fraud counters: %d accounts with figures in memory", left)
 
     def flush_once(self) -> bool:
         """Write the queued suspensions and alerts; False (they stay queued) when the database failed."""
