@@ -436,3 +436,21 @@ def test_a_cut_sent_late_bills_the_talk_until_it_was_sent() -> None:
         session.on_timer(TimerKind.CUT, session.token, sent_at)
         (settle,) = session.on_hung_up(LegHungUp("A1", sent_at + 40))
         assert settle.cost_micros == expected
+
+
+def test_a_call_exhausted_shortly_before_its_cut_still_looks_for_a_top_up_in_time() -> None:
+    """Found by the real-PBX suite (FreeSWITCH, 2 s nibbles, 5 s of money, a top-up landing
+    near 4 s): the nibble that found the money short ran the store deadline early, 1.35 s before
+    the cut, too late for the 2 s last-chance look; the top-up was never seen and the call was
+    cut. The last look now comes as late as the store deadline allows."""
+    session = make_session(PER_SECOND, granted=2_000, nibble_s=2, nibble_lead_ms=350)
+    _answer_b(session, T0)
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 1_650)
+    session.on_nibble_result(step.seq, 2_000, 2_000, T0 + 1_660)
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 3_650)
+    partial = session.on_nibble_result(step.seq, 1_000, 2_000, T0 + 3_660)  # 1 s left: cut at 5 s
+    assert _timers(partial)[TimerKind.CUT].at_ms == T0 + 5_000
+    assert _timers(partial)[TimerKind.LAST_CHANCE].at_ms == T0 + 4_650
+    (chance,) = session.on_timer(TimerKind.LAST_CHANCE, session.token, T0 + 4_650)
+    topped_up = session.on_nibble_result(chance.seq, 2_000, 0, T0 + 4_700)  # the top-up is seen
+    assert TimerKind.CUT not in _timers(topped_up) and not session.exhausted

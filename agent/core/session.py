@@ -627,6 +627,12 @@ class CallSession:
         if self.settings.warning_ms and warn_at > now_ms:
             effects.append(self._arm(TimerKind.WARN, warn_at))
         last_chance = self.cut_at_ms - LAST_CHANCE_LEAD_MS - self.settings.warning_ms
+        if last_chance <= now_ms and self.settings.lead_ms:
+            # Exhausted less than the usual lead before the cut (a nibble runs the store deadline
+            # early, so this is common): look once more as late as the store's deadline allows,
+            # its answer still before the cut. Found by the real-PBX suite: a top-up that landed
+            # 1.3 s before the money ran out did not extend the call.
+            last_chance = self.cut_at_ms - self.settings.lead_ms - self.settings.warning_ms
         if last_chance > now_ms:
             effects.append(self._arm(TimerKind.LAST_CHANCE, last_chance))
         return effects
