@@ -124,6 +124,7 @@ class Daemon:
         self.fraud: FraudGuard | None = None
         self.webhook: AlertWebhook | None = None
         self.alert_stream: Any = None  # AlertStream when redis.url is set
+        self.suspension_bus: Any = None  # SuspensionBus when redis.url is set
         self._fraud_cut: set[str] = set()  # calls cut here because a fraud rule suspended their account
         self.adapters: list[SwitchAdapter] = []
         self._signals = 0
@@ -380,6 +381,13 @@ class Daemon:
         if self.alert_stream is not None:
             guard.on_alert.append(self.alert_stream.enqueue)
             self.alert_stream.start()
+        if redis.url:  # every node cuts at once, not at its next publish
+            from agent.adapters.redis.fraud_bus import SuspensionBus
+
+            bus = self.suspension_bus = SuspensionBus(client, key_prefix=redis.key_prefix, node=self.config.node.id,
+                                                      on_suspended=self._cut_for_suspension)
+            guard.on_suspension_written.append(bus.publish)
+            bus.start()
         fraud = self.config.fraud
         if fraud.webhook_url:
             if not fraud.webhook_secret:
@@ -573,6 +581,16 @@ class Daemon:
                 log.error("publishing live calls failed (database, %d attempts so far): %s", self._publish_failures,
                           str(getattr(exc, "orig", exc)).strip())
 
+    def _cut_for_suspension(self, account_id: str, rule: str) -> None:
+        """Another node suspended the account (the Redis bus): cut this node's calls of it now."""
+        if self.engine is None:
+            return
+        cut = [c for c in self.engine.cut_account(account_id, f"account suspended by fraud rule {rule}")
+               if c not in self._fraud_cut]
+        self._fraud_cut.update(cut)
+        log.warning("FRAUD SUSPEND account=%s rule=%s (another node): %d live calls cut on node %s", account_id,
+                    rule, len(cut), self.config.node.id)
+
     def _cut_suspended_accounts(self, engine: CallEngine, sql: Engine) -> None:
         """Cut this node's calls of accounts a fraud rule suspended, on whichever node: the
         suspending node queues hangups for the calls published then, and this catches the calls
@@ -663,6 +681,9 @@ class Daemon:
         if self.alert_stream is not None:
             stream = self.alert_stream
             self._timed("stop the alert stream", lambda: stream.stop(1))
+        if self.suspension_bus is not None:
+            bus = self.suspension_bus
+            self._timed("stop the suspension bus", lambda: bus.stop(1))
         if self.webhook is not None:  # what it did not deliver stays in its spool for the next start
             webhook = self.webhook
             self._timed("stop the alert webhook", lambda: webhook.stop(1))

@@ -70,6 +70,9 @@ class FraudGuard:
         self.suspended: dict[str, _Suspension] = {}
         # Told of every alert at once (the webhook's disk spool); must not wait on the network.
         self.on_alert: list[Callable[[AlertRecord], None]] = []
+        # Told (account, rule) once a suspension is written, from the worker (the Redis bus that
+        # has every other node cut its calls at once).
+        self.on_suspension_written: list[Callable[[str, str], None]] = []
         self._alerts: deque[AlertRecord] = deque()
         self._suspensions: deque[_Suspension] = deque()
         self._wake = gevent.event.Event()
@@ -284,6 +287,12 @@ class FraudGuard:
                 elsewhere = self.actions.cut_elsewhere(suspension.account_id, self.node, reason)
                 suspension.written_ms = self.clock.now_ms()
                 self._suspensions.popleft()
+                for hook in self.on_suspension_written:
+                    try:
+                        hook(suspension.account_id, suspension.rule)
+                    except Exception as exc:  # noqa: BLE001 - the other nodes still cut at their next publish
+                        log.error("fraud: telling the other nodes of the suspension of %s failed: %s",
+                                  suspension.account_id, exc)
                 log.warning("FRAUD SUSPEND account=%s rule=%s written (%s); %d live calls on other nodes asked "
                             "to hang up", suspension.account_id, suspension.rule,
                             "suspended" if changed else "was not active", len(elsewhere))
