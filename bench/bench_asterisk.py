@@ -2,6 +2,7 @@
 
     python bench/bench_asterisk.py                        # 3 runs of each, medians
     python bench/bench_asterisk.py --rate 200 --calls 3000 --concurrent 500 --events 60000 --runs 3
+    python bench/bench_asterisk.py --fraud-rules fraud/rules.yaml --rate 1000 --calls 10000 --concurrent 10
 
 1. Authorization through real FastAGI on loopback at ``--rate`` calls/s. A load generator in its
    own process (this script with ``--agi-client``) plays Asterisk's side of res_agi: it connects,
@@ -174,9 +175,45 @@ def read_json(process: subprocess.Popen[str]) -> dict[str, Any]:
     return dict(json.loads(buffer.decode().strip().splitlines()[-1]))
 
 
-def authorization_run(rate: float, calls: int, concurrent: int) -> dict[str, Any]:
+class NoActions:
+    """Fraud actions that write nothing (the bench measures the screen, not SQL)."""
+
+    def record_alerts(self, alerts: Any) -> None:
+        pass
+
+    def suspend(self, account_id: str, rule: str, at_ms: int) -> bool:
+        return True
+
+    def cut_elsewhere(self, account_id: str, node: str, reason: str) -> list[str]:
+        return []
+
+
+def add_fraud_screen(engine: Engine, rules_path: str, prefix: str) -> Any:
+    """The fraud rules of ``rules_path`` on Redis counters, every action made an alert (the traffic
+    is the same with and without them: only the cost of the screen is measured)."""
+    import dataclasses as dc
+
+    from agent.adapters.fraud_rules_file import load_rules
+    from agent.adapters.redis.counters import RedisFraudCounters
+    from agent.adapters.redis.store import make_client
+    from agent.core.fraud_rules import Action, RuleSet
+    from agent.services.fraud import FraudGuard
+
+    loaded = load_rules(rules_path)
+    rules = RuleSet(tuple(dc.replace(r, action=Action.ALERT, deny_group_only=False) for r in loaded.rules),
+                    loaded.groups)
+    guard = FraudGuard(rules, node="bench", actions=NoActions(), clock=SystemClock(),
+                       counters=RedisFraudCounters(make_client(REDIS_URL, 2000), key_prefix=prefix, rules=rules))
+    engine.screens.append(guard)
+    engine.on_finished.append(guard.finished)
+    guard.start()
+    return guard
+
+
+def authorization_run(rate: float, calls: int, concurrent: int, fraud_rules: str = "") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as workdir:
         engine, (store, prefix, sql) = redis_engine(workdir)
+        guard = add_fraud_screen(engine, fraud_rules, prefix) if fraud_rules else None
         fake = FakeAsterisk("127.0.0.1", 1, ami_secret=SECRET).start()  # AMI only: the agent needs it up
         adapter = start_agent(engine, fake)
         try:
@@ -199,6 +236,8 @@ def authorization_run(rate: float, calls: int, concurrent: int) -> dict[str, Any
             adapter.stop(2)
             fake.stop()
             engine.stop(2)
+            if guard is not None:
+                guard.stop(1)
             store.close()
             sql.dispose()
             cleanup_redis(prefix)
@@ -521,6 +560,30 @@ def agi_client_main(port: int, rate: float, calls: int, concurrent: int) -> int:
 # ------------------------------------------------------------------------------------ main
 
 
+def fraud_comparison(args: argparse.Namespace) -> int:
+    """Authorization through FastAGI at ``--rate`` without and with the fraud rules, interleaved."""
+    off: list[dict[str, Any]] = []
+    on: list[dict[str, Any]] = []
+    for _ in range(args.runs):
+        off.append(authorization_run(args.rate, args.calls, args.concurrent))
+        on.append(authorization_run(args.rate, args.calls, args.concurrent, args.fraud_rules))
+        print(json.dumps({"rules_off": off[-1], "rules_on": on[-1]}), flush=True)
+
+    def med(runs: list[dict[str, Any]], key: str) -> float:
+        return float(statistics.median(run[key] for run in runs))
+
+    summary = {"rate": args.rate, "calls": args.calls, "runs": args.runs, "rules": args.fraud_rules}
+    for key in ("p50_ms", "p99_ms", "agent_share_p50_ms", "agent_share_p99_ms"):
+        summary[f"off_{key}"] = med(off, key)
+        summary[f"on_{key}"] = med(on, key)
+        summary[f"added_{key}"] = round(med(on, key) - med(off, key), 3)
+    summary["denied_on"] = med(on, "denied")
+    with open("/proc/loadavg") as loadavg:
+        summary["loadavg_1min"] = float(loadavg.read().split()[0])
+    print(json.dumps({"summary": summary}), flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rate", type=float, default=200.0)
@@ -530,12 +593,17 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--agi-client", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--ami-flood", type=int, metavar="CALLS", help=argparse.SUPPRESS)
+    parser.add_argument("--fraud-rules", metavar="FILE",
+                        help="only authorization: runs without and with these fraud rules (Redis counters), "
+                             "interleaved, and the difference")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     if args.agi_client:
         return agi_client_main(args.agi_client, args.rate, args.calls, args.concurrent)
     if args.ami_flood:
         return ami_flood_main(args.ami_flood)
+    if args.fraud_rules:
+        return fraud_comparison(args)
 
     auth = [authorization_run(args.rate, args.calls, args.concurrent) for _ in range(args.runs)]
     for run in auth:
