@@ -136,3 +136,24 @@ def test_memory_counters_forget_accounts_whose_windows_emptied(tmp_path: Path) -
         counters.ended(call.account_id, call.call_id, n + 1, 10, True, 1_000)
     assert counters.sweep(30_000) == 50  # spend still in its 10-minute window
     assert counters.sweep(700_000) == 0  # every window empty, no live call: nothing kept
+
+
+def test_first_call_to_a_country_not_called_in_the_window(make: Make, tmp_path: Path) -> None:
+    rules = rules_from(tmp_path, """
+        rules:
+          - {name: new_country, kind: new_country, window_s: 2592000, prefix_digits: 2, threshold: 0,
+             action: alert, when: 'hour < 6'}
+        """)
+    counters = make(rules)
+    day_ms = 86_400_000
+    night = 3 * 3_600_000
+
+    def fired(call_id: str, number: str, at_ms: int) -> bool:
+        return bool(check(rules, counters, facts("a", call_id, number, rules, at_ms)).hits)
+
+    assert fired("c1", "+5371234567", night)  # Cuba, never called: fires (at night)
+    assert not fired("c2", "+5379999999", night + 60_000)  # called a minute ago
+    assert not fired("c3", "+4930123456", 13 * 3_600_000)  # a new country, but by day: the condition
+    assert not fired("c4", "+4930123457", day_ms + night)  # Germany called yesterday
+    assert fired("c5", "+5371234567", 31 * day_ms + night)  # Cuba again after 31 days: new again
+    assert check(rules, counters, facts("b", "x", "+5371234567", rules, night)).hits  # b has its own history

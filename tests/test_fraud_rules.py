@@ -78,6 +78,8 @@ def test_every_error_names_the_file_line_and_key(tmp_path: Path) -> None:
             threshold: 1
             action: alert
           - {name: h, kind: live_calls, threshold: 1, action: alert, colour: red}
+          - {name: i, kind: new_country, window_s: 8000000, threshold: 0, action: alert}
+          - {name: j, kind: new_calls, window_s: 60, threshold: 0, action: alert, prefix_digits: 2}
         """)
     errors = errors_of(path)
     src = str(path)
@@ -90,6 +92,8 @@ def test_every_error_names_the_file_line_and_key(tmp_path: Path) -> None:
     assert any(e.startswith(f"{src}:32: key threshold:") and "negative" in e for e in errors)
     assert f"{src}:36: key group: unknown group 'nowhere' (define it under groups:)" in errors
     assert any(e.startswith(f"{src}:39: key colour: unknown key") for e in errors)
+    assert f"{src}:40: key window_s: 8000000 must be from 1 to 7776000" in errors
+    assert f"{src}:41: key prefix_digits: only a new_country rule takes prefix_digits" in errors
 
 
 def test_bad_files_and_group_files_are_named(tmp_path: Path) -> None:

@@ -102,12 +102,14 @@ class FigureKey(NamedTuple):
     window_ms: int
     group: str
     short_call_ms: int
+    digits: int = 0  # new_country: how many first digits stand for the country
 
     @classmethod
     def of(cls, rule: Rule) -> FigureKey:
         short = rule.short_call_s * 1000 if rule.kind is RuleKind.SHORT_CALLS else 0
         group = rule.group if rule.kind in GROUPABLE else ""
-        return cls(rule.kind, rule.window_ms, group, short)
+        digits = rule.prefix_digits if rule.kind is RuleKind.NEW_COUNTRY else 0
+        return cls(rule.kind, rule.window_ms, group, short, digits)
 
 
 class _Window:
@@ -149,6 +151,9 @@ class _Window:
 class _Account:
     windows: dict[FigureKey, _Window] = field(default_factory=dict)
     live: dict[str, frozenset[str]] = field(default_factory=dict)  # call id -> groups
+    # new_country: per figure, country prefix -> last call ms, and this call's answer (call id, 0|1)
+    countries: dict[FigureKey, dict[str, int]] = field(default_factory=dict)
+    fresh: dict[FigureKey, tuple[str, int]] = field(default_factory=dict)
 
 
 class LocalCounters:
@@ -168,10 +173,13 @@ class LocalCounters:
         self._key_of = {r.name: FigureKey.of(r) for r in rules.rules}
         self.keys = frozenset(FigureKey.of(r) for r in rules.rules if r.kind is not RuleKind.LIVE_CALLS)
         self._attempt_keys = [k for k in self.keys if k.kind in (RuleKind.NEW_CALLS, RuleKind.DISTINCT_DESTINATIONS)]
+        self._country_keys = [k for k in self.keys if k.kind is RuleKind.NEW_COUNTRY]
         self._settle_keys = [k for k in self.keys if k.kind in (RuleKind.SPEND, RuleKind.SHORT_CALLS)]
         for account in self._accounts.values():
             for gone in set(account.windows) - self.keys:
                 del account.windows[gone]
+            for gone in set(account.countries) - self.keys:
+                del account.countries[gone]
 
     def _account(self, account_id: str) -> _Account:
         account = self._accounts.get(account_id)
@@ -196,6 +204,14 @@ class LocalCounters:
     def attempt(self, facts: CallFacts) -> None:
         """A new call was asked for (counted whatever the decision: a denied attacker keeps being denied)."""
         account = self._account(facts.account_id)
+        for key in self._country_keys:
+            if key.group and key.group not in facts.groups or not facts.destination:
+                continue
+            seen = account.countries.setdefault(key, {})
+            country = facts.destination[:key.digits]
+            last = seen.get(country)
+            account.fresh[key] = (facts.call_id, int(last is None or last <= facts.at_ms - key.window_ms))
+            seen[country] = facts.at_ms
         for key in self._attempt_keys:
             if key.group and key.group not in facts.groups:
                 continue
@@ -243,7 +259,14 @@ class LocalCounters:
                 window.prune(now_ms - key.window_ms)
                 if not window.count:
                     del account.windows[key]
-            if not account.windows and not account.live:
+            for key, seen in list(account.countries.items()):
+                for country, last in list(seen.items()):
+                    if last <= now_ms - key.window_ms:
+                        del seen[country]
+                if not seen:
+                    del account.countries[key]
+                    account.fresh.pop(key, None)
+            if not account.windows and not account.live and not account.countries:
                 del self._accounts[account_id]
         return len(self._accounts)
 
@@ -255,6 +278,9 @@ class LocalCounters:
         if rule.kind is RuleKind.LIVE_CALLS:
             return sum(1 for groups in account.live.values() if not rule.group or rule.group in groups)
         key = self._key_of.get(rule.name) or FigureKey.of(rule)
+        if rule.kind is RuleKind.NEW_COUNTRY:
+            call_id, fresh = account.fresh.get(key, ("", 0))
+            return fresh if call_id == facts.call_id else 0
         window = account.windows.get(key)
         if window is None:
             return 0

@@ -18,7 +18,9 @@ The document::
         action: suspend            # alert | deny | suspend
         when: 'hour < 7'           # optional CEL condition (see CEL_FIELDS), compiled here once
 
-``window_s`` (1..86400) is required by every kind but ``live_calls`` (which has none). ``spend``
+``window_s`` (1..86400; up to 90 days for ``new_country``) is required by every kind but
+``live_calls`` (which has none). ``new_country`` gives 1 when no call of the account went to the
+number's first ``prefix_digits`` (default 3) digits within the window (0 otherwise). ``spend``
 takes its threshold as money (a decimal string, micro-units inside); ``short_calls`` as a
 percentage (1..100) of the settled answered calls of the window shorter than ``short_call_s``
 (default 6), once there are ``min_calls`` (default 10) of them. ``deny: group`` (with a group)
@@ -36,6 +38,7 @@ from typing import Any
 from agent.core.money import MoneyError, parse_amount
 
 MAX_WINDOW_S = 86_400
+MAX_NEW_COUNTRY_WINDOW_S = 90 * 86_400  # "not called in N days"
 MAX_PREFIX_DIGITS = 32
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -46,6 +49,7 @@ class RuleKind(StrEnum):
     DISTINCT_DESTINATIONS = "distinct_destinations"  # different numbers dialled in the window
     SPEND = "spend"  # money of the calls settled in the window (micro-units)
     SHORT_CALLS = "short_calls"  # percentage of short calls among the answered calls settled in the window
+    NEW_COUNTRY = "new_country"  # 1 when the call's country (first prefix_digits digits) was not called in the window
 
 
 class Action(StrEnum):
@@ -54,10 +58,11 @@ class Action(StrEnum):
     SUSPEND = "suspend"
 
 
-WINDOWED = frozenset({RuleKind.NEW_CALLS, RuleKind.DISTINCT_DESTINATIONS, RuleKind.SPEND, RuleKind.SHORT_CALLS})
-GROUPABLE = frozenset({RuleKind.NEW_CALLS, RuleKind.LIVE_CALLS, RuleKind.DISTINCT_DESTINATIONS})
+WINDOWED = frozenset({RuleKind.NEW_CALLS, RuleKind.DISTINCT_DESTINATIONS, RuleKind.SPEND, RuleKind.SHORT_CALLS,
+                      RuleKind.NEW_COUNTRY})
+GROUPABLE = frozenset({RuleKind.NEW_CALLS, RuleKind.LIVE_CALLS, RuleKind.DISTINCT_DESTINATIONS, RuleKind.NEW_COUNTRY})
 RULE_KEYS = frozenset({"name", "kind", "threshold", "window_s", "group", "action", "deny", "when", "description",
-                       "short_call_s", "min_calls"})
+                       "short_call_s", "min_calls", "prefix_digits"})
 
 # What a CEL condition can read (the activation built by ``agent.core.fraud``).
 CEL_FIELDS: dict[str, str] = {
@@ -132,6 +137,7 @@ class Rule:
     deny_group_only: bool = False
     short_call_s: int = 6
     min_calls: int = 10
+    prefix_digits: int = 3  # new_country: the first digits that stand for the country
     condition: Condition | None = field(default=None, compare=False)
     description: str = ""
 
@@ -302,7 +308,8 @@ def _parse_rule(entry: Node, groups: dict[str, frozenset[str]], errors: list[Rul
         if "window_s" not in values:
             fail("window_s", f"missing (a {kind} rule counts over a window of seconds)")
         else:
-            window_s = _whole(values["window_s"], "window_s", 1, MAX_WINDOW_S, errors)
+            most = MAX_NEW_COUNTRY_WINDOW_S if kind is RuleKind.NEW_COUNTRY else MAX_WINDOW_S
+            window_s = _whole(values["window_s"], "window_s", 1, most, errors)
     elif "window_s" in values:
         fail("window_s", f"a {kind} rule has no window (it counts the calls live now)")
     threshold = _threshold(kind, values["threshold"], errors)
@@ -322,7 +329,12 @@ def _parse_rule(entry: Node, groups: dict[str, frozenset[str]], errors: list[Rul
         elif scope == "group" and not group:
             fail("deny", "deny: group needs the rule's group")
         deny_group_only = scope == "group"
-    short_call_s, min_calls = 6, 10
+    short_call_s, min_calls, prefix_digits = 6, 10, 3
+    if "prefix_digits" in values:
+        if kind is not RuleKind.NEW_COUNTRY:
+            fail("prefix_digits", "only a new_country rule takes prefix_digits")
+        else:
+            prefix_digits = _whole(values["prefix_digits"], "prefix_digits", 1, 6, errors)
     for key in ("short_call_s", "min_calls"):
         if key in values and kind is not RuleKind.SHORT_CALLS:
             fail(key, f"only a short_calls rule takes {key}")
@@ -338,6 +350,7 @@ def _parse_rule(entry: Node, groups: dict[str, frozenset[str]], errors: list[Rul
         return None
     return Rule(name=name, kind=kind, threshold=threshold, action=action, line=entry.line, window_s=window_s,
                 group=group, deny_group_only=deny_group_only, short_call_s=short_call_s, min_calls=min_calls,
+                prefix_digits=prefix_digits,
                 condition=condition, description=text("description"))
 
 

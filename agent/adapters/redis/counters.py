@@ -8,6 +8,7 @@ so a step is atomic and one round trip. The instants are the caller's (no Redis 
     {prefix}fraud:{ID}:w:{kind}:{window_ms}:{group}:{short_ms}   zset, one per figure of the rules:
         new_calls              member call id, score ms
         distinct_destinations  member number, score ms of its last attempt
+        new_country            (a hash) country prefix -> ms of its last call
         spend / short_calls    member "call id:value", score ms (value: cost, 1 when short);
                                the hash "...:agg" keeps total and count, updated as members come
                                and go, so no step sums a history
@@ -60,7 +61,16 @@ for i = 1, n do
   local kind, window, group, min_calls = ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3],
                                          tonumber(ARGV[base + 4])
   local matches = group == '' or string.find(groups, ',' .. group .. ',', 1, true) ~= nil
-  if kind == 'live_calls' then
+  if kind == 'new_country' then
+    out[i] = 0
+    if matches and number ~= '' then
+      local country = string.sub(number, 1, min_calls)  -- min_calls carries prefix_digits here
+      local last = redis.call('HGET', key, country)
+      if (not last) or tonumber(last) <= now - window then out[i] = 1 end
+      redis.call('HSET', key, country, now)
+      redis.call('PEXPIRE', key, window + 60000)
+    end
+  elseif kind == 'live_calls' then
     if matches then redis.call('ZADD', key, now + ttl, call_id) end
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     redis.call('PEXPIRE', key, ttl)
@@ -150,7 +160,8 @@ class RedisFraudCounters:
     def _window_key(self, account_id: str, key: FigureKey) -> str:
         if key.kind is RuleKind.LIVE_CALLS:
             return self._live_key(account_id, key.group)
-        return f"{self._base(account_id)}w:{key.kind.value}:{key.window_ms}:{key.group}:{key.short_call_ms}"
+        return (f"{self._base(account_id)}w:{key.kind.value}:{key.window_ms}:{key.group}:"
+                f"{key.digits or key.short_call_ms}")
 
     def _live_key(self, account_id: str, group: str) -> str:
         return f"{self._base(account_id)}live:{group}"
@@ -166,7 +177,8 @@ class RedisFraudCounters:
         for _, key, min_calls in self._figures:
             window = self._window_key(facts.account_id, key)
             keys += [window, window + ":agg"]
-            args += [key.kind.value, key.window_ms, key.group, min_calls]
+            param = key.digits if key.kind is RuleKind.NEW_COUNTRY else min_calls
+            args += [key.kind.value, key.window_ms, key.group, param]
         values = self._run("observe", keys, args)
         return {name: int(value) for (name, _, _), value in zip(self._figures, values, strict=True)}
 
