@@ -601,7 +601,9 @@ class Daemon:
         self._fraud_cut &= {call_id for calls in live.values() for call_id in calls}
         if not live:
             return
-        for account_id, rule in suspended_by_rule(sql, sorted(live)).items():
+        for account_id, rule in suspended_by_rule(sql).items():
+            if account_id not in live:
+                continue
             fresh = [call_id for call_id in live[account_id] if call_id not in self._fraud_cut]
             for call_id in fresh:
                 engine.request_hangup(call_id, f"account suspended by fraud rule {rule}")

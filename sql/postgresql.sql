@@ -184,6 +184,8 @@ CREATE TABLE accounts (
 	CONSTRAINT fk_accounts_rate_plan_id_rate_plans FOREIGN KEY(rate_plan_id) REFERENCES rate_plans (id)
 );
 
+CREATE INDEX ix_accounts_suspended_by_rule ON accounts (suspended_by_rule);
+
 CREATE TABLE rates (
 	id BIGSERIAL NOT NULL,
 	plan_id INTEGER NOT NULL,

@@ -140,6 +140,7 @@ class Account(Base):
         CheckConstraint("reserved_micros >= 0", name="reserved_not_negative"),
         CheckConstraint("status IN ('active', 'suspended', 'closed')", name="status_known"),
         CheckConstraint("account_type IN ('prepaid', 'postpaid')", name="type_known"),
+        Index(None, "suspended_by_rule"),  # every node looks for accounts a fraud rule suspended
     )
 
     # The PBX's account code (Asterisk CHANNEL(accountcode), FreeSWITCH accountcode variable).

@@ -46,10 +46,12 @@ def upgrade() -> None:
     with op.batch_alter_table("accounts", schema=None) as batch_op:
         batch_op.add_column(sa.Column("suspended_by_rule", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("suspended_at", TS, nullable=True))
+        batch_op.create_index(batch_op.f("ix_accounts_suspended_by_rule"), ["suspended_by_rule"], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("accounts", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_accounts_suspended_by_rule"))
         batch_op.drop_column("suspended_at")
         batch_op.drop_column("suspended_by_rule")
     with op.batch_alter_table("alerts", schema=None) as batch_op:
