@@ -144,3 +144,15 @@ def facts(account: str, call_id: str, number: str, rules: RuleSet, at_ms: int) -
     digits = destination_digits(number)
     return CallFacts(account, call_id, digits, rules.groups_of(digits), at_ms)
 
+
+
+def test_a_condition_that_fails_at_run_time_is_not_met_and_says_why(tmp_path: Path) -> None:
+    rules = load_rules(write(tmp_path, """
+        rules:
+          - {name: typo, kind: new_calls, window_s: 60, threshold: 0, action: deny, when: 'destination > 5'}
+        """))
+    call = facts("a", "c1", "+3314", rules, 0)
+    verdict = check(rules, LocalCounters(rules), call)
+    assert verdict.deny is None and verdict.hits == ()  # a broken condition never refuses a call
+    (error,) = verdict.errors
+    assert error.startswith("rule typo: CEL 'destination > 5'") and "no matching overload" in error

@@ -116,6 +116,8 @@ class Condition:
             result = self._program.evaluate(_cel_values(activation))
         except CELEvalError as exc:
             raise ValueError(f"CEL {self.source!r}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - whatever the interpreter raises is this condition's failure
+            raise ValueError(f"CEL {self.source!r}: {exc.__class__.__name__}: {exc}") from None
         if isinstance(result, CELEvalError):
             raise ValueError(f"CEL {self.source!r}: {result}")
         from celpy import celtypes
@@ -170,9 +172,6 @@ class RuleSet:
             if names is not None:
                 found = found | names
         return found
-
-    def longest_window_ms(self) -> int:
-        return max((rule.window_ms for rule in self.rules), default=0)
 
 
 GroupFileReader = Callable[[str], list[str]]  # path as written -> its lines; raises ValueError(reason)
@@ -400,7 +399,7 @@ def compile_condition(node: Node, errors: list[RuleError]) -> Condition | None:
         first = str(exc).splitlines()[0] if str(exc) else "syntax error"
         errors.append(RuleError(node.line, "when", f"CEL does not compile: {first} in {source!r}"))
         return None
-    unknown = sorted(set(_identifiers(ast, Tree)) - CEL_FIELDS.keys() - set(_bound_names(ast, Tree)))
+    unknown = sorted(set(_identifiers(ast)) - CEL_FIELDS.keys() - set(_bound_names(ast, Tree)))
     if unknown:
         errors.append(RuleError(node.line, "when", f"CEL names unknown field(s) {', '.join(unknown)} "
                                                    f"(known: {', '.join(CEL_FIELDS)})"))
@@ -408,7 +407,7 @@ def compile_condition(node: Node, errors: list[RuleError]) -> Condition | None:
     return Condition(source, env.program(ast))
 
 
-def _identifiers(tree: Any, tree_type: Any) -> Iterable[str]:
+def _identifiers(tree: Any) -> Iterable[str]:
     for sub in tree.iter_subtrees():
         if sub.data == "ident" and sub.children:
             yield str(sub.children[0])
