@@ -85,7 +85,7 @@ class CallScreen(Protocol):
     """A check of every new call before the balance store (the fraud rules, agent/services/fraud.py)."""
 
     def screen(self, request: AuthorizeRequest, call_id: str, now_ms: int) -> AuthorizeDecision | None:
-        """None to go on, or the refusal; must not block."""
+        """None to go on, or the refusal. Bounded (one Redis round trip at most), never raises."""
         ...
 
     def decided(self, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
