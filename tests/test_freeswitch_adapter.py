@@ -578,7 +578,7 @@ def test_a_refusal_over_the_socket_and_an_agent_that_cannot_be_reached(socket_fa
     adapter.stop(timeout_s=1.0)  # the agent is gone: the socket application cannot connect
     refused = socket_fake.place_call("1001", "33123456")
     finish(refused)
-    assert (refused.outcome, refused.hangup_cause) == ("failed", "TEMPORARY_FAILURE")  # fail closed
+    assert (refused.outcome, refused.hangup_cause) == ("failed", "NORMAL_TEMPORARY_FAILURE")  # fail closed
 
 
 def test_an_allowed_call_outlives_the_dialplans_guard(engine: FakeEngine, started: Started) -> None:

@@ -9,7 +9,7 @@ dialplan/freeswitch/billing.xml around the agent:
   shipped billing.xml does: ``mode="socket"`` (the default) runs the ``socket`` application,
   an outbound connection to ``authorize_port`` (``connect`` answered with the channel data,
   then the agent's ``api`` commands answered one by one, until the agent closes; a port that
-  refuses leaves no decision, and the call is refused TEMPORARY_FAILURE); ``mode="park"``
+  refuses leaves no decision, and the call is refused NORMAL_TEMPORARY_FAILURE); ``mode="park"``
   parks the A leg (CHANNEL_PARK with ``billing_destination`` and ``accountcode``) and waits for
   the ``uuid_transfer``; without one, ``park_timeout`` hangs the call up;
 * after the transfer it reads ``billing_decision``: ``deny`` hangs up with
@@ -68,10 +68,14 @@ DEFAULT_PASSWORD = "ClueCon"
 Q850 = {
     "NORMAL_CLEARING": 16, "USER_BUSY": 17, "NO_USER_RESPONSE": 18, "NO_ANSWER": 19, "CALL_REJECTED": 21,
     "NO_ROUTE_DESTINATION": 3, "UNALLOCATED_NUMBER": 1, "INVALID_NUMBER_FORMAT": 28,
-    "NORMAL_TEMPORARY_FAILURE": 41, "TEMPORARY_FAILURE": 41, "OUTGOING_CALL_BARRED": 52,
+    "NORMAL_TEMPORARY_FAILURE": 41, "OUTGOING_CALL_BARRED": 52, "DESTINATION_OUT_OF_ORDER": 27,
     "ORIGINATOR_CANCEL": 487, "ALLOTTED_TIMEOUT": 602, "MANAGER_REQUEST": 503, "NORMAL_CIRCUIT_CONGESTION": 34,
-    "SERVICE_UNAVAILABLE": 63,
+    "SERVICE_UNAVAILABLE": 63, "RECOVERY_ON_TIMER_EXPIRE": 102, "MEDIA_TIMEOUT": 604, "GATEWAY_DOWN": 609,
 }
+"""The cause names this fake knows. FreeSWITCH's own table (switch_channel.c CAUSE_CHART) has more;
+a name in neither, such as "TEMPORARY_FAILURE", is NORMAL_CLEARING to FreeSWITCH
+(switch_channel_str2cause), and to this fake: found on a real FreeSWITCH, where billing.xml's
+refusals with that name reached the caller as a normal clearing instead of a 503."""
 STATE_NUMBERS = {"CS_NEW": 0, "CS_INIT": 1, "CS_ROUTING": 2, "CS_EXECUTE": 4, "CS_CONSUME_MEDIA": 7,
                  "CS_EXCHANGE_MEDIA": 5, "CS_HANGUP": 10, "CS_REPORTING": 11, "CS_DESTROY": 12}
 
@@ -322,7 +326,7 @@ class FakeFreeswitch:
             a.variables.update({"billing_destination": call.destination, "billing_asked": "true",
                                 "current_application": "socket"})
             call.parked_at = time.perf_counter()
-            self.schedule_hangup(a, self.authorize_guard_s, "TEMPORARY_FAILURE")
+            self.schedule_hangup(a, self.authorize_guard_s, "NORMAL_TEMPORARY_FAILURE")
             self._outbound_socket(a)
             call.transferred_at = time.perf_counter()
             if a.ended.is_set():
@@ -330,7 +334,7 @@ class FakeFreeswitch:
                 return
             if not a.variables.get("billing_decision"):
                 call.outcome = "failed"
-                self.hangup(a, "TEMPORARY_FAILURE")  # billing-unreachable
+                self.hangup(a, "NORMAL_TEMPORARY_FAILURE")  # billing-unreachable
                 return
         else:
             # The billing-authorize extension of a parking dialplan: park for the agent.
@@ -500,6 +504,9 @@ class FakeFreeswitch:
         """Hang a channel up with its events; a bridged peer follows (hangup_after_bridge)."""
         if ch.hangup_us:
             return
+        if cause not in Q850 and not cause.isdigit():
+            log.warning("hangup cause %r is no FreeSWITCH cause name: NORMAL_CLEARING", cause)
+            cause = "NORMAL_CLEARING"
         ch.hangup_us = self._now_us()
         ch.hangup_cause = cause
         ch.state, ch.call_state, ch.answer_state = "CS_HANGUP", "HANGUP", "hangup"

@@ -92,6 +92,7 @@ DENY_CAUSES: dict[DenyReason, int] = {
     DenyReason.BAD_REQUEST: 28,  # INVALID_NUMBER_FORMAT
     DenyReason.STORE_UNAVAILABLE: 41,  # TEMPORARY_FAILURE
     DenyReason.SHUTTING_DOWN: 41,
+    DenyReason.FRAUD_RULE: 52,  # a fraud rule bars the account's calls (or those to a group)
 }
 """Q.850 causes given to refused calls (SIP: 403, 486, 403, 404, 403, 484, 503), as FreeSWITCH."""
 

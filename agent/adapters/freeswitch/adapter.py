@@ -344,7 +344,7 @@ class FreeswitchAdapter:
         while len(self._attempts) > MAX_TRACKED_ATTEMPTS:
             self._attempts.popitem(last=False)
         if attempts > MAX_AUTHORIZATIONS_PER_LEG:  # parked again and again: something is broken
-            self._auth_pool.spawn(self._kill_quietly, leg_id, "TEMPORARY_FAILURE",
+            self._auth_pool.spawn(self._kill_quietly, leg_id, "NORMAL_TEMPORARY_FAILURE",
                                   f"parked for authorization {attempts} times")
             return
         self.held.hold(leg_id)
@@ -383,12 +383,12 @@ class FreeswitchAdapter:
         if commands.is_no_such_channel(setvar):
             self._vanished(leg_id)
         elif not commands.is_ok(setvar):
-            self._kill_refused(leg_id, "TEMPORARY_FAILURE", f"uuid_setvar_multi: {commands.first_line(setvar)}")
+            self._kill_refused(leg_id, "NORMAL_TEMPORARY_FAILURE", f"uuid_setvar_multi: {commands.first_line(setvar)}")
         elif not commands.is_ok(moved):
             if commands.is_no_such_channel(moved):
                 self._vanished(leg_id)
             else:
-                self._kill_refused(leg_id, "TEMPORARY_FAILURE", f"uuid_transfer: {commands.first_line(moved)}")
+                self._kill_refused(leg_id, "NORMAL_TEMPORARY_FAILURE", f"uuid_transfer: {commands.first_line(moved)}")
 
     def _deny(self, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
         leg_id = request.leg_id
