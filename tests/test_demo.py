@@ -5,21 +5,53 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+PBXES = ("asterisk", "freeswitch")
 
-@pytest.mark.parametrize("pbx", ["asterisk", "freeswitch"])
-def test_demo_places_calls_through_the_real_daemon_and_leaves_nothing_behind(pbx: str, tmp_path: Path) -> None:
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    work = tmp_path / "cwd"
-    work.mkdir()
-    keep = ["--keep"] if pbx == "freeswitch" else []
-    result = subprocess.run(
-        [sys.executable, "-m", "agent.entry", "demo", "--pbx", pbx, *keep], cwd=work, capture_output=True, text=True,
-        timeout=120, check=False, env={**os.environ, "TMPDIR": str(scratch), "COLUMNS": "160"})
+
+@dataclass
+class DemoRun:
+    process: subprocess.Popen[str]
+    scratch: Path
+    work: Path
+    keep: bool
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, DemoRun]]:
+    """Both demos start at once (each about 10 s, mostly waiting on its calls): the suite waits
+    for them once, not twice."""
+    runs: dict[str, DemoRun] = {}
+    for pbx in PBXES:
+        base = tmp_path_factory.mktemp(f"demo-{pbx}")
+        scratch, work = base / "tmp", base / "cwd"
+        scratch.mkdir()
+        work.mkdir()
+        keep = pbx == "freeswitch"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "agent.entry", "demo", "--pbx", pbx, *(["--keep"] if keep else [])], cwd=work,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "TMPDIR": str(scratch), "COLUMNS": "160"})
+        runs[pbx] = DemoRun(process, scratch, work, keep)
+    yield runs
+    for run in runs.values():
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait(10)
+
+
+@pytest.mark.parametrize("pbx", PBXES)
+def test_demo_places_calls_through_the_real_daemon_and_leaves_nothing_behind(pbx: str,
+                                                                           demo_runs: dict[str, DemoRun]) -> None:
+    run = demo_runs[pbx]
+    stdout, stderr = run.process.communicate(timeout=120)
+    result = subprocess.CompletedProcess(run.process.args, run.process.returncode, stdout, stderr)
+    scratch, work, keep = run.scratch, run.work, run.keep
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     out = result.stdout
     assert "ledger check: OK" in out

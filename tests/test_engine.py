@@ -220,7 +220,7 @@ def test_fail_open_takes_effect_when_the_store_hangs() -> None:
 
 
 class SlowStore(MemoryStore):
-    """Settles take two seconds: the store is up, but slow."""
+    """Settles take 1.2 s: the store is up, but slow (longer than the cut the test waits for)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -228,7 +228,7 @@ class SlowStore(MemoryStore):
 
     def settle(self, call_id, seq, cost_micros, now_ms, account_id=""):
         self.settle_calls += 1
-        gevent.sleep(2.0)
+        gevent.sleep(1.2)
         super().settle(call_id, seq, cost_micros, now_ms, account_id)
 
 
@@ -254,7 +254,7 @@ def test_the_loop_never_waits_for_a_slow_store() -> None:
         store.add_account("short", 1_500)  # cut 1 s after its answer
         assert engine.authorize(AuthorizeRequest("asterisk", "AS", "short", "33123", clock.now_ms())).allowed
         gevent.sleep(0.2)
-        for n in range(6):  # six settles: two run (2 s each), four wait in the queue
+        for n in range(6):  # six settles: two run (1.2 s each), four wait in the queue
             engine.on_event(LegHungUp(f"B{n}", clock.now_ms()))
         engine.on_event(LegCreated("BS", clock.now_ms(), Direction.OUTBOUND, parent_leg_id="AS"))
         answered = clock.now_ms()
