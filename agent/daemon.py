@@ -426,12 +426,7 @@ class Daemon:
                       "from the balance store only", journal.path, exc.strerror or exc)
             return
 
-        def append(request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
-            journal.append(call_id=decision.call_id, pbx=request.pbx, a_leg_id=request.leg_id,
-                           account_id=request.account_id, destination=request.destination, caller=request.caller,
-                           authorized_ms=request.at_ms)
-
-        engine.on_authorized.append(append)
+        engine.screens.append(_JournalScreen(journal))
 
     def _open_reservations(self, store: StoreGuard) -> list[LiveCall] | None:
         """This node's open reservations. A store that does not answer at start (Redis
@@ -758,6 +753,23 @@ def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None
 def _epoch_ms(moment: datetime) -> int:
     return int(moment.replace(tzinfo=UTC).timestamp() * 1000) if moment.tzinfo is None else int(
         moment.timestamp() * 1000)
+
+
+class _JournalScreen:
+    """Refuses nothing; writes every allowed call to the journal of authorized calls (its
+    ``append`` logs and swallows a failed write: the call goes on)."""
+
+    def __init__(self, journal: AuthorizedJournal) -> None:
+        self.journal = journal
+
+    def screen(self, request: AuthorizeRequest, call_id: str, now_ms: int) -> AuthorizeDecision | None:
+        return None
+
+    def decided(self, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
+        if decision.allowed:
+            self.journal.append(call_id=decision.call_id, pbx=request.pbx, a_leg_id=request.leg_id,
+                                account_id=request.account_id, destination=request.destination,
+                                caller=request.caller, authorized_ms=request.at_ms)
 
 
 ADOPTION_LISTING_WAIT_S = 15.0  # the store down at start: how long adoption waits for it

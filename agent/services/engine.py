@@ -82,7 +82,8 @@ class CdrSubmit(Protocol):
 
 
 class CallScreen(Protocol):
-    """A check of every new call before the balance store (the fraud rules, agent/services/fraud.py)."""
+    """A check of every new call before the balance store (the fraud rules, agent/services/fraud.py),
+    told of the final decision (the fraud counters, the daemon's journal of authorized calls)."""
 
     def screen(self, request: AuthorizeRequest, call_id: str, now_ms: int) -> AuthorizeDecision | None:
         """None to go on, or the refusal. Bounded (one Redis round trip at most), never raises."""
@@ -244,8 +245,6 @@ class Engine:
         self._running = False
         self._nibble_batch: list[NibbleStep] = []
         self.on_finished: list[Callable[[Any], None]] = []
-        # Told of every allowed call at once (the daemon's local journal of authorized calls).
-        self.on_authorized: list[Callable[[AuthorizeRequest, AuthorizeDecision], None]] = []
         # Checks of every new call before the store (the fraud rules); the first refusal wins.
         self.screens: list[CallScreen] = []
         self.lateness_samples: list[int] | None = None  # benchmarks set a list to get raw samples
@@ -325,12 +324,6 @@ class Engine:
                       request.destination)
         started = self.clock.monotonic_ms()
         decision = self._authorize(request)
-        if decision.allowed:
-            for hook in self.on_authorized:
-                try:
-                    hook(request, decision)
-                except Exception:  # a journal that fails must not refuse the call
-                    log.exception("on_authorized hook failed for call=%s", decision.call_id)
         self.metrics.authorize_seconds.observe((self.clock.monotonic_ms() - started) / 1000)
         self.metrics.authorizations.labels("allowed" if decision.allowed else str(decision.reason)).inc()
         log.info("authorize call=%s account=%s dest=%s node=%s allowed=%s limit_ms=%d reason=%s %s",
