@@ -12,6 +12,7 @@ from typing import Protocol
 from agent.core.balance import (
     AccountState,
     AuthorizeOutcome,
+    BundleSettle,
     ExpireReport,
     LiveCall,
     NibbleOutcome,
@@ -21,6 +22,7 @@ from agent.core.balance import (
     StoreAuthorization,
     StoreNibble,
 )
+from agent.core.bundles import BundleSlot, PeriodState
 from agent.core.cdr import CallRecord
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, LegEvent
 from agent.core.fraud import AlertRecord, CallFacts
@@ -121,9 +123,15 @@ class BalanceStore(Protocol):
     """
 
     def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
-                  now_ms: int, ttl_ms: int) -> AuthorizeOutcome:
+                  now_ms: int, ttl_ms: int, *, bundle_slots: Sequence[BundleSlot] = (),
+                  bundle_want_s: int = 0) -> AuthorizeOutcome:
         """Check status, concurrent calls (all nodes) and ``available >= min_micros``; reserve
-        ``min(want, available)`` for the first slice. A known call_id returns its stored outcome."""
+        ``min(want, available)`` for the first slice. A known call_id returns its stored outcome.
+
+        With ``bundle_slots`` (DESIGN §9), the first slice's ``bundle_want_s`` seconds are taken
+        from those periods first, in order (``authorize_with_bundles`` in agent/core/balance.py):
+        a period is opened on first use with its allowance (plus the rollover of the period
+        before), as a ``bundle_usage`` ledger row."""
         ...
 
     def debit_and_reserve(self, call_id: str, seq: int, debit_micros: int, reserve_micros: int,
@@ -137,9 +145,16 @@ class BalanceStore(Protocol):
         ...
 
     def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, *,
-               account_id: str | None = None) -> SettleOutcome:
-        """Commit the call's final cost: one ledger ``charge:{call_id}``, the rest released.
-        Raises ``UnknownCall`` for a call the store does not know when no account is given."""
+               account_id: str | None = None, bundle: BundleSettle | None = None) -> SettleOutcome:
+        """Commit the call's final cost: one ledger ``charge:{call_id}``, the rest released; and
+        ``bundle.covered_s`` bundle seconds over the periods it held, in draw order (one
+        ``bundle_usage`` row ``bundle:{call_id}:{grant_id}`` each), the rest of the holds given
+        back. Raises ``UnknownCall`` for a call the store does not know when no account is given."""
+        ...
+
+    def bundle_periods(self, account_id: str) -> dict[tuple[int, int], PeriodState]:
+        """The account's opened bundle periods as the store sees them now, by
+        ``(grant_id, period_start_ms)``: granted, used, and reserved by live calls."""
         ...
 
     def release(self, call_id: str, seq: int, now_ms: int, *,
@@ -180,14 +195,16 @@ class EngineStore(Protocol):
     """
 
     def authorize(self, account_id: str, call_id: str, want_micros: int, min_micros: int,
-                  now_ms: int) -> StoreAuthorization:
+                  now_ms: int, *, bundle_slots: Sequence[BundleSlot] = (), bundle_want_s: int = 0,
+                  ) -> StoreAuthorization:
         ...
 
     def nibbles(self, steps: list[NibbleStep], now_ms: int) -> list[StoreNibble]:
         """Outcomes in step order; each step idempotent per (call_id, seq)."""
         ...
 
-    def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, account_id: str) -> None:
+    def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, account_id: str,
+               bundle: BundleSettle | None = None) -> None:
         ...
 
     def release(self, call_id: str, seq: int, now_ms: int, account_id: str) -> None:

@@ -73,9 +73,9 @@ class SlowStore(MemoryStore):
         gevent.sleep(self.delay_s)
         return super().nibbles(steps, now_ms)
 
-    def settle(self, call_id, seq, cost_micros, now_ms, account_id=""):  # type: ignore[no-untyped-def]
+    def settle(self, call_id, seq, cost_micros, now_ms, account_id="", bundle=None):  # type: ignore[no-untyped-def]
         gevent.sleep(self.delay_s)
-        super().settle(call_id, seq, cost_micros, now_ms, account_id)
+        super().settle(call_id, seq, cost_micros, now_ms, account_id, bundle)
 
 
 def make_store(kind: str, accounts: int):  # type: ignore[no-untyped-def]

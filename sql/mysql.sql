@@ -37,6 +37,40 @@ CREATE INDEX ix_alerts_account_id_created_at ON alerts (account_id, created_at);
 
 CREATE INDEX ix_alerts_created_at ON alerts (created_at);
 
+CREATE TABLE bundle_usage (
+	id BIGINT NOT NULL AUTO_INCREMENT,
+	account_id VARCHAR(64) NOT NULL,
+	grant_id BIGINT NOT NULL,
+	period_start_ms BIGINT NOT NULL,
+	kind VARCHAR(16) NOT NULL,
+	seconds BIGINT NOT NULL COMMENT 'signed: + granted, - used',
+	reference VARCHAR(191) NOT NULL,
+	call_id VARCHAR(64),
+	created_at DATETIME(6) NOT NULL,
+	CONSTRAINT pk_bundle_usage PRIMARY KEY (id),
+	CONSTRAINT ck_bundle_usage_kind_known CHECK (kind IN ('grant', 'rollover', 'use', 'adjust')),
+	CONSTRAINT uq_bundle_usage_reference UNIQUE (reference)
+);
+
+CREATE INDEX ix_bundle_usage_call_id ON bundle_usage (call_id);
+
+CREATE INDEX ix_bundle_usage_grant_id_period_start_ms ON bundle_usage (grant_id, period_start_ms);
+
+CREATE TABLE bundles (
+	id INTEGER NOT NULL AUTO_INCREMENT,
+	name VARCHAR(64) NOT NULL,
+	seconds BIGINT NOT NULL COMMENT 'allowance per period, seconds',
+	period VARCHAR(8) NOT NULL,
+	anchor INTEGER NOT NULL COMMENT 'month: day 1-31 (31 = the last day); week: ISO weekday 1-7',
+	rollover BOOL NOT NULL,
+	created_at DATETIME(6) NOT NULL,
+	deleted_at DATETIME(6),
+	CONSTRAINT pk_bundles PRIMARY KEY (id),
+	CONSTRAINT ck_bundles_period_known CHECK (period IN ('month', 'week', 'once')),
+	CONSTRAINT ck_bundles_seconds_positive CHECK (seconds > 0),
+	CONSTRAINT uq_bundles_name UNIQUE (name)
+);
+
 CREATE TABLE call_commands (
 	id BIGINT NOT NULL AUTO_INCREMENT,
 	call_id VARCHAR(64) NOT NULL,
@@ -145,6 +179,7 @@ CREATE TABLE rating_decisions (
 	prefix VARCHAR(32) NOT NULL,
 	rate_micros BIGINT NOT NULL,
 	billed_seconds INTEGER NOT NULL,
+	bundle_seconds INTEGER NOT NULL COMMENT 'of billed_seconds, covered by bundles (bundle_usage has each)',
 	cost_micros BIGINT NOT NULL,
 	decided_at DATETIME(6) NOT NULL,
 	reason VARCHAR(255) NOT NULL,
@@ -186,6 +221,13 @@ CREATE TABLE accounts (
 
 CREATE INDEX ix_accounts_suspended_by_rule ON accounts (suspended_by_rule);
 
+CREATE TABLE bundle_prefixes (
+	bundle_id INTEGER NOT NULL,
+	prefix VARCHAR(32) NOT NULL,
+	CONSTRAINT pk_bundle_prefixes PRIMARY KEY (bundle_id, prefix),
+	CONSTRAINT fk_bundle_prefixes_bundle_id_bundles FOREIGN KEY(bundle_id) REFERENCES bundles (id) ON DELETE CASCADE
+);
+
 CREATE TABLE rates (
 	id BIGINT NOT NULL AUTO_INCREMENT,
 	plan_id INTEGER NOT NULL,
@@ -213,6 +255,22 @@ CREATE TABLE rates (
 );
 
 CREATE INDEX ix_rates_plan_id_prefix ON rates (plan_id, prefix);
+
+CREATE TABLE bundle_grants (
+	id BIGINT NOT NULL AUTO_INCREMENT,
+	account_id VARCHAR(64) NOT NULL,
+	bundle_id INTEGER NOT NULL,
+	valid_from DATETIME(6) NOT NULL,
+	valid_until DATETIME(6),
+	reference VARCHAR(191) NOT NULL,
+	created_at DATETIME(6) NOT NULL,
+	CONSTRAINT pk_bundle_grants PRIMARY KEY (id),
+	CONSTRAINT fk_bundle_grants_account_id_accounts FOREIGN KEY(account_id) REFERENCES accounts (id),
+	CONSTRAINT fk_bundle_grants_bundle_id_bundles FOREIGN KEY(bundle_id) REFERENCES bundles (id),
+	CONSTRAINT uq_bundle_grants_reference UNIQUE (reference)
+);
+
+CREATE INDEX ix_bundle_grants_account_id ON bundle_grants (account_id);
 
 CREATE TABLE ledger_entries (
 	id BIGINT NOT NULL AUTO_INCREMENT,
@@ -252,6 +310,10 @@ CREATE TABLE reservations (
 	created_at DATETIME(6) NOT NULL,
 	expires_at DATETIME(6) NOT NULL,
 	closed_at DATETIME(6),
+	bundle_held_s BIGINT NOT NULL,
+	bundle_used_s BIGINT NOT NULL,
+	bundle_last_granted_s BIGINT NOT NULL,
+	bundle_slots TEXT NOT NULL,
 	CONSTRAINT pk_reservations PRIMARY KEY (call_id),
 	CONSTRAINT ck_reservations_state_known CHECK (state IN ('open', 'settled', 'released', 'expired')),
 	CONSTRAINT ck_reservations_amounts_not_negative CHECK (reserved_micros >= 0 AND debited_micros >= 0 AND overrun_micros >= 0),
@@ -261,3 +323,18 @@ CREATE TABLE reservations (
 CREATE INDEX ix_reservations_account_id_state ON reservations (account_id, state);
 
 CREATE INDEX ix_reservations_state_expires_at ON reservations (state, expires_at);
+
+CREATE TABLE bundle_periods (
+	grant_id BIGINT NOT NULL,
+	period_start_ms BIGINT NOT NULL,
+	account_id VARCHAR(64) NOT NULL,
+	period_end_ms BIGINT NOT NULL,
+	granted_s BIGINT NOT NULL COMMENT 'allowance + rollover',
+	used_s BIGINT NOT NULL,
+	reserved_s BIGINT NOT NULL,
+	CONSTRAINT pk_bundle_periods PRIMARY KEY (grant_id, period_start_ms),
+	CONSTRAINT ck_bundle_periods_seconds_not_negative CHECK (granted_s >= 0 AND reserved_s >= 0),
+	CONSTRAINT fk_bundle_periods_grant_id_bundle_grants FOREIGN KEY(grant_id) REFERENCES bundle_grants (id)
+);
+
+CREATE INDEX ix_bundle_periods_account_id ON bundle_periods (account_id);

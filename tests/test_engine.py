@@ -226,10 +226,10 @@ class SlowStore(MemoryStore):
         super().__init__()
         self.settle_calls = 0
 
-    def settle(self, call_id, seq, cost_micros, now_ms, account_id=""):
+    def settle(self, call_id, seq, cost_micros, now_ms, account_id="", bundle=None):
         self.settle_calls += 1
         gevent.sleep(1.2)
-        super().settle(call_id, seq, cost_micros, now_ms, account_id)
+        super().settle(call_id, seq, cost_micros, now_ms, account_id, bundle)
 
 
 def test_the_loop_never_waits_for_a_slow_store() -> None:
@@ -276,7 +276,7 @@ class RefusingStore(MemoryStore):
         self.settle_calls = 0
         self.release_seqs: list[int] = []
 
-    def settle(self, call_id, seq, cost_micros, now_ms, account_id=""):
+    def settle(self, call_id, seq, cost_micros, now_ms, account_id="", bundle=None):
         self.settle_calls += 1
         raise self.error
 

@@ -27,9 +27,12 @@ the Redis store's Lua scripts implement the same ones (one contract test suite r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
+from agent.core.bundles import BundleSlot, draw
 from agent.core.errors import BillingError, InvalidInput, NotFound
 from agent.core.events import DenyReason
 
@@ -37,6 +40,11 @@ __all__ = [
     "MAX_STORE_MICROS",
     "AccountState",
     "AuthorizeOutcome",
+    "BundleSettle",
+    "bundle_settle_from_json",
+    "bundle_settle_to_json",
+    "slot_from_json",
+    "slot_to_json",
     "CallClose",
     "DenyReason",
     "ExpireReport",
@@ -52,7 +60,10 @@ __all__ = [
     "StoreUnavailable",
     "UnknownCall",
     "authorize_decision",
+    "authorize_with_bundles",
+    "nibble_bundle_draw",
     "check_authorize",
+    "check_bundle_request",
     "check_call_id",
     "check_micros",
     "check_nibble",
@@ -90,6 +101,8 @@ class StoreAuthorization:
     available_micros: int = 0
     reason: DenyReason | None = None
     detail: str = ""
+    bundle_granted_s: int = 0  # bundle seconds held for the first slice (DESIGN §9)
+    bundle_available_s: int = 0  # bundle seconds the call could draw on before this grant
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +114,7 @@ class StoreNibble:
     debited_micros: int
     ok: bool = True
     why: str = ""  # when not ok: what the store said (store_unavailable, expired, unknown_call...)
+    bundle_granted_s: int = 0  # bundle seconds added to the call's hold for the next slice
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +127,8 @@ class AuthorizeOutcome:
     plan: str = ""
     currency: str = ""
     replayed: bool = False  # the call was already authorized: stored outcome, nothing changed
+    bundle_granted_s: int = 0  # bundle seconds held for the first slice
+    bundle_available_s: int = 0  # bundle seconds left in the call's periods before this grant
 
 
 class NibbleStatus(StrEnum):
@@ -135,6 +151,8 @@ class NibbleRequest:
     now_ms: int
     ttl_ms: int
     account_id: str | None = None  # optional hint; the store knows the call's account
+    bundle_used_s: int = 0  # bundle seconds the call has used up to this nibble's boundary
+    bundle_want_s: int = 0  # bundle seconds wanted for the next slice (0: the call draws no more)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +164,8 @@ class NibbleOutcome:
     debited_micros: int  # taken by this step (the slice just used); 0 when nothing was applied
     total_debited_micros: int = 0  # taken by every nibble of the call so far
     overrun_micros: int = 0  # total debited beyond what the call held (recorded, never dropped)
+    bundle_granted_s: int = 0  # bundle seconds this step added to the call's hold
+    bundle_held_s: int = 0  # bundle seconds the call holds after this step (used + next slice)
 
     @property
     def applied(self) -> bool:
@@ -172,6 +192,7 @@ class SettleOutcome:
     released_micros: int = 0  # reservation given back
     overrun_micros: int = 0  # total charged beyond what the call held
     ledger_posted: bool = True  # False: the SQL write failed; the sweeper (expire) retries it
+    bundle_used_s: int = 0  # bundle seconds committed for the call
 
 
 class ReleaseStatus(StrEnum):
@@ -228,6 +249,38 @@ class LiveCall:
     overrun_micros: int
     created_ms: int
     expires_ms: int
+    bundle_held_s: int = 0
+    bundle_used_s: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BundleSettle:
+    """What a settle commits to bundles: the call's ``covered_s`` seconds (``min(b, R)``, DESIGN
+    §9) over the periods it may draw on (``slots``, in draw order). The slots travel with the
+    settle so that a store that lost the call's holds (a cache restart) still charges the
+    right periods."""
+
+    covered_s: int
+    slots: tuple[BundleSlot, ...] = ()
+
+
+def slot_to_json(slot: BundleSlot) -> list[int | None]:
+    return [slot.grant_id, slot.period_start_ms, slot.seconds, slot.expires_ms, slot.carry_from_ms]
+
+
+def slot_from_json(value: Sequence[int | None]) -> BundleSlot:
+    grant_id, start, seconds, expires, carry = value
+    if grant_id is None or start is None or seconds is None or expires is None:
+        raise InvalidInput(f"bundle slot {value!r} lacks a field")
+    return BundleSlot(int(grant_id), int(start), int(seconds), int(expires), None if carry is None else int(carry))
+
+
+def bundle_settle_to_json(bundle: BundleSettle) -> dict[str, object]:
+    return {"covered_s": bundle.covered_s, "slots": [slot_to_json(slot) for slot in bundle.slots]}
+
+
+def bundle_settle_from_json(value: dict[str, Any]) -> BundleSettle:
+    return BundleSettle(int(value["covered_s"]), tuple(slot_from_json(slot) for slot in value.get("slots", ())))
 
 
 # ------------------------------------------------------------------------------------- rules
@@ -260,6 +313,17 @@ def check_authorize(call_id: str, want_micros: int, min_micros: int, ttl_ms: int
         raise InvalidInput(f"want {want_micros} is less than the minimum {min_micros}")
 
 
+def check_bundle_request(slots: Sequence[BundleSlot], seconds: int) -> None:
+    """Refuse bundle seconds that are not whole and non-negative, or slots of no use."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 0:
+        raise InvalidInput(f"bundle seconds {seconds!r} must be a whole number, 0 or more")
+    seen: set[tuple[int, int]] = set()
+    for slot in slots:
+        if slot.seconds < 0 or slot.key in seen:
+            raise InvalidInput(f"bundle slot {slot!r} is negative or given twice")
+        seen.add(slot.key)
+
+
 def check_nibble(request: NibbleRequest) -> None:
     check_call_id(request.call_id)
     if isinstance(request.seq, bool) or not isinstance(request.seq, int) or request.seq < 1:
@@ -268,20 +332,52 @@ def check_nibble(request: NibbleRequest) -> None:
     check_micros("debit", request.debit_micros)
     check_micros("reserve", request.reserve_micros)
     check_ttl(request.ttl_ms)
+    if request.bundle_used_s < 0 or request.bundle_want_s < 0:
+        raise InvalidInput(f"bundle seconds of nibble {request.seq} of call {request.call_id!r} must not be negative")
 
 
 def authorize_decision(*, status: str, live_calls: int, max_calls: int | None, available_micros: int,
                        want_micros: int, min_micros: int) -> tuple[DenyReason | None, int]:
     """Return ``(deny_reason, granted)``: the reason is None when the call is allowed."""
+    reason, granted, _ = authorize_with_bundles(
+        status=status, live_calls=live_calls, max_calls=max_calls, available_micros=available_micros,
+        want_micros=want_micros, min_micros=min_micros, bundle_lefts=(), bundle_want_s=0)
+    return reason, granted
+
+
+def authorize_with_bundles(*, status: str, live_calls: int, max_calls: int | None, available_micros: int,
+                           want_micros: int, min_micros: int, bundle_lefts: Sequence[int],
+                           bundle_want_s: int) -> tuple[DenyReason | None, int, list[int]]:
+    """Return ``(deny_reason, granted_micros, seconds taken from each bundle period)``.
+
+    Bundles first (DESIGN §9): the first slice's ``bundle_want_s`` billed seconds are taken from
+    the periods in order. All of them: the call needs no money yet. Some: the call is allowed
+    whatever the money (its first second is covered) and holds up to ``want`` money for the
+    rest of the slice. None: money alone decides, as without bundles."""
     if status == "suspended":
-        return DenyReason.SUSPENDED, 0
+        return DenyReason.SUSPENDED, 0, []
     if status != "active":
-        return DenyReason.CLOSED, 0
+        return DenyReason.CLOSED, 0, []
     if max_calls is not None and max_calls > 0 and live_calls >= max_calls:
-        return DenyReason.MAX_CALLS, 0
+        return DenyReason.MAX_CALLS, 0, []
+    taken = draw(bundle_lefts, bundle_want_s) if bundle_want_s > 0 else [0] * len(bundle_lefts)
+    got = sum(taken)
+    if got > 0:
+        return None, (0 if got >= bundle_want_s else min(want_micros, max(available_micros, 0))), taken
     if available_micros < min_micros or available_micros < 0:
-        return DenyReason.INSUFFICIENT_FUNDS, 0
-    return None, min(want_micros, available_micros)
+        return DenyReason.INSUFFICIENT_FUNDS, 0, taken
+    return None, min(want_micros, available_micros), taken
+
+
+def nibble_bundle_draw(bundle_lefts: Sequence[int], want_s: int, reserve_micros: int) -> tuple[list[int], int]:
+    """A nibble's bundle part: the seconds taken from each period for the next slice, and the
+    money to reserve for it: none when the bundles gave all that was wanted, else the whole
+    ``reserve_micros`` the caller asked (the money of the slice as if no bundle covered it; the
+    surplus goes back at the next step)."""
+    if want_s <= 0:
+        return [0] * len(bundle_lefts), reserve_micros
+    taken = draw(bundle_lefts, want_s)
+    return taken, (0 if sum(taken) >= want_s else reserve_micros)
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,7 @@ class RatingRecord:
     cost_micros: int = 0
     reason: str = "settle"
     seq: int = 1  # 1 = the original rating; re-rating appends 2, 3, ...
+    bundle_seconds: int = 0  # of billed_seconds, covered by free-minute bundles (DESIGN §9)
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,7 +87,8 @@ class CallRegistry:
     def adopt(self, *, call_id: str, node: str, pbx: str, account_id: str, a_leg: LiveLeg,
               others: list[LiveLeg], tariff: Tariff, rating: RatingInfo, settings: SessionSettings,
               debited_micros: int, reserved_micros: int, seq: int, now_ms: int,
-              last_renewal_ms: int | None = None, reservation_lost: bool = False) -> list[Effect]:
+              last_renewal_ms: int | None = None, reservation_lost: bool = False,
+              bundle_used_s: int = 0) -> list[Effect]:
         """Supervise a call found live on the PBX whose reservation an earlier run of this node
         left open (agent restart, hand-over): rebuild its session from the legs the PBX shows
         and continue billing from what the store debited."""
@@ -109,7 +110,7 @@ class CallRegistry:
             effects += session.on_answered(LegAnswered(answered[0].leg_id, answered[0].answered_ms or now_ms))
         effects += session.adopt_progress(debited_micros=debited_micros, reserved_micros=reserved_micros, seq=seq,
                                           now_ms=now_ms, last_renewal_ms=last_renewal_ms,
-                                          reservation_lost=reservation_lost)
+                                          reservation_lost=reservation_lost, bundle_used_s=bundle_used_s)
         return self.schedule(effects)
 
     def remove(self, call_id: str) -> None:

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from agent.core.balance import BundleSettle
+from agent.core.bundles import BundleSlot, BundleTariff
 from agent.core.cdr import CallRecord, Disposition, LegRecord, RatingRecord
 from agent.core.events import (
     ArmBackstop,
@@ -92,6 +94,7 @@ class RatedCall:
 
     tariff: Tariff
     info: RatingInfo
+    bundles: tuple[BundleSlot, ...] = ()  # the bundle periods the call may draw on (DESIGN §9)
 
 
 class RatingRefused(Exception):
@@ -140,6 +143,8 @@ class NibbleStep:
     debit_micros: int
     reserve_micros: int
     account_id: str = ""  # the session's account: the store needs no call -> account map of its own
+    bundle_used_s: int = 0  # bundle seconds used up to this step's boundary (DESIGN §9)
+    bundle_want_s: int = 0  # bundle seconds wanted for the next slice (0: the call draws no more)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +153,7 @@ class SettleStep:
     seq: int
     cost_micros: int
     account_id: str = ""
+    bundle: BundleSettle | None = None  # the bundle seconds the call used, when it could draw on any
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +299,11 @@ class CallSession:
     backstop_at_ms: int | None = None  # where the PBX's own hangup of the call stands (epoch ms)
     caller_left_ms: int | None = None  # the caller's leg ended while the billed leg stayed up
     transferred: bool = False  # ... and the billed leg was still up TRANSFER_GRACE_MS later
+    # Bundles (DESIGN §9): the tariff is then a BundleTariff holding R, the bundle seconds the
+    # call holds. While ``bundle_open`` each step asks the bundles for the next slice's seconds;
+    # the first partial answer fixes R for the rest of the call (money pays beyond it).
+    bundle_open: bool = False
+    pending_want_s: int = 0  # bundle seconds the step in flight asked for
 
     def __post_init__(self) -> None:
         self.legs[self.a_leg.leg_id] = self.a_leg
@@ -306,6 +317,37 @@ class CallSession:
 
     def _cost_at(self, billed_ms: int) -> int:
         return self.tariff.cost_micros(billed_ms)
+
+    def _bundle(self) -> BundleTariff | None:
+        return self.tariff if isinstance(self.tariff, BundleTariff) else None
+
+    def _bundle_ask(self, k: int) -> tuple[int, int]:
+        """(seconds used up to boundary ``k``, seconds wanted for slice ``k + 1``)."""
+        bundle = self._bundle()
+        if bundle is None:
+            return 0, 0
+        used = bundle.covered_at(k * self.nibble_ms)
+        want = 0
+        if self.bundle_open:
+            want = max(0, bundle.billed_seconds_at((k + 1) * self.nibble_ms) - bundle.held_s)
+        return used, want
+
+    def _bundle_granted(self, granted_s: int) -> None:
+        """The store added ``granted_s`` to the call's bundle hold for the step in flight."""
+        bundle = self._bundle()
+        if bundle is None:
+            return
+        if granted_s:
+            self.tariff = bundle.holding(bundle.held_s + granted_s)
+        if granted_s < self.pending_want_s:
+            self.bundle_open = False  # R is final: money pays every billed second beyond it
+        self.pending_want_s = 0
+
+    @property
+    def bundle_seconds(self) -> int:
+        """Bundle seconds the call holds (R)."""
+        bundle = self._bundle()
+        return bundle.held_s if bundle is not None else 0
 
     def _arm(self, kind: TimerKind, at_ms: int) -> ArmTimer:
         return ArmTimer(self.call_id, kind, at_ms, self.token)
@@ -463,7 +505,8 @@ class CallSession:
     # ---------------------------------------------------------------- adoption (agent restart)
 
     def adopt_progress(self, *, debited_micros: int, reserved_micros: int, seq: int, now_ms: int,
-                       last_renewal_ms: int | None = None, reservation_lost: bool = False) -> list[Effect]:
+                       last_renewal_ms: int | None = None, reservation_lost: bool = False,
+                       bundle_used_s: int = 0) -> list[Effect]:
         """Take over a call another run of this node authorized (its reservation is still open
         in the store): continue from what the store says was debited. Debits are whole nibble
         slices, ``cost(k*N) - cost((k-1)*N)``, so ``debited == cost(k*N)`` gives the k nibbles
@@ -477,13 +520,19 @@ class CallSession:
         self.debited_micros = debited_micros
         self.budget_micros = debited_micros + reserved_micros
         self.granted_micros = reserved_micros
+        bundle = self._bundle()
+        # A call in its bundle that has paid no money yet may go on drawing on it (R can still
+        # grow without changing any debit); once money was charged, R is final.
+        self.bundle_open = bundle is not None and debited_micros == 0
         if self.phase is not Phase.ANSWERED or self.answer_ms is None:
             return []
         # The fewest nibbles that cover the debit: where the tariff is flat (an initial increment
         # longer than a nibble) several counts debit the same, and the later nibbles of a flat
         # stretch debit nothing, so catching up through them is free and reserves correctly.
         done = 0
-        while self._cost_at(done * self.nibble_ms) < debited_micros and done < MAX_ADOPTED_NIBBLES:
+        while done < MAX_ADOPTED_NIBBLES and (
+                self._cost_at(done * self.nibble_ms) < debited_micros
+                or (bundle is not None and bundle.covered_at(done * self.nibble_ms) < bundle_used_s)):
             done += 1
         self.nibbles_done = done
         if done and last_renewal_ms is not None:
@@ -548,20 +597,24 @@ class CallSession:
         covered = self._cost_at(k * self.nibble_ms)
         debit = covered - self.debited_micros
         reserve = self._cost_at((k + 1) * self.nibble_ms) - covered
+        used_s, want_s = self._bundle_ask(k)
         self.want_pending = True
         self.pending_is_nibble = True
-        return [NibbleStep(self.call_id, self._next_seq(), debit, reserve, self.account_id)]
+        self.pending_want_s = want_s
+        return [NibbleStep(self.call_id, self._next_seq(), debit, reserve, self.account_id, used_s, want_s)]
 
     def on_nibble_result(self, seq: int, granted_micros: int, debited_micros: int, now_ms: int,
-                         *, store_ok: bool = True, why: str = "") -> list[Effect]:
+                         *, store_ok: bool = True, why: str = "", bundle_granted_s: int = 0) -> list[Effect]:
         """The store answered nibble ``seq``: ``debited_micros`` were taken (the slice just
-        used) and ``granted_micros`` reserved for the next slice (partial: that is all)."""
+        used) and ``granted_micros`` reserved for the next slice (partial: that is all), after
+        ``bundle_granted_s`` bundle seconds were added to the call's hold."""
         if seq != self.seq or not self.want_pending:
             return []  # a stale or replayed answer
         self.want_pending = False
         if self.phase is not Phase.ANSWERED:
             return []
         assert self.answer_ms is not None
+        self._bundle_granted(bundle_granted_s if store_ok else 0)
         if not store_ok:
             # The cut's reason says what happened: the money may well be there (a balance store
             # that restarted empty, a circuit open), it is the store that granted none.
@@ -644,9 +697,11 @@ class CallSession:
         covered = self._cost_at(self.nibbles_done * self.nibble_ms)
         # The budget beyond what is covered is already reserved; ask for the whole next slice.
         want = self._cost_at((self.nibbles_done + 1) * self.nibble_ms) - covered
+        used_s, want_s = self._bundle_ask(self.nibbles_done)
         self.want_pending = True
         self.pending_is_nibble = False
-        return [NibbleStep(self.call_id, self._next_seq(), 0, want, self.account_id)]
+        self.pending_want_s = want_s
+        return [NibbleStep(self.call_id, self._next_seq(), 0, want, self.account_id, used_s, want_s)]
 
     def _cut(self, now_ms: int) -> list[Effect]:
         self.cut_by_agent = True
@@ -706,7 +761,10 @@ class CallSession:
         self.want_pending = False
         if not was_answered:
             return [ReleaseStep(self.call_id, self._next_seq(), self.account_id)]
-        return [SettleStep(self.call_id, self._next_seq(), self._cost_at(self.billed_ms()), self.account_id)]
+        billed_ms = self.billed_ms()
+        bundle = self._bundle()
+        use = None if bundle is None else BundleSettle(bundle.covered_at(billed_ms), bundle.slots)
+        return [SettleStep(self.call_id, self._next_seq(), self._cost_at(billed_ms), self.account_id, use)]
 
     def billed_ms(self) -> int:
         """Answered time that is billed (see the module docstring for the cut rule)."""
@@ -767,6 +825,7 @@ class CallSession:
             decided_ms=now_ms, plan_name=self.rating.plan_name, rate_id=self.rating.rate_id,
             prefix=self.rating.prefix, rate_micros=self.rating.rate_micros,
             billed_seconds=billed_seconds, cost_micros=cost, reason="settle",
+            bundle_seconds=bundle.covered_at(billed_ms) if (bundle := self._bundle()) is not None else 0,
         )
         record = CallRecord(
             call_id=self.call_id, node=self.node, pbx=self.pbx, account_id=self.account_id,

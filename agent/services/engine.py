@@ -30,7 +30,8 @@ import gevent.event
 import gevent.pool
 import gevent.queue
 
-from agent.core.balance import LiveCall, StoreAuthorization, StoreNibble
+from agent.core.balance import BundleSettle, LiveCall, StoreAuthorization, StoreNibble
+from agent.core.bundles import BundleSlot, BundleTariff
 from agent.core.cdr import CallRecord, Disposition, LegRecord, RatingRecord
 from agent.core.errors import BillingError
 from agent.core.events import (
@@ -47,6 +48,7 @@ from agent.core.events import (
     PbxConnected,
     WarnLeg,
 )
+from agent.core.rating import RateRow
 from agent.core.registry import CallRegistry
 from agent.core.session import (
     Alert,
@@ -156,11 +158,14 @@ ENDED_WHILE_AGENT_DOWN = "ENDED_WHILE_AGENT_DOWN"
 FROM_PBX_CDR = "ended_while_agent_down_pbx_cdr"  # the rating reason of such a call billed from the PBX's CDR
 
 
-def covered_by(tariff: Tariff, debited_micros: int, nibble_ms: int) -> int:
-    """The talk time whole nibbles paid for: the fewest k with cost(k * N) >= debited (the
-    nibbles of a flat stretch debit nothing, so the fewest is the honest count)."""
+def covered_by(tariff: Tariff, debited_micros: int, nibble_ms: int, *, bundle_used_s: int = 0) -> int:
+    """The talk time whole nibbles paid for: the fewest k with cost(k * N) >= debited and, on a
+    call in its bundle, with the bundle seconds of k * N >= those used (the nibbles of a flat
+    stretch debit nothing, so the fewest is the honest count)."""
     k = 0
-    while debited_micros > 0 and tariff.cost_micros(k * nibble_ms) < debited_micros and k < 10_000_000:
+    while k < 10_000_000 and (
+            (debited_micros > 0 and tariff.cost_micros(k * nibble_ms) < debited_micros)
+            or (isinstance(tariff, BundleTariff) and tariff.covered_at(k * nibble_ms) < bundle_used_s)):
         k += 1
     return k * nibble_ms
 
@@ -375,9 +380,13 @@ class Engine:
                 log.error("cannot adopt call=%s account=%s dest=%r: %s; its reservation will expire and the PBX "
                           "limit ends it", call_id, held.account_id, a_leg.callee, refused.detail)
                 continue
+            tariff = rated.tariff
+            if held.bundle_held_s and rated.bundles and isinstance(tariff, RateRow):
+                tariff = BundleTariff(tariff, held.bundle_held_s, rated.bundles)
             effects = self.registry.adopt(
                 call_id=call_id, node=self.settings.node, pbx=event.pbx, account_id=held.account_id, a_leg=a_leg,
-                others=others, tariff=rated.tariff, rating=rated.info, settings=self.session_settings,
+                others=others, tariff=tariff, rating=rated.info, settings=self.session_settings,
+                bundle_used_s=held.bundle_used_s,
                 debited_micros=held.debited_micros, reserved_micros=held.reserved_micros, seq=held.seq,
                 now_ms=now_ms, last_renewal_ms=held.expires_ms - self.settings.reservation_ttl_ms,
                 reservation_lost=call_id in self.unreserved)
@@ -444,14 +453,17 @@ class Engine:
             log.warning("call=%s account=%s ended while the agent was down: settled from the store (%d "
                         "micro-units the nibbles debited; no PBX CDR of it), CDR marked %s", call_id,
                         held.account_id, held.debited_micros, ENDED_WHILE_AGENT_DOWN)
+        # What the nibbles used of bundles is committed; the store knows which periods it held.
+        bundle = BundleSettle(record.rating.bundle_seconds) if held.bundle_held_s else None
         self._store_work.put(self._settle_record, SettleStep(call_id, held.seq + 1, record.rating.cost_micros,
-                                                             held.account_id), record)
+                                                             held.account_id, bundle), record)
 
     def _left_behind_record(self, held: LiveCall, facts: LeftBehind | None, pbx: str, now_ms: int,
                             pbx_cdr: EndedCall | None = None) -> CallRecord:
         """The record of a call that ended while no agent ran: from the PBX's own CDR when it
         has the call (its real answer and end), else the time the debited nibbles covered."""
         covered_ms = 0
+        bundle_seconds = held.bundle_used_s
         cost = held.debited_micros
         reason = ENDED_WHILE_AGENT_DOWN.lower()
         info = RatingInfo()
@@ -465,7 +477,11 @@ class Engine:
                 rated = None
             if rated is not None:
                 info = rated.info
-                covered_ms = covered_by(rated.tariff, held.debited_micros, self.session_settings.nibble_ms)
+                tariff = rated.tariff
+                if held.bundle_held_s and rated.bundles and isinstance(tariff, RateRow):
+                    tariff = BundleTariff(tariff, held.bundle_held_s, rated.bundles)
+                covered_ms = covered_by(tariff, held.debited_micros, self.session_settings.nibble_ms,
+                                        bundle_used_s=held.bundle_used_s)
                 if pbx_cdr is not None:
                     reason = FROM_PBX_CDR
                     answered_ms, ended_ms = pbx_cdr.answered_ms, pbx_cdr.ended_ms
@@ -474,7 +490,9 @@ class Engine:
                     # would have nibbled on. Several calls of one account left running without an
                     # agent can take it below its limit: that is what they used.
                     covered_ms = ended_ms - answered_ms if answered_ms is not None else 0
-                    cost = rated.tariff.cost_micros(covered_ms)
+                    cost = tariff.cost_micros(covered_ms)
+                if isinstance(tariff, BundleTariff):
+                    bundle_seconds = tariff.covered_at(covered_ms)
         if answered_ms is None and cost:
             answered_ms = started_ms
         if ended_ms is None:
@@ -490,13 +508,15 @@ class Engine:
             hangup_cause=ENDED_WHILE_AGENT_DOWN, settled_ms=now_ms, legs=legs,
             rating=RatingRecord(decided_ms=now_ms, plan_name=info.plan_name, rate_id=info.rate_id,
                                 prefix=info.prefix, rate_micros=info.rate_micros,
-                                billed_seconds=-(-covered_ms // 1000), cost_micros=cost, reason=reason))
+                                billed_seconds=-(-covered_ms // 1000), cost_micros=cost, reason=reason,
+                                bundle_seconds=bundle_seconds))
 
     def _settle_record(self, step: SettleStep, record: CallRecord) -> None:
         """A settle with its record ready (no session): the record goes out whatever the store
         says, since a reservation left to expire charges the same debited amount."""
         try:
-            self.store.settle(step.call_id, step.seq, step.cost_micros, self.clock.now_ms(), step.account_id)
+            self.store.settle(step.call_id, step.seq, step.cost_micros, self.clock.now_ms(), step.account_id,
+                              step.bundle)
         except Exception as exc:  # noqa: BLE001 - the expiry charges the same money; the CDR must not wait
             log.error("settle of call=%s left behind failed (%s); its reservation's expiry charges the same "
                       "%d micro-units", step.call_id, exc, step.cost_micros)
@@ -518,11 +538,13 @@ class Engine:
             if refused is not None:
                 return refused
 
-        def store_authorize(account_id: str, want: int, minimum: int) -> StoreAuthorization:
+        def store_authorize(account_id: str, want: int, minimum: int, slots: tuple[BundleSlot, ...],
+                            want_s: int) -> StoreAuthorization:
             # No deadline here: the store owns it (StoreGuard), so that its circuit and failure
             # policy see the timeout (a racing one here denied every call, fail_open or not).
             try:
-                return self.store.authorize(account_id, call_id, want, minimum, now_ms)
+                return self.store.authorize(account_id, call_id, want, minimum, now_ms, bundle_slots=slots,
+                                            bundle_want_s=want_s)
             except Exception as exc:  # a store that is down denies the call (fail closed), never hangs it
                 log.error("balance store failed during authorize of %s: %s", call_id, exc, exc_info=True)
                 return StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE,
@@ -603,7 +625,8 @@ class Engine:
                 if result.ok and step.debit_micros:
                     self.metrics.nibble_debits.inc()
                 effects = session.on_nibble_result(step.seq, result.granted_micros, result.debited_micros,
-                                                   now_ms, store_ok=result.ok, why=result.why)
+                                                   now_ms, store_ok=result.ok, why=result.why,
+                                                   bundle_granted_s=result.bundle_granted_s)
                 self._run_effects(self.registry.schedule(effects))
             return
         if isinstance(item, _OperatorCut):
@@ -672,7 +695,8 @@ class Engine:
         if step.call_id not in self._pending_settles:
             return  # written at shutdown already
         try:
-            self.store.settle(step.call_id, step.seq, step.cost_micros, self.clock.now_ms(), step.account_id)
+            self.store.settle(step.call_id, step.seq, step.cost_micros, self.clock.now_ms(), step.account_id,
+                              step.bundle)
         except BillingError as exc:  # refused for good (a conflict, an unknown call): retrying changes nothing
             self.metrics.alerts.labels("settle_refused").inc()
             log.error("ALERT settle_refused call=%s account=%s cost_micros=%d: %s; the CDR is written, the ledger "

@@ -36,6 +36,7 @@ from agent.config import BillingConfig
 from agent.core.balance import (
     AccountState,
     AuthorizeOutcome,
+    BundleSettle,
     DenyReason,
     ExpireReport,
     LiveCall,
@@ -47,7 +48,10 @@ from agent.core.balance import (
     SettleOutcome,
     SettleStatus,
     StoreUnavailable,
+    bundle_settle_from_json,
+    bundle_settle_to_json,
 )
+from agent.core.bundles import BundleSlot, PeriodState
 from agent.core.errors import BillingError
 from agent.core.money import parse_amount
 from agent.ports import BalanceStore, Clock
@@ -189,11 +193,15 @@ class StoreGuard:
     # ------------------------------------------------------------------ authorize
 
     def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
-                  now_ms: int, ttl_ms: int) -> AuthorizeOutcome:
+                  now_ms: int, ttl_ms: int, *, bundle_slots: Sequence[BundleSlot] = (),
+                  bundle_want_s: int = 0) -> AuthorizeOutcome:
         try:
             outcome = self._attempt("authorize", lambda: self.store.authorize(
-                account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms))
+                account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms, bundle_slots=bundle_slots,
+                bundle_want_s=bundle_want_s))
         except StoreUnavailable:
+            # Offline (fail_open) grants are money only: bundle seconds are shared by every node
+            # and cannot be counted without the store.
             return self._authorize_offline(account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms)
         return outcome
 
@@ -240,7 +248,7 @@ class StoreGuard:
     def _nibble_offline(self, r: NibbleRequest) -> NibbleOutcome:
         self.journal.append({"op": "nibble", "call_id": r.call_id, "seq": r.seq, "debit_micros": r.debit_micros,
                              "reserve_micros": r.reserve_micros, "now_ms": r.now_ms, "ttl_ms": r.ttl_ms,
-                             "account_id": r.account_id})
+                             "account_id": r.account_id, "bundle_used_s": r.bundle_used_s})
         account_id = r.account_id
         if self.policy == "fail_closed" or account_id is None:
             return NibbleOutcome(r.call_id, r.seq, NibbleStatus.STORE_UNAVAILABLE, 0, 0)
@@ -251,16 +259,17 @@ class StoreGuard:
     # ------------------------------------------------------------------ settle, release
 
     def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, *,
-               account_id: str | None = None) -> SettleOutcome:
+               account_id: str | None = None, bundle: BundleSettle | None = None) -> SettleOutcome:
         account = account_id or self._offline_account(call_id)
         try:
             if len(self.journal) and not self._replay():
                 raise StoreUnavailable("journal not replayed yet")
             outcome = self._attempt("settle", lambda: self.store.settle(call_id, seq, cost_micros, now_ms,
-                                                                        account_id=account))
+                                                                        account_id=account, bundle=bundle))
         except StoreUnavailable:
             self.journal.append({"op": "settle", "call_id": call_id, "seq": seq, "cost_micros": cost_micros,
-                                 "now_ms": now_ms, "account_id": account})
+                                 "now_ms": now_ms, "account_id": account,
+                                 "bundle": None if bundle is None else bundle_settle_to_json(bundle)})
             log.warning("settle journaled call=%s account=%s cost_micros=%d", call_id, account, cost_micros)
             return SettleOutcome(call_id, account or "", SettleStatus.JOURNALED, cost_micros, ledger_posted=False)
         return outcome
@@ -333,11 +342,14 @@ class StoreGuard:
                 log.error("call=%s authorized offline is refused by the store (%s): its settle charges it in "
                           "full", call_id, out.reason)
         elif op == "nibble":
-            self.store.debit_and_reserve(call_id, int(e["seq"]), int(e["debit_micros"]), int(e["reserve_micros"]),
-                                         now_ms, int(e["ttl_ms"]), account_id=e.get("account_id"))
+            self.store.debit_and_reserve_many([NibbleRequest(
+                call_id, int(e["seq"]), int(e["debit_micros"]), int(e["reserve_micros"]), now_ms, int(e["ttl_ms"]),
+                account_id=e.get("account_id"), bundle_used_s=int(e.get("bundle_used_s") or 0))])
         elif op == "settle":
+            bundle = e.get("bundle")
             self.store.settle(call_id, int(e["seq"]), int(e["cost_micros"]), int(e["now_ms"]),
-                              account_id=e.get("account_id"))
+                              account_id=e.get("account_id"),
+                              bundle=None if bundle is None else bundle_settle_from_json(bundle))
         elif op == "release":
             self.store.release(call_id, int(e["seq"]), int(e["now_ms"]), account_id=e.get("account_id"))
         else:
@@ -350,6 +362,9 @@ class StoreGuard:
 
     def live_calls(self) -> list[LiveCall]:
         return self._attempt("live calls", self.store.live_calls)
+
+    def bundle_periods(self, account_id: str) -> dict[tuple[int, int], PeriodState]:
+        return self._attempt("bundle periods", lambda: self.store.bundle_periods(account_id))
 
     def account_state(self, account_id: str) -> AccountState:
         return self._attempt("account state", lambda: self.store.account_state(account_id))

@@ -4,8 +4,17 @@ normally behind ``StoreGuard``, which owns the deadline and the failure policy).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
-from agent.core.balance import NibbleRequest, NibbleStatus, StoreAuthorization, StoreNibble, StoreUnavailable
+from agent.core.balance import (
+    BundleSettle,
+    NibbleRequest,
+    NibbleStatus,
+    StoreAuthorization,
+    StoreNibble,
+    StoreUnavailable,
+)
+from agent.core.bundles import BundleSlot
 from agent.core.events import DenyReason
 from agent.core.session import NibbleStep
 from agent.ports import BalanceStore
@@ -25,20 +34,24 @@ class EngineStoreAdapter:
         self.ttl_ms = ttl_ms
 
     def authorize(self, account_id: str, call_id: str, want_micros: int, min_micros: int,
-                  now_ms: int) -> StoreAuthorization:
+                  now_ms: int, *, bundle_slots: Sequence[BundleSlot] = (), bundle_want_s: int = 0,
+                  ) -> StoreAuthorization:
         try:
             outcome = self.store.authorize(account_id, call_id, self.node, want_micros, min_micros, now_ms,
-                                           self.ttl_ms)
+                                           self.ttl_ms, bundle_slots=bundle_slots, bundle_want_s=bundle_want_s)
         except StoreUnavailable as exc:
             return StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE, detail=str(exc))
         if not outcome.allowed:
             return StoreAuthorization(False, reason=outcome.reason, detail=_deny_detail(outcome.reason))
-        return StoreAuthorization(True, outcome.granted_micros, outcome.available_micros)
+        return StoreAuthorization(True, outcome.granted_micros, outcome.available_micros,
+                                  bundle_granted_s=outcome.bundle_granted_s,
+                                  bundle_available_s=outcome.bundle_available_s)
 
     def nibbles(self, steps: list[NibbleStep], now_ms: int) -> list[StoreNibble]:
         requests = [
             NibbleRequest(step.call_id, step.seq, step.debit_micros, step.reserve_micros, now_ms, self.ttl_ms,
-                          account_id=step.account_id or None)
+                          account_id=step.account_id or None, bundle_used_s=step.bundle_used_s,
+                          bundle_want_s=step.bundle_want_s)
             for step in steps
         ]
         try:
@@ -47,7 +60,8 @@ class EngineStoreAdapter:
             return [StoreNibble(0, 0, ok=False, why="store_unavailable") for _ in steps]
         # Anything but an applied step (expired, closed, unreachable) gets no new money: the
         # engine cuts the call at the end of what it was granted (fail closed).
-        results = [StoreNibble(o.granted_micros, o.debited_micros, ok=o.status in _APPLIED, why=str(o.status))
+        results = [StoreNibble(o.granted_micros, o.debited_micros, ok=o.status in _APPLIED, why=str(o.status),
+                               bundle_granted_s=o.bundle_granted_s if o.status in _APPLIED else 0)
                    for o in outcomes]
         for index, (step, outcome) in enumerate(zip(steps, outcomes, strict=True)):
             if outcome.status is NibbleStatus.UNKNOWN_CALL and step.account_id:
@@ -72,8 +86,9 @@ class EngineStoreAdapter:
                     "again from the account's balance", step.call_id, step.account_id)
         return StoreNibble(min(again.granted_micros, step.reserve_micros), step.debit_micros)
 
-    def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, account_id: str) -> None:
-        self.store.settle(call_id, seq, cost_micros, now_ms, account_id=account_id or None)
+    def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, account_id: str,
+               bundle: BundleSettle | None = None) -> None:
+        self.store.settle(call_id, seq, cost_micros, now_ms, account_id=account_id or None, bundle=bundle)
 
     def release(self, call_id: str, seq: int, now_ms: int, account_id: str) -> None:
         self.store.release(call_id, seq, now_ms, account_id=account_id or None)

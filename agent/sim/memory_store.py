@@ -9,9 +9,18 @@ records every money movement, so a simulation can check that nothing was overspe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from agent.core.balance import StoreAuthorization, StoreNibble, UnknownCall
+from agent.core.balance import (
+    BundleSettle,
+    StoreAuthorization,
+    StoreNibble,
+    UnknownCall,
+    authorize_with_bundles,
+    nibble_bundle_draw,
+)
+from agent.core.bundles import BundleSlot, commit, rollover_carry
 from agent.core.events import DenyReason
 from agent.core.session import NibbleStep
 
@@ -46,6 +55,21 @@ class MemCall:
     overrun_micros: int = 0
     seen: dict[int, StoreNibble] = field(default_factory=dict)
     settled: bool = False
+    bundle_holds: list[tuple[BundleSlot, int]] = field(default_factory=list)  # draw order
+    bundle_used_s: int = 0
+
+
+@dataclass
+class MemPeriod:
+    """A bundle period (DESIGN §9): ``granted`` is the allowance plus any rollover."""
+
+    granted_s: int
+    used_s: int = 0
+    reserved_s: int = 0
+
+    @property
+    def left_s(self) -> int:
+        return self.granted_s - self.used_s - self.reserved_s
 
 
 class MemoryStore:
@@ -56,6 +80,23 @@ class MemoryStore:
         self.unavailable = False
         self.overspend_micros = 0  # money used beyond what the account had (a PBX that ignored a cut)
         self.overspend_by_call: dict[str, int] = {}
+        self.periods: dict[tuple[int, int], MemPeriod] = {}  # (grant id, period start ms)
+        self.bundle_used_by_call: dict[str, int] = {}  # call id -> bundle seconds committed
+
+    def _period(self, slot: BundleSlot) -> MemPeriod:
+        period = self.periods.get(slot.key)
+        if period is None:
+            carry = 0
+            if slot.carry_from_ms is not None:
+                previous = self.periods.get((slot.grant_id, slot.carry_from_ms))
+                carry = rollover_carry(allowance_s=slot.seconds,
+                                       previous_left_s=slot.seconds if previous is None else previous.left_s)
+            period = self.periods[slot.key] = MemPeriod(slot.seconds + carry)
+        return period
+
+    def _check_period(self, period: MemPeriod) -> None:
+        if period.left_s < 0 or period.reserved_s < 0:
+            raise OverspendError(f"bundle period below zero: {period}")
 
     def add_account(self, account_id: str, balance_micros: int, credit_limit_micros: int = 0,
                     max_calls: int | None = None) -> None:
@@ -81,7 +122,8 @@ class MemoryStore:
     # ---------------------------------------------------------------- EngineStore (agent/ports.py)
 
     def authorize(self, account_id: str, call_id: str, want_micros: int, min_micros: int,
-                  now_ms: int) -> StoreAuthorization:
+                  now_ms: int, *, bundle_slots: Sequence[BundleSlot] = (), bundle_want_s: int = 0,
+                  ) -> StoreAuthorization:
         self._raise_if_down()
         account = self.accounts.get(account_id)
         if account is None:
@@ -95,15 +137,24 @@ class MemoryStore:
             return StoreAuthorization(False, reason=DenyReason.MAX_CALLS,
                                       detail=f"{len(account.calls)} calls already up")
         available = account.available_micros
-        if available < max(min_micros, 1):
+        periods = [self._period(slot) for slot in bundle_slots]
+        lefts = [period.left_s for period in periods]
+        reason, grant, taken = authorize_with_bundles(
+            status="active", live_calls=0, max_calls=None, available_micros=available, want_micros=want_micros,
+            min_micros=max(min_micros, 1), bundle_lefts=lefts, bundle_want_s=bundle_want_s)
+        if reason is not None:
             return StoreAuthorization(False, reason=DenyReason.INSUFFICIENT_FUNDS,
                                       detail=f"available {available} < first block {min_micros}")
-        grant = min(want_micros, available)
+        for period, seconds in zip(periods, taken, strict=True):
+            period.reserved_s += seconds
+            self._check_period(period)
         account.reserved_micros += grant
         account.calls.add(call_id)
-        self.calls[call_id] = MemCall(account_id, grant)
+        self.calls[call_id] = MemCall(account_id, grant,
+                                      bundle_holds=list(zip(bundle_slots, taken, strict=True)))
         self._check(account)
-        return StoreAuthorization(True, grant, available)
+        return StoreAuthorization(True, grant, available, bundle_granted_s=sum(taken),
+                                  bundle_available_s=sum(max(left, 0) for left in lefts))
 
     def nibbles(self, steps: list[NibbleStep], now_ms: int) -> list[StoreNibble]:
         self._raise_if_down()
@@ -122,22 +173,44 @@ class MemoryStore:
         account.balance_micros -= step.debit_micros
         account.reserved_micros -= call.hold_micros
         call.debited_micros += step.debit_micros
+        # Bundles first (DESIGN §9): what the call used so far, then the next slice's seconds.
+        call.bundle_used_s = max(call.bundle_used_s, min(step.bundle_used_s, sum(h for _, h in call.bundle_holds)))
+        reserve, bundle_granted = step.reserve_micros, 0
+        if step.bundle_want_s > 0 and call.bundle_holds:
+            periods = [self._period(slot) for slot, _ in call.bundle_holds]
+            taken, reserve = nibble_bundle_draw([p.left_s for p in periods], step.bundle_want_s, step.reserve_micros)
+            for period, seconds in zip(periods, taken, strict=True):
+                period.reserved_s += seconds
+            call.bundle_holds = [(slot, held + seconds)
+                                 for (slot, held), seconds in zip(call.bundle_holds, taken, strict=True)]
+            bundle_granted = sum(taken)
         # Replace the hold with the next slice, as much of it as the account still has.
-        grant = max(0, min(step.reserve_micros, account.available_micros))
+        grant = max(0, min(reserve, account.available_micros))
         call.hold_micros = grant
         account.reserved_micros += grant
         self._check(account)
-        result = StoreNibble(grant, step.debit_micros)
+        result = StoreNibble(grant, step.debit_micros, bundle_granted_s=bundle_granted)
         call.seen[step.seq] = result
         return result
 
-    def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, account_id: str = "") -> None:
+    def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, account_id: str = "",
+               bundle: BundleSettle | None = None) -> None:
         self._raise_if_down()
         call = self.calls.get(call_id)
         if call is None:
             raise UnknownCall(f"settle for unknown call {call_id}")
         if call.settled:
             return
+        covered = call.bundle_used_s if bundle is None else bundle.covered_s
+        used = commit([held for _, held in call.bundle_holds], covered)
+        for (slot, held), seconds in zip(call.bundle_holds, used, strict=True):
+            period = self._period(slot)
+            period.reserved_s -= held
+            period.used_s += seconds
+            self._check_period(period)
+        if call.bundle_holds:
+            self.bundle_used_by_call[call_id] = sum(used)
+        call.bundle_holds = []
         account = self.accounts[call.account_id]
         account.balance_micros -= cost_micros - call.debited_micros
         account.reserved_micros -= call.hold_micros
@@ -165,6 +238,9 @@ class MemoryStore:
         account = self.accounts[call.account_id]
         account.reserved_micros -= call.hold_micros
         account.calls.discard(call_id)
+        for slot, held in call.bundle_holds:
+            self._period(slot).reserved_s -= held
+        call.bundle_holds = []
         call.hold_micros = 0
         call.settled = True
         self.settled[call_id] = 0

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agent.core.balance import StoreAuthorization
+from agent.core.bundles import BundleSlot
 from agent.core.cdr import CallRecord, Disposition
 from agent.core.events import (
     AuthorizeDecision,
@@ -230,8 +231,10 @@ class Simulation:
         request = AuthorizeRequest("sim", a_leg, account, destination, self.now_ms, caller="100", group_id=a_leg)
         call_id = f"sim-{a_leg}"
 
-        def store_authorize(account_id: str, want: int, minimum: int) -> StoreAuthorization:
-            return self.store.authorize(account_id, call_id, want, minimum, self.now_ms)
+        def store_authorize(account_id: str, want: int, minimum: int, slots: tuple[BundleSlot, ...],
+                            want_s: int) -> StoreAuthorization:
+            return self.store.authorize(account_id, call_id, want, minimum, self.now_ms, bundle_slots=slots,
+                                        bundle_want_s=want_s)
 
         refused = self._screen(request, call_id)
         if refused is not None:

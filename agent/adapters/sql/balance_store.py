@@ -24,11 +24,13 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.adapters.sql.accounts import post_entry
+from agent.adapters.sql.bundle_periods import dump_holds, load_holds, open_period, periods_of, post_use
 from agent.adapters.sql.engine import transaction
 from agent.adapters.sql.models import Account, RatePlan, Reservation
 from agent.core.balance import (
     AccountState,
     AuthorizeOutcome,
+    BundleSettle,
     DenyReason,
     ExpireReport,
     LiveCall,
@@ -41,14 +43,17 @@ from agent.core.balance import (
     SettleStatus,
     StoreUnavailable,
     UnknownCall,
-    authorize_decision,
+    authorize_with_bundles,
     check_authorize,
+    check_bundle_request,
     check_call_id,
     check_micros,
     check_nibble,
     ledger_postings,
+    nibble_bundle_draw,
     nibble_step,
 )
+from agent.core.bundles import BundleSlot, PeriodState, commit
 from agent.core.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
@@ -130,13 +135,16 @@ class SqlBalanceStore:
     # ------------------------------------------------------------------ authorize
 
     def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
-                  now_ms: int, ttl_ms: int) -> AuthorizeOutcome:
+                  now_ms: int, ttl_ms: int, *, bundle_slots: Sequence[BundleSlot] = (),
+                  bundle_want_s: int = 0) -> AuthorizeOutcome:
         check_authorize(call_id, want_micros, min_micros, ttl_ms)
+        check_bundle_request(bundle_slots, bundle_want_s)
         return self._run(lambda s: self._authorize(s, account_id, call_id, node, want_micros, min_micros,
-                                                   now_ms, ttl_ms))
+                                                   now_ms, ttl_ms, tuple(bundle_slots), bundle_want_s))
 
     def _authorize(self, session: Session, account_id: str, call_id: str, node: str, want: int,
-                   minimum: int, now_ms: int, ttl_ms: int) -> AuthorizeOutcome:
+                   minimum: int, now_ms: int, ttl_ms: int, slots: tuple[BundleSlot, ...] = (),
+                   want_s: int = 0) -> AuthorizeOutcome:
         account = self._lock_account(session, account_id)
         if account is None:
             return AuthorizeOutcome(call_id, False, DenyReason.UNKNOWN_ACCOUNT, 0, 0)
@@ -147,26 +155,36 @@ class SqlBalanceStore:
             if existing.account_id != account_id:
                 raise Conflict(f"call {call_id!r} is already authorized on account {existing.account_id!r}")
             return AuthorizeOutcome(call_id, True, None, existing.auth_granted_micros,
-                                    existing.auth_available_micros, plan_name, account.currency, replayed=True)
+                                    existing.auth_available_micros, plan_name, account.currency, replayed=True,
+                                    bundle_granted_s=existing.bundle_held_s)
         now = ms_to_datetime(now_ms)
         live = session.scalar(
             select(func.count()).select_from(Reservation).where(
                 Reservation.account_id == account_id, Reservation.state == "open", Reservation.expires_at > now)
         ) or 0
         available = account.balance_micros + account.credit_limit_micros - account.reserved_micros
-        reason, granted = authorize_decision(
+        periods = [open_period(session, account_id, slot) for slot in slots] if account.status == "active" else []
+        lefts = [period.granted_s - period.used_s - period.reserved_s for period in periods]
+        reason, granted, taken = authorize_with_bundles(
             status=account.status, live_calls=live, max_calls=account.max_concurrent_calls,
-            available_micros=available, want_micros=want, min_micros=minimum)
+            available_micros=available, want_micros=want, min_micros=minimum, bundle_lefts=lefts,
+            bundle_want_s=want_s)
+        bundle_available = sum(max(left, 0) for left in lefts)
         if reason is not None:
-            return AuthorizeOutcome(call_id, False, reason, 0, available, plan_name, account.currency)
+            return AuthorizeOutcome(call_id, False, reason, 0, available, plan_name, account.currency,
+                                    bundle_available_s=bundle_available)
+        for period, seconds in zip(periods, taken, strict=True):
+            period.reserved_s += seconds
         session.add(Reservation(
             call_id=call_id, account_id=account_id, node=node, state="open", seq=0, granted_micros=granted,
             last_debit_micros=0, auth_granted_micros=granted, auth_available_micros=available,
             reserved_micros=granted, debited_micros=0, overrun_micros=0, created_at=now,
-            expires_at=ms_to_datetime(now_ms + ttl_ms)))
+            expires_at=ms_to_datetime(now_ms + ttl_ms), bundle_held_s=sum(taken), bundle_used_s=0,
+            bundle_last_granted_s=sum(taken), bundle_slots=dump_holds(list(zip(slots, taken, strict=True)))))
         account.reserved_micros += granted
         session.flush()
-        return AuthorizeOutcome(call_id, True, None, granted, available, plan_name, account.currency)
+        return AuthorizeOutcome(call_id, True, None, granted, available, plan_name, account.currency,
+                                bundle_granted_s=sum(taken), bundle_available_s=bundle_available)
 
     # ------------------------------------------------------------------ nibbles
 
@@ -195,14 +213,16 @@ class SqlBalanceStore:
             return NibbleOutcome(req.call_id, req.seq, NibbleStatus.CLOSED, 0, 0, **totals)
         if req.seq == r.seq:
             return NibbleOutcome(req.call_id, req.seq, NibbleStatus.REPLAYED, r.granted_micros,
-                                 r.last_debit_micros, **totals)
+                                 r.last_debit_micros, **totals, bundle_granted_s=r.bundle_last_granted_s,
+                                 bundle_held_s=r.bundle_held_s)
         if req.seq < r.seq:
             return NibbleOutcome(req.call_id, req.seq, NibbleStatus.STALE, 0, 0, **totals)
         if datetime_to_ms(r.expires_at) <= req.now_ms:
             return NibbleOutcome(req.call_id, req.seq, NibbleStatus.EXPIRED, 0, 0, **totals)
+        reserve_micros, bundle_granted = self._nibble_bundles(session, r, req)
         effect = nibble_step(
             call_reserved_micros=r.reserved_micros, debit_micros=req.debit_micros,
-            reserve_micros=req.reserve_micros,
+            reserve_micros=reserve_micros,
             available_after_debit_micros=account.balance_micros + account.credit_limit_micros
             - account.reserved_micros - (req.debit_micros - min(req.debit_micros, r.reserved_micros)))
         remaining = r.reserved_micros - effect.taken_micros
@@ -220,21 +240,44 @@ class SqlBalanceStore:
         r.expires_at = ms_to_datetime(req.now_ms + req.ttl_ms)
         session.flush()
         return NibbleOutcome(req.call_id, req.seq, NibbleStatus.GRANTED, effect.granted_micros, req.debit_micros,
-                             r.debited_micros, r.overrun_micros)
+                             r.debited_micros, r.overrun_micros, bundle_granted_s=bundle_granted,
+                             bundle_held_s=r.bundle_held_s)
+
+    @staticmethod
+    def _nibble_bundles(session: Session, r: Reservation, req: NibbleRequest) -> tuple[int, int]:
+        """The nibble's bundle part (DESIGN §9): record what the call used, take the next
+        slice's seconds; returns the money to reserve and the seconds granted."""
+        r.bundle_used_s = max(r.bundle_used_s, min(req.bundle_used_s, r.bundle_held_s))
+        r.bundle_last_granted_s = 0
+        holds = load_holds(r.bundle_slots)
+        if req.bundle_want_s <= 0 or not holds:
+            return req.reserve_micros, 0
+        periods = [open_period(session, r.account_id, slot) for slot, _ in holds]
+        taken, reserve = nibble_bundle_draw([p.granted_s - p.used_s - p.reserved_s for p in periods],
+                                            req.bundle_want_s, req.reserve_micros)
+        for period, seconds in zip(periods, taken, strict=True):
+            period.reserved_s += seconds
+        r.bundle_slots = dump_holds([(slot, held + seconds)
+                                     for (slot, held), seconds in zip(holds, taken, strict=True)])
+        r.bundle_held_s += sum(taken)
+        r.bundle_last_granted_s = sum(taken)
+        return reserve, sum(taken)
 
     # ------------------------------------------------------------------ settle, release, expire
 
     def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, *,
-               account_id: str | None = None) -> SettleOutcome:
+               account_id: str | None = None, bundle: BundleSettle | None = None) -> SettleOutcome:
         check_call_id(call_id)
         check_micros("cost", cost_micros)
-        return self._run(lambda s: self._settle(s, call_id, seq, cost_micros, now_ms, account_id))
+        if bundle is not None:
+            check_bundle_request(bundle.slots, bundle.covered_s)
+        return self._run(lambda s: self._settle(s, call_id, seq, cost_micros, now_ms, account_id, bundle))
 
     def _settle(self, session: Session, call_id: str, seq: int, cost: int, now_ms: int,
-                account_hint: str | None) -> SettleOutcome:
+                account_hint: str | None, bundle: BundleSettle | None = None) -> SettleOutcome:
         r, account = self._lock_call_and_account(session, call_id)
         if r is None:
-            return self._settle_without_reservation(session, call_id, seq, cost, now_ms, account_hint)
+            return self._settle_without_reservation(session, call_id, seq, cost, now_ms, account_hint, bundle)
         assert account is not None  # the foreign key guarantees the reservation's account
         if r.state == "settled":
             status = SettleStatus.REPLAYED if r.cost_micros == cost else SettleStatus.CONFLICT
@@ -244,15 +287,18 @@ class SqlBalanceStore:
             return SettleOutcome(call_id, r.account_id, status, r.cost_micros or 0, r.debited_micros, 0,
                                  r.overrun_micros)
         released = 0
+        covered = r.bundle_used_s if bundle is None else bundle.covered_s
         if r.state == "open":
             held = r.reserved_micros + r.debited_micros
             overrun = max(0, cost - held)
             released = r.reserved_micros
             account.reserved_micros -= held
             status = SettleStatus.SETTLED
+            self._commit_bundles(session, r, covered)
         else:  # expired or released: its debits were charged when it closed; charge the rest now
             overrun = max(0, cost - (r.closed_charge_micros or 0))
             status = SettleStatus.AFTER_EXPIRY
+            self._commit_bundles_late(session, r, covered)
         if overrun:
             log.warning("settle overrun call=%s cost_micros=%d overrun_micros=%d", call_id, cost, overrun)
         r.state, r.cost_micros, r.reserved_micros = "settled", cost, 0
@@ -261,10 +307,39 @@ class SqlBalanceStore:
         r.closed_at = ms_to_datetime(now_ms)
         session.flush()
         self._post(session, r)
-        return SettleOutcome(call_id, r.account_id, status, cost, r.debited_micros, released, r.overrun_micros)
+        return SettleOutcome(call_id, r.account_id, status, cost, r.debited_micros, released, r.overrun_micros,
+                             bundle_used_s=r.bundle_used_s)
+
+    @staticmethod
+    def _commit_bundles(session: Session, r: Reservation, covered_s: int) -> None:
+        """Close a live call's bundle holds: ``covered_s`` used, in draw order; the rest back."""
+        holds = load_holds(r.bundle_slots)
+        if not holds:
+            return
+        used = commit([held for _, held in holds], covered_s)
+        for (slot, held), seconds in zip(holds, used, strict=True):
+            period = open_period(session, r.account_id, slot)
+            period.reserved_s -= min(held, period.reserved_s)
+            post_use(session, r.account_id, r.call_id, period, slot, seconds)
+        r.bundle_used_s = sum(used)
+
+    @staticmethod
+    def _commit_bundles_late(session: Session, r: Reservation, covered_s: int) -> None:
+        """A settle after the call's holds closed (expiry, release): what it used beyond what
+        the close committed, on the periods in order, up to each one's hold first."""
+        extra = covered_s - r.bundle_used_s
+        holds = load_holds(r.bundle_slots)
+        if extra <= 0 or not holds:
+            return
+        room = commit([held for _, held in holds], r.bundle_used_s)
+        used = commit([max(held - done, 0) for (_, held), done in zip(holds, room, strict=True)], extra)
+        for (slot, _), seconds in zip(holds, used, strict=True):
+            post_use(session, r.account_id, r.call_id, open_period(session, r.account_id, slot), slot, seconds,
+                     late=True)
+        r.bundle_used_s = covered_s
 
     def _settle_without_reservation(self, session: Session, call_id: str, seq: int, cost: int, now_ms: int,
-                                    account_hint: str | None) -> SettleOutcome:
+                                    account_hint: str | None, bundle: BundleSettle | None = None) -> SettleOutcome:
         if account_hint is None:
             raise UnknownCall(f"settle of unknown call {call_id!r}: no reservation and no account to charge")
         if self._lock_account(session, account_hint) is None:
@@ -277,9 +352,18 @@ class SqlBalanceStore:
                         reserved_micros=0, debited_micros=0, overrun_micros=cost, cost_micros=cost,
                         created_at=now, expires_at=now, closed_at=now)
         session.add(r)
+        if bundle is not None and bundle.slots and bundle.covered_s > 0:
+            # The holds were lost with the reservation: take the seconds from what is left, in
+            # draw order; what no period has left goes to the first (the call did use them).
+            periods = [open_period(session, account_hint, slot) for slot in bundle.slots]
+            used = commit([max(p.granted_s - p.used_s - p.reserved_s, 0) for p in periods], bundle.covered_s)
+            for period, slot, seconds in zip(periods, bundle.slots, used, strict=True):
+                post_use(session, account_hint, call_id, period, slot, seconds)
+            r.bundle_used_s = r.bundle_held_s = bundle.covered_s
         session.flush()
         self._post(session, r)
-        return SettleOutcome(call_id, account_hint, SettleStatus.WITHOUT_RESERVATION, cost, 0, 0, cost)
+        return SettleOutcome(call_id, account_hint, SettleStatus.WITHOUT_RESERVATION, cost, 0, 0, cost,
+                             bundle_used_s=r.bundle_used_s)
 
     def release(self, call_id: str, seq: int, now_ms: int, *, account_id: str | None = None) -> ReleaseOutcome:
         check_call_id(call_id)
@@ -298,6 +382,7 @@ class SqlBalanceStore:
             return ReleaseOutcome(call_id, ReleaseStatus.CLOSED)  # renewed since the sweep looked
         released = r.reserved_micros
         account.reserved_micros -= r.reserved_micros + r.debited_micros
+        self._commit_bundles(session, r, r.bundle_used_s)  # what its nibbles used; the rest goes back
         r.state, r.reserved_micros, r.closed_charge_micros = state, 0, r.debited_micros
         r.seq = max(r.seq, seq)
         r.closed_at = ms_to_datetime(now_ms)
@@ -326,10 +411,14 @@ class SqlBalanceStore:
             rows = session.scalars(select(Reservation).where(Reservation.state == "open")
                                    .order_by(Reservation.created_at))
             return [LiveCall(r.account_id, r.call_id, r.node, r.seq, r.reserved_micros, r.debited_micros,
-                             r.overrun_micros, datetime_to_ms(r.created_at), datetime_to_ms(r.expires_at))
+                             r.overrun_micros, datetime_to_ms(r.created_at), datetime_to_ms(r.expires_at),
+                             r.bundle_held_s, r.bundle_used_s)
                     for r in rows]
 
         return self._run(work)
+
+    def bundle_periods(self, account_id: str) -> dict[tuple[int, int], PeriodState]:
+        return self._run(lambda s: periods_of(s, account_id))
 
     def account_state(self, account_id: str) -> AccountState:
         def work(session: Session) -> AccountState:

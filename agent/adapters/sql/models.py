@@ -253,6 +253,8 @@ class RatingDecision(Base):
     prefix: Mapped[str] = mapped_column(String(32), default="")
     rate_micros: Mapped[int] = mapped_column(Micros, default=0)
     billed_seconds: Mapped[int] = mapped_column(Integer, default=0)
+    bundle_seconds: Mapped[int] = mapped_column(Integer, default=0,
+                                                comment="of billed_seconds, covered by bundles (bundle_usage has each)")
     cost_micros: Mapped[int] = mapped_column(Micros, default=0)
     decided_at: Mapped[datetime] = mapped_column(UtcDateTime)
     reason: Mapped[str] = mapped_column(String(255), default="")
@@ -313,6 +315,13 @@ class Reservation(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
     closed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Bundle seconds (DESIGN §9): held for the call (used + the next slice), used so far by its
+    # nibbles, granted by the last step (replays), and the periods drawn on, as JSON
+    # ``[[grant_id, period_start_ms, held_s, allowance_s, carry_from_ms|null], ...]`` in draw order.
+    bundle_held_s: Mapped[int] = mapped_column(BigInteger, default=0)
+    bundle_used_s: Mapped[int] = mapped_column(BigInteger, default=0)
+    bundle_last_granted_s: Mapped[int] = mapped_column(BigInteger, default=0)
+    bundle_slots: Mapped[str] = mapped_column(Text, default="")
 
 
 class AgentNode(Base):
@@ -403,3 +412,93 @@ class FraudAlert(Base):
     destination: Mapped[str] = mapped_column(String(64), default="")
     detail: Mapped[str] = mapped_column(String(255), default="")
     acked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class Bundle(Base):
+    """A free-minute bundle as sold (DESIGN §9): ``seconds`` per period to the numbers starting
+    with one of its prefixes (``bundle_prefixes``). ``deleted_at`` retires it: existing grants
+    keep their history, no new grant or call draws on it."""
+
+    __tablename__ = "bundles"
+    __table_args__ = (
+        CheckConstraint("period IN ('month', 'week', 'once')", name="period_known"),
+        CheckConstraint("seconds > 0", name="seconds_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    seconds: Mapped[int] = mapped_column(BigInteger, comment="allowance per period, seconds")
+    period: Mapped[str] = mapped_column(String(8), default="month")
+    anchor: Mapped[int] = mapped_column(Integer, default=1,
+                                        comment="month: day 1-31 (31 = the last day); week: ISO weekday 1-7")
+    rollover: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class BundlePrefix(Base):
+    """One destination prefix a bundle covers."""
+
+    __tablename__ = "bundle_prefixes"
+
+    bundle_id: Mapped[int] = mapped_column(ForeignKey("bundles.id", ondelete="CASCADE"), primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(32), primary_key=True)
+
+
+class BundleGrant(Base):
+    """A bundle granted to an account over ``[valid_from, valid_until)``; ``reference`` makes
+    ``bundles grant`` idempotent, as for top-ups."""
+
+    __tablename__ = "bundle_grants"
+    __table_args__ = (Index(None, "account_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    bundle_id: Mapped[int] = mapped_column(ForeignKey("bundles.id"))
+    valid_from: Mapped[datetime] = mapped_column(UtcDateTime)
+    valid_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    reference: Mapped[str] = mapped_column(String(191), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class BundlePeriod(Base):
+    """The counters of one grant's period (``left = granted - used - reserved``), opened when a
+    call first draws on it. ``granted_s`` and ``used_s`` are sums of ``bundle_usage`` rows
+    (`ledger check` proves it); ``reserved_s`` is what live calls hold (embedded SQL store; with
+    Redis the live holds are in Redis)."""
+
+    __tablename__ = "bundle_periods"
+    __table_args__ = (
+        CheckConstraint("granted_s >= 0 AND reserved_s >= 0", name="seconds_not_negative"),
+    )
+
+    grant_id: Mapped[int] = mapped_column(ForeignKey("bundle_grants.id"), primary_key=True)
+    period_start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    account_id: Mapped[str] = mapped_column(String(64), index=True)
+    period_end_ms: Mapped[int] = mapped_column(BigInteger)
+    granted_s: Mapped[int] = mapped_column(BigInteger, default=0, comment="allowance + rollover")
+    used_s: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved_s: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class BundleUsage(Base):
+    """The append-only ledger of bundle seconds: ``grant`` (+allowance) and ``rollover`` (+carry)
+    when a period opens, ``use`` (-seconds a call took), ``adjust`` (re-rating). Each row has a
+    unique reference; a period's left = the sum of its rows."""
+
+    __tablename__ = "bundle_usage"
+    __table_args__ = (
+        Index(None, "grant_id", "period_start_ms"),
+        Index(None, "call_id"),
+        CheckConstraint("kind IN ('grant', 'rollover', 'use', 'adjust')", name="kind_known"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(String(64))
+    grant_id: Mapped[int] = mapped_column(BigInteger)
+    period_start_ms: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(16))
+    seconds: Mapped[int] = mapped_column(BigInteger, comment="signed: + granted, - used")
+    reference: Mapped[str] = mapped_column(String(191), unique=True)
+    call_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
