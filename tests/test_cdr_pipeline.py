@@ -252,7 +252,7 @@ def test_the_spooled_form_is_copy_lines_and_decodes_back(record: CallRecord) -> 
     payload = spool_payload(record)
     settled, call, legs, decision = copy_rows(payload)
     assert settled == (record.settled_ms or record.ended_ms or record.started_ms)
-    assert len(call.split(b"\t")) == 13 and len(decision.split(b"\t")) == 10
+    assert len(call.split(b"\t")) == 13 and len(decision.split(b"\t")) == 11
     assert [len(leg.split(b"\t")) for leg in legs] == [14] * len(record.legs)
     assert decode_record(payload) == record
 
@@ -283,7 +283,7 @@ def test_damaged_copy_lines_do_not_decode(damage: Any) -> None:
     from agent.services.cdr_pipeline import spool_payload
 
     payload = damage(spool_payload(make_record(1)))
-    assert payload.startswith(b"cdr2\t")
+    assert payload.startswith(b"cdr3\t")
     with pytest.raises(ValueError, match="malformed call record"):
         decode_record(payload)
 

@@ -49,7 +49,7 @@ import gevent.pool
 from prometheus_client import Counter, Gauge, Histogram
 
 from agent.core.cdr import CallRecord, LegRecord, RatingRecord
-from agent.services.cdr_lines import TAG as LINES_TAG
+from agent.services.cdr_lines import TAGS as LINES_TAGS
 from agent.services.cdr_lines import decode_lines, encode_lines
 from agent.services.metrics import Metrics
 
@@ -201,7 +201,7 @@ def spool_payload(record: CallRecord) -> bytes:
 
 def decode_record(payload: bytes) -> CallRecord:
     """Either spooled form. Raises ValueError with the reason on anything that is not a spooled call."""
-    if payload.startswith(LINES_TAG):
+    if payload.startswith(LINES_TAGS):
         return decode_lines(payload)
     data = json.loads(payload)
     if not isinstance(data, dict):
