@@ -42,6 +42,7 @@ from agent.adapters.http_status import StatusServer
 from agent.adapters.sql.account_plans import AccountPlans
 from agent.adapters.sql.engine import make_engine
 from agent.adapters.sql.fraud import SqlFraudActions, suspended_by_rule
+from agent.adapters.sql.bundle_book import BundleBook
 from agent.adapters.sql.live_calls import LiveCallFact, LiveCallPublisher, live_call_rows
 from agent.adapters.sql.migrate import check_schema
 from agent.adapters.sql.models import RatePlan
@@ -121,6 +122,7 @@ class Daemon:
         self.cdr: CdrPipeline | None = None
         self.publisher: LiveCallPublisher | None = None
         self.plans: AccountPlans | None = None
+        self.bundle_book: BundleBook | None = None
         self.fraud: FraudGuard | None = None
         self.webhook: AlertWebhook | None = None
         self.alert_stream: Any = None  # AlertStream when redis.url is set
@@ -147,6 +149,7 @@ class Daemon:
         self.cdr = make_cdr_pipeline(self.config, self.sql, metrics=self.metrics)
         self.cdr.start()
         plans = self.plans = AccountPlans(self.sql, self.clock.now_ms)
+        bundle_book = self.bundle_book = BundleBook(self.sql, self.clock.now_ms)
         billing = self.config.billing
         store = EngineStoreAdapter(self.store, node=self.config.node.id,
                                    ttl_ms=billing.reservation_ttl_seconds * 1000)
@@ -158,7 +161,8 @@ class Daemon:
                 max_call_seconds=billing.max_call_seconds,
                 reservation_ttl_ms=billing.reservation_ttl_seconds * 1000,
                 nibble_lead_ms=billing.store_timeout_ms + NIBBLE_LEAD_MARGIN_MS),
-            store=store, rater=PlanRater(plans.plan_of, self.rate_cache), clock=self.clock, cdr=self.cdr,
+            store=store, rater=PlanRater(plans.plan_of, self.rate_cache, bundle_book.grants_of),
+            clock=self.clock, cdr=self.cdr,
             metrics=self.metrics)
         self._offer_adoption(self.engine, self.store)
         self._start_authorized_journal(self.engine)
@@ -613,6 +617,8 @@ class Daemon:
         if self.rate_cache is not None:
             self.rate_cache.refresh_all()
         log.info("rate plans checked for changes (SIGHUP)")
+        if self.bundle_book is not None:
+            self.bundle_book.forget()  # bundle grants are read again at each account's next call
         self.reload_fraud_rules()
         if self.reload_config is None:
             return
