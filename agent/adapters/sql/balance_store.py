@@ -294,7 +294,10 @@ class SqlBalanceStore:
             released = r.reserved_micros
             account.reserved_micros -= held
             status = SettleStatus.SETTLED
-            self._commit_bundles(session, r, covered)
+            if r.bundle_slots or bundle is None:
+                self._commit_bundles(session, r, covered)
+            else:  # reserved again after a cache lost the call: its holds went with it
+                self._commit_without_holds(session, r, bundle)
         else:  # expired or released: its debits were charged when it closed; charge the rest now
             overrun = max(0, cost - (r.closed_charge_micros or 0))
             status = SettleStatus.AFTER_EXPIRY
@@ -322,6 +325,19 @@ class SqlBalanceStore:
             period.reserved_s -= min(held, period.reserved_s)
             post_use(session, r.account_id, r.call_id, period, slot, seconds)
         r.bundle_used_s = sum(used)
+
+    @staticmethod
+    def _commit_without_holds(session: Session, r: Reservation, bundle: BundleSettle) -> None:
+        """A call whose holds were lost with its reservation (a cache restart): take its covered
+        seconds from what the periods have left, in draw order; what none has left goes to the
+        first (the call did use them, and the periods must not give them out again)."""
+        if not bundle.slots or bundle.covered_s <= 0:
+            return
+        periods = [open_period(session, r.account_id, slot) for slot in bundle.slots]
+        used = commit([max(p.granted_s - p.used_s - p.reserved_s, 0) for p in periods], bundle.covered_s)
+        for period, slot, seconds in zip(periods, bundle.slots, used, strict=True):
+            post_use(session, r.account_id, r.call_id, period, slot, seconds)
+        r.bundle_used_s = r.bundle_held_s = bundle.covered_s
 
     @staticmethod
     def _commit_bundles_late(session: Session, r: Reservation, covered_s: int) -> None:
@@ -352,14 +368,8 @@ class SqlBalanceStore:
                         reserved_micros=0, debited_micros=0, overrun_micros=cost, cost_micros=cost,
                         created_at=now, expires_at=now, closed_at=now)
         session.add(r)
-        if bundle is not None and bundle.slots and bundle.covered_s > 0:
-            # The holds were lost with the reservation: take the seconds from what is left, in
-            # draw order; what no period has left goes to the first (the call did use them).
-            periods = [open_period(session, account_hint, slot) for slot in bundle.slots]
-            used = commit([max(p.granted_s - p.used_s - p.reserved_s, 0) for p in periods], bundle.covered_s)
-            for period, slot, seconds in zip(periods, bundle.slots, used, strict=True):
-                post_use(session, account_hint, call_id, period, slot, seconds)
-            r.bundle_used_s = r.bundle_held_s = bundle.covered_s
+        if bundle is not None:
+            self._commit_without_holds(session, r, bundle)
         session.flush()
         self._post(session, r)
         return SettleOutcome(call_id, account_hint, SettleStatus.WITHOUT_RESERVATION, cost, 0, 0, cost,
