@@ -285,3 +285,31 @@ def test_the_february_period_of_an_anchor_31_bundle_lasts_to_the_end_of_the_mont
     start, end = period_bounds(month(31), "UTC", ms(when))
     assert datetime.fromtimestamp(start / 1000, UTC).day == 28
     assert datetime.fromtimestamp(end / 1000, UTC).day == 31
+
+
+def test_an_adopted_call_in_its_bundle_goes_on_drawing_on_it() -> None:
+    """An agent restarted mid-call: the store says the call holds 30 bundle seconds and used 20,
+    no money debited. The new run nibbles on from there and keeps drawing on the bundle."""
+    from agent.core.session import CallSession, Leg, TimerKind
+
+    settings = SessionSettings(nibble_ms=10_000)
+    session = CallSession(
+        call_id="c1", node="n1", pbx="asterisk", account_id="alice", destination="33612345678", caller="100",
+        a_leg=Leg("A1", Direction.INBOUND, 1_000), authorized_ms=1_000,
+        tariff=BundleTariff(ROW, 30, (slot(600),)), rating=RatingInfo("retail"), settings=settings,
+        granted_micros=0, limit_ms=0)
+    session.on_leg_created(LegCreated("B1", 1_100, Direction.OUTBOUND))
+    session.on_answered(LegAnswered("B1", 2_000))
+    effects = session.adopt_progress(debited_micros=0, reserved_micros=0, seq=2, now_ms=24_000, bundle_used_s=30)
+    # 30 seconds used: one nibble covers them (the rate's first block is 30 s); the flat stretch
+    # after it costs nothing, so catching up through it is free.
+    assert session.bundle_open and session.nibbles_done == 1
+    nibble = next(e for e in effects if isinstance(e, ArmTimer) and e.kind is TimerKind.NIBBLE)
+    (step,) = session.on_timer(TimerKind.NIBBLE, nibble.token, nibble.at_ms)
+    assert isinstance(step, NibbleStep)
+    assert (step.debit_micros, step.bundle_used_s, step.bundle_want_s) == (0, 30, 0)  # 20 s: billed 30
+    session.on_nibble_result(step.seq, 0, 0, 24_000)
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, 32_000)
+    assert (step.debit_micros, step.bundle_used_s, step.bundle_want_s) == (0, 30, 12)  # 40 s: billed 42
+    session.on_nibble_result(step.seq, 0, 0, 32_000, bundle_granted_s=12)
+    assert session.bundle_seconds == 42 and session.bundle_open and not session.exhausted
