@@ -9,6 +9,7 @@ restart or failover. Without Redis the embedded store keeps everything in SQL: n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -19,6 +20,7 @@ from agent.adapters.sql.engine import session_factory
 from agent.adapters.sql.models import Account
 from agent.cli.common import app, handle_errors, print_json
 from agent.core.balance import AccountState, StoreUnavailable
+from agent.core.bundles import PeriodState
 from agent.core.errors import BillingError
 from agent.core.money import format_amount
 
@@ -56,6 +58,27 @@ def live_state(ctx: click.Context, account_id: str) -> tuple[AccountState | None
         return store.account_state(account_id), "redis"
     except StoreUnavailable as exc:
         click.echo(f"warning: Redis unavailable, reserved/available are the SQL database's ({exc})", err=True)
+        return None, "sql (redis unavailable)"
+    finally:
+        store.close()
+
+
+def store_bundle_periods(ctx: click.Context, account_id: str) -> tuple[dict[tuple[int, int], PeriodState] | None, str]:
+    """The shared store's bundle periods of the account (granted, used, held by live calls on
+    every node), and where they came from; None when the SQL ``bundle_periods`` table is the
+    source (no Redis, or a Redis store that does not keep bundle periods, or Redis away)."""
+    store = redis_store(ctx)
+    if store is None:
+        return None, "sql"
+    reader: Callable[[str], dict[tuple[int, int], PeriodState]] | None = getattr(store, "bundle_periods", None)
+    try:
+        if reader is None:
+            click.echo("warning: this Redis balance store does not keep bundle periods: the SQL database's "
+                       "figures are shown", err=True)
+            return None, "sql (redis keeps no bundle periods)"
+        return reader(account_id), "redis"
+    except StoreUnavailable as exc:
+        click.echo(f"warning: Redis unavailable, bundle figures are the SQL database's ({exc})", err=True)
         return None, "sql (redis unavailable)"
     finally:
         store.close()

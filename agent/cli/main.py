@@ -8,6 +8,7 @@ import click
 
 from agent import __version__
 from agent.cli.accounts import accounts
+from agent.cli.bundles import bundles
 from agent.cli.calls import calls
 from agent.cli.cdrs import cdrs
 from agent.cli.common import AppContext
@@ -40,6 +41,7 @@ def cli(ctx: click.Context, config_path: str | None, database_url: str | None) -
 
 cli.add_command(db)
 cli.add_command(accounts)
+cli.add_command(bundles)
 cli.add_command(plans)
 cli.add_command(rates)
 cli.add_command(ledger)
