@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from agent.adapters.sql.bundles_admin import check_bundles
 from agent.adapters.sql.models import utcnow
 from agent.adapters.sql.reconcile import Problem, check_ledger
 from agent.cli.common import app, fail, handle_errors, print_json
@@ -47,13 +48,21 @@ def _problem_line(p: Problem) -> str:
 @handle_errors
 def check(ctx: click.Context, grace_seconds: int, limit: int, as_json: bool) -> None:
     """Prove that every balance equals the sum of its ledger, that reservations add up and that
-    every settled call has exactly one charge (exit 1 on any difference)."""
-    with app(ctx).transaction() as session:
+    every settled call has exactly one charge (exit 1 on any difference).
+
+    Bundles: every opened period's granted and used seconds equal the sums of its bundle_usage
+    rows (granted = grant + rollover rows, used = -(use + adjust rows)), none is used beyond its
+    grant, the seconds live calls hold add up (embedded SQL store), and each call's rating
+    decision records the bundle seconds its usage rows took."""
+    context = app(ctx)
+    with context.transaction() as session:
         report = check_ledger(session, now=utcnow(), grace=timedelta(seconds=grace_seconds), limit=limit)
+        bundles = check_bundles(session, report, limit=limit, embedded=not context.config.redis.url)
     if as_json:
         print_json({"accounts": report.accounts, "settled_calls": report.settled_calls,
-                    "charges": report.charges, "pending_charges": report.pending_charges, "ok": report.ok,
-                    "problem_count": report.problem_count,
+                    "charges": report.charges, "pending_charges": report.pending_charges,
+                    "bundle_periods": bundles.periods, "bundle_usage_rows": bundles.usage_rows,
+                    "bundle_calls": bundles.calls, "ok": report.ok, "problem_count": report.problem_count,
                     "problems": [_problem_json(p) for p in report.problems]})
     else:
         for p in report.problems:
@@ -63,5 +72,9 @@ def check(ctx: click.Context, grace_seconds: int, limit: int, as_json: bool) -> 
                        f"{report.settled_calls} settled calls, {report.charges} charges, each call charged once"
                        + (f" ({report.pending_charges} charges wait for their call record)"
                           if report.pending_charges else ""))
+            if bundles.periods or bundles.usage_rows:
+                click.echo(f"bundles ok: {bundles.periods} periods, each granted and used equal to its "
+                           f"{bundles.usage_rows} usage rows, none below zero; {bundles.calls} calls' bundle "
+                           "seconds match their rating decisions")
     if not report.ok:
         fail(f"{report.problem_count} difference(s) found", code=1)

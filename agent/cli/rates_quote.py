@@ -6,18 +6,33 @@ The same lookup and the same arithmetic as the daemon (``agent/core/ratetable.py
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import click
 
+from agent.adapters.sql.bundles_admin import GrantFigures, account_timezone
 from agent.adapters.sql.rate_repository import load_table
+from agent.cli.bundles import account_figures, local_iso
 from agent.cli.common import AMOUNT, app, fail, handle_errors, print_json
+from agent.core.bundles import covered_seconds, draw, max_seconds_with_bundle, money_micros_for_seconds, slots_for
 from agent.core.clock import parse_iso8601
+from agent.core.errors import InvalidInput
 from agent.core.money import format_amount
 from agent.core.ratetable import RateTable, Refusal, epoch_ms, format_instant
-from agent.core.rating import MAX_SECONDS_CAP, OPEN_END_MS, RateRow, cost_micros_for_seconds, max_seconds, quote
+from agent.core.rating import (
+    MAX_SECONDS_CAP,
+    OPEN_END_MS,
+    RateRow,
+    billed_seconds,
+    cost_micros_for_seconds,
+    max_seconds,
+    quote,
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _parse_at(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
@@ -31,33 +46,140 @@ def _parse_at(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 @click.command(name="quote")
 @click.argument("number")
-@click.option("--plan", required=True, help="Rate plan name.")
+@click.option("--plan", help="Rate plan name (default: the plan of --account).")
 @click.option("--seconds", type=click.IntRange(min=0), help="Answered duration in seconds: quote its cost.")
 @click.option("--budget", type=AMOUNT, help="Money to spend: the longest call it pays for.")
 @click.option("--at", "at", callback=_parse_at, metavar="ISO8601",
               help="Start of the call (default: now); without an offset it is UTC.")
+@click.option("--account", "account_id", metavar="ACCOUNT",
+              help="Rate for this account: its plan, and its free-minute bundles as they stand now (bundle "
+                   "seconds first, then money; no connect fee when a bundle covers the call).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (amounts as decimal strings).")
 @click.pass_context
 @handle_errors
-def quote_command(ctx: click.Context, number: str, plan: str, seconds: int | None, budget: int | None,
-                  at: datetime | None, as_json: bool) -> None:
+def quote_command(ctx: click.Context, number: str, plan: str | None, seconds: int | None, budget: int | None,
+                  at: datetime | None, account_id: str | None, as_json: bool) -> None:
     """Rate NUMBER on a plan: its cost for --seconds N, or its max duration for --budget AMOUNT.
+
+    With --account, the split of DESIGN §9: the bundles that cover NUMBER give what they have
+    left (earliest to expire first), money pays the billed seconds beyond them.
 
     Exits 1 with the reason when the number cannot be rated (not a number, no rate, blocked).
     """
     if (seconds is None) == (budget is None):
         raise click.UsageError("give exactly one of --seconds N or --budget AMOUNT")
+    if plan is None and account_id is None:
+        raise click.UsageError("give --plan NAME or --account ACCOUNT")
     at_ms = epoch_ms(at if at is not None else datetime.now(UTC))
+    if account_id is not None:
+        plan = _account_plan(ctx, account_id, plan)
+    assert plan is not None
     table = load_table(app(ctx).engine(), plan, for_number=number)
     found = table.lookup(number, at_ms)
     if isinstance(found, Refusal):
         fail(found.detail)
     head = _head(table, number, at_ms, found)
-    if seconds is not None:
+    if account_id is not None:
+        split = _bundle_split(ctx, account_id, table, number, at_ms)
+        if seconds is not None:
+            _print_split_cost(head, table, found, seconds, split, as_json)
+        else:
+            assert budget is not None
+            _print_split_max(head, table, found, budget, split, as_json)
+    elif seconds is not None:
         _print_cost(head, table, found, seconds, as_json)
     else:
         assert budget is not None
         _print_max(head, table, found, budget, as_json)
+
+
+def _account_plan(ctx: click.Context, account_id: str, plan: str | None) -> str:
+    with app(ctx).transaction() as session:
+        own, _ = account_timezone(session, account_id)
+    if plan is not None and plan != own:
+        raise InvalidInput(f"--plan {plan!r}: account {account_id!r} is rated on plan {own!r}")
+    return own
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One bundle period a call to the number would draw on, with what it has left."""
+
+    figures: GrantFigures
+    left_s: int
+
+
+def _bundle_split(ctx: click.Context, account_id: str, table: RateTable, number: str, at_ms: int) -> list[Draw]:
+    """The account's bundle periods covering the number at ``at_ms``, in draw order, each with
+    what it has left now (the shared store's counters when Redis is configured)."""
+    at = _EPOCH + timedelta(milliseconds=at_ms)
+    _, timezone, figures, _ = account_figures(ctx, account_id, at)
+    by_grant = {f.grant.grant_id: f for f in figures}
+    slots = slots_for([f.grant for f in figures], table.normalise(number), at_ms, timezone)
+    return [Draw(by_grant[slot.grant_id], max(by_grant[slot.grant_id].left_s, 0)) for slot in slots]
+
+
+def _split_json(draws: list[Draw], covered_s: int, timezone: str) -> list[dict[str, Any]]:
+    taken = draw([d.left_s for d in draws], covered_s)
+    return [{"grant": d.figures.grant.grant_id, "bundle": d.figures.grant.bundle.name,
+             "period_start": local_iso(d.figures.period_start_ms, timezone),
+             "period_end": local_iso(d.figures.period_end_ms, timezone),
+             "left_seconds": d.left_s, "covered_seconds": seconds} for d, seconds in zip(draws, taken, strict=True)]
+
+
+def _print_split_cost(head: dict[str, Any], table: RateTable, row: RateRow, seconds: int, draws: list[Draw],
+                      as_json: bool) -> None:
+    held = sum(d.left_s for d in draws)
+    billed = billed_seconds(row, seconds)
+    covered = covered_seconds(row, seconds, held)
+    money = money_micros_for_seconds(row, seconds, held)
+    fee = row.connect_fee_micros if billed and not covered else 0
+    without = cost_micros_for_seconds(row, seconds)
+    if as_json:
+        print_json({**head, "account_bundles": True, "seconds": seconds, "billed_seconds": billed,
+                    "bundle_seconds": covered, "money_seconds": billed - covered,
+                    "connect_fee_waived": covered > 0 and row.connect_fee_micros > 0,
+                    "connect_fee_charged": format_amount(fee), "money": format_amount(money - fee),
+                    "cost": format_amount(money), "cost_without_bundles": format_amount(without),
+                    "bundles": _split_json(draws, covered, table.timezone)})
+        return
+    _echo_rate(head, table, row)
+    click.echo(f"{'duration':<12}{seconds} s answered -> {billed} s billed")
+    for item in _split_json(draws, covered, table.timezone):
+        label = f"bundle {item['bundle']} (grant {item['grant']}, {item['left_seconds']} s left)"
+        click.echo(f"{'':<12}{label:<52}{item['covered_seconds']:>6} s")
+    click.echo(f"{'':<12}{'money at the rate':<52}{billed - covered:>6} s")
+    if row.connect_fee_micros and covered:
+        click.echo(f"{'connect fee':<12}waived: a bundle covers the call")
+    elif fee:
+        click.echo(f"{'connect fee':<40}{format_amount(fee):>16}")
+    click.echo(f"{'money':<40}{format_amount(money - fee):>16}")
+    click.echo(f"{'total':<40}{format_amount(money):>16} {table.currency} (without bundles "
+               f"{format_amount(without)})")
+
+
+def _print_split_max(head: dict[str, Any], table: RateTable, row: RateRow, budget_micros: int, draws: list[Draw],
+                     as_json: bool) -> None:
+    held = sum(d.left_s for d in draws)
+    best = max_seconds_with_bundle(row, budget_micros, held)
+    capped = best == MAX_SECONDS_CAP
+    covered = covered_seconds(row, best, held)
+    cost = money_micros_for_seconds(row, best, held)
+    if as_json:
+        print_json({**head, "account_bundles": True, "budget": format_amount(budget_micros), "max_seconds": best,
+                    "limit_ms": best * 1000, "allowed": best > 0, "capped": capped,
+                    "bundle_seconds_left": held, "bundle_seconds": covered, "cost": format_amount(cost),
+                    "without_bundles_max_seconds": max_seconds(row, budget_micros),
+                    "bundles": _split_json(draws, covered, table.timezone)})
+        return
+    _echo_rate(head, table, row)
+    click.echo(f"{'budget':<12}{format_amount(budget_micros)} {table.currency}, bundles covering the number: "
+               f"{held} s left")
+    if best == 0:
+        click.echo(f"{'max':<12}0 s: deny")
+    else:
+        click.echo(f"{'max':<12}{best} s ({_human(best)}): {covered} s from bundles, money "
+                   f"{format_amount(cost)} (without bundles {max_seconds(row, budget_micros)} s)")
 
 
 def _head(table: RateTable, number: str, at_ms: int, row: RateRow) -> dict[str, Any]:
