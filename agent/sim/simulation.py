@@ -12,6 +12,19 @@ a PBX that sometimes ignores a hangup. After the run it checks the money invaria
 * every cut-off within 1 s of the instant the money ran out;
 * no reservation left open.
 
+With ``bundle_share`` some accounts hold one or two free-minute bundles (DESIGN §9) on some of
+the simulated prefixes: monthly (some rolling over), weekly, and ``once`` grants valid for part
+of the run, read in the account's timezone (zones chosen so that periods roll during a long
+run; ``start_ms`` moves the start, so a short run can cross a boundary). The checks then add:
+
+* no bundle period below zero, with negative holds, or with seconds still held at the end;
+* every period's used seconds = the sum of what each call committed to it (the store's holds of
+  each call at its settle, split in draw order);
+* every call is re-rated independently (the §9 formula written out here from the rate row):
+  ``covered = min(b, R)`` where ``R`` is what the call held, the money charged is
+  ``(covered > 0 ? 0 : connect_fee) + ceil(rate * (b - covered) / 60)``, and the bundle seconds
+  the store committed, the CDR's bundle seconds and ``covered`` agree.
+
 With ``irsf_calls`` it adds an IRSF attack at 03:00: a hijacked account opens that many parallel
 calls to a premium range (``1900``, 3.00/min), one every ``irsf_interval_ms``, answered at once and
 talking ``irsf_talk_s`` each; with ``irsf_rules``
@@ -36,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agent.core.balance import StoreAuthorization
-from agent.core.bundles import BundleSlot
+from agent.core.bundles import BundleDef, BundleGrant, BundleSlot, PeriodKind, check_bundle, slots_for
 from agent.core.cdr import CallRecord, Disposition
 from agent.core.events import (
     AuthorizeDecision,
@@ -69,11 +82,14 @@ from agent.core.session import (
     SettleStep,
 )
 from agent.services.authorize import Outcome, decide
-from agent.sim.memory_store import MemoryStore
+from agent.sim.memory_store import MemoryStore, OverspendError
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 IRSF_ACCOUNT = "hijacked"
 IRSF_PREFIX = "1900"  # background prefixes start with 20-99: never in this group
+# Accounts with bundles read their periods in one of these zones: local midnight of 2026-01-01
+# (a month anchored on day 1, a week anchored on Thursday) falls 0-4 h after START_MS.
+BUNDLE_ZONES = ("UTC", "Atlantic/Azores", "America/Noronha", "America/Sao_Paulo", "America/Halifax")
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,8 @@ class SimConfig:
     irsf_threshold: int = 5
     irsf_talk_s: int = 3_600
     irsf_interval_ms: int = 500
+    bundle_share: float = 0.35  # share of the accounts holding bundles (0: none)
+    start_ms: int = START_MS  # the simulated clock's start
 
 
 @dataclass
@@ -121,6 +139,13 @@ class SimReport:
     irsf_loss_micros: int = 0  # what the attack calls cost the account
     irsf_fired_after_ms: int | None = None  # from the first attack call to the suspension
     irsf_worst_cut_ms: int | None = None  # from the suspension to the end of the last call it cut
+    bundle_accounts: int = 0
+    bundle_grants: int = 0
+    bundle_periods: int = 0  # periods opened (a grant's month, week or once)
+    bundle_rollovers: int = 0  # ... that started with seconds rolled over from the period before
+    bundle_calls: int = 0  # settled calls that used bundle seconds
+    bundle_seconds: int = 0  # bundle seconds committed
+    bundle_then_money: int = 0  # calls that used bundle seconds and then money
     violations: list[str] = field(default_factory=list)
 
     @property
@@ -129,8 +154,13 @@ class SimReport:
 
 
 class _Rater:
-    def __init__(self, rows: dict[str, RateRow]) -> None:
+    """Longest prefix, then the bundle periods the call may draw on (as ``PlanRater`` does)."""
+
+    def __init__(self, rows: dict[str, RateRow], grants: dict[str, list[BundleGrant]],
+                 zones: dict[str, str]) -> None:
         self.rows = rows
+        self.grants = grants  # account -> its bundle grants
+        self.zones = zones  # account -> the timezone its periods are read in
 
     def rate(self, account_id: str, destination: str, at_ms: int) -> RatedCall:
         for length in range(len(destination), 0, -1):
@@ -138,7 +168,11 @@ class _Rater:
             if row is not None:
                 if row.blocked:
                     raise RatingRefused(DenyReason.BLOCKED, f"destination {row.prefix} is blocked")
-                return RatedCall(row, RatingInfo("sim", row.rate_id, row.prefix, row.rate_micros))
+                info = RatingInfo("sim", row.rate_id, row.prefix, row.rate_micros)
+                grants = self.grants.get(account_id)
+                if not grants:
+                    return RatedCall(row, info)
+                return RatedCall(row, info, slots_for(grants, destination, at_ms, self.zones[account_id]))
         raise RatingRefused(DenyReason.NO_RATE, f"no rate for {destination}")
 
 
@@ -157,15 +191,48 @@ def _rate_rows(rng: random.Random) -> dict[str, RateRow]:
     return rows
 
 
+def _bundle_grants(rng: random.Random, config: SimConfig, prefixes: list[str],
+                   next_id: int) -> list[BundleGrant]:
+    """One or two grants for one account: a few hundred seconds on a few of ``prefixes``
+    (the second overlaps the first), monthly, weekly or once."""
+    run_ms = config.calls * config.mean_interarrival_ms
+    grants: list[BundleGrant] = []
+    first: tuple[str, ...] = ()
+    for n in range(rng.choice([1, 1, 2])):
+        covered = rng.sample(prefixes, rng.randint(2, 6))
+        if first:
+            covered.append(rng.choice(first))  # two grants on one number: drawn earliest expiry first
+        kind = rng.choice(["month_rollover", "month", "week", "once"])
+        valid_from = config.start_ms - 40 * 86_400_000 if rng.random() < 0.7 else config.start_ms
+        valid_until = 2**62
+        if kind == "once":
+            valid_from = config.start_ms + rng.randint(0, run_ms // 2)
+            valid_until = valid_from + rng.randint(max(1, run_ms // 4), max(2, run_ms))
+            bundle = BundleDef(f"once{next_id + n}", rng.choice([120, 300, 600]), tuple(dict.fromkeys(covered)),
+                               PeriodKind.ONCE)
+        elif kind == "week":
+            bundle = BundleDef(f"week{next_id + n}", rng.choice([120, 300, 600]), tuple(dict.fromkeys(covered)),
+                               PeriodKind.WEEK, anchor=rng.choice([4, 4, 1]), rollover=rng.random() < 0.5)
+        else:
+            bundle = BundleDef(f"month{next_id + n}", rng.choice([300, 600, 1800]), tuple(dict.fromkeys(covered)),
+                               PeriodKind.MONTH, anchor=1 if kind == "month_rollover" else rng.choice([1, 15, 31]),
+                               rollover=kind == "month_rollover")
+        grants.append(BundleGrant(next_id + n, "", check_bundle(bundle), valid_from, valid_until))
+        first = bundle.prefixes
+    return grants
+
+
 class Simulation:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.rng = random.Random(config.seed)
-        self.now_ms = START_MS
+        self.now_ms = config.start_ms
         self.registry = CallRegistry()
         self.store = MemoryStore()
         self.rows = _rate_rows(self.rng)
-        self.rater = _Rater(self.rows)
+        self.grants: dict[str, list[BundleGrant]] = {}
+        self.zones: dict[str, str] = {}
+        self.rater = _Rater(self.rows, self.grants, self.zones)
         self.settings = SessionSettings(nibble_ms=config.nibble_seconds * 1000,
                                         warning_ms=config.warning_seconds * 1000, verify_ms=config.verify_ms)
         self.pbx: list[tuple[int, int, Callable[[], None]]] = []
@@ -185,6 +252,24 @@ class Simulation:
             account_id = f"acct{i}"
             self.store.add_account(account_id, balance, credit, max_calls)
             self.opening[account_id] = balance
+        # Bundles from a generator of their own: the traffic of a seed does not depend on them.
+        bundle_rng = random.Random(config.seed * 7_919 + 1)
+        prefixes = sorted(p for p, row in self.rows.items() if not row.blocked)
+        self.allowance: dict[int, int] = {}  # grant id -> seconds per period
+        for i in range(config.accounts):
+            if bundle_rng.random() >= config.bundle_share:
+                continue
+            account_id = f"acct{i}"
+            grants = _bundle_grants(bundle_rng, config, prefixes, len(self.allowance) + 1)
+            self.grants[account_id] = grants
+            self.zones[account_id] = bundle_rng.choice(BUNDLE_ZONES)
+            self.allowance.update((grant.grant_id, grant.bundle.seconds) for grant in grants)
+        self.report.bundle_accounts = len(self.grants)
+        self.report.bundle_grants = len(self.allowance)
+        # Per settled call: (rate row, the bundle periods it held and how much of each, in draw
+        # order, the R the session held); the checks re-rate every call from these.
+        self.holds_at_settle: dict[str, tuple[tuple[tuple[int, int], int], ...]] = {}
+        self.session_held_s: dict[str, int] = {}
         self.fraud: RuleSet | None = None
         self.counters: LocalCounters | None = None
         self.suspended_ms: dict[str, int] = {}
@@ -371,10 +456,13 @@ class Simulation:
                 session = self.registry.sessions.get(effect.call_id)
                 if session is not None:
                     more = session.on_nibble_result(effect.seq, result.granted_micros, result.debited_micros,
-                                                    self.now_ms, store_ok=result.ok)
+                                                    self.now_ms, store_ok=result.ok, why=result.why,
+                                                    bundle_granted_s=result.bundle_granted_s)
                     queue += self.registry.schedule(more)
             elif isinstance(effect, SettleStep):
-                self.store.settle(effect.call_id, effect.seq, effect.cost_micros, self.now_ms)
+                self._before_settle(effect.call_id)
+                self.store.settle(effect.call_id, effect.seq, effect.cost_micros, self.now_ms, effect.account_id,
+                                  effect.bundle)
                 queue += self._settled(effect.call_id, effect.cost_micros)
             elif isinstance(effect, ReleaseStep):
                 self.store.release(effect.call_id, effect.seq, self.now_ms)
@@ -388,6 +476,15 @@ class Simulation:
                     self.report.escalations += 1
             elif isinstance(effect, Finished):
                 self._record(effect.record)
+
+    def _before_settle(self, call_id: str) -> None:
+        """Note what the call holds of bundles, in the store and in its session (for the checks)."""
+        call = self.store.calls.get(call_id)
+        if call is not None and not call.settled:
+            self.holds_at_settle[call_id] = tuple((slot.key, held) for slot, held in call.bundle_holds)
+        session = self.registry.sessions.get(call_id)
+        if session is not None:
+            self.session_held_s[call_id] = session.bundle_seconds
 
     def _settled(self, call_id: str, cost: int) -> list[Effect]:
         session = self.registry.sessions.get(call_id)
@@ -434,16 +531,21 @@ class Simulation:
             index = self.config.calls + n
             self.at(attack_at + n * self.config.irsf_interval_ms,
                     lambda index=index: self.offer_call(index, attack=True))  # type: ignore[misc]
-        while self.pbx or self.registry.timers:
-            next_pbx = self.pbx[0][0] if self.pbx else None
-            next_timer = self.registry.next_timer_ms()
-            if next_timer is not None and (next_pbx is None or next_timer <= next_pbx):
-                self.now_ms = max(self.now_ms, next_timer)
-                self.execute(self.registry.fire_due(self.now_ms))
-            else:
-                at_ms, _, action = heapq.heappop(self.pbx)
-                self.now_ms = max(self.now_ms, at_ms)
-                action()
+        try:
+            while self.pbx or self.registry.timers:
+                next_pbx = self.pbx[0][0] if self.pbx else None
+                next_timer = self.registry.next_timer_ms()
+                if next_timer is not None and (next_pbx is None or next_timer <= next_pbx):
+                    self.now_ms = max(self.now_ms, next_timer)
+                    self.execute(self.registry.fire_due(self.now_ms))
+                else:
+                    at_ms, _, action = heapq.heappop(self.pbx)
+                    self.now_ms = max(self.now_ms, at_ms)
+                    action()
+        except OverspendError as exc:  # the store caught money or bundle seconds going below zero
+            self.report.wall_seconds = round(time.perf_counter() - started, 3)
+            self.report.violations.append(f"the store refused a step at {self.now_ms}: {exc}")
+            return self.report
         self.report.wall_seconds = round(time.perf_counter() - started, 3)
         self._check()
         return self.report
@@ -498,6 +600,69 @@ class Simulation:
         report.dispositions = dict(Counter(r.disposition.value for r in self.records.values()))
         if report.calls_authorized and not report.dispositions.get(Disposition.CUT.value):
             v.append("no call was cut: the scenario does not exercise exhaustion")
+        self._check_bundles()
+
+    def _check_bundles(self) -> None:
+        """The §9 checks (see the module docstring), from the rate rows and the holds alone."""
+        report = self.report
+        v = report.violations
+        expected_used: dict[tuple[int, int], int] = {}
+        for call_id, record in self.records.items():
+            holds = self.holds_at_settle.get(call_id, ())
+            held = sum(seconds for _, seconds in holds)
+            if call_id in self.session_held_s and self.session_held_s[call_id] != held:
+                v.append(f"{call_id}: the session held {self.session_held_s[call_id]} bundle seconds, "
+                         f"the store {held}")
+            money, covered = _section9(self.rows[record.rating.prefix], record.duration_ms, held) \
+                if record.answered_ms is not None else (0, 0)
+            charged = self.store.settled.get(call_id)
+            committed = self.store.bundle_used_by_call.get(call_id, 0)
+            if charged != money or record.rating.cost_micros != money:
+                v.append(f"{call_id}: charged {charged} (CDR {record.rating.cost_micros}) != §9 money {money} "
+                         f"for {record.duration_ms} ms holding {held} bundle seconds")
+            if committed != covered or record.rating.bundle_seconds != covered:
+                v.append(f"{call_id}: committed {committed} bundle seconds (CDR {record.rating.bundle_seconds}) "
+                         f"!= covered {covered} for {record.duration_ms} ms holding {held}")
+            need = covered
+            for key, seconds in holds:  # the draw order: each period gives up to what it held
+                take = min(need, seconds)
+                expected_used[key] = expected_used.get(key, 0) + take
+                need -= take
+            if covered:
+                report.bundle_calls += 1
+                report.bundle_seconds += covered
+                report.bundle_then_money += money > 0
+        report.bundle_periods = len(self.store.periods)
+        for key, period in self.store.periods.items():
+            allowance = self.allowance[key[0]]
+            carry = period.granted_s - allowance
+            report.bundle_rollovers += carry > 0
+            if period.reserved_s != 0 or period.left_s < 0 or not 0 <= carry <= allowance:
+                v.append(f"bundle period {key}: granted {period.granted_s} (allowance {allowance}), used "
+                         f"{period.used_s}, still reserved {period.reserved_s}")
+            if period.used_s != expected_used.get(key, 0):
+                v.append(f"bundle period {key}: used {period.used_s} != {expected_used.get(key, 0)} "
+                         "committed by its calls")
+        if sum(self.store.bundle_used_by_call.values()) != report.bundle_seconds:
+            v.append(f"bundle seconds committed per call {sum(self.store.bundle_used_by_call.values())} "
+                     f"!= {report.bundle_seconds} covered")
+
+
+def _section9(row: RateRow, duration_ms: int, held_s: int) -> tuple[int, int]:
+    """(money, covered) of an answered call by DESIGN §4 and §9, written out from the row's
+    fields on purpose (an independent check of agent/core/rating.py and agent/core/bundles.py)."""
+    seconds = (duration_ms + 999) // 1000
+    if seconds == 0 or seconds <= row.grace_seconds:
+        return 0, 0
+    billed = max(seconds, row.minimum_seconds)
+    if billed > row.initial_increment:
+        blocks = (billed - row.initial_increment + row.increment - 1) // row.increment
+        billed = row.initial_increment + blocks * row.increment
+    else:
+        billed = row.initial_increment
+    covered = min(billed, max(held_s, 0))
+    fee = 0 if covered > 0 else row.connect_fee_micros
+    return fee + (row.rate_micros * (billed - covered) + 59) // 60, covered
 
 
 def run(config: SimConfig) -> SimReport:
@@ -512,9 +677,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accounts", type=int, default=40)
     parser.add_argument("--irsf-calls", type=int, default=0, help="an IRSF attack of this many parallel calls")
     parser.add_argument("--no-fraud-rules", action="store_true", help="the attack with the fraud rules off")
+    parser.add_argument("--bundle-share", type=float, default=SimConfig.bundle_share,
+                        help="share of the accounts holding free-minute bundles (0: none)")
     args = parser.parse_args(argv)
     report = run(SimConfig(seed=args.seed, calls=args.calls, nibble_seconds=args.nibble_seconds,
-                           accounts=args.accounts, irsf_calls=args.irsf_calls, irsf_rules=not args.no_fraud_rules))
+                           accounts=args.accounts, irsf_calls=args.irsf_calls, irsf_rules=not args.no_fraud_rules,
+                           bundle_share=args.bundle_share))
     out = asdict(report)
     out["ok"] = report.ok
     json.dump(out, sys.stdout, indent=2)
