@@ -29,7 +29,8 @@ def _change_json(change: Change) -> dict[str, Any]:
             "destination": change.call.destination, "seq": change.seq,
             "old_cost": format_amount(change.call.cost_micros), "new_cost": format_amount(change.cost_micros),
             "adjustment": format_amount(change.adjustment_micros), "prefix": change.prefix,
-            "rate_per_minute": format_amount(change.rate_micros), "billed_seconds": change.billed_seconds}
+            "rate_per_minute": format_amount(change.rate_micros), "billed_seconds": change.billed_seconds,
+            "bundle_seconds": change.bundle_seconds, "bundle_seconds_returned": change.bundle_seconds_returned}
 
 
 def report_json(report: RerateReport) -> dict[str, Any]:
@@ -39,6 +40,7 @@ def report_json(report: RerateReport) -> dict[str, Any]:
         "calls_already_rerated": report.already_done, "calls_unratable": report.unratable,
         "old_total": format_amount(report.old_total_micros), "new_total": format_amount(report.new_total_micros),
         "difference": format_amount(report.difference_micros),
+        "bundle_seconds_returned": report.bundle_seconds_returned,
         "changes": [_change_json(c) for c in report.sample],
         "unratable": [{"call_id": c, "reason": r} for c, r in report.unratable_sample],
         "failures": [{"call_id": c, "reason": r} for c, r in report.failures],
@@ -51,10 +53,15 @@ def _print(report: RerateReport) -> None:
                f"{report.unratable} without a rate now")
     click.echo(f"cost of the changed calls: {format_amount(report.old_total_micros)} -> "
                f"{format_amount(report.new_total_micros)} (difference {format_amount(report.difference_micros)})")
+    if report.bundle_seconds_returned:
+        click.echo(f"bundle seconds given back to their grants: {report.bundle_seconds_returned}")
     for change in report.sample:
         data = _change_json(change)
+        bundle = f", bundle seconds {change.call.bundle_seconds} -> {change.bundle_seconds}" \
+            if change.bundle_seconds_returned else (f", {change.bundle_seconds} s from bundles"
+                                                    if change.bundle_seconds else "")
         click.echo(f"  {data['call_id']}  {data['account_id']}  {data['destination']}  {data['old_cost']} -> "
-                   f"{data['new_cost']}  (decision {data['seq']}, ledger {data['adjustment']})")
+                   f"{data['new_cost']}  (decision {data['seq']}, ledger {data['adjustment']}{bundle})")
     if report.changed > len(report.sample):
         click.echo(f"  ... and {report.changed - len(report.sample)} more")
     for call_id, reason in report.unratable_sample:
@@ -96,7 +103,11 @@ def refresh_accounts(ctx: click.Context, account_ids: list[str]) -> None:
 def rerate_command(ctx: click.Context, plan: str, since: datetime, until: datetime | None, account_id: str | None,
                    dry_run: bool, as_json: bool) -> None:
     """Rate stored calls again; each changed call gets a new rating decision and a ledger
-    adjustment of the difference (reference rerate:CALL:SEQ). Running it twice changes nothing."""
+    adjustment of the difference (reference rerate:CALL:SEQ). Running it twice changes nothing.
+
+    A call that used free-minute bundles keeps its bundle seconds (money pays the billed seconds
+    beyond them at the corrected rate); when the corrected rate bills fewer seconds than the
+    bundles covered, the difference goes back to the grant and period it came from."""
     if until is not None and until <= since:
         fail(f"--until {until.isoformat()} is not after --since {since.isoformat()}: the range "
              "[since, until) holds no call")

@@ -9,6 +9,17 @@ seconds change gets, in one transaction,
 * a ledger ``adjustment`` of the difference (old cost - new cost: a higher cost debits the
   account) with the reference ``rerate:{call_id}:{seq}``.
 
+**Calls that used bundles** (DESIGN §9; ``rating_decisions.bundle_seconds`` > 0) keep the bundle
+seconds they were given: the money is ``money_micros_for_seconds(row, seconds, held_s=covered)``
+with ``covered`` the latest decision's bundle seconds, so a corrected rate only changes the money
+of the billed seconds beyond them. When the corrected rate bills fewer seconds than were covered
+(a larger grace, a shorter first block), the bundles cover only those: the difference goes back
+to the grant and period it came from (the call's ``bundle_usage`` rows give the split; the last
+period drawn on gets back first, as the settle fills them in draw order) as an ``adjust`` row of
++seconds with the reference ``bundle-rerate:{call_id}:{seq}:{grant_id}:{period_start_ms}``, and
+``bundle_periods.used_s`` moves with it, in the same transaction. The new decision records the
+bundle seconds the call now has. Seconds are never taken from a bundle by a re-rating.
+
 Running it again finds every call already at its current price and changes nothing; two runs at
 once collide on the unique keys ``(call_id, seq)`` and the ledger reference, so a call is
 re-rated once. Calls are read a page at a time (keyset on ``(started_at, id)``), each page's
@@ -24,14 +35,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, or_, select
+from sqlalchemy import Engine, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
-from agent.adapters.sql.accounts import post_entry
+from agent.adapters.sql.accounts import lock_account, post_entry
+from agent.adapters.sql.bundle_periods import lock_period, post_usage
 from agent.adapters.sql.engine import session_factory, transaction
-from agent.adapters.sql.models import Call, RatingDecision, utcnow
+from agent.adapters.sql.models import BundleUsage, Call, RatingDecision, utcnow
 from agent.adapters.sql.rate_repository import load_table
+from agent.core.bundles import covered_seconds, money_micros_for_seconds
 from agent.core.errors import BillingError, Conflict
 from agent.core.money import format_amount
 from agent.core.ratetable import RateTable, Refusal, epoch_ms
@@ -56,6 +69,7 @@ class StoredCall:
     rate_micros: int
     billed_seconds: int
     cost_micros: int
+    bundle_seconds: int = 0  # of the current decision: billed seconds covered by bundles
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +80,16 @@ class Change:
     rate_micros: int
     billed_seconds: int
     cost_micros: int
+    bundle_seconds: int = 0  # covered by bundles with the corrected rate (never more than before)
 
     @property
     def seq(self) -> int:
         return self.call.seq + 1
+
+    @property
+    def bundle_seconds_returned(self) -> int:
+        """Bundle seconds the call no longer uses, given back to its grants."""
+        return self.call.bundle_seconds - self.bundle_seconds
 
     @property
     def adjustment_micros(self) -> int:
@@ -88,6 +108,7 @@ class RerateReport:
     unratable: int = 0  # the plan has no rate (or blocks the destination) at the call's start now
     old_total_micros: int = 0  # of the changed calls
     new_total_micros: int = 0
+    bundle_seconds_returned: int = 0  # given back to bundle grants by the changed calls
     sample: list[Change] = field(default_factory=list)
     unratable_sample: list[tuple[str, str]] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -103,11 +124,15 @@ def reprice(call: StoredCall, table: RateTable) -> Change | Refusal | None:
     found = table.lookup(call.destination, epoch_ms(call.started_at))
     if isinstance(found, Refusal):
         return found
-    cost = cost_micros(found, call.duration_ms)
     seconds = whole_seconds(call.duration_ms)  # as the session engine records it
-    if (cost, seconds) == (call.cost_micros, call.billed_seconds):
+    if call.bundle_seconds > 0:  # DESIGN §9: the same bundle seconds, money for the billed rest
+        cost = money_micros_for_seconds(found, seconds, held_s=call.bundle_seconds)
+        covered = covered_seconds(found, seconds, call.bundle_seconds)
+    else:
+        cost, covered = cost_micros(found, call.duration_ms), 0
+    if (cost, seconds, covered) == (call.cost_micros, call.billed_seconds, call.bundle_seconds):
         return None
-    return Change(call, found.rate_id, found.prefix, found.rate_micros, seconds, cost)
+    return Change(call, found.rate_id, found.prefix, found.rate_micros, seconds, cost, covered)
 
 
 def _pages(engine: Engine, plan: str, since: datetime, until: datetime | None,
@@ -116,7 +141,7 @@ def _pages(engine: Engine, plan: str, since: datetime, until: datetime | None,
     d = RatingDecision
     current = ~select(newer.id).where(newer.call_id == d.call_id, newer.seq > d.seq).exists()
     base: Any = (select(Call.id, Call.account_id, Call.destination, Call.started_at, Call.duration_ms, d.seq,
-                        d.rate_id, d.prefix, d.rate_micros, d.billed_seconds, d.cost_micros)
+                        d.rate_id, d.prefix, d.rate_micros, d.billed_seconds, d.cost_micros, d.bundle_seconds)
                  .join(d, d.call_id == Call.id)
                  .where(current, d.plan_name == plan, Call.started_at >= since))
     if until is not None:
@@ -141,13 +166,49 @@ def _apply(session: Session, change: Change, now: datetime, plan: str) -> None:
     session.add(RatingDecision(
         call_id=call.call_id, seq=change.seq, plan_name=plan, rate_id=change.rate_id, prefix=change.prefix,
         rate_micros=change.rate_micros, billed_seconds=change.billed_seconds, cost_micros=change.cost_micros,
-        decided_at=now, reason=f"rerate: cost {format_amount(call.cost_micros)} -> "
-                               f"{format_amount(change.cost_micros)}"))
+        bundle_seconds=change.bundle_seconds, decided_at=now,
+        reason=f"rerate: cost {format_amount(call.cost_micros)} -> {format_amount(change.cost_micros)}"
+               + (f", bundle seconds {call.bundle_seconds} -> {change.bundle_seconds}"
+                  if change.bundle_seconds_returned else "")))
     session.flush()  # the (call_id, seq) key refuses a second re-rating of the same decision
     if change.adjustment_micros:
         post_entry(session, call.account_id, kind="adjustment", amount_micros=change.adjustment_micros,
                    reference=f"rerate:{call.call_id}:{change.seq}", call_id=call.call_id,
                    description=f"re-rating of call {call.call_id} (decision {change.seq})")
+    if change.bundle_seconds_returned > 0:
+        _give_back(session, change)
+
+
+def _give_back(session: Session, change: Change) -> None:
+    """Return the bundle seconds the call no longer uses to the periods it took them from, the
+    last drawn on first: one ``adjust`` row each, ``bundle_periods.used_s`` with it."""
+    call = change.call
+    u = BundleUsage
+    rows = session.execute(
+        select(u.grant_id, u.period_start_ms, func.sum(u.seconds), func.min(u.id))
+        .where(u.call_id == call.call_id, u.kind.in_(("use", "adjust")))
+        .group_by(u.grant_id, u.period_start_ms).order_by(func.min(u.id))).all()
+    lock_account(session, call.account_id)  # the stores' lock order: the account, then its periods
+    need = change.bundle_seconds_returned
+    for grant_id, start, net, _ in reversed(rows):
+        used = -int(net)
+        back = min(need, used)
+        if back <= 0:
+            continue
+        period = lock_period(session, int(grant_id), int(start))
+        if period is None:
+            raise BillingError(f"call {call.call_id}: bundle period of grant {grant_id} from {start} ms is missing "
+                               "(bundle_periods): nothing re-rated")
+        period.used_s -= back
+        post_usage(session, call.account_id, int(grant_id), int(start), "adjust", back,
+                   f"bundle-rerate:{call.call_id}:{change.seq}:{grant_id}:{start}", call.call_id)
+        need -= back
+        if need == 0:
+            break
+    if need:
+        raise BillingError(f"call {call.call_id}: its bundle usage holds {change.bundle_seconds_returned - need} s, "
+                           f"the re-rating gives back {change.bundle_seconds_returned} s: nothing re-rated")
+    session.flush()
 
 
 def _commit_page(engine: Engine, changes: list[Change], plan: str, report: RerateReport) -> None:
@@ -161,7 +222,8 @@ def _commit_page(engine: Engine, changes: list[Change], plan: str, report: Rerat
             for change in changes:
                 _apply(session, change, now, plan)
         report.applied += len(changes)
-        report.accounts.update(c.call.account_id for c in changes if c.adjustment_micros)
+        report.accounts.update(c.call.account_id for c in changes
+                               if c.adjustment_micros or c.bundle_seconds_returned)
         return
     except (IntegrityError, BillingError):
         log.info("a page of re-ratings collided; applying its %d calls one by one", len(changes))
@@ -170,7 +232,7 @@ def _commit_page(engine: Engine, changes: list[Change], plan: str, report: Rerat
             with transaction(factory) as session:
                 _apply(session, change, now, plan)
             report.applied += 1
-            if change.adjustment_micros:
+            if change.adjustment_micros or change.bundle_seconds_returned:
                 report.accounts.add(change.call.account_id)
         except (IntegrityError, Conflict):
             report.already_done += 1  # another run re-rated this decision first
@@ -197,6 +259,7 @@ def rerate(engine: Engine, plan: str, since: datetime, *, until: datetime | None
         report.changed += len(changes)
         report.old_total_micros += sum(c.call.cost_micros for c in changes)
         report.new_total_micros += sum(c.cost_micros for c in changes)
+        report.bundle_seconds_returned += sum(c.bundle_seconds_returned for c in changes)
         report.sample.extend(changes[:SAMPLE_SIZE - len(report.sample)])
         if not dry_run:
             _commit_page(engine, changes, plan, report)
