@@ -210,6 +210,9 @@ CREATE TABLE accounts (
 	updated_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
 	suspended_by_rule VARCHAR(64),
 	suspended_at TIMESTAMP WITHOUT TIME ZONE,
+	max_call_cost_micros BIGINT,
+	daily_spend_micros BIGINT,
+	monthly_spend_micros BIGINT,
 	CONSTRAINT pk_accounts PRIMARY KEY (id),
 	CONSTRAINT ck_accounts_credit_limit_not_negative CHECK (credit_limit_micros >= 0),
 	CONSTRAINT ck_accounts_reserved_not_negative CHECK (reserved_micros >= 0),
@@ -314,6 +317,8 @@ CREATE TABLE reservations (
 	bundle_used_s BIGINT NOT NULL,
 	bundle_last_granted_s BIGINT NOT NULL,
 	bundle_slots TEXT NOT NULL,
+	spend_day_ms BIGINT NOT NULL,
+	spend_month_ms BIGINT NOT NULL,
 	CONSTRAINT pk_reservations PRIMARY KEY (call_id),
 	CONSTRAINT ck_reservations_state_known CHECK (state IN ('open', 'settled', 'released', 'expired')),
 	CONSTRAINT ck_reservations_amounts_not_negative CHECK (reserved_micros >= 0 AND debited_micros >= 0 AND overrun_micros >= 0),
@@ -323,6 +328,17 @@ CREATE TABLE reservations (
 CREATE INDEX ix_reservations_account_id_state ON reservations (account_id, state);
 
 CREATE INDEX ix_reservations_state_expires_at ON reservations (state, expires_at);
+
+CREATE TABLE spend_periods (
+	account_id VARCHAR(64) NOT NULL,
+	kind VARCHAR(8) NOT NULL,
+	start_ms BIGINT NOT NULL,
+	spent_micros BIGINT NOT NULL,
+	held_micros BIGINT NOT NULL,
+	CONSTRAINT pk_spend_periods PRIMARY KEY (account_id, kind, start_ms),
+	CONSTRAINT ck_spend_periods_kind_known CHECK (kind IN ('day', 'month')),
+	CONSTRAINT fk_spend_periods_account_id_accounts FOREIGN KEY(account_id) REFERENCES accounts (id)
+);
 
 CREATE TABLE bundle_periods (
 	grant_id BIGINT NOT NULL,

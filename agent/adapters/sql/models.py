@@ -162,6 +162,11 @@ class Account(Base):
     # Set when a fraud rule suspended the account (fraud/rules.yaml); cleared by `accounts resume`.
     suspended_by_rule: Mapped[str | None] = mapped_column(String(64), nullable=True)
     suspended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Spending caps beside the balance (DESIGN §8); NULL: no cap. Days and months are read in the
+    # timezone of the account's rate plan.
+    max_call_cost_micros: Mapped[int | None] = mapped_column(Micros, nullable=True)
+    daily_spend_micros: Mapped[int | None] = mapped_column(Micros, nullable=True)
+    monthly_spend_micros: Mapped[int | None] = mapped_column(Micros, nullable=True)
 
 
 class LedgerEntry(Base):
@@ -322,6 +327,9 @@ class Reservation(Base):
     bundle_used_s: Mapped[int] = mapped_column(BigInteger, default=0)
     bundle_last_granted_s: Mapped[int] = mapped_column(BigInteger, default=0)
     bundle_slots: Mapped[str] = mapped_column(Text, default="")
+    # The calendar day and month (local midnight, epoch ms) the call counts on for the spend caps.
+    spend_day_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    spend_month_ms: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class AgentNode(Base):
@@ -502,3 +510,19 @@ class BundleUsage(Base):
     reference: Mapped[str] = mapped_column(String(191), unique=True)
     call_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class SpendPeriod(Base):
+    """What an account spent and holds on one calendar day or month, for its spend caps (DESIGN
+    §8): ``spent_micros`` is the sum of the charges of the calls that started in it (settled or
+    closed), ``held_micros`` what its open calls hold (reservation + nibble debits). Written in
+    the same transaction as the balance by the embedded store; `ledger check` proves it."""
+
+    __tablename__ = "spend_periods"
+    __table_args__ = (CheckConstraint("kind IN ('day', 'month')", name="kind_known"),)
+
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    spent_micros: Mapped[int] = mapped_column(Micros, default=0)
+    held_micros: Mapped[int] = mapped_column(Micros, default=0)
