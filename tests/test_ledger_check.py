@@ -10,13 +10,17 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import Engine, text, update
+from sqlalchemy import Engine, delete, select, text, update
 
 from agent.adapters.redis.store import RedisBalanceStore, make_client
 from agent.adapters.sql.balance_store import SqlBalanceStore
+from agent.adapters.sql.bundle_periods import post_use
+from agent.adapters.sql.bundles_admin import account_grants
 from agent.adapters.sql.engine import make_engine, session_factory, transaction
-from agent.adapters.sql.models import Account, Call, LedgerEntry
+from agent.adapters.sql.models import Account, BundlePeriod, BundleUsage, Call, LedgerEntry, RatingDecision
 from agent.cli.main import cli
+from agent.core.balance import BundleSettle
+from agent.core.bundles import BundleSlot, slots_for
 
 T0 = 1_800_000_000_000
 UNIT = 1_000_000
@@ -184,3 +188,87 @@ def test_a_top_up_with_redis_down_is_kept_and_says_to_rebuild(db: tuple[Path, En
     result = run(config, "accounts", "topup", "alice", "5", "--reference", "p1")
     assert result.exit_code == 0 and "topped up 5.000000" in result.stdout
     assert "rebuild-cache alice" in result.stderr
+
+
+# ------------------------------------------------------------------------------- bundles
+
+
+@pytest.fixture
+def bundled(db: tuple[Path, Engine]) -> tuple[Path, Engine, tuple[BundleSlot, ...]]:
+    """Alice holds a 600 s bundle to 33; c1 used 90 s of it (settled, CDR written), c2 holds 30 s live."""
+    config, engine = db
+    assert run(config, "bundles", "create", "fr", "--seconds", "600", "--prefixes", "33").exit_code == 0
+    assert run(config, "bundles", "grant", "alice", "fr", "--from", "2027-01-01").exit_code == 0
+    with transaction(session_factory(engine)) as s:
+        grants = [g.grant for g in account_grants(s, "alice", at=datetime(2027, 2, 1, tzinfo=UTC))]
+    slots = slots_for(grants, "33140000000", T0, "UTC")
+    store = SqlBalanceStore(session_factory(engine))
+    store.authorize("alice", "c1", "n1", UNIT, 0, T0, 60_000, bundle_slots=slots, bundle_want_s=120)
+    store.settle("c1", 1, 0, T0 + 1, bundle=BundleSettle(90, slots))
+    add_call(engine, "c1", settled=True)
+    with transaction(session_factory(engine)) as s:
+        s.add(RatingDecision(call_id="c1", seq=1, plan_name="retail", prefix="33", rate_micros=0, billed_seconds=90,
+                             bundle_seconds=90, cost_micros=0, decided_at=datetime.now(UTC), reason=""))
+    store.authorize("alice", "c2", "n1", UNIT, 0, T0, 60_000, bundle_slots=slots, bundle_want_s=30)
+    return config, engine, slots
+
+
+def test_bundle_periods_add_up_to_their_usage_rows(bundled: tuple[Path, Engine, tuple[BundleSlot, ...]]) -> None:
+    config, _, _ = bundled
+    code, report = check(config)
+    assert code == 0, report
+    assert (report["bundle_periods"], report["bundle_usage_rows"], report["bundle_calls"]) == (1, 2, 1)
+    text = run(config, "ledger", "check", "--grace-seconds", "0").stdout
+    assert "bundles ok: 1 periods, each granted and used equal to its 2 usage rows, none below zero" in text
+
+
+def test_a_period_that_differs_from_its_rows_is_found(bundled: tuple[Path, Engine, tuple[BundleSlot, ...]]) -> None:
+    config, engine, _ = bundled
+    with engine.begin() as conn:
+        conn.execute(update(BundlePeriod).values(used_s=BundlePeriod.used_s - 10))
+    code, report = check(config)
+    assert code == 1
+    (problem,) = report["problems"]  # type: ignore[misc]
+    assert problem["problem"] == "bundle period differs from its usage rows"
+    assert (problem["granted_s"], problem["usage_granted_s"], problem["used_s"], problem["usage_used_s"]) == (
+        600, 600, 80, 90)
+
+
+def test_a_period_below_zero_is_found(bundled: tuple[Path, Engine, tuple[BundleSlot, ...]]) -> None:
+    config, engine, slots = bundled
+    with transaction(session_factory(engine)) as s:  # an over-use that the rows record too
+        period = s.scalar(select(BundlePeriod))
+        assert period is not None
+        post_use(s, "alice", "rogue", period, slots[0], 700)
+    code, report = check(config)
+    assert code == 1
+    below = [p for p in report["problems"] if p["problem"] == "bundle period below zero"]  # type: ignore[union-attr]
+    assert [(p["granted_s"], p["used_s"], p["left_s"]) for p in below] == [(600, 790, -190)]
+
+
+def test_held_seconds_must_match_the_open_reservations(bundled: tuple[Path, Engine, tuple[BundleSlot, ...]]) -> None:
+    config, engine, _ = bundled
+    with engine.begin() as conn:
+        conn.execute(update(BundlePeriod).values(reserved_s=45))
+    code, report = check(config)
+    assert code == 1
+    assert [(p["problem"], p["reserved_s"], p["open_reservations_s"]) for p in report["problems"]] == [  # type: ignore[union-attr]
+        ("bundle reserved differs from open reservations", 45, 30)]
+    # With Redis the live holds are in Redis: SQL alone cannot compare them.
+    config.write_text(config.read_text() + "redis:\n  url: redis://127.0.0.1:1/0\n")
+    assert check(config)[0] == 0
+
+
+def test_a_decision_must_record_the_seconds_the_call_used(bundled: tuple[Path, Engine, tuple[BundleSlot, ...]]) -> None:
+    config, engine, _ = bundled
+    with engine.begin() as conn:
+        conn.execute(update(RatingDecision).values(bundle_seconds=60))
+    code, report = check(config)
+    assert code == 1
+    assert problems(report) == [("call's bundle seconds differ from its bundle usage", "c1")]
+    assert (report["problems"][0]["bundle_seconds"], report["problems"][0]["usage_s"]) == (60, 90)  # type: ignore[index]
+    with engine.begin() as conn:
+        conn.execute(delete(BundleUsage).where(BundleUsage.kind == "use"))
+        conn.execute(update(BundlePeriod).values(used_s=0))
+    code, report = check(config)
+    assert problems(report) == [("call's bundle seconds have no bundle usage", "c1")]
