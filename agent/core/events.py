@@ -48,6 +48,7 @@ class DenyReason(StrEnum):
     STORE_UNAVAILABLE = "store_unavailable"
     SHUTTING_DOWN = "shutting_down"
     FRAUD_RULE = "fraud_rule"  # a fraud rule (fraud/rules.yaml) refused the call or suspended the account
+    SPEND_LIMIT = "spend_limit"  # a spend cap (max call cost, daily or monthly spend) leaves nothing
 
 
 @dataclass(frozen=True, slots=True)

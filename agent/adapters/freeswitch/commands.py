@@ -37,6 +37,7 @@ DENY_CAUSES: dict[DenyReason, str] = {
     DenyReason.STORE_UNAVAILABLE: "NORMAL_TEMPORARY_FAILURE",
     DenyReason.SHUTTING_DOWN: "NORMAL_TEMPORARY_FAILURE",
     DenyReason.FRAUD_RULE: "OUTGOING_CALL_BARRED",
+    DenyReason.SPEND_LIMIT: "OUTGOING_CALL_BARRED",
 }
 """Q.850 cause names (SIP: 403, 486, 403, 404, 403, 484, 503) given to refused calls."""
 
