@@ -193,9 +193,11 @@ def _rate_rows(rng: random.Random) -> dict[str, RateRow]:
 
 def _bundle_grants(rng: random.Random, config: SimConfig, prefixes: list[str],
                    next_id: int) -> list[BundleGrant]:
-    """One or two grants for one account: a few hundred seconds on a few of ``prefixes``
-    (the second overlaps the first), monthly, weekly or once."""
+    """One or two grants for one account: a few hundred seconds on a few of ``prefixes`` (the
+    second overlaps the first), monthly, weekly or once; some monthly and weekly ones are large
+    enough (``calls / 5`` seconds) to cover much of the account's calls to them in a long run."""
     run_ms = config.calls * config.mean_interarrival_ms
+    large = max(300, config.calls // 5)
     grants: list[BundleGrant] = []
     first: tuple[str, ...] = ()
     for n in range(rng.choice([1, 1, 2])):
@@ -203,18 +205,18 @@ def _bundle_grants(rng: random.Random, config: SimConfig, prefixes: list[str],
         if first:
             covered.append(rng.choice(first))  # two grants on one number: drawn earliest expiry first
         kind = rng.choice(["month_rollover", "month", "week", "once"])
+        prefixes_of = tuple(dict.fromkeys(covered))
         valid_from = config.start_ms - 40 * 86_400_000 if rng.random() < 0.7 else config.start_ms
         valid_until = 2**62
         if kind == "once":
             valid_from = config.start_ms + rng.randint(0, run_ms // 2)
             valid_until = valid_from + rng.randint(max(1, run_ms // 4), max(2, run_ms))
-            bundle = BundleDef(f"once{next_id + n}", rng.choice([120, 300, 600]), tuple(dict.fromkeys(covered)),
-                               PeriodKind.ONCE)
+            bundle = BundleDef(f"once{next_id + n}", rng.choice([120, 300, 600]), prefixes_of, PeriodKind.ONCE)
         elif kind == "week":
-            bundle = BundleDef(f"week{next_id + n}", rng.choice([120, 300, 600]), tuple(dict.fromkeys(covered)),
+            bundle = BundleDef(f"week{next_id + n}", rng.choice([120, 300, 600, large]), prefixes_of,
                                PeriodKind.WEEK, anchor=rng.choice([4, 4, 1]), rollover=rng.random() < 0.5)
         else:
-            bundle = BundleDef(f"month{next_id + n}", rng.choice([300, 600, 1800]), tuple(dict.fromkeys(covered)),
+            bundle = BundleDef(f"month{next_id + n}", rng.choice([300, 600, 1800, large]), prefixes_of,
                                PeriodKind.MONTH, anchor=1 if kind == "month_rollover" else rng.choice([1, 15, 31]),
                                rollover=kind == "month_rollover")
         grants.append(BundleGrant(next_id + n, "", check_bundle(bundle), valid_from, valid_until))
