@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,13 +16,17 @@ from sqlalchemy import Engine, select
 from agent.adapters.cdr.rerate import Change, RerateReport, _commit_page, _pages, reprice, rerate
 from agent.adapters.redis.store import RedisBalanceStore, make_client
 from agent.adapters.sql.accounts import create_account, post_entry, view_account
+from agent.adapters.sql.balance_store import SqlBalanceStore
+from agent.adapters.sql.bundles_admin import account_grants
 from agent.adapters.sql.cdr_writer import SqlCdrStore
 from agent.adapters.sql.engine import session_factory, transaction
-from agent.adapters.sql.models import LedgerEntry, Rate, RatingDecision
+from agent.adapters.sql.models import BundlePeriod, BundleUsage, LedgerEntry, Rate, RatingDecision
 from agent.adapters.sql.plans import create_plan
 from agent.adapters.sql.rate_import import import_deck
 from agent.adapters.sql.rate_repository import load_table
 from agent.cli.main import cli
+from agent.core.balance import BundleSettle
+from agent.core.bundles import slots_for
 from tests.cdr_builders import make_record
 
 HEADER = "prefix,destination,rate,connect_fee,initial_increment,increment,minimum,grace\n"
@@ -194,3 +199,98 @@ def test_redis_away_is_a_warning_the_ledger_has_the_adjustments(world: Engine, t
     assert result.exit_code == 0 and "applied 3" in result.stdout
     assert "rebuild-cache" in result.stderr
     assert balance(world, "alice") == 10 * UNIT - 61_000 - 125_000 - 30_500
+
+
+# ------------------------------------------------------------------------------ bundles
+
+BUNDLE_OLD = HEADER + "49,Germany,0.12,0,60,60,0,0\n"  # 61 s bill 120 s
+BUNDLE_NEW = HEADER + "49,Germany,0.12,0,1,1,0,0\n"  # 61 s bill 61 s
+
+
+@pytest.fixture
+def bundled(engine: Engine, tmp_path: Path) -> tuple[Engine, dict[str, int]]:
+    """Alice's 61 s call to 4930111 billed 120 s: 50 s from a weekly bundle (it ends first, so it
+    is drawn first), 50 s from a monthly one, 20 s of money (0.040000); settled by the real
+    store, its CDR written with bundle_seconds 100."""
+    with transaction(session_factory(engine)) as session:
+        create_plan(session, "retail", currency="EUR")
+    ids = import_rates(engine, tmp_path, BUNDLE_OLD, "old.csv")
+    with transaction(session_factory(engine)) as session:
+        create_account(session, "alice", plan="retail", balance_micros=10 * UNIT)
+    for name, period in (("week-de", "week"), ("month-de", "month")):
+        assert run(engine, "bundles", "create", name, "--seconds", "50", "--prefixes", "49", "--period", period
+                   ).exit_code == 0
+        assert run(engine, "bundles", "grant", "alice", name, "--from", "2025-12-01").exit_code == 0
+    record = make_record(0, account_id="alice", destination="4930111", rate_id=ids["49"], billed_seconds=61,
+                         cost_micros=40_000)
+    record = replace(record, rating=replace(record.rating, bundle_seconds=100))
+    with transaction(session_factory(engine)) as session:
+        grants = [g.grant for g in account_grants(session, "alice", at=datetime(2026, 1, 1, tzinfo=UTC))]
+    slots = slots_for(grants, "4930111", record.started_ms, "UTC")
+    assert [s.seconds for s in slots] == [50, 50] and slots[0].expires_ms < slots[1].expires_ms
+    store = SqlBalanceStore(session_factory(engine))
+    assert store.authorize("alice", record.call_id, "n1", UNIT, 0, record.started_ms, 600_000, bundle_slots=slots,
+                           bundle_want_s=120).bundle_granted_s == 100
+    store.settle(record.call_id, 1, 40_000, record.started_ms + 62_000, bundle=BundleSettle(100, slots))
+    SqlCdrStore(engine).write([record])
+    import_rates(engine, tmp_path, BUNDLE_NEW, "new.csv")
+    return engine, {"week": slots[0].grant_id, "month": slots[1].grant_id, "week_start": slots[0].period_start_ms,
+                    "month_start": slots[1].period_start_ms}
+
+
+def periods_used(engine: Engine) -> dict[int, int]:
+    with engine.connect() as conn:
+        return {int(g): int(u) for g, u in conn.execute(select(BundlePeriod.grant_id, BundlePeriod.used_s))}
+
+
+def test_a_call_that_used_bundles_gives_seconds_back_to_the_right_grant(bundled: tuple[Engine, dict[str, int]]
+                                                                        ) -> None:
+    engine, ids = bundled
+    assert periods_used(engine) == {ids["week"]: 50, ids["month"]: 50}
+    dry = json.loads(run(engine, "rerate", "--plan", "retail", "--since", "2026-01-01", "--dry-run", "--json").stdout)
+    assert dry["bundle_seconds_returned"] == 39 and periods_used(engine)[ids["month"]] == 50
+    result = run(engine, "rerate", "--plan", "retail", "--since", "2026-01-01", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    (change,) = data["changes"]
+    # Billed 61 s now: all covered by the 100 s the call held; no money, the 0.04 goes back.
+    assert (change["old_cost"], change["new_cost"], change["adjustment"]) == ("0.040000", "0.000000", "0.040000")
+    assert (change["bundle_seconds"], change["bundle_seconds_returned"], data["bundle_seconds_returned"]) == (
+        61, 39, 39)
+    # The monthly period was drawn on last: it gets the 39 s back; the weekly keeps its 50 s used.
+    assert periods_used(engine) == {ids["week"]: 50, ids["month"]: 11}
+    with engine.connect() as conn:
+        adjust = conn.execute(select(BundleUsage.grant_id, BundleUsage.period_start_ms, BundleUsage.seconds,
+                                     BundleUsage.reference, BundleUsage.call_id)
+                              .where(BundleUsage.kind == "adjust")).all()
+        decision = conn.execute(select(RatingDecision.seq, RatingDecision.bundle_seconds, RatingDecision.cost_micros)
+                                .where(RatingDecision.seq == 2)).one()
+    assert [tuple(a) for a in adjust] == [(ids["month"], ids["month_start"], 39,
+                                           f"bundle-rerate:call-000000:2:{ids['month']}:{ids['month_start']}",
+                                           "call-000000")]
+    assert tuple(decision) == (2, 61, 0)
+    assert balance(engine, "alice") == 10 * UNIT
+    text = run(engine, "rerate", "--plan", "retail", "--since", "2026-01-01").stdout
+    assert "0 changed" in text  # a second run finds the call at its price
+    checked = run(engine, "ledger", "check", "--json", "--grace-seconds", "0")
+    assert checked.exit_code == 0, checked.output
+    assert json.loads(checked.stdout)["bundle_calls"] == 1
+
+
+def test_more_billed_seconds_keep_the_covered_seconds_and_money_pays_the_rest(
+        bundled: tuple[Engine, dict[str, int]], tmp_path: Path) -> None:
+    engine, ids = bundled
+    import_rates(engine, tmp_path, HEADER + "49,Germany,0.06,0.50,90,30,0,0\n", "dearer.csv")
+    data = json.loads(run(engine, "rerate", "--plan", "retail", "--since", "2026-01-01", "--json").stdout)
+    (change,) = data["changes"]
+    # 61 s bill 90 s now: 100 s held cover all 90 (no connect fee: a bundle covers the call).
+    assert (change["new_cost"], change["bundle_seconds"], change["bundle_seconds_returned"]) == ("0.000000", 90, 10)
+    assert periods_used(engine) == {ids["week"]: 50, ids["month"]: 40}
+    import_rates(engine, tmp_path, HEADER + "49,Germany,0.06,0.50,120,60,0,0\n", "dearest.csv")
+    data = json.loads(run(engine, "rerate", "--plan", "retail", "--since", "2026-01-01", "--json").stdout)
+    (change,) = data["changes"]
+    # 120 s billed, 90 s still covered (a re-rating never takes more from a bundle): 30 s of money at 0.06.
+    assert (change["old_cost"], change["new_cost"], change["bundle_seconds"]) == ("0.000000", "0.030000", 90)
+    assert change["bundle_seconds_returned"] == 0 and periods_used(engine) == {ids["week"]: 50, ids["month"]: 40}
+    assert balance(engine, "alice") == 10 * UNIT - 30_000
+    assert run(engine, "ledger", "check", "--grace-seconds", "0").exit_code == 0
