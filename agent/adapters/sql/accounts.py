@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from agent.adapters.sql.models import Account, LedgerEntry, RatePlan, Tenant, utcnow
+from agent.core.budgets import SpendLimits, check_limits
 from agent.core.errors import Conflict, InvalidInput, NotFound
 
 ACCOUNT_TYPES = ("prepaid", "postpaid")
@@ -38,6 +39,7 @@ class AccountView:
     created_at: datetime
     suspended_by_rule: str | None = None  # the fraud rule that suspended the account
     suspended_at: datetime | None = None
+    limits: SpendLimits = SpendLimits()  # spend caps (DESIGN §8)
 
     @property
     def available_micros(self) -> int:
@@ -226,6 +228,30 @@ def set_status(session: Session, account_id: str, status: str) -> AccountView:
     return view_account(session, account_id)
 
 
+_KEEP = object()
+
+
+def set_limits(session: Session, account_id: str, *, max_call_cost_micros: int | None | object = _KEEP,
+               daily_micros: int | None | object = _KEEP, monthly_micros: int | None | object = _KEEP,
+               ) -> AccountView:
+    """Set or clear (None) an account's spend caps; a cap not given keeps its value. The caps
+    apply to calls authorized from now on (a call in progress keeps the day and month it counts
+    on; ``max_call_cost`` binds at its next nibble)."""
+    account = lock_account(session, account_id)
+    current = SpendLimits(account.max_call_cost_micros, account.daily_spend_micros, account.monthly_spend_micros)
+    wanted = SpendLimits(
+        current.max_call_cost_micros if max_call_cost_micros is _KEEP else max_call_cost_micros,  # type: ignore[arg-type]
+        current.daily_micros if daily_micros is _KEEP else daily_micros,  # type: ignore[arg-type]
+        current.monthly_micros if monthly_micros is _KEEP else monthly_micros)  # type: ignore[arg-type]
+    check_limits(wanted)
+    account.max_call_cost_micros = wanted.max_call_cost_micros
+    account.daily_spend_micros = wanted.daily_micros
+    account.monthly_spend_micros = wanted.monthly_micros
+    account.updated_at = utcnow()
+    session.flush()
+    return view_account(session, account_id)
+
+
 def _view(account: Account, tenant: str, plan: str) -> AccountView:
     return AccountView(
         id=account.id, tenant=tenant, plan=plan, currency=account.currency,
@@ -234,6 +260,7 @@ def _view(account: Account, tenant: str, plan: str) -> AccountView:
         credit_limit_micros=account.credit_limit_micros,
         max_concurrent_calls=account.max_concurrent_calls, created_at=account.created_at,
         suspended_by_rule=account.suspended_by_rule, suspended_at=account.suspended_at,
+        limits=SpendLimits(account.max_call_cost_micros, account.daily_spend_micros, account.monthly_spend_micros),
     )
 
 

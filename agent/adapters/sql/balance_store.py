@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from agent.adapters.sql.accounts import post_entry
 from agent.adapters.sql.bundle_periods import dump_holds, load_holds, open_period, periods_of, post_use
 from agent.adapters.sql.engine import transaction
-from agent.adapters.sql.models import Account, RatePlan, Reservation
+from agent.adapters.sql.models import Account, RatePlan, Reservation, SpendPeriod
 from agent.core.balance import (
     AccountState,
     AuthorizeOutcome,
@@ -53,6 +53,7 @@ from agent.core.balance import (
     nibble_bundle_draw,
     nibble_step,
 )
+from agent.core.budgets import SpendLimits, SpendPeriods, SpendUse, capped, spend_periods
 from agent.core.bundles import BundleSlot, PeriodState, commit
 from agent.core.errors import Conflict, NotFound
 
@@ -71,6 +72,24 @@ def ms_to_datetime(ms: int) -> datetime:
 
 def datetime_to_ms(moment: datetime) -> int:
     return (moment - EPOCH) // timedelta(milliseconds=1)
+
+
+def _limits(account: Account) -> SpendLimits:
+    return SpendLimits(account.max_call_cost_micros, account.daily_spend_micros, account.monthly_spend_micros)
+
+
+def _use(rows: Sequence[SpendPeriod], *, call_micros: int = 0) -> SpendUse:
+    """What counts against the caps: the day's and the month's spent + held, and the call's."""
+    day = next((row for row in rows if row.kind == "day"), None)
+    month = next((row for row in rows if row.kind == "month"), None)
+    return SpendUse(day.spent_micros + day.held_micros if day is not None else 0,
+                    month.spent_micros + month.held_micros if month is not None else 0, call_micros)
+
+
+def _move(rows: Sequence[SpendPeriod], *, held: int = 0, spent: int = 0) -> None:
+    for row in rows:
+        row.held_micros += held
+        row.spent_micros += spent
 
 
 def _retryable(exc: DBAPIError) -> bool:
@@ -163,6 +182,12 @@ class SqlBalanceStore:
                 Reservation.account_id == account_id, Reservation.state == "open", Reservation.expires_at > now)
         ) or 0
         available = account.balance_micros + account.credit_limit_micros - account.reserved_micros
+        limits = _limits(account)
+        spend = spend_periods(plan.timezone if plan is not None else "UTC", now_ms) if limits.any else None
+        spend_rows = self._spend_rows(session, account_id, spend) if spend is not None else []
+        binding = ""
+        if limits.any:
+            available, binding = capped(available, limits, _use(spend_rows))
         periods = [open_period(session, account_id, slot) for slot in slots] if account.status == "active" else []
         lefts = [period.granted_s - period.used_s - period.reserved_s for period in periods]
         reason, granted, taken = authorize_with_bundles(
@@ -170,6 +195,8 @@ class SqlBalanceStore:
             available_micros=available, want_micros=want, min_micros=minimum, bundle_lefts=lefts,
             bundle_want_s=want_s)
         bundle_available = sum(max(left, 0) for left in lefts)
+        if reason is DenyReason.INSUFFICIENT_FUNDS and binding:
+            reason = DenyReason.SPEND_LIMIT  # the money is there; a cap is reached
         if reason is not None:
             return AuthorizeOutcome(call_id, False, reason, 0, available, plan_name, account.currency,
                                     bundle_available_s=bundle_available)
@@ -180,8 +207,10 @@ class SqlBalanceStore:
             last_debit_micros=0, auth_granted_micros=granted, auth_available_micros=available,
             reserved_micros=granted, debited_micros=0, overrun_micros=0, created_at=now,
             expires_at=ms_to_datetime(now_ms + ttl_ms), bundle_held_s=sum(taken), bundle_used_s=0,
-            bundle_last_granted_s=sum(taken), bundle_slots=dump_holds(list(zip(slots, taken, strict=True)))))
+            bundle_last_granted_s=sum(taken), bundle_slots=dump_holds(list(zip(slots, taken, strict=True))),
+            spend_day_ms=spend.day_start_ms if spend else 0, spend_month_ms=spend.month_start_ms if spend else 0))
         account.reserved_micros += granted
+        _move(spend_rows, held=granted)
         session.flush()
         return AuthorizeOutcome(call_id, True, None, granted, available, plan_name, account.currency,
                                 bundle_granted_s=sum(taken), bundle_available_s=bundle_available)
@@ -220,14 +249,22 @@ class SqlBalanceStore:
         if datetime_to_ms(r.expires_at) <= req.now_ms:
             return NibbleOutcome(req.call_id, req.seq, NibbleStatus.EXPIRED, 0, 0, **totals)
         reserve_micros, bundle_granted = self._nibble_bundles(session, r, req)
+        beyond = req.debit_micros - min(req.debit_micros, r.reserved_micros)  # an overrun adds to what is held
+        available_after = (account.balance_micros + account.credit_limit_micros - account.reserved_micros - beyond)
+        limits = _limits(account)
+        spend_rows = self._call_spend_rows(session, r)
+        if limits.any:
+            # The caps, as the balance: what the call and its day and month hold counts as used.
+            use = _use(spend_rows, call_micros=r.debited_micros + r.reserved_micros)
+            available_after, _ = capped(available_after, limits, SpendUse(
+                use.day_micros + beyond, use.month_micros + beyond, use.call_micros + beyond))
         effect = nibble_step(
             call_reserved_micros=r.reserved_micros, debit_micros=req.debit_micros,
-            reserve_micros=reserve_micros,
-            available_after_debit_micros=account.balance_micros + account.credit_limit_micros
-            - account.reserved_micros - (req.debit_micros - min(req.debit_micros, r.reserved_micros)))
+            reserve_micros=reserve_micros, available_after_debit_micros=available_after)
         remaining = r.reserved_micros - effect.taken_micros
         # Held = reserved + debited: the debit moves inside it, an overrun and the top-up add to it.
         account.reserved_micros += effect.overrun_micros + effect.granted_micros - remaining
+        _move(spend_rows, held=effect.overrun_micros + effect.granted_micros - remaining)
         if effect.overrun_micros:
             log.warning("nibble overrun call=%s seq=%d overrun_micros=%d", req.call_id, req.seq,
                         effect.overrun_micros)
@@ -285,7 +322,7 @@ class SqlBalanceStore:
                 log.error("settle conflict call=%s stored_cost=%s new_cost=%d: nothing changed", call_id,
                           r.cost_micros, cost)
             return SettleOutcome(call_id, r.account_id, status, r.cost_micros or 0, r.debited_micros, 0,
-                                 r.overrun_micros)
+                                 r.overrun_micros, bundle_used_s=r.bundle_used_s)
         released = 0
         covered = r.bundle_used_s if bundle is None else bundle.covered_s
         if r.state == "open":
@@ -293,6 +330,7 @@ class SqlBalanceStore:
             overrun = max(0, cost - held)
             released = r.reserved_micros
             account.reserved_micros -= held
+            _move(self._call_spend_rows(session, r), held=-held, spent=cost)
             status = SettleStatus.SETTLED
             if r.bundle_slots or bundle is None:
                 self._commit_bundles(session, r, covered)
@@ -300,6 +338,7 @@ class SqlBalanceStore:
                 self._commit_without_holds(session, r, bundle)
         else:  # expired or released: its debits were charged when it closed; charge the rest now
             overrun = max(0, cost - (r.closed_charge_micros or 0))
+            _move(self._call_spend_rows(session, r), spent=cost - (r.closed_charge_micros or 0))
             status = SettleStatus.AFTER_EXPIRY
             self._commit_bundles_late(session, r, covered)
         if overrun:
@@ -325,6 +364,27 @@ class SqlBalanceStore:
             period.reserved_s -= min(held, period.reserved_s)
             post_use(session, r.account_id, r.call_id, period, slot, seconds)
         r.bundle_used_s = sum(used)
+
+    @staticmethod
+    def _spend_rows(session: Session, account_id: str, spend: SpendPeriods) -> list[SpendPeriod]:
+        """The day's and the month's counters of the caps, locked (created at zero)."""
+        rows = []
+        for kind, start in (("day", spend.day_start_ms), ("month", spend.month_start_ms)):
+            row = session.scalar(select(SpendPeriod).where(
+                SpendPeriod.account_id == account_id, SpendPeriod.kind == kind, SpendPeriod.start_ms == start)
+                .with_for_update())
+            if row is None:
+                row = SpendPeriod(account_id=account_id, kind=kind, start_ms=start, spent_micros=0, held_micros=0)
+                session.add(row)
+            rows.append(row)
+        session.flush()
+        return rows
+
+    def _call_spend_rows(self, session: Session, r: Reservation) -> list[SpendPeriod]:
+        """The counters the call counts on: none when its account had no cap at its authorize."""
+        if not r.spend_day_ms and not r.spend_month_ms:
+            return []
+        return self._spend_rows(session, r.account_id, SpendPeriods(r.spend_day_ms, r.spend_month_ms))
 
     @staticmethod
     def _commit_without_holds(session: Session, r: Reservation, bundle: BundleSettle) -> None:
@@ -392,6 +452,7 @@ class SqlBalanceStore:
             return ReleaseOutcome(call_id, ReleaseStatus.CLOSED)  # renewed since the sweep looked
         released = r.reserved_micros
         account.reserved_micros -= r.reserved_micros + r.debited_micros
+        _move(self._call_spend_rows(session, r), held=-(r.reserved_micros + r.debited_micros), spent=r.debited_micros)
         self._commit_bundles(session, r, r.bundle_used_s)  # what its nibbles used; the rest goes back
         r.state, r.reserved_micros, r.closed_charge_micros = state, 0, r.debited_micros
         r.seq = max(r.seq, seq)
