@@ -11,10 +11,17 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import Engine, insert
 
-from agent.adapters.sql.engine import session_factory, transaction
+from agent.adapters.sql.accounts import create_account
+from agent.adapters.sql.balance_store import SqlBalanceStore
+from agent.adapters.sql.bundles_admin import account_grants
+from agent.adapters.sql.engine import make_engine, session_factory, transaction
 from agent.adapters.sql.models import Rate
 from agent.adapters.sql.plans import create_plan
 from agent.cli.main import cli
+from agent.core.balance import BundleSettle
+from agent.core.bundles import slots_for
+from agent.core.clock import parse_iso8601
+from agent.core.ratetable import epoch_ms
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 WEDNESDAY_10H = "2026-03-04T10:00:00Z"
@@ -23,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "effective_from": EPOCH, "effective_to": None, "weekdays": "", "time_from_minute": 0, "time_to_minute": 1440,
     "blocked": False,
 }
+UNIT = 1_000_000
 SAMPLE_DECK = Path(__file__).resolve().parent.parent / "rates" / "sample-small.csv"
 
 
@@ -161,3 +169,94 @@ def test_quote_after_a_real_import(sqlite_engine: Engine) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert (data["prefix"], data["billed_seconds"], data["cost"]) == ("336", 66, "0.049500")
+
+
+# ---------------------------------------------------------------- --account: bundles (DESIGN §9)
+
+
+@pytest.fixture
+def alice(url: str) -> str:
+    """Alice on retail with a 100 s monthly bundle to UK mobiles (447), 40 s of it used by a call."""
+    engine = make_engine(url)
+    try:
+        with transaction(session_factory(engine)) as session:
+            create_account(session, "alice", plan="retail", balance_micros=UNIT)
+        cli_ok(url, "bundles", "create", "uk-mobile", "--seconds", "100", "--prefixes", "447")
+        cli_ok(url, "bundles", "grant", "alice", "uk-mobile", "--from", "2026-03-01")
+        at = parse_iso8601(WEDNESDAY_10H)
+        with transaction(session_factory(engine)) as session:
+            grants = [g.grant for g in account_grants(session, "alice", at=at)]
+        slots = slots_for(grants, "447700900999", epoch_ms(at), "Europe/Paris")
+        store = SqlBalanceStore(session_factory(engine))
+        store.authorize("alice", "used-40", "n1", UNIT, 0, epoch_ms(at), 60_000, bundle_slots=slots, bundle_want_s=40)
+        store.settle("used-40", 1, 0, epoch_ms(at) + 40_000, bundle=BundleSettle(40, slots))
+    finally:
+        engine.dispose()
+    return url
+
+
+def cli_ok(url: str, *args: str) -> Result:
+    result = CliRunner().invoke(cli, ["--database-url", url, *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def account_quote(url: str, *args: str) -> dict[str, Any]:
+    result = CliRunner().invoke(cli, ["--database-url", url, "rates", "quote", "--account", "alice", *args,
+                                      "--json", "--at", WEDNESDAY_10H])
+    assert result.exit_code == 0, result.output
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def test_account_quote_splits_a_call_between_its_bundle_and_money(alice: str) -> None:
+    data = account_quote(alice, "+447700900123", "--seconds", "61")
+    # 61 s bill 66 s (30 s then 6 s blocks): 60 s left in the bundle, 6 s of money, no connect fee.
+    assert (data["plan"], data["billed_seconds"], data["bundle_seconds"], data["money_seconds"]) == (
+        "retail", 66, 60, 6)
+    assert (data["cost"], data["connect_fee_waived"], data["cost_without_bundles"]) == ("0.012000", True, "0.182000")
+    assert data["bundles"] == [{"grant": 1, "bundle": "uk-mobile", "period_start": "2026-03-01T00:00:00+01:00",
+                                "period_end": "2026-04-01T00:00:00+02:00", "left_seconds": 60,
+                                "covered_seconds": 60}]
+    inside = account_quote(alice, "+447700900123", "--seconds", "20")
+    assert (inside["billed_seconds"], inside["bundle_seconds"], inside["cost"]) == (30, 30, "0.000000")
+    text = cli_ok(alice, "rates", "quote", "--account", "alice", "+447700900123", "--seconds", "61", "--at",
+                  WEDNESDAY_10H).stdout
+    assert "bundle uk-mobile (grant 1, 60 s left)" in text and "connect fee waived: a bundle covers the call" in text
+    assert "total                                           0.012000 EUR (without bundles 0.182000)" in text
+
+
+def test_several_bundles_are_drawn_earliest_expiry_first(alice: str) -> None:
+    cli_ok(alice, "bundles", "create", "uk-week", "--seconds", "50", "--prefixes", "44", "--period", "week")
+    cli_ok(alice, "bundles", "grant", "alice", "uk-week", "--from", "2026-03-01")
+    data = account_quote(alice, "+447700900123", "--seconds", "200")
+    # 200 s bill 204 s: 50 s from the weekly bundle (it ends first), 60 s from the monthly, 94 s of money.
+    assert [(b["bundle"], b["left_seconds"], b["covered_seconds"]) for b in data["bundles"]] == [
+        ("uk-week", 50, 50), ("uk-mobile", 60, 60)]
+    assert (data["billed_seconds"], data["bundle_seconds"], data["cost"]) == (204, 110, "0.188000")
+    landline = account_quote(alice, "+442071234567", "--seconds", "10")  # the weekly bundle alone covers 44
+    assert [b["bundle"] for b in landline["bundles"]] == ["uk-week"] and landline["cost"] == "0.000000"
+    budget = account_quote(alice, "+447700900123", "--budget", "0.12")
+    # 110 s of bundles + 60 s that 0.12 pays = 170 billed seconds, down to a block boundary: 168.
+    assert (budget["max_seconds"], budget["bundle_seconds"], budget["cost"]) == (168, 110, "0.116000")
+    assert budget["without_bundles_max_seconds"] == 30  # connect fee 0.05 + the 30 s block 0.06
+
+
+def test_account_quote_without_a_covering_bundle_is_the_plain_cost(alice: str) -> None:
+    data = account_quote(alice, "+33140000000", "--seconds", "60")
+    assert (data["bundles"], data["bundle_seconds"], data["cost"], data["cost_without_bundles"]) == (
+        [], 0, "0.020000", "0.020000")
+    after = account_quote(alice, "+447700900123", "--seconds", "61", "--plan", "retail")
+    assert after["bundle_seconds"] == 60
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["--account", "bob"], 1, "unknown account 'bob'"),
+    (["--account", "alice", "--plan", "wholesale"], 1, "--plan 'wholesale': account 'alice' is rated on plan 'retail'"),
+    ([], 2, "give --plan NAME or --account ACCOUNT"),
+])
+def test_account_quote_errors(alice: str, args: list[str], code: int, message: str) -> None:
+    result = CliRunner().invoke(cli, ["--database-url", alice, "rates", "quote", "+447700900123", "--seconds", "5",
+                                      *args])
+    assert result.exit_code == code, result.output
+    assert message in result.stderr
