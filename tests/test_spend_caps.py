@@ -3,11 +3,13 @@ exactly like the balance by the store (grant = the least room), reset by the cal
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import sessionmaker
 
 from agent.adapters.sql import accounts as repo
 from agent.adapters.sql.engine import transaction
@@ -132,3 +134,29 @@ def test_a_call_expired_under_a_cap_counts_its_debits_as_spent(w: World) -> None
     assert spend_rows(w, a)[("day", day0)] == (100_000, 0)
     store.settle("e1", 2, 150_000, T0 + 200_000)  # a late settle charges the rest
     assert spend_rows(w, a)[("day", day0)] == (150_000, 0)
+
+
+def test_limits_set_and_show_from_the_command_line(sqlite_engine: Engine) -> None:
+    from click.testing import CliRunner
+
+    from agent.cli.main import cli
+
+    url = sqlite_engine.url.render_as_string(hide_password=False)
+
+    def run(*args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(cli, ["--database-url", url, *args])
+        return result.exit_code, result.output
+
+    assert run("plans", "create", "retail", "--timezone", "Europe/Paris")[0] == 0
+    assert run("accounts", "create", "alice", "--plan", "retail", "--balance", "50")[0] == 0
+    code, out = run("limits", "set", "alice", "--daily", "5", "--max-call-cost", "1.50")
+    assert code == 0 and "max call cost  1.500000" in out and "daily          5.000000" in out
+    code, out = run("limits", "set", "alice", "--daily", "none", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["daily"]["cap"] is None and data["max_call_cost"]["cap"] == "1.500000"
+    code, out = run("limits", "set", "alice", "--monthly", "-3")
+    assert code != 0 and "'-3'" in out and "negative" in out
+    code, out = run("limits", "set", "bob", "--monthly", "3")
+    assert code != 0 and "unknown account 'bob'" in out
+    with transaction(sessionmaker(sqlite_engine)) as s:
+        assert repo.view_account(s, "alice").limits == SpendLimits(max_call_cost_micros=1_500_000)

@@ -16,6 +16,7 @@ from agent.cli.db import db
 from agent.cli.demo import demo_command
 from agent.cli.fraud import alerts, fraud
 from agent.cli.ledger import ledger
+from agent.cli.limits import limits
 from agent.cli.plans import plans
 from agent.cli.rates import rates
 from agent.cli.rerate import rerate_command
@@ -41,6 +42,7 @@ def cli(ctx: click.Context, config_path: str | None, database_url: str | None) -
 
 cli.add_command(db)
 cli.add_command(accounts)
+cli.add_command(limits)
 cli.add_command(bundles)
 cli.add_command(plans)
 cli.add_command(rates)
