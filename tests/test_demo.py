@@ -61,6 +61,11 @@ def test_demo_places_calls_through_the_real_daemon_and_leaves_nothing_behind(pbx
     # The IRSF burst: the fraud rule's alert and the suspension it caused.
     assert "rule irsf_parallel, live_calls to high_risk = 4" in " ".join(out.split())
     assert "account mallory: suspended, by rule irsf_parallel" in " ".join(out.split())
+    # The free-minute bundle: dave's call starts in his 5 s bundle and finishes in money, no connect fee.
+    words = " ".join(out.split())
+    assert "dave's call to the UK billed" in words and ": 5 s from bundle uk-demo (5 s), then" in words
+    assert "no connect fee (a bundle covered the call); bundle now: granted 5 s, used 5 s, left 0 s" in words
+    assert "1 bundle period(s) equal to their 2 usage rows" in words
     if keep:  # the admin asked to look at the database, the spool and the log afterwards
         (kept,) = scratch.iterdir()
         assert "authorize call=" in (kept / "agent.log").read_text()

@@ -26,12 +26,22 @@ import gevent
 from sqlalchemy import Engine, select
 
 from agent.adapters.sql.accounts import create_account
+from agent.adapters.sql.bundles_admin import (
+    account_grants,
+    account_timezone,
+    check_bundles,
+    create_bundle,
+    grant_bundle,
+    grant_figures,
+    sql_periods,
+)
 from agent.adapters.sql.engine import make_engine, session_factory, transaction
 from agent.adapters.sql.migrate import upgrade
 from agent.adapters.sql.models import Call, RatingDecision, utcnow
 from agent.adapters.sql.rate_import import import_deck
 from agent.adapters.sql.reconcile import check_ledger
 from agent.config import Config, FraudConfig, load_config
+from agent.core.bundles import BundleDef, PeriodKind
 from agent.core.money import format_amount, parse_amount
 
 PLAN = "demo"
@@ -51,6 +61,10 @@ rules:
   - {name: irsf_parallel, kind: live_calls, group: high_risk, threshold: 3, action: suspend}
 """
 IRSF_ACCOUNT = "mallory"
+# The free-minute bundle (DESIGN §9): dave's call starts in his 5 s bundle to the UK and goes on
+# in money (0.30/min: 5,000 micro-units a second), with no connect fee since a bundle covers it.
+BUNDLE_ACCOUNT = "dave"
+BUNDLE = BundleDef("uk-demo", 5, ("44",), PeriodKind.MONTH)
 
 
 @dataclass(frozen=True)
@@ -77,12 +91,15 @@ ACCOUNTS = (
     DemoAccount("carol", "0.00"),
     DemoAccount("acme", "0.12"),
     DemoAccount(IRSF_ACCOUNT, "20.00"),
+    DemoAccount(BUNDLE_ACCOUNT, "1.00"),
 )
 
 CALLS = (
     DemoCall("alice talks 5.5 s to France", "alice", "33142685300", 0.0, 5_500, "answered", "1001"),
     DemoCall("bob has 8 s of money, wants 20 s", "bob", "33612345678", 0.5, 20_000, "cut", "1002"),
     DemoCall("carol has no money", "carol", "33142685300", 1.0, 5_000, "denied", "1003"),
+    DemoCall("dave: 5 s bundle to the UK, talks 8 s", BUNDLE_ACCOUNT, "442079460000", 0.2, 8_000, "answered",
+             "1006"),
     DemoCall("alice dials a blocked premium number", "alice", "449012345", 1.5, 5_000, "denied", "1001"),
     DemoCall("acme line 1 (0.12 shared by two calls)", "acme", "33140000001", 2.0, 20_000, "cut", "1004"),
     DemoCall("acme line 2 (0.12 shared by two calls)", "acme", "33140000002", 2.0, 20_000, "cut", "1005"),
@@ -114,6 +131,8 @@ def prepare_database(url: str, folder: Path) -> Engine:
         for account in ACCOUNTS:
             create_account(session, account.account_id, plan=PLAN,
                            balance_micros=parse_amount(account.balance), max_concurrent_calls=account.max_calls)
+        create_bundle(session, BUNDLE)
+        grant_bundle(session, BUNDLE_ACCOUNT, BUNDLE.name, reference="demo-bundle")
     return engine
 
 
@@ -250,17 +269,19 @@ def _show_results(engine: Engine, handles: list[tuple[DemoCall, Any]], out: Any)
     out.print(outcomes)
 
     cdrs = Table(title="CDRs in SQL (calls + rating_decisions)")
-    for column in ("account", "destination", "disposition", "billed s", "cost", "hangup cause"):
-        cdrs.add_column(column, justify="right" if column in ("billed s", "cost") else "left", no_wrap=True)
+    for column in ("account", "destination", "disposition", "billed s", "bundle s", "cost", "hangup cause"):
+        cdrs.add_column(column, justify="right" if column in ("billed s", "bundle s", "cost") else "left",
+                        no_wrap=True)
     with engine.connect() as conn:
         rows = conn.execute(
             select(Call.id, Call.account_id, Call.destination, Call.disposition, RatingDecision.billed_seconds,
-                   RatingDecision.cost_micros, Call.hangup_cause)
+                   RatingDecision.cost_micros, Call.hangup_cause, RatingDecision.bundle_seconds)
             .join(RatingDecision, RatingDecision.call_id == Call.id).order_by(Call.started_at)).all()
     for row in rows:
-        cdrs.add_row(row[1], row[2], row[3], str(row[4]), format_amount(row[5]), row[6])
+        cdrs.add_row(row[1], row[2], row[3], str(row[4]), str(row[7]), format_amount(row[5]), row[6])
     out.print(cdrs)
     ok = _show_fraud(engine, out) and ok
+    ok = _show_bundle(engine, [r for r in rows if r[1] == BUNDLE_ACCOUNT], out) and ok
     answered = sum(1 for call, _ in handles if call.expect != "denied")
     if len(rows) != answered:
         out.print(f"[red]expected {answered} CDRs, found {len(rows)}")
@@ -268,15 +289,45 @@ def _show_results(engine: Engine, handles: list[tuple[DemoCall, Any]], out: Any)
 
     with transaction(session_factory(engine)) as session:
         report = check_ledger(session, now=utcnow(), grace=timedelta(seconds=0))
+        bundles = check_bundles(session, report)
     if report.ok:
         out.print(f"ledger check: OK ({report.accounts} accounts, {report.settled_calls} settled calls, "
-                  f"{report.charges} charges; every balance is the sum of its ledger, no reservation left)")
+                  f"{report.charges} charges; every balance is the sum of its ledger, no reservation left; "
+                  f"{bundles.periods} bundle period(s) equal to their {bundles.usage_rows} usage rows)")
     else:
         ok = False
         out.print(f"[red]ledger check: {report.problem_count} problems")
         for p in report.problems:
             out.print(f"  {p.account} {p.call or ''}: {p.problem} {p.detail}")
     return ok
+
+
+def _show_bundle(engine: Engine, rows: list[Any], out: Any) -> bool:
+    """Dave's call: bundle seconds first, then money at the rate (DESIGN §9), and what his bundle has left."""
+    with transaction(session_factory(engine)) as session:
+        _, timezone = account_timezone(session, BUNDLE_ACCOUNT)
+        grants = account_grants(session, BUNDLE_ACCOUNT)
+        periods = sql_periods(session, BUNDLE_ACCOUNT)
+    if len(rows) != 1 or len(grants) != 1:
+        out.print(f"[red]expected one call of {BUNDLE_ACCOUNT} and one bundle grant, found {len(rows)} and "
+                  f"{len(grants)}")
+        return False
+    billed, cost, covered = int(rows[0][4]), int(rows[0][5]), int(rows[0][7])
+    figures = grant_figures(grants[0].grant, timezone, utcnow_ms(), periods)
+    rate = 300_000  # 0.30 per minute to 44 in the demo deck: the money of the seconds beyond the bundle
+    out.print(f"bundle: {BUNDLE_ACCOUNT}'s call to the UK billed {billed} s: {covered} s from bundle {BUNDLE.name} "
+              f"({BUNDLE.seconds} s), then {billed - covered} s of money at 0.30/min = {format_amount(cost)} EUR, "
+              f"no connect fee (a bundle covered the call); bundle now: granted {figures.granted_s} s, used "
+              f"{figures.used_s} s, left {figures.left_s} s (billing-agent bundles show {BUNDLE_ACCOUNT})")
+    good = (covered == BUNDLE.seconds and billed > covered and cost == -(-rate * (billed - covered) // 60)
+            and (figures.used_s, figures.left_s) == (BUNDLE.seconds, 0))
+    if not good:
+        out.print(f"[red]expected {BUNDLE.seconds} s from the bundle, then money for the rest, and the bundle used up")
+    return good
+
+
+def utcnow_ms() -> int:
+    return int(utcnow().timestamp() * 1000)
 
 
 def _show_fraud(engine: Engine, out: Any) -> bool:
