@@ -7,6 +7,7 @@ the covered seconds), so ``show`` and ``delete`` see what a daemon would have le
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -342,3 +343,37 @@ def test_on_every_backend_grants_and_show_agree(engine: Engine, tmp_path: Path) 
     assert (grant["granted_seconds"], grant["used_seconds"], grant["left_seconds"]) == (600, 36, 564)
     checked = as_json(config, "ledger", "check")  # the call's charge waits for its CDR (grace period)
     assert (checked["ok"], checked["bundle_periods"], checked["bundle_usage_rows"]) == (True, 1, 2)
+
+
+def test_with_redis_show_and_delete_see_every_nodes_live_holds(db: tuple[Path, Engine], redis_client: object) -> None:
+    """With redis.url the live holds of every node are in Redis: show reads them there, delete
+    is refused while one holds seconds of the bundle."""
+    from agent.adapters.redis.store import RedisBalanceStore, make_client
+
+    if not hasattr(RedisBalanceStore, "bundle_periods"):
+        pytest.skip("this Redis balance store keeps no bundle periods yet")
+    config, engine = db
+    prefix = f"test:{uuid.uuid4().hex[:10]}:"
+    config.write_text(config.read_text() + f"redis:\n  url: redis://127.0.0.1:6379/0\n  key_prefix: '{prefix}'\n")
+    ok(config, "bundles", "create", "de", "--seconds", "600", "--prefixes", "4915")
+    ok(config, "bundles", "grant", "alice", "de", "--from", "2026-01-01", "--reference", "g1")
+    node = RedisBalanceStore(make_client("redis://127.0.0.1:6379/0", 1000), session_factory(engine), key_prefix=prefix)
+    try:
+        found = slots(engine, "alice", "4915111", FEB_15)
+        assert node.authorize("alice", "r1", "n1", UNIT, 0, ms(FEB_15), 3_600_000, bundle_slots=found,
+                              bundle_want_s=45).bundle_granted_s == 45
+        shown = as_json(config, "bundles", "show", "alice", "--at", "2026-02-15T12:00")
+        assert shown["source"] == "redis"
+        (grant,) = shown["grants"]
+        assert (grant["granted_seconds"], grant["reserved_seconds"], grant["left_seconds"]) == (600, 45, 555)
+        refused = run(config, "bundles", "delete", "de")
+        assert refused.exit_code == 1
+        assert "live calls of account alice hold 45 s of grant 1" in refused.stderr
+        node.settle("r1", 1, 0, ms(FEB_15) + 50_000, bundle=BundleSettle(40, found))
+        (grant,) = as_json(config, "bundles", "show", "alice", "--at", "2026-02-15T12:00")["grants"]
+        assert (grant["used_seconds"], grant["reserved_seconds"], grant["left_seconds"]) == (40, 0, 560)
+        ok(config, "bundles", "delete", "de")
+    finally:
+        node.close()
+        for key in redis_client.scan_iter(match=f"{prefix}*"):  # type: ignore[attr-defined]
+            redis_client.delete(key)  # type: ignore[attr-defined]
