@@ -9,6 +9,15 @@ Ordering that keeps them equal:
 * An account is (re)loaded under its SQL row lock, so no ledger entry of that account commits
   meanwhile; the script adds back what live and unposted calls took in Redis and the ledger
   does not hold yet (see rebuild.lua).
+
+Bundle periods (DESIGN §9) follow the same path. A period is opened in Redis (its allowance and
+rollover fixed there, atomically with the call that first draws on it) and listed as an opening
+SQL does not have yet; the opening reaches ``bundle_periods``/``bundle_usage`` (rows ``grant`` and
+``rollover``, the references the SQL store uses) with the posting of any call of the account
+that drew on bundles, or by the sweeper (the index entry ``periods_member``). A closed call's
+``use`` rows (``bundle:{call}:{grant}:{start}``, ``bundle-late:...``) are written in the same
+transaction as its money entries, after the openings they need, idempotently per reference; the
+account's row lock is taken first, as the rebuild does.
 """
 
 from __future__ import annotations
@@ -27,10 +36,12 @@ from agent.adapters.redis.connect import RedisClient
 from agent.adapters.redis.keys import KeySpace
 from agent.adapters.redis.scripts import Scripts
 from agent.adapters.sql.accounts import lock_account, post_entry
+from agent.adapters.sql.bundle_periods import post_usage, post_use, use_reference
 from agent.adapters.sql.engine import transaction
-from agent.adapters.sql.models import LedgerEntry, RatePlan
+from agent.adapters.sql.models import BundlePeriod, BundleUsage, LedgerEntry, RatePlan
 from agent.core.balance import MAX_STORE_MICROS, ledger_postings
-from agent.core.errors import BillingError, InvalidInput
+from agent.core.bundles import BundleSlot
+from agent.core.errors import BillingError, Conflict, InvalidInput, NotFound
 from agent.core.money import format_amount
 
 log = logging.getLogger(__name__)
@@ -60,6 +71,52 @@ class CallRecord:
     def posted(self) -> bool:
         return self.fields.get("posted", "1") == "1"
 
+    def bundle_uses(self) -> list[BundleUse]:
+        """What the call used of each bundle period (``bu<i>``) and, settled after its holds
+        closed, beyond that (``bl<i>``), in draw order."""
+        uses: list[BundleUse] = []
+        for i in range(1, self.number("b_n") + 1):
+            grant_id, start = parse_period_id(":".join(self.fields.get(f"bs{i}", "").split(",")[:2]))
+            for field, late in ((f"bu{i}", False), (f"bl{i}", True)):
+                if (seconds := self.number(field)) > 0:
+                    uses.append(BundleUse(grant_id, start, seconds, late))
+        return uses
+
+
+@dataclass(frozen=True, slots=True)
+class BundleUse:
+    grant_id: int
+    period_start_ms: int
+    seconds: int
+    late: bool  # used by a settle after the call's holds closed (reference bundle-late:...)
+
+    @property
+    def period_id(self) -> str:
+        return f"{self.grant_id}:{self.period_start_ms}"
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodOpening:
+    """A bundle period as Redis opened it: what SQL must record (grant and rollover rows)."""
+
+    grant_id: int
+    period_start_ms: int
+    allowance_s: int
+    carry_s: int
+    end_ms: int
+
+    @property
+    def period_id(self) -> str:
+        return f"{self.grant_id}:{self.period_start_ms}"
+
+
+def parse_period_id(value: str) -> tuple[int, int]:
+    grant_id, _, start = value.partition(":")
+    try:
+        return int(grant_id), int(start)
+    except ValueError:
+        raise InvalidInput(f"bad bundle period id {value!r} in Redis") from None
+
 
 def text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -72,23 +129,106 @@ def record_from(reply: list[object], start: int) -> CallRecord:
 
 def post_call(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: sessionmaker[Session],
               account_id: str, call_id: str, record: CallRecord, retention_ms: int) -> bool:
-    """Write a closed call's ledger entries, then mark it posted. False: SQL refused, retry later."""
+    """Write a closed call's ledger entries (and bundle use rows, after the openings they need),
+    then mark it posted. False: SQL (or Redis, for the openings) refused, retry later."""
     postings = ledger_postings(call_id, closed_charge_micros=record.optional_int("closed_charge"),
                                cost_micros=record.optional_int("cost"))
+    uses = record.bundle_uses()
+    openings: list[PeriodOpening] = []
+    ak = keys.of(account_id)
+    if record.number("b_n") > 0:
+        try:
+            openings = read_openings(client, scripts, keys, account_id, [u.period_id for u in uses])
+        except redis.RedisError as exc:
+            log.error("bundle periods of call=%s account=%s unreadable, kept for the sweeper: %s", call_id,
+                      account_id, exc)
+            return False
     try:
         with transaction(sessions) as session:
+            if openings or uses:
+                lock_account(session, account_id)
+                write_openings(session, account_id, openings)
+                write_uses(session, account_id, call_id, uses)
             for p in postings:
                 post_entry(session, account_id, kind=p.kind, amount_micros=p.amount_micros, reference=p.reference,
                            call_id=call_id, description=p.description)
     except (SQLAlchemyError, BillingError) as exc:
         log.error("ledger write of call=%s account=%s failed, kept for the sweeper: %s", call_id, account_id, exc)
         return False
-    ak = keys.of(account_id)
     try:
-        scripts.run(client, "mark_posted", [ak.call(call_id), ak.unposted],
-                     [call_id, record.fields.get("ver", "1"), retention_ms])
+        scripts.run(client, "mark_posted", [ak.call(call_id), ak.unposted, ak.periods_unposted],
+                    [call_id, record.fields.get("ver", "1"), retention_ms, *[o.period_id for o in openings]])
     except redis.RedisError as exc:  # the ledger has it; a later sweep marks it (posting is idempotent)
         log.warning("call=%s is in the ledger but Redis was not told: %s", call_id, exc)
+    return True
+
+
+def read_openings(client: RedisClient, scripts: Scripts, keys: KeySpace, account_id: str,
+                  period_ids: Iterable[str] = ()) -> list[PeriodOpening]:
+    """The account's period openings SQL may not have: those not written yet, and ``period_ids``."""
+    ak = keys.of(account_id)
+    reply = [text(v) for v in scripts.run(client, "openings", [ak.periods_unposted],
+                                          [ak.period_prefix, *sorted(set(period_ids))])]
+    openings = []
+    for at in range(0, len(reply), 4):
+        grant_id, start = parse_period_id(reply[at])
+        openings.append(PeriodOpening(grant_id, start, int(reply[at + 1]), int(reply[at + 2]), int(reply[at + 3])))
+    return openings
+
+
+def write_openings(session: Session, account_id: str, openings: Iterable[PeriodOpening]) -> None:
+    """Record periods Redis opened, once: the ``bundle_periods`` row and its ``grant`` (and
+    ``rollover``) rows, with the SQL store's references. The caller holds the account's lock."""
+    for o in openings:
+        if session.get(BundlePeriod, (o.grant_id, o.period_start_ms)) is not None:
+            continue
+        session.add(BundlePeriod(grant_id=o.grant_id, period_start_ms=o.period_start_ms, account_id=account_id,
+                                 period_end_ms=o.end_ms, granted_s=o.allowance_s + o.carry_s, used_s=0,
+                                 reserved_s=0))
+        post_usage(session, account_id, o.grant_id, o.period_start_ms, "grant", o.allowance_s,
+                   f"bundle-grant:{o.period_id}", None)
+        if o.carry_s:
+            post_usage(session, account_id, o.grant_id, o.period_start_ms, "rollover", o.carry_s,
+                       f"bundle-rollover:{o.period_id}", None)
+    session.flush()
+
+
+def write_uses(session: Session, account_id: str, call_id: str, uses: Iterable[BundleUse]) -> None:
+    """A closed call's ``use`` rows (and the periods' ``used_s``), once per reference."""
+    for u in uses:
+        slot = BundleSlot(u.grant_id, u.period_start_ms, 0, 0)
+        reference = use_reference(call_id, slot, late=u.late)
+        existing = session.scalar(select(BundleUsage.seconds).where(BundleUsage.reference == reference))
+        if existing is not None:
+            if int(existing) != -u.seconds:
+                raise Conflict(f"bundle usage {reference!r} was already written with {-int(existing)} s, "
+                               f"not {u.seconds} s")
+            continue
+        period = session.get(BundlePeriod, (u.grant_id, u.period_start_ms), with_for_update=True)
+        if period is None:
+            raise NotFound(f"bundle period {u.period_id} of call {call_id!r} is not opened in SQL "
+                           "(its opening is not readable from Redis)")
+        post_use(session, account_id, call_id, period, slot, u.seconds, late=u.late)
+    session.flush()
+
+
+def post_openings(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: sessionmaker[Session],
+                  account_id: str) -> bool:
+    """Write the account's period openings SQL does not have yet (the sweeper). False: retry."""
+    openings = read_openings(client, scripts, keys, account_id)
+    if not openings:
+        return True
+    try:
+        with transaction(sessions) as session:
+            lock_account(session, account_id)
+            write_openings(session, account_id, openings)
+    except NotFound:
+        log.error("bundle periods of account=%s opened in Redis, but the account is gone from SQL: dropped",
+                  account_id)
+    except (SQLAlchemyError, BillingError) as exc:
+        log.error("bundle period openings of account=%s not written, kept for the sweeper: %s", account_id, exc)
+        return False
+    client.srem(keys.of(account_id).periods_unposted, *[o.period_id for o in openings])
     return True
 
 
@@ -117,9 +257,43 @@ def check_redis_range(account_id: str, balance_micros: int, credit_limit_micros:
                 "store for this account's currency, or keep amounts below that")
 
 
+def _bundle_args(session: Session, account_id: str, tracked: Iterable[str]) -> list[object]:
+    """rebuild.lua's bundle part: the account's periods from the ``bundle_usage`` rows (granted =
+    grant + rollover rows, used = -(use + adjust rows)), then each tracked call's use rows."""
+    periods = session.execute(select(BundlePeriod.grant_id, BundlePeriod.period_start_ms, BundlePeriod.period_end_ms)
+                              .where(BundlePeriod.account_id == account_id)).all()
+    if not periods:
+        return [0]
+    sums: dict[tuple[int, int, str], int] = {}
+    grant_ids = sorted({int(row[0]) for row in periods})
+    for start in range(0, len(grant_ids), SQL_IN_CHUNK):
+        rows = session.execute(
+            select(BundleUsage.grant_id, BundleUsage.period_start_ms, BundleUsage.kind, func.sum(BundleUsage.seconds))
+            .where(BundleUsage.grant_id.in_(grant_ids[start:start + SQL_IN_CHUNK]))
+            .group_by(BundleUsage.grant_id, BundleUsage.period_start_ms, BundleUsage.kind))
+        sums.update({(int(g), int(st), str(kind)): int(total) for g, st, kind, total in rows})
+    args: list[object] = [len(periods)]
+    for grant_id, start, end in periods:
+        key = (int(grant_id), int(start))
+        used = -(sums.get((*key, "use"), 0) + sums.get((*key, "adjust"), 0))
+        args += [f"{key[0]}:{key[1]}", sums.get((*key, "grant"), 0), sums.get((*key, "rollover"), 0), int(end), used]
+    ids = sorted(tracked)
+    for start in range(0, len(ids), SQL_IN_CHUNK):
+        rows = session.execute(
+            select(BundleUsage.call_id, BundleUsage.grant_id, BundleUsage.period_start_ms,
+                   func.sum(BundleUsage.seconds))
+            .where(BundleUsage.call_id.in_(ids[start:start + SQL_IN_CHUNK]), BundleUsage.kind == "use",
+                   BundleUsage.account_id == account_id)
+            .group_by(BundleUsage.call_id, BundleUsage.grant_id, BundleUsage.period_start_ms))
+        for call_id, grant_id, period_start, total in rows:
+            args += [str(call_id), f"{int(grant_id)}:{int(period_start)}", -int(total)]
+    return args
+
+
 def rebuild_account(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: sessionmaker[Session],
                     account_id: str, mode: str) -> str:
-    """Load (``if_absent``), refresh (``if_present``) or rebuild (``load``) one account from SQL.
+    """Load (``if_absent``), refresh (``if_present``) or rebuild (``load``) one account from SQL,
+    with its bundle periods.
 
     Returns the script's status (loaded, kept, absent); raises NotFound for an unknown account.
     """
@@ -137,11 +311,13 @@ def rebuild_account(client: RedisClient, scripts: Scripts, keys: KeySpace, sessi
         args: list[object] = [
             mode, account.balance_micros, account.credit_limit_micros, account.status,
             account.max_concurrent_calls or 0, plan.name if plan is not None else "", account.currency,
-            time.time_ns() // 1_000_000, ak.call_prefix,
+            time.time_ns() // 1_000_000, ak.call_prefix, ak.period_prefix, len(sums),
         ]
         for call_id, total in sums.items():
             args += [call_id, total]
-        reply = scripts.run(client, "rebuild", [ak.account, ak.live, ak.unposted], args)
+        args += _bundle_args(session, account_id, tracked)
+        reply = scripts.run(client, "rebuild", [ak.account, ak.live, ak.unposted, ak.periods, ak.periods_unposted],
+                            args)
     status = text(reply[0])
     if status == "loaded":
         log.info("account=%s %s into Redis from the ledger: balance_micros=%s reserved_micros=%s", account_id,

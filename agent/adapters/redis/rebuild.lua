@@ -3,21 +3,41 @@
 -- ledger already holds for each call this cache still tracks. Then
 --   balance = SQL balance + sum over tracked calls of (taken here - already in the ledger)
 -- which is exact whatever state those calls are in (live, settled but not yet posted).
--- Call hashes are read by name (same hash tag, so the same cluster slot as KEYS).
--- KEYS: 1 account hash, 2 live calls zset, 3 unposted set
+-- Bundle periods (DESIGN §9) the same way, from the bundle_usage rows: granted = grant + rollover
+-- rows, used = -(use + adjust rows) + what tracked closed calls used here beyond their use rows
+-- in SQL, reserved = what open calls hold. A period this cache opened that SQL does not have
+-- yet keeps its granted and stays to be written.
+-- Call and period hashes are read by name (same hash tag, so the same cluster slot as KEYS).
+-- KEYS: 1 account hash, 2 live calls zset, 3 unposted set, 4 the account's periods set,
+--       5 its period openings not in SQL yet
 -- ARGV: 1 mode (load | if_absent | if_present), 2 SQL balance, 3 credit limit, 4 status,
 --       5 max calls (0 = unlimited), 6 plan, 7 currency, 8 now ms, 9 call key prefix,
---       then pairs: call id, sum of its ledger entries
+--       10 period key prefix, 11 C, then C pairs: call id, sum of its ledger entries;
+--       then P, then P groups: period id ('grant:start'), allowance, rollover, end, used;
+--       then triples: call id, period id, seconds of the call's use rows there (positive)
 local exists = redis.call('EXISTS', KEYS[1]) == 1
 if ARGV[1] == 'if_absent' and exists then return {'kept'} end
 if ARGV[1] == 'if_present' and not exists then return {'absent'} end
-local in_ledger = {}
-for i = 10, #ARGV, 2 do in_ledger[ARGV[i]] = n(ARGV[i + 1]) end
+local in_ledger, at = {}, 12
+for _ = 1, n(ARGV[11]) do
+  in_ledger[ARGV[at]] = n(ARGV[at + 1])
+  at = at + 2
+end
+local sql_periods = {}
+local period_count = n(ARGV[at])
+at = at + 1
+for _ = 1, period_count do
+  sql_periods[#sql_periods + 1] = {ARGV[at], n(ARGV[at + 1]), n(ARGV[at + 2]), ARGV[at + 3], n(ARGV[at + 4])}
+  at = at + 5
+end
+local sql_use = {}
+for i = at, #ARGV, 3 do sql_use[ARGV[i] .. ' ' .. ARGV[i + 1]] = n(ARGV[i + 2]) end
 local balance, reserved, seen = n(ARGV[2]), 0, {}
+local held_by, used_by = {}, {}  -- period id -> seconds open calls hold / closed calls used beyond SQL
 local function visit(cid)
   if seen[cid] then return end
   seen[cid] = true
-  local h = redis.call('HMGET', ARGV[9] .. cid, 'state', 'applied', 'reserved')
+  local h = redis.call('HMGET', ARGV[9] .. cid, 'state', 'applied', 'reserved', 'b_n')
   if not h[1] then
     redis.call('ZREM', KEYS[2], cid)
     redis.call('SREM', KEYS[3], cid)
@@ -25,10 +45,39 @@ local function visit(cid)
   end
   balance = balance + n(h[2]) - (in_ledger[cid] or 0)
   if h[1] == 'open' then reserved = reserved + n(h[3]) end
+  local slots, held, used, late = holds_of(ARGV[9] .. cid, n(h[4]))
+  for i, slot in ipairs(slots) do
+    local id = slot_id(slot)
+    if h[1] == 'open' then
+      held_by[id] = (held_by[id] or 0) + held[i]
+    else
+      used_by[id] = (used_by[id] or 0) + used[i] + late[i] - (sql_use[cid .. ' ' .. id] or 0)
+    end
+  end
 end
 for _, cid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do visit(cid) end
 for _, cid in ipairs(redis.call('SMEMBERS', KEYS[3])) do visit(cid) end
 redis.call('HSET', KEYS[1], 'balance', s(balance), 'credit', ARGV[3], 'reserved', s(reserved),
   'status', ARGV[4], 'max_calls', ARGV[5], 'plan', ARGV[6], 'currency', ARGV[7], 'loaded', ARGV[8])
 redis.call('HSETNX', KEYS[1], 'overrun', '0')
+local in_sql = {}
+for _, p in ipairs(sql_periods) do
+  local id = p[1]
+  in_sql[id] = true
+  redis.call('HSET', ARGV[10] .. id, 'granted', s(p[2] + p[3]), 'used', s(p[5] + (used_by[id] or 0)),
+    'reserved', s(held_by[id] or 0), 'allowance', s(p[2]), 'carry', s(p[3]), 'end', p[4])
+  redis.call('SADD', KEYS[4], id)
+  redis.call('SREM', KEYS[5], id)
+end
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  if not in_sql[id] then
+    if redis.call('EXISTS', ARGV[10] .. id) == 0 then
+      redis.call('SREM', KEYS[4], id)
+      redis.call('SREM', KEYS[5], id)
+    else
+      redis.call('HSET', ARGV[10] .. id, 'used', s(used_by[id] or 0), 'reserved', s(held_by[id] or 0))
+      redis.call('SADD', KEYS[5], id)
+    end
+  end
+end
 return {'loaded', s(balance), s(reserved)}

@@ -14,7 +14,7 @@ from redis.exceptions import NoScriptError
 
 from agent.adapters.redis.connect import RedisClient
 
-NAMES = ("authorize", "nibble", "settle", "close", "mark_posted", "rebuild")
+NAMES = ("authorize", "nibble", "settle", "close", "mark_posted", "rebuild", "openings", "periods")
 
 
 def _source(name: str) -> str:

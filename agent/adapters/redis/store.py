@@ -26,12 +26,22 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.adapters.redis.connect import RedisClient, make_cluster_client, make_sentinel_client
-from agent.adapters.redis.keys import KeySpace
-from agent.adapters.redis.ledger import CallRecord, post_call, rebuild_account, record_from, text
+from agent.adapters.redis.keys import PERIODS_MARK, AccountKeys, KeySpace
+from agent.adapters.redis.ledger import (
+    CallRecord,
+    parse_period_id,
+    post_call,
+    post_openings,
+    rebuild_account,
+    record_from,
+    text,
+)
 from agent.adapters.redis.scripts import Scripts
 from agent.core.balance import (
+    MAX_STORE_MICROS,
     AccountState,
     AuthorizeOutcome,
+    BundleSettle,
     DenyReason,
     ExpireReport,
     LiveCall,
@@ -45,11 +55,13 @@ from agent.core.balance import (
     StoreUnavailable,
     UnknownCall,
     check_authorize,
+    check_bundle_request,
     check_call_id,
     check_micros,
     check_nibble,
 )
-from agent.core.errors import Conflict, NotFound
+from agent.core.bundles import BundleSlot, PeriodState
+from agent.core.errors import Conflict, InvalidInput, NotFound
 from agent.redis_url import parse_redis_url
 
 log = logging.getLogger(__name__)
@@ -132,6 +144,31 @@ def make_client(url: str, timeout_ms: int, *, max_connections: int = MAX_CONNECT
     return redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
 
 
+def _slot_arg(slot: BundleSlot) -> str:
+    """A bundle slot as the scripts read it: 'grant,start,seconds,expires,carry_from' (see prelude.lua)."""
+    for name in ("grant_id", "period_start_ms", "seconds", "expires_ms", "carry_from_ms"):
+        value = getattr(slot, name)
+        if value is None and name == "carry_from_ms":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 2**63:
+            raise InvalidInput(f"bundle slot {slot!r}: {name} must be a whole number")
+    if slot.grant_id < 0 or not 0 <= slot.seconds <= MAX_STORE_MICROS:
+        raise InvalidInput(f"bundle slot {slot!r}: grant id and seconds must be 0 or more (seconds below 2**53)")
+    carry = "" if slot.carry_from_ms is None else str(slot.carry_from_ms)
+    return f"{slot.grant_id},{slot.period_start_ms},{slot.seconds},{slot.expires_ms},{carry}"
+
+
+def _check_bundle_seconds(slots: Sequence[BundleSlot], seconds: int) -> list[str]:
+    check_bundle_request(slots, seconds)
+    if seconds > MAX_STORE_MICROS:
+        raise InvalidInput(f"bundle seconds {seconds} must be below 2**53")
+    return [_slot_arg(slot) for slot in slots]
+
+
+def _reply_int(reply: Sequence[str], index: int) -> int:
+    return int(reply[index]) if len(reply) > index and reply[index] != "" else 0
+
+
 @contextmanager
 def _unavailable(what: str) -> Iterator[None]:
     try:
@@ -185,6 +222,11 @@ class RedisBalanceStore:
         rebuild_account(self._client, self._scripts, self._keys, self._sessions, account_id, "if_absent")
         return run()
 
+    @staticmethod
+    def _step_keys(ak: AccountKeys, call_id: str) -> list[str]:
+        """KEYS of settle.lua and close.lua."""
+        return [ak.account, ak.live, ak.call(call_id), ak.unposted, ak.periods, ak.periods_unposted]
+
     def _remember(self, call_id: str, account_id: str) -> None:
         if len(self._call_accounts) >= LOCAL_CALL_CACHE_MAX:
             self._call_accounts.clear()
@@ -215,20 +257,27 @@ class RedisBalanceStore:
     # ------------------------------------------------------------------ authorize
 
     def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
-                  now_ms: int, ttl_ms: int) -> AuthorizeOutcome:
+                  now_ms: int, ttl_ms: int, *, bundle_slots: Sequence[BundleSlot] = (),
+                  bundle_want_s: int = 0) -> AuthorizeOutcome:
         check_authorize(call_id, want_micros, min_micros, ttl_ms)
+        slots = _check_bundle_seconds(bundle_slots, bundle_want_s)
         ak = self._keys.of(account_id)
-        keys = [ak.account, ak.live, ak.call(call_id)]
-        args = [account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms]
+        keys = [ak.account, ak.live, ak.call(call_id), ak.periods, ak.periods_unposted]
+        args = [account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms, ak.period_prefix,
+                bundle_want_s, *slots]
         member = self._keys.member(account_id, call_id)
 
-        def run() -> list[Any]:
+        def build(p: Any) -> None:
             # The hints go first, in the same round trip: the sweeper's index must hold every
             # call that can exist (an entry without a call is cleaned up, the reverse would leak).
-            return [text(v) for v in self._execute(lambda p: (
-                p.zadd(self._keys.index, {member: now_ms + ttl_ms}, nx=True),
-                p.set(self._keys.call_account(call_id), account_id, ex=CALL_ACCOUNT_TTL_S),
-                self._scripts.call(p, "authorize", keys, args)))[2]]
+            p.zadd(self._keys.index, {member: now_ms + ttl_ms}, nx=True)
+            p.set(self._keys.call_account(call_id), account_id, ex=CALL_ACCOUNT_TTL_S)
+            self._scripts.call(p, "authorize", keys, args)
+            if slots:  # after the script: a period it opened is in the index before the sweeper can drop it
+                p.zadd(self._keys.index, {self._keys.periods_member(account_id): now_ms}, nx=True)
+
+        def run() -> list[Any]:
+            return [text(v) for v in self._execute(build)[2]]
 
         with _unavailable("authorize"):
             try:
@@ -241,18 +290,20 @@ class RedisBalanceStore:
         status = reply[0]
         if status == "ok":
             self._remember(call_id, account_id)
-            return AuthorizeOutcome(call_id, True, None, int(reply[1]), int(reply[2]), reply[3], reply[4])
+            return AuthorizeOutcome(call_id, True, None, int(reply[1]), int(reply[2]), reply[3], reply[4],
+                                    bundle_granted_s=int(reply[5]), bundle_available_s=int(reply[6]))
         if status == "replay":
             if reply[5] != account_id:
                 raise Conflict(f"call {call_id!r} is already authorized on account {reply[5]!r}")
             self._remember(call_id, account_id)
             return AuthorizeOutcome(call_id, True, None, int(reply[1]), int(reply[2]), reply[3], reply[4],
-                                    replayed=True)
+                                    replayed=True, bundle_granted_s=int(reply[6]), bundle_available_s=int(reply[7]))
         if status != "deny":
             raise RuntimeError(f"authorize script answered {reply!r}")
         member = self._keys.member(account_id, call_id)  # a denied call leaves no trace
         self._execute(lambda p: (p.zrem(self._keys.index, member), p.delete(self._keys.call_account(call_id))))
-        return AuthorizeOutcome(call_id, False, DenyReason(reply[1]), 0, int(reply[2]), reply[3], reply[4])
+        return AuthorizeOutcome(call_id, False, DenyReason(reply[1]), 0, int(reply[2]), reply[3], reply[4],
+                                bundle_available_s=_reply_int(reply, 5))
 
     # ------------------------------------------------------------------ nibbles
 
@@ -266,6 +317,7 @@ class RedisBalanceStore:
         and its nibbles run again (they changed nothing the first time)."""
         for r in requests:
             check_nibble(r)
+            _check_bundle_seconds((), max(r.bundle_used_s, r.bundle_want_s))
         with _unavailable("nibble"):
             accounts = self._accounts_of([r.call_id for r in requests], [r.account_id for r in requests])
             known = [(i, r, a) for i, (r, a) in enumerate(zip(requests, accounts, strict=True)) if a is not None]
@@ -278,7 +330,9 @@ class RedisBalanceStore:
                 if reply[0] == "noacct":  # the account is gone from SQL too
                     continue
                 outcomes[i] = NibbleOutcome(request.call_id, request.seq, NibbleStatus(reply[0]), int(reply[1]),
-                                            int(reply[2]), int(reply[3]), int(reply[4]))
+                                            int(reply[2]), int(reply[3]), int(reply[4]),
+                                            bundle_granted_s=_reply_int(reply, 5),
+                                            bundle_held_s=_reply_int(reply, 6))
             return outcomes
 
     def _nibble_one(self, request: NibbleRequest, account_id: str) -> list[str]:
@@ -288,8 +342,10 @@ class RedisBalanceStore:
         def build(pipe: Any) -> None:
             for r, account_id in items:
                 ak = self._keys.of(account_id)
-                self._scripts.call(pipe, "nibble", [ak.account, ak.live, ak.call(r.call_id)],
-                                   [r.call_id, r.seq, r.debit_micros, r.reserve_micros, r.now_ms, r.ttl_ms])
+                self._scripts.call(pipe, "nibble",
+                                   [ak.account, ak.live, ak.call(r.call_id), ak.periods, ak.periods_unposted],
+                                   [r.call_id, r.seq, r.debit_micros, r.reserve_micros, r.now_ms, r.ttl_ms,
+                                    r.bundle_used_s, r.bundle_want_s, ak.period_prefix])
 
         if not items:
             return []
@@ -298,21 +354,24 @@ class RedisBalanceStore:
     # ------------------------------------------------------------------ settle, release
 
     def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, *,
-               account_id: str | None = None) -> SettleOutcome:
+               account_id: str | None = None, bundle: BundleSettle | None = None) -> SettleOutcome:
         check_call_id(call_id)
         check_micros("cost", cost_micros)
+        slots = [] if bundle is None else _check_bundle_seconds(bundle.slots, bundle.covered_s)
+        covered = "" if bundle is None else str(bundle.covered_s)
         with _unavailable("settle"):
             resolved = self._accounts_of([call_id], [account_id])[0]
             if resolved is None:
                 raise UnknownCall(f"settle of unknown call {call_id!r}: no reservation and no account to charge")
             ak = self._keys.of(resolved)
-            keys = [ak.account, ak.live, ak.call(call_id), ak.unposted]
+            keys = self._step_keys(ak, call_id)
+            args = [call_id, resolved, seq, cost_micros, now_ms, ak.period_prefix, covered, *slots]
             member = self._keys.member(resolved, call_id)
 
             def run() -> list[Any]:
                 return [text(v) for v in self._execute(lambda p: (
                     p.zadd(self._keys.index, {member: now_ms}, nx=True),
-                    self._scripts.call(p, "settle", keys, [call_id, resolved, seq, cost_micros, now_ms])))[1]]
+                    self._scripts.call(p, "settle", keys, args)))[1]]
 
             reply = self._with_account(resolved, run)
             status = SettleStatus(reply[0])
@@ -331,7 +390,8 @@ class RedisBalanceStore:
             if not posted:
                 self._client.zadd(self._keys.index, {member: now_ms + RETRY_PENDING_MS})
             return SettleOutcome(call_id, resolved, status, record.number("cost"), record.number("debited"),
-                                 int(reply[1]), record.number("overrun"), ledger_posted=posted)
+                                 int(reply[1]), record.number("overrun"), ledger_posted=posted,
+                                 bundle_used_s=record.number("b_used"))
 
     def release(self, call_id: str, seq: int, now_ms: int, *, account_id: str | None = None) -> ReleaseOutcome:
         check_call_id(call_id)
@@ -356,8 +416,8 @@ class RedisBalanceStore:
         member = self._keys.member(account_id, call_id)
         return [text(v) for v in self._execute(lambda p: (
             p.zadd(self._keys.index, {member: now_ms}, nx=True),
-            self._scripts.call(p, "close", [ak.account, ak.live, ak.call(call_id), ak.unposted],
-                               [call_id, mode, seq, now_ms, self._retention_ms])))[1]]
+            self._scripts.call(p, "close", self._step_keys(ak, call_id),
+                               [call_id, mode, seq, now_ms, self._retention_ms, ak.period_prefix])))[1]]
 
     # ------------------------------------------------------------------ the sweeper
 
@@ -370,6 +430,10 @@ class RedisBalanceStore:
             posted = pending = 0
             for member in due:
                 account_id, call_id = self._keys.split(member)
+                if call_id == PERIODS_MARK:
+                    if not self._post_openings(account_id, member, now_ms):
+                        pending += 1
+                    continue
                 try:
                     reply = self._with_account(account_id,
                                                partial(self._close, account_id, call_id, "expired", 0, now_ms))
@@ -396,11 +460,24 @@ class RedisBalanceStore:
                     self._client.zadd(self._keys.index, {member: now_ms + RETRY_PENDING_MS})
             return ExpireReport(tuple(expired), posted, pending)
 
+    def _post_openings(self, account_id: str, member: str, now_ms: int) -> bool:
+        """Write the account's bundle period openings SQL does not have yet. The index entry goes
+        only once none is left (checked after removing it: an authorize that opens one adds the
+        entry again after its script)."""
+        if not post_openings(self._client, self._scripts, self._keys, self._sessions, account_id):
+            self._client.zadd(self._keys.index, {member: now_ms + RETRY_PENDING_MS})
+            return False
+        self._client.zrem(self._keys.index, member)
+        if self._client.scard(self._keys.of(account_id).periods_unposted):
+            self._client.zadd(self._keys.index, {member: now_ms})
+        return True
+
     # ------------------------------------------------------------------ views and maintenance
 
     def live_calls(self) -> list[LiveCall]:
         with _unavailable("live calls"):
-            members = [self._keys.split(text(m)) for m in self._client.zrange(self._keys.index, 0, -1)]
+            members = [split for m in self._client.zrange(self._keys.index, 0, -1)
+                       if (split := self._keys.split(text(m)))[1] != PERIODS_MARK]
             hashes = self._execute(lambda p: [p.hgetall(self._keys.of(a).call(c)) for a, c in members])
         calls = []
         for (account_id, call_id), raw in zip(members, hashes, strict=True):
@@ -409,7 +486,8 @@ class RedisBalanceStore:
                 continue
             r = CallRecord(fields)
             calls.append(LiveCall(account_id, call_id, fields.get("node", ""), r.number("seq"), r.number("reserved"),
-                                  r.number("debited"), r.number("overrun"), r.number("created"), r.number("expires")))
+                                  r.number("debited"), r.number("overrun"), r.number("created"), r.number("expires"),
+                                  r.number("b_held"), r.number("b_used")))
         return sorted(calls, key=lambda c: c.created_ms)
 
     def account_state(self, account_id: str) -> AccountState:
@@ -425,6 +503,25 @@ class RedisBalanceStore:
                                         max_calls or None, int(live), v[5], v[6], int(v[7] or 0))
                 rebuild_account(self._client, self._scripts, self._keys, self._sessions, account_id, "if_absent")
         raise NotFound(f"account {account_id!r} could not be loaded into Redis")
+
+    def bundle_periods(self, account_id: str) -> dict[tuple[int, int], PeriodState]:
+        """The account's bundle periods as Redis holds them (loaded from SQL when the account is
+        not cached): granted and used as Redis sees them, reserved by live calls."""
+        ak = self._keys.of(account_id)
+
+        def run() -> list[Any]:
+            return [text(v) for v in self._scripts.run(self._client, "periods", [ak.account, ak.periods],
+                                                       [ak.period_prefix])]
+
+        with _unavailable("bundle periods"):
+            try:
+                reply = self._with_account(account_id, run)
+            except NotFound:
+                return {}
+        if reply[0] != "ok":
+            return {}
+        return {parse_period_id(reply[at]): PeriodState(int(reply[at + 1]), int(reply[at + 2]), int(reply[at + 3]))
+                for at in range(1, len(reply), 4)}
 
     def rebuild(self, account_id: str) -> AccountState:
         """Recompute the account from the SQL ledger (after a Redis restart, failover or repair)."""

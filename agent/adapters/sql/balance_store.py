@@ -332,7 +332,7 @@ class SqlBalanceStore:
             account.reserved_micros -= held
             _move(self._call_spend_rows(session, r), held=-held, spent=cost)
             status = SettleStatus.SETTLED
-            if r.bundle_slots or bundle is None:
+            if load_holds(r.bundle_slots) or bundle is None:  # an authorize without slots holds "[]"
                 self._commit_bundles(session, r, covered)
             else:  # reserved again after a cache lost the call: its holds went with it
                 self._commit_without_holds(session, r, bundle)
