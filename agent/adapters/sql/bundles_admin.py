@@ -21,7 +21,6 @@ quote --account`` and ``ledger check`` need:
 from __future__ import annotations
 
 import bisect
-import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from sqlalchemy.orm import Session, aliased
 
 from agent.adapters.sql.accounts import lock_account
 from agent.adapters.sql.balance_store import datetime_to_ms
-from agent.adapters.sql.bundle_periods import periods_of
+from agent.adapters.sql.bundle_periods import load_holds, periods_of
 from agent.adapters.sql.models import (
     Account,
     Bundle,
@@ -242,9 +241,9 @@ def live_holds(session: Session, grant_ids: Iterable[int], account_ids: Iterable
             select(Reservation.call_id, Reservation.account_id, Reservation.bundle_slots)
             .where(Reservation.state == "open", Reservation.bundle_held_s > 0, Reservation.account_id.in_(accounts))
             .order_by(Reservation.call_id)):
-        for item in json.loads(slots or "[]"):
-            if int(item[0]) in wanted:
-                found.append(LiveHold(call_id, account_id, int(item[0]), int(item[5])))
+        for slot, held in load_holds(slots):
+            if slot.grant_id in wanted:
+                found.append(LiveHold(call_id, account_id, slot.grant_id, held))
     return found
 
 
@@ -515,9 +514,8 @@ def _check_holds(session: Session, report: Report, limit: int) -> None:
     holds: dict[tuple[int, int], int] = {}
     for (slots,) in session.execute(select(Reservation.bundle_slots)
                                     .where(Reservation.state == "open", Reservation.bundle_slots != "")):
-        for item in json.loads(slots or "[]"):
-            key = (int(item[0]), int(item[1]))
-            holds[key] = holds.get(key, 0) + int(item[5])
+        for slot, held in load_holds(slots):
+            holds[slot.key] = holds.get(slot.key, 0) + held
     rows = session.execute(select(BundlePeriod.account_id, BundlePeriod.grant_id, BundlePeriod.period_start_ms,
                                   BundlePeriod.reserved_s)
                            .order_by(BundlePeriod.account_id, BundlePeriod.grant_id, BundlePeriod.period_start_ms))
