@@ -40,9 +40,9 @@ from agent.adapters.cdr.factory import make_cdr_pipeline, spool_path
 from agent.adapters.fraud_rules_file import RulesFileError, load_rules
 from agent.adapters.http_status import StatusServer
 from agent.adapters.sql.account_plans import AccountPlans
+from agent.adapters.sql.bundle_book import BundleBook
 from agent.adapters.sql.engine import make_engine
 from agent.adapters.sql.fraud import SqlFraudActions, suspended_by_rule
-from agent.adapters.sql.bundle_book import BundleBook
 from agent.adapters.sql.live_calls import LiveCallFact, LiveCallPublisher, live_call_rows
 from agent.adapters.sql.migrate import check_schema
 from agent.adapters.sql.models import RatePlan
