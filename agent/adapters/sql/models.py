@@ -93,6 +93,8 @@ class RatePlan(Base):
     international_prefix: Mapped[str] = mapped_column(String(8), default="00")
     # Bumped by every import; daemons poll it to reload their in-memory rate table.
     version: Mapped[int] = mapped_column(Integer, default=1)
+    # The low-balance alert threshold of its accounts that set none (NULL: no alert).
+    low_balance_micros: Mapped[int | None] = mapped_column(Micros, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
@@ -167,6 +169,8 @@ class Account(Base):
     max_call_cost_micros: Mapped[int | None] = mapped_column(Micros, nullable=True)
     daily_spend_micros: Mapped[int | None] = mapped_column(Micros, nullable=True)
     monthly_spend_micros: Mapped[int | None] = mapped_column(Micros, nullable=True)
+    # An alert when the available money falls below this (DESIGN §8); NULL: the plan's threshold.
+    low_balance_micros: Mapped[int | None] = mapped_column(Micros, nullable=True)
 
 
 class LedgerEntry(Base):

@@ -1,5 +1,5 @@
-"""spend caps: max call cost, daily and monthly spend per account, their counters, and the day
-and month each reservation counts on
+"""spend caps: max call cost, daily and monthly spend per account, their counters, the day and
+month each reservation counts on, and the low-balance alert thresholds of accounts and plans
 
 Revision ID: 0008
 Revises: 0007
@@ -20,6 +20,9 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("max_call_cost_micros", sa.BigInteger(), nullable=True))
         batch_op.add_column(sa.Column("daily_spend_micros", sa.BigInteger(), nullable=True))
         batch_op.add_column(sa.Column("monthly_spend_micros", sa.BigInteger(), nullable=True))
+        batch_op.add_column(sa.Column("low_balance_micros", sa.BigInteger(), nullable=True))
+    with op.batch_alter_table("rate_plans", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("low_balance_micros", sa.BigInteger(), nullable=True))
     with op.batch_alter_table("reservations", schema=None) as batch_op:
         batch_op.add_column(sa.Column("spend_day_ms", sa.BigInteger(), nullable=False, server_default="0"))
         batch_op.add_column(sa.Column("spend_month_ms", sa.BigInteger(), nullable=False, server_default="0"))
@@ -41,7 +44,10 @@ def downgrade() -> None:
     with op.batch_alter_table("reservations", schema=None) as batch_op:
         batch_op.drop_column("spend_month_ms")
         batch_op.drop_column("spend_day_ms")
+    with op.batch_alter_table("rate_plans", schema=None) as batch_op:
+        batch_op.drop_column("low_balance_micros")
     with op.batch_alter_table("accounts", schema=None) as batch_op:
+        batch_op.drop_column("low_balance_micros")
         batch_op.drop_column("monthly_spend_micros")
         batch_op.drop_column("daily_spend_micros")
         batch_op.drop_column("max_call_cost_micros")
