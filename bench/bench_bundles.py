@@ -1,7 +1,7 @@
 """Free-minute bundles (DESIGN §9, issue 16): what they cost, and one bundle shared by 5 processes.
 
     python bench/bench_bundles.py cost  [--stores sqlite,postgresql,redis] [--runs 5] [--calls 600] [--batch 100]
-    python bench/bench_bundles.py share [--store sql|redis] [--calls 200] [--processes 5] [--speed 20]
+    python bench/bench_bundles.py share [--store sql|redis] [--calls 200] [--processes 5] [--speed N]
     python bench/bench_bundles.py all   (cost, then share on the SQL store and on Redis)
 
 **cost**: authorizations and nibble batches through the daemon's own path: ``decide`` (agent/
@@ -348,6 +348,7 @@ class NodeStats:
     bundle_then_money: int = 0
     bundle_only: int = 0
     lags_ms: list[float] = field(default_factory=list)  # how late each step ran against the paced clock
+    max_live: int = 0  # calls of this process authorized and not yet settled, at most
     records: list[Any] = field(default_factory=list)
 
 
@@ -403,6 +404,7 @@ class Node:
         self.stats.authorized += 1
         self.live_legs.add(leg)
         self.execute(self.registry.add(outcome.session))
+        self.stats.max_live = max(self.stats.max_live, len(self.registry.sessions))
         b_leg = f"{leg}-B"
         ring = rng.randint(500, 5_000)
         talk = min(max(1_000, int(rng.expovariate(1 / 60_000))), 400_000)
@@ -522,7 +524,7 @@ def share_node(index: int, args: argparse.Namespace, url: str, key_prefix: str, 
                  "denied": stats.denied, "cut": stats.cut, "nibbles": stats.nibbles, "settled": stats.settled,
                  "bundle_seconds": stats.bundle_seconds, "money_micros": stats.money_micros,
                  "bundle_then_money": stats.bundle_then_money, "bundle_only": stats.bundle_only,
-                 "lag_p50_ms": round(percentile(stats.lags_ms, 50), 1),
+                 "max_live": stats.max_live, "lag_p50_ms": round(percentile(stats.lags_ms, 50), 1),
                  "lag_p99_ms": round(percentile(stats.lags_ms, 99), 1),
                  "max_lag_ms": round(max(stats.lags_ms, default=0.0), 1), "nibble_s": node.settings.nibble_ms // 1_000,
                  "records": stats.records})
@@ -604,6 +606,7 @@ def share_run(args: argparse.Namespace, url: str, key_prefix: str) -> dict[str, 
     return {"store": args.store, "calls": args.calls, "processes": args.processes, "speed": args.speed,
             "seconds": round(elapsed, 2), "bundle_s": SHARE_SECONDS, "balance_micros": args.balance_micros,
             "credit_limit_micros": args.credit_micros, **totals,
+            "max_live_calls_per_process": [node["max_live"] for node in sorted(per_node, key=lambda n: n["index"])],
             "lag_p50_ms_per_process": [node["lag_p50_ms"] for node in sorted(per_node, key=lambda n: n["index"])],
             "lag_p99_ms_per_process": [node["lag_p99_ms"] for node in sorted(per_node, key=lambda n: n["index"])],
             "max_lag_ms": max(node["max_lag_ms"] for node in per_node),
@@ -691,7 +694,9 @@ def main() -> int:
     parser.add_argument("--nibble-seconds", type=int, default=6, help="cost: the nibble")
     parser.add_argument("--store", choices=["sql", "redis"], default="sql", help="share: the balance store")
     parser.add_argument("--processes", type=int, default=5)
-    parser.add_argument("--speed", type=float, default=10.0, help="share: fake seconds per real second")
+    parser.add_argument("--speed", type=float, default=None,
+                        help="share: fake seconds per real second (default 2 on the SQL store, 10 on Redis: "
+                             "the pace each keeps up with on a 2-core machine, lag printed)")
     parser.add_argument("--spread-seconds", type=int, default=240, help="share: calls start within this")
     parser.add_argument("--balance-micros", type=int, default=250_000, help="share: 250 s of money")
     parser.add_argument("--credit-micros", type=int, default=50_000, help="share: 50 s more on credit")
@@ -709,6 +714,7 @@ def main() -> int:
             share_args = argparse.Namespace(**vars(args))
             share_args.calls = args.calls or 200
             share_args.store = store
+            share_args.speed = args.speed or (10.0 if store == "redis" else 2.0)
             report = bench_share(share_args)
             ok = ok and report.get("all_ok", True)
     return 0 if ok else 1
