@@ -91,3 +91,18 @@ def test_the_independent_formula() -> None:
     assert _section9(row, 3_001, 0) == (50_000 + 30_000, 0)  # 4 s: the 30 s first block and the fee
     assert _section9(row, 10_000, 100) == (0, 30)  # inside the bundle: no fee
     assert _section9(row, 40_000, 20) == (22_000, 20)  # b = 42, 22 s of money, no fee
+
+
+def test_the_memory_store_replays_an_authorization_with_its_bundle_seconds() -> None:
+    """As the Redis and SQL stores do: a PBX that asks twice gets the call rated in its bundle again."""
+    from agent.core.bundles import BundleSlot
+    from agent.sim.memory_store import MemoryStore
+
+    store = MemoryStore()
+    store.add_account("a", 0)
+    slots = (BundleSlot(1, 0, 100, 10**12),)
+    first = store.authorize("a", "c1", 1_000, 10, 0, bundle_slots=slots, bundle_want_s=6)
+    again = store.authorize("a", "c1", 1_000, 10, 0, bundle_slots=slots, bundle_want_s=6)
+    assert (first.bundle_granted_s, first.bundle_available_s) == (6, 100)
+    assert (again.allowed, again.bundle_granted_s, again.bundle_available_s) == (True, 6, 100)
+    assert store.periods[(1, 0)].reserved_s == 6  # taken once

@@ -57,6 +57,8 @@ class MemCall:
     settled: bool = False
     bundle_holds: list[tuple[BundleSlot, int]] = field(default_factory=list)  # draw order
     bundle_used_s: int = 0
+    auth_bundle_s: int = 0  # the authorization's bundle answer, given again when it is replayed
+    auth_bundle_available_s: int = 0
 
 
 @dataclass
@@ -130,7 +132,9 @@ class MemoryStore:
             return StoreAuthorization(False, reason=DenyReason.UNKNOWN_ACCOUNT, detail=f"unknown account {account_id}")
         if call_id in self.calls:
             call = self.calls[call_id]
-            return StoreAuthorization(True, call.hold_micros, account.available_micros + call.hold_micros)
+            return StoreAuthorization(True, call.hold_micros, account.available_micros + call.hold_micros,
+                                      bundle_granted_s=call.auth_bundle_s,
+                                      bundle_available_s=call.auth_bundle_available_s)
         if account.status != "active":
             return StoreAuthorization(False, reason=DenyReason.SUSPENDED, detail=f"account is {account.status}")
         if account.max_calls is not None and len(account.calls) >= account.max_calls:
@@ -150,11 +154,12 @@ class MemoryStore:
             self._check_period(period)
         account.reserved_micros += grant
         account.calls.add(call_id)
-        self.calls[call_id] = MemCall(account_id, grant,
-                                      bundle_holds=list(zip(bundle_slots, taken, strict=True)))
+        bundle_available = sum(max(left, 0) for left in lefts)
+        self.calls[call_id] = MemCall(account_id, grant, bundle_holds=list(zip(bundle_slots, taken, strict=True)),
+                                      auth_bundle_s=sum(taken), auth_bundle_available_s=bundle_available)
         self._check(account)
         return StoreAuthorization(True, grant, available, bundle_granted_s=sum(taken),
-                                  bundle_available_s=sum(max(left, 0) for left in lefts))
+                                  bundle_available_s=bundle_available)
 
     def nibbles(self, steps: list[NibbleStep], now_ms: int) -> list[StoreNibble]:
         self._raise_if_down()
