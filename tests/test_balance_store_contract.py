@@ -13,8 +13,10 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import func, select
 
+from agent.adapters.sql.bundles_admin import check_bundles
 from agent.adapters.sql.engine import transaction
 from agent.adapters.sql.models import Bundle, BundleGrant, BundlePeriod, BundlePrefix, BundleUsage
+from agent.adapters.sql.reconcile import Report
 from agent.core.balance import (
     BundleSettle,
     DenyReason,
@@ -26,7 +28,7 @@ from agent.core.balance import (
 )
 from agent.core.bundles import BundleSlot
 from agent.core.errors import InvalidInput
-from tests.balance_helpers import STORE_KINDS, T0, UNIT, Engines, World, world_for
+from tests.balance_helpers import REDIS_KINDS, STORE_KINDS, T0, UNIT, Engines, World, world_for
 
 TTL = 30_000
 
@@ -582,14 +584,20 @@ def periods(w: World, account_id: str) -> dict[tuple[int, int], tuple[int, int, 
     return {key: (p.granted_s, p.used_s, p.reserved_s) for key, p in w.store().bundle_periods(account_id).items()}
 
 
-def assert_bundle_books(w: World, account_id: str) -> None:
+def assert_bundle_books(w: World, account_id: str, *, overdrawn: bool = False) -> None:
     """No live call left: the store's periods, the bundle_periods rows and the sum of the
-    bundle_usage rows agree (left = granted - used), once pending writes are done."""
+    bundle_usage rows agree (left = granted - used), once pending writes are done, and
+    `ledger check` finds nothing wrong with them (``overdrawn``: but a period below zero, which
+    a settle that lost its holds may leave: core/bundles.py commit)."""
     w.store().expire(LATER)  # writes what Redis has not written yet (no call is live any more)
     seen = periods(w, account_id)
     assert all(reserved == 0 for _, _, reserved in seen.values())
     in_store = {key: (granted, used) for key, (granted, used, _) in seen.items()}
     assert in_store == sql_periods(w, account_id) == row_sums(w, account_id)
+    report = Report()
+    with transaction(w.sessions) as s:  # what `ledger check` says of the bundle figures
+        check_bundles(s, report, embedded=w.kind not in REDIS_KINDS)
+    assert [p for p in report.problems if not (overdrawn and p.problem == "bundle period below zero")] == []
 
 
 def test_bundle_call_with_no_money_is_allowed_and_reserves_no_money(w: World) -> None:
@@ -868,7 +876,7 @@ def test_a_settle_without_reservation_takes_the_seconds_from_the_slots_given(w: 
     assert usage(w, call_id="lost2") == [("use", -15, f"bundle:lost2:{ga}:{P0}"),
                                          ("use", -85, f"bundle:lost2:{gb}:{P0}")]
     assert w.entries("lost") == [("charge", 0, "charge:lost")]
-    assert_bundle_books(w, "alice")
+    assert_bundle_books(w, "alice", overdrawn=True)
 
 
 def test_a_call_reserved_again_without_its_slots_commits_what_it_covered_from_the_settle_s_slots(
@@ -1011,4 +1019,25 @@ def test_a_period_opened_while_sql_is_down_is_written_by_the_sweeper(rw: World, 
     report = rw.store().expire(T0 + 70_000)
     assert (report.posted, report.pending) == (1, 0)
     assert usage(rw) == [("grant", 100, f"bundle-grant:{g}:{P0}"), ("use", -50, f"bundle:c1:{g}:{P0}")]
+    assert_bundle_books(rw, "alice")
+
+
+def test_bundle_seconds_given_back_in_sql_reach_redis_with_the_refresh(rw: World) -> None:
+    from agent.adapters.redis.store import RedisBalanceStore
+
+    rw.account("alice", balance=10 * UNIT)
+    g = grant(rw, "alice", 100)
+    store = rw.store()
+    assert isinstance(store, RedisBalanceStore)
+    store.authorize("alice", "c1", "n1", UNIT, UNIT, T0, BTTL, bundle_slots=[slot(g, 100)], bundle_want_s=60)
+    store.settle("c1", 1, 0, T0 + 60_000, bundle=BundleSettle(60, (slot(g, 100),)))
+    store.authorize("alice", "c2", "n1", UNIT, UNIT, T0 + 1, BTTL, bundle_slots=[slot(g, 100)], bundle_want_s=60)
+    with transaction(rw.sessions) as s:  # what a re-rating writes: an adjust row giving 25 s back
+        s.add(BundleUsage(account_id="alice", grant_id=g, period_start_ms=P0, kind="adjust", seconds=25,
+                          reference="rerate:c1", call_id="c1"))
+        s.get_one(BundlePeriod, (g, P0)).used_s -= 25
+    assert periods(rw, "alice") == {(g, P0): (100, 60, 40)}
+    assert store.refresh("alice")
+    assert periods(rw, "alice") == {(g, P0): (100, 35, 40)}
+    store.release("c2", 1, T0 + 2)
     assert_bundle_books(rw, "alice")
