@@ -42,7 +42,7 @@ from agent.adapters.http_status import StatusServer
 from agent.adapters.sql.account_plans import AccountPlans
 from agent.adapters.sql.bundle_book import BundleBook
 from agent.adapters.sql.engine import make_engine
-from agent.adapters.sql.fraud import SqlFraudActions, suspended_by_rule
+from agent.adapters.sql.fraud import SqlAlerts, SqlFraudActions, suspended_by_rule
 from agent.adapters.sql.live_calls import LiveCallFact, LiveCallPublisher, live_call_rows
 from agent.adapters.sql.migrate import check_schema
 from agent.adapters.sql.models import RatePlan
@@ -55,6 +55,8 @@ from agent.core.events import AuthorizeDecision, AuthorizeRequest
 from agent.core.money import format_amount
 from agent.core.ratetable import format_instant
 from agent.ports import SwitchAdapter
+from agent.services.alerts import Alerts
+from agent.services.balance_alerts import BalanceWatch
 from agent.services.cdr_pipeline import CdrPipeline
 from agent.services.clock import SystemClock
 from agent.services.engine import Engine as CallEngine
@@ -124,8 +126,11 @@ class Daemon:
         self.plans: AccountPlans | None = None
         self.bundle_book: BundleBook | None = None
         self.fraud: FraudGuard | None = None
+        self.alerts: Alerts | None = None  # every alert of the node (fraud rules, low balance)
+        self.balance_watch: BalanceWatch | None = None
         self.webhook: AlertWebhook | None = None
         self.alert_stream: Any = None  # AlertStream when redis.url is set
+        self._redis_client: Any = None  # the alerts' and fraud counters' Redis client
         self.suspension_bus: Any = None  # SuspensionBus when redis.url is set
         self._fraud_cut: set[str] = set()  # calls cut here because a fraud rule suspended their account
         self.adapters: list[SwitchAdapter] = []
@@ -356,7 +361,9 @@ class Daemon:
                         "still shows", len(held), self.config.node.id)
 
     def _start_fraud(self, engine: CallEngine, sql: Engine, store: StoreGuard) -> None:
-        """Fraud rules (``fraud.rules_file``): a file with an error stops the start, naming it."""
+        """The alert service and the low-balance watch (always), then the fraud rules
+        (``fraud.rules_file``): a file with an error stops the start, naming it."""
+        alerts = self._start_alerts(engine, sql, store)
         path = self.config.fraud.rules_file
         if not path:
             return
@@ -367,45 +374,82 @@ class Daemon:
         refresh = getattr(store.store, "refresh", None)  # Redis keeps the status of its own
         counters = None
         redis = self.config.redis
-        if redis.url:  # the figures shared by every node, and the alerts on a stream
-            from agent.adapters.redis.alert_stream import AlertStream
+        client = self._redis_client
+        if client is not None:  # the figures shared by every node
             from agent.adapters.redis.counters import RedisFraudCounters
-            from agent.adapters.redis.store import make_client
 
-            client = make_client(redis.url, redis.timeout_ms)
             counters = RedisFraudCounters(
                 client, key_prefix=redis.key_prefix, rules=rules,
                 live_ttl_ms=(self.config.billing.max_call_seconds + NO_ANSWER_GUARD_S) * 1000)
-            self.alert_stream = AlertStream(client, key_prefix=redis.key_prefix)
         guard = self.fraud = FraudGuard(
             rules, node=self.config.node.id, actions=SqlFraudActions(sql, refresh), clock=self.clock,
-            metrics=self.metrics, alert_period_ms=int(self.config.fraud.alert_period_seconds * 1000),
-            counters=counters)
+            metrics=self.metrics, counters=counters, alerts=alerts, timezone_of=self._timezone_of)
         guard.cut_local = engine.cut_account
-        if self.alert_stream is not None:
-            guard.on_alert.append(self.alert_stream.enqueue)
-            self.alert_stream.start()
-        if redis.url:  # every node cuts at once, not at its next publish
+        if client is not None:  # every node cuts at once, not at its next publish
             from agent.adapters.redis.fraud_bus import SuspensionBus
 
             bus = self.suspension_bus = SuspensionBus(client, key_prefix=redis.key_prefix, node=self.config.node.id,
                                                       on_suspended=self._cut_for_suspension)
             guard.on_suspension_written.append(bus.publish)
             bus.start()
-        fraud = self.config.fraud
-        if fraud.webhook_url:
-            if not fraud.webhook_secret:
-                raise StartupError("fraud.webhook_secret: must be set when fraud.webhook_url is (it signs every alert)")
-            webhook = self.webhook = AlertWebhook(fraud.webhook_url, fraud.webhook_secret,
-                                                  spool_path(self.config) / "alerts",
-                                                  timeout_s=fraud.webhook_timeout_seconds)
-            guard.on_alert.append(webhook.enqueue)
-            webhook.start()
         engine.screens.append(guard)
         engine.on_finished.append(guard.finished)
         guard.start()
         log.info("fraud rules: %d rules, %d destination groups from %s, counters %s", len(rules.rules),
                  len(rules.groups), path, "in Redis (every node)" if counters else "in memory (this node)")
+
+    def _start_alerts(self, engine: CallEngine, sql: Engine, store: StoreGuard) -> Alerts:
+        """The node's alert service (``agent/services/alerts.py``): the ``alerts`` table through a
+        spool in ``{cdr.spool_dir}/alerts`` (what an earlier run left is written now), the webhook
+        (``fraud.webhook_url``) and the Redis Stream (``redis.url``), each with its own spool; and
+        the low-balance watch on every settled call."""
+        fraud = self.config.fraud
+        if fraud.webhook_url and not fraud.webhook_secret:
+            raise StartupError("fraud.webhook_secret: must be set when fraud.webhook_url is (it signs every alert)")
+        from agent.adapters.alert_spool import AlertSpool
+        from agent.adapters.sql.low_balance import LowBalanceThresholds
+
+        folder = spool_path(self.config) / "alerts"
+        try:
+            queue = AlertSpool(folder / "sql.jsonl")
+        except OSError as exc:
+            raise StartupError(f"cdr.spool_dir: cannot open the alert spool in {folder}: {exc.strerror or exc}"
+                               ) from None
+        alerts = self.alerts = Alerts(SqlAlerts(sql), node=self.config.node.id, clock=self.clock,
+                                      metrics=self.metrics, queue=queue,
+                                      period_ms=int(fraud.alert_period_seconds * 1000))
+        redis = self.config.redis
+        if redis.url:
+            from agent.adapters.redis.alert_stream import AlertStream
+            from agent.adapters.redis.store import make_client
+
+            self._redis_client = make_client(redis.url, redis.timeout_ms)
+            stream = self.alert_stream = AlertStream(self._redis_client, key_prefix=redis.key_prefix,
+                                                     queue=AlertSpool(folder / "stream.jsonl"))
+            alerts.deliveries.append(stream)
+            stream.start()
+        if fraud.webhook_url:
+            webhook = self.webhook = AlertWebhook(fraud.webhook_url, fraud.webhook_secret, folder,
+                                                  timeout_s=fraud.webhook_timeout_seconds)
+            alerts.deliveries.append(webhook)
+            webhook.start()
+        alerts.start()
+        thresholds = LowBalanceThresholds(sql, self.clock.now_ms)
+        watch = self.balance_watch = BalanceWatch(
+            alerts, threshold_of=thresholds.threshold_of, account_state=store.account_state,
+            node=self.config.node.id, clock=self.clock, nibble_seconds=self.config.billing.nibble_seconds)
+        engine.on_finished.append(watch.finished)
+        watch.start()
+        return alerts
+
+    def _timezone_of(self, account_id: str, plan: str) -> str:
+        """The timezone of the account's rate plan (``plan`` when the caller knows it): the fraud
+        rules' CEL ``hour`` and ``weekday`` are read in it. Both lookups are the rater's caches."""
+        plans, rates = self.plans, self.rate_cache
+        if plans is None or rates is None:
+            return "UTC"
+        name = plan or plans.plan_of(account_id)
+        return rates.table_for(name).timezone if name else "UTC"
 
     def reload_fraud_rules(self) -> bool:
         """SIGHUP: re-read the fraud rules; a file with an error keeps the running rules."""
@@ -678,9 +722,15 @@ class Daemon:
             self._timed(f"stop {adapter.name}", lambda a=adapter: a.stop(2.0))  # type: ignore[misc]
         if engine is not None:
             self._timed("stop engine", lambda: engine.stop(3))
+        if self.balance_watch is not None:
+            watch = self.balance_watch
+            self._timed("stop the low-balance watch", lambda: watch.stop(1))
         if self.fraud is not None:
             fraud = self.fraud
-            self._timed("write fraud alerts", lambda: fraud.stop(2))
+            self._timed("write fraud suspensions", lambda: fraud.stop(2))
+        if self.alerts is not None:  # what is not in SQL yet stays in its spool for the next start
+            alerts = self.alerts
+            self._timed("write alerts", lambda: alerts.stop(2))
         if self.alert_stream is not None:
             stream = self.alert_stream
             self._timed("stop the alert stream", lambda: stream.stop(1))

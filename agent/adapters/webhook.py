@@ -1,12 +1,14 @@
-"""Fraud alerts delivered to a webhook (``fraud.webhook_url``): a JSON POST signed with HMAC-SHA256,
+"""Alerts delivered to a webhook (``fraud.webhook_url``): a JSON POST signed with HMAC-SHA256,
 retried with a backoff, spooled to disk so that neither an outage of the receiver nor a restart of
-the agent loses one.
+the agent loses one. Every alert of the node goes there: fraud rules (``"type": "fraud_alert"``)
+and low balance / balance exhausted (``"type": "balance_alert"``).
 
 The spool is ``{cdr.spool_dir}/alerts/pending.jsonl`` (one alert a line, appended with one
-``write``: in the kernel when ``enqueue`` returns) and ``delivered`` (the byte offset of the first
-alert not yet delivered, replaced atomically after each delivery). When every alert is delivered
-both are emptied. A delivery is at least once: each alert carries an ``event_id`` the receiver
-can use to drop a repeat.
+``write``: in the kernel when ``enqueue`` returns; fsynced in groups by the alert service) and
+``delivered`` (the byte offset of the first alert not yet delivered, replaced atomically after
+each delivery): a :class:`LineSpool`. When every alert is delivered both are emptied. A delivery
+is at least once: each alert carries an ``event_id`` (the same in the ``alerts``-table writer's
+spool and on the Redis Stream) the receiver can use to drop a repeat.
 
 Answers: 2xx delivered; 408, 429 and 5xx, a timeout or a refused connection are retried (0.5 s
 doubling to 5 min) while the alerts behind wait in order; another 4xx is a refusal for good: the
@@ -23,7 +25,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import time
 import urllib.error
 import urllib.request
@@ -35,8 +36,8 @@ from typing import Any
 import gevent
 import gevent.event
 
-from agent.core.fraud import AlertRecord
-from agent.core.fraud_rules import RuleKind
+from agent.adapters.alert_spool import LineSpool
+from agent.core.fraud import BALANCE_KINDS, MONEY_KINDS, AlertRecord
 from agent.core.money import format_amount
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,11 @@ RETRYABLE = frozenset({408, 429})
 def alert_payload(alert: AlertRecord) -> dict[str, Any]:
     """The JSON body of one alert (amounts as decimal strings, DESIGN §7)."""
     def money(value: int) -> int | str:
-        return format_amount(value) if alert.kind == RuleKind.SPEND.value else value
+        return format_amount(value) if alert.kind in MONEY_KINDS else value
 
     at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(alert.at_ms // 1000)) + f".{alert.at_ms % 1000:03d}Z"
-    return {"event_id": uuid.uuid4().hex, "type": "fraud_alert", "at": at, "node": alert.node,
+    kind = "balance_alert" if alert.kind in BALANCE_KINDS else "fraud_alert"
+    return {"event_id": alert.event_id or uuid.uuid4().hex, "type": kind, "at": at, "node": alert.node,
             "account": alert.account_id, "rule": alert.rule, "kind": alert.kind, "figure": money(alert.figure),
             "threshold": money(alert.threshold), "window_s": alert.window_s, "action": alert.action,
             "call_id": alert.call_id, "destination": alert.destination, "detail": alert.detail}
@@ -76,11 +78,10 @@ class AlertWebhook:
         self.secret = secret
         self.timeout_s = timeout_s
         self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
         self.pending_path = folder / "pending.jsonl"
         self.offset_path = folder / "delivered"
         self.rejected_path = folder / "rejected.jsonl"
-        self._fd = os.open(self.pending_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self.spool = LineSpool(self.pending_path, self.offset_path)
         self._wake = gevent.event.Event()
         self._greenlet: gevent.Greenlet[[], None] | None = None
         self._failures = 0
@@ -90,54 +91,33 @@ class AlertWebhook:
 
     def enqueue(self, alert: AlertRecord) -> None:
         """Append the alert to the spool (one write, no wait on the network)."""
-        line = json.dumps(alert_payload(alert), separators=(",", ":")).encode() + b"\n"
-        os.write(self._fd, line)
+        if not self.spool.append(json.dumps(alert_payload(alert), separators=(",", ":")).encode()):
+            log.error("alert webhook spool %s full: alert %s not kept for %s", self.pending_path, alert.event_id,
+                      self.url)
         self._wake.set()
+
+    def sync(self) -> None:
+        self.spool.sync()
 
     # ---------------------------------------------------------------- delivery
 
-    def _offset(self) -> int:
-        try:
-            return int(self.offset_path.read_text().strip() or "0")
-        except FileNotFoundError:
-            return 0
-
-    def _set_offset(self, offset: int) -> None:
-        tmp = self.offset_path.with_suffix(".tmp")
-        tmp.write_text(str(offset))
-        os.replace(tmp, self.offset_path)
-
     def pending(self) -> int:
         """Alerts spooled and not delivered yet."""
-        with open(self.pending_path, "rb") as spool:
-            spool.seek(self._offset())
-            return sum(1 for line in spool if line.endswith(b"\n"))
-
-    def _head(self) -> tuple[bytes, int] | None:
-        offset = self._offset()
-        with open(self.pending_path, "rb") as spool:
-            spool.seek(offset)
-            line = spool.readline()
-        if not line.endswith(b"\n"):  # nothing, or a line still being written
-            if offset and offset == self.pending_path.stat().st_size:
-                self._compact(offset)
-            return None
-        return line.rstrip(b"\n"), offset + len(line)
-
-    def _compact(self, offset: int) -> None:
-        """Everything delivered: empty the spool (only if nothing was appended meanwhile)."""
-        if self.pending_path.stat().st_size == offset:
-            os.truncate(self.pending_path, 0)
-            self._set_offset(0)
+        return len(self.spool)
 
     def deliver_once(self) -> Attempt | None:
         """POST the oldest undelivered alert; None when there is none. Blocks for at most
         ``timeout_s`` (call it from a greenlet of its own under gevent)."""
-        head = self._head()
-        if head is None:
+        lines, next_offset = self.spool.read(1)
+        if not lines:
             return None
-        body, next_offset = head
-        event_id = str(json.loads(body).get("event_id", ""))
+        body = lines[0]
+        try:
+            event_id = str(json.loads(body).get("event_id", ""))
+        except (ValueError, AttributeError):  # not a JSON object: a damaged spool line
+            log.error("alert webhook spool %s: unreadable line skipped: %r", self.pending_path, body[:200])
+            self.spool.advance(next_offset, 1)
+            return Attempt(True, None, "unreadable")
         timestamp = str(int(time.time()))
         request = urllib.request.Request(self.url, data=body, method="POST", headers={
             "Content-Type": "application/json", "User-Agent": "billing-agent", "X-Billing-Event-Id": event_id,
@@ -150,26 +130,27 @@ class AlertWebhook:
         except (OSError, ValueError) as exc:  # refused, reset, timeout, DNS
             return Attempt(False, None, str(getattr(exc, "reason", exc)))
         if 200 <= status < 300:
-            self._set_offset(next_offset)
+            self.spool.advance(next_offset, 1)
             self.delivered += 1
             return Attempt(True, status)
         if 400 <= status < 500 and status not in RETRYABLE:
             with open(self.rejected_path, "ab") as rejected:
                 rejected.write(json.dumps({"status": status, "alert": json.loads(body)}).encode() + b"\n")
-            self._set_offset(next_offset)
-            log.error("fraud alert webhook %s refused alert %s with HTTP %d: kept in %s, not retried", self.url,
+            self.spool.advance(next_offset, 1)
+            log.error("alert webhook %s refused alert %s with HTTP %d: kept in %s, not retried", self.url,
                       event_id, status, self.rejected_path)
             return Attempt(True, status, "refused")
         return Attempt(False, status, f"HTTP {status}")
 
     def start(self) -> None:
         self._greenlet = gevent.spawn(self._run)
-        self._greenlet.link_exception(lambda g: log.critical("fraud alert webhook sender died: %r", g.exception))
+        self._greenlet.link_exception(lambda g: log.critical("alert webhook sender died: %r", g.exception))
 
     def stop(self, timeout_s: float = 1.0) -> None:
         if self._greenlet is not None:
             self._greenlet.kill(timeout=timeout_s)
-        os.close(self._fd)
+        self.spool.sync()
+        self.spool.close()
 
     def _run(self) -> None:
         while True:
@@ -180,13 +161,13 @@ class AlertWebhook:
                 continue
             if attempt.delivered:
                 if self._failures:
-                    log.warning("fraud alert webhook %s answers again after %d failed attempts", self.url,
+                    log.warning("alert webhook %s answers again after %d failed attempts", self.url,
                                 self._failures)
                 self._failures = 0
                 continue
             self._failures += 1
             delay = min(RETRY_MIN_S * 2 ** min(self._failures - 1, 20), RETRY_MAX_S)
             if self._failures == 1 or self._failures % 10 == 0:
-                log.error("fraud alert webhook %s failed (%s; attempt %d, %d alerts waiting); retrying in %.1fs",
+                log.error("alert webhook %s failed (%s; attempt %d, %d alerts waiting); retrying in %.1fs",
                           self.url, attempt.reason, self._failures, self.pending(), delay)
             gevent.sleep(delay)

@@ -15,14 +15,24 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any, NamedTuple
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agent.core.fraud_rules import GROUPABLE, Action, Rule, RuleKind, RuleSet
 
 SETTLE_KINDS = frozenset({RuleKind.SPEND, RuleKind.SHORT_CALLS})  # figures fed by settles
 MS_PER_HOUR = 3_600_000
 MS_PER_DAY = 86_400_000
+
+# Alerts that are not fraud rules (``kind`` and ``rule`` of their AlertRecord): the account's
+# available money fell below its threshold, or ran out (agent/services/balance_alerts.py).
+LOW_BALANCE = "low_balance"
+BALANCE_EXHAUSTED = "balance_exhausted"
+BALANCE_KINDS = frozenset({LOW_BALANCE, BALANCE_EXHAUSTED})
+MONEY_KINDS = frozenset({RuleKind.SPEND.value, LOW_BALANCE, BALANCE_EXHAUSTED})  # figure/threshold are money
 
 
 def destination_digits(destination: str) -> str:
@@ -45,6 +55,7 @@ class CallFacts:
     at_ms: int
     caller: str = ""
     pbx: str = ""
+    timezone: str = "UTC"  # of the account's rate plan: CEL's hour and weekday are read in it
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +75,9 @@ class Hit:
 
 @dataclass(frozen=True, slots=True)
 class AlertRecord:
-    """One row of the ``alerts`` table: a rule that fired, the figures that crossed, the action."""
+    """One row of the ``alerts`` table: a rule that fired (or a balance alert: ``kind`` in
+    ``BALANCE_KINDS``), the figures that crossed, the action. ``event_id`` names the alert in
+    every delivery (webhook, Redis Stream), so a receiver can drop a repeat."""
 
     at_ms: int
     node: str
@@ -78,12 +91,36 @@ class AlertRecord:
     call_id: str = ""
     destination: str = ""
     detail: str = ""
+    event_id: str = ""
 
     @classmethod
     def of(cls, hit: Hit, facts: CallFacts, node: str, action: str) -> AlertRecord:
         rule = hit.rule
         return cls(facts.at_ms, node, facts.account_id, rule.name, rule.kind.value, hit.figure, rule.threshold,
                    rule.window_s, action, facts.call_id, facts.destination, hit.describe())
+
+    def with_event_id(self, event_id: str) -> AlertRecord:
+        return replace(self, event_id=event_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AlertRecord:
+        """Inverse of :meth:`to_dict`; raises ValueError naming what is wrong."""
+        try:
+            record = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        except TypeError as exc:  # a required field missing
+            raise ValueError(f"malformed alert: {exc}") from None
+        for name in ("at_ms", "figure", "threshold", "window_s"):
+            value = getattr(record, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"malformed alert: {name} {value!r} is not an integer")
+        for name in ("node", "account_id", "rule", "kind", "action", "call_id", "destination", "detail",
+                     "event_id"):
+            if not isinstance(getattr(record, name), str):
+                raise ValueError(f"malformed alert: {name} is not a string")
+        return record
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,13 +365,31 @@ def evaluate(rules: RuleSet, figures: Mapping[str, int], facts: CallFacts) -> Ve
 
 
 def activation(rule: Rule, facts: CallFacts, figure: int) -> dict[str, object]:
-    """What a CEL condition sees (the names of ``agent.core.fraud_rules.CEL_FIELDS``)."""
+    """What a CEL condition sees (the names of ``agent.core.fraud_rules.CEL_FIELDS``); ``hour``
+    and ``weekday`` in the timezone of the account's rate plan (``facts.timezone``)."""
+    hour, weekday = local_hour_weekday(facts.at_ms, facts.timezone)
     return {
         "account": facts.account_id, "destination": facts.destination, "caller": facts.caller, "pbx": facts.pbx,
-        "groups": facts.groups, "figure": figure, "threshold": rule.threshold,
-        "hour": (facts.at_ms % MS_PER_DAY) // MS_PER_HOUR,
-        "weekday": (facts.at_ms // MS_PER_DAY + 3) % 7 + 1,  # 1970-01-01 was a Thursday (4)
+        "groups": facts.groups, "figure": figure, "threshold": rule.threshold, "hour": hour, "weekday": weekday,
     }
+
+
+def local_hour_weekday(at_ms: int, timezone: str) -> tuple[int, int]:
+    """(hour 0-23, ISO weekday 1 = Monday) of the instant in ``timezone``; an unknown zone reads
+    as UTC (the plan itself is refused when it is loaded, so this is only a safety net)."""
+    zone = _zone(timezone) if timezone and timezone != "UTC" else None
+    if zone is None:
+        return (at_ms % MS_PER_DAY) // MS_PER_HOUR, (at_ms // MS_PER_DAY + 3) % 7 + 1  # 1970-01-01: a Thursday
+    local = datetime.fromtimestamp(at_ms // 1000, UTC).astimezone(zone)
+    return local.hour, local.isoweekday()
+
+
+@lru_cache(maxsize=256)
+def _zone(name: str) -> ZoneInfo | None:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
 
 
 class AlertThrottle:

@@ -73,9 +73,10 @@ CEL_FIELDS: dict[str, str] = {
     "groups": "the destination groups the number is in (list of strings)",
     "figure": "the rule's figure for this call (int; micro-units for spend)",
     "threshold": "the rule's threshold (int; micro-units for spend)",
-    "hour": "the hour of the call, UTC (int, 0-23)",
-    "weekday": "the ISO weekday of the call, UTC (int, 1 = Monday)",
+    "hour": "the hour of the call in the timezone of the account's rate plan (int, 0-23)",
+    "weekday": "the ISO weekday of the call in the timezone of the account's rate plan (int, 1 = Monday)",
 }
+LOCAL_TIME_FIELDS = frozenset({"hour", "weekday"})  # need the account's timezone
 _CEL_MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
 
 
@@ -103,9 +104,14 @@ class RuleError:
 class Condition:
     """A CEL expression compiled once; ``holds`` evaluates it on one call's activation."""
 
-    def __init__(self, source: str, program: Any) -> None:
+    def __init__(self, source: str, program: Any, names: frozenset[str] = frozenset()) -> None:
         self.source = source
         self._program = program
+        self.names = names  # the fields of CEL_FIELDS it reads
+
+    @property
+    def reads_local_time(self) -> bool:
+        return bool(self.names & LOCAL_TIME_FIELDS)
 
     def holds(self, activation: dict[str, Any]) -> bool:
         """True or False; raises ``ValueError`` with CEL's reason when the evaluation fails or does
@@ -163,6 +169,11 @@ class RuleSet:
         # Frozen: the lookup tables are set once here (object.__setattr__ is the dataclass idiom).
         object.__setattr__(self, "_by_prefix", {prefix: frozenset(names) for prefix, names in by_prefix.items()})
         object.__setattr__(self, "_longest", max(map(len, by_prefix), default=0))
+
+    @property
+    def reads_local_time(self) -> bool:
+        """Whether a condition reads ``hour`` or ``weekday`` (then each call needs its account's timezone)."""
+        return any(rule.condition is not None and rule.condition.reads_local_time for rule in self.rules)
 
     def groups_of(self, digits: str) -> frozenset[str]:
         """The groups whose prefix list holds a prefix of ``digits``."""
@@ -399,12 +410,13 @@ def compile_condition(node: Node, errors: list[RuleError]) -> Condition | None:
         first = str(exc).splitlines()[0] if str(exc) else "syntax error"
         errors.append(RuleError(node.line, "when", f"CEL does not compile: {first} in {source!r}"))
         return None
-    unknown = sorted(set(_identifiers(ast)) - CEL_FIELDS.keys() - set(_bound_names(ast, Tree)))
+    names = set(_identifiers(ast)) - set(_bound_names(ast, Tree))
+    unknown = sorted(names - CEL_FIELDS.keys())
     if unknown:
         errors.append(RuleError(node.line, "when", f"CEL names unknown field(s) {', '.join(unknown)} "
                                                    f"(known: {', '.join(CEL_FIELDS)})"))
         return None
-    return Condition(source, env.program(ast))
+    return Condition(source, env.program(ast), frozenset(names))
 
 
 def _identifiers(tree: Any) -> Iterable[str]:

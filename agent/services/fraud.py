@@ -2,11 +2,14 @@
 
 ``FraudGuard.screen`` runs inside ``Engine.authorize`` before the balance store: it counts the
 call, evaluates the rules (pure, ``agent/core/fraud.py``) and refuses it (``DenyReason.FRAUD_RULE``)
-when a deny or suspend rule fires. It never waits: alerts and the SQL side of a suspension go on
-a queue served by one worker greenlet (``FraudActions``: the alerts table, the account's status,
-hangups queued for other nodes), retried with a backoff while the database is away; the
-account's live calls on this node are cut at once through the engine. Counters are in memory
-(``LocalCounters``, one node) or in Redis (``RedisFraudCounters``, every node), see README.
+when a deny or suspend rule fires. It never waits: an alert goes to the alert service
+(``agent/services/alerts.py``: the ``alerts`` table through a durable queue, the webhook, the
+Redis Stream, the counter and the log line); the SQL side of a suspension goes on a queue served
+by one worker greenlet (``FraudActions``: the account's status, hangups queued for other nodes),
+retried with a backoff while the database is away; the account's live calls on this node are cut
+at once through the engine. Counters are in memory (``LocalCounters``, one node) or in Redis
+(``RedisFraudCounters``, every node), see README. CEL conditions read ``hour`` and ``weekday`` in
+the timezone of the account's rate plan (``timezone_of``).
 """
 
 from __future__ import annotations
@@ -23,17 +26,16 @@ import gevent.queue
 
 from agent.core.cdr import CallRecord, Disposition
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, DenyReason
-from agent.core.fraud import AlertRecord, AlertThrottle, CallFacts, Hit, LocalCounters, destination_digits, evaluate
+from agent.core.fraud import AlertRecord, CallFacts, Hit, LocalCounters, destination_digits, evaluate
 from agent.core.fraud_rules import Action, RuleSet
 from agent.ports import Clock, FraudActions, FraudCounters
+from agent.services.alerts import Alerts
 from agent.services.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-MAX_QUEUED_ALERTS = 10_000
 MAX_QUEUED_COUNTER_UPDATES = 100_000
 COUNTER_RETRIES = 6  # about 6 s of backoff before a shared counter update is given up
-ALERT_BATCH = 500
 RETRY_MAX_S = 30.0
 SUSPENDED_HOLD_MS = 5_000  # kept locally this long after the SQL status is written
 SWEEP_EVERY_MS = 60_000  # in-memory counters: accounts with empty windows are dropped this often
@@ -48,15 +50,29 @@ class _Suspension:
     written_ms: int | None = None  # when SQL (and the store) had the status
 
 
+TimezoneOf = Callable[[str, str], str]  # (account, its plan if known, else "") -> IANA zone
+
+
 class FraudGuard:
+    """``alerts``: the node's alert service (the daemon's, durable); without one the guard keeps
+    its own, in memory, writing through ``actions.record_alerts`` (tests, benches).
+    ``timezone_of``: the timezone of an account's rate plan, for CEL's ``hour`` and ``weekday``
+    (asked only when a condition reads them; without it they are UTC)."""
+
     def __init__(self, rules: RuleSet, *, node: str, actions: FraudActions, clock: Clock,
                  metrics: Metrics | None = None, alert_period_ms: int = 60_000,
-                 counters: FraudCounters | None = None) -> None:
-        self.rules = rules
+                 counters: FraudCounters | None = None, alerts: Alerts | None = None,
+                 timezone_of: TimezoneOf | None = None) -> None:
         self.node = node
         self.actions = actions
         self.clock = clock
         self.metrics = metrics or Metrics()
+        self._own_alerts = alerts is None
+        self.alerts = alerts if alerts is not None else Alerts(actions, node=node, clock=clock, metrics=self.metrics,
+                                                               period_ms=alert_period_ms)
+        self.timezone_of = timezone_of
+        self.rules = rules
+        self._local_time = rules.reads_local_time
         self.counters: FraudCounters = counters if counters is not None else LocalCounters(rules)
         self.counters.set_rules(rules)
         # Updates of shared counters (Redis) after the decision: a worker makes the round trips,
@@ -64,27 +80,23 @@ class FraudGuard:
         self._counter_jobs: gevent.queue.Queue[tuple[Callable[..., None], tuple[Any, ...]]] = gevent.queue.Queue()
         self._counter_worker: gevent.Greenlet[[], None] | None = None
         self._counter_failures = 0
-        self.throttle = AlertThrottle(alert_period_ms)
         # Cuts the account's live calls on this node; returns their call ids (the engine's cut_account).
         self.cut_local: Callable[[str, str], list[str]] = lambda account_id, reason: []
         self.suspended: dict[str, _Suspension] = {}
-        # Told of every alert at once (the webhook's disk spool); must not wait on the network.
-        self.on_alert: list[Callable[[AlertRecord], None]] = []
         # Told (account, rule) once a suspension is written, from the worker (the Redis bus that
         # has every other node cut its calls at once).
         self.on_suspension_written: list[Callable[[str, str], None]] = []
-        self._alerts: deque[AlertRecord] = deque()
         self._suspensions: deque[_Suspension] = deque()
         self._wake = gevent.event.Event()
         self._worker: gevent.Greenlet[[], None] | None = None
         self._running = False
-        self.dropped_alerts = 0
 
     # ---------------------------------------------------------------- rules
 
     def replace_rules(self, rules: RuleSet) -> None:
         """New rules (SIGHUP): the figures they share with the old ones go on; new ones start empty."""
         self.rules = rules
+        self._local_time = rules.reads_local_time
         self.counters.set_rules(rules)
         log.info("fraud rules: %d rules, %d destination groups", len(rules.rules), len(rules.groups))
 
@@ -105,7 +117,7 @@ class FraudGuard:
             return None
         digits = destination_digits(request.destination)
         facts = CallFacts(account_id, call_id, digits, self.rules.groups_of(digits), now_ms, request.caller,
-                          request.pbx)
+                          request.pbx, self._timezone(account_id, ""))
         try:
             figures = self.counters.observe(facts)
         except Exception as exc:  # noqa: BLE001 - fraud figures are advisory; the call goes to the store
@@ -149,13 +161,23 @@ class FraudGuard:
             return
         digits = destination_digits(record.destination)
         facts = CallFacts(record.account_id, record.call_id, digits, self.rules.groups_of(digits), at_ms,
-                          record.caller, record.pbx)
+                          record.caller, record.pbx, self._timezone(record.account_id, record.rating.plan_name))
         verdict = evaluate(self.rules, figures, facts)
         for hit in verdict.hits:
             if hit.rule.action is not Action.DENY:  # a deny rule refuses the account's next calls itself
                 self._alert(hit, facts)
         if verdict.suspend is not None:
             self._suspend(verdict.suspend, facts)
+
+    def _timezone(self, account_id: str, plan: str) -> str:
+        """The account's timezone when a CEL condition reads the local time (else not asked)."""
+        if not self._local_time or self.timezone_of is None:
+            return "UTC"
+        try:
+            return self.timezone_of(account_id, plan)
+        except Exception as exc:  # noqa: BLE001 - a plan that cannot be read: the call's rating says so
+            log.debug("fraud: timezone of account %s unknown (%s): UTC", account_id, exc)
+            return "UTC"
 
     def _update(self, step: Callable[..., None], *args: Any) -> None:
         if not self.counters.shared:
@@ -188,27 +210,12 @@ class FraudGuard:
     # ---------------------------------------------------------------- actions
 
     def _alert(self, hit: Hit, facts: CallFacts) -> None:
+        """One alert (the alert service throttles: one per account and rule per period)."""
         rule = hit.rule
         action = rule.action.value
         if action == "deny" and rule.deny_group_only:
             action = "deny_group"
-        if not self.throttle.allow(facts.account_id, rule.name, facts.at_ms):
-            return
-        record = AlertRecord.of(hit, facts, self.node, action)
-        self.metrics.fraud_alerts.labels(rule.name, rule.action.value).inc()
-        log.warning("FRAUD ALERT rule=%s account=%s action=%s %s call=%s dest=%s node=%s", rule.name,
-                    facts.account_id, action, hit.describe(), facts.call_id, facts.destination, self.node)
-        if len(self._alerts) >= MAX_QUEUED_ALERTS:
-            dropped = self._alerts.popleft()
-            self.dropped_alerts += 1
-            log.error("fraud alert queue full (database away?): alert not stored: %s", dropped)
-        self._alerts.append(record)
-        self._wake.set()
-        for hook in self.on_alert:
-            try:
-                hook(record)
-            except Exception:  # a delivery that fails must not refuse or pass the call
-                log.exception("fraud alert hook failed for account=%s rule=%s", record.account_id, record.rule)
+        self.alerts.submit(AlertRecord.of(hit, facts, self.node, action))
 
     def _suspend(self, hit: Hit, facts: CallFacts) -> None:
         if facts.account_id in self.suspended:
@@ -226,6 +233,8 @@ class FraudGuard:
 
     def start(self) -> None:
         self._running = True
+        if self._own_alerts:
+            self.alerts.start()
         self._worker = gevent.spawn(self._work)
         self._worker.link_exception(lambda g: log.critical("fraud actions worker died: %r", g.exception))
         if self.counters.shared:
@@ -234,7 +243,8 @@ class FraudGuard:
                 lambda g: log.critical("fraud counters worker died: %r", g.exception))
 
     def stop(self, timeout_s: float = 2.0) -> None:
-        """Write what is queued (at most ``timeout_s``), then stop."""
+        """Write the queued suspensions (at most ``timeout_s``), then stop (and the guard's own
+        alert service, when it has one; the daemon stops its own)."""
         self._running = False
         self._wake.set()
         if self._worker is not None:
@@ -245,18 +255,19 @@ class FraudGuard:
                 while self._counter_jobs.qsize():
                     gevent.sleep(0.01)
             self._counter_worker.kill(timeout=1)
-        if self._alerts or self._suspensions:
-            log.error("fraud: %d alerts and %d suspensions not written to SQL at shutdown", len(self._alerts),
-                      len(self._suspensions))
+        if self._suspensions:
+            log.error("fraud: %d suspensions not written to SQL at shutdown", len(self._suspensions))
+        if self._own_alerts:
+            self.alerts.stop(timeout_s)
 
     def _work(self) -> None:
         failures = 0
         next_sweep_ms = self.clock.monotonic_ms() + SWEEP_EVERY_MS
-        while self._running or self._alerts or self._suspensions:
+        while self._running or self._suspensions:
             if self.clock.monotonic_ms() >= next_sweep_ms:
                 next_sweep_ms = self.clock.monotonic_ms() + SWEEP_EVERY_MS
                 self.sweep()
-            if not self._alerts and not self._suspensions:
+            if not self._suspensions:
                 self._wake.clear()
                 self._wake.wait(timeout=1.0)
                 continue
@@ -278,7 +289,8 @@ class FraudGuard:
             log.debug("fraud counters: %d accounts with figures in memory", left)
 
     def flush_once(self) -> bool:
-        """Write the queued suspensions and alerts; False (they stay queued) when the database failed."""
+        """Write the queued suspensions; False (they stay queued) when the database failed. (Alerts
+        are the alert service's: ``self.alerts.flush_once``.)"""
         try:
             while self._suspensions:
                 suspension = self._suspensions[0]
@@ -296,16 +308,11 @@ class FraudGuard:
                 log.warning("FRAUD SUSPEND account=%s rule=%s written (%s); %d live calls on other nodes asked "
                             "to hang up", suspension.account_id, suspension.rule,
                             "suspended" if changed else "was not active", len(elsewhere))
-            while self._alerts:
-                batch = [self._alerts[i] for i in range(min(ALERT_BATCH, len(self._alerts)))]
-                self.actions.record_alerts(batch)
-                for _ in batch:
-                    self._alerts.popleft()
         except Exception as exc:  # noqa: BLE001 - the database comes back; the queue keeps them
-            log.error("fraud: writing %d alerts / %d suspensions failed (%s); retrying", len(self._alerts),
-                      len(self._suspensions), exc)
+            log.error("fraud: writing %d suspensions failed (%s); retrying", len(self._suspensions), exc)
             return False
         return True
 
     def queued(self) -> int:
-        return len(self._alerts) + len(self._suspensions)
+        """Suspensions not written to SQL yet (alerts: ``self.alerts.queued()``)."""
+        return len(self._suspensions)

@@ -1,12 +1,14 @@
-"""Fraud rules in SQL: the append-only ``alerts`` table, an account suspended by a rule, and the
-hangup of its live calls on the other nodes (through ``call_commands``, the path of
-``billing-agent calls hangup``). Called off the call path by the fraud service's worker."""
+"""Fraud rules in SQL: the append-only ``alerts`` table (every alert of the node: fraud rules, low
+balance), an account suspended by a rule, and the hangup of its live calls on the other nodes
+(through ``call_commands``, the path of ``billing-agent calls hangup``). Called off the call path
+by the alert service's and the fraud service's workers."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.orm import Session
@@ -17,7 +19,51 @@ from agent.core.fraud import AlertRecord
 
 
 def _moment(at_ms: int) -> datetime:
-    return datetime.fromtimestamp(at_ms / 1000, tz=UTC)
+    return datetime.fromtimestamp(at_ms // 1000, tz=UTC) + timedelta(milliseconds=at_ms % 1000)
+
+
+def _row(a: AlertRecord) -> dict[str, Any]:
+    return {"created_at": _moment(a.at_ms), "node": a.node[:64], "account_id": a.account_id[:64],
+            "rule": a.rule[:64], "kind": a.kind[:32], "figure": a.figure, "threshold": a.threshold,
+            "window_s": a.window_s, "action": a.action[:16], "call_id": a.call_id[:64],
+            "destination": a.destination[:64], "detail": a.detail[:255]}
+
+
+def _key(node: str, account_id: str, rule: str, created_at: datetime, call_id: str) -> tuple[Any, ...]:
+    return node, account_id, rule, created_at.astimezone(UTC).replace(tzinfo=None), call_id
+
+
+def record_alerts(engine: Engine, alerts: Sequence[AlertRecord]) -> int:
+    """Append alerts to the ``alerts`` table in one transaction; returns how many were added.
+
+    An alert the table already holds (the same node, account, rule, instant and call: a batch
+    written just before a crash or a lost commit answer, replayed from the spool) is not added
+    again. The throttle gives at most one alert per node, account and rule per period, so that
+    key names one alert."""
+    if not alerts:
+        return 0
+    rows = [_row(a) for a in alerts]
+    moments = [row["created_at"] for row in rows]
+    with engine.begin() as conn:
+        held = {_key(*found) for found in conn.execute(
+            select(FraudAlert.node, FraudAlert.account_id, FraudAlert.rule, FraudAlert.created_at, FraudAlert.call_id)
+            .where(FraudAlert.node.in_({row["node"] for row in rows}), FraudAlert.created_at >= min(moments),
+                   FraudAlert.created_at <= max(moments)))}
+        fresh = [row for row in rows if _key(row["node"], row["account_id"], row["rule"], row["created_at"],
+                                             row["call_id"]) not in held]
+        if fresh:
+            conn.execute(insert(FraudAlert), fresh)
+    return len(fresh)
+
+
+class SqlAlerts:
+    """The alert service's ``AlertSink``: the ``alerts`` table."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def record_alerts(self, alerts: Sequence[AlertRecord]) -> None:
+        record_alerts(self.engine, alerts)
 
 
 class SqlFraudActions:
@@ -29,14 +75,8 @@ class SqlFraudActions:
         self.refresh = refresh
 
     def record_alerts(self, alerts: Sequence[AlertRecord]) -> None:
-        if not alerts:
-            return
-        with self.engine.begin() as conn:
-            conn.execute(insert(FraudAlert), [{
-                "created_at": _moment(a.at_ms), "node": a.node[:64], "account_id": a.account_id[:64],
-                "rule": a.rule[:64], "kind": a.kind[:32], "figure": a.figure, "threshold": a.threshold,
-                "window_s": a.window_s, "action": a.action[:16], "call_id": a.call_id[:64],
-                "destination": a.destination[:64], "detail": a.detail[:255]} for a in alerts])
+        """(The port's; the daemon's alerts go through the alert service and ``SqlAlerts``.)"""
+        record_alerts(self.engine, alerts)
 
     def suspend(self, account_id: str, rule: str, at_ms: int) -> bool:
         """Suspend an active account, naming the rule and the instant; False when it is unknown or
