@@ -5,6 +5,12 @@ cluster slot; see keys.py), loaded once and run by SHA. Scripts return plain rep
 module turns them into the port's outcomes (agent/core/balance.py), loads accounts missing
 from Redis from the SQL ledger, and writes each closed call's ledger entries (ledger.py).
 
+Bundle seconds (DESIGN §9) ride the same scripts: each period a call may draw on is a hash on
+the account's slot (``acct:{ID}:bp:{grant}:{start}``: granted, used, reserved), opened on first
+use with its rollover, and the call's holds are in its call hash, in draw order (keys.py, and
+prelude.lua for the rules). Period openings and uses reach ``bundle_periods``/``bundle_usage`` in
+SQL through the ledger writer, with the SQL store's references (ledger.py).
+
 Redis calls fail fast: the client has a socket timeout and no retries of its own
 (``make_client``), and connection errors become ``StoreUnavailable`` for the failure policy.
 Redis must run with ``maxmemory-policy noeviction``: an evicted key would be money forgotten.
