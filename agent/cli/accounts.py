@@ -10,6 +10,7 @@ import click
 from agent.adapters.sql import accounts as repo
 from agent.cli.balance_cache import live_state, rebuild_cache, sync_account
 from agent.cli.common import AMOUNT, SIGNED_AMOUNT, app, handle_errors, print_json
+from agent.cli.low_balance import account_threshold, describe, set_account_low_balance, threshold_json
 from agent.core.money import format_amount
 
 
@@ -32,7 +33,7 @@ def account_json(view: repo.AccountView) -> dict[str, Any]:
     }
 
 
-def _print_account(view: repo.AccountView) -> None:
+def _print_account(view: repo.AccountView, extra: dict[str, str] | None = None) -> None:
     data = account_json(view)
     width = max(len(k) for k in data)
     for key, value in data.items():
@@ -40,6 +41,8 @@ def _print_account(view: repo.AccountView) -> None:
             continue
         shown = "unlimited" if value is None and key == "max_concurrent_calls" else value
         click.echo(f"{key.replace('_', ' '):<{width}}  {shown}")
+    for key, value in (extra or {}).items():
+        click.echo(f"{key:<{width}}  {value}")
 
 
 @click.group()
@@ -85,6 +88,7 @@ def show(ctx: click.Context, account_id: str, as_json: bool) -> None:
     """Balance, reserved, available, credit limit, status of ACCOUNT_ID."""
     with app(ctx).transaction() as session:
         view = repo.view_account(session, account_id)
+        threshold = account_threshold(session, account_id)
     state, source = live_state(ctx, account_id)
     if state is not None:
         # Redis holds every node's reservations: reserved = what live calls hold (their next
@@ -95,9 +99,10 @@ def show(ctx: click.Context, account_id: str, as_json: bool) -> None:
         data = account_json(view)
         data["live_calls"] = state.live_calls if state is not None else None
         data["source"] = source
+        data.update(threshold_json(threshold))
         print_json(data)
     else:
-        _print_account(view)
+        _print_account(view, {"low balance alert": describe(threshold)})
 
 
 @accounts.command(name="list")
@@ -192,3 +197,4 @@ def _status_command(name: str, status: str, help_text: str) -> click.Command:
 accounts.add_command(_status_command("suspend", "suspended", "Refuse new calls of ACCOUNT_ID."))
 accounts.add_command(_status_command("resume", "active", "Allow calls of ACCOUNT_ID again."))
 accounts.add_command(rebuild_cache)
+accounts.add_command(set_account_low_balance)

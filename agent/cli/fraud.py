@@ -1,5 +1,5 @@
 """``billing-agent fraud`` and ``billing-agent alerts``: check a rules file; list and acknowledge
-the alerts the fraud rules raised (the append-only ``alerts`` table)."""
+the alerts (the append-only ``alerts`` table: fraud rules, low balance, balance exhausted)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from agent.adapters.fraud_rules_file import RulesFileError, load_rules
 from agent.adapters.sql.fraud import AlertView, ack_alert, list_alerts
 from agent.cli.cdrs import _instant
 from agent.cli.common import app, fail, handle_errors, print_json
+from agent.core.fraud import MONEY_KINDS
 from agent.core.fraud_rules import RuleKind
 from agent.core.money import format_amount
 
@@ -68,12 +69,12 @@ def _threshold(kind: RuleKind, value: int) -> str:
 
 @click.group()
 def alerts() -> None:
-    """Alerts raised by the fraud rules."""
+    """Alerts: fraud rules that fired, low balance, balance exhausted."""
 
 
 def _alert_json(a: AlertView) -> dict[str, Any]:
     def show(value: int) -> int | str:
-        return format_amount(value) if a.kind == RuleKind.SPEND.value else value
+        return format_amount(value) if a.kind in MONEY_KINDS else value
 
     return {"id": a.id, "at": a.created_at.isoformat(), "node": a.node, "account": a.account_id, "rule": a.rule,
             "kind": a.kind, "figure": show(a.figure), "threshold": show(a.threshold), "window_s": a.window_s,

@@ -1,4 +1,4 @@
-"""``billing-agent plans``: create and list rate plans."""
+"""``billing-agent plans``: create and list rate plans; their low-balance alert threshold."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import click
 
 from agent.adapters.sql import plans as repo
 from agent.cli.common import app, handle_errors, print_json
+from agent.cli.low_balance import set_plan_low_balance
 
 
 @click.group()
@@ -46,3 +47,6 @@ def list_(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"{'NAME':<20} {'CUR':<4} {'TIMEZONE':<20} {'RATES':>9} {'VERSION':>7}")
     for v in views:
         click.echo(f"{v.name:<20} {v.currency:<4} {v.timezone:<20} {v.rate_count:>9} {v.version:>7}")
+
+
+plans.add_command(set_plan_low_balance)
