@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -375,7 +376,7 @@ class StoreGuard:
 
 
 def _with_account(r: NibbleRequest, account_id: str | None) -> NibbleRequest:
-    return NibbleRequest(r.call_id, r.seq, r.debit_micros, r.reserve_micros, r.now_ms, r.ttl_ms, account_id)
+    return dataclasses.replace(r, account_id=account_id)
 
 
 def guard_from_config(store: BalanceStore, billing: BillingConfig, clock: Clock,
