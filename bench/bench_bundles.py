@@ -193,6 +193,19 @@ def cost_accounts(per_kind: int) -> list[tuple[str, int, int, str | None]]:
     return [(f"{kind}-{j}", 10**12, 0, bundle[kind]) for kind in KINDS for j in range(per_kind)]
 
 
+class _TimedRater:
+    def __init__(self, rater: Any, times: list[float]) -> None:
+        self.rater = rater
+        self.times = times
+
+    def rate(self, account_id: str, destination: str, at_ms: int) -> Any:
+        began = time.perf_counter_ns()
+        try:
+            return self.rater.rate(account_id, destination, at_ms)
+        finally:
+            self.times.append((time.perf_counter_ns() - began) / 1_000)
+
+
 def cost_run(wiring: Wiring, *, run: int, calls: int, batch: int, rounds: int, per_kind: int,
              nibble_s: int) -> dict[str, dict[str, float]]:
     """One run: ``calls`` authorizations per kind interleaved, then ``rounds`` nibbles of every
@@ -206,6 +219,10 @@ def cost_run(wiring: Wiring, *, run: int, calls: int, batch: int, rounds: int, p
     registry = CallRegistry()
     now = int(time.time() * 1000)
     auth: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    # The two parts of an authorization: rating (plan, rate table, bundle grants and their
+    # periods; a SQL read when a cache entry expired) and the store's atomic reserve.
+    rating: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    reserving: dict[str, list[float]] = {kind: [] for kind in KINDS}
     kind_of: dict[str, str] = {}
     for i in range(calls):
         for kind in KINDS:
@@ -215,12 +232,17 @@ def cost_run(wiring: Wiring, *, run: int, calls: int, batch: int, rounds: int, p
             call_id = f"c-{leg}"
 
             def store_authorize(account_id: str, want: int, minimum: int, slots: Any, want_s: int,
-                                call_id: str = call_id) -> Any:
-                return wiring.adapter.authorize(account_id, call_id, want, minimum, now, bundle_slots=slots,
-                                                bundle_want_s=want_s)
+                                call_id: str = call_id, kind: str = kind) -> Any:
+                began = time.perf_counter_ns()
+                try:
+                    return wiring.adapter.authorize(account_id, call_id, want, minimum, now, bundle_slots=slots,
+                                                    bundle_want_s=want_s)
+                finally:
+                    reserving[kind].append((time.perf_counter_ns() - began) / 1_000)
 
+            rater = _TimedRater(wiring.rater, rating[kind])
             began = time.perf_counter_ns()
-            outcome = decide(request, call_id=call_id, node="bench", rater=wiring.rater,
+            outcome = decide(request, call_id=call_id, node="bench", rater=rater,
                              store_authorize=store_authorize, settings=settings, max_call_seconds=14_400, now_ms=now)
             auth[kind].append((time.perf_counter_ns() - began) / 1_000)
             if outcome.session is None:
@@ -269,6 +291,9 @@ def cost_run(wiring: Wiring, *, run: int, calls: int, batch: int, rounds: int, p
     for kind in KINDS:
         figures[kind] = {
             "authorize_p50_us": percentile(auth[kind], 50), "authorize_p99_us": percentile(auth[kind], 99),
+            "rate_p50_us": percentile(rating[kind], 50), "rate_p99_us": percentile(rating[kind], 99),
+            "store_authorize_p50_us": percentile(reserving[kind], 50),
+            "store_authorize_p99_us": percentile(reserving[kind], 99),
             "batch_p50_us": percentile(batches[kind], 50), "batch_p99_us": percentile(batches[kind], 99),
             "nibble_p50_us": percentile(batches[kind], 50) / batch,
             "nibble_p99_us": percentile(batches[kind], 99) / batch,
@@ -313,10 +338,19 @@ def bench_cost(args: argparse.Namespace) -> dict[str, Any]:
             **{kind: {k: round(v, 1) for k, v in medians[kind].items()} for kind in KINDS},
             "added_by_bundle_at_p99_us": {
                 "authorize": round(medians["open"]["authorize_p99_us"] - medians["none"]["authorize_p99_us"], 1),
+                "authorize_store_part": round(medians["open"]["store_authorize_p99_us"]
+                                              - medians["none"]["store_authorize_p99_us"], 1),
+                "authorize_rating_part": round(medians["open"]["rate_p99_us"] - medians["none"]["rate_p99_us"], 1),
                 "authorize_spent": round(medians["spent"]["authorize_p99_us"]
                                          - medians["none"]["authorize_p99_us"], 1),
                 "nibble": round(medians["open"]["nibble_p99_us"] - medians["none"]["nibble_p99_us"], 1),
                 "nibble_spent": round(medians["spent"]["nibble_p99_us"] - medians["none"]["nibble_p99_us"], 1),
+            },
+            "added_by_bundle_at_p50_us": {
+                "authorize": round(medians["open"]["authorize_p50_us"] - medians["none"]["authorize_p50_us"], 1),
+                "authorize_store_part": round(medians["open"]["store_authorize_p50_us"]
+                                              - medians["none"]["store_authorize_p50_us"], 1),
+                "nibble": round(medians["open"]["nibble_p50_us"] - medians["none"]["nibble_p50_us"], 1),
             },
             "ratio_open_over_none": {
                 "authorize_p99": round(medians["open"]["authorize_p99_us"] / medians["none"]["authorize_p99_us"], 2),
