@@ -26,8 +26,8 @@ from typing import Any
 from redis.exceptions import NoScriptError
 
 from agent.adapters.redis.keys import KeySpace
-from agent.core.fraud import CallFacts, FigureKey
-from agent.core.fraud_rules import RuleKind, RuleSet
+from agent.core.fraud import SETTLE_KINDS, CallFacts, FigureKey
+from agent.core.fraud_rules import Rule, RuleKind, RuleSet
 
 KEY_GRACE_MS = 60_000
 
@@ -47,50 +47,60 @@ local function prune(key, agg, cutoff)
 end
 """
 
-# KEYS: per figure, its zset then its agg hash ("" placeholders are not allowed: agg keys always
-# given). ARGV: now, call id, number, ",groups,", live ttl ms, count of figures, then per figure
-# kind, window_ms, group, min_calls.
+# One entry per distinct figure of the rules (rules that count the same thing share it). KEYS: per
+# figure its zset (a hash for new_country), then its agg hash for spend and short_calls. ARGV: now,
+# call id, number, ",groups,", live ttl ms, count of figures, then per figure kind, window_ms, group,
+# prefix digits (new_country). Returns per figure its value, or total and count (spend, short_calls).
+# A call outside a figure's group adds nothing to it: its value is read (ZCOUNT over the window),
+# nothing is written, so the ordinary calls of a rule set about one group cost a read per figure.
 OBSERVE = _PRUNE + """
 local now = tonumber(ARGV[1])
 local call_id, number, groups, ttl = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
 local out = {}
+local k = 1
 for i = 1, n do
-  local key, agg = KEYS[2 * i - 1], KEYS[2 * i]
+  local key = KEYS[k]
+  k = k + 1
   local base = 6 + 4 * (i - 1)
-  local kind, window, group, min_calls = ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3],
-                                         tonumber(ARGV[base + 4])
+  local kind, window, group, digits = ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3],
+                                      tonumber(ARGV[base + 4])
   local matches = group == '' or string.find(groups, ',' .. group .. ',', 1, true) ~= nil
   if kind == 'new_country' then
-    out[i] = 0
+    local fresh = 0
     if matches and number ~= '' then
-      local country = string.sub(number, 1, min_calls)  -- min_calls carries prefix_digits here
+      local country = string.sub(number, 1, digits)
       local last = redis.call('HGET', key, country)
-      if (not last) or tonumber(last) <= now - window then out[i] = 1 end
+      if (not last) or tonumber(last) <= now - window then fresh = 1 end
       redis.call('HSET', key, country, now)
       redis.call('PEXPIRE', key, window + 60000)
     end
+    out[#out + 1] = fresh
   elseif kind == 'live_calls' then
-    if matches then redis.call('ZADD', key, now + ttl, call_id) end
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    redis.call('PEXPIRE', key, ttl)
-    out[i] = redis.call('ZCARD', key)
-  elseif kind == 'new_calls' or kind == 'distinct_destinations' then
-    if matches then redis.call('ZADD', key, now, kind == 'new_calls' and call_id or number) end
-    prune(key, '', now - window)
-    redis.call('PEXPIRE', key, window + 60000)
-    out[i] = redis.call('ZCARD', key)
-  else
-    prune(key, agg, now - window)
-    local total = tonumber(redis.call('HGET', agg, 'total') or '0')
-    local count = tonumber(redis.call('HGET', agg, 'count') or '0')
-    if kind == 'spend' then
-      out[i] = total
-    elseif count < min_calls or count == 0 then
-      out[i] = 0
+    if matches then
+      redis.call('ZADD', key, now + ttl, call_id)
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+      redis.call('PEXPIRE', key, ttl)
+      out[#out + 1] = redis.call('ZCARD', key)
     else
-      out[i] = math.floor(total * 100 / count)
+      out[#out + 1] = redis.call('ZCOUNT', key, '(' .. now, '+inf')
     end
+  elseif kind == 'new_calls' or kind == 'distinct_destinations' then
+    if matches then
+      redis.call('ZADD', key, now, kind == 'new_calls' and call_id or number)
+      prune(key, '', now - window)
+      redis.call('PEXPIRE', key, window + 60000)
+      out[#out + 1] = redis.call('ZCARD', key)
+    else
+      out[#out + 1] = redis.call('ZCOUNT', key, '(' .. (now - window), '+inf')
+    end
+  else
+    local agg = KEYS[k]
+    k = k + 1
+    prune(key, agg, now - window)
+    local totals = redis.call('HMGET', agg, 'total', 'count')
+    out[#out + 1] = tonumber(totals[1] or '0')
+    out[#out + 1] = tonumber(totals[2] or '0')
   end
 end
 return out
@@ -147,10 +157,20 @@ class RedisFraudCounters:
 
     def set_rules(self, rules: RuleSet) -> None:
         self.rules = rules
-        self._figures: list[tuple[str, FigureKey, int]] = [(r.name, FigureKey.of(r), r.min_calls) for r in rules.rules]
+        # The distinct figures, in the order of the rules (each computed once per call), with the
+        # parts of the observe script's KEYS and ARGV that do not change from call to call.
+        self._figures: list[FigureKey] = list(dict.fromkeys(FigureKey.of(r) for r in rules.rules))
+        self._rule_figure = [(rule, self._figures.index(FigureKey.of(rule))) for rule in rules.rules]
+        self._suffixes: list[str] = []
+        self._static_args: list[Any] = []
+        for key in self._figures:
+            suffix = self._window_key("", key)[len(self._base("")):]
+            self._suffixes.append(suffix)
+            if key.kind in SETTLE_KINDS:
+                self._suffixes.append(suffix + ":agg")
+            self._static_args += [key.kind.value, key.window_ms, key.group, key.digits]
         self._live_groups = sorted({r.group for r in rules.rules if r.kind is RuleKind.LIVE_CALLS})
-        settle = (RuleKind.SPEND, RuleKind.SHORT_CALLS)
-        self._settle = sorted({FigureKey.of(r) for r in rules.rules if r.kind in settle})
+        self._settle = sorted({FigureKey.of(r) for r in rules.rules if r.kind in SETTLE_KINDS})
 
     # ---------------------------------------------------------------- keys
 
@@ -171,16 +191,20 @@ class RedisFraudCounters:
     def observe(self, facts: CallFacts) -> dict[str, int]:
         if not self._figures:
             return {}
-        keys: list[str] = []
-        args: list[Any] = [facts.at_ms, facts.call_id, facts.destination, "," + ",".join(sorted(facts.groups)) + ",",
-                           self.live_ttl_ms, len(self._figures)]
-        for _, key, min_calls in self._figures:
-            window = self._window_key(facts.account_id, key)
-            keys += [window, window + ":agg"]
-            param = key.digits if key.kind is RuleKind.NEW_COUNTRY else min_calls
-            args += [key.kind.value, key.window_ms, key.group, param]
-        values = self._run("observe", keys, args)
-        return {name: int(value) for (name, _, _), value in zip(self._figures, values, strict=True)}
+        base = self._base(facts.account_id)
+        values = self._run("observe", [base + suffix for suffix in self._suffixes], [
+            facts.at_ms, facts.call_id, facts.destination, "," + ",".join(sorted(facts.groups)) + ",",
+            self.live_ttl_ms, len(self._figures), *self._static_args])
+        figures: list[tuple[int, int]] = []  # (value or total, count)
+        at = 0
+        for key in self._figures:
+            if key.kind in SETTLE_KINDS:
+                figures.append((int(values[at]), int(values[at + 1])))
+                at += 2
+            else:
+                figures.append((int(values[at]), 0))
+                at += 1
+        return {rule.name: _figure(rule, *figures[index]) for rule, index in self._rule_figure}
 
     def forget(self, account_id: str, call_id: str) -> None:
         if self._live_groups:
@@ -202,16 +226,8 @@ class RedisFraudCounters:
             args += [key.kind.value, key.window_ms, value]
         values = self._run("ended", keys, args)
         totals = {key: (int(values[2 * i]), int(values[2 * i + 1])) for i, key in enumerate(self._settle)}
-        figures: dict[str, int] = {}
-        for rule in self.rules.rules:
-            if rule.kind not in (RuleKind.SPEND, RuleKind.SHORT_CALLS):
-                continue
-            total, count = totals[FigureKey.of(rule)]
-            if rule.kind is RuleKind.SPEND:
-                figures[rule.name] = total
-            else:
-                figures[rule.name] = 0 if count < rule.min_calls or not count else total * 100 // count
-        return figures
+        return {rule.name: _figure(rule, *totals[FigureKey.of(rule)]) for rule in self.rules.rules
+                if rule.kind in SETTLE_KINDS}
 
     def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         sha = self._sha.get(name)
@@ -222,3 +238,10 @@ class RedisFraudCounters:
         except NoScriptError:
             self.client.script_load(self._sources[name])
             return self.client.evalsha(sha, len(keys), *keys, *args)
+
+
+def _figure(rule: Rule, value: int, count: int) -> int:
+    """A rule's figure from its window's value (spend and short_calls: total and count)."""
+    if rule.kind is RuleKind.SHORT_CALLS:
+        return 0 if count < rule.min_calls or not count else value * 100 // count
+    return value
