@@ -4,6 +4,18 @@
     python bench/bench_fraud.py                        # the shipped fraud/rules.yaml, 5 runs
     python bench/bench_fraud.py --rules my.yaml --runs 7 --calls 20000 --accounts 500
     python bench/bench_fraud.py --redis redis://127.0.0.1:6379/0 --calls 5000   # counters in Redis
+    python bench/bench_fraud.py --fastagi --rate 1000 --calls 5000 --runs 5     # through real FastAGI
+
+``--fastagi``: the authorization as Asterisk sees it, through real FastAGI on loopback at
+``--rate`` calls/s (bench/bench_asterisk.py's load generator in its own process, our FastAGI
+server, the real engine and the real Redis balance store), without and with the fraud screen,
+interleaved run by run: 10 rules (the shipped 8 plus ``new_country`` and
+``distinct_destinations`` to the high-risk group: ``FASTAGI_EXTRA_RULES``), every action made an
+alert so the traffic is the same, the counters in Redis (``BENCH_REDIS_URL``, default
+127.0.0.1:6379), the alerts through the alert service on a disk spool as in the daemon, CEL time
+fields in a plan timezone. Reported: p50/p99 from the client's connect() to the agent's
+``SET VARIABLE BILLING_DECISION`` and of the agent's own share (environment read to close),
+medians of ``--runs`` runs, the difference and the ratio, and the load (``uptime``).
 
 The real ``Engine.authorize`` (in-memory balance store, a flat rate, no PBX) is timed call by call
 with and without a ``FraudGuard`` on the same traffic, interleaved run by run: ``--accounts``
@@ -17,17 +29,28 @@ of ``--runs`` runs. The machine is 2 shared cores: read medians.
 
 from __future__ import annotations
 
+import sys
+
+if "--fastagi" in sys.argv:  # the FastAGI mode runs under gevent as the daemon does: patch first
+    from gevent import monkey
+
+    monkey.patch_all()
+
 import argparse
 import dataclasses
+import logging
 import os
 import random
 import statistics
-import sys
+import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from typing import Any
 
 from agent.adapters.fraud_rules_file import load_rules
 from agent.adapters.redis.counters import RedisFraudCounters
@@ -145,6 +168,132 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+# ------------------------------------------------------------------------------------ through real FastAGI
+
+FASTAGI_EXTRA_RULES = """
+  - name: new_country_high_risk
+    kind: new_country
+    group: high_risk
+    window_s: 2592000
+    threshold: 0
+    action: alert
+  - name: high_risk_numbers
+    kind: distinct_destinations
+    group: high_risk
+    window_s: 3600
+    threshold: 5
+    action: alert
+"""
+
+
+def bench_rules(path: str, folder: Path) -> Path:
+    """The shipped rules (every action an alert) plus ``FASTAGI_EXTRA_RULES``: 10 rules."""
+    source = Path(path)
+    text = source.read_text().rstrip() + "\n" + FASTAGI_EXTRA_RULES
+    for action in ("suspend", "deny"):
+        text = text.replace(f"action: {action}", "action: alert")
+    target = folder / "rules.yaml"
+    target.write_text(text.replace("deny: group", "description: deny group in production"))
+    for group_file in source.parent.glob("*.txt"):
+        (folder / group_file.name).write_text(group_file.read_text())
+    return target
+
+
+def fastagi_screen(engine: Engine, rules_path: Path, prefix: str, folder: Path) -> Any:
+    """The screen as the daemon builds it: Redis counters, the alert service on a disk spool."""
+    import bench_asterisk as ast
+
+    from agent.adapters.alert_spool import AlertSpool
+    from agent.adapters.redis.store import make_client
+    from agent.services.alerts import Alerts
+    from agent.services.clock import SystemClock
+
+    rules = load_rules(rules_path)
+    clock = SystemClock()
+    alerts = Alerts(NoActions(), node="bench", clock=clock, queue=AlertSpool(folder / "alerts" / "sql.jsonl"))
+    guard = FraudGuard(rules, node="bench", actions=NoActions(), clock=clock, alerts=alerts,
+                       counters=RedisFraudCounters(make_client(ast.REDIS_URL, 2000), key_prefix=prefix, rules=rules),
+                       timezone_of=lambda account, plan: "Europe/Paris")
+    engine.screens.append(guard)
+    engine.on_finished.append(guard.finished)
+    alerts.start()
+    guard.start()
+    return guard, alerts
+
+
+def fastagi_run(args: argparse.Namespace, with_rules: bool) -> dict[str, Any]:
+    import bench_asterisk as ast
+
+    from agent.sim.asterisk import FakeAsterisk
+
+    with tempfile.TemporaryDirectory() as workdir:
+        folder = Path(workdir)
+        engine, (store, prefix, sql) = ast.redis_engine(workdir)
+        screen = fastagi_screen(engine, bench_rules(args.rules, folder), prefix, folder) if with_rules else None
+        fake = FakeAsterisk("127.0.0.1", 1, ami_secret=ast.SECRET).start()
+        adapter = ast.start_agent(engine, fake)
+        try:
+            for index in range(ast.ACCOUNTS):  # warm the caches: accounts load from SQL on first use
+                engine.authorize(AuthorizeRequest("asterisk", f"warm{index}", f"acct{index}", "12125551234",
+                                                  int(time.time() * 1000)))
+            process, result = ast.spawn("--agi-client", str(adapter.agi_port), "--rate", str(args.rate), "--calls",
+                                        str(args.calls), "--concurrent", "1")
+            process.wait()
+            share = adapter.agent_ms[:args.calls]  # type: ignore[attr-defined]  # (the warm-up went around FastAGI)
+            result["agent_p50_ms"] = round(ast.percentile(share, 0.50), 3)
+            result["agent_p99_ms"] = round(ast.percentile(share, 0.99), 3)
+            result["agent_errors"] = adapter.agi.stats.errors + adapter.agi.stats.closed_early
+            if screen is not None:
+                result["alerts"] = screen[1].submitted
+            return result
+        finally:
+            adapter.stop(2)
+            fake.stop()
+            engine.stop(2)
+            if screen is not None:
+                screen[0].stop(1)
+                screen[1].stop(1)
+            store.close()
+            sql.dispose()
+            ast.cleanup_redis(prefix)
+
+
+def fastagi_main(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    logging.disable(logging.WARNING)  # one log line per alert would measure the logging
+    load_before = uptime()
+    off: list[dict[str, Any]] = []
+    on: list[dict[str, Any]] = []
+    for run in range(args.runs):
+        off.append(fastagi_run(args, False))
+        on.append(fastagi_run(args, True))
+        print(f"run {run + 1}: off p50 {off[-1]['p50_ms']:.3f} p99 {off[-1]['p99_ms']:.3f} ms "
+              f"(agent {off[-1]['agent_p50_ms']:.3f} / {off[-1]['agent_p99_ms']:.3f}); "
+              f"on p50 {on[-1]['p50_ms']:.3f} p99 {on[-1]['p99_ms']:.3f} ms "
+              f"(agent {on[-1]['agent_p50_ms']:.3f} / {on[-1]['agent_p99_ms']:.3f}); "
+              f"denied {off[-1]['denied']}/{on[-1]['denied']}, errors {off[-1]['client_errors']}/"
+              f"{on[-1]['client_errors']}, alerts {on[-1].get('alerts', 0)}", flush=True)
+
+    def med(runs: list[dict[str, Any]], key: str) -> float:
+        return float(statistics.median(run[key] for run in runs))
+
+    print(f"FastAGI at {args.rate:.0f}/s, {args.calls} calls per run, {args.runs} runs interleaved (medians); "
+          "10 rules, counters in Redis; spend caps: not in the Redis balance store yet")
+    for key, what in (("p50_ms", "client p50"), ("p99_ms", "client p99"), ("agent_p50_ms", "agent p50"),
+                      ("agent_p99_ms", "agent p99")):
+        a, b = med(off, key), med(on, key)
+        print(f"  {what:<10}  off {a:7.3f} ms  on {b:7.3f} ms  added {b - a:+7.3f} ms  ratio {b / a if a else 0:5.2f}")
+    print(f"  load: before {load_before}; after {uptime()}")
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        with open("/proc/loadavg") as loadavg:
+            return "load average " + loadavg.read().strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rules", default=str(ROOT / "fraud" / "rules.yaml"))
@@ -154,9 +303,12 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=50, help="earlier attempts and settled calls per account")
     parser.add_argument("--risky", type=float, default=0.02, help="share of calls to the high-risk group")
     parser.add_argument("--redis", default="", help="redis://... : the counters in Redis (shared by every node)")
+    parser.add_argument("--fastagi", action="store_true", help="through real FastAGI with Redis (see above)")
+    parser.add_argument("--rate", type=float, default=1000.0, help="--fastagi: calls per second")
     args = parser.parse_args()
-    import logging
-
+    if args.fastagi:
+        fastagi_main(args)
+        return
     logging.disable(logging.WARNING)  # one log line per alert would measure the logging
     rules = no_suspend(load_rules(args.rules))
     rows = []

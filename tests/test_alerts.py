@@ -497,3 +497,7 @@ def test_cel_hour_and_weekday_are_read_in_the_account_s_timezone(tmp_path: Path)
                        node="n1", actions=Actions(), clock=SystemClock(), alerts=alerts, timezone_of=timezone_of)
     plain.screen(AuthorizeRequest("asterisk", "L9", "tokyo", "+3314", at), "n1-L9", at)
     assert len(asked) == 2  # no condition reads the time: the timezone is not looked up
+    calm = FraudGuard(rules(tmp_path, NIGHT_RULES.replace("threshold: 0", "threshold: 5")), node="n1",
+                      actions=Actions(), clock=SystemClock(), alerts=alerts, timezone_of=timezone_of)
+    calm.screen(AuthorizeRequest("asterisk", "L10", "tokyo", "+88212345", at), "n1-L10", at)
+    assert len(asked) == 2  # the time rule's figure (1) is under its threshold: not looked up either

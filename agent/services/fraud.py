@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import gevent
@@ -27,7 +27,7 @@ import gevent.queue
 from agent.core.cdr import CallRecord, Disposition
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, DenyReason
 from agent.core.fraud import AlertRecord, CallFacts, Hit, LocalCounters, destination_digits, evaluate
-from agent.core.fraud_rules import Action, RuleSet
+from agent.core.fraud_rules import Action, Rule, RuleSet
 from agent.ports import Clock, FraudActions, FraudCounters
 from agent.services.alerts import Alerts
 from agent.services.metrics import Metrics
@@ -72,7 +72,7 @@ class FraudGuard:
                                                                period_ms=alert_period_ms)
         self.timezone_of = timezone_of
         self.rules = rules
-        self._local_time = rules.reads_local_time
+        self._time_rules = _time_rules(rules)
         self.counters: FraudCounters = counters if counters is not None else LocalCounters(rules)
         self.counters.set_rules(rules)
         # Updates of shared counters (Redis) after the decision: a worker makes the round trips,
@@ -96,7 +96,7 @@ class FraudGuard:
     def replace_rules(self, rules: RuleSet) -> None:
         """New rules (SIGHUP): the figures they share with the old ones go on; new ones start empty."""
         self.rules = rules
-        self._local_time = rules.reads_local_time
+        self._time_rules = _time_rules(rules)
         self.counters.set_rules(rules)
         log.info("fraud rules: %d rules, %d destination groups", len(rules.rules), len(rules.groups))
 
@@ -117,12 +117,13 @@ class FraudGuard:
             return None
         digits = destination_digits(request.destination)
         facts = CallFacts(account_id, call_id, digits, self.rules.groups_of(digits), now_ms, request.caller,
-                          request.pbx, self._timezone(account_id, ""))
+                          request.pbx)
         try:
             figures = self.counters.observe(facts)
         except Exception as exc:  # noqa: BLE001 - fraud figures are advisory; the call goes to the store
             self._counters_failed("observe", exc)
             return None
+        facts = self._with_timezone(facts, figures, "")
         verdict = evaluate(self.rules, figures, facts)
         for error in verdict.errors:
             log.warning("fraud %s (counted as not met) call=%s account=%s", error, call_id, account_id)
@@ -160,8 +161,8 @@ class FraudGuard:
         if not figures:
             return
         digits = destination_digits(record.destination)
-        facts = CallFacts(record.account_id, record.call_id, digits, self.rules.groups_of(digits), at_ms,
-                          record.caller, record.pbx, self._timezone(record.account_id, record.rating.plan_name))
+        facts = self._with_timezone(CallFacts(record.account_id, record.call_id, digits, self.rules.groups_of(digits),
+                                              at_ms, record.caller, record.pbx), figures, record.rating.plan_name)
         verdict = evaluate(self.rules, figures, facts)
         for hit in verdict.hits:
             if hit.rule.action is not Action.DENY:  # a deny rule refuses the account's next calls itself
@@ -169,15 +170,20 @@ class FraudGuard:
         if verdict.suspend is not None:
             self._suspend(verdict.suspend, facts)
 
-    def _timezone(self, account_id: str, plan: str) -> str:
-        """The account's timezone when a CEL condition reads the local time (else not asked)."""
-        if not self._local_time or self.timezone_of is None:
-            return "UTC"
+    def _with_timezone(self, facts: CallFacts, figures: Mapping[str, int], plan: str) -> CallFacts:
+        """The facts with the account's timezone when a rule whose CEL condition reads the local
+        time crossed its threshold (its condition is evaluated then); otherwise the timezone is
+        not looked up (it costs nothing on ordinary calls and never waits on the database in the
+        engine loop)."""
+        if self.timezone_of is None or not any(figures.get(rule.name, 0) > rule.threshold
+                                               for rule in self._time_rules):
+            return facts
         try:
-            return self.timezone_of(account_id, plan)
+            return replace(facts, timezone=self.timezone_of(facts.account_id, plan))
         except Exception as exc:  # noqa: BLE001 - a plan that cannot be read: the call's rating says so
-            log.debug("fraud: timezone of account %s unknown (%s): UTC", account_id, exc)
-            return "UTC"
+            log.warning("fraud: timezone of account %s unknown (%s): CEL hour and weekday read in UTC",
+                        facts.account_id, exc)
+            return facts
 
     def _update(self, step: Callable[..., None], *args: Any) -> None:
         if not self.counters.shared:
@@ -316,3 +322,8 @@ class FraudGuard:
     def queued(self) -> int:
         """Suspensions not written to SQL yet (alerts: ``self.alerts.queued()``)."""
         return len(self._suspensions)
+
+
+def _time_rules(rules: RuleSet) -> tuple[Rule, ...]:
+    """The rules whose CEL condition reads ``hour`` or ``weekday``."""
+    return tuple(rule for rule in rules.rules if rule.condition is not None and rule.condition.reads_local_time)
