@@ -4,7 +4,9 @@ Every key of one account carries the hash tag ``{ID}``, so that they all live in
 Cluster slot and one Lua script can check and change them atomically::
 
     {prefix}acct:{ID}:bal          hash: balance, credit, reserved, status, max_calls, plan,
-                                   currency, overrun (total), loaded (ms)
+                                   currency, overrun (total), loaded (ms); the spend caps
+                                   cap_call, cap_day, cap_month ('' = none) and tz, the
+                                   timezone of the account's plan (DESIGN §8)
     {prefix}acct:{ID}:live         zset: call id -> expires ms (open reservations, every node)
     {prefix}acct:{ID}:unposted     set: closed calls whose ledger entries are not yet in SQL
     {prefix}acct:{ID}:call:{CALL}  hash: one call's reservation and idempotency record (with its
@@ -13,6 +15,12 @@ Cluster slot and one Lua script can check and change them atomically::
                                    granted, used, reserved (seconds), allowance, carry, end
     {prefix}acct:{ID}:bundles      set: "G:S" of every period above (the account's view)
     {prefix}acct:{ID}:bundles:unposted  set: "G:S" of periods whose opening is not in SQL yet
+    {prefix}acct:{ID}:spend:d:{S}  hash: spend caps' counter of the local day starting at S ms:
+    {prefix}acct:{ID}:spend:m:{S}  (month) spent (charges of the calls that started in it),
+                                   held (reserved + debited of its open calls); only for calls
+                                   authorized while the account had a cap (their call hash has
+                                   sd and sm); they expire a few days (a day) / ~40 days (a
+                                   month) after their period
 
 Two keys outside any account are only hints, never read by a script (so no script needs keys
 of two slots): ``{prefix}calls:index`` (zset "ID\\x1fCALL" -> when the sweeper should look at
@@ -39,12 +47,17 @@ class AccountKeys:
     periods: str  # set of "G:S"
     periods_unposted: str  # set of "G:S" whose opening SQL does not have yet
     period_prefix: str  # + "G:S" = one period's hash
+    spend_prefix: str  # + "d:S" / "m:S" = one day's / month's spend counter
 
     def period(self, grant_id: int, period_start_ms: int) -> str:
         return f"{self.period_prefix}{grant_id}:{period_start_ms}"
 
     def call(self, call_id: str) -> str:
         return self.call_prefix + call_id
+
+    def spend(self, kind: str, start_ms: int) -> str:
+        """A spend counter: kind 'day' or 'month'."""
+        return f"{self.spend_prefix}{kind[0]}:{start_ms}"
 
 
 class KeySpace:
@@ -57,7 +70,7 @@ class KeySpace:
     def of(self, account_id: str) -> AccountKeys:
         base = f"{self.prefix}acct:{{{account_id}}}:"
         return AccountKeys(base + "bal", base + "live", base + "unposted", base + "call:", base + "bundles",
-                           base + "bundles:unposted", base + "bp:")
+                           base + "bundles:unposted", base + "bp:", base + "spend:")
 
     def call_account(self, call_id: str) -> str:
         return f"{self.prefix}call:{call_id}"

@@ -18,6 +18,16 @@ that drew on bundles, or by the sweeper (the index entry ``periods_member``). A 
 ``use`` rows (``bundle:{call}:{grant}:{start}``, ``bundle-late:...``) are written in the same
 transaction as its money entries, after the openings they need, idempotently per reference; the
 account's row lock is taken first, as the rebuild does.
+
+Spend caps (DESIGN §8): Redis keeps each day's and month's counters (spent, held) on the account's
+slot; SQL's ``spend_periods.spent_micros`` is their truth for what is spent. A call that counts on
+a day and month (its call hash has ``sd``/``sm``: the account had a cap at its authorize) adds
+each ledger entry the posting creates (the settle's charge, the close's debits, a late settle's
+adjustment) to the spent of both rows, in the same transaction as the entries and under the
+account's row lock, so a row's spent is exactly the charges of its calls in the ledger, once
+each. ``held_micros`` stays 0 in SQL with this store: what open calls hold lives in Redis only
+(after losing Redis no call is open there). The rebuild sets a counter to SQL's spent plus what
+tracked calls charged in Redis and the ledger does not have yet, and held to what open calls hold.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ from agent.adapters.redis.scripts import Scripts
 from agent.adapters.sql.accounts import lock_account, post_entry
 from agent.adapters.sql.bundle_periods import post_usage, post_use, use_reference
 from agent.adapters.sql.engine import transaction
-from agent.adapters.sql.models import BundlePeriod, BundleUsage, LedgerEntry, RatePlan
+from agent.adapters.sql.models import BundlePeriod, BundleUsage, LedgerEntry, RatePlan, SpendPeriod
 from agent.core.balance import MAX_STORE_MICROS, ledger_postings
 from agent.core.bundles import BundleSlot
 from agent.core.errors import BillingError, Conflict, InvalidInput, NotFound
@@ -47,6 +57,7 @@ from agent.core.money import format_amount
 log = logging.getLogger(__name__)
 
 SQL_IN_CHUNK = 500
+SPEND_ROWS_LOADED = {"day": 3, "month": 2}  # the newest spend_periods rows of each kind a rebuild loads
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +81,13 @@ class CallRecord:
     @property
     def posted(self) -> bool:
         return self.fields.get("posted", "1") == "1"
+
+    @property
+    def spend_periods(self) -> tuple[int, int] | None:
+        """The day and month (start ms) the call counts on for the spend caps; None: it does not."""
+        if not self.fields.get("sd"):
+            return None
+        return self.number("sd"), self.number("sm")
 
     def bundle_uses(self) -> list[BundleUse]:
         """What the call used of each bundle period (``bu<i>``) and, settled after its holds
@@ -143,15 +161,21 @@ def post_call(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: s
             log.error("bundle periods of call=%s account=%s unreadable, kept for the sweeper: %s", call_id,
                       account_id, exc)
             return False
+    spend = record.spend_periods
     try:
         with transaction(sessions) as session:
-            if openings or uses:
+            if openings or uses or spend is not None:
                 lock_account(session, account_id)
                 write_openings(session, account_id, openings)
                 write_uses(session, account_id, call_id, uses)
+            spent = 0
             for p in postings:
-                post_entry(session, account_id, kind=p.kind, amount_micros=p.amount_micros, reference=p.reference,
-                           call_id=call_id, description=p.description)
+                posting = post_entry(session, account_id, kind=p.kind, amount_micros=p.amount_micros,
+                                     reference=p.reference, call_id=call_id, description=p.description)
+                if posting.created:
+                    spent -= p.amount_micros
+            if spend is not None and spent:
+                add_spent(session, account_id, spend, spent)
     except (SQLAlchemyError, BillingError) as exc:
         log.error("ledger write of call=%s account=%s failed, kept for the sweeper: %s", call_id, account_id, exc)
         return False
@@ -161,6 +185,18 @@ def post_call(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: s
     except redis.RedisError as exc:  # the ledger has it; a later sweep marks it (posting is idempotent)
         log.warning("call=%s is in the ledger but Redis was not told: %s", call_id, exc)
     return True
+
+
+def add_spent(session: Session, account_id: str, spend: tuple[int, int], amount_micros: int) -> None:
+    """Add a call's newly posted charges to the spent of its day and month (rows created at zero).
+    The caller holds the account's row lock, so no two writers create the same row."""
+    for kind, start in (("day", spend[0]), ("month", spend[1])):
+        row = session.get(SpendPeriod, (account_id, kind, start), with_for_update=True)
+        if row is None:
+            row = SpendPeriod(account_id=account_id, kind=kind, start_ms=start, spent_micros=0, held_micros=0)
+            session.add(row)
+        row.spent_micros += amount_micros
+    session.flush()
 
 
 def read_openings(client: RedisClient, scripts: Scripts, keys: KeySpace, account_id: str,
@@ -290,10 +326,28 @@ def _bundle_args(session: Session, account_id: str, tracked: Iterable[str]) -> l
     return args
 
 
+def _spend_args(session: Session, account_id: str) -> list[object]:
+    """rebuild.lua's spend part: the newest ``spend_periods`` rows of each kind (the day and month
+    new calls count on are among them; older counters matter only to calls still open there, and
+    Redis keeps those), as 'd:start'/'m:start' and spent."""
+    args: list[object] = []
+    for kind, count in SPEND_ROWS_LOADED.items():
+        rows = session.execute(select(SpendPeriod.start_ms, SpendPeriod.spent_micros)
+                               .where(SpendPeriod.account_id == account_id, SpendPeriod.kind == kind)
+                               .order_by(SpendPeriod.start_ms.desc()).limit(count)).all()
+        for start, spent in rows:
+            args += [f"{kind[0]}:{int(start)}", int(spent)]
+    return [len(args) // 2, *args]
+
+
+def _cap(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
 def rebuild_account(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: sessionmaker[Session],
                     account_id: str, mode: str) -> str:
     """Load (``if_absent``), refresh (``if_present``) or rebuild (``load``) one account from SQL,
-    with its bundle periods.
+    with its bundle periods, its spend caps and its plan's timezone, and its spend counters.
 
     Returns the script's status (loaded, kept, absent); raises NotFound for an unknown account.
     """
@@ -311,7 +365,10 @@ def rebuild_account(client: RedisClient, scripts: Scripts, keys: KeySpace, sessi
         args: list[object] = [
             mode, account.balance_micros, account.credit_limit_micros, account.status,
             account.max_concurrent_calls or 0, plan.name if plan is not None else "", account.currency,
-            time.time_ns() // 1_000_000, ak.call_prefix, ak.period_prefix, len(sums),
+            time.time_ns() // 1_000_000, ak.call_prefix, ak.period_prefix,
+            _cap(account.max_call_cost_micros), _cap(account.daily_spend_micros),
+            _cap(account.monthly_spend_micros), (plan.timezone if plan is not None else "") or "UTC",
+            ak.spend_prefix, *_spend_args(session, account_id), len(sums),
         ]
         for call_id, total in sums.items():
             args += [call_id, total]

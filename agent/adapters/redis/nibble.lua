@@ -2,17 +2,22 @@
 -- Bundles (DESIGN §9, core/balance.py nibble_bundle_draw): a call that holds bundle slots records
 -- the seconds it used so far (at most what it holds); asked for `want_s` more, it takes them from
 -- its periods in draw order, and holds no money for the next slice when it got them all.
+-- Spend caps (DESIGN §8; prelude.lua): with a cap on the account, the next slice is held only up
+-- to the least room the caps leave (an overrun counts as used); the call's day and month counters
+-- (if it has them) hold what its reserved + debited add.
 -- KEYS: 1 account hash, 2 live calls zset, 3 call hash, 4 the account's periods set,
 --       5 its period openings not in SQL yet
 -- ARGV: 1 call id, 2 seq, 3 debit, 4 reserve, 5 now ms, 6 ttl ms, 7 bundle seconds used,
---       8 bundle seconds wanted, 9 period key prefix
+--       8 bundle seconds wanted, 9 period key prefix, 10 spend counter key prefix
 -- Reply: {status, granted, debit applied, total debited, total overrun, bundle granted s,
 --         bundle held s}
--- The hot path of the daemon: five commands, no more, for a call without bundles (one read and
--- one write per hash).
+-- The hot path of the daemon: five commands, no more, for a call without bundles or caps (one
+-- read and one write per hash); a call under a daily or monthly cap adds a read and a write of
+-- each of its two counters.
 local c = redis.call('HMGET', KEYS[3], 'state', 'seq', 'reserved', 'debited', 'overrun', 'granted',
-  'last_debit', 'expires', 'applied', 'b_n', 'b_held', 'b_used', 'b_last')
-local a = redis.call('HMGET', KEYS[1], 'balance', 'credit', 'reserved', 'overrun')
+  'last_debit', 'expires', 'applied', 'b_n', 'b_held', 'b_used', 'b_last', 'sd', 'sm')
+local a = redis.call('HMGET', KEYS[1], 'balance', 'credit', 'reserved', 'overrun', 'cap_call', 'cap_day',
+  'cap_month')
 if not a[1] then return {'noacct'} end
 if not c[1] then return {'unknown_call', '0', '0', '0', '0', '0', '0'} end
 local seq = n(ARGV[2])
@@ -54,6 +59,22 @@ local remaining = held - taken
 local balance = n(a[1]) - debit
 -- Available once the debit is applied, this call's remaining reservation still counted.
 local available = balance + n(a[2]) - (n(a[3]) - taken)
+-- The caps, as the balance: what the call and its day and month hold counts as used.
+local sp, sexist = spend_of(ARGV[10], c[14], c[15]), {}
+local cap_call, cap_day, cap_month = cap_of(a[5]), cap_of(a[6]), cap_of(a[7])
+if cap_call or cap_day or cap_month then
+  local function bound(cap, used)
+    if cap and cap - used < available then available = cap - used end
+  end
+  bound(cap_call, n(c[4]) + held + over)
+  local day, month = 0, 0
+  if sp and (cap_day or cap_month) then
+    day, sexist[1] = spend_used(sp[1])
+    month, sexist[2] = spend_used(sp[2])
+  end
+  bound(cap_day, day + over)
+  bound(cap_month, month + over)
+end
 local grant = reserve
 if remaining < reserve then
   grant = remaining + math.min(reserve - remaining, math.max(available, 0))
@@ -65,4 +86,5 @@ redis.call('HSET', KEYS[3], 'seq', ARGV[2], 'reserved', s(grant), 'granted', s(g
   'last_debit', s(debit), 'debited', s(debited), 'overrun', s(overrun), 'expires', s(expires),
   'applied', s(n(c[9]) - debit), unpack(bfields))
 redis.call('ZADD', KEYS[2], s(expires), ARGV[1])
+spend_move_call(sp, now, grant + debit - held, 0, sexist)
 return {'granted', s(grant), s(debit), s(debited), s(overrun), s(bundle_granted), s(held_s)}

@@ -94,3 +94,48 @@ local function close_holds(kcall, covered, prefix, kperiods, kunposted)
   redis.call('HSET', kcall, unpack(fields))
   return total
 end
+-- Spend caps (DESIGN §8, core/budgets.py). The account hash holds cap_call, cap_day, cap_month
+-- (micro-units; '' or absent: no cap) and tz (its plan's timezone: the store computes a call's day
+-- and month in Python and says which timezone it used). A call authorized while its account had a
+-- cap counts on the local day and month it started (call hash sd, sm: their start ms); each has a
+-- counter hash on the account's slot (the account's spend prefix, an ARGV, .. 'd:'/'m:' .. start)
+-- with spent (the charges of its calls: settle cost, close debits, late settle cost - close
+-- charge) and held (exactly what its open calls add to reserved + debited). The grant of every
+-- step is the least room: balance available, cap_call - (call debited + reserved), cap_day -
+-- (day spent + held), cap_month - (...). A counter expires a few days (day) / ~40 days (month)
+-- after its period, counted on the caller's clock.
+local SPEND_KEEP = {d = 4 * 86400000, m = 72 * 86400000}  -- ms after the period's start
+local SPEND_MIN_TTL = 3600000
+local function cap_of(v)
+  if v == false or v == nil or v == '' then return nil end
+  return n(v)
+end
+-- The call's counters {day key, month key, day start, month start}, or nil (no cap at its authorize).
+local function spend_of(prefix, sd, sm)
+  if sd == false or sd == nil or sd == '' then return nil end
+  return {prefix .. 'd:' .. sd, prefix .. 'm:' .. sm, sd, sm}
+end
+-- spent + held of a counter, and whether it exists.
+local function spend_used(key)
+  local v = redis.call('HMGET', key, 'spent', 'held')
+  return n(v[1]) + n(v[2]), v[1] ~= false or v[2] ~= false
+end
+-- Move one counter by `held` and `spent`; a counter created here gets its TTL (at least an hour),
+-- a counter of a period long gone (past its TTL) is not created again (SQL's spend_periods has
+-- its spent). `exists`: nil when the caller did not read it.
+local function spend_move(key, kind, start, now, held, spent, exists)
+  if held == 0 and spent == 0 then return end
+  if exists == nil then exists = redis.call('EXISTS', key) == 1 end
+  local ttl = n(start) + SPEND_KEEP[kind] - now
+  if not exists and ttl <= 0 then return end
+  if held ~= 0 then redis.call('HINCRBY', key, 'held', s(held)) end
+  if spent ~= 0 then redis.call('HINCRBY', key, 'spent', s(spent)) end
+  if not exists then redis.call('PEXPIRE', key, s(math.max(ttl, SPEND_MIN_TTL))) end
+end
+-- Both counters of a call (sp from spend_of; ex: their existence when read, else nil).
+local function spend_move_call(sp, now, held, spent, ex)
+  if not sp then return end
+  ex = ex or {}
+  spend_move(sp[1], 'd', sp[3], now, held, spent, ex[1])
+  spend_move(sp[2], 'm', sp[4], now, held, spent, ex[2])
+end

@@ -11,6 +11,20 @@ use with its rollover, and the call's holds are in its call hash, in draw order 
 prelude.lua for the rules). Period openings and uses reach ``bundle_periods``/``bundle_usage`` in
 SQL through the ledger writer, with the SQL store's references (ledger.py).
 
+Spend caps (DESIGN §8, core/budgets.py) ride them too: the caps and the plan's timezone are in
+the account hash (loaded from SQL with the account, and by ``refresh``: ``limits set`` reaches a
+running store), the day and month counters (spent, held) on the account's slot
+(``acct:{ID}:spend:d:{start}`` / ``:m:{start}``), the day and month a call counts on in its call
+hash. Lua has no timezone database, so the local day and month of an authorize are computed here:
+the store keeps each account's timezone in memory once a script told it, passes the timezone it
+used with the day and month, and the authorize script answers ``tz`` when that is not the
+account's (an account seen for the first time, a plan whose timezone changed); the store then
+computes again and runs the script once more. The hot path pays nothing for it: no extra round
+trip, no extra read (an account without caps never asks; one with caps costs one extra round
+trip per process, the first time), and the day and month of a timezone are cached until its
+next midnight. Spent reaches ``spend_periods`` with the call's ledger entries, which is where a
+rebuild recovers it (ledger.py).
+
 Redis calls fail fast: the client has a socket timeout and no retries of its own
 (``make_client``), and connection errors become ``StoreUnavailable`` for the failure policy.
 Redis must run with ``maxmemory-policy noeviction``: an evicted key would be money forgotten.
@@ -66,6 +80,7 @@ from agent.core.balance import (
     check_micros,
     check_nibble,
 )
+from agent.core.budgets import SpendPeriods, spend_periods
 from agent.core.bundles import BundleSlot, PeriodState
 from agent.core.errors import Conflict, InvalidInput, NotFound
 from agent.redis_url import parse_redis_url
@@ -75,6 +90,8 @@ log = logging.getLogger(__name__)
 CLOSED_RETENTION_MS = 24 * 3600 * 1000  # a closed call's record answers replays for a day
 CALL_ACCOUNT_TTL_S = 7 * 24 * 3600  # call -> account hint (longest call we resume after a restart)
 LOCAL_CALL_CACHE_MAX = 200_000
+LOCAL_ZONE_CACHE_MAX = 100_000  # accounts whose plan's timezone this process remembers
+_DAY_AFTER_MS = 26 * 3600 * 1000  # past the end of any local day (23 to 25 hours) from its start
 RETRY_PENDING_MS = 5_000  # a call whose ledger write failed is looked at again this soon
 
 
@@ -199,6 +216,8 @@ class RedisBalanceStore:
         self._scripts = Scripts()
         self._retention_ms = closed_retention_ms
         self._call_accounts: dict[str, str] = {}
+        self._zones: dict[str, str] = {}  # account -> its plan's timezone, as the scripts last said
+        self._periods: dict[str, tuple[int, int, SpendPeriods]] = {}  # timezone -> [from, until) -> periods
 
     # ------------------------------------------------------------------ plumbing
 
@@ -260,6 +279,32 @@ class RedisBalanceStore:
             self._forget(account_id, call_id)
         return posted
 
+    def _spend_periods(self, timezone: str, now_ms: int) -> SpendPeriods:
+        """The local day and month of ``now_ms`` in ``timezone``, cached until its next midnight."""
+        cached = self._periods.get(timezone)
+        if cached is not None and cached[0] <= now_ms < cached[1]:
+            return cached[2]
+        periods = spend_periods(timezone, now_ms)
+        until = spend_periods(timezone, periods.day_start_ms + _DAY_AFTER_MS).day_start_ms
+        self._periods[timezone] = (periods.day_start_ms, until, periods)
+        return periods
+
+    def _spend_args(self, account_id: str, now_ms: int) -> list[object]:
+        """ARGV 10-12 of authorize.lua: the timezone this store believes the account's plan has
+        ('' when it does not know: the script answers with it if the account has a cap), and the
+        day and month of ``now_ms`` there."""
+        timezone = self._zones.get(account_id)
+        if timezone is None:
+            return ["", 0, 0]
+        periods = self._spend_periods(timezone, now_ms)
+        return [timezone, periods.day_start_ms, periods.month_start_ms]
+
+    def _learn_zone(self, account_id: str, timezone: str) -> None:
+        spend_periods(timezone, 0)  # an unknown timezone is refused here, by name
+        if len(self._zones) >= LOCAL_ZONE_CACHE_MAX:
+            self._zones.clear()
+        self._zones[account_id] = timezone
+
     # ------------------------------------------------------------------ authorize
 
     def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
@@ -269,11 +314,9 @@ class RedisBalanceStore:
         slots = _check_bundle_seconds(bundle_slots, bundle_want_s)
         ak = self._keys.of(account_id)
         keys = [ak.account, ak.live, ak.call(call_id), ak.periods, ak.periods_unposted]
-        args = [account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms, ak.period_prefix,
-                bundle_want_s, *slots]
         member = self._keys.member(account_id, call_id)
 
-        def build(p: Any) -> None:
+        def build(p: Any, args: list[object]) -> None:
             # The hints go first, in the same round trip: the sweeper's index must hold every
             # call that can exist (an entry without a call is cleaned up, the reverse would leak).
             p.zadd(self._keys.index, {member: now_ms + ttl_ms}, nx=True)
@@ -283,7 +326,15 @@ class RedisBalanceStore:
                 p.zadd(self._keys.index, {self._keys.periods_member(account_id): now_ms}, nx=True)
 
         def run() -> list[Any]:
-            return [text(v) for v in self._execute(build)[2]]
+            for _ in (1, 2):  # twice at most: the script names the timezone when it was not the one used
+                args = [account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms, ak.period_prefix,
+                        bundle_want_s, *self._spend_args(account_id, now_ms), ak.spend_prefix, *slots]
+                reply = [text(v) for v in self._execute(partial(build, args=args))[2]]
+                if reply[0] != "tz":
+                    return reply
+                self._learn_zone(account_id, reply[1])
+            raise RuntimeError(f"authorize of call {call_id!r}: the timezone of account {account_id!r} "
+                               f"keeps changing ({reply[1]!r})")
 
         with _unavailable("authorize"):
             try:
@@ -351,7 +402,7 @@ class RedisBalanceStore:
                 self._scripts.call(pipe, "nibble",
                                    [ak.account, ak.live, ak.call(r.call_id), ak.periods, ak.periods_unposted],
                                    [r.call_id, r.seq, r.debit_micros, r.reserve_micros, r.now_ms, r.ttl_ms,
-                                    r.bundle_used_s, r.bundle_want_s, ak.period_prefix])
+                                    r.bundle_used_s, r.bundle_want_s, ak.period_prefix, ak.spend_prefix])
 
         if not items:
             return []
@@ -371,7 +422,7 @@ class RedisBalanceStore:
                 raise UnknownCall(f"settle of unknown call {call_id!r}: no reservation and no account to charge")
             ak = self._keys.of(resolved)
             keys = self._step_keys(ak, call_id)
-            args = [call_id, resolved, seq, cost_micros, now_ms, ak.period_prefix, covered, *slots]
+            args = [call_id, resolved, seq, cost_micros, now_ms, ak.period_prefix, covered, ak.spend_prefix, *slots]
             member = self._keys.member(resolved, call_id)
 
             def run() -> list[Any]:
@@ -423,7 +474,8 @@ class RedisBalanceStore:
         return [text(v) for v in self._execute(lambda p: (
             p.zadd(self._keys.index, {member: now_ms}, nx=True),
             self._scripts.call(p, "close", self._step_keys(ak, call_id),
-                               [call_id, mode, seq, now_ms, self._retention_ms, ak.period_prefix])))[1]]
+                               [call_id, mode, seq, now_ms, self._retention_ms, ak.period_prefix,
+                                ak.spend_prefix])))[1]]
 
     # ------------------------------------------------------------------ the sweeper
 
@@ -528,6 +580,23 @@ class RedisBalanceStore:
             return {}
         return {parse_period_id(reply[at]): PeriodState(int(reply[at + 1]), int(reply[at + 2]), int(reply[at + 3]))
                 for at in range(1, len(reply), 4)}
+
+    def spend_counters(self, account_id: str, periods: SpendPeriods) -> dict[str, tuple[int, int]]:
+        """The live spend counters of a day and a month of the account ('day', 'month' -> spent,
+        held; zeros for a counter Redis does not have), in one round trip, after loading the
+        account from SQL if Redis lost it (its counters come with it). For ``limits show``: with
+        this store SQL's ``spend_periods`` has what posted calls spent, and no held."""
+        ak = self._keys.of(account_id)
+        with _unavailable("spend counters"):
+            for _ in (1, 2):
+                exists, day, month = self._execute(lambda p: (
+                    p.exists(ak.account), p.hmget(ak.spend("day", periods.day_start_ms), "spent", "held"),
+                    p.hmget(ak.spend("month", periods.month_start_ms), "spent", "held")))
+                if exists:
+                    return {kind: (int(text(v[0] or 0)), int(text(v[1] or 0))) for kind, v in
+                            (("day", day), ("month", month))}
+                rebuild_account(self._client, self._scripts, self._keys, self._sessions, account_id, "if_absent")
+        raise NotFound(f"account {account_id!r} could not be loaded into Redis")
 
     def rebuild(self, account_id: str) -> AccountState:
         """Recompute the account from the SQL ledger (after a Redis restart, failover or repair)."""
