@@ -38,7 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -164,7 +164,7 @@ def post_call(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: s
     spend = record.spend_periods
     try:
         with transaction(sessions) as session:
-            if openings or uses or spend is not None:
+            if openings or uses:
                 lock_account(session, account_id)
                 write_openings(session, account_id, openings)
                 write_uses(session, account_id, call_id, uses)
@@ -188,14 +188,22 @@ def post_call(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: s
 
 
 def add_spent(session: Session, account_id: str, spend: tuple[int, int], amount_micros: int) -> None:
-    """Add a call's newly posted charges to the spent of its day and month (rows created at zero).
-    The caller holds the account's row lock, so no two writers create the same row."""
-    for kind, start in (("day", spend[0]), ("month", spend[1])):
-        row = session.get(SpendPeriod, (account_id, kind, start), with_for_update=True)
-        if row is None:
-            row = SpendPeriod(account_id=account_id, kind=kind, start_ms=start, spent_micros=0, held_micros=0)
-            session.add(row)
-        row.spent_micros += amount_micros
+    """Add a call's newly posted charges to the spent of its day and month: one UPDATE of both
+    rows, and the rows missing created. The caller holds the account's row lock (post_entry took
+    it), so no two writers change or create the same rows at once."""
+    wanted = {("day", spend[0]), ("month", spend[1])}
+    which = or_(*[and_(SpendPeriod.kind == kind, SpendPeriod.start_ms == start) for kind, start in wanted])
+    changed = session.execute(
+        update(SpendPeriod).where(SpendPeriod.account_id == account_id, which)
+        .values(spent_micros=SpendPeriod.spent_micros + amount_micros)
+        .execution_options(synchronize_session=False))
+    if getattr(changed, "rowcount", 0) == len(wanted):
+        return
+    found = {(str(k), int(st)) for k, st in session.execute(
+        select(SpendPeriod.kind, SpendPeriod.start_ms).where(SpendPeriod.account_id == account_id, which))}
+    for kind, start in sorted(wanted - found):
+        session.add(SpendPeriod(account_id=account_id, kind=kind, start_ms=start, spent_micros=amount_micros,
+                                held_micros=0))
     session.flush()
 
 
