@@ -14,6 +14,18 @@ seen against ``-credit_limit``, the overrun recorded (a debit or settle beyond w
 held), Σ charges against Δ balance in the SQL ledger, reservations left, and the SQL ledger
 check. The ledger is a throw-away PostgreSQL database (``--ledger-url`` to use another);
 ``--store sql`` runs the embedded SQL store on that PostgreSQL instead of Redis.
+
+Spend caps (DESIGN §8, issue 15): ``--daily-cap`` (and ``--monthly-cap``, ``--max-call-cost``),
+in micro-units, set on the account before the calls; with a daily cap below the money the cap
+binds instead of the balance. The monitor then also watches what the day's counter says is used
+(spent + held, the store's own figures), and the report gives, per local day of the plan (UTC
+here), the sum of the charges of the calls that started that day (from the ledger and the call
+ids' days) against the cap, the spend past the cap (must be 0), what the store's counters and
+SQL's ``spend_periods`` say was spent and is still held, and the refusals that said
+``spend_limit``::
+
+    python bench/bench_overspend.py --store redis --daily-cap 5000000
+    python bench/bench_overspend.py --store sql --daily-cap 5000000
 """
 
 from __future__ import annotations
@@ -36,9 +48,11 @@ from agent.adapters.sql import accounts as repo
 from agent.adapters.sql.balance_store import SqlBalanceStore
 from agent.adapters.sql.engine import make_engine, session_factory, transaction
 from agent.adapters.sql.migrate import upgrade
-from agent.adapters.sql.models import Call, LedgerEntry
+from agent.adapters.sql.models import Call, LedgerEntry, SpendPeriod
 from agent.adapters.sql.plans import create_plan
 from agent.adapters.sql.reconcile import check_ledger
+from agent.core.budgets import SpendPeriods, spend_periods
+from agent.core.events import DenyReason
 from agent.ports import BalanceStore
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -46,6 +60,7 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 ACCOUNT = "corp"
 RATE_MICROS_PER_S = 1_000  # 0.06 per minute
 TTL_MS = 600_000  # long: only the abandoned calls may expire, and only in the final sweep
+TIMEZONE = "UTC"  # the bench plan's timezone: the days and months of the spend caps
 
 
 def open_store(args: argparse.Namespace, ledger_url: str, prefix: str) -> BalanceStore:
@@ -86,25 +101,30 @@ def node_main(index: int, args: argparse.Namespace, ledger_url: str, prefix: str
     for n in range(args.calls // args.nodes):
         abandon = rng.randint(0, 5) if rng.random() < args.abandon_share else None
         calls.append(SimCall(f"n{index}-c{n}", rng.randint(0, 20), rng.randint(1, 6), rng.randint(1, 400), abandon))
-    stats = {"authorized": 0, "denied": 0, "cut": 0, "settled": 0, "abandoned": 0, "nibbles": 0, "cost": 0}
+    stats = {"authorized": 0, "denied": 0, "denied_spend_limit": 0, "cut": 0, "settled": 0, "abandoned": 0,
+             "nibbles": 0, "cost": 0}
     events: list[tuple[int, int, SimCall]] = [(c.start_s, i, c) for i, c in enumerate(calls)]
     heapq.heapify(events)
+    days: dict[str, int] = {}  # call id -> the local day it counts on (what the store computes too)
     start.wait()
     while events:
         t, i, call = heapq.heappop(events)
-        nxt = step(store, call, t, stats)
+        nxt = step(store, call, t, stats, days)
         if nxt is not None:
             heapq.heappush(events, (nxt, i, call))
     store.close()
-    results.put(stats)
+    results.put({**stats, "days": days})
 
 
-def step(store: BalanceStore, call: SimCall, t: int, stats: dict[str, int]) -> int | None:
+def step(store: BalanceStore, call: SimCall, t: int, stats: dict[str, int], days: dict[str, int]) -> int | None:
     """Run the call's event at logical second ``t``; return when its next event is due."""
     if call.seq == 0 and call.budget == 0 and call.end_s is None:
-        out = store.authorize(ACCOUNT, call.call_id, "node", call.slice_micros, call.slice_micros, now_ms(), TTL_MS)
+        at = now_ms()
+        days[call.call_id] = spend_periods(TIMEZONE, at).day_start_ms
+        out = store.authorize(ACCOUNT, call.call_id, "node", call.slice_micros, call.slice_micros, at, TTL_MS)
         if not out.allowed:
             stats["denied"] += 1
+            stats["denied_spend_limit"] += out.reason is DenyReason.SPEND_LIMIT
             return None
         stats["authorized"] += 1
         call.budget = out.granted_micros
@@ -132,9 +152,23 @@ def step(store: BalanceStore, call: SimCall, t: int, stats: dict[str, int]) -> i
     return min(t + call.nibble_s, call.start_s + call.duration_s)
 
 
+def day_used(store: BalanceStore, sessions: Any, periods: SpendPeriods) -> int:
+    """What the store's day counter says the day uses now: spent + held (Redis: its live counter;
+    the SQL store: its spend_periods row)."""
+    counters = getattr(store, "spend_counters", None)
+    if counters is not None:
+        spent, held = counters(ACCOUNT, periods)["day"]
+        return int(spent + held)
+    with transaction(sessions) as s:
+        row = s.get(SpendPeriod, (ACCOUNT, "day", periods.day_start_ms))
+        return 0 if row is None else row.spent_micros + row.held_micros
+
+
 def monitor_main(args: argparse.Namespace, ledger_url: str, prefix: str, stop: Any, results: Any) -> None:
     store = open_store(args, ledger_url, prefix)
+    sessions = session_factory(make_engine(ledger_url, pool_size=1))
     lowest_balance = lowest_available = None
+    highest_day_used = 0
     samples = 0
     while not stop.is_set():
         state = store.account_state(ACCOUNT)
@@ -142,8 +176,14 @@ def monitor_main(args: argparse.Namespace, ledger_url: str, prefix: str, stop: A
         lowest_balance = state.balance_micros if lowest_balance is None else min(lowest_balance, state.balance_micros)
         lowest_available = (state.available_micros if lowest_available is None
                             else min(lowest_available, state.available_micros))
+        if args.daily_cap is not None:
+            highest_day_used = max(highest_day_used, day_used(store, sessions, spend_periods(TIMEZONE, now_ms())))
     store.close()
-    results.put({"lowest_balance": lowest_balance, "lowest_available": lowest_available, "samples": samples})
+    seen: dict[str, Any] = {"lowest_balance": lowest_balance, "lowest_available": lowest_available,
+                            "samples": samples}
+    if args.daily_cap is not None:
+        seen["highest_day_used_seen"] = highest_day_used  # spent + held, never above the cap
+    results.put(seen)
 
 
 def scratch_database() -> tuple[str, Any]:
@@ -170,6 +210,9 @@ def main() -> None:
     parser.add_argument("--abandon-share", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--ledger-url", help="SQL ledger (default: a throw-away PostgreSQL database)")
+    parser.add_argument("--daily-cap", type=int, help="the account's daily spend cap, micro-units")
+    parser.add_argument("--monthly-cap", type=int, help="the account's monthly spend cap, micro-units")
+    parser.add_argument("--max-call-cost", type=int, help="the account's max call cost, micro-units")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the expected expiry warnings of the abandoned calls
 
@@ -183,9 +226,11 @@ def main() -> None:
         upgrade(engine)
         sessions = session_factory(engine)
         with transaction(sessions) as s:
-            create_plan(s, "bench")
+            create_plan(s, "bench", timezone=TIMEZONE)
             repo.create_account(s, ACCOUNT, plan="bench", balance_micros=args.balance_micros,
                                 credit_limit_micros=args.credit_micros)
+            repo.set_limits(s, ACCOUNT, max_call_cost_micros=args.max_call_cost, daily_micros=args.daily_cap,
+                            monthly_micros=args.monthly_cap)
         report = run(args, ledger_url, prefix)
         report.update(verify(args, ledger_url, prefix, sessions))
         print(json.dumps(report, indent=2))
@@ -214,14 +259,19 @@ def run(args: argparse.Namespace, ledger_url: str, prefix: str) -> dict[str, Any
     started = time.monotonic()
     start.set()
     totals: dict[str, int] = {}
+    days: dict[str, int] = {}
     for _ in nodes:
         for key, value in results.get(timeout=600).items():
-            totals[key] = totals.get(key, 0) + value
+            if key == "days":
+                days.update(value)
+            else:
+                totals[key] = totals.get(key, 0) + value
     elapsed = time.monotonic() - started
     stop.set()
     seen = watch.get(timeout=60)
     for p in [*nodes, monitor]:
         p.join(timeout=60)
+    args.call_days = days
     return {"store": args.store, "calls": args.calls, "nodes": args.nodes, "seconds": round(elapsed, 2),
             "balance": args.balance_micros, "credit_limit": args.credit_micros, **totals, **seen}
 
@@ -244,6 +294,7 @@ def verify(args: argparse.Namespace, ledger_url: str, prefix: str, sessions: Any
                        duration_ms=0, disposition="ANSWERED", hangup_cause="", pbx="bench", settled_at=now))
     with transaction(sessions) as s:
         ledger = check_ledger(s, now=datetime.now(UTC), grace=timedelta(0))
+    caps = verify_caps(args, ledger_url, prefix, sessions) if args.daily_cap is not None else {}
     lowest_allowed = -args.credit_micros
     return {
         "expired_by_sweep": len(swept.expired),
@@ -260,7 +311,51 @@ def verify(args: argparse.Namespace, ledger_url: str, prefix: str, sessions: Any
         "charged_calls": len(charged_calls),
         "ledger_check_ok": ledger.ok,
         "ledger_problems": [p.problem for p in ledger.problems][:5],
+        **caps,
     }
+
+
+def verify_caps(args: argparse.Namespace, ledger_url: str, prefix: str, sessions: Any) -> dict[str, Any]:
+    """Per local day: the charges of the calls that started that day (the ledger, by call) against
+    the daily cap, and what the store's counters and SQL's spend_periods say."""
+    with transaction(sessions) as s:
+        charged = {str(call_id): -int(total) for call_id, total in s.execute(
+            select(LedgerEntry.call_id, func.sum(LedgerEntry.amount_micros))
+            .where(LedgerEntry.call_id.is_not(None)).group_by(LedgerEntry.call_id))}
+        rows = {(r.kind, r.start_ms): (r.spent_micros, r.held_micros)
+                for r in s.scalars(select(SpendPeriod).where(SpendPeriod.account_id == ACCOUNT))}
+    per_day: dict[int, int] = {}
+    for call_id, total in charged.items():
+        day = args.call_days[call_id]
+        per_day[day] = per_day.get(day, 0) + total
+    store = open_store(args, ledger_url, prefix)
+    counters = getattr(store, "spend_counters", None)
+    days = []
+    for day, total in sorted(per_day.items()):
+        periods = spend_periods(TIMEZONE, day)
+        in_sql = rows.get(("day", day), (0, 0))
+        live = counters(ACCOUNT, periods)["day"] if counters is not None else in_sql
+        days.append({
+            "day": datetime.fromtimestamp(day / 1000, UTC).date().isoformat(), "cap": args.daily_cap,
+            "sum_charges": total, "spend_past_cap": max(0, total - args.daily_cap),
+            "store_counter_spent_held": list(live), "sql_spend_periods_spent_held": list(in_sql),
+            "counters_equal_charges": live == (total, 0) and in_sql[0] == total,
+        })
+    store.close()
+    report: dict[str, Any] = {
+        "caps": {"daily": args.daily_cap, "monthly": args.monthly_cap, "max_call_cost": args.max_call_cost},
+        "days": days, "spend_past_daily_cap_micros": sum(d["spend_past_cap"] for d in days),
+    }
+    if args.monthly_cap is not None:
+        per_month: dict[int, int] = {}
+        for call_id, total in charged.items():
+            month = spend_periods(TIMEZONE, args.call_days[call_id]).month_start_ms
+            per_month[month] = per_month.get(month, 0) + total
+        report["spend_past_monthly_cap_micros"] = sum(max(0, total - args.monthly_cap)
+                                                      for total in per_month.values())
+    if args.max_call_cost is not None:
+        report["most_one_call_cost"] = max(charged.values(), default=0)
+    return report
 
 
 if __name__ == "__main__":
