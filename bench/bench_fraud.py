@@ -243,6 +243,9 @@ def fastagi_run(args: argparse.Namespace, with_rules: bool) -> dict[str, Any]:
             result["agent_p50_ms"] = round(ast.percentile(share, 0.50), 3)
             result["agent_p99_ms"] = round(ast.percentile(share, 0.99), 3)
             result["agent_errors"] = adapter.agi.stats.errors + adapter.agi.stats.closed_early
+            result["refusals"] = {sample.labels["result"]: int(sample.value)
+                                  for metric in engine.metrics.authorizations.collect() for sample in metric.samples
+                                  if sample.name.endswith("_total") and sample.labels["result"] != "allowed"}
             if screen is not None:
                 result["alerts"] = screen[1].submitted
             return result
@@ -271,7 +274,7 @@ def fastagi_main(args: argparse.Namespace) -> None:
               f"(agent {off[-1]['agent_p50_ms']:.3f} / {off[-1]['agent_p99_ms']:.3f}); "
               f"on p50 {on[-1]['p50_ms']:.3f} p99 {on[-1]['p99_ms']:.3f} ms "
               f"(agent {on[-1]['agent_p50_ms']:.3f} / {on[-1]['agent_p99_ms']:.3f}); "
-              f"denied {off[-1]['denied']}/{on[-1]['denied']}, errors {off[-1]['client_errors']}/"
+              f"refused {off[-1]['refusals'] or 0}/{on[-1]['refusals'] or 0}, errors {off[-1]['client_errors']}/"
               f"{on[-1]['client_errors']}, alerts {on[-1].get('alerts', 0)}", flush=True)
 
     def med(runs: list[dict[str, Any]], key: str) -> float:
