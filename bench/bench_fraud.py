@@ -236,9 +236,15 @@ def fastagi_run(args: argparse.Namespace, with_rules: bool) -> dict[str, Any]:
             for index in range(ast.ACCOUNTS):  # warm the caches: accounts load from SQL on first use
                 engine.authorize(AuthorizeRequest("asterisk", f"warm{index}", f"acct{index}", "12125551234",
                                                   int(time.time() * 1000)))
+            redis_cpu = redis_cpu_s()
+            cpu = time.process_time()
             process, result = ast.spawn("--agi-client", str(adapter.agi_port), "--rate", str(args.rate), "--calls",
                                         str(args.calls), "--concurrent", "1")
             process.wait()
+            # CPU per authorization: the agent process (with the fake AMI server, the same in both)
+            # and the Redis server (every client's work: the bench's are the only steady ones).
+            result["agent_cpu_us"] = round((time.process_time() - cpu) / args.calls * 1e6, 1)
+            result["redis_cpu_us"] = round((redis_cpu_s() - redis_cpu) / args.calls * 1e6, 1)
             share = adapter.agent_ms[:args.calls]  # type: ignore[attr-defined]  # (the warm-up went around FastAGI)
             result["agent_p50_ms"] = round(ast.percentile(share, 0.50), 3)
             result["agent_p99_ms"] = round(ast.percentile(share, 0.99), 3)
@@ -261,6 +267,18 @@ def fastagi_run(args: argparse.Namespace, with_rules: bool) -> dict[str, Any]:
             ast.cleanup_redis(prefix)
 
 
+def redis_cpu_s() -> float:
+    import bench_asterisk as ast
+    import redis
+
+    client = redis.Redis.from_url(ast.REDIS_URL)
+    try:
+        info = client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    finally:
+        client.close()
+
+
 def fastagi_main(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     logging.disable(logging.WARNING)  # one log line per alert would measure the logging
@@ -275,7 +293,9 @@ def fastagi_main(args: argparse.Namespace) -> None:
               f"on p50 {on[-1]['p50_ms']:.3f} p99 {on[-1]['p99_ms']:.3f} ms "
               f"(agent {on[-1]['agent_p50_ms']:.3f} / {on[-1]['agent_p99_ms']:.3f}); "
               f"refused {off[-1]['refusals'] or 0}/{on[-1]['refusals'] or 0}, errors {off[-1]['client_errors']}/"
-              f"{on[-1]['client_errors']}, alerts {on[-1].get('alerts', 0)}", flush=True)
+              f"{on[-1]['client_errors']}, alerts {on[-1].get('alerts', 0)}; CPU per call agent "
+              f"{off[-1]['agent_cpu_us']}/{on[-1]['agent_cpu_us']} us, redis {off[-1]['redis_cpu_us']}/"
+              f"{on[-1]['redis_cpu_us']} us", flush=True)
 
     def med(runs: list[dict[str, Any]], key: str) -> float:
         return float(statistics.median(run[key] for run in runs))
@@ -286,6 +306,10 @@ def fastagi_main(args: argparse.Namespace) -> None:
                       ("agent_p99_ms", "agent p99")):
         a, b = med(off, key), med(on, key)
         print(f"  {what:<10}  off {a:7.3f} ms  on {b:7.3f} ms  added {b - a:+7.3f} ms  ratio {b / a if a else 0:5.2f}")
+    for key, what in (("agent_cpu_us", "agent CPU"), ("redis_cpu_us", "Redis CPU")):
+        a, b = med(off, key), med(on, key)
+        print(f"  {what:<10}  off {a:7.1f} us  on {b:7.1f} us  added {b - a:+7.1f} us per authorization "
+              f"({(b - a) * args.rate / 1e6:.0%} of a core at {args.rate:.0f}/s)")
     print(f"  load: before {load_before}; after {uptime()}")
 
 
