@@ -11,7 +11,8 @@
 server, the real engine and the real Redis balance store), without and with the fraud screen,
 interleaved run by run: 10 rules (the shipped 8 plus ``new_country`` and
 ``distinct_destinations`` to the high-risk group: ``FASTAGI_EXTRA_RULES``), every action made an
-alert so the traffic is the same, the counters in Redis (``BENCH_REDIS_URL``, default
+alert so the traffic is the same, and 3 spend caps on every account that never bind (``--no-caps``:
+the rules only), the counters in Redis (``BENCH_REDIS_URL``, default
 127.0.0.1:6379), the alerts through the alert service on a disk spool as in the daemon, CEL time
 fields in a plan timezone. Reported: p50/p99 from the client's connect() to the agent's
 ``SET VARIABLE BILLING_DECISION`` and of the agent's own share (environment read to close),
@@ -230,6 +231,8 @@ def fastagi_run(args: argparse.Namespace, with_rules: bool) -> dict[str, Any]:
         folder = Path(workdir)
         engine, (store, prefix, sql) = ast.redis_engine(workdir)
         screen = fastagi_screen(engine, bench_rules(args.rules, folder), prefix, folder) if with_rules else None
+        if with_rules and not args.no_caps:
+            set_caps(sql, ast.ACCOUNTS)
         fake = FakeAsterisk("127.0.0.1", 1, ami_secret=ast.SECRET).start()
         adapter = ast.start_agent(engine, fake)
         try:
@@ -267,6 +270,18 @@ def fastagi_run(args: argparse.Namespace, with_rules: bool) -> dict[str, Any]:
             ast.cleanup_redis(prefix)
 
 
+def set_caps(sql: Any, accounts: int) -> None:
+    """3 spend caps on every account (max call cost, daily, monthly), high enough never to bind:
+    the balance store draws on each at every step (loaded with the account at the warm-up)."""
+    from agent.adapters.sql import accounts as repo
+    from agent.adapters.sql.engine import session_factory, transaction
+
+    with transaction(session_factory(sql)) as session:
+        for index in range(accounts):
+            repo.set_limits(session, f"acct{index}", max_call_cost_micros=10**12, daily_micros=10**13,
+                            monthly_micros=10**14)
+
+
 def redis_cpu_s() -> float:
     import bench_asterisk as ast
     import redis
@@ -300,8 +315,9 @@ def fastagi_main(args: argparse.Namespace) -> None:
     def med(runs: list[dict[str, Any]], key: str) -> float:
         return float(statistics.median(run[key] for run in runs))
 
+    caps = "no spend caps" if args.no_caps else "3 spend caps (max call cost, daily, monthly) on every account"
     print(f"FastAGI at {args.rate:.0f}/s, {args.calls} calls per run, {args.runs} runs interleaved (medians); "
-          "10 rules, counters in Redis; spend caps: not in the Redis balance store yet")
+          f"on = 10 rules with the counters in Redis and {caps}")
     for key, what in (("p50_ms", "client p50"), ("p99_ms", "client p99"), ("agent_p50_ms", "agent p50"),
                       ("agent_p99_ms", "agent p99")):
         a, b = med(off, key), med(on, key)
@@ -332,6 +348,7 @@ def main() -> None:
     parser.add_argument("--redis", default="", help="redis://... : the counters in Redis (shared by every node)")
     parser.add_argument("--fastagi", action="store_true", help="through real FastAGI with Redis (see above)")
     parser.add_argument("--rate", type=float, default=1000.0, help="--fastagi: calls per second")
+    parser.add_argument("--no-caps", action="store_true", help="--fastagi: the rules only, no spend caps")
     args = parser.parse_args()
     if args.fastagi:
         fastagi_main(args)
