@@ -153,8 +153,9 @@ class Daemon:
         self.rate_cache = self._make_rate_cache(self.sql)
         self.cdr = make_cdr_pipeline(self.config, self.sql, metrics=self.metrics)
         self.cdr.start()
-        plans = self.plans = AccountPlans(self.sql, self.clock.now_ms)
-        bundle_book = self.bundle_book = BundleBook(self.sql, self.clock.now_ms)
+        # Stale entries are read again off the authorization path (background).
+        plans = self.plans = AccountPlans(self.sql, self.clock.now_ms, background=True)
+        bundle_book = self.bundle_book = BundleBook(self.sql, self.clock.now_ms, background=True)
         billing = self.config.billing
         store = EngineStoreAdapter(self.store, node=self.config.node.id,
                                    ttl_ms=billing.reservation_ttl_seconds * 1000)

@@ -39,3 +39,30 @@ def test_the_last_known_plan_serves_while_the_database_is_down(sqlite_engine: En
     now.ms += 2_500
     plans.engine = sqlite_engine  # the database is back
     assert plans.plan_of("alice") == "retail" and plans.stale_since_ms is None
+
+
+def test_a_stale_plan_is_served_at_once_and_read_again_off_the_authorization_path(sqlite_engine: Engine) -> None:
+    """With ``background`` (the daemon) an authorization never waits on SQL for an account seen
+    before: the stale entry answers and a greenlet reads the new one."""
+    import gevent
+
+    from agent.adapters.sql.models import Account, RatePlan
+
+    with transaction(session_factory(sqlite_engine)) as s:
+        create_plan(s, "retail", currency="EUR")
+        create_plan(s, "gold", currency="EUR")
+        create_account(s, "alice", plan="retail", balance_micros=0)
+    now = Now()
+    plans = AccountPlans(sqlite_engine, now, ttl_ms=30_000, background=True)
+    assert plans.plan_of("alice") == "retail"
+    with transaction(session_factory(sqlite_engine)) as s:
+        gold = s.query(RatePlan).filter_by(name="gold").one()
+        s.query(Account).filter_by(id="alice").update({"rate_plan_id": gold.id})
+    now.ms += 60_000
+    reads: list[str] = []
+    load = plans.lookup.load
+    plans.lookup.load = lambda key: reads.append(key) or load(key)  # type: ignore[func-returns-value]
+    assert plans.plan_of("alice") == "retail" and reads == []  # served stale, nothing read in line
+    gevent.sleep(0)  # the refresh greenlet runs
+    gevent.sleep(0.05)
+    assert reads == ["alice"] and plans.plan_of("alice") == "gold"

@@ -13,19 +13,16 @@ money for a call its bundle covers is a wrong bill.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 from sqlalchemy import Engine, or_, select
-from sqlalchemy.exc import SQLAlchemyError
 
 from agent.adapters.sql.balance_store import datetime_to_ms, ms_to_datetime
+from agent.adapters.sql.cached_lookup import CachedLookup
 from agent.adapters.sql.models import Bundle, BundleGrant, BundlePrefix
 from agent.core.bundles import BundleDef, PeriodKind
 from agent.core.bundles import BundleGrant as Grant
 from agent.core.rating import OPEN_END_MS
-
-log = logging.getLogger(__name__)
 
 
 class BundlesUnavailable(Exception):
@@ -58,46 +55,32 @@ def load_grants(engine: Engine, account_id: str, now_ms: int) -> tuple[Grant, ..
 
 
 class BundleBook:
+    """Each account's grants (``grants_of``), cached (see ``cached_lookup.py``): ``background``
+    re-reads stale entries off the authorization path."""
+
     def __init__(self, engine: Engine, now_ms: Callable[[], int], *, ttl_ms: int = 5_000,
-                 retry_ms: int = 2_000) -> None:
+                 retry_ms: int = 2_000, background: bool = False) -> None:
         self.engine = engine
         self.now_ms = now_ms
-        self.ttl_ms = ttl_ms
-        self.retry_ms = retry_ms
-        self._cache: dict[str, tuple[tuple[Grant, ...], int]] = {}
-        self._retry_at_ms = 0
-        self.stale_since_ms: int | None = None
+        self.lookup: CachedLookup[tuple[Grant, ...]] = CachedLookup(
+            "bundle grants", self._load, now_ms, ttl_ms=ttl_ms, retry_ms=retry_ms, background=background,
+            unavailable=lambda why: BundlesUnavailable(f"the database does not answer ({why})"))
+
+    def _load(self, account_id: str) -> tuple[Grant, ...]:
+        return load_grants(self.engine, account_id, self.now_ms())
 
     def grants_of(self, account_id: str) -> tuple[Grant, ...]:
-        now = self.now_ms()
-        cached = self._cache.get(account_id)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        if now < self._retry_at_ms:
-            return self._last_known(account_id, cached)
         try:
-            grants = load_grants(self.engine, account_id, now)
-        except SQLAlchemyError as exc:
-            self._retry_at_ms = now + self.retry_ms
-            if self.stale_since_ms is None:
-                self.stale_since_ms = now
-                log.error("database unreachable for bundle grants (%s); serving each account's last known grants",
-                          exc.__class__.__name__)
-            return self._last_known(account_id, cached)
-        if self.stale_since_ms is not None:
-            log.warning("database answers again for bundle grants after %.1f s", (now - self.stale_since_ms) / 1000)
-            self.stale_since_ms = None
-        self._cache[account_id] = (grants, now + self.ttl_ms)
-        return grants
+            return self.lookup.get(account_id)
+        except BundlesUnavailable as exc:
+            raise BundlesUnavailable(f"{exc} and the bundle grants of account {account_id!r} were never read") from None
 
-    def _last_known(self, account_id: str, cached: tuple[tuple[Grant, ...], int] | None) -> tuple[Grant, ...]:
-        if cached is None:
-            raise BundlesUnavailable(f"the database does not answer and the bundle grants of account "
-                                     f"{account_id!r} were never read")
-        return cached[0]
+    @property
+    def stale_since_ms(self) -> int | None:
+        return self.lookup.stale_since_ms
 
     def forget(self, account_id: str | None = None) -> None:
-        if account_id is None:
-            self._cache.clear()
-        else:
-            self._cache.pop(account_id, None)
+        self.lookup.forget(account_id)
+
+    def close(self) -> None:
+        self.lookup.close()
