@@ -289,7 +289,8 @@ class SqlBalanceStore:
         holds = load_holds(r.bundle_slots)
         if req.bundle_want_s <= 0 or not holds:
             return req.reserve_micros, 0
-        periods = [open_period(session, r.account_id, slot) for slot, _ in holds]
+        with session.no_autoflush:  # the reservation's changes go in its one UPDATE at the end
+            periods = [open_period(session, r.account_id, slot) for slot, _ in holds]
         taken, reserve = nibble_bundle_draw([p.granted_s - p.used_s - p.reserved_s for p in periods],
                                             req.bundle_want_s, req.reserve_micros)
         for period, seconds in zip(periods, taken, strict=True):
