@@ -367,6 +367,9 @@ def test_limits_set_reaches_a_running_redis_store(tmp_path: Path, redis_client: 
         assert not refused.allowed and refused.reason is DenyReason.SPEND_LIMIT
         assert node.spend_counters("alice", spend_periods("Europe/Paris", now)) == {
             "day": (0, 2 * UNIT), "month": (0, 2 * UNIT)}
+        shown = json.loads(ok("limits", "show", "alice", "--json"))  # every node's live holds, from Redis
+        assert shown["source"] == "redis" and shown["daily"] == {"cap": "2.000000", "spent": "0.000000",
+                                                                 "held": "2.000000", "left": "0.000000"}
         ok("limits", "set", "alice", "--daily", "none")
         assert node.authorize("alice", "r4", "n1", 5 * UNIT, 10_000, now, TTL).granted_micros == 5 * UNIT
     finally:

@@ -9,7 +9,6 @@ restart or failover. Without Redis the embedded store keeps everything in SQL: n
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import click
@@ -20,6 +19,7 @@ from agent.adapters.sql.engine import session_factory
 from agent.adapters.sql.models import Account
 from agent.cli.common import app, handle_errors, print_json
 from agent.core.balance import AccountState, StoreUnavailable
+from agent.core.budgets import SpendPeriods
 from agent.core.bundles import PeriodState
 from agent.core.errors import BillingError
 from agent.core.money import format_amount
@@ -70,15 +70,27 @@ def store_bundle_periods(ctx: click.Context, account_id: str) -> tuple[dict[tupl
     store = redis_store(ctx)
     if store is None:
         return None, "sql"
-    reader: Callable[[str], dict[tuple[int, int], PeriodState]] | None = getattr(store, "bundle_periods", None)
     try:
-        if reader is None:
-            click.echo("warning: this Redis balance store does not keep bundle periods: the SQL database's "
-                       "figures are shown", err=True)
-            return None, "sql (redis keeps no bundle periods)"
-        return reader(account_id), "redis"
+        return store.bundle_periods(account_id), "redis"
     except StoreUnavailable as exc:
         click.echo(f"warning: Redis unavailable, bundle figures are the SQL database's ({exc})", err=True)
+        return None, "sql (redis unavailable)"
+    finally:
+        store.close()
+
+
+def store_spend_counters(ctx: click.Context, account_id: str, periods: SpendPeriods
+                         ) -> tuple[dict[str, tuple[int, int]] | None, str]:
+    """The live spend counters (day, month -> spent, held by live calls on every node) of the
+    account in Redis, and where they came from; None when SQL's ``spend_periods`` is the source
+    (no Redis: the embedded store keeps them there, live holds included; or Redis away)."""
+    store = redis_store(ctx)
+    if store is None:
+        return None, "sql"
+    try:
+        return store.spend_counters(account_id, periods), "redis"
+    except StoreUnavailable as exc:
+        click.echo(f"warning: Redis unavailable, spend figures are the SQL database's ({exc})", err=True)
         return None, "sql (redis unavailable)"
     finally:
         store.close()

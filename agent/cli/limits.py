@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from agent.adapters.sql import accounts as repo
 from agent.adapters.sql.models import RatePlan, SpendPeriod
-from agent.cli.balance_cache import sync_account
+from agent.cli.balance_cache import store_spend_counters, sync_account
 from agent.cli.common import app, handle_errors, print_json
 from agent.core.budgets import SpendLimits, spend_periods
 from agent.core.money import MoneyError, format_amount, parse_amount
@@ -90,17 +90,18 @@ def _show(ctx: click.Context, view: repo.AccountView, as_json: bool) -> None:
         rows = {(row.kind, row.start_ms): row for row in session.scalars(
             select(SpendPeriod).where(SpendPeriod.account_id == view.id))}
     caps: SpendLimits = view.limits
-    day = rows.get(("day", periods.day_start_ms))
-    month = rows.get(("month", periods.month_start_ms))
-    data: dict[str, Any] = {"account": view.id, "currency": view.currency, "timezone": timezone}
-    for name, cap, row in (("max_call_cost", caps.max_call_cost_micros, None),
-                           ("daily", caps.daily_micros, day), ("monthly", caps.monthly_micros, month)):
-        used = (row.spent_micros + row.held_micros) if row is not None else 0
+    live, source = store_spend_counters(ctx, view.id, periods)
+    figures = live if live is not None else {
+        kind: (row.spent_micros, row.held_micros) if (row := rows.get((kind, start))) is not None else (0, 0)
+        for kind, start in (("day", periods.day_start_ms), ("month", periods.month_start_ms))}
+    data: dict[str, Any] = {"account": view.id, "currency": view.currency, "timezone": timezone, "source": source}
+    for name, cap, kind in (("max_call_cost", caps.max_call_cost_micros, ""),
+                            ("daily", caps.daily_micros, "day"), ("monthly", caps.monthly_micros, "month")):
         entry: dict[str, Any] = {"cap": None if cap is None else format_amount(cap)}
-        if name != "max_call_cost":
-            entry.update(spent=format_amount(row.spent_micros if row else 0),
-                         held=format_amount(row.held_micros if row else 0),
-                         left=None if cap is None else format_amount(max(cap - used, 0)))
+        if kind:
+            spent, held = figures[kind]
+            entry.update(spent=format_amount(spent), held=format_amount(held),
+                         left=None if cap is None else format_amount(max(cap - spent - held, 0)))
         data[name] = entry
     if as_json:
         print_json(data)
