@@ -43,6 +43,12 @@ def w(request: pytest.FixtureRequest, engines: Engines) -> Iterator[World]:
     yield from world_for(request, engines)
 
 
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
+def sql_w(request: pytest.FixtureRequest, engines: Engines) -> Iterator[World]:
+    """The embedded SQL store only (it keeps the live holds in spend_periods)."""
+    yield from world_for(request, engines)
+
+
 def caps(w: World, account_id: str, **limits: int | None) -> None:
     """What ``limits set`` does: the caps in SQL, then pushed into a shared store that has the
     account (``sync_account``)."""
@@ -403,3 +409,27 @@ def test_limits_set_and_show_from_the_command_line(sqlite_engine: Engine) -> Non
     assert code != 0 and "unknown account 'bob'" in out
     with transaction(sessionmaker(sqlite_engine)) as s:
         assert repo.view_account(s, "alice").limits == SpendLimits(max_call_cost_micros=1_500_000)
+
+
+def test_ledger_check_proves_the_spend_counters_of_the_embedded_store(sql_w: World) -> None:
+    from sqlalchemy import update
+
+    from agent.adapters.sql.reconcile import Report, check_spend
+
+    a = sql_w.account("checked", balance=10 * UNIT)
+    caps(sql_w, a, daily_micros=5 * UNIT)
+    store = sql_w.store()
+    store.authorize(a, "k1", "n1", 100_000, 10_000, T0, TTL)
+    store.debit_and_reserve("k1", 1, 100_000, 100_000, T0 + 10_000, TTL)
+    store.authorize(a, "k2", "n1", 100_000, 10_000, T0, TTL)
+    store.settle("k2", 1, 70_000, T0 + 20_000)
+    with transaction(sql_w.sessions) as s:
+        report = Report()
+        assert check_spend(s, report, 10) == 2 and report.ok, report.problems
+        s.execute(update(SpendPeriod).where(SpendPeriod.kind == "day").values(spent_micros=1))
+    with transaction(sql_w.sessions) as s:
+        report = Report()
+        check_spend(s, report, 10)
+        (problem,) = report.problems
+        assert problem.problem == "day spend counter differs from its calls"
+        assert problem.detail["charged_micros"] == 70_000 and problem.detail["open_reservations_micros"] == 200_000

@@ -9,7 +9,7 @@ import click
 
 from agent.adapters.sql.bundles_admin import check_bundles
 from agent.adapters.sql.models import utcnow
-from agent.adapters.sql.reconcile import Problem, check_ledger
+from agent.adapters.sql.reconcile import Problem, check_ledger, check_spend
 from agent.cli.common import app, fail, handle_errors, print_json
 from agent.core.money import format_amount
 
@@ -53,16 +53,21 @@ def check(ctx: click.Context, grace_seconds: int, limit: int, as_json: bool) -> 
     Bundles: every opened period's granted and used seconds equal the sums of its bundle_usage
     rows (granted = grant + rollover rows, used = -(use + adjust rows)), none is used beyond its
     grant, the seconds live calls hold add up (embedded SQL store), and each call's rating
-    decision records the bundle seconds its usage rows took."""
+    decision records the bundle seconds its usage rows took.
+
+    Spend caps (embedded SQL store): every day's and month's counter equals what its calls were
+    charged and hold."""
     context = app(ctx)
     with context.transaction() as session:
         report = check_ledger(session, now=utcnow(), grace=timedelta(seconds=grace_seconds), limit=limit)
         bundles = check_bundles(session, report, limit=limit, embedded=not context.config.redis.url)
+        spend_counters = check_spend(session, report, limit) if not context.config.redis.url else 0
     if as_json:
         print_json({"accounts": report.accounts, "settled_calls": report.settled_calls,
                     "charges": report.charges, "pending_charges": report.pending_charges,
                     "bundle_periods": bundles.periods, "bundle_usage_rows": bundles.usage_rows,
-                    "bundle_calls": bundles.calls, "ok": report.ok, "problem_count": report.problem_count,
+                    "bundle_calls": bundles.calls, "spend_counters": spend_counters,
+                    "ok": report.ok, "problem_count": report.problem_count,
                     "problems": [_problem_json(p) for p in report.problems]})
     else:
         for p in report.problems:
@@ -76,5 +81,8 @@ def check(ctx: click.Context, grace_seconds: int, limit: int, as_json: bool) -> 
                 click.echo(f"bundles ok: {bundles.periods} periods, each granted and used equal to its "
                            f"{bundles.usage_rows} usage rows, none below zero; {bundles.calls} calls' bundle "
                            "seconds match their rating decisions")
+            if spend_counters:
+                click.echo(f"spend caps ok: {spend_counters} day and month counters equal to what their calls "
+                           "were charged and hold")
     if not report.ok:
         fail(f"{report.problem_count} difference(s) found", code=1)

@@ -22,7 +22,7 @@ from sqlalchemy import and_, func, literal, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from agent.adapters.sql.accounts import ledger_sums
-from agent.adapters.sql.models import Account, Call, LedgerEntry, Reservation
+from agent.adapters.sql.models import Account, Call, LedgerEntry, Reservation, SpendPeriod
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,41 @@ def check_charges(session: Session, report: Report, now: datetime, grace: timede
             lambda r: Problem("charge without a settled call", r[1], r[0],
                               {"call_record": "missing" if r[3] is None else "not settled",
                                "charged_at": r[2].isoformat()}), limit)
+
+
+def check_spend(session: Session, report: Report, limit: int) -> int:
+    """Spend caps on the embedded SQL store (DESIGN §8): each day's and month's ``held`` equals
+    what its open reservations hold (reserved + debited), and ``spent`` what the ledger charged
+    the calls that started in it (``charge:`` and ``charge-late:`` entries of its reservations).
+    With Redis the live holds are in Redis and SQL has no call's day: not checked. Returns the
+    number of counters checked."""
+    counted = 0
+    for kind, start in (("day", Reservation.spend_day_ms), ("month", Reservation.spend_month_ms)):
+        held = {(a, int(t)): int(v) for a, t, v in session.execute(
+            select(Reservation.account_id, start, func.sum(Reservation.reserved_micros + Reservation.debited_micros))
+            .where(Reservation.state == "open", start != 0).group_by(Reservation.account_id, start))}
+        spent = {(a, int(t)): -int(v) for a, t, v in session.execute(
+            select(Reservation.account_id, start, func.sum(LedgerEntry.amount_micros))
+            .join(LedgerEntry, LedgerEntry.call_id == Reservation.call_id)
+            .where(start != 0, or_(LedgerEntry.kind == "charge", LedgerEntry.reference.like("charge-late:%")))
+            .group_by(Reservation.account_id, start))}
+        rows = {(a, int(t)): (int(sp), int(h)) for a, t, sp, h in session.execute(
+            select(SpendPeriod.account_id, SpendPeriod.start_ms, SpendPeriod.spent_micros, SpendPeriod.held_micros)
+            .where(SpendPeriod.kind == kind))}
+        counted += len(rows)
+        listed = 0
+        for key in sorted(set(rows) | set(held) | set(spent)):
+            want = (spent.get(key, 0), held.get(key, 0))
+            have = rows.get(key, (0, 0))
+            if have != want:
+                report.problem_count += 1
+                if listed < limit:
+                    listed += 1
+                    report.problems.append(Problem(
+                        f"{kind} spend counter differs from its calls", key[0],
+                        detail={"start_ms": key[1], "spent_micros": have[0], "held_micros": have[1],
+                                "charged_micros": want[0], "open_reservations_micros": want[1]}))
+    return counted
 
 
 def check_ledger(session: Session, *, now: datetime, grace: timedelta, limit: int = 100) -> Report:
