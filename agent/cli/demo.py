@@ -25,7 +25,7 @@ import click
 import gevent
 from sqlalchemy import Engine, select
 
-from agent.adapters.sql.accounts import create_account
+from agent.adapters.sql.accounts import create_account, set_limits
 from agent.adapters.sql.bundles_admin import (
     account_grants,
     account_timezone,
@@ -65,6 +65,10 @@ IRSF_ACCOUNT = "mallory"
 # in money (0.30/min: 5,000 micro-units a second), with no connect fee since a bundle covers it.
 BUNDLE_ACCOUNT = "dave"
 BUNDLE = BundleDef("uk-demo", 5, ("44",), PeriodKind.MONTH)
+# A spend cap (DESIGN §8): erin has money, but no call of hers may cost more than 0.03; her call
+# to France (a cent a second) is cut at 3 s, the instant it reaches the cap.
+CAPPED_ACCOUNT = "erin"
+CAPPED_MAX_CALL_COST = "0.03"
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ ACCOUNTS = (
     DemoAccount("acme", "0.12"),
     DemoAccount(IRSF_ACCOUNT, "20.00"),
     DemoAccount(BUNDLE_ACCOUNT, "1.00"),
+    DemoAccount(CAPPED_ACCOUNT, "5.00"),
 )
 
 CALLS = (
@@ -100,6 +105,8 @@ CALLS = (
     DemoCall("carol has no money", "carol", "33142685300", 1.0, 5_000, "denied", "1003"),
     DemoCall("dave: 5 s bundle to the UK, talks 8 s", BUNDLE_ACCOUNT, "442079460000", 0.2, 8_000, "answered",
              "1006"),
+    DemoCall(f"erin: 5.00 of money, calls capped at {CAPPED_MAX_CALL_COST}", CAPPED_ACCOUNT, "33142685301", 0.3,
+             10_000, "cut", "1007"),
     DemoCall("alice dials a blocked premium number", "alice", "449012345", 1.5, 5_000, "denied", "1001"),
     DemoCall("acme line 1 (0.12 shared by two calls)", "acme", "33140000001", 2.0, 20_000, "cut", "1004"),
     DemoCall("acme line 2 (0.12 shared by two calls)", "acme", "33140000002", 2.0, 20_000, "cut", "1005"),
@@ -131,6 +138,7 @@ def prepare_database(url: str, folder: Path) -> Engine:
         for account in ACCOUNTS:
             create_account(session, account.account_id, plan=PLAN,
                            balance_micros=parse_amount(account.balance), max_concurrent_calls=account.max_calls)
+        set_limits(session, CAPPED_ACCOUNT, max_call_cost_micros=parse_amount(CAPPED_MAX_CALL_COST))
         create_bundle(session, BUNDLE)
         grant_bundle(session, BUNDLE_ACCOUNT, BUNDLE.name, reference="demo-bundle")
     return engine
@@ -282,6 +290,7 @@ def _show_results(engine: Engine, handles: list[tuple[DemoCall, Any]], out: Any)
     out.print(cdrs)
     ok = _show_fraud(engine, out) and ok
     ok = _show_bundle(engine, [r for r in rows if r[1] == BUNDLE_ACCOUNT], out) and ok
+    ok = _show_cap([r for r in rows if r[1] == CAPPED_ACCOUNT], out) and ok
     answered = sum(1 for call, _ in handles if call.expect != "denied")
     if len(rows) != answered:
         out.print(f"[red]expected {answered} CDRs, found {len(rows)}")
@@ -324,6 +333,21 @@ def _show_bundle(engine: Engine, rows: list[Any], out: Any) -> bool:
     if not good:
         out.print(f"[red]expected {BUNDLE.seconds} s from the bundle, then money for the rest, and the bundle used up")
     return good
+
+
+def _show_cap(rows: list[Any], out: Any) -> bool:
+    """Erin's call: cut the instant its cost reached her max call cost, her money untouched beyond it."""
+    cap = parse_amount(CAPPED_MAX_CALL_COST)
+    if len(rows) != 1:
+        out.print(f"[red]expected one call of {CAPPED_ACCOUNT}, found {len(rows)}")
+        return False
+    billed, cost = rows[0][4], rows[0][5]
+    out.print(f"spend cap: {CAPPED_ACCOUNT}'s call cut at {billed} s, cost {format_amount(cost)} = her max call cost "
+              f"{CAPPED_MAX_CALL_COST} (billing-agent limits show {CAPPED_ACCOUNT}), with 5.00 of money")
+    if cost != cap:
+        out.print(f"[red]expected the call to cost exactly the cap {CAPPED_MAX_CALL_COST}")
+        return False
+    return True
 
 
 def utcnow_ms() -> int:
