@@ -217,8 +217,11 @@ def test_the_spool_is_fsynced_in_groups(tmp_path: Path) -> None:
 def test_the_stream_queue_survives_a_restart_while_redis_is_away(tmp_path: Path, redis_client: object,
                                                                  redis_prefix: str) -> None:
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
-    away = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)  # nothing listens on port 1
+    away = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2,  # nothing listens on port 1
+                       retry=Retry(NoBackoff(), 0))
     spool = tmp_path / "stream.jsonl"
     stream = AlertStream(away, key_prefix=redis_prefix, queue=AlertSpool(spool))
     stream.enqueue(alert(0).with_event_id("e0"))
