@@ -1,28 +1,26 @@
 """Low-balance alert thresholds (DESIGN §8): ``accounts.low_balance_micros`` or, when that is NULL,
 ``rate_plans.low_balance_micros`` of the account's plan; NULL on both: no alert for the account.
 
-:class:`LowBalanceThresholds` caches the threshold in force per account for the daemon (as
-``account_plans.py`` caches plans): ``ttl_ms`` for a known account, ``negative_ttl_ms`` for an
-unknown one; while the database does not answer, the last known threshold serves and the database
-is not asked again for ``retry_ms``. A change made with the CLI applies within ``ttl_ms`` (30 s).
+:class:`LowBalanceThresholds` caches the threshold in force per account for the daemon, with the
+rules of ``cached_lookup.py`` (as account plans): ``ttl_ms`` for a known account,
+``negative_ttl_ms`` for an unknown one; while the database does not answer, the last known
+threshold serves and the database is not asked again for ``retry_ms``. A change made with the CLI
+applies within ``ttl_ms`` (30 s).
 The functions below are the CLI's (``accounts set-low-balance``, ``plans set-low-balance``,
 ``accounts show``).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, func, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from agent.adapters.sql.cached_lookup import CachedLookup
 from agent.adapters.sql.models import Account, RatePlan, utcnow
 from agent.core.errors import InvalidInput, NotFound
-
-log = logging.getLogger(__name__)
 
 MAX_THRESHOLD_MICROS = 10**15  # 1e9 units: a typo guard, far above any real threshold
 
@@ -32,53 +30,41 @@ class ThresholdUnavailable(Exception):
 
 
 class LowBalanceThresholds:
+    """The threshold in force per account (``threshold_of``), cached by ``CachedLookup`` (the
+    rules of ``cached_lookup.py``, as for account plans). Read from the low-balance watch's own
+    greenlet, never from the call path."""
+
     def __init__(self, engine: Engine, now_ms: Callable[[], int], *, ttl_ms: int = 30_000,
                  negative_ttl_ms: int = 10_000, retry_ms: int = 5_000) -> None:
         self.engine = engine
-        self.now_ms = now_ms
-        self.ttl_ms = ttl_ms
-        self.negative_ttl_ms = negative_ttl_ms
-        self.retry_ms = retry_ms
-        self._cache: dict[str, tuple[int | None, int]] = {}  # account -> (threshold, until ms)
-        self._retry_at_ms = 0
         self.reads = 0
+        self.lookup: CachedLookup[tuple[bool, int | None]] = CachedLookup(
+            "low-balance thresholds", self._load, now_ms, ttl_ms=ttl_ms, negative_ttl_ms=negative_ttl_ms,
+            retry_ms=retry_ms, found=lambda value: value[0],
+            unavailable=lambda why: ThresholdUnavailable(f"the database does not answer ({why})"))
+
+    def _load(self, account_id: str) -> tuple[bool, int | None]:
+        """(the account exists, its threshold in force)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(Account.low_balance_micros, RatePlan.low_balance_micros)
+                               .join(RatePlan, Account.rate_plan_id == RatePlan.id)
+                               .where(Account.id == account_id)).first()
+        self.reads += 1
+        if row is None:
+            return False, None
+        return True, row[0] if row[0] is not None else row[1]
 
     def threshold_of(self, account_id: str) -> int | None:
-        """The threshold in force (micro-units), None when the account has none (or is unknown)."""
-        now = self.now_ms()
-        cached = self._cache.get(account_id)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        if now < self._retry_at_ms:
-            return self._last_known(account_id, cached)
+        """The threshold in force (micro-units), None when the account has none (or is unknown);
+        raises ThresholdUnavailable when the database is away and the account was never read."""
         try:
-            with self.engine.connect() as conn:
-                row = conn.execute(select(Account.low_balance_micros, RatePlan.low_balance_micros)
-                                   .join(RatePlan, Account.rate_plan_id == RatePlan.id)
-                                   .where(Account.id == account_id)).first()
-            self.reads += 1
-        except SQLAlchemyError as exc:
-            self._retry_at_ms = now + self.retry_ms
-            log.warning("low-balance threshold of %s not read (%s); the last known one serves", account_id,
-                        exc.__class__.__name__)
-            return self._last_known(account_id, cached)
-        threshold = None if row is None else (row[0] if row[0] is not None else row[1])
-        if len(self._cache) > 200_000:  # bounded: drop what expired
-            self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
-        self._cache[account_id] = (threshold, now + (self.ttl_ms if row is not None else self.negative_ttl_ms))
-        return threshold
-
-    def _last_known(self, account_id: str, cached: tuple[int | None, int] | None) -> int | None:
-        if cached is None:
-            raise ThresholdUnavailable(f"the database does not answer and the low-balance threshold of account "
-                                       f"{account_id!r} was never read")
-        return cached[0]
+            return self.lookup.get(account_id)[1]
+        except ThresholdUnavailable as exc:
+            raise ThresholdUnavailable(f"{exc} and the low-balance threshold of account {account_id!r} was never "
+                                       "read") from None
 
     def forget(self, account_id: str | None = None) -> None:
-        if account_id is None:
-            self._cache.clear()
-        else:
-            self._cache.pop(account_id, None)
+        self.lookup.forget(account_id)
 
 
 @dataclass(frozen=True)
