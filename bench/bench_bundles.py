@@ -144,12 +144,17 @@ def wire(kind: str, url: str, key_prefix: str, now_ms: Callable[[], int]) -> Wir
         store = RedisBalanceStore(make_client(REDIS_URL, 2_000), sessions, key_prefix=key_prefix)
     else:
         store = SqlBalanceStore(sessions)
-    plans = AccountPlans(engine, now_ms)
-    book = BundleBook(engine, now_ms)
+    # As in the daemon (background=True): an entry gone stale is served and read again by a
+    # greenlet of its own, never by the authorization. This bench does not yield to gevent, so
+    # the re-reads wait; the authorization path is what the daemon runs.
+    plans = AccountPlans(engine, now_ms, background=True)
+    book = BundleBook(engine, now_ms, background=True)
     rates = RatePlanCache(engine, check_interval_seconds=3_600)
     rater = PlanRater(plans.plan_of, rates, book.grants_of)
 
     def cleanup() -> None:
+        plans.close()
+        book.close()
         store.close()
         engine.dispose()
 

@@ -145,12 +145,32 @@ def _add_months(year: int, month: int, months: int) -> tuple[int, int]:
     return index // 12, index % 12 + 1
 
 
+# The last periods found per (kind, anchor, timezone): every call of the period has the same
+# bounds, and working them out (a timezone conversion or two) was most of a call's bundle cost.
+# Two per key: the current period and the one before (a rollover's carry). Bounded, no I/O.
+_BOUNDS: dict[tuple[PeriodKind, int, str], tuple[tuple[int, int], ...]] = {}
+_BOUNDS_MAX = 4096
+
+
 def period_bounds(bundle: BundleDef, timezone: str, at_ms: int, *, valid_from_ms: int = 0,
                   valid_until_ms: int = OPEN_END_MS) -> tuple[int, int]:
     """The half-open period ``[start, end)`` (epoch ms) of ``bundle`` in force at ``at_ms``, read
     in ``timezone``. A ``once`` bundle has one period: the grant's validity."""
     if bundle.period is PeriodKind.ONCE:
         return valid_from_ms, valid_until_ms
+    key = (bundle.period, bundle.anchor, timezone)
+    known = _BOUNDS.get(key, ())
+    for start, end in known:
+        if start <= at_ms < end:
+            return start, end
+    found = _period_bounds(bundle, timezone, at_ms)
+    if len(_BOUNDS) >= _BOUNDS_MAX:
+        _BOUNDS.clear()
+    _BOUNDS[key] = (found, *known[:1])
+    return found
+
+
+def _period_bounds(bundle: BundleDef, timezone: str, at_ms: int) -> tuple[int, int]:
     tz = zone(timezone)
     local = (_EPOCH + timedelta(milliseconds=at_ms)).astimezone(tz)
     if bundle.period is PeriodKind.WEEK:
