@@ -355,3 +355,21 @@ def test_a_batch_written_ahead_leaves_the_spool_only_after_the_one_before_it(spo
     assert (report.written, report.backlog_bytes) == (35, 0)
     assert sorted(store.fast_writes) == [f"call-{i:06d}" for i in range(35)]  # 10-19 not written twice
     pipeline.stop(1)
+
+
+def test_a_spool_written_before_bundle_seconds_still_decodes() -> None:
+    """An agent upgraded with CDRs in its spool: the cdr2 form (no bundle_seconds) is read with
+    0 bundle seconds, and the current form keeps them."""
+    import dataclasses
+
+    from agent.services.cdr_lines import decode_lines, encode_lines
+
+    record = make_record(1)
+    assert record.rating is not None
+    with_bundle = dataclasses.replace(record, rating=dataclasses.replace(record.rating, bundle_seconds=42))
+    assert decode_lines(encode_lines(with_bundle)) == with_bundle
+    lines = encode_lines(record).split(b"\n")
+    old = b"\n".join([lines[0].replace(b"cdr3\t", b"cdr2\t"), *lines[1:-2],
+                      lines[-2].rsplit(b"\t", 1)[0], b""])  # the rating row without its last field
+    assert old.startswith(b"cdr2\t") and decode_lines(old) == record
+    assert decode_record(old) == record
