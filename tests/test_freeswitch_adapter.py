@@ -15,12 +15,14 @@ import gevent
 import gevent.event
 import gevent.pool
 import pytest
+from gevent import socket as gsocket
 from gevent.server import StreamServer
 from greenswitch import InboundESL
 
-from agent.adapters.freeswitch.adapter import FreeswitchAdapter, FreeswitchSettings
+from agent.adapters.freeswitch.adapter import AuthorizeServer, FreeswitchAdapter, FreeswitchSettings
 from agent.adapters.freeswitch.esl import EslSettings, NotConnected
 from agent.adapters.freeswitch.esl_protocol import encode_event
+from agent.adapters.listener import serve_tcp
 from agent.core.events import (
     AuthorizeDecision,
     AuthorizeRequest,
@@ -547,8 +549,9 @@ def start_socket_adapter(fake: FakeFreeswitch, engine: FakeEngine, started: Star
 def test_the_socket_application_authorizes_in_one_round_trip(socket_fake: FakeFreeswitch, engine: FakeEngine,
                                                              started: Started) -> None:
     """billing.xml's ``socket`` app connects; the agent answers ``connect``, decides from the
-    channel data, sets the decision and the caller's ceiling in one write and closes; the
-    dialplan goes on at once (no parked channel to wake: the park loop sleeps 20 ms a turn)."""
+    channel data, clears the refusal and sets the limit and the caller's ceiling in one write
+    and closes; the dialplan dials in the same pass (no parked channel to wake: the park loop
+    sleeps 20 ms a turn; no second pass through the context)."""
     start_socket_adapter(socket_fake, engine, started)
     call = socket_fake.place_call("1001", "33123456", caller="2001", answer_after_ms=50, talk_ms=400)
     finish(call)
@@ -559,13 +562,53 @@ def test_the_socket_application_authorizes_in_one_round_trip(socket_fake: FakeFr
     outbound = [c for c in socket_fake.commands if c.startswith("outbound ")]
     assert outbound == [
         "outbound connect",
-        f"outbound api uuid_setvar_multi {call.a_uuid} billing_decision=allow;billing_backstop_s=61;"
+        f"outbound api uuid_setvar_multi {call.a_uuid} billing_refusal=;billing_backstop_s=61;"
         "billing_ceiling_s=181"]  # one short command: FreeSWITCH reads an outbound socket a byte at a time
+    # billing_decision stays empty: a later pass through billing-outbound (the caller's leg
+    # transferred) asks the agent again instead of dialling on an old decision.
+    assert not any("billing_decision" in c for c in socket_fake.commands)
     # What the dialplan does not read comes after, over the event socket (off the post-dial path).
     engine.wait_for(lambda: f"api uuid_setvar_multi {call.a_uuid} billing_call_id=call-{call.a_uuid};"
                             "billing_limit_ms=60000" in socket_fake.commands)
     assert not any(c.startswith("api uuid_transfer") for c in socket_fake.commands)  # the dialplan transfers
     engine.wait_for(lambda: engine.hung_up(call.a_uuid, b_leg(call)))
+
+
+def test_the_older_two_pass_dialplan_still_gets_its_decision(engine: FakeEngine, started: Started) -> None:
+    """An agent upgraded before billing.xml: a channel without billing_refusal (the older
+    dialplan transfers after the socket and dials on billing_decision=allow) gets the decision
+    it reads, instead of being refused as undecided."""
+    with FakeFreeswitch(heartbeat_s=0.2, mode="socket2") as older:
+        start_socket_adapter(older, engine, started)
+        call = older.place_call("1001", "33123456", talk_ms=300)
+        finish(call)
+        assert call.outcome == "answered" and call.decision == "allow"
+        assert f"outbound api uuid_setvar_multi {call.a_uuid} billing_decision=allow;billing_backstop_s=61;" \
+               "billing_ceiling_s=181" in older.commands
+
+
+def test_the_listener_writes_connect_as_it_accepts() -> None:
+    """FreeSWITCH waits for ``connect``: the authorize listener writes it in its accept
+    callback, before the session's greenlet runs (here one that never writes anything)."""
+    entered = gevent.event.Event()
+
+    def silent(sock: Any, peer: tuple[object, int]) -> None:
+        entered.set()
+        assert peer[1] == len(b"connect\n\n")  # the session is told it was written
+        gevent.sleep(2.0)
+
+    server = serve_tcp("127.0.0.1", 0, silent, gevent.pool.Pool(4), server_class=AuthorizeServer)
+    try:
+        with gsocket.create_connection(("127.0.0.1", server.server_port), timeout=2.0) as conn:
+            data = b""
+            while not data.endswith(b"\n\n"):
+                chunk = conn.recv(64)
+                assert chunk, data
+                data += chunk
+            assert data == b"connect\n\n"
+            assert entered.wait(2.0)
+    finally:
+        server.stop(timeout=0.5)
 
 
 def test_a_refusal_over_the_socket_and_an_agent_that_cannot_be_reached(socket_fake: FakeFreeswitch,

@@ -6,14 +6,20 @@ byte for byte, see tests/test_esl_protocol.py) and behaves like the billing dial
 dialplan/freeswitch/billing.xml around the agent:
 
 * ``place_call(account, destination, ...)`` creates the A leg and asks the agent, as the
-  shipped billing.xml does: ``mode="socket"`` (the default) runs the ``socket`` application,
-  an outbound connection to ``authorize_port`` (``connect`` answered with the channel data,
-  then the agent's ``api`` commands answered one by one, until the agent closes; a port that
-  refuses leaves no decision, and the call is refused NORMAL_TEMPORARY_FAILURE); ``mode="park"``
-  parks the A leg (CHANNEL_PARK with ``billing_destination`` and ``accountcode``) and waits for
-  the ``uuid_transfer``; without one, ``park_timeout`` hangs the call up;
+  shipped billing.xml does: ``mode="socket"`` (the default) sets ``billing_refusal`` and runs
+  the ``socket`` application, an outbound connection to ``authorize_port`` (``connect``
+  answered with the channel data, then the agent's ``api`` commands answered one by one, until
+  the agent closes; a port that refuses leaves no decision); then, in the same pass, an empty
+  ``billing_refusal`` dials, anything else transfers back into the context: ``deny`` hangs up
+  with ``billing_hangup_cause``, no decision with NORMAL_TEMPORARY_FAILURE (billing-unreachable);
+  ``mode="socket2"`` plays the older two-pass billing.xml (``billing_asked``, no
+  ``billing_refusal``: the transfer after the socket reads ``billing_decision``);
+  ``mode="park"`` parks the A leg (CHANNEL_PARK with ``billing_destination`` and
+  ``accountcode``) and waits for the ``uuid_transfer``; without one, ``park_timeout`` hangs the
+  call up;
 * after the transfer it reads ``billing_decision``: ``deny`` hangs up with
-  ``billing_hangup_cause``; ``allow`` dials the B-leg attempts in order (gateway failover),
+  ``billing_hangup_cause``; ``allow`` dials (and so does the one-pass socket dialplan whose
+  refusal the agent cleared): the B-leg attempts in order (gateway failover),
   each a CHANNEL_CREATE, a CHANNEL_PROGRESS carrying its SIP Call-ID, then a failure or the
   answer; an answered leg gets the dialplan's ``execute_on_answer`` backstop
   (``sched_hangup +billing_backstop_s``), the caller is answered and bridged; after ``talk_ms``
@@ -185,8 +191,8 @@ class FakeFreeswitch:
                  callee_backstop: bool = True, hostname: str = "fake-fs", mode: str = "socket",
                  authorize_host: str = "127.0.0.1", authorize_port: int = 8084, authorize_guard_s: int = 10,
                  cdr_file: str = "", clock: Callable[[], float] = time.time) -> None:
-        if mode not in ("socket", "park"):
-            raise ValueError(f"mode must be socket or park, not {mode!r}")
+        if mode not in ("socket", "socket2", "park"):
+            raise ValueError(f"mode must be socket, socket2 or park, not {mode!r}")
         self.mode = mode
         self.authorize_host = authorize_host
         self.authorize_port = authorize_port  # set by whoever starts the agent's listener
@@ -320,11 +326,16 @@ class FakeFreeswitch:
         a.call_state = "RINGING"
         if call.early_answer:
             self._answer(a)
-        if self.mode == "socket":
-            # billing-authorize: set the destination, ask the agent over the socket application,
-            # transfer back into the context (billing-unreachable refuses when no decision came).
-            a.variables.update({"billing_destination": call.destination, "billing_asked": "true",
-                                "current_application": "socket"})
+        one_pass = False
+        if self.mode in ("socket", "socket2"):
+            # billing-authorize: set the destination (and, in one pass, where the call goes
+            # unless the agent allows it), ask the agent over the socket application.
+            if self.mode == "socket":
+                a.variables.update({"billing_destination": call.destination,
+                                    "billing_refusal": f"{call.destination} XML billing-outbound"})
+            else:
+                a.variables.update({"billing_destination": call.destination, "billing_asked": "true"})
+            a.variables["current_application"] = "socket"
             call.parked_at = time.perf_counter()
             self.schedule_hangup(a, self.authorize_guard_s, "NORMAL_TEMPORARY_FAILURE")
             self._outbound_socket(a)
@@ -332,7 +343,10 @@ class FakeFreeswitch:
             if a.ended.is_set():
                 call.outcome = call.outcome or "killed_while_parked"
                 return
-            if not a.variables.get("billing_decision"):
+            # One pass: an empty billing_refusal dials at once; else (and in two passes) the
+            # transfer back into the context reads the decision.
+            one_pass = self.mode == "socket" and not a.variables.get("billing_refusal")
+            if not one_pass and not a.variables.get("billing_decision"):
                 call.outcome = "failed"
                 self.hangup(a, "NORMAL_TEMPORARY_FAILURE")  # billing-unreachable
                 return
@@ -352,7 +366,7 @@ class FakeFreeswitch:
                 return
             a.parked = False
             self._channel_event("CHANNEL_UNPARK", a, ("switch_ivr.c", "switch_ivr_park", 1213))
-        call.decision = a.variables.get("billing_decision", "")
+        call.decision = "allow" if one_pass else a.variables.get("billing_decision", "")
         if call.decision == "deny":
             call.outcome = "denied"
             self.hangup(a, a.variables.get("billing_hangup_cause") or "CALL_REJECTED")
@@ -361,11 +375,16 @@ class FakeFreeswitch:
             call.outcome = "failed"
             self.hangup(a, "NO_ROUTE_DESTINATION")  # no extension matches without a decision
             return
-        # billing-dial: the 10 s guard goes (sched_cancel), the caller's ceiling comes.
+        # The 10 s guard goes (sched_cancel), the caller's ceiling comes: "sched_hangup +" with
+        # no number hangs up at once (a one-pass allow without a ceiling fails closed).
         self._api_sched_del(a.uuid)
         ceiling = a.variables.get("billing_ceiling_s", "")
         if ceiling.isdigit():
             self.schedule_hangup(a, int(ceiling), "ALLOTTED_TIMEOUT")
+        elif one_pass:
+            call.outcome = "failed"
+            self.hangup(a, "ALLOTTED_TIMEOUT")
+            return
         a.variables["current_application"] = "bridge"
         last_cause = "NO_ROUTE_DESTINATION"
         for attempt in call.attempts:
@@ -815,8 +834,10 @@ class FakeFreeswitch:
             return "-ERR No such channel!\n-USAGE: <uuid> <var>=<value>;<var>=<value>...\n"
         for pair in rest.split(";"):
             name, _, value = pair.partition("=")
-            if name:
+            if name and value:
                 ch.variables[name] = value
+            elif name:  # an empty value unsets (switch_channel_set_variable)
+                ch.variables.pop(name, None)
         return "+OK\n"
 
     def _api_uuid_getvar(self, arg: str) -> str:

@@ -3,12 +3,16 @@
 Authorization, two ways into the same decision:
 
 * **The outbound socket** (the shipped billing.xml): the dialplan runs ``socket`` (synchronous,
-  ``full``) to the agent's authorize port; the agent answers ``connect``, reads the channel's
-  data, decides, sets the decision variables and the caller's ceiling with ``api`` commands in
-  one round trip, and closes; FreeSWITCH goes on with the dialplan at once, which transfers the
-  call back into billing-outbound to be dialled or refused. Measured on FreeSWITCH 1.11.1: a
-  few ms added to the post-dial delay. An agent that cannot be reached leaves no decision and
-  the dialplan refuses the call (fail closed).
+  ``full``) to the agent's authorize port; the agent writes ``connect`` from the accept
+  callback itself, reads the channel's data, decides, sends one ``api uuid_setvar_multi``
+  (an allowed call: ``billing_refusal`` cleared, the limit and the caller's ceiling; a refused
+  one: the decision, the reason and the cause) and ends its side of the stream; FreeSWITCH
+  goes on with the same extension at once: it dials when ``billing_refusal`` is empty, else it
+  transfers the call back into the context to be refused. One pass through the dialplan (each
+  application and each transfer costs FreeSWITCH events carrying every channel variable:
+  post-dial delay, issue 13). A channel from an older billing.xml (no ``billing_refusal``) gets
+  ``billing_decision=allow`` and is dialled by that dialplan's second pass. An agent that cannot
+  be reached leaves the refusal in place: the dialplan refuses the call (fail closed).
 * **Park and resume** (CGRateS' way; dialplans that park): the agent authorizes on
   CHANNEL_PARK and resumes the call with ``uuid_transfer``. It costs a parked channel's wake-up:
   ``switch_ivr_park`` of a channel without media sleeps 20 ms between looks at its messages
@@ -20,17 +24,18 @@ One inbound socket carries the supervision (B legs, hangups, resync) either way.
 The flow for a CHANNEL_PARK of the billing dialplan (``billing_destination`` set, no decision):
 ``engine.authorize`` → in one round trip, ``uuid_setvar_multi`` (decision, call id, limit,
 backstop), ``sched_hangup +(backstop + ring allowance)`` on the A leg (the absolute ceiling) and
-``uuid_transfer`` back into the billing context, whose dial extension puts
-``execute_on_answer='sched_hangup +<backstop>'`` on every B leg: the PBX cuts the call at the
-B answer + the limit even if the agent dies. A refusal sets the decision, the reason and a
-Q.850 cause, and transfers to the refusal extension (a plain ``uuid_kill`` with the cause if
-that fails).
+``uuid_transfer`` back into the billing context, whose dial extension (README.md, the parking
+dialplan) puts ``execute_on_answer='sched_hangup +<backstop>'`` on every B leg: the PBX cuts
+the call at the B answer + the limit even if the agent dies. A refusal sets the decision, the
+reason and a Q.850 cause, and transfers to the refusal extension (a plain ``uuid_kill`` with the
+cause if that fails).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -54,10 +59,13 @@ from agent.adapters.freeswitch.esl_protocol import (
 from agent.adapters.freeswitch.translate import (
     PBX,
     SUBSCRIBED_EVENTS,
+    VAR_DECISION,
+    VAR_REFUSAL,
     EventTranslator,
     authorize_request,
     awaiting_authorization,
     parked_for_billing,
+    variable,
 )
 from agent.adapters.legs import HeldEvents
 from agent.adapters.listener import serve_tcp
@@ -79,6 +87,8 @@ log = logging.getLogger(__name__)
 VANISHED_CAUSE = "NO_SUCH_CHANNEL"  # FreeSWITCH no longer knows the leg and we missed its hangup
 MAX_AUTHORIZATIONS_PER_LEG = 3  # a resync may ask again; more means a loop between us and the dialplan
 MAX_TRACKED_ATTEMPTS = 100_000
+CONNECT = encode_command("connect")
+MAX_CHANNEL_DATA_BYTES = 256 * 1024  # the reply to connect: every channel variable (about 7 kB)
 
 
 class SwitchCommandError(Exception):
@@ -161,7 +171,8 @@ class FreeswitchAdapter:
 
     def _listen(self, port: int) -> None:
         host = self.settings.authorize_host
-        self._authorize_server = serve_tcp(host, port, self._socket_session, self._auth_pool)
+        self._authorize_server = serve_tcp(host, port, self._socket_session, self._auth_pool,
+                                           server_class=AuthorizeServer)
         log.info("FreeSWITCH authorize socket listening on %s:%d", host, self.authorize_port)
 
     def stop(self, timeout_s: float = 2.0) -> None:
@@ -247,18 +258,18 @@ class FreeswitchAdapter:
 
     # ---------------------------------------------------------------- authorization
 
-    def _socket_session(self, sock: socket.socket, address: object) -> None:
+    def _socket_session(self, sock: socket.socket, peer: tuple[object, int]) -> None:
         """One call's authorization over the outbound socket of billing.xml's ``socket`` app:
-        ``connect``, its channel data, the decision's ``api`` commands in one write and the end
-        of our stream (FreeSWITCH then goes on with the dialplan), their replies, close."""
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        reader = FrameReader()
+        ``connect`` (written by :class:`AuthorizeServer` when it accepted the connection), its
+        channel data, the decision's ``api`` command and the end of our stream (FreeSWITCH then
+        goes on with the dialplan), its reply, close."""
+        address, connect_sent = peer
         leg_id = ""
         try:
             with gevent.Timeout(self.settings.esl.command_timeout_s, EslError("FreeSWITCH sent no channel data")):
-                sock.sendall(encode_command("connect"))
-                (frame,) = _read_frames(sock, reader, 1)
-            event = Event("\n".join(f"{name}: {value}" for name, value in frame.headers.items()), where="connect")
+                if connect_sent < len(CONNECT):
+                    sock.sendall(CONNECT[connect_sent:])
+                event = _read_channel_data(sock)
             leg_id = event.get("Unique-ID")
             if not leg_id or not awaiting_authorization(event):
                 log.error("FreeSWITCH authorize socket from %s: channel %r is not waiting for a billing decision "
@@ -268,7 +279,8 @@ class FreeswitchAdapter:
                 return  # a second connection for the same leg: the first decides
             request = authorize_request(event, self.clock.now_ms())
             decision = self._decide(request)
-            steps, informative = self._decision_commands(request, decision)
+            one_pass = bool(variable(event, VAR_REFUSAL))
+            steps, informative = self._decision_commands(request, decision, one_pass=one_pass)
             with gevent.Timeout(self.settings.esl.command_timeout_s, EslError("no reply to the decision")):
                 sock.sendall(b"".join(encode_command(f"api {step}") for step in steps))
                 # Half-close at once: FreeSWITCH runs the commands, writes the replies, reads
@@ -276,7 +288,7 @@ class FreeswitchAdapter:
                 # greenlet to be scheduled, read the replies and close (post-dial delay, issue
                 # 13). The replies are still read below, for the log.
                 sock.shutdown(socket.SHUT_WR)
-                replies = _read_frames(sock, reader, len(steps))
+                replies = _read_frames(sock, FrameReader(), len(steps))
             for command, reply in zip(steps, replies, strict=True):
                 if not commands.is_ok(reply.text()):  # the variables did not land: the dialplan refuses
                     log.error("leg %s: %s answered %s", leg_id, command.split(" ", 1)[0],
@@ -303,25 +315,32 @@ class FreeswitchAdapter:
         finally:
             self.held.release(request.leg_id)
 
-    def _decision_commands(self, request: AuthorizeRequest,
-                           decision: AuthorizeDecision) -> tuple[list[str], list[str]]:
+    def _decision_commands(self, request: AuthorizeRequest, decision: AuthorizeDecision, *,
+                           one_pass: bool = False) -> tuple[list[str], list[str]]:
         """The variables the dialplan reads, in one command over the authorize socket, and
         those it does not read (for the admin's CDR template and logs), sent afterwards over
         the event socket. FreeSWITCH reads an outbound socket a byte at a time with a poll and
         a sched_yield after each (mod_event_socket's read_packet), so every byte sent before the
         dialplan can go on is post-dial delay. billing.xml itself replaces its 10 s guard with
-        the caller's ceiling (``billing_ceiling_s``: backstop + ring allowance)."""
+        the caller's ceiling (``billing_ceiling_s``: backstop + ring allowance).
+
+        ``one_pass``: the channel came from a billing.xml that dials in the same pass as it
+        asked, once ``billing_refusal`` is cleared; ``billing_decision`` stays empty, so that a
+        later pass through the context (a transfer of the caller's leg) asks again. Otherwise
+        (a parked call, an older billing.xml) ``billing_decision=allow`` lets the dial extension
+        of the next pass dial."""
         leg_id = request.leg_id
         if decision.allowed:
             backstop_s = commands.backstop_seconds(decision.pbx_backstop_ms)
+            verdict = {VAR_REFUSAL: ""} if one_pass else {VAR_DECISION: "allow"}
             return ([commands.setvar_multi(leg_id, {
-                "billing_decision": "allow", "billing_backstop_s": str(backstop_s),
+                **verdict, "billing_backstop_s": str(backstop_s),
                 "billing_ceiling_s": str(backstop_s + self.settings.ring_allowance_s)})],
                 [commands.setvar_multi(leg_id, {"billing_call_id": decision.call_id,
                                                 "billing_limit_ms": str(decision.limit_ms)})])
         reason = str(decision.reason or DenyReason.BAD_REQUEST)
         return ([commands.setvar_multi(leg_id, {
-            "billing_decision": "deny", "billing_reason": reason,
+            VAR_DECISION: "deny", "billing_reason": reason,
             "billing_hangup_cause": commands.deny_cause(decision), "billing_detail": decision.detail or reason})], [])
 
     def _set_informative(self, leg_id: str, steps: list[str]) -> None:
@@ -370,8 +389,9 @@ class FreeswitchAdapter:
 
     def _allow(self, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
         """One round trip: the decision, the ceiling and the transfer, pipelined. The transfer
-        can only dial if the decision landed (billing.xml dials on billing_decision=allow only;
-        otherwise the call parks again and is asked about once more)."""
+        can only dial if the decision landed (the parking dialplan dials on
+        billing_decision=allow only; otherwise the call parks again and is asked about once
+        more)."""
         leg_id = request.leg_id
         try:
             transfer = commands.transfer(leg_id, request.destination, self.settings.context)
@@ -485,6 +505,46 @@ def channel_uuids(listing: str) -> list[str]:
         except commands.UnsafeValue as exc:
             log.warning("resync: %s; skipped", exc)
     return uuids
+
+
+class AuthorizeServer(StreamServer):  # type: ignore[misc]  # gevent.server has no type hints
+    """The authorize listener. FreeSWITCH's ``socket`` application sends nothing until the
+    agent writes ``connect``: it is written here, in the accept callback, before the session's
+    greenlet is scheduled (every greenlet ahead of it in the loop would be post-dial delay).
+    A fresh connection's send buffer is empty, so the write cannot block the loop; what it
+    does not take (never seen) the session writes."""
+
+    def do_handle(self, *args: Any) -> None:
+        sock, address = args
+        sent = 0
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sent = os.write(sock.fileno(), CONNECT)
+        except OSError:
+            pass  # BlockingIOError or a connection already gone: the session writes or reports it
+        super().do_handle(sock, (address, sent))
+
+
+def _read_channel_data(sock: socket.socket) -> Event:
+    """The reply to ``connect``: one header block (``Content-Type: command/reply``, the
+    channel's caller profile and every variable, URL-encoded) and an empty line, no body.
+    Read into a lazy :class:`Event` at once (the agent reads a dozen of its ~180 headers)."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EslError(f"FreeSWITCH closed the authorize socket after {len(data)} bytes of channel data")
+        data += chunk
+        end = data.find(b"\n\n")
+        if end >= 0:
+            break
+        if len(data) > MAX_CHANNEL_DATA_BYTES:
+            raise FramingError(f"no end to FreeSWITCH's channel data within {MAX_CHANNEL_DATA_BYTES} bytes")
+    event = Event(data[:end].decode("utf-8", "replace"), where="connect")
+    if event.get("Content-Type") != "command/reply":
+        raise FramingError(f"FreeSWITCH answered connect with {event.get('Content-Type') or 'no Content-Type'}, "
+                           "not command/reply")
+    return event
 
 
 def _read_frames(sock: socket.socket, reader: FrameReader, count: int) -> list[Any]:

@@ -47,6 +47,10 @@ SUBSCRIBED_EVENTS = (
 VAR_DESTINATION = "billing_destination"  # set by the dialplan before park: the number to rate and dial
 VAR_ACCOUNT = "billing_account"  # optional; defaults to accountcode
 VAR_DECISION = "billing_decision"  # set by the agent: allow | deny
+# Set by billing-authorize before it asks over the socket: where the call goes unless the agent
+# allows it (the agent's allow clears it, and the dialplan dials in the same pass). A channel
+# without it comes from an older billing.xml, which dials on billing_decision=allow instead.
+VAR_REFUSAL = "billing_refusal"
 
 
 def micros_to_ms(raw: str) -> int | None:
