@@ -430,18 +430,40 @@ def test_malformed_agi_peers_never_stall_the_agent(world: World) -> None:
     assert adapter.stats.refused_requests == 1
 
 
-def test_an_asterisk_without_mset_gets_the_decision_one_set_variable_at_a_time(world: World) -> None:
-    """EXEC of an application Asterisk does not have answers ``200 result=-2``: the same
-    variables go as SET VARIABLE, each written only once the one before is answered (a line
-    written early would sit unread in res_agi's buffer), the decision last."""
+def test_an_asterisk_without_mset_leaves_no_decision(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    """EXEC of an application Asterisk does not have answers ``200 result=-2``: the MSet was the
+    session's last command (our side of the stream ended with it), so no decision landed and
+    the dialplan refuses the call; the log says why."""
     world.store.add_account("1019", 10_000_000)
     adapter = world.start_adapter()
-    reply = agi_exchange(adapter.agi_port, ENV % b"1019", replies=(b"200 result=-2\n", b"200 result=1\n"))
-    assert reply.split(b"\n")[:-1] == [
-        b'EXEC MSet "BILLING_LIMIT_MS=10000000,BILLING_BACKSTOP_MS=10001000,BILLING_DECISION=allow"',
-        b"SET VARIABLE BILLING_LIMIT_MS 10000000", b"SET VARIABLE BILLING_BACKSTOP_MS 10001000",
-        b'SET VARIABLE BILLING_DECISION "allow"']
-    assert adapter.stats.mset_fallbacks == 1
+    with caplog.at_level(logging.ERROR):
+        reply = agi_exchange(adapter.agi_port, ENV % b"1019", replies=(b"200 result=-2\n",))
+        wait_for(lambda: adapter.stats.mset_refused == 1, "the refused MSet is seen")
+    assert reply == b'EXEC MSet "BILLING_LIMIT_MS=10000000,BILLING_BACKSTOP_MS=10001000,BILLING_DECISION=allow"\n'
+    assert "EXEC MSet answered '200 result=-2'" in caplog.text
+
+
+def test_the_decision_ends_the_agents_side_of_the_stream(world: World) -> None:
+    """The MSet is the last command: the agent half-closes with it, so res_agi reads the end of
+    the stream right after it has run the command (the dialplan goes on), without waiting for
+    the agent to read the reply and close."""
+    world.store.add_account("1020", 10_000_000)
+    adapter = world.start_adapter()
+    sock = socket.create_connection(("127.0.0.1", adapter.agi_port))
+    try:
+        sock.sendall(ENV % b"1020")
+        data = b""
+        with gevent.Timeout(3.0):
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(4096)
+                assert chunk, data
+                data += chunk
+            assert sock.recv(4096) == b""  # the end of the agent's stream, before any reply was written
+        assert data.startswith(b'EXEC MSet "BILLING_LIMIT_MS=')
+        sock.sendall(b"200 result=0\n")
+    finally:
+        sock.close()
+    wait_for(lambda: adapter.agi.stats.active == 0, "the session ends")
 
 
 def test_agi_port_in_use_fails_fast(world: World) -> None:

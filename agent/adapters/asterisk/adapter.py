@@ -10,7 +10,9 @@ warning sets it as the callee's hangup time when it answers, so Asterisk ends th
 the agent dies), ``BILLING_WARN_MS`` (optional) and ``BILLING_DECISION=allow``, all at once; or
 ``BILLING_REASON``, ``BILLING_CAUSE`` (Q.850) and ``deny``. One round trip after the
 environment block: real ``res_agi`` reads one command at a time (see agi.py), so nothing is
-pipelined, and the caller's SIP Call-ID is asked over AMI, off the call's path.
+pipelined; our side of the stream ends with that command, so the AGI ends (and the dialplan
+dials) as soon as Asterisk has run it; the caller's SIP Call-ID is asked over AMI, off the
+call's path.
 
 Supervision (AMI): channel events become leg events (translate.py); the engine bills from the
 callee's answer and asks for hangups, carried out with the ``Hangup`` action by ``Uniqueid``
@@ -42,10 +44,8 @@ import gevent.pool
 from agent.adapters.asterisk.agi import AgiSession, FastAgiServer
 from agent.adapters.asterisk.agi_protocol import (
     AgiEnvironment,
-    AgiReply,
     UnsafeValue,
     exec_mset,
-    set_variable,
 )
 from agent.adapters.asterisk.ami import AmiClient, AmiError, AmiSettings
 from agent.adapters.asterisk.ami_protocol import AmiMessage
@@ -151,7 +151,7 @@ class AdapterStats:
     call_id_lookups: int = 0
     call_id_lookups_skipped: int = 0  # 64 Getvars already in flight (an event flood): Call-ID left out
     backstops_armed: int = 0
-    mset_fallbacks: int = 0  # EXEC MSet refused: the decision went as SET VARIABLE, one at a time
+    mset_refused: int = 0  # EXEC MSet refused: no decision landed, the dialplan refused the call
 
 
 class AsteriskAdapter:
@@ -454,25 +454,21 @@ class AsteriskAdapter:
         self._set(session, request.leg_id, [(VAR_REASON, reason), (VAR_CAUSE, cause), (VAR_DECISION, "deny")])
 
     def _set(self, session: AgiSession, leg_id: str, values: list[tuple[str, str | int]]) -> None:
-        """The decision's variables in one ``EXEC MSet`` (``BILLING_DECISION`` last). If MSet is
-        refused (an Asterisk without it), the same variables one ``SET VARIABLE`` at a time, the
-        decision last, so that ``allow`` is never seen without its limit."""
+        """The decision's variables in one ``EXEC MSet`` (``BILLING_DECISION`` last), the
+        session's last command: our side of the stream ends with it, so Asterisk goes on with
+        the dialplan as soon as it has run it. A refused MSet (an Asterisk without it) leaves no
+        decision, and the dialplan refuses the call (fail closed)."""
         try:
-            reply = session.command(exec_mset(values))
+            command = exec_mset(values)
         except UnsafeValue as exc:
             log.error("leg %s: %s; refusing the call", leg_id, exc)
-            reply = None
-        if reply is not None and reply.ok and reply.result is not None and reply.result >= 0:
             return
-        self.stats.mset_fallbacks += 1
-        log.warning("leg %s: EXEC MSet answered %r; setting the variables one at a time", leg_id,
-                    reply.text if reply is not None else "not sent")
-        for name, value in values:
-            answer: AgiReply = session.command(set_variable(name, value if isinstance(value, int) else str(value)))
-            if not answer.ok:
-                log.error("leg %s: SET VARIABLE %s refused (%s); the dialplan refuses the call", leg_id, name,
-                          answer.text)
-                return
+        reply = session.last_command(command)
+        if reply.ok and reply.result is not None and reply.result >= 0:
+            return
+        self.stats.mset_refused += 1
+        log.error("leg %s: EXEC MSet answered %r: the decision did not land and the dialplan refuses the call "
+                  "(this Asterisk runs no MSet application?)", leg_id, reply.text)
 
     def _refuse(self, session: AgiSession, env: AgiEnvironment, why: str) -> None:
         self.stats.refused_requests += 1

@@ -102,6 +102,27 @@ class AgiSession:
                 assert isinstance(item, AgiReply)
                 return item
 
+    def last_command(self, command: bytes) -> AgiReply:
+        """Write the session's last command and end our side of the stream in the same breath,
+        then read its reply (for the log). ``res_agi`` reads the line, runs it, writes the reply,
+        reads the end of the stream and the dialplan goes on, without waiting for this greenlet
+        to be scheduled, read the reply and close (post-dial delay, issue 13)."""
+        if command.count(b"\n") != 1 or not command.endswith(b"\n"):
+            raise AgiProtocolError(f"one AGI command per write, ending in a newline: {command[:80]!r}")
+        with gevent.Timeout(self.command_timeout_s, AgiClosed(f"AGI write blocked for {self.command_timeout_s}s")):
+            self.sock.sendall(command)
+            self.sock.shutdown(socket.SHUT_WR)
+        self.commands_sent += 1
+        with gevent.Timeout(self.command_timeout_s, AgiClosed(f"no AGI reply within {self.command_timeout_s}s "
+                                                              f"to {command.strip()[:60]!r}")):
+            while True:
+                item = self._next_item()
+                if item == HANGUP:
+                    self.hung_up = True
+                    continue
+                assert isinstance(item, AgiReply)
+                return item
+
     def _next_item(self) -> AgiReply | str:
         while not self._items:
             if self._rest:
