@@ -12,7 +12,9 @@ answers at once, ``billing-agent run``):
    200 OK on the wire (tcpdump + tshark; sipp's own clock when they are missing), through the
    billing dialplan, and the same number through a context
    that dials the trunk with no agent (the static-allow baseline), alternated ``--runs`` times.
-   Reported: p50 and p99 of each, and the agent's addition (medians over the runs).
+   Reported: p50 and p99 of each, and the agent's addition (medians over the runs; each run's
+   addition too), the calls not answered by final SIP code, and the 1-minute load average
+   before each run and at the end (the machine may be shared: figures go with their load).
 2. **Exact billing**: ``--calls`` calls at ``--rate`` calls/s, each held 4 s (plenty of money),
    then the same number on accounts that hold 3 s of money each, held 6 s (each is cut). Reported:
    CDRs found, calls billed differently from §4 of their real duration (0 expected), the ledger
@@ -26,9 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -65,15 +69,23 @@ def ms(stamp: str) -> int:
     return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() * 1000)
 
 
-def post_dial_delays(folder: Path, pbx: Pbx, calls: list[tuple[str, str]], rate: float, name: str) -> list[float]:
+def post_dial_delays(folder: Path, pbx: Pbx, calls: list[tuple[str, str]], rate: float, name: str,
+                     failures: Counter[str]) -> list[float]:
     """INVITE to 200 OK per answered call: on the wire (tcpdump, microseconds) when tcpdump and
-    tshark are installed, else as sipp's clock sees it (it ticks in steps of a few ms)."""
+    tshark are installed, else as sipp's clock sees it (it ticks in steps of a few ms). Calls
+    not answered are counted in ``failures`` by their final SIP code ("none": no final answer)."""
     capture = SipCapture(folder, pbx.sip_port, name).start() if SipCapture.available() else None
     run = run_customers(folder, pbx.sip_port, calls, hold_ms=500, rate_per_s=rate, name=name)
+    failures.update(str(c.final_code or "none") for c in run.result.values() if c.answered_tick is None)
     if capture is not None:
         capture.stop()
         return capture.post_dial_delays_ms()
     return [float(c.post_dial_delay_ms) for c in run.result.values() if c.post_dial_delay_ms is not None]
+
+
+def load_average() -> float:
+    """The 1-minute load average (the machine is shared: figures go with it)."""
+    return round(os.getloadavg()[0], 2)
 
 
 def fresh_database(url: str, label: str) -> str:
@@ -109,16 +121,25 @@ def bench_pbx(build: PbxBuild, args: argparse.Namespace, root: Path) -> dict[str
         # 1. post-dial delay, alternating the baseline and the billed path
         billed: list[list[float]] = []
         static: list[list[float]] = []
+        loads: list[float] = []
+        failed: Counter[str] = Counter()
+        failed_static: Counter[str] = Counter()
         for run in range(args.runs):
+            loads.append(load_average())
             static.append(post_dial_delays(folder, pbx, [("5000", STATIC_PREFIX + NUMBER)] * n, args.rate,
-                                           f"static{run}"))
-            billed.append(post_dial_delays(folder, pbx, [("5000", NUMBER)] * n, args.rate, f"billed{run}"))
+                                           f"static{run}", failed_static))
+            billed.append(post_dial_delays(folder, pbx, [("5000", NUMBER)] * n, args.rate, f"billed{run}", failed))
+        loads.append(load_average())
         result["pdd"] = {
             "static_p50_ms": statistics.median(pct(r, 0.5) for r in static),
             "static_p99_ms": statistics.median(pct(r, 0.99) for r in static),
             "billed_p50_ms": statistics.median(pct(r, 0.5) for r in billed),
             "billed_p99_ms": statistics.median(pct(r, 0.99) for r in billed),
             "answered": [len(r) for r in billed], "answered_static": [len(r) for r in static],
+            "unanswered_by_code": dict(failed), "unanswered_static_by_code": dict(failed_static),
+            "runs_added_p50_ms": [pct(b, 0.5) - pct(s, 0.5) for b, s in zip(billed, static, strict=True)],
+            "runs_added_p99_ms": [pct(b, 0.99) - pct(s, 0.99) for b, s in zip(billed, static, strict=True)],
+            "load_1min": loads,
         }
         result["pdd"]["added_p50_ms"] = result["pdd"]["billed_p50_ms"] - result["pdd"]["static_p50_ms"]
         result["pdd"]["added_p99_ms"] = result["pdd"]["billed_p99_ms"] - result["pdd"]["static_p99_ms"]
@@ -183,14 +204,15 @@ def main() -> int:
         print(json.dumps(result), flush=True)
         results.append(result)
     print(f"\n{'pbx':<28} {'static p50/p99':>15} {'billed p50/p99':>15} {'added p50/p99':>14} "
-          f"{'wrong':>6} {'cut late p50/p99/max':>22} ledger")
+          f"{'wrong':>6} {'cut late p50/p99/max':>22} ledger  load")
     for r in results:
         p, b = r["pdd"], r["billing"]
         print(f"{r['pbx']:<28} {p['static_p50_ms']:>7.1f}/{p['static_p99_ms']:<7.1f} "
               f"{p['billed_p50_ms']:>7.1f}/{p['billed_p99_ms']:<7.1f} "
               f"{p['added_p50_ms']:>6.1f}/{p['added_p99_ms']:<7.1f} "
               f"{b['billed_differently_from_duration']:>6} {b['cut_late_p50_ms']:>6.0f}/{b['cut_late_p99_ms']:.0f}/"
-              f"{b['cut_late_max_ms']} ms  {'OK' if b['ledger_check_ok'] else 'FAILED'}")
+              f"{b['cut_late_max_ms']} ms  {'OK' if b['ledger_check_ok'] else 'FAILED'}  "
+              f"{min(p['load_1min']):.1f}-{max(p['load_1min']):.1f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
