@@ -143,6 +143,8 @@ def bench_pbx(build: PbxBuild, args: argparse.Namespace, root: Path) -> dict[str
         }
         result["pdd"]["added_p50_ms"] = result["pdd"]["billed_p50_ms"] - result["pdd"]["static_p50_ms"]
         result["pdd"]["added_p99_ms"] = result["pdd"]["billed_p99_ms"] - result["pdd"]["static_p99_ms"]
+        if args.pdd_only:
+            return result
         agent.cli("accounts", "create", "5001", "--plan", "lab", "--balance", "100000")
         # 2. exact billing: held 4 s with plenty of money, then cut at 3 s of money
         talk = run_customers(folder, pbx.sip_port, [("5001", NUMBER)] * n, hold_ms=4_000, rate_per_s=args.rate,
@@ -190,6 +192,7 @@ def main() -> int:
     parser.add_argument("--nibble-seconds", type=int, default=6)
     parser.add_argument("--database-url", default="", help="default: SQLite in the lab folder")
     parser.add_argument("--redis-url", default="", help="Redis as the balance store (with a server database)")
+    parser.add_argument("--pdd-only", action="store_true", help="measure the post-dial delay only (no billing part)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     builds, notes = discover()
@@ -206,7 +209,13 @@ def main() -> int:
     print(f"\n{'pbx':<28} {'static p50/p99':>15} {'billed p50/p99':>15} {'added p50/p99':>14} "
           f"{'wrong':>6} {'cut late p50/p99/max':>22} ledger  load")
     for r in results:
-        p, b = r["pdd"], r["billing"]
+        p, b = r["pdd"], r.get("billing")
+        if b is None:
+            print(f"{r['pbx']:<28} {p['static_p50_ms']:>7.1f}/{p['static_p99_ms']:<7.1f} "
+                  f"{p['billed_p50_ms']:>7.1f}/{p['billed_p99_ms']:<7.1f} "
+                  f"{p['added_p50_ms']:>6.1f}/{p['added_p99_ms']:<7.1f} {'':>6} {'':>22} {'':>6}  "
+                  f"{min(p['load_1min']):.1f}-{max(p['load_1min']):.1f}")
+            continue
         print(f"{r['pbx']:<28} {p['static_p50_ms']:>7.1f}/{p['static_p99_ms']:<7.1f} "
               f"{p['billed_p50_ms']:>7.1f}/{p['billed_p99_ms']:<7.1f} "
               f"{p['added_p50_ms']:>6.1f}/{p['added_p99_ms']:<7.1f} "
