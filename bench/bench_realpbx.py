@@ -116,7 +116,8 @@ def bench_pbx(build: PbxBuild, args: argparse.Namespace, root: Path) -> dict[str
     result: dict[str, Any] = {"pbx": build.label, "calls": n, "rate": args.rate}
     try:
         pbx.start()
-        agent.prepare(DECK, [("5000", "100000")] + [(f"6{i:04d}", "0.035") for i in range(n)])
+        cut_accounts = [] if args.pdd_only else [(f"6{i:04d}", "0.035") for i in range(n)]  # one CLI run each
+        agent.prepare(DECK, [("5000", "100000"), *cut_accounts])
         agent.start()
         # 1. post-dial delay, alternating the baseline and the billed path
         billed: list[list[float]] = []
