@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import gevent
+import gevent.event
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import Engine, select
@@ -351,3 +352,81 @@ def test_spend_velocity_suspends_at_the_settle_that_crosses_it(where: str, reque
         assert refused is not None and refused.reason is DenyReason.FRAUD_RULE
     finally:
         guard.stop(1)
+
+
+class RoundTripCounters:
+    """Shared counters (as Redis is) whose observe waits until the balance store is being asked:
+    it can only return if the engine screens beside the store, not before it."""
+
+    shared = True
+
+    def __init__(self, rules: RuleSet, store_asked: gevent.event.Event) -> None:
+        from agent.core.fraud import LocalCounters
+
+        self.local = LocalCounters(rules)
+        self.store_asked = store_asked
+        self.saw_store_asked: list[bool] = []
+
+    def set_rules(self, rules: RuleSet) -> None:
+        self.local.set_rules(rules)
+
+    def observe(self, facts: object) -> dict[str, int]:
+        self.saw_store_asked.append(self.store_asked.wait(timeout=2.0))
+        return self.local.observe(facts)  # type: ignore[arg-type]
+
+    def forget(self, account_id: str, call_id: str) -> None:
+        self.local.forget(account_id, call_id)
+
+    def ended(self, *args: object) -> dict[str, int]:
+        return self.local.ended(*args)  # type: ignore[arg-type]
+
+
+class AskedStore(MemoryStore):
+    """The in-memory store that says when it is asked and answers after a round trip's pause."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = gevent.event.Event()
+
+    def authorize(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        self.asked.set()
+        gevent.sleep(0.01)
+        return super().authorize(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_shared_counters_screen_beside_the_store_and_a_refusal_gives_the_money_back(tmp_path: Path) -> None:
+    """With counters in Redis the screen's round trip overlaps the store's (the call waits for one,
+    not two); a call the rules refuse then had money reserved, which is released, so the account
+    ends with its whole balance and no reservation."""
+    clock = SystemClock()
+    store = AskedStore()
+    store.add_account("victim", 100_000_000)
+    metrics = Metrics()
+    engine = CallEngine(settings=EngineSettings(node="n1"), store=store, rater=Rater(), clock=clock, cdr=Cdrs(),
+                        metrics=metrics)
+    ruleset = rules(tmp_path)
+    counters = RoundTripCounters(ruleset, store.asked)
+    engine.add_switch(Switch(engine, clock))
+    guard = FraudGuard(ruleset, node="n1", actions=Actions(), clock=clock, metrics=metrics, counters=counters)
+    guard.cut_local = engine.cut_account
+    assert guard.round_trip
+    engine.screens.append(guard)
+    engine.start()
+    guard.start()
+    try:
+        for n in range(3):
+            store.asked.clear()
+            assert engine.authorize(call(engine, n, "victim", "+88212345")).allowed
+        store.asked.clear()
+        fourth = engine.authorize(call(engine, 3, "victim", "+88212345"))
+        assert not fourth.allowed and fourth.reason is DenyReason.FRAUD_RULE and "irsf_parallel" in fourth.detail
+        assert counters.saw_store_asked == [True] * 4  # every screen ran while the store was asked
+        # The refused call's reservation is released; the three allowed ones are cut (suspension)
+        # and settle: nothing stays reserved and the refused call cost nothing.
+        wait(lambda: store.open_reservations() == 0)
+        account = store.accounts["victim"]
+        assert (account.reserved_micros, account.balance_micros) == (0, 100_000_000)
+        assert "n1-A3" not in engine.registry.sessions
+    finally:
+        guard.stop(1)
+        engine.stop(1)

@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 
 CALL_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.:@-]")
 SETTLE_RETRY_MAX_S = 30.0
+SCREEN_WAIT_S = 5.0  # a call screen beside the store (one Redis round trip) is waited for at most this
 CLOCK_STEP_MS = 500  # the wall clock moved this much more (or less) than the monotonic one: a step
 
 
@@ -93,6 +94,13 @@ class CallScreen(Protocol):
 
     def decided(self, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
         """The final decision on a call the screen let through."""
+        ...
+
+    @property
+    def round_trip(self) -> bool:
+        """The screen makes a network round trip (fraud counters in Redis): the engine runs it
+        beside the balance store's authorize, not before it, so the call waits for one round trip,
+        not two; a refusal then releases what the store reserved."""
         ...
 
 
@@ -534,9 +542,14 @@ class Engine:
                                      detail="the agent is shutting down")
         now_ms = self.clock.now_ms()
         for screen in self.screens:
-            refused = screen.screen(request, call_id, now_ms)
-            if refused is not None:
-                return refused
+            if not screen.round_trip:
+                refused = screen.screen(request, call_id, now_ms)
+                if refused is not None:
+                    return refused
+        # The screens that make a round trip start only now (one that counted the call must see
+        # the final decision) and run while the store answers.
+        beside = [(screen, gevent.spawn(screen.screen, request, call_id, now_ms))
+                  for screen in self.screens if screen.round_trip]
 
         def store_authorize(account_id: str, want: int, minimum: int, slots: tuple[BundleSlot, ...],
                             want_s: int) -> StoreAuthorization:
@@ -553,6 +566,13 @@ class Engine:
         outcome = decide(request, call_id=call_id, node=self.settings.node, rater=self.rater,
                          store_authorize=store_authorize, settings=self.session_settings,
                          max_call_seconds=self.settings.max_call_seconds, now_ms=now_ms)
+        refused = self._screened_beside(beside, call_id)
+        if refused is not None:
+            if outcome.decision.allowed or outcome.release_reservation:
+                # The store reserved for a call the screen refuses: give it back (queued, like
+                # any release; until then the money is held, never lost).
+                self._store_work.put(self._release_quietly, call_id, 1, request.account_id)
+            return refused
         if outcome.release_reservation:
             self._store_work.put(self._release_quietly, call_id, 1, request.account_id)
         if outcome.session is not None:
@@ -562,6 +582,26 @@ class Engine:
         for screen in self.screens:
             screen.decided(request, outcome.decision)
         return outcome.decision
+
+    def _screened_beside(self, beside: list[tuple[CallScreen, gevent.Greenlet[..., AuthorizeDecision | None]]],
+                         call_id: str) -> AuthorizeDecision | None:
+        """The first refusal of the screens that ran beside the store, each waited for at most
+        ``SCREEN_WAIT_S`` (a screen is bounded by its own round trip's timeout; one that is late
+        or fails lets the call through, logged: money is the balance store's, not the screen's)."""
+        refused: AuthorizeDecision | None = None
+        for screen, greenlet in beside:
+            greenlet.join(timeout=SCREEN_WAIT_S)
+            if not greenlet.ready():
+                log.error("call screen %s did not answer in %.1f s for call=%s: the call goes on unscreened "
+                          "(the screen finishes in the background)", type(screen).__name__, SCREEN_WAIT_S, call_id)
+                greenlet.link_exception(_log_screen_failure)
+                continue
+            if not greenlet.successful():
+                _log_screen_failure(greenlet)
+                continue
+            if refused is None:
+                refused = greenlet.value
+        return refused
 
     def _release_quietly(self, call_id: str, seq: int, account_id: str) -> None:
         try:
@@ -761,6 +801,10 @@ class Engine:
             log.exception("CDR of call %s could not be spooled", record.call_id)
         for callback in self.on_finished:
             callback(record)
+
+
+def _log_screen_failure(greenlet: gevent.Greenlet[..., Any]) -> None:
+    log.error("call screen failed: %r; the call went on unscreened", greenlet.exception)
 
 
 def _same_call(leg: LiveLeg, a_leg: LiveLeg) -> bool:

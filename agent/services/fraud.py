@@ -1,6 +1,7 @@
 """Fraud rules at authorize (DESIGN §8): the engine's call screen, and the actions off the call path.
 
-``FraudGuard.screen`` runs inside ``Engine.authorize`` before the balance store: it counts the
+``FraudGuard.screen`` runs inside ``Engine.authorize``, before the balance store (counters in
+memory) or beside it (counters in Redis, see ``round_trip``): it counts the
 call, evaluates the rules (pure, ``agent/core/fraud.py``) and refuses it (``DenyReason.FRAUD_RULE``)
 when a deny or suspend rule fires. It never waits: an alert goes to the alert service
 (``agent/services/alerts.py``: the ``alerts`` table through a durable queue, the webhook, the
@@ -101,6 +102,14 @@ class FraudGuard:
         log.info("fraud rules: %d rules, %d destination groups", len(rules.rules), len(rules.groups))
 
     # ---------------------------------------------------------------- the call path (engine screen)
+
+    @property
+    def round_trip(self) -> bool:
+        """Shared counters (Redis) cost a round trip: the engine then screens beside the balance
+        store's authorize (one round trip for the call, not two) and releases the reservation of a
+        call the rules refuse. In memory the screen runs first: a refused call never reaches the
+        store."""
+        return self.counters.shared and bool(self.rules.rules)
 
     def screen(self, request: AuthorizeRequest, call_id: str, now_ms: int) -> AuthorizeDecision | None:
         """None to go on with the call, or the refusal. In memory it never waits; with Redis
