@@ -464,7 +464,8 @@ def agi_env(index: int) -> bytes:
 def agi_call(port: int, index: int, barrier: tuple[gevent.event.Event, list[int], int] | None,
              decided: list[float] | None = None) -> tuple[float, str]:
     """One FastAGI session as res_agi plays it; returns (seconds to the agent's close, decision)
-    and appends the seconds to the ``SET VARIABLE BILLING_DECISION`` line to ``decided``."""
+    and appends the seconds to the decision (``EXEC MSet`` with ``BILLING_DECISION``, or the older
+    ``SET VARIABLE BILLING_DECISION``) to ``decided``."""
     started = time.perf_counter()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # no create_connection: its getaddrinfo
     sock.connect(("127.0.0.1", port))  # goes through gevent's resolver thread pool, res_agi's connect() does not
@@ -495,6 +496,14 @@ def agi_call(port: int, index: int, barrier: tuple[gevent.event.Event, list[int]
                     elif command.startswith("SET VARIABLE BILLING_REASON"):
                         decision = ":" + command.split()[-1].strip('"')
                     replies.append(b"200 result=1\n")
+                elif command.lower().startswith("exec mset "):  # the agent's one decision command
+                    pairs = dict(pair.partition("=")[::2] for pair in command[10:].strip().strip('"').split(","))
+                    if "BILLING_DECISION" in pairs:
+                        decision = pairs["BILLING_DECISION"] + (f":{pairs['BILLING_REASON']}"
+                                                                if pairs.get("BILLING_REASON") else "")
+                        if decided is not None:
+                            decided.append(time.perf_counter() - started)
+                    replies.append(b"200 result=0\n")
                 else:
                     replies.append(b"510 Invalid or unknown command\n")
             if first and barrier is not None:  # hold the session open until every client is connected
