@@ -141,6 +141,19 @@ CREATE TABLE cdr_quarantine (
 
 CREATE INDEX ix_cdr_quarantine_created_at ON cdr_quarantine (created_at);
 
+CREATE TABLE fx_rates (
+	id BIGINT NOT NULL AUTO_INCREMENT,
+	base VARCHAR(3) NOT NULL,
+	quote VARCHAR(3) NOT NULL,
+	rate_e10 BIGINT NOT NULL COMMENT 'rate x 10^10 (exact)',
+	effective_from DATETIME(6) NOT NULL,
+	created_at DATETIME(6) NOT NULL,
+	CONSTRAINT pk_fx_rates PRIMARY KEY (id),
+	CONSTRAINT uq_fx_rates_base_quote_effective_from UNIQUE (base, quote, effective_from),
+	CONSTRAINT ck_fx_rates_rate_positive CHECK (rate_e10 > 0),
+	CONSTRAINT ck_fx_rates_pair_of_two CHECK (base <> quote)
+);
+
 CREATE TABLE live_calls (
 	call_id VARCHAR(64) NOT NULL,
 	node VARCHAR(64) NOT NULL,
@@ -157,20 +170,6 @@ CREATE TABLE live_calls (
 
 CREATE INDEX ix_live_calls_node ON live_calls (node);
 
-CREATE TABLE rate_plans (
-	id INTEGER NOT NULL AUTO_INCREMENT,
-	name VARCHAR(64) NOT NULL,
-	currency VARCHAR(3) NOT NULL,
-	timezone VARCHAR(64) NOT NULL,
-	international_prefix VARCHAR(8) NOT NULL,
-	version INTEGER NOT NULL,
-	low_balance_micros BIGINT,
-	created_at DATETIME(6) NOT NULL,
-	updated_at DATETIME(6) NOT NULL,
-	CONSTRAINT pk_rate_plans PRIMARY KEY (id),
-	CONSTRAINT uq_rate_plans_name UNIQUE (name)
-);
-
 CREATE TABLE rating_decisions (
 	id BIGINT NOT NULL AUTO_INCREMENT,
 	call_id VARCHAR(64) NOT NULL,
@@ -184,6 +183,11 @@ CREATE TABLE rating_decisions (
 	cost_micros BIGINT NOT NULL,
 	decided_at DATETIME(6) NOT NULL,
 	reason VARCHAR(255) NOT NULL,
+	plan_currency VARCHAR(3) NOT NULL,
+	currency VARCHAR(3) NOT NULL,
+	fx_rate_e10 BIGINT COMMENT 'rate x 10^10; NULL: none',
+	fx_inverse BOOL NOT NULL,
+	plan_cost_micros BIGINT COMMENT 'the cost in plan_currency',
 	CONSTRAINT pk_rating_decisions PRIMARY KEY (id),
 	CONSTRAINT uq_rating_decisions_call_id_seq UNIQUE (call_id, seq)
 );
@@ -192,9 +196,41 @@ CREATE TABLE tenants (
 	id INTEGER NOT NULL AUTO_INCREMENT,
 	name VARCHAR(64) NOT NULL,
 	created_at DATETIME(6) NOT NULL,
+	parent_id INTEGER,
+	currency VARCHAR(3) NOT NULL,
+	account_id VARCHAR(64) COMMENT 'the reseller''s own account, in its parent tenant',
 	CONSTRAINT pk_tenants PRIMARY KEY (id),
-	CONSTRAINT uq_tenants_name UNIQUE (name)
+	CONSTRAINT uq_tenants_name UNIQUE (name),
+	CONSTRAINT fk_tenants_parent_id_tenants FOREIGN KEY(parent_id) REFERENCES tenants (id),
+	CONSTRAINT uq_tenants_account_id UNIQUE (account_id)
 );
+
+CREATE INDEX ix_tenants_parent_id ON tenants (parent_id);
+
+CREATE TABLE bundle_prefixes (
+	bundle_id INTEGER NOT NULL,
+	prefix VARCHAR(32) NOT NULL,
+	CONSTRAINT pk_bundle_prefixes PRIMARY KEY (bundle_id, prefix),
+	CONSTRAINT fk_bundle_prefixes_bundle_id_bundles FOREIGN KEY(bundle_id) REFERENCES bundles (id) ON DELETE CASCADE
+);
+
+CREATE TABLE rate_plans (
+	id INTEGER NOT NULL AUTO_INCREMENT,
+	name VARCHAR(64) NOT NULL,
+	currency VARCHAR(3) NOT NULL,
+	timezone VARCHAR(64) NOT NULL,
+	international_prefix VARCHAR(8) NOT NULL,
+	version INTEGER NOT NULL,
+	low_balance_micros BIGINT,
+	created_at DATETIME(6) NOT NULL,
+	updated_at DATETIME(6) NOT NULL,
+	tenant_id INTEGER,
+	CONSTRAINT pk_rate_plans PRIMARY KEY (id),
+	CONSTRAINT uq_rate_plans_name UNIQUE (name),
+	CONSTRAINT fk_rate_plans_tenant_id_tenants FOREIGN KEY(tenant_id) REFERENCES tenants (id)
+);
+
+CREATE INDEX ix_rate_plans_tenant_id ON rate_plans (tenant_id);
 
 CREATE TABLE accounts (
 	id VARCHAR(64) NOT NULL,
@@ -225,13 +261,6 @@ CREATE TABLE accounts (
 );
 
 CREATE INDEX ix_accounts_suspended_by_rule ON accounts (suspended_by_rule);
-
-CREATE TABLE bundle_prefixes (
-	bundle_id INTEGER NOT NULL,
-	prefix VARCHAR(32) NOT NULL,
-	CONSTRAINT pk_bundle_prefixes PRIMARY KEY (bundle_id, prefix),
-	CONSTRAINT fk_bundle_prefixes_bundle_id_bundles FOREIGN KEY(bundle_id) REFERENCES bundles (id) ON DELETE CASCADE
-);
 
 CREATE TABLE rates (
 	id BIGINT NOT NULL AUTO_INCREMENT,

@@ -75,11 +75,23 @@ class Base(DeclarativeBase):
 
 
 class Tenant(Base):
+    """A node of the tenant tree (DESIGN §11): the operator's root (``parent_id`` NULL, level 1),
+    resellers and sub-resellers below it, at most 4 levels. A reseller's own account
+    (``account_id``) lives in its parent tenant and pays the parent; its customers' accounts and
+    its sell plans (``rate_plans.tenant_id``) belong to it. ``account_id`` names the account
+    without a foreign key: accounts refer to tenants, and a cycle of keys would make every
+    creation and drop order a special case."""
+
     __tablename__ = "tenants"
+    __table_args__ = (Index(None, "parent_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), nullable=True)
+    currency: Mapped[str] = mapped_column(String(3), default="EUR")
+    account_id: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True,
+                                                   comment="the reseller's own account, in its parent tenant")
 
 
 class RatePlan(Base):
@@ -97,6 +109,29 @@ class RatePlan(Base):
     low_balance_micros: Mapped[int | None] = mapped_column(Micros, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # The tenant that sells on this plan (DESIGN §11); NULL: the operator's (the root tenant's).
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), nullable=True, index=True)
+
+
+class FxRateRow(Base):
+    """Effective-dated FX rates (DESIGN §11): one unit of ``base`` is worth ``rate_e10 / 10^10``
+    units of ``quote`` from ``effective_from`` (UTC) on, until the pair's next row. Exact:
+    an integer, never a float. Rows are added, not changed (``fx set`` of an existing instant is
+    refused), so a call's rate can always be found again."""
+
+    __tablename__ = "fx_rates"
+    __table_args__ = (
+        UniqueConstraint("base", "quote", "effective_from"),
+        CheckConstraint("rate_e10 > 0", name="rate_positive"),
+        CheckConstraint("base <> quote", name="pair_of_two"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    base: Mapped[str] = mapped_column(String(3))
+    quote: Mapped[str] = mapped_column(String(3))
+    rate_e10: Mapped[int] = mapped_column(BigInteger, comment="rate x 10^10 (exact)")
+    effective_from: Mapped[datetime] = mapped_column(UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class Rate(Base):
@@ -264,9 +299,17 @@ class RatingDecision(Base):
     billed_seconds: Mapped[int] = mapped_column(Integer, default=0)
     bundle_seconds: Mapped[int] = mapped_column(Integer, default=0,
                                                 comment="of billed_seconds, covered by bundles (bundle_usage has each)")
-    cost_micros: Mapped[int] = mapped_column(Micros, default=0)
+    cost_micros: Mapped[int] = mapped_column(Micros, default=0)  # in ``currency``, the account's
     decided_at: Mapped[datetime] = mapped_column(UtcDateTime)
     reason: Mapped[str] = mapped_column(String(255), default="")
+    # Currencies (DESIGN §11): the plan's and the account's ('' on decisions older than 0009:
+    # both were the account's). A conversion records the fx_rates row's rate; fx_inverse says
+    # the row was the pair currency/plan_currency, used as its exact reciprocal.
+    plan_currency: Mapped[str] = mapped_column(String(3), default="")
+    currency: Mapped[str] = mapped_column(String(3), default="")
+    fx_rate_e10: Mapped[int | None] = mapped_column(BigInteger, nullable=True, comment="rate x 10^10; NULL: none")
+    fx_inverse: Mapped[bool] = mapped_column(Boolean, default=False)
+    plan_cost_micros: Mapped[int | None] = mapped_column(Micros, nullable=True, comment="the cost in plan_currency")
 
 
 class CdrQuarantine(Base):
