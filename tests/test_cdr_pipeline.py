@@ -252,7 +252,7 @@ def test_the_spooled_form_is_copy_lines_and_decodes_back(record: CallRecord) -> 
     payload = spool_payload(record)
     settled, call, legs, decision = copy_rows(payload)
     assert settled == (record.settled_ms or record.ended_ms or record.started_ms)
-    assert len(call.split(b"\t")) == 13 and len(decision.split(b"\t")) == 11
+    assert len(call.split(b"\t")) == 13 and len(decision.split(b"\t")) == 16
     assert [len(leg.split(b"\t")) for leg in legs] == [14] * len(record.legs)
     assert decode_record(payload) == record
 
@@ -283,7 +283,7 @@ def test_damaged_copy_lines_do_not_decode(damage: Any) -> None:
     from agent.services.cdr_pipeline import spool_payload
 
     payload = damage(spool_payload(make_record(1)))
-    assert payload.startswith(b"cdr3\t")
+    assert payload.startswith(b"cdr4\t")
     with pytest.raises(ValueError, match="malformed call record"):
         decode_record(payload)
 
@@ -369,7 +369,27 @@ def test_a_spool_written_before_bundle_seconds_still_decodes() -> None:
     with_bundle = dataclasses.replace(record, rating=dataclasses.replace(record.rating, bundle_seconds=42))
     assert decode_lines(encode_lines(with_bundle)) == with_bundle
     lines = encode_lines(record).split(b"\n")
-    old = b"\n".join([lines[0].replace(b"cdr3\t", b"cdr2\t"), *lines[1:-2],
-                      lines[-2].rsplit(b"\t", 1)[0], b""])  # the rating row without its last field
+    old = b"\n".join([lines[0].replace(b"cdr4\t", b"cdr2\t"), *lines[1:-2],
+                      lines[-2].rsplit(b"\t", 6)[0], b""])  # the rating row without its last six fields
     assert old.startswith(b"cdr2\t") and decode_lines(old) == record
+    assert decode_record(old) == record
+
+
+def test_a_spool_written_before_currencies_still_decodes() -> None:
+    """The cdr3 form (no currencies, FX rate nor plan-currency cost) is read with none; the
+    current form keeps them."""
+    import dataclasses
+
+    from agent.services.cdr_lines import decode_lines, encode_lines
+
+    record = make_record(1)
+    converted = dataclasses.replace(record, rating=dataclasses.replace(
+        record.rating, plan_currency="USD", currency="EUR", fx_rate_e10=9_200_000_000, fx_inverse=True,
+        plan_cost_micros=record.rating.cost_micros - 1))
+    assert decode_lines(encode_lines(converted)) == converted
+    assert decode_record(encode_lines(converted)) == converted
+    lines = encode_lines(converted).split(b"\n")
+    old = b"\n".join([lines[0].replace(b"cdr4\t", b"cdr3\t"), *lines[1:-2],
+                      lines[-2].rsplit(b"\t", 5)[0], b""])  # the rating row without its last five fields
+    assert old.startswith(b"cdr3\t") and decode_lines(old) == record
     assert decode_record(old) == record

@@ -293,7 +293,7 @@ def test_spooled_copy_lines_go_to_copy_as_the_same_rows(engine: Engine) -> None:
     records = [*_varied_records(), make_record(6, caller=odd, destination="\\N"),
                replace(make_record(7, hangup_cause="\t"), legs=(replace(make_record(7).legs[0], channel=odd),))]
     payloads = [spool_payload(r) for r in records]
-    assert all(p.startswith(b"cdr3\t") for p in payloads)
+    assert all(p.startswith(b"cdr4\t") for p in payloads)
     payloads[1] = encode_record(records[1])  # an earlier spool's JSON in the same batch
     store = SqlCdrStore(engine)
     assert store.write_spooled(payloads) == [r.settled_ms or r.ended_ms or r.started_ms for r in records]

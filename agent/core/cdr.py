@@ -51,6 +51,14 @@ class RatingRecord:
     reason: str = "settle"
     seq: int = 1  # 1 = the original rating; re-rating appends 2, 3, ...
     bundle_seconds: int = 0  # of billed_seconds, covered by free-minute bundles (DESIGN §9)
+    # Currencies (DESIGN §11): cost_micros is in ``currency`` (the account's), plan_cost_micros
+    # in ``plan_currency``; a conversion records the fx_rates row's rate_e10 (``fx_inverse``: the
+    # row is currency/plan_currency, used as its exact reciprocal). "" / None: not recorded.
+    plan_currency: str = ""
+    currency: str = ""
+    fx_rate_e10: int | None = None
+    fx_inverse: bool = False
+    plan_cost_micros: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,7 @@ from agent.core.events import (
     SwitchCommand,
     WarnLeg,
 )
+from agent.core.fx import ConvertedTariff, plan_tariff, rewrap
 
 LAST_CHANCE_LEAD_MS = 2_000  # an exhausted call asks the store once more this long before its cut
 MAX_ADOPTED_NIBBLES = 1_000_000  # a bound for the adoption search (an 11-day call at 1 s nibbles)
@@ -256,7 +257,13 @@ class RatingInfo:
     plan_name: str = ""
     rate_id: int | None = None
     prefix: str = ""
-    rate_micros: int = 0
+    rate_micros: int = 0  # per minute, in plan_currency
+    # Currencies (DESIGN §11): the plan's and the account's; when they differ, the fx_rates row
+    # that converts (its rate x 10^10, and whether it is the inverse pair used as a reciprocal).
+    plan_currency: str = ""
+    currency: str = ""
+    fx_rate_e10: int | None = None
+    fx_inverse: bool = False
 
 
 @dataclass
@@ -319,7 +326,8 @@ class CallSession:
         return self.tariff.cost_micros(billed_ms)
 
     def _bundle(self) -> BundleTariff | None:
-        return self.tariff if isinstance(self.tariff, BundleTariff) else None
+        inner = plan_tariff(self.tariff)  # under an FX conversion (DESIGN §11), the plan's own tariff
+        return inner if isinstance(inner, BundleTariff) else None
 
     def _bundle_ask(self, k: int) -> tuple[int, int]:
         """(seconds used up to boundary ``k``, seconds wanted for slice ``k + 1``)."""
@@ -338,7 +346,7 @@ class CallSession:
         if bundle is None:
             return
         if granted_s:
-            self.tariff = bundle.holding(bundle.held_s + granted_s)
+            self.tariff = rewrap(self.tariff, bundle.holding(bundle.held_s + granted_s))
         if granted_s < self.pending_want_s:
             self.bundle_open = False  # R is final: money pays every billed second beyond it
         self.pending_want_s = 0
@@ -821,11 +829,16 @@ class CallSession:
         cost = self._cost_at(billed_ms) if cost_micros is None else cost_micros
         self.settled_cost_micros = cost
         billed_seconds = -(-billed_ms // 1000) if billed_ms else 0
+        info = self.rating
+        converted = isinstance(self.tariff, ConvertedTariff)
         rating = RatingRecord(
-            decided_ms=now_ms, plan_name=self.rating.plan_name, rate_id=self.rating.rate_id,
-            prefix=self.rating.prefix, rate_micros=self.rating.rate_micros,
+            decided_ms=now_ms, plan_name=info.plan_name, rate_id=info.rate_id,
+            prefix=info.prefix, rate_micros=info.rate_micros,
             billed_seconds=billed_seconds, cost_micros=cost, reason="settle",
             bundle_seconds=bundle.covered_at(billed_ms) if (bundle := self._bundle()) is not None else 0,
+            plan_currency=info.plan_currency, currency=info.currency,
+            fx_rate_e10=info.fx_rate_e10 if converted else None, fx_inverse=info.fx_inverse and converted,
+            plan_cost_micros=plan_tariff(self.tariff).cost_micros(billed_ms) if converted else cost,
         )
         record = CallRecord(
             call_id=self.call_id, node=self.node, pbx=self.pbx, account_id=self.account_id,

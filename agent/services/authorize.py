@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from agent.core.balance import StoreAuthorization
 from agent.core.bundles import BundleSlot, BundleTariff
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, DenyReason, Direction
+from agent.core.fx import plan_tariff, rewrap
 from agent.core.rating import RateRow
 from agent.core.session import CallSession, Leg, RatingRefused, SessionSettings
 from agent.ports import Rater
@@ -44,7 +45,8 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
         return deny(refused.reason, refused.detail)
     want = rated.tariff.cost_micros(settings.nibble_ms)
     minimum = rated.tariff.cost_micros(1000)
-    row = rated.tariff if isinstance(rated.tariff, RateRow) else None
+    plan_own = plan_tariff(rated.tariff)  # under an FX conversion (DESIGN §11): the plan's own
+    row = plan_own if isinstance(plan_own, RateRow) else None
     slots = rated.bundles if row is not None else ()
     bundle = BundleTariff(row, 0, slots) if row is not None and slots else None
     want_s = bundle.billed_seconds_at(settings.nibble_ms) if bundle is not None else 0
@@ -56,8 +58,8 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
     if bundle is not None and stored.bundle_granted_s > 0:
         # In the bundle (DESIGN §9): the call holds the first slice's seconds; the PBX limit
         # counts every bundle second the call could still draw on (the nibbles pin it later).
-        tariff = bundle.holding(stored.bundle_granted_s)
-        limit_tariff = bundle.holding(max(stored.bundle_available_s, stored.bundle_granted_s))
+        tariff = rewrap(rated.tariff, bundle.holding(stored.bundle_granted_s))
+        limit_tariff = rewrap(rated.tariff, bundle.holding(max(stored.bundle_available_s, stored.bundle_granted_s)))
     max_seconds = min(limit_tariff.max_seconds(stored.available_micros), max_call_seconds)
     if max_seconds <= 0:
         return deny(DenyReason.INSUFFICIENT_FUNDS, "the balance does not cover the first charged second",
@@ -71,7 +73,7 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
         destination=request.destination, caller=request.caller, a_leg=a_leg, authorized_ms=now_ms,
         tariff=tariff, rating=rated.info, settings=settings, granted_micros=stored.granted_micros,
         limit_ms=limit_ms, group_id=request.group_id,
-        bundle_open=isinstance(tariff, BundleTariff) and stored.bundle_granted_s >= want_s,
+        bundle_open=isinstance(plan_tariff(tariff), BundleTariff) and stored.bundle_granted_s >= want_s,
     )
     warning_ms = settings.warning_ms if limit_ms > settings.warning_ms else 0
     decision = AuthorizeDecision(True, call_id, limit_ms, warning_ms,

@@ -2,7 +2,7 @@
 
 ::
 
-    b"cdr3\\t" SETTLED_MS "\\n"                      header: the instant the call settled (ms)
+    b"cdr4\\t" SETTLED_MS "\\n"                      header: the instant the call settled (ms)
     calls row                       "\\n"            CALL_FIELDS
     call_legs row                   "\\n"  per leg   LEG_FIELDS
     rating_decisions row            "\\n"            RATING_FIELDS
@@ -13,27 +13,31 @@ for NULL, instants as ``YYYY-MM-DD HH:MM:SS.mmm`` (UTC, naive), booleans ``t``/`
 backslash, tab, newline and carriage return escaped, UTF-8. A spool replay into PostgreSQL then
 hands the lines to COPY as they are (~1 µs of Python per call instead of ~22 µs for the JSON
 form); every other consumer (SQLite, MariaDB, a batch the database refuses) decodes them back
-into the same CallRecord (``decode_lines``). The ``cdr3`` tag tells this form from the JSON
-form (``{``) of earlier spools and from ``cdr2`` (the same without the rating's
-``bundle_seconds``), both still read (through the general path).
+into the same CallRecord (``decode_lines``). The ``cdr4`` tag tells this form from the JSON
+form (``{``) of earlier spools, from ``cdr3`` (the same without the rating's currencies, FX
+rate and plan-currency cost) and from ``cdr2`` (nor ``bundle_seconds``), all still read
+(through the general path).
 """
 
 from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta
+from typing import Any
 
 from agent.core.cdr import CallRecord, Disposition, LegRecord, RatingRecord
 
-TAG = b"cdr3\t"
-TAGS = (TAG, b"cdr2\t")  # cdr2: a spool of an earlier version (no bundle_seconds)
+TAG = b"cdr4\t"
+TAGS = (TAG, b"cdr3\t", b"cdr2\t")  # spools of earlier versions: cdr3 without the currencies, cdr2 nor bundle_seconds
 NULL = "\\N"
 CALL_FIELDS = ("call_id", "node", "account_id", "caller", "destination", "started_ms", "answered_ms", "ended_ms",
                "duration_ms", "disposition", "hangup_cause", "pbx", "settled_ms")
 LEG_FIELDS = ("pbx_unique_id", "channel", "direction", "sip_call_id", "peer", "caller", "callee", "created_ms",
               "answered_ms", "ended_ms", "hangup_cause", "billsec", "billed")  # after the call id
 RATING_FIELDS = ("seq", "plan_name", "rate_id", "prefix", "rate_micros", "billed_seconds", "cost_micros",
-                 "decided_ms", "reason", "bundle_seconds")  # after the call id
+                 "decided_ms", "reason", "bundle_seconds", "plan_currency", "currency", "fx_rate_e10", "fx_inverse",
+                 "plan_cost_micros")  # after the call id
+CDR3_RATING_FIELDS = 10  # a cdr3 rating line: up to bundle_seconds
 
 EPOCH = datetime(1970, 1, 1)
 _UNSAFE = re.compile(r"[\\\t\n\r]")
@@ -66,6 +70,12 @@ def _opt(value: int | None) -> str:
     return NULL if value is None else f"{value:d}"
 
 
+def _bool(value: bool) -> bool:
+    if type(value) is not bool:
+        raise TypeError(f"expected a bool, not {value!r}")
+    return value
+
+
 def _esc(value: str) -> str:
     return value.translate(_ESCAPES)
 
@@ -79,7 +89,7 @@ def encode_lines(record: CallRecord) -> bytes:
     g = r.rating
     legs = r.legs
     texts = [r.call_id, r.node, r.account_id, r.caller, r.destination, r.disposition.value, r.hangup_cause, r.pbx,
-             g.plan_name, g.prefix, g.reason]
+             g.plan_name, g.prefix, g.reason, g.plan_currency, g.currency]
     for leg in legs:
         texts += (leg.pbx_unique_id, leg.channel, leg.direction, leg.sip_call_id, leg.peer, leg.caller, leg.callee,
                   leg.hangup_cause)
@@ -87,10 +97,10 @@ def encode_lines(record: CallRecord) -> bytes:
         texts = [_esc(t) for t in texts]
     cid = texts[0]
     settled = r.settled_ms or r.ended_ms or r.started_ms
-    parts = [f"cdr3\t{settled:d}\n{cid}\t{texts[1]}\t{texts[2]}\t{texts[3]}\t{texts[4]}\t{_ts_set(r.started_ms)}\t"
+    parts = [f"cdr4\t{settled:d}\n{cid}\t{texts[1]}\t{texts[2]}\t{texts[3]}\t{texts[4]}\t{_ts_set(r.started_ms)}\t"
              f"{_ts(r.answered_ms)}\t{_ts(r.ended_ms)}\t{r.duration_ms:d}\t{texts[5]}\t{texts[6]}\t{texts[7]}\t"
              f"{_ts(r.settled_ms)}\n"]
-    i = 11
+    i = 13
     for leg in legs:
         if type(leg.billed) is not bool:
             raise TypeError(f"billed is {leg.billed!r}")
@@ -100,7 +110,8 @@ def encode_lines(record: CallRecord) -> bytes:
         i += 8
     parts.append(f"{cid}\t{g.seq:d}\t{texts[8]}\t{_opt(g.rate_id)}\t{texts[9]}\t{g.rate_micros:d}\t"
                  f"{g.billed_seconds:d}\t{g.cost_micros:d}\t{_ts_set(g.decided_ms)}\t{texts[10]}\t"
-                 f"{g.bundle_seconds:d}\n")
+                 f"{g.bundle_seconds:d}\t{texts[11]}\t{texts[12]}\t{_opt(g.fx_rate_e10)}\t"
+                 f"{'t' if _bool(g.fx_inverse) else 'f'}\t{_opt(g.plan_cost_micros)}\n")
     return "".join(parts).encode("utf-8")
 
 
@@ -110,7 +121,7 @@ def copy_rows(payload: bytes) -> tuple[int, bytes, list[bytes], bytes]:
     judges the fields (and a batch it refuses goes to the general path, through decode_lines)."""
     lines = payload.split(b"\n")
     if len(lines) < 4 or lines[-1] or not lines[0].startswith(TAGS):
-        raise ValueError("not a spooled call in the cdr3 (or cdr2) form")
+        raise ValueError("not a spooled call in the cdr4 (or cdr3, cdr2) form")
     return int(lines[0][len(TAG):]), lines[1], lines[2:-2], lines[-2]
 
 
@@ -179,7 +190,14 @@ def decode_lines(payload: bytes) -> CallRecord:
                                   ended_ms=_ms(f[10], "ended_ms"), hangup_cause=_text(f[11]),
                                   billsec=_int(f[12], "billsec"), billed=f[13] == "t"))
         old_form = payload.startswith(b"cdr2\t")
-        d = _fields(rating, len(RATING_FIELDS) if old_form else 1 + len(RATING_FIELDS), "rating_decisions")
+        cdr3 = payload.startswith(b"cdr3\t")
+        count = CDR3_RATING_FIELDS if old_form else 1 + CDR3_RATING_FIELDS if cdr3 else 1 + len(RATING_FIELDS)
+        d = _fields(rating, count, "rating_decisions")
+        if not (old_form or cdr3) and d[14] not in ("t", "f"):
+            raise ValueError(f"a rating with fx_inverse {d[14]!r}")
+        currencies: dict[str, Any] = {} if old_form or cdr3 else {
+            "plan_currency": _text(d[11]), "currency": _text(d[12]), "fx_rate_e10": _opt_int(d[13], "fx_rate_e10"),
+            "fx_inverse": d[14] == "t", "plan_cost_micros": _opt_int(d[15], "plan_cost_micros")}
         decided_ms = _ms(d[8], "decided_ms")
         if d[0] != c[0] or decided_ms is None:
             raise ValueError(f"a rating of call {_text(d[0])!r} decided at {d[8]!r}")
@@ -187,7 +205,8 @@ def decode_lines(payload: bytes) -> CallRecord:
                                      prefix=_text(d[4]), rate_micros=_int(d[5], "rate_micros"),
                                      billed_seconds=_int(d[6], "billed_seconds"),
                                      cost_micros=_int(d[7], "cost_micros"), decided_ms=decided_ms, reason=_text(d[9]),
-                                     bundle_seconds=0 if old_form else _int(d[10], "bundle_seconds"))
+                                     bundle_seconds=0 if old_form else _int(d[10], "bundle_seconds"),
+                                     **currencies)
         return CallRecord(call_id=_text(c[0]), node=_text(c[1]), account_id=_text(c[2]), caller=_text(c[3]),
                           destination=_text(c[4]), started_ms=started_ms, answered_ms=_ms(c[6], "answered_ms"),
                           ended_ms=_ms(c[7], "ended_ms"), duration_ms=_int(c[8], "duration_ms"),

@@ -58,7 +58,8 @@ CALL_COLUMNS = ("id", "node", "account_id", "caller", "destination", "started_at
 LEG_COLUMNS = ("call_id", "pbx_unique_id", "channel", "direction", "sip_call_id", "peer", "caller",
                "callee", "created_at", "answered_at", "ended_at", "hangup_cause", "billsec", "billed")
 DECISION_COLUMNS = ("call_id", "seq", "plan_name", "rate_id", "prefix", "rate_micros", "billed_seconds",
-                    "cost_micros", "decided_at", "reason", "bundle_seconds")
+                    "cost_micros", "decided_at", "reason", "bundle_seconds", "plan_currency", "currency", "fx_rate_e10",
+                    "fx_inverse", "plan_cost_micros")
 
 # The column a MySQL "ON DUPLICATE KEY UPDATE" sets to itself (any column of a unique key).
 SKIP_KEY = {"calls": "id", "call_legs": "call_id", "rating_decisions": "call_id", "cdr_quarantine": "digest"}
@@ -94,7 +95,8 @@ def record_rows(record: CallRecord, *, aware: bool) -> tuple[tuple[Any, ...], li
              leg.billsec, leg.billed) for leg in r.legs]
     g = r.rating
     decision = (r.call_id, g.seq, g.plan_name, g.rate_id, g.prefix, g.rate_micros, g.billed_seconds,
-                g.cost_micros, ts(g.decided_ms), g.reason, g.bundle_seconds)
+                g.cost_micros, ts(g.decided_ms), g.reason, g.bundle_seconds, g.plan_currency, g.currency, g.fx_rate_e10,
+                g.fx_inverse, g.plan_cost_micros)
     return call, legs, decision
 
 
@@ -152,7 +154,9 @@ def spooled_copy_lines(payload: bytes, calls: list[str], legs: list[str], decisi
     r = d["rating"]
     decisions.append(f"{cid}\t{r['seq']}\t{_s(r['plan_name'])}\t{_copy_int(r['rate_id'])}\t{_s(r['prefix'])}\t"
                      f"{r['rate_micros']}\t{r['billed_seconds']}\t{r['cost_micros']}\t{ts(r['decided_ms'])}\t"
-                     f"{_s(r['reason'])}\t{int(r.get('bundle_seconds') or 0)}\n")
+                     f"{_s(r['reason'])}\t{int(r.get('bundle_seconds') or 0)}\t{_s(r.get('plan_currency', ''))}\t"
+                     f"{_s(r.get('currency', ''))}\t{_copy_int(r.get('fx_rate_e10'))}\t"
+                     f"{'t' if r.get('fx_inverse') is True else 'f'}\t{_copy_int(r.get('plan_cost_micros'))}\n")
     settled: int | None = d["settled_ms"] or d["ended_ms"] or d["started_ms"]
     if not isinstance(settled, int):
         raise TypeError(f"settled_ms is {settled!r}")
