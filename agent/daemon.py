@@ -43,6 +43,7 @@ from agent.adapters.sql.account_plans import AccountPlans
 from agent.adapters.sql.bundle_book import BundleBook
 from agent.adapters.sql.engine import make_engine
 from agent.adapters.sql.fraud import SqlAlerts, SqlFraudActions, suspended_by_rule
+from agent.adapters.sql.fx_rates import FxBook
 from agent.adapters.sql.live_calls import LiveCallFact, LiveCallPublisher, live_call_rows
 from agent.adapters.sql.migrate import check_schema
 from agent.adapters.sql.models import RatePlan
@@ -125,6 +126,7 @@ class Daemon:
         self.publisher: LiveCallPublisher | None = None
         self.plans: AccountPlans | None = None
         self.bundle_book: BundleBook | None = None
+        self.fx_book: FxBook | None = None
         self.fraud: FraudGuard | None = None
         self.alerts: Alerts | None = None  # every alert of the node (fraud rules, low balance)
         self.balance_watch: BalanceWatch | None = None
@@ -156,6 +158,7 @@ class Daemon:
         # Stale entries are read again off the authorization path (background).
         plans = self.plans = AccountPlans(self.sql, self.clock.now_ms, background=True)
         bundle_book = self.bundle_book = BundleBook(self.sql, self.clock.now_ms, background=True)
+        fx_book = self.fx_book = FxBook(self.sql, self.clock.now_ms, background=True)  # DESIGN §11
         billing = self.config.billing
         store = EngineStoreAdapter(self.store, node=self.config.node.id,
                                    ttl_ms=billing.reservation_ttl_seconds * 1000)
@@ -167,7 +170,8 @@ class Daemon:
                 max_call_seconds=billing.max_call_seconds,
                 reservation_ttl_ms=billing.reservation_ttl_seconds * 1000,
                 nibble_lead_ms=billing.store_timeout_ms + NIBBLE_LEAD_MARGIN_MS),
-            store=store, rater=PlanRater(plans.plan_of, self.rate_cache, bundle_book.grants_of),
+            store=store, rater=PlanRater(plans.rating_of, self.rate_cache, bundle_book.grants_of,
+                                         fx_of=fx_book.conversion),
             clock=self.clock, cdr=self.cdr,
             metrics=self.metrics)
         self._offer_adoption(self.engine, self.store)
@@ -664,6 +668,8 @@ class Daemon:
         log.info("rate plans checked for changes (SIGHUP)")
         if self.bundle_book is not None:
             self.bundle_book.forget()  # bundle grants are read again at each account's next call
+        if self.fx_book is not None:
+            self.fx_book.forget()  # FX rates too, at the next call of each currency pair
         self.reload_fraud_rules()
         if self.reload_config is None:
             return

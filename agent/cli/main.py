@@ -15,6 +15,7 @@ from agent.cli.common import AppContext
 from agent.cli.db import db
 from agent.cli.demo import demo_command
 from agent.cli.fraud import alerts, fraud
+from agent.cli.fx import fx
 from agent.cli.ledger import ledger
 from agent.cli.limits import limits
 from agent.cli.plans import plans
@@ -54,6 +55,7 @@ cli.add_command(run_command)
 cli.add_command(demo_command)
 cli.add_command(fraud)
 cli.add_command(alerts)
+cli.add_command(fx)
 
 
 def main() -> None:

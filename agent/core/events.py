@@ -49,6 +49,7 @@ class DenyReason(StrEnum):
     SHUTTING_DOWN = "shutting_down"
     FRAUD_RULE = "fraud_rule"  # a fraud rule (fraud/rules.yaml) refused the call or suspended the account
     SPEND_LIMIT = "spend_limit"  # a spend cap (max call cost, daily or monthly spend) leaves nothing
+    NO_FX_RATE = "no_fx_rate"  # the plan's currency is not the account's and no FX rate converts it (DESIGN §11)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,16 +1,20 @@
-"""Rates a call: the account's plan, then the plan's in-memory table (agent/core/ratetable.py)."""
+"""Rates a call: the account's plan, then the plan's in-memory table (agent/core/ratetable.py),
+then, when the plan is priced in another currency than the account's, the FX conversion in
+force at the call's start (DESIGN §11, agent/core/fx.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from agent.core.bundles import BundleGrant, slots_for
 from agent.core.errors import BillingError
 from agent.core.events import DenyReason
-from agent.core.ratetable import Refusal
+from agent.core.fx import Conversion, ConvertedTariff
+from agent.core.ratetable import Refusal, format_instant
 from agent.core.rating import RateRow
-from agent.core.session import RatedCall, RatingInfo, RatingRefused
+from agent.core.session import RatedCall, RatingInfo, RatingRefused, Tariff
 
 
 class _Table(Protocol):
@@ -25,23 +29,47 @@ class _Tables(Protocol):
     def table_for(self, plan_name: str) -> _Table: ...
 
 
-class PlanRater:
-    """Implements the ``Rater`` port."""
+class _AccountPlan(Protocol):
+    """The account's plan and currencies (agent/adapters/sql/account_plans.py ``AccountPlan``)."""
 
-    def __init__(self, plan_of: Callable[[str], str | None], tables: _Tables,
-                 grants_of: Callable[[str], Sequence[BundleGrant]] | None = None) -> None:
+    @property
+    def plan(self) -> str: ...
+
+    @property
+    def plan_currency(self) -> str: ...
+
+    @property
+    def currency(self) -> str: ...
+
+
+# (plan currency, account currency, instant) -> the conversion in force, None when no rate
+FxOf = Callable[[str, str, int], Conversion | None]
+
+
+class PlanRater:
+    """Implements the ``Rater`` port.
+
+    ``plan_of`` gives the account's plan name, or its plan with both currencies: then a plan in
+    another currency than the account's is converted at the rate ``fx_of`` finds in force at the
+    call's start (no rate, or no ``fx_of``: refused with ``no_fx_rate``)."""
+
+    def __init__(self, plan_of: Callable[[str], str | _AccountPlan | None], tables: _Tables,
+                 grants_of: Callable[[str], Sequence[BundleGrant]] | None = None, *,
+                 fx_of: FxOf | None = None) -> None:
         self.plan_of = plan_of
         self.tables = tables
         self.grants_of = grants_of  # the account's bundle grants (DESIGN §9); None: no bundles
+        self.fx_of = fx_of
 
     def rate(self, account_id: str, destination: str, at_ms: int) -> RatedCall:
         try:
-            plan = self.plan_of(account_id)
+            found = self.plan_of(account_id)
         except Exception as exc:  # the database is down and the account is not cached: deny, never hang
             raise RatingRefused(DenyReason.STORE_UNAVAILABLE,
                                 f"plan of account {account_id!r} unknown: {exc.__class__.__name__}: {exc}") from exc
-        if plan is None:
+        if found is None:
             raise RatingRefused(DenyReason.UNKNOWN_ACCOUNT, f"unknown account {account_id!r}")
+        plan = found if isinstance(found, str) else found.plan
         try:
             table = self.tables.table_for(plan)
         except BillingError as exc:  # an unknown plan, unusable rows
@@ -53,15 +81,39 @@ class PlanRater:
         if isinstance(result, Refusal):
             raise RatingRefused(result.reason, result.detail)
         info = RatingInfo(plan, result.rate_id, result.prefix, result.rate_micros)
+        tariff: Tariff = result
+        if not isinstance(found, str):
+            info = replace(info, plan_currency=found.plan_currency, currency=found.currency)
+            if found.plan_currency != found.currency:
+                conversion = self._conversion(account_id, plan, found, at_ms)
+                tariff = ConvertedTariff(result, conversion)
+                info = replace(info, fx_rate_e10=conversion.rate_e10, fx_inverse=conversion.inverse)
         if self.grants_of is None:
-            return RatedCall(result, info)
+            return RatedCall(tariff, info)
         try:
             grants = self.grants_of(account_id)
         except Exception as exc:  # never read and the database is down: a money-only bill would be wrong
             raise RatingRefused(DenyReason.STORE_UNAVAILABLE,
                                 f"bundles of account {account_id!r} unknown: {exc.__class__.__name__}: {exc}") from exc
         if not grants:
-            return RatedCall(result, info)
+            return RatedCall(tariff, info)
         # The periods read in the plan's timezone, the number as the plan rates it (DESIGN §9).
         slots = slots_for(grants, table.normalise(destination), at_ms, table.timezone)
-        return RatedCall(result, info, slots)
+        return RatedCall(tariff, info, slots)
+
+    def _conversion(self, account_id: str, plan: str, found: _AccountPlan, at_ms: int) -> Conversion:
+        pair = f"{found.plan_currency}->{found.currency}"
+        if self.fx_of is None:
+            raise RatingRefused(DenyReason.NO_FX_RATE, f"plan {plan!r} is priced in {found.plan_currency}, account "
+                                                       f"{account_id!r} pays in {found.currency}: no FX rates here")
+        try:
+            conversion = self.fx_of(found.plan_currency, found.currency, at_ms)
+        except Exception as exc:  # never read and the database is down: deny, never guess a rate
+            raise RatingRefused(DenyReason.STORE_UNAVAILABLE,
+                                f"FX rate {pair} unknown: {exc.__class__.__name__}: {exc}") from exc
+        if conversion is None:
+            raise RatingRefused(DenyReason.NO_FX_RATE,
+                                f"no FX rate {pair} (nor {found.currency}/{found.plan_currency}) in force at "
+                                f"{format_instant(at_ms)}: plan {plan!r} is priced in {found.plan_currency}, "
+                                f"account {account_id!r} pays in {found.currency}")
+        return conversion

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from agent.adapters.sql.models import Account, LedgerEntry, RatePlan, Tenant, utcnow
 from agent.core.budgets import SpendLimits, check_limits
 from agent.core.errors import Conflict, InvalidInput, NotFound
+from agent.core.fx import check_currency
 
 ACCOUNT_TYPES = ("prepaid", "postpaid")
 DEFAULT_TENANT = "default"
@@ -115,13 +116,9 @@ def create_account(
     if kind == "prepaid" and credit_limit_micros:
         raise InvalidInput("a prepaid account has no credit limit (use --type postpaid)")
     rate_plan = get_plan(session, plan)
-    cur = (currency or rate_plan.currency).upper()
-    if len(cur) != 3 or not cur.isalpha():
-        raise InvalidInput(f"currency {currency!r} must be a three-letter ISO 4217 code")
-    if cur != rate_plan.currency:
-        raise InvalidInput(
-            f"currency {cur} differs from plan {plan!r}, which is priced in {rate_plan.currency}"
-        )
+    # An account may pay in another currency than its plan's: its calls are converted at the FX
+    # rate in force at their start (DESIGN §11; no rate: refused with no_fx_rate).
+    cur = check_currency(currency or rate_plan.currency)
     if session.get(Account, account_id) is not None:
         raise Conflict(f"account {account_id!r} already exists")
     now = utcnow()

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from agent.adapters.sql.models import Rate, RatePlan, utcnow
 from agent.core.errors import Conflict, InvalidInput
+from agent.core.fx import check_currency
 
 PLAN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -30,9 +31,7 @@ def create_plan(session: Session, name: str, *, currency: str = "EUR", timezone:
                 international_prefix: str = "00") -> PlanView:
     if not PLAN_NAME.match(name):
         raise InvalidInput(f"plan name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
-    cur = currency.upper()
-    if len(cur) != 3 or not cur.isalpha():
-        raise InvalidInput(f"currency {currency!r} must be a three-letter ISO 4217 code")
+    cur = check_currency(currency)
     try:
         ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
