@@ -11,7 +11,15 @@ from typing import IO, Any, TypeVar
 
 import click
 
-from agent.adapters.cdr.export import CSV_COLUMNS, FlatCdr, copy_csv, csv_row, iter_flat, server_csv_supported
+from agent.adapters.cdr.export import (
+    CSV_COLUMNS,
+    FlatCdr,
+    copy_csv,
+    csv_row,
+    fx_text,
+    iter_flat,
+    server_csv_supported,
+)
 from agent.adapters.cdr.export import cdr_json as flat_json
 from agent.adapters.cdr.query import CdrFilter, CdrView, DecisionView, LegView, get_cdr
 from agent.adapters.cdr.reconcile import ReconcileLine, ReconcileSummary, reconcile
@@ -96,6 +104,9 @@ def decision_json(d: DecisionView) -> dict[str, Any]:
         "seq": d.seq, "plan": d.plan_name, "rate_id": d.rate_id, "prefix": d.prefix,
         "rate_per_minute": format_amount(d.rate_micros), "billed_seconds": d.billed_seconds,
         "cost": format_amount(d.cost_micros), "decided_at": _iso(d.decided_at), "reason": d.reason,
+        "currency": d.currency or None, "plan_currency": d.plan_currency or None,
+        "plan_cost": format_amount(d.plan_cost_micros) if d.plan_cost_micros is not None else None,
+        "fx_rate": fx_text(d.fx_rate_e10, d.fx_inverse),
     }
 
 
@@ -131,12 +142,13 @@ def write_jsonl(cdrs: Iterable[FlatCdr], out: IO[str]) -> int:
 
 def _table(cdrs: Iterable[FlatCdr]) -> None:
     click.echo(f"{'started (UTC)':<20} {'call':<24} {'account':<14} {'destination':<16} {'disposition':<11} "
-               f"{'secs':>6} {'billed':>6} {'cost':>12}  node")
+               f"{'secs':>6} {'billed':>6} {'cost':>16}  node")
     for cdr in cdrs:
         c, d = cdr.call, cdr.decision
         started = f"{c[6][:10]} {c[6][11:19]}"
+        cost = f"{format_amount(d[6])} {d[9] or '?'}" if d else "-"
         click.echo(f"{started:<20} {c[0][:24]:<24} {c[3][:14]:<14} {c[5][:16]:<16} {c[10]:<11} "
-                   f"{-(-c[9] // 1000):>6} {d[5] if d else '-':>6} {format_amount(d[6]) if d else '-':>12}  {c[1]}")
+                   f"{-(-c[9] // 1000):>6} {d[5] if d else '-':>6} {cost:>16}  {c[1]}")
 
 
 # --------------------------------------------------------------------------- commands
@@ -194,9 +206,14 @@ def show(ctx: click.Context, call_id: str, as_json: bool) -> None:
     click.echo("rating decisions:")
     for d in history:
         current = "  <- current" if view.rating and d.seq == view.rating.seq else ""
+        converted = ""
+        if d.fx_rate_e10 is not None and d.plan_cost_micros is not None:
+            converted = (f" = {format_amount(d.plan_cost_micros)} {d.plan_currency} at "
+                         f"{d.plan_currency}->{d.currency} {fx_text(d.fx_rate_e10, d.fx_inverse)}")
         click.echo(f"  #{d.seq} {_iso(d.decided_at)} plan {d.plan_name or '-'} prefix {d.prefix or '-'} "
-                   f"rate {format_amount(d.rate_micros)}/min billed {d.billed_seconds}s cost "
-                   f"{format_amount(d.cost_micros)} ({d.reason}){current}")
+                   f"rate {format_amount(d.rate_micros)}{(' ' + d.plan_currency) if d.plan_currency else ''}/min "
+                   f"billed {d.billed_seconds}s cost {format_amount(d.cost_micros)}"
+                   f"{(' ' + d.currency) if d.currency else ''}{converted} ({d.reason}){current}")
 
 
 @cdrs.command()

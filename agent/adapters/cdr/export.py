@@ -29,6 +29,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from agent.adapters.cdr.query import CdrFilter, filter_calls
 from agent.adapters.sql.models import Call, CallLeg, RatingDecision
+from agent.core.fx import format_rate
 from agent.core.money import format_amount
 
 DEFAULT_FETCH = 5_000  # rows per round trip of the server-side cursor
@@ -72,8 +73,11 @@ CSV_COLUMNS = (
     *CALL_COLUMNS, "rating_seq", "plan", "prefix", "rate_per_minute", "billed_seconds", "cost", "decided_at",
     "rating_reason", "leg_count", "a_leg", "a_channel", "a_sip_call_id", "a_hangup_cause", "b_leg", "b_channel",
     "b_peer", "b_sip_call_id", "b_answered_at", "b_hangup_cause", "pbx_billsec",
+    # DESIGN §11: ``cost`` is in ``currency`` (the account's); a plan in another currency gives
+    # its own cost and the FX rate used ("1/R" when the inverse pair's reciprocal converted).
+    "currency", "plan_currency", "plan_cost", "fx_rate",
 )
-N_CALL, N_DECISION = len(CALL_COLUMNS), 9
+N_CALL, N_DECISION = len(CALL_COLUMNS), 14
 
 Row = tuple[Any, ...]
 
@@ -81,7 +85,9 @@ Row = tuple[Any, ...]
 @dataclass(frozen=True, slots=True)
 class FlatCdr:
     call: Row  # CALL_COLUMNS
-    decision: Row | None  # the current one: (seq, plan, rate_id, prefix, rate, billed_s, cost, decided_at, reason)
+    # the current one: (seq, plan, rate_id, prefix, rate, billed_s, cost, decided_at, reason, currency,
+    # plan_currency, fx_rate_e10, fx_inverse, plan_cost)
+    decision: Row | None
     legs: list[Row]  # LEG_COLUMNS, oldest first
 
     @property
@@ -114,7 +120,7 @@ def stream_query(where: CdrFilter, limit: int | None = None) -> Any:
         c.id, c.node, c.pbx, c.account_id, c.caller, c.destination, iso_ms(c.started_at), iso_ms(c.answered_at),
         iso_ms(c.ended_at), c.duration_ms, c.disposition, c.hangup_cause, iso_ms(c.settled_at),
         d.seq, d.plan_name, d.rate_id, d.prefix, d.rate_micros, d.billed_seconds, d.cost_micros,
-        iso_ms(d.decided_at), d.reason,
+        iso_ms(d.decided_at), d.reason, d.currency, d.plan_currency, d.fx_rate_e10, d.fx_inverse, d.plan_cost_micros,
         leg.pbx_unique_id, leg.direction, leg.channel, leg.sip_call_id, leg.peer, leg.caller, leg.callee,
         iso_ms(leg.created_at), iso_ms(leg.answered_at), iso_ms(leg.ended_at), leg.hangup_cause, leg.billsec,
         leg.billed,
@@ -243,11 +249,20 @@ def legs_json(cdr: FlatCdr) -> list[dict[str, Any]]:
     return [dict(zip(LEG_COLUMNS, leg, strict=True)) for leg in cdr.legs]
 
 
+def fx_text(rate_e10: int | None, inverse: bool | None) -> str | None:
+    """The FX rate a decision used: ``0.92``, or ``1/1.087`` for the inverse pair's reciprocal."""
+    if rate_e10 is None:
+        return None
+    return f"1/{format_rate(rate_e10)}" if inverse else format_rate(rate_e10)
+
+
 def decision_json(d: Row | None) -> dict[str, Any] | None:
     if d is None:
         return None
     return {"seq": d[0], "plan": d[1], "rate_id": d[2], "prefix": d[3], "rate_per_minute": format_amount(d[4]),
-            "billed_seconds": d[5], "cost": format_amount(d[6]), "decided_at": d[7], "reason": d[8]}
+            "billed_seconds": d[5], "cost": format_amount(d[6]), "decided_at": d[7], "reason": d[8],
+            "currency": d[9] or None, "plan_currency": d[10] or None,
+            "plan_cost": format_amount(d[13]) if d[13] is not None else None, "fx_rate": fx_text(d[11], d[12])}
 
 
 def cdr_json(cdr: FlatCdr) -> dict[str, Any]:
@@ -284,9 +299,11 @@ def csv_row(cdr: FlatCdr, *, with_legs: bool = False) -> list[Any]:
     rating = [d[0], d[1], d[3], format_amount(d[4]), d[5], format_amount(d[6]), d[7], d[8]] if d else NO_RATING
     a = cdr.caller_leg()
     b = cdr.billed_leg()
+    money = [d[9], d[10], format_amount(d[13]) if d[13] is not None else "", fx_text(d[11], d[12]) or ""] \
+        if d else NO_MONEY
     row = [*cdr.call, *rating, len(cdr.legs),
            *((a[0], a[2], a[3], a[10]) if a else NO_A_LEG),
-           *((b[0], b[2], b[4], b[3], b[8], b[10], b[11]) if b else NO_B_LEG)]
+           *((b[0], b[2], b[4], b[3], b[8], b[10], b[11]) if b else NO_B_LEG), *money]
     row = [neutralize(value) if i in _TEXT_INDEXES else value for i, value in enumerate(row)]
     if with_legs:
         row.append(json.dumps(legs_json(cdr), separators=(",", ":")))
@@ -296,6 +313,7 @@ def csv_row(cdr: FlatCdr, *, with_legs: bool = False) -> list[Any]:
 NO_RATING = [""] * 8
 NO_A_LEG = ("",) * 4
 NO_B_LEG = ("",) * 7
+NO_MONEY = ("",) * 4
 
 
 # --------------------------------------------------------------------------- PostgreSQL: CSV by the server
@@ -332,6 +350,9 @@ _PG_CSV_EXPRESSIONS = (
     _pg_text("(g.a).hangup_cause"), _pg_text("(g.b).pbx_unique_id"), _pg_text("(g.b).channel"),
     _pg_text("(g.b).peer"), _pg_text("(g.b).sip_call_id"), _pg_time("(g.b).answered_at"),
     _pg_text("(g.b).hangup_cause"), "(g.b).billsec",
+    _pg_text("d.currency"), _pg_text("d.plan_currency"), _pg_amount("d.plan_cost_micros"),
+    "CASE WHEN d.fx_inverse THEN '1/' ELSE '' END || rtrim(rtrim((d.fx_rate_e10::numeric / 10000000000)"
+    "::numeric(38, 10)::text, '0'), '.')",
 )
 assert len(_PG_CSV_EXPRESSIONS) == len(CSV_COLUMNS)
 
@@ -360,6 +381,9 @@ def pg_csv_query(where: CdrFilter) -> tuple[str, dict[str, Any]]:
             conditions.append(f"{column} {op} %({key})s")
             # The columns hold naive UTC (UtcDateTime).
             params[key] = value.astimezone(UTC).replace(tzinfo=None) if isinstance(value, datetime) else value
+    if where.tenant_ids is not None:
+        conditions.append("c.account_id IN (SELECT a.id FROM accounts a WHERE a.tenant_id = ANY(%(tenant_ids)s))")
+        params["tenant_ids"] = list(where.tenant_ids)
     if where.destination_prefix:
         conditions.append("c.destination LIKE %(destination)s ESCAPE '\\'")
         escaped = where.destination_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

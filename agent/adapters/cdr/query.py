@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from agent.adapters.sql.models import Call, CallLeg, RatingDecision
+from agent.adapters.sql.models import Account, Call, CallLeg, RatingDecision
 from agent.core.errors import NotFound
 
 
@@ -24,6 +24,7 @@ class CdrFilter:
     destination_prefix: str | None = None
     disposition: str | None = None
     node: str | None = None
+    tenant_ids: tuple[int, ...] | None = None  # only the accounts of these tenants (a subtree, DESIGN §11)
 
 
 def _escape_like(text: str) -> str:
@@ -46,6 +47,8 @@ def filter_calls(query: Any, where: CdrFilter, calls: Any = None) -> Any:
         query = query.where(c.disposition == where.disposition)
     if where.node is not None:
         query = query.where(c.node == where.node)
+    if where.tenant_ids is not None:
+        query = query.where(c.account_id.in_(select(Account.id).where(Account.tenant_id.in_(where.tenant_ids))))
     return query
 
 
@@ -77,6 +80,11 @@ class DecisionView:
     cost_micros: int
     decided_at: datetime
     reason: str
+    currency: str = ""  # of cost_micros, the account's ('' before migration 0009)
+    plan_currency: str = ""
+    fx_rate_e10: int | None = None
+    fx_inverse: bool = False
+    plan_cost_micros: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +114,9 @@ LEG_FIELDS = (CallLeg.pbx_unique_id, CallLeg.direction, CallLeg.channel, CallLeg
               CallLeg.hangup_cause, CallLeg.billsec, CallLeg.billed)
 DECISION_FIELDS = (RatingDecision.seq, RatingDecision.plan_name, RatingDecision.rate_id, RatingDecision.prefix,
                    RatingDecision.rate_micros, RatingDecision.billed_seconds, RatingDecision.cost_micros,
-                   RatingDecision.decided_at, RatingDecision.reason)
+                   RatingDecision.decided_at, RatingDecision.reason, RatingDecision.currency,
+                   RatingDecision.plan_currency, RatingDecision.fx_rate_e10, RatingDecision.fx_inverse,
+                   RatingDecision.plan_cost_micros)
 
 
 def get_cdr(engine: Engine, call_id: str) -> tuple[CdrView, list[DecisionView]]:
