@@ -33,6 +33,9 @@ def account_json(view: repo.AccountView) -> dict[str, Any]:
     }
 
 
+MONEY_KEYS = ("balance", "reserved", "available", "credit_limit")
+
+
 def _print_account(view: repo.AccountView, extra: dict[str, str] | None = None) -> None:
     data = account_json(view)
     width = max(len(k) for k in data)
@@ -40,6 +43,8 @@ def _print_account(view: repo.AccountView, extra: dict[str, str] | None = None) 
         if key in ("suspended_by_rule", "suspended_at") and value is None:
             continue
         shown = "unlimited" if value is None and key == "max_concurrent_calls" else value
+        if key in MONEY_KEYS:
+            shown = f"{value} {view.currency}"
         click.echo(f"{key.replace('_', ' '):<{width}}  {shown}")
     for key, value in (extra or {}).items():
         click.echo(f"{key:<{width}}  {value}")

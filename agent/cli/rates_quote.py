@@ -13,13 +13,17 @@ from zoneinfo import ZoneInfo
 
 import click
 
+from agent.adapters.cdr.export import fx_text
+from agent.adapters.sql.accounts import view_account
 from agent.adapters.sql.bundles_admin import GrantFigures, account_timezone
+from agent.adapters.sql.fx_rates import conversion_from_sql
 from agent.adapters.sql.rate_repository import load_table
 from agent.cli.bundles import account_figures, local_iso
 from agent.cli.common import AMOUNT, app, fail, handle_errors, print_json
 from agent.core.bundles import covered_seconds, draw, max_seconds_with_bundle, money_micros_for_seconds, slots_for
 from agent.core.clock import parse_iso8601
 from agent.core.errors import InvalidInput
+from agent.core.fx import Conversion
 from agent.core.money import format_amount
 from agent.core.ratetable import RateTable, Refusal, epoch_ms, format_instant
 from agent.core.rating import (
@@ -81,11 +85,12 @@ def quote_command(ctx: click.Context, number: str, plan: str | None, seconds: in
     head = _head(table, number, at_ms, found)
     if account_id is not None:
         split = _bundle_split(ctx, account_id, table, number, at_ms)
+        conversion = _account_conversion(ctx, account_id, table, at_ms)
         if seconds is not None:
-            _print_split_cost(head, table, found, seconds, split, as_json)
+            _print_split_cost(head, table, found, seconds, split, as_json, conversion)
         else:
             assert budget is not None
-            _print_split_max(head, table, found, budget, split, as_json)
+            _print_split_max(head, table, found, budget, split, as_json, conversion)
     elif seconds is not None:
         _print_cost(head, table, found, seconds, as_json)
     else:
@@ -99,6 +104,36 @@ def _account_plan(ctx: click.Context, account_id: str, plan: str | None) -> str:
     if plan is not None and plan != own:
         raise InvalidInput(f"--plan {plan!r}: account {account_id!r} is rated on plan {own!r}")
     return own
+
+
+def _account_conversion(ctx: click.Context, account_id: str, table: RateTable, at_ms: int) -> Conversion | None:
+    """DESIGN §11: when the account pays in another currency than its plan's, the conversion in
+    force at ``at_ms`` (as the daemon would use at a call's start); none: the quote is refused."""
+    engine = app(ctx).engine()
+    with app(ctx).transaction() as session:
+        currency = view_account(session, account_id).currency
+    if currency == table.currency:
+        return None
+    conversion = conversion_from_sql(engine, table.currency, currency, at_ms)
+    if conversion is None:
+        fail(f"no FX rate {table.currency}->{currency} (nor {currency}/{table.currency}) in force at "
+             f"{format_instant(at_ms)}: plan {table.plan_name!r} is priced in {table.currency}, account "
+             f"{account_id!r} pays in {currency} (the daemon would refuse the call: no_fx_rate)")
+    return conversion
+
+
+def _fx_json(conversion: Conversion | None, plan_micros: int) -> dict[str, Any]:
+    if conversion is None:
+        return {}
+    return {"account_currency": conversion.currency, "fx_rate": fx_text(conversion.rate_e10, conversion.inverse),
+            "fx_pair": f"{conversion.plan_currency}->{conversion.currency}",
+            "account_cost": format_amount(conversion.charge(plan_micros))}
+
+
+def _echo_fx(conversion: Conversion | None, plan_micros: int) -> None:
+    if conversion is not None:
+        click.echo(f"{'account pays':<40}{format_amount(conversion.charge(plan_micros)):>16} {conversion.currency} "
+                   f"({conversion.describe()}, rounded up once)")
 
 
 @dataclass(frozen=True)
@@ -128,7 +163,7 @@ def _split_json(draws: list[Draw], covered_s: int, timezone: str) -> list[dict[s
 
 
 def _print_split_cost(head: dict[str, Any], table: RateTable, row: RateRow, seconds: int, draws: list[Draw],
-                      as_json: bool) -> None:
+                      as_json: bool, conversion: Conversion | None = None) -> None:
     held = sum(d.left_s for d in draws)
     billed = billed_seconds(row, seconds)
     covered = covered_seconds(row, seconds, held)
@@ -141,7 +176,7 @@ def _print_split_cost(head: dict[str, Any], table: RateTable, row: RateRow, seco
                     "connect_fee_waived": covered > 0 and row.connect_fee_micros > 0,
                     "connect_fee_charged": format_amount(fee), "money": format_amount(money - fee),
                     "cost": format_amount(money), "cost_without_bundles": format_amount(without),
-                    "bundles": _split_json(draws, covered, table.timezone)})
+                    "bundles": _split_json(draws, covered, table.timezone), **_fx_json(conversion, money)})
         return
     _echo_rate(head, table, row)
     click.echo(f"{'duration':<12}{seconds} s answered -> {billed} s billed")
@@ -156,11 +191,16 @@ def _print_split_cost(head: dict[str, Any], table: RateTable, row: RateRow, seco
     click.echo(f"{'money':<40}{format_amount(money - fee):>16}")
     click.echo(f"{'total':<40}{format_amount(money):>16} {table.currency} (without bundles "
                f"{format_amount(without)})")
+    _echo_fx(conversion, money)
 
 
 def _print_split_max(head: dict[str, Any], table: RateTable, row: RateRow, budget_micros: int, draws: list[Draw],
-                     as_json: bool) -> None:
+                     as_json: bool, conversion: Conversion | None = None) -> None:
+    """``budget_micros`` is in the account's currency: converted, it buys ``plan_budget`` of the plan's."""
     held = sum(d.left_s for d in draws)
+    account_budget = budget_micros
+    if conversion is not None:
+        budget_micros = conversion.plan_budget(budget_micros)
     best = max_seconds_with_bundle(row, budget_micros, held)
     capped = best == MAX_SECONDS_CAP
     covered = covered_seconds(row, best, held)
@@ -170,16 +210,21 @@ def _print_split_max(head: dict[str, Any], table: RateTable, row: RateRow, budge
                     "limit_ms": best * 1000, "allowed": best > 0, "capped": capped,
                     "bundle_seconds_left": held, "bundle_seconds": covered, "cost": format_amount(cost),
                     "without_bundles_max_seconds": max_seconds(row, budget_micros),
-                    "bundles": _split_json(draws, covered, table.timezone)})
+                    "bundles": _split_json(draws, covered, table.timezone), **_fx_json(conversion, cost),
+                    **({"account_budget": format_amount(account_budget)} if conversion is not None else {})})
         return
     _echo_rate(head, table, row)
+    if conversion is not None:
+        click.echo(f"{'budget':<12}{format_amount(account_budget)} {conversion.currency} = "
+                   f"{format_amount(budget_micros)} {table.currency} at {conversion.describe()}")
     click.echo(f"{'budget':<12}{format_amount(budget_micros)} {table.currency}, bundles covering the number: "
                f"{held} s left")
     if best == 0:
         click.echo(f"{'max':<12}0 s: deny")
     else:
         click.echo(f"{'max':<12}{best} s ({_human(best)}): {covered} s from bundles, money "
-                   f"{format_amount(cost)} (without bundles {max_seconds(row, budget_micros)} s)")
+                   f"{format_amount(cost)} {table.currency} (without bundles {max_seconds(row, budget_micros)} s)")
+        _echo_fx(conversion, cost)
 
 
 def _head(table: RateTable, number: str, at_ms: int, row: RateRow) -> dict[str, Any]:

@@ -9,6 +9,10 @@ seconds change gets, in one transaction,
 * a ledger ``adjustment`` of the difference (old cost - new cost: a higher cost debits the
   account) with the reference ``rerate:{call_id}:{seq}``.
 
+**Calls converted from another currency** (DESIGN §11; the decision has an ``fx_rate_e10``)
+are converted again at the same rate, the one in force at the call's start that the decision
+recorded, rounded up once: a corrected rate deck changes the plan's price, never the FX rate.
+
 **Calls that used bundles** (DESIGN §9; ``rating_decisions.bundle_seconds`` > 0) keep the bundle
 seconds they were given: the money is ``money_micros_for_seconds(row, seconds, held_s=covered)``
 with ``covered`` the latest decision's bundle seconds, so a corrected rate only changes the money
@@ -46,6 +50,7 @@ from agent.adapters.sql.models import BundleUsage, Call, RatingDecision, utcnow
 from agent.adapters.sql.rate_repository import load_table
 from agent.core.bundles import covered_seconds, money_micros_for_seconds
 from agent.core.errors import BillingError, Conflict
+from agent.core.fx import Conversion
 from agent.core.money import format_amount
 from agent.core.ratetable import RateTable, Refusal, epoch_ms
 from agent.core.rating import cost_micros, whole_seconds
@@ -70,6 +75,18 @@ class StoredCall:
     billed_seconds: int
     cost_micros: int
     bundle_seconds: int = 0  # of the current decision: billed seconds covered by bundles
+    # DESIGN §11: the current decision's currencies and FX rate (the rate in force at the call's
+    # start): a re-rating converts with the same rate, whatever the rate is today.
+    plan_currency: str = ""
+    currency: str = ""
+    fx_rate_e10: int | None = None
+    fx_inverse: bool = False
+
+    @property
+    def conversion(self) -> Conversion | None:
+        if self.fx_rate_e10 is None:
+            return None
+        return Conversion(self.plan_currency, self.currency, self.fx_rate_e10, self.fx_inverse)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +98,7 @@ class Change:
     billed_seconds: int
     cost_micros: int
     bundle_seconds: int = 0  # covered by bundles with the corrected rate (never more than before)
+    plan_cost_micros: int | None = None  # in the plan's currency (the same as cost_micros without a conversion)
 
     @property
     def seq(self) -> int:
@@ -126,13 +144,15 @@ def reprice(call: StoredCall, table: RateTable) -> Change | Refusal | None:
         return found
     seconds = whole_seconds(call.duration_ms)  # as the session engine records it
     if call.bundle_seconds > 0:  # DESIGN §9: the same bundle seconds, money for the billed rest
-        cost = money_micros_for_seconds(found, seconds, held_s=call.bundle_seconds)
+        plan_cost = money_micros_for_seconds(found, seconds, held_s=call.bundle_seconds)
         covered = covered_seconds(found, seconds, call.bundle_seconds)
     else:
-        cost, covered = cost_micros(found, call.duration_ms), 0
+        plan_cost, covered = cost_micros(found, call.duration_ms), 0
+    conversion = call.conversion  # DESIGN §11: the rate of the call's start, converted once, up
+    cost = conversion.charge(plan_cost) if conversion is not None else plan_cost
     if (cost, seconds, covered) == (call.cost_micros, call.billed_seconds, call.bundle_seconds):
         return None
-    return Change(call, found.rate_id, found.prefix, found.rate_micros, seconds, cost, covered)
+    return Change(call, found.rate_id, found.prefix, found.rate_micros, seconds, cost, covered, plan_cost)
 
 
 def _pages(engine: Engine, plan: str, since: datetime, until: datetime | None,
@@ -141,7 +161,8 @@ def _pages(engine: Engine, plan: str, since: datetime, until: datetime | None,
     d = RatingDecision
     current = ~select(newer.id).where(newer.call_id == d.call_id, newer.seq > d.seq).exists()
     base: Any = (select(Call.id, Call.account_id, Call.destination, Call.started_at, Call.duration_ms, d.seq,
-                        d.rate_id, d.prefix, d.rate_micros, d.billed_seconds, d.cost_micros, d.bundle_seconds)
+                        d.rate_id, d.prefix, d.rate_micros, d.billed_seconds, d.cost_micros, d.bundle_seconds,
+                        d.plan_currency, d.currency, d.fx_rate_e10, d.fx_inverse)
                  .join(d, d.call_id == Call.id)
                  .where(current, d.plan_name == plan, Call.started_at >= since))
     if until is not None:
@@ -166,7 +187,9 @@ def _apply(session: Session, change: Change, now: datetime, plan: str) -> None:
     session.add(RatingDecision(
         call_id=call.call_id, seq=change.seq, plan_name=plan, rate_id=change.rate_id, prefix=change.prefix,
         rate_micros=change.rate_micros, billed_seconds=change.billed_seconds, cost_micros=change.cost_micros,
-        bundle_seconds=change.bundle_seconds, decided_at=now,
+        bundle_seconds=change.bundle_seconds, decided_at=now, plan_currency=call.plan_currency,
+        currency=call.currency, fx_rate_e10=call.fx_rate_e10, fx_inverse=call.fx_inverse,
+        plan_cost_micros=change.plan_cost_micros,
         reason=f"rerate: cost {format_amount(call.cost_micros)} -> {format_amount(change.cost_micros)}"
                + (f", bundle seconds {call.bundle_seconds} -> {change.bundle_seconds}"
                   if change.bundle_seconds_returned else "")))
