@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from agent.adapters.sql import accounts as repo
+from agent.adapters.sql.tenants import subtree_ids
 from agent.cli.balance_cache import live_state, rebuild_cache, sync_account
 from agent.cli.common import AMOUNT, SIGNED_AMOUNT, app, handle_errors, print_json
 from agent.cli.low_balance import account_threshold, describe, set_account_low_balance, threshold_json
@@ -114,22 +115,24 @@ def show(ctx: click.Context, account_id: str, as_json: bool) -> None:
 @click.option("--status", type=click.Choice(["active", "suspended", "closed"]))
 @click.option("--plan")
 @click.option("--limit", type=click.IntRange(min=1))
+@click.option("--tenant", help="Only the accounts of this tenant and the tenants below it.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @handle_errors
-def list_(ctx: click.Context, status: str | None, plan: str | None, limit: int | None,
+def list_(ctx: click.Context, status: str | None, plan: str | None, limit: int | None, tenant: str | None,
           as_json: bool) -> None:
     """List accounts."""
     with app(ctx).transaction() as session:
-        views = repo.list_accounts(session, status=status, plan=plan, limit=limit)
+        views = repo.list_accounts(session, status=status, plan=plan, limit=limit,
+                                   tenant_ids=subtree_ids(session, tenant) if tenant else None)
     if as_json:
         print_json([account_json(v) for v in views])
         return
-    click.echo(f"{'ID':<20} {'STATUS':<10} {'TYPE':<9} {'PLAN':<12} {'BALANCE':>16} {'AVAILABLE':>16} CUR")
+    click.echo(f"{'ID':<20} {'STATUS':<10} {'TYPE':<9} {'PLAN':<12} {'BALANCE':>16} {'AVAILABLE':>16} CUR  TENANT")
     for v in views:
         click.echo(f"{v.id:<20} {v.status:<10} {v.account_type:<9} {v.plan:<12} "
                    f"{format_amount(v.balance_micros):>16} {format_amount(v.available_micros):>16} "
-                   f"{v.currency}")
+                   f"{v.currency}  {v.tenant}")
 
 
 def _echo_posting(posting: repo.Posting, what: str, as_json: bool) -> None:

@@ -6,6 +6,7 @@ import csv
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from datetime import datetime
 from typing import IO, Any, TypeVar
 
@@ -23,6 +24,7 @@ from agent.adapters.cdr.export import (
 from agent.adapters.cdr.export import cdr_json as flat_json
 from agent.adapters.cdr.query import CdrFilter, CdrView, DecisionView, LegView, get_cdr
 from agent.adapters.cdr.reconcile import ReconcileLine, ReconcileSummary, reconcile
+from agent.adapters.sql.tenants import subtree_ids
 from agent.cli.common import app, fail, handle_errors, print_json
 from agent.core.cdr import Disposition
 from agent.core.clock import parse_iso8601
@@ -63,6 +65,7 @@ def filter_options(func: F) -> F:
         click.option("--disposition", callback=_disposition,
                      help="ANSWERED, NO_ANSWER, BUSY, FAILED, DENIED or CUT."),
         click.option("--node", help="Only calls of this agent node."),
+        click.option("--tenant", help="Only calls of the accounts of this tenant and the tenants below it."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -73,6 +76,10 @@ def _filter(kwargs: dict[str, Any]) -> CdrFilter:
     where = CdrFilter(**{k: kwargs.pop(k) for k in ("account_id", "since", "until", "destination_prefix",
                                                     "disposition", "node")})
     check_range(where.since, where.until)
+    tenant = kwargs.pop("tenant", None)
+    if tenant:
+        with app(click.get_current_context()).transaction() as session:
+            where = replace(where, tenant_ids=subtree_ids(session, tenant))
     return where
 
 

@@ -22,6 +22,7 @@ from agent.cli.plans import plans
 from agent.cli.rates import rates
 from agent.cli.rerate import rerate_command
 from agent.cli.run import run_command
+from agent.cli.tenants import tenants
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -56,6 +57,7 @@ cli.add_command(demo_command)
 cli.add_command(fraud)
 cli.add_command(alerts)
 cli.add_command(fx)
+cli.add_command(tenants)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import click
 
 from agent.adapters.sql import plans as repo
+from agent.adapters.sql.tenants import subtree_ids
 from agent.cli.common import app, handle_errors, print_json
 from agent.cli.low_balance import set_plan_low_balance
 
@@ -23,30 +24,33 @@ def plans() -> None:
               help="IANA zone in which time-of-day rate windows are read.")
 @click.option("--international-prefix", default="00", show_default=True,
               help="Dialled prefix stripped before rating (as a leading '+' is).")
+@click.option("--tenant", help="The tenant that sells on it (default: the operator's root, `default`).")
 @click.pass_context
 @handle_errors
-def create(ctx: click.Context, name: str, currency: str, timezone: str, international_prefix: str) -> None:
+def create(ctx: click.Context, name: str, currency: str, timezone: str, international_prefix: str,
+           tenant: str | None) -> None:
     """Create the rate plan NAME."""
     with app(ctx).transaction() as session:
         plan = repo.create_plan(session, name, currency=currency, timezone=timezone,
-                                international_prefix=international_prefix)
-    click.echo(f"created plan {plan.name} ({plan.currency}, {plan.timezone})")
+                                international_prefix=international_prefix, tenant=tenant)
+    click.echo(f"created plan {plan.name} ({plan.currency}, {plan.timezone}) of tenant {plan.tenant}")
 
 
 @plans.command(name="list")
+@click.option("--tenant", help="Only the plans of this tenant and the tenants below it.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @handle_errors
-def list_(ctx: click.Context, as_json: bool) -> None:
+def list_(ctx: click.Context, tenant: str | None, as_json: bool) -> None:
     """List rate plans with their number of rates."""
     with app(ctx).transaction() as session:
-        views = repo.list_plans(session)
+        views = repo.list_plans(session, tenant_ids=subtree_ids(session, tenant) if tenant else None)
     if as_json:
         print_json([dataclasses.asdict(v) for v in views])
         return
-    click.echo(f"{'NAME':<20} {'CUR':<4} {'TIMEZONE':<20} {'RATES':>9} {'VERSION':>7}")
+    click.echo(f"{'NAME':<20} {'CUR':<4} {'TIMEZONE':<20} {'RATES':>9} {'VERSION':>7}  TENANT")
     for v in views:
-        click.echo(f"{v.name:<20} {v.currency:<4} {v.timezone:<20} {v.rate_count:>9} {v.version:>7}")
+        click.echo(f"{v.name:<20} {v.currency:<4} {v.timezone:<20} {v.rate_count:>9} {v.version:>7}  {v.tenant}")
 
 
 plans.add_command(set_plan_low_balance)

@@ -24,10 +24,11 @@ SHOWN_ERRORS = 100
 @click.option("--create-plan", is_flag=True, help="Create the plan if it does not exist.")
 @click.option("--currency", help="The deck's currency: checked against the plan's, given to a plan made "
                                  "by --create-plan (default: billing.default_currency).")
+@click.option("--tenant", help="The tenant the plan belongs to (checked; a plan made by --create-plan is its).")
 @click.pass_context
 @handle_errors
 def import_command(ctx: click.Context, file: Path, plan: str, replace: bool, create_plan: bool,
-                   currency: str | None) -> None:
+                   currency: str | None, tenant: str | None) -> None:
     """Import the rate deck FILE (CSV, UTF-8, ',' or ';') into a plan.
 
     Every row is checked first and every error is reported with its line and column; one bad
@@ -40,7 +41,7 @@ def import_command(ctx: click.Context, file: Path, plan: str, replace: bool, cre
         with _progress_bar(file) as progress:
             result = import_deck(context.sessions(), file, plan, replace=replace, create_missing_plan=create_plan,
                                  currency=currency, default_currency=context.config.billing.default_currency,
-                                 source=source, max_errors=SHOWN_ERRORS, progress=progress)
+                                 source=source, max_errors=SHOWN_ERRORS, progress=progress, tenant=tenant)
     except OSError as exc:  # unreadable, vanished, or a directory swapped in since click checked it
         fail(f"cannot read {source}: {exc.strerror or exc}")
     except DeckRejected as exc:

@@ -75,12 +75,11 @@ def get_plan(session: Session, name: str) -> RatePlan:
 
 
 def ensure_tenant(session: Session, name: str = DEFAULT_TENANT) -> Tenant:
-    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
-    if tenant is None:
-        tenant = Tenant(name=name, created_at=utcnow())
-        session.add(tenant)
-        session.flush()
-    return tenant
+    """The tenant ``name``: the operator's root is made on first use, any other must exist
+    (``billing-agent tenants create``, DESIGN §11)."""
+    from agent.adapters.sql.tenants import tenant_of
+
+    return tenant_of(session, name)
 
 
 def lock_account(session: Session, account_id: str) -> Account:
@@ -116,6 +115,10 @@ def create_account(
     if kind == "prepaid" and credit_limit_micros:
         raise InvalidInput("a prepaid account has no credit limit (use --type postpaid)")
     rate_plan = get_plan(session, plan)
+    from agent.adapters.sql.tenants import check_plan_of_tenant
+
+    owner = ensure_tenant(session, tenant)
+    check_plan_of_tenant(session, rate_plan, owner, f"account {account_id!r} of tenant {tenant!r}")
     # An account may pay in another currency than its plan's: its calls are converted at the FX
     # rate in force at their start (DESIGN §11; no rate: refused with no_fx_rate).
     cur = check_currency(currency or rate_plan.currency)
@@ -124,7 +127,7 @@ def create_account(
     now = utcnow()
     account = Account(
         id=account_id,
-        tenant_id=ensure_tenant(session, tenant).id,
+        tenant_id=owner.id,
         rate_plan_id=rate_plan.id,
         currency=cur,
         account_type=kind,
@@ -277,8 +280,10 @@ def view_account(session: Session, account_id: str) -> AccountView:
 
 
 def list_accounts(session: Session, *, status: str | None = None, plan: str | None = None,
-                  limit: int | None = None) -> list[AccountView]:
+                  limit: int | None = None, tenant_ids: tuple[int, ...] | None = None) -> list[AccountView]:
     query = _view_query().order_by(Account.id)
+    if tenant_ids is not None:  # a tenant's subtree (DESIGN §11)
+        query = query.where(Account.tenant_id.in_(tenant_ids))
     if status:
         query = query.where(Account.status == status)
     if plan:

@@ -112,17 +112,18 @@ class _ErrorLog:
 def import_deck(sessions: sessionmaker[Session], path: str | os.PathLike[str], plan: str, *,
                 replace: bool = False, create_missing_plan: bool = False, currency: str | None = None,
                 default_currency: str = "EUR", source: str | None = None, max_errors: int = 100,
-                progress: Progress | None = None) -> ImportResult:
+                progress: Progress | None = None, tenant: str | None = None) -> ImportResult:
     """Import the deck at ``path`` into ``plan``; raise :class:`DeckRejected` if any row is bad.
 
     ``currency``, when given, must be the plan's (a deck priced in the wrong money is a
     mistake); a plan made by ``create_missing_plan`` gets it, else ``default_currency``.
-    ``source`` names the file in error messages (default: ``path``).
+    ``source`` names the file in error messages (default: ``path``). With ``tenant``, the plan
+    must be that tenant's (DESIGN §11), and a plan made by ``create_missing_plan`` is.
     """
     started = time.perf_counter()
     deck = _DeckFile(Path(path), source or str(path), progress)
     with transaction(sessions) as session:
-        state = _plan_state(session, plan, create_missing_plan=create_missing_plan, currency=currency)
+        state = _plan_state(session, plan, create_missing_plan=create_missing_plan, currency=currency, tenant=tenant)
         index = RangeIndex()
         if state is not None and not replace:
             _index_stored_rates(session, state.id, index)
@@ -135,7 +136,7 @@ def import_deck(sessions: sessionmaker[Session], path: str | os.PathLike[str], p
         with transaction(sessions) as session:
             created = state is None
             if state is None:
-                view = create_plan(session, plan, currency=currency or default_currency)
+                view = create_plan(session, plan, currency=currency or default_currency, tenant=tenant)
                 state = _PlanState(view.id, view.version, view.currency)
             _bump_version(session, plan, state)
             replaced = _delete_rates(session, state.id) if replace else 0
@@ -149,8 +150,16 @@ def import_deck(sessions: sessionmaker[Session], path: str | os.PathLike[str], p
     return ImportResult(plan, imported, replaced, state.version + 1, created, time.perf_counter() - started)
 
 
-def _plan_state(session: Session, name: str, *, create_missing_plan: bool, currency: str | None) -> _PlanState | None:
+def _plan_state(session: Session, name: str, *, create_missing_plan: bool, currency: str | None,
+                tenant: str | None = None) -> _PlanState | None:
     plan = session.scalar(select(RatePlan).where(RatePlan.name == name))
+    if tenant is not None:
+        from agent.adapters.sql.tenants import plan_belongs_to, plan_owner_name, tenant_of
+
+        owner = tenant_of(session, tenant)  # an unknown tenant is refused before any row is read
+        if plan is not None and not plan_belongs_to(plan, owner):
+            raise InvalidInput(f"--tenant {tenant!r}: rate plan {name!r} belongs to tenant "
+                               f"{plan_owner_name(session, plan)!r}, not to {tenant!r}")
     if plan is None:
         if create_missing_plan:
             if not PLAN_NAME.match(name):  # say so now, not after checking a million rows
