@@ -59,7 +59,7 @@ def create_plan(session: Session, name: str, *, currency: str = "EUR", timezone:
 def list_plans(session: Session, *, tenant_ids: tuple[int, ...] | None = None) -> list[PlanView]:
     """Every plan, or those of ``tenant_ids`` (a subtree; the operator's plans belong to its root)."""
     counts = {p: n for p, n in session.execute(select(Rate.plan_id, func.count()).group_by(Rate.plan_id))}
-    names = dict(session.execute(select(Tenant.id, Tenant.name)).tuples().all())
+    names: dict[int, str] = {row[0]: row[1] for row in session.execute(select(Tenant.id, Tenant.name))}
     root = session.scalar(select(Tenant.id).where(Tenant.name == "default"))
     return [
         PlanView(p.id, p.name, p.currency, p.timezone, p.international_prefix, p.version,

@@ -159,7 +159,7 @@ def _plan_state(session: Session, name: str, *, create_missing_plan: bool, curre
         owner = tenant_of(session, tenant)  # an unknown tenant is refused before any row is read
         if plan is not None and not plan_belongs_to(plan, owner):
             raise InvalidInput(f"--tenant {tenant!r}: rate plan {name!r} belongs to tenant "
-                               f"{plan_owner_name(session, plan)!r}, not to {tenant!r}")
+                               f"{plan_owner_name(session, plan)}, not to {tenant!r}")
     if plan is None:
         if create_missing_plan:
             if not PLAN_NAME.match(name):  # say so now, not after checking a million rows

@@ -144,16 +144,17 @@ def plan_belongs_to(plan: RatePlan, tenant: Tenant) -> bool:
 
 
 def plan_owner_name(session: Session, plan: RatePlan) -> str:
+    """The tenant a plan belongs to, quoted for a message: ``'acme'``, ``'default' (the operator's)``."""
     if plan.tenant_id is None:
-        return f"{ROOT_TENANT} (the operator's)"
+        return f"{ROOT_TENANT!r} (the operator's)"
     owner = session.get(Tenant, plan.tenant_id)
-    return owner.name if owner is not None else f"#{plan.tenant_id}"
+    return repr(owner.name) if owner is not None else f"#{plan.tenant_id}"
 
 
 def check_plan_of_tenant(session: Session, plan: RatePlan, tenant: Tenant, who: str) -> None:
     """Refuse a plan of another tenant, naming both."""
     if not plan_belongs_to(plan, tenant):
-        raise InvalidInput(f"{who}: plan {plan.name!r} belongs to tenant {plan_owner_name(session, plan)!r}, not "
+        raise InvalidInput(f"{who}: plan {plan.name!r} belongs to tenant {plan_owner_name(session, plan)}, not "
                            f"to tenant {tenant.name!r} (an account is rated on a plan of its own tenant)")
 
 
