@@ -268,3 +268,40 @@ def test_a_usd_plan_bills_a_eur_account_in_eur_and_cuts_at_the_converted_limit()
     assert (rating.plan_currency, rating.currency, rating.fx_rate_e10, rating.fx_inverse) == ("USD", "EUR",
                                                                                               9_000_000_000, False)
     assert store.accounts["eve"].balance_micros == 0
+
+
+def test_a_call_that_starts_in_its_bundle_and_runs_into_money_pays_the_converted_money_only() -> None:
+    """The bundle (2 s) covers the first seconds; money pays the rest at 1.00 USD a minute, converted
+    at 0.9: 3.5 s answered = 4 s billed, 2 s of money = 0.033334 USD, ceil(33_334 x 0.9) = 30_001."""
+    from agent.core.bundles import BundleDef, BundleGrant
+
+    clock = SystemClock()
+    store = MemoryStore()
+    store.add_account("eve", 1_000_000)
+    usd = RateRow(prefix="33", destination="France", rate_micros=1_000_000, rate_id=7)
+    builder = RateTableBuilder("usd")
+    builder.add(usd)
+    table = builder.build()
+    grant = BundleGrant(1, "eve", BundleDef("fr2", 2, ("33",), bundle_id=1), 0)
+    rater = PlanRater(lambda a: Plan("usd", "USD", "EUR"), type("T", (), {"table_for": lambda self, p: table})(),
+                      lambda a: (grant,), fx_of=lambda p, c, at: Conversion(p, c, 9_000_000_000))
+    cdrs = Cdrs()
+    engine = Engine(settings=EngineSettings(node="n1", nibble_seconds=1, hangup_verify_ms=400), store=store,
+                    rater=rater, clock=clock, cdr=cdrs)
+    switch = Switch(engine, clock)
+    engine.add_switch(switch)
+    engine.start()
+    try:
+        assert engine.authorize(AuthorizeRequest("asterisk", "A1", "eve", "33123", clock.now_ms())).allowed
+        engine.on_event(LegCreated("B1", clock.now_ms(), Direction.OUTBOUND, parent_leg_id="A1"))
+        answered = clock.now_ms()
+        engine.on_event(LegAnswered("B1", answered))
+        gevent.sleep(3.5)
+        engine.on_event(LegHungUp("B1", answered + 3_500, cause="NORMAL_CLEARING"))
+        _wait(lambda: cdrs.records, timeout=10)
+    finally:
+        engine.stop(1)
+    (record,) = cdrs.records
+    assert record.rating.bundle_seconds == 2
+    assert record.rating.plan_cost_micros == 33_334  # ceil(1_000_000 x 2 / 60)
+    assert record.rating.cost_micros == 30_001 and store.accounts["eve"].balance_micros == 1_000_000 - 30_001
