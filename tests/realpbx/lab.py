@@ -64,6 +64,14 @@ class PbxBuild:
     def label(self) -> str:
         return f"{self.kind}-{self.version}-{self.driver}"
 
+    def has_module(self, name: str) -> bool:
+        """A loadable module of this build (``mod_cdr_csv``, ``cdr_custom``...): a build made with
+        only some modules lacks the others, and a test that needs one says so instead of failing
+        on a missing file."""
+        folder = (self.home / "lib" / "freeswitch" / "mod" if self.kind == "freeswitch"
+                  else self.home / "lib" / "asterisk" / "modules")
+        return (folder / f"{name}.so").is_file()
+
 
 def _version(command: list[str]) -> str:
     try:
