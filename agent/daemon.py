@@ -41,6 +41,7 @@ from agent.adapters.fraud_rules_file import RulesFileError, load_rules
 from agent.adapters.http_status import StatusServer
 from agent.adapters.sql.account_plans import AccountPlans
 from agent.adapters.sql.bundle_book import BundleBook
+from agent.adapters.sql.cached_lookup import TenantChains
 from agent.adapters.sql.engine import make_engine
 from agent.adapters.sql.fraud import SqlAlerts, SqlFraudActions, suspended_by_rule
 from agent.adapters.sql.fx_rates import FxBook
@@ -127,6 +128,7 @@ class Daemon:
         self.plans: AccountPlans | None = None
         self.bundle_book: BundleBook | None = None
         self.fx_book: FxBook | None = None
+        self.tenant_chains: TenantChains | None = None
         self.fraud: FraudGuard | None = None
         self.alerts: Alerts | None = None  # every alert of the node (fraud rules, low balance)
         self.balance_watch: BalanceWatch | None = None
@@ -159,6 +161,7 @@ class Daemon:
         plans = self.plans = AccountPlans(self.sql, self.clock.now_ms, background=True)
         bundle_book = self.bundle_book = BundleBook(self.sql, self.clock.now_ms, background=True)
         fx_book = self.fx_book = FxBook(self.sql, self.clock.now_ms, background=True)  # DESIGN §11
+        chains = self.tenant_chains = TenantChains(self.sql, self.clock.now_ms, background=True)  # DESIGN §11
         billing = self.config.billing
         store = EngineStoreAdapter(self.store, node=self.config.node.id,
                                    ttl_ms=billing.reservation_ttl_seconds * 1000)
@@ -171,7 +174,7 @@ class Daemon:
                 reservation_ttl_ms=billing.reservation_ttl_seconds * 1000,
                 nibble_lead_ms=billing.store_timeout_ms + NIBBLE_LEAD_MARGIN_MS),
             store=store, rater=PlanRater(plans.rating_of, self.rate_cache, bundle_book.grants_of,
-                                         fx_of=fx_book.conversion),
+                                         fx_of=fx_book.conversion, chain_of=chains.chain_of),
             clock=self.clock, cdr=self.cdr,
             metrics=self.metrics)
         self._offer_adoption(self.engine, self.store)
@@ -670,6 +673,8 @@ class Daemon:
             self.bundle_book.forget()  # bundle grants are read again at each account's next call
         if self.fx_book is not None:
             self.fx_book.forget()  # FX rates too, at the next call of each currency pair
+        if self.tenant_chains is not None:
+            self.tenant_chains.forget()  # the tenants above each account too
         self.reload_fraud_rules()
         if self.reload_config is None:
             return

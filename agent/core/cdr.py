@@ -59,6 +59,12 @@ class RatingRecord:
     fx_rate_e10: int | None = None
     fx_inverse: bool = False
     plan_cost_micros: int | None = None
+    # Derived charging (DESIGN §11): the level of the chain this decision charges (0: the
+    # customer), the tenant whose price it is (the seller: the customer's reseller at level 0,
+    # a reseller's parent above) and the account charged ("" at level 0: the call's account).
+    level: int = 0
+    tenant: str = ""
+    account_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +84,18 @@ class CallRecord:
     hangup_cause: str = ""
     settled_ms: int | None = None
     legs: tuple[LegRecord, ...] = field(default_factory=tuple)
+    # The decisions of the levels above the customer (level 1, 2...: each reseller's account
+    # charged its parent's price for the same billed time); empty for a direct customer.
+    upper: tuple[RatingRecord, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["disposition"] = self.disposition.value
         data["legs"] = [asdict(leg) for leg in self.legs]
+        if self.upper:  # absent for a direct customer: the JSON form of earlier versions
+            data["upper"] = [asdict(rating) for rating in self.upper]
+        else:
+            data.pop("upper", None)
         return data
 
     @classmethod
@@ -92,7 +105,8 @@ class CallRecord:
             body = dict(data)
             legs = tuple(LegRecord(**leg) for leg in body.pop("legs", []))
             rating = RatingRecord(**body.pop("rating"))
+            upper = tuple(RatingRecord(**item) for item in body.pop("upper", []))
             disposition = Disposition(body.pop("disposition"))
-            return cls(**body, legs=legs, rating=rating, disposition=disposition)
+            return cls(**body, legs=legs, rating=rating, disposition=disposition, upper=upper)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed call record: {exc}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from agent.core.events import (
@@ -32,6 +33,7 @@ from agent.core.session import (
     CallSession,
     Effect,
     Leg,
+    Payer,
     Phase,
     RatingInfo,
     SessionSettings,
@@ -88,17 +90,19 @@ class CallRegistry:
               others: list[LiveLeg], tariff: Tariff, rating: RatingInfo, settings: SessionSettings,
               debited_micros: int, reserved_micros: int, seq: int, now_ms: int,
               last_renewal_ms: int | None = None, reservation_lost: bool = False,
-              bundle_used_s: int = 0) -> list[Effect]:
+              bundle_used_s: int = 0, upper: Sequence[Payer] = (), seller: str = "",
+              levels: Sequence[tuple[int, int]] = ()) -> list[Effect]:
         """Supervise a call found live on the PBX whose reservation an earlier run of this node
         left open (agent restart, hand-over): rebuild its session from the legs the PBX shows
-        and continue billing from what the store debited."""
+        and continue billing from what the store debited. ``upper``: the levels above the
+        customer (DESIGN §11), ``levels`` what each of their store calls debited and holds."""
         created_ms = a_leg.created_ms or now_ms
         session = CallSession(
             call_id=call_id, node=node, pbx=pbx, account_id=account_id, destination=a_leg.callee,
             caller=a_leg.caller, a_leg=Leg(a_leg.leg_id, Direction.INBOUND, created_ms, channel=a_leg.channel,
                                            caller=a_leg.caller, callee=a_leg.callee),
             authorized_ms=created_ms, tariff=tariff, rating=rating, settings=settings,
-            granted_micros=reserved_micros, limit_ms=0, group_id=a_leg.group_id)
+            granted_micros=reserved_micros, limit_ms=0, group_id=a_leg.group_id, upper=list(upper), seller=seller)
         effects = self.add(session)
         for leg in others:
             session.on_leg_created(LegCreated(leg.leg_id, leg.created_ms or now_ms, leg.direction,
@@ -110,7 +114,8 @@ class CallRegistry:
             effects += session.on_answered(LegAnswered(answered[0].leg_id, answered[0].answered_ms or now_ms))
         effects += session.adopt_progress(debited_micros=debited_micros, reserved_micros=reserved_micros, seq=seq,
                                           now_ms=now_ms, last_renewal_ms=last_renewal_ms,
-                                          reservation_lost=reservation_lost, bundle_used_s=bundle_used_s)
+                                          reservation_lost=reservation_lost, bundle_used_s=bundle_used_s,
+                                          levels=levels)
         return self.schedule(effects)
 
     def remove(self, call_id: str) -> None:

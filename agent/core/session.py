@@ -36,6 +36,8 @@ Money rules (DESIGN §4-5):
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -107,6 +109,92 @@ class RatingRefused(Exception):
         self.detail = detail
 
 
+# ------------------------------------------------------------------- derived charging (DESIGN §11)
+#
+# A customer of a reseller pays its reseller's price; the reseller's own account (``tenant:R``,
+# kept in R's parent) pays the parent's price for the same call; and so on up to the operator.
+# Each level is a *payer* of the session: level 0 is the customer (the session's own fields),
+# levels 1..n the resellers above it, nearest first (``CallSession.upper``). A session with no
+# upper level is today's single-payer call, on the same code path.
+#
+# Every level is its own balance-store call, on its own account, under a derived call id
+# (``level_call_id``): each step is idempotent per ``(call_id, level, seq)`` because the derived
+# id carries the level, and no Lua script touches two accounts' slots (Redis Cluster).
+#
+# Ordering: the customer first, then upward (authorize, nibbles, settles all emit level 0
+# first). The customer is the level most often refused (no money, suspended, too many calls), so
+# a refused customer never touches its reseller's keys, and a direct customer's path is today's.
+# Why a crash between two levels neither loses nor doubles money:
+# * at authorize, a level reserved before a crash holds a reservation the call never used: the
+#   PBX got no answer, so no call runs; the reservation expires (TTL) with nothing debited, or a
+#   later level's refusal releases the earlier levels at once (``Outcome.release_levels``);
+# * a nibble or a settle is replayed with the same ``(derived call id, seq)``: the store applies
+#   it once; each level's debit is computed from that level's own running total
+#   (``cost_L(k·N) - debited_L``), so a level that missed a slice catches it up at the next
+#   nibble, and one that took it does not take it twice;
+# * a restarted agent adopts every level (the store lists each level's open reservation; the
+#   engine pairs them with the customer's call by ``level_call_id``) and nibbles on from the
+#   furthest level; a call that ended while no agent ran is settled at each level with what
+#   that level's nibbles debited; a level not adopted expires, charged what it debited.
+
+LEVEL_MARK = "^"  # never in a call id the engine makes (CALL_ID_UNSAFE turns it into "_")
+CALL_ID_LIMIT = 64  # the balance store's and the calls table's limit
+
+
+def level_call_id(call_id: str, level: int) -> str:
+    """The balance-store call id of ``level`` of a call: the call's own at level 0, else the call
+    id and ``^L`` (within 64 characters: a long id keeps its head and a digest of the whole)."""
+    if level == 0:
+        return call_id
+    tail = f"{LEVEL_MARK}{level}"
+    if len(call_id) + len(tail) <= CALL_ID_LIMIT:
+        return call_id + tail
+    digest = hashlib.sha1(call_id.encode("utf-8")).hexdigest()[:10]
+    return f"{call_id[:CALL_ID_LIMIT - len(tail) - len(digest) - 1]}{LEVEL_MARK}{digest}{tail}"
+
+
+def is_level_call_id(call_id: str) -> bool:
+    """A level's derived id (level >= 1), not a call's own."""
+    return LEVEL_MARK in call_id
+
+
+@dataclass(frozen=True, slots=True)
+class LevelRated:
+    """One level above the customer, rated: ``tenant`` pays ``seller`` (its parent) for the call
+    through ``account_id``, at the seller's price (``rated``, FX applied)."""
+
+    level: int
+    tenant: str
+    seller: str
+    account_id: str
+    rated: RatedCall
+
+
+@dataclass(slots=True)
+class Payer:
+    """The money state of one level above the customer in a live call."""
+
+    level: int
+    tenant: str  # the reseller that pays
+    seller: str  # whose plan prices it (the reseller's parent)
+    account_id: str  # tenant:NAME
+    call_id: str  # its balance-store call id (level_call_id)
+    tariff: Tariff
+    rating: RatingInfo
+    debited_micros: int = 0
+    budget_micros: int = 0  # debited + reserved
+    available_micros: int = 0  # what the level could spend at authorize (sizes the PBX limit)
+
+    def cost_at(self, billed_ms: int) -> int:
+        return self.tariff.cost_micros(billed_ms)
+
+
+def payers_of(call_id: str, levels: Sequence[LevelRated], granted: Sequence[int] = ()) -> list[Payer]:
+    """The session's upper payers from the rated chain (``granted``: each level's first reservation)."""
+    return [Payer(lv.level, lv.tenant, lv.seller, lv.account_id, level_call_id(call_id, lv.level), lv.rated.tariff,
+                  lv.rated.info, 0, granted[i] if i < len(granted) else 0) for i, lv in enumerate(levels)]
+
+
 class Phase(StrEnum):
     AUTHORIZED = "authorized"  # allowed, not yet answered
     ANSWERED = "answered"  # billing runs
@@ -146,6 +234,8 @@ class NibbleStep:
     account_id: str = ""  # the session's account: the store needs no call -> account map of its own
     bundle_used_s: int = 0  # bundle seconds used up to this step's boundary (DESIGN §9)
     bundle_want_s: int = 0  # bundle seconds wanted for the next slice (0: the call draws no more)
+    level: int = 0  # the payer (0: the customer; 1, 2...: the resellers above it, DESIGN §11)
+    session_id: str = ""  # the session's call id when ``call_id`` is a level's (``level_call_id``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +245,8 @@ class SettleStep:
     cost_micros: int
     account_id: str = ""
     bundle: BundleSettle | None = None  # the bundle seconds the call used, when it could draw on any
+    level: int = 0
+    session_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +254,8 @@ class ReleaseStep:
     call_id: str
     seq: int
     account_id: str = ""
+    level: int = 0
+    session_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +405,14 @@ class CallSession:
     # the first partial answer fixes R for the rest of the call (money pays beyond it).
     bundle_open: bool = False
     pending_want_s: int = 0  # bundle seconds the step in flight asked for
+    # Derived charging (DESIGN §11): the levels above the customer, nearest first (empty: a
+    # direct customer of the operator, today's single-payer call) and the tenant whose price
+    # the customer pays (its reseller's; "" for a direct customer).
+    upper: list[Payer] = field(default_factory=list)
+    seller: str = ""
+    # The answers of the step in flight, by level, until every level has answered.
+    answers: dict[int, tuple[int, int, bool, str, int]] = field(default_factory=dict)
+    settles_left: set[int] = field(default_factory=set)  # levels whose settle/release is not done
 
     def __post_init__(self) -> None:
         self.legs[self.a_leg.leg_id] = self.a_leg
@@ -438,7 +540,8 @@ class CallSession:
             self.backstop_at_ms = self.answer_ms + self.limit_ms + self.settings.backstop_margin_ms
         effects: list[Effect] = []
         first_slice = self._cost_at(self.nibble_ms)
-        if self.budget_micros < first_slice or self._at_max_duration(1):
+        if (self.budget_micros < first_slice or self._at_max_duration(1)
+                or any(p.budget_micros < p.cost_at(self.nibble_ms) for p in self.upper)):
             effects += self._exhaust(event.at_ms)
         else:
             effects.append(self._arm(TimerKind.NIBBLE, self._nibble_due_ms(1)))
@@ -514,7 +617,7 @@ class CallSession:
 
     def adopt_progress(self, *, debited_micros: int, reserved_micros: int, seq: int, now_ms: int,
                        last_renewal_ms: int | None = None, reservation_lost: bool = False,
-                       bundle_used_s: int = 0) -> list[Effect]:
+                       bundle_used_s: int = 0, levels: Sequence[tuple[int, int]] = ()) -> list[Effect]:
         """Take over a call another run of this node authorized (its reservation is still open
         in the store): continue from what the store says was debited. Debits are whole nibble
         slices, ``cost(k*N) - cost((k-1)*N)``, so ``debited == cost(k*N)`` gives the k nibbles
@@ -523,8 +626,15 @@ class CallSession:
         ``reservation_lost``: the store no longer knows the call (a Redis that restarted empty
         while no agent ran). Nothing reserved is then no verdict on the money: nibble at once
         (the store reserves again from the balance, and the settle charges the whole cost);
-        the nibbles catch up with the time already talked."""
+        the nibbles catch up with the time already talked.
+
+        ``levels``: (debited, reserved) of each upper level, as its own store call says; the
+        nibbles go on from the furthest level (a crash between two levels' steps leaves them a
+        slice apart: the next nibble debits each its own difference)."""
         self.seq = max(self.seq, seq)
+        for payer, (level_debited, level_reserved) in zip(self.upper, levels, strict=False):
+            payer.debited_micros = level_debited
+            payer.budget_micros = level_debited + level_reserved
         self.debited_micros = debited_micros
         self.budget_micros = debited_micros + reserved_micros
         self.granted_micros = reserved_micros
@@ -542,6 +652,9 @@ class CallSession:
                 self._cost_at(done * self.nibble_ms) < debited_micros
                 or (bundle is not None and bundle.covered_at(done * self.nibble_ms) < bundle_used_s)):
             done += 1
+        for payer in self.upper:
+            while done < MAX_ADOPTED_NIBBLES and payer.cost_at(done * self.nibble_ms) < payer.debited_micros:
+                done += 1
         self.nibbles_done = done
         if done and last_renewal_ms is not None:
             # The store renewed the reservation when nibble k was taken, at answer + k*N - lead
@@ -553,13 +666,18 @@ class CallSession:
                 if self.billed_leg_id is not None:
                     self.legs[self.billed_leg_id].answered_ms = estimate
         self.token += 1  # drop the timers armed by the replayed answer
-        if reservation_lost:
+        # A level a slice behind the others (a crash between two levels' steps) is no verdict
+        # on its money either: nibble at once, each level debits its own difference.
+        if reservation_lost or any(p.debited_micros < p.cost_at(done * self.nibble_ms) for p in self.upper):
             self.exhausted = False
             self.cut_at_ms = None
             return [self._arm(TimerKind.NIBBLE, now_ms),
                     *self._move_backstop(now_ms + self.settings.backstop_slack_ms)]
         next_slice = self._cost_at((done + 1) * self.nibble_ms) - self._cost_at(done * self.nibble_ms)
-        if reserved_micros < next_slice or self._at_max_duration(done + 1):  # the budget is final
+        if reserved_micros < next_slice or self._at_max_duration(done + 1) or (self.upper and (
+                self.budget_micros < self._cost_at((done + 1) * self.nibble_ms)
+                or any(p.budget_micros < p.cost_at((done + 1) * self.nibble_ms) for p in self.upper))):
+            # the budget is final (at some level)
             return self._exhaust(now_ms)
         self.exhausted = False  # the replayed answer may have found no budget yet
         self.cut_at_ms = None
@@ -609,15 +727,27 @@ class CallSession:
         self.want_pending = True
         self.pending_is_nibble = True
         self.pending_want_s = want_s
-        return [NibbleStep(self.call_id, self._next_seq(), debit, reserve, self.account_id, used_s, want_s)]
+        step = NibbleStep(self.call_id, self._next_seq(), debit, reserve, self.account_id, used_s, want_s)
+        if not self.upper:
+            return [step]
+        self.answers = {}
+        # The customer first, then upward (see "Ordering" above): each level its own difference.
+        return [step, *(NibbleStep(p.call_id, step.seq, p.cost_at(k * self.nibble_ms) - p.debited_micros,
+                                   p.cost_at((k + 1) * self.nibble_ms) - p.cost_at(k * self.nibble_ms),
+                                   p.account_id, level=p.level, session_id=self.call_id) for p in self.upper)]
 
     def on_nibble_result(self, seq: int, granted_micros: int, debited_micros: int, now_ms: int,
-                         *, store_ok: bool = True, why: str = "", bundle_granted_s: int = 0) -> list[Effect]:
+                         *, store_ok: bool = True, why: str = "", bundle_granted_s: int = 0,
+                         level: int = 0) -> list[Effect]:
         """The store answered nibble ``seq``: ``debited_micros`` were taken (the slice just
         used) and ``granted_micros`` reserved for the next slice (partial: that is all), after
-        ``bundle_granted_s`` bundle seconds were added to the call's hold."""
+        ``bundle_granted_s`` bundle seconds were added to the call's hold. With levels above the
+        customer, each level answers for itself (``level``); the call goes on when all have."""
         if seq != self.seq or not self.want_pending:
             return []  # a stale or replayed answer
+        if self.upper:
+            return self._on_level_result(level, granted_micros, debited_micros, now_ms, store_ok, why,
+                                         bundle_granted_s)
         self.want_pending = False
         if self.phase is not Phase.ANSWERED:
             return []
@@ -650,6 +780,61 @@ class CallSession:
                 *self._move_backstop(self.answer_ms + (self.nibbles_done + 1) * self.nibble_ms
                                      + self.settings.backstop_slack_ms)]
 
+    def _on_level_result(self, level: int, granted_micros: int, debited_micros: int, now_ms: int, store_ok: bool,
+                         why: str, bundle_granted_s: int) -> list[Effect]:
+        """One level's answer to the step in flight; once every level has answered, the call goes
+        on for what every level can pay, or is cut when one of them cannot (DESIGN §11)."""
+        self.answers[level] = (granted_micros, debited_micros, store_ok, why, bundle_granted_s)
+        if len(self.answers) < 1 + len(self.upper):
+            return []
+        answers, self.answers = self.answers, {}
+        self.want_pending = False
+        if self.phase is not Phase.ANSWERED:
+            return []
+        granted0, debited0, ok0, why0, bundle0 = answers[0]
+        self._bundle_granted(bundle0 if ok0 else 0)
+        if self.pending_is_nibble:
+            self.nibbles_done += 1
+        done_ms = self.nibbles_done * self.nibble_ms
+        failed = ""
+        if ok0:
+            if self.pending_is_nibble:
+                self.debited_micros += debited0
+            self.budget_micros = self.debited_micros + granted0
+        else:
+            failed = f"no money granted by the balance store ({why0 or 'store_unavailable'})"
+            if self.pending_is_nibble:
+                self.debited_micros = self._cost_at(done_ms)
+            self.budget_micros = max(self.budget_micros, self.debited_micros)
+        short = self.budget_micros < self._cost_at(done_ms + self.nibble_ms)
+        for payer in self.upper:
+            granted, debited, ok, level_why, _ = answers.get(payer.level, (0, 0, False, "no answer", 0))
+            if ok:
+                if self.pending_is_nibble:
+                    payer.debited_micros += debited
+                payer.budget_micros = payer.debited_micros + granted
+            else:
+                failed = failed or (f"no money granted by the balance store at tenant {payer.tenant} "
+                                    f"({level_why or 'store_unavailable'})")
+                if self.pending_is_nibble:
+                    payer.debited_micros = payer.cost_at(done_ms)
+                payer.budget_micros = max(payer.budget_micros, payer.debited_micros)
+            short = short or payer.budget_micros < payer.cost_at(done_ms + self.nibble_ms)
+        if failed:
+            self.cut_reason = failed
+            return self._exhaust(now_ms)
+        if short or self._at_max_duration(self.nibbles_done + 1):
+            return self._exhaust(now_ms)
+        if self.exhausted:  # a top-up arrived (at every level that lacked): back to normal nibbling
+            self.exhausted = False
+            self.cut_at_ms = None
+            self.cut_reason = "credit exhausted"
+            self.token += 1
+        assert self.answer_ms is not None
+        return [self._arm(TimerKind.NIBBLE, self._nibble_due_ms(self.nibbles_done + 1)),
+                *self._move_backstop(self.answer_ms + (self.nibbles_done + 1) * self.nibble_ms
+                                     + self.settings.backstop_slack_ms)]
+
     def _nibble_due_ms(self, k: int) -> int:
         """When nibble ``k`` runs: the lead before its boundary (see ``nibble_lead_ms``)."""
         assert self.answer_ms is not None
@@ -677,7 +862,14 @@ class CallSession:
         self.token += 1
         # max_seconds answers 0 ("deny") when the budget only covers a free grace period; the
         # time already covered by nibbles was affordable all the same, so never cut before it.
-        affordable_ms = max(self.tariff.max_seconds(self.budget_micros) * 1000, self.nibbles_done * self.nibble_ms)
+        seconds = self.tariff.max_seconds(self.budget_micros)
+        for payer in self.upper:  # the call lasts what every level can pay (DESIGN §11)
+            level_seconds = payer.tariff.max_seconds(payer.budget_micros)
+            if level_seconds < seconds:
+                seconds = level_seconds
+                if self.cut_reason == "credit exhausted":
+                    self.cut_reason = f"credit exhausted at tenant {payer.tenant} (account {payer.account_id})"
+        affordable_ms = max(seconds * 1000, self.nibbles_done * self.nibble_ms)
         if self.settings.max_call_ms and affordable_ms >= self.settings.max_call_ms:
             affordable_ms = self.settings.max_call_ms
             self.cut_reason = "maximum call duration"
@@ -709,7 +901,14 @@ class CallSession:
         self.want_pending = True
         self.pending_is_nibble = False
         self.pending_want_s = want_s
-        return [NibbleStep(self.call_id, self._next_seq(), 0, want, self.account_id, used_s, want_s)]
+        step = NibbleStep(self.call_id, self._next_seq(), 0, want, self.account_id, used_s, want_s)
+        if not self.upper:
+            return [step]
+        self.answers = {}
+        k = self.nibbles_done
+        return [step, *(NibbleStep(p.call_id, step.seq, 0, p.cost_at((k + 1) * self.nibble_ms)
+                                   - p.cost_at(k * self.nibble_ms), p.account_id, level=p.level,
+                                   session_id=self.call_id) for p in self.upper)]
 
     def _cut(self, now_ms: int) -> list[Effect]:
         self.cut_by_agent = True
@@ -767,12 +966,19 @@ class CallSession:
         was_answered = self.phase is Phase.ANSWERED
         self.phase = Phase.ENDED
         self.want_pending = False
+        self.settles_left = {0, *(p.level for p in self.upper)}
         if not was_answered:
-            return [ReleaseStep(self.call_id, self._next_seq(), self.account_id)]
+            seq = self._next_seq()
+            return [ReleaseStep(self.call_id, seq, self.account_id),
+                    *(ReleaseStep(p.call_id, seq, p.account_id, p.level, self.call_id) for p in self.upper)]
         billed_ms = self.billed_ms()
         bundle = self._bundle()
         use = None if bundle is None else BundleSettle(bundle.covered_at(billed_ms), bundle.slots)
-        return [SettleStep(self.call_id, self._next_seq(), self._cost_at(billed_ms), self.account_id, use)]
+        seq = self._next_seq()
+        # Each level is charged its own price (§4, FX applied) of the same billed time.
+        return [SettleStep(self.call_id, seq, self._cost_at(billed_ms), self.account_id, use),
+                *(SettleStep(p.call_id, seq, p.cost_at(billed_ms), p.account_id, None, p.level, self.call_id)
+                  for p in self.upper)]
 
     def billed_ms(self) -> int:
         """Answered time that is billed (see the module docstring for the cut rule)."""
@@ -806,12 +1012,19 @@ class CallSession:
         backstop = self.backstop_at_ms if self.backstop_at_ms is not None else self.cut_at_ms
         return self.end_ms <= max(backstop, self.cut_at_ms) + BACKSTOP_TOLERANCE_MS
 
-    def on_settled(self, now_ms: int, cost_micros: int | None = None) -> list[Effect]:
+    def on_settled(self, now_ms: int, cost_micros: int | None = None, level: int = 0) -> list[Effect]:
         """The store committed the settle (or the release); emit the record once, when every leg
         has ended or ``LEG_LINGER_MS`` later (the other leg's hangup event usually follows the
         one that ended the call by a few ms: the CDR should have its end)."""
         if self.phase is not Phase.ENDED:
             return []
+        if self.upper:  # every level's settle (or release) first
+            if level == 0:
+                self.settled_cost_micros = cost_micros
+            self.settles_left.discard(level)
+            if self.settles_left:
+                return []
+            cost_micros = self.settled_cost_micros
         self.phase = Phase.SETTLED
         self.settled_ms = now_ms
         self.settled_cost_micros = cost_micros
@@ -839,14 +1052,16 @@ class CallSession:
             plan_currency=info.plan_currency, currency=info.currency,
             fx_rate_e10=info.fx_rate_e10 if converted else None, fx_inverse=info.fx_inverse and converted,
             plan_cost_micros=plan_tariff(self.tariff).cost_micros(billed_ms) if converted else cost,
+            tenant=self.seller,
         )
+        upper = tuple(_level_decision(p, now_ms, billed_ms, billed_seconds) for p in self.upper)
         record = CallRecord(
             call_id=self.call_id, node=self.node, pbx=self.pbx, account_id=self.account_id,
             destination=self.destination, caller=self.caller, started_ms=self.a_leg.created_ms,
             answered_ms=self.answer_ms, ended_ms=self.end_ms, duration_ms=billed_ms,
             disposition=self.disposition(), hangup_cause=self.end_cause, settled_ms=now_ms,
             legs=tuple(leg.record(leg.leg_id == self.billed_leg_id) for leg in self.legs.values()),
-            rating=rating,
+            rating=rating, upper=upper,
         )
         return [Finished(record)]
 
@@ -893,3 +1108,17 @@ class CallSession:
         if not causes or causes & NO_ANSWER_CAUSES or self.end_cause in NO_ANSWER_CAUSES:
             return Disposition.NO_ANSWER
         return Disposition.FAILED
+
+
+def _level_decision(payer: Payer, decided_ms: int, billed_ms: int, billed_seconds: int) -> RatingRecord:
+    """The rating decision of one level above the customer: its own price of the billed time."""
+    info = payer.rating
+    converted = isinstance(payer.tariff, ConvertedTariff)
+    cost = payer.cost_at(billed_ms)
+    return RatingRecord(
+        decided_ms=decided_ms, plan_name=info.plan_name, rate_id=info.rate_id, prefix=info.prefix,
+        rate_micros=info.rate_micros, billed_seconds=billed_seconds, cost_micros=cost, reason="settle",
+        plan_currency=info.plan_currency, currency=info.currency,
+        fx_rate_e10=info.fx_rate_e10 if converted else None, fx_inverse=info.fx_inverse and converted,
+        plan_cost_micros=plan_tariff(payer.tariff).cost_micros(billed_ms) if converted else cost,
+        level=payer.level, tenant=payer.seller, account_id=payer.account_id)

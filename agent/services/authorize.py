@@ -8,17 +8,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 from agent.core.balance import StoreAuthorization
 from agent.core.bundles import BundleSlot, BundleTariff
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, DenyReason, Direction
 from agent.core.fx import plan_tariff, rewrap
 from agent.core.rating import RateRow
-from agent.core.session import CallSession, Leg, RatingRefused, SessionSettings
+from agent.core.session import CallSession, Leg, LevelRated, Payer, RatingRefused, SessionSettings, payers_of
 from agent.ports import Rater
 
 # (account, want, minimum, bundle periods, bundle seconds wanted for the first slice)
 StoreAuthorize = Callable[[str, int, int, tuple[BundleSlot, ...], int], StoreAuthorization]
+# (a level's store call id, its account, want, minimum): one level above the customer (DESIGN §11)
+LevelAuthorize = Callable[[str, str, int, int], StoreAuthorization]
+
+
+class ChainRater(Protocol):
+    """A ``Rater`` that also rates the levels above a customer (``PlanRater``)."""
+
+    def rate_chain(self, account_id: str, destination: str, at_ms: int) -> tuple[LevelRated, ...]:
+        """Each level above the account, nearest first, rated at its seller's price; () for a
+        direct customer. Raises ``RatingRefused`` with the level's reason."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,14 +38,25 @@ class Outcome:
     decision: AuthorizeDecision
     session: CallSession | None = None
     release_reservation: bool = False  # the store reserved, but the call is denied after all
+    # Levels above the customer the store reserved for a call denied after all: (call id, account).
+    release_levels: tuple[tuple[str, str], ...] = ()
 
 
 def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, store_authorize: StoreAuthorize,
-           settings: SessionSettings, max_call_seconds: int, now_ms: int) -> Outcome:
-    """Check the request, rate the destination, reserve the first slice, size the backstop."""
+           settings: SessionSettings, max_call_seconds: int, now_ms: int,
+           level_authorize: LevelAuthorize | None = None) -> Outcome:
+    """Check the request, rate the destination, reserve the first slice, size the backstop.
 
-    def deny(reason: DenyReason, detail: str, *, release: bool = False) -> Outcome:
-        return Outcome(AuthorizeDecision(False, call_id, reason=reason, detail=detail), release_reservation=release)
+    With a ``ChainRater`` and ``level_authorize``, a customer of a reseller is also rated and
+    reserved at every level above it (DESIGN §11): every level is rated before anything is
+    reserved (a level without a rate refuses the call with its reason), then the customer is
+    reserved first and each level upward (see "Ordering" in agent/core/session.py); a level that
+    refuses releases those reserved before it. The call may last what every level can pay."""
+
+    def deny(reason: DenyReason, detail: str, *, release: bool = False,
+             levels: tuple[tuple[str, str], ...] = ()) -> Outcome:
+        return Outcome(AuthorizeDecision(False, call_id, reason=reason, detail=detail), release_reservation=release,
+                       release_levels=levels)
 
     if not request.account_id.strip():
         return deny(DenyReason.UNKNOWN_ACCOUNT, "no account code on the channel")
@@ -43,6 +66,13 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
         rated = rater.rate(request.account_id, request.destination, now_ms)
     except RatingRefused as refused:
         return deny(refused.reason, refused.detail)
+    chain: tuple[LevelRated, ...] = ()
+    rate_chain = getattr(rater, "rate_chain", None) if level_authorize is not None else None
+    if rate_chain is not None:
+        try:
+            chain = cast(ChainRater, rater).rate_chain(request.account_id, request.destination, now_ms)
+        except RatingRefused as refused:
+            return deny(refused.reason, refused.detail)
     want = rated.tariff.cost_micros(settings.nibble_ms)
     minimum = rated.tariff.cost_micros(1000)
     plan_own = plan_tariff(rated.tariff)  # under an FX conversion (DESIGN §11): the plan's own
@@ -53,6 +83,22 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
     stored = store_authorize(request.account_id, want, minimum, slots, want_s)
     if not stored.allowed:
         return deny(stored.reason or DenyReason.INSUFFICIENT_FUNDS, stored.detail)
+    upper: list[Payer] = []
+    if chain:
+        assert level_authorize is not None
+        upper = payers_of(call_id, chain)
+        reserved: list[tuple[str, str]] = []
+        for payer, level in zip(upper, chain, strict=True):
+            tariff_l = level.rated.tariff
+            got = level_authorize(payer.call_id, payer.account_id, tariff_l.cost_micros(settings.nibble_ms),
+                                  tariff_l.cost_micros(1000))
+            if not got.allowed:
+                return deny(got.reason or DenyReason.INSUFFICIENT_FUNDS,
+                            f"tenant {level.tenant!r} (account {payer.account_id!r}): {got.detail}", release=True,
+                            levels=tuple(reserved))
+            reserved.append((payer.call_id, payer.account_id))
+            payer.budget_micros = got.granted_micros
+            payer.available_micros = got.available_micros
     tariff = rated.tariff
     limit_tariff = rated.tariff
     if bundle is not None and stored.bundle_granted_s > 0:
@@ -61,9 +107,15 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
         tariff = rewrap(rated.tariff, bundle.holding(stored.bundle_granted_s))
         limit_tariff = rewrap(rated.tariff, bundle.holding(max(stored.bundle_available_s, stored.bundle_granted_s)))
     max_seconds = min(limit_tariff.max_seconds(stored.available_micros), max_call_seconds)
+    limiter = ""
+    for payer in upper:  # what every level can pay (DESIGN §11)
+        level_seconds = payer.tariff.max_seconds(payer.available_micros)
+        if level_seconds < max_seconds:
+            max_seconds, limiter = level_seconds, payer.tenant
     if max_seconds <= 0:
-        return deny(DenyReason.INSUFFICIENT_FUNDS, "the balance does not cover the first charged second",
-                    release=True)
+        whose = f" of tenant {limiter!r}" if limiter else ""
+        return deny(DenyReason.INSUFFICIENT_FUNDS, f"the balance{whose} does not cover the first charged second",
+                    release=True, levels=tuple((p.call_id, p.account_id) for p in upper))
     limit_ms = max_seconds * 1000
     a_leg = Leg(request.leg_id, direction=Direction.INBOUND, created_ms=request.at_ms or now_ms,
                 channel=request.channel, sip_call_id=request.sip_call_id, caller=request.caller,
@@ -72,7 +124,7 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
         call_id=call_id, node=node, pbx=request.pbx, account_id=request.account_id,
         destination=request.destination, caller=request.caller, a_leg=a_leg, authorized_ms=now_ms,
         tariff=tariff, rating=rated.info, settings=settings, granted_micros=stored.granted_micros,
-        limit_ms=limit_ms, group_id=request.group_id,
+        limit_ms=limit_ms, group_id=request.group_id, upper=upper, seller=chain[0].tenant if chain else "",
         bundle_open=isinstance(plan_tariff(tariff), BundleTariff) and stored.bundle_granted_s >= want_s,
     )
     warning_ms = settings.warning_ms if limit_ms > settings.warning_ms else 0

@@ -167,7 +167,7 @@ class CdrStore(Protocol):
         ...
 
 
-_CALL_FIELDS = tuple(f.name for f in fields(CallRecord) if f.name not in ("legs", "rating"))
+_CALL_FIELDS = tuple(f.name for f in fields(CallRecord) if f.name not in ("legs", "rating", "upper"))
 _LEG_FIELDS = tuple(f.name for f in fields(LegRecord))
 _RATING_FIELDS = tuple(f.name for f in fields(RatingRecord))
 
@@ -179,6 +179,8 @@ def record_dict(record: CallRecord) -> dict[str, Any]:
     data["disposition"] = record.disposition.value
     data["rating"] = {name: getattr(record.rating, name) for name in _RATING_FIELDS}
     data["legs"] = [{name: getattr(leg, name) for name in _LEG_FIELDS} for leg in record.legs]
+    if record.upper:
+        data["upper"] = [{name: getattr(rating, name) for name in _RATING_FIELDS} for rating in record.upper]
     return data
 
 

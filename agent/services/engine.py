@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import gevent
@@ -48,6 +48,7 @@ from agent.core.events import (
     PbxConnected,
     WarnLeg,
 )
+from agent.core.fx import plan_tariff, rewrap
 from agent.core.rating import RateRow
 from agent.core.registry import CallRegistry
 from agent.core.session import (
@@ -55,13 +56,18 @@ from agent.core.session import (
     Command,
     Effect,
     Finished,
+    LevelRated,
     NibbleStep,
+    Payer,
     RatingInfo,
     RatingRefused,
     ReleaseStep,
     SessionSettings,
     SettleStep,
     Tariff,
+    is_level_call_id,
+    level_call_id,
+    payers_of,
 )
 from agent.ports import Clock, EngineStore, Rater, Switch
 from agent.services.authorize import decide
@@ -72,6 +78,7 @@ log = logging.getLogger(__name__)
 CALL_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.:@-]")
 SETTLE_RETRY_MAX_S = 30.0
 SCREEN_WAIT_S = 5.0  # a call screen beside the store (one Redis round trip) is waited for at most this
+MAX_LEVELS = 4  # a tenant tree's depth (agent/adapters/sql/tenants.py): at most 3 levels above a customer
 CLOCK_STEP_MS = 500  # the wall clock moved this much more (or less) than the monotonic one: a step
 
 
@@ -136,6 +143,7 @@ class _NibbleResults:
 class _Settled:
     call_id: str
     cost_micros: int | None
+    level: int = 0  # which payer of the call settled (DESIGN §11)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,12 +178,23 @@ def covered_by(tariff: Tariff, debited_micros: int, nibble_ms: int, *, bundle_us
     """The talk time whole nibbles paid for: the fewest k with cost(k * N) >= debited and, on a
     call in its bundle, with the bundle seconds of k * N >= those used (the nibbles of a flat
     stretch debit nothing, so the fewest is the honest count)."""
+    bundle = plan_tariff(tariff)  # under an FX conversion (DESIGN §11): the plan's own tariff
     k = 0
     while k < 10_000_000 and (
             (debited_micros > 0 and tariff.cost_micros(k * nibble_ms) < debited_micros)
-            or (isinstance(tariff, BundleTariff) and tariff.covered_at(k * nibble_ms) < bundle_used_s)):
+            or (isinstance(bundle, BundleTariff) and bundle.covered_at(k * nibble_ms) < bundle_used_s)):
         k += 1
     return k * nibble_ms
+
+
+def with_bundle(tariff: Tariff, held: LiveCall, slots: tuple[BundleSlot, ...]) -> Tariff:
+    """The tariff of a call adopted or settled after a restart, holding the bundle seconds the
+    store says it holds: the plan's own rate row (under an FX conversion too) in its bundle,
+    re-wrapped in the conversion."""
+    inner = plan_tariff(tariff)
+    if held.bundle_held_s and slots and isinstance(inner, RateRow):
+        return rewrap(tariff, BundleTariff(inner, held.bundle_held_s, slots))
+    return tariff
 
 
 _Internal = _NibbleResults | _Settled | _OperatorCut | _Record
@@ -320,7 +339,7 @@ class Engine:
             log.error("shutdown: settle of call=%s account=%s cost_micros=%d not committed; its CDR is written, "
                       "its reservation's expiry (or the store journal) carries the money", call_id,
                       step.account_id, step.cost_micros)
-            self._apply(_Settled(call_id, step.cost_micros))
+            self._apply(_Settled(step.session_id or call_id, step.cost_micros, step.level))
         for session in list(self.registry.sessions.values()):
             self._run_effects(self.registry.schedule(session.flush_record(now_ms)))
 
@@ -388,21 +407,55 @@ class Engine:
                 log.error("cannot adopt call=%s account=%s dest=%r: %s; its reservation will expire and the PBX "
                           "limit ends it", call_id, held.account_id, a_leg.callee, refused.detail)
                 continue
-            tariff = rated.tariff
-            if held.bundle_held_s and rated.bundles and isinstance(tariff, RateRow):
-                tariff = BundleTariff(tariff, held.bundle_held_s, rated.bundles)
+            tariff = with_bundle(rated.tariff, held, rated.bundles)
+            adopted = self._adopt_levels(call_id, held, a_leg.callee, a_leg.created_ms or now_ms)
+            if adopted is None:
+                continue
+            upper, levels, seller, lost = adopted
             effects = self.registry.adopt(
                 call_id=call_id, node=self.settings.node, pbx=event.pbx, account_id=held.account_id, a_leg=a_leg,
                 others=others, tariff=tariff, rating=rated.info, settings=self.session_settings,
                 bundle_used_s=held.bundle_used_s,
                 debited_micros=held.debited_micros, reserved_micros=held.reserved_micros, seq=held.seq,
                 now_ms=now_ms, last_renewal_ms=held.expires_ms - self.settings.reservation_ttl_ms,
-                reservation_lost=call_id in self.unreserved)
+                reservation_lost=call_id in self.unreserved or lost, upper=upper, seller=seller, levels=levels)
             self.metrics.live_calls.set(self.registry.live_count())
             log.warning("adopted call=%s account=%s dest=%s from an earlier run: %d legs live, %d micro-units "
                         "already debited", call_id, held.account_id, a_leg.callee, 1 + len(others),
                         held.debited_micros)
             self._run_effects(effects)
+
+    def _adopt_levels(self, call_id: str, held: LiveCall, destination: str, at_ms: int,
+                      ) -> tuple[list[Payer], list[tuple[int, int]], str, bool] | None:
+        """The levels above the customer of an adopted call (DESIGN §11): the chain rated again
+        at the call's start, each level's own store call (its derived id) taken from
+        ``adoptable``. Returns (payers, (debited, reserved) per level, the customer's seller,
+        whether a level's reservation is gone), or None when the chain cannot be rated."""
+        rate_chain = getattr(self.rater, "rate_chain", None)
+        if rate_chain is None:
+            return [], [], "", False
+        try:
+            chain: tuple[LevelRated, ...] = rate_chain(held.account_id, destination, at_ms)
+        except RatingRefused as refused:
+            log.error("cannot adopt call=%s account=%s dest=%r: the chain above it: %s; its reservations will "
+                      "expire and the PBX limit ends it", call_id, held.account_id, destination, refused.detail)
+            return None
+        if not chain:
+            return [], [], "", False
+        upper = payers_of(call_id, chain)
+        levels: list[tuple[int, int]] = []
+        lost = False
+        for payer in upper:
+            level_held = self.adoptable.pop(payer.call_id, None)
+            if level_held is None or payer.call_id in self.unreserved:
+                lost = True  # expired or never reserved: the first nibble reserves it again
+                levels.append((0, 0) if level_held is None else (level_held.debited_micros, 0))
+            else:
+                levels.append((level_held.debited_micros, level_held.reserved_micros))
+            payer.debited_micros, reserved = levels[-1]
+            payer.budget_micros = payer.debited_micros + reserved
+            self.unreserved.discard(payer.call_id)
+        return upper, levels, chain[0].tenant, lost
 
     def _settle_left_behind(self, event: PbxConnected) -> None:
         """Calls an earlier run of this node left with open reservations that this PBX no longer
@@ -416,6 +469,8 @@ class Engine:
         live = {leg.leg_id for leg in event.live_legs} | {leg.group_id for leg in event.live_legs}
         ended = {call.a_leg_id: call for call in event.ended}
         for call_id, held in list(self.adoptable.items()):
+            if is_level_call_id(call_id):
+                continue  # a level above a customer: settled with its call (_settle_one_left_behind)
             facts = self.adoptable_facts.get(call_id)
             if facts is not None and facts.pbx and facts.pbx != event.pbx:
                 continue  # another PBX's call: its own resync decides
@@ -463,6 +518,21 @@ class Engine:
                         held.account_id, held.debited_micros, ENDED_WHILE_AGENT_DOWN)
         # What the nibbles used of bundles is committed; the store knows which periods it held.
         bundle = BundleSettle(record.rating.bundle_seconds) if held.bundle_held_s else None
+        # The levels above the customer (DESIGN §11): each charged what its own nibbles debited.
+        upper: list[RatingRecord] = []
+        for level in range(1, MAX_LEVELS):
+            level_id = level_call_id(call_id, level)
+            level_held = self.adoptable.pop(level_id, None)
+            self.unreserved.discard(level_id)
+            if level_held is None:
+                continue
+            upper.append(RatingRecord(decided_ms=record.settled_ms or self.clock.now_ms(), level=level,
+                                      account_id=level_held.account_id, cost_micros=level_held.debited_micros,
+                                      billed_seconds=record.rating.billed_seconds, reason=record.rating.reason))
+            self._store_work.put(self._settle_level_left_behind, SettleStep(
+                level_id, level_held.seq + 1, level_held.debited_micros, level_held.account_id, None, level, call_id))
+        if upper:
+            record = replace(record, upper=tuple(upper))
         self._store_work.put(self._settle_record, SettleStep(call_id, held.seq + 1, record.rating.cost_micros,
                                                              held.account_id, bundle), record)
 
@@ -485,9 +555,7 @@ class Engine:
                 rated = None
             if rated is not None:
                 info = rated.info
-                tariff = rated.tariff
-                if held.bundle_held_s and rated.bundles and isinstance(tariff, RateRow):
-                    tariff = BundleTariff(tariff, held.bundle_held_s, rated.bundles)
+                tariff = with_bundle(rated.tariff, held, rated.bundles)
                 covered_ms = covered_by(tariff, held.debited_micros, self.session_settings.nibble_ms,
                                         bundle_used_s=held.bundle_used_s)
                 if pbx_cdr is not None:
@@ -499,8 +567,8 @@ class Engine:
                     # agent can take it below its limit: that is what they used.
                     covered_ms = ended_ms - answered_ms if answered_ms is not None else 0
                     cost = tariff.cost_micros(covered_ms)
-                if isinstance(tariff, BundleTariff):
-                    bundle_seconds = tariff.covered_at(covered_ms)
+                if isinstance(plan_own := plan_tariff(tariff), BundleTariff):
+                    bundle_seconds = plan_own.covered_at(covered_ms)
         if answered_ms is None and cost:
             answered_ms = started_ms
         if ended_ms is None:
@@ -518,6 +586,13 @@ class Engine:
                                 prefix=info.prefix, rate_micros=info.rate_micros,
                                 billed_seconds=-(-covered_ms // 1000), cost_micros=cost, reason=reason,
                                 bundle_seconds=bundle_seconds))
+
+    def _settle_level_left_behind(self, step: SettleStep) -> None:
+        try:
+            self.store.settle(step.call_id, step.seq, step.cost_micros, self.clock.now_ms(), step.account_id, None)
+        except Exception as exc:  # noqa: BLE001 - the expiry charges the same money
+            log.error("settle of level %d of call=%s left behind failed (%s); its reservation's expiry charges the "
+                      "same %d micro-units", step.level, step.session_id, exc, step.cost_micros)
 
     def _settle_record(self, step: SettleStep, record: CallRecord) -> None:
         """A settle with its record ready (no session): the record goes out whatever the store
@@ -563,18 +638,33 @@ class Engine:
                 return StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE,
                                           detail=f"balance store error: {exc}")
 
+        def level_authorize(level_id: str, account_id: str, want: int, minimum: int) -> StoreAuthorization:
+            try:
+                return self.store.authorize(account_id, level_id, want, minimum, now_ms)
+            except Exception as exc:  # as above: fail closed
+                log.error("balance store failed during authorize of %s: %s", level_id, exc, exc_info=True)
+                return StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE,
+                                          detail=f"balance store error: {exc}")
+
         outcome = decide(request, call_id=call_id, node=self.settings.node, rater=self.rater,
                          store_authorize=store_authorize, settings=self.session_settings,
-                         max_call_seconds=self.settings.max_call_seconds, now_ms=now_ms)
+                         max_call_seconds=self.settings.max_call_seconds, now_ms=now_ms,
+                         level_authorize=level_authorize)
         refused = self._screened_beside(beside, call_id)
         if refused is not None:
             if outcome.decision.allowed or outcome.release_reservation:
                 # The store reserved for a call the screen refuses: give it back (queued, like
                 # any release; until then the money is held, never lost).
                 self._store_work.put(self._release_quietly, call_id, 1, request.account_id)
+            levels = outcome.release_levels or tuple(
+                (p.call_id, p.account_id) for p in (outcome.session.upper if outcome.session else ()))
+            for level_id, account_id in levels:
+                self._store_work.put(self._release_quietly, level_id, 1, account_id)
             return refused
         if outcome.release_reservation:
             self._store_work.put(self._release_quietly, call_id, 1, request.account_id)
+        for level_id, account_id in outcome.release_levels:
+            self._store_work.put(self._release_quietly, level_id, 1, account_id)
         if outcome.session is not None:
             self._run_effects(self.registry.add(outcome.session))
             self.metrics.live_calls.set(self.registry.live_count())
@@ -655,7 +745,7 @@ class Engine:
             now_ms = self.clock.now_ms()
             trace = log.isEnabledFor(logging.DEBUG)  # one line per money movement when debugging
             for step, result in zip(item.steps, item.results, strict=True):
-                session = self.registry.sessions.get(step.call_id)
+                session = self.registry.sessions.get(step.session_id or step.call_id)
                 if session is None:
                     continue
                 if trace:
@@ -666,7 +756,7 @@ class Engine:
                     self.metrics.nibble_debits.inc()
                 effects = session.on_nibble_result(step.seq, result.granted_micros, result.debited_micros,
                                                    now_ms, store_ok=result.ok, why=result.why,
-                                                   bundle_granted_s=result.bundle_granted_s)
+                                                   bundle_granted_s=result.bundle_granted_s, level=step.level)
                 self._run_effects(self.registry.schedule(effects))
             return
         if isinstance(item, _OperatorCut):
@@ -681,7 +771,8 @@ class Engine:
         if isinstance(item, _Settled):
             session = self.registry.sessions.get(item.call_id)
             if session is not None:  # the record may wait for a leg's hangup: a FINISH timer
-                self._run_effects(self.registry.schedule(session.on_settled(self.clock.now_ms(), item.cost_micros)))
+                self._run_effects(self.registry.schedule(session.on_settled(self.clock.now_ms(), item.cost_micros,
+                                                                            item.level)))
             return
         if isinstance(item, PbxConnected) and self.adoptable:
             self._adopt(item)
@@ -751,11 +842,11 @@ class Engine:
                 self._retries.add(gevent.spawn_later(delay, self._store_work.put, self._settle, step, attempt + 1))
             return
         self._pending_settles.pop(step.call_id, None)
-        self._inbox.put_nowait(_Settled(step.call_id, step.cost_micros))
+        self._inbox.put_nowait(_Settled(step.session_id or step.call_id, step.cost_micros, step.level))
 
     def _release(self, step: ReleaseStep) -> None:
         self._release_quietly(step.call_id, step.seq, step.account_id)
-        self._inbox.put_nowait(_Settled(step.call_id, 0))
+        self._inbox.put_nowait(_Settled(step.session_id or step.call_id, 0, step.level))
 
     def _command(self, effect: Command) -> None:
         session = self.registry.sessions.get(effect.call_id)

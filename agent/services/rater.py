@@ -14,7 +14,7 @@ from agent.core.events import DenyReason
 from agent.core.fx import Conversion, ConvertedTariff
 from agent.core.ratetable import Refusal, format_instant
 from agent.core.rating import RateRow
-from agent.core.session import RatedCall, RatingInfo, RatingRefused, Tariff
+from agent.core.session import LevelRated, RatedCall, RatingInfo, RatingRefused, Tariff
 
 
 class _Table(Protocol):
@@ -46,6 +46,19 @@ class _AccountPlan(Protocol):
 FxOf = Callable[[str, str, int], Conversion | None]
 
 
+class _ChainLevel(Protocol):
+    """One level above a customer (agent/adapters/sql/tenants.py ``ChainLevel``)."""
+
+    @property
+    def tenant(self) -> str: ...
+
+    @property
+    def parent(self) -> str: ...
+
+    @property
+    def account_id(self) -> str: ...
+
+
 class PlanRater:
     """Implements the ``Rater`` port.
 
@@ -55,11 +68,37 @@ class PlanRater:
 
     def __init__(self, plan_of: Callable[[str], str | _AccountPlan | None], tables: _Tables,
                  grants_of: Callable[[str], Sequence[BundleGrant]] | None = None, *,
-                 fx_of: FxOf | None = None) -> None:
+                 fx_of: FxOf | None = None, chain_of: Callable[[str], Sequence[_ChainLevel]] | None = None) -> None:
         self.plan_of = plan_of
         self.tables = tables
         self.grants_of = grants_of  # the account's bundle grants (DESIGN §9); None: no bundles
         self.fx_of = fx_of
+        self.chain_of = chain_of  # the levels above an account (DESIGN §11); None: no derived charging
+
+    def rate_chain(self, account_id: str, destination: str, at_ms: int) -> tuple[LevelRated, ...]:
+        """Each level above ``account_id``, nearest first, rated by its own account's plan (the
+        seller's, FX applied into the reseller's currency); () for a direct customer. A level
+        with no rate refuses the call with that level's reason, naming the tenant."""
+        if self.chain_of is None:
+            return ()
+        try:
+            levels = self.chain_of(account_id)
+        except Exception as exc:  # never read and the database is down: charging one level only would be wrong
+            raise RatingRefused(DenyReason.STORE_UNAVAILABLE,
+                                f"tenants above account {account_id!r} unknown: {exc.__class__.__name__}: {exc}"
+                                ) from exc
+        if not levels:
+            return ()
+        rated: list[LevelRated] = []
+        for number, level in enumerate(levels, start=1):
+            try:
+                found = self.rate(level.account_id, destination, at_ms)
+            except RatingRefused as refused:
+                raise RatingRefused(refused.reason, f"tenant {level.tenant!r} (account {level.account_id!r}, "
+                                                    f"buying from {level.parent!r}): {refused.detail}") from None
+            rated.append(LevelRated(number, level.tenant, level.parent, level.account_id,
+                                    RatedCall(found.tariff, found.info)))
+        return tuple(rated)
 
     def rate(self, account_id: str, destination: str, at_ms: int) -> RatedCall:
         try:

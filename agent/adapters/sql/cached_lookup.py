@@ -20,7 +20,12 @@ from typing import Generic, TypeVar
 
 import gevent
 import gevent.pool
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session as OrmSession
+
+from agent.adapters.sql.tenants import ChainLevel, chain_of
+from agent.core.errors import NotFound
 
 log = logging.getLogger(__name__)
 
@@ -102,3 +107,48 @@ class CachedLookup(Generic[V]):
 
     def close(self) -> None:
         self._group.kill(block=False)
+
+
+class ChainUnavailable(Exception):
+    """The database does not answer and the chain above an account was never read."""
+
+
+class TenantChains:
+    """The levels above each customer account (``tenants.chain_of``: each reseller tenant, its
+    parent, the account ``tenant:NAME`` it pays with, that account's plan and currency), cached
+    by the rules above for derived charging at authorize (DESIGN §11). A direct customer of the
+    operator has the empty chain (one dict look-up on the authorization path); an unknown
+    account too (its own rating refuses it). ``background`` re-reads stale entries off the
+    authorization path; a tenant moved or a reseller's plan changed is seen within ``ttl_ms``."""
+
+    def __init__(self, engine: Engine, now_ms: Callable[[], int], *, ttl_ms: int = 30_000,
+                 negative_ttl_ms: int = 3_000, retry_ms: int = 2_000, background: bool = False) -> None:
+        self.engine = engine
+        self.lookup: CachedLookup[tuple[ChainLevel, ...] | None] = CachedLookup(
+            "tenant chains", self._load, now_ms, ttl_ms=ttl_ms, negative_ttl_ms=negative_ttl_ms, retry_ms=retry_ms,
+            background=background, found=lambda chain: chain is not None,
+            unavailable=lambda why: ChainUnavailable(f"the database does not answer ({why})"))
+
+    def _load(self, account_id: str) -> tuple[ChainLevel, ...] | None:
+        with OrmSession(self.engine) as session:
+            try:
+                return tuple(chain_of(session, account_id))
+            except NotFound:
+                return None
+
+    def chain_of(self, account_id: str) -> tuple[ChainLevel, ...]:
+        """The levels above ``account_id``, nearest first (() for a direct or unknown account)."""
+        try:
+            return self.lookup.get(account_id) or ()
+        except ChainUnavailable as exc:
+            raise ChainUnavailable(f"{exc} and the tenants above account {account_id!r} were never read") from None
+
+    @property
+    def stale_since_ms(self) -> int | None:
+        return self.lookup.stale_since_ms
+
+    def forget(self, account_id: str | None = None) -> None:
+        self.lookup.forget(account_id)
+
+    def close(self) -> None:
+        self.lookup.close()

@@ -1,0 +1,274 @@
+"""Derived charging (DESIGN §11) through the gevent engine with the in-memory store: a customer of
+a reseller pays its reseller's price, the reseller's account pays the operator's price for the
+same call, the call lasts what every level can pay, and each level is its own store call."""
+
+from __future__ import annotations
+
+import gevent
+import pytest
+
+from agent.core.cdr import CallRecord, Disposition
+from agent.core.events import (
+    AuthorizeRequest,
+    DenyReason,
+    Direction,
+    LegAnswered,
+    LegCreated,
+    LegHungUp,
+    LiveLeg,
+    PbxConnected,
+)
+from agent.core.fx import Conversion, ConvertedTariff
+from agent.core.rating import RateRow
+from agent.core.session import LevelRated, RatedCall, RatingInfo, RatingRefused, level_call_id
+from agent.ports import LiveCall
+from agent.services.clock import SystemClock
+from agent.services.engine import Engine, EngineSettings
+from agent.sim.memory_store import MemoryStore
+
+# The reseller sells at 2000 micro-units a second; the operator sells to the reseller at 1000.
+RETAIL = RateRow(prefix="33", destination="France", rate_micros=120_000)
+WHOLESALE = RateRow(prefix="33", destination="France", rate_micros=60_000)
+RESELLER = "tenant:acme"
+
+
+class ChainRater:
+    """The customer ``c*`` of reseller acme (a plan priced in acme's money), acme's account on the
+    operator's plan; ``direct`` is a customer of the operator. ``fx`` converts the customer's price."""
+
+    def __init__(self) -> None:
+        self.fx: Conversion | None = None
+        self.no_rate_above = False
+
+    def rate(self, account_id: str, destination: str, at_ms: int) -> RatedCall:
+        if account_id == RESELLER:
+            if self.no_rate_above:
+                raise RatingRefused(DenyReason.NO_RATE, "no rate for 33 in plan wholesale")
+            return RatedCall(WHOLESALE, RatingInfo("wholesale", 2, "33", 60_000, "USD", "USD"))
+        if account_id == "direct":
+            return RatedCall(WHOLESALE, RatingInfo("wholesale", 2, "33", 60_000, "USD", "USD"))
+        if self.fx is not None:
+            return RatedCall(ConvertedTariff(RETAIL, self.fx),
+                             RatingInfo("acme-retail", 1, "33", 120_000, "USD", "EUR", self.fx.rate_e10))
+        return RatedCall(RETAIL, RatingInfo("acme-retail", 1, "33", 120_000, "USD", "USD"))
+
+    def rate_chain(self, account_id: str, destination: str, at_ms: int) -> tuple[LevelRated, ...]:
+        if account_id == "direct":
+            return ()
+        try:
+            rated = self.rate(RESELLER, destination, at_ms)
+        except RatingRefused as refused:
+            raise RatingRefused(refused.reason, f"tenant 'acme': {refused.detail}") from None
+        return (LevelRated(1, "acme", "default", RESELLER, rated),)
+
+
+class Switch:
+    name = "asterisk"
+
+    def __init__(self, engine: Engine, clock: SystemClock) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.hangups: list[tuple[str, int]] = []
+
+    def hangup(self, leg_id: str, cause: str = "NORMAL_CLEARING", *, escalate: bool = False) -> None:
+        self.hangups.append((leg_id, self.clock.now_ms()))
+        self.engine.on_event(LegHungUp(leg_id, self.clock.now_ms() + 5, cause="NORMAL_CLEARING"))
+
+    def warn(self, leg_id: str, seconds_left: int) -> None:
+        pass
+
+    def arm_backstop(self, leg_id: str, at_ms: int, caller_leg_id: str = "") -> None:
+        pass
+
+    def connected(self) -> bool:
+        return True
+
+
+class Cdrs:
+    def __init__(self) -> None:
+        self.records: list[CallRecord] = []
+
+    def submit(self, record: CallRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def setup():
+    clock = SystemClock()
+    store = MemoryStore()
+    cdrs = Cdrs()
+    rater = ChainRater()
+    engine = Engine(settings=EngineSettings(node="n1", nibble_seconds=1, hangup_verify_ms=400), store=store,
+                    rater=rater, clock=clock, cdr=cdrs)
+    switch = Switch(engine, clock)
+    engine.add_switch(switch)
+    engine.start()
+    yield engine, store, switch, cdrs, clock, rater
+    engine.stop(1)
+
+
+def _wait(predicate, timeout=6.0):
+    with gevent.Timeout(timeout):
+        while not predicate():
+            gevent.sleep(0.01)
+
+
+def _call(engine: Engine, clock: SystemClock, leg: str, account: str) -> int:
+    engine.on_event(LegCreated(f"B{leg}", clock.now_ms(), Direction.OUTBOUND, parent_leg_id=f"A{leg}"))
+    answered = clock.now_ms()
+    engine.on_event(LegAnswered(f"B{leg}", answered))
+    return answered
+
+
+def test_a_reseller_with_less_money_than_its_customer_cuts_the_call_at_its_own_instant(setup) -> None:
+    engine, store, switch, cdrs, clock, _ = setup
+    store.add_account("c1", 100_000)  # 50 s at the reseller's price
+    store.add_account(RESELLER, 3_500)  # 3.5 s at the operator's price: the limit
+    decision = engine.authorize(AuthorizeRequest("asterisk", "A1", "c1", "33123", clock.now_ms()))
+    assert decision.allowed and decision.limit_ms == 3_000  # min over the levels
+    answered = _call(engine, clock, "1", "c1")
+    _wait(lambda: switch.hangups)
+    assert 3_000 <= switch.hangups[0][1] - answered <= 3_150
+    _wait(lambda: cdrs.records)
+    (record,) = cdrs.records
+    assert record.disposition is Disposition.CUT
+    assert record.rating.cost_micros == 6_000 and record.rating.tenant == "acme"  # the customer: acme's price
+    (level,) = record.upper
+    assert (level.level, level.tenant, level.account_id, level.cost_micros, level.billed_seconds) == \
+        (1, "default", RESELLER, 3_000, 3)  # the reseller: the operator's price of the same 3 s
+    assert store.accounts["c1"].balance_micros == 94_000
+    assert store.accounts[RESELLER].balance_micros == 500
+    assert store.settled == {engine.call_id_of_leg("A1"): 6_000, level_call_id(engine.call_id_of_leg("A1"), 1): 3_000}
+    assert store.open_reservations() == 0
+
+
+def test_a_customer_with_less_money_than_its_reseller_is_cut_at_its_own_instant(setup) -> None:
+    engine, store, switch, cdrs, clock, _ = setup
+    store.add_account("c2", 5_000)  # 2.5 s at 2000/s
+    store.add_account(RESELLER, 1_000_000)
+    decision = engine.authorize(AuthorizeRequest("asterisk", "A2", "c2", "33123", clock.now_ms()))
+    assert decision.allowed and decision.limit_ms == 2_000
+    _call(engine, clock, "2", "c2")
+    _wait(lambda: cdrs.records)
+    (record,) = cdrs.records
+    assert record.rating.cost_micros == 4_000 and record.upper[0].cost_micros == 2_000
+    assert store.accounts[RESELLER].balance_micros == 1_000_000 - 2_000
+
+
+def test_a_call_that_ends_normally_charges_every_level_its_own_price_converted(setup) -> None:
+    engine, store, switch, cdrs, clock, rater = setup
+    rater.fx = Conversion("USD", "EUR", 9_200_000_000)  # the customer pays in EUR at 0.92
+    store.add_account("c3", 100_000)
+    store.add_account(RESELLER, 100_000)
+    assert engine.authorize(AuthorizeRequest("asterisk", "A3", "c3", "33123", clock.now_ms())).allowed
+    answered = _call(engine, clock, "3", "c3")
+    gevent.sleep(1.3)
+    engine.on_event(LegHungUp("B3", answered + 1_250, cause="NORMAL_CLEARING"))
+    engine.on_event(LegHungUp("A3", answered + 1_260, cause="NORMAL_CLEARING"))
+    _wait(lambda: cdrs.records)
+    (record,) = cdrs.records
+    # 2 s billed: 4000 USD micro-units at acme's price, 3680 EUR; the reseller 2000 USD.
+    assert (record.rating.cost_micros, record.rating.plan_cost_micros, record.rating.currency) == (3_680, 4_000, "EUR")
+    assert record.upper[0].cost_micros == 2_000
+    assert store.accounts["c3"].balance_micros == 100_000 - 3_680
+    assert store.accounts[RESELLER].balance_micros == 100_000 - 2_000
+    assert store.open_reservations() == 0
+
+
+def test_a_reseller_that_cannot_pay_refuses_the_call_and_releases_the_customer(setup) -> None:
+    engine, store, switch, cdrs, clock, rater = setup
+    store.add_account("c4", 100_000)
+    store.add_account(RESELLER, 500)  # not even one second
+    decision = engine.authorize(AuthorizeRequest("asterisk", "A4", "c4", "33123", clock.now_ms()))
+    assert not decision.allowed and decision.reason is DenyReason.INSUFFICIENT_FUNDS
+    assert "acme" in decision.detail
+    _wait(lambda: store.open_reservations() == 0)
+    assert store.accounts["c4"].reserved_micros == 0 and store.accounts["c4"].balance_micros == 100_000
+    rater.no_rate_above = True  # no rate at the reseller's level: refused with that level's reason
+    store.topup(RESELLER, 100_000)
+    decision = engine.authorize(AuthorizeRequest("asterisk", "A5", "c4", "33123", clock.now_ms()))
+    assert not decision.allowed and decision.reason is DenyReason.NO_RATE and "acme" in decision.detail
+    assert store.open_reservations() == 0
+
+
+def test_a_suspended_reseller_refuses_new_calls_and_lets_live_ones_drain(setup) -> None:
+    engine, store, switch, cdrs, clock, _ = setup
+    store.add_account("c6", 100_000)
+    store.add_account(RESELLER, 4_000)  # 4 s
+    assert engine.authorize(AuthorizeRequest("asterisk", "A6", "c6", "33123", clock.now_ms())).allowed
+    answered = _call(engine, clock, "6", "c6")
+    store.accounts[RESELLER].status = "suspended"
+    refused = engine.authorize(AuthorizeRequest("asterisk", "A7", "c6", "33123", clock.now_ms()))
+    assert not refused.allowed and refused.reason is DenyReason.SUSPENDED
+    # The live call goes on (drain) until the reseller's money runs out, then it is cut.
+    _wait(lambda: switch.hangups)
+    assert 4_000 <= switch.hangups[0][1] - answered <= 4_150
+    _wait(lambda: cdrs.records)
+    assert cdrs.records[0].upper[0].cost_micros == 4_000
+    assert store.accounts[RESELLER].balance_micros == 0
+
+
+def test_a_direct_customer_has_no_upper_level(setup) -> None:
+    engine, store, switch, cdrs, clock, _ = setup
+    store.add_account("direct", 2_500)
+    decision = engine.authorize(AuthorizeRequest("asterisk", "A8", "direct", "33123", clock.now_ms()))
+    assert decision.allowed and decision.limit_ms == 2_000
+    _call(engine, clock, "8", "direct")
+    _wait(lambda: cdrs.records)
+    assert cdrs.records[0].upper == () and cdrs.records[0].rating.cost_micros == 2_000
+    assert list(store.settled) == [engine.call_id_of_leg("A8")]
+
+
+def test_a_restarted_agent_adopts_every_level_of_a_call_and_charges_each_once() -> None:
+    """A crash between two levels' nibble steps: the customer's slice 2 was debited, the
+    reseller's not. The restarted agent adopts both store calls; each level ends charged its own
+    price of the real time, once."""
+    clock = SystemClock()
+    store = MemoryStore()
+    cdrs = Cdrs()
+    store.add_account("c9", 100_000)
+    store.add_account(RESELLER, 100_000)
+    first = Engine(settings=EngineSettings(node="n1", nibble_seconds=1), store=store, rater=ChainRater(),
+                   clock=clock, cdr=cdrs)
+    call_id = first.call_id_of_leg("A9")
+    level_id = level_call_id(call_id, 1)
+    now = clock.now_ms()
+    answered = now - 2_500
+    # What the earlier run left: the customer reserved and two nibbles debited; the reseller one.
+    store.authorize("c9", call_id, 2_000, 2_000, answered)
+    store.authorize(RESELLER, level_id, 1_000, 1_000, answered)
+    from agent.core.session import NibbleStep
+    store.nibbles([NibbleStep(call_id, 1, 2_000, 2_000, "c9"), NibbleStep(level_id, 1, 1_000, 1_000, RESELLER)],
+                  answered + 1_000)
+    store.nibbles([NibbleStep(call_id, 2, 2_000, 2_000, "c9")], answered + 2_000)  # the crash: level 1 not sent
+    engine = Engine(settings=EngineSettings(node="n1", nibble_seconds=1, hangup_verify_ms=400), store=store,
+                    rater=ChainRater(), clock=clock, cdr=cdrs)
+    engine.adoptable = {
+        call_id: LiveCall("c9", call_id, "n1", 2, 2_000, 4_000, 0, answered, now + 30_000),
+        level_id: LiveCall(RESELLER, level_id, "n1", 1, 1_000, 1_000, 0, answered, now + 30_000),
+    }
+    switch = Switch(engine, clock)
+    engine.add_switch(switch)
+    engine.start()
+    try:
+        engine.on_event(PbxConnected("asterisk", clock.now_ms(), (
+            LiveLeg("A9", Direction.INBOUND, callee="33123", created_ms=answered - 100),
+            LiveLeg("B9", Direction.OUTBOUND, created_ms=answered - 50, parent_leg_id="A9", answered=True,
+                    answered_ms=answered))))
+        _wait(lambda: call_id in engine.registry.sessions)
+        gevent.sleep(0.4)
+        assert not cdrs.records and not switch.hangups
+        end = clock.now_ms()
+        engine.on_event(LegHungUp("B9", end, cause="NORMAL_CLEARING"))
+        engine.on_event(LegHungUp("A9", end, cause="NORMAL_CLEARING"))
+        _wait(lambda: cdrs.records)
+    finally:
+        engine.stop(1)
+    (record,) = cdrs.records
+    seconds = -(-(end - answered) // 1000)
+    assert record.rating.cost_micros == 2_000 * seconds
+    assert record.upper[0].cost_micros == 1_000 * seconds
+    assert store.settled == {call_id: 2_000 * seconds, level_id: 1_000 * seconds}
+    assert store.accounts["c9"].balance_micros == 100_000 - 2_000 * seconds
+    assert store.accounts[RESELLER].balance_micros == 100_000 - 1_000 * seconds
+    assert store.open_reservations() == 0
