@@ -188,9 +188,17 @@ CREATE TABLE rating_decisions (
 	fx_rate_e10 BIGINT COMMENT 'rate x 10^10; NULL: none',
 	fx_inverse BOOL NOT NULL,
 	plan_cost_micros BIGINT COMMENT 'the cost in plan_currency',
+	level INTEGER NOT NULL COMMENT '0: the customer; 1, 2, 3: the resellers above it',
+	tenant VARCHAR(64) NOT NULL COMMENT 'whose price: the seller tenant ('''' for direct customers)',
+	account_id VARCHAR(64) NOT NULL COMMENT 'the account charged at a level above the customer ('''' at level 0)',
+	of_call_id VARCHAR(64) COMMENT 'the customer''s call (calls.id) of a level above it',
 	CONSTRAINT pk_rating_decisions PRIMARY KEY (id),
 	CONSTRAINT uq_rating_decisions_call_id_seq UNIQUE (call_id, seq)
 );
+
+CREATE INDEX ix_rating_decisions_of_call_id ON rating_decisions (of_call_id);
+
+CREATE INDEX ix_rating_decisions_tenant ON rating_decisions (tenant);
 
 CREATE TABLE tenants (
 	id INTEGER NOT NULL AUTO_INCREMENT,

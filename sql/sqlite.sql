@@ -188,9 +188,17 @@ CREATE TABLE rating_decisions (
 	fx_rate_e10 BIGINT,
 	fx_inverse BOOLEAN NOT NULL,
 	plan_cost_micros BIGINT,
+	level INTEGER NOT NULL,
+	tenant VARCHAR(64) NOT NULL,
+	account_id VARCHAR(64) NOT NULL,
+	of_call_id VARCHAR(64),
 	CONSTRAINT pk_rating_decisions PRIMARY KEY (id),
 	CONSTRAINT uq_rating_decisions_call_id_seq UNIQUE (call_id, seq)
 );
+
+CREATE INDEX ix_rating_decisions_of_call_id ON rating_decisions (of_call_id);
+
+CREATE INDEX ix_rating_decisions_tenant ON rating_decisions (tenant);
 
 CREATE TABLE tenants (
 	id INTEGER NOT NULL,

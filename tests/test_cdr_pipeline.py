@@ -250,9 +250,9 @@ def test_the_spooled_form_is_copy_lines_and_decodes_back(record: CallRecord) -> 
     from agent.services.cdr_pipeline import spool_payload
 
     payload = spool_payload(record)
-    settled, call, legs, decision = copy_rows(payload)
+    settled, call, legs, (decision,) = copy_rows(payload)
     assert settled == (record.settled_ms or record.ended_ms or record.started_ms)
-    assert len(call.split(b"\t")) == 13 and len(decision.split(b"\t")) == 16
+    assert len(call.split(b"\t")) == 13 and len(decision.split(b"\t")) == 20
     assert [len(leg.split(b"\t")) for leg in legs] == [14] * len(record.legs)
     assert decode_record(payload) == record
 
@@ -283,7 +283,7 @@ def test_damaged_copy_lines_do_not_decode(damage: Any) -> None:
     from agent.services.cdr_pipeline import spool_payload
 
     payload = damage(spool_payload(make_record(1)))
-    assert payload.startswith(b"cdr4\t")
+    assert payload.startswith(b"cdr5\t")
     with pytest.raises(ValueError, match="malformed call record"):
         decode_record(payload)
 
@@ -357,6 +357,41 @@ def test_a_batch_written_ahead_leaves_the_spool_only_after_the_one_before_it(spo
     pipeline.stop(1)
 
 
+def _as_cdr4(payload: bytes) -> bytes:
+    """A one-decision cdr5 payload as the cdr4 form wrote it (no count in the header, no level,
+    tenant, account nor customer's call in the decision)."""
+    lines = payload.split(b"\n")
+    settled, count = lines[0][len(b"cdr5\t"):].split(b"\t")
+    assert count == b"1"
+    return b"\n".join([b"cdr4\t" + settled, *lines[1:-2], lines[-2].rsplit(b"\t", 4)[0], b""])
+
+
+def test_a_spool_written_before_levels_still_decodes() -> None:
+    """The cdr4 form (one decision, no level) is read as the customer's decision; the cdr5 form
+    carries the decision of every level above the customer (DESIGN §11) and decodes back."""
+    import dataclasses
+
+    from agent.core.cdr import RatingRecord
+    from agent.services.cdr_lines import copy_rows, decode_lines, encode_lines
+
+    record = make_record(1)
+    assert decode_lines(_as_cdr4(encode_lines(record))) == record
+    assert decode_record(_as_cdr4(encode_lines(record))) == record
+    derived = dataclasses.replace(record, rating=dataclasses.replace(record.rating, tenant="acme"), upper=(
+        RatingRecord(decided_ms=record.rating.decided_ms, plan_name="wholesale", rate_micros=60_000, billed_seconds=61,
+                     cost_micros=61_000, currency="USD", plan_currency="USD", plan_cost_micros=61_000, level=1,
+                     tenant="default", account_id="tenant:acme"),
+        RatingRecord(decided_ms=record.rating.decided_ms, billed_seconds=61, cost_micros=30_500, level=2,
+                     tenant="root", account_id="tenant:big\tname")))
+    payload = encode_lines(derived)
+    assert payload.startswith(b"cdr5\t") and payload.split(b"\n", 1)[0].endswith(b"\t3")
+    _, _, legs, decisions = copy_rows(payload)
+    assert len(legs) == len(record.legs) and len(decisions) == 3
+    assert decisions[1].startswith(record.call_id.encode() + b"^1\t")
+    assert decode_lines(payload) == derived and decode_record(payload) == derived
+    assert decode_record(encode_record(derived)) == derived
+
+
 def test_a_spool_written_before_bundle_seconds_still_decodes() -> None:
     """An agent upgraded with CDRs in its spool: the cdr2 form (no bundle_seconds) is read with
     0 bundle seconds, and the current form keeps them."""
@@ -368,7 +403,7 @@ def test_a_spool_written_before_bundle_seconds_still_decodes() -> None:
     assert record.rating is not None
     with_bundle = dataclasses.replace(record, rating=dataclasses.replace(record.rating, bundle_seconds=42))
     assert decode_lines(encode_lines(with_bundle)) == with_bundle
-    lines = encode_lines(record).split(b"\n")
+    lines = _as_cdr4(encode_lines(record)).split(b"\n")
     old = b"\n".join([lines[0].replace(b"cdr4\t", b"cdr2\t"), *lines[1:-2],
                       lines[-2].rsplit(b"\t", 6)[0], b""])  # the rating row without its last six fields
     assert old.startswith(b"cdr2\t") and decode_lines(old) == record
@@ -388,7 +423,7 @@ def test_a_spool_written_before_currencies_still_decodes() -> None:
         plan_cost_micros=record.rating.cost_micros - 1))
     assert decode_lines(encode_lines(converted)) == converted
     assert decode_record(encode_lines(converted)) == converted
-    lines = encode_lines(converted).split(b"\n")
+    lines = _as_cdr4(encode_lines(converted)).split(b"\n")
     old = b"\n".join([lines[0].replace(b"cdr4\t", b"cdr3\t"), *lines[1:-2],
                       lines[-2].rsplit(b"\t", 5)[0], b""])  # the rating row without its last five fields
     assert old.startswith(b"cdr3\t") and decode_lines(old) == record

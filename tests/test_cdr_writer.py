@@ -264,7 +264,37 @@ def _varied_records() -> list[Any]:
         replace(base, legs=()),
         make_record(4, started_ms=1_767_225_600_999, duration_ms=1),  # milliseconds kept
         make_record(5, node="n" * 64, destination="0" * 64),
+        _with_levels(make_record(8)),
+        replace(_with_levels(make_record(9, call_id="c" * 64)), legs=()),  # level ids within 64 characters
     ]
+
+
+def _with_levels(record: Any) -> Any:
+    """The record of a customer of reseller acme (DESIGN §11): acme's account paid the operator."""
+    from dataclasses import replace
+
+    from agent.core.cdr import RatingRecord
+
+    rating = record.rating
+    return replace(record, rating=replace(rating, tenant="acme"), upper=(
+        RatingRecord(decided_ms=rating.decided_ms, plan_name="wholesale", rate_id=7, prefix="33", rate_micros=60_000,
+                     billed_seconds=rating.billed_seconds, cost_micros=61_000, currency="USD", plan_currency="USD",
+                     plan_cost_micros=61_000, level=1, tenant="default", account_id="tenant:acme"),))
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql", "mysql"], indirect=True)
+def test_each_level_of_a_reseller_chain_has_its_own_decision_row(engine: Engine) -> None:
+    from agent.core.session import level_call_id
+
+    record = _with_levels(make_record(1))
+    store = SqlCdrStore(engine)
+    assert store.write([record]).written == 1
+    assert store.write([record]).written == 1  # a replay adds nothing
+    with Session(engine) as session:
+        rows = session.scalars(select(RatingDecision).order_by(RatingDecision.level)).all()
+    assert [(r.call_id, r.level, r.tenant, r.account_id, r.of_call_id, r.cost_micros) for r in rows] == [
+        (record.call_id, 0, "acme", "", None, record.rating.cost_micros),
+        (level_call_id(record.call_id, 1), 1, "default", "tenant:acme", record.call_id, 61_000)]
 
 
 @pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
@@ -293,7 +323,7 @@ def test_spooled_copy_lines_go_to_copy_as_the_same_rows(engine: Engine) -> None:
     records = [*_varied_records(), make_record(6, caller=odd, destination="\\N"),
                replace(make_record(7, hangup_cause="\t"), legs=(replace(make_record(7).legs[0], channel=odd),))]
     payloads = [spool_payload(r) for r in records]
-    assert all(p.startswith(b"cdr4\t") for p in payloads)
+    assert all(p.startswith(b"cdr5\t") for p in payloads)
     payloads[1] = encode_record(records[1])  # an earlier spool's JSON in the same batch
     store = SqlCdrStore(engine)
     assert store.write_spooled(payloads) == [r.settled_ms or r.ended_ms or r.started_ms for r in records]

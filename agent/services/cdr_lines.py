@@ -2,10 +2,12 @@
 
 ::
 
-    b"cdr4\\t" SETTLED_MS "\\n"                      header: the instant the call settled (ms)
+    b"cdr5\\t" SETTLED_MS "\\t" N "\\n"             header: the instant the call settled (ms), N decisions
     calls row                       "\\n"            CALL_FIELDS
     call_legs row                   "\\n"  per leg   LEG_FIELDS
-    rating_decisions row            "\\n"            RATING_FIELDS
+    rating_decisions row            "\\n"  N times   RATING_FIELDS: the customer's, then one per
+                                                     level above it (DESIGN §11), each under its
+                                                     own call id (``level_call_id``)
 
 A row is the fields in the column order of the writer's COPY (agent/adapters/sql/cdr_writer.py:
 CALL_COLUMNS, LEG_COLUMNS, DECISION_COLUMNS) separated by tabs, in COPY's text format: ``\\N``
@@ -13,10 +15,10 @@ for NULL, instants as ``YYYY-MM-DD HH:MM:SS.mmm`` (UTC, naive), booleans ``t``/`
 backslash, tab, newline and carriage return escaped, UTF-8. A spool replay into PostgreSQL then
 hands the lines to COPY as they are (~1 µs of Python per call instead of ~22 µs for the JSON
 form); every other consumer (SQLite, MariaDB, a batch the database refuses) decodes them back
-into the same CallRecord (``decode_lines``). The ``cdr4`` tag tells this form from the JSON
-form (``{``) of earlier spools, from ``cdr3`` (the same without the rating's currencies, FX
-rate and plan-currency cost) and from ``cdr2`` (nor ``bundle_seconds``), all still read
-(through the general path).
+into the same CallRecord (``decode_lines``). The ``cdr5`` tag tells this form from the JSON
+form (``{``) of earlier spools, from ``cdr4`` (one decision, without its level, tenant, account
+and customer's call), ``cdr3`` (nor the rating's currencies, FX rate and plan-currency cost) and
+``cdr2`` (nor ``bundle_seconds``), all still read (through the general path).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from agent.core.cdr import CallRecord, Disposition, LegRecord, RatingRecord
+from agent.core.session import level_call_id
 
-TAG = b"cdr4\t"
-TAGS = (TAG, b"cdr3\t", b"cdr2\t")  # spools of earlier versions: cdr3 without the currencies, cdr2 nor bundle_seconds
+TAG = b"cdr5\t"
+# spools of earlier versions: cdr4 one decision without its level, cdr3 nor the currencies, cdr2 nor bundle_seconds
+TAGS = (TAG, b"cdr4\t", b"cdr3\t", b"cdr2\t")
 NULL = "\\N"
 CALL_FIELDS = ("call_id", "node", "account_id", "caller", "destination", "started_ms", "answered_ms", "ended_ms",
                "duration_ms", "disposition", "hangup_cause", "pbx", "settled_ms")
@@ -36,8 +40,9 @@ LEG_FIELDS = ("pbx_unique_id", "channel", "direction", "sip_call_id", "peer", "c
               "answered_ms", "ended_ms", "hangup_cause", "billsec", "billed")  # after the call id
 RATING_FIELDS = ("seq", "plan_name", "rate_id", "prefix", "rate_micros", "billed_seconds", "cost_micros",
                  "decided_ms", "reason", "bundle_seconds", "plan_currency", "currency", "fx_rate_e10", "fx_inverse",
-                 "plan_cost_micros")  # after the call id
+                 "plan_cost_micros", "level", "tenant", "account_id", "of_call_id")  # after the call id
 CDR3_RATING_FIELDS = 10  # a cdr3 rating line: up to bundle_seconds
+CDR4_RATING_FIELDS = 15  # a cdr4 rating line: up to plan_cost_micros
 
 EPOCH = datetime(1970, 1, 1)
 _UNSAFE = re.compile(r"[\\\t\n\r]")
@@ -86,21 +91,24 @@ def encode_lines(record: CallRecord) -> bytes:
     the caller then spools the JSON form, which keeps the value for the general path to judge.
     Also AttributeError (a disposition that is not a Disposition)."""
     r = record
-    g = r.rating
     legs = r.legs
-    texts = [r.call_id, r.node, r.account_id, r.caller, r.destination, r.disposition.value, r.hangup_cause, r.pbx,
-             g.plan_name, g.prefix, g.reason, g.plan_currency, g.currency]
+    ratings = (r.rating, *r.upper)
+    texts = [r.call_id, r.node, r.account_id, r.caller, r.destination, r.disposition.value, r.hangup_cause, r.pbx]
     for leg in legs:
         texts += (leg.pbx_unique_id, leg.channel, leg.direction, leg.sip_call_id, leg.peer, leg.caller, leg.callee,
                   leg.hangup_cause)
+    for g in ratings:
+        texts += (level_call_id(r.call_id, g.level), g.plan_name, g.prefix, g.reason, g.plan_currency, g.currency,
+                  g.tenant, g.account_id)
     if _UNSAFE.search("".join(texts)):  # join: also a TypeError on a value that is not a string
         texts = [_esc(t) for t in texts]
     cid = texts[0]
     settled = r.settled_ms or r.ended_ms or r.started_ms
-    parts = [f"cdr4\t{settled:d}\n{cid}\t{texts[1]}\t{texts[2]}\t{texts[3]}\t{texts[4]}\t{_ts_set(r.started_ms)}\t"
+    parts = [f"cdr5\t{settled:d}\t{len(ratings):d}\n"
+             f"{cid}\t{texts[1]}\t{texts[2]}\t{texts[3]}\t{texts[4]}\t{_ts_set(r.started_ms)}\t"
              f"{_ts(r.answered_ms)}\t{_ts(r.ended_ms)}\t{r.duration_ms:d}\t{texts[5]}\t{texts[6]}\t{texts[7]}\t"
              f"{_ts(r.settled_ms)}\n"]
-    i = 13
+    i = 8
     for leg in legs:
         if type(leg.billed) is not bool:
             raise TypeError(f"billed is {leg.billed!r}")
@@ -108,21 +116,30 @@ def encode_lines(record: CallRecord) -> bytes:
                      f"{texts[i + 5]}\t{texts[i + 6]}\t{_ts_set(leg.created_ms)}\t{_ts(leg.answered_ms)}\t"
                      f"{_ts(leg.ended_ms)}\t{texts[i + 7]}\t{leg.billsec:d}\t{'t' if leg.billed else 'f'}\n")
         i += 8
-    parts.append(f"{cid}\t{g.seq:d}\t{texts[8]}\t{_opt(g.rate_id)}\t{texts[9]}\t{g.rate_micros:d}\t"
-                 f"{g.billed_seconds:d}\t{g.cost_micros:d}\t{_ts_set(g.decided_ms)}\t{texts[10]}\t"
-                 f"{g.bundle_seconds:d}\t{texts[11]}\t{texts[12]}\t{_opt(g.fx_rate_e10)}\t"
-                 f"{'t' if _bool(g.fx_inverse) else 'f'}\t{_opt(g.plan_cost_micros)}\n")
+    for g in ratings:
+        parts.append(f"{texts[i]}\t{g.seq:d}\t{texts[i + 1]}\t{_opt(g.rate_id)}\t{texts[i + 2]}\t{g.rate_micros:d}\t"
+                     f"{g.billed_seconds:d}\t{g.cost_micros:d}\t{_ts_set(g.decided_ms)}\t{texts[i + 3]}\t"
+                     f"{g.bundle_seconds:d}\t{texts[i + 4]}\t{texts[i + 5]}\t{_opt(g.fx_rate_e10)}\t"
+                     f"{'t' if _bool(g.fx_inverse) else 'f'}\t{_opt(g.plan_cost_micros)}\t{g.level:d}\t"
+                     f"{texts[i + 6]}\t{texts[i + 7]}\t{cid if g.level else NULL}\n")
+        i += 8
     return "".join(parts).encode("utf-8")
 
 
-def copy_rows(payload: bytes) -> tuple[int, bytes, list[bytes], bytes]:
-    """(settled instant in ms, the calls line, the call_legs lines, the rating_decisions line),
+def copy_rows(payload: bytes) -> tuple[int, bytes, list[bytes], list[bytes]]:
+    """(settled instant in ms, the calls line, the call_legs lines, the rating_decisions lines),
     lines without their newline. For the COPY path: no check beyond the layout; the database
     judges the fields (and a batch it refuses goes to the general path, through decode_lines)."""
     lines = payload.split(b"\n")
     if len(lines) < 4 or lines[-1] or not lines[0].startswith(TAGS):
-        raise ValueError("not a spooled call in the cdr4 (or cdr3, cdr2) form")
-    return int(lines[0][len(TAG):]), lines[1], lines[2:-2], lines[-2]
+        raise ValueError("not a spooled call in the cdr5 (or cdr4, cdr3, cdr2) form")
+    if not lines[0].startswith(TAG):  # one decision, last
+        return int(lines[0][len(TAG):]), lines[1], lines[2:-2], [lines[-2]]
+    settled, count = lines[0][len(TAG):].split(b"\t")
+    decisions = int(count)
+    if decisions < 1 or len(lines) < 3 + decisions:
+        raise ValueError(f"a cdr5 call with {decisions} decisions in {len(lines) - 1} lines")
+    return int(settled), lines[1], lines[2:-1 - decisions], lines[-1 - decisions:-1]
 
 
 def _text(field: str) -> str:
@@ -171,7 +188,7 @@ def _fields(line: bytes, count: int, what: str) -> list[str]:
 def decode_lines(payload: bytes) -> CallRecord:
     """Inverse of :func:`encode_lines`. Raises ValueError with the reason on anything else."""
     try:
-        _, call, leg_lines, rating = copy_rows(payload)
+        _, call, leg_lines, rating_lines = copy_rows(payload)
         c = _fields(call, len(CALL_FIELDS), "calls")
         started_ms = _ms(c[5], "started_ms")
         if started_ms is None:
@@ -189,30 +206,45 @@ def decode_lines(payload: bytes) -> CallRecord:
                                   created_ms=created_ms, answered_ms=_ms(f[9], "answered_ms"),
                                   ended_ms=_ms(f[10], "ended_ms"), hangup_cause=_text(f[11]),
                                   billsec=_int(f[12], "billsec"), billed=f[13] == "t"))
-        old_form = payload.startswith(b"cdr2\t")
-        cdr3 = payload.startswith(b"cdr3\t")
-        count = CDR3_RATING_FIELDS if old_form else 1 + CDR3_RATING_FIELDS if cdr3 else 1 + len(RATING_FIELDS)
-        d = _fields(rating, count, "rating_decisions")
-        if not (old_form or cdr3) and d[14] not in ("t", "f"):
-            raise ValueError(f"a rating with fx_inverse {d[14]!r}")
-        currencies: dict[str, Any] = {} if old_form or cdr3 else {
-            "plan_currency": _text(d[11]), "currency": _text(d[12]), "fx_rate_e10": _opt_int(d[13], "fx_rate_e10"),
-            "fx_inverse": d[14] == "t", "plan_cost_micros": _opt_int(d[15], "plan_cost_micros")}
-        decided_ms = _ms(d[8], "decided_ms")
-        if d[0] != c[0] or decided_ms is None:
-            raise ValueError(f"a rating of call {_text(d[0])!r} decided at {d[8]!r}")
-        rating_record = RatingRecord(seq=_int(d[1], "seq"), plan_name=_text(d[2]), rate_id=_opt_int(d[3], "rate_id"),
-                                     prefix=_text(d[4]), rate_micros=_int(d[5], "rate_micros"),
-                                     billed_seconds=_int(d[6], "billed_seconds"),
-                                     cost_micros=_int(d[7], "cost_micros"), decided_ms=decided_ms, reason=_text(d[9]),
-                                     bundle_seconds=0 if old_form else _int(d[10], "bundle_seconds"),
-                                     **currencies)
+        ratings = [_decode_rating(line, payload, c[0]) for line in rating_lines]
+        if ratings[0].level != 0 or any(g.level == 0 for g in ratings[1:]):
+            raise ValueError("the customer's decision must come first, and once")
         return CallRecord(call_id=_text(c[0]), node=_text(c[1]), account_id=_text(c[2]), caller=_text(c[3]),
                           destination=_text(c[4]), started_ms=started_ms, answered_ms=_ms(c[6], "answered_ms"),
                           ended_ms=_ms(c[7], "ended_ms"), duration_ms=_int(c[8], "duration_ms"),
                           disposition=Disposition(_text(c[9])), hangup_cause=_text(c[10]), pbx=_text(c[11]),
-                          settled_ms=_ms(c[12], "settled_ms"), legs=tuple(legs), rating=rating_record)
+                          settled_ms=_ms(c[12], "settled_ms"), legs=tuple(legs), rating=ratings[0],
+                          upper=tuple(ratings[1:]))
     except UnicodeDecodeError as exc:
         raise ValueError(f"malformed call record: not UTF-8 ({exc.reason})") from None
     except ValueError as exc:
         raise ValueError(f"malformed call record: {exc}") from None
+
+
+def _decode_rating(line: bytes, payload: bytes, cid: str) -> RatingRecord:
+    old_form = payload.startswith(b"cdr2\t")
+    cdr3 = payload.startswith(b"cdr3\t")
+    cdr4 = payload.startswith(b"cdr4\t")
+    count = CDR3_RATING_FIELDS if old_form else 1 + CDR3_RATING_FIELDS if cdr3 else \
+        1 + CDR4_RATING_FIELDS if cdr4 else 1 + len(RATING_FIELDS)
+    d = _fields(line, count, "rating_decisions")
+    if not (old_form or cdr3) and d[14] not in ("t", "f"):
+        raise ValueError(f"a rating with fx_inverse {d[14]!r}")
+    currencies: dict[str, Any] = {} if old_form or cdr3 else {
+        "plan_currency": _text(d[11]), "currency": _text(d[12]), "fx_rate_e10": _opt_int(d[13], "fx_rate_e10"),
+        "fx_inverse": d[14] == "t", "plan_cost_micros": _opt_int(d[15], "plan_cost_micros")}
+    level = 0
+    if not (old_form or cdr3 or cdr4):
+        level = _int(d[16], "level")
+        currencies.update(level=level, tenant=_text(d[17]), account_id=_text(d[18]))
+        if (d[19] != cid) if level else (d[19] != NULL):
+            raise ValueError(f"a rating of level {level} of call {_text(d[19])!r} in call {_text(cid)!r}")
+    decided_ms = _ms(d[8], "decided_ms")
+    if _text(d[0]) != level_call_id(_text(cid), level) or decided_ms is None:
+        raise ValueError(f"a rating of call {_text(d[0])!r} decided at {d[8]!r}")
+    return RatingRecord(seq=_int(d[1], "seq"), plan_name=_text(d[2]), rate_id=_opt_int(d[3], "rate_id"),
+                        prefix=_text(d[4]), rate_micros=_int(d[5], "rate_micros"),
+                        billed_seconds=_int(d[6], "billed_seconds"),
+                        cost_micros=_int(d[7], "cost_micros"), decided_ms=decided_ms, reason=_text(d[9]),
+                        bundle_seconds=0 if old_form else _int(d[10], "bundle_seconds"),
+                        **currencies)

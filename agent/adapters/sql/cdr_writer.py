@@ -33,6 +33,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from agent.adapters.sql.models import Call, CallLeg, CdrQuarantine, RatingDecision, utcnow
 from agent.core.cdr import CallRecord
+from agent.core.session import level_call_id
 from agent.services.cdr_lines import TAG as LINES_TAG
 from agent.services.cdr_lines import copy_rows
 from agent.services.cdr_pipeline import (
@@ -59,7 +60,7 @@ LEG_COLUMNS = ("call_id", "pbx_unique_id", "channel", "direction", "sip_call_id"
                "callee", "created_at", "answered_at", "ended_at", "hangup_cause", "billsec", "billed")
 DECISION_COLUMNS = ("call_id", "seq", "plan_name", "rate_id", "prefix", "rate_micros", "billed_seconds",
                     "cost_micros", "decided_at", "reason", "bundle_seconds", "plan_currency", "currency", "fx_rate_e10",
-                    "fx_inverse", "plan_cost_micros")
+                    "fx_inverse", "plan_cost_micros", "level", "tenant", "account_id", "of_call_id")
 
 # The column a MySQL "ON DUPLICATE KEY UPDATE" sets to itself (any column of a unique key).
 SKIP_KEY = {"calls": "id", "call_legs": "call_id", "rating_decisions": "call_id", "cdr_quarantine": "digest"}
@@ -83,9 +84,10 @@ def _aware(ms: int | None) -> datetime | None:
 
 
 def record_rows(record: CallRecord, *, aware: bool) -> tuple[tuple[Any, ...], list[tuple[Any, ...]],
-                                                             tuple[Any, ...]]:
-    """The ``calls`` row, the ``call_legs`` rows and the ``rating_decisions`` row of a record,
-    in the column orders above (datetimes naive UTC for COPY, aware for SQLAlchemy)."""
+                                                             list[tuple[Any, ...]]]:
+    """The ``calls`` row, the ``call_legs`` rows and the ``rating_decisions`` rows of a record
+    (the customer's, then one per level above it under the level's call id, DESIGN §11), in the
+    column orders above (datetimes naive UTC for COPY, aware for SQLAlchemy)."""
     ts = _aware if aware else _naive
     r = record
     call = (r.call_id, r.node, r.account_id, r.caller, r.destination, ts(r.started_ms), ts(r.answered_ms),
@@ -93,11 +95,13 @@ def record_rows(record: CallRecord, *, aware: bool) -> tuple[tuple[Any, ...], li
     legs = [(r.call_id, leg.pbx_unique_id, leg.channel, leg.direction, leg.sip_call_id, leg.peer, leg.caller,
              leg.callee, ts(leg.created_ms), ts(leg.answered_ms), ts(leg.ended_ms), leg.hangup_cause,
              leg.billsec, leg.billed) for leg in r.legs]
-    g = r.rating
-    decision = (r.call_id, g.seq, g.plan_name, g.rate_id, g.prefix, g.rate_micros, g.billed_seconds,
-                g.cost_micros, ts(g.decided_ms), g.reason, g.bundle_seconds, g.plan_currency, g.currency, g.fx_rate_e10,
-                g.fx_inverse, g.plan_cost_micros)
-    return call, legs, decision
+    decisions = []
+    for g in (r.rating, *r.upper):
+        decisions.append((level_call_id(r.call_id, g.level), g.seq, g.plan_name, g.rate_id, g.prefix, g.rate_micros,
+                          g.billed_seconds, g.cost_micros, ts(g.decided_ms), g.reason, g.bundle_seconds,
+                          g.plan_currency, g.currency, g.fx_rate_e10, g.fx_inverse, g.plan_cost_micros, g.level,
+                          g.tenant, g.account_id, r.call_id if g.level else None))
+    return call, legs, decisions
 
 
 # --------------------------------------------------------------------------- spooled JSON -> COPY text
@@ -151,12 +155,18 @@ def spooled_copy_lines(payload: bytes, calls: list[str], legs: list[str], decisi
                     f"{_s(leg['peer'])}\t{_s(leg['caller'])}\t{_s(leg['callee'])}\t{ts(leg['created_ms'])}\t"
                     f"{ts(leg['answered_ms'])}\t{ts(leg['ended_ms'])}\t{_s(leg['hangup_cause'])}\t{leg['billsec']}\t"
                     f"{'t' if billed else 'f'}\n")
-    r = d["rating"]
-    decisions.append(f"{cid}\t{r['seq']}\t{_s(r['plan_name'])}\t{_copy_int(r['rate_id'])}\t{_s(r['prefix'])}\t"
-                     f"{r['rate_micros']}\t{r['billed_seconds']}\t{r['cost_micros']}\t{ts(r['decided_ms'])}\t"
-                     f"{_s(r['reason'])}\t{int(r.get('bundle_seconds') or 0)}\t{_s(r.get('plan_currency', ''))}\t"
-                     f"{_s(r.get('currency', ''))}\t{_copy_int(r.get('fx_rate_e10'))}\t"
-                     f"{'t' if r.get('fx_inverse') is True else 'f'}\t{_copy_int(r.get('plan_cost_micros'))}\n")
+    for r in (d["rating"], *d.get("upper", ())):
+        level = r.get("level", 0)
+        if type(level) is not int:
+            raise TypeError(f"level is {level!r}")
+        own = level_call_id(cid, level) if level else cid
+        decisions.append(f"{own}\t{r['seq']}\t{_s(r['plan_name'])}\t{_copy_int(r['rate_id'])}\t{_s(r['prefix'])}\t"
+                         f"{r['rate_micros']}\t{r['billed_seconds']}\t{r['cost_micros']}\t{ts(r['decided_ms'])}\t"
+                         f"{_s(r['reason'])}\t{int(r.get('bundle_seconds') or 0)}\t{_s(r.get('plan_currency', ''))}\t"
+                         f"{_s(r.get('currency', ''))}\t{_copy_int(r.get('fx_rate_e10'))}\t"
+                         f"{'t' if r.get('fx_inverse') is True else 'f'}\t{_copy_int(r.get('plan_cost_micros'))}\t"
+                         f"{level}\t{_s(r.get('tenant', ''))}\t{_s(r.get('account_id', ''))}\t"
+                         f"{cid if level else _NULL}\n")
     settled: int | None = d["settled_ms"] or d["ended_ms"] or d["started_ms"]
     if not isinstance(settled, int):
         raise TypeError(f"settled_ms is {settled!r}")
@@ -240,11 +250,11 @@ class SqlCdrStore:
         try:
             for payload in payloads:
                 if payload.startswith(LINES_TAG):  # the COPY-lines form: as it is
-                    moment, call, leg_lines, decision = copy_rows(payload)
+                    moment, call, leg_lines, decision_lines = copy_rows(payload)
                     settled.append(moment)
                     calls.append(call)
                     legs += leg_lines
-                    decisions.append(decision)
+                    decisions += decision_lines
                     continue
                 if b"\\" in payload:
                     return None
@@ -287,10 +297,10 @@ class SqlCdrStore:
         legs: list[dict[str, Any]] = []
         decisions: list[dict[str, Any]] = []
         for record in records:
-            call, leg_rows, decision = record_rows(record, aware=True)
+            call, leg_rows, decision_rows = record_rows(record, aware=True)
             calls.append(dict(zip(CALL_COLUMNS, call, strict=True)))
             legs.extend(dict(zip(LEG_COLUMNS, leg, strict=True)) for leg in leg_rows)
-            decisions.append(dict(zip(DECISION_COLUMNS, decision, strict=True)))
+            decisions.extend(dict(zip(DECISION_COLUMNS, decision, strict=True)) for decision in decision_rows)
         with self.engine.begin() as conn:
             result = conn.execute(self._insert_skipping_duplicates(CALLS), calls)
             if legs:
@@ -315,10 +325,10 @@ class SqlCdrStore:
         legs: list[tuple[Any, ...]] = []
         decisions: list[tuple[Any, ...]] = []
         for record in records:
-            call, leg_rows, decision = record_rows(record, aware=False)
+            call, leg_rows, decision_rows = record_rows(record, aware=False)
             calls.append(call)
             legs.extend(leg_rows)
-            decisions.append(decision)
+            decisions.extend(decision_rows)
         tables = ((CALLS, CALL_COLUMNS, calls), (LEGS, LEG_COLUMNS, legs), (DECISIONS, DECISION_COLUMNS, decisions))
         with self.engine.begin() as conn:
             info = conn.info  # per DBAPI connection: survives the checkout

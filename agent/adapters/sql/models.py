@@ -310,6 +310,16 @@ class RatingDecision(Base):
     fx_rate_e10: Mapped[int | None] = mapped_column(BigInteger, nullable=True, comment="rate x 10^10; NULL: none")
     fx_inverse: Mapped[bool] = mapped_column(Boolean, default=False)
     plan_cost_micros: Mapped[int | None] = mapped_column(Micros, nullable=True, comment="the cost in plan_currency")
+    # Derived charging (DESIGN §11, migration 0010): a level above the customer has its own row
+    # under its balance-store call id (``call^L``), so (call_id, seq) is (of_call_id, level, seq).
+    level: Mapped[int] = mapped_column(Integer, default=0,
+                                       comment="0: the customer; 1, 2, 3: the resellers above it")
+    tenant: Mapped[str] = mapped_column(String(64), default="", index=True,
+                                        comment="whose price: the seller tenant ('' for direct customers)")
+    account_id: Mapped[str] = mapped_column(String(64), default="",
+                                            comment="the account charged at a level above the customer ('' at level 0)")
+    of_call_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True,
+                                                   comment="the customer's call (calls.id) of a level above it")
 
 
 class CdrQuarantine(Base):
