@@ -46,6 +46,8 @@ def fresh_schema(engine: Engine) -> None:
 
 def clear_rows(engine: Engine) -> None:
     with engine.begin() as conn:
+        tenants = Base.metadata.tables["tenants"]
+        conn.execute(tenants.update().values(parent_id=None))  # the tree refers to itself (MariaDB checks)
         for table in reversed(Base.metadata.sorted_tables):
             conn.execute(table.delete())
 

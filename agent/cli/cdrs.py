@@ -275,6 +275,51 @@ def _reconcile_json(line: ReconcileLine) -> dict[str, Any]:
             "increment": line.increment, "difference": line.difference, "status": line.status}
 
 
+def _minutes(seconds: int) -> str:
+    """Seconds as minutes with 6 decimals, exact when they are (else rounded half up)."""
+    micro_minutes = (seconds * 1_000_000 * 2 + 60) // 120
+    return format_amount(micro_minutes)
+
+
+@cdrs.command(name="margin")
+@click.option("--by", "by", type=click.Choice(["tenant"]), default="tenant", show_default=True)
+@click.option("--since", callback=_instant, metavar="ISO8601", help="Calls started at or after (UTC if no offset).")
+@click.option("--until", callback=_instant, metavar="ISO8601", help="Calls started before.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def margin_command(ctx: click.Context, by: str, since: datetime | None, until: datetime | None,
+                   as_json: bool) -> None:
+    """Per reseller tenant: calls, minutes, revenue (what its customers paid it), cost (what it
+    paid its parent for the same calls) and margin, in its currency (DESIGN §11)."""
+    from agent.adapters.cdr.margin import margin_by_tenant
+
+    check_range(since, until)
+    rows = margin_by_tenant(app(ctx).engine(), since=since, until=until)
+    listed = []
+    for row in rows:
+        item: dict[str, Any] = {
+            "tenant": row.tenant, "currency": row.currency, "calls": row.calls, "seconds": row.seconds,
+            "minutes": _minutes(row.seconds), "revenue": format_amount(row.revenue_micros),
+            "cost": format_amount(row.cost_micros), "margin": format_amount(row.margin_micros)}
+        if row.other_revenue:
+            item["other_revenue"] = {cur: format_amount(v) for cur, v in sorted(row.other_revenue.items())}
+        listed.append(item)
+    if as_json:
+        print_json(listed)
+        return
+    if not listed:
+        click.echo("no reseller tenants")
+        return
+    click.echo(f"{'tenant':<20} {'calls':>7} {'minutes':>14} {'revenue':>16} {'cost':>16} {'margin':>16}")
+    for item in listed:
+        cur = item["currency"]
+        click.echo(f"{item['tenant']:<20} {item['calls']:>7} {item['minutes']:>14} {item['revenue'] + ' ' + cur:>16} "
+                   f"{item['cost'] + ' ' + cur:>16} {item['margin'] + ' ' + cur:>16}")
+        for other, amount in item.get("other_revenue", {}).items():
+            click.echo(f"{'':<20} also {amount} {other} in another currency (not in the margin)")
+
+
 @cdrs.command(name="reconcile")
 @click.option("--since", callback=_instant, required=True, metavar="ISO8601", help="Calls started at or after.")
 @click.option("--until", callback=_instant, metavar="ISO8601", help="Calls started before.")

@@ -7,6 +7,10 @@
    whose reference is ``charge:{call_id}``; and every charge belongs to a settled call. A charge
    younger than the grace period may still be waiting for its call record (the CDR writer
    spools), so it is only counted as pending.
+4. Every level of a reseller chain (DESIGN §11) is checked the same way on its own account: the
+   charge of a level is ``charge:{call}^{level}`` (its own balance-store call), and it belongs
+   to the settled call its rating decision names (``rating_decisions.of_call_id``); every
+   level's decision of an answered call has its charge.
 
 Each query is an aggregate or an anti-join, so the check scales with the tables, not with
 Python memory; at most ``limit`` rows of each kind of problem are listed, all are counted.
@@ -22,7 +26,7 @@ from sqlalchemy import and_, func, literal, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from agent.adapters.sql.accounts import ledger_sums
-from agent.adapters.sql.models import Account, Call, LedgerEntry, Reservation, SpendPeriod
+from agent.adapters.sql.models import Account, Call, LedgerEntry, RatingDecision, Reservation, SpendPeriod
 
 
 @dataclass(frozen=True)
@@ -106,9 +110,23 @@ def check_charges(session: Session, report: Report, now: datetime, grace: timede
                               LedgerEntry.reference != literal("charge:") + LedgerEntry.call_id))
         .order_by(LedgerEntry.id)
     ), lambda r: Problem("charge reference does not name its call", r[1], r[2], {"reference": r[0]}), limit)
-    unsettled = (select(LedgerEntry.call_id, LedgerEntry.account_id, LedgerEntry.created_at, Call.id)
+    # A level above a customer: its decision (seq 1) names the customer's call, which is settled.
+    level = aliased(RatingDecision)
+    customer = aliased(Call)
+    _listed(session, report, (
+        select(level.call_id, level.account_id)
+        .join(customer, customer.id == level.of_call_id)
+        .outerjoin(charge, and_(charge.call_id == level.call_id, charge.kind == "charge"))
+        .where(level.level > 0, level.seq == 1, customer.settled_at.is_not(None), customer.answered_at.is_not(None),
+               charge.id.is_(None)).order_by(level.call_id)
+    ), lambda r: Problem("reseller level of an answered call without a charge", r[1], r[0]), limit)
+    unsettled = (select(LedgerEntry.call_id, LedgerEntry.account_id, LedgerEntry.created_at,
+                        func.coalesce(Call.id, customer.id))
                  .outerjoin(Call, Call.id == LedgerEntry.call_id)
-                 .where(is_charge, LedgerEntry.call_id.is_not(None), Call.settled_at.is_(None)))
+                 .outerjoin(level, and_(level.call_id == LedgerEntry.call_id, level.seq == 1, level.level > 0))
+                 .outerjoin(customer, customer.id == level.of_call_id)
+                 .where(is_charge, LedgerEntry.call_id.is_not(None), Call.settled_at.is_(None),
+                        customer.settled_at.is_(None)))
     report.pending_charges = session.scalar(
         select(func.count()).select_from(unsettled.where(LedgerEntry.created_at >= now - grace).subquery())) or 0
     _listed(session, report, unsettled.where(LedgerEntry.created_at < now - grace).order_by(LedgerEntry.id),
