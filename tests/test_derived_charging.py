@@ -272,3 +272,90 @@ def test_a_restarted_agent_adopts_every_level_of_a_call_and_charges_each_once() 
     assert store.accounts["c9"].balance_micros == 100_000 - 2_000 * seconds
     assert store.accounts[RESELLER].balance_micros == 100_000 - 1_000 * seconds
     assert store.open_reservations() == 0
+
+
+def test_a_call_left_behind_is_settled_at_every_level_with_what_each_debited() -> None:
+    """A call of a reseller's customer that ended while no agent ran: each level is charged
+    what its own nibbles debited, once, and the record carries every level."""
+    clock = SystemClock()
+    store = MemoryStore()
+    cdrs = Cdrs()
+    store.add_account("c10", 100_000)
+    store.add_account(RESELLER, 100_000)
+    from agent.core.session import NibbleStep
+    from agent.services.engine import LeftBehind
+
+    call_id = "n1-A10"
+    level_id = level_call_id(call_id, 1)
+    now = clock.now_ms()
+    store.authorize("c10", call_id, 2_000, 2_000, now - 5_000)
+    store.authorize(RESELLER, level_id, 1_000, 1_000, now - 5_000)
+    store.nibbles([NibbleStep(call_id, 1, 2_000, 2_000, "c10"), NibbleStep(level_id, 1, 1_000, 1_000, RESELLER)],
+                  now - 4_000)
+    engine = Engine(settings=EngineSettings(node="n1", nibble_seconds=1), store=store, rater=ChainRater(),
+                    clock=clock, cdr=cdrs)
+    engine.adoptable = {
+        call_id: LiveCall("c10", call_id, "n1", 1, 2_000, 2_000, 0, now - 5_000, now + 30_000),
+        level_id: LiveCall(RESELLER, level_id, "n1", 1, 1_000, 1_000, 0, now - 5_000, now + 30_000),
+    }
+    engine.adoptable_facts = {call_id: LeftBehind(call_id, "asterisk", "33123", "", "A10", now - 5_000, now - 5_000)}
+    engine.add_switch(Switch(engine, clock))
+    engine.start()
+    try:
+        engine.on_event(PbxConnected("asterisk", clock.now_ms(), ()))
+        _wait(lambda: cdrs.records)
+        _wait(lambda: store.open_reservations() == 0)
+    finally:
+        engine.stop(1)
+    (record,) = cdrs.records
+    assert (record.rating.cost_micros, record.rating.tenant) == (2_000, "acme")
+    assert [(g.level, g.account_id, g.tenant, g.cost_micros) for g in record.upper] == [(1, RESELLER, "default", 1_000)]
+    assert store.settled == {call_id: 2_000, level_id: 1_000}
+    assert not engine.adoptable
+
+
+def test_an_adopted_call_in_its_bundle_on_a_plan_in_another_currency_keeps_its_bundle_seconds() -> None:
+    """The known gap: a restarted agent adopting a call that draws on a bundle, on a USD plan for
+    an EUR account, priced it in money (adoption saw only a plain rate row). Now the plan's own
+    row is put in its bundle under the conversion: a call inside its bundle costs nothing."""
+    from agent.core.bundles import BundleSlot
+
+    slot = BundleSlot(1, 0, 120, 2**50)
+    conversion = Conversion("USD", "EUR", 9_000_000_000)
+
+    class BundleRater:
+        def rate(self, account_id: str, destination: str, at_ms: int) -> RatedCall:
+            return RatedCall(ConvertedTariff(WHOLESALE, conversion),
+                             RatingInfo("usd", 2, "33", 60_000, "USD", "EUR", conversion.rate_e10), (slot,))
+
+    clock = SystemClock()
+    store = MemoryStore()
+    cdrs = Cdrs()
+    store.add_account("eve", 100_000)
+    call_id = "n1-A11"
+    now = clock.now_ms()
+    answered = now - 1_500
+    held = store.authorize("eve", call_id, 0, 0, answered, bundle_slots=(slot,), bundle_want_s=6)
+    assert held.bundle_granted_s == 6
+    engine = Engine(settings=EngineSettings(node="n1", nibble_seconds=6, hangup_verify_ms=400), store=store,
+                    rater=BundleRater(), clock=clock, cdr=cdrs)
+    engine.adoptable = {call_id: LiveCall("eve", call_id, "n1", 0, 0, 0, 0, answered, now + 30_000,
+                                          bundle_held_s=6, bundle_used_s=0)}
+    engine.add_switch(Switch(engine, clock))
+    engine.start()
+    try:
+        engine.on_event(PbxConnected("asterisk", clock.now_ms(), (
+            LiveLeg("A11", Direction.INBOUND, callee="33123", created_ms=answered - 100),
+            LiveLeg("B11", Direction.OUTBOUND, parent_leg_id="A11", answered=True, created_ms=answered - 50,
+                    answered_ms=answered))))
+        _wait(lambda: call_id in engine.registry.sessions)
+        end = clock.now_ms() + 500
+        engine.on_event(LegHungUp("B11", end, cause="NORMAL_CLEARING"))
+        engine.on_event(LegHungUp("A11", end, cause="NORMAL_CLEARING"))
+        _wait(lambda: cdrs.records)
+    finally:
+        engine.stop(1)
+    (record,) = cdrs.records
+    assert record.rating.bundle_seconds == -(-(end - answered) // 1000)
+    assert record.rating.cost_micros == 0  # in its bundle: no money (it was 0.9 x 1000/s before the fix)
+    assert store.accounts["eve"].balance_micros == 100_000

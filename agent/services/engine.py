@@ -520,6 +520,9 @@ class Engine:
         bundle = BundleSettle(record.rating.bundle_seconds) if held.bundle_held_s else None
         # The levels above the customer (DESIGN §11): each charged what its own nibbles debited.
         upper: list[RatingRecord] = []
+        sellers = self._sellers(held.account_id, facts)
+        if sellers:
+            record = replace(record, rating=replace(record.rating, tenant=sellers[0]))
         for level in range(1, MAX_LEVELS):
             level_id = level_call_id(call_id, level)
             level_held = self.adoptable.pop(level_id, None)
@@ -527,6 +530,7 @@ class Engine:
             if level_held is None:
                 continue
             upper.append(RatingRecord(decided_ms=record.settled_ms or self.clock.now_ms(), level=level,
+                                      tenant=sellers[level] if level < len(sellers) else "",
                                       account_id=level_held.account_id, cost_micros=level_held.debited_micros,
                                       billed_seconds=record.rating.billed_seconds, reason=record.rating.reason))
             self._store_work.put(self._settle_level_left_behind, SettleStep(
@@ -586,6 +590,18 @@ class Engine:
                                 prefix=info.prefix, rate_micros=info.rate_micros,
                                 billed_seconds=-(-covered_ms // 1000), cost_micros=cost, reason=reason,
                                 bundle_seconds=bundle_seconds))
+
+    def _sellers(self, account_id: str, facts: LeftBehind | None) -> list[str]:
+        """Whose price each level of a call left behind paid (the customer's seller first), as
+        far as the chain can be rated again; [] for a direct customer or when it cannot."""
+        rate_chain = getattr(self.rater, "rate_chain", None)
+        if rate_chain is None or facts is None or not facts.destination:
+            return []
+        try:
+            chain: tuple[LevelRated, ...] = rate_chain(account_id, facts.destination, facts.authorized_ms)
+        except RatingRefused:
+            return []
+        return [chain[0].tenant, *(level.seller for level in chain)] if chain else []
 
     def _settle_level_left_behind(self, step: SettleStep) -> None:
         try:
