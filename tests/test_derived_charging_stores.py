@@ -45,7 +45,7 @@ from agent.services.clock import SystemClock
 from agent.services.engine import Engine, EngineSettings
 from agent.services.rater import PlanRater
 from agent.services.store_port import EngineStoreAdapter
-from tests.balance_helpers import STORE_KINDS, Engines, World, world_for
+from tests.balance_helpers import REDIS_KINDS, STORE_KINDS, Engines, World, world_for
 
 RESELLER = "tenant:acme"
 WHOLESALE = "prefix,destination,rate\n49,Germany,0.06\n"  # 1000 USD micro-units a second
@@ -265,3 +265,29 @@ def test_a_direct_customer_of_the_operator_is_charged_alone(w: World, tmp_path: 
         engine.stop(2)
     assert cdrs.records[0].upper == () and cdrs.records[0].rating.cost_micros == 2_000
     assert w.sql_balance(RESELLER) == 0
+
+
+def test_a_reseller_suspended_with_a_live_customer_call_refuses_new_calls_and_drains_the_live_one(
+        w: World, tmp_path: Path) -> None:
+    """Drain (README, Currencies and tenants): the live call goes on, paid by what the reseller's
+    account has, and is cut when that runs out; new calls of its customers are refused."""
+    _tree(w, tmp_path, reseller_micros=2_500, customer_micros=1_000_000)
+    clock, cdrs = SystemClock(), Cdrs()
+    engine, switch = _engine(w, clock, cdrs)
+    try:
+        assert engine.authorize(AuthorizeRequest("asterisk", "A6", "c1", "4930123", clock.now_ms())).allowed
+        engine.on_event(LegCreated("B6", clock.now_ms(), Direction.OUTBOUND, parent_leg_id="A6"))
+        answered = clock.now_ms()
+        engine.on_event(LegAnswered("B6", answered))
+        _cli(w, "accounts", "suspend", RESELLER)
+        if w.kind in REDIS_KINDS:  # what the command does itself with redis.url configured
+            w.store().refresh(RESELLER)  # type: ignore[attr-defined]
+        refused = engine.authorize(AuthorizeRequest("asterisk", "A7", "c1", "4930123", clock.now_ms()))
+        assert not refused.allowed and refused.reason is DenyReason.SUSPENDED and "acme" in refused.detail
+        _wait(lambda: switch.hangups)
+        assert 2_000 <= switch.hangups[0][1] - answered <= 2_200  # drained to the reseller's last second
+        _wait(lambda: cdrs.records)
+    finally:
+        engine.stop(2)
+    assert cdrs.records[0].upper[0].cost_micros == 2_000
+    assert w.sql_balance(RESELLER) == 500
