@@ -56,6 +56,7 @@ def test_demo_places_calls_through_the_real_daemon_and_leaves_nothing_behind(pbx
     out = result.stdout
     assert "ledger check: OK" in out
     assert "demo passed" in out
+    assert "margin of globex: 1 call(s)" in out  # the three-level tenant tree (DESIGN §11)
     for label in ("bob has 8 s of money", "carol has no money", "acme line 2"):
         assert label in out
     # The IRSF burst: the fraud rule's alert and the suspension it caused.

@@ -17,13 +17,13 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 import gevent
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from agent.adapters.sql.accounts import create_account, set_limits
 from agent.adapters.sql.bundles_admin import (
@@ -69,6 +69,15 @@ BUNDLE = BundleDef("uk-demo", 5, ("44",), PeriodKind.MONTH)
 # to France (a cent a second) is cut at 3 s, the instant it reaches the cap.
 CAPPED_ACCOUNT = "erin"
 CAPPED_MAX_CALL_COST = "0.03"
+# A three-level tenant tree (DESIGN §11): the operator sells to reseller globex (in USD, on the
+# operator's plan wholesale-usd, 0.30 USD/min to France); globex sells to zoe (in EUR, on its own
+# plan globex-retail, 0.60 USD/min, converted at USD->EUR 0.90). globex's own account holds only
+# 0.02 USD: zoe has money, but her call is cut at 4 s, when her reseller can no longer pay.
+RESELLER = "globex"
+RESELLER_BALANCE = "0.02"
+RESELLER_CUSTOMER = "zoe"
+WHOLESALE_DECK = "prefix,destination,rate\n33,France (wholesale),0.30\n"
+RETAIL_DECK = "prefix,destination,rate\n33,France (globex retail),0.60\n"
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,8 @@ CALLS = (
     *(DemoCall(f"mallory (hijacked) premium call {n + 1}", IRSF_ACCOUNT, f"88216000000{n}",
                3.0 + 0.5 * n + (0.5 if n >= 3 else 0), 30_000, "cut" if n < 3 else "denied", "6666")
       for n in range(5)),
+    DemoCall(f"zoe (EUR), customer of reseller {RESELLER} (USD, {RESELLER_BALANCE} left)", RESELLER_CUSTOMER,
+             "33142685302", 0.4, 10_000, "cut", "1008"),
 )
 
 
@@ -141,7 +152,62 @@ def prepare_database(url: str, folder: Path) -> Engine:
         set_limits(session, CAPPED_ACCOUNT, max_call_cost_micros=parse_amount(CAPPED_MAX_CALL_COST))
         create_bundle(session, BUNDLE)
         grant_bundle(session, BUNDLE_ACCOUNT, BUNDLE.name, reference="demo-bundle")
+    _prepare_tenants(sessions, folder)
     return engine
+
+
+def _prepare_tenants(sessions: Any, folder: Path) -> None:
+    """operator > globex (USD) > zoe (EUR): the plans, the tenant and its account, the FX rate."""
+    from agent.adapters.sql.fx_rates import set_rate
+    from agent.adapters.sql.plans import create_plan
+    from agent.adapters.sql.tenants import create_tenant
+
+    with transaction(sessions) as session:
+        create_plan(session, "wholesale-usd", currency="USD")
+        set_rate(session, "USD", "EUR", "0.9", datetime(2026, 1, 1, tzinfo=UTC))
+    for plan, deck in (("wholesale-usd", WHOLESALE_DECK), ("globex-retail", RETAIL_DECK)):
+        path = folder / f"{plan}.csv"
+        path.write_text(deck)
+        if plan == "globex-retail":
+            with transaction(sessions) as session:
+                create_tenant(session, RESELLER, parent="default", currency="USD", plan="wholesale-usd",
+                              balance_micros=parse_amount(RESELLER_BALANCE))
+                create_plan(session, plan, currency="USD", tenant=RESELLER)
+        import_deck(sessions, path, plan)
+    with transaction(sessions) as session:
+        create_account(session, RESELLER_CUSTOMER, plan="globex-retail", currency="EUR", tenant=RESELLER,
+                       balance_micros=parse_amount("5.00"))
+
+
+def _show_tenants(engine: Engine, out: Any) -> bool:
+    """zoe's call at each level of its chain, and globex's margin (billing-agent cdrs margin --by tenant)."""
+    from agent.adapters.cdr.margin import margin_by_tenant
+
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(RatingDecision.level, RatingDecision.account_id, RatingDecision.tenant,
+                   RatingDecision.billed_seconds, RatingDecision.cost_micros, RatingDecision.currency,
+                   RatingDecision.plan_cost_micros, RatingDecision.plan_currency, Call.account_id)
+            .join(Call, Call.id == func.coalesce(RatingDecision.of_call_id, RatingDecision.call_id))
+            .where(Call.account_id == RESELLER_CUSTOMER).order_by(RatingDecision.level)).all()
+    for level, account, seller, billed, cost, currency, plan_cost, plan_currency, customer in rows:
+        who = customer if level == 0 else account
+        whose = "the operator's" if seller == "default" else f"{seller}'s"
+        price = f" ({format_amount(plan_cost)} {plan_currency} at {whose} price)" \
+            if plan_cost is not None and plan_currency != currency else f" at {whose} price"
+        out.print(f"tenants: level {level} {who} paid {format_amount(cost)} {currency} for {billed} s{price}")
+    margins = [m for m in margin_by_tenant(engine) if m.tenant == RESELLER]
+    for m in margins:
+        out.print(f"margin of {m.tenant}: {m.calls} call(s), revenue {format_amount(m.revenue_micros)} {m.currency}, "
+                  f"cost {format_amount(m.cost_micros)} {m.currency}, margin {format_amount(m.margin_micros)} "
+                  f"{m.currency} (billing-agent cdrs margin --by tenant)")
+    # 4 s: zoe 4 x 0.01 USD = 0.04 USD = 0.036 EUR; globex 4 x 0.005 = 0.02 USD, all it had.
+    good = ([(r[0], r[3], r[4]) for r in rows] == [(0, 4, 36_000), (1, 4, 20_000)] and len(margins) == 1
+            and (margins[0].revenue_micros, margins[0].cost_micros) == (40_000, 20_000))
+    if not good:
+        out.print(f"[red]expected zoe's call cut at 4 s by {RESELLER}'s money: 0.036 EUR for zoe, 0.02 USD for "
+                  f"{RESELLER}")
+    return good
 
 
 def demo_config(folder: Path, pbx: str, agi_port: int, pbx_port: int) -> Config:
@@ -291,6 +357,7 @@ def _show_results(engine: Engine, handles: list[tuple[DemoCall, Any]], out: Any)
     ok = _show_fraud(engine, out) and ok
     ok = _show_bundle(engine, [r for r in rows if r[1] == BUNDLE_ACCOUNT], out) and ok
     ok = _show_cap([r for r in rows if r[1] == CAPPED_ACCOUNT], out) and ok
+    ok = _show_tenants(engine, out) and ok
     answered = sum(1 for call, _ in handles if call.expect != "denied")
     if len(rows) != answered:
         out.print(f"[red]expected {answered} CDRs, found {len(rows)}")
