@@ -121,9 +121,11 @@ class RatingRefused(Exception):
 # (``level_call_id``): each step is idempotent per ``(call_id, level, seq)`` because the derived
 # id carries the level, and no Lua script touches two accounts' slots (Redis Cluster).
 #
-# Ordering: the customer first, then upward (authorize, nibbles, settles all emit level 0
-# first). The customer is the level most often refused (no money, suspended, too many calls), so
-# a refused customer never touches its reseller's keys, and a direct customer's path is today's.
+# Ordering: the customer first, then the levels above it (authorize reserves the customer, then
+# every level above it together, each its own store step; nibbles and settles emit level 0 first
+# and go in the same batch). The customer is the level most often refused (no money, suspended,
+# too many calls), so a refused customer never touches its reseller's keys, and a direct
+# customer's path is today's.
 # Why a crash between two levels neither loses nor doubles money:
 # * at authorize, a level reserved before a crash holds a reservation the call never used: the
 #   PBX got no answer, so no call runs; the reservation expires (TTL) with nothing debited, or a

@@ -6,7 +6,7 @@ store's atomic check-and-reserve (with its own deadline).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -20,8 +20,9 @@ from agent.ports import Rater
 
 # (account, want, minimum, bundle periods, bundle seconds wanted for the first slice)
 StoreAuthorize = Callable[[str, int, int, tuple[BundleSlot, ...], int], StoreAuthorization]
-# (a level's store call id, its account, want, minimum): one level above the customer (DESIGN §11)
-LevelAuthorize = Callable[[str, str, int, int], StoreAuthorization]
+# [(a level's store call id, its account, want, minimum)] -> their outcomes, in order: the levels
+# above the customer (DESIGN §11), reserved together (each its own store step, at once)
+LevelAuthorize = Callable[[Sequence[tuple[str, str, int, int]]], list[StoreAuthorization]]
 
 
 class ChainRater(Protocol):
@@ -50,8 +51,9 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
     With a ``ChainRater`` and ``level_authorize``, a customer of a reseller is also rated and
     reserved at every level above it (DESIGN §11): every level is rated before anything is
     reserved (a level without a rate refuses the call with its reason), then the customer is
-    reserved first and each level upward (see "Ordering" in agent/core/session.py); a level that
-    refuses releases those reserved before it. The call may last what every level can pay."""
+    reserved first and every level above it together (see "Ordering" in agent/core/session.py);
+    a level that refuses releases the customer and the levels that were reserved. The call may
+    last what every level can pay."""
 
     def deny(reason: DenyReason, detail: str, *, release: bool = False,
              levels: tuple[tuple[str, str], ...] = ()) -> Outcome:
@@ -87,18 +89,18 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
     if chain:
         assert level_authorize is not None
         upper = payers_of(call_id, chain)
-        reserved: list[tuple[str, str]] = []
-        for payer, level in zip(upper, chain, strict=True):
-            tariff_l = level.rated.tariff
-            got = level_authorize(payer.call_id, payer.account_id, tariff_l.cost_micros(settings.nibble_ms),
-                                  tariff_l.cost_micros(1000))
-            if not got.allowed:
-                return deny(got.reason or DenyReason.INSUFFICIENT_FUNDS,
-                            f"tenant {level.tenant!r} (account {payer.account_id!r}): {got.detail}", release=True,
-                            levels=tuple(reserved))
-            reserved.append((payer.call_id, payer.account_id))
+        answers = level_authorize([(p.call_id, p.account_id, lv.rated.tariff.cost_micros(settings.nibble_ms),
+                                    lv.rated.tariff.cost_micros(1000)) for p, lv in zip(upper, chain, strict=True)])
+        for payer, got in zip(upper, answers, strict=True):
             payer.budget_micros = got.granted_micros
             payer.available_micros = got.available_micros
+        unpaid = [(level, got) for level, got in zip(chain, answers, strict=True) if not got.allowed]
+        if unpaid:
+            level, got = unpaid[0]  # the nearest level that cannot pay says why
+            return deny(got.reason or DenyReason.INSUFFICIENT_FUNDS,
+                        f"tenant {level.tenant!r} (account {level.account_id!r}): {got.detail}", release=True,
+                        levels=tuple((p.call_id, p.account_id) for p, a in zip(upper, answers, strict=True)
+                                     if a.allowed))
     tariff = rated.tariff
     limit_tariff = rated.tariff
     if bundle is not None and stored.bundle_granted_s > 0:
