@@ -359,3 +359,38 @@ def test_an_adopted_call_in_its_bundle_on_a_plan_in_another_currency_keeps_its_b
     assert record.rating.bundle_seconds == -(-(end - answered) // 1000)
     assert record.rating.cost_micros == 0  # in its bundle: no money (it was 0.9 x 1000/s before the fix)
     assert store.accounts["eve"].balance_micros == 100_000
+
+
+def test_level_call_ids_stay_within_64_characters_and_never_collide_with_a_call_id() -> None:
+    from agent.services.engine import CALL_ID_UNSAFE
+
+    assert level_call_id("n1-1700000000.1", 0) == "n1-1700000000.1"
+    assert level_call_id("n1-1700000000.1", 2) == "n1-1700000000.1^2"
+    long_a, long_b = "n" * 63 + "a", "n" * 63 + "b"
+    ids = {level_call_id(call, level) for call in (long_a, long_b) for level in (1, 2, 3)}
+    assert len(ids) == 6 and all(len(i) <= 64 and i.isprintable() for i in ids)
+    assert all(CALL_ID_UNSAFE.search(i) for i in ids)  # "^": a call id the engine makes never has one
+
+
+def test_the_pure_session_steps_every_level_its_own_difference_and_cuts_at_the_poorest() -> None:
+    from agent.core.events import LegAnswered, LegCreated
+    from agent.core.session import CallSession, Leg, NibbleStep, SessionSettings, SettleStep, TimerKind, payers_of
+
+    settings = SessionSettings(nibble_ms=1_000)
+    chain = (LevelRated(1, "acme", "default", RESELLER, RatedCall(WHOLESALE, RatingInfo("wholesale"))),)
+    upper = payers_of("c", chain, [1_000])
+    upper[0].available_micros = 2_500
+    session = CallSession("c", "n1", "asterisk", "c11", "33123", "", Leg("A", Direction.INBOUND, 0), 0, RETAIL,
+                          RatingInfo("acme-retail"), settings, 2_000, 2_000, upper=upper, seller="acme")
+    session.on_leg_created(LegCreated("B", 0, Direction.OUTBOUND, parent_leg_id="A"))
+    session.on_answered(LegAnswered("B", 10_000))
+    steps = [e for e in session.on_timer(TimerKind.NIBBLE, session.token, 11_000) if isinstance(e, NibbleStep)]
+    assert [(s.call_id, s.level, s.debit_micros, s.reserve_micros) for s in steps] == [
+        ("c", 0, 2_000, 2_000), ("c^1", 1, 1_000, 1_000)]
+    assert session.on_nibble_result(1, 2_000, 2_000, 11_000) == []  # the customer alone: wait for the reseller
+    effects = session.on_nibble_result(1, 500, 1_000, 11_000, level=1)  # the reseller has 0.5 s left
+    assert session.exhausted and session.cut_at_ms == 10_000 + 1_000  # 1.5 s paid at level 1: 1 whole second
+    assert "acme" in session.cut_reason and effects
+    settle = [e for e in session.on_hung_up(LegHungUp("B", 11_000)) if isinstance(e, SettleStep)]
+    assert [(s.call_id, s.level, s.cost_micros) for s in settle] == [("c", 0, 2_000), ("c^1", 1, 1_000)]
+
