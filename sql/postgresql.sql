@@ -127,6 +127,24 @@ CREATE INDEX ix_calls_account_id_started_at ON calls (account_id, started_at);
 
 CREATE INDEX ix_calls_started_at ON calls (started_at);
 
+CREATE TABLE carriers (
+	id SERIAL NOT NULL,
+	name VARCHAR(64) NOT NULL,
+	trunk VARCHAR(255) NOT NULL,
+	currency VARCHAR(3) NOT NULL,
+	max_channels INTEGER,
+	priority INTEGER NOT NULL,
+	weight INTEGER NOT NULL,
+	enabled BOOLEAN NOT NULL,
+	created_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	updated_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+	CONSTRAINT pk_carriers PRIMARY KEY (id),
+	CONSTRAINT ck_carriers_max_channels_positive CHECK (max_channels IS NULL OR max_channels > 0),
+	CONSTRAINT ck_carriers_priority_not_negative CHECK (priority >= 0),
+	CONSTRAINT ck_carriers_weight_positive CHECK (weight >= 1),
+	CONSTRAINT uq_carriers_name UNIQUE (name)
+);
+
 CREATE TABLE cdr_quarantine (
 	id BIGSERIAL NOT NULL,
 	digest VARCHAR(64) NOT NULL,
@@ -233,9 +251,16 @@ CREATE TABLE rate_plans (
 	created_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
 	updated_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
 	tenant_id INTEGER,
+	carrier_id INTEGER,
+	route_policy VARCHAR(8) NOT NULL,
+	allow_loss BOOLEAN NOT NULL,
+	margin_floor_micros BIGINT,
+	margin_floor_bp INTEGER,
 	CONSTRAINT pk_rate_plans PRIMARY KEY (id),
 	CONSTRAINT uq_rate_plans_name UNIQUE (name),
-	CONSTRAINT fk_rate_plans_tenant_id_tenants FOREIGN KEY(tenant_id) REFERENCES tenants (id)
+	CONSTRAINT fk_rate_plans_tenant_id_tenants FOREIGN KEY(tenant_id) REFERENCES tenants (id),
+	CONSTRAINT uq_rate_plans_carrier_id UNIQUE (carrier_id),
+	CONSTRAINT fk_rate_plans_carrier_id_carriers FOREIGN KEY(carrier_id) REFERENCES carriers (id)
 );
 
 CREATE INDEX ix_rate_plans_tenant_id ON rate_plans (tenant_id);

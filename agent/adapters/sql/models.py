@@ -111,6 +111,44 @@ class RatePlan(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     # The tenant that sells on this plan (DESIGN §11); NULL: the operator's (the root tenant's).
     tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), nullable=True, index=True)
+    # Wholesale (DESIGN §10). A plan with a carrier is that carrier's buy deck (``carrier:NAME``),
+    # hidden from the sell-plan listings; one per carrier.
+    carrier_id: Mapped[int | None] = mapped_column(ForeignKey("carriers.id"), nullable=True, unique=True,
+                                                   comment="the carrier whose buy deck this is; NULL: a sell plan")
+    # How the carriers of a sell plan's calls are ordered: lcr, priority or weight (agent/core/routing.py).
+    route_policy: Mapped[str] = mapped_column(String(8), default="lcr")
+    # Revenue assurance: route to a carrier that costs more than the sell price (default: never).
+    allow_loss: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Margin floor: money per minute (micro-units) or basis points of the sell cost; at most one set.
+    margin_floor_micros: Mapped[int | None] = mapped_column(Micros, nullable=True,
+                                                            comment="margin floor, money per minute")
+    margin_floor_bp: Mapped[int | None] = mapped_column(Integer, nullable=True,
+                                                        comment="margin floor, basis points of the sell cost")
+
+
+class Carrier(Base):
+    """A carrier (trunk) that terminates calls (DESIGN §10). Its buy deck is the rate plan whose
+    ``carrier_id`` is this carrier (``carrier:NAME``), imported with ``rates import --carrier``.
+    ``priority``: lower is tried first (policy ``priority``, ties of ``lcr``, groups of
+    ``weight``); ``weight``: the share of first attempts within a priority (policy ``weight``)."""
+
+    __tablename__ = "carriers"
+    __table_args__ = (
+        CheckConstraint("max_channels IS NULL OR max_channels > 0", name="max_channels_positive"),
+        CheckConstraint("priority >= 0", name="priority_not_negative"),
+        CheckConstraint("weight >= 1", name="weight_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    trunk: Mapped[str] = mapped_column(String(255), comment="Asterisk trunk (PJSIP/x) or FreeSWITCH gateway")
+    currency: Mapped[str] = mapped_column(String(3), default="EUR")
+    max_channels: Mapped[int | None] = mapped_column(Integer, nullable=True, comment="NULL: no limit")
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    weight: Mapped[int] = mapped_column(Integer, default=1)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class FxRateRow(Base):
