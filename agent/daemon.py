@@ -814,8 +814,26 @@ def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None
     if daemon.stopping.is_set():
         daemon.shutdown()
         return 0
+    freeze_startup_objects()
     daemon.run_until_stopped()
     return 0
+
+
+def freeze_startup_objects() -> int:
+    """Move what the start built (modules, pools, rate plans, caches) out of the garbage
+    collector's reach: a full collection otherwise scans them all, and stops every greenlet for
+    its length (50-60 ms in a daemon with the PBX adapters and SQLAlchemy loaded, measured with
+    ``gc.callbacks`` under the real-PBX lab), delaying authorizations and cuts in flight. Objects
+    made later are collected as before. Returns how many objects were frozen."""
+    import gc
+
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    log.info("garbage collector: %d objects of the start frozen in %.0f ms (full collections no longer scan them)",
+             frozen, (time.perf_counter() - started) * 1000)
+    return frozen
 
 
 def _epoch_ms(moment: datetime) -> int:

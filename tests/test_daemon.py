@@ -210,9 +210,12 @@ def test_run_stops_on_sigterm_and_a_bad_config_fails_before_anything_listens(tmp
         while time.monotonic() < deadline:
             line = proc.stderr.readline() if proc.stderr else ""
             lines.append(line)
-            if "ready in" in line or not line:
+            if "objects of the start frozen" in line or not line:
                 break
         assert any("ready in" in line for line in lines), "".join(lines)
+        # What the start built is out of the collector's reach (no full-collection stalls).
+        frozen = [line for line in lines if "objects of the start frozen" in line]
+        assert frozen and int(frozen[0].split("garbage collector: ")[1].split()[0]) > 10_000, "".join(lines)
         good.write_text(good.read_text() + "logging:\n  level: debug\nnode:\n  id: renamed\n")
         proc.send_signal(signal.SIGHUP)
         reloaded = []
