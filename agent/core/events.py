@@ -50,6 +50,7 @@ class DenyReason(StrEnum):
     FRAUD_RULE = "fraud_rule"  # a fraud rule (fraud/rules.yaml) refused the call or suspended the account
     SPEND_LIMIT = "spend_limit"  # a spend cap (max call cost, daily or monthly spend) leaves nothing
     NO_FX_RATE = "no_fx_rate"  # the plan's currency is not the account's and no FX rate converts it (DESIGN §11)
+    NO_ROUTE = "no_route"  # no carrier can take the call: none rates it, disabled, full or at a loss (DESIGN §10)
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,6 +95,7 @@ DENY_CAUSES: dict[DenyReason, int] = {
     DenyReason.FRAUD_RULE: 52,  # a fraud rule bars the account's calls (or those to a group)
     DenyReason.SPEND_LIMIT: 52,  # the account's daily/monthly spend or max call cost is reached
     DenyReason.NO_FX_RATE: 3,  # NO_ROUTE_DESTINATION, as no_rate: the call cannot be priced in the account's money
+    DenyReason.NO_ROUTE: 34,  # NORMAL_CIRCUIT_CONGESTION (no circuit/channel available): no carrier can take it
 }
 """Q.850 causes given to refused calls (SIP: 403, 486, 403, 404, 403, 484, 503), as FreeSWITCH."""
 

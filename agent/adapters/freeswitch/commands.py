@@ -39,6 +39,7 @@ DENY_CAUSES: dict[DenyReason, str] = {
     DenyReason.FRAUD_RULE: "OUTGOING_CALL_BARRED",
     DenyReason.SPEND_LIMIT: "OUTGOING_CALL_BARRED",
     DenyReason.NO_FX_RATE: "NO_ROUTE_DESTINATION",  # as no_rate: the call cannot be priced in the account's money
+    DenyReason.NO_ROUTE: "NORMAL_CIRCUIT_CONGESTION",  # cause 34: no carrier can take the call (DESIGN §10)
 }
 """Q.850 cause names (SIP: 403, 486, 403, 404, 403, 484, 503) given to refused calls."""
 

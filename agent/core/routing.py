@@ -1,0 +1,303 @@
+"""Wholesale route selection and margin (DESIGN §10). Pure: no I/O, no clock, no global random.
+
+Given the sell rate of a call's destination (the customer's plan, :mod:`agent.core.rating`) and,
+per carrier, its buy rate for the same number (the longest prefix of the carrier's own buy
+deck effective at the call's start; a blocked row or no row is a :class:`Refusal`), the
+carriers' state and the plan's route policy, :func:`select_routes` returns the carriers to try,
+in order. It drops:
+
+* a disabled carrier, and a carrier at its channel limit (``live_channels >= max_channels``;
+  the caller counts live channels cluster-wide);
+* a carrier with no buy rate for the number, or whose buy row is blocked;
+* **revenue assurance**: a carrier whose buy cost exceeds the sell price (below), unless the
+  plan sets ``allow_loss``.
+
+No carrier left: the call is refused with ``DenyReason.NO_ROUTE`` (Q.850 cause 34, no
+circuit/channel available) and :meth:`RouteChoice.detail` says why each carrier was dropped.
+
+**Route policies** (``rate_plans.route_policy``):
+
+* ``lcr``: the cheapest buy cost of the same billed duration first: each carrier's §4 cost of a
+  :data:`COMPARE_SECONDS` (60 s) call by its own row (its connect fee, blocks and minimum
+  included); ties by priority (lower first), then by name.
+* ``priority``: lower ``priority`` first; ties by the 60 s buy cost, then by name.
+* ``weight``: SRV-like (RFC 2782): lower ``priority`` first; within a priority a weighted
+  random order (a carrier of weight 3 is tried first three times as often as one of weight 1),
+  drawn from ``random.Random(seed)``: the same seed gives the same order (the caller passes
+  one, e.g. derived from the call id, so a retried authorization routes alike).
+
+**Revenue assurance rule.** Both sides are priced by §4, each by its own row and increments,
+for the same answered duration ``d``. A carrier loses money on the call when
+``buy_cost(d) > sell_cost(d)`` for some ``d`` in :func:`loss_points`: 60 s and 3,600 s (a
+higher per-minute rate), the first charged second of each side (``max(initial_increment,
+minimum, grace + 1)``: a higher connect fee, a longer first block or minimum, a shorter grace)
+and the first second of each side's second and third blocks (a coarser increment: a step
+function is dearest, against a non-decreasing one, just after it steps up). A buy rate per minute above the
+sell rate is a loss whatever the points say (long calls). When the buy row bills per second
+(1/1, no minimum), waives at least the sell grace and has a connect fee and rate no higher
+than the sell row's, ``buy_cost(d) <= sell_cost(d)`` holds for every ``d`` and the points are
+not evaluated. The points are a documented sample, not a proof for every duration of
+exotic block structures (a 1/60 buy row against a 60/1 sell row loses from 62 s on: the first
+second of the buy side's third block catches that one).
+
+**Margin** (:func:`margin_of`): sell cost minus buy cost of one answered duration, each by §4
+with its own row. A floor (per plan) is either money per minute of the answered seconds
+(``margin * 60 < floor * seconds``) or basis points of the sell cost (``margin * 10000 <
+floor_bp * sell_cost``); a negative margin is always below the floor. Integers throughout.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import NamedTuple
+
+from agent.core.errors import InvalidInput
+from agent.core.events import DenyReason
+from agent.core.money import format_amount
+from agent.core.ratetable import Refusal
+from agent.core.rating import RateRow, billed_seconds, cost_micros, cost_micros_for_seconds
+
+COMPARE_SECONDS = 60  # the duration LCR compares carriers on
+LONG_CALL_SECONDS = 3_600  # the long-call point of the revenue assurance rule
+
+
+class RoutePolicy(StrEnum):
+    LCR = "lcr"
+    PRIORITY = "priority"
+    WEIGHT = "weight"
+
+
+def parse_policy(text: str, *, where: str = "route policy") -> RoutePolicy:
+    """``lcr``, ``priority`` or ``weight``; anything else is refused naming the known ones."""
+    try:
+        return RoutePolicy(text.strip().lower())
+    except ValueError:
+        known = ", ".join(p.value for p in RoutePolicy)
+        raise InvalidInput(f"{where} {text!r} does not exist (known: {known})") from None
+
+
+class SkipReason(StrEnum):
+    DISABLED = "disabled"
+    AT_LIMIT = "at_channel_limit"
+    NO_RATE = "no_rate"
+    BLOCKED = "blocked"
+    LOSS = "loss"
+
+
+@dataclass(frozen=True, slots=True)
+class CarrierState:
+    """A carrier as routing sees it: its settings and its live channels (cluster-wide)."""
+
+    name: str
+    trunk: str
+    priority: int = 0
+    weight: int = 1
+    enabled: bool = True
+    max_channels: int | None = None  # None: no limit
+    live_channels: int = 0
+
+    @property
+    def at_limit(self) -> bool:
+        return self.max_channels is not None and self.live_channels >= self.max_channels
+
+
+class Route(NamedTuple):
+    """One carrier to try: its trunk, the buy row that prices the call there and its 60 s cost."""
+
+    carrier: str
+    trunk: str
+    buy: RateRow
+    buy_cost_micros: int  # the §4 cost of a COMPARE_SECONDS call by the buy row
+    priority: int
+    weight: int
+
+
+class Skipped(NamedTuple):
+    carrier: str
+    reason: SkipReason
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouteChoice:
+    """The carriers to try, in order, and why the others were left out."""
+
+    routes: tuple[Route, ...]
+    skipped: tuple[Skipped, ...]
+    policy: RoutePolicy
+
+    @property
+    def refused(self) -> bool:
+        return not self.routes
+
+    @property
+    def reason(self) -> DenyReason | None:
+        return DenyReason.NO_ROUTE if not self.routes else None
+
+    def detail(self) -> str:
+        """Why there is no route (or which carriers were left out), for logs and the decision."""
+        why = "; ".join(f"{s.carrier}: {s.detail}" for s in self.skipped) or "no carrier"
+        return ("no route: " if not self.routes else "left out: ") + why
+
+
+# ------------------------------------------------------------------------ revenue assurance
+
+
+def _first_charged(row: RateRow) -> int:
+    return max(row.initial_increment, row.minimum_seconds, row.grace_seconds + 1)
+
+
+def loss_points(sell: RateRow, buy: RateRow) -> tuple[int, ...]:
+    """The answered durations (whole seconds) at which the rule compares both sides."""
+    points = {COMPARE_SECONDS, LONG_CALL_SECONDS}
+    for row in (sell, buy):
+        first = _first_charged(row)  # where the side starts to charge
+        second = billed_seconds(row, first) + 1  # the first second of its second block
+        points.update((first, second, billed_seconds(row, second) + 1))  # and of its third
+    return tuple(sorted(points))
+
+
+def _never_dearer(sell: RateRow, buy: RateRow) -> bool:
+    """The exact fast path: a per-second buy row, no dearer, waiving at least as long."""
+    return (buy.initial_increment == 1 and buy.increment == 1 and buy.minimum_seconds == 0
+            and buy.grace_seconds >= sell.grace_seconds and buy.connect_fee_micros <= sell.connect_fee_micros
+            and buy.rate_micros <= sell.rate_micros)
+
+
+def loss_at(sell: RateRow, buy: RateRow) -> int | None:
+    """The first duration (seconds) at which ``buy`` costs more than ``sell``, else None.
+
+    A buy rate per minute above the sell rate is a loss on long calls: reported at
+    :data:`LONG_CALL_SECONDS` when no shorter point shows it.
+    """
+    if _never_dearer(sell, buy):
+        return None
+    for seconds in loss_points(sell, buy):
+        if cost_micros_for_seconds(buy, seconds) > cost_micros_for_seconds(sell, seconds):
+            return seconds
+    if buy.rate_micros > sell.rate_micros:
+        return LONG_CALL_SECONDS
+    return None
+
+
+# ------------------------------------------------------------------------------- selection
+
+
+def select_routes(sell: RateRow, offers: Iterable[tuple[CarrierState, RateRow | Refusal]],
+                  policy: RoutePolicy, *, allow_loss: bool = False, seed: int = 0) -> RouteChoice:
+    """The ordered routes of a call whose sell rate is ``sell`` (module docstring)."""
+    routes: list[Route] = []
+    skipped: list[Skipped] = []
+    for carrier, buy in offers:
+        if not carrier.enabled:
+            skipped.append(Skipped(carrier.name, SkipReason.DISABLED, "disabled"))
+            continue
+        if carrier.at_limit:
+            skipped.append(Skipped(carrier.name, SkipReason.AT_LIMIT,
+                                   f"{carrier.live_channels} of {carrier.max_channels} channels in use"))
+            continue
+        if isinstance(buy, Refusal):
+            reason = SkipReason.BLOCKED if buy.reason is DenyReason.BLOCKED else SkipReason.NO_RATE
+            skipped.append(Skipped(carrier.name, reason, buy.detail))
+            continue
+        if not allow_loss:
+            at = loss_at(sell, buy)
+            if at is not None:
+                skipped.append(Skipped(carrier.name, SkipReason.LOSS, (
+                    f"buys {buy.prefix} at {format_amount(cost_micros_for_seconds(buy, at))} for {at} s, "
+                    f"sold at {format_amount(cost_micros_for_seconds(sell, at))} (revenue assurance)")))
+                continue
+        routes.append(Route(carrier.name, carrier.trunk, buy, cost_micros_for_seconds(buy, COMPARE_SECONDS),
+                            carrier.priority, carrier.weight))
+    return RouteChoice(tuple(order_routes(routes, policy, seed=seed)), tuple(skipped), policy)
+
+
+def order_routes(routes: Sequence[Route], policy: RoutePolicy, *, seed: int = 0) -> list[Route]:
+    """``routes`` in the policy's order (module docstring)."""
+    if policy is RoutePolicy.LCR:
+        return sorted(routes, key=lambda r: (r.buy_cost_micros, r.priority, r.carrier))
+    if policy is RoutePolicy.PRIORITY:
+        return sorted(routes, key=lambda r: (r.priority, r.buy_cost_micros, r.carrier))
+    rng = random.Random(seed)
+    ordered: list[Route] = []
+    by_priority: dict[int, list[Route]] = {}
+    for route in sorted(routes, key=lambda r: (r.priority, r.carrier)):
+        by_priority.setdefault(route.priority, []).append(route)
+    for priority in sorted(by_priority):
+        group = by_priority[priority]
+        while group:
+            total = sum(r.weight for r in group)
+            pick = rng.randrange(total)
+            for index, route in enumerate(group):
+                pick -= route.weight
+                if pick < 0:
+                    ordered.append(group.pop(index))
+                    break
+    return ordered
+
+
+# ---------------------------------------------------------------------------------- margin
+
+
+@dataclass(frozen=True, slots=True)
+class Margin:
+    """Sell and buy side of one answered duration, each by §4 with its own row."""
+
+    seconds: int  # answered whole seconds (a started second counts)
+    sell_billed_seconds: int
+    sell_cost_micros: int
+    buy_billed_seconds: int
+    buy_cost_micros: int
+
+    @property
+    def margin_micros(self) -> int:
+        return self.sell_cost_micros - self.buy_cost_micros
+
+
+def margin_of(sell: RateRow, buy: RateRow, duration_ms: int) -> Margin:
+    """The margin of an answered duration in milliseconds (the carrier's own increments)."""
+    seconds = -(-duration_ms // 1000) if duration_ms > 0 else 0
+    return Margin(seconds, billed_seconds(sell, seconds), cost_micros(sell, duration_ms),
+                  billed_seconds(buy, seconds), cost_micros(buy, duration_ms))
+
+
+@dataclass(frozen=True, slots=True)
+class MarginFloor:
+    """A plan's margin floor: money per minute, or basis points of the sell cost (or neither)."""
+
+    per_minute_micros: int | None = None
+    percent_bp: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.per_minute_micros is not None and self.percent_bp is not None:
+            raise InvalidInput("margin floor: give money per minute or a percentage, not both")
+        if self.per_minute_micros is not None and self.per_minute_micros < 0:
+            raise InvalidInput(f"margin floor {format_amount(self.per_minute_micros)} per minute must not be negative")
+        if self.percent_bp is not None and not 0 <= self.percent_bp <= 10_000:
+            raise InvalidInput(f"margin floor {self.percent_bp / 100}% must be between 0% and 100%")
+
+    def describe(self) -> str:
+        if self.per_minute_micros is not None:
+            return f"{format_amount(self.per_minute_micros)}/min"
+        if self.percent_bp is not None:
+            return f"{self.percent_bp // 100}.{self.percent_bp % 100:02d}%"
+        return "none"
+
+
+def below_floor(margin: Margin, floor: MarginFloor) -> str | None:
+    """Why the margin is below the floor (a negative margin always is), else None."""
+    value = margin.margin_micros
+    if value < 0:
+        return (f"negative margin {format_amount(value)} (sold {format_amount(margin.sell_cost_micros)}, "
+                f"bought {format_amount(margin.buy_cost_micros)})")
+    per_minute, bp, seconds, sold = floor.per_minute_micros, floor.percent_bp, margin.seconds, margin.sell_cost_micros
+    if per_minute is not None and seconds > 0 and value * 60 < per_minute * seconds:
+        return (f"margin {format_amount(value)} for {margin.seconds} s is below the floor of "
+                f"{floor.describe()}")
+    if bp is not None and sold > 0 and value * 10_000 < bp * sold:
+        return (f"margin {format_amount(value)} of {format_amount(margin.sell_cost_micros)} is below the floor of "
+                f"{floor.describe()}")
+    return None

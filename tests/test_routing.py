@@ -1,0 +1,189 @@
+"""Wholesale route selection and margin (DESIGN §10, agent/core/routing.py): which carriers a call
+may go to, in which order, and what each call earns; examples and properties by hypothesis."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.core.errors import InvalidInput
+from agent.core.events import DenyReason
+from agent.core.ratetable import Refusal
+from agent.core.rating import RateRow, cost_micros_for_seconds
+from agent.core.routing import (
+    CarrierState,
+    Margin,
+    MarginFloor,
+    RoutePolicy,
+    SkipReason,
+    below_floor,
+    loss_at,
+    loss_points,
+    margin_of,
+    parse_policy,
+    select_routes,
+)
+
+SELL = RateRow("44", "UK", 20_000, initial_increment=60, increment=60)  # 0.02/min, 60/60
+
+
+def buy(rate: float | int, **kw: int) -> RateRow:
+    return RateRow("44", "UK", int(rate), **kw)  # type: ignore[arg-type]
+
+
+def carrier(name: str, **kw: object) -> CarrierState:
+    return CarrierState(name, f"PJSIP/{name}", **kw)  # type: ignore[arg-type]
+
+
+def names(choice: object) -> list[str]:
+    return [r.carrier for r in choice.routes]  # type: ignore[attr-defined]
+
+
+def test_lcr_orders_by_the_buy_cost_of_the_same_minute_then_priority() -> None:
+    offers = [(carrier("a", priority=2), buy(12_000)), (carrier("b", priority=1), buy(10_000)),
+              (carrier("c", priority=0), buy(12_000)),
+              # cheaper per minute but a connect fee: 0.004 + 0.006 = 0.010 for 60 s, ties with b
+              (carrier("d", priority=5), buy(6_000, connect_fee_micros=4_000))]
+    choice = select_routes(SELL, offers, RoutePolicy.LCR)
+    assert names(choice) == ["b", "d", "c", "a"]
+    assert [r.buy_cost_micros for r in choice.routes] == [10_000, 10_000, 12_000, 12_000]
+    assert choice.reason is None and choice.skipped == ()
+
+
+def test_priority_policy_orders_by_priority_then_cost() -> None:
+    offers = [(carrier("a", priority=2), buy(1_000)), (carrier("b", priority=1), buy(15_000)),
+              (carrier("c", priority=1), buy(12_000))]
+    assert names(select_routes(SELL, offers, RoutePolicy.PRIORITY)) == ["c", "b", "a"]
+
+
+def test_disabled_full_unrated_blocked_and_loss_making_carriers_are_dropped_with_the_reason() -> None:
+    blocked_row = RateRow("44", "UK", 1_000, blocked=True)
+    offers: list[tuple[CarrierState, RateRow | Refusal]] = [
+        (carrier("off", enabled=False), buy(1_000)),
+        (carrier("full", max_channels=30, live_channels=30), buy(1_000)),
+        (carrier("none"), Refusal(DenyReason.NO_RATE, "no rate for 447 in plan 'carrier:none'", "447")),
+        (carrier("blk"), Refusal(DenyReason.BLOCKED, "destination 44 (UK) is blocked", "447", blocked_row)),
+        (carrier("dear"), buy(25_000)),  # 0.025/min bought, 0.02 sold
+        (carrier("ok", max_channels=30, live_channels=29), buy(15_000)),
+    ]
+    choice = select_routes(SELL, offers, RoutePolicy.LCR)
+    assert names(choice) == ["ok"]
+    assert [(s.carrier, s.reason) for s in choice.skipped] == [
+        ("off", SkipReason.DISABLED), ("full", SkipReason.AT_LIMIT), ("none", SkipReason.NO_RATE),
+        ("blk", SkipReason.BLOCKED), ("dear", SkipReason.LOSS)]
+    assert "30 of 30 channels in use" in choice.detail()
+    assert "dear: buys 44 at 0.025000 for 60 s, sold at 0.020000" in choice.detail()
+    # allow_loss keeps the dear carrier, last by cost
+    assert names(select_routes(SELL, offers, RoutePolicy.LCR, allow_loss=True)) == ["ok", "dear"]
+
+
+def test_no_carrier_left_is_a_no_route_refusal() -> None:
+    choice = select_routes(SELL, [(carrier("dear"), buy(30_000))], RoutePolicy.LCR)
+    assert choice.refused and choice.reason is DenyReason.NO_ROUTE
+    assert choice.detail().startswith("no route: dear: buys 44")
+    empty = select_routes(SELL, [], RoutePolicy.PRIORITY)
+    assert empty.reason is DenyReason.NO_ROUTE and empty.detail() == "no route: no carrier"
+
+
+def test_revenue_assurance_compares_each_sides_own_increments() -> None:
+    sell = RateRow("33", "FR", 12_000, initial_increment=1, increment=1)  # 0.012/min per second
+    # the same rate per minute but billed 60/60: a 1 s call costs 0.012 bought, 0.0002 sold
+    assert loss_at(sell, RateRow("33", "FR", 12_000, initial_increment=60, increment=60)) == 1
+    # a connect fee the sell side does not have
+    assert loss_at(sell, RateRow("33", "FR", 6_000, connect_fee_micros=1_000)) == 1
+    # a minimum of 30 s bought, none sold
+    assert loss_at(sell, RateRow("33", "FR", 11_000, minimum_seconds=30)) == 1
+    # cheaper per second, no fee: never dearer
+    assert loss_at(sell, RateRow("33", "FR", 11_999)) is None
+    # 1/60 bought against 60/1 sold: loses from 62 s (the first second of the third buy block)
+    sell_60_1 = RateRow("1", "US", 10_000, initial_increment=60, increment=1)
+    buy_1_60 = RateRow("1", "US", 9_000, initial_increment=1, increment=60)
+    assert loss_at(sell_60_1, buy_1_60) == 62 and 62 in loss_points(sell_60_1, buy_1_60)
+    assert cost_micros_for_seconds(buy_1_60, 62) > cost_micros_for_seconds(sell_60_1, 62)
+    # a grace the buy side does not give
+    assert loss_at(RateRow("1", "US", 10_000, grace_seconds=3), RateRow("1", "US", 1_000)) == 1
+
+
+def test_weight_policy_is_deterministic_per_seed_and_follows_the_weights() -> None:
+    offers = [(carrier("heavy", weight=3), buy(1_000)), (carrier("light", weight=1), buy(1_000)),
+              (carrier("backup", priority=1, weight=100), buy(1_000))]
+    first: Counter[str] = Counter()
+    for seed in range(4_000):
+        order = names(select_routes(SELL, offers, RoutePolicy.WEIGHT, seed=seed))
+        assert order == names(select_routes(SELL, offers, RoutePolicy.WEIGHT, seed=seed))
+        assert sorted(order[:2]) == ["heavy", "light"] and order[2] == "backup"  # priority groups first
+        first[order[0]] += 1
+    assert 2_850 <= first["heavy"] <= 3_150  # 3 / 4 of 4,000
+
+
+def test_policies_are_parsed_with_the_known_ones_named() -> None:
+    assert parse_policy("LCR") is RoutePolicy.LCR
+    with pytest.raises(InvalidInput, match=r"route policy 'cheapest' does not exist \(known: lcr, priority, weight\)"):
+        parse_policy("cheapest")
+
+
+def test_margin_of_a_call_uses_each_sides_increments() -> None:
+    sell = RateRow("447", "UK mobile", 120_000, connect_fee_micros=50_000, initial_increment=30, increment=6)
+    carrier_row = RateRow("44", "UK", 60_000, initial_increment=60, increment=60)
+    m = margin_of(sell, carrier_row, 61_000)
+    assert m == Margin(61, 66, 182_000, 120, 120_000) and m.margin_micros == 62_000
+    assert below_floor(m, MarginFloor()) is None
+    assert below_floor(m, MarginFloor(per_minute_micros=60_000)) is None  # 62000*60 >= 60000*61
+    assert "below the floor of 0.070000/min" in (below_floor(m, MarginFloor(per_minute_micros=70_000)) or "")
+    assert below_floor(m, MarginFloor(percent_bp=3_400)) is None  # 34.07 %
+    assert "below the floor of 35.00%" in (below_floor(m, MarginFloor(percent_bp=3_500)) or "")
+    loss = margin_of(RateRow("1", "", 1_000), RateRow("1", "", 2_000), 10_000)
+    assert (below_floor(loss, MarginFloor()) or "") == "negative margin -0.000167 (sold 0.000167, bought 0.000334)"
+    with pytest.raises(InvalidInput, match="not both"):
+        MarginFloor(per_minute_micros=1, percent_bp=1)
+    with pytest.raises(InvalidInput, match="between 0% and 100%"):
+        MarginFloor(percent_bp=10_001)
+
+
+rows = st.builds(
+    RateRow, st.just("1"), st.just(""), st.integers(0, 200_000), st.integers(0, 50_000),
+    st.sampled_from([1, 6, 30, 60]), st.sampled_from([1, 6, 30, 60]), st.sampled_from([0, 0, 30, 60]),
+    st.sampled_from([0, 0, 3, 6]))
+states = st.builds(CarrierState, st.sampled_from("abcdefgh"), st.just("PJSIP/x"), st.integers(0, 3),
+                   st.integers(1, 5), st.booleans(), st.one_of(st.none(), st.integers(1, 3)), st.integers(0, 4))
+
+
+@given(rows, rows)
+def test_a_carrier_kept_by_revenue_assurance_costs_no_more_at_any_point(sell: RateRow, bought: RateRow) -> None:
+    at = loss_at(sell, bought)
+    if at is None:
+        assert bought.rate_micros <= sell.rate_micros
+        for seconds in loss_points(sell, bought):
+            assert cost_micros_for_seconds(bought, seconds) <= cost_micros_for_seconds(sell, seconds)
+    else:
+        assert at == 3_600 or cost_micros_for_seconds(bought, at) > cost_micros_for_seconds(sell, at)
+
+
+@given(rows, rows)
+def test_the_per_second_fast_path_is_exact_for_every_duration(sell: RateRow, bought: RateRow) -> None:
+    per_second = bought._replace(initial_increment=1, increment=1, minimum_seconds=0,
+                                 grace_seconds=max(bought.grace_seconds, sell.grace_seconds),
+                                 connect_fee_micros=min(bought.connect_fee_micros, sell.connect_fee_micros),
+                                 rate_micros=min(bought.rate_micros, sell.rate_micros))
+    assert loss_at(sell, per_second) is None
+    for seconds in range(0, 400):
+        assert cost_micros_for_seconds(per_second, seconds) <= cost_micros_for_seconds(sell, seconds)
+
+
+@given(rows, st.lists(st.tuples(states, rows), max_size=8), st.sampled_from(list(RoutePolicy)), st.booleans(),
+       st.integers(0, 2**32))
+def test_selection_keeps_exactly_the_eligible_carriers_in_policy_order(
+        sell: RateRow, offers: list[tuple[CarrierState, RateRow]], policy: RoutePolicy, allow_loss: bool,
+        seed: int) -> None:
+    choice = select_routes(sell, offers, policy, allow_loss=allow_loss, seed=seed)
+    assert len(choice.routes) + len(choice.skipped) == len(offers)
+    eligible = [(c, r) for c, r in offers
+                if c.enabled and not c.at_limit and (allow_loss or loss_at(sell, r) is None)]
+    assert sorted(r.carrier for r in choice.routes) == sorted(c.name for c, _ in eligible)
+    keys = [(r.buy_cost_micros, r.priority) if policy is RoutePolicy.LCR else (r.priority,) for r in choice.routes]
+    assert keys == sorted(keys)
+    assert choice == select_routes(sell, offers, policy, allow_loss=allow_loss, seed=seed)
+    assert (choice.reason is DenyReason.NO_ROUTE) == (not eligible)
