@@ -358,9 +358,13 @@ class Engine:
         decision = self._authorize(request)
         self.metrics.authorize_seconds.observe((self.clock.monotonic_ms() - started) / 1000)
         self.metrics.authorizations.labels("allowed" if decision.allowed else str(decision.reason)).inc()
-        log.info("authorize call=%s account=%s dest=%s node=%s allowed=%s limit_ms=%d reason=%s %s",
-                 decision.call_id, request.account_id, request.destination, self.settings.node,
-                 decision.allowed, decision.limit_ms, decision.reason or "", decision.detail)
+        if log.isEnabledFor(logging.INFO):
+            # Written once this greenlet yields (the adapter has sent the decision by then): the
+            # line costs 0.1-0.2 ms, which the PBX would otherwise wait for before it dials.
+            gevent.get_hub().loop.run_callback(
+                log.info, "authorize call=%s account=%s dest=%s node=%s allowed=%s limit_ms=%d reason=%s %s",
+                decision.call_id, request.account_id, request.destination, self.settings.node,
+                decision.allowed, decision.limit_ms, decision.reason or "", decision.detail)
         return decision
 
     def on_event(self, event: LegEvent) -> None:
