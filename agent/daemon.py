@@ -312,7 +312,7 @@ class Daemon:
     def _make_rate_cache(self, engine: Engine) -> RatePlanCache:
         cache = RatePlanCache(engine, check_interval_seconds=self.config.daemon.rates_poll_seconds)
         with engine.connect() as conn:
-            names = list(conn.scalars(select(RatePlan.name)))
+            names = list(conn.scalars(select(RatePlan.name).where(RatePlan.carrier_id.is_(None))))  # sell plans
         cache.preload(names)
         log.info("rate plans loaded: %s", ", ".join(names) or "none")
         return cache

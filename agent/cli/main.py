@@ -10,6 +10,7 @@ from agent import __version__
 from agent.cli.accounts import accounts
 from agent.cli.bundles import bundles
 from agent.cli.calls import calls
+from agent.cli.carriers import carriers
 from agent.cli.cdrs import cdrs
 from agent.cli.common import AppContext
 from agent.cli.db import db
@@ -58,6 +59,7 @@ cli.add_command(fraud)
 cli.add_command(alerts)
 cli.add_command(fx)
 cli.add_command(tenants)
+cli.add_command(carriers)
 
 
 def main() -> None:

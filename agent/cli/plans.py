@@ -54,3 +54,27 @@ def list_(ctx: click.Context, tenant: str | None, as_json: bool) -> None:
 
 
 plans.add_command(set_plan_low_balance)
+
+
+@plans.command(name="set-route-policy")
+@click.argument("name")
+@click.argument("policy")
+@click.option("--allow-loss", is_flag=True,
+              help="Route to carriers that cost more than the sell price (default: never; revenue assurance).")
+@click.option("--margin-floor", help="Alert below this margin: money per minute (0.002), a percentage of the "
+                                     "sell cost (5%), or none. Unchanged when left out.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def set_route_policy(ctx: click.Context, name: str, policy: str, allow_loss: bool, margin_floor: str | None,
+                     as_json: bool) -> None:
+    """How the carriers of plan NAME's calls are ordered: POLICY is lcr, priority or weight."""
+    from agent.adapters.sql.carriers import set_route_policy as set_policy
+
+    with app(ctx).transaction() as session:
+        view = set_policy(session, name, policy, allow_loss=allow_loss, margin_floor=margin_floor)
+    if as_json:
+        print_json(dataclasses.asdict(view))
+    else:
+        loss = "losses allowed" if view.allow_loss else "no loss (revenue assurance)"
+        click.echo(f"plan {view.plan}: route policy {view.route_policy}, {loss}, margin floor {view.margin_floor}")

@@ -1,4 +1,4 @@
-"""``billing-agent rates import FILE.csv --plan NAME [--replace]`` (format: rates/README.md)."""
+"""``billing-agent rates import FILE.csv --plan NAME|--carrier NAME [--replace]`` (format: rates/README.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ SHOWN_ERRORS = 100
 
 @click.command(name="import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path))
-@click.option("--plan", required=True, help="Rate plan to import into.")
+@click.option("--plan", help="Rate plan to import into.")
+@click.option("--carrier", help="Import the buy deck of this carrier (`carriers create`) instead of a plan.")
 @click.option("--replace", is_flag=True,
               help="Replace all the plan's rates atomically (default: add to them).")
 @click.option("--create-plan", is_flag=True, help="Create the plan if it does not exist.")
@@ -27,21 +28,26 @@ SHOWN_ERRORS = 100
 @click.option("--tenant", help="The tenant the plan belongs to (checked; a plan made by --create-plan is its).")
 @click.pass_context
 @handle_errors
-def import_command(ctx: click.Context, file: Path, plan: str, replace: bool, create_plan: bool,
-                   currency: str | None, tenant: str | None) -> None:
+def import_command(ctx: click.Context, file: Path, plan: str | None, carrier: str | None, replace: bool,
+                   create_plan: bool, currency: str | None, tenant: str | None) -> None:
     """Import the rate deck FILE (CSV, UTF-8, ',' or ';') into a plan.
 
     Every row is checked first and every error is reported with its line and column; one bad
     row imports nothing. The import is one transaction, so running daemons see the old plan or
     the new one, never a mix.
     """
+    if (plan is None) == (carrier is None):
+        fail("give --plan NAME (a sell plan) or --carrier NAME (a carrier's buy deck), one of them")
+    if carrier is not None and create_plan:
+        fail("--create-plan is for sell plans: a carrier's buy deck is made by its first import")
     context = app(ctx)
     source = click.format_filename(file)
     try:
         with _progress_bar(file) as progress:
-            result = import_deck(context.sessions(), file, plan, replace=replace, create_missing_plan=create_plan,
+            result = import_deck(context.sessions(), file, plan or "", replace=replace, create_missing_plan=create_plan,
                                  currency=currency, default_currency=context.config.billing.default_currency,
-                                 source=source, max_errors=SHOWN_ERRORS, progress=progress, tenant=tenant)
+                                 source=source, max_errors=SHOWN_ERRORS, progress=progress, tenant=tenant,
+                                 carrier=carrier)
     except OSError as exc:  # unreadable, vanished, or a directory swapped in since click checked it
         fail(f"cannot read {source}: {exc.strerror or exc}")
     except DeckRejected as exc:

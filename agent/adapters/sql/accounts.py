@@ -71,6 +71,8 @@ def get_plan(session: Session, name: str) -> RatePlan:
     plan = session.scalar(select(RatePlan).where(RatePlan.name == name))
     if plan is None:
         raise NotFound(f"unknown rate plan {name!r}")
+    if plan.carrier_id is not None:
+        raise InvalidInput(f"rate plan {name!r} is a carrier's buy deck, not a plan accounts can be rated on")
     return plan
 
 

@@ -57,13 +57,14 @@ def create_plan(session: Session, name: str, *, currency: str = "EUR", timezone:
 
 
 def list_plans(session: Session, *, tenant_ids: tuple[int, ...] | None = None) -> list[PlanView]:
-    """Every plan, or those of ``tenant_ids`` (a subtree; the operator's plans belong to its root)."""
+    """Every sell plan (carriers' buy decks are not: ``carriers list``), or those of ``tenant_ids``
+    (a subtree; the operator's plans belong to its root)."""
     counts = {p: n for p, n in session.execute(select(Rate.plan_id, func.count()).group_by(Rate.plan_id))}
     names: dict[int, str] = {row[0]: row[1] for row in session.execute(select(Tenant.id, Tenant.name))}
     root = session.scalar(select(Tenant.id).where(Tenant.name == "default"))
     return [
         PlanView(p.id, p.name, p.currency, p.timezone, p.international_prefix, p.version,
                  int(counts.get(p.id, 0)), names.get(p.tenant_id, "default") if p.tenant_id else "default")
-        for p in session.scalars(select(RatePlan).order_by(RatePlan.name))
+        for p in session.scalars(select(RatePlan).where(RatePlan.carrier_id.is_(None)).order_by(RatePlan.name))
         if tenant_ids is None or (p.tenant_id if p.tenant_id is not None else root) in tenant_ids
     ]

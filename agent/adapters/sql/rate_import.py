@@ -112,18 +112,29 @@ class _ErrorLog:
 def import_deck(sessions: sessionmaker[Session], path: str | os.PathLike[str], plan: str, *,
                 replace: bool = False, create_missing_plan: bool = False, currency: str | None = None,
                 default_currency: str = "EUR", source: str | None = None, max_errors: int = 100,
-                progress: Progress | None = None, tenant: str | None = None) -> ImportResult:
+                progress: Progress | None = None, tenant: str | None = None,
+                carrier: str | None = None) -> ImportResult:
     """Import the deck at ``path`` into ``plan``; raise :class:`DeckRejected` if any row is bad.
 
     ``currency``, when given, must be the plan's (a deck priced in the wrong money is a
     mistake); a plan made by ``create_missing_plan`` gets it, else ``default_currency``.
     ``source`` names the file in error messages (default: ``path``). With ``tenant``, the plan
-    must be that tenant's (DESIGN §11), and a plan made by ``create_missing_plan`` is.
+    must be that tenant's (DESIGN §11), and a plan made by ``create_missing_plan`` is. With
+    ``carrier``, the deck is that carrier's buy deck (DESIGN §10; ``plan`` is ignored): the
+    carrier must exist, its buy plan ``carrier:NAME`` is made on the first import.
     """
     started = time.perf_counter()
     deck = _DeckFile(Path(path), source or str(path), progress)
     with transaction(sessions) as session:
-        state = _plan_state(session, plan, create_missing_plan=create_missing_plan, currency=currency, tenant=tenant)
+        if carrier is not None:
+            from agent.adapters.sql.carriers import buy_plan_name, carrier_of
+
+            owner = carrier_of(session, carrier)  # an unknown carrier is refused before any row is read
+            if currency is not None and currency.upper() != owner.currency:
+                raise InvalidInput(f"carrier {carrier!r} is paid in {owner.currency}, not {currency.upper()}")
+            plan, create_missing_plan, currency = buy_plan_name(carrier), True, owner.currency
+        state = _plan_state(session, plan, create_missing_plan=create_missing_plan, currency=currency, tenant=tenant,
+                            carrier=carrier)
         index = RangeIndex()
         if state is not None and not replace:
             _index_stored_rates(session, state.id, index)
@@ -135,7 +146,12 @@ def import_deck(sessions: sessionmaker[Session], path: str | os.PathLike[str], p
             raise DeckRejected(deck.source, log.kept, log.count)
         with transaction(sessions) as session:
             created = state is None
-            if state is None:
+            if state is None and carrier is not None:
+                from agent.adapters.sql.carriers import carrier_of, ensure_buy_plan
+
+                made = ensure_buy_plan(session, carrier_of(session, carrier))
+                state = _PlanState(made.id, made.version, made.currency)
+            elif state is None:
                 view = create_plan(session, plan, currency=currency or default_currency, tenant=tenant)
                 state = _PlanState(view.id, view.version, view.currency)
             _bump_version(session, plan, state)
@@ -151,8 +167,13 @@ def import_deck(sessions: sessionmaker[Session], path: str | os.PathLike[str], p
 
 
 def _plan_state(session: Session, name: str, *, create_missing_plan: bool, currency: str | None,
-                tenant: str | None = None) -> _PlanState | None:
+                tenant: str | None = None, carrier: str | None = None) -> _PlanState | None:
     plan = session.scalar(select(RatePlan).where(RatePlan.name == name))
+    if plan is not None and plan.carrier_id is not None and carrier is None:
+        raise InvalidInput(f"rate plan {name!r} is a carrier's buy deck: import it with "
+                           f"--carrier {name.removeprefix('carrier:')}")
+    if carrier is not None and tenant is not None:
+        raise InvalidInput("--carrier and --tenant: a buy deck belongs to its carrier, not to a tenant")
     if tenant is not None:
         from agent.adapters.sql.tenants import plan_belongs_to, plan_owner_name, tenant_of
 
@@ -162,7 +183,7 @@ def _plan_state(session: Session, name: str, *, create_missing_plan: bool, curre
                                f"{plan_owner_name(session, plan)}, not to {tenant!r}")
     if plan is None:
         if create_missing_plan:
-            if not PLAN_NAME.match(name):  # say so now, not after checking a million rows
+            if carrier is None and not PLAN_NAME.match(name):  # say so now, not after checking a million rows
                 raise InvalidInput(f"plan name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
             return None
         raise NotFound(f"unknown rate plan {name!r}: create it first (`billing-agent plans create {name}`) "

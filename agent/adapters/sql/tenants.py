@@ -206,7 +206,8 @@ def _parent_name(tree: Tree, tenant: Tenant) -> str:
 
 def _parent_plan(session: Session, parent: Tenant, plan: str | None, name: str) -> RatePlan:
     """The parent's plan the reseller buys on: the one named, else the parent's only plan."""
-    owned = [p for p in session.scalars(select(RatePlan).order_by(RatePlan.name)) if plan_belongs_to(p, parent)]
+    owned = [p for p in session.scalars(select(RatePlan).where(RatePlan.carrier_id.is_(None)).order_by(RatePlan.name))
+             if plan_belongs_to(p, parent)]
     if plan is not None:
         found = session.scalar(select(RatePlan).where(RatePlan.name == plan))
         if found is None:
@@ -254,7 +255,7 @@ def _views(session: Session, tree: Tree, tenants: Iterable[Tenant], *, with_chil
     for tenant_id in session.scalars(select(Account.tenant_id).where(Account.tenant_id.in_(ids))):
         counts[tenant_id] = counts.get(tenant_id, 0) + 1
     plans: dict[int | None, list[str]] = {}
-    for plan in session.scalars(select(RatePlan).order_by(RatePlan.name)):
+    for plan in session.scalars(select(RatePlan).where(RatePlan.carrier_id.is_(None)).order_by(RatePlan.name)):
         plans.setdefault(plan.tenant_id, []).append(plan.name)
     views = []
     for t in tenants:
