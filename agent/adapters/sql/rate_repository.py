@@ -205,6 +205,7 @@ class RatePlanCache:
         self._tables: dict[str, _Current] = {}
         self._first_loads: dict[str, AsyncResult] = {}
         self._checks: dict[str, Greenlet] = {}
+        self._background: set[str] = set()  # first loads table_if_loaded started
         self._group = Group()
 
     def table_for(self, plan_name: str) -> RateTable:
@@ -218,6 +219,19 @@ class RatePlanCache:
             check.link(lambda _: self._checks.pop(plan_name, None))
             check.link_exception(self._check_failed)
         return current.table
+
+    def table_if_loaded(self, plan_name: str) -> RateTable | None:
+        """The plan's current table without ever loading in the caller: None while its first load
+        runs (started here in the background). A loaded table is checked for a new version as
+        :meth:`table_for` does. For look-ups that must not wait (the route book's buy decks)."""
+        if plan_name in self._tables:
+            return self.table_for(plan_name)
+        if plan_name not in self._first_loads and plan_name not in self._background:
+            self._background.add(plan_name)
+            loading = self._group.spawn(self._first_load, plan_name)
+            loading.link(lambda _: self._background.discard(plan_name))
+            loading.link_exception(self._check_failed)
+        return None
 
     def preload(self, plan_names: Iterable[str]) -> None:
         """Load plans now (daemon start-up), so that no call waits for a first load."""
