@@ -19,6 +19,8 @@ from agent.core.routing import (
     MarginFloor,
     RoutePolicy,
     SkipReason,
+    _cost,
+    _never_dearer,
     below_floor,
     loss_at,
     loss_points,
@@ -164,6 +166,9 @@ def test_a_carrier_kept_by_revenue_assurance_costs_no_more_at_any_point(sell: Ra
 
 @given(rows, rows)
 def test_the_per_second_fast_path_is_exact_for_every_duration(sell: RateRow, bought: RateRow) -> None:
+    if _never_dearer(sell, bought):  # the general grid condition, whatever the rows
+        for seconds in range(0, 400):
+            assert cost_micros_for_seconds(bought, seconds) <= cost_micros_for_seconds(sell, seconds)
     per_second = bought._replace(initial_increment=1, increment=1, minimum_seconds=0,
                                  grace_seconds=max(bought.grace_seconds, sell.grace_seconds),
                                  connect_fee_micros=min(bought.connect_fee_micros, sell.connect_fee_micros),
@@ -187,3 +192,8 @@ def test_selection_keeps_exactly_the_eligible_carriers_in_policy_order(
     assert keys == sorted(keys)
     assert choice == select_routes(sell, offers, policy, allow_loss=allow_loss, seed=seed)
     assert (choice.reason is DenyReason.NO_ROUTE) == (not eligible)
+
+
+@given(rows, st.integers(0, 7_200))
+def test_the_inlined_cost_is_the_rating_cost(row: RateRow, seconds: int) -> None:
+    assert _cost(row, seconds) == cost_micros_for_seconds(row, seconds)

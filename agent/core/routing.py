@@ -29,16 +29,18 @@ circuit/channel available) and :meth:`RouteChoice.detail` says why each carrier 
 **Revenue assurance rule.** Both sides are priced by §4, each by its own row and increments,
 for the same answered duration ``d``. A carrier loses money on the call when
 ``buy_cost(d) > sell_cost(d)`` for some ``d`` in :func:`loss_points`: 60 s and 3,600 s (a
-higher per-minute rate), the first charged second of each side (``max(initial_increment,
-minimum, grace + 1)``: a higher connect fee, a longer first block or minimum, a shorter grace)
-and the first second of each side's second and third blocks (a coarser increment: a step
-function is dearest, against a non-decreasing one, just after it steps up). A buy rate per minute above the
-sell rate is a loss whatever the points say (long calls). When the buy row bills per second
-(1/1, no minimum), waives at least the sell grace and has a connect fee and rate no higher
-than the sell row's, ``buy_cost(d) <= sell_cost(d)`` holds for every ``d`` and the points are
-not evaluated. The points are a documented sample, not a proof for every duration of
-exotic block structures (a 1/60 buy row against a 60/1 sell row loses from 62 s on: the first
-second of the buy side's third block catches that one).
+higher per-minute rate), the first charged second of each side (``grace + 1``, where a side
+charges its connect fee and its whole first block or minimum: a higher fee, a longer first
+block or minimum, a shorter grace) and the first second of each side's second and third blocks
+(a coarser increment: a step function is dearest, against a non-decreasing one, just after it
+steps up). A buy rate per minute above the sell rate is a loss whatever the points say (long
+calls). When the buy side never bills more seconds than the sell side (every billed value of
+the sell side is a point of the buy side's block grid and reaches its minimum: 1/1 bought
+against anything, 6/6 bought against 60/60 or 30/6 sold), with a connect fee and a rate no
+higher and a grace at least as long, ``buy_cost(d) <= sell_cost(d)`` holds for every ``d``
+(exact) and the points are not evaluated. Otherwise the points are a documented sample, not a
+proof for every duration of exotic block structures (a 1/60 buy row against a 60/1 sell row
+loses from 62 s on: the first second of the buy side's third block catches that one).
 
 **Margin** (:func:`margin_of`): sell cost minus buy cost of one answered duration, each by §4
 with its own row. A floor (per plan) is either money per minute of the answered seconds
@@ -118,7 +120,19 @@ class Route(NamedTuple):
 class Skipped(NamedTuple):
     carrier: str
     reason: SkipReason
-    detail: str
+    note: str
+    loss_seconds: int = 0  # LOSS: the duration at which the buy side costs more
+    sell: RateRow | None = None
+    buy: RateRow | None = None
+
+    @property
+    def detail(self) -> str:
+        """Why the carrier was left out (the amounts of a loss are formatted only when asked)."""
+        if self.reason is SkipReason.LOSS and self.sell is not None and self.buy is not None:
+            at = self.loss_seconds
+            return (f"buys {self.buy.prefix} at {format_amount(cost_micros_for_seconds(self.buy, at))} for {at} s, "
+                    f"sold at {format_amount(cost_micros_for_seconds(self.sell, at))} (revenue assurance)")
+        return self.note
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +160,18 @@ class RouteChoice:
 # ------------------------------------------------------------------------ revenue assurance
 
 
+def _cost(row: RateRow, seconds: int) -> int:
+    """``cost_micros_for_seconds`` inlined for the hot path (same §4 steps 2-4; tested equal)."""
+    _, _, rate, fee, first, increment, minimum, grace = row[:8]
+    if seconds == 0 or seconds <= grace:
+        return 0
+    billed = seconds if seconds > minimum else minimum
+    billed = first if billed <= first else first - (-(billed - first) // increment) * increment
+    return fee - (-(rate * billed) // 60)
+
+
 def _first_charged(row: RateRow) -> int:
-    return max(row.initial_increment, row.minimum_seconds, row.grace_seconds + 1)
+    return row.grace_seconds + 1  # the first second a side charges: its first block's whole price
 
 
 def loss_points(sell: RateRow, buy: RateRow) -> tuple[int, ...]:
@@ -160,11 +184,22 @@ def loss_points(sell: RateRow, buy: RateRow) -> tuple[int, ...]:
     return tuple(sorted(points))
 
 
+
 def _never_dearer(sell: RateRow, buy: RateRow) -> bool:
-    """The exact fast path: a per-second buy row, no dearer, waiving at least as long."""
-    return (buy.initial_increment == 1 and buy.increment == 1 and buy.minimum_seconds == 0
-            and buy.grace_seconds >= sell.grace_seconds and buy.connect_fee_micros <= sell.connect_fee_micros
-            and buy.rate_micros <= sell.rate_micros)
+    """The exact fast path (module docstring): ``buy_cost(d) <= sell_cost(d)`` for every ``d``.
+
+    With a rate and a connect fee no higher and a grace at least as long, it is enough that the
+    buy side never bills more seconds: every billed value of the sell side (a point of its
+    grid, at least ``max(initial_increment, minimum)``) is a point of the buy grid and reaches
+    the buy minimum. The buy grid holds every multiple of its increment from its first block on
+    when ``initial_increment`` is a multiple of ``increment``.
+    """
+    step = buy.increment
+    return (buy.rate_micros <= sell.rate_micros and buy.connect_fee_micros <= sell.connect_fee_micros
+            and buy.grace_seconds >= sell.grace_seconds and buy.initial_increment % step == 0
+            and sell.initial_increment % step == 0 and sell.increment % step == 0
+            and sell.initial_increment >= buy.initial_increment
+            and buy.minimum_seconds <= max(sell.minimum_seconds, sell.initial_increment))
 
 
 def loss_at(sell: RateRow, buy: RateRow) -> int | None:
@@ -176,7 +211,7 @@ def loss_at(sell: RateRow, buy: RateRow) -> int | None:
     if _never_dearer(sell, buy):
         return None
     for seconds in loss_points(sell, buy):
-        if cost_micros_for_seconds(buy, seconds) > cost_micros_for_seconds(sell, seconds):
+        if _cost(buy, seconds) > _cost(sell, seconds):
             return seconds
     if buy.rate_micros > sell.rate_micros:
         return LONG_CALL_SECONDS
@@ -206,9 +241,7 @@ def select_routes(sell: RateRow, offers: Iterable[tuple[CarrierState, RateRow | 
         if not allow_loss:
             at = loss_at(sell, buy)
             if at is not None:
-                skipped.append(Skipped(carrier.name, SkipReason.LOSS, (
-                    f"buys {buy.prefix} at {format_amount(cost_micros_for_seconds(buy, at))} for {at} s, "
-                    f"sold at {format_amount(cost_micros_for_seconds(sell, at))} (revenue assurance)")))
+                skipped.append(Skipped(carrier.name, SkipReason.LOSS, "revenue assurance", at, sell, buy))
                 continue
         routes.append(Route(carrier.name, carrier.trunk, buy, cost_micros_for_seconds(buy, COMPARE_SECONDS),
                             carrier.priority, carrier.weight))
