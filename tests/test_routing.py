@@ -20,6 +20,7 @@ from agent.core.routing import (
     RoutePolicy,
     SkipReason,
     _cost,
+    _loses,
     _never_dearer,
     below_floor,
     loss_at,
@@ -156,6 +157,7 @@ states = st.builds(CarrierState, st.sampled_from("abcdefgh"), st.just("PJSIP/x")
 @given(rows, rows)
 def test_a_carrier_kept_by_revenue_assurance_costs_no_more_at_any_point(sell: RateRow, bought: RateRow) -> None:
     at = loss_at(sell, bought)
+    assert _loses(sell, bought) == (at is not None)
     if at is None:
         assert bought.rate_micros <= sell.rate_micros
         for seconds in loss_points(sell, bought):

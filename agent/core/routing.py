@@ -121,7 +121,7 @@ class Skipped(NamedTuple):
     carrier: str
     reason: SkipReason
     note: str
-    loss_seconds: int = 0  # LOSS: the duration at which the buy side costs more
+    loss_seconds: int = 0  # LOSS: the duration at which the buy side costs more (0: found when read)
     sell: RateRow | None = None
     buy: RateRow | None = None
 
@@ -129,7 +129,7 @@ class Skipped(NamedTuple):
     def detail(self) -> str:
         """Why the carrier was left out (the amounts of a loss are formatted only when asked)."""
         if self.reason is SkipReason.LOSS and self.sell is not None and self.buy is not None:
-            at = self.loss_seconds
+            at = self.loss_seconds or loss_at(self.sell, self.buy) or LONG_CALL_SECONDS
             return (f"buys {self.buy.prefix} at {format_amount(cost_micros_for_seconds(self.buy, at))} for {at} s, "
                     f"sold at {format_amount(cost_micros_for_seconds(self.sell, at))} (revenue assurance)")
         return self.note
@@ -218,6 +218,18 @@ def loss_at(sell: RateRow, buy: RateRow) -> int | None:
     return None
 
 
+def _loses(sell: RateRow, buy: RateRow) -> bool:
+    """``loss_at(sell, buy) is not None``, the likeliest answers first (the hot path)."""
+    if _never_dearer(sell, buy):
+        return False
+    if buy.rate_micros > sell.rate_micros:
+        return True
+    start = buy.grace_seconds + 1  # a coarser buy block or a connect fee shows here
+    if _cost(buy, start) > _cost(sell, start):
+        return True
+    return loss_at(sell, buy) is not None
+
+
 # ------------------------------------------------------------------------------- selection
 
 
@@ -238,13 +250,11 @@ def select_routes(sell: RateRow, offers: Iterable[tuple[CarrierState, RateRow | 
             reason = SkipReason.BLOCKED if buy.reason is DenyReason.BLOCKED else SkipReason.NO_RATE
             skipped.append(Skipped(carrier.name, reason, buy.detail))
             continue
-        if not allow_loss:
-            at = loss_at(sell, buy)
-            if at is not None:
-                skipped.append(Skipped(carrier.name, SkipReason.LOSS, "revenue assurance", at, sell, buy))
-                continue
-        routes.append(Route(carrier.name, carrier.trunk, buy, cost_micros_for_seconds(buy, COMPARE_SECONDS),
-                            carrier.priority, carrier.weight))
+        if not allow_loss and _loses(sell, buy):
+            skipped.append(Skipped(carrier.name, SkipReason.LOSS, "revenue assurance", 0, sell, buy))
+            continue
+        routes.append(Route(carrier.name, carrier.trunk, buy, _cost(buy, COMPARE_SECONDS), carrier.priority,
+                            carrier.weight))
     return RouteChoice(tuple(order_routes(routes, policy, seed=seed)), tuple(skipped), policy)
 
 
