@@ -36,6 +36,9 @@ def test_an_ami_user_without_the_rights_is_named_in_the_log(build: PbxBuild, lab
     lab.pbx.start()
     lab.agent.prepare(DECK, [("4001", "100")])
     lab.agent.start(wait_pbx=False)
+    # A call before the AMI login is refused without touching AMI (not connected): the missing
+    # right shows only on a call placed once the agent is logged in.
+    wait_log(lab, "connected to Asterisk AMI")
     run_customers(lab.folder, lab.pbx.sip_port, [("4001", NUMBER)], hold_ms=1_500, name="rights")
     log = wait_log(lab, expected)
     assert "user 'billing'" in log
