@@ -291,3 +291,32 @@ def test_a_reseller_suspended_with_a_live_customer_call_refuses_new_calls_and_dr
         engine.stop(2)
     assert cdrs.records[0].upper[0].cost_micros == 2_000
     assert w.sql_balance(RESELLER) == 500
+
+
+def test_a_daily_cap_on_a_reseller_limits_and_cuts_every_call_of_its_customers(w: World, tmp_path: Path) -> None:
+    """Spend caps at tenant scope (DESIGN §8 with §11): a cap set on the reseller's own account
+    (``limits set tenant:acme``) is drawn on by its level's store step of every customer call, so
+    the reseller's day cannot spend past it whatever its money and its customers' money."""
+    _tree(w, tmp_path, reseller_micros=1_000_000, customer_micros=1_000_000)
+    _cli(w, "limits", "set", RESELLER, "--daily", "0.0035")  # 3.5 s of acme's cost (1000 USD micro-units/s)
+    clock, cdrs = SystemClock(), Cdrs()
+    engine, switch = _engine(w, clock, cdrs)
+    try:
+        decision = engine.authorize(AuthorizeRequest("asterisk", "A7", "c1", "4930123", clock.now_ms()))
+        assert decision.allowed and decision.limit_ms == 3_000, decision
+        engine.on_event(LegCreated("B7", clock.now_ms(), Direction.OUTBOUND, parent_leg_id="A7"))
+        answered = clock.now_ms()
+        engine.on_event(LegAnswered("B7", answered))
+        _wait(lambda: switch.hangups)
+        assert 3_000 <= switch.hangups[0][1] - answered <= 3_200  # at the reseller's cap, not its money
+        _wait(lambda: len(cdrs.records) == 1 and engine.live_calls() == 0)
+        refused = engine.authorize(AuthorizeRequest("asterisk", "A8", "c1", "4930123", clock.now_ms()))
+        assert not refused.allowed and refused.reason is DenyReason.SPEND_LIMIT, refused
+        gevent.sleep(0.2)
+    finally:
+        engine.stop(2)
+    (record,) = cdrs.records
+    assert record.disposition is Disposition.CUT and record.upper[0].cost_micros == 3_000
+    assert w.sql_balance(RESELLER) == 1_000_000 - 3_000
+    SqlCdrStore(w.engine).write(cdrs.records)
+    _ledger_ok(w)
