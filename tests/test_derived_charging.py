@@ -7,7 +7,7 @@ from __future__ import annotations
 import gevent
 import pytest
 
-from agent.core.cdr import CallRecord, Disposition
+from agent.core.cdr import Disposition
 from agent.core.events import (
     AuthorizeRequest,
     DenyReason,
@@ -25,6 +25,7 @@ from agent.ports import LiveCall
 from agent.services.clock import SystemClock
 from agent.services.engine import Engine, EngineSettings
 from agent.sim.memory_store import MemoryStore
+from tests.engine_fakes import Cdrs, Switch
 
 # The reseller sells at 2000 micro-units a second; the operator sells to the reseller at 1000.
 RETAIL = RateRow(prefix="33", destination="France", rate_micros=120_000)
@@ -61,35 +62,6 @@ class ChainRater:
             raise RatingRefused(refused.reason, f"tenant 'acme': {refused.detail}") from None
         return (LevelRated(1, "acme", "default", RESELLER, rated),)
 
-
-class Switch:
-    name = "asterisk"
-
-    def __init__(self, engine: Engine, clock: SystemClock) -> None:
-        self.engine = engine
-        self.clock = clock
-        self.hangups: list[tuple[str, int]] = []
-
-    def hangup(self, leg_id: str, cause: str = "NORMAL_CLEARING", *, escalate: bool = False) -> None:
-        self.hangups.append((leg_id, self.clock.now_ms()))
-        self.engine.on_event(LegHungUp(leg_id, self.clock.now_ms() + 5, cause="NORMAL_CLEARING"))
-
-    def warn(self, leg_id: str, seconds_left: int) -> None:
-        pass
-
-    def arm_backstop(self, leg_id: str, at_ms: int, caller_leg_id: str = "") -> None:
-        pass
-
-    def connected(self) -> bool:
-        return True
-
-
-class Cdrs:
-    def __init__(self) -> None:
-        self.records: list[CallRecord] = []
-
-    def submit(self, record: CallRecord) -> None:
-        self.records.append(record)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from agent.adapters.sql.rate_repository import RatePlanCache
 from agent.adapters.sql.reconcile import check_ledger
 from agent.adapters.sql.tenants import create_tenant
 from agent.cli.main import cli
-from agent.core.cdr import CallRecord, Disposition
+from agent.core.cdr import Disposition
 from agent.core.events import (
     AuthorizeRequest,
     DenyReason,
@@ -46,6 +46,7 @@ from agent.services.engine import Engine, EngineSettings
 from agent.services.rater import PlanRater
 from agent.services.store_port import EngineStoreAdapter
 from tests.balance_helpers import REDIS_KINDS, STORE_KINDS, Engines, World, world_for
+from tests.engine_fakes import Cdrs, Switch
 
 RESELLER = "tenant:acme"
 WHOLESALE = "prefix,destination,rate\n49,Germany,0.06\n"  # 1000 USD micro-units a second
@@ -84,35 +85,6 @@ def _tree(w: World, tmp: Path, *, reseller_micros: int, customer_micros: int) ->
         _cli(w, "rates", "import", str(path), "--plan", plan)
     _cli(w, "fx", "set", "USD", "EUR", "0.9", "--from", "2026-01-01")
 
-
-class Switch:
-    name = "asterisk"
-
-    def __init__(self, engine: Engine, clock: SystemClock) -> None:
-        self.engine = engine
-        self.clock = clock
-        self.hangups: list[tuple[str, int]] = []
-
-    def hangup(self, leg_id: str, cause: str = "NORMAL_CLEARING", *, escalate: bool = False) -> None:
-        self.hangups.append((leg_id, self.clock.now_ms()))
-        self.engine.on_event(LegHungUp(leg_id, self.clock.now_ms() + 5, cause="NORMAL_CLEARING"))
-
-    def warn(self, leg_id: str, seconds_left: int) -> None:
-        pass
-
-    def arm_backstop(self, leg_id: str, at_ms: int, caller_leg_id: str = "") -> None:
-        pass
-
-    def connected(self) -> bool:
-        return True
-
-
-class Cdrs:
-    def __init__(self) -> None:
-        self.records: list[CallRecord] = []
-
-    def submit(self, record: CallRecord) -> None:
-        self.records.append(record)
 
 
 def _engine(w: World, clock: SystemClock, cdrs: Cdrs) -> tuple[Engine, Switch]:

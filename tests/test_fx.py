@@ -12,7 +12,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.core.bundles import BundleTariff
-from agent.core.cdr import CallRecord
 from agent.core.errors import InvalidInput
 from agent.core.events import AuthorizeRequest, DenyReason, Direction, LegAnswered, LegCreated, LegHungUp
 from agent.core.fx import (
@@ -32,6 +31,7 @@ from agent.services.clock import SystemClock
 from agent.services.engine import Engine, EngineSettings
 from agent.services.rater import PlanRater
 from agent.sim.memory_store import MemoryStore
+from tests.engine_fakes import Cdrs, Switch
 from tests.test_rating import rows
 
 RATES_E10 = st.one_of(st.sampled_from([RATE_SCALE, 9_200_000_000, 10_850_000_000, 1_605_000_000_000, 1, 3]),
@@ -200,34 +200,6 @@ def test_no_rate_refuses_the_call_with_its_own_reason_naming_the_pair() -> None:
 
 # ------------------------------------------------------------------ a call through the engine
 
-
-class Switch:
-    name = "asterisk"
-
-    def __init__(self, engine: Engine, clock: SystemClock) -> None:
-        self.engine, self.clock = engine, clock
-        self.hangups: list[str] = []
-
-    def hangup(self, leg_id: str, cause: str = "NORMAL_CLEARING", *, escalate: bool = False) -> None:
-        self.hangups.append(leg_id)
-        self.engine.on_event(LegHungUp(leg_id, self.clock.now_ms() + 5, cause="NORMAL_CLEARING"))
-
-    def warn(self, leg_id: str, seconds_left: int) -> None:
-        pass
-
-    def arm_backstop(self, leg_id: str, at_ms: int, caller_leg_id: str = "") -> None:
-        pass
-
-    def connected(self) -> bool:
-        return True
-
-
-class Cdrs:
-    def __init__(self) -> None:
-        self.records: list[CallRecord] = []
-
-    def submit(self, record: CallRecord) -> None:
-        self.records.append(record)
 
 
 def _wait(predicate: object, timeout: float = 5.0) -> None:
