@@ -302,7 +302,6 @@ def auth(args: argparse.Namespace) -> dict[str, Any]:
     from agent.adapters.sql.account_plans import AccountPlans
     from agent.adapters.sql.cached_lookup import TenantChains
     from agent.adapters.sql.fx_rates import FxBook
-    from agent.adapters.sql.rate_import import import_deck
     from agent.adapters.sql.rate_repository import RatePlanCache
     from agent.core.events import AuthorizeRequest
     from agent.services.clock import SystemClock
@@ -316,24 +315,7 @@ def auth(args: argparse.Namespace) -> dict[str, Any]:
     try:
         upgrade(engine)
         sessions = session_factory(engine)
-        import tempfile
-        from pathlib import Path
-
-        folder = Path(tempfile.mkdtemp())
-        parent = "default"
-        with transaction(sessions) as s:
-            create_plan(s, "p-default", currency="EUR")
-        plans = ["p-default"]
-        for name in ("r1", "r2", "r3"):
-            with transaction(sessions) as s:
-                create_tenant(s, name, parent=parent, plan=plans[-1], balance_micros=10**12)
-                create_plan(s, f"p-{name}", currency="EUR", tenant=name)
-            plans.append(f"p-{name}")
-            parent = name
-        for plan in plans:
-            deck = folder / f"{plan}.csv"
-            deck.write_text("prefix,destination,rate\n33,France,0.06\n")
-            import_deck(sessions, deck, plan)
+        _chain(sessions, "prefix,destination,rate\n33,France,0.06\n")
         with transaction(sessions) as s:
             repo.create_account(s, "deep", plan="p-r3", tenant="r3", balance_micros=10**12)
             repo.create_account(s, "direct", plan="p-default", balance_micros=10**12)
@@ -379,17 +361,14 @@ def auth(args: argparse.Namespace) -> dict[str, Any]:
         drop()
 
 
-def _deep_ledger(url: str, *, deep: bool, accounts: int, deck: str) -> Any:
-    """A ledger: operator > r1 > r2 > r3, each with a plan; ``accounts`` customers acct0... of r3
-    (``deep``) or of the operator."""
+def _chain(sessions: Any, deck: str) -> None:
+    """The tree operator > r1 > r2 > r3 (each reseller paying its parent's plan with 10^12
+    micro-units), a plan p-NAME per level priced by ``deck`` (CSV text)."""
     import tempfile
     from pathlib import Path
 
     from agent.adapters.sql.rate_import import import_deck
 
-    sql = make_engine(url)
-    upgrade(sql)
-    sessions = session_factory(sql)
     folder = Path(tempfile.mkdtemp())
     parent = "default"
     with transaction(sessions) as s:
@@ -402,9 +381,18 @@ def _deep_ledger(url: str, *, deep: bool, accounts: int, deck: str) -> Any:
         plans.append(f"p-{name}")
         parent = name
     for plan in plans:
-        path_deck = folder / f"{plan}.csv"
-        path_deck.write_text(deck)
-        import_deck(sessions, path_deck, plan)
+        path = folder / f"{plan}.csv"
+        path.write_text(deck)
+        import_deck(sessions, path, plan)
+
+
+def _deep_ledger(url: str, *, deep: bool, accounts: int, deck: str) -> Any:
+    """A ledger: operator > r1 > r2 > r3, each with a plan; ``accounts`` customers acct0... of r3
+    (``deep``) or of the operator."""
+    sql = make_engine(url)
+    upgrade(sql)
+    sessions = session_factory(sql)
+    _chain(sessions, deck)
     with transaction(sessions) as s:
         for index in range(accounts):
             if deep:
