@@ -48,7 +48,8 @@ if len(sys.argv) > 1 and sys.argv[1] in ("auth", "fastagi"):  # the engine runs 
 
     monkey.patch_all()
 
-from sqlalchemy import select, text
+from bench_overspend import scratch_database  # a PostgreSQL database of its own, and its drop
+from sqlalchemy import select
 
 from agent.adapters.sql import accounts as repo
 from agent.adapters.sql.balance_store import SqlBalanceStore
@@ -61,7 +62,6 @@ from agent.adapters.sql.tenants import create_tenant
 from agent.core.session import level_call_id
 from agent.ports import BalanceStore
 
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 RESELLER = "tenant:acme"
 CUSTOMERS = 20
@@ -81,20 +81,6 @@ def open_store(store_kind: str, ledger_url: str, prefix: str) -> BalanceStore:
 
         return RedisBalanceStore(make_client(REDIS_URL, 2000), sessions, key_prefix=prefix)
     return SqlBalanceStore(sessions)
-
-
-def scratch_database() -> tuple[str, Any]:
-    name = f"ba_bench_{uuid.uuid4().hex[:8]}"
-    admin = make_engine(PG_ADMIN_URL).execution_options(isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
-
-    return admin.url.set(database=name).render_as_string(hide_password=False), drop
 
 
 # ------------------------------------------------------------------------------------ overspend
