@@ -210,9 +210,18 @@ CREATE TABLE rating_decisions (
 	tenant VARCHAR(64) NOT NULL COMMENT 'whose price: the seller tenant ('''' for direct customers)',
 	account_id VARCHAR(64) NOT NULL COMMENT 'the account charged at a level above the customer ('''' at level 0)',
 	of_call_id VARCHAR(64) COMMENT 'the customer''s call (calls.id) of a level above it',
+	carrier VARCHAR(64) NOT NULL COMMENT 'the carrier that answered ('''' when not routed or not answered)',
+	buy_rate_id BIGINT COMMENT 'the carrier''s rates.id',
+	buy_prefix VARCHAR(32) NOT NULL,
+	buy_rate_micros BIGINT NOT NULL COMMENT 'per minute, in plan_currency',
+	buy_billed_seconds INTEGER NOT NULL COMMENT 'by the carrier''s increments',
+	buy_cost_micros BIGINT COMMENT 'in plan_currency',
+	margin_micros BIGINT COMMENT 'plan_cost_micros - buy_cost_micros',
 	CONSTRAINT pk_rating_decisions PRIMARY KEY (id),
 	CONSTRAINT uq_rating_decisions_call_id_seq UNIQUE (call_id, seq)
 );
+
+CREATE INDEX ix_rating_decisions_carrier ON rating_decisions (carrier);
 
 CREATE INDEX ix_rating_decisions_of_call_id ON rating_decisions (of_call_id);
 

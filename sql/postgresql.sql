@@ -210,9 +210,18 @@ CREATE TABLE rating_decisions (
 	tenant VARCHAR(64) NOT NULL,
 	account_id VARCHAR(64) NOT NULL,
 	of_call_id VARCHAR(64),
+	carrier VARCHAR(64) NOT NULL,
+	buy_rate_id BIGINT,
+	buy_prefix VARCHAR(32) NOT NULL,
+	buy_rate_micros BIGINT NOT NULL,
+	buy_billed_seconds INTEGER NOT NULL,
+	buy_cost_micros BIGINT,
+	margin_micros BIGINT,
 	CONSTRAINT pk_rating_decisions PRIMARY KEY (id),
 	CONSTRAINT uq_rating_decisions_call_id_seq UNIQUE (call_id, seq)
 );
+
+CREATE INDEX ix_rating_decisions_carrier ON rating_decisions (carrier);
 
 CREATE INDEX ix_rating_decisions_of_call_id ON rating_decisions (of_call_id);
 

@@ -252,7 +252,7 @@ def test_the_spooled_form_is_copy_lines_and_decodes_back(record: CallRecord) -> 
     payload = spool_payload(record)
     settled, call, legs, (decision,) = copy_rows(payload)
     assert settled == (record.settled_ms or record.ended_ms or record.started_ms)
-    assert len(call.split(b"\t")) == 13 and len(decision.split(b"\t")) == 20
+    assert len(call.split(b"\t")) == 13 and len(decision.split(b"\t")) == 27
     assert [len(leg.split(b"\t")) for leg in legs] == [14] * len(record.legs)
     assert decode_record(payload) == record
 
@@ -283,7 +283,7 @@ def test_damaged_copy_lines_do_not_decode(damage: Any) -> None:
     from agent.services.cdr_pipeline import spool_payload
 
     payload = damage(spool_payload(make_record(1)))
-    assert payload.startswith(b"cdr5\t")
+    assert payload.startswith(b"cdr6\t")
     with pytest.raises(ValueError, match="malformed call record"):
         decode_record(payload)
 
@@ -357,13 +357,42 @@ def test_a_batch_written_ahead_leaves_the_spool_only_after_the_one_before_it(spo
     pipeline.stop(1)
 
 
+def _as_cdr5(payload: bytes) -> bytes:
+    """A cdr6 payload as the cdr5 form wrote it (no buy side in the decisions)."""
+    header, rest = payload.split(b"\n", 1)
+    lines = rest.split(b"\n")
+    count = int(header.rsplit(b"\t", 1)[1])
+    decisions = [line.rsplit(b"\t", 7)[0] for line in lines[-1 - count:-1]]
+    return b"\n".join([b"cdr5\t" + header[len(b"cdr6\t"):], *lines[:-1 - count], *decisions, b""])
+
+
 def _as_cdr4(payload: bytes) -> bytes:
-    """A one-decision cdr5 payload as the cdr4 form wrote it (no count in the header, no level,
+    """A one-decision cdr6 payload as the cdr4 form wrote it (no count in the header, no level,
     tenant, account nor customer's call in the decision)."""
-    lines = payload.split(b"\n")
+    lines = _as_cdr5(payload).split(b"\n")
     settled, count = lines[0][len(b"cdr5\t"):].split(b"\t")
     assert count == b"1"
     return b"\n".join([b"cdr4\t" + settled, *lines[1:-2], lines[-2].rsplit(b"\t", 4)[0], b""])
+
+
+def test_a_spool_written_before_the_buy_side_still_decodes() -> None:
+    """An agent upgraded with cdr5 CDRs in its spool reads them without a carrier; the cdr6 form
+    carries the carrier, the buy row, the buy seconds and cost and the margin (DESIGN §10)."""
+    import dataclasses
+
+    from agent.services.cdr_lines import decode_lines, encode_lines
+
+    record = make_record(1)
+    assert decode_lines(_as_cdr5(encode_lines(record))) == record
+    routed = dataclasses.replace(record, rating=dataclasses.replace(
+        record.rating, carrier="acme\tbis", buy_rate_id=77, buy_prefix="4477", buy_rate_micros=6_000,
+        buy_billed_seconds=66, buy_cost_micros=6_600, margin_micros=-1))
+    payload = encode_lines(routed)
+    assert payload.startswith(b"cdr6\t")
+    assert decode_lines(payload) == routed and decode_record(payload) == routed
+    assert decode_record(encode_record(routed)) == routed
+    old = decode_lines(_as_cdr5(payload))
+    assert (old.rating.carrier, old.rating.buy_cost_micros, old.rating.margin_micros) == ("", None, None)
 
 
 def test_a_spool_written_before_levels_still_decodes() -> None:
@@ -384,7 +413,7 @@ def test_a_spool_written_before_levels_still_decodes() -> None:
         RatingRecord(decided_ms=record.rating.decided_ms, billed_seconds=61, cost_micros=30_500, level=2,
                      tenant="root", account_id="tenant:big\tname")))
     payload = encode_lines(derived)
-    assert payload.startswith(b"cdr5\t") and payload.split(b"\n", 1)[0].endswith(b"\t3")
+    assert payload.startswith(b"cdr6\t") and payload.split(b"\n", 1)[0].endswith(b"\t3")
     _, _, legs, decisions = copy_rows(payload)
     assert len(legs) == len(record.legs) and len(decisions) == 3
     assert decisions[1].startswith(record.call_id.encode() + b"^1\t")

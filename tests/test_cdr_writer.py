@@ -266,7 +266,19 @@ def _varied_records() -> list[Any]:
         make_record(5, node="n" * 64, destination="0" * 64),
         _with_levels(make_record(8)),
         replace(_with_levels(make_record(9, call_id="c" * 64)), legs=()),  # level ids within 64 characters
+        _routed(make_record(10)),  # the buy side on the customer's decision (DESIGN §10)
+        _routed(_with_levels(make_record(11)), level=1),  # ... on the top reseller's
     ]
+
+
+def _routed(record: Any, level: int = 0) -> Any:
+    """The record of a call carried by carrier acme: the buy side on the operator's decision."""
+    from dataclasses import replace
+
+    ratings = [record.rating, *record.upper]
+    ratings[level] = replace(ratings[level], carrier="acme", buy_rate_id=901, buy_prefix="3361", buy_rate_micros=9_000,
+                             buy_billed_seconds=120, buy_cost_micros=18_000, margin_micros=-500)
+    return replace(record, rating=ratings[0], upper=tuple(ratings[1:]))
 
 
 def _with_levels(record: Any) -> Any:
@@ -323,7 +335,7 @@ def test_spooled_copy_lines_go_to_copy_as_the_same_rows(engine: Engine) -> None:
     records = [*_varied_records(), make_record(6, caller=odd, destination="\\N"),
                replace(make_record(7, hangup_cause="\t"), legs=(replace(make_record(7).legs[0], channel=odd),))]
     payloads = [spool_payload(r) for r in records]
-    assert all(p.startswith(b"cdr5\t") for p in payloads)
+    assert all(p.startswith(b"cdr6\t") for p in payloads)
     payloads[1] = encode_record(records[1])  # an earlier spool's JSON in the same batch
     store = SqlCdrStore(engine)
     assert store.write_spooled(payloads) == [r.settled_ms or r.ended_ms or r.started_ms for r in records]

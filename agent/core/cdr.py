@@ -65,6 +65,17 @@ class RatingRecord:
     level: int = 0
     tenant: str = ""
     account_id: str = ""
+    # Wholesale (DESIGN §10), on the decision of the level the operator sells to: the carrier
+    # that answered, its buy row, the seconds and cost it bills by its own increments (in the
+    # plan's currency: buy decks are compared in it) and the margin (plan_cost_micros - buy cost).
+    # "" / None: not routed, or not answered.
+    carrier: str = ""
+    buy_rate_id: int | None = None
+    buy_prefix: str = ""
+    buy_rate_micros: int = 0
+    buy_billed_seconds: int = 0
+    buy_cost_micros: int | None = None
+    margin_micros: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,9 @@ class AuthorizeDecision:
     reason: DenyReason | None = None
     detail: str = ""  # human-readable reason, for logs and the dialplan
     backstop_ms: int = 0
+    # Wholesale routing (DESIGN §10): the trunks to try, in order (Asterisk BILLING_ROUTE_n,
+    # FreeSWITCH a '|' failover bridge); () when no carrier is configured: the dialplan's own trunk.
+    routes: tuple[str, ...] = ()
 
     @property
     def pbx_backstop_ms(self) -> int:

@@ -282,6 +282,42 @@ def order_routes(routes: Sequence[Route], policy: RoutePolicy, *, seed: int = 0)
     return ordered
 
 
+# ------------------------------------------------------------------ the call's routes
+
+
+def trunk_peer(trunk: str) -> str:
+    """The peer name the PBX reports for a leg on ``trunk`` (the leg's ``peer``): ``PJSIP/acme``,
+    ``SIP/acme`` -> ``acme`` (the channel is ``PJSIP/acme-0000001``); ``sofia/gateway/acme`` ->
+    ``acme`` (FreeSWITCH's ``sip_gateway_name``)."""
+    return trunk.rstrip("/").rsplit("/", 1)[-1].split("@", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class CallRoutes:
+    """What a routed call keeps for its rating decision: the routes the PBX was given, in order,
+    the sell row they were chosen against (the price the operator sells at: the customer's plan,
+    or for a reseller's customer the top reseller's, DESIGN §11) and the level of the chain
+    whose decision records the buy side (0: the customer's)."""
+
+    routes: tuple[Route, ...]
+    sell: RateRow
+    level: int = 0
+
+    @property
+    def trunks(self) -> tuple[str, ...]:
+        return tuple(route.trunk for route in self.routes)
+
+    def carrier_of(self, peer: str, attempt: int) -> Route | None:
+        """The route that carried a leg: the one whose trunk names the leg's ``peer``, else the
+        ``attempt``-th (0-based: the dialplans try the routes in order, one leg each); None when
+        neither tells."""
+        if peer:
+            for route in self.routes:
+                if trunk_peer(route.trunk) == peer:
+                    return route
+        return self.routes[attempt] if 0 <= attempt < len(self.routes) else None
+
+
 # ---------------------------------------------------------------------------------- margin
 
 

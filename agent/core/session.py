@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol
 
@@ -63,6 +63,9 @@ from agent.core.events import (
     WarnLeg,
 )
 from agent.core.fx import ConvertedTariff, plan_tariff, rewrap
+from agent.core.rating import billed_seconds as billed_seconds_of
+from agent.core.rating import whole_seconds
+from agent.core.routing import CallRoutes
 
 LAST_CHANCE_LEAD_MS = 2_000  # an exhausted call asks the store once more this long before its cut
 MAX_ADOPTED_NIBBLES = 1_000_000  # a bound for the adoption search (an 11-day call at 1 s nibbles)
@@ -415,6 +418,9 @@ class CallSession:
     # The answers of the step in flight, by level, until every level has answered.
     answers: dict[int, tuple[int, int, bool, str, int]] = field(default_factory=dict)
     settles_left: set[int] = field(default_factory=set)  # levels whose settle/release is not done
+    # Wholesale (DESIGN §10): the carriers the PBX was given; the one that answered prices the
+    # buy side of the rating decision (None: no carriers configured, or an adopted call).
+    routed: CallRoutes | None = None
 
     def __post_init__(self) -> None:
         self.legs[self.a_leg.leg_id] = self.a_leg
@@ -1057,6 +1063,8 @@ class CallSession:
             tenant=self.seller,
         )
         upper = tuple(_level_decision(p, now_ms, billed_ms, billed_seconds) for p in self.upper)
+        if self.routed is not None:
+            rating, upper = self._with_buy_side(rating, upper, billed_ms)
         record = CallRecord(
             call_id=self.call_id, node=self.node, pbx=self.pbx, account_id=self.account_id,
             destination=self.destination, caller=self.caller, started_ms=self.a_leg.created_ms,
@@ -1066,6 +1074,36 @@ class CallSession:
             rating=rating, upper=upper,
         )
         return [Finished(record)]
+
+    def carrier_leg(self) -> Leg | None:
+        """The dialled leg whose carrier carried the call (the billed one), if answered."""
+        return self.legs.get(self.billed_leg_id) if self.billed_leg_id is not None else None
+
+    def _with_buy_side(self, rating: RatingRecord, upper: tuple[RatingRecord, ...], billed_ms: int,
+                       ) -> tuple[RatingRecord, tuple[RatingRecord, ...]]:
+        """The decision of the level the operator sells to (the customer's, or the top
+        reseller's) records the carrier that answered, its buy row, the seconds and cost it bills
+        by its own increments, and the margin: what that level paid in the plan's currency minus
+        the buy cost (DESIGN §10). Unanswered calls record no carrier (their legs name them)."""
+        routed, leg = self.routed, self.carrier_leg()
+        if routed is None or leg is None:
+            return rating, upper
+        dialled = sorted((other for other in self.legs.values() if other.direction is Direction.OUTBOUND),
+                         key=lambda other: other.created_ms)
+        route = routed.carrier_of(leg.peer, dialled.index(leg) if leg in dialled else -1)
+        if route is None:
+            return rating, upper
+        ratings = [rating, *upper]
+        index = min(routed.level, len(ratings) - 1)
+        target = ratings[index]
+        buy_cost = route.buy.cost_micros(billed_ms)
+        sold = target.plan_cost_micros if target.plan_cost_micros is not None else target.cost_micros
+        ratings[index] = replace(
+            target, carrier=route.carrier, buy_rate_id=route.buy.rate_id, buy_prefix=route.buy.prefix,
+            buy_rate_micros=route.buy.rate_micros,
+            buy_billed_seconds=billed_seconds_of(route.buy, whole_seconds(billed_ms)) if billed_ms else 0,
+            buy_cost_micros=buy_cost, margin_micros=sold - buy_cost)
+        return ratings[0], tuple(ratings[1:])
 
     def flush_record(self, now_ms: int) -> list[Effect]:
         """The process stops: a settled call waiting for its other legs' hangups goes out now."""

@@ -15,7 +15,17 @@ from agent.core.bundles import BundleSlot, BundleTariff
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, DenyReason, Direction
 from agent.core.fx import plan_tariff, rewrap
 from agent.core.rating import RateRow
-from agent.core.session import CallSession, Leg, LevelRated, Payer, RatingRefused, SessionSettings, payers_of
+from agent.core.routing import CallRoutes, RouteChoice
+from agent.core.session import (
+    CallSession,
+    Leg,
+    LevelRated,
+    Payer,
+    RatedCall,
+    RatingRefused,
+    SessionSettings,
+    payers_of,
+)
 from agent.ports import Rater
 
 # (account, want, minimum, bundle periods, bundle seconds wanted for the first slice)
@@ -23,6 +33,9 @@ StoreAuthorize = Callable[[str, int, int, tuple[BundleSlot, ...], int], StoreAut
 # [(a level's store call id, its account, want, minimum)] -> their outcomes, in order: the levels
 # above the customer (DESIGN §11), reserved together (each its own store step, at once)
 LevelAuthorize = Callable[[Sequence[tuple[str, str, int, int]]], list[StoreAuthorization]]
+# (the call as the operator sells it: the customer's rating, or the top reseller's; the number;
+# the instant; the call id) -> the carriers to try (DESIGN §10); None: no carriers, no routing
+Router = Callable[[RatedCall, str, int, str], RouteChoice | None]
 
 
 class ChainRater(Protocol):
@@ -45,7 +58,7 @@ class Outcome:
 
 def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, store_authorize: StoreAuthorize,
            settings: SessionSettings, max_call_seconds: int, now_ms: int,
-           level_authorize: LevelAuthorize | None = None) -> Outcome:
+           level_authorize: LevelAuthorize | None = None, router: Router | None = None) -> Outcome:
     """Check the request, rate the destination, reserve the first slice, size the backstop.
 
     With a ``ChainRater`` and ``level_authorize``, a customer of a reseller is also rated and
@@ -53,7 +66,12 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
     reserved (a level without a rate refuses the call with its reason), then the customer is
     reserved first and every level above it together (see "Ordering" in agent/core/session.py);
     a level that refuses releases the customer and the levels that were reserved. The call may
-    last what every level can pay."""
+    last what every level can pay.
+
+    With a ``router`` (wholesale, DESIGN §10) the carriers are chosen once every level is rated
+    and before anything is reserved: no route refuses the call (``no_route``) with nothing held.
+    The price they are compared with is the operator's: the customer's rating for a direct
+    customer, the top reseller's for a reseller's customer."""
 
     def deny(reason: DenyReason, detail: str, *, release: bool = False,
              levels: tuple[tuple[str, str], ...] = ()) -> Outcome:
@@ -75,6 +93,16 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
             chain = cast(ChainRater, rater).rate_chain(request.account_id, request.destination, now_ms)
         except RatingRefused as refused:
             return deny(refused.reason, refused.detail)
+    routed: CallRoutes | None = None
+    if router is not None:
+        top, top_level = (chain[-1].rated, chain[-1].level) if chain else (rated, 0)
+        sell = plan_tariff(top.tariff)
+        choice = router(top, request.destination, now_ms, call_id) if isinstance(sell, RateRow) else None
+        if choice is not None:
+            if choice.refused:
+                return deny(DenyReason.NO_ROUTE, choice.detail())
+            assert isinstance(sell, RateRow)
+            routed = CallRoutes(choice.routes, sell, top_level)
     want = rated.tariff.cost_micros(settings.nibble_ms)
     minimum = rated.tariff.cost_micros(1000)
     plan_own = plan_tariff(rated.tariff)  # under an FX conversion (DESIGN §11): the plan's own
@@ -128,9 +156,13 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
         tariff=tariff, rating=rated.info, settings=settings, granted_micros=stored.granted_micros,
         limit_ms=limit_ms, group_id=request.group_id, upper=upper, seller=chain[0].tenant if chain else "",
         bundle_open=isinstance(plan_tariff(tariff), BundleTariff) and stored.bundle_granted_s >= want_s,
+        routed=routed,
     )
     warning_ms = settings.warning_ms if limit_ms > settings.warning_ms else 0
-    decision = AuthorizeDecision(True, call_id, limit_ms, warning_ms,
-                                 detail=f"prefix {rated.info.prefix} plan {rated.info.plan_name}",
-                                 backstop_ms=limit_ms + settings.backstop_margin_ms)
+    detail = f"prefix {rated.info.prefix} plan {rated.info.plan_name}"
+    if routed is not None:
+        detail += " via " + ",".join(route.carrier for route in routed.routes)
+    decision = AuthorizeDecision(True, call_id, limit_ms, warning_ms, detail=detail,
+                                 backstop_ms=limit_ms + settings.backstop_margin_ms,
+                                 routes=routed.trunks if routed is not None else ())
     return Outcome(decision, session)

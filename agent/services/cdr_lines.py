@@ -2,7 +2,7 @@
 
 ::
 
-    b"cdr5\\t" SETTLED_MS "\\t" N "\\n"             header: the instant the call settled (ms), N decisions
+    b"cdr6\\t" SETTLED_MS "\\t" N "\\n"             header: the instant the call settled (ms), N decisions
     calls row                       "\\n"            CALL_FIELDS
     call_legs row                   "\\n"  per leg   LEG_FIELDS
     rating_decisions row            "\\n"  N times   RATING_FIELDS: the customer's, then one per
@@ -15,9 +15,10 @@ for NULL, instants as ``YYYY-MM-DD HH:MM:SS.mmm`` (UTC, naive), booleans ``t``/`
 backslash, tab, newline and carriage return escaped, UTF-8. A spool replay into PostgreSQL then
 hands the lines to COPY as they are (~1 µs of Python per call instead of ~22 µs for the JSON
 form); every other consumer (SQLite, MariaDB, a batch the database refuses) decodes them back
-into the same CallRecord (``decode_lines``). The ``cdr5`` tag tells this form from the JSON
-form (``{``) of earlier spools, from ``cdr4`` (one decision, without its level, tenant, account
-and customer's call), ``cdr3`` (nor the rating's currencies, FX rate and plan-currency cost) and
+into the same CallRecord (``decode_lines``). The ``cdr6`` tag tells this form from the JSON
+form (``{``) of earlier spools, from ``cdr5`` (without the buy side: carrier, buy row, buy
+cost, margin), ``cdr4`` (one decision, without its level, tenant, account and customer's
+call), ``cdr3`` (nor the rating's currencies, FX rate and plan-currency cost) and
 ``cdr2`` (nor ``bundle_seconds``), all still read (through the general path).
 """
 
@@ -30,9 +31,11 @@ from typing import Any
 from agent.core.cdr import CallRecord, Disposition, LegRecord, RatingRecord
 from agent.core.session import level_call_id
 
-TAG = b"cdr5\t"
-# spools of earlier versions: cdr4 one decision without its level, cdr3 nor the currencies, cdr2 nor bundle_seconds
-TAGS = (TAG, b"cdr4\t", b"cdr3\t", b"cdr2\t")
+TAG = b"cdr6\t"
+CDR5_TAG = b"cdr5\t"  # N decisions, without the buy side
+# spools of earlier versions: cdr5 without the buy side, cdr4 one decision without its level, cdr3
+# nor the currencies, cdr2 nor bundle_seconds
+TAGS = (TAG, CDR5_TAG, b"cdr4\t", b"cdr3\t", b"cdr2\t")
 NULL = "\\N"
 CALL_FIELDS = ("call_id", "node", "account_id", "caller", "destination", "started_ms", "answered_ms", "ended_ms",
                "duration_ms", "disposition", "hangup_cause", "pbx", "settled_ms")
@@ -40,9 +43,12 @@ LEG_FIELDS = ("pbx_unique_id", "channel", "direction", "sip_call_id", "peer", "c
               "answered_ms", "ended_ms", "hangup_cause", "billsec", "billed")  # after the call id
 RATING_FIELDS = ("seq", "plan_name", "rate_id", "prefix", "rate_micros", "billed_seconds", "cost_micros",
                  "decided_ms", "reason", "bundle_seconds", "plan_currency", "currency", "fx_rate_e10", "fx_inverse",
-                 "plan_cost_micros", "level", "tenant", "account_id", "of_call_id")  # after the call id
+                 "plan_cost_micros", "level", "tenant", "account_id", "of_call_id", "carrier", "buy_rate_id",
+                 "buy_prefix", "buy_rate_micros", "buy_billed_seconds", "buy_cost_micros",
+                 "margin_micros")  # after the call id
 CDR3_RATING_FIELDS = 10  # a cdr3 rating line: up to bundle_seconds
 CDR4_RATING_FIELDS = 15  # a cdr4 rating line: up to plan_cost_micros
+CDR5_RATING_FIELDS = 19  # a cdr5 rating line: up to of_call_id
 
 EPOCH = datetime(1970, 1, 1)
 _UNSAFE = re.compile(r"[\\\t\n\r]")
@@ -99,12 +105,12 @@ def encode_lines(record: CallRecord) -> bytes:
                   leg.hangup_cause)
     for g in ratings:
         texts += (level_call_id(r.call_id, g.level), g.plan_name, g.prefix, g.reason, g.plan_currency, g.currency,
-                  g.tenant, g.account_id)
+                  g.tenant, g.account_id, g.carrier, g.buy_prefix)
     if _UNSAFE.search("".join(texts)):  # join: also a TypeError on a value that is not a string
         texts = [_esc(t) for t in texts]
     cid = texts[0]
     settled = r.settled_ms or r.ended_ms or r.started_ms
-    parts = [f"cdr5\t{settled:d}\t{len(ratings):d}\n"
+    parts = [f"cdr6\t{settled:d}\t{len(ratings):d}\n"
              f"{cid}\t{texts[1]}\t{texts[2]}\t{texts[3]}\t{texts[4]}\t{_ts_set(r.started_ms)}\t"
              f"{_ts(r.answered_ms)}\t{_ts(r.ended_ms)}\t{r.duration_ms:d}\t{texts[5]}\t{texts[6]}\t{texts[7]}\t"
              f"{_ts(r.settled_ms)}\n"]
@@ -121,8 +127,10 @@ def encode_lines(record: CallRecord) -> bytes:
                      f"{g.billed_seconds:d}\t{g.cost_micros:d}\t{_ts_set(g.decided_ms)}\t{texts[i + 3]}\t"
                      f"{g.bundle_seconds:d}\t{texts[i + 4]}\t{texts[i + 5]}\t{_opt(g.fx_rate_e10)}\t"
                      f"{'t' if _bool(g.fx_inverse) else 'f'}\t{_opt(g.plan_cost_micros)}\t{g.level:d}\t"
-                     f"{texts[i + 6]}\t{texts[i + 7]}\t{cid if g.level else NULL}\n")
-        i += 8
+                     f"{texts[i + 6]}\t{texts[i + 7]}\t{cid if g.level else NULL}\t{texts[i + 8]}\t"
+                     f"{_opt(g.buy_rate_id)}\t{texts[i + 9]}\t{g.buy_rate_micros:d}\t{g.buy_billed_seconds:d}\t"
+                     f"{_opt(g.buy_cost_micros)}\t{_opt(g.margin_micros)}\n")
+        i += 10
     return "".join(parts).encode("utf-8")
 
 
@@ -132,13 +140,13 @@ def copy_rows(payload: bytes) -> tuple[int, bytes, list[bytes], list[bytes]]:
     judges the fields (and a batch it refuses goes to the general path, through decode_lines)."""
     lines = payload.split(b"\n")
     if len(lines) < 4 or lines[-1] or not lines[0].startswith(TAGS):
-        raise ValueError("not a spooled call in the cdr5 (or cdr4, cdr3, cdr2) form")
-    if not lines[0].startswith(TAG):  # one decision, last
+        raise ValueError("not a spooled call in the cdr6 (or cdr5, cdr4, cdr3, cdr2) form")
+    if not lines[0].startswith((TAG, CDR5_TAG)):  # one decision, last
         return int(lines[0][len(TAG):]), lines[1], lines[2:-2], [lines[-2]]
     settled, count = lines[0][len(TAG):].split(b"\t")
     decisions = int(count)
     if decisions < 1 or len(lines) < 3 + decisions:
-        raise ValueError(f"a cdr5 call with {decisions} decisions in {len(lines) - 1} lines")
+        raise ValueError(f"a cdr6 call with {decisions} decisions in {len(lines) - 1} lines")
     return int(settled), lines[1], lines[2:-1 - decisions], lines[-1 - decisions:-1]
 
 
@@ -225,8 +233,9 @@ def _decode_rating(line: bytes, payload: bytes, cid: str) -> RatingRecord:
     old_form = payload.startswith(b"cdr2\t")
     cdr3 = payload.startswith(b"cdr3\t")
     cdr4 = payload.startswith(b"cdr4\t")
+    cdr5 = payload.startswith(CDR5_TAG)
     count = CDR3_RATING_FIELDS if old_form else 1 + CDR3_RATING_FIELDS if cdr3 else \
-        1 + CDR4_RATING_FIELDS if cdr4 else 1 + len(RATING_FIELDS)
+        1 + CDR4_RATING_FIELDS if cdr4 else 1 + CDR5_RATING_FIELDS if cdr5 else 1 + len(RATING_FIELDS)
     d = _fields(line, count, "rating_decisions")
     if not (old_form or cdr3) and d[14] not in ("t", "f"):
         raise ValueError(f"a rating with fx_inverse {d[14]!r}")
@@ -239,6 +248,12 @@ def _decode_rating(line: bytes, payload: bytes, cid: str) -> RatingRecord:
         currencies.update(level=level, tenant=_text(d[17]), account_id=_text(d[18]))
         if (d[19] != cid) if level else (d[19] != NULL):
             raise ValueError(f"a rating of level {level} of call {_text(d[19])!r} in call {_text(cid)!r}")
+    if not (old_form or cdr3 or cdr4 or cdr5):
+        currencies.update(carrier=_text(d[20]), buy_rate_id=_opt_int(d[21], "buy_rate_id"), buy_prefix=_text(d[22]),
+                          buy_rate_micros=_int(d[23], "buy_rate_micros"),
+                          buy_billed_seconds=_int(d[24], "buy_billed_seconds"),
+                          buy_cost_micros=_opt_int(d[25], "buy_cost_micros"),
+                          margin_micros=_opt_int(d[26], "margin_micros"))
     decided_ms = _ms(d[8], "decided_ms")
     if _text(d[0]) != level_call_id(_text(cid), level) or decided_ms is None:
         raise ValueError(f"a rating of call {_text(d[0])!r} decided at {d[8]!r}")

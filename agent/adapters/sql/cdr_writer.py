@@ -60,7 +60,9 @@ LEG_COLUMNS = ("call_id", "pbx_unique_id", "channel", "direction", "sip_call_id"
                "callee", "created_at", "answered_at", "ended_at", "hangup_cause", "billsec", "billed")
 DECISION_COLUMNS = ("call_id", "seq", "plan_name", "rate_id", "prefix", "rate_micros", "billed_seconds",
                     "cost_micros", "decided_at", "reason", "bundle_seconds", "plan_currency", "currency", "fx_rate_e10",
-                    "fx_inverse", "plan_cost_micros", "level", "tenant", "account_id", "of_call_id")
+                    "fx_inverse", "plan_cost_micros", "level", "tenant", "account_id", "of_call_id", "carrier",
+                    "buy_rate_id", "buy_prefix", "buy_rate_micros", "buy_billed_seconds", "buy_cost_micros",
+                    "margin_micros")
 
 # The column a MySQL "ON DUPLICATE KEY UPDATE" sets to itself (any column of a unique key).
 SKIP_KEY = {"calls": "id", "call_legs": "call_id", "rating_decisions": "call_id", "cdr_quarantine": "digest"}
@@ -100,7 +102,8 @@ def record_rows(record: CallRecord, *, aware: bool) -> tuple[tuple[Any, ...], li
         decisions.append((level_call_id(r.call_id, g.level), g.seq, g.plan_name, g.rate_id, g.prefix, g.rate_micros,
                           g.billed_seconds, g.cost_micros, ts(g.decided_ms), g.reason, g.bundle_seconds,
                           g.plan_currency, g.currency, g.fx_rate_e10, g.fx_inverse, g.plan_cost_micros, g.level,
-                          g.tenant, g.account_id, r.call_id if g.level else None))
+                          g.tenant, g.account_id, r.call_id if g.level else None, g.carrier, g.buy_rate_id,
+                          g.buy_prefix, g.buy_rate_micros, g.buy_billed_seconds, g.buy_cost_micros, g.margin_micros))
     return call, legs, decisions
 
 
@@ -166,7 +169,10 @@ def spooled_copy_lines(payload: bytes, calls: list[str], legs: list[str], decisi
                          f"{_s(r.get('currency', ''))}\t{_copy_int(r.get('fx_rate_e10'))}\t"
                          f"{'t' if r.get('fx_inverse') is True else 'f'}\t{_copy_int(r.get('plan_cost_micros'))}\t"
                          f"{level}\t{_s(r.get('tenant', ''))}\t{_s(r.get('account_id', ''))}\t"
-                         f"{cid if level else _NULL}\n")
+                         f"{cid if level else _NULL}\t{_s(r.get('carrier', ''))}\t{_copy_int(r.get('buy_rate_id'))}\t"
+                         f"{_s(r.get('buy_prefix', ''))}\t{int(r.get('buy_rate_micros') or 0)}\t"
+                         f"{int(r.get('buy_billed_seconds') or 0)}\t{_copy_int(r.get('buy_cost_micros'))}\t"
+                         f"{_copy_int(r.get('margin_micros'))}\n")
     settled: int | None = d["settled_ms"] or d["ended_ms"] or d["started_ms"]
     if not isinstance(settled, int):
         raise TypeError(f"settled_ms is {settled!r}")

@@ -358,6 +358,18 @@ class RatingDecision(Base):
                                             comment="the account charged at a level above the customer ('' at level 0)")
     of_call_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True,
                                                    comment="the customer's call (calls.id) of a level above it")
+    # Wholesale (DESIGN §10, migration 0012), on the decision of the level the operator sells to:
+    # the carrier that answered, its buy row, what it bills by its own increments (in
+    # plan_currency) and the margin (plan_cost_micros - buy_cost_micros). NULL / '': not routed.
+    carrier: Mapped[str] = mapped_column(String(64), default="", index=True,
+                                         comment="the carrier that answered ('' when not routed or not answered)")
+    buy_rate_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True, comment="the carrier's rates.id")
+    buy_prefix: Mapped[str] = mapped_column(String(32), default="")
+    buy_rate_micros: Mapped[int] = mapped_column(Micros, default=0, comment="per minute, in plan_currency")
+    buy_billed_seconds: Mapped[int] = mapped_column(Integer, default=0, comment="by the carrier's increments")
+    buy_cost_micros: Mapped[int | None] = mapped_column(Micros, nullable=True, comment="in plan_currency")
+    margin_micros: Mapped[int | None] = mapped_column(Micros, nullable=True,
+                                                      comment="plan_cost_micros - buy_cost_micros")
 
 
 class CdrQuarantine(Base):
