@@ -49,6 +49,7 @@ from agent.adapters.sql.live_calls import LiveCallFact, LiveCallPublisher, live_
 from agent.adapters.sql.migrate import check_schema
 from agent.adapters.sql.models import RatePlan
 from agent.adapters.sql.rate_repository import RatePlanCache
+from agent.adapters.sql.route_book import RouteBook
 from agent.adapters.webhook import AlertWebhook
 from agent.config import Config
 from agent.core.balance import LiveCall
@@ -66,6 +67,7 @@ from agent.services.engine import EngineSettings, LeftBehind
 from agent.services.fraud import FraudGuard
 from agent.services.metrics import Metrics
 from agent.services.rater import PlanRater
+from agent.services.routes import CallRouter
 from agent.services.store_guard import Journal, StoreGuard, guard_from_config
 from agent.services.store_port import EngineStoreAdapter
 
@@ -129,6 +131,8 @@ class Daemon:
         self.bundle_book: BundleBook | None = None
         self.fx_book: FxBook | None = None
         self.tenant_chains: TenantChains | None = None
+        self.route_book: RouteBook | None = None  # carriers, buy decks, route policies (DESIGN §10)
+        self.router: CallRouter | None = None
         self.fraud: FraudGuard | None = None
         self.alerts: Alerts | None = None  # every alert of the node (fraud rules, low balance)
         self.balance_watch: BalanceWatch | None = None
@@ -180,6 +184,7 @@ class Daemon:
         self._offer_adoption(self.engine, self.store)
         self._start_authorized_journal(self.engine)
         self._start_fraud(self.engine, self.sql, self.store)
+        self._start_routing(self.engine, self.sql)
         self.engine.start()
         self._start_adapters(self.engine)
         self.publisher = LiveCallPublisher(self.sql, self.config.node.id)
@@ -405,6 +410,26 @@ class Daemon:
         guard.start()
         log.info("fraud rules: %d rules, %d destination groups from %s, counters %s", len(rules.rules),
                  len(rules.groups), path, "in Redis (every node)" if counters else "in memory (this node)")
+
+    def _start_routing(self, engine: CallEngine, sql: Engine) -> None:
+        """Wholesale routing (DESIGN §10): the carriers and every enabled carrier's buy deck in
+        memory before the first call (a deck imported later loads beside the calls), the router
+        in the engine and its margin alerts at settle. With no carrier defined the router routes
+        nothing and the dialplans dial their own trunk."""
+        book = self.route_book = RouteBook(sql, self.clock.now_ms,
+                                           check_interval_seconds=self.config.daemon.rates_poll_seconds,
+                                           background=True)
+        try:
+            decks = book.preload()
+        except Exception as exc:  # noqa: BLE001 - the database answered the schema check a moment ago
+            raise StartupError(f"carriers and buy decks cannot be read: {exc}") from None
+        alerts = self.alerts
+        router = self.router = CallRouter(book, node=self.config.node.id, live_channels=lambda: engine.carrier_calls,
+                                          alert=alerts.submit if alerts is not None else None)
+        engine.router = router
+        engine.on_finished.append(router.finished)
+        if decks:
+            log.info("routing: %d carriers with buy decks (%s)", len(decks), ", ".join(decks))
 
     def _start_alerts(self, engine: CallEngine, sql: Engine, store: StoreGuard) -> Alerts:
         """The node's alert service (``agent/services/alerts.py``): the ``alerts`` table through a
@@ -675,6 +700,8 @@ class Daemon:
             self.fx_book.forget()  # FX rates too, at the next call of each currency pair
         if self.tenant_chains is not None:
             self.tenant_chains.forget()  # the tenants above each account too
+        if self.route_book is not None:
+            self.route_book.refresh_all()  # carriers, route policies, buy decks' versions
         self.reload_fraud_rules()
         if self.reload_config is None:
             return
@@ -753,6 +780,8 @@ class Daemon:
             webhook = self.webhook
             self._timed("stop the alert webhook", lambda: webhook.stop(1))
         self._timed("stop background greenlets", lambda: self.group.kill(timeout=2))
+        if self.route_book is not None:
+            self._timed("stop the route book", self.route_book.close)
         if self.cdr is not None:
             cdr = self.cdr
             self._timed("flush CDRs", lambda: cdr.stop(5))

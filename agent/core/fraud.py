@@ -32,7 +32,14 @@ MS_PER_DAY = 86_400_000
 LOW_BALANCE = "low_balance"
 BALANCE_EXHAUSTED = "balance_exhausted"
 BALANCE_KINDS = frozenset({LOW_BALANCE, BALANCE_EXHAUSTED})
-MONEY_KINDS = frozenset({RuleKind.SPEND.value, LOW_BALANCE, BALANCE_EXHAUSTED})  # figure/threshold are money
+# Wholesale (DESIGN §10, agent/services/routes.py): the margin of a call below its plan's floor,
+# predicted at authorization (the first route, a 60 s call) or actual at settle. ``figure`` is
+# the margin, ``threshold`` the floor's money for the same seconds (0 for a percentage floor).
+MARGIN_PREDICTED = "margin_predicted"
+MARGIN_ACTUAL = "margin_actual"
+MARGIN_KINDS = frozenset({MARGIN_PREDICTED, MARGIN_ACTUAL})
+# figure/threshold are money
+MONEY_KINDS = frozenset({RuleKind.SPEND.value, LOW_BALANCE, BALANCE_EXHAUSTED, *MARGIN_KINDS})
 
 
 def destination_digits(destination: str) -> str:

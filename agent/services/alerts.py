@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import gevent
 import gevent.event
 
-from agent.core.fraud import BALANCE_KINDS, AlertRecord, AlertThrottle
+from agent.core.fraud import BALANCE_KINDS, MARGIN_KINDS, AlertRecord, AlertThrottle
 from agent.core.money import format_amount
 from agent.ports import Clock
 from agent.services.metrics import Metrics
@@ -151,6 +151,11 @@ class Alerts:
             log.warning("BALANCE ALERT kind=%s account=%s available=%s threshold=%s call=%s node=%s: %s", record.kind,
                         record.account_id, format_amount(record.figure), format_amount(record.threshold),
                         record.call_id or "-", record.node, record.detail)
+        elif record.kind in MARGIN_KINDS:
+            self.metrics.alerts.labels(record.kind).inc()
+            log.warning("MARGIN ALERT kind=%s account=%s margin=%s call=%s dest=%s node=%s: %s", record.kind,
+                        record.account_id, format_amount(record.figure), record.call_id or "-", record.destination,
+                        record.node, record.detail)
         else:
             self.metrics.fraud_alerts.labels(record.rule, "deny" if record.action == "deny_group"
                                              else record.action).inc()

@@ -33,9 +33,10 @@ StoreAuthorize = Callable[[str, int, int, tuple[BundleSlot, ...], int], StoreAut
 # [(a level's store call id, its account, want, minimum)] -> their outcomes, in order: the levels
 # above the customer (DESIGN §11), reserved together (each its own store step, at once)
 LevelAuthorize = Callable[[Sequence[tuple[str, str, int, int]]], list[StoreAuthorization]]
-# (the call as the operator sells it: the customer's rating, or the top reseller's; the number;
-# the instant; the call id) -> the carriers to try (DESIGN §10); None: no carriers, no routing
-Router = Callable[[RatedCall, str, int, str], RouteChoice | None]
+# (the call as the operator sells it: the customer's rating, or the top reseller's; the account
+# that pays the operator; the number; the instant; the call id) -> the carriers to try (DESIGN
+# §10); None: no carriers, no routing
+Router = Callable[[RatedCall, str, str, int, str], RouteChoice | None]
 
 
 class ChainRater(Protocol):
@@ -95,9 +96,10 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
             return deny(refused.reason, refused.detail)
     routed: CallRoutes | None = None
     if router is not None:
-        top, top_level = (chain[-1].rated, chain[-1].level) if chain else (rated, 0)
+        top, top_level, top_payer = ((chain[-1].rated, chain[-1].level, chain[-1].account_id) if chain
+                                     else (rated, 0, request.account_id))
         sell = plan_tariff(top.tariff)
-        choice = router(top, request.destination, now_ms, call_id) if isinstance(sell, RateRow) else None
+        choice = router(top, top_payer, request.destination, now_ms, call_id) if isinstance(sell, RateRow) else None
         if choice is not None:
             if choice.refused:
                 return deny(DenyReason.NO_ROUTE, choice.detail())

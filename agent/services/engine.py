@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -70,7 +71,7 @@ from agent.core.session import (
     payers_of,
 )
 from agent.ports import Clock, EngineStore, Rater, Switch
-from agent.services.authorize import decide
+from agent.services.authorize import Router, decide
 from agent.services.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -279,6 +280,12 @@ class Engine:
         self.on_finished: list[Callable[[Any], None]] = []
         # Checks of every new call before the store (the fraud rules); the first refusal wins.
         self.screens: list[CallScreen] = []
+        # Wholesale routing (DESIGN §10): chooses the carriers of each call (None: no routing),
+        # and the calls of this node per carrier, from authorization to the end of the call,
+        # counted against the carrier tried first (the channel limits read them).
+        self.router: Router | None = None
+        self.carrier_calls: Counter[str] = Counter()
+        self._carrier_of_call: dict[str, str] = {}
         self.lateness_samples: list[int] | None = None  # benchmarks set a list to get raw samples
         # Open reservations an earlier run of this node left (the daemon fills it at start); a
         # resync that shows their legs live on the PBX adopts them (agent restart, hand-over).
@@ -679,7 +686,7 @@ class Engine:
         outcome = decide(request, call_id=call_id, node=self.settings.node, rater=self.rater,
                          store_authorize=store_authorize, settings=self.session_settings,
                          max_call_seconds=self.settings.max_call_seconds, now_ms=now_ms,
-                         level_authorize=level_authorize)
+                         level_authorize=level_authorize, router=self.router)
         refused = self._screened_beside(beside, call_id)
         if refused is not None:
             if outcome.decision.allowed or outcome.release_reservation:
@@ -696,6 +703,10 @@ class Engine:
         for level_id, account_id in outcome.release_levels:
             self._store_work.put(self._release_quietly, level_id, 1, account_id)
         if outcome.session is not None:
+            routed = outcome.session.routed
+            if routed is not None and routed.routes:
+                carrier = self._carrier_of_call[call_id] = routed.routes[0].carrier
+                self.carrier_calls[carrier] += 1
             self._run_effects(self.registry.add(outcome.session))
             self.metrics.live_calls.set(self.registry.live_count())
             self._wake.set()
@@ -911,6 +922,11 @@ class Engine:
     def _finished(self, effect: Finished) -> None:
         record = effect.record
         self.registry.remove(record.call_id)  # (a record with no session: a call left behind)
+        carrier = self._carrier_of_call.pop(record.call_id, None)
+        if carrier is not None:
+            self.carrier_calls[carrier] -= 1
+            if self.carrier_calls[carrier] <= 0:
+                del self.carrier_calls[carrier]
         self.metrics.live_calls.set(self.registry.live_count())
         self.metrics.settled.labels(record.disposition.value).inc()
         log.info("settled call=%s account=%s disposition=%s billed_s=%d cost_micros=%d node=%s",

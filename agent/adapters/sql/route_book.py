@@ -16,7 +16,7 @@ carriers' settings and each sell plan's route policy, ready for :func:`agent.cor
   plan's currency; one in another currency is left out of that call with the reason (no FX
   conversion of buy costs yet).
 
-Not wired into ``Engine.authorize`` yet (README, "Wholesale").
+The daemon hands it to the engine through :class:`agent.services.routes.CallRouter`.
 """
 
 from __future__ import annotations
@@ -111,6 +111,10 @@ class RouteBook:
         self.carriers.forget()
         self.policies.forget()
         self.tables.refresh_all()
+
+    def configured(self) -> bool:
+        """Any carrier defined (enabled or not): calls are routed; none: the dialplan's own trunk."""
+        return bool(self.carriers.get(_ALL))
 
     def routing_of(self, sell_plan: str) -> PlanRouting:
         return self.policies.get(sell_plan) or PlanRouting()
