@@ -22,6 +22,11 @@ billing dialplan of DESIGN §7, context ``billing-outbound``::
   first to answer wins, the others get ``DialEnd CANCEL`` and cause 26; busy: ``DialEnd BUSY``,
   causes 17; no answer: ``DialEnd NOANSWER``). ``limit`` ms after the answer the callee is hung up and
   the caller follows (capture ami-1); ``warn`` ms before that a warning is recorded on the call.
+* Routes (DESIGN §10): when the agent sets ``BILLING_ROUTES`` and ``BILLING_ROUTE_1..n``, the
+  routes are dialled in turn as the shipped dialplan does: a route whose peer is in
+  ``congested_trunks`` (a carrier answering 503) gives a B leg that ends ``DialEnd CONGESTION``,
+  cause 34, and the next is tried; a route of another technology is ``CHANUNAVAIL``; the first
+  other route carries the call. Every route failing ends the call with cause 34.
 * AMI server (``timestampevents = yes``): banner, ``Login`` (wrong secret: 1 s pause, the error,
   close), ``Ping``, ``Events``, ``CoreShowChannels``, ``Status``, ``Getvar``, ``Setvar``, ``Hangup``
   (``Channel`` is a name or a Uniqueid, optional ``Cause``), ``Logoff``; anything else gets Asterisk's
@@ -130,6 +135,9 @@ class FakeCall:
     agi_stalled: int = 0  # commands that sat in res_agi's buffer behind another (pipelining)
     backstop_raw: str = ""  # BILLING_BACKSTOP_MS as the agent set it
     backstop_rearms: int = 0  # AMI Setvar TIMEOUT(absolute) on the call's callee
+    routes: list[str] = field(default_factory=list)  # BILLING_ROUTE_1..n as the agent set them
+    attempts: list[tuple[str, str]] = field(default_factory=list)  # (route, DIALSTATUS) of each route tried
+    trunk: str = ""  # the peer name of the trunk that carried the call ("": the configured trunk)
     dial_status: str = ""
     outcome: str = ""  # answered | cut | denied | refused | busy | no_answer | cancelled
     hangup_cause: int = 0  # the A leg's Q.850 cause
@@ -302,6 +310,9 @@ class FakeAsterisk:
         self.ami_secret = ami_secret
         self.tech = tech
         self.trunk = trunk
+        # Peer names whose trunk answers 503 (Dial ends CONGESTION, cause 34), as a carrier
+        # that is down or full: the shipped dialplan then tries the next BILLING_ROUTE_n.
+        self.congested_trunks: set[str] = set()
         self.login_failure_delay_s = login_failure_delay_s
         self.agi_idle_timeout_s = agi_idle_timeout_s
         self.clock = clock
@@ -440,8 +451,9 @@ class FakeAsterisk:
     def _a_peer_name(self, call: FakeCall) -> str:
         return "127.0.0.1" if self.tech == "SIP" else call.caller
 
-    def _trunk_name(self, index: int) -> str:
-        return self.trunk if index == 0 else f"{self.trunk}{index + 1}"
+    def _trunk_name(self, index: int, call: FakeCall | None = None) -> str:
+        trunk = (call.trunk if call is not None else "") or self.trunk
+        return trunk if index == 0 else f"{trunk}{index + 1}"
 
     # ---------------------------------------------------------------- events
 
@@ -588,6 +600,8 @@ class FakeAsterisk:
         call.limit_ms = _int_or_none(call.limit_raw)
         call.warn_ms = _int_or_none(a.variables.get("BILLING_WARN_MS", ""))
         call.backstop_raw = a.variables.get("BILLING_BACKSTOP_MS", "")
+        count = _int_or_none(a.variables.get("BILLING_ROUTES", "")) or 0
+        call.routes = [a.variables.get(f"BILLING_ROUTE_{i}", "") for i in range(1, count + 1)]
         allowed = call.decision == "allow" and call.backstop_raw != ""
         self._newexten(a, 3, "GotoIf", f"{0 if allowed else 1}?refused")
         if not allowed:
@@ -841,16 +855,48 @@ class FakeAsterisk:
 
     # ---------------------------------------------------------------- Dial
 
+    def _routes_fail(self, call: FakeCall, a: FakeChannel) -> bool:
+        """The shipped dialplan's loop over BILLING_ROUTE_n: a route on a congested trunk (or
+        one this channel technology cannot dial) fails with CONGESTION / CHANUNAVAIL and the next
+        is tried; busy or no answer would end the loop. True when every route failed (the call
+        then ends with the last failure's cause)."""
+        for route in call.routes:
+            tech, _, peer = route.partition("/")
+            if tech != self.tech or not peer:
+                call.attempts.append((route, "CHANUNAVAIL"))
+                self._varset(a, "DIALSTATUS", "CHANUNAVAIL")
+                continue
+            if peer not in self.congested_trunks:
+                call.trunk = peer
+                return False
+            b = self._new_channel(call, "B", peer, linkedid=a.linkedid)
+            call.b_uniqueids.append(b.uniqueid)
+            b.context, b.exten, b.call_id = CARRIER_CONTEXT, "s", self._call_id("B")
+            self._chan_event("Newchannel", b)
+            self._emit("DialBegin", "call", a.snapshot() + b.snapshot("Dest") +
+                       [("DialString", f"{peer}/{call.destination}")])
+            self._dial_event("DialEnd", a, b, ("DialStatus", "CONGESTION"))
+            self._hangup_event(b, 34)
+            call.attempts.append((route, "CONGESTION"))
+            self._varset(a, "DIALSTATUS", "CONGESTION")
+        call.outcome = "refused"
+        call.dial_status = "CONGESTION" if call.attempts and call.attempts[-1][1] == "CONGESTION" else "CHANUNAVAIL"
+        self._end_unanswered(a, None, "34", "Hangup", "FAILED")
+        return True
+
     def _dial(self, call: FakeCall, a: FakeChannel) -> None:
+        if call.routes and self._routes_fail(call, a):
+            return
         limit = call.limit_ms
         warn = call.warn_ms
         # L(x) (no warning): the callee's whentohangup at its answer; the warn branch: L(limit:warn),
         # bridge timers that cannot move.
         option = f"L({call.backstop_raw})" if warn is None else f"L({limit if limit is not None else ''}:{warn})"
-        targets = [f"{self.tech}/{self._trunk_name(i)}/{call.destination}" for i in range(call.forks)]
+        targets = [f"{self.tech}/{self._trunk_name(i, call)}/{call.destination}" for i in range(call.forks)]
         dial_data = f"{'&'.join(targets)},{DIAL_TIMEOUT_S},{option}"
-        trunk = f"{self.tech}/{self.trunk}"
-        dial = f"PJSIP/{call.destination}@{self.trunk}" if self.tech == "PJSIP" else f"{trunk}/{call.destination}"
+        trunk = f"{self.tech}/{self._trunk_name(0, call)}"
+        dial = (f"PJSIP/{call.destination}@{self._trunk_name(0, call)}" if self.tech == "PJSIP"
+                else f"{trunk}/{call.destination}")
         self._newexten(a, 4, "Set", f"BILLING_DIAL={dial}")
         self._newexten(a, 5, "GotoIf", f"{1 if warn is not None else 0}?warn")
         self._newexten(a, 9 if warn is not None else 6, "Dial", dial_data)
@@ -866,7 +912,7 @@ class FakeAsterisk:
             self._varset(a, name, "")
         legs: list[FakeChannel] = []
         for index in range(call.forks):
-            trunk = self._trunk_name(index)
+            trunk = self._trunk_name(index, call)
             b = self._new_channel(call, "B", trunk, linkedid=a.linkedid)
             call.b_uniqueids.append(b.uniqueid)
             b.context, b.exten, b.call_id = CARRIER_CONTEXT, "s", self._call_id("B")
@@ -949,7 +995,7 @@ class FakeAsterisk:
             self._set_timeout(b, f"{backstop_ms // 1000}.{backstop_ms % 1000:03d}", rearm=False)
         self._varset(a, "DIALSTATUS", "ANSWER")
         self._varset(a, "DIALEDPEERNAME", b.name)
-        self._varset(a, "DIALEDPEERNUMBER", f"{self.trunk}/{call.destination}")
+        self._varset(a, "DIALEDPEERNUMBER", f"{self._trunk_name(0, call)}/{call.destination}")
         b.exten = ""
         call.dial_status = "ANSWER"
         self._dial_event("DialEnd", a, b, ("DialStatus", "ANSWER"))

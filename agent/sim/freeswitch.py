@@ -48,7 +48,7 @@ import sys
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import gevent
@@ -82,6 +82,8 @@ Q850 = {
 a name in neither, such as "TEMPORARY_FAILURE", is NORMAL_CLEARING to FreeSWITCH
 (switch_channel_str2cause), and to this fake: found on a real FreeSWITCH, where billing.xml's
 refusals with that name reached the caller as a normal clearing instead of a 503."""
+# billing.xml's fail_on_single_reject: a routed bridge stops at these instead of the next carrier.
+FAIL_ON_SINGLE_REJECT = frozenset({"USER_BUSY", "NO_ANSWER", "NO_USER_RESPONSE", "ORIGINATOR_CANCEL"})
 STATE_NUMBERS = {"CS_NEW": 0, "CS_INIT": 1, "CS_ROUTING": 2, "CS_EXECUTE": 4, "CS_CONSUME_MEDIA": 7,
                  "CS_EXCHANGE_MEDIA": 5, "CS_HANGUP": 10, "CS_REPORTING": 11, "CS_DESTROY": 12}
 
@@ -213,6 +215,10 @@ class FakeFreeswitch:
         self.scheduled: dict[str, list[gevent.Greenlet[Any, Any]]] = {}  # sched_hangup tasks by channel uuid
         self.calls: list[FakeCall] = []
         self.commands: list[str] = []  # every command received, in order (auth included)
+        # Gateways that fail every attempt with this cause (a carrier answering 503 gives
+        # NORMAL_CIRCUIT_CONGESTION): the agent's routes (a '|' failover billing_trunk) then go on
+        # to the next; billing.xml's fail_on_single_reject causes end the bridge instead.
+        self.failing_gateways: dict[str, str] = {}
         self.connections_accepted = 0
         self.slow_api: dict[str, float] = {}  # verb -> seconds it takes (its output is taken first)
         self._connections: set[_Connection] = set()
@@ -387,13 +393,34 @@ class FakeFreeswitch:
             return
         a.variables["current_application"] = "bridge"
         last_cause = "NO_ROUTE_DESTINATION"
-        for attempt in call.attempts:
+        routed = self._routed_attempts(call, a)
+        for attempt in routed or call.attempts:
             result = self._dial(call, a, attempt)
             if result is None:
                 return  # answered and finished, or the caller went away
             last_cause = result
+            if routed and result in FAIL_ON_SINGLE_REJECT:
+                break
         call.outcome = "failed"
         self.hangup(a, last_cause)
+
+    def _routed_attempts(self, call: FakeCall, a: FakeChannel) -> tuple[Attempt, ...]:
+        """The attempts of the agent's routes: the channel's own ``billing_trunk`` as a '|'
+        failover string (``sofia/gateway/a/NUM|sofia/gateway/b`` + ``/NUM``), each gateway with
+        the call's first attempt's timings and ``failing_gateways``' cause; () when not routed."""
+        trunk = a.variables.get("billing_trunk", "")
+        if "|" not in trunk and not trunk.startswith("sofia/gateway/"):
+            return ()
+        base = call.attempts[0]
+        attempts = []
+        for part in f"{trunk}/{call.destination}".split("|"):
+            pieces = part.split("/")
+            gateway = pieces[2] if len(pieces) > 3 and pieces[:2] == ["sofia", "gateway"] else ""
+            attempts.append(replace(base, gateway=gateway or "invalid",
+                                    fail_cause="" if gateway else "INVALID_GATEWAY")
+                            if not gateway or gateway not in self.failing_gateways
+                            else replace(base, gateway=gateway, fail_cause=self.failing_gateways[gateway]))
+        return tuple(attempts)
 
     def _outbound_socket(self, a: FakeChannel) -> None:
         """mod_event_socket's ``socket`` application (sync, full): connect; answer ``connect``

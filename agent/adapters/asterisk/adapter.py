@@ -79,6 +79,8 @@ VAR_BACKSTOP_MS = "BILLING_BACKSTOP_MS"
 VAR_WARN_MS = "BILLING_WARN_MS"
 VAR_REASON = "BILLING_REASON"
 VAR_CAUSE = "BILLING_CAUSE"
+VAR_ROUTES = "BILLING_ROUTES"  # how many BILLING_ROUTE_n (DESIGN §10); unset: the dialplan's BILLING_TRUNK
+VAR_ROUTE = "BILLING_ROUTE_{}"  # the n-th trunk to try (PJSIP/acme, SIP/acme), from 1
 REASON_UNSUPERVISED = "pbx_unsupervised"  # AMI is down: refused by the adapter itself (cause 41)
 
 DENY_CAUSES: dict[DenyReason, int] = {
@@ -449,6 +451,9 @@ class AsteriskAdapter:
                                                    (VAR_BACKSTOP_MS, max(1, decision.pbx_backstop_ms))]
             if 0 < decision.warning_ms < decision.limit_ms:
                 values.append((VAR_WARN_MS, decision.warning_ms))
+            if decision.routes:  # the carriers in order: the shipped dialplan tries each in turn
+                values.append((VAR_ROUTES, len(decision.routes)))
+                values += [(VAR_ROUTE.format(n), trunk) for n, trunk in enumerate(decision.routes, start=1)]
             self._set(session, request.leg_id, [*values, (VAR_DECISION, "allow")])
             return
         reason = str(decision.reason or DenyReason.BAD_REQUEST)

@@ -203,7 +203,8 @@ def set_variable(name: str, value: str | int) -> bytes:
     return f'SET VARIABLE {check_variable(name)} "{plain_value(value)}"\n'.encode()
 
 
-_MSET_VALUE = re.compile(r"[A-Za-z0-9_.:+-]{0,64}")
+# A trunk (PJSIP/acme, SIP/carrier@host) is the longest value: carriers allow _ . / : @ + -.
+_MSET_VALUE = re.compile(r"[A-Za-z0-9_./:@+-]{0,255}")
 
 
 def exec_mset(values: list[tuple[str, str | int]]) -> bytes:
@@ -220,6 +221,6 @@ def exec_mset(values: list[tuple[str, str | int]]) -> bytes:
     for name, value in values:
         text = str(value)
         if not _MSET_VALUE.fullmatch(text):
-            raise UnsafeValue(f"{text!r} cannot be set with MSet (letters, digits and ._:+- only)")
+            raise UnsafeValue(f"{text!r} cannot be set with MSet (letters, digits and ._/:@+- only)")
         pairs.append(f"{check_variable(name)}={text}")
     return f'EXEC MSet "{",".join(pairs)}"\n'.encode()

@@ -61,6 +61,7 @@ from agent.adapters.freeswitch.translate import (
     SUBSCRIBED_EVENTS,
     VAR_DECISION,
     VAR_REFUSAL,
+    VAR_TRUNK,
     EventTranslator,
     authorize_request,
     awaiting_authorization,
@@ -333,6 +334,8 @@ class FreeswitchAdapter:
         if decision.allowed:
             backstop_s = commands.backstop_seconds(decision.pbx_backstop_ms)
             verdict = {VAR_REFUSAL: ""} if one_pass else {VAR_DECISION: "allow"}
+            if decision.routes:  # the carriers in order, as billing.xml's bridge reads them
+                verdict[VAR_TRUNK] = commands.failover_trunk(decision.routes, request.destination)
             return ([commands.setvar_multi(leg_id, {
                 **verdict, "billing_backstop_s": str(backstop_s),
                 "billing_ceiling_s": str(backstop_s + self.settings.ring_allowance_s)})],

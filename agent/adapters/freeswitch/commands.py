@@ -8,6 +8,7 @@ command's target (``hupall CAUSE call_uuid`` with no value hangs up *every* chan
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from agent.core.events import AuthorizeDecision, DenyReason
 
@@ -17,6 +18,8 @@ _DESTINATION = re.compile(r"[0-9A-Za-z+*#._-]{1,64}")
 _CONTEXT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _VAR_VALUE_UNSAFE = re.compile(r"[;=\r\n]")
+_TRUNK_SAFE = re.compile(r"[A-Za-z0-9_./:@+-]{1,255}")  # as carriers allow (agent/adapters/sql/carriers.py)
+_DIAL_STRING = re.compile(r"[A-Za-z0-9_./:@+|*#-]{201,8000}")
 
 SCHEDULER_SLACK_S = 1
 """``sched_hangup +N`` runs at ``floor(now) + N`` whole seconds (up to a second *before* now + N),
@@ -127,10 +130,32 @@ def setvar_multi(leg_id: str, variables: dict[str, str]) -> str:
     for name, value in variables.items():
         if not _VAR_NAME.fullmatch(name):
             raise UnsafeValue(f"channel variable name {name!r} is not a plain name")
-        pairs.append(f"{name}={plain_value(value)}")
+        # A dial string (a failover trunk of many routes) is kept whole; text is cut at 200.
+        pairs.append(f"{name}={value if _DIAL_STRING.fullmatch(value) else plain_value(value)}")
     if not pairs:
         raise UnsafeValue("uuid_setvar_multi needs at least one variable")
     return f"uuid_setvar_multi {check_uuid(leg_id)} {';'.join(pairs)}"
+
+
+def gateway_dial(trunk: str) -> str:
+    """A carrier's trunk as FreeSWITCH dials it: a bare gateway name is ``sofia/gateway/NAME``."""
+    return trunk if "/" in trunk else f"sofia/gateway/{trunk}"
+
+
+def failover_trunk(trunks: Sequence[str], destination: str) -> str:
+    """The routes of a call as one ``billing_trunk`` value: billing.xml's bridge dials
+    ``${billing_trunk}/NUMBER``, so every route but the last carries the number itself and the
+    dialplan appends it to the last: ``sofia/gateway/a/NUM|sofia/gateway/b`` + ``/NUM``. A bridge
+    tries ``|`` routes in turn; billing.xml's ``fail_on_single_reject`` stops at busy, no answer
+    and a caller's cancel (DESIGN §10: the next carrier only when one cannot take the call)."""
+    if not trunks:
+        raise UnsafeValue("a failover trunk needs at least one route")
+    number = check_destination(destination)
+    dials = [gateway_dial(trunk) for trunk in trunks]
+    for dial in dials:
+        if not _TRUNK_SAFE.fullmatch(dial):
+            raise UnsafeValue(f"route {dial!r} cannot be dialled safely by FreeSWITCH")
+    return "|".join([*(f"{dial}/{number}" for dial in dials[:-1]), dials[-1]])
 
 
 def transfer(leg_id: str, destination: str, context: str) -> str:

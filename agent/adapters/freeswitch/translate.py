@@ -51,6 +51,9 @@ VAR_DECISION = "billing_decision"  # set by the agent: allow | deny
 # allows it (the agent's allow clears it, and the dialplan dials in the same pass). A channel
 # without it comes from an older billing.xml, which dials on billing_decision=allow instead.
 VAR_REFUSAL = "billing_refusal"
+# Set by the agent when carriers are defined (DESIGN §10): the channel's own billing_trunk, which
+# billing.xml's bridge reads before the global of the same name, as a '|' failover string.
+VAR_TRUNK = "billing_trunk"
 
 
 def micros_to_ms(raw: str) -> int | None:
