@@ -114,7 +114,18 @@ def decision_json(d: DecisionView) -> dict[str, Any]:
         "currency": d.currency or None, "plan_currency": d.plan_currency or None,
         "plan_cost": format_amount(d.plan_cost_micros) if d.plan_cost_micros is not None else None,
         "fx_rate": fx_text(d.fx_rate_e10, d.fx_inverse),
+        "route": route_json(d),
     }
+
+
+def route_json(d: DecisionView) -> dict[str, Any] | None:
+    """The buy side of a routed call (DESIGN §10), in the plan's currency; None when not routed."""
+    if not d.carrier:
+        return None
+    return {"carrier": d.carrier, "buy_prefix": d.buy_prefix, "buy_rate_per_minute": format_amount(d.buy_rate_micros),
+            "buy_billed_seconds": d.buy_billed_seconds,
+            "buy_cost": format_amount(d.buy_cost_micros) if d.buy_cost_micros is not None else None,
+            "margin": format_amount(d.margin_micros) if d.margin_micros is not None else None}
 
 
 def cdr_json(v: CdrView) -> dict[str, Any]:
@@ -221,6 +232,10 @@ def show(ctx: click.Context, call_id: str, as_json: bool) -> None:
                    f"rate {format_amount(d.rate_micros)}{(' ' + d.plan_currency) if d.plan_currency else ''}/min "
                    f"billed {d.billed_seconds}s cost {format_amount(d.cost_micros)}"
                    f"{(' ' + d.currency) if d.currency else ''}{converted} ({d.reason}){current}")
+        if d.carrier and d.buy_cost_micros is not None and d.margin_micros is not None:
+            click.echo(f"     carried by {d.carrier}: buys {d.buy_prefix or '-'} at {format_amount(d.buy_rate_micros)}"
+                       f"/min, billed {d.buy_billed_seconds}s, cost {format_amount(d.buy_cost_micros)}, margin "
+                       f"{format_amount(d.margin_micros)}{(' ' + d.plan_currency) if d.plan_currency else ''}")
 
 
 @cdrs.command()
@@ -282,7 +297,10 @@ def _minutes(seconds: int) -> str:
 
 
 @cdrs.command(name="margin")
-@click.option("--by", "by", type=click.Choice(["tenant"]), default="tenant", show_default=True)
+@click.option("--by", "by", type=click.Choice(["tenant", "carrier", "destination", "account", "day"]),
+              default="tenant", show_default=True,
+              help="tenant: each reseller's margin (DESIGN §11); carrier, destination, account, day: the "
+                   "wholesale margin of routed calls, sell price against the carriers' buy cost (DESIGN §10).")
 @click.option("--since", callback=_instant, metavar="ISO8601", help="Calls started at or after (UTC if no offset).")
 @click.option("--until", callback=_instant, metavar="ISO8601", help="Calls started before.")
 @click.option("--json", "as_json", is_flag=True)
@@ -291,10 +309,15 @@ def _minutes(seconds: int) -> str:
 def margin_command(ctx: click.Context, by: str, since: datetime | None, until: datetime | None,
                    as_json: bool) -> None:
     """Per reseller tenant: calls, minutes, revenue (what its customers paid it), cost (what it
-    paid its parent for the same calls) and margin, in its currency (DESIGN §11)."""
-    from agent.adapters.cdr.margin import margin_by_tenant
+    paid its parent for the same calls) and margin, in its currency (DESIGN §11). With --by
+    carrier, destination, account or day: the routed calls' revenue (the sell price), cost (what
+    the carrier that carried each call bills, by its own increments) and margin, per currency."""
+    from agent.adapters.cdr.margin import margin_by_route, margin_by_tenant
 
     check_range(since, until)
+    if by != "tenant":
+        _route_margin(by, margin_by_route(app(ctx).engine(), by, since=since, until=until), as_json)
+        return
     rows = margin_by_tenant(app(ctx).engine(), since=since, until=until)
     listed = []
     for row in rows:
@@ -318,6 +341,23 @@ def margin_command(ctx: click.Context, by: str, since: datetime | None, until: d
                    f"{item['cost'] + ' ' + cur:>16} {item['margin'] + ' ' + cur:>16}")
         for other, amount in item.get("other_revenue", {}).items():
             click.echo(f"{'':<20} also {amount} {other} in another currency (not in the margin)")
+
+
+def _route_margin(by: str, rows: list[Any], as_json: bool) -> None:
+    listed = [{by: row.key, "currency": row.currency, "calls": row.calls, "seconds": row.seconds,
+               "minutes": _minutes(row.seconds), "revenue": format_amount(row.revenue_micros),
+               "cost": format_amount(row.cost_micros), "margin": format_amount(row.margin_micros)} for row in rows]
+    if as_json:
+        print_json(listed)
+        return
+    if not listed:
+        click.echo("no routed calls (carriers carry calls once `billing-agent carriers` defines them)")
+        return
+    click.echo(f"{by:<20} {'calls':>7} {'minutes':>14} {'revenue':>16} {'cost':>16} {'margin':>16}")
+    for item in listed:
+        cur = item["currency"]
+        click.echo(f"{item[by]:<20} {item['calls']:>7} {item['minutes']:>14} {item['revenue'] + ' ' + cur:>16} "
+                   f"{item['cost'] + ' ' + cur:>16} {item['margin'] + ' ' + cur:>16}")
 
 
 @cdrs.command(name="reconcile")

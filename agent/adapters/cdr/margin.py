@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, select
+from sqlalchemy import Engine, and_, case, func, select
 from sqlalchemy.orm import Session
 
 from agent.adapters.sql.models import Call, RatingDecision
@@ -87,3 +87,51 @@ def margin_by_tenant(engine: Engine, *, since: datetime | None = None, until: da
             continue
         row.cost_micros += int(charged or 0)
     return list(by_name.values())
+
+
+@dataclass
+class RouteMargin:
+    """The wholesale margin of routed calls (DESIGN §10) under one key, in one currency."""
+
+    key: str
+    currency: str
+    calls: int = 0
+    seconds: int = 0  # billed seconds of the sell side
+    revenue_micros: int = 0  # what the operator sold the calls for (plan currency)
+    cost_micros: int = 0  # what the carriers bill for them, by their own increments
+
+    @property
+    def margin_micros(self) -> int:
+        return self.revenue_micros - self.cost_micros
+
+
+ROUTE_KEYS = ("carrier", "destination", "account", "day")
+
+
+def margin_by_route(engine: Engine, by: str, *, since: datetime | None = None, until: datetime | None = None,
+                    ) -> list[RouteMargin]:
+    """Routed calls (a decision that names the carrier that answered, at its latest re-rating)
+    grouped ``by`` carrier, destination (the sell prefix), account (the one that paid the
+    operator: the customer, or the top reseller's account) or day (UTC, of the call's start):
+    calls, billed seconds, revenue (the plan-currency cost), buy cost, margin, per currency."""
+    if by not in ROUTE_KEYS:
+        raise ValueError(f"--by {by!r}: one of {', '.join(ROUTE_KEYS)}")
+    d = RatingDecision
+    latest = select(d.call_id, func.max(d.seq).label("seq")).group_by(d.call_id).subquery()
+    payer = case((d.account_id != "", d.account_id), else_=Call.account_id)
+    key: Any = {"carrier": d.carrier, "destination": d.prefix, "account": payer,
+                "day": func.date(Call.started_at)}[by]
+    query: Any = (select(key, d.plan_currency, func.count(), func.sum(d.billed_seconds),
+                         func.sum(func.coalesce(d.plan_cost_micros, d.cost_micros)), func.sum(d.buy_cost_micros))
+                  .join(latest, and_(latest.c.call_id == d.call_id, latest.c.seq == d.seq))
+                  .join(Call, Call.id == func.coalesce(d.of_call_id, d.call_id))
+                  .where(d.carrier != "", d.buy_cost_micros.is_not(None))
+                  .group_by(key, d.plan_currency).order_by(key, d.plan_currency))
+    if since is not None:
+        query = query.where(Call.started_at >= since)
+    if until is not None:
+        query = query.where(Call.started_at < until)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    return [RouteMargin(str(k), currency or "", int(calls), int(seconds or 0), int(revenue or 0), int(cost or 0))
+            for k, currency, calls, seconds, revenue, cost in rows]

@@ -85,6 +85,13 @@ class DecisionView:
     fx_rate_e10: int | None = None
     fx_inverse: bool = False
     plan_cost_micros: int | None = None
+    # The buy side (DESIGN §10, migration 0012): the carrier that answered; '' / None: not routed.
+    carrier: str = ""
+    buy_prefix: str = ""
+    buy_rate_micros: int = 0
+    buy_billed_seconds: int = 0
+    buy_cost_micros: int | None = None
+    margin_micros: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +123,9 @@ DECISION_FIELDS = (RatingDecision.seq, RatingDecision.plan_name, RatingDecision.
                    RatingDecision.rate_micros, RatingDecision.billed_seconds, RatingDecision.cost_micros,
                    RatingDecision.decided_at, RatingDecision.reason, RatingDecision.currency,
                    RatingDecision.plan_currency, RatingDecision.fx_rate_e10, RatingDecision.fx_inverse,
-                   RatingDecision.plan_cost_micros)
+                   RatingDecision.plan_cost_micros, RatingDecision.carrier, RatingDecision.buy_prefix,
+                   RatingDecision.buy_rate_micros, RatingDecision.buy_billed_seconds, RatingDecision.buy_cost_micros,
+                   RatingDecision.margin_micros)
 
 
 def get_cdr(engine: Engine, call_id: str) -> tuple[CdrView, list[DecisionView]]:

@@ -24,6 +24,15 @@ period drawn on gets back first, as the settle fills them in draw order) as an `
 ``bundle_periods.used_s`` moves with it, in the same transaction. The new decision records the
 bundle seconds the call now has. Seconds are never taken from a bundle by a re-rating.
 
+**The buy side** (DESIGN §10): a new decision keeps the carrier that carried the call, its buy
+row, seconds and cost, and its margin becomes the new sell price minus that cost. A corrected
+carrier deck re-rates the cost side (``rerate_buy``, ``billing-agent rerate --carrier NAME``):
+every call whose current decision names the carrier is priced again with the carrier's current
+buy deck (same start instant, same duration, the carrier's increments); a call whose buy row,
+seconds or cost change gets a new decision with the same sell side, the new buy side and margin,
+and no ledger entry (the customer paid what it paid). The buy side may sit on a reseller's
+decision (the level the operator sells to, DESIGN §11): that decision gets the new row.
+
 Running it again finds every call already at its current price and changes nothing; two runs at
 once collide on the unique keys ``(call_id, seq)`` and the ledger reference, so a call is
 re-rated once. Calls are read a page at a time (keyset on ``(started_at, id)``), each page's
@@ -53,7 +62,7 @@ from agent.core.errors import BillingError, Conflict
 from agent.core.fx import Conversion
 from agent.core.money import format_amount
 from agent.core.ratetable import RateTable, Refusal, epoch_ms
-from agent.core.rating import cost_micros, whole_seconds
+from agent.core.rating import billed_seconds, cost_micros, whole_seconds
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +90,43 @@ class StoredCall:
     currency: str = ""
     fx_rate_e10: int | None = None
     fx_inverse: bool = False
+    plan_cost_micros: int | None = None
+    plan_name: str = ""
+    # The decision's own call id (``call^L`` for a level above the customer), level, seller and payer.
+    decision_call_id: str = ""
+    level: int = 0
+    tenant: str = ""
+    payer: str = ""
+    # The buy side (DESIGN §10): "" / None when the call was not routed.
+    carrier: str = ""
+    buy_rate_id: int | None = None
+    buy_prefix: str = ""
+    buy_rate_micros: int = 0
+    buy_billed_seconds: int = 0
+    buy_cost_micros: int | None = None
+
+    @property
+    def buy(self) -> BuySide | None:
+        if not self.carrier or self.buy_cost_micros is None:
+            return None
+        return BuySide(self.carrier, self.buy_rate_id, self.buy_prefix, self.buy_rate_micros,
+                       self.buy_billed_seconds, self.buy_cost_micros)
 
     @property
     def conversion(self) -> Conversion | None:
         if self.fx_rate_e10 is None:
             return None
         return Conversion(self.plan_currency, self.currency, self.fx_rate_e10, self.fx_inverse)
+
+
+@dataclass(frozen=True, slots=True)
+class BuySide:
+    carrier: str
+    rate_id: int | None
+    prefix: str
+    rate_micros: int
+    billed_seconds: int
+    cost_micros: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +139,14 @@ class Change:
     cost_micros: int
     bundle_seconds: int = 0  # covered by bundles with the corrected rate (never more than before)
     plan_cost_micros: int | None = None  # in the plan's currency (the same as cost_micros without a conversion)
+    buy: BuySide | None = None  # the buy side the new decision records (the call's own unless re-rated)
+
+    @property
+    def margin_micros(self) -> int | None:
+        if self.buy is None:
+            return None
+        sold = self.plan_cost_micros if self.plan_cost_micros is not None else self.cost_micros
+        return sold - self.buy.cost_micros
 
     @property
     def seq(self) -> int:
@@ -119,6 +167,7 @@ class Change:
 class RerateReport:
     plan: str
     dry_run: bool
+    side: str = "sell"  # "buy": a carrier's calls (the totals are then buy costs)
     checked: int = 0
     changed: int = 0
     applied: int = 0  # changes committed by this run (0 on a dry run)
@@ -152,19 +201,39 @@ def reprice(call: StoredCall, table: RateTable) -> Change | Refusal | None:
     cost = conversion.charge(plan_cost) if conversion is not None else plan_cost
     if (cost, seconds, covered) == (call.cost_micros, call.billed_seconds, call.bundle_seconds):
         return None
-    return Change(call, found.rate_id, found.prefix, found.rate_micros, seconds, cost, covered, plan_cost)
+    return Change(call, found.rate_id, found.prefix, found.rate_micros, seconds, cost, covered, plan_cost, call.buy)
+
+
+def reprice_buy(call: StoredCall, table: RateTable) -> Change | Refusal | None:
+    """Pure: the call's buy side with its carrier's ``table``; None when it does not change."""
+    found = table.lookup(call.destination, epoch_ms(call.started_at))
+    if isinstance(found, Refusal):
+        return found
+    seconds = whole_seconds(call.duration_ms)
+    buy = BuySide(call.carrier, found.rate_id, found.prefix, found.rate_micros,
+                  billed_seconds(found, seconds) if seconds else 0, cost_micros(found, call.duration_ms))
+    if (buy.cost_micros, buy.billed_seconds) == (call.buy_cost_micros, call.buy_billed_seconds):
+        return None  # as for the sell side: the same money and seconds (a re-import's new row ids change nothing)
+    return Change(call, call.rate_id, call.prefix, call.rate_micros, call.billed_seconds, call.cost_micros,
+                  call.bundle_seconds, call.plan_cost_micros, buy)
 
 
 def _pages(engine: Engine, plan: str, since: datetime, until: datetime | None,
-           account_id: str | None) -> Iterator[list[StoredCall]]:
+           account_id: str | None, *, carrier: str | None = None) -> Iterator[list[StoredCall]]:
     newer = aliased(RatingDecision)
     d = RatingDecision
     current = ~select(newer.id).where(newer.call_id == d.call_id, newer.seq > d.seq).exists()
+    # A carrier's calls: the decision that records it may be a reseller's (of_call_id); a plan's:
+    # the customer's own decision.
+    joined = or_(d.call_id == Call.id, d.of_call_id == Call.id) if carrier is not None else d.call_id == Call.id
+    chosen = d.carrier == carrier if carrier is not None else d.plan_name == plan
     base: Any = (select(Call.id, Call.account_id, Call.destination, Call.started_at, Call.duration_ms, d.seq,
                         d.rate_id, d.prefix, d.rate_micros, d.billed_seconds, d.cost_micros, d.bundle_seconds,
-                        d.plan_currency, d.currency, d.fx_rate_e10, d.fx_inverse)
-                 .join(d, d.call_id == Call.id)
-                 .where(current, d.plan_name == plan, Call.started_at >= since))
+                        d.plan_currency, d.currency, d.fx_rate_e10, d.fx_inverse, d.plan_cost_micros, d.plan_name,
+                        d.call_id, d.level, d.tenant, d.account_id, d.carrier, d.buy_rate_id, d.buy_prefix,
+                        d.buy_rate_micros, d.buy_billed_seconds, d.buy_cost_micros)
+                 .join(d, joined)
+                 .where(current, chosen, Call.started_at >= since))
     if until is not None:
         base = base.where(Call.started_at < until)
     if account_id is not None:
@@ -182,17 +251,31 @@ def _pages(engine: Engine, plan: str, since: datetime, until: datetime | None,
         after = (rows[-1][3], rows[-1][0])
 
 
+def _reason(change: Change) -> str:
+    call, buy = change.call, change.buy
+    if change.cost_micros == call.cost_micros and buy is not None and buy != call.buy:
+        before = format_amount(call.buy_cost_micros) if call.buy_cost_micros is not None else "-"
+        return f"rerate buy side ({buy.carrier}): cost {before} -> {format_amount(buy.cost_micros)}"
+    return (f"rerate: cost {format_amount(call.cost_micros)} -> {format_amount(change.cost_micros)}"
+            + (f", bundle seconds {call.bundle_seconds} -> {change.bundle_seconds}"
+               if change.bundle_seconds_returned else ""))
+
+
 def _apply(session: Session, change: Change, now: datetime, plan: str) -> None:
-    call = change.call
+    call, buy = change.call, change.buy
     session.add(RatingDecision(
-        call_id=call.call_id, seq=change.seq, plan_name=plan, rate_id=change.rate_id, prefix=change.prefix,
+        call_id=call.decision_call_id or call.call_id, seq=change.seq, plan_name=call.plan_name or plan,
+        rate_id=change.rate_id, prefix=change.prefix,
         rate_micros=change.rate_micros, billed_seconds=change.billed_seconds, cost_micros=change.cost_micros,
         bundle_seconds=change.bundle_seconds, decided_at=now, plan_currency=call.plan_currency,
         currency=call.currency, fx_rate_e10=call.fx_rate_e10, fx_inverse=call.fx_inverse,
-        plan_cost_micros=change.plan_cost_micros,
-        reason=f"rerate: cost {format_amount(call.cost_micros)} -> {format_amount(change.cost_micros)}"
-               + (f", bundle seconds {call.bundle_seconds} -> {change.bundle_seconds}"
-                  if change.bundle_seconds_returned else "")))
+        plan_cost_micros=change.plan_cost_micros, level=call.level, tenant=call.tenant, account_id=call.payer,
+        of_call_id=call.call_id if call.level else None,
+        carrier=buy.carrier if buy is not None else "", buy_rate_id=buy.rate_id if buy is not None else None,
+        buy_prefix=buy.prefix if buy is not None else "", buy_rate_micros=buy.rate_micros if buy is not None else 0,
+        buy_billed_seconds=buy.billed_seconds if buy is not None else 0,
+        buy_cost_micros=buy.cost_micros if buy is not None else None, margin_micros=change.margin_micros,
+        reason=_reason(change)))
     session.flush()  # the (call_id, seq) key refuses a second re-rating of the same decision
     if change.adjustment_micros:
         post_entry(session, call.account_id, kind="adjustment", amount_micros=change.adjustment_micros,
@@ -261,6 +344,34 @@ def _commit_page(engine: Engine, changes: list[Change], plan: str, report: Rerat
             report.already_done += 1  # another run re-rated this decision first
         except BillingError as exc:  # e.g. the account no longer exists
             report.failures.append((change.call.call_id, str(exc)))
+
+
+def rerate_buy(engine: Engine, carrier: str, since: datetime, *, until: datetime | None = None,
+               account_id: str | None = None, dry_run: bool = False, table: RateTable | None = None) -> RerateReport:
+    """Re-rate the buy side of the carrier's calls started in [since, until) with its current buy
+    deck; raises NotFound for an unknown carrier (or one without a buy deck)."""
+    from agent.adapters.sql.carriers import buy_plan_name
+
+    table = table or load_table(engine, buy_plan_name(carrier))
+    report = RerateReport(plan=carrier, dry_run=dry_run, side="buy")
+    for page in _pages(engine, "", since, until, account_id, carrier=carrier):
+        changes: list[Change] = []
+        for call in page:
+            report.checked += 1
+            outcome = reprice_buy(call, table)
+            if isinstance(outcome, Refusal):
+                report.unratable += 1
+                if len(report.unratable_sample) < SAMPLE_SIZE:
+                    report.unratable_sample.append((call.call_id, outcome.detail))
+            elif outcome is not None:
+                changes.append(outcome)
+        report.changed += len(changes)
+        report.old_total_micros += sum(c.call.buy_cost_micros or 0 for c in changes)
+        report.new_total_micros += sum(c.buy.cost_micros for c in changes if c.buy is not None)
+        report.sample.extend(changes[:SAMPLE_SIZE - len(report.sample)])
+        if not dry_run:
+            _commit_page(engine, changes, "", report)
+    return report
 
 
 def rerate(engine: Engine, plan: str, since: datetime, *, until: datetime | None = None,
