@@ -26,20 +26,23 @@ class Lab:
     """One PBX, one carrier and one agent, started for a test module and stopped after it."""
 
     def __init__(self, build: PbxBuild, folder: Path, *, ami_read: str = "", ami_write: str = "",
-                 agent_extra: dict[str, Any] | None = None) -> None:
+                 agent_extra: dict[str, Any] | None = None, congested_carriers: tuple[str, ...] = ()) -> None:
         self.build = build
         self.folder = folder
         self.carrier = Carrier(folder)
+        # More trunks, each to a carrier of its own that answers every call 503 (routing tests).
+        self.congested = [Carrier(folder, name, congested=True) for name in congested_carriers]
+        trunks = {c.name: c.port for c in self.congested}
         self.pbx: Pbx
         if build.kind == "asterisk":
             self.pbx = AsteriskPbx(build, folder / "pbx", self.carrier.port, free_port(), ami_read=ami_read,
-                                   ami_write=ami_write)
+                                   ami_write=ami_write, extra_trunks=trunks)
         else:
-            self.pbx = FreeswitchPbx(build, folder / "pbx", self.carrier.port)
+            self.pbx = FreeswitchPbx(build, folder / "pbx", self.carrier.port, extra_trunks=trunks)
         self.agent = Agent(folder, self.pbx.agent_settings(), extra=agent_extra)
 
     def stop(self) -> None:
-        for thing in (self.agent, self.pbx, self.carrier):
+        for thing in (self.agent, self.pbx, self.carrier, *self.congested):
             try:
                 thing.stop()
             except Exception:  # noqa: BLE001 - stop the others whatever happens

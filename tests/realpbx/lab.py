@@ -301,6 +301,27 @@ def customer_scenario(hold_ms: int, *, refer_after_ms: int = 0) -> str:
 """
 
 
+def congested_carrier_scenario() -> str:
+    """A carrier that is down or full: every INVITE is answered 503 (the PBX tries the next route)."""
+    reply = _msg('''
+        SIP/2.0 503 Service Unavailable
+        [last_Via:]
+        [last_From:]
+        [last_To:];tag=[pid]SIPpTag01[call_number]
+        [last_Call-ID:]
+        [last_CSeq:]
+        Content-Length: 0''')
+    return f"""<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="congested carrier">
+  <recv request="INVITE" crlf="true">
+    <action><log message="invite [call_id] [clock_tick]"/></action>
+  </recv>
+  <send>{reply}</send>
+  <recv request="ACK"/>
+</scenario>
+"""
+
+
 def carrier_scenario() -> str:
     """The carrier's UAS: answers at once; 486..., 503..., 408... numbers fail as named. It
     never hangs up itself (the caller, the PBX or the agent do); re-INVITEs are accepted."""
@@ -427,20 +448,22 @@ def parse_customer_log(path: Path) -> dict[int, SippCall]:
 class Carrier:
     """A sipp UAS on a port of its own, for as long as the lab runs."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, name: str = "carrier", *, congested: bool = False) -> None:
         self.folder = folder
+        self.name = name  # the PBX's trunk (endpoint, peer, gateway) to this carrier
+        self.congested = congested  # every INVITE answered 503
         self.port = free_port(socket.SOCK_DGRAM)
         self.media_port = free_port(socket.SOCK_DGRAM)
-        self.scenario = folder / "carrier.xml"
-        self.log = folder / "carrier.log"
+        self.scenario = folder / f"{name}.xml"
+        self.log = folder / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Carrier:
-        self.scenario.write_text(carrier_scenario())
+        self.scenario.write_text(congested_carrier_scenario() if self.congested else carrier_scenario())
         self.process = subprocess.Popen(
             ["sipp", "-sf", str(self.scenario), "-i", "127.0.0.1", "-p", str(self.port), "-mi", "127.0.0.1",
              "-mp", str(self.media_port), "-nostdin", "-aa", "-trace_logs", "-log_file", str(self.log),
-             "-trace_err", "-error_file", str(self.folder / "carrier-errors.log"), "-max_recv_loops", "10000"],
+             "-trace_err", "-error_file", str(self.folder / f"{self.name}-errors.log"), "-max_recv_loops", "10000"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.folder)
         time.sleep(0.3)
         if self.process.poll() is not None:
@@ -543,6 +566,10 @@ class Pbx:
     def live_channels(self) -> int:
         raise NotImplementedError
 
+    def trunk_of(self, name: str) -> str:
+        """The trunk a carrier of that name is dialled by (``billing-agent carriers create --trunk``)."""
+        raise NotImplementedError
+
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -551,10 +578,11 @@ def _write(path: Path, text: str) -> None:
 
 class AsteriskPbx(Pbx):
     def __init__(self, build: PbxBuild, folder: Path, carrier_port: int, agi_port: int, *,
-                 ami_read: str = "", ami_write: str = "") -> None:
+                 ami_read: str = "", ami_write: str = "", extra_trunks: dict[str, int] | None = None) -> None:
         self.build = build
         self.folder = folder
         self.carrier_port = carrier_port
+        self.extra_trunks = extra_trunks or {}  # trunk name -> the port of its carrier (routing tests)
         self.agi_port = agi_port
         self.sip_port = free_port(socket.SOCK_DGRAM)
         self.ami_port = free_port()
@@ -568,6 +596,9 @@ class AsteriskPbx(Pbx):
     @property
     def trunk(self) -> str:
         return f"{self.build.driver}/carrier"
+
+    def trunk_of(self, name: str) -> str:
+        return f"{self.build.driver}/{name}"
 
     def _configure(self) -> None:
         home, f = self.build.home, self.folder
@@ -675,7 +706,17 @@ insecure = invite
 disallow = all
 allow = ulaw
 directmedia = no
-""")
+""" + "".join(f"""
+[{name}]
+type = peer
+host = 127.0.0.1
+port = {port}
+context = from-carrier
+insecure = invite
+disallow = all
+allow = ulaw
+directmedia = no
+""" for name, port in self.extra_trunks.items()))
         else:
             _write(self.etc / "pjsip.conf", f"""[global]
 type = global
@@ -709,7 +750,21 @@ send_connected_line = no
 [carrier]
 type = aor
 contact = sip:127.0.0.1:{self.carrier_port}
-""")
+""" + "".join(f"""
+[{name}]
+type = endpoint
+context = from-carrier
+disallow = all
+allow = ulaw
+transport = transport-udp
+aors = {name}
+direct_media = no
+send_connected_line = no
+
+[{name}]
+type = aor
+contact = sip:127.0.0.1:{port}
+""" for name, port in self.extra_trunks.items()))
 
     def start(self) -> None:
         for sub in ("var/keys", "agi", "spool", "run", "log/cdr-csv", "log/cdr-custom"):
@@ -774,10 +829,12 @@ FS_CDR_TEMPLATE = ",".join(f'"${{{name}}}"' for name in (
 
 
 class FreeswitchPbx(Pbx):
-    def __init__(self, build: PbxBuild, folder: Path, carrier_port: int) -> None:
+    def __init__(self, build: PbxBuild, folder: Path, carrier_port: int, *,
+                 extra_trunks: dict[str, int] | None = None) -> None:
         self.build = build
         self.folder = folder
         self.carrier_port = carrier_port
+        self.extra_trunks = extra_trunks or {}  # gateway name -> the port of its carrier (routing tests)
         self.sip_port = free_port(socket.SOCK_DGRAM)
         self.esl_port = free_port()
         self.authorize_port = free_port()  # the agent's listener for billing.xml's socket application
@@ -786,8 +843,17 @@ class FreeswitchPbx(Pbx):
         self.conf = folder / "conf"
         self._configure()
 
+    def trunk_of(self, name: str) -> str:
+        return f"sofia/gateway/{name}"
+
     def _configure(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        extra_gateways = "".join(f"""
+            <gateway name="{name}">
+              <param name="proxy" value="127.0.0.1:{port}"/>
+              <param name="register" value="false"/>
+              <param name="caller-id-in-from" value="true"/>
+            </gateway>""" for name, port in self.extra_trunks.items())
         shutil.copy(DIALPLAN / "freeswitch" / "billing.xml", self.folder / "billing.xml")
         socket_conf = (DIALPLAN / "freeswitch" / "event_socket.conf.xml").read_text()
         socket_conf = re.sub(r"<!--.*?-->", "", socket_conf, flags=re.S)
@@ -860,7 +926,7 @@ class FreeswitchPbx(Pbx):
               <param name="proxy" value="127.0.0.1:{self.carrier_port}"/>
               <param name="register" value="false"/>
               <param name="caller-id-in-from" value="true"/>
-            </gateway>
+            </gateway>{extra_gateways}
           </gateways>
           <domains/>
           <settings>
