@@ -37,7 +37,7 @@ from agent.adapters.sql.bundles_admin import (
 )
 from agent.adapters.sql.engine import make_engine, session_factory, transaction
 from agent.adapters.sql.migrate import upgrade
-from agent.adapters.sql.models import Call, RatingDecision, utcnow
+from agent.adapters.sql.models import Call, CallLeg, RatingDecision, utcnow
 from agent.adapters.sql.rate_import import import_deck
 from agent.adapters.sql.reconcile import check_ledger
 from agent.config import Config, FraudConfig, load_config
@@ -77,6 +77,17 @@ RESELLER = "globex"
 RESELLER_BALANCE = "0.02"
 RESELLER_CUSTOMER = "zoe"
 WHOLESALE_DECK = "prefix,destination,rate\n33,France (wholesale),0.30\n"
+# Wholesale routing (DESIGN §10): the operator buys termination from three carriers. budget is
+# the cheapest and is down (the simulated PBX answers 503 on its trunk): every call tries it
+# first and goes on to teleco; transat sells in USD, the currency of globex's wholesale plan.
+# premium is dearer than the sell price to France and is left out of those calls (revenue assurance).
+CARRIERS = (
+    ("budget", "EUR", "prefix,destination,rate\n33,France,0.05\n44,UK,0.05\n882,Intl Networks,0.20\n"),
+    ("teleco", "EUR", "prefix,destination,rate\n33,France,0.20\n44,UK,0.10\n882,Intl Networks,0.40\n"),
+    ("premium", "EUR", "prefix,destination,rate\n33,France,0.90\n"),
+    ("transat", "USD", "prefix,destination,rate\n33,France,0.10\n"),
+)
+DOWN_CARRIER = "budget"
 RETAIL_DECK = "prefix,destination,rate\n33,France (globex retail),0.60\n"
 
 
@@ -179,6 +190,44 @@ def _prepare_tenants(sessions: Any, folder: Path) -> None:
                        balance_micros=parse_amount("5.00"))
 
 
+def prepare_carriers(engine: Engine, folder: Path, pbx: str) -> None:
+    """The demo's carriers and their buy decks, with trunks the simulated PBX dials."""
+    from agent.adapters.sql.carriers import create_carrier
+
+    sessions = session_factory(engine)
+    for priority, (name, currency, deck) in enumerate(CARRIERS):
+        with transaction(sessions) as session:
+            create_carrier(session, name, trunk=f"PJSIP/{name}" if pbx == "asterisk" else f"sofia/gateway/{name}",
+                           currency=currency, priority=priority)
+        path = folder / f"buy-{name}.csv"
+        path.write_text(deck)
+        import_deck(sessions, path, "", carrier=name)
+
+
+def _show_routes(engine: Engine, out: Any) -> bool:
+    """Every answered call in euros went to budget first (503) and was carried by the next
+    carrier (zoe's, in USD, by transat); the wholesale margin per carrier (cdrs margin --by carrier)."""
+    from agent.adapters.cdr.margin import margin_by_route
+
+    with engine.connect() as conn:
+        tried = conn.execute(select(func.count()).select_from(CallLeg)
+                             .where(CallLeg.peer == DOWN_CARRIER, CallLeg.direction == "outbound")).scalar() or 0
+        carriers = conn.execute(select(RatingDecision.carrier).where(RatingDecision.carrier != "")).scalars().all()
+    margins = margin_by_route(engine, "carrier")
+    for m in margins:
+        out.print(f"wholesale: {m.key} carried {m.calls} calls ({m.seconds} s): sold {format_amount(m.revenue_micros)}"
+                  f" {m.currency}, bought {format_amount(m.cost_micros)} {m.currency}, margin "
+                  f"{format_amount(m.margin_micros)} {m.currency}")
+    out.print(f"wholesale: {tried} attempts on {DOWN_CARRIER} answered 503 (a leg of each call), the next carrier "
+              "took the call (billing-agent cdrs margin --by carrier; cdrs show CALL names the carrier)")
+    in_euros = [c for c in carriers if c != "transat"]  # budget sells in EUR: the USD call never tries it
+    good = bool(in_euros) and DOWN_CARRIER not in carriers and "premium" not in carriers and tried >= len(in_euros)
+    if not good:
+        out.print(f"[red]expected every call tried on {DOWN_CARRIER} first and carried by another carrier, "
+                  f"found {sorted(set(carriers))} after {tried} attempts")
+    return good
+
+
 def _show_tenants(engine: Engine, out: Any) -> bool:
     """zoe's call at each level of its chain, and globex's margin (billing-agent cdrs margin --by tenant)."""
     from agent.adapters.cdr.margin import margin_by_tenant
@@ -251,6 +300,13 @@ class SimulatedPbx:
 
             self.fake = FakeFreeswitch(port=0, heartbeat_s=5.0, authorize_port=self.agi_port).start()
             self.port = int(self.fake.port)
+
+    def congest(self, trunk: str) -> None:
+        """The carrier behind ``trunk`` answers every call 503 (its routes go to the next)."""
+        if self.kind == "asterisk":
+            self.fake.congested_trunks.add(trunk)
+        else:
+            self.fake.failing_gateways[trunk] = "NORMAL_CIRCUIT_CONGESTION"
 
     def place(self, call: DemoCall) -> Any:
         return self.fake.place_call(call.account, call.destination, caller=call.caller, answer_after_ms=300,
@@ -358,6 +414,7 @@ def _show_results(engine: Engine, handles: list[tuple[DemoCall, Any]], out: Any)
     ok = _show_bundle(engine, [r for r in rows if r[1] == BUNDLE_ACCOUNT], out) and ok
     ok = _show_cap([r for r in rows if r[1] == CAPPED_ACCOUNT], out) and ok
     ok = _show_tenants(engine, out) and ok
+    ok = _show_routes(engine, out) and ok
     answered = sum(1 for call, _ in handles if call.expect != "denied")
     if len(rows) != answered:
         out.print(f"[red]expected {answered} CDRs, found {len(rows)}")
@@ -476,10 +533,14 @@ def demo_command(pbx: str, keep: bool) -> None:
 
         out.print(f"[bold]billing-agent demo[/bold]: temporary folder {folder}")
         sql = prepare_database(f"sqlite:///{folder / 'billing-agent.db'}", folder)
+        prepare_carriers(sql, folder, pbx)
         sql.dispose()
         out.print(f"  database: SQLite, schema at head, demo rate deck imported into plan '{PLAN}', accounts "
                   + ", ".join(f"{a.account_id} {a.balance} EUR" for a in ACCOUNTS))
+        out.print("  carriers: " + ", ".join(f"{name} ({currency})" for name, currency, _ in CARRIERS)
+                  + f"; {DOWN_CARRIER} is the cheapest and answers 503: every call fails over to the next")
         pbx_sim = SimulatedPbx(pbx)
+        pbx_sim.congest(DOWN_CARRIER)
         rules = folder / "fraud-rules.yaml"
         rules.write_text(DEMO_RULES)
         config = dataclasses.replace(demo_config(folder, pbx, pbx_sim.agi_port, pbx_sim.port),
