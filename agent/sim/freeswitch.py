@@ -419,7 +419,9 @@ class FakeFreeswitch:
             attempts.append(replace(base, gateway=gateway or "invalid",
                                     fail_cause="" if gateway else "INVALID_GATEWAY")
                             if not gateway or gateway not in self.failing_gateways
-                            else replace(base, gateway=gateway, fail_cause=self.failing_gateways[gateway]))
+                            # a carrier that refuses (503) answers at once, not after the ring time
+                            else replace(base, gateway=gateway, fail_cause=self.failing_gateways[gateway],
+                                         answer_after_ms=base.ring_ms))
         return tuple(attempts)
 
     def _outbound_socket(self, a: FakeChannel) -> None:
