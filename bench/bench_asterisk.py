@@ -3,6 +3,7 @@
     python bench/bench_asterisk.py                        # 3 runs of each, medians
     python bench/bench_asterisk.py --rate 200 --calls 3000 --concurrent 500 --events 60000 --runs 3
     python bench/bench_asterisk.py --fraud-rules fraud/rules.yaml --rate 1000 --calls 10000 --concurrent 10
+    python bench/bench_asterisk.py --carriers 10 --rate 1000 --calls 10000 --concurrent 10
 
 1. Authorization through real FastAGI on loopback at ``--rate`` calls/s. A load generator in its
    own process (this script with ``--agi-client``) plays Asterisk's side of res_agi: it connects,
@@ -21,6 +22,10 @@
    has applied every leg event (its inbox drained); every call was authorized first, so the
    events drive real sessions to their CDR. A second figure replays the bytes from memory through
    parser + translation + hand-off (CPU time, no socket). Target: >= 5,000 events/s.
+
+``--fraud-rules FILE`` and ``--carriers N`` measure only the authorization, without and with
+the fraud rules (Redis counters) or wholesale routing (N carriers with buy decks in the route
+book, the daemon's CallRouter: every decision carries N routes), interleaved, and the difference.
 
 The machine has 2 shared, noisy cores: each figure is the median of ``--runs`` runs.
 """
@@ -72,7 +77,7 @@ SECRET = "bench"
 
 class OneRate:
     def rate(self, account_id: str, destination: str, at_ms: int) -> RatedCall:
-        return RatedCall(RATE, RatingInfo("bench", 1, "1", RATE.rate_micros))
+        return RatedCall(RATE, RatingInfo("bench", 1, "1", RATE.rate_micros, plan_currency="EUR", currency="EUR"))
 
 
 class Cdrs:
@@ -210,10 +215,36 @@ def add_fraud_screen(engine: Engine, rules_path: str, prefix: str) -> Any:
     return guard
 
 
-def authorization_run(rate: float, calls: int, concurrent: int, fraud_rules: str = "") -> dict[str, Any]:
+def add_routing(engine: Engine, sql: Any, workdir: str, carriers: int) -> Any:
+    """``carriers`` carriers, each with a buy deck for the bench's destination below the sell
+    price, in a route book as the daemon builds it, and the daemon's router in the engine."""
+    from agent.adapters.sql.carriers import create_carrier
+    from agent.adapters.sql.engine import session_factory, transaction
+    from agent.adapters.sql.rate_import import import_deck
+    from agent.adapters.sql.route_book import RouteBook
+    from agent.services.routes import CallRouter
+
+    sessions = session_factory(sql)
+    for index in range(carriers):
+        with transaction(sessions) as session:
+            create_carrier(session, f"carrier{index}", trunk=f"PJSIP/carrier{index}", priority=index)
+        deck = Path(workdir) / f"buy{index}.csv"
+        deck.write_text(f"prefix,destination,rate\n1,USA,0.{10 + index:03d}\n1212,New York,0.{20 + index:03d}\n")
+        import_deck(sessions, deck, "", carrier=f"carrier{index}")
+    book = RouteBook(sql, SystemClock().now_ms, background=True)
+    book.preload()
+    router = CallRouter(book, node="bench", live_channels=lambda: engine.carrier_calls)
+    engine.router = router
+    engine.on_finished.append(router.finished)
+    return book
+
+
+def authorization_run(rate: float, calls: int, concurrent: int, fraud_rules: str = "",
+                      carriers: int = 0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as workdir:
         engine, (store, prefix, sql) = redis_engine(workdir)
         guard = add_fraud_screen(engine, fraud_rules, prefix) if fraud_rules else None
+        book = add_routing(engine, sql, workdir, carriers) if carriers else None
         fake = FakeAsterisk("127.0.0.1", 1, ami_secret=SECRET).start()  # AMI only: the agent needs it up
         adapter = start_agent(engine, fake)
         try:
@@ -238,6 +269,8 @@ def authorization_run(rate: float, calls: int, concurrent: int, fraud_rules: str
             engine.stop(2)
             if guard is not None:
                 guard.stop(1)
+            if book is not None:
+                book.close()
             store.close()
             sql.dispose()
             cleanup_redis(prefix)
@@ -570,18 +603,20 @@ def agi_client_main(port: int, rate: float, calls: int, concurrent: int) -> int:
 
 
 def fraud_comparison(args: argparse.Namespace) -> int:
-    """Authorization through FastAGI at ``--rate`` without and with the fraud rules, interleaved."""
+    """Authorization through FastAGI at ``--rate`` without and with the fraud rules (or the
+    carriers' routing), interleaved."""
     off: list[dict[str, Any]] = []
     on: list[dict[str, Any]] = []
     for _ in range(args.runs):
         off.append(authorization_run(args.rate, args.calls, args.concurrent))
-        on.append(authorization_run(args.rate, args.calls, args.concurrent, args.fraud_rules))
-        print(json.dumps({"rules_off": off[-1], "rules_on": on[-1]}), flush=True)
+        on.append(authorization_run(args.rate, args.calls, args.concurrent, args.fraud_rules or "", args.carriers))
+        print(json.dumps({"off": off[-1], "on": on[-1]}), flush=True)
 
     def med(runs: list[dict[str, Any]], key: str) -> float:
         return float(statistics.median(run[key] for run in runs))
 
-    summary = {"rate": args.rate, "calls": args.calls, "runs": args.runs, "rules": args.fraud_rules}
+    summary = {"rate": args.rate, "calls": args.calls, "runs": args.runs, "rules": args.fraud_rules,
+               "carriers": args.carriers}
     for key in ("p50_ms", "p99_ms", "agent_share_p50_ms", "agent_share_p99_ms"):
         summary[f"off_{key}"] = med(off, key)
         summary[f"on_{key}"] = med(on, key)
@@ -605,13 +640,16 @@ def main() -> int:
     parser.add_argument("--fraud-rules", metavar="FILE",
                         help="only authorization: runs without and with these fraud rules (Redis counters), "
                              "interleaved, and the difference")
+    parser.add_argument("--carriers", type=int, default=0,
+                        help="only authorization: runs without and with wholesale routing over this many carriers, "
+                             "interleaved, and the difference")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     if args.agi_client:
         return agi_client_main(args.agi_client, args.rate, args.calls, args.concurrent)
     if args.ami_flood:
         return ami_flood_main(args.ami_flood)
-    if args.fraud_rules:
+    if args.fraud_rules or args.carriers:
         return fraud_comparison(args)
 
     auth = [authorization_run(args.rate, args.calls, args.concurrent) for _ in range(args.runs)]
