@@ -22,11 +22,11 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.event
@@ -67,9 +67,12 @@ from agent.services.engine import EngineSettings, LeftBehind
 from agent.services.fraud import FraudGuard
 from agent.services.metrics import Metrics
 from agent.services.rater import PlanRater
-from agent.services.routes import CallRouter
+from agent.services.routes import CallRouter, ChannelView
 from agent.services.store_guard import Journal, StoreGuard, guard_from_config
 from agent.services.store_port import EngineStoreAdapter
+
+if TYPE_CHECKING:
+    from agent.adapters.redis.carrier_channels import RedisCarrierChannels
 
 log = logging.getLogger("agent.daemon")
 
@@ -133,6 +136,7 @@ class Daemon:
         self.tenant_chains: TenantChains | None = None
         self.route_book: RouteBook | None = None  # carriers, buy decks, route policies (DESIGN §10)
         self.router: CallRouter | None = None
+        self.carrier_channels: RedisCarrierChannels | None = None  # live calls per carrier, every node (Redis)
         self.fraud: FraudGuard | None = None
         self.alerts: Alerts | None = None  # every alert of the node (fraud rules, low balance)
         self.balance_watch: BalanceWatch | None = None
@@ -424,7 +428,24 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - the database answered the schema check a moment ago
             raise StartupError(f"carriers and buy decks cannot be read: {exc}") from None
         alerts = self.alerts
-        router = self.router = CallRouter(book, node=self.config.node.id, live_channels=lambda: engine.carrier_calls,
+        live: Mapping[str, int] = engine.carrier_calls
+        client = self._redis_client
+        if client is not None:  # channel limits count the calls of every node (DESIGN §10)
+            from agent.adapters.redis.carrier_channels import RedisCarrierChannels
+
+            def carrier_names() -> list[str]:
+                try:
+                    return [c.name for c in book.carriers.get("*")]
+                except Exception:  # noqa: BLE001 - the database away: the carriers with calls here
+                    return list(engine.carrier_calls)
+
+            shared = self.carrier_channels = RedisCarrierChannels(
+                client, key_prefix=self.config.redis.key_prefix, now_ms=self.clock.now_ms, carriers=carrier_names,
+                live=engine.live_carriers)
+            engine.carrier_claims = shared
+            live = ChannelView(engine.carrier_calls, shared.counts)
+            shared.start()
+        router = self.router = CallRouter(book, node=self.config.node.id, live_channels=lambda: live,
                                           alert=alerts.submit if alerts is not None else None)
         engine.router = router
         engine.on_finished.append(router.finished)
@@ -780,6 +801,9 @@ class Daemon:
             webhook = self.webhook
             self._timed("stop the alert webhook", lambda: webhook.stop(1))
         self._timed("stop background greenlets", lambda: self.group.kill(timeout=2))
+        if self.carrier_channels is not None:
+            channels = self.carrier_channels
+            self._timed("write the carrier channel counts", lambda: channels.stop(1))
         if self.route_book is not None:
             self._timed("stop the route book", self.route_book.close)
         if self.cdr is not None:

@@ -142,3 +142,32 @@ def test_a_disabled_carrier_is_avoided_by_new_calls_and_a_margin_below_the_floor
     finally:
         sql.dispose()
 
+
+
+def test_a_carrier_at_its_channel_limit_is_left_out_until_a_call_ends(routed: tuple[Daemon, SimulatedPbx]) -> None:
+    from sqlalchemy import update
+
+    from agent.adapters.sql.models import Carrier
+
+    agent, pbx = routed
+    sql = make_engine(agent.config.database.url)
+    try:
+        with transaction(session_factory(sql)) as session:
+            session.execute(update(Carrier).where(Carrier.name == "backup").values(max_channels=1))
+    finally:
+        sql.dispose()
+    assert agent.route_book is not None and agent.engine is not None
+    agent.route_book.refresh_all()
+    first = pbx.fake.place_call("alice", "33142685300", answer_after_ms=50, talk_ms=3_000)
+    wait_for(lambda: agent.engine is not None and agent.engine.carrier_calls.get("backup") == 1)
+    # the call tried cheap first (503) and counts against backup, which carries it
+    assert "cheap" not in agent.engine.carrier_calls
+    second = pbx.fake.place_call("alice", "33142685301", answer_after_ms=50, talk_ms=1_000)
+    assert second.done.wait(20)
+    assert second.outcome in ("refused", "failed")  # backup full, cheap refuses: nobody takes it
+    if pbx.kind == "asterisk":
+        assert second.routes == ["PJSIP/cheap"]
+    assert first.done.wait(20) and first.outcome == "answered"
+    wait_for(lambda: agent.engine is not None and not agent.engine.carrier_calls)
+    third = pbx.fake.place_call("alice", "33142685302", answer_after_ms=50, talk_ms=500)
+    assert third.done.wait(20) and third.outcome == "answered"  # the channel is free again

@@ -65,7 +65,7 @@ from agent.core.events import (
 from agent.core.fx import ConvertedTariff, plan_tariff, rewrap
 from agent.core.rating import billed_seconds as billed_seconds_of
 from agent.core.rating import whole_seconds
-from agent.core.routing import CallRoutes
+from agent.core.routing import CallRoutes, Route
 
 LAST_CHANCE_LEAD_MS = 2_000  # an exhausted call asks the store once more this long before its cut
 MAX_ADOPTED_NIBBLES = 1_000_000  # a bound for the adoption search (an 11-day call at 1 s nibbles)
@@ -1075,6 +1075,15 @@ class CallSession:
         )
         return [Finished(record)]
 
+    def route_of(self, leg: Leg) -> Route | None:
+        """The route a dialled leg was placed on: its peer names the trunk, else the n-th route
+        for the n-th dialled leg (the dialplans try the routes in order, one leg each)."""
+        if self.routed is None:
+            return None
+        dialled = sorted((other for other in self.legs.values() if other.direction is Direction.OUTBOUND),
+                         key=lambda other: other.created_ms)
+        return self.routed.carrier_of(leg.peer, dialled.index(leg) if leg in dialled else -1)
+
     def carrier_leg(self) -> Leg | None:
         """The dialled leg whose carrier carried the call (the billed one), if answered."""
         return self.legs.get(self.billed_leg_id) if self.billed_leg_id is not None else None
@@ -1088,9 +1097,7 @@ class CallSession:
         routed, leg = self.routed, self.carrier_leg()
         if routed is None or leg is None:
             return rating, upper
-        dialled = sorted((other for other in self.legs.values() if other.direction is Direction.OUTBOUND),
-                         key=lambda other: other.created_ms)
-        route = routed.carrier_of(leg.peer, dialled.index(leg) if leg in dialled else -1)
+        route = self.route_of(leg)
         if route is None:
             return rating, upper
         ratings = [rating, *upper]

@@ -43,6 +43,8 @@ from agent.core.events import (
     Direction,
     EndedCall,
     HangupLeg,
+    LegAnswered,
+    LegBridged,
     LegEvent,
     LiveLeg,
     PbxCdrReread,
@@ -286,6 +288,8 @@ class Engine:
         self.router: Router | None = None
         self.carrier_calls: Counter[str] = Counter()
         self._carrier_of_call: dict[str, str] = {}
+        # Shares those counts with the other nodes (Redis); called on the engine loop: never waits.
+        self.carrier_claims: CarrierClaims | None = None
         self.lateness_samples: list[int] | None = None  # benchmarks set a list to get raw samples
         # Open reservations an earlier run of this node left (the daemon fills it at start); a
         # resync that shows their legs live on the PBX adopts them (agent restart, hand-over).
@@ -393,6 +397,10 @@ class Engine:
         return calls
 
     # ---------------------------------------------------------------- authorization
+
+    def live_carriers(self) -> dict[str, str]:
+        """This node's routed live calls: call id -> the carrier they count against."""
+        return self._carrier_of_call
 
     def call_id_for(self, request: AuthorizeRequest) -> str:
         return self.call_id_of_leg(request.leg_id)
@@ -707,6 +715,8 @@ class Engine:
             if routed is not None and routed.routes:
                 carrier = self._carrier_of_call[call_id] = routed.routes[0].carrier
                 self.carrier_calls[carrier] += 1
+                if self.carrier_claims is not None:
+                    self.carrier_claims.claim(carrier, call_id)
             self._run_effects(self.registry.add(outcome.session))
             self.metrics.live_calls.set(self.registry.live_count())
             self._wake.set()
@@ -824,6 +834,28 @@ class Engine:
         self._run_effects(self.registry.feed(item))
         if self.registry.stats.unknown_events != before:
             self.metrics.unknown_events.inc()
+        if isinstance(item, LegAnswered | LegBridged) and self._carrier_of_call:
+            self._count_on_answering_carrier(self.registry.leg_index.get(item.leg_id))
+
+    def _count_on_answering_carrier(self, call_id: str | None) -> None:
+        """A routed call counts against the carrier tried first until one answers; from then
+        on against the one that carried it (an earlier route that refused holds no channel)."""
+        session = self.registry.sessions.get(call_id) if call_id is not None else None
+        counted = self._carrier_of_call.get(call_id) if call_id is not None else None
+        if session is None or session.routed is None or counted is None or session.billed_leg_id is None:
+            return
+        route = session.route_of(session.legs[session.billed_leg_id])
+        if route is None or route.carrier == counted:
+            return
+        assert call_id is not None
+        self._carrier_of_call[call_id] = route.carrier
+        self.carrier_calls[counted] -= 1
+        if self.carrier_calls[counted] <= 0:
+            del self.carrier_calls[counted]
+        self.carrier_calls[route.carrier] += 1
+        if self.carrier_claims is not None:
+            self.carrier_claims.release(counted, call_id)
+            self.carrier_claims.claim(route.carrier, call_id)
 
     # ---------------------------------------------------------------- effects
 
@@ -927,6 +959,8 @@ class Engine:
             self.carrier_calls[carrier] -= 1
             if self.carrier_calls[carrier] <= 0:
                 del self.carrier_calls[carrier]
+            if self.carrier_claims is not None:
+                self.carrier_claims.release(carrier, record.call_id)
         self.metrics.live_calls.set(self.registry.live_count())
         self.metrics.settled.labels(record.disposition.value).inc()
         log.info("settled call=%s account=%s disposition=%s billed_s=%d cost_micros=%d node=%s",
@@ -938,6 +972,14 @@ class Engine:
             log.exception("CDR of call %s could not be spooled", record.call_id)
         for callback in self.on_finished:
             callback(record)
+
+
+class CarrierClaims(Protocol):
+    """Live calls per carrier shared by every node (agent/adapters/redis/carrier_channels.py)."""
+
+    def claim(self, carrier: str, call_id: str) -> None: ...
+
+    def release(self, carrier: str, call_id: str) -> None: ...
 
 
 def _log_screen_failure(greenlet: gevent.Greenlet[..., Any]) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 from agent.core.cdr import CallRecord, RatingRecord
@@ -57,6 +57,25 @@ class RouteSource(Protocol):
 
     def routes(self, sell_plan: str, sell_currency: str, sell: RateRow, destination: str, at_ms: int, *,
                live_channels: Mapping[str, int] | None = None, seed: int = 0) -> RouteChoice: ...
+
+
+class ChannelView(Mapping[str, int]):
+    """Live calls per carrier as the channel limits see them: this node's own (exact, at once)
+    or every node's as last read from Redis, whichever is higher (this node's newest calls may
+    not be in the shared snapshot yet)."""
+
+    def __init__(self, local: Mapping[str, int], shared: Callable[[], Mapping[str, int]]) -> None:
+        self.local = local
+        self.shared = shared
+
+    def __getitem__(self, carrier: str) -> int:
+        return max(self.local.get(carrier, 0), self.shared().get(carrier, 0))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(set(self.local) | set(self.shared()))
+
+    def __len__(self) -> int:
+        return len(set(self.local) | set(self.shared()))
 
 
 class CallRouter:
