@@ -81,10 +81,10 @@ def test_a_redis_that_is_away_keeps_the_steps_queued_and_the_last_counts(redis_c
         channels.flush_once()
     except ConnectionError:
         pass
-    assert channels.counts()["acme"] == 1 and len(channels._pending) == 1  # noqa: SLF001 - the queue kept
+    assert channels.counts()["acme"] == 1 and len(channels._pending) == 1  # the steps stay queued
     channels.client = redis_client
     channels.flush_once()
-    assert channels.counts()["acme"] == 2 and not channels._pending  # noqa: SLF001
+    assert channels.counts()["acme"] == 2 and not channels._pending
 
 
 def test_the_router_leaves_out_a_carrier_full_on_any_node() -> None:
