@@ -74,7 +74,7 @@ def test_each_cdr_carries_its_legs_and_current_rating(calls: Engine) -> None:
     assert row["rating"] == {"seq": 1, "plan": "retail", "rate_id": 1, "prefix": "49",
                              "rate_per_minute": "0.120000", "billed_seconds": 61, "cost": "0.122000",
                              "decided_at": "2026-01-01T00:03:06.003Z", "reason": "settle", "currency": None,
-                             "plan_currency": None, "plan_cost": None, "fx_rate": None}
+                             "plan_currency": None, "plan_cost": None, "fx_rate": None, "route": None}
     legs = row["legs"]
     assert isinstance(legs, list)
     assert [(leg["direction"], leg["billed"], leg["billsec"]) for leg in legs] == [("inbound", False, 66),

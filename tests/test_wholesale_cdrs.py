@@ -116,3 +116,18 @@ def test_a_corrected_buy_deck_rerates_the_cost_side_only(wholesale: Engine, tmp_
 
     refused = run(wholesale, "rerate", "--since", "2026-01-01")
     assert refused.exit_code != 0 and "--plan" in refused.output and "--carrier" in refused.output
+
+
+def test_exports_carry_the_carrier_its_cost_and_the_margin(wholesale: Engine, tmp_path: Path) -> None:
+    import csv
+
+    listed = [json.loads(line) for line in ok(run(wholesale, "cdrs", "list", "--jsonl")).splitlines() if line]
+    rows = {row["call_id"]: row for row in listed}
+    assert rows["call-000000"]["rating"]["route"] == json.loads(
+        ok(run(wholesale, "cdrs", "show", "call-000000", "--json")))["rating"]["route"]
+    assert rows["call-000003"]["rating"]["route"] is None
+    out = tmp_path / "cdrs.csv"
+    ok(run(wholesale, "cdrs", "export", "--output", str(out)))  # the server's COPY on PostgreSQL
+    table = {r["call_id"]: (r["carrier"], r["buy_cost"], r["margin"]) for r in csv.DictReader(out.open())}
+    assert table == {"call-000000": ("acme", "0.120000", "0.002000"), "call-000001": ("acme", "0.120000", "0.002000"),
+                     "call-000002": ("globex", "0.180000", "-0.058000"), "call-000003": ("", "", "")}

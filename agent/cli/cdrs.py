@@ -19,6 +19,7 @@ from agent.adapters.cdr.export import (
     csv_row,
     fx_text,
     iter_flat,
+    route_json,
     server_csv_supported,
 )
 from agent.adapters.cdr.export import cdr_json as flat_json
@@ -114,18 +115,11 @@ def decision_json(d: DecisionView) -> dict[str, Any]:
         "currency": d.currency or None, "plan_currency": d.plan_currency or None,
         "plan_cost": format_amount(d.plan_cost_micros) if d.plan_cost_micros is not None else None,
         "fx_rate": fx_text(d.fx_rate_e10, d.fx_inverse),
-        "route": route_json(d),
+        "route": route_json(d.carrier, d.buy_prefix, d.buy_rate_micros, d.buy_billed_seconds, d.buy_cost_micros,
+                            d.margin_micros),
     }
 
 
-def route_json(d: DecisionView) -> dict[str, Any] | None:
-    """The buy side of a routed call (DESIGN §10), in the plan's currency; None when not routed."""
-    if not d.carrier:
-        return None
-    return {"carrier": d.carrier, "buy_prefix": d.buy_prefix, "buy_rate_per_minute": format_amount(d.buy_rate_micros),
-            "buy_billed_seconds": d.buy_billed_seconds,
-            "buy_cost": format_amount(d.buy_cost_micros) if d.buy_cost_micros is not None else None,
-            "margin": format_amount(d.margin_micros) if d.margin_micros is not None else None}
 
 
 def cdr_json(v: CdrView) -> dict[str, Any]:

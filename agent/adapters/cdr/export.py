@@ -76,8 +76,11 @@ CSV_COLUMNS = (
     # DESIGN §11: ``cost`` is in ``currency`` (the account's); a plan in another currency gives
     # its own cost and the FX rate used ("1/R" when the inverse pair's reciprocal converted).
     "currency", "plan_currency", "plan_cost", "fx_rate",
+    # DESIGN §10: the carrier that carried a routed call, its cost (plan currency) and the margin;
+    # empty when the call was not routed (or, for a reseller's customer, on the reseller's decision).
+    "carrier", "buy_cost", "margin",
 )
-N_CALL, N_DECISION = len(CALL_COLUMNS), 14
+N_CALL, N_DECISION = len(CALL_COLUMNS), 20
 
 Row = tuple[Any, ...]
 
@@ -86,7 +89,8 @@ Row = tuple[Any, ...]
 class FlatCdr:
     call: Row  # CALL_COLUMNS
     # the current one: (seq, plan, rate_id, prefix, rate, billed_s, cost, decided_at, reason, currency,
-    # plan_currency, fx_rate_e10, fx_inverse, plan_cost)
+    # plan_currency, fx_rate_e10, fx_inverse, plan_cost, carrier, buy_prefix, buy_rate, buy_billed_s, buy_cost,
+    # margin)
     decision: Row | None
     legs: list[Row]  # LEG_COLUMNS, oldest first
 
@@ -121,6 +125,7 @@ def stream_query(where: CdrFilter, limit: int | None = None) -> Any:
         iso_ms(c.ended_at), c.duration_ms, c.disposition, c.hangup_cause, iso_ms(c.settled_at),
         d.seq, d.plan_name, d.rate_id, d.prefix, d.rate_micros, d.billed_seconds, d.cost_micros,
         iso_ms(d.decided_at), d.reason, d.currency, d.plan_currency, d.fx_rate_e10, d.fx_inverse, d.plan_cost_micros,
+        d.carrier, d.buy_prefix, d.buy_rate_micros, d.buy_billed_seconds, d.buy_cost_micros, d.margin_micros,
         leg.pbx_unique_id, leg.direction, leg.channel, leg.sip_call_id, leg.peer, leg.caller, leg.callee,
         iso_ms(leg.created_at), iso_ms(leg.answered_at), iso_ms(leg.ended_at), leg.hangup_cause, leg.billsec,
         leg.billed,
@@ -262,7 +267,19 @@ def decision_json(d: Row | None) -> dict[str, Any] | None:
     return {"seq": d[0], "plan": d[1], "rate_id": d[2], "prefix": d[3], "rate_per_minute": format_amount(d[4]),
             "billed_seconds": d[5], "cost": format_amount(d[6]), "decided_at": d[7], "reason": d[8],
             "currency": d[9] or None, "plan_currency": d[10] or None,
-            "plan_cost": format_amount(d[13]) if d[13] is not None else None, "fx_rate": fx_text(d[11], d[12])}
+            "plan_cost": format_amount(d[13]) if d[13] is not None else None, "fx_rate": fx_text(d[11], d[12]),
+            "route": route_json(*d[14:20])}
+
+
+def route_json(carrier: str | None, buy_prefix: str, buy_rate_micros: int, buy_billed_seconds: int,
+               buy_cost_micros: int | None, margin_micros: int | None) -> dict[str, Any] | None:
+    """The buy side of a routed call (DESIGN §10), in the plan's currency; None when not routed."""
+    if not carrier:
+        return None
+    return {"carrier": carrier, "buy_prefix": buy_prefix, "buy_rate_per_minute": format_amount(buy_rate_micros or 0),
+            "buy_billed_seconds": buy_billed_seconds,
+            "buy_cost": format_amount(buy_cost_micros) if buy_cost_micros is not None else None,
+            "margin": format_amount(margin_micros) if margin_micros is not None else None}
 
 
 def cdr_json(cdr: FlatCdr) -> dict[str, Any]:
@@ -280,7 +297,7 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 TEXT_COLUMNS = frozenset({
     "call_id", "node", "pbx", "account_id", "caller", "destination", "disposition", "hangup_cause", "plan",
     "prefix", "rating_reason", "a_leg", "a_channel", "a_sip_call_id", "a_hangup_cause", "b_leg", "b_channel",
-    "b_peer", "b_sip_call_id", "b_hangup_cause",
+    "b_peer", "b_sip_call_id", "b_hangup_cause", "carrier",
 })
 _TEXT_INDEXES = frozenset(i for i, name in enumerate(CSV_COLUMNS) if name in TEXT_COLUMNS)
 
@@ -301,9 +318,11 @@ def csv_row(cdr: FlatCdr, *, with_legs: bool = False) -> list[Any]:
     b = cdr.billed_leg()
     money = [d[9], d[10], format_amount(d[13]) if d[13] is not None else "", fx_text(d[11], d[12]) or ""] \
         if d else NO_MONEY
+    route = [d[14] or "", format_amount(d[18]) if d[18] is not None else "",
+             format_amount(d[19]) if d[19] is not None else ""] if d else NO_ROUTE
     row = [*cdr.call, *rating, len(cdr.legs),
            *((a[0], a[2], a[3], a[10]) if a else NO_A_LEG),
-           *((b[0], b[2], b[4], b[3], b[8], b[10], b[11]) if b else NO_B_LEG), *money]
+           *((b[0], b[2], b[4], b[3], b[8], b[10], b[11]) if b else NO_B_LEG), *money, *route]
     row = [neutralize(value) if i in _TEXT_INDEXES else value for i, value in enumerate(row)]
     if with_legs:
         row.append(json.dumps(legs_json(cdr), separators=(",", ":")))
@@ -314,6 +333,7 @@ NO_RATING = [""] * 8
 NO_A_LEG = ("",) * 4
 NO_B_LEG = ("",) * 7
 NO_MONEY = ("",) * 4
+NO_ROUTE = ("",) * 3
 
 
 # --------------------------------------------------------------------------- PostgreSQL: CSV by the server
@@ -353,6 +373,7 @@ _PG_CSV_EXPRESSIONS = (
     _pg_text("d.currency"), _pg_text("d.plan_currency"), _pg_amount("d.plan_cost_micros"),
     "CASE WHEN d.fx_inverse THEN '1/' ELSE '' END || rtrim(rtrim((d.fx_rate_e10::numeric / 10000000000)"
     "::numeric(38, 10)::text, '0'), '.')",
+    _pg_text("d.carrier"), _pg_amount("d.buy_cost_micros"), _pg_amount("d.margin_micros"),
 )
 assert len(_PG_CSV_EXPRESSIONS) == len(CSV_COLUMNS)
 
