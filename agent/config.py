@@ -372,4 +372,24 @@ def load_config(
     if overrides:
         _apply(layers, overrides, "command line", from_text=False)
     sections = {name: _SECTIONS[name](**layers.get(name, {})) for name in _SECTIONS}
-    return Config(**sections, source=source)
+    config = Config(**sections, source=source)
+    _check_together(config)
+    return config
+
+
+# The engine asks for the next slice of money this long before it is due, plus the store's own
+# deadline (agent/daemon.py NIBBLE_LEAD_MARGIN_MS); the session caps the lead at half a nibble.
+NIBBLE_LEAD_MARGIN_MS = 100
+
+
+def _check_together(config: Config) -> None:
+    """Keys that are each valid but wrong together, named with both values."""
+    billing = config.billing
+    nibble_ms = billing.nibble_seconds * 1000
+    if billing.store_timeout_ms + NIBBLE_LEAD_MARGIN_MS > nibble_ms // 2:
+        raise ConfigError(
+            f"{config.source}: billing.store_timeout_ms: {billing.store_timeout_ms} ms (+{NIBBLE_LEAD_MARGIN_MS} ms) "
+            f"is more than half a nibble (billing.nibble_seconds: {billing.nibble_seconds} s): a slice of money "
+            f"would be asked for at most {nibble_ms // 2} ms before it is due, and a store that takes its whole "
+            "deadline answers after the slice began, so calls could talk past their money; lower "
+            "billing.store_timeout_ms or raise billing.nibble_seconds")

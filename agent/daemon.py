@@ -51,7 +51,7 @@ from agent.adapters.sql.models import RatePlan
 from agent.adapters.sql.rate_repository import RatePlanCache
 from agent.adapters.sql.route_book import RouteBook
 from agent.adapters.webhook import AlertWebhook
-from agent.config import Config
+from agent.config import NIBBLE_LEAD_MARGIN_MS, Config
 from agent.core.balance import LiveCall
 from agent.core.errors import BillingError, InvalidInput
 from agent.core.events import AuthorizeDecision, AuthorizeRequest
@@ -917,7 +917,6 @@ ADOPTION_LISTING_WAIT_S = 15.0  # the store down at start: how long adoption wai
 # A nibble runs the store deadline plus this before its slice's boundary: the loop turn, the
 # batching and a Redis or SQL round trip fit in it, so a store that fails is known in time to
 # cut at the boundary.
-NIBBLE_LEAD_MARGIN_MS = 100
 NO_ANSWER_GUARD_S = 180  # a call neither answered nor ended is released after this (EngineSettings.no_answer_guard_ms)
 MIN_DESCRIPTORS = 4096  # calls (AGI sockets), AMI/ESL, SQL and Redis pools, spool segments, status port
 

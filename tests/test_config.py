@@ -112,3 +112,15 @@ def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match=r"duplicate key 'nibble_seconds' \(first on line 2\)") as info:
         load_config(path, environ={})
     assert "line 4" in str(info.value)
+
+
+def test_a_store_deadline_longer_than_half_a_nibble_is_refused_naming_both_keys(tmp_path: Path) -> None:
+    """A store step may take its whole deadline; the next slice is asked for at most half a
+    nibble before it is due: a longer deadline lets calls talk past their money (seen with 2 s
+    and 1 s nibbles in bench/bench_nodes.py)."""
+    path = tmp_path / "agent.yaml"
+    path.write_text("billing:\n  nibble_seconds: 1\n  store_timeout_ms: 2000\n")
+    with pytest.raises(ConfigError, match=r"yaml: billing.store_timeout_ms: 2000 ms .*billing.nibble_seconds: 1 s"):
+        load_config(path)
+    path.write_text("billing:\n  nibble_seconds: 1\n  store_timeout_ms: 400\n")
+    assert load_config(path).billing.store_timeout_ms == 400  # 400 + 100 ms fits in half a second
