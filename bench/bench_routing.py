@@ -7,7 +7,7 @@ loaded in <= 60 s and <= 1.5 GB.
 
     python bench/bench_routing.py                                  # full size: 1M sell + 10 x 1M buy
     python bench/bench_routing.py --prefixes 100000 --auths 50000  # a modest run first
-    nice -n 10 python bench/bench_routing.py --layout shared       # the prototype layout (below)
+    nice -n 10 python bench/bench_routing.py --layout tables       # the former layout (below)
 
 Decks are generated in memory (no CSV, no SQL): ``--prefixes`` distinct prefixes of 5-9 digits
 plus every 1- and 2-digit prefix (so every number has a rate), the same destinations on every
@@ -16,15 +16,17 @@ than the sell price: revenue assurance drops them), increments (1/1, 6/6, 30/6, 
 connect fee on some, and ~1 % blocked rows. Each run is a fresh child process so its peak
 RSS (VmHWM: interpreter included) is its own.
 
-* ``--layout tables`` (default): what the agent does today: one
-  :class:`~agent.core.ratetable.RateTable` per deck (the sell plan's and each carrier's,
-  streamed into a ``RateTableBuilder`` as ``load_table`` does from SQL, without the SQL), then
-  per authorization: the sell lookup, one lookup per carrier and
-  :func:`agent.core.routing.select_routes` (policy ``--policy``).
-* ``--layout shared``: a prototype (this file only) of what would fit the memory goal: the 10
-  buy decks in *one* dict keyed by prefix whose value packs each carrier's record for that
-  prefix (a carrier-index byte before each), so a prefix costs one dict entry and one object
-  for all carriers, and one probe per prefix length finds every carrier's longest match.
+* ``--layout index`` (default): what the route book does: the sell plan in a
+  :class:`~agent.core.ratetable.RateTable`, the 10 buy decks in one
+  :class:`~agent.core.buy_index.BuyIndex` (one dict of prefixes for all decks, a packed array
+  of RateTable records per deck), each deck streamed into a ``RateTableBuilder`` and merged
+  before the next is made, as ``RouteBook.preload`` does from SQL; per authorization the sell
+  lookup and :func:`agent.core.buy_index.select_offers` (one probe per prefix length for all
+  carriers, the loss rule's points kept per pair of row shapes, no row object for a carrier left out).
+* ``--layout tables``: the former route book: one ``RateTable`` per deck, then per
+  authorization the sell lookup, one lookup per carrier and
+  :func:`agent.core.routing.select_routes` (policy ``--policy``). Both layouts give the same
+  outcome counts (routed, routes each, no route).
 
 Load time is the time to build the tables from generated rows (the daemon also reads them from
 SQL: ``bench/bench_rating.py`` measures that part, per plan). Authorizations/s is in CPU time of
@@ -37,7 +39,6 @@ import argparse
 import json
 import os
 import random
-import struct
 import subprocess
 import sys
 import time
@@ -146,17 +147,17 @@ def child_tables(options: argparse.Namespace) -> dict[str, Any]:
             "mean_routes": routes / max(routed, 1)}
 
 
-# ------------------------------------------------------------------------ layout "shared"
-
-_REC = struct.Struct("<BqqIIIIq?q")  # carrier index, rate, fee, first, increment, minimum, grace, -, blocked, id
+# ------------------------------------------------------------------------ layout "index"
 
 
-def child_shared(options: argparse.Namespace) -> dict[str, Any]:
-    """The prototype: one dict for all buy decks (module docstring). Rows here are always
-    effective and windowless, which is what the generated decks hold."""
+def child_index(options: argparse.Namespace) -> dict[str, Any]:
+    """What the route book does now: the buy decks in one BuyIndex (agent/core/buy_index.py),
+    each deck streamed into a RateTableBuilder and merged before the next is read (as
+    ``RouteBook.preload`` does from SQL), then per authorization the sell lookup and
+    ``select_offers`` (the code ``RouteBook.routes`` runs, minus its cached carriers/policy reads)."""
+    from agent.core.buy_index import BuyIndex, prepare_offers, select_offers
     from agent.core.ratetable import RateTableBuilder, Refusal
-    from agent.core.rating import RateRow
-    from agent.core.routing import CarrierState, RoutePolicy, select_routes
+    from agent.core.routing import CarrierState, LossVerdicts, RoutePolicy
 
     prefixes = make_prefixes(options.prefixes, options.seed)
     numbers = make_numbers(prefixes, options.auths, options.seed + 1)
@@ -166,32 +167,25 @@ def child_shared(options: argparse.Namespace) -> dict[str, Any]:
     for index, prefix in enumerate(prefixes):
         builder.add_fields(*deck_row(prefix, index, 0))
     sell_table = builder.build()
-    shared: dict[int, bytes] = {}
-    lengths: set[int] = set()
-    pack = _REC.pack
-    for index, prefix in enumerate(prefixes):
-        parts = []
+
+    def buy_decks(prefixes: list[str]) -> Any:
         for deck in range(1, options.carriers + 1):
-            (_, _, rate, fee, first, increment, minimum, grace, _, _, _, _, _, blocked, rate_id) = deck_row(
-                prefix, index, deck)
-            parts.append(pack(deck - 1, rate, fee, first, increment, minimum, grace, 0, blocked, rate_id))
-        shared[int("1" + prefix)] = b"".join(parts)
-        lengths.add(len(prefix))
+            buy = RateTableBuilder(f"carrier:c{deck}", currency="EUR")
+            add = buy.add_fields
+            for index, prefix in enumerate(prefixes):
+                add(*deck_row(prefix, index, deck))
+            yield buy
+
+    book = BuyIndex().with_decks(buy_decks(prefixes))
     load_seconds = time.perf_counter() - started
     rss_loaded, peak_loaded = rss_mb()
     del prefixes
-    ordered_lengths = sorted(lengths, reverse=True)
-    size = _REC.size
-    unpack_from = _REC.unpack_from
-    carriers = [CarrierState(f"c{k}", f"PJSIP/c{k}", priority=k % 3, weight=1 + k % 4, max_channels=1000,
-                             live_channels=k * 50) for k in range(1, options.carriers + 1)]
-    count = len(carriers)
+    carriers = [CarrierState(f"c{k}", f"PJSIP/c{k}", priority=k % 3, weight=1 + k % 4, max_channels=1000)
+                for k in range(1, options.carriers + 1)]
+    live = {c.name: k * 50 for k, c in enumerate(carriers, 1)}
+    offers = prepare_offers(book, [(c, f"carrier:{c.name}", None) for c in carriers])
+    verdicts = LossVerdicts()
     policy = RoutePolicy(options.policy)
-    no_rate = Refusal.__new__(Refusal)  # placeholder for "this carrier has no rate"
-    object.__setattr__(no_rate, "reason", __import__("agent.core.events", fromlist=["DenyReason"]).DenyReason.NO_RATE)
-    object.__setattr__(no_rate, "detail", "no rate")
-    object.__setattr__(no_rate, "number", "")
-    object.__setattr__(no_rate, "row", None)
     routed = refused = no_route = routes = 0
     cpu_started, wall_started = time.process_time(), time.perf_counter()
     for seed, number in enumerate(numbers):
@@ -199,26 +193,8 @@ def child_shared(options: argparse.Namespace) -> dict[str, Any]:
         if isinstance(sell, Refusal):
             refused += 1
             continue
-        digits = number[1:]
-        key, n = int("1" + digits), len(digits)
-        found: list[RateRow | Refusal | None] = [None] * count
-        left = count
-        for length in ordered_lengths:
-            if length > n:
-                continue
-            entry = shared.get(key // 10 ** (n - length))
-            if entry is None:
-                continue
-            for offset in range(0, len(entry), size):
-                k, rate, fee, first, increment, minimum, grace, _, blocked, rate_id = unpack_from(entry, offset)
-                if found[k] is None:
-                    found[k] = no_rate if blocked else RateRow(digits[:length], "", rate, fee, first, increment,
-                                                                minimum, grace, rate_id=rate_id)
-                    left -= 1
-            if not left:
-                break
-        offers = [(c, row if row is not None else no_rate) for c, row in zip(carriers, found, strict=True)]
-        choice = select_routes(sell, offers, policy, seed=seed)
+        choice = select_offers(sell, number, AT_MS, book, offers, policy, live_channels=live, seed=seed,
+                               verdicts=verdicts)
         if choice.routes:
             routed += 1
             routes += len(choice.routes)
@@ -226,11 +202,11 @@ def child_shared(options: argparse.Namespace) -> dict[str, Any]:
             no_route += 1
     cpu, wall = time.process_time() - cpu_started, time.perf_counter() - wall_started
     _, peak = rss_mb()
-    return {"layout": "shared", "decks": options.carriers + 1, "rows_per_deck": len(sell_table),
+    return {"layout": "index", "decks": options.carriers + 1, "rows_per_deck": len(sell_table),
             "load_seconds": load_seconds, "rss_before_mb": rss_before, "rss_loaded_mb": rss_loaded,
             "peak_rss_mb": max(peak, peak_loaded), "auths": len(numbers), "cpu_seconds": cpu, "wall_seconds": wall,
             "auths_per_cpu_second": len(numbers) / cpu, "routed": routed, "refused_by_sell_plan": refused,
-            "no_route": no_route, "mean_routes": routes / max(routed, 1)}
+            "no_route": no_route, "mean_routes": routes / max(routed, 1), "loss_verdicts_kept": verdicts.size}
 
 
 # ----------------------------------------------------------------------------------- main
@@ -242,12 +218,12 @@ def main() -> None:
     parser.add_argument("--carriers", type=int, default=10)
     parser.add_argument("--auths", type=int, default=200_000, help="authorizations timed")
     parser.add_argument("--policy", default="lcr", choices=("lcr", "priority", "weight"))
-    parser.add_argument("--layout", default="tables", choices=("tables", "shared"))
+    parser.add_argument("--layout", default="index", choices=("index", "tables"))
     parser.add_argument("--seed", type=int, default=17)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:
-        figures = child_tables(options) if options.layout == "tables" else child_shared(options)
+        figures = child_tables(options) if options.layout == "tables" else child_index(options)
         print(json.dumps(figures))
         return
     args = [sys.executable, __file__, "--child", *sys.argv[1:]]

@@ -112,3 +112,47 @@ def test_policy_state_and_decks_are_reloaded(engine: Engine, tmp_path: Path) -> 
     assert "cheap" in [r.carrier for r in fresh.routes("retail", "EUR", SELL, "+4420", AT_MS).routes]
     book.close()
     fresh.close()
+
+
+def test_one_decks_reload_leaves_the_other_decks_in_place(engine: Engine, tmp_path: Path) -> None:
+    setup(engine, tmp_path)
+    book = RouteBook(engine, Clock(), check_interval_seconds=3_600)
+    book.preload()
+    before = book.index
+    cheap = before.deck("carrier:cheap")
+    sessions = session_factory(engine)
+    import_deck(sessions, deck(tmp_path, "mid2", "44,UK,0.012,1,1,\n4420,London,0.011,1,1,true\n"), "",
+                carrier="mid", replace=True)
+    assert book.check_versions() == ["carrier:mid"]
+    assert book.index is not before and book.index.deck("carrier:cheap") is cheap  # shared, not reloaded
+    # the index a call in flight holds still answers as before: the new one was built beside it
+    assert before.lookup("carrier:mid", "+441612", AT_MS).prefix == "4"  # type: ignore[union-attr]
+    choice = book.routes("retail", "EUR", SELL, "+441612", AT_MS)
+    mid = [r for r in choice.routes if r.carrier == "mid"]
+    assert mid, choice.detail()
+    assert (mid[0].buy.prefix, mid[0].buy.rate_micros) == ("44", 12_000)
+    london = book.routes("retail", "EUR", SELL, "+442079", AT_MS, live_channels={"cheap": 0})
+    assert ("mid", SkipReason.BLOCKED) in {(s.carrier, s.reason) for s in london.skipped}
+    assert "mid: destination 4420 (London) is blocked" in london.detail()
+    assert book.check_versions() == []  # nothing changed: nothing reloaded
+    book.close()
+
+
+def test_buy_rows_follow_their_effective_dates(engine: Engine, tmp_path: Path) -> None:
+    setup(engine, tmp_path)
+    sessions = session_factory(engine)
+    path = tmp_path / "dated.csv"
+    path.write_text("prefix,destination,rate,effective_from,effective_to\n"
+                    "44,UK,0.010,2026-01-01T00:00:00Z,2026-12-03T12:00:00Z\n"  # ends at the call's start
+                    "44,UK,0.018,2026-12-03T12:00:00Z,\n"
+                    "4420,London,0.005,2026-12-04T00:00:00Z,\n")  # not yet
+    import_deck(sessions, path, "", carrier="cheap", replace=True)
+    book = RouteBook(engine, Clock())
+    book.preload()
+    assert book.index.lookup("carrier:cheap", "+442071", AT_MS - 1).rate_micros == 10_000  # type: ignore[union-attr]
+    cheap = [r for r in book.routes("retail", "EUR", SELL, "+442071", AT_MS).routes if r.carrier == "cheap"][0]
+    assert (cheap.buy.prefix, cheap.buy.rate_micros) == ("44", 18_000)
+    tomorrow = AT_MS + 86_400_000
+    cheap = [r for r in book.routes("retail", "EUR", SELL, "+442071", tomorrow).routes if r.carrier == "cheap"][0]
+    assert (cheap.buy.prefix, cheap.buy.rate_micros) == ("4420", 5_000)
+    book.close()

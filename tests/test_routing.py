@@ -9,12 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.core.buy_index import BuyIndex, prepare_offers, select_offers
 from agent.core.errors import InvalidInput
 from agent.core.events import DenyReason
-from agent.core.ratetable import Refusal
-from agent.core.rating import RateRow, cost_micros_for_seconds
+from agent.core.ratetable import RateTableBuilder, Refusal
+from agent.core.rating import OPEN_END_MS, RateRow, cost_micros_for_seconds
 from agent.core.routing import (
     CarrierState,
+    LossVerdicts,
     Margin,
     MarginFloor,
     RoutePolicy,
@@ -199,3 +201,151 @@ def test_selection_keeps_exactly_the_eligible_carriers_in_policy_order(
 @given(rows, st.integers(0, 7_200))
 def test_the_inlined_cost_is_the_rating_cost(row: RateRow, seconds: int) -> None:
     assert _cost(row, seconds) == cost_micros_for_seconds(row, seconds)
+
+
+# ------------------------------------------------- the shared buy index (agent/core/buy_index.py)
+
+DAY_MS = 86_400_000
+T0 = 1_764_763_200_000  # 2025-12-03T12:00:00Z, a Wednesday
+
+
+def test_loss_verdicts_kept_per_pair_of_shapes_are_the_rule() -> None:
+    verdicts = LossVerdicts(limit=3)
+    sell = RateRow("33", "FR", 12_000, initial_increment=1, increment=1)
+    loses = verdicts.for_sell(sell)
+    assert loses(RateRow("33", "FR", 12_000, initial_increment=60, increment=60))  # a 1 s call: 0.012 vs 0.0002
+    assert not loses(RateRow("33", "FR", 11_999))
+    assert loses(RateRow("33", "FR", 12_001))  # a dearer rate: long calls
+    for fee in range(10):  # more shapes than the limit: the cache is dropped, never wrong
+        buy = RateRow("33", "FR", 6_000, connect_fee_micros=fee)
+        assert loses(buy) == _loses(sell, buy)
+    assert verdicts.size <= 3
+
+
+@given(st.lists(rows, min_size=1, max_size=4), st.lists(rows, min_size=1, max_size=12), st.integers(1, 6))
+def test_loss_verdicts_equal_the_rule_for_every_pair(sells: list[RateRow], buys: list[RateRow], limit: int) -> None:
+    verdicts = LossVerdicts(limit=limit)  # one cache across calls, as the route book keeps it
+    for sell in sells:
+        loses = verdicts.for_sell(sell)
+        for bought in buys:
+            assert loses(bought) == _loses(sell, bought)
+
+
+def _deck_rows(draw: st.DrawFn) -> list[RateRow]:
+    found = []
+    for _ in range(draw(st.integers(1, 14))):
+        start = draw(st.sampled_from([0, T0 - DAY_MS, T0 + 3_600_000]))
+        end = draw(st.sampled_from([OPEN_END_MS, T0, T0 + DAY_MS]))
+        if end <= start:
+            start, end = 0, OPEN_END_MS
+        window = draw(st.sampled_from([("", 0, 1440), ("3", 0, 1440), ("67", 0, 1440), ("", 720, 780),
+                                       ("12345", 1320, 360)]))
+        found.append(RateRow(draw(st.text("12", min_size=1, max_size=3)), draw(st.sampled_from(["", "A", "B"])),
+                             draw(st.integers(0, 30_000)), draw(st.sampled_from([0, 0, 500])),
+                             draw(st.sampled_from([1, 6, 60])), draw(st.sampled_from([1, 6, 60])),
+                             draw(st.sampled_from([0, 0, 30, 90])), draw(st.sampled_from([0, 0, 3, 61])),
+                             start, end, *window, draw(st.booleans()) and draw(st.booleans()),
+                             draw(st.one_of(st.none(), st.integers(1, 10**6)))))
+    return found
+
+
+@st.composite
+def decks(draw: st.DrawFn) -> list[tuple[str, str, str, list[RateRow]]]:
+    """(plan, timezone, international prefix, rows) of 1-4 carriers' decks on a few digits."""
+    return [(f"carrier:c{k}", draw(st.sampled_from(["UTC", "Europe/Paris"])), draw(st.sampled_from(["00", "00", ""])),
+             _deck_rows(draw)) for k in range(draw(st.integers(1, 4)))]
+
+
+def _builder(plan: str, timezone: str, intl: str, deck_rows: list[RateRow], version: int = 1) -> RateTableBuilder:
+    builder = RateTableBuilder(plan, timezone=timezone, international_prefix=intl, version=version)
+    for row in deck_rows:
+        builder.add(row)
+    return builder
+
+
+numbers = (st.builds(lambda lead, digits: lead + digits, st.sampled_from(["+", "00", "", "+0"]),
+                     st.text("12", min_size=1, max_size=6))
+           | st.builds(lambda digits: "+" + digits, st.text("120", min_size=1, max_size=6))
+           | st.sampled_from(["+44 20", "12a", "+"]))
+instants = st.sampled_from([T0, T0 + 3_600_000, T0 + 30 * 60_000, T0 + DAY_MS // 2 + 40 * 60_000, T0 + 3 * DAY_MS,
+                            T0 - DAY_MS // 2])
+
+
+@given(decks(), st.lists(st.tuples(numbers, instants), min_size=1, max_size=20), st.booleans())
+def test_the_shared_index_answers_as_each_decks_own_table(
+        given_decks: list[tuple[str, str, str, list[RateRow]]], calls: list[tuple[str, int]], filtered: bool) -> None:
+    tables = {plan: _builder(plan, tz, intl, deck_rows).build() for plan, tz, intl, deck_rows in given_decks}
+    index = BuyIndex().with_decks((_builder(*deck) for deck in given_decks), length_filter=filtered)
+    for number, at_ms in calls:
+        for plan, table in tables.items():
+            assert index.lookup(plan, number, at_ms) == table.lookup(number, at_ms), (plan, number, at_ms)
+
+
+@given(decks(), rows, st.lists(st.tuples(numbers, instants), min_size=1, max_size=10),
+       st.lists(states, min_size=4, max_size=4), st.sampled_from(list(RoutePolicy)), st.booleans(),
+       st.integers(0, 2**32))
+def test_selection_on_the_shared_index_is_select_routes_on_each_decks_lookup(
+        given_decks: list[tuple[str, str, str, list[RateRow]]], sell: RateRow, calls: list[tuple[str, int]],
+        carriers: list[CarrierState], policy: RoutePolicy, allow_loss: bool, seed: int) -> None:
+    tables = {plan: _builder(plan, tz, intl, deck_rows).build() for plan, tz, intl, deck_rows in given_decks}
+    index = BuyIndex().with_decks(_builder(*deck) for deck in given_decks[1:])  # the first one still loading
+    plans = list(tables)
+    wired = [(CarrierState(f"{c.name}{k}", c.trunk, c.priority, c.weight, c.enabled, c.max_channels, c.live_channels),
+              plans[k] if k < len(plans) else None) for k, c in enumerate(carriers)]
+    offers = prepare_offers(index, [(state, plan, None if k < 3 else "buys in USD") for k, (state, plan)
+                                    in enumerate(wired)])
+    live = {state.name: state.live_channels for state, _ in wired}
+    verdicts = LossVerdicts()
+    for number, at_ms in calls:
+        expected_offers: list[tuple[CarrierState, RateRow | Refusal]] = []
+        for k, (state, plan) in enumerate(wired):
+            if k >= 3:
+                expected_offers.append((state, Refusal(DenyReason.NO_RATE, "buys in USD", number)))
+            elif plan is None:
+                expected_offers.append((state, Refusal(DenyReason.NO_RATE, "no buy deck imported", number)))
+            elif index.deck(plan) is None:
+                expected_offers.append((state, Refusal(DenyReason.NO_RATE, "buy deck still loading", number)))
+            else:
+                expected_offers.append((state, tables[plan].lookup(number, at_ms)))
+        expected = select_routes(sell, expected_offers, policy, allow_loss=allow_loss, seed=seed)
+        choice = select_offers(sell, number, at_ms, index, offers, policy, live_channels=live, allow_loss=allow_loss,
+                               seed=seed, verdicts=verdicts)
+        assert choice.routes == expected.routes
+        assert choice.detail() == expected.detail()
+        assert choice == expected
+
+
+def test_a_reloaded_deck_replaces_its_own_rows_only_and_the_old_index_stays_whole() -> None:
+    a = [RateRow("44", "UK", 10_000), RateRow("447", "UK mobile", 30_000, blocked=True)]
+    b = [RateRow("4", "Europe", 15_000), RateRow("44", "UK", 12_000, effective_from_ms=T0 + DAY_MS)]
+    old = BuyIndex().with_decks([_builder("carrier:a", "UTC", "00", a), _builder("carrier:b", "UTC", "00", b)])
+    new = old.with_decks([_builder("carrier:a", "UTC", "00", [RateRow("4479", "UK x", 9_000)], version=2)])
+    assert new.deck("carrier:b") is old.deck("carrier:b")  # the other deck is shared, not copied
+    assert new.deck("carrier:a").version == 2 and old.deck("carrier:a").version == 1  # type: ignore[union-attr]
+    # the old index answers as before the reload (a call holding it is never half-reloaded)
+    assert old.lookup("carrier:a", "+442071", T0) == RateRow("44", "UK", 10_000)
+    blocked = old.lookup("carrier:a", "+447700", T0)
+    assert isinstance(blocked, Refusal) and blocked.reason is DenyReason.BLOCKED
+    assert blocked.detail == "destination 447 (UK mobile) is blocked"
+    missing = new.lookup("carrier:a", "+442071", T0)
+    assert isinstance(missing, Refusal) and missing.detail.startswith("no rate for 442071 in plan 'carrier:a' at ")
+    assert new.lookup("carrier:a", "+447912", T0) == RateRow("4479", "UK x", 9_000)
+    # effective dates: b's 44 row starts tomorrow; today 4 rates the UK
+    assert new.lookup("carrier:b", "+442071", T0).prefix == "4"  # type: ignore[union-attr]
+    assert new.lookup("carrier:b", "+442071", T0 + DAY_MS).prefix == "44"  # type: ignore[union-attr]
+    assert new.lookup("carrier:b", "+447912", T0).prefix == "4"  # type: ignore[union-attr]  # a slot b never had
+
+
+def test_a_routed_call_makes_the_left_out_carriers_only_when_read() -> None:
+    index = BuyIndex().with_decks([_builder("carrier:cheap", "UTC", "00", [RateRow("44", "UK", 10_000)]),
+                                   _builder("carrier:dear", "UTC", "00", [RateRow("44", "UK", 30_000)])])
+    offers = prepare_offers(index, [(carrier("cheap"), "carrier:cheap", None), (carrier("dear"), "carrier:dear", None),
+                                    (carrier("new"), "carrier:new", None)])
+    assert offers.loading == ("carrier:new",)
+    choice = select_offers(SELL, "+442071", T0, index, offers, RoutePolicy.LCR)
+    assert names(choice) == ["cheap"]
+    assert choice._later is not None  # nothing made yet
+    assert [(s.carrier, s.reason) for s in choice.skipped] == [("dear", SkipReason.LOSS),
+                                                               ("new", SkipReason.NO_RATE)]
+    assert choice.detail() == ("left out: dear: buys 44 at 0.030000 for 60 s, sold at 0.020000 (revenue assurance); "
+                               "new: buy deck still loading")

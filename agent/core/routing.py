@@ -51,10 +51,11 @@ floor_bp * sell_cost``); a negative margin is always below the floor. Integers t
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import NamedTuple
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 from agent.core.errors import InvalidInput
 from agent.core.events import DenyReason
@@ -135,13 +136,40 @@ class Skipped(NamedTuple):
         return self.note
 
 
-@dataclass(frozen=True, slots=True)
 class RouteChoice:
-    """The carriers to try, in order, and why the others were left out."""
+    """The carriers to try, in order, and why the others were left out.
 
-    routes: tuple[Route, ...]
-    skipped: tuple[Skipped, ...]
-    policy: RoutePolicy
+    Immutable by convention (not a frozen dataclass any more: ``skipped`` may be made when first
+    read). ``later``: makes ``skipped`` on first use, so that a call that is routed, the usual
+    case, never builds the rows and notes of the carriers left out (agent/core/buy_index.py).
+    """
+
+    __slots__ = ("_later", "_skipped", "policy", "routes")
+
+    def __init__(self, routes: tuple[Route, ...], skipped: tuple[Skipped, ...] = (),
+                 policy: RoutePolicy = RoutePolicy.LCR, *,
+                 later: Callable[[], tuple[Skipped, ...]] | None = None) -> None:
+        self.routes = routes
+        self._skipped = skipped
+        self.policy = policy
+        self._later = later
+
+    @property
+    def skipped(self) -> tuple[Skipped, ...]:
+        if self._later is not None:
+            self._skipped, self._later = self._later(), None
+        return self._skipped
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RouteChoice):
+            return NotImplemented
+        return (self.routes, self.skipped, self.policy) == (other.routes, other.skipped, other.policy)
+
+    def __hash__(self) -> int:
+        return hash((self.routes, self.skipped, self.policy))
+
+    def __repr__(self) -> str:
+        return f"RouteChoice(routes={self.routes!r}, skipped={self.skipped!r}, policy={self.policy!r})"
 
     @property
     def refused(self) -> bool:
@@ -230,6 +258,89 @@ def _loses(sell: RateRow, buy: RateRow) -> bool:
     return loss_at(sell, buy) is not None
 
 
+class LossVerdicts:
+    """:func:`_loses` for a call's sell row against many buy rows, fast, with what it needs kept.
+
+    The rule splits in two. Whether ``buy_cost(d) > sell_cost(d)`` at a point ``d`` of
+    :func:`loss_points` depends on the rows' *structures* (connect fee, increments, minimum,
+    grace: the points, each side's billed seconds there, whether it charges at all) and on the
+    two rates. So per pair of structures the points are worked out once and kept, minus those
+    that cannot lose while the buy rate is no higher (the buy side bills no more seconds there
+    and its fee is no higher), and none at all when :func:`_never_dearer` holds whatever the
+    rates; a call then checks the rates and the few points left, in integers. Equal to
+    :func:`_loses` (tested by hypothesis). Real decks have a handful of structures; the cache is
+    bounded anyway (``limit`` pairs, then dropped whole).
+
+    :meth:`for_sell` reads a buy row by position (2-7: rate, fee, first increment, increment,
+    minimum, grace): a RateRow, or a record unpacked by agent/core/buy_index.py.
+    """
+
+    def __init__(self, limit: int = 4_096) -> None:
+        self.limit = limit
+        self.size = 0
+        self._by_sell: dict[tuple[int, ...], dict[tuple[int, ...], tuple[tuple[int, int, int, int], ...]]] = {}
+
+    def shapes_of(self, sell: RateRow) -> dict[tuple[int, ...], tuple[tuple[int, int, int, int], ...]]:
+        """The points kept for a sell row's shape, per buy row shape (filled by :meth:`points`)."""
+        sell_shape = sell[3:8]
+        plans = self._by_sell.get(sell_shape)
+        if plans is None:
+            plans = self._by_sell[sell_shape] = {}
+        return plans
+
+    def points(self, sell: RateRow, plans: dict[tuple[int, ...], tuple[tuple[int, int, int, int], ...]],
+               shape: tuple[int, ...]) -> tuple[tuple[int, int, int, int], ...]:
+        """The points of a pair of shapes not seen yet: worked out, kept in ``plans`` (bounded)."""
+        if self.size >= self.limit:
+            self._by_sell.clear()
+            plans.clear()
+            self._by_sell[sell[3:8]] = plans
+            self.size = 0
+        fee, first, increment, minimum, grace = shape
+        points = plans[shape] = _points_that_can_lose(sell, RateRow("", "", 0, fee, first, increment, minimum, grace))
+        self.size += 1
+        return points
+
+    def for_sell(self, sell: RateRow) -> Callable[[Sequence[Any]], bool]:
+        """``loses(buy)``: ``_loses(sell, buy)`` (agent/core/buy_index.py inlines it)."""
+        plans = self.shapes_of(sell)
+        sell_rate = sell.rate_micros
+
+        def loses(buy: Sequence[Any]) -> bool:
+            rate = buy[2]
+            if rate > sell_rate:  # a dearer rate per minute always loses (long calls)
+                return True
+            shape = tuple(buy[3:8])
+            points = plans.get(shape)
+            if points is None:
+                points = self.points(sell, plans, shape)
+            for billed, sell_billed, fee, sell_fee in points:
+                if fee - (-(rate * billed) // 60) > sell_fee - (-(sell_rate * sell_billed) // 60):
+                    return True
+            return False
+
+        return loses
+
+
+def _points_that_can_lose(sell: RateRow, buy: RateRow) -> tuple[tuple[int, int, int, int], ...]:
+    """Per point of :func:`loss_points` where the buy side may cost more when its rate is no higher
+    than the sell rate: (buy billed seconds, sell billed seconds, buy fee, sell fee), a side that
+    charges nothing there (``d <= grace``) given as 0 seconds and 0 fee. The rates in the rows are
+    ignored: the shapes decide."""
+    if _never_dearer(sell._replace(rate_micros=0), buy._replace(rate_micros=0)):
+        return ()  # no duration loses while the buy rate is no higher (exact)
+    kept = []
+    for seconds in loss_points(sell, buy):
+        if seconds == 0 or seconds <= buy.grace_seconds:
+            continue  # the buy side charges nothing there
+        billed, fee = billed_seconds(buy, seconds), buy.connect_fee_micros
+        sell_billed, sell_fee = ((0, 0) if seconds <= sell.grace_seconds
+                                 else (billed_seconds(sell, seconds), sell.connect_fee_micros))
+        if billed > sell_billed or fee > sell_fee:
+            kept.append((billed, sell_billed, fee, sell_fee))
+    return tuple(kept)
+
+
 # ------------------------------------------------------------------------------- selection
 
 
@@ -258,12 +369,17 @@ def select_routes(sell: RateRow, offers: Iterable[tuple[CarrierState, RateRow | 
     return RouteChoice(tuple(order_routes(routes, policy, seed=seed)), tuple(skipped), policy)
 
 
+# (buy_cost_micros, priority, carrier) and (priority, buy_cost_micros, carrier) of a Route, read in C
+_LCR_ORDER = itemgetter(3, 4, 0)
+_PRIORITY_ORDER = itemgetter(4, 3, 0)
+
+
 def order_routes(routes: Sequence[Route], policy: RoutePolicy, *, seed: int = 0) -> list[Route]:
     """``routes`` in the policy's order (module docstring)."""
     if policy is RoutePolicy.LCR:
-        return sorted(routes, key=lambda r: (r.buy_cost_micros, r.priority, r.carrier))
+        return sorted(routes, key=_LCR_ORDER)
     if policy is RoutePolicy.PRIORITY:
-        return sorted(routes, key=lambda r: (r.priority, r.buy_cost_micros, r.carrier))
+        return sorted(routes, key=_PRIORITY_ORDER)
     rng = random.Random(seed)
     ordered: list[Route] = []
     by_priority: dict[int, list[Route]] = {}

@@ -1,12 +1,18 @@
 """The daemon's in-memory route book (DESIGN §10, issue 17): every enabled carrier's buy deck, the
 carriers' settings and each sell plan's route policy, ready for :func:`agent.core.routing.select_routes`.
 
-* **Buy decks** are rate plans (``carrier:NAME``), loaded and reloaded by a
-  :class:`~agent.adapters.sql.rate_repository.RatePlanCache` of their own exactly as sell plans
-  are: built beside the old table, swapped when complete, reloaded when an import bumps
-  ``rate_plans.version`` (checked every ``check_interval_seconds`` off the call path).
-  :meth:`RouteBook.routes` never loads a deck in the caller: a carrier whose deck is still
-  loading is left out of that call ("buy deck still loading").
+* **Buy decks** are rate plans (``carrier:NAME``), all held in one shared
+  :class:`~agent.core.buy_index.BuyIndex` (one dict of prefixes for every deck, a packed array
+  of records per deck: 11 decks of a million prefixes fit in about half the memory of one
+  ``RateTable`` each, bench/bench_routing.py). A deck is streamed from SQL into a
+  ``RateTableBuilder`` (the sell decks' checks, windows and precedence), merged into a *new*
+  index built beside the current one, and the reference is swapped when it is complete, as
+  :class:`~agent.adapters.sql.rate_repository.RatePlanCache` swaps a sell plan's table. Every
+  ``check_interval_seconds`` one background check reads the loaded decks' ``rate_plans.version``
+  and reloads the decks whose import bumped it, one at a time (the other decks' arrays are
+  shared, not copied). :meth:`RouteBook.routes` never loads a deck in the caller: a carrier
+  whose deck is still loading is left out of that call ("buy deck still loading") while the
+  deck loads in the background.
 * **Carriers** (settings, state, the name of their deck) and **route policies** (per sell plan:
   policy, allow_loss, margin floor) are read through :class:`~agent.adapters.sql.cached_lookup.CachedLookup`,
   the one owner of authorize-time SQL reads: fresh for ``ttl_ms``, re-read in the background
@@ -21,19 +27,37 @@ The daemon hands it to the engine through :class:`agent.services.routes.CallRout
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+import gevent
+from gevent.greenlet import Greenlet
+from gevent.lock import Semaphore
+from gevent.pool import Group
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from agent.adapters.sql.cached_lookup import CachedLookup
-from agent.adapters.sql.models import Carrier, RatePlan
-from agent.adapters.sql.rate_repository import RatePlanCache, reading
-from agent.core.events import DenyReason
-from agent.core.ratetable import Refusal
+from agent.adapters.sql.models import Carrier, Rate, RatePlan
+from agent.adapters.sql.rate_repository import (
+    _COLUMNS,
+    _PACKED,
+    DEFAULT_BATCH_ROWS,
+    _add_batch,
+    _Milliseconds,
+    _unpack_text,
+    plan_settings,
+    reading,
+)
+from agent.core.buy_index import BuyIndex, Offers, prepare_offers, select_offers
+from agent.core.errors import BillingError
+from agent.core.ratetable import RateTableBuilder
 from agent.core.rating import RateRow
-from agent.core.routing import CarrierState, MarginFloor, RouteChoice, RoutePolicy, select_routes
+from agent.core.routing import CarrierState, LossVerdicts, MarginFloor, RouteChoice, RoutePolicy
+
+logger = logging.getLogger(__name__)
 
 _ALL = "*"  # the one key of the carriers look-up
 
@@ -88,10 +112,20 @@ class RouteBook:
 
     def __init__(self, engine: Engine, now_ms: Callable[[], int], *, check_interval_seconds: float = 5.0,
                  ttl_ms: int = 5_000, retry_ms: int = 2_000, background: bool = False,
-                 monotonic: Callable[[], float] = time.monotonic, tables: RatePlanCache | None = None) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, batch_rows: int = DEFAULT_BATCH_ROWS) -> None:
         self.engine = engine
-        self.tables = tables or RatePlanCache(engine, check_interval_seconds=check_interval_seconds,
-                                              monotonic=monotonic)
+        self.index = BuyIndex()  # swapped whole, never changed in place
+        self.verdicts = LossVerdicts()
+        self._interval = check_interval_seconds
+        self._monotonic = monotonic
+        self._batch_rows = batch_rows
+        self._checked_at = monotonic()
+        self._check: Greenlet | None = None
+        self._loading: set[str] = set()  # decks whose first load runs in the background
+        self._merging = Semaphore()  # one new index at a time: each starts from the current one
+        self._group = Group()
+        # prepare_offers' answer for (carriers list, index) by sell currency: rebuilt when either changes
+        self._offers: tuple[object, object, dict[str, Offers]] = (None, None, {})
         self.carriers: CachedLookup[tuple[CarrierEntry, ...]] = CachedLookup(
             "carriers", lambda _: read_carriers(engine), now_ms, ttl_ms=ttl_ms, retry_ms=retry_ms,
             background=background, unavailable=lambda why: RoutesUnavailable(f"carriers unknown ({why})"))
@@ -103,14 +137,19 @@ class RouteBook:
     def preload(self) -> list[str]:
         """Read the carriers and load every enabled carrier's buy deck now (daemon start-up)."""
         plans = [c.buy_plan for c in self.carriers.get(_ALL) if c.enabled and c.buy_plan is not None]
-        self.tables.preload(plans)
+        missing = [plan for plan in plans if self.index.deck(plan) is None]
+        if missing:
+            started = self._monotonic()
+            self._merge(self._builders(missing))
+            logger.info("buy decks: %d loaded in %.1f s, %d prefixes in the shared index", len(missing),
+                        self._monotonic() - started, self.index.slot_count)
         return plans
 
     def refresh_all(self) -> None:
         """Read the carriers and policies again and check every loaded deck's version (SIGHUP)."""
         self.carriers.forget()
         self.policies.forget()
-        self.tables.refresh_all()
+        self.check_versions()
 
     def configured(self) -> bool:
         """Any carrier defined (enabled or not): calls are routed; none: the dialplan's own trunk."""
@@ -126,28 +165,133 @@ class RouteBook:
         calls in progress, cluster-wide; ``seed``: the weight policy's draw (e.g. from the call id).
         Raises :class:`RoutesUnavailable` only when the database is away and was never read."""
         routing = self.routing_of(sell_plan)
-        live = live_channels or {}
-        offers: list[tuple[CarrierState, RateRow | Refusal]] = []
-        for c in self.carriers.get(_ALL):
-            state = CarrierState(c.name, c.trunk, c.priority, c.weight, c.enabled, c.max_channels,
-                                 live.get(c.name, 0))
-            offers.append((state, self._buy_row(c, sell_currency, destination, at_ms)))
-        return select_routes(sell, offers, routing.policy, allow_loss=routing.allow_loss, seed=seed)
+        carriers = self.carriers.get(_ALL)
+        index = self.index  # this call's index, whatever a reload swaps in meanwhile
+        if self._monotonic() - self._checked_at >= self._interval and self._check is None:
+            self._start_check()
+        offers = self._offers_of(carriers, index, sell_currency)
+        for plan in offers.loading:
+            self._load_in_background(plan)
+        return select_offers(sell, destination, at_ms, index, offers, routing.policy, live_channels=live_channels,
+                             allow_loss=routing.allow_loss, seed=seed, verdicts=self.verdicts)
 
-    def _buy_row(self, carrier: CarrierEntry, sell_currency: str, destination: str, at_ms: int) -> RateRow | Refusal:
-        if not carrier.enabled:
-            return Refusal(DenyReason.NO_RATE, "disabled", destination)  # dropped as disabled before its rate
-        if carrier.buy_plan is None:
-            return Refusal(DenyReason.NO_RATE, "no buy deck imported", destination)
-        if carrier.currency != sell_currency:
-            return Refusal(DenyReason.NO_RATE, f"buys in {carrier.currency}, the plan sells in {sell_currency} "
-                                               "(buy costs are not converted yet)", destination)
-        table = self.tables.table_if_loaded(carrier.buy_plan)
-        if table is None:
-            return Refusal(DenyReason.NO_RATE, "buy deck still loading", destination)
-        return table.lookup(destination, at_ms)
+    def check_versions(self) -> list[str]:
+        """Read the loaded decks' versions and reload the changed ones now; the reloaded plans.
+        A failed read or load is logged and keeps the deck in use (retried at the next check)."""
+        self._checked_at = self._monotonic()
+        loaded = {plan: deck.version for plan, deck in self.index.decks.items()}
+        if not loaded:
+            return []
+        try:
+            with reading(self.engine) as connection:
+                versions: dict[str, int] = {name: version for name, version in connection.execute(
+                    select(RatePlan.name, RatePlan.version).where(RatePlan.name.in_(loaded)))}
+        except SQLAlchemyError as exc:
+            logger.error("buy decks: version check failed, keeping the decks in use: %s", exc)
+            return []
+        reloaded = []
+        for plan, version in loaded.items():
+            if plan not in versions:
+                logger.warning("buy deck %r no longer exists; keeping its last rates", plan)
+            elif versions[plan] != version:
+                started = self._monotonic()
+                try:
+                    self._merge(self._builders([plan]))
+                except (SQLAlchemyError, BillingError) as exc:
+                    logger.error("buy deck %r: reload failed, keeping version %d: %s", plan, version, exc)
+                    continue
+                reloaded.append(plan)
+                logger.info("buy deck %r: version %d -> %d, loaded in %.1f s", plan, version, versions[plan],
+                            self._monotonic() - started)
+        return reloaded
 
     def close(self) -> None:
         self.carriers.close()
         self.policies.close()
-        self.tables.close()
+        self._group.kill(timeout=5.0)
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _offers_of(self, carriers: tuple[CarrierEntry, ...], index: BuyIndex, sell_currency: str) -> Offers:
+        known_carriers, known_index, by_currency = self._offers
+        if known_carriers is not carriers or known_index is not index:
+            by_currency = {}
+            self._offers = (carriers, index, by_currency)
+        offers = by_currency.get(sell_currency)
+        if offers is None:
+            offers = by_currency[sell_currency] = prepare_offers(index, (
+                (CarrierState(c.name, c.trunk, c.priority, c.weight, c.enabled, c.max_channels), c.buy_plan,
+                 _no_rate_note(c, sell_currency)) for c in carriers))
+        return offers
+
+    def _builders(self, plans: Iterable[str]) -> Iterator[RateTableBuilder]:
+        for plan in plans:  # one deck's rows at a time: each is merged before the next is read
+            yield load_builder(self.engine, plan, batch_rows=self._batch_rows, pause=_yield)
+
+    def _merge(self, builders: Iterable[RateTableBuilder]) -> None:
+        with self._merging:
+            self.index = self.index.with_decks(builders, pause=_yield)  # the swap: one reference assignment
+
+    def _start_check(self) -> None:
+        check = self._check = self._group.spawn(self.check_versions)
+
+        def done(_: Greenlet) -> None:
+            self._check = None
+            self._checked_at = self._monotonic()
+
+        check.link(done)
+        check.link_exception(_crashed)
+
+    def _load_in_background(self, plan: str) -> None:
+        if plan in self._loading:
+            return
+        self._loading.add(plan)
+
+        def load() -> None:
+            if self.index.deck(plan) is None:  # loaded meanwhile by preload or another greenlet
+                self._merge(self._builders([plan]))
+                logger.info("buy deck %r loaded", plan)
+
+        loading = self._group.spawn(load)
+        loading.link(lambda _: self._loading.discard(plan))
+        loading.link_exception(_crashed)
+
+
+def _no_rate_note(carrier: CarrierEntry, sell_currency: str) -> str | None:
+    """Why a carrier has no buy rate for any call of this currency, else None."""
+    if carrier.buy_plan is None:
+        return "no buy deck imported"
+    if carrier.currency != sell_currency:
+        return f"buys in {carrier.currency}, the plan sells in {sell_currency} (buy costs are not converted yet)"
+    return None
+
+
+def load_builder(engine: Engine, plan_name: str, *, batch_rows: int = DEFAULT_BATCH_ROWS,
+                 pause: Callable[[], None] | None = None) -> RateTableBuilder:
+    """A plan's rows in a :class:`RateTableBuilder`, not built: ``load_table``'s read (the same
+    columns, streaming and checks), for :meth:`BuyIndex.with_decks` to build into the shared index
+    instead of a table of its own."""
+    with reading(engine) as connection:
+        settings = plan_settings(connection, plan_name)
+        builder = RateTableBuilder(settings.name, currency=settings.currency, timezone=settings.timezone,
+                                   international_prefix=settings.international_prefix, version=settings.version)
+        plan_id = Rate.plan_id
+        if connection.dialect.name == "sqlite":
+            plan_id = Rate.plan_id + 0  # type: ignore[assignment]  # a table scan: see load_table
+        packed = connection.dialect.name in ("mysql", "mariadb")
+        query = select(*(_PACKED if packed else _COLUMNS)).where(plan_id == settings.id)
+        result = connection.execution_options(stream_results=True, yield_per=batch_rows).execute(query)
+        to_ms = _Milliseconds()
+        for batch in result.partitions():
+            _add_batch(builder, map(_unpack_text, batch) if packed else batch, plan_name, to_ms)
+            if pause is not None:
+                pause()
+    return builder
+
+
+def _yield() -> None:
+    gevent.sleep(0)  # a long load or merge never starves live calls
+
+
+def _crashed(greenlet: Greenlet) -> None:
+    logger.error("buy deck check or load crashed: %r", greenlet.exception)

@@ -1,0 +1,390 @@
+"""Every carrier's buy deck in one index (DESIGN §10, issue 17): one probe per prefix length finds
+each carrier's longest match, and the route selection runs on the packed records.
+
+Pure (no I/O, no clock). The route book (``agent/adapters/sql/route_book.py``) streams a deck's
+rows into a :class:`~agent.core.ratetable.RateTableBuilder` (the sell decks' checks, windows and
+precedence), then :meth:`BuyIndex.with_decks` makes a *new* index beside the current one and the
+book swaps the reference: the index a call holds never changes under it.
+
+Why one index: ten :class:`~agent.core.ratetable.RateTable` of a million prefixes each are ten
+dicts of a million entries, ~170 bytes a prefix (1,976 MB for 11 decks, bench/bench_routing.py),
+and ten look-ups a call. Here:
+
+* ``slots``: one dict for all decks, prefix (as ``int("1" + prefix)``, as RateTable keys it) ->
+  slot number. It only grows: a key added for a new deck is invisible to older index versions,
+  whose decks have nothing at that slot, so it can be shared by every version without a copy.
+  (A prefix that every deck dropped keeps its slot until the daemon restarts.)
+* per deck, one ``bytearray`` of 64 bytes a slot: a flag byte (0: no row, 1: the row follows,
+  2: several rows, in ``several[slot]``, most specific first) and RateTable's own 63-byte record,
+  so packing, precedence and the hollow table's window check are RateTable's code. A deck
+  reloaded is one new array (64 MB for a million slots); the other decks' arrays are shared.
+* per deck, its :class:`RateTable` without prefixes ("hollow"): its settings, destinations and
+  windows; it also words the refusals (no rate, a bad number) exactly as a deck's own table does.
+* RateTable's six-digit length filter over ``slots`` says which prefix lengths can match.
+
+The answers are the per-deck RateTable look-ups' (longest applicable prefix at the instant, time
+windows in the deck's zone, several rows by precedence, a blocked winner refused): tested equal
+on random decks and numbers by hypothesis (tests/test_routing.py).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from agent.core.events import DenyReason
+from agent.core.ratetable import (
+    _GROUPS,
+    _NO_ID,
+    _POWERS,
+    _RECORD,
+    FILTER_MIN_PREFIXES,
+    GROUP_DIGITS,
+    MAX_NUMBER_DIGITS,
+    RateTable,
+    RateTableBuilder,
+    Refusal,
+    _LengthFilter,
+    _new_row,
+    normalise_number,
+)
+from agent.core.rating import RateRow
+from agent.core.routing import (
+    COMPARE_SECONDS,
+    CarrierState,
+    LossVerdicts,
+    Route,
+    RouteChoice,
+    RoutePolicy,
+    Skipped,
+    SkipReason,
+    order_routes,
+)
+
+# The flag byte, then RateTable's record: the unpacked fields keep RateRow's positions 2-7
+# (rate, fee, first, increment, minimum, grace), so routing's cost code reads them as a row.
+_SLOT = struct.Struct("<B" + _RECORD.format.lstrip("<"))
+_SIZE = _SLOT.size
+_unpack_from: Callable[[bytearray, int], tuple[Any, ...]] = _SLOT.unpack_from
+_ONE, _SEVERAL = 1, 2
+_PAUSE_EVERY = 65_536  # rows merged between two pauses (the daemon yields to live calls)
+_LOADING = "buy deck still loading"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class BuyDeck:
+    """One carrier's deck inside a :class:`BuyIndex`."""
+
+    table: RateTable  # hollow: settings, destinations, windows; refusals are worded by it
+    records: bytearray  # _SIZE bytes a slot of the index's shared ``slots``
+    several: dict[int, tuple[bytes, ...]]  # slot -> its rows in _SLOT format, most specific first
+    destinations: tuple[str, ...]
+    weekdays: tuple[str, ...]
+    windows: tuple[tuple[int, int, int], ...]
+    lengths: frozenset[int]
+    prefix_count: int
+
+    @property
+    def plan_name(self) -> str:
+        return self.table.plan_name
+
+    @property
+    def version(self) -> int:
+        return self.table.version
+
+    def row(self, fields: tuple[Any, ...], digits: str, length: int) -> RateRow:
+        """The RateRow of an unpacked slot record, as RateTable.lookup builds it."""
+        (_, dest, rate, fee, first, increment, minimum, grace, start_ms, end_ms, window, blocked,
+         rate_id) = fields
+        _, time_from, time_to = self.windows[window]
+        row: RateRow = _new_row(RateRow, (
+            digits[:length], self.destinations[dest], rate, fee, first, increment, minimum, grace, start_ms,
+            end_ms, self.weekdays[window], time_from, time_to, blocked, None if rate_id == _NO_ID else rate_id))
+        return row
+
+    def applies(self, fields: tuple[Any, ...], at_ms: int) -> bool:
+        window = fields[10]
+        return bool(fields[8] <= at_ms < fields[9]
+                    and (not window or self.table._in_window(window, at_ms)))  # 0: every day, all day
+
+
+class BuyIndex:
+    """All buy decks, immutable once built (module docstring); ``BuyIndex()`` is the empty one."""
+
+    def __init__(self, slots: dict[int, int] | None = None, decks: Mapping[str, BuyDeck] | None = None,
+                 length_filter: _LengthFilter | None = None) -> None:
+        self._slots: dict[int, int] = {} if slots is None else slots
+        self._decks: dict[str, BuyDeck] = dict(decks or {})
+        self._filter = length_filter
+        lengths = sorted(set().union(*(d.lengths for d in self._decks.values())), reverse=True)
+        self._probes = [tuple((k, _POWERS[n - k]) for k in lengths if k <= n) for n in range(MAX_NUMBER_DIGITS + 1)]
+        if length_filter is not None:
+            self._long, self._short, self._memo = length_filter.long, length_filter.short, length_filter.memo
+
+    @property
+    def decks(self) -> Mapping[str, BuyDeck]:
+        return self._decks
+
+    @property
+    def slot_count(self) -> int:
+        return len(self._slots)
+
+    def deck(self, plan_name: str) -> BuyDeck | None:
+        return self._decks.get(plan_name)
+
+    def with_decks(self, builders: Iterable[RateTableBuilder], *, pause: Callable[[], None] | None = None,
+                   length_filter: bool | None = None) -> BuyIndex:
+        """A new index: this one's decks plus (or instead of, by plan name) the builders' decks.
+
+        Each builder is built (RateTable's precedence order), copied into its deck's array and
+        emptied, one at a time, so a load holds one deck's rows twice at most. ``pause`` runs
+        every 65,536 rows. ``length_filter``: as :meth:`RateTableBuilder.build` (default: for
+        ``FILTER_MIN_PREFIXES`` prefixes or more).
+        """
+        slots = self._slots
+        decks = dict(self._decks)
+        known = len(slots)
+        for builder in builders:
+            deck = _deck(builder, slots, pause)
+            decks[deck.plan_name] = deck
+        wanted = length_filter if length_filter is not None else len(slots) >= FILTER_MIN_PREFIXES
+        found = self._filter if len(slots) == known else None  # no new prefix: the filter still holds
+        if wanted and found is None:
+            found = _LengthFilter(cast(dict[int, Any], slots))
+        return BuyIndex(slots, decks, found if wanted else None)
+
+    def lookup(self, plan_name: str, number: str, at_ms: int) -> RateRow | Refusal:
+        """What the deck's own ``RateTable.lookup`` answers (tests, one-off quotes)."""
+        deck = self._decks[plan_name]
+        digits = normalise_number(number, deck.table.international_prefix)
+        found: list[tuple[Any, ...] | None] = [None]
+        lengths = [0]
+        if not isinstance(digits, Refusal):
+            self._probe(digits, at_ms, (deck,), (deck.records,), (0,), found, lengths)
+        fields = found[0]
+        if fields is None or isinstance(digits, Refusal):
+            return deck.table.lookup(number, at_ms)  # worded by the deck's (hollow) table
+        row = deck.row(fields, digits, lengths[0])
+        return RateTable._blocked(number, row) if row.blocked else row
+
+    def _probe(self, digits: str, at_ms: int, decks: Sequence[BuyDeck], arrays: Sequence[bytearray],
+               positions: Sequence[int], found: list[tuple[Any, ...] | None], lengths: list[int]) -> None:
+        """Fill ``found[i]`` with the unpacked record of deck ``decks[i]``'s row for ``digits`` at
+        ``at_ms`` (left None: no row), ``lengths[i]`` with its prefix length, for ``i`` in
+        ``positions``; ``arrays[i]`` is ``decks[i].records``. The hot path of every routed call: inlined on purpose."""
+        key = int("1" + digits)
+        n = len(digits)
+        if self._filter is None or n < GROUP_DIGITS:
+            probes = self._probes[n]
+        else:  # RateTable's _LengthFilter.probes, inlined as RateTable.lookup does
+            group = key // _POWERS[n - GROUP_DIGITS] - _GROUPS
+            probes = (self._memo.get((self._long[group] | self._short[group // 10]) << 7 | n)
+                      or self._filter.probes(key, n))
+        slots = self._slots
+        pending = positions
+        for length, divisor in probes:
+            slot = slots.get(key // divisor)
+            if slot is None:
+                continue
+            offset = slot * _SIZE
+            missed: list[int] = []
+            for i in pending:
+                records = arrays[i]
+                try:
+                    flag = records[offset]
+                except IndexError:  # a shorter array: the prefix was added after this deck was built
+                    flag = 0
+                if flag == _ONE:
+                    fields = _unpack_from(records, offset)
+                    if fields[8] <= at_ms < fields[9] and (not fields[10] or decks[i].applies(fields, at_ms)):
+                        found[i] = fields
+                        lengths[i] = length
+                        continue
+                elif flag == _SEVERAL:
+                    deck = decks[i]
+                    applicable = [f for f in map(_SLOT.unpack, deck.several[slot]) if deck.applies(f, at_ms)]
+                    if applicable:
+                        found[i] = applicable[0]  # the most specific (RateTable's precedence)
+                        lengths[i] = length
+                        continue
+                missed.append(i)  # nothing here at that instant: a shorter prefix may have a row
+            if not missed:
+                return
+            pending = missed
+
+
+def _deck(builder: RateTableBuilder, slots: dict[int, int], pause: Callable[[], None] | None) -> BuyDeck:
+    table = builder.build(length_filter=False)  # sorts a prefix's several rows by precedence
+    index = builder.index  # the table's own dict: emptied below, the table keeps its settings
+    for key in index:
+        slots.setdefault(key, len(slots))  # a new prefix: the next slot
+    records = bytearray(len(slots) * _SIZE)
+    several: dict[int, tuple[bytes, ...]] = {}
+    done = 0
+    for key, entry in index.items():
+        offset = slots[key] * _SIZE
+        if isinstance(entry, bytes):
+            records[offset] = _ONE
+            records[offset + 1:offset + _SIZE] = entry
+        else:
+            records[offset] = _SEVERAL
+            several[slots[key]] = tuple(bytes((_ONE,)) + record for record in entry)
+        done += 1
+        if pause is not None and done % _PAUSE_EVERY == 0:
+            pause()
+    prefix_count = len(index)
+    index.clear()
+    return BuyDeck(table, records, several, tuple(builder.destinations), tuple(builder.weekday_texts),
+                   tuple(builder.windows), frozenset(builder.lengths), prefix_count)
+
+
+# ------------------------------------------------------------------------------- selection
+
+# A carrier as the selection reads it: name, trunk, priority, weight, enabled, max channels, why it
+# has no buy rate whatever the number (None: it has a deck, at ``deck``), the deck's position.
+_Candidate = tuple[str, str, int, int, bool, int | None, str | None, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Offers:
+    """The carriers of a call as :func:`select_offers` reads them, prepared once per carriers list,
+    index and sell currency (:func:`prepare_offers`)."""
+
+    candidates: tuple[_Candidate, ...]
+    decks: tuple[BuyDeck, ...]
+    arrays: tuple[bytearray, ...]  # each deck's records (one attribute read less per deck and call)
+    groups: tuple[tuple[str, tuple[int, ...]], ...]  # international prefix -> positions in ``decks``
+    loading: tuple[str, ...]  # decks not in the index yet (the book loads them in the background)
+
+
+def prepare_offers(index: BuyIndex, carriers: Iterable[tuple[CarrierState, str | None, str | None]]) -> Offers:
+    """``carriers``: each carrier's state (its live channels are the call's), the plan name of
+    its buy deck, and why it has none for this call (no deck, another currency), else None.
+    A deck not in ``index`` leaves its carrier out as still loading."""
+    candidates: list[_Candidate] = []
+    decks: list[BuyDeck] = []
+    groups: dict[str, list[int]] = {}
+    loading: list[str] = []
+    for state, plan, why in carriers:
+        position, note = -1, why
+        if state.enabled and note is None:
+            deck = index.deck(plan) if plan is not None else None
+            if deck is None:
+                note = _LOADING if plan is not None else "no buy deck imported"
+                if plan is not None:
+                    loading.append(plan)
+            else:
+                position = len(decks)
+                decks.append(deck)
+                groups.setdefault(deck.table.international_prefix, []).append(position)
+        candidates.append((state.name, state.trunk, state.priority, state.weight, state.enabled,
+                           state.max_channels, note, position))
+    return Offers(tuple(candidates), tuple(decks), tuple(d.records for d in decks),
+                  tuple((k, tuple(v)) for k, v in groups.items()), tuple(loading))
+
+
+def _loses_at(points: tuple[tuple[int, int, int, int], ...], rate: int, sell_rate: int) -> bool:
+    """LossVerdicts.for_sell's point check (a buy rate no higher than the sell rate)."""
+    for billed, sell_billed, fee, sell_fee in points:
+        if fee - (-(rate * billed) // 60) > sell_fee - (-(sell_rate * sell_billed) // 60):
+            return True
+    return False
+
+
+_new_route = tuple.__new__  # skips Route's Python-level __new__ on the hot path
+_DISABLED, _AT_LIMIT, _NO_RATE, _BLOCKED, _LOSS = (SkipReason.DISABLED, SkipReason.AT_LIMIT, SkipReason.NO_RATE,
+                                                   SkipReason.BLOCKED, SkipReason.LOSS)
+
+
+def select_offers(sell: RateRow, number: str, at_ms: int, index: BuyIndex, offers: Offers, policy: RoutePolicy, *,
+                  live_channels: Mapping[str, int] | None = None, allow_loss: bool = False, seed: int = 0,
+                  verdicts: LossVerdicts | None = None) -> RouteChoice:
+    """What ``select_routes(sell, [(state, deck's lookup(number, at_ms)) ...], policy, ...)``
+    returns (tested equal), without a row object for a carrier that is left out: the loss
+    verdict reads the packed record (``verdicts`` keeps the rule's points per pair of row shapes,
+    :class:`~agent.core.routing.LossVerdicts`), a dropped carrier's row and amounts are made
+    only if :meth:`RouteChoice.detail` or ``skipped`` is read. Inlined on purpose: every routed
+    call runs it once per carrier (bench/bench_routing.py)."""
+    decks = offers.decks
+    count = len(decks)
+    found: list[tuple[Any, ...] | None] = [None] * count
+    lengths = [0] * count
+    digits_of: list[str] = [""] * count
+    for intl, positions in offers.groups:
+        digits = normalise_number(number, intl)
+        if isinstance(digits, Refusal):
+            continue  # the deck's hollow table words the bad number below
+        for i in positions:
+            digits_of[i] = digits
+        index._probe(digits, at_ms, decks, offers.arrays, positions, found, lengths)
+    live = live_channels or {}
+    verdicts = verdicts or LossVerdicts()
+    plans = verdicts.shapes_of(sell)  # LossVerdicts.for_sell, inlined below
+    sell_rate = sell.rate_micros
+    routes: list[Route] = []
+    skipped: list[Skipped | tuple[str, int, tuple[Any, ...]]] = []
+    lazy = False
+    for name, trunk, priority, weight, enabled, max_channels, note, i in offers.candidates:
+        if not enabled:
+            skipped.append(Skipped(name, _DISABLED, "disabled"))
+            continue
+        if max_channels is not None:
+            in_use = live.get(name, 0)
+            if in_use >= max_channels:
+                skipped.append(Skipped(name, _AT_LIMIT, f"{in_use} of {max_channels} channels in use"))
+                continue
+        if note is not None:
+            skipped.append(Skipped(name, _NO_RATE, note))
+            continue
+        fields = found[i]
+        if fields is None:
+            refusal = decks[i].table.lookup(number, at_ms)  # a Refusal: the hollow table has no prefix
+            assert isinstance(refusal, Refusal)
+            skipped.append(Skipped(name, _BLOCKED if refusal.reason is DenyReason.BLOCKED else _NO_RATE,
+                                   refusal.detail))
+            continue
+        if fields[11]:  # blocked
+            row = decks[i].row(fields, digits_of[i], lengths[i])
+            skipped.append(Skipped(name, _BLOCKED, RateTable._blocked(number, row).detail))
+            continue
+        if not allow_loss:
+            rate = fields[2]
+            if rate > sell_rate:  # a dearer rate per minute always loses: the likeliest loss
+                skipped.append((name, i, fields))  # made a Skipped only when read
+                lazy = True
+                continue
+            shape = fields[3:8]
+            points = plans.get(shape)
+            if points is None:
+                points = verdicts.points(sell, plans, shape)
+            if points and _loses_at(points, rate, sell_rate):
+                skipped.append((name, i, fields))
+                lazy = True
+                continue
+        # BuyDeck.row and routing._cost of a COMPARE_SECONDS call, inlined: the kept carriers' hot path
+        (_, dest, rate, fee, first, increment, minimum, grace, start_ms, end_ms, window, blocked, rate_id) = fields
+        deck = decks[i]
+        _, time_from, time_to = deck.windows[window]
+        row = _new_row(RateRow, (digits_of[i][:lengths[i]], deck.destinations[dest], rate, fee, first, increment,
+                                 minimum, grace, start_ms, end_ms, deck.weekdays[window], time_from, time_to, blocked,
+                                 None if rate_id == _NO_ID else rate_id))
+        if COMPARE_SECONDS > grace:
+            billed = COMPARE_SECONDS if COMPARE_SECONDS > minimum else minimum
+            billed = first if billed <= first else first - (-(billed - first) // increment) * increment
+            cost = fee - (-(rate * billed) // 60)
+        else:
+            cost = 0
+        routes.append(_new_route(Route, (name, trunk, row, cost, priority, weight)))
+    ordered = tuple(order_routes(routes, policy, seed=seed)) if len(routes) > 1 else tuple(routes)
+    if not lazy:
+        return RouteChoice(ordered, cast(tuple[Skipped, ...], tuple(skipped)), policy)
+
+    def later() -> tuple[Skipped, ...]:
+        return tuple(item if isinstance(item, Skipped) else
+                     Skipped(item[0], _LOSS, "revenue assurance", 0, sell,
+                             decks[item[1]].row(item[2], digits_of[item[1]], lengths[item[1]]))
+                     for item in skipped)
+
+    return RouteChoice(ordered, (), policy, later=later)
