@@ -69,7 +69,7 @@ _SLOT = struct.Struct("<B" + _RECORD.format.lstrip("<"))
 _SIZE = _SLOT.size
 _unpack_from: Callable[[bytearray, int], tuple[Any, ...]] = _SLOT.unpack_from
 _ONE, _SEVERAL = 1, 2
-_PAUSE_EVERY = 65_536  # rows merged between two pauses (the daemon yields to live calls)
+_PAUSE_MASK = 0xFFFF  # a pause every 65,536 rows merged (the daemon yields to live calls)
 _LOADING = "buy deck still loading"
 
 
@@ -218,22 +218,21 @@ class BuyIndex:
 def _deck(builder: RateTableBuilder, slots: dict[int, int], pause: Callable[[], None] | None) -> BuyDeck:
     table = builder.build(length_filter=False)  # sorts a prefix's several rows by precedence
     index = builder.index  # the table's own dict: emptied below, the table keeps its settings
-    for key in index:
-        slots.setdefault(key, len(slots))  # a new prefix: the next slot
+    new = [key for key in index if key not in slots]  # new prefixes, in the deck's order: the next slots
+    slots.update(zip(new, range(len(slots), len(slots) + len(new)), strict=True))
     records = bytearray(len(slots) * _SIZE)
     several: dict[int, tuple[bytes, ...]] = {}
-    done = 0
-    for key, entry in index.items():
-        offset = slots[key] * _SIZE
-        if isinstance(entry, bytes):
-            records[offset] = _ONE
-            records[offset + 1:offset + _SIZE] = entry
-        else:
-            records[offset] = _SEVERAL
-            several[slots[key]] = tuple(bytes((_ONE,)) + record for record in entry)
-        done += 1
-        if pause is not None and done % _PAUSE_EVERY == 0:
-            pause()
+    with memoryview(records) as view:  # a memoryview's slice assignment is twice as fast as bytearray's
+        for done, (key, entry) in enumerate(index.items(), 1):
+            offset = slots[key] * _SIZE
+            if isinstance(entry, bytes):
+                view[offset] = _ONE
+                view[offset + 1:offset + _SIZE] = entry
+            else:
+                view[offset] = _SEVERAL
+                several[slots[key]] = tuple(bytes((_ONE,)) + record for record in entry)
+            if not done & _PAUSE_MASK and pause is not None:
+                pause()
     prefix_count = len(index)
     index.clear()
     return BuyDeck(table, records, several, tuple(builder.destinations), tuple(builder.weekday_texts),
