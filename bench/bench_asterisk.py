@@ -63,6 +63,7 @@ from agent.adapters.asterisk.ami_protocol import AmiParser  # noqa: E402
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, LegEvent  # noqa: E402
 from agent.core.rating import RateRow  # noqa: E402
 from agent.core.session import RatedCall, RatingInfo  # noqa: E402
+from agent.daemon import freeze_startup_objects  # noqa: E402
 from agent.services.clock import SystemClock  # noqa: E402
 from agent.services.engine import Engine, EngineSettings  # noqa: E402
 from agent.sim.asterisk import FakeAsterisk  # noqa: E402
@@ -251,6 +252,9 @@ def authorization_run(rate: float, calls: int, concurrent: int, fraud_rules: str
             for index in range(ACCOUNTS):  # warm the cache: accounts load from SQL on first use
                 engine.authorize(AuthorizeRequest("asterisk", f"warm{index}", f"acct{index}", "12125551234",
                                                   int(time.time() * 1000)))
+            # As the daemon does once started: full collections no longer scan what the start
+            # built (without it a 3,000-call run saw gen-2 pauses of 85-176 ms, a p99 of its own).
+            freeze_startup_objects()
             process, result = spawn("--agi-client", str(adapter.agi_port), "--rate", str(rate), "--calls",
                                     str(calls), "--concurrent", str(concurrent))
             process.wait()
@@ -271,6 +275,9 @@ def authorization_run(rate: float, calls: int, concurrent: int, fraud_rules: str
                 guard.stop(1)
             if book is not None:
                 book.close()
+            import gc
+
+            gc.unfreeze()  # the next run freezes its own start
             store.close()
             sql.dispose()
             cleanup_redis(prefix)
