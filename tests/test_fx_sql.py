@@ -135,13 +135,14 @@ def test_the_decision_records_the_pair_the_rate_and_both_costs_and_cdrs_print_th
     assert listed[0]["rating"]["currency"] == "EUR" and listed[0]["rating"]["fx_rate"] == "0.9"
     csv_text = ok(run(usd_world, "cdrs", "list", "--csv"))
     header, row = csv_text.splitlines()[:2]
-    assert header.endswith(",currency,plan_currency,plan_cost,fx_rate") and row.endswith(",EUR,USD,0.122000,0.9")
+    assert header.endswith(",currency,plan_currency,plan_cost,fx_rate,carrier,buy_cost,margin")
+    assert row.endswith(",EUR,USD,0.122000,0.9,,,")  # not routed: no carrier, buy cost nor margin
     inverse = replace(record, call_id="call-000001", rating=replace(record.rating, fx_rate_e10=11_000_000_000,
                                                                     fx_inverse=True))
     SqlCdrStore(usd_world).write([inverse, make_record(2, account_id="bob", plan_name="usd")])
     exported = ok(run(usd_world, "cdrs", "export", "--format", "csv"))  # PostgreSQL: the server writes it
     assert exported == ok(run(usd_world, "cdrs", "list", "--csv"))
-    assert ",EUR,USD,0.122000,1/1.1\n" in exported
+    assert ",EUR,USD,0.122000,1/1.1,,,\n" in exported
 
 
 def test_rerating_keeps_the_rate_of_the_calls_start(usd_world: Engine, tmp_path: Path) -> None:
