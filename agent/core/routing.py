@@ -408,30 +408,55 @@ def trunk_peer(trunk: str) -> str:
     return trunk.rstrip("/").rsplit("/", 1)[-1].split("@", 1)[0]
 
 
-@dataclass(frozen=True, slots=True)
 class CallRoutes:
     """What a routed call keeps for its rating decision: the routes the PBX was given, in order,
     the sell row they were chosen against (the price the operator sells at: the customer's plan,
     or for a reseller's customer the top reseller's, DESIGN §11) and the level of the chain
-    whose decision records the buy side (0: the customer's)."""
+    whose decision records the buy side (0: the customer's).
 
-    routes: tuple[Route, ...]
-    sell: RateRow
-    level: int = 0
+    The routes are kept as plain tuples: a live call holds them until it ends, and the garbage
+    collector never stops tracking NamedTuple instances (only exact tuples of atomic values are
+    untracked), so ten Routes with their RateRows per call made every full collection of a busy
+    node longer (bench_asterisk --carriers 10). ``routes`` and ``carrier_of`` rebuild them."""
+
+    __slots__ = ("_entries", "sell", "level")
+
+    def __init__(self, routes: Sequence[Route], sell: RateRow, level: int = 0) -> None:
+        self._entries = tuple((r.carrier, r.trunk, tuple(r.buy), r.buy_cost_micros, r.priority, r.weight)
+                              for r in routes)
+        self.sell = sell
+        self.level = level
+
+    @staticmethod
+    def _route(entry: tuple[str, str, tuple[object, ...], int, int, int]) -> Route:
+        carrier, trunk, buy, cost, priority, weight = entry
+        return Route(carrier, trunk, RateRow(*buy), cost, priority, weight)  # type: ignore[arg-type]
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return tuple(self._route(entry) for entry in self._entries)
 
     @property
     def trunks(self) -> tuple[str, ...]:
-        return tuple(route.trunk for route in self.routes)
+        return tuple(entry[1] for entry in self._entries)
+
+    @property
+    def carriers(self) -> tuple[str, ...]:
+        return tuple(entry[0] for entry in self._entries)
+
+    @property
+    def first_carrier(self) -> str:
+        return self._entries[0][0] if self._entries else ""
 
     def carrier_of(self, peer: str, attempt: int) -> Route | None:
         """The route that carried a leg: the one whose trunk names the leg's ``peer``, else the
         ``attempt``-th (0-based: the dialplans try the routes in order, one leg each); None when
         neither tells."""
         if peer:
-            for route in self.routes:
-                if trunk_peer(route.trunk) == peer:
-                    return route
-        return self.routes[attempt] if 0 <= attempt < len(self.routes) else None
+            for entry in self._entries:
+                if trunk_peer(entry[1]) == peer:
+                    return self._route(entry)
+        return self._route(self._entries[attempt]) if 0 <= attempt < len(self._entries) else None
 
 
 # ---------------------------------------------------------------------------------- margin

@@ -163,7 +163,7 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
     warning_ms = settings.warning_ms if limit_ms > settings.warning_ms else 0
     detail = f"prefix {rated.info.prefix} plan {rated.info.plan_name}"
     if routed is not None:
-        detail += " via " + ",".join(route.carrier for route in routed.routes)
+        detail += " via " + ",".join(routed.carriers)
     decision = AuthorizeDecision(True, call_id, limit_ms, warning_ms, detail=detail,
                                  backstop_ms=limit_ms + settings.backstop_margin_ms,
                                  routes=routed.trunks if routed is not None else ())

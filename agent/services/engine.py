@@ -712,8 +712,8 @@ class Engine:
             self._store_work.put(self._release_quietly, level_id, 1, account_id)
         if outcome.session is not None:
             routed = outcome.session.routed
-            if routed is not None and routed.routes:
-                carrier = self._carrier_of_call[call_id] = routed.routes[0].carrier
+            if routed is not None and routed.first_carrier:
+                carrier = self._carrier_of_call[call_id] = routed.first_carrier
                 self.carrier_calls[carrier] += 1
                 if self.carrier_claims is not None:
                     self.carrier_claims.claim(carrier, call_id)
