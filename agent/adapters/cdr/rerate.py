@@ -43,7 +43,7 @@ takes its write lock per transaction), and an interrupted run can simply be run 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -352,38 +352,39 @@ def rerate_buy(engine: Engine, carrier: str, since: datetime, *, until: datetime
     deck; raises NotFound for an unknown carrier (or one without a buy deck)."""
     from agent.adapters.sql.carriers import buy_plan_name
 
-    table = table or load_table(engine, buy_plan_name(carrier))
+    buy_table = table or load_table(engine, buy_plan_name(carrier))
     report = RerateReport(plan=carrier, dry_run=dry_run, side="buy")
-    for page in _pages(engine, "", since, until, account_id, carrier=carrier):
-        changes: list[Change] = []
-        for call in page:
-            report.checked += 1
-            outcome = reprice_buy(call, table)
-            if isinstance(outcome, Refusal):
-                report.unratable += 1
-                if len(report.unratable_sample) < SAMPLE_SIZE:
-                    report.unratable_sample.append((call.call_id, outcome.detail))
-            elif outcome is not None:
-                changes.append(outcome)
-        report.changed += len(changes)
-        report.old_total_micros += sum(c.call.buy_cost_micros or 0 for c in changes)
-        report.new_total_micros += sum(c.buy.cost_micros for c in changes if c.buy is not None)
-        report.sample.extend(changes[:SAMPLE_SIZE - len(report.sample)])
-        if not dry_run:
-            _commit_page(engine, changes, "", report)
-    return report
+    return _run(engine, report, _pages(engine, "", since, until, account_id, carrier=carrier),
+                lambda call: reprice_buy(call, buy_table), _buy_costs, "")
 
 
 def rerate(engine: Engine, plan: str, since: datetime, *, until: datetime | None = None,
            account_id: str | None = None, dry_run: bool = False, table: RateTable | None = None) -> RerateReport:
     """Re-rate the plan's calls started in [since, until); raises NotFound for an unknown plan."""
-    table = table or load_table(engine, plan)
+    sell_table = table or load_table(engine, plan)
     report = RerateReport(plan=plan, dry_run=dry_run)
-    for page in _pages(engine, plan, since, until, account_id):
+    return _run(engine, report, _pages(engine, plan, since, until, account_id),
+                lambda call: reprice(call, sell_table), _sell_costs, plan)
+
+
+def _sell_costs(change: Change) -> tuple[int, int]:
+    return change.call.cost_micros, change.cost_micros
+
+
+def _buy_costs(change: Change) -> tuple[int, int]:
+    return change.call.buy_cost_micros or 0, change.buy.cost_micros if change.buy is not None else 0
+
+
+def _run(engine: Engine, report: RerateReport, pages: Iterator[list[StoredCall]],
+         price: Callable[[StoredCall], Change | Refusal | None], costs: Callable[[Change], tuple[int, int]],
+         plan: str) -> RerateReport:
+    """Price each page's calls, add up the changes (``costs``: a change's old and new money, of
+    the side re-rated) and, unless a dry run, commit each page before the next is read."""
+    for page in pages:
         changes: list[Change] = []
         for call in page:
             report.checked += 1
-            outcome = reprice(call, table)
+            outcome = price(call)
             if isinstance(outcome, Refusal):
                 report.unratable += 1
                 if len(report.unratable_sample) < SAMPLE_SIZE:
@@ -391,11 +392,12 @@ def rerate(engine: Engine, plan: str, since: datetime, *, until: datetime | None
             elif outcome is not None:
                 changes.append(outcome)
         report.changed += len(changes)
-        report.old_total_micros += sum(c.call.cost_micros for c in changes)
-        report.new_total_micros += sum(c.cost_micros for c in changes)
+        for change in changes:
+            old, new = costs(change)
+            report.old_total_micros += old
+            report.new_total_micros += new
         report.bundle_seconds_returned += sum(c.bundle_seconds_returned for c in changes)
         report.sample.extend(changes[:SAMPLE_SIZE - len(report.sample)])
-        if not dry_run:
+        if not report.dry_run:
             _commit_page(engine, changes, plan, report)
     return report
-
