@@ -325,13 +325,18 @@ def margin_command(ctx: click.Context, by: str, since: datetime | None, until: d
     if as_json:
         print_json(listed)
         return
+    _margin_table("tenant", listed, "no reseller tenants")
+
+
+def _margin_table(key: str, listed: list[dict[str, Any]], empty: str) -> None:
+    """Margin rows as a table: the key, calls, minutes and the money in each row's currency."""
     if not listed:
-        click.echo("no reseller tenants")
+        click.echo(empty)
         return
-    click.echo(f"{'tenant':<20} {'calls':>7} {'minutes':>14} {'revenue':>16} {'cost':>16} {'margin':>16}")
+    click.echo(f"{key:<20} {'calls':>7} {'minutes':>14} {'revenue':>16} {'cost':>16} {'margin':>16}")
     for item in listed:
         cur = item["currency"]
-        click.echo(f"{item['tenant']:<20} {item['calls']:>7} {item['minutes']:>14} {item['revenue'] + ' ' + cur:>16} "
+        click.echo(f"{item[key]:<20} {item['calls']:>7} {item['minutes']:>14} {item['revenue'] + ' ' + cur:>16} "
                    f"{item['cost'] + ' ' + cur:>16} {item['margin'] + ' ' + cur:>16}")
         for other, amount in item.get("other_revenue", {}).items():
             click.echo(f"{'':<20} also {amount} {other} in another currency (not in the margin)")
@@ -344,14 +349,7 @@ def _route_margin(by: str, rows: list[Any], as_json: bool) -> None:
     if as_json:
         print_json(listed)
         return
-    if not listed:
-        click.echo("no routed calls (carriers carry calls once `billing-agent carriers` defines them)")
-        return
-    click.echo(f"{by:<20} {'calls':>7} {'minutes':>14} {'revenue':>16} {'cost':>16} {'margin':>16}")
-    for item in listed:
-        cur = item["currency"]
-        click.echo(f"{item[by]:<20} {item['calls']:>7} {item['minutes']:>14} {item['revenue'] + ' ' + cur:>16} "
-                   f"{item['cost'] + ' ' + cur:>16} {item['margin'] + ' ' + cur:>16}")
+    _margin_table(by, listed, "no routed calls (carriers carry calls once `billing-agent carriers` defines them)")
 
 
 @cdrs.command(name="reconcile")
