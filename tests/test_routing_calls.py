@@ -52,10 +52,7 @@ def routed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Dae
         import_deck(sessions, deck, "", carrier=carrier)
     sql.dispose()
     pbx = SimulatedPbx(kind)
-    if kind == "asterisk":
-        pbx.fake.congested_trunks.add("cheap")
-    else:
-        pbx.fake.failing_gateways["cheap"] = "NORMAL_CIRCUIT_CONGESTION"
+    pbx.congest("cheap")
     config = demo_config(tmp_path, kind, pbx.agi_port, pbx.port)
     agent = Daemon(replace(config, daemon=replace(config.daemon, drain_seconds=2.0)))
     agent.start()
