@@ -13,7 +13,9 @@ from agent.config import Config
 from agent.ports import BalanceStore
 
 
-def make_balance_store(config: Config, engine: Engine) -> BalanceStore:
+def make_balance_store(config: Config, engine: Engine, *, post_later: bool = False) -> BalanceStore:
+    """``post_later`` (the daemon): a Redis store writes closed calls' ledger entries to SQL just
+    after each step, off the store deadline (agent/adapters/redis/poster.py)."""
     sessions = session_factory(engine)
     if config.redis.url:
         from agent.adapters.redis.connect import check_deployment
@@ -26,5 +28,5 @@ def make_balance_store(config: Config, engine: Engine) -> BalanceStore:
         except BaseException:
             client.close()
             raise
-        return RedisBalanceStore(client, sessions, key_prefix=config.redis.key_prefix)
+        return RedisBalanceStore(client, sessions, key_prefix=config.redis.key_prefix, post_later=post_later)
     return SqlBalanceStore(sessions)

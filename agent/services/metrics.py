@@ -29,6 +29,8 @@ class Metrics:
             "billing_timer_lateness_seconds", "How late call timers fired",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0), registry=r)
         self.cdr_queue = Gauge("billing_cdr_queue_depth", "CDRs waiting to reach SQL", registry=r)
+        self.ledger_backlog = Gauge("billing_ledger_backlog", "Closed calls settled in Redis whose ledger entries "
+                                    "this process has not written to SQL yet", registry=r)
         self.connection_up = Gauge("billing_connection_up", "1 when a connection is up", ["target"], registry=r)
         self.unknown_events = Counter("billing_unknown_events", "PBX events for legs the agent does not know",
                                       registry=r)

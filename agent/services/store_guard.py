@@ -155,6 +155,7 @@ class StoreGuard:
         # the guard keeps no call -> account map of its own).
         self._offline_calls: dict[str, tuple[str, str]] = {}  # call -> (account, node)
         self._replaying = gevent.lock.Semaphore()  # one journal replay at a time (see _replay)
+        self.replayed_steps = 0  # journaled steps taken (or refused for good) since start
 
     @property
     def available(self) -> bool:
@@ -295,10 +296,12 @@ class StoreGuard:
 
     def recover(self) -> int:
         """Replay what the journal holds, in order; returns how many steps the store took."""
-        before = len(self.journal)
-        if before:
+        before = self.replayed_steps
+        if len(self.journal):
             self._replay()
-        return before - len(self.journal)
+        # Not a difference of journal lengths: steps journaled during the replay would make it
+        # negative ("-N journaled steps replayed" was logged).
+        return self.replayed_steps - before
 
     def _replay(self) -> bool:
         """True once the journal's steps are in the store. Stops at the first step the store
@@ -329,6 +332,7 @@ class StoreGuard:
                 done += 1
         finally:
             self.journal.drop_first(done)
+            self.replayed_steps += done
         self._offline_used.clear()
         self._offline_calls.clear()
         log.warning("journal replayed: %d steps", done)

@@ -56,6 +56,7 @@ from agent.adapters.redis.ledger import (
     record_from,
     text,
 )
+from agent.adapters.redis.poster import LedgerPoster
 from agent.adapters.redis.scripts import Scripts
 from agent.core.balance import (
     MAX_STORE_MICROS,
@@ -209,8 +210,12 @@ class RedisBalanceStore:
     """Implements the ``BalanceStore`` port (agent/ports.py) for many nodes sharing one Redis."""
 
     def __init__(self, client: RedisClient, sessions: sessionmaker[Session], *, key_prefix: str = "",
-                 closed_retention_ms: int = CLOSED_RETENTION_MS) -> None:
+                 closed_retention_ms: int = CLOSED_RETENTION_MS, post_later: bool = False) -> None:
+        """``post_later``: a closed call's ledger entries are written to SQL by a greenlet right
+        after the step instead of inside it (poster.py says why; the daemon's store does this).
+        Without it (the CLI, tests) a step returns once its entries are in SQL."""
         self._client = client
+        self._poster = LedgerPoster() if post_later else None
         self._sessions = sessions
         self._keys = KeySpace(key_prefix)
         self._scripts = Scripts()
@@ -278,6 +283,30 @@ class RedisBalanceStore:
         if posted:
             self._forget(account_id, call_id)
         return posted
+
+    def _post_or_retry(self, account_id: str, call_id: str, record: CallRecord, now_ms: int) -> bool:
+        """Post a closed call; when SQL refuses, the sweeper looks at it again after RETRY_PENDING_MS."""
+        posted = self._post(account_id, call_id, record)
+        if not posted:
+            self._client.zadd(self._keys.index, {self._keys.member(account_id, call_id): now_ms + RETRY_PENDING_MS})
+        return posted
+
+    def _post_closed(self, account_id: str, call_id: str, record: CallRecord, now_ms: int) -> bool | None:
+        """Post a closed call now (True/False), or queue it for the poster (None)."""
+        if self._poster is None:
+            return self._post_or_retry(account_id, call_id, record, now_ms)
+        self._poster.submit(self._keys.member(account_id, call_id),
+                            partial(self._post_or_retry, account_id, call_id, record, now_ms))
+        return None
+
+    @property
+    def ledger_backlog(self) -> int:
+        """Closed calls this process has queued for the SQL ledger and not written yet."""
+        return 0 if self._poster is None else len(self._poster)
+
+    def flush_ledger(self, timeout_s: float) -> bool:
+        """Write what the poster holds (True: nothing is left), waiting at most ``timeout_s``."""
+        return True if self._poster is None else self._poster.drain(timeout_s)
 
     def _spend_periods(self, timezone: str, now_ms: int) -> SpendPeriods:
         """The local day and month of ``now_ms`` in ``timezone``, cached until its next midnight."""
@@ -426,8 +455,10 @@ class RedisBalanceStore:
             member = self._keys.member(resolved, call_id)
 
             def run() -> list[Any]:
+                # The sweeper's entry is due only after the ledger post had its chance (it must
+                # exist even for a call the store lost: a settle without reservation).
                 return [text(v) for v in self._execute(lambda p: (
-                    p.zadd(self._keys.index, {member: now_ms}, nx=True),
+                    p.zadd(self._keys.index, {member: now_ms + RETRY_PENDING_MS}),
                     self._scripts.call(p, "settle", keys, args)))[1]]
 
             reply = self._with_account(resolved, run)
@@ -439,15 +470,13 @@ class RedisBalanceStore:
             elif status is SettleStatus.WITHOUT_RESERVATION:
                 log.warning("settle without reservation call=%s account=%s cost_micros=%d: charged in full",
                             call_id, resolved, cost_micros)
-            posted = record.posted
+            posted: bool | None = record.posted
             if posted:
                 self._forget(resolved, call_id)
             else:
-                posted = self._post(resolved, call_id, record)
-            if not posted:
-                self._client.zadd(self._keys.index, {member: now_ms + RETRY_PENDING_MS})
+                posted = self._post_closed(resolved, call_id, record, now_ms)
             return SettleOutcome(call_id, resolved, status, record.number("cost"), record.number("debited"),
-                                 int(reply[1]), record.number("overrun"), ledger_posted=posted,
+                                 int(reply[1]), record.number("overrun"), ledger_posted=bool(posted),
                                  bundle_used_s=record.number("b_used"))
 
     def release(self, call_id: str, seq: int, now_ms: int, *, account_id: str | None = None) -> ReleaseOutcome:
@@ -462,7 +491,7 @@ class RedisBalanceStore:
                 return ReleaseOutcome(call_id, ReleaseStatus.UNKNOWN_CALL)
             record = record_from(reply, 2)
             if not record.posted:
-                self._post(resolved, call_id, record)
+                self._post_closed(resolved, call_id, record, now_ms)
             elif record.state != "open":
                 self._forget(resolved, call_id)
             return ReleaseOutcome(call_id, ReleaseStatus(reply[0]), int(reply[1]),
@@ -489,7 +518,10 @@ class RedisBalanceStore:
             for member in due:
                 account_id, call_id = self._keys.split(member)
                 if call_id == PERIODS_MARK:
-                    if not self._post_openings(account_id, member, now_ms):
+                    if self._poster is not None:
+                        self._poster.submit(member, partial(self._post_openings, account_id, member, now_ms))
+                        pending += 1
+                    elif not self._post_openings(account_id, member, now_ms):
                         pending += 1
                     continue
                 try:
@@ -511,11 +543,12 @@ class RedisBalanceStore:
                     expired.append(call_id)
                 if record.posted:
                     self._forget(account_id, call_id)
-                elif self._post(account_id, call_id, record):
+                    continue
+                done = self._post_closed(account_id, call_id, record, now_ms)
+                if done:
                     posted += 1
                 else:
                     pending += 1
-                    self._client.zadd(self._keys.index, {member: now_ms + RETRY_PENDING_MS})
             return ExpireReport(tuple(expired), posted, pending)
 
     def _post_openings(self, account_id: str, member: str, now_ms: int) -> bool:
@@ -614,4 +647,6 @@ class RedisBalanceStore:
                                    "if_present") == "loaded"
 
     def close(self) -> None:
+        if self._poster is not None:
+            self._poster.stop()
         self._client.close()
