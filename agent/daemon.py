@@ -45,7 +45,7 @@ from agent.adapters.sql.cached_lookup import TenantChains
 from agent.adapters.sql.engine import make_engine
 from agent.adapters.sql.fraud import SqlAlerts, SqlFraudActions, suspended_by_rule
 from agent.adapters.sql.fx_rates import FxBook
-from agent.adapters.sql.live_calls import LiveCallFact, LiveCallPublisher, live_call_rows
+from agent.adapters.sql.live_calls import LiveCallFact, LiveCallPublisher, NodeIdInUse, live_call_rows
 from agent.adapters.sql.migrate import check_schema
 from agent.adapters.sql.models import RatePlan
 from agent.adapters.sql.rate_repository import RatePlanCache
@@ -161,6 +161,10 @@ class Daemon:
         self._bind_status()
         self.sql = self._connect_database()
         self._check_schema(self.sql)
+        # Another live run of this node.id refuses the start before anything of the node is
+        # touched (its journal, its reservations, its published calls); register checks again.
+        publisher = LiveCallPublisher(self.sql, self.config.node.id, publish_seconds=self.config.daemon.publish_seconds)
+        self._claim_node_id(lambda host, pid: publisher.check_free(host=host, pid=pid))
         self.store = self._make_store(self.sql)
         self.rate_cache = self._make_rate_cache(self.sql)
         self.cdr = make_cdr_pipeline(self.config, self.sql, metrics=self.metrics)
@@ -191,15 +195,22 @@ class Daemon:
         self._start_routing(self.engine, self.sql)
         self.engine.start()
         self._start_adapters(self.engine)
-        self.publisher = LiveCallPublisher(self.sql, self.config.node.id)
-        self.publisher.register(host=socket.gethostname(), pid=os.getpid(), version=__version__,
-                                pbx=",".join(a.name for a in self.adapters))
+        pbx = ",".join(a.name for a in self.adapters)
+        self._claim_node_id(lambda host, pid: publisher.register(host=host, pid=pid, version=__version__, pbx=pbx))
+        self.publisher = publisher
         self._spawn(self._sweep_loop, "reservation sweeper")
         self._spawn(self._journal_sync_loop, "balance journal fsync")
         self._spawn(self._publish_loop, "live-call publisher")
         log.info("billing agent ready in %.2fs: node=%s store=%s pbx=%s status=%s", time.monotonic() - began,
                  self.config.node.id, "redis" if self.config.redis.url else "sql",
                  ",".join(a.name for a in self.adapters) or "none", self.status_url or "disabled")
+
+    @staticmethod
+    def _claim_node_id(claim: Callable[[str, int], None]) -> None:
+        try:
+            claim(socket.gethostname(), os.getpid())
+        except NodeIdInUse as exc:
+            raise StartupError(str(exc)) from None
 
     @property
     def status_url(self) -> str:
@@ -227,7 +238,7 @@ class Daemon:
         if not metrics.enabled:
             return
         checks = {"database": self._database_health, "store": self._store_health, "pbx": self._pbx_health,
-                  "cdr": self._cdr_health}
+                  "cdr": self._cdr_health, "node": self._node_health}
         self.status = StatusServer(metrics.host, metrics.port, self.metrics, checks, calls=self.live_calls_json)
         try:
             self.status.start()
@@ -243,6 +254,18 @@ class Daemon:
             return False, (f"{detail}; calls rated on each account's last known plan since "
                            f"{format_instant(stale_since)} (the database does not answer)")
         return ok, detail
+
+    def _node_health(self) -> tuple[bool, str]:
+        """Red once another run has taken this run's node.id over (its publish found the row changed)."""
+        publisher = self.publisher
+        if publisher is None:
+            return False, "not registered yet"
+        other = publisher.taken_over_by
+        if other is not None:
+            return False, (f"node.id {self.config.node.id!r} taken over by another run on "
+                           f"{other.describe(datetime.now(UTC))}: live calls no longer published, hangup "
+                           f"requests not carried out; give each daemon its own node.id and restart this one")
+        return True, f"{self.config.node.id} (host {socket.gethostname()}, pid {os.getpid()})"
 
     def _store_health(self) -> tuple[bool, str]:
         if self.store is None:
