@@ -332,7 +332,7 @@ class Daemon:
         journal = journal_path(self.config)
         journal.parent.mkdir(parents=True, exist_ok=True)
         try:
-            store = make_balance_store(self.config, engine)
+            store = make_balance_store(self.config, engine, post_later=True)
         except InvalidInput as exc:  # redis.url names a deployment unfit for balances (connect.py)
             raise StartupError(str(exc)) from None
         guard = guard_from_config(store, self.config.billing, self.clock, journal)
@@ -664,6 +664,7 @@ class Daemon:
         except Exception as exc:  # the store being down is reported by /health, never fatal
             log.error("reservation sweep failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
         self.metrics.connection_up.labels("store").set(1 if store.available else 0)
+        self.metrics.ledger_backlog.set(getattr(store.store, "ledger_backlog", 0))  # Redis store only
 
     def _publish_loop(self) -> None:
         # Also while draining: live calls stay listed and operators' hangups are carried out until

@@ -923,10 +923,12 @@ class Engine:
 
     def _command(self, effect: Command) -> None:
         session = self.registry.sessions.get(effect.call_id)
-        switch = self.switches.get(session.pbx) if session is not None else None
+        if session is None:  # the call ended while the command waited for a worker: nothing to carry out
+            log.debug("%s for call %s dropped: the call has ended", effect.command, effect.call_id)
+            return
+        switch = self.switches.get(session.pbx)
         if switch is None:
-            log.error("no %s switch to carry %s for call %s", session.pbx if session else "?", effect.command,
-                      effect.call_id)
+            log.error("no %s switch to carry %s for call %s", session.pbx, effect.command, effect.call_id)
             return
         command = effect.command
         try:
@@ -935,7 +937,7 @@ class Engine:
                     if not command.escalate:
                         self.metrics.cutoffs.inc()
                     log.info("cut call=%s account=%s leg=%s escalate=%s reason=%s node=%s", effect.call_id,
-                             session.account_id if session else "?", command.leg_id, command.escalate,
+                             session.account_id, command.leg_id, command.escalate,
                              command.reason, self.settings.node)
                     switch.hangup(command.leg_id, command.cause, escalate=command.escalate)
                 elif isinstance(command, WarnLeg):
