@@ -317,3 +317,48 @@ def test_a_sentinel_failover_is_followed_and_nibbles_go_on(sw: World, redis_sent
         redis_sentinel.master, redis_sentinel.replica = heir, old
         wait_for("old master back as a replica", lambda: old.client().info("replication").get(
             "master_link_status") == "up")
+
+
+def test_while_a_master_is_down_the_other_masters_accounts_authorize_settle_and_are_swept(
+        cw: World, redis_cluster: Cluster) -> None:
+    """The sweeper's index is split by slot (keys.py): no key outside an account's own master is
+    needed by its steps. The victim is the master of the single index earlier versions wrote to,
+    whose death stopped every authorization and settle of the cluster."""
+    import redis
+
+    from agent.core.balance import StoreUnavailable
+    from tests.redis_servers import wait_for
+
+    assert cw.redis_prefix is not None
+    victim_index = _owner(redis_cluster, f"{cw.redis_prefix}calls:index")
+    accounts = [f"acct{i}" for i in range(12)]
+    for account in accounts:
+        cw.account(account, balance=10 * UNIT)
+    on_victim = [a for a in accounts if _owner(redis_cluster, f"{cw.redis_prefix}acct:{{{a}}}:bal") == victim_index]
+    healthy = [a for a in accounts if a not in on_victim]
+    assert on_victim and healthy, "twelve accounts spread over three masters"
+    store = cw.store()
+    for account in accounts:  # loaded into Redis before the kill (loading needs only SQL and its master)
+        store.account_state(account)
+    victim, heir = redis_cluster.masters[victim_index], redis_cluster.replicas[victim_index]
+    victim.stop()
+    try:
+        for i, account in enumerate(healthy):
+            call_id = f"live-{account}"
+            assert store.authorize(account, call_id, "n1", SLICE, SLICE, T0, contract.TTL).allowed
+            out = store.settle(call_id, 1, SLICE // 2, T0 + 3000)
+            assert out.ledger_posted and cw.sql_balance(account) == 10 * UNIT - SLICE // 2
+            assert store.authorize(account, f"left-{i}", "n2", SLICE, SLICE, T0, contract.TTL).allowed
+        with pytest.raises((StoreUnavailable, redis.RedisError)):
+            store.authorize(on_victim[0], "on-the-dead-master", "n1", SLICE, SLICE, T0, contract.TTL)
+        # A node died with the 'left-' calls open: the sweeper expires them on the masters that answer.
+        report = store.expire(T0 + contract.TTL + 1)
+        assert sorted(report.expired) == sorted(f"left-{i}" for i in range(len(healthy)))
+        for account in healthy:
+            assert store.account_state(account).reserved_micros == 0
+    finally:
+        wait_for("the replica promoted", lambda: heir.client().info("replication").get("role") == "master")
+        victim.restart()
+        redis_cluster.masters[victim_index], redis_cluster.replicas[victim_index] = heir, victim
+        wait_for("cluster whole again", lambda: redis_cluster.state_ok() and victim.client().info(
+            "replication").get("master_link_status") == "up")

@@ -22,17 +22,31 @@ Cluster slot and one Lua script can check and change them atomically::
                                    sd and sm); they expire a few days (a day) / ~40 days (a
                                    month) after their period
 
-Two keys outside any account are only hints, never read by a script (so no script needs keys
-of two slots): ``{prefix}calls:index`` (zset "ID\\x1fCALL" -> when the sweeper should look at
-the call; an entry is added before a call can exist and removed only once it is closed and in
-the ledger) and ``{prefix}call:{CALL}`` (the call's account, for steps that name only the call).
+Two kinds of keys outside the account's own are only hints, never read by a script on an
+account's keys: the sweeper's index (zset "ID\\x1fCALL" -> when the sweeper should look at the
+call; an entry is added before a call can exist and removed only once it is closed and in the
+ledger) and ``{prefix}call:{CALL}`` (the call's account, for steps that name only the call).
 The index also holds "ID\\x1f\\x1e" while the account may have bundle period openings that SQL
 does not have yet (``periods_member``: the sweeper writes them).
+
+On one Redis (or a Sentinel's master) the index is one key, ``{prefix}calls:index``. On a Redis
+Cluster it is one key per slot, ``{prefix}calls:index:{T}``, where the tag T hashes to the
+account's own slot (``slot_tag``): an account's index entry lives on the master of its other
+keys, so a master that dies takes only its own accounts' steps with it. With one index key, every
+authorize and settle needed the master that held it (issue 19). The sweeper reads the slots'
+indexes master by master (store.py); the single key of earlier versions is still read there,
+never written.
 """
 
 from __future__ import annotations
 
+from binascii import crc_hqx
 from dataclasses import dataclass
+from functools import cache
+
+from redis.crc import key_slot
+
+SLOTS = 16384
 
 SEPARATOR = "\x1f"  # not printable: cannot occur in an account id
 PERIODS_MARK = "\x1e"  # not printable: cannot be a call id; the index entry of an account's periods
@@ -60,12 +74,43 @@ class AccountKeys:
         return f"{self.spend_prefix}{kind[0]}:{start_ms}"
 
 
+@cache
+def _slot_tags() -> tuple[str, ...]:
+    """For every cluster slot, the shortest hex string that hashes to it (CRC16 mod 16384, as
+    Redis hashes a key's {tag}); found once per process (about 315,000 tries, a fraction of a second)."""
+    tags: list[str | None] = [None] * SLOTS
+    missing, candidate = SLOTS, 0
+    while missing:
+        tag = format(candidate, "x")
+        slot = crc_hqx(tag.encode(), 0) % SLOTS
+        if tags[slot] is None:
+            tags[slot] = tag
+            missing -= 1
+        candidate += 1
+    return tuple(t for t in tags if t is not None)
+
+
+def slot_tag(slot: int) -> str:
+    return _slot_tags()[slot]
+
+
 class KeySpace:
-    def __init__(self, prefix: str = "") -> None:
+    def __init__(self, prefix: str = "", *, per_slot_index: bool = False) -> None:
+        """``per_slot_index``: a Redis Cluster (the sweeper's index split by slot, see above)."""
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"redis.key_prefix {prefix!r} must not contain braces (they select the hash slot)")
         self.prefix = prefix
-        self.index = f"{prefix}calls:index"
+        self.index = f"{prefix}calls:index"  # the one index (one Redis); on a cluster, read only
+        self.per_slot_index = per_slot_index
+
+    def index_of(self, account_id: str) -> str:
+        """The sweeper's index that holds the account's calls."""
+        if not self.per_slot_index:
+            return self.index
+        return self.slot_index(key_slot(self.of(account_id).account.encode()))
+
+    def slot_index(self, slot: int) -> str:
+        return f"{self.prefix}calls:index:{{{slot_tag(slot)}}}"
 
     def of(self, account_id: str) -> AccountKeys:
         base = f"{self.prefix}acct:{{{account_id}}}:"

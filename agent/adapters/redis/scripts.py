@@ -15,25 +15,31 @@ from redis.exceptions import NoScriptError
 from agent.adapters.redis.connect import RedisClient
 
 NAMES = ("authorize", "nibble", "settle", "close", "mark_posted", "rebuild", "openings", "periods")
+# Scripts of their own (no prelude): a shebang with flags must be a script's first line.
+STANDALONE = ("sweep",)
 
 
 def _source(name: str) -> str:
     package = resources.files("agent.adapters.redis")
-    prelude = (package / "prelude.lua").read_text(encoding="utf-8")
-    return prelude + "\n" + (package / f"{name}.lua").read_text(encoding="utf-8")
+    own = (package / f"{name}.lua").read_text(encoding="utf-8")
+    if name in STANDALONE:
+        return own
+    return (package / "prelude.lua").read_text(encoding="utf-8") + "\n" + own
 
 
 class Scripts:
     def __init__(self) -> None:
-        self.source = {name: _source(name) for name in NAMES}
+        self.source = {name: _source(name) for name in NAMES + STANDALONE}
         self.sha = {name: hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
                     for name, text in self.source.items()}
         self._loaded = False
 
     def load(self, client: RedisClient) -> None:
         """SCRIPT LOAD every script (idempotent: the SHA is the content's). One command each, not
-        a pipeline: a cluster client sends SCRIPT LOAD to every master, a pipeline cannot."""
-        for name, text in self.source.items():
+        a pipeline: a cluster client sends SCRIPT LOAD to every master, a pipeline cannot. (The
+        standalone scripts are loaded where they run: ``run_on``.)"""
+        for name in NAMES:
+            text = self.source[name]
             sha = client.script_load(text)
             if sha != self.sha[name]:
                 raise RuntimeError(f"Redis returned SHA {sha} for script {name}, expected {self.sha[name]}")
@@ -57,3 +63,11 @@ class Scripts:
         except NoScriptError:
             self.load(client)
             return client.evalsha(self.sha[name], len(keys), *keys, *args)
+
+    def run_on(self, server: Any, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a script on one server (a cluster master's own client), loading it there if needed."""
+        try:
+            return server.evalsha(self.sha[name], len(keys), *keys, *args)
+        except NoScriptError:
+            server.script_load(self.source[name])
+            return server.evalsha(self.sha[name], len(keys), *keys, *args)

@@ -40,13 +40,14 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.exceptions import ClusterDownError, ClusterError, NoScriptError, RedisClusterException, TryAgainError
 from redis.retry import Retry
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.adapters.redis.connect import RedisClient, make_cluster_client, make_sentinel_client
-from agent.adapters.redis.keys import PERIODS_MARK, AccountKeys, KeySpace
+from agent.adapters.redis.keys import PERIODS_MARK, SLOTS, AccountKeys, KeySpace
 from agent.adapters.redis.ledger import (
     CallRecord,
     parse_period_id,
@@ -94,6 +95,7 @@ LOCAL_CALL_CACHE_MAX = 200_000
 LOCAL_ZONE_CACHE_MAX = 100_000  # accounts whose plan's timezone this process remembers
 _DAY_AFTER_MS = 26 * 3600 * 1000  # past the end of any local day (23 to 25 hours) from its start
 RETRY_PENDING_MS = 5_000  # a call whose ledger write failed is looked at again this soon
+SWEEP_SLOTS = 1024  # per-slot indexes a cluster sweep reads in one script (keeps each under ~2 ms)
 
 
 MAX_CONNECTIONS = 256  # per process; a burst beyond it waits for a free connection
@@ -217,7 +219,9 @@ class RedisBalanceStore:
         self._client = client
         self._poster = LedgerPoster() if post_later else None
         self._sessions = sessions
-        self._keys = KeySpace(key_prefix)
+        self._keys = KeySpace(key_prefix, per_slot_index=isinstance(client, RedisCluster))
+        self._sweep_turn = 0
+        self._slot_indexes: list[str] | None = None  # a cluster's per-slot index keys, by slot
         self._scripts = Scripts()
         self._retention_ms = closed_retention_ms
         self._call_accounts: dict[str, str] = {}
@@ -265,6 +269,8 @@ class RedisBalanceStore:
     def _accounts_of(self, call_ids: Sequence[str], hints: Sequence[str | None]) -> list[str | None]:
         """The account of each call: this node's memory, else Redis, else the caller's hint."""
         found: list[str | None] = [self._call_accounts.get(c) for c in call_ids]
+        if self._keys.per_slot_index:  # on a cluster the hint may sit on another master: the caller's first
+            found = [a if a is not None else h for a, h in zip(found, hints, strict=True)]
         missing = [i for i, a in enumerate(found) if a is None]
         if missing:
             stored = self._execute(lambda p: [p.get(self._keys.call_account(call_ids[i])) for i in missing])
@@ -275,7 +281,7 @@ class RedisBalanceStore:
     def _forget(self, account_id: str, call_id: str) -> None:
         """The call is closed and in the ledger: the sweeper need not look at it again. (Its
         account hint stays: replays of its steps must still find the call's record.)"""
-        self._client.zrem(self._keys.index, self._keys.member(account_id, call_id))
+        self._client.zrem(self._keys.index_of(account_id), self._keys.member(account_id, call_id))
 
     def _post(self, account_id: str, call_id: str, record: CallRecord) -> bool:
         posted = post_call(self._client, self._scripts, self._keys, self._sessions, account_id, call_id, record,
@@ -288,7 +294,8 @@ class RedisBalanceStore:
         """Post a closed call; when SQL refuses, the sweeper looks at it again after RETRY_PENDING_MS."""
         posted = self._post(account_id, call_id, record)
         if not posted:
-            self._client.zadd(self._keys.index, {self._keys.member(account_id, call_id): now_ms + RETRY_PENDING_MS})
+            self._client.zadd(self._keys.index_of(account_id),
+                              {self._keys.member(account_id, call_id): now_ms + RETRY_PENDING_MS})
         return posted
 
     def _post_closed(self, account_id: str, call_id: str, record: CallRecord, now_ms: int) -> bool | None:
@@ -344,21 +351,25 @@ class RedisBalanceStore:
         ak = self._keys.of(account_id)
         keys = [ak.account, ak.live, ak.call(call_id), ak.periods, ak.periods_unposted]
         member = self._keys.member(account_id, call_id)
+        index = self._keys.index_of(account_id)
+        on_cluster = self._keys.per_slot_index
+        script_at = 1 if on_cluster else 2  # the script's reply in the pipeline's (after the hints)
 
         def build(p: Any, args: list[object]) -> None:
             # The hints go first, in the same round trip: the sweeper's index must hold every
             # call that can exist (an entry without a call is cleaned up, the reverse would leak).
-            p.zadd(self._keys.index, {member: now_ms + ttl_ms}, nx=True)
-            p.set(self._keys.call_account(call_id), account_id, ex=CALL_ACCOUNT_TTL_S)
+            p.zadd(index, {member: now_ms + ttl_ms}, nx=True)
+            if not on_cluster:
+                p.set(self._keys.call_account(call_id), account_id, ex=CALL_ACCOUNT_TTL_S)
             self._scripts.call(p, "authorize", keys, args)
             if slots:  # after the script: a period it opened is in the index before the sweeper can drop it
-                p.zadd(self._keys.index, {self._keys.periods_member(account_id): now_ms}, nx=True)
+                p.zadd(index, {self._keys.periods_member(account_id): now_ms}, nx=True)
 
         def run() -> list[Any]:
             for _ in (1, 2):  # twice at most: the script names the timezone when it was not the one used
                 args = [account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms, ak.period_prefix,
                         bundle_want_s, *self._spend_args(account_id, now_ms), ak.spend_prefix, *slots]
-                reply = [text(v) for v in self._execute(partial(build, args=args))[2]]
+                reply = [text(v) for v in self._execute(partial(build, args=args))[script_at]]
                 if reply[0] != "tz":
                     return reply
                 self._learn_zone(account_id, reply[1])
@@ -370,7 +381,20 @@ class RedisBalanceStore:
                 reply = self._with_account(account_id, run)
             except NotFound:
                 reply = ["deny", "unknown_account", "0", "", ""]
-            return self._authorize_outcome(account_id, call_id, reply)
+            outcome = self._authorize_outcome(account_id, call_id, reply)
+        if on_cluster and outcome.allowed and not outcome.replayed:
+            self._write_call_hint(call_id, account_id)
+        return outcome
+
+    def _write_call_hint(self, call_id: str, account_id: str) -> None:
+        """On a cluster the call -> account hint lives in the call's own slot, on any master: it is
+        written after the authorization, and a master that cannot take it costs the hint only
+        (steps from the engine name their account; the hint serves steps that do not)."""
+        try:
+            self._client.set(self._keys.call_account(call_id), account_id, ex=CALL_ACCOUNT_TTL_S)
+        except redis.RedisError as exc:
+            log.warning("call=%s account=%s: the call's account hint was not written (%s); steps that name the "
+                        "account are not affected", call_id, account_id, exc)
 
     def _authorize_outcome(self, account_id: str, call_id: str, reply: list[str]) -> AuthorizeOutcome:
         status = reply[0]
@@ -387,7 +411,11 @@ class RedisBalanceStore:
         if status != "deny":
             raise RuntimeError(f"authorize script answered {reply!r}")
         member = self._keys.member(account_id, call_id)  # a denied call leaves no trace
-        self._execute(lambda p: (p.zrem(self._keys.index, member), p.delete(self._keys.call_account(call_id))))
+        if self._keys.per_slot_index:  # the hint was not written (see authorize)
+            self._execute(lambda p: p.zrem(self._keys.index_of(account_id), member))
+        else:
+            self._execute(lambda p: (p.zrem(self._keys.index_of(account_id), member),
+                                     p.delete(self._keys.call_account(call_id))))
         return AuthorizeOutcome(call_id, False, DenyReason(reply[1]), 0, int(reply[2]), reply[3], reply[4],
                                 bundle_available_s=_reply_int(reply, 5))
 
@@ -458,7 +486,7 @@ class RedisBalanceStore:
                 # The sweeper's entry is due only after the ledger post had its chance (it must
                 # exist even for a call the store lost: a settle without reservation).
                 return [text(v) for v in self._execute(lambda p: (
-                    p.zadd(self._keys.index, {member: now_ms + RETRY_PENDING_MS}),
+                    p.zadd(self._keys.index_of(resolved), {member: now_ms + RETRY_PENDING_MS}),
                     self._scripts.call(p, "settle", keys, args)))[1]]
 
             reply = self._with_account(resolved, run)
@@ -501,7 +529,7 @@ class RedisBalanceStore:
         ak = self._keys.of(account_id)
         member = self._keys.member(account_id, call_id)
         return [text(v) for v in self._execute(lambda p: (
-            p.zadd(self._keys.index, {member: now_ms}, nx=True),
+            p.zadd(self._keys.index_of(account_id), {member: now_ms}, nx=True),
             self._scripts.call(p, "close", self._step_keys(ak, call_id),
                                [call_id, mode, seq, now_ms, self._retention_ms, ak.period_prefix,
                                 ak.spend_prefix])))[1]]
@@ -512,7 +540,7 @@ class RedisBalanceStore:
         """Release reservations past their TTL (their debits become the call's charge) and write
         the ledger entries of closed calls that are not in SQL yet. Safe on many nodes at once."""
         with _unavailable("expire"):
-            due = [text(m) for m in self._client.zrangebyscore(self._keys.index, "-inf", now_ms, start=0, num=limit)]
+            due = self._index_members(now_ms, limit)
             expired: list[str] = []
             posted = pending = 0
             for member in due:
@@ -531,7 +559,7 @@ class RedisBalanceStore:
                     reply = ["unknown_call"]
                 status = reply[0]
                 if status == "alive":
-                    self._client.zadd(self._keys.index, {member: int(reply[1])}, xx=True)
+                    self._client.zadd(self._keys.index_of(account_id), {member: int(reply[1])}, xx=True)
                     continue
                 if status in ("unknown_call", "noacct"):
                     self._forget(account_id, call_id)
@@ -555,20 +583,66 @@ class RedisBalanceStore:
         """Write the account's bundle period openings SQL does not have yet. The index entry goes
         only once none is left (checked after removing it: an authorize that opens one adds the
         entry again after its script)."""
+        index = self._keys.index_of(account_id)
         if not post_openings(self._client, self._scripts, self._keys, self._sessions, account_id):
-            self._client.zadd(self._keys.index, {member: now_ms + RETRY_PENDING_MS})
+            self._client.zadd(index, {member: now_ms + RETRY_PENDING_MS})
             return False
-        self._client.zrem(self._keys.index, member)
+        self._client.zrem(index, member)
         if self._client.scard(self._keys.of(account_id).periods_unposted):
-            self._client.zadd(self._keys.index, {member: now_ms})
+            self._client.zadd(index, {member: now_ms})
         return True
+
+    def _index_members(self, max_score: int | str, limit: int | None) -> list[str]:
+        """Members of the sweeper's index due by ``max_score`` ('+inf': all), at most ``limit``."""
+        if not self._keys.per_slot_index:
+            return [text(m) for m in self._client.zrangebyscore(self._keys.index, "-inf", max_score, start=0,
+                                                                  num=limit if limit is not None else -1)]
+        return self._cluster_index_members(max_score, limit if limit is not None else 2**31)
+
+    def _cluster_index_members(self, max_score: int | str, limit: int) -> list[str]:
+        """The per-slot indexes of a cluster (keys.py), read master by master with one script per
+        SWEEP_SLOTS slots. A master that does not answer (dead, failover under way) is skipped
+        until the next sweep: the others' calls are still swept. Masters are taken in turn from a
+        different one each time, so a ``limit`` reached early does not starve the last ones."""
+        client = self._client
+        assert isinstance(client, RedisCluster)
+        by_master: dict[str, tuple[Any, list[int]]] = {}
+        for slot, nodes in client.nodes_manager.slots_cache.items():
+            if nodes:
+                by_master.setdefault(nodes[0].name, (nodes[0], []))[1].append(slot)
+        masters = sorted(by_master.values(), key=lambda entry: entry[0].name)
+        self._sweep_turn += 1
+        if masters:
+            turn = self._sweep_turn % len(masters)
+            masters = masters[turn:] + masters[:turn]
+        found: list[str] = []
+        try:  # the single index of earlier versions: read until drained, never written
+            found += [text(m) for m in client.zrangebyscore(self._keys.index, "-inf", max_score, start=0, num=limit)]
+        except redis.RedisError as exc:
+            log.debug("sweep: the former single index is not readable now: %s", exc)
+        if self._slot_indexes is None:
+            self._slot_indexes = [self._keys.slot_index(slot) for slot in range(SLOTS)]
+        for node, slots in masters:
+            server = client.get_redis_connection(node)
+            try:
+                for at in range(0, len(slots), SWEEP_SLOTS):
+                    if len(found) >= limit:
+                        return found
+                    keys = [self._slot_indexes[slot] for slot in slots[at:at + SWEEP_SLOTS]]
+                    found += [text(m) for m in self._scripts.run_on(server, "sweep", [],
+                                                                     [max_score, limit - len(found), *keys])]
+            except redis.RedisError as exc:
+                log.warning("sweep: cluster master %s skipped this time: %s", node.name, exc)
+                if not isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+                    client.nodes_manager.initialize()  # slots moved (a failover, resharding): read the map again
+        return found
 
     # ------------------------------------------------------------------ views and maintenance
 
     def live_calls(self) -> list[LiveCall]:
         with _unavailable("live calls"):
-            members = [split for m in self._client.zrange(self._keys.index, 0, -1)
-                       if (split := self._keys.split(text(m)))[1] != PERIODS_MARK]
+            members = [split for m in self._index_members("+inf", None)
+                       if (split := self._keys.split(m))[1] != PERIODS_MARK]
             hashes = self._execute(lambda p: [p.hgetall(self._keys.of(a).call(c)) for a, c in members])
         calls = []
         for (account_id, call_id), raw in zip(members, hashes, strict=True):
