@@ -60,6 +60,7 @@ from gevent.server import StreamServer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agent.core.session import SessionSettings  # noqa: E402
 from agent.sim.asterisk import FakeAsterisk, FakeCall  # noqa: E402
 from bench.bench_realpbx import fresh_database  # noqa: E402
 from tests.realpbx.lab import Agent, free_port, stop_process, wait_port  # noqa: E402
@@ -292,10 +293,12 @@ def report(placed: list[Placed], agent: Agent, timeline: Timeline) -> dict[str, 
         if p.call.cut_by == "ami":
             # Cut by the agent (money out, or the store gone under fail_closed): billed up to the
             # cut instant, not the few ms the PBX took to carry the hangup out (a started second
-            # the account could not pay would overdraw it). Checked: the cut came within 100 ms.
+            # the account could not pay would overdraw it), nor a cut late within the backstop
+            # margin (agent/core/session.py ``cut_lateness_free_ms``). Checked: the cut came
+            # within it (the delay is reported apart).
             delay_ms = talk_ms - cdr["duration_ms"]
             cut_delays.append(delay_ms)
-            if 0 <= delay_ms <= 100:
+            if 0 <= delay_ms <= SessionSettings(nibble_ms=1000).cut_lateness_free_ms:
                 talk_ms = cdr["duration_ms"]
         charged = int(Decimal(cdr["rating"]["cost"]) * 1_000_000) if cdr.get("rating") else 0
         rows.append({"part": p.part, "cause": cdr.get("hangup_cause", ""), "talk_ms": talk_ms,

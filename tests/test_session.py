@@ -454,3 +454,37 @@ def test_a_call_exhausted_shortly_before_its_cut_still_looks_for_a_top_up_in_tim
     (chance,) = session.on_timer(TimerKind.LAST_CHANCE, session.token, T0 + 4_650)
     topped_up = session.on_nibble_result(chance.seq, 2_000, 0, T0 + 4_700)  # the top-up is seen
     assert TimerKind.CUT not in _timers(topped_up) and not session.exhausted
+
+
+def test_a_cut_a_starved_loop_sends_late_bills_no_talk_past_the_money() -> None:
+    """Found by bench_nodes (issue 19 finding 3): on a saturated 2-core box, 1 s nibbles, tight
+    prepaid accounts ended at -0.01. The agent's cut left 103-703 ms after the money ran out (the
+    CUT timer fired late, or the nibble that found the money short answered after the boundary),
+    was billed to the instant it was sent, and 1/1 increments made that one whole second more
+    than the call held: a settle past the account's floor. The PBX backstop (armed at the money's
+    end plus the margin) would have ended the call by then and that end is billed to the money's
+    end; a cut of the agent's within the same margin is billed the same way."""
+    for answered_late_ms, fired_late_ms in ((0, 113), (696, 703), (0, 1_000)):
+        session = make_session(PER_SECOND, granted=1_000, nibble_s=1, nibble_lead_ms=350)
+        _answer_b(session, T0)
+        for k in (1, 2):  # two slices paid; the nibble at 3 s finds nothing more
+            (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + k * 1000 - 350)
+            session.on_nibble_result(step.seq, 1_000 if k == 1 else 0, step.debit_micros,
+                                     T0 + k * 1000 - 200 + (answered_late_ms if k == 2 else 0))
+        assert session.cut_at_ms == T0 + 2_000 and session.budget_micros == 2_000
+        session.on_timer(TimerKind.CUT, session.token, T0 + 2_000 + fired_late_ms)
+        (settle,) = session.on_hung_up(LegHungUp("A1", T0 + 2_000 + fired_late_ms + 50))
+        assert settle.cost_micros == session.budget_micros == 2_000, (answered_late_ms, fired_late_ms)
+
+
+def test_a_cut_later_than_the_backstop_margin_bills_the_talk_until_it_was_sent() -> None:
+    """Past the margin the PBX backstop was not what held the call (it did not get it in time, or
+    no agent ran): the customer talked until the cut, and that is charged (an overrun)."""
+    session = make_session(PER_SECOND, granted=1_000, nibble_s=1, nibble_lead_ms=350)
+    _answer_b(session, T0)
+    (step,) = session.on_timer(TimerKind.NIBBLE, session.token, T0 + 650)
+    session.on_nibble_result(step.seq, 0, step.debit_micros, T0 + 800)
+    assert session.cut_at_ms == T0 + 1_000
+    session.on_timer(TimerKind.CUT, session.token, T0 + 2_001)
+    (settle,) = session.on_hung_up(LegHungUp("A1", T0 + 2_040))
+    assert settle.cost_micros == 3_000

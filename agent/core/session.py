@@ -19,8 +19,11 @@ Money rules (DESIGN §4-5):
 * At the end the call is rated on its exact duration and settled. A call the agent cut is billed
   up to the cut instant when the PBX tore it down within the verification window (our own
   hangup latency is not the customer's use); past that window the real duration is charged and
-  the overrun shows in the store's overrun record. A cut sent more than ``CUT_LATENESS_FREE_MS``
-  after the money ran out (an agent that was down) is billed up to when it was sent.
+  the overrun shows in the store's overrun record. A cut sent more than the backstop margin
+  after the money ran out (``SessionSettings.cut_lateness_free_ms``: an agent that was down, or
+  whose switch commands did not get through) is billed up to when it was sent; a cut sent within
+  it (a starved loop, a nibble answer that came after the boundary) is billed to the money's end,
+  as the PBX backstop armed there would have ended the call by then, billed the same way.
 * The PBX holds a backstop of its own (it ends the call if the agent dies). It is never set
   before the money runs out (the PBX must not take paid time away) and it moves with the
   money: each granted nibble pushes it to the end of what is reserved plus a slack, an
@@ -75,8 +78,9 @@ BACKSTOP_TOLERANCE_MS = 2_000  # a call that ended this close after the PBX back
 TRANSFER_GRACE_MS = 1_500  # a dialled leg still up this long after the caller left was transferred
 LEG_LINGER_MS = 1_000  # a settled call's record waits this long at most for its other legs' hangups
 # A cut sent at most this long after the money ran out is billed to that instant (a timer's
-# lateness is ours); sent later (the agent was down, the loop or the store held it up), the
-# customer talked on until it was sent, and that time is charged (an overrun past the money).
+# lateness is ours); the backstop margin widens it (``SessionSettings.cut_lateness_free_ms``).
+# Sent later (the agent was down, its commands did not reach the PBX), the customer talked on
+# until it was sent, and that time is charged (an overrun past the money).
 CUT_LATENESS_FREE_MS = 100
 BUSY_CAUSES = frozenset({"USER_BUSY", "17"})
 NO_ANSWER_CAUSES = frozenset({"NO_ANSWER", "NO_USER_RESPONSE", "ORIGINATOR_CANCEL", "19", "18"})
@@ -343,6 +347,17 @@ class SessionSettings:
     @property
     def lead_ms(self) -> int:
         return max(0, min(self.nibble_lead_ms, self.nibble_ms // 2))
+
+    @property
+    def cut_lateness_free_ms(self) -> int:
+        """How late after the money ran out a cut of the agent's is still billed to the money's
+        end: the PBX backstop of an exhausted call is armed ``backstop_margin_ms`` after it, and a
+        call that backstop ends is billed to the money's end, so a cut of ours that comes first
+        is not charged more. Found by bench_nodes (issue 19 finding 3): on a saturated 2-core box
+        with 1 s nibbles, cuts 103-703 ms late (a CUT timer fired late, or the nibble that found
+        the money short answered after the boundary) were billed to when they were sent, one
+        whole 1/1 second past what the call held, and tight prepaid accounts ended at -0.01."""
+        return max(CUT_LATENESS_FREE_MS, self.backstop_margin_ms)
 
     @property
     def backstop_slack_ms(self) -> int:
@@ -998,11 +1013,12 @@ class CallSession:
         cut_rel = self.cut_at_ms - self.answer_ms
         confirmed_in_time = self.cut_sent_ms is not None and self.end_ms <= self.cut_sent_ms + self.settings.verify_ms
         if self.cut_by_agent and confirmed_in_time:
-            # Our own hangup latency is not the customer's use; the talk before we acted is.
+            # Our own hangup latency is not the customer's use, nor is a cut late within the
+            # backstop margin (see ``cut_lateness_free_ms``); the talk before a later cut is.
             # Found by bench_faults: an agent restarted 2.6 s after a call's money ran out cut it
             # at once and billed it to the money's end, giving the 2.6 s away.
             assert self.cut_sent_ms is not None
-            if self.cut_sent_ms - self.cut_at_ms <= CUT_LATENESS_FREE_MS:
+            if self.cut_sent_ms - self.cut_at_ms <= self.settings.cut_lateness_free_ms:
                 return cut_rel
             return min(duration, self.cut_sent_ms - self.answer_ms)
         if self.exhausted and self._ended_by_pbx_backstop():
