@@ -50,6 +50,7 @@ from agent.adapters.sql.migrate import check_schema
 from agent.adapters.sql.models import RatePlan
 from agent.adapters.sql.rate_repository import RatePlanCache
 from agent.adapters.sql.route_book import RouteBook
+from agent.adapters.sql.tenants import ROOT_TENANT
 from agent.adapters.webhook import AlertWebhook
 from agent.config import NIBBLE_LEAD_MARGIN_MS, Config
 from agent.core.balance import LiveCall
@@ -423,7 +424,8 @@ class Daemon:
                 live_ttl_ms=(self.config.billing.max_call_seconds + NO_ANSWER_GUARD_S) * 1000)
         guard = self.fraud = FraudGuard(
             rules, node=self.config.node.id, actions=SqlFraudActions(sql, refresh), clock=self.clock,
-            metrics=self.metrics, counters=counters, alerts=alerts, timezone_of=self._timezone_of)
+            metrics=self.metrics, counters=counters, alerts=alerts, timezone_of=self._timezone_of,
+            tenants_of=self._tenants_of)
         guard.cut_local = engine.cut_account
         if client is not None:  # every node cuts at once, not at its next publish
             from agent.adapters.redis.fraud_bus import SuspensionBus
@@ -527,6 +529,12 @@ class Daemon:
             return "UTC"
         name = plan or plans.plan_of(account_id)
         return rates.table_for(name).timezone if name else "UTC"
+
+    def _tenants_of(self, account_id: str) -> frozenset[str]:
+        """The tenants an account is under, its own up to the operator's (fraud rules' ``tenant:``),
+        from the rater's cached chains (DESIGN §11)."""
+        chain = self.tenant_chains.chain_of(account_id) if self.tenant_chains is not None else ()
+        return frozenset({ROOT_TENANT, *(level.tenant for level in chain), *(level.parent for level in chain)})
 
     def reload_fraud_rules(self) -> bool:
         """SIGHUP: re-read the fraud rules; a file with an error keeps the running rules."""

@@ -160,3 +160,20 @@ def test_an_attack_spread_over_two_nodes_is_seen_whole_and_cut_on_both(
             daemon.shutdown()
         for fake in fakes:
             fake.stop()
+
+
+def test_a_rule_limited_to_a_reseller_refuses_its_customers_only(tmp_path: Path, fake_fs: FakeFreeswitch) -> None:
+    """The demo's tree: operator > globex (a reseller) > zoe; alice is the operator's own customer.
+    The tenants above zoe come from the daemon's cached chains (the database, read once)."""
+    rules = "rules:\n  - {name: globex_closed, kind: new_calls, window_s: 60, threshold: 0, action: deny, " \
+            "tenant: globex}\n"
+    daemon = fraud_daemon(tmp_path, fake_fs, rules)
+    daemon.start()
+    try:
+        wait_for(lambda: all(a.connected() for a in daemon.adapters))
+        zoe = fake_fs.place_call("zoe", "33142685300", answer_after_ms=50, talk_ms=500)
+        alice = fake_fs.place_call("alice", "33142685300", answer_after_ms=50, talk_ms=500)
+        assert zoe.done.wait(10) and alice.done.wait(10)
+        assert (zoe.outcome, alice.outcome) == ("denied", "answered"), (zoe, alice)
+    finally:
+        daemon.shutdown()

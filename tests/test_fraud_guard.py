@@ -430,3 +430,77 @@ def test_shared_counters_screen_beside_the_store_and_a_refusal_gives_the_money_b
     finally:
         guard.stop(1)
         engine.stop(1)
+
+
+# ---------------------------------------------------------------- rules limited to tenants (DESIGN §11)
+
+TENANT_RULES = """
+groups:
+  premium: {prefixes: ["882"]}
+rules:
+  - {name: acme_premium, kind: new_calls, group: premium, window_s: 60, threshold: 1, action: deny, tenant: acme}
+  - {name: everyone_premium, kind: new_calls, group: premium, window_s: 60, threshold: 3, action: deny}
+"""
+
+
+class Tenants:
+    """The tenants each account is under, as the daemon's cached chains give them; counts its use."""
+
+    def __init__(self, under: dict[str, frozenset[str]], *, down: bool = False) -> None:
+        self.under, self.down, self.asked = under, down, 0
+
+    def __call__(self, account_id: str) -> frozenset[str]:
+        self.asked += 1
+        if self.down:
+            raise OSError("database away and the chain never read")
+        return self.under.get(account_id, frozenset({"default"}))
+
+
+def tenant_guard(tmp_path: Path, tenants: Tenants) -> FraudGuard:
+    return FraudGuard(rules(tmp_path, TENANT_RULES), node="n1", actions=Actions(), clock=SystemClock(),
+                      tenants_of=tenants)
+
+
+def screen(guard: FraudGuard, n: int, account: str, number: str = "+88212345") -> str | None:
+    decision = guard.screen(AuthorizeRequest("asterisk", f"A{n}", account, number, 0), f"c{n}", 1_000 + n)
+    return None if decision is None else decision.detail
+
+
+def test_a_rule_limited_to_a_tenant_applies_to_its_subtree_only(tmp_path: Path) -> None:
+    tenants = Tenants({"acme-customer": frozenset({"default", "acme"}),
+                       "sub-customer": frozenset({"default", "acme", "acme-east"}),
+                       "globex-customer": frozenset({"default", "globex"})})
+    guard = tenant_guard(tmp_path, tenants)
+    for account in ("acme-customer", "sub-customer"):  # the second premium call crosses acme's threshold of 1
+        assert screen(guard, 1, account) is None
+        assert "fraud rule acme_premium" in (screen(guard, 2, account) or "")
+    for n, account in enumerate(("globex-customer", "direct"), start=10):  # the operator-wide rule only
+        for i in range(3):
+            assert screen(guard, n * 10 + i, account) is None
+        assert "fraud rule everyone_premium" in (screen(guard, n * 10 + 9, account) or "")
+
+
+def test_the_tenants_are_looked_up_only_when_a_tenant_rule_crosses_and_a_failed_lookup_leaves_it_out(
+        tmp_path: Path) -> None:
+    tenants = Tenants({"acme-customer": frozenset({"default", "acme"})})
+    guard = tenant_guard(tmp_path, tenants)
+    assert screen(guard, 1, "acme-customer") is None
+    assert screen(guard, 2, "acme-customer", "+33140000000") is None  # not premium: acme_premium's figure stays 1
+    assert tenants.asked == 0, "ordinary calls never ask for the account's tenants"
+    tenants.down = True
+    assert screen(guard, 3, "acme-customer") is None  # crossed, but whose tenants cannot be told: left out
+    assert tenants.asked == 1
+    tenants.down = False
+    assert "fraud rule acme_premium" in (screen(guard, 4, "acme-customer") or "")
+
+
+def test_a_tenant_name_is_checked_like_the_other_keys(tmp_path: Path) -> None:
+    from agent.adapters.fraud_rules_file import RulesFileError
+
+    ok = rules(tmp_path, "rules:\n  - {name: r, kind: live_calls, threshold: 2, action: alert, tenant: [acme, b.2]}\n")
+    assert ok.rules[0].tenants == frozenset({"acme", "b.2"})
+    for value, reason in (("'-acme'", "must be a tenant's name"), ("[]", "an empty list"),
+                          ("{a: 1}", "must be a tenant's name")):
+        with pytest.raises(RulesFileError, match=rf"rules.yaml:3: key tenant: .*{reason}"):
+            rules(tmp_path, f"rules:\n  - name: r\n    tenant: {value}\n    kind: live_calls\n    threshold: 2\n"
+                            "    action: alert\n")

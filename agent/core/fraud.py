@@ -63,6 +63,9 @@ class CallFacts:
     caller: str = ""
     pbx: str = ""
     timezone: str = "UTC"  # of the account's rate plan: CEL's hour and weekday are read in it
+    # The tenants the account is under (its own and every one above, the operator's included);
+    # None: not looked up (no rule with a tenant crossed its threshold on this call).
+    tenants: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,7 +344,10 @@ class LocalCounters:
 
 
 def in_scope(rule: Rule, facts: CallFacts) -> bool:
-    """Whether the rule's action applies to this call (``deny: group`` spares calls elsewhere)."""
+    """Whether the rule applies to this call: ``tenant`` spares accounts under other tenants (and
+    every account whose tenants were not looked up), ``deny: group`` calls elsewhere."""
+    if rule.tenants and (facts.tenants is None or rule.tenants.isdisjoint(facts.tenants)):
+        return False
     return not rule.deny_group_only or rule.group in facts.groups
 
 

@@ -25,6 +25,9 @@ takes its threshold as money (a decimal string, micro-units inside); ``short_cal
 percentage (1..100) of the settled answered calls of the window shorter than ``short_call_s``
 (default 6), once there are ``min_calls`` (default 10) of them. ``deny: group`` (with a group)
 refuses only calls to the rule's group; ``deny: all`` (the default) every new call of the account.
+``tenant`` (a tenant's name, or a list of them; DESIGN §11) limits the rule to the accounts of
+those tenants and of every tenant below them (a reseller's customers and its sub-resellers'):
+the figures stay per account, and a rule without ``tenant`` applies to every account.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ MAX_WINDOW_S = 86_400
 MAX_NEW_COUNTRY_WINDOW_S = 90 * 86_400  # "not called in N days"
 MAX_PREFIX_DIGITS = 32
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # as tenants are named (adapters/sql/tenants.py)
 
 
 class RuleKind(StrEnum):
@@ -62,7 +66,7 @@ WINDOWED = frozenset({RuleKind.NEW_CALLS, RuleKind.DISTINCT_DESTINATIONS, RuleKi
                       RuleKind.NEW_COUNTRY})
 GROUPABLE = frozenset({RuleKind.NEW_CALLS, RuleKind.LIVE_CALLS, RuleKind.DISTINCT_DESTINATIONS, RuleKind.NEW_COUNTRY})
 RULE_KEYS = frozenset({"name", "kind", "threshold", "window_s", "group", "action", "deny", "when", "description",
-                       "short_call_s", "min_calls", "prefix_digits"})
+                       "short_call_s", "min_calls", "prefix_digits", "tenant"})
 
 # What a CEL condition can read (the activation built by ``agent.core.fraud``).
 CEL_FIELDS: dict[str, str] = {
@@ -148,6 +152,7 @@ class Rule:
     prefix_digits: int = 3  # new_country: the first digits that stand for the country
     condition: Condition | None = field(default=None, compare=False)
     description: str = ""
+    tenants: frozenset[str] = frozenset()  # empty: every account; else accounts under one of these tenants
 
     @property
     def window_ms(self) -> int:
@@ -169,6 +174,10 @@ class RuleSet:
         # Frozen: the lookup tables are set once here (object.__setattr__ is the dataclass idiom).
         object.__setattr__(self, "_by_prefix", {prefix: frozenset(names) for prefix, names in by_prefix.items()})
         object.__setattr__(self, "_longest", max(map(len, by_prefix), default=0))
+
+    @property
+    def has_tenant_rules(self) -> bool:
+        return any(rule.tenants for rule in self.rules)
 
     @property
     def reads_local_time(self) -> bool:
@@ -353,6 +362,7 @@ def _parse_rule(entry: Node, groups: dict[str, frozenset[str]], errors: list[Rul
             short_call_s = _whole(values["short_call_s"], "short_call_s", 1, 3600, errors)
         if "min_calls" in values:
             min_calls = _whole(values["min_calls"], "min_calls", 1, 1_000_000, errors)
+    tenants = _tenants(values["tenant"], errors) if "tenant" in values else frozenset()
     condition = None
     if "when" in values:
         condition = compile_condition(values["when"], errors)
@@ -361,7 +371,23 @@ def _parse_rule(entry: Node, groups: dict[str, frozenset[str]], errors: list[Rul
     return Rule(name=name, kind=kind, threshold=threshold, action=action, line=entry.line, window_s=window_s,
                 group=group, deny_group_only=deny_group_only, short_call_s=short_call_s, min_calls=min_calls,
                 prefix_digits=prefix_digits,
-                condition=condition, description=text("description"))
+                condition=condition, description=text("description"), tenants=tenants)
+
+
+def _tenants(node: Node, errors: list[RuleError]) -> frozenset[str]:
+    """``tenant: acme`` or ``tenant: [acme, globex]``: the names, each as tenants are named."""
+    items = node.value if isinstance(node.value, list) else [node]
+    names: set[str] = set()
+    if not items:
+        errors.append(RuleError(node.line, "tenant", "an empty list (leave the key out for every account)"))
+    for item in items:
+        name = item.value
+        if not isinstance(name, str) or not TENANT_NAME.fullmatch(name):
+            errors.append(RuleError(item.line, "tenant", f"{name!r} must be a tenant's name (1-64 letters, digits, "
+                                                         "_ . -, starting with a letter or digit)"))
+            continue
+        names.add(name)
+    return frozenset(names)
 
 
 def _whole(node: Node, key: str, least: int, most: int, errors: list[RuleError]) -> int:

@@ -10,7 +10,9 @@ by one worker greenlet (``FraudActions``: the account's status, hangups queued f
 retried with a backoff while the database is away; the account's live calls on this node are cut
 at once through the engine. Counters are in memory (``LocalCounters``, one node) or in Redis
 (``RedisFraudCounters``, every node), see README. CEL conditions read ``hour`` and ``weekday`` in
-the timezone of the account's rate plan (``timezone_of``).
+the timezone of the account's rate plan (``timezone_of``). A rule limited to some tenants
+(``tenant:``) asks ``tenants_of`` which tenants the account is under, only once its figure
+crossed the threshold (the cached chain of the rater: no database on ordinary calls).
 """
 
 from __future__ import annotations
@@ -52,18 +54,20 @@ class _Suspension:
 
 
 TimezoneOf = Callable[[str, str], str]  # (account, its plan if known, else "") -> IANA zone
+TenantsOf = Callable[[str], frozenset[str]]  # account -> the tenants it is under (its own and above)
 
 
 class FraudGuard:
     """``alerts``: the node's alert service (the daemon's, durable); without one the guard keeps
     its own, in memory, writing through ``actions.record_alerts`` (tests, benches).
     ``timezone_of``: the timezone of an account's rate plan, for CEL's ``hour`` and ``weekday``
-    (asked only when a condition reads them; without it they are UTC)."""
+    (asked only when a condition reads them; without it they are UTC). ``tenants_of``: the
+    tenants an account is under, for rules with ``tenant:`` (without it such rules never apply)."""
 
     def __init__(self, rules: RuleSet, *, node: str, actions: FraudActions, clock: Clock,
                  metrics: Metrics | None = None, alert_period_ms: int = 60_000,
                  counters: FraudCounters | None = None, alerts: Alerts | None = None,
-                 timezone_of: TimezoneOf | None = None) -> None:
+                 timezone_of: TimezoneOf | None = None, tenants_of: TenantsOf | None = None) -> None:
         self.node = node
         self.actions = actions
         self.clock = clock
@@ -72,6 +76,7 @@ class FraudGuard:
         self.alerts = alerts if alerts is not None else Alerts(actions, node=node, clock=clock, metrics=self.metrics,
                                                                period_ms=alert_period_ms)
         self.timezone_of = timezone_of
+        self.tenants_of = tenants_of
         self.rules = rules
         self._time_rules = _time_rules(rules)
         self.counters: FraudCounters = counters if counters is not None else LocalCounters(rules)
@@ -132,7 +137,7 @@ class FraudGuard:
         except Exception as exc:  # noqa: BLE001 - fraud figures are advisory; the call goes to the store
             self._counters_failed("observe", exc)
             return None
-        facts = self._with_timezone(facts, figures, "")
+        facts = self._with_tenants(self._with_timezone(facts, figures, ""), figures)
         verdict = evaluate(self.rules, figures, facts)
         for error in verdict.errors:
             log.warning("fraud %s (counted as not met) call=%s account=%s", error, call_id, account_id)
@@ -172,7 +177,7 @@ class FraudGuard:
         digits = destination_digits(record.destination)
         facts = self._with_timezone(CallFacts(record.account_id, record.call_id, digits, self.rules.groups_of(digits),
                                               at_ms, record.caller, record.pbx), figures, record.rating.plan_name)
-        verdict = evaluate(self.rules, figures, facts)
+        verdict = evaluate(self.rules, figures, self._with_tenants(facts, figures))
         for hit in verdict.hits:
             if hit.rule.action is not Action.DENY:  # a deny rule refuses the account's next calls itself
                 self._alert(hit, facts)
@@ -192,6 +197,20 @@ class FraudGuard:
         except Exception as exc:  # noqa: BLE001 - a plan that cannot be read: the call's rating says so
             log.warning("fraud: timezone of account %s unknown (%s): CEL hour and weekday read in UTC",
                         facts.account_id, exc)
+            return facts
+
+    def _with_tenants(self, facts: CallFacts, figures: Mapping[str, int]) -> CallFacts:
+        """The facts with the tenants the account is under, when a rule limited to some tenants
+        crossed its threshold; otherwise not looked up. A lookup that fails leaves the rule out
+        (logged): like a counter that fails, a fraud rule never refuses a call for lack of data."""
+        if self.tenants_of is None or not any(rule.tenants and figures.get(rule.name, 0) > rule.threshold
+                                              for rule in self.rules.rules):
+            return facts
+        try:
+            return replace(facts, tenants=self.tenants_of(facts.account_id))
+        except Exception as exc:  # noqa: BLE001 - the database does not answer and the chain was never read
+            log.warning("fraud: tenants of account %s unknown (%s): rules limited to tenants left out for call %s",
+                        facts.account_id, exc, facts.call_id)
             return facts
 
     def _update(self, step: Callable[..., None], *args: Any) -> None:
