@@ -321,6 +321,25 @@ def test_accounts_without_a_threshold_cost_no_balance_read_and_free_calls_none()
     assert balances.reads == 1 and watch.raised == 1
 
 
+def test_a_resellers_own_account_is_watched_through_its_customers_calls() -> None:
+    """DESIGN §11: each call of a reseller's customer charges the reseller's account its parent's
+    price; that account's low balance is alerted at the customer's call that crossed it."""
+    watch, balances, sink = watch_rig({"tenant:acme": 5_000_000, "c1": 1_000_000})
+    balances.available.update({"c1": 50_000_000, "tenant:acme": 9_000_000})
+    record = make_record(0, account_id="c1")
+    upper = replace(record.rating, level=1, tenant="default", account_id="tenant:acme", cost_micros=80_000)
+    watch.finished(replace(record, upper=(upper,)))
+    watch.check_once()
+    assert watch.raised == 0 and balances.reads == 2  # both accounts read, both above
+    balances.available["tenant:acme"] = 4_000_000
+    cut = replace(make_record(1, account_id="c1"), disposition=Disposition.CUT)
+    watch.finished(replace(cut, upper=(upper, replace(upper, account_id="", cost_micros=0))))  # a free level: skipped
+    watch.check_once()
+    got = [(a.kind, a.account_id, a.figure, a.call_id) for a in watch.alerts.queue.take(10).records]
+    assert got == [(LOW_BALANCE, "tenant:acme", 4_000_000, "call-000001")]  # the customer's cut is its own
+    assert balances.reads == 4
+
+
 def test_exhausted_when_the_call_was_cut_because_the_money_ran_out() -> None:
     watch, balances, sink = watch_rig({"a": 0, "b": 0, "c": 10_000_000})
     # 0.12/min: one 6 s nibble costs 0.012; 0.005 left cannot pay it.

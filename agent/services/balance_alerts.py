@@ -71,19 +71,29 @@ class BalanceWatch:
     # ---------------------------------------------------------------- the engine loop side
 
     def finished(self, record: CallRecord) -> None:
-        """A settled call (engine ``on_finished``): note its account; never waits."""
+        """A settled call (engine ``on_finished``): note its account, and the account of each
+        reseller level above it that the call charged (DESIGN §11: a reseller's own money runs
+        low through its customers' calls, and its threshold is set on that account like any
+        other); never waits."""
         cut = record.disposition is Disposition.CUT
-        if record.rating.cost_micros <= 0 and not cut:
-            return
-        account_id = record.account_id
+        at_ms = record.settled_ms or record.ended_ms or self.clock.now_ms()
+        if record.rating.cost_micros > 0 or cut:
+            self._note(record.account_id, _Settled(record.call_id, record.destination, at_ms, cut,
+                                                   nibble_cost(record.rating.rate_micros, self.nibble_seconds)))
+        for level in record.upper:
+            # A cut is the customer's: which level's money ran out is not recorded, so an upper
+            # level is checked for low balance and for exhausted at zero only.
+            if level.account_id and level.cost_micros > 0:
+                self._note(level.account_id, _Settled(record.call_id, record.destination, at_ms, False,
+                                                      nibble_cost(level.rate_micros, self.nibble_seconds)))
+
+    def _note(self, account_id: str, settled: _Settled) -> None:
         prior = self._pending.get(account_id)
         if prior is None and len(self._pending) >= self.max_pending:
             self.skipped += 1
             return
-        if prior is None or cut or not prior.cut:  # a cut waiting for its check is kept
-            self._pending[account_id] = _Settled(
-                record.call_id, record.destination, record.settled_ms or record.ended_ms or self.clock.now_ms(), cut,
-                nibble_cost(record.rating.rate_micros, self.nibble_seconds))
+        if prior is None or settled.cut or not prior.cut:  # a cut waiting for its check is kept
+            self._pending[account_id] = settled
         self._wake.set()
 
     # ---------------------------------------------------------------- the worker
