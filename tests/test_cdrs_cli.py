@@ -83,6 +83,7 @@ def test_each_cdr_carries_its_legs_and_current_rating(calls: Engine) -> None:
     assert as_json == [row]
     shown = json.loads(run(calls, "cdrs", "show", "call-000002", "--json").stdout)
     assert shown.pop("rating_history") == [row["rating"]]
+    assert shown.pop("levels") == []  # a direct customer's call: no reseller level above it
     assert shown == row  # the export path (timestamps formatted by SQL) and show agree
 
 

@@ -155,6 +155,12 @@ def test_a_reseller_whose_money_is_the_limit_cuts_its_customers_call_and_every_l
     assert margin == [{"tenant": "acme", "currency": "USD", "calls": 1, "seconds": 3, "minutes": "0.050000",
                        "revenue": "0.006000",
                        "cost": "0.003000", "margin": "0.003000"}]
+    # The operator's view of the call shows every level (the customer's current rating, then the reseller's).
+    shown = json.loads(_cli(w, "cdrs", "show", call_id, "--json"))
+    assert (shown["rating"]["cost"], shown["rating"]["currency"]) == ("0.005400", "EUR")
+    assert [(lv["level"], lv["account_id"], lv["seller"], lv["cost"], lv["currency"], lv["billed_seconds"])
+            for lv in shown["levels"]] == [(1, RESELLER, "default", "0.003000", "USD", 3)]
+    assert f"level 1 {RESELLER} pays default: plan wholesale" in _cli(w, "cdrs", "show", call_id)
 
 
 def test_a_crash_between_two_levels_and_a_restart_adopt_every_level_and_charge_each_once(

@@ -23,7 +23,7 @@ from agent.adapters.cdr.export import (
     server_csv_supported,
 )
 from agent.adapters.cdr.export import cdr_json as flat_json
-from agent.adapters.cdr.query import CdrFilter, CdrView, DecisionView, LegView, get_cdr
+from agent.adapters.cdr.query import CdrFilter, CdrView, DecisionView, LegView, get_cdr, get_levels
 from agent.adapters.cdr.reconcile import ReconcileLine, ReconcileSummary, reconcile
 from agent.adapters.sql.tenants import subtree_ids
 from agent.cli.common import app, fail, handle_errors, print_json
@@ -201,9 +201,13 @@ def list_command(ctx: click.Context, /, limit: int, fmt: str | None, with_legs: 
 @handle_errors
 def show(ctx: click.Context, call_id: str, as_json: bool) -> None:
     """One call: its facts, every leg and its whole rating history (the last one counts)."""
-    view, history = get_cdr(app(ctx).engine(), call_id)
+    engine = app(ctx).engine()
+    view, history = get_cdr(engine, call_id)
+    levels = get_levels(engine, call_id)
     data = cdr_json(view)
     data["rating_history"] = [decision_json(d) for d in history]
+    data["levels"] = [{"level": d.level, "account_id": d.level_account_id, "seller": d.tenant, **decision_json(d)}
+                      for d in levels]
     if as_json:
         print_json(data)
         return
@@ -226,10 +230,23 @@ def show(ctx: click.Context, call_id: str, as_json: bool) -> None:
                    f"rate {format_amount(d.rate_micros)}{(' ' + d.plan_currency) if d.plan_currency else ''}/min "
                    f"billed {d.billed_seconds}s cost {format_amount(d.cost_micros)}"
                    f"{(' ' + d.currency) if d.currency else ''}{converted} ({d.reason}){current}")
-        if d.carrier and d.buy_cost_micros is not None and d.margin_micros is not None:
-            click.echo(f"     carried by {d.carrier}: buys {d.buy_prefix or '-'} at {format_amount(d.buy_rate_micros)}"
-                       f"/min, billed {d.buy_billed_seconds}s, cost {format_amount(d.buy_cost_micros)}, margin "
-                       f"{format_amount(d.margin_micros)}{(' ' + d.plan_currency) if d.plan_currency else ''}")
+        _route_line(d)
+    if levels:
+        click.echo("levels above (each reseller charged its seller's price for the same call):")
+    for d in levels:
+        click.echo(f"  level {d.level} {d.level_account_id or '-'} pays {d.tenant or '-'}: plan {d.plan_name or '-'} "
+                   f"prefix {d.prefix or '-'} rate {format_amount(d.rate_micros)}"
+                   f"{(' ' + d.plan_currency) if d.plan_currency else ''}/min billed {d.billed_seconds}s cost "
+                   f"{format_amount(d.cost_micros)}{(' ' + d.currency) if d.currency else ''} (#{d.seq} {d.reason})")
+        _route_line(d)
+
+
+def _route_line(d: DecisionView) -> None:
+    """The buy side, on the decision of the level the operator sells to (DESIGN §10)."""
+    if d.carrier and d.buy_cost_micros is not None and d.margin_micros is not None:
+        click.echo(f"     carried by {d.carrier}: buys {d.buy_prefix or '-'} at {format_amount(d.buy_rate_micros)}"
+                   f"/min, billed {d.buy_billed_seconds}s, cost {format_amount(d.buy_cost_micros)}, margin "
+                   f"{format_amount(d.margin_micros)}{(' ' + d.plan_currency) if d.plan_currency else ''}")
 
 
 @cdrs.command()

@@ -92,6 +92,11 @@ class DecisionView:
     buy_billed_seconds: int = 0
     buy_cost_micros: int | None = None
     margin_micros: int | None = None
+    # Derived charging (DESIGN §11): the level charged (0: the customer), whose price (the
+    # seller tenant) and, above the customer, the reseller's account charged.
+    level: int = 0
+    tenant: str = ""
+    level_account_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +130,7 @@ DECISION_FIELDS = (RatingDecision.seq, RatingDecision.plan_name, RatingDecision.
                    RatingDecision.plan_currency, RatingDecision.fx_rate_e10, RatingDecision.fx_inverse,
                    RatingDecision.plan_cost_micros, RatingDecision.carrier, RatingDecision.buy_prefix,
                    RatingDecision.buy_rate_micros, RatingDecision.buy_billed_seconds, RatingDecision.buy_cost_micros,
-                   RatingDecision.margin_micros)
+                   RatingDecision.margin_micros, RatingDecision.level, RatingDecision.tenant, RatingDecision.account_id)
 
 
 def get_cdr(engine: Engine, call_id: str) -> tuple[CdrView, list[DecisionView]]:
@@ -142,3 +147,17 @@ def get_cdr(engine: Engine, call_id: str) -> tuple[CdrView, list[DecisionView]]:
     view = CdrView(*row, legs=tuple(LegView(*leg) for leg in legs),  # type: ignore[misc]
                    rating=decisions[-1] if decisions else None)
     return view, decisions
+
+
+def get_levels(engine: Engine, call_id: str) -> list[DecisionView]:
+    """The current decision of each reseller level above a customer's call (DESIGN §11: each
+    has rows of its own under ``call^L``, ``of_call_id`` naming the call), nearest level first;
+    empty for a direct customer's call."""
+    with engine.connect() as conn:
+        rows: Sequence[Any] = conn.execute(select(*DECISION_FIELDS).where(RatingDecision.of_call_id == call_id)
+                                           .order_by(RatingDecision.level, RatingDecision.seq)).all()
+    current: dict[int, DecisionView] = {}
+    for row in rows:
+        decision = DecisionView(*row)
+        current[decision.level] = decision  # the highest seq of each level counts
+    return [current[level] for level in sorted(current)]
