@@ -12,6 +12,7 @@ from typing import Protocol
 from agent.core.balance import (
     AccountState,
     AuthorizeOutcome,
+    AuthorizeStep,
     BundleSettle,
     ExpireReport,
     LiveCall,
@@ -134,6 +135,12 @@ class BalanceStore(Protocol):
         before), as a ``bundle_usage`` ledger row."""
         ...
 
+    def authorize_many(self, steps: Sequence[AuthorizeStep]) -> list[AuthorizeOutcome]:
+        """Several authorizes at once (one round trip where the store can), outcomes in step
+        order, each exactly as ``authorize`` would give it (no bundles): the levels above a
+        reseller's customer. They are independent: one refused changes nothing of the others."""
+        ...
+
     def debit_and_reserve(self, call_id: str, seq: int, debit_micros: int, reserve_micros: int,
                           now_ms: int, ttl_ms: int, *, account_id: str | None = None) -> NibbleOutcome:
         """One nibble: debit the slice just used (overrun recorded if beyond the reservation) and
@@ -197,6 +204,11 @@ class EngineStore(Protocol):
     def authorize(self, account_id: str, call_id: str, want_micros: int, min_micros: int,
                   now_ms: int, *, bundle_slots: Sequence[BundleSlot] = (), bundle_want_s: int = 0,
                   ) -> StoreAuthorization:
+        ...
+
+    def authorize_levels(self, levels: Sequence[tuple[str, str, int, int]], now_ms: int) -> list[StoreAuthorization]:
+        """The levels above a reseller's customer, ``(call id, account, want, minimum)`` each, at
+        once (one round trip where the store can), in order; each as ``authorize`` (no bundles)."""
         ...
 
     def nibbles(self, steps: list[NibbleStep], now_ms: int) -> list[StoreNibble]:

@@ -67,6 +67,36 @@ def test_authorize_reserves_the_first_slice_and_reports_what_was_available(w: Wo
     assert state.live_calls == 1
 
 
+def test_authorize_many_gives_each_step_what_authorize_alone_would(w: World) -> None:
+    """The levels above a reseller's customer in one store call (one round trip on Redis)."""
+    from agent.core.balance import AuthorizeStep
+
+    w.account("rich", balance=10 * UNIT)
+    w.account("poor", balance=UNIT // 2)
+    w.account("closed", balance=10 * UNIT, status="suspended")
+    store = w.store()
+    assert store.authorize("rich", "before", "n1", UNIT, UNIT, T0, TTL).allowed  # now in Redis (if Redis)
+    w.account("fresh", balance=3 * UNIT)  # never loaded: the store loads it during the call
+
+    def step(account: str, call_id: str, want: int = 2 * UNIT, minimum: int = UNIT) -> AuthorizeStep:
+        return AuthorizeStep(account, call_id, "n1", want, minimum, T0, TTL)
+
+    out = store.authorize_many([step("rich", "c1^1"), step("poor", "c2^1"), step("nobody", "c3^1"),
+                                step("closed", "c4^1"), step("fresh", "c5^1", want=5 * UNIT),
+                                step("rich", "before", want=7 * UNIT)])
+    assert [(o.call_id, o.allowed, o.reason, o.granted_micros, o.available_micros, o.replayed) for o in out] == [
+        ("c1^1", True, None, 2 * UNIT, 9 * UNIT, False),
+        ("c2^1", False, DenyReason.INSUFFICIENT_FUNDS, 0, UNIT // 2, False),
+        ("c3^1", False, DenyReason.UNKNOWN_ACCOUNT, 0, 0, False),
+        ("c4^1", False, DenyReason.SUSPENDED, 0, out[3].available_micros, False),
+        ("c5^1", True, None, 3 * UNIT, 3 * UNIT, False),
+        ("before", True, None, UNIT, 10 * UNIT, True)]  # a replay: its first outcome, nothing more held
+    assert store.account_state("rich").reserved_micros == 3 * UNIT
+    assert store.account_state("fresh").reserved_micros == 3 * UNIT
+    assert store.account_state("poor").reserved_micros == 0
+    assert store.authorize_many([]) == []
+
+
 def test_authorize_replayed_returns_the_same_outcome_and_reserves_once(w: World) -> None:
     w.account("alice", balance=10 * UNIT)
     store = w.store()

@@ -143,6 +143,20 @@ class NibbleStatus(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class AuthorizeStep:
+    """One call's authorize (seq 0) without bundles, for ``authorize_many``: the levels above a
+    reseller's customer (DESIGN §11), each its own call id on its own account."""
+
+    account_id: str
+    call_id: str
+    node: str
+    want_micros: int
+    min_micros: int
+    now_ms: int
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class NibbleRequest:
     call_id: str
     seq: int

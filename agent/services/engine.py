@@ -673,23 +673,16 @@ class Engine:
                 return StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE,
                                           detail=f"balance store error: {exc}")
 
-        def one_level(level_id: str, account_id: str, want: int, minimum: int) -> StoreAuthorization:
-            try:
-                return self.store.authorize(account_id, level_id, want, minimum, now_ms)
-            except Exception as exc:  # as above: fail closed
-                log.error("balance store failed during authorize of %s: %s", level_id, exc, exc_info=True)
-                return StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE,
-                                          detail=f"balance store error: {exc}")
-
         def level_authorize(levels: Sequence[tuple[str, str, int, int]]) -> list[StoreAuthorization]:
-            # The levels above the customer at once (each its own store step on its own account):
-            # one round trip of waiting, not one per level.
-            if len(levels) == 1:
-                return [one_level(*levels[0])]
-            steps = [gevent.spawn(one_level, *level) for level in levels]
-            gevent.joinall(steps)
-            return [step.value if step.successful() else StoreAuthorization(
-                False, reason=DenyReason.STORE_UNAVAILABLE, detail="balance store error") for step in steps]
+            # The levels above the customer at once (each its own store step on its own account),
+            # in one store call: one round trip and one pipeline, not one per level.
+            try:
+                return self.store.authorize_levels(levels, now_ms)
+            except Exception as exc:  # as above: fail closed
+                log.error("balance store failed during authorize of the levels of %s: %s", call_id, exc,
+                          exc_info=True)
+                return [StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE,
+                                           detail=f"balance store error: {exc}") for _ in levels]
 
         outcome = decide(request, call_id=call_id, node=self.settings.node, rater=self.rater,
                          store_authorize=store_authorize, settings=self.session_settings,

@@ -37,6 +37,7 @@ from agent.config import BillingConfig
 from agent.core.balance import (
     AccountState,
     AuthorizeOutcome,
+    AuthorizeStep,
     BundleSettle,
     DenyReason,
     ExpireReport,
@@ -206,6 +207,14 @@ class StoreGuard:
             # and cannot be counted without the store.
             return self._authorize_offline(account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms)
         return outcome
+
+    def authorize_many(self, steps: Sequence[AuthorizeStep]) -> list[AuthorizeOutcome]:
+        """All under one deadline; without the store, each step as ``authorize`` would be offline."""
+        try:
+            return self._attempt("authorize", lambda: self.store.authorize_many(steps))
+        except StoreUnavailable:
+            return [self._authorize_offline(st.account_id, st.call_id, st.node, st.want_micros, st.min_micros,
+                                            st.now_ms, st.ttl_ms) for st in steps]
 
     def _authorize_offline(self, account_id: str, call_id: str, node: str, want: int, minimum: int, now_ms: int,
                            ttl_ms: int) -> AuthorizeOutcome:

@@ -7,6 +7,8 @@ import logging
 from collections.abc import Sequence
 
 from agent.core.balance import (
+    AuthorizeOutcome,
+    AuthorizeStep,
     BundleSettle,
     NibbleRequest,
     NibbleStatus,
@@ -41,11 +43,16 @@ class EngineStoreAdapter:
                                            self.ttl_ms, bundle_slots=bundle_slots, bundle_want_s=bundle_want_s)
         except StoreUnavailable as exc:
             return StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE, detail=str(exc))
-        if not outcome.allowed:
-            return StoreAuthorization(False, reason=outcome.reason, detail=_deny_detail(outcome.reason))
-        return StoreAuthorization(True, outcome.granted_micros, outcome.available_micros,
-                                  bundle_granted_s=outcome.bundle_granted_s,
-                                  bundle_available_s=outcome.bundle_available_s)
+        return _store_authorization(outcome)
+
+    def authorize_levels(self, levels: Sequence[tuple[str, str, int, int]], now_ms: int) -> list[StoreAuthorization]:
+        try:
+            outcomes = self.store.authorize_many([AuthorizeStep(account_id, call_id, self.node, want, minimum, now_ms,
+                                                                self.ttl_ms)
+                                                  for call_id, account_id, want, minimum in levels])
+        except StoreUnavailable as exc:
+            return [StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE, detail=str(exc)) for _ in levels]
+        return [_store_authorization(outcome) for outcome in outcomes]
 
     def nibbles(self, steps: list[NibbleStep], now_ms: int) -> list[StoreNibble]:
         requests = [
@@ -92,6 +99,13 @@ class EngineStoreAdapter:
 
     def release(self, call_id: str, seq: int, now_ms: int, account_id: str) -> None:
         self.store.release(call_id, seq, now_ms, account_id=account_id or None)
+
+
+def _store_authorization(outcome: AuthorizeOutcome) -> StoreAuthorization:
+    if not outcome.allowed:
+        return StoreAuthorization(False, reason=outcome.reason, detail=_deny_detail(outcome.reason))
+    return StoreAuthorization(True, outcome.granted_micros, outcome.available_micros,
+                              bundle_granted_s=outcome.bundle_granted_s, bundle_available_s=outcome.bundle_available_s)
 
 
 def _deny_detail(reason: DenyReason | None) -> str:

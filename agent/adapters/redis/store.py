@@ -63,6 +63,7 @@ from agent.core.balance import (
     MAX_STORE_MICROS,
     AccountState,
     AuthorizeOutcome,
+    AuthorizeStep,
     BundleSettle,
     DenyReason,
     ExpireReport,
@@ -385,6 +386,47 @@ class RedisBalanceStore:
         if on_cluster and outcome.allowed and not outcome.replayed:
             self._write_call_hint(call_id, account_id)
         return outcome
+
+    def authorize_many(self, steps: Sequence[AuthorizeStep]) -> list[AuthorizeOutcome]:
+        """Every step's hints and script in one pipeline (one round trip; a cluster client splits
+        it by master). A step whose account is not in Redis, or whose account has a spend cap in
+        a timezone this store does not know yet, is then run again alone (``authorize``): the
+        first pass changed nothing for it."""
+        for st in steps:
+            check_authorize(st.call_id, st.want_micros, st.min_micros, st.ttl_ms)
+        if not steps:
+            return []
+        on_cluster = self._keys.per_slot_index
+        per_step = 2 if on_cluster else 3  # commands queued per step; the script's reply is the last
+
+        def build(p: Any) -> None:
+            for st in steps:
+                ak = self._keys.of(st.account_id)
+                p.zadd(self._keys.index_of(st.account_id),
+                       {self._keys.member(st.account_id, st.call_id): st.now_ms + st.ttl_ms}, nx=True)
+                if not on_cluster:
+                    p.set(self._keys.call_account(st.call_id), st.account_id, ex=CALL_ACCOUNT_TTL_S)
+                self._scripts.call(p, "authorize", [ak.account, ak.live, ak.call(st.call_id), ak.periods,
+                                                    ak.periods_unposted],
+                                   [st.account_id, st.call_id, st.node, st.want_micros, st.min_micros, st.now_ms,
+                                    st.ttl_ms, ak.period_prefix, 0, *self._spend_args(st.account_id, st.now_ms),
+                                    ak.spend_prefix])
+
+        with _unavailable("authorize"):
+            results = self._execute(build)
+        outcomes: list[AuthorizeOutcome] = []
+        for i, st in enumerate(steps):
+            reply = [text(v) for v in results[i * per_step + per_step - 1]]
+            if reply[0] in ("noacct", "tz"):
+                outcomes.append(self.authorize(st.account_id, st.call_id, st.node, st.want_micros, st.min_micros,
+                                               st.now_ms, st.ttl_ms))
+                continue
+            with _unavailable("authorize"):
+                outcome = self._authorize_outcome(st.account_id, st.call_id, reply)
+            if on_cluster and outcome.allowed and not outcome.replayed:
+                self._write_call_hint(st.call_id, st.account_id)
+            outcomes.append(outcome)
+        return outcomes
 
     def _write_call_hint(self, call_id: str, account_id: str) -> None:
         """On a cluster the call -> account hint lives in the call's own slot, on any master: it is

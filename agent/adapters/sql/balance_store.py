@@ -30,6 +30,7 @@ from agent.adapters.sql.models import Account, RatePlan, Reservation, SpendPerio
 from agent.core.balance import (
     AccountState,
     AuthorizeOutcome,
+    AuthorizeStep,
     BundleSettle,
     DenyReason,
     ExpireReport,
@@ -160,6 +161,11 @@ class SqlBalanceStore:
         check_bundle_request(bundle_slots, bundle_want_s)
         return self._run(lambda s: self._authorize(s, account_id, call_id, node, want_micros, min_micros,
                                                    now_ms, ttl_ms, tuple(bundle_slots), bundle_want_s))
+
+    def authorize_many(self, steps: Sequence[AuthorizeStep]) -> list[AuthorizeOutcome]:
+        """One transaction each (their accounts' row locks are not held together)."""
+        return [self.authorize(st.account_id, st.call_id, st.node, st.want_micros, st.min_micros, st.now_ms,
+                               st.ttl_ms) for st in steps]
 
     def _authorize(self, session: Session, account_id: str, call_id: str, node: str, want: int,
                    minimum: int, now_ms: int, ttl_ms: int, slots: tuple[BundleSlot, ...] = (),
