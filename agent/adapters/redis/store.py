@@ -388,24 +388,21 @@ class RedisBalanceStore:
         return outcome
 
     def authorize_many(self, steps: Sequence[AuthorizeStep]) -> list[AuthorizeOutcome]:
-        """Every step's hints and script in one pipeline (one round trip; a cluster client splits
-        it by master). A step whose account is not in Redis, or whose account has a spend cap in
-        a timezone this store does not know yet, is then run again alone (``authorize``): the
-        first pass changed nothing for it."""
+        """Every step's index entry and script in one pipeline (one round trip; a cluster client
+        splits it by master). A step whose account is not in Redis, or whose account has a spend
+        cap in a timezone this store does not know yet, is then run again alone (``authorize``):
+        the first pass changed nothing for it. No call -> account hint is written: the levels'
+        later steps always name their account (the engine's, the journal's, an adoption's)."""
         for st in steps:
             check_authorize(st.call_id, st.want_micros, st.min_micros, st.ttl_ms)
         if not steps:
             return []
-        on_cluster = self._keys.per_slot_index
-        per_step = 2 if on_cluster else 3  # commands queued per step; the script's reply is the last
 
         def build(p: Any) -> None:
             for st in steps:
                 ak = self._keys.of(st.account_id)
                 p.zadd(self._keys.index_of(st.account_id),
                        {self._keys.member(st.account_id, st.call_id): st.now_ms + st.ttl_ms}, nx=True)
-                if not on_cluster:
-                    p.set(self._keys.call_account(st.call_id), st.account_id, ex=CALL_ACCOUNT_TTL_S)
                 self._scripts.call(p, "authorize", [ak.account, ak.live, ak.call(st.call_id), ak.periods,
                                                     ak.periods_unposted],
                                    [st.account_id, st.call_id, st.node, st.want_micros, st.min_micros, st.now_ms,
@@ -416,16 +413,13 @@ class RedisBalanceStore:
             results = self._execute(build)
         outcomes: list[AuthorizeOutcome] = []
         for i, st in enumerate(steps):
-            reply = [text(v) for v in results[i * per_step + per_step - 1]]
+            reply = [text(v) for v in results[2 * i + 1]]  # each step queued its index entry, then its script
             if reply[0] in ("noacct", "tz"):
                 outcomes.append(self.authorize(st.account_id, st.call_id, st.node, st.want_micros, st.min_micros,
                                                st.now_ms, st.ttl_ms))
                 continue
             with _unavailable("authorize"):
-                outcome = self._authorize_outcome(st.account_id, st.call_id, reply)
-            if on_cluster and outcome.allowed and not outcome.replayed:
-                self._write_call_hint(st.call_id, st.account_id)
-            outcomes.append(outcome)
+                outcomes.append(self._authorize_outcome(st.account_id, st.call_id, reply))
         return outcomes
 
     def _write_call_hint(self, call_id: str, account_id: str) -> None:
