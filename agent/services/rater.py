@@ -5,7 +5,6 @@ force at the call's start (DESIGN §11, agent/core/fx.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Protocol
 
 from agent.core.bundles import BundleGrant, slots_for
@@ -119,14 +118,19 @@ class PlanRater:
         result = table.lookup(destination, at_ms)
         if isinstance(result, Refusal):
             raise RatingRefused(result.reason, result.detail)
-        info = RatingInfo(plan, result.rate_id, result.prefix, result.rate_micros)
+        # RatingInfo built once, not through dataclasses.replace: a reseller's customer rates
+        # every level above it on each authorization (bench_tenants.py).
         tariff: Tariff = result
-        if not isinstance(found, str):
-            info = replace(info, plan_currency=found.plan_currency, currency=found.currency)
-            if found.plan_currency != found.currency:
-                conversion = self._conversion(account_id, plan, found, at_ms)
-                tariff = ConvertedTariff(result, conversion)
-                info = replace(info, fx_rate_e10=conversion.rate_e10, fx_inverse=conversion.inverse)
+        if isinstance(found, str):
+            info = RatingInfo(plan, result.rate_id, result.prefix, result.rate_micros)
+        elif found.plan_currency == found.currency:
+            info = RatingInfo(plan, result.rate_id, result.prefix, result.rate_micros, found.plan_currency,
+                              found.currency)
+        else:
+            conversion = self._conversion(account_id, plan, found, at_ms)
+            tariff = ConvertedTariff(result, conversion)
+            info = RatingInfo(plan, result.rate_id, result.prefix, result.rate_micros, found.plan_currency,
+                              found.currency, conversion.rate_e10, conversion.inverse)
         if self.grants_of is None:
             return RatedCall(tariff, info)
         try:
