@@ -168,3 +168,31 @@ def test_a_carrier_at_its_channel_limit_is_left_out_until_a_call_ends(routed: tu
     wait_for(lambda: agent.engine is not None and not agent.engine.carrier_calls)
     third = pbx.fake.place_call("alice", "33142685302", answer_after_ms=50, talk_ms=500)
     assert third.done.wait(20) and third.outcome == "answered"  # the channel is free again
+
+
+def test_a_routed_call_adopted_after_a_restart_keeps_its_carrier_and_margin(
+        routed: tuple[Daemon, SimulatedPbx]) -> None:
+    """The earlier run kept the routes in memory only: the restarted agent asks the route book
+    again (the same list: the draw is seeded by the call id), so the CDR still names the carrier
+    that answered, with its buy cost and the margin."""
+    agent, pbx = routed
+    call = pbx.fake.place_call("alice", "33142685300", answer_after_ms=50, talk_ms=7_000)
+    wait_for(lambda: any(c["phase"] == "answered" for c in agent.live_call_dicts()))
+    agent.shutdown()  # drains 2 s, then hands the call over: its reservation stays open
+    assert not call.done.is_set()
+    second = Daemon(agent.config)
+    second.start()
+    try:
+        wait_for(lambda: any(c["phase"] == "answered" for c in second.live_call_dicts()), timeout=10)
+        assert call.done.wait(20)
+        wait_for(lambda: not second.live_call_dicts(), timeout=10)
+    finally:
+        second.shutdown()
+    calls, legs, decisions = _rows(agent.config.database.url)
+    assert [(c.destination, c.disposition) for c in calls] == [("33142685300", "ANSWERED")]
+    (decision,) = decisions
+    seconds = decision.billed_seconds
+    assert 6 <= seconds <= 8
+    assert (decision.carrier, decision.buy_prefix, decision.buy_rate_micros) == ("backup", "33", BUY["backup"])
+    assert decision.buy_cost_micros == -(-BUY["backup"] * seconds // 60)
+    assert decision.margin_micros == decision.cost_micros - decision.buy_cost_micros > 0

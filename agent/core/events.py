@@ -158,6 +158,7 @@ class LiveLeg:
     created_ms: int = 0
     answered_ms: int = 0
     account_id: str = ""
+    peer: str = ""  # SIP peer / endpoint / gateway of a dialled leg: names the carrier of an adopted call
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from agent.core.events import (
     PbxConnected,
     PbxDisconnected,
 )
+from agent.core.routing import CallRoutes
 from agent.core.session import (
     ArmTimer,
     CallSession,
@@ -91,7 +92,7 @@ class CallRegistry:
               debited_micros: int, reserved_micros: int, seq: int, now_ms: int,
               last_renewal_ms: int | None = None, reservation_lost: bool = False,
               bundle_used_s: int = 0, upper: Sequence[Payer] = (), seller: str = "",
-              levels: Sequence[tuple[int, int]] = ()) -> list[Effect]:
+              levels: Sequence[tuple[int, int]] = (), routed: CallRoutes | None = None) -> list[Effect]:
         """Supervise a call found live on the PBX whose reservation an earlier run of this node
         left open (agent restart, hand-over): rebuild its session from the legs the PBX shows
         and continue billing from what the store debited. ``upper``: the levels above the
@@ -102,12 +103,13 @@ class CallRegistry:
             caller=a_leg.caller, a_leg=Leg(a_leg.leg_id, Direction.INBOUND, created_ms, channel=a_leg.channel,
                                            caller=a_leg.caller, callee=a_leg.callee),
             authorized_ms=created_ms, tariff=tariff, rating=rating, settings=settings,
-            granted_micros=reserved_micros, limit_ms=0, group_id=a_leg.group_id, upper=list(upper), seller=seller)
+            granted_micros=reserved_micros, limit_ms=0, group_id=a_leg.group_id, upper=list(upper), seller=seller,
+            routed=routed)
         effects = self.add(session)
         for leg in others:
             session.on_leg_created(LegCreated(leg.leg_id, leg.created_ms or now_ms, leg.direction,
                                               group_id=leg.group_id, parent_leg_id=a_leg.leg_id, channel=leg.channel,
-                                              caller=leg.caller, callee=leg.callee))
+                                              caller=leg.caller, callee=leg.callee, peer=leg.peer))
             self.leg_index[leg.leg_id] = call_id
         answered = sorted((leg for leg in others if leg.answered), key=lambda leg: leg.answered_ms or now_ms)
         if answered:

@@ -57,6 +57,24 @@ class Outcome:
     release_levels: tuple[tuple[str, str], ...] = ()
 
 
+def route_call(router: Router, rated: RatedCall, chain: Sequence[LevelRated], account_id: str, destination: str,
+               at_ms: int, call_id: str) -> tuple[RouteChoice | None, CallRoutes | None]:
+    """The carriers for a call (DESIGN §10), asked with the rating of the level the operator
+    sells to (the customer's, or the top reseller's) and the account that pays the operator:
+    the router's choice (None: no routing) and, when it has routes, the call's ``CallRoutes``.
+    The weight draw is seeded by the call id, so a call adopted after a restart gets the same
+    list while the carriers and their decks are unchanged."""
+    top, top_level, top_payer = ((chain[-1].rated, chain[-1].level, chain[-1].account_id) if chain
+                                 else (rated, 0, account_id))
+    sell = plan_tariff(top.tariff)
+    if not isinstance(sell, RateRow):
+        return None, None
+    choice = router(top, top_payer, destination, at_ms, call_id)
+    if choice is None or choice.refused:
+        return choice, None
+    return choice, CallRoutes(choice.routes, sell, top_level)
+
+
 def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, store_authorize: StoreAuthorize,
            settings: SessionSettings, max_call_seconds: int, now_ms: int,
            level_authorize: LevelAuthorize | None = None, router: Router | None = None) -> Outcome:
@@ -96,15 +114,9 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
             return deny(refused.reason, refused.detail)
     routed: CallRoutes | None = None
     if router is not None:
-        top, top_level, top_payer = ((chain[-1].rated, chain[-1].level, chain[-1].account_id) if chain
-                                     else (rated, 0, request.account_id))
-        sell = plan_tariff(top.tariff)
-        choice = router(top, top_payer, request.destination, now_ms, call_id) if isinstance(sell, RateRow) else None
-        if choice is not None:
-            if choice.refused:
-                return deny(DenyReason.NO_ROUTE, choice.detail())
-            assert isinstance(sell, RateRow)
-            routed = CallRoutes(choice.routes, sell, top_level)
+        choice, routed = route_call(router, rated, chain, request.account_id, request.destination, now_ms, call_id)
+        if choice is not None and choice.refused:
+            return deny(DenyReason.NO_ROUTE, choice.detail())
     want = rated.tariff.cost_micros(settings.nibble_ms)
     minimum = rated.tariff.cost_micros(1000)
     plan_own = plan_tariff(rated.tariff)  # under an FX conversion (DESIGN §11): the plan's own

@@ -54,6 +54,7 @@ from agent.core.events import (
 from agent.core.fx import plan_tariff, rewrap
 from agent.core.rating import RateRow
 from agent.core.registry import CallRegistry
+from agent.core.routing import CallRoutes
 from agent.core.session import (
     Alert,
     Command,
@@ -62,6 +63,7 @@ from agent.core.session import (
     LevelRated,
     NibbleStep,
     Payer,
+    RatedCall,
     RatingInfo,
     RatingRefused,
     ReleaseStep,
@@ -73,7 +75,7 @@ from agent.core.session import (
     payers_of,
 )
 from agent.ports import Clock, EngineStore, Rater, Switch
-from agent.services.authorize import Router, decide
+from agent.services.authorize import Router, decide, route_call
 from agent.services.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -430,29 +432,58 @@ class Engine:
             adopted = self._adopt_levels(call_id, held, a_leg.callee, a_leg.created_ms or now_ms)
             if adopted is None:
                 continue
-            upper, levels, seller, lost = adopted
+            upper, levels, seller, lost, chain = adopted
+            routed = self._adopted_routes(call_id, held.account_id, rated, chain, a_leg.callee,
+                                          a_leg.created_ms or now_ms)
             effects = self.registry.adopt(
                 call_id=call_id, node=self.settings.node, pbx=event.pbx, account_id=held.account_id, a_leg=a_leg,
                 others=others, tariff=tariff, rating=rated.info, settings=self.session_settings,
                 bundle_used_s=held.bundle_used_s,
                 debited_micros=held.debited_micros, reserved_micros=held.reserved_micros, seq=held.seq,
                 now_ms=now_ms, last_renewal_ms=held.expires_ms - self.settings.reservation_ttl_ms,
-                reservation_lost=call_id in self.unreserved or lost, upper=upper, seller=seller, levels=levels)
+                reservation_lost=call_id in self.unreserved or lost, upper=upper, seller=seller, levels=levels,
+                routed=routed)
+            if routed is not None and routed.first_carrier:  # counted as at authorize, then on the answering one
+                self._carrier_of_call[call_id] = routed.first_carrier
+                self.carrier_calls[routed.first_carrier] += 1
+                if self.carrier_claims is not None:
+                    self.carrier_claims.claim(routed.first_carrier, call_id)
+                self._count_on_answering_carrier(call_id)
             self.metrics.live_calls.set(self.registry.live_count())
             log.warning("adopted call=%s account=%s dest=%s from an earlier run: %d legs live, %d micro-units "
                         "already debited", call_id, held.account_id, a_leg.callee, 1 + len(others),
                         held.debited_micros)
             self._run_effects(effects)
 
+    def _adopted_routes(self, call_id: str, account_id: str, rated: RatedCall, chain: Sequence[LevelRated],
+                        destination: str, at_ms: int) -> CallRoutes | None:
+        """The routes of an adopted call, asked again (the earlier run kept them in memory only):
+        the same list while the carriers and their decks are unchanged (the draw is seeded by
+        the call id), so the leg that answered names its carrier and the CDR keeps its buy side
+        and margin. A carrier that left the list since (disabled, at its channel limit with this
+        very call) leaves the call without one, as before this was asked."""
+        if self.router is None:
+            return None
+        try:
+            choice, routed = route_call(self.router, rated, chain, account_id, destination, at_ms, call_id)
+        except Exception as exc:  # noqa: BLE001 - the call is adopted and billed either way; only the buy side is lost
+            log.warning("adopted call=%s: its routes could not be asked again (%s); its CDR names no carrier",
+                        call_id, exc)
+            return None
+        if routed is None and choice is not None:
+            log.warning("adopted call=%s: no route for it now (%s); its CDR names no carrier", call_id,
+                        choice.detail())
+        return routed
+
     def _adopt_levels(self, call_id: str, held: LiveCall, destination: str, at_ms: int,
-                      ) -> tuple[list[Payer], list[tuple[int, int]], str, bool] | None:
+                      ) -> tuple[list[Payer], list[tuple[int, int]], str, bool, tuple[LevelRated, ...]] | None:
         """The levels above the customer of an adopted call (DESIGN §11): the chain rated again
         at the call's start, each level's own store call (its derived id) taken from
         ``adoptable``. Returns (payers, (debited, reserved) per level, the customer's seller,
         whether a level's reservation is gone), or None when the chain cannot be rated."""
         rate_chain = getattr(self.rater, "rate_chain", None)
         if rate_chain is None:
-            return [], [], "", False
+            return [], [], "", False, ()
         try:
             chain: tuple[LevelRated, ...] = rate_chain(held.account_id, destination, at_ms)
         except RatingRefused as refused:
@@ -460,7 +491,7 @@ class Engine:
                       "expire and the PBX limit ends it", call_id, held.account_id, destination, refused.detail)
             return None
         if not chain:
-            return [], [], "", False
+            return [], [], "", False, ()
         upper = payers_of(call_id, chain)
         levels: list[tuple[int, int]] = []
         lost = False
@@ -474,7 +505,7 @@ class Engine:
             payer.debited_micros, reserved = levels[-1]
             payer.budget_micros = payer.debited_micros + reserved
             self.unreserved.discard(payer.call_id)
-        return upper, levels, chain[0].tenant, lost
+        return upper, levels, chain[0].tenant, lost, chain
 
     def _settle_left_behind(self, event: PbxConnected) -> None:
         """Calls an earlier run of this node left with open reservations that this PBX no longer

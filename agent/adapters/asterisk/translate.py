@@ -123,7 +123,8 @@ class LegInfo:
         return LiveLeg(leg_id=self.leg_id, direction=self.direction, group_id=self.group_id,
                        parent_leg_id=self.parent_leg_id, channel=self.channel, caller=self.caller,
                        callee=self.callee, answered=bool(self.answered_ms), created_ms=self.created_ms,
-                       answered_ms=self.answered_ms, account_id=self.account_id)
+                       answered_ms=self.answered_ms, account_id=self.account_id,
+                       peer=peer_of(self.channel) if self.direction is Direction.OUTBOUND else "")
 
 
 @dataclass

@@ -309,7 +309,7 @@ def live_leg(dump: Event, info: LegInfo) -> LiveLeg:
         answered=bool(answered_ms) or dump.get("Answer-State") == "answered",
         bridged_to=variable(dump, "bridge_uuid") or variable(dump, "signal_bond"),
         created_ms=micros_to_ms(dump.get("Caller-Channel-Created-Time")) or 0,
-        answered_ms=answered_ms, account_id=account_of(dump),
+        answered_ms=answered_ms, account_id=account_of(dump), peer=peer_of(dump),
     )
 
 
