@@ -4,6 +4,7 @@
     python bench/bench_nodes.py                                   # 5 daemons x 2,000 calls, 1 s nibbles
     python bench/bench_nodes.py --calls 200 --hold-s 20           # a quick run
     python bench/bench_nodes.py --calls 200 --redis both          # the cluster, then one Redis: the ratio
+    python bench/bench_nodes.py --calls 100 --cps 5 --hold-s 20 --kill-master-at 15   # a master killed -9
 
 What runs, all on loopback and all stopped at the end:
 
@@ -43,7 +44,20 @@ are live together during the hold and end together. Figures:
   ``{node.id}-{uniqueid}``), none twice, no row for a call not placed (a call the agent allowed
   after the PBX gave up on FastAGI has a NO ANSWER row: counted apart), no call charged twice;
   ``billing-agent ledger check --grace-seconds 0`` exits 0 (run once the daemons stopped and
-  every journaled balance step was replayed).
+  every journaled balance step was replayed);
+* money: each answered call's ledger charge against its talk as the fake PBX timed it. A call
+  the agent cut is billed to its money's end when the cut was sent within the backstop margin
+  (1 s), so its talk past the charge is its cut delay (the money's end to the PBX's hangup);
+  money lost is talk past the charge beyond that margin, on any call (expected 0).
+
+``--kill-master-at S`` (cluster only) kills -9 one master S seconds after the first call is
+placed (``--kill-master most``: the one whose slots hold the most bench accounts; ``random``
+with ``--kill-seed``); the cluster promotes its replica (``cluster-node-timeout`` 1 s). Figures:
+when the replica answered as master, the outage the daemons saw (from their logs: the first
+circuit the store guard opened after the kill to the last "answers again" that followed a
+circuit opened before the promotion + 2 s), the calls placed, denied and cut meanwhile (on the
+dead master's accounts and on the others), the cut delays and money lost of the calls cut then,
+and the invariants above, after the failover.
 
 The machine has 2 shared cores: the PBX fakes, the daemons, the Redis servers and PostgreSQL
 all share them, so the figures are those of this box, not of the design.
@@ -75,23 +89,47 @@ sweep, overrun 5.77. ``--nibble-ms 6000`` (cluster, 250 ms): authorization p50 3
 (lowest -0.08): a deadline past half a nibble is known only after the slice it should pay
 began. The ``ERROR ... no ? switch to carry HangupLeg`` lines of those logs are
 cuts queued for calls that had already ended.
+
+After the three fixes (ledger posts off the deadline, the per-slot sweeper index, a cut late
+within the margin billed to the money's end), 2026-12-03, 1-minute load 2.6-3.8 from the runs
+themselves, medians of 3 runs, cluster / one Redis:
+``--calls 100 --cps 5 --hold-s 20 --redis both`` (500 live calls): nibble debits/s 288 (ideal
+290) / 499 (500); authorization p50/p99 61/417 ms / 36/192 ms (PBX side 67/373 / 37/144);
+CDRs/s 199 / 292; deadline misses 12-21 / 5-8 a run. ``--calls 200 --cps 10`` (1,000 live):
+393 (394; runs 98, 593, 393) / 733 (849; runs 733, 893 and 2: every call cut); p50/p99 34/273 /
+23/175 ms; CDRs/s 184 / 403. Every invariant held in all 12 runs (money lost 0). On the
+cluster 77 of the 132 circuits opened were the sweeper's (``expire: no answer within 250 ms``:
+its read of 16,384 slot indexes runs inside the store deadline, in step on the five daemons),
+on one Redis 14 of 53; each daemon also missed the deadline on ``live calls`` at its start on
+the cluster.
+``--redis cluster --calls 100 --cps 5 --hold-s 20 --kill-master-at 15`` (6 runs, load 1.3-5.4:
+the master of 40 accounts five times, twice drawn by ``random``, once at ``--calls 60 --cps 3``;
+a master of 32 accounts once, ``--kill-master random --kill-seed 5``): replica promoted 2.0-2.5 s
+after the kill; outage seen by all 5 daemons 3.4-4.6 s; 48-109 calls denied and 185-382 cut
+meanwhile (every call then live), 28-49 and 112-252 of them on the other masters' accounts (one
+circuit per daemon, one pipeline per nibble batch, one ordered journal: agent/services/store_guard.py);
+longest cut delay 31-144 ms, money lost 0, after: ledger check OK, no account below its floor,
+no call charged twice.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -236,12 +274,14 @@ def pbx_child(spec: dict[str, Any]) -> None:
     rng = random.Random(spec["index"])
     gevent.sleep(max(0.0, go - time.time()))
     handles = []
+    placed_at: list[float] = []
     for k in range(calls):
         due = go + k / cps
         if due > time.time():
             gevent.sleep(due - time.time())
         talk_ms = int((end_at + rng.uniform(0, float(spec["end_spread_s"])) - time.time()) * 1000) - ANSWER_AFTER_MS
         account = account_of(spec["index"], k, calls, spec["accounts"])
+        placed_at.append(time.time())
         handles.append(fake.place_call(account, f"{DESTINATION_PREFIX}{k:07d}", caller=f"{2000 + k}",
                                        answer_after_ms=ANSWER_AFTER_MS, talk_ms=max(1000, talk_ms)))
     placed_s = time.time() - go
@@ -253,6 +293,9 @@ def pbx_child(spec: dict[str, Any]) -> None:
         "allowed": [h.a_uniqueid for h in handles if h.decision == "allow"],
         "placed_ids": [h.a_uniqueid for h in handles if h.a_uniqueid],
         "agi_ms": fake.agi_ms,
+        # one row per call, for the failover report: what the PBX saw and when (epoch s / ms)
+        "calls": [[h.a_uniqueid, h.account, round(at, 3), h.decision, h.reason, h.outcome, h.cut_by,
+                   h.answered_ms, h.ended_ms] for h, at in zip(handles, placed_at, strict=True)],
     }
     Path(spec["out"]).write_text(json.dumps(result))
     print(json.dumps({"done": True}), flush=True)
@@ -339,6 +382,226 @@ def agent_command(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "agent.entry", "--config", str(config), *args]
 
 
+# ------------------------------------------------------------------ a cluster master killed -9 mid-run
+
+
+@dataclass
+class MasterKill:
+    """Kills one master of the cluster with SIGKILL ``at_s`` seconds after the first call is placed
+    (a thread of this script); its replica is promoted by the cluster itself (``cluster-node-timeout``
+    1 s in tests/redis_servers.py, then an election). ``how``: ``most`` is the master owning the
+    slots of the most bench accounts, ``random`` any master (seeded)."""
+
+    at_s: float
+    how: str
+    accounts: int
+    seed: int = 0
+    victim_port: int = 0
+    replica_port: int = 0
+    victim_accounts: list[str] = field(default_factory=list)
+    killed_at: float = 0.0  # epoch s
+    promoted_at: float = 0.0  # epoch s: the replica says master and its cluster_state is ok
+    error: str = ""
+    thread: threading.Thread | None = None
+
+    def start(self, cluster: Any, go: float) -> None:
+        self.thread = threading.Thread(target=self._run, args=(cluster, go), daemon=True)
+        self.thread.start()
+
+    def _run(self, cluster: Any, go: float) -> None:
+        from redis.crc import key_slot
+
+        try:
+            slots: dict[int, int] = {}  # master port -> how many bench accounts its slots hold
+            owners = cluster.masters[0].client().execute_command("CLUSTER", "SLOTS")
+            ranges = [(int(r[0]), int(r[1]), int(r[2][1])) for r in owners]
+            by_port: dict[int, list[str]] = {m.port: [] for m in cluster.masters}
+            for i in range(self.accounts):
+                slot = key_slot(f"{{acct{i}}}".encode())  # every key of the account carries {ID}
+                port = next(p for lo, hi, p in ranges if lo <= slot <= hi)
+                by_port[port].append(f"acct{i}")
+            slots = {port: len(names) for port, names in by_port.items()}
+            if self.how == "most":
+                victim = max(cluster.masters, key=lambda m: slots[m.port])
+            else:
+                victim = random.Random(self.seed).choice(cluster.masters)
+            replica = next(r for r in cluster.replicas
+                           if int(r.client().execute_command("ROLE")[2]) == victim.port)
+            self.victim_port, self.replica_port = victim.port, replica.port
+            self.victim_accounts = by_port[victim.port]
+            time.sleep(max(0.0, go + self.at_s - time.time()))
+            victim.process.kill()  # SIGKILL
+            self.killed_at = time.time()
+            victim.process.wait(timeout=10)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    client = replica.client()
+                    if (client.execute_command("ROLE")[0] == "master"
+                            and client.cluster("info")["cluster_state"] == "ok"):
+                        self.promoted_at = time.time()
+                        return
+                except Exception:  # noqa: BLE001 - a node busy electing answers late, or not at all
+                    pass
+                time.sleep(0.02)
+            self.error = "the replica was not promoted within 60 s"
+        except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+            self.error = repr(exc)
+
+
+LOG_TIME_FORMAT = "%Y-%m-%d %H:%M:%S,%f"  # the daemon's plain log lines (agent.daemon: asctime)
+
+
+def store_events(node: Node) -> list[tuple[float, str, str]]:
+    """The StoreGuard's circuit in a daemon's log: (epoch s, "down" | "up", the step and reason).
+    "down" is logged when the circuit opens (a deadline missed or an error), "up" when a step
+    answers again; the steps refused while it is open are not logged."""
+    events = []
+    for line in (node.folder / "daemon.log").read_text(errors="replace").splitlines():
+        if "balance store unavailable during " in line:
+            kind, what = "down", line.split("balance store unavailable during ", 1)[1]
+        elif "balance store answers again" in line:
+            kind, what = "up", line.split("balance store answers again ", 1)[1]
+        else:
+            continue
+        try:
+            at = datetime.strptime(line[:23], LOG_TIME_FORMAT).timestamp()  # local time, as logged
+        except ValueError:
+            continue
+        events.append((at, kind, what))
+    return events
+
+
+def call_rows(nodes: list[Node]) -> list[dict[str, Any]]:
+    """Every call the fake PBXes placed, with the agent's call id."""
+    from agent.services.engine import CALL_ID_UNSAFE
+
+    rows = []
+    for n in nodes:
+        for uid, account, placed, decision, reason, outcome, cut_by, answered_ms, ended_ms in n.result["calls"]:
+            rows.append({"id": CALL_ID_UNSAFE.sub("_", f"{n.node_id}-{uid}")[:64], "account": account,
+                         "placed": placed, "decision": decision, "reason": reason, "outcome": outcome,
+                         "cut_by": cut_by, "answered_ms": answered_ms, "ended_ms": ended_ms,
+                         "talk_ms": max(0.0, ended_ms - answered_ms) if answered_ms and ended_ms else 0.0})
+    return rows
+
+
+def money_figures(rows: list[dict[str, Any]], charges: dict[str, int], tight: int,
+                  margin_ms: int = 1000) -> dict[str, Any]:
+    """Each answered call's charge in the ledger against its talk as the PBX timed it (answer to
+    hangup; the deck's 0.60 a minute in 1/1 s increments: 10 micro-units a millisecond).
+
+    A call the agent cut is billed to the end of its money when the cut was sent within the backstop
+    margin (``margin_ms``, 1 s: session.py ``cut_lateness_free_ms``), so its talk past the charge
+    is the cut's delay (money exhausted to the PBX's hangup); past the margin the talk is charged.
+    A call its caller ended is charged at least its talk, unless the agent's cut raced the caller's
+    hangup (the PBX saw the caller leave first, the agent billed its cut: to the money's end), so
+    ``undercharged`` calls within the margin are such races. ``money_lost_micros``: talk past
+    the charge beyond the margin, cut or not (expected 0)."""
+    per_ms = 10
+    undercharged = undercharged_calls = lost_cut = lost_uncut = given = 0
+    cut_delays = []
+    under_ms: list[float] = []  # PBX talk minus the talk charged, of the undercharged calls
+    under: list[dict[str, Any]] = []
+    for r in rows:
+        if not r["answered_ms"] or not r["ended_ms"]:
+            continue
+        charged = charges.get(r["id"], 0)
+        if r["outcome"] == "cut":
+            delay = r["talk_ms"] - charged / per_ms
+            cut_delays.append((delay, r))
+            given += int(min(max(0.0, delay), margin_ms) * per_ms)
+            lost_cut += int(max(0.0, delay - margin_ms) * per_ms)
+        else:
+            due = math.ceil(r["talk_ms"] / 1000 - 1e-6) * 1000 * per_ms
+            if charged < due:
+                undercharged += due - charged
+                undercharged_calls += 1
+                lost_uncut += int(max(0.0, r["talk_ms"] - charged / per_ms - margin_ms) * per_ms)
+                under_ms.append(r["talk_ms"] - charged / per_ms)
+                under.append({"call": r["id"], "account": r["account"], "talk_ms": round(r["talk_ms"], 1),
+                              "charged_micros": charged})
+    longest = max(cut_delays, key=lambda d: d[0], default=None)
+    return {
+        "answered_calls": sum(1 for r in rows if r["answered_ms"]),
+        "undercharged_calls": undercharged_calls, "undercharged_micros": undercharged,
+        "undercharged_most_ms": round(max(under_ms), 1) if under_ms else None,
+        "undercharged_tight_accounts": sum(1 for u in under if int(u["account"][4:]) < tight),
+        "undercharged_examples": sorted(under, key=lambda u: -u["talk_ms"] + u["charged_micros"] / per_ms)[:5],
+        "cut_calls": len(cut_delays),
+        "cut_calls_tight_accounts": sum(1 for _, r in cut_delays if int(r["account"][4:]) < tight),
+        "cut_by_pbx_backstop": sum(1 for _, r in cut_delays if r["cut_by"] == "backstop"),
+        "cut_delay_p50_ms": rounded(quantile([d for d, _ in cut_delays], 0.5), 1.0, 1),
+        "cut_delay_p99_ms": rounded(quantile([d for d, _ in cut_delays], 0.99), 1.0, 1),
+        "longest_cut_delay_ms": round(longest[0], 1) if longest else None,
+        "longest_cut_delay_call": longest[1]["id"] if longest else None,
+        "cut_delays_over_margin": sum(1 for d, _ in cut_delays if d > margin_ms),
+        "cut_delay_not_charged_micros": given,
+        "money_lost_micros": lost_uncut + lost_cut,
+    }
+
+
+def failover_figures(kill: MasterKill, nodes: list[Node], rows: list[dict[str, Any]],
+                     charges: dict[str, int], tight: int) -> dict[str, Any]:
+    """What the daemons saw of the master's death: their store circuits from the kill on, the
+    calls refused and cut meanwhile (on the dead master's accounts and on the others), and the
+    cut delays of the calls cut then."""
+    if not kill.killed_at:
+        return {"error": kill.error or "no master was killed (the run ended first?)"}
+    k = kill.killed_at
+    events = sorted((at, kind, what, n.node_id) for n in nodes for at, kind, what in store_events(n))
+    before = [e for e in events if e[0] < k and e[1] == "down"]
+    downs = [e for e in events if e[0] >= k and e[1] == "down"]
+    # The outage: from the first circuit opened after the kill to the last "answers again" that
+    # follows a circuit opened before the promotion was seen (plus 2 s for the clients to learn
+    # the new slot map); circuits opened later are deadline misses of a busy box, listed apart.
+    horizon = (kill.promoted_at or k) + 2.0
+    outage_downs = [e for e in downs if e[0] <= horizon]
+    last_down = max((e[0] for e in outage_downs), default=None)
+    last_up = None
+    if last_down is not None:
+        for node in nodes:  # each node's first "up" after its own last circuit of the outage
+            mine = [e for e in events if e[3] == node.node_id]
+            node_last = max((e[0] for e in mine if e[1] == "down" and k <= e[0] <= horizon), default=None)
+            if node_last is None:
+                continue
+            up = next((e[0] for e in mine if e[1] == "up" and e[0] >= node_last), None)
+            if up is not None and (last_up is None or up > last_up):
+                last_up = up
+    first = outage_downs[0][0] if outage_downs else None
+    end = last_up or last_down or k
+    victim = set(kill.victim_accounts)
+
+    def split(selected: list[dict[str, Any]]) -> dict[str, int]:
+        return {"dead_master_accounts": sum(1 for r in selected if r["account"] in victim),
+                "other_accounts": sum(1 for r in selected if r["account"] not in victim)}
+
+    denied = [r for r in rows if k <= r["placed"] <= end and r["outcome"] == "denied"]
+    placed = [r for r in rows if k <= r["placed"] <= end]
+    cut = [r for r in rows if r["outcome"] == "cut" and k * 1000 <= r["ended_ms"] <= (end + 2) * 1000]
+    denied_before = [r for r in rows if r["placed"] < k and r["outcome"] == "denied"]
+    return {
+        "victim_port": kill.victim_port, "victim_accounts": len(victim), "error": kill.error or None,
+        "killed_at_s_after_go": None,  # filled by measure
+        "replica_promoted_after_s": round(kill.promoted_at - k, 2) if kill.promoted_at else None,
+        "outage_first_unavailable_after_kill_s": round(first - k, 2) if first is not None else None,
+        "outage_last_answers_again_after_kill_s": round(end - k, 2) if first is not None else None,
+        "outage_s": round(end - first, 2) if first is not None else None,
+        "circuits_opened_in_outage": len(outage_downs),
+        "circuits_opened_in_outage_by_step": dict(Counter(e[2].split(":")[0] for e in outage_downs)),
+        "circuit_reasons_in_outage": dict(Counter(e[2].split(": ", 1)[-1].split(";")[0][:80]
+                                                  for e in outage_downs)),
+        "nodes_that_saw_it": len({e[3] for e in outage_downs}),
+        "circuits_opened_before_kill": len(before), "circuits_opened_after_outage": len(downs) - len(outage_downs),
+        "calls_placed_in_outage": split(placed),
+        "calls_denied_in_outage": split(denied),
+        "calls_denied_before_kill": len(denied_before),
+        "calls_cut_in_outage": split(cut),
+        "calls_cut_in_outage_tight": sum(1 for r in cut if int(r["account"][4:]) < tight),
+        "cut_in_outage": money_figures(cut, charges, tight),
+    }
+
+
 # ------------------------------------------------------------------ one run
 
 
@@ -415,7 +678,9 @@ def run_once(args: argparse.Namespace, kind: str) -> dict[str, Any]:
                                        f"(see {node.folder / 'daemon.log'})")
                 time.sleep(0.2)
             node.pbx_line()  # the daemon's AMI login reached the fake
-        return measure(args, kind, nodes, database_url, redis_url, folder)
+        kill = (MasterKill(args.kill_master_at, args.kill_master, args.accounts, seed=args.kill_seed)
+                if kind == "cluster" and args.kill_master_at is not None else None)
+        return measure(args, kind, nodes, database_url, redis_url, folder, servers, kill)
     finally:
         stop_nodes(nodes)
         if servers is not None:
@@ -424,7 +689,7 @@ def run_once(args: argparse.Namespace, kind: str) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace, kind: str, nodes: list[Node], database_url: str, redis_url: str,
-            folder: Path) -> dict[str, Any]:
+            folder: Path, servers: Any = None, kill: MasterKill | None = None) -> dict[str, Any]:
     from sqlalchemy import func, select
 
     from agent.adapters.sql.engine import make_engine
@@ -434,6 +699,8 @@ def measure(args: argparse.Namespace, kind: str, nodes: list[Node], database_url
     go = time.time() + 1.0
     for node in nodes:
         node.tell_pbx(f"go {go}")
+    if kill is not None:
+        kill.start(servers, go)
     hold_start, hold_end = go + ramp_s, go + ramp_s + args.hold_s
     # The window: from two nibbles into the hold (every call answered and nibbling) to its end.
     window_start = hold_start + min(2 * args.nibble_ms / 1000, args.hold_s / 3)
@@ -500,8 +767,30 @@ def measure(args: argparse.Namespace, kind: str, nodes: list[Node], database_url
         "journal_replayed_after_s": journal_wait_s,
     }
     sql.dispose()
+    if kill is not None and kill.thread is not None:
+        kill.thread.join(timeout=70)
     report["invariants"] = invariants(args, nodes, database_url, redis_url, folder)
+    rows, charges, tight = call_rows(nodes), charges_per_call(database_url), int(args.accounts * args.tight_share)
+    report["money"] = money_figures(rows, charges, tight)
+    if kill is not None:
+        report["failover"] = failover_figures(kill, nodes, rows, charges, tight)
+        report["failover"]["killed_at_s_after_go"] = round(kill.killed_at - go, 2) if kill.killed_at else None
     return report
+
+
+def charges_per_call(database_url: str) -> dict[str, int]:
+    """What the ledger charged each call (micro-units, positive)."""
+    from sqlalchemy import func, select
+
+    from agent.adapters.sql.engine import make_engine
+    from agent.adapters.sql.models import LedgerEntry
+
+    sql = make_engine(database_url, pool_size=1)
+    with sql.connect() as conn:
+        rows = conn.execute(select(LedgerEntry.call_id, func.sum(LedgerEntry.amount_micros))
+                            .where(LedgerEntry.kind == "charge").group_by(LedgerEntry.call_id)).all()
+    sql.dispose()
+    return {call_id: abs(int(total)) for call_id, total in rows if call_id}
 
 
 def rounded(value: float | None, scale: float = 1.0, digits: int = 4) -> float | None:
@@ -655,7 +944,8 @@ def stop_nodes(nodes: list[Node]) -> None:
 
 
 def summary(report: dict[str, Any]) -> str:
-    n, a, c, inv = report["nibbles"], report["authorization"], report["cdrs"], report["invariants"]
+    n, a, c, inv, m = (report["nibbles"], report["authorization"], report["cdrs"], report["invariants"],
+                       report["money"])
     ok = (not inv["overspend_accounts_sql"] and not inv["overspend_accounts_store"] and not inv["cdr_missing"]
           and not inv["cdr_not_placed"] and not inv["cdr_duplicate_ids"] and not inv["calls_charged_twice"]
           and inv["ledger_check_exit"] == 0 and not inv["open_reservations_left"])
@@ -677,7 +967,37 @@ def summary(report: dict[str, Any]) -> str:
         f"their TTL {inv['expired_by_a_ttl_sweep']}), ledger check exit {inv['ledger_check_exit']}",
         f"  daemon logs          {report['daemon_log']} (journaled steps all replayed after "
         f"{report['journal_replayed_after_s']} s)",
+        f"  money                {m['answered_calls']} answered: money lost {m['money_lost_micros']} micro-units "
+        f"(undercharged calls {m['undercharged_calls']}); {m['cut_calls']} cut ({m['cut_calls_tight_accounts']} "
+        f"on tight accounts, {m['cut_by_pbx_backstop']} by the PBX backstop): cut delay p50 "
+        f"{m['cut_delay_p50_ms']} ms, p99 {m['cut_delay_p99_ms']} ms, longest {m['longest_cut_delay_ms']} ms "
+        f"({m['cut_delays_over_margin']} over the 1 s margin)",
+        *failover_summary(report.get("failover")),
     ])
+
+
+def failover_summary(f: dict[str, Any] | None) -> list[str]:
+    if f is None:
+        return []
+    if "victim_port" not in f:
+        return [f"  failover             {f.get('error')}"]
+    c = f["cut_in_outage"]
+    return [
+        f"  failover             master :{f['victim_port']} ({f['victim_accounts']} accounts) killed -9 at "
+        f"{f['killed_at_s_after_go']} s; replica promoted after {f['replica_promoted_after_s']} s"
+        f"{'; ' + f['error'] if f['error'] else ''}",
+        f"    outage seen        first store_unavailable {f['outage_first_unavailable_after_kill_s']} s after the "
+        f"kill, last answers-again {f['outage_last_answers_again_after_kill_s']} s ({f['outage_s']} s, "
+        f"{f['nodes_that_saw_it']} daemons; {f['circuits_opened_in_outage']} circuits opened "
+        f"{f['circuits_opened_in_outage_by_step']}: {f['circuit_reasons_in_outage']}; "
+        f"{f['circuits_opened_before_kill']} before the kill, {f['circuits_opened_after_outage']} after)",
+        f"    calls meanwhile    placed {f['calls_placed_in_outage']}, denied {f['calls_denied_in_outage']} "
+        f"(denied before the kill {f['calls_denied_before_kill']}), cut {f['calls_cut_in_outage']} "
+        f"({f['calls_cut_in_outage_tight']} tight)",
+        f"    those cut          cut delay p50 {c['cut_delay_p50_ms']} ms, longest {c['longest_cut_delay_ms']} ms "
+        f"({c['cut_delays_over_margin']} over the 1 s margin, {c['cut_by_pbx_backstop']} ended by the PBX "
+        f"backstop); money lost {c['money_lost_micros']} micro-units",
+    ]
 
 
 def main() -> None:
@@ -701,6 +1021,13 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true",
                         help="do not load the accounts into Redis before the calls (see warm_accounts)")
     parser.add_argument("--redis", choices=["cluster", "single", "both"], default="cluster")
+    parser.add_argument("--kill-master-at", type=float, metavar="S",
+                        help="cluster only: kill -9 one Redis master S seconds after the first call is placed "
+                        "(its replica is promoted by the cluster) and report the outage the daemons saw, the "
+                        "calls denied and cut meanwhile, the cut delays and the invariants after")
+    parser.add_argument("--kill-master", choices=["most", "random"], default="most",
+                        help="which master: the one owning the most accounts' slots (default) or a random one")
+    parser.add_argument("--kill-seed", type=int, default=0, help="seed of --kill-master random")
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
     parser.add_argument("--pbx-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -711,6 +1038,8 @@ def main() -> None:
         parser.error("--nibble-ms: billing.nibble_seconds is whole seconds: give a multiple of 1000")
     if args.hold_s < 3:
         parser.error("--hold-s: at least 3 s (the nibble window lies inside it)")
+    if args.kill_master_at is not None and args.redis == "single":
+        parser.error("--kill-master-at: a cluster run (--redis cluster or both)")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     reports = []
     for kind in (["cluster", "single"] if args.redis == "both" else [args.redis]):
