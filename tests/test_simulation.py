@@ -38,3 +38,38 @@ def test_the_checks_catch_a_billing_bug(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(CallSession, "billed_ms", one_second_more)
     report = run(SimConfig(seed=1, calls=600))
     assert report.violations, "an overcharging engine passed the simulation"
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_resellers_customers_are_charged_at_every_level_and_the_resellers_money_cuts_them(seed: int) -> None:
+    """DESIGN §11 in the simulation: operator > r1 > r2, each reseller with limited prepaid money."""
+    from agent.sim.simulation import Simulation
+
+    sim = Simulation(SimConfig(seed=seed, calls=1_500))
+    report = sim.run()
+    assert report.violations == []
+    assert report.tenant_customers > 0 and report.level_charges > 100
+    # r2 (8.00) spent (nearly) all of its money: its customers' calls were refused or cut by it,
+    # whatever their own balances. No level below its floor but by what a call whose PBX ignored
+    # the cut talked on (the simulation's violations name any other overspend).
+    for account_id in ("tenant:r1", "tenant:r2"):
+        account = sim.store.accounts[account_id]
+        assert account.balance_micros >= -account.overspent_micros, (account_id, account)
+    assert sim.store.accounts["tenant:r2"].balance_micros < 800_000
+
+
+def test_the_level_checks_catch_a_level_charged_the_customers_price(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain rated at the wrong seller's price must be caught (the level checks can fail)."""
+    from agent.core.session import LevelRated
+    from agent.sim.simulation import _Rater
+
+    original = _Rater.rate_chain
+
+    def customer_price(self: _Rater, account_id: str, destination: str, at_ms: int) -> tuple[LevelRated, ...]:
+        own = self.rate(account_id, destination, at_ms)
+        return tuple(LevelRated(lv.level, lv.tenant, lv.seller, lv.account_id, own)
+                     for lv in original(self, account_id, destination, at_ms))
+
+    monkeypatch.setattr(_Rater, "rate_chain", customer_price)
+    report = run(SimConfig(seed=2, calls=600))
+    assert any("level 1" in violation for violation in report.violations), report.violations

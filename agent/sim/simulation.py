@@ -32,6 +32,17 @@ the fraud rule ``irsf_parallel`` (more than ``irsf_threshold`` live calls to the
 screens every call as the daemon does (``agent/core/fraud.py``), and the report says what the
 attack cost, when the rule fired and how late the account's calls were cut (a violation past 1 s).
 
+With ``tenant_share`` some accounts are customers of resellers (DESIGN §11): a tree operator >
+``r1`` > ``r2``, each reseller with a prepaid account of its own (``tenant:r1``, ``tenant:r2``)
+and its own prices (the operator's rows marked up per level). A customer of ``r1`` is charged
+r1's price and r1 the operator's; a customer of ``r2`` r2's price, r2 r1's, r1 the operator's;
+the decision, the nibbles and the settles of every level run as the engine runs them
+(``decide`` with ``rate_chain`` and ``authorize_levels``). The resellers' money is limited, so a
+reseller's own money cuts its customers' calls. The checks then add, per level: every level's
+charge equals its own §4 price of the call's duration (written out here), each CDR's upper
+decisions equal the store's charges, and the resellers' accounts obey the same conservation and
+no-overspend rules as any account.
+
 Run it with ``python -m agent.sim.simulation --calls 100000 --seed 7`` (see bench/).
 """
 
@@ -73,6 +84,7 @@ from agent.core.session import (
     Command,
     Effect,
     Finished,
+    LevelRated,
     NibbleStep,
     RatedCall,
     RatingInfo,
@@ -80,6 +92,8 @@ from agent.core.session import (
     ReleaseStep,
     SessionSettings,
     SettleStep,
+    is_level_call_id,
+    level_call_id,
 )
 from agent.services.authorize import Outcome, decide
 from agent.sim.memory_store import MemoryStore, OverspendError
@@ -116,6 +130,8 @@ class SimConfig:
     irsf_talk_s: int = 3_600
     irsf_interval_ms: int = 500
     bundle_share: float = 0.35  # share of the accounts holding bundles (0: none)
+    tenant_share: float = 0.3  # share of the accounts (without bundles) that are resellers' customers
+    reseller_micros: tuple[int, int] = (40_000_000, 8_000_000)  # the prepaid money of r1 and r2
     start_ms: int = START_MS  # the simulated clock's start
 
 
@@ -146,6 +162,9 @@ class SimReport:
     bundle_calls: int = 0  # settled calls that used bundle seconds
     bundle_seconds: int = 0  # bundle seconds committed
     bundle_then_money: int = 0  # calls that used bundle seconds and then money
+    tenant_customers: int = 0  # accounts under r1 or r2
+    level_charges: int = 0  # settled charges of reseller levels
+    level_charged_micros: int = 0
     violations: list[str] = field(default_factory=list)
 
     @property
@@ -153,18 +172,31 @@ class SimReport:
         return not self.violations
 
 
+# The tree of the tenant part: each reseller, its parent, its account, its markup on its parent's
+# price (percent) as the price its own customers pay.
+RESELLERS = (("r1", "default", "tenant:r1", 130), ("r2", "r1", "tenant:r2", 125))
+
+
 class _Rater:
-    """Longest prefix, then the bundle periods the call may draw on (as ``PlanRater`` does)."""
+    """Longest prefix, then the bundle periods the call may draw on (as ``PlanRater`` does);
+    with tenants, ``rate_chain`` as ``PlanRater`` rates the levels above a reseller's customer."""
 
     def __init__(self, rows: dict[str, RateRow], grants: dict[str, list[BundleGrant]],
                  zones: dict[str, str]) -> None:
-        self.rows = rows
+        self.rows = rows  # the operator's prices
         self.grants = grants  # account -> its bundle grants
         self.zones = zones  # account -> the timezone its periods are read in
+        self.tenant_of: dict[str, str] = {}  # customer account -> its reseller (absent: the operator's)
+        self.prices: dict[str, dict[str, RateRow]] = {"default": rows}  # seller tenant -> its rows
+
+    def sell_rows(self, account_id: str) -> dict[str, RateRow]:
+        """The rows an account is charged at: its seller's (its reseller's, else the operator's)."""
+        return self.prices[self.tenant_of.get(account_id, "default")]
 
     def rate(self, account_id: str, destination: str, at_ms: int) -> RatedCall:
+        rows = self.sell_rows(account_id)
         for length in range(len(destination), 0, -1):
-            row = self.rows.get(destination[:length])
+            row = rows.get(destination[:length])
             if row is not None:
                 if row.blocked:
                     raise RatingRefused(DenyReason.BLOCKED, f"destination {row.prefix} is blocked")
@@ -174,6 +206,16 @@ class _Rater:
                     return RatedCall(row, info)
                 return RatedCall(row, info, slots_for(grants, destination, at_ms, self.zones[account_id]))
         raise RatingRefused(DenyReason.NO_RATE, f"no rate for {destination}")
+
+    def rate_chain(self, account_id: str, destination: str, at_ms: int) -> tuple[LevelRated, ...]:
+        levels: list[LevelRated] = []
+        tenant = self.tenant_of.get(account_id)
+        by_name = {name: (parent, account) for name, parent, account, _ in RESELLERS}
+        while tenant is not None and tenant in by_name:
+            parent, account = by_name[tenant]
+            levels.append(LevelRated(len(levels) + 1, tenant, parent, account, self.rate(account, destination, at_ms)))
+            tenant = self.tenant_of.get(account)
+        return tuple(levels)
 
 
 def _rate_rows(rng: random.Random) -> dict[str, RateRow]:
@@ -247,6 +289,7 @@ class Simulation:
         self.stubborn: set[str] = set()  # calls whose first hangup command the PBX ignores
         self.pbx_limit_end: dict[str, int] = {}
         self.call_budget_at_cut: dict[str, int] = {}
+        self.level_owner: dict[str, str] = {}  # a level's store call id -> the customer's call (DESIGN §11)
         for i in range(config.accounts):
             balance = self.rng.choice([0, 200_000, 2_000_000, 20_000_000, 200_000_000])
             credit = self.rng.choice([0, 0, 0, 1_000_000])
@@ -268,6 +311,23 @@ class Simulation:
             self.allowance.update((grant.grant_id, grant.bundle.seconds) for grant in grants)
         self.report.bundle_accounts = len(self.grants)
         self.report.bundle_grants = len(self.allowance)
+        # Resellers' customers from a generator of their own too (DESIGN §11; not bundle holders:
+        # bundles are the operator's offer here).
+        tenant_rng = random.Random(config.seed * 104_729 + 3)
+        if config.tenant_share > 0:
+            for (name, parent, account_id, markup), money in zip(RESELLERS, config.reseller_micros, strict=True):
+                rows = self.rater.prices[parent]
+                self.rater.prices[name] = {prefix: row._replace(rate_micros=row.rate_micros * markup // 100)
+                                           for prefix, row in rows.items()}
+                if parent != "default":
+                    self.rater.tenant_of[account_id] = parent
+                self.store.add_account(account_id, money)
+                self.opening[account_id] = money
+            for i in range(config.accounts):
+                account_id = f"acct{i}"
+                if account_id not in self.grants and tenant_rng.random() < config.tenant_share:
+                    self.rater.tenant_of[account_id] = tenant_rng.choice([name for name, *_ in RESELLERS])
+                    self.report.tenant_customers += 1
         # Per settled call: (rate row, the bundle periods it held and how much of each, in draw
         # order, the R the session held); the checks re-rate every call from these.
         self.holds_at_settle: dict[str, tuple[tuple[tuple[int, int], int], ...]] = {}
@@ -328,11 +388,17 @@ class Simulation:
             outcome = Outcome(refused)
         else:
             outcome = decide(request, call_id=call_id, node="sim", rater=self.rater, store_authorize=store_authorize,
-                             settings=self.settings, max_call_seconds=14_400, now_ms=self.now_ms)
+                             settings=self.settings, max_call_seconds=14_400, now_ms=self.now_ms,
+                             level_authorize=lambda levels: self.store.authorize_levels(levels, self.now_ms))
             if outcome.session is None and self.counters is not None:
                 self.counters.forget(account, call_id)
         if outcome.release_reservation:
             self.store.release(call_id, 1, self.now_ms)
+        for level_id, _ in outcome.release_levels:
+            self.level_owner[level_id] = call_id
+            self.store.release(level_id, 1, self.now_ms)
+        if outcome.session is not None:
+            self.level_owner.update((payer.call_id, call_id) for payer in outcome.session.upper)
         if outcome.session is None:
             self.report.calls_denied += 1
             reason = str(outcome.decision.reason)
@@ -455,20 +521,20 @@ class Simulation:
                 (result,) = self.store.nibbles([effect], self.now_ms)
                 if effect.debit_micros:
                     self.report.nibbles += 1
-                session = self.registry.sessions.get(effect.call_id)
+                session = self.registry.sessions.get(effect.session_id or effect.call_id)
                 if session is not None:
                     more = session.on_nibble_result(effect.seq, result.granted_micros, result.debited_micros,
                                                     self.now_ms, store_ok=result.ok, why=result.why,
-                                                    bundle_granted_s=result.bundle_granted_s)
+                                                    bundle_granted_s=result.bundle_granted_s, level=effect.level)
                     queue += self.registry.schedule(more)
             elif isinstance(effect, SettleStep):
                 self._before_settle(effect.call_id)
                 self.store.settle(effect.call_id, effect.seq, effect.cost_micros, self.now_ms, effect.account_id,
                                   effect.bundle)
-                queue += self._settled(effect.call_id, effect.cost_micros)
+                queue += self._settled(effect.session_id or effect.call_id, effect.cost_micros, effect.level)
             elif isinstance(effect, ReleaseStep):
                 self.store.release(effect.call_id, effect.seq, self.now_ms)
-                queue += self._settled(effect.call_id, 0)
+                queue += self._settled(effect.session_id or effect.call_id, 0, effect.level)
             elif isinstance(effect, Command):
                 self._switch(effect)
             elif isinstance(effect, Alert):
@@ -488,9 +554,9 @@ class Simulation:
         if session is not None:
             self.session_held_s[call_id] = session.bundle_seconds
 
-    def _settled(self, call_id: str, cost: int) -> list[Effect]:
+    def _settled(self, call_id: str, cost: int, level: int = 0) -> list[Effect]:
         session = self.registry.sessions.get(call_id)
-        return session.on_settled(self.now_ms, cost) if session is not None else []
+        return session.on_settled(self.now_ms, cost, level) if session is not None else []
 
     def _switch(self, effect: Command) -> None:
         command = effect.command
@@ -557,7 +623,7 @@ class Simulation:
         v = report.violations
         report.overspend_micros = self.store.overspend_micros
         for call_id, overspend in self.store.overspend_by_call.items():
-            if call_id not in self.stubborn:
+            if self.level_owner.get(call_id, call_id) not in self.stubborn:
                 v.append(f"{call_id}: overspend of {overspend} micro-units although the PBX obeyed the cut")
         for account_id, account in self.store.accounts.items():
             expected = self.opening[account_id] + account.credited_micros - account.charged_micros
@@ -572,7 +638,7 @@ class Simulation:
         if len(self.records) != report.calls_authorized:
             v.append(f"{len(self.records)} CDRs for {report.calls_authorized} authorized calls")
         cdr_total = sum(r.rating.cost_micros for r in self.records.values())
-        charged = sum(self.store.settled.values())
+        charged = sum(cost for call_id, cost in self.store.settled.items() if not is_level_call_id(call_id))
         report.charged_micros = charged
         if cdr_total != charged:
             v.append(f"CDR costs {cdr_total} != charges {charged}")
@@ -599,10 +665,41 @@ class Simulation:
                 report.irsf_worst_cut_ms = max(report.irsf_worst_cut_ms or 0, late)
                 if late > 1_000:
                     v.append(f"{call_id}: cut {late} ms after the fraud rule suspended {account_id}")
+        self._check_levels()
         report.dispositions = dict(Counter(r.disposition.value for r in self.records.values()))
         if report.calls_authorized and not report.dispositions.get(Disposition.CUT.value):
             v.append("no call was cut: the scenario does not exercise exhaustion")
         self._check_bundles()
+
+    def _check_levels(self) -> None:
+        """DESIGN §11: each level above a reseller's customer charged once, its own seller's price
+        of the customer's duration (§4, written out in ``_section9``), as its CDR decision says."""
+        report = self.report
+        v = report.violations
+        level_charges = {call_id: cost for call_id, cost in self.store.settled.items() if is_level_call_id(call_id)}
+        seen = 0
+        for call_id, record in self.records.items():
+            chain = self.rater.rate_chain(record.account_id, record.destination, record.started_ms)
+            if len(record.upper) != len(chain):
+                v.append(f"{call_id}: {len(record.upper)} level decisions in the CDR for {len(chain)} levels")
+                continue
+            for level, decision in zip(chain, record.upper, strict=True):
+                level_id = level_call_id(call_id, level.level)
+                seen += level_id in level_charges
+                row = self.rater.sell_rows(level.account_id)[record.rating.prefix]
+                price = _section9(row, record.duration_ms, 0)[0] if record.answered_ms is not None else 0
+                charged = level_charges.get(level_id, 0)
+                if charged != price or decision.cost_micros != price or decision.account_id != level.account_id:
+                    v.append(f"{call_id} level {level.level} ({level.account_id}): charged {charged}, decision "
+                             f"{decision.cost_micros} on {decision.account_id or '-'}, its price for "
+                             f"{record.duration_ms} ms is {price}")
+                    break
+        orphans = [level_id for level_id, cost in level_charges.items()
+                   if self.level_owner.get(level_id) not in self.records and cost != 0]
+        if orphans or seen != sum(self.level_owner.get(level_id) in self.records for level_id in level_charges):
+            v.append(f"level charges that belong to no CDR: {orphans[:5]} (of {len(level_charges)})")
+        report.level_charges = len(level_charges)
+        report.level_charged_micros = sum(level_charges.values())
 
     def _check_bundles(self) -> None:
         """The §9 checks (see the module docstring), from the rate rows and the holds alone."""
@@ -615,8 +712,8 @@ class Simulation:
             if call_id in self.session_held_s and self.session_held_s[call_id] != held:
                 v.append(f"{call_id}: the session held {self.session_held_s[call_id]} bundle seconds, "
                          f"the store {held}")
-            money, covered = _section9(self.rows[record.rating.prefix], record.duration_ms, held) \
-                if record.answered_ms is not None else (0, 0)
+            money, covered = _section9(self.rater.sell_rows(record.account_id)[record.rating.prefix],
+                                       record.duration_ms, held) if record.answered_ms is not None else (0, 0)
             charged = self.store.settled.get(call_id)
             committed = self.store.bundle_used_by_call.get(call_id, 0)
             if charged != money or record.rating.cost_micros != money:
