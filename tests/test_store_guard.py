@@ -349,3 +349,29 @@ def test_concurrent_settles_never_drop_a_journaled_step(w: World) -> None:
     assert len(guard.journal) == 0
     for n in range(1, 6):
         assert w.entries(f"c{n}") == [("charge", -UNIT, f"charge:c{n}")], n
+
+
+def test_a_slow_or_failed_sweep_never_opens_the_circuit_the_calls_use(w: World) -> None:
+    """The sweeper's step has a deadline of its own: a Redis Cluster sweep reads every slot's index
+    and took up to 271 ms on the loaded bench box, past the calls' 250 ms (bench_nodes.py)."""
+    from agent.core.balance import ExpireReport, StoreUnavailable
+
+    class SlowSweep(RedisBalanceStore):
+        fail = False
+
+        def expire(self, now_ms: int, *, limit: int = 1000) -> ExpireReport:
+            gevent.sleep(0.4)
+            if self.fail:
+                raise StoreUnavailable("Redis Cluster unavailable during expire: a master is down")
+            return super().expire(now_ms, limit=limit)
+
+    w.account("alice", balance=10 * UNIT)
+    store = SlowSweep(make_client(w.redis_url, 250), w.sessions, key_prefix=w.redis_prefix or "")
+    w.opened.append(store)
+    guard = StoreGuard(store, clock=ManualClock(T0), timeout_ms=250)
+    assert guard.expire(T0).expired == ()
+    assert guard.available
+    store.fail = True
+    with pytest.raises(StoreUnavailable):
+        guard.expire(T0)
+    assert guard.available and guard.authorize("alice", "c1", "n1", UNIT, UNIT, T0, TTL).allowed
