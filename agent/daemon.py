@@ -413,19 +413,21 @@ class Daemon:
         except RulesFileError as exc:
             raise StartupError(f"fraud.rules_file: {exc}") from None
         refresh = getattr(store.store, "refresh", None)  # Redis keeps the status of its own
-        counters = None
+        counters = tenant_counters = None
         redis = self.config.redis
         client = self._redis_client
-        if client is not None:  # the figures shared by every node
+        if client is not None:  # the figures shared by every node (a tenant's too: count: tenant)
             from agent.adapters.redis.counters import RedisFraudCounters
 
-            counters = RedisFraudCounters(
-                client, key_prefix=redis.key_prefix, rules=rules,
-                live_ttl_ms=(self.config.billing.max_call_seconds + NO_ANSWER_GUARD_S) * 1000)
+            own, per_tenant = rules.split()
+            live_ttl_ms = (self.config.billing.max_call_seconds + NO_ANSWER_GUARD_S) * 1000
+            counters = RedisFraudCounters(client, key_prefix=redis.key_prefix, rules=own, live_ttl_ms=live_ttl_ms)
+            tenant_counters = RedisFraudCounters(client, key_prefix=redis.key_prefix, rules=per_tenant,
+                                                 live_ttl_ms=live_ttl_ms)
         guard = self.fraud = FraudGuard(
             rules, node=self.config.node.id, actions=SqlFraudActions(sql, refresh), clock=self.clock,
             metrics=self.metrics, counters=counters, alerts=alerts, timezone_of=self._timezone_of,
-            tenants_of=self._tenants_of)
+            tenants_of=self._tenants_of, tenant_counters=tenant_counters)
         guard.cut_local = engine.cut_account
         if client is not None:  # every node cuts at once, not at its next publish
             from agent.adapters.redis.fraud_bus import SuspensionBus

@@ -504,3 +504,59 @@ def test_a_tenant_name_is_checked_like_the_other_keys(tmp_path: Path) -> None:
         with pytest.raises(RulesFileError, match=rf"rules.yaml:3: key tenant: .*{reason}"):
             rules(tmp_path, f"rules:\n  - name: r\n    tenant: {value}\n    kind: live_calls\n    threshold: 2\n"
                             "    action: alert\n")
+
+
+PER_TENANT_RULES = """
+groups:
+  premium: {prefixes: ["882"]}
+rules:
+  - {name: acme_parallel, kind: live_calls, group: premium, threshold: 3, action: deny, tenant: acme, count: tenant}
+  - {name: acme_spend, kind: spend, window_s: 3600, threshold: "1.00", action: alert, tenant: acme, count: tenant}
+"""
+
+
+@pytest.mark.parametrize("where", ["memory", "redis"])
+def test_a_rule_counting_a_tenant_sees_its_customers_calls_together(where: str, request: pytest.FixtureRequest,
+                                                                     tmp_path: Path) -> None:
+    """Four customers of acme (one under its sub-reseller) with one premium call each: none is
+    over any per-account figure, together they are over acme's 3; globex's customer is not counted."""
+    tenant_counters = None
+    if where == "redis":
+        tenant_counters = RedisFraudCounters(request.getfixturevalue("redis_client"),
+                                             key_prefix=request.getfixturevalue("redis_prefix"))
+    tenants = Tenants({"a1": frozenset({"default", "acme"}), "a2": frozenset({"default", "acme"}),
+                       "a3": frozenset({"default", "acme", "acme-east"}), "a4": frozenset({"default", "acme"}),
+                       "g1": frozenset({"default", "globex"})})
+    actions = Actions()
+    guard = FraudGuard(rules(tmp_path, PER_TENANT_RULES), node="n1", actions=actions, clock=SystemClock(),
+                       tenants_of=tenants, tenant_counters=tenant_counters)
+    guard.start()
+    try:
+        for n, account in enumerate(("a1", "a2", "a3", "g1"), start=1):
+            assert screen(guard, n, account) is None
+        refused = screen(guard, 5, "a4")
+        assert refused is not None and "fraud rule acme_parallel" in refused and "4 > 3" in refused
+        assert screen(guard, 6, "g1") is None  # globex's calls are not acme's
+        assert screen(guard, 7, "a4", "+33140000000") is None  # not premium: the figure stays 3
+        # a1's call ends: acme has 2 premium calls live, a4 may call again.
+        guard.finished(make_record(1, account_id="a1", call_id="c1", destination="88212345", cost_micros=600_000))
+        wait(lambda: screen(guard, 8, "a4") is None)
+        # Spend counted per tenant at the settles: 0.60 + 0.50 > 1.00 alerts (a2's settle crossed it).
+        guard.finished(make_record(2, account_id="a2", call_id="c2", destination="88212345", cost_micros=500_000))
+        wait(lambda: [a.rule for a in guard.alerts.queue.take(10).records if a.rule == "acme_spend"] == ["acme_spend"])
+    finally:
+        guard.stop(1)
+
+
+def test_count_tenant_needs_one_tenant_and_does_not_suspend(tmp_path: Path) -> None:
+    from agent.adapters.fraud_rules_file import RulesFileError
+
+    for extra, reason in (("count: tenant", "needs exactly one tenant"),
+                          ("count: tenant\n    tenant: [a, b]", "needs exactly one tenant"),
+                          ("count: everyone\n    tenant: a", "must be account or tenant")):
+        with pytest.raises(RulesFileError, match=reason):
+            rules(tmp_path, f"rules:\n  - name: r\n    kind: live_calls\n    threshold: 2\n    action: alert\n"
+                            f"    {extra}\n")
+    with pytest.raises(RulesFileError, match="cannot suspend one account"):
+        rules(tmp_path, "rules:\n  - {name: r, kind: live_calls, threshold: 2, action: suspend, tenant: a, "
+                        "count: tenant}\n")

@@ -27,7 +27,11 @@ percentage (1..100) of the settled answered calls of the window shorter than ``s
 refuses only calls to the rule's group; ``deny: all`` (the default) every new call of the account.
 ``tenant`` (a tenant's name, or a list of them; DESIGN §11) limits the rule to the accounts of
 those tenants and of every tenant below them (a reseller's customers and its sub-resellers'):
-the figures stay per account, and a rule without ``tenant`` applies to every account.
+the figures stay per account, and a rule without ``tenant`` applies to every account. With
+``count: tenant`` (and exactly one ``tenant``) the figure is that tenant's: the calls of all the
+accounts under it counted together (a reseller's customers opening 30 calls to a premium range
+between them, each only a few); such a rule alerts or denies (the calls of the tenant's
+accounts while the figure is over), it does not suspend one account for all of them.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ WINDOWED = frozenset({RuleKind.NEW_CALLS, RuleKind.DISTINCT_DESTINATIONS, RuleKi
                       RuleKind.NEW_COUNTRY})
 GROUPABLE = frozenset({RuleKind.NEW_CALLS, RuleKind.LIVE_CALLS, RuleKind.DISTINCT_DESTINATIONS, RuleKind.NEW_COUNTRY})
 RULE_KEYS = frozenset({"name", "kind", "threshold", "window_s", "group", "action", "deny", "when", "description",
-                       "short_call_s", "min_calls", "prefix_digits", "tenant"})
+                       "short_call_s", "min_calls", "prefix_digits", "tenant", "count"})
 
 # What a CEL condition can read (the activation built by ``agent.core.fraud``).
 CEL_FIELDS: dict[str, str] = {
@@ -153,10 +157,22 @@ class Rule:
     condition: Condition | None = field(default=None, compare=False)
     description: str = ""
     tenants: frozenset[str] = frozenset()  # empty: every account; else accounts under one of these tenants
+    per_tenant: bool = False  # count: tenant: the figure counts every account under the (one) tenant
+
+    @property
+    def owner(self) -> str:
+        """Whose figure a ``count: tenant`` rule reads: its tenant's, under a key no account id
+        can take (account ids are printable)."""
+        return tenant_owner(next(iter(self.tenants))) if self.per_tenant else ""
 
     @property
     def window_ms(self) -> int:
         return self.window_s * 1000
+
+
+def tenant_owner(tenant: str) -> str:
+    """The counters' owner of a tenant's figures (``count: tenant``)."""
+    return f"\x1f{tenant}"
 
 
 @dataclass(frozen=True)
@@ -178,6 +194,11 @@ class RuleSet:
     @property
     def has_tenant_rules(self) -> bool:
         return any(rule.tenants for rule in self.rules)
+
+    def split(self) -> tuple[RuleSet, RuleSet]:
+        """(the rules counted per account, the rules counted per tenant), each with the groups."""
+        return (RuleSet(tuple(r for r in self.rules if not r.per_tenant), self.groups),
+                RuleSet(tuple(r for r in self.rules if r.per_tenant), self.groups))
 
     @property
     def reads_local_time(self) -> bool:
@@ -363,6 +384,18 @@ def _parse_rule(entry: Node, groups: dict[str, frozenset[str]], errors: list[Rul
         if "min_calls" in values:
             min_calls = _whole(values["min_calls"], "min_calls", 1, 1_000_000, errors)
     tenants = _tenants(values["tenant"], errors) if "tenant" in values else frozenset()
+    per_tenant = False
+    if "count" in values:
+        counted = text("count")
+        if counted not in ("account", "tenant"):
+            fail("count", f"{counted!r} must be account or tenant")
+        elif counted == "tenant":
+            per_tenant = True
+            if len(tenants) != 1:
+                fail("count", "count: tenant needs exactly one tenant (tenant: NAME): whose calls are counted")
+            if action is Action.SUSPEND:
+                fail("count", "a rule counting a tenant's calls alerts or denies; it cannot suspend one account "
+                              "for all of them")
     condition = None
     if "when" in values:
         condition = compile_condition(values["when"], errors)
@@ -371,7 +404,7 @@ def _parse_rule(entry: Node, groups: dict[str, frozenset[str]], errors: list[Rul
     return Rule(name=name, kind=kind, threshold=threshold, action=action, line=entry.line, window_s=window_s,
                 group=group, deny_group_only=deny_group_only, short_call_s=short_call_s, min_calls=min_calls,
                 prefix_digits=prefix_digits,
-                condition=condition, description=text("description"), tenants=tenants)
+                condition=condition, description=text("description"), tenants=tenants, per_tenant=per_tenant)
 
 
 def _tenants(node: Node, errors: list[RuleError]) -> frozenset[str]:

@@ -67,7 +67,8 @@ class FraudGuard:
     def __init__(self, rules: RuleSet, *, node: str, actions: FraudActions, clock: Clock,
                  metrics: Metrics | None = None, alert_period_ms: int = 60_000,
                  counters: FraudCounters | None = None, alerts: Alerts | None = None,
-                 timezone_of: TimezoneOf | None = None, tenants_of: TenantsOf | None = None) -> None:
+                 timezone_of: TimezoneOf | None = None, tenants_of: TenantsOf | None = None,
+                 tenant_counters: FraudCounters | None = None) -> None:
         self.node = node
         self.actions = actions
         self.clock = clock
@@ -79,8 +80,15 @@ class FraudGuard:
         self.tenants_of = tenants_of
         self.rules = rules
         self._time_rules = _time_rules(rules)
-        self.counters: FraudCounters = counters if counters is not None else LocalCounters(rules)
-        self.counters.set_rules(rules)
+        own, shared = rules.split()
+        self.counters: FraudCounters = counters if counters is not None else LocalCounters(own)
+        self.counters.set_rules(own)
+        # ``count: tenant`` rules: their figures under each tenant's owner key (fraud_rules.tenant_owner),
+        # in counters of their own (the same kind: with Redis, shared by every node).
+        self.tenant_counters: FraudCounters = tenant_counters if tenant_counters is not None else LocalCounters(shared)
+        self.tenant_counters.set_rules(shared)
+        self._tenant_rules = shared.rules
+        self._owners_of: dict[str, tuple[str, ...]] = {}  # call -> the tenant owners it was counted under
         # Updates of shared counters (Redis) after the decision: a worker makes the round trips,
         # never the engine loop (``finished`` runs in it).
         self._counter_jobs: gevent.queue.Queue[tuple[Callable[..., None], tuple[Any, ...]]] = gevent.queue.Queue()
@@ -103,7 +111,10 @@ class FraudGuard:
         """New rules (SIGHUP): the figures they share with the old ones go on; new ones start empty."""
         self.rules = rules
         self._time_rules = _time_rules(rules)
-        self.counters.set_rules(rules)
+        own, shared = rules.split()
+        self.counters.set_rules(own)
+        self.tenant_counters.set_rules(shared)
+        self._tenant_rules = shared.rules
         log.info("fraud rules: %d rules, %d destination groups", len(rules.rules), len(rules.groups))
 
     # ---------------------------------------------------------------- the call path (engine screen)
@@ -134,6 +145,8 @@ class FraudGuard:
                           request.pbx)
         try:
             figures = self.counters.observe(facts)
+            if self._tenant_rules:
+                facts, figures = self._observe_tenants(facts, figures)
         except Exception as exc:  # noqa: BLE001 - fraud figures are advisory; the call goes to the store
             self._counters_failed("observe", exc)
             return None
@@ -147,6 +160,7 @@ class FraudGuard:
             self._suspend(verdict.suspend, facts)
         if verdict.deny is not None:
             self._update(self.counters.forget, account_id, call_id)
+            self._forget_owners(call_id)
             rule = verdict.deny.rule
             return AuthorizeDecision(False, call_id, reason=DenyReason.FRAUD_RULE,
                                      detail=f"fraud rule {rule.name}: {verdict.deny.describe()}")
@@ -158,6 +172,7 @@ class FraudGuard:
         """The engine's final decision on a call the screen let through."""
         if not decision.allowed:
             self._update(self.counters.forget, request.account_id, decision.call_id)
+            self._forget_owners(decision.call_id)
             return
         held = self.suspended.get(request.account_id)
         if held is not None:  # suspended while this call waited for the store: cut it too
@@ -170,8 +185,14 @@ class FraudGuard:
 
     def _settled(self, record: CallRecord) -> None:
         at_ms = record.settled_ms or record.ended_ms or 0
+        answered = record.disposition is Disposition.ANSWERED
         figures = self.counters.ended(record.account_id, record.call_id, at_ms, record.rating.cost_micros,
-                                      record.disposition is Disposition.ANSWERED, record.duration_ms)
+                                      answered, record.duration_ms)
+        for owner in self._owners_of.pop(record.call_id, ()):
+            got = self.tenant_counters.ended(owner, record.call_id, at_ms, record.rating.cost_micros, answered,
+                                             record.duration_ms)
+            figures = {**figures, **{rule.name: got[rule.name] for rule in self._tenant_rules
+                                     if rule.owner == owner and rule.name in got}}
         if not figures:
             return
         digits = destination_digits(record.destination)
@@ -199,12 +220,41 @@ class FraudGuard:
                         facts.account_id, exc)
             return facts
 
+    def _observe_tenants(self, facts: CallFacts, figures: dict[str, int]) -> tuple[CallFacts, dict[str, int]]:
+        """Count the call under each tenant a ``count: tenant`` rule names and the account is
+        under (the account's tenants are looked up on every call then: the rater's cached
+        chains), and add those rules' figures. A lookup that fails counts nothing for the
+        tenants (logged): the rules counted per account still apply."""
+        if self.tenants_of is None:
+            return facts, figures
+        try:
+            tenants = self.tenants_of(facts.account_id)
+        except Exception as exc:  # noqa: BLE001 - the database does not answer and the chain was never read
+            log.warning("fraud: tenants of account %s unknown (%s): call %s not counted for its tenants",
+                        facts.account_id, exc, facts.call_id)
+            return facts, figures
+        owners = tuple(sorted({rule.owner for rule in self._tenant_rules if not rule.tenants.isdisjoint(tenants)}))
+        if owners:
+            if len(self._owners_of) >= MAX_QUEUED_COUNTER_UPDATES:
+                self._owners_of.clear()
+            self._owners_of[facts.call_id] = owners
+            figures = dict(figures)
+            for owner in owners:
+                got = self.tenant_counters.observe(replace(facts, account_id=owner))
+                figures.update({rule.name: got.get(rule.name, 0) for rule in self._tenant_rules
+                                if rule.owner == owner})
+        return replace(facts, tenants=tenants), figures
+
+    def _forget_owners(self, call_id: str) -> None:
+        for owner in self._owners_of.pop(call_id, ()):
+            self._update(self.tenant_counters.forget, owner, call_id)
+
     def _with_tenants(self, facts: CallFacts, figures: Mapping[str, int]) -> CallFacts:
         """The facts with the tenants the account is under, when a rule limited to some tenants
         crossed its threshold; otherwise not looked up. A lookup that fails leaves the rule out
         (logged): like a counter that fails, a fraud rule never refuses a call for lack of data."""
-        if self.tenants_of is None or not any(rule.tenants and figures.get(rule.name, 0) > rule.threshold
-                                              for rule in self.rules.rules):
+        if facts.tenants is not None or self.tenants_of is None or not any(
+                rule.tenants and figures.get(rule.name, 0) > rule.threshold for rule in self.rules.rules):
             return facts
         try:
             return replace(facts, tenants=self.tenants_of(facts.account_id))
@@ -317,10 +367,11 @@ class FraudGuard:
 
     def sweep(self) -> None:
         """Forget in-memory figures of accounts with nothing left in any window (bounded memory)."""
-        sweep = getattr(self.counters, "sweep", None)
-        if sweep is not None:
-            left = sweep(self.clock.now_ms())
-            log.debug("fraud counters: %d accounts with figures in memory", left)
+        for counters in (self.counters, self.tenant_counters):
+            sweep = getattr(counters, "sweep", None)
+            if sweep is not None:
+                left = sweep(self.clock.now_ms())
+                log.debug("fraud counters: %d accounts or tenants with figures in memory", left)
 
     def flush_once(self) -> bool:
         """Write the queued suspensions; False (they stay queued) when the database failed. (Alerts
