@@ -57,6 +57,19 @@ def wait_for(predicate: Any, timeout: float = 10.0) -> None:
             gevent.sleep(0.02)
 
 
+def adopt_to_the_end(config: Any, call: Any, *, ends_within_s: float) -> None:
+    """Start a daemon again on ``config`` after a hand-over: it adopts the live call, which must
+    end within ``ends_within_s``, and stops once nothing is left live."""
+    second = Daemon(config)
+    second.start()
+    try:
+        wait_for(lambda: any(c["phase"] == "answered" for c in second.live_call_dicts()), timeout=10)
+        assert call.done.wait(ends_within_s)
+        wait_for(lambda: not second.live_call_dicts(), timeout=10)
+    finally:
+        second.shutdown()
+
+
 @pytest.fixture
 def fake_fs() -> Iterator[FakeFreeswitch]:
     fake = FakeFreeswitch(port=0, heartbeat_s=1.0, authorize_port=free_port()).start()
@@ -263,15 +276,7 @@ def test_a_restarted_agent_adopts_the_calls_it_handed_over_and_bills_them_once(t
         gevent.sleep(2.2)  # two nibbles debited by the first run
         first.shutdown()  # drain 0: the call is handed over, its reservation stays open
         assert not call.done.is_set()
-
-        second = Daemon(config)
-        second.start()
-        try:
-            wait_for(lambda: any(c["phase"] == "answered" for c in second.live_call_dicts()), timeout=10)
-            assert call.done.wait(15)
-            wait_for(lambda: not second.live_call_dicts(), timeout=10)
-        finally:
-            second.shutdown()
+        adopt_to_the_end(config, call, ends_within_s=15)
     finally:
         pbx.stop()
     sql = make_engine(config.database.url)

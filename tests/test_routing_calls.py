@@ -25,7 +25,7 @@ from agent.adapters.sql.rate_import import import_deck
 from agent.adapters.sql.reconcile import check_ledger
 from agent.cli.demo import SimulatedPbx, demo_config, prepare_database
 from agent.daemon import Daemon
-from tests.test_daemon import wait_for
+from tests.test_daemon import adopt_to_the_end, wait_for
 
 SELL_PER_MIN = 600_000  # the demo deck's France
 BUY = {"cheap": 100_000, "backup": 200_000, "dear": 900_000}
@@ -180,14 +180,7 @@ def test_a_routed_call_adopted_after_a_restart_keeps_its_carrier_and_margin(
     wait_for(lambda: any(c["phase"] == "answered" for c in agent.live_call_dicts()))
     agent.shutdown()  # drains 2 s, then hands the call over: its reservation stays open
     assert not call.done.is_set()
-    second = Daemon(agent.config)
-    second.start()
-    try:
-        wait_for(lambda: any(c["phase"] == "answered" for c in second.live_call_dicts()), timeout=10)
-        assert call.done.wait(20)
-        wait_for(lambda: not second.live_call_dicts(), timeout=10)
-    finally:
-        second.shutdown()
+    adopt_to_the_end(agent.config, call, ends_within_s=20)
     calls, legs, decisions = _rows(agent.config.database.url)
     assert [(c.destination, c.disposition) for c in calls] == [("33142685300", "ANSWERED")]
     (decision,) = decisions

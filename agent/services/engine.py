@@ -444,10 +444,7 @@ class Engine:
                 reservation_lost=call_id in self.unreserved or lost, upper=upper, seller=seller, levels=levels,
                 routed=routed)
             if routed is not None and routed.first_carrier:  # counted as at authorize, then on the answering one
-                self._carrier_of_call[call_id] = routed.first_carrier
-                self.carrier_calls[routed.first_carrier] += 1
-                if self.carrier_claims is not None:
-                    self.carrier_claims.claim(routed.first_carrier, call_id)
+                self._count_on_carrier(call_id, routed.first_carrier)
                 self._count_on_answering_carrier(call_id)
             self.metrics.live_calls.set(self.registry.live_count())
             log.warning("adopted call=%s account=%s dest=%s from an earlier run: %d legs live, %d micro-units "
@@ -737,10 +734,7 @@ class Engine:
         if outcome.session is not None:
             routed = outcome.session.routed
             if routed is not None and routed.first_carrier:
-                carrier = self._carrier_of_call[call_id] = routed.first_carrier
-                self.carrier_calls[carrier] += 1
-                if self.carrier_claims is not None:
-                    self.carrier_claims.claim(carrier, call_id)
+                self._count_on_carrier(call_id, routed.first_carrier)
             self._run_effects(self.registry.add(outcome.session))
             self.metrics.live_calls.set(self.registry.live_count())
             self._wake.set()
@@ -860,6 +854,13 @@ class Engine:
             self.metrics.unknown_events.inc()
         if isinstance(item, LegAnswered | LegBridged) and self._carrier_of_call:
             self._count_on_answering_carrier(self.registry.leg_index.get(item.leg_id))
+
+    def _count_on_carrier(self, call_id: str, carrier: str) -> None:
+        """A routed call holds a channel of ``carrier`` (this node's count, and the cluster-wide claim)."""
+        self._carrier_of_call[call_id] = carrier
+        self.carrier_calls[carrier] += 1
+        if self.carrier_claims is not None:
+            self.carrier_claims.claim(carrier, call_id)
 
     def _count_on_answering_carrier(self, call_id: str | None) -> None:
         """A routed call counts against the carrier tried first until one answers; from then

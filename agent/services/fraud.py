@@ -78,16 +78,12 @@ class FraudGuard:
                                                                period_ms=alert_period_ms)
         self.timezone_of = timezone_of
         self.tenants_of = tenants_of
-        self.rules = rules
-        self._time_rules = _time_rules(rules)
-        own, shared = rules.split()
-        self.counters: FraudCounters = counters if counters is not None else LocalCounters(own)
-        self.counters.set_rules(own)
+        self.counters: FraudCounters = counters if counters is not None else LocalCounters(RuleSet())
         # ``count: tenant`` rules: their figures under each tenant's owner key (fraud_rules.tenant_owner),
         # in counters of their own (the same kind: with Redis, shared by every node).
-        self.tenant_counters: FraudCounters = tenant_counters if tenant_counters is not None else LocalCounters(shared)
-        self.tenant_counters.set_rules(shared)
-        self._tenant_rules = shared.rules
+        self.tenant_counters: FraudCounters = (tenant_counters if tenant_counters is not None
+                                               else LocalCounters(RuleSet()))
+        self._use_rules(rules)  # gives each its rules
         self._owners_of: dict[str, tuple[str, ...]] = {}  # call -> the tenant owners it was counted under
         # Updates of shared counters (Redis) after the decision: a worker makes the round trips,
         # never the engine loop (``finished`` runs in it).
@@ -109,13 +105,17 @@ class FraudGuard:
 
     def replace_rules(self, rules: RuleSet) -> None:
         """New rules (SIGHUP): the figures they share with the old ones go on; new ones start empty."""
+        self._use_rules(rules)
+        log.info("fraud rules: %d rules, %d destination groups", len(rules.rules), len(rules.groups))
+
+    def _use_rules(self, rules: RuleSet) -> None:
+        """The rules, split between the accounts' counters and the tenants' (``count: tenant``)."""
         self.rules = rules
         self._time_rules = _time_rules(rules)
         own, shared = rules.split()
         self.counters.set_rules(own)
         self.tenant_counters.set_rules(shared)
         self._tenant_rules = shared.rules
-        log.info("fraud rules: %d rules, %d destination groups", len(rules.rules), len(rules.groups))
 
     # ---------------------------------------------------------------- the call path (engine screen)
 
