@@ -274,7 +274,9 @@ class Daemon:
         kind = "redis" if self.config.redis.url else "sql"
         if self.store.available:
             return True, kind
-        return False, f"{kind} unreachable ({self.config.billing.failure_policy})"
+        masters = [shard for shard in self.store.down_shards() if shard]
+        where = f": master {', '.join(masters)} (the other masters' calls go on)" if masters else ""
+        return False, f"{kind} unreachable{where} ({self.config.billing.failure_policy})"
 
     def _pbx_health(self) -> tuple[bool, str]:
         if not self.adapters:

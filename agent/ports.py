@@ -182,6 +182,14 @@ class BalanceStore(Protocol):
         """Balance, reserved and available as the store sees them (raises NotFound)."""
         ...
 
+    def shard_of(self, account_id: str) -> str:
+        """The part of the store that holds the account's keys: a Redis Cluster master's name
+        (``host:port``, as the client's slot map says now), "" for a store in one piece (one
+        Redis, a Sentinel's master, SQL). ``StoreGuard`` keeps a circuit and a journal order per
+        shard, so a dead master stops only its own accounts' calls. Local: no round trip, never
+        raises."""
+        ...
+
     def close(self) -> None:
         ...
 

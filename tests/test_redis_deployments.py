@@ -362,3 +362,64 @@ def test_while_a_master_is_down_the_other_masters_accounts_authorize_settle_and_
         redis_cluster.masters[victim_index], redis_cluster.replicas[victim_index] = heir, victim
         wait_for("cluster whole again", lambda: redis_cluster.state_ok() and victim.client().info(
             "replication").get("master_link_status") == "up")
+
+
+def test_a_dead_master_stops_only_its_own_accounts_calls_behind_the_failure_policy(
+        cw: World, redis_cluster: Cluster) -> None:
+    """The daemon's view (StoreGuard, fail_closed): the batch after the kill grants every call of
+    the other masters at once and journals the dead master's; their settles post at once while
+    the dead master's wait in the journal behind its nibbles, and are replayed, once and in order,
+    when the replica has taken over. One circuit for the whole cluster cut every call of every
+    node for the 2-5 s of the failover (bench_nodes.py --kill-master-at)."""
+    from agent.core.balance import NibbleRequest, NibbleStatus, SettleStatus
+    from agent.services.clock import SystemClock
+    from agent.services.store_guard import StoreGuard
+    from tests.redis_servers import wait_for
+
+    accounts = [f"acct{i}" for i in range(12)]
+    for account in accounts:
+        cw.account(account, balance=10 * UNIT)
+    store = cw.store()
+    guard = StoreGuard(store, clock=SystemClock(), timeout_ms=250, probe_interval_ms=100)
+    calls = {f"call-{a}": a for a in accounts}
+    for call_id, account in calls.items():
+        assert guard.authorize(account, call_id, "n1", SLICE, SLICE, T0, contract.TTL).allowed
+    victim_index = _owner(redis_cluster, f"{cw.redis_prefix}acct:{{{accounts[0]}}}:bal")
+    victim, heir = redis_cluster.masters[victim_index], redis_cluster.replicas[victim_index]
+    on_victim = {a for a in accounts
+                 if _owner(redis_cluster, f"{cw.redis_prefix}acct:{{{a}}}:bal") == victim_index}
+    assert 0 < len(on_victim) < len(accounts)
+    assert {guard.shard_of(a) for a in on_victim} == {f"127.0.0.1:{victim.port}"}
+    assert victim.client().execute_command("WAIT", 1, 5000) == 1  # the replica has the reservations
+    victim.stop()  # kill -9 of a master while its calls are live
+    try:
+        outcomes = guard.debit_and_reserve_many([NibbleRequest(c, 1, SLICE, SLICE, T0 + 1000, contract.TTL, a)
+                                                 for c, a in calls.items()])
+        for call_id, out in zip(calls, outcomes, strict=True):
+            expected = NibbleStatus.STORE_UNAVAILABLE if calls[call_id] in on_victim else NibbleStatus.GRANTED
+            assert out.status is expected, call_id
+        assert guard.down_shards() == [f"127.0.0.1:{victim.port}"]
+        for call_id, account in calls.items():
+            out = guard.settle(call_id, 2, SLICE + SLICE // 2, T0 + 1500, account_id=account)
+            if account in on_victim:
+                assert out.status is SettleStatus.JOURNALED
+            else:
+                assert out.ledger_posted, call_id
+                assert cw.sql_balance(account) == 10 * UNIT - SLICE - SLICE // 2
+        assert len(guard.journal) == 2 * len(on_victim)  # a nibble and a settle each, kept in order
+
+        def replayed() -> bool:
+            guard.recover()
+            return len(guard.journal) == 0
+
+        wait_for("the dead master's steps replayed on its heir", replayed, timeout_s=20)
+        assert guard.available
+        for account in accounts:
+            contract.assert_books_balance(cw, account)
+            assert cw.sql_balance(account) == 10 * UNIT - SLICE - SLICE // 2, account  # charged once
+    finally:
+        wait_for("the replica promoted", lambda: heir.client().info("replication").get("role") == "master")
+        victim.restart()
+        redis_cluster.masters[victim_index], redis_cluster.replicas[victim_index] = heir, victim
+        wait_for("cluster whole again", lambda: redis_cluster.state_ok() and victim.client().info(
+            "replication").get("master_link_status") == "up")

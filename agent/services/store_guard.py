@@ -17,6 +17,12 @@
   sweep) or before the next batch once the store answers again. A call authorized offline is
   authorized for real first (its reservation starts at zero, so its offline debits show as
   overrun), and its settle is charged to the account every step names.
+* A store in several pieces (a Redis Cluster's masters: ``BalanceStore.shard_of``) has a circuit
+  per piece, and a batch is split by piece, each part under its own deadline, at the same time.
+  Journaled steps wait only for their own piece: a shard's kept entries are replayed in order
+  when it answers, and meanwhile that shard's new steps are journaled behind them, while the
+  other masters' accounts go on. With one master killed, before this, every call of every
+  node was cut for the 2-5 s of the failover (bench_nodes.py --kill-master-at).
 """
 
 from __future__ import annotations
@@ -115,9 +121,15 @@ class Journal:
         self.syncs += 1
 
     def drop_first(self, count: int) -> None:
-        if count <= 0:
+        if count > 0:
+            self.replace_head(count, [])
+
+    def replace_head(self, count: int, kept: list[dict[str, Any]]) -> None:
+        """The first ``count`` entries become ``kept`` (those not applied, in order); entries
+        appended after them stay behind."""
+        if count <= 0 and not kept:
             return
-        self._entries = self._entries[count:]
+        self._entries = kept + self._entries[count:]
         if self.path is not None:
             self.close()
             tmp = self.path.with_suffix(self.path.suffix + ".tmp")
@@ -151,24 +163,44 @@ class StoreGuard:
         self.offline_credit_micros = offline_credit_micros
         self.journal = journal if journal is not None else Journal()
         self.probe_interval_ms = probe_interval_ms
-        self._retry_at_ms: int | None = None  # circuit open until then
+        self._retry_at_ms: dict[str, int] = {}  # shard -> its circuit is open until then
+        self._tripped_by: dict[str, str] = {}  # shard -> an account whose step opened its circuit
+        # shard -> journal entries kept for it: its new steps are journaled behind them
+        self._pending: dict[str, int] = {}
         self._offline_used: dict[str, int] = {}  # account -> offline money granted
         # Calls authorized offline, not in the store yet (their account rides with every step:
         # the guard keeps no call -> account map of its own).
         self._offline_calls: dict[str, tuple[str, str]] = {}  # call -> (account, node)
         self._replaying = gevent.lock.Semaphore()  # one journal replay at a time (see _replay)
         self.replayed_steps = 0  # journaled steps taken (or refused for good) since start
+        self._count_pending()  # a journal left by an earlier run
 
     @property
     def available(self) -> bool:
-        return self._retry_at_ms is None
+        """No part of the store is known to be down."""
+        return not self.down_shards()
 
-    # ------------------------------------------------------------------ the deadline and circuit
+    def down_shards(self) -> list[str]:
+        """The parts of the store whose circuit is open ("" for a store in one piece). A dead
+        master's circuit is forgotten once its accounts are served by another (its replica)."""
+        for shard, account in list(self._tripped_by.items()):
+            if shard and account and self._shard(account) != shard:
+                self._retry_at_ms.pop(shard, None)
+                self._tripped_by.pop(shard, None)
+        return sorted(self._retry_at_ms)
 
-    def _attempt(self, what: str, work: Callable[[], T]) -> T:
-        now = self.clock.monotonic_ms()
-        if self._retry_at_ms is not None and now < self._retry_at_ms:
-            raise StoreUnavailable(f"balance store unavailable ({what} not tried: circuit open)")
+    def shard_of(self, account_id: str) -> str:
+        return self.store.shard_of(account_id)
+
+    def _shard(self, account_id: str | None) -> str:
+        return self.store.shard_of(account_id) if account_id else ""
+
+    # ------------------------------------------------------------------ the deadline and circuits
+
+    def _attempt(self, what: str, shard: str, work: Callable[[], T], account: str | None = None) -> T:
+        retry_at = self._retry_at_ms.get(shard)
+        if retry_at is not None and self.clock.monotonic_ms() < retry_at:
+            raise StoreUnavailable(f"balance store{_named(shard)} unavailable ({what} not tried: circuit open)")
         timer = gevent.Timeout(self.timeout_s)
         timer.start()
         try:
@@ -176,23 +208,54 @@ class StoreGuard:
         except gevent.Timeout as exc:
             if exc is not timer:
                 raise
-            self._trip(what, f"no answer within {self.timeout_s * 1000:.0f} ms")
-            raise StoreUnavailable(f"balance store did not answer {what} within {self.timeout_s * 1000:.0f} ms"
-                                   ) from None
+            self._trip(what, shard, f"no answer within {self.timeout_s * 1000:.0f} ms", account)
+            raise StoreUnavailable(f"balance store{_named(shard)} did not answer {what} within "
+                                   f"{self.timeout_s * 1000:.0f} ms") from None
         except StoreUnavailable as exc:
-            self._trip(what, str(exc))
+            self._trip(what, shard, str(exc), account)
             raise
         finally:
             timer.close()
-        if self._retry_at_ms is not None:
-            log.warning("balance store answers again (%s); %d journaled steps to replay", what, len(self.journal))
-            self._retry_at_ms = None
+        if self._retry_at_ms.pop(shard, None) is not None:
+            self._tripped_by.pop(shard, None)
+            log.warning("balance store%s answers again (%s); %d journaled steps to replay", _named(shard), what,
+                        self._pending.get(shard, 0))
         return result
 
-    def _trip(self, what: str, reason: str) -> None:
-        if self._retry_at_ms is None:
-            log.error("balance store unavailable during %s: %s; policy %s", what, reason, self.policy)
-        self._retry_at_ms = self.clock.monotonic_ms() + self.probe_interval_ms
+    def _trip(self, what: str, shard: str, reason: str, account: str | None) -> None:
+        if account:
+            self._tripped_by[shard] = account
+        if shard not in self._retry_at_ms:
+            log.error("balance store%s unavailable during %s: %s; policy %s", _named(shard), what, reason,
+                      self.policy)
+        self._retry_at_ms[shard] = self.clock.monotonic_ms() + self.probe_interval_ms
+
+    def _per_shard(self, what: str, works: dict[str, tuple[Callable[[], T], str | None]]) -> dict[str, T]:
+        """Each shard's part under its own deadline and circuit, the parts at the same time (a
+        hung master then costs its own part the deadline, not the others). The shards that did
+        not answer are missing from the result."""
+        done: dict[str, T] = {}
+
+        def run(shard: str, work: Callable[[], T], account: str | None) -> None:
+            try:
+                done[shard] = self._attempt(what, shard, work, account)
+            except StoreUnavailable:
+                pass
+
+        if len(works) == 1:
+            (shard, (work, account)), = works.items()
+            run(shard, work, account)
+            return done
+        parts = [gevent.spawn(run, shard, work, account) for shard, (work, account) in works.items()]
+        try:
+            # Each part has its own deadline: this one only guards against a part that never ends.
+            gevent.joinall(parts, timeout=self.timeout_s * 2 + 1)
+            for part in parts:
+                if part.ready():
+                    part.get()  # anything but StoreUnavailable (bad input, a bug) is the caller's
+        finally:
+            gevent.killall([part for part in parts if not part.ready()], block=False)
+        return done
 
     # ------------------------------------------------------------------ authorize
 
@@ -200,9 +263,9 @@ class StoreGuard:
                   now_ms: int, ttl_ms: int, *, bundle_slots: Sequence[BundleSlot] = (),
                   bundle_want_s: int = 0) -> AuthorizeOutcome:
         try:
-            outcome = self._attempt("authorize", lambda: self.store.authorize(
+            outcome = self._attempt("authorize", self._shard(account_id), lambda: self.store.authorize(
                 account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms, bundle_slots=bundle_slots,
-                bundle_want_s=bundle_want_s))
+                bundle_want_s=bundle_want_s), account_id)
         except StoreUnavailable:
             # Offline (fail_open) grants are money only: bundle seconds are shared by every node
             # and cannot be counted without the store.
@@ -210,12 +273,20 @@ class StoreGuard:
         return outcome
 
     def authorize_many(self, steps: Sequence[AuthorizeStep]) -> list[AuthorizeOutcome]:
-        """All under one deadline; without the store, each step as ``authorize`` would be offline."""
-        try:
-            return self._attempt("authorize", lambda: self.store.authorize_many(steps))
-        except StoreUnavailable:
-            return [self._authorize_offline(st.account_id, st.call_id, st.node, st.want_micros, st.min_micros,
-                                            st.now_ms, st.ttl_ms) for st in steps]
+        """One part per shard, each under its deadline; a step whose shard does not answer is
+        as ``authorize`` would be offline."""
+        groups = _group([self._shard(st.account_id) for st in steps])
+        answers = self._per_shard("authorize", {
+            shard: (partial(self.store.authorize_many, [steps[i] for i in indexes]), steps[indexes[0]].account_id)
+            for shard, indexes in groups.items()})
+        outcomes: list[AuthorizeOutcome | None] = [None] * len(steps)
+        for shard, indexes in groups.items():
+            answer = answers.get(shard)
+            for n, i in enumerate(indexes):
+                st = steps[i]
+                outcomes[i] = answer[n] if answer is not None else self._authorize_offline(
+                    st.account_id, st.call_id, st.node, st.want_micros, st.min_micros, st.now_ms, st.ttl_ms)
+        return [o for o in outcomes if o is not None]
 
     def _authorize_offline(self, account_id: str, call_id: str, node: str, want: int, minimum: int, now_ms: int,
                            ttl_ms: int) -> AuthorizeOutcome:
@@ -227,8 +298,8 @@ class StoreGuard:
         granted = min(want, left)
         self._offline_used[account_id] = self._offline_used.get(account_id, 0) + granted
         self._offline_calls[call_id] = (account_id, node)
-        self.journal.append({"op": "authorize", "account_id": account_id, "call_id": call_id, "node": node,
-                             "now_ms": now_ms, "ttl_ms": ttl_ms})
+        self._journal({"op": "authorize", "account_id": account_id, "call_id": call_id, "node": node,
+                       "now_ms": now_ms, "ttl_ms": ttl_ms})
         log.warning("offline grant call=%s account=%s granted_micros=%d offline_left_micros=%d", call_id,
                     account_id, granted, left - granted)
         return AuthorizeOutcome(call_id, True, None, granted, left)
@@ -244,23 +315,28 @@ class StoreGuard:
             [NibbleRequest(call_id, seq, debit_micros, reserve_micros, now_ms, ttl_ms, account_id)])[0]
 
     def debit_and_reserve_many(self, requests: Sequence[NibbleRequest]) -> list[NibbleOutcome]:
+        """One part per shard. A shard with journaled steps left (down, or a call of it
+        authorized offline) journals its part behind them, so that each call's steps reach the
+        store in seq order."""
         hinted = [r if r.account_id is not None or r.call_id not in self._offline_calls
                   else _with_account(r, self._offline_calls[r.call_id][0]) for r in requests]
-        try:
-            # Journaled steps go first, so that each call's steps reach the store in seq order.
-            if len(self.journal) and not self._replay():
-                raise StoreUnavailable("journal not replayed yet")
-            offline = [r for r in hinted if r.call_id in self._offline_calls]
-            if offline:
-                raise StoreUnavailable("calls authorized offline wait for the journal")
-            return self._attempt("nibble", lambda: self.store.debit_and_reserve_many(hinted))
-        except StoreUnavailable:
-            return [self._nibble_offline(r) for r in hinted]
+        groups = _group([self._shard(r.account_id) for r in hinted])
+        waiting = self._journal_waits(groups)
+        answers = self._per_shard("nibble", {
+            shard: (partial(self.store.debit_and_reserve_many, [hinted[i] for i in indexes]),
+                    hinted[indexes[0]].account_id)
+            for shard, indexes in groups.items() if shard not in waiting})
+        outcomes: list[NibbleOutcome | None] = [None] * len(hinted)
+        for shard, indexes in groups.items():
+            answer = answers.get(shard)
+            for n, i in enumerate(indexes):
+                outcomes[i] = answer[n] if answer is not None else self._nibble_offline(hinted[i])
+        return [o for o in outcomes if o is not None]
 
     def _nibble_offline(self, r: NibbleRequest) -> NibbleOutcome:
-        self.journal.append({"op": "nibble", "call_id": r.call_id, "seq": r.seq, "debit_micros": r.debit_micros,
-                             "reserve_micros": r.reserve_micros, "now_ms": r.now_ms, "ttl_ms": r.ttl_ms,
-                             "account_id": r.account_id, "bundle_used_s": r.bundle_used_s})
+        self._journal({"op": "nibble", "call_id": r.call_id, "seq": r.seq, "debit_micros": r.debit_micros,
+                       "reserve_micros": r.reserve_micros, "now_ms": r.now_ms, "ttl_ms": r.ttl_ms,
+                       "account_id": r.account_id, "bundle_used_s": r.bundle_used_s})
         account_id = r.account_id
         if self.policy == "fail_closed" or account_id is None:
             return NibbleOutcome(r.call_id, r.seq, NibbleStatus.STORE_UNAVAILABLE, 0, 0)
@@ -273,28 +349,31 @@ class StoreGuard:
     def settle(self, call_id: str, seq: int, cost_micros: int, now_ms: int, *,
                account_id: str | None = None, bundle: BundleSettle | None = None) -> SettleOutcome:
         account = account_id or self._offline_account(call_id)
+        shard = self._shard(account)
         try:
-            if len(self.journal) and not self._replay():
+            if self._journal_waits({shard: []}):
                 raise StoreUnavailable("journal not replayed yet")
-            outcome = self._attempt("settle", lambda: self.store.settle(call_id, seq, cost_micros, now_ms,
-                                                                        account_id=account, bundle=bundle))
+            outcome = self._attempt("settle", shard, lambda: self.store.settle(
+                call_id, seq, cost_micros, now_ms, account_id=account, bundle=bundle), account)
         except StoreUnavailable:
-            self.journal.append({"op": "settle", "call_id": call_id, "seq": seq, "cost_micros": cost_micros,
-                                 "now_ms": now_ms, "account_id": account,
-                                 "bundle": None if bundle is None else bundle_settle_to_json(bundle)})
+            self._journal({"op": "settle", "call_id": call_id, "seq": seq, "cost_micros": cost_micros,
+                           "now_ms": now_ms, "account_id": account,
+                           "bundle": None if bundle is None else bundle_settle_to_json(bundle)})
             log.warning("settle journaled call=%s account=%s cost_micros=%d", call_id, account, cost_micros)
             return SettleOutcome(call_id, account or "", SettleStatus.JOURNALED, cost_micros, ledger_posted=False)
         return outcome
 
     def release(self, call_id: str, seq: int, now_ms: int, *, account_id: str | None = None) -> ReleaseOutcome:
         account = account_id or self._offline_account(call_id)
+        shard = self._shard(account)
         try:
-            if len(self.journal) and not self._replay():
+            if self._journal_waits({shard: []}):
                 raise StoreUnavailable("journal not replayed yet")
-            outcome = self._attempt("release", lambda: self.store.release(call_id, seq, now_ms, account_id=account))
+            outcome = self._attempt("release", shard, lambda: self.store.release(call_id, seq, now_ms,
+                                                                                 account_id=account), account)
         except StoreUnavailable:
-            self.journal.append({"op": "release", "call_id": call_id, "seq": seq, "now_ms": now_ms,
-                                 "account_id": account})
+            self._journal({"op": "release", "call_id": call_id, "seq": seq, "now_ms": now_ms,
+                           "account_id": account})
             return ReleaseOutcome(call_id, ReleaseStatus.JOURNALED)
         return outcome
 
@@ -303,6 +382,30 @@ class StoreGuard:
         return offline[0] if offline is not None else None
 
     # ------------------------------------------------------------------ the journal
+
+    def _journal(self, entry: dict[str, Any]) -> None:
+        self.journal.append(entry)
+        shard = self._shard(entry.get("account_id"))
+        self._pending[shard] = self._pending.get(shard, 0) + 1
+
+    def _count_pending(self) -> None:
+        """Journal entries by shard, as the store's shards are now (a failover moves accounts to
+        another master's name)."""
+        pending: dict[str, int] = {}
+        for entry in self.journal.entries():
+            shard = self._shard(entry.get("account_id"))
+            pending[shard] = pending.get(shard, 0) + 1
+        self._pending = pending
+
+    def _journal_waits(self, groups: dict[str, list[int]]) -> set[str]:
+        """The shards among ``groups`` whose steps must still be journaled: those with entries
+        left after a replay (tried here when one of them may answer)."""
+        if not any(self._pending.get(shard) for shard in groups):
+            return set()
+        now = self.clock.monotonic_ms()
+        if any(self._pending.get(shard) and self._retry_at_ms.get(shard, now) <= now for shard in groups):
+            self._replay()
+        return {shard for shard in groups if self._pending.get(shard)}
 
     def recover(self) -> int:
         """Replay what the journal holds, in order; returns how many steps the store took."""
@@ -314,11 +417,11 @@ class StoreGuard:
         return self.replayed_steps - before
 
     def _replay(self) -> bool:
-        """True once the journal's steps are in the store. Stops at the first step the store
-        cannot take. One replay at a time: each drops the entries it applied from the head of
-        the journal, so two at once dropped a step journaled meanwhile, unapplied (a settle
-        lost: its call never charged). Whoever finds a replay running waits for it (at most the
-        deadline), then replays what is left."""
+        """True once the journal's steps are in the store. A shard's steps stop at the first one
+        it cannot take; the other shards' go on. One replay at a time: each takes the entries
+        it applied out of the head of the journal, so two at once dropped a step journaled
+        meanwhile, unapplied (a settle lost: its call never charged). Whoever finds a replay
+        running waits for it (at most the deadline), then replays what is left."""
         if not self._replaying.acquire(timeout=self.timeout_s):
             return False
         try:
@@ -327,26 +430,46 @@ class StoreGuard:
             self._replaying.release()
 
     def _replay_locked(self) -> bool:
-        if not len(self.journal):
+        head = self.journal.entries()
+        if not head:
             return True
+        kept: list[dict[str, Any]] = []
+        stopped: set[str] = set()  # shards that failed during this pass: their later entries wait
         done = 0
         try:
-            for entry in self.journal.entries():
+            for entry in head:
+                shard = self._shard(entry.get("account_id"))
+                if shard in stopped:
+                    kept.append(entry)
+                    continue
                 try:
-                    self._attempt("journal replay", partial(self._apply, entry))
+                    self._attempt("journal replay", shard, partial(self._apply, entry), entry.get("account_id"))
                 except StoreUnavailable:
-                    return False
+                    stopped.add(shard)
+                    kept.append(entry)
+                    continue
                 except BillingError as exc:  # refused for good (unknown call, bad input): log, go on
                     log.error("journaled %s of call=%s refused by the store, dropped: %s", entry.get("op"),
                               entry.get("call_id"), exc)
                 done += 1
         finally:
-            self.journal.drop_first(done)
+            # An exit half-way (a timeout from outside) keeps the entries not looked at yet.
+            self.journal.replace_head(len(head), kept + head[len(kept) + done:])
             self.replayed_steps += done
-        self._offline_used.clear()
-        self._offline_calls.clear()
-        log.warning("journal replayed: %d steps", done)
-        return True
+            self._count_pending()
+            self._forget_offline()
+        if done:
+            log.warning("journal replayed: %d steps%s", done,
+                        f"; {len(kept)} wait for {', '.join(sorted(s or 'the store' for s in stopped))}"
+                        if kept else "")
+        return not kept
+
+    def _forget_offline(self) -> None:
+        """Offline grants whose steps are all in the store now are the store's to count."""
+        self._offline_calls = {call: (account, node) for call, (account, node) in self._offline_calls.items()
+                               if self._pending.get(self._shard(account))}
+        self._offline_used = {account: used for account, used in self._offline_used.items()
+                              if self._pending.get(self._shard(account))}
 
     def _apply(self, e: dict[str, Any]) -> None:
         now_ms = max(int(e["now_ms"]), self.clock.now_ms())  # a replayed step renews from now
@@ -394,14 +517,28 @@ class StoreGuard:
             raise
 
     def bundle_periods(self, account_id: str) -> dict[tuple[int, int], PeriodState]:
-        return self._attempt("bundle periods", lambda: self.store.bundle_periods(account_id))
+        return self._attempt("bundle periods", self._shard(account_id),
+                             lambda: self.store.bundle_periods(account_id), account_id)
 
     def account_state(self, account_id: str) -> AccountState:
-        return self._attempt("account state", lambda: self.store.account_state(account_id))
+        return self._attempt("account state", self._shard(account_id), lambda: self.store.account_state(account_id),
+                             account_id)
 
     def close(self) -> None:
         self.journal.close()
         self.store.close()
+
+
+def _named(shard: str) -> str:
+    return f" (master {shard})" if shard else ""
+
+
+def _group(shards: Sequence[str]) -> dict[str, list[int]]:
+    """Indexes by shard, in order."""
+    groups: dict[str, list[int]] = {}
+    for index, shard in enumerate(shards):
+        groups.setdefault(shard, []).append(index)
+    return groups
 
 
 def _with_account(r: NibbleRequest, account_id: str | None) -> NibbleRequest:

@@ -41,6 +41,7 @@ from typing import Any
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, ClusterError, NoScriptError, RedisClusterException, TryAgainError
 from redis.retry import Retry
 from sqlalchemy.exc import OperationalError
@@ -755,6 +756,15 @@ class RedisBalanceStore:
             self._scripts.ensure_loaded(self._client)
             return rebuild_account(self._client, self._scripts, self._keys, self._sessions, account_id,
                                    "if_present") == "loaded"
+
+    def shard_of(self, account_id: str) -> str:
+        """On a cluster, the master that serves the account's slot now (the client's slot map,
+        read again after a failover); "" on one Redis."""
+        if not isinstance(self._client, RedisCluster):
+            return ""
+        slot = key_slot(self._keys.of(account_id).account.encode())
+        slot_nodes = self._client.nodes_manager.slots_cache.get(slot)
+        return slot_nodes[0].name if slot_nodes else ""  # not covered: the calls' own error says so
 
     def close(self) -> None:
         if self._poster is not None:

@@ -520,5 +520,8 @@ class SqlBalanceStore:
 
         return self._run(work)
 
+    def shard_of(self, account_id: str) -> str:
+        return ""  # one database: one shard
+
     def close(self) -> None:
         """The engine belongs to the caller."""
