@@ -119,6 +119,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -452,23 +453,25 @@ class MasterKill:
 LOG_TIME_FORMAT = "%Y-%m-%d %H:%M:%S,%f"  # the daemon's plain log lines (agent.daemon: asctime)
 
 
-def store_events(node: Node) -> list[tuple[float, str, str]]:
-    """The StoreGuard's circuit in a daemon's log: (epoch s, "down" | "up", the step and reason).
-    "down" is logged when the circuit opens (a deadline missed or an error), "up" when a step
-    answers again; the steps refused while it is open are not logged."""
+CIRCUIT_LINE = re.compile(r"balance store(?: \(master (?P<master>[^)]+)\))? "
+                          r"(?:(?P<down>unavailable during )|(?P<up>answers again ))(?P<what>.*)")
+
+
+def store_events(node: Node) -> list[tuple[float, str, str, str]]:
+    """The StoreGuard's circuits in a daemon's log: (epoch s, "down" | "up", the step and
+    reason, the cluster master it names or ""). "down" is logged when a circuit opens (a
+    deadline missed or an error), "up" when a step answers again; the steps refused while it is
+    open are not logged. One circuit per cluster master (store_guard.py)."""
     events = []
     for line in (node.folder / "daemon.log").read_text(errors="replace").splitlines():
-        if "balance store unavailable during " in line:
-            kind, what = "down", line.split("balance store unavailable during ", 1)[1]
-        elif "balance store answers again" in line:
-            kind, what = "up", line.split("balance store answers again ", 1)[1]
-        else:
+        found = CIRCUIT_LINE.search(line)
+        if found is None:
             continue
         try:
             at = datetime.strptime(line[:23], LOG_TIME_FORMAT).timestamp()  # local time, as logged
         except ValueError:
             continue
-        events.append((at, kind, what))
+        events.append((at, "down" if found["down"] else "up", found["what"], found["master"] or ""))
     return events
 
 
@@ -549,7 +552,7 @@ def failover_figures(kill: MasterKill, nodes: list[Node], rows: list[dict[str, A
     if not kill.killed_at:
         return {"error": kill.error or "no master was killed (the run ended first?)"}
     k = kill.killed_at
-    events = sorted((at, kind, what, n.node_id) for n in nodes for at, kind, what in store_events(n))
+    events = sorted((at, kind, what, n.node_id, master) for n in nodes for at, kind, what, master in store_events(n))
     before = [e for e in events if e[0] < k and e[1] == "down"]
     downs = [e for e in events if e[0] >= k and e[1] == "down"]
     # The outage: from the first circuit opened after the kill to the last "answers again" that
@@ -592,6 +595,9 @@ def failover_figures(kill: MasterKill, nodes: list[Node], rows: list[dict[str, A
         "circuit_reasons_in_outage": dict(Counter(e[2].split(": ", 1)[-1].split(";")[0][:80]
                                                   for e in outage_downs)),
         "nodes_that_saw_it": len({e[3] for e in outage_downs}),
+        "circuits_opened_in_outage_by_master": dict(Counter(
+            "the dead master" if e[4].rpartition(":")[2] == str(kill.victim_port) else (e[4] or "whole store")
+            for e in outage_downs)),
         "circuits_opened_before_kill": len(before), "circuits_opened_after_outage": len(downs) - len(outage_downs),
         "calls_placed_in_outage": split(placed),
         "calls_denied_in_outage": split(denied),
@@ -820,7 +826,8 @@ def log_counts(nodes: list[Node]) -> dict[str, int]:
         for line in (node.folder / "daemon.log").read_text(errors="replace").splitlines():
             counts["error_lines"] += " ERROR " in line or " CRITICAL " in line
             counts["settles_journaled"] += "settle journaled" in line
-            counts["store_deadline_missed"] += "balance store unavailable during" in line
+            found = CIRCUIT_LINE.search(line)
+            counts["store_deadline_missed"] += found is not None and found["down"] is not None
     return dict(counts)
 
 
@@ -989,7 +996,8 @@ def failover_summary(f: dict[str, Any] | None) -> list[str]:
         f"    outage seen        first store_unavailable {f['outage_first_unavailable_after_kill_s']} s after the "
         f"kill, last answers-again {f['outage_last_answers_again_after_kill_s']} s ({f['outage_s']} s, "
         f"{f['nodes_that_saw_it']} daemons; {f['circuits_opened_in_outage']} circuits opened "
-        f"{f['circuits_opened_in_outage_by_step']}: {f['circuit_reasons_in_outage']}; "
+        f"{f['circuits_opened_in_outage_by_step']} {f['circuits_opened_in_outage_by_master']}: "
+        f"{f['circuit_reasons_in_outage']}; "
         f"{f['circuits_opened_before_kill']} before the kill, {f['circuits_opened_after_outage']} after)",
         f"    calls meanwhile    placed {f['calls_placed_in_outage']}, denied {f['calls_denied_in_outage']} "
         f"(denied before the kill {f['calls_denied_before_kill']}), cut {f['calls_cut_in_outage']} "

@@ -154,6 +154,28 @@ def test_one_cluster_master_that_may_evict_keys_is_refused(redis_cluster: Cluste
     assert f"cluster node 127.0.0.1:{redis_cluster.masters[2].port} has maxmemory-policy volatile-lru" in message
 
 
+def test_a_cluster_that_stops_whole_when_a_master_dies_is_named_at_start(
+        redis_cluster: Cluster, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis' default cluster-require-full-coverage yes makes every master refuse every command
+    while one is down: the per-master failure isolation of the store guard cannot help then."""
+    master = redis_cluster.masters[1]
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    upgrade(engine)
+    master.client().config_set("cluster-require-full-coverage", "yes")
+    try:
+        make_balance_store(_config(redis_cluster.url), engine).close()  # started, with a warning
+    finally:
+        master.client().config_set("cluster-require-full-coverage", "no")
+        engine.dispose()
+    warnings = [r.getMessage() for r in caplog.records if "cluster-require-full-coverage" in r.getMessage()]
+    assert len(warnings) == 1 and f"is yes on 127.0.0.1:{master.port}:" in warnings[0]
+    caplog.clear()
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    make_balance_store(_config(redis_cluster.url), engine).close()
+    engine.dispose()
+    assert not [r for r in caplog.records if "cluster-require-full-coverage" in r.getMessage()]
+
+
 def test_a_redis_that_does_not_answer_at_start_is_left_to_the_failure_policy(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
     store = make_balance_store(_config(f"redis://127.0.0.1:{free_port()}/0"), engine)  # no refusal

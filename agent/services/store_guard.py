@@ -181,13 +181,20 @@ class StoreGuard:
         return not self.down_shards()
 
     def down_shards(self) -> list[str]:
-        """The parts of the store whose circuit is open ("" for a store in one piece). A dead
-        master's circuit is forgotten once its accounts are served by another (its replica)."""
+        """The parts of the store whose circuit is open ("" for a store in one piece)."""
+        self._forget_replaced()
+        return sorted(self._retry_at_ms)
+
+    def _forget_replaced(self) -> None:
+        """A dead master's circuit is closed once its accounts are served by another master (its
+        replica, promoted): no step will name the dead one again to close it."""
         for shard, account in list(self._tripped_by.items()):
-            if shard and account and self._shard(account) != shard:
+            heir = self._shard(account)
+            if shard and heir != shard:
                 self._retry_at_ms.pop(shard, None)
                 self._tripped_by.pop(shard, None)
-        return sorted(self._retry_at_ms)
+                log.warning("balance store%s answers again (its slots are served by %s now); %d journaled steps "
+                            "to replay", _named(shard), heir or "another master", self._pending.get(heir, 0))
 
     def shard_of(self, account_id: str) -> str:
         return self.store.shard_of(account_id)
@@ -216,6 +223,8 @@ class StoreGuard:
             raise
         finally:
             timer.close()
+        if self._tripped_by:
+            self._forget_replaced()
         if self._retry_at_ms.pop(shard, None) is not None:
             self._tripped_by.pop(shard, None)
             log.warning("balance store%s answers again (%s); %d journaled steps to replay", _named(shard), what,

@@ -154,10 +154,13 @@ def check_deployment(client: RedisClient, target: RedisTarget) -> None:
 
 
 def _check_cluster(client: RedisCluster, target: RedisTarget) -> None:
+    full_coverage: list[str] = []
     for node in client.get_primaries():  # type: ignore[no-untyped-call]
         where = f"cluster node {node.host}:{node.port}"
         info = client.get_redis_connection(node).info()
         _check_server(target, where, info, in_cluster=True)
+        if _requires_full_coverage(client.get_redis_connection(node)):
+            full_coverage.append(f"{node.host}:{node.port}")
         state = client.get_redis_connection(node).cluster("info")
         assigned = int(state.get("cluster_slots_assigned", 0))
         if assigned < SLOTS:
@@ -167,3 +170,19 @@ def _check_cluster(client: RedisCluster, target: RedisTarget) -> None:
             log.warning("redis.url (%s): %s reports cluster_state %s (a master down, failover under way?): the "
                         "failure policy applies to the slots it cannot serve", target.describe(), where,
                         state.get("cluster_state"))
+    if full_coverage:
+        log.warning("redis.url (%s): cluster-require-full-coverage is yes on %s: while one master is down and not "
+                    "replaced yet, every master refuses every command (CLUSTERDOWN), so all accounts' calls meet "
+                    "the failure policy for the failover, not only the dead master's; set "
+                    "`cluster-require-full-coverage no` on every node to keep the other masters' calls going",
+                    target.describe(), ", ".join(full_coverage))
+
+
+def _requires_full_coverage(node: redis.Redis) -> bool:
+    """Redis' default (yes) stops the whole cluster while any slot is unserved. Unknown (CONFIG
+    renamed or refused, as managed services do) counts as no: nothing to say."""
+    try:
+        setting = node.config_get("cluster-require-full-coverage")
+    except redis.ResponseError:
+        return False
+    return str(setting.get("cluster-require-full-coverage", "no")).lower() == "yes"
