@@ -175,8 +175,13 @@ def bench_pbx(build: PbxBuild, args: argparse.Namespace, root: Path) -> dict[str
         wrong = [c["call_id"] for c in answered + cutoff
                  if int(round(float(c["rating"]["cost"]) * 1_000_000)) != math.ceil(c["duration_ms"] / 1000) * 10_000]
         lateness = []
+        unanswered: Counter[str] = Counter()  # e.g. the carrier leg refused (seen once: 488, cause 88)
         for cdr in cutoff:
-            (leg,) = [leg for leg in cdr["legs"] if leg["billed"]]
+            billed_legs = [leg for leg in cdr["legs"] if leg["billed"]]
+            if not billed_legs:  # never answered: billed 0 (checked above), no cut to time
+                unanswered[f"{cdr['disposition']} {cdr.get('hangup_cause') or ''}".strip()] += 1
+                continue
+            (leg,) = billed_legs
             lateness.append(ms(leg["ended_at"]) - (ms(leg["answered_at"]) + 3_000))
         ok, report = agent.ledger_check()
         result["billing"] = {
@@ -185,6 +190,7 @@ def bench_pbx(build: PbxBuild, args: argparse.Namespace, root: Path) -> dict[str
             "cut_calls_hung_up_by_pbx": sum(1 for c in cut.result.values() if c.hung_up_by_pbx),
             "billed_differently_from_duration": len(wrong),
             "cut_dispositions": sorted({c["disposition"] for c in cutoff}),
+            "cut_load_unanswered": dict(unanswered),
             "cut_late_p50_ms": pct([float(x) for x in lateness], 0.5),
             "cut_late_p99_ms": pct([float(x) for x in lateness], 0.99),
             "cut_late_max_ms": max(lateness) if lateness else None,
