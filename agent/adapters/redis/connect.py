@@ -113,10 +113,10 @@ def make_sentinel_client(target: RedisTarget, timeout_ms: int) -> redis.Redis:
     failover is followed (a connection to a demoted master is dropped on its READONLY reply).
     Its pool grows as needed (redis-py's Sentinel pool cannot block like BlockingConnectionPool)."""
     seconds = timeout_ms / 1000
-    # redis-py leaves Sentinel and master_for untyped
-    sentinel = Sentinel(list(target.hosts), sentinel_kwargs={  # type: ignore[no-untyped-call]
+    # redis-py up to 8.1 leaves Sentinel and master_for untyped (8.2 types them)
+    sentinel = Sentinel(list(target.hosts), sentinel_kwargs={  # type: ignore[no-untyped-call, unused-ignore]
         "socket_timeout": seconds, "socket_connect_timeout": seconds}, **_node_options(target, timeout_ms))
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         target.master_name, db=target.db, **_node_options(target, timeout_ms))
     return client
 
