@@ -375,3 +375,62 @@ def test_a_slow_or_failed_sweep_never_opens_the_circuit_the_calls_use(w: World) 
     with pytest.raises(StoreUnavailable):
         guard.expire(T0)
     assert guard.available and guard.authorize("alice", "c1", "n1", UNIT, UNIT, T0, TTL).allowed
+
+
+class TwoMasters:
+    """A real store seen as two shards ("A", and "B" for accounts starting with b), whose "B"
+    part hangs while ``b_hangs`` (a master that accepts and never answers)."""
+
+    def __init__(self, store: RedisBalanceStore) -> None:
+        self.store = store
+        self.b_hangs = False
+        self.hung_batches = 0
+
+    def shard_of(self, account_id: str) -> str:
+        return "B" if account_id.startswith("b") else "A"
+
+    def debit_and_reserve_many(self, requests: list[object]) -> object:
+        if self.b_hangs and any(getattr(r, "account_id", "").startswith("b") for r in requests):
+            self.hung_batches += 1
+            gevent.sleep(3600)
+        return self.store.debit_and_reserve_many(requests)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+
+def test_a_hung_master_costs_only_its_own_part_of_a_batch_the_deadline(w: World) -> None:
+    """The batch is split by master and the parts run at once, each under its deadline: the
+    other master's calls are granted, the hung one's journaled (fail_closed: no grant) and
+    replayed in order once it answers; while its circuit is open its new steps are journaled
+    without being sent."""
+    from agent.core.balance import NibbleRequest
+
+    for account in ("alice", "bob"):
+        w.account(account, balance=10 * UNIT)
+    clock = ManualClock(T0)
+    two = TwoMasters(redis_store(w, "redis://127.0.0.1:6379/0"))
+    guard = StoreGuard(two, clock=clock, timeout_ms=100, probe_interval_ms=1000)  # type: ignore[arg-type]
+    for account in ("alice", "bob"):
+        assert guard.authorize(account, f"c-{account}", "n1", UNIT, UNIT, T0, TTL).allowed
+
+    def batch(seq: int) -> dict[str, NibbleStatus]:
+        outcomes = guard.debit_and_reserve_many([NibbleRequest(f"c-{a}", seq, UNIT, UNIT, T0 + seq * 1000, TTL, a)
+                                                 for a in ("alice", "bob")])
+        return {o.call_id: o.status for o in outcomes}
+
+    two.b_hangs = True
+    started = time.monotonic()
+    assert batch(1) == {"c-alice": NibbleStatus.GRANTED, "c-bob": NibbleStatus.STORE_UNAVAILABLE}
+    assert time.monotonic() - started < 1.0  # one deadline (100 ms), not the hung master's hour
+    assert guard.down_shards() == ["B"]
+    assert batch(2) == {"c-alice": NibbleStatus.GRANTED, "c-bob": NibbleStatus.STORE_UNAVAILABLE}
+    assert two.hung_batches == 1  # the open circuit journals bob's step without sending it
+    assert guard.settle("c-alice", 3, 2 * UNIT, T0 + 3000, account_id="alice").ledger_posted
+    assert guard.settle("c-bob", 3, 2 * UNIT, T0 + 3000, account_id="bob").status is SettleStatus.JOURNALED
+    two.b_hangs = False
+    clock.advance(1000)  # the probe is due
+    assert guard.recover() == 3  # bob's two nibbles and his settle, in order
+    assert guard.available and len(guard.journal) == 0
+    for account in ("alice", "bob"):
+        assert w.sql_balance(account) == 8 * UNIT, account  # two slices used, charged once
