@@ -670,6 +670,7 @@ class Daemon:
             if replayed:
                 log.warning("balance store back: %d journaled steps replayed", replayed)
             report = store.expire(self.clock.now_ms())
+            self.metrics.store_rebuilt_accounts.inc(report.rebuilt)
             if report.expired:
                 log.warning("released %d expired reservations: %s", len(report.expired),
                             ", ".join(report.expired[:10]))

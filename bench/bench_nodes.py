@@ -458,6 +458,7 @@ class MasterKill:
 LOG_TIME_FORMAT = "%Y-%m-%d %H:%M:%S,%f"  # the daemon's plain log lines (agent.daemon: asctime)
 
 
+REBUILD_LINE = re.compile(r"has a new replication id \S+ .*?: (?P<accounts>\d+) accounts changed")
 CIRCUIT_LINE = re.compile(r"balance store(?: \(master (?P<master>[^)]+)\))? "
                           r"(?:(?P<down>unavailable during )|(?P<up>answers again ))(?P<what>.*)")
 
@@ -831,6 +832,12 @@ def log_counts(nodes: list[Node]) -> dict[str, int]:
         for line in (node.folder / "daemon.log").read_text(errors="replace").splitlines():
             counts["error_lines"] += " ERROR " in line or " CRITICAL " in line
             counts["settles_journaled"] += "settle journaled" in line
+            # After a promotion: the node that claimed the new replication id rebuilt N accounts
+            # from the ledger (store.py _watch_replication); calls closed against a lost step.
+            if (rebuilt := REBUILD_LINE.search(line)) is not None:
+                counts["promotions_seen"] += 1
+                counts["accounts_rebuilt_after_promotion"] += int(rebuilt["accounts"])
+            counts["calls_closed_against_a_lost_step"] += "a step lost with a Redis master" in line
             found = CIRCUIT_LINE.search(line)
             counts["store_deadline_missed"] += found is not None and found["down"] is not None
     return dict(counts)
@@ -890,6 +897,12 @@ def invariants(args: argparse.Namespace, nodes: list[Node], database_url: str, r
         expired += len(swept)
     states = [store.account_state(a.id) for a in accounts]
     live = store.live_calls()
+    with sql.connect() as conn:  # after the sweeps (they post what they closed)
+        sql_balance = {str(i): int(b) for i, b in conn.execute(select(Account.id, Account.balance_micros)
+                                                               .where(Account.id.like("acct%")))}
+    # With no reservation left, Redis must hold exactly the ledger's balance (a write lost with a
+    # killed master is rebuilt from the ledger after the promotion: store.py _watch_replication).
+    store_off_sql = [s.account_id for s in states if not live and s.balance_micros != sql_balance[s.account_id]]
     store.close()
     below_floor_store = [s.account_id for s in states if s.balance_micros < -s.credit_limit_micros]
     ledger = subprocess.run(agent_command(nodes[0].config_path, "ledger", "check", "--grace-seconds", "0", "--json"),
@@ -906,6 +919,7 @@ def invariants(args: argparse.Namespace, nodes: list[Node], database_url: str, r
         "lowest_tight_balance_sql": min((a.balance_micros for a in accounts if int(a.id[4:]) < tight),
                                         default=None),
         "overrun_micros_store": sum(s.overrun_micros for s in states),
+        "store_balance_off_sql": store_off_sql,
         "open_reservations_at_stop": open_at_stop, "expired_by_a_ttl_sweep": expired,
         "open_reservations_left": len(live),
         "calls_allowed": len(expected), "cdr_rows": len(ids),
@@ -960,7 +974,8 @@ def summary(report: dict[str, Any]) -> str:
                        report["money"])
     ok = (not inv["overspend_accounts_sql"] and not inv["overspend_accounts_store"] and not inv["cdr_missing"]
           and not inv["cdr_not_placed"] and not inv["cdr_duplicate_ids"] and not inv["calls_charged_twice"]
-          and inv["ledger_check_exit"] == 0 and not inv["open_reservations_left"])
+          and inv["ledger_check_exit"] == 0 and not inv["open_reservations_left"]
+          and not inv.get("store_balance_off_sql"))
     return "\n".join([
         f"{report['redis']}: {report['nodes']} daemons x {report['calls_per_node']} calls, "
         f"nibble {report['nibble_ms']} ms",
@@ -976,7 +991,8 @@ def summary(report: dict[str, Any]) -> str:
         f"placed call {inv['cdr_not_placed']}, allowed after the PBX gave up "
         f"{inv['cdr_allowed_after_the_pbx_gave_up']}), charged twice {inv['calls_charged_twice']}, reservations left "
         f"{inv['open_reservations_left']} (open at stop {inv['open_reservations_at_stop']}, expired by a sweep past "
-        f"their TTL {inv['expired_by_a_ttl_sweep']}), ledger check exit {inv['ledger_check_exit']}",
+        f"their TTL {inv['expired_by_a_ttl_sweep']}), ledger check exit {inv['ledger_check_exit']}, "
+        f"store balance off the ledger's {len(inv.get('store_balance_off_sql', []))}",
         f"  daemon logs          {report['daemon_log']} (journaled steps all replayed after "
         f"{report['journal_replayed_after_s']} s)",
         f"  money                {m['answered_calls']} answered: money lost {m['money_lost_micros']} micro-units "

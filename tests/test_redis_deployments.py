@@ -15,7 +15,9 @@ import pytest
 import tests.test_balance_store_contract as contract
 from agent.adapters.balance import make_balance_store
 from agent.adapters.redis.connect import RedisSetupError
-from agent.adapters.sql.engine import make_engine
+from agent.adapters.redis.store import RedisBalanceStore
+from agent.adapters.sql import accounts as accounts_repo
+from agent.adapters.sql.engine import make_engine, transaction
 from agent.adapters.sql.migrate import upgrade
 from agent.config import Config, ConfigError, load_config
 from tests.balance_helpers import T0, UNIT, Engines, World, world_for
@@ -217,6 +219,7 @@ def test_the_daemon_refuses_to_start_on_a_replica(redis_sentinel: SentinelSetup,
 # ----------------------------------------------------------------------- cluster failover
 
 SLICE = 100_000
+TOPUP = 3 * UNIT  # a top-up the promoted replica did not receive
 
 
 def _owner(cluster: Cluster, key: str) -> int:
@@ -258,8 +261,14 @@ def test_a_master_killed_while_calls_nibble_loses_no_money(cw: World, redis_clus
 
     for step in range(3):
         assert set(nibble_round(T0 + 1000 * step)) == {NibbleStatus.GRANTED}
-    victim_index = _owner(redis_cluster, f"{cw.redis_prefix}acct:{{{accounts[0]}}}:bal")
+    assert store.expire(T0 + 2500).rebuilt == 0  # the sweep notes each master's replication id
+    balance_key = f"{cw.redis_prefix}acct:{{{accounts[0]}}}:bal"
+    victim_index = _owner(redis_cluster, balance_key)
     victim, heir = redis_cluster.masters[victim_index], redis_cluster.replicas[victim_index]
+    with transaction(cw.sessions) as s:  # a top-up just before the master dies
+        accounts_repo.topup(s, accounts[0], TOPUP, reference="before-the-kill")
+    assert isinstance(store, RedisBalanceStore) and store.refresh(accounts[0])
+    topped_up = store.account_state(accounts[0]).balance_micros
     last_round = {c: seq[c] - 1 for c in calls}
     victim.stop()  # kill -9 of a master while its calls are live
     killed = time.monotonic()
@@ -281,6 +290,15 @@ def test_a_master_killed_while_calls_nibble_loses_no_money(cw: World, redis_clus
     # those parts answer REPLAYED, the rest GRANTED; none is applied twice (checked below).
     assert set(statuses) <= {NibbleStatus.GRANTED, NibbleStatus.REPLAYED}
     try:
+        # Replication is asynchronous: the promoted replica may not have had the top-up (done
+        # here on the heir by hand, as the lost write would leave it). The next sweep sees the
+        # slots' new replication id and rebuilds the accounts changed in SQL from the ledger.
+        heir.client().hincrby(balance_key, "balance", -TOPUP)
+        assert store.account_state(accounts[0]).balance_micros == topped_up - SLICE - TOPUP
+        report = store.expire(T0 + 10_000)
+        assert 1 <= report.rebuilt < len(accounts), report  # the dead master's accounts, not the others
+        assert store.account_state(accounts[0]).balance_micros == topped_up - SLICE, "the top-up is back"
+        assert store.expire(T0 + 10_001).rebuilt == 0, "once per promotion"
         # The step a node sent just before the kill, sent again: applied once, never twice.
         replays = store.debit_and_reserve_many([NibbleRequest(c, n, SLICE, SLICE, T0 + 10_000, contract.TTL, a)
                                                 for (c, a), n in zip(calls.items(), last_round.values(), strict=True)])
@@ -294,7 +312,9 @@ def test_a_master_killed_while_calls_nibble_loses_no_money(cw: World, redis_clus
             assert out.ledger_posted and out.debited_micros == (seq[call_id] - 1) * SLICE
         for account in accounts:
             contract.assert_books_balance(cw, account)
-            assert cw.sql_balance(account) == 100 * UNIT - 4 * SLICE  # four slices used, charged once
+            topup = TOPUP if account == accounts[0] else 0
+            assert cw.sql_balance(account) == 100 * UNIT + topup - 4 * SLICE  # four slices used, charged once
+            assert store.account_state(account).balance_micros == cw.sql_balance(account)
     finally:
         # The old master comes back as a replica of its heir: the session's cluster is whole again.
         victim.restart()
@@ -312,6 +332,10 @@ def test_a_sentinel_failover_is_followed_and_nibbles_go_on(sw: World, redis_sent
     store = sw.store()
     assert store.authorize("alice", "c1", "n1", SLICE, SLICE, T0, contract.TTL).allowed
     assert store.debit_and_reserve("c1", 1, SLICE, SLICE, T0 + 1000, contract.TTL).status is NibbleStatus.GRANTED
+    assert store.expire(T0 + 1500).rebuilt == 0  # the sweep notes the master's replication id
+    with transaction(sw.sessions) as s:  # a top-up just before the master dies
+        accounts_repo.topup(s, "alice", TOPUP, reference="before-the-kill")
+    assert isinstance(store, RedisBalanceStore) and store.refresh("alice")
     old, heir = redis_sentinel.master, redis_sentinel.replica
     wait_for("the replica has the reservation", lambda: heir.client().exists(f"{sw.redis_prefix}acct:{{alice}}:bal"))
     old.stop()
@@ -329,10 +353,16 @@ def test_a_sentinel_failover_is_followed_and_nibbles_go_on(sw: World, redis_sent
     try:
         wait_for("nibbles go on on the promoted replica", nibble, timeout_s=20)
         assert heir.client().info("replication")["role"] == "master"
+        # The promoted replica without the top-up (a lost write, made by hand): the next sweep
+        # sees the new replication id and rebuilds the accounts changed in SQL from the ledger.
+        heir.client().hincrby(f"{sw.redis_prefix}acct:{{alice}}:bal", "balance", -TOPUP)
+        assert store.expire(T0 + 2500).rebuilt == 1
+        assert store.account_state("alice").balance_micros == 10 * UNIT + TOPUP - 2 * SLICE
         out = store.settle("c1", 3, 2 * SLICE, T0 + 3000)
         assert out.ledger_posted and out.debited_micros == 2 * SLICE
         contract.assert_books_balance(sw, "alice")
-        assert sw.sql_balance("alice") == 10 * UNIT - 2 * SLICE
+        assert sw.sql_balance("alice") == 10 * UNIT + TOPUP - 2 * SLICE
+        assert store.account_state("alice").balance_micros == sw.sql_balance("alice")
     finally:
         # Back as a replica of its heir at once (the Sentinel would do it too, within ~10 s).
         old.restart("--replicaof", "127.0.0.1", str(heir.port))

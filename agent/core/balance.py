@@ -230,6 +230,7 @@ class ExpireReport:
     expired: tuple[str, ...] = ()  # calls whose reservation this sweep released
     posted: int = 0  # ledger entries (re)written for closed calls
     pending: int = 0  # closed calls whose ledger entry could not be written yet
+    rebuilt: int = 0  # accounts rebuilt from the ledger (or queued) after a Redis master changed
 
 
 @dataclass(frozen=True, slots=True)

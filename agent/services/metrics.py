@@ -31,6 +31,9 @@ class Metrics:
         self.cdr_queue = Gauge("billing_cdr_queue_depth", "CDRs waiting to reach SQL", registry=r)
         self.ledger_backlog = Gauge("billing_ledger_backlog", "Closed calls settled in Redis whose ledger entries "
                                     "this process has not written to SQL yet", registry=r)
+        self.store_rebuilt_accounts = Counter(
+            "billing_store_rebuilt_accounts", "Accounts rebuilt from the SQL ledger after a Redis master changed "
+            "(a replica promoted, a restart)", registry=r)
         self.connection_up = Gauge("billing_connection_up", "1 when a connection is up", ["target"], registry=r)
         self.unknown_events = Counter("billing_unknown_events", "PBX events for legs the agent does not know",
                                       registry=r)

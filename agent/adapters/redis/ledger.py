@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -49,7 +49,7 @@ from agent.adapters.sql.accounts import lock_account, post_entry
 from agent.adapters.sql.bundle_periods import post_usage, post_use, use_reference
 from agent.adapters.sql.engine import transaction
 from agent.adapters.sql.models import BundlePeriod, BundleUsage, LedgerEntry, RatePlan, SpendPeriod
-from agent.core.balance import MAX_STORE_MICROS, ledger_postings
+from agent.core.balance import MAX_STORE_MICROS, LedgerPosting, ledger_postings
 from agent.core.bundles import BundleSlot
 from agent.core.errors import BillingError, Conflict, InvalidInput, NotFound
 from agent.core.money import format_amount
@@ -148,7 +148,10 @@ def record_from(reply: list[object], start: int) -> CallRecord:
 def post_call(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: sessionmaker[Session],
               account_id: str, call_id: str, record: CallRecord, retention_ms: int) -> bool:
     """Write a closed call's ledger entries (and bundle use rows, after the openings they need),
-    then mark it posted. False: SQL (or Redis, for the openings) refused, retry later."""
+    then mark it posted. False: SQL (or Redis, for the openings) refused, retry later.
+
+    When the ledger already holds this call's charge with another amount, Redis lost a step the
+    ledger has (``lost_step_postings``): the ledger stands, and the account is rebuilt from it."""
     postings = ledger_postings(call_id, closed_charge_micros=record.optional_int("closed_charge"),
                                cost_micros=record.optional_int("cost"))
     uses = record.bundle_uses()
@@ -162,10 +165,14 @@ def post_call(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: s
                       account_id, exc)
             return False
     spend = record.spend_periods
+    lost: list[LedgerPosting] | None = None
     try:
         with transaction(sessions) as session:
+            lock_account(session, account_id)
+            lost = lost_step_postings(session, call_id, postings, record.optional_int("cost"))
+            if lost is not None:
+                postings, uses = lost, []  # the bundle rows written with the ledger's charge stand too
             if openings or uses:
-                lock_account(session, account_id)
                 write_openings(session, account_id, openings)
                 write_uses(session, account_id, call_id, uses)
             spent = 0
@@ -184,7 +191,48 @@ def post_call(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: s
                     [call_id, record.fields.get("ver", "1"), retention_ms, *[o.period_id for o in openings]])
     except redis.RedisError as exc:  # the ledger has it; a later sweep marks it (posting is idempotent)
         log.warning("call=%s is in the ledger but Redis was not told: %s", call_id, exc)
+        return True
+    if lost is not None:
+        log.warning("call=%s account=%s: Redis closed the call from a state the ledger had already moved past "
+                    "(a step lost with a Redis master or restart); the ledger stands (%s), the account is rebuilt "
+                    "from it", call_id, account_id,
+                    ", ".join(f"{p.reference} {p.amount_micros}" for p in lost) or "nothing more to write")
+        try:
+            rebuild_account(client, scripts, keys, sessions, account_id, "if_present")
+        except (redis.RedisError, SQLAlchemyError, BillingError) as exc:
+            log.error("account=%s not rebuilt after a lost step (run `billing-agent accounts rebuild-cache %s`): %s",
+                      account_id, account_id, exc)
     return True
+
+
+def lost_step_postings(session: Session, call_id: str, postings: Sequence[LedgerPosting],
+                       cost_micros: int | None) -> list[LedgerPosting] | None:
+    """None when the ledger agrees with the entries Redis asks for (or has none of them yet).
+
+    Otherwise Redis closed the call from a state that had lost a step which already reached the
+    ledger: a Redis master died (replication is asynchronous) or restarted from an older dump
+    after a settle or an expiry was posted. The call's ``charge`` in the ledger then stands, and:
+
+    * the ledger's charge came from an expiry, and Redis now settles the call (its record has a
+      cost): it is a late settle, so the ``charge-late`` adjustment is what is left to write;
+    * otherwise (the ledger has the settle, or the late adjustment already): nothing to write.
+
+    Without this, ``post_entry`` refuses the differing amount, and the call stayed in the
+    sweeper's index with a Conflict logged at every sweep, its Redis balance off by the difference.
+    """
+    charge_ref = f"charge:{call_id}"
+    existing = {str(ref): int(amount) for ref, amount in session.execute(
+        select(LedgerEntry.reference, LedgerEntry.amount_micros).where(LedgerEntry.call_id == call_id))}
+    if charge_ref not in existing:
+        return None
+    wanted = {p.reference: p.amount_micros for p in postings}
+    if all(existing.get(ref, amount) == amount for ref, amount in wanted.items()) and charge_ref in wanted:
+        return None
+    charged = -existing[charge_ref]
+    if (wanted.get(charge_ref) != existing[charge_ref] and cost_micros is not None and charged > 0
+            and f"charge-late:{call_id}" not in existing):
+        return ledger_postings(call_id, closed_charge_micros=charged, cost_micros=cost_micros)
+    return []
 
 
 def add_spent(session: Session, account_id: str, spend: tuple[int, int], amount_micros: int) -> None:

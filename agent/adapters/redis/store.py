@@ -33,8 +33,10 @@ Redis must run with ``maxmemory-policy noeviction``: an evicted key would be mon
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -44,11 +46,12 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, ClusterError, NoScriptError, RedisClusterException, TryAgainError
 from redis.retry import Retry
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.adapters.redis.connect import RedisClient, make_cluster_client, make_sentinel_client
-from agent.adapters.redis.keys import PERIODS_MARK, SLOTS, AccountKeys, KeySpace
+from agent.adapters.redis.keys import PERIODS_MARK, SLOTS, AccountKeys, KeySpace, slot_tag
 from agent.adapters.redis.ledger import (
     CallRecord,
     parse_period_id,
@@ -60,6 +63,7 @@ from agent.adapters.redis.ledger import (
 )
 from agent.adapters.redis.poster import LedgerPoster
 from agent.adapters.redis.scripts import Scripts
+from agent.adapters.sql.models import Account
 from agent.core.balance import (
     MAX_STORE_MICROS,
     AccountState,
@@ -86,7 +90,7 @@ from agent.core.balance import (
 )
 from agent.core.budgets import SpendPeriods, spend_periods
 from agent.core.bundles import BundleSlot, PeriodState
-from agent.core.errors import Conflict, InvalidInput, NotFound
+from agent.core.errors import BillingError, Conflict, InvalidInput, NotFound
 from agent.redis_url import parse_redis_url
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,9 @@ LOCAL_ZONE_CACHE_MAX = 100_000  # accounts whose plan's timezone this process re
 _DAY_AFTER_MS = 26 * 3600 * 1000  # past the end of any local day (23 to 25 hours) from its start
 RETRY_PENDING_MS = 5_000  # a call whose ledger write failed is looked at again this soon
 SWEEP_SLOTS = 1024  # per-slot indexes a cluster sweep reads in one script (keeps each under ~2 ms)
+# After a master's replication id changes, the accounts changed in SQL since this long before the
+# last sweep that saw the old one are rebuilt from the ledger (see _watch_replication).
+REBUILD_LOOKBACK_MS = 10 * 60 * 1000
 
 
 MAX_CONNECTIONS = 256  # per process; a burst beyond it waits for a free connection
@@ -229,6 +236,10 @@ class RedisBalanceStore:
         self._call_accounts: dict[str, str] = {}
         self._zones: dict[str, str] = {}  # account -> its plan's timezone, as the scripts last said
         self._periods: dict[str, tuple[int, int, SpendPeriods]] = {}  # timezone -> [from, until) -> periods
+        # The replication id of the master serving each slot (one entry on a single Redis), as the
+        # last sweep read it, and when (wall ms): see _watch_replication.
+        self._replids: list[str] = []
+        self._replids_read_ms = 0
 
     # ------------------------------------------------------------------ plumbing
 
@@ -577,6 +588,7 @@ class RedisBalanceStore:
         """Release reservations past their TTL (their debits become the call's charge) and write
         the ledger entries of closed calls that are not in SQL yet. Safe on many nodes at once."""
         with _unavailable("expire"):
+            rebuilt = self._watch_replication()
             due = self._index_members(now_ms, limit)
             expired: list[str] = []
             posted = pending = 0
@@ -614,7 +626,109 @@ class RedisBalanceStore:
                     posted += 1
                 else:
                     pending += 1
-            return ExpireReport(tuple(expired), posted, pending)
+            return ExpireReport(tuple(expired), posted, pending, rebuilt)
+
+    # ------------------------------------------------------------------ after a failover
+
+    def _watch_replication(self) -> int:
+        """Rebuild from the SQL ledger the accounts a new master may hold stale; returns how many
+        were rebuilt here or queued for the poster.
+
+        Redis replication is asynchronous: a replica promoted after its master died (cluster
+        failover, Sentinel), or a Redis restarted from an older dump, can miss the master's last
+        writes. What the ledger has is safe (ledger.py orders Redis first, SQL second, and
+        ``post_call`` lets the ledger win when a lost settle or expiry comes back), but a lost
+        top-up, status change or settle leaves the account's Redis balance off until a rebuild.
+        A promoted replica or a restarted server has a new replication id (``master_replid``):
+        the sweep reads each master's (one ``INFO`` per master) and, for the slots whose master
+        changed it, rebuilds the accounts whose SQL row changed since ``REBUILD_LOOKBACK_MS``
+        before the last sweep that saw the old id (a top-up, a posting, a status or limit
+        change all touch ``accounts.updated_at``). One node does it per new id (a claim key);
+        each rebuild is atomic under the account's SQL row lock and exact while calls run.
+        A rebuild does not bring back a live call's lost nibble: its settle charges the call
+        its full cost from what is still reserved and debited."""
+        read_ms = int(time.time() * 1000)
+        current = self._replication_ids()
+        previous, since_ms = self._replids, self._replids_read_ms - REBUILD_LOOKBACK_MS
+        if len(previous) != len(current):
+            previous = [""] * len(current)
+        changed: dict[str, list[int]] = {}  # new replication id -> slots (index 0: the one server)
+        for slot, (old, new) in enumerate(zip(previous, current, strict=True)):
+            if new and old and new != old:
+                changed.setdefault(new, []).append(slot)
+        self._replids = [new or old for old, new in zip(previous, current, strict=True)]
+        self._replids_read_ms = read_ms
+        if not changed:
+            return 0
+        queued = 0
+        for replid, slots in changed.items():
+            claim = (f"{self._keys.prefix}rebuilt:{{{slot_tag(slots[0])}}}:{replid}" if len(current) > 1
+                     else f"{self._keys.prefix}rebuilt:{replid}")
+            if not self._client.set(claim, str(read_ms), nx=True, px=REBUILD_LOOKBACK_MS):
+                log.info("balance store: a master's replication id changed to %s; another node rebuilds its accounts",
+                         replid)
+                continue
+            accounts = self._accounts_changed_since(since_ms, set(slots) if len(current) > 1 else None)
+            log.warning("balance store: the master of %d slot(s) has a new replication id %s (a replica promoted, "
+                        "or a restart): %d accounts changed in SQL since %s are rebuilt from the ledger",
+                        len(slots) if len(current) > 1 else SLOTS, replid, len(accounts),
+                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since_ms / 1000)))
+            for account_id in accounts:
+                if self._poster is not None:
+                    self._poster.submit(f"rebuild:{account_id}", partial(self._rebuild_cached, account_id))
+                else:
+                    self._rebuild_cached(account_id)
+                queued += 1
+        return queued
+
+    def _replication_ids(self) -> list[str]:
+        """The ``master_replid`` of the master serving each slot (a cluster: 16,384 entries, ""
+        where the slot's master did not answer or none serves it), or of the one server."""
+        if not isinstance(self._client, RedisCluster):
+            return [self._replid_of(self._client.info("replication"))]
+        slots_of: dict[str, list[int]] = {}
+        for slot, nodes in self._client.nodes_manager.slots_cache.items():
+            if nodes:
+                slots_of.setdefault(nodes[0].name, []).append(slot)
+        by_slot = [""] * SLOTS
+        for name, slots in slots_of.items():
+            node = self._client.get_node(node_name=name)  # type: ignore[no-untyped-call, unused-ignore]
+            if node is None:
+                continue
+            try:
+                replid = self._replid_of(self._client.info("replication", target_nodes=node))
+            except (redis.RedisError, RedisClusterException):
+                continue  # a dead master: its slots are compared again once another serves them
+            for slot in slots:
+                by_slot[slot] = replid
+        return by_slot
+
+    @staticmethod
+    def _replid_of(info: Any) -> str:
+        if isinstance(info, dict) and "master_replid" not in info and len(info) == 1:
+            info = next(iter(info.values()))  # a cluster client's answer keyed by node
+        return str(info.get("master_replid", "")) if isinstance(info, dict) else ""
+
+    def _accounts_changed_since(self, since_ms: int, slots: set[int] | None) -> list[str]:
+        since = datetime.fromtimestamp(max(0, since_ms) / 1000, UTC)
+        with self._sessions() as session:
+            ids = [str(i) for i in session.scalars(select(Account.id).where(Account.updated_at >= since))]
+        if slots is None:
+            return ids
+        return [a for a in ids if key_slot(self._keys.of(a).account.encode()) in slots]
+
+    def _rebuild_cached(self, account_id: str) -> bool:
+        """Rebuild an account Redis holds (one it does not hold is loaded by its next call)."""
+        try:
+            status = rebuild_account(self._client, self._scripts, self._keys, self._sessions, account_id,
+                                     "if_present")
+        except (redis.RedisError, RedisClusterException, SQLAlchemyError, BillingError) as exc:
+            log.error("account=%s not rebuilt after a Redis failover (run `billing-agent accounts rebuild-cache "
+                      "%s`): %s", account_id, account_id, exc)
+            return False
+        if status == "loaded":
+            log.info("account=%s rebuilt from the ledger after a Redis failover", account_id)
+        return True
 
     def _post_openings(self, account_id: str, member: str, now_ms: int) -> bool:
         """Write the account's bundle period openings SQL does not have yet. The index entry goes

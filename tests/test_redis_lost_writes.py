@@ -1,0 +1,132 @@
+"""Redis loses the last writes of a dead master (replication is asynchronous) or of a restart
+from an older dump; the SQL ledger, written after each step, is the truth.
+
+Each test takes a snapshot of every key of its world (DUMP, with TTLs), lets a step reach Redis
+and the ledger, then puts the snapshot back: exactly what a replica that had not received that
+step holds once it is promoted. Then it checks that the money is still exact: the ledger is not
+written twice or refused, and the account's Redis balance comes back to the ledger's.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import create_engine
+
+from agent.adapters.redis.store import RedisBalanceStore, make_client
+from agent.adapters.sql import accounts as repo
+from agent.adapters.sql.engine import normalise_url, session_factory, transaction
+from agent.core.balance import SettleStatus
+from tests.balance_helpers import T0, UNIT, World, fresh_schema
+
+TTL = 60_000
+
+
+@pytest.fixture
+def w(postgres_url: str, redis_url_single: str) -> Iterator[World]:
+    engine = create_engine(normalise_url(postgres_url))
+    fresh_schema(engine)
+    world = World("redis", engine, session_factory(engine), f"test:{uuid.uuid4().hex[:10]}:", redis_url_single)
+    try:
+        yield world
+    finally:
+        world.close()
+        world.wipe_redis()
+        engine.dispose()
+
+
+class Snapshot:
+    """Every key of the world as it is now, to be put back later (the promoted replica)."""
+
+    def __init__(self, w: World) -> None:
+        self.w = w
+        self.client = make_client(w.redis_url, 2000)
+        raw = make_client_raw(w.redis_url)
+        self.keys: dict[str, tuple[bytes, int]] = {}
+        for key in raw.scan_iter(match=f"{w.redis_prefix}*".encode(), count=1000):
+            self.keys[key.decode()] = (raw.dump(key), max(0, int(raw.pttl(key))))
+        raw.close()
+
+    def put_back(self) -> None:
+        self.w.wipe_redis()
+        raw = make_client_raw(self.w.redis_url)
+        for key, (value, pttl) in self.keys.items():
+            raw.restore(key, pttl, value)
+        raw.close()
+        self.client.close()
+
+
+def make_client_raw(url: str):  # type: ignore[no-untyped-def]
+    import redis
+
+    return redis.Redis.from_url(url)
+
+
+def _store(w: World) -> RedisBalanceStore:
+    store = w.store()
+    assert isinstance(store, RedisBalanceStore)
+    return store
+
+
+def test_a_settle_lost_by_redis_but_in_the_ledger_stands_and_the_balance_comes_back(
+        w: World, caplog: pytest.LogCaptureFixture) -> None:
+    w.account("alice", balance=10 * UNIT)
+    store = _store(w)
+    assert store.authorize("alice", "c1", "n1", 2 * UNIT, UNIT, T0, TTL).allowed
+    store.debit_and_reserve("c1", 1, 2 * UNIT, 2 * UNIT, T0 + 30_000, TTL)
+    before_settle = Snapshot(w)
+    assert store.settle("c1", 2, 3 * UNIT, T0 + 45_000).status is SettleStatus.SETTLED
+    assert w.sql_balance("alice") == 7 * UNIT
+    before_settle.put_back()  # the settle is lost: Redis has the call open, 2 debited, 2 held
+    assert store.account_state("alice").balance_micros == 8 * UNIT
+
+    with caplog.at_level(logging.WARNING):
+        report = store.expire(T0 + 30_000 + 2 * TTL)  # its reservation expires: the sweeper closes it
+    assert report.expired == ("c1",) and report.pending == 0, report
+    assert w.entries("c1") == [("charge", -3 * UNIT, "charge:c1")], "the ledger's settle stands, nothing doubled"
+    assert w.sql_balance("alice") == 7 * UNIT
+    state = store.account_state("alice")
+    assert (state.balance_micros, state.reserved_micros) == (7 * UNIT, 0), state
+    assert "a step lost with a Redis master" in caplog.text
+    assert store.expire(T0 + 30_000 + 3 * TTL).pending == 0, "the call must not come back at every sweep"
+    w.record_settled_calls()
+    assert w.ledger_problems() == []
+
+
+def test_an_expiry_lost_by_redis_then_the_late_settle_is_charged_once_with_its_adjustment(w: World) -> None:
+    w.account("bob", balance=10 * UNIT)
+    store = _store(w)
+    assert store.authorize("bob", "c2", "n1", 2 * UNIT, UNIT, T0, TTL).allowed
+    store.debit_and_reserve("c2", 1, 2 * UNIT, 2 * UNIT, T0 + 30_000, TTL)
+    before_expiry = Snapshot(w)
+    assert store.expire(T0 + 30_000 + 2 * TTL).expired == ("c2",)  # posted: charge:c2 = the 2 debited
+    assert w.entries("c2") == [("charge", -2 * UNIT, "charge:c2")]
+    before_expiry.put_back()  # the expiry is lost: Redis has the call open again
+
+    out = store.settle("c2", 2, UNIT + UNIT // 2, T0 + 200_000)  # the node settles it: 1.50
+    assert out.status is SettleStatus.SETTLED, out
+    assert w.entries("c2") == [("charge", -2 * UNIT, "charge:c2"),
+                               ("adjustment", UNIT // 2, "charge-late:c2")], "charged once: the 1.50 it cost"
+    assert w.sql_balance("bob") == 10 * UNIT - (UNIT + UNIT // 2)
+    state = store.account_state("bob")
+    assert (state.balance_micros, state.reserved_micros) == (w.sql_balance("bob"), 0), state
+    w.record_settled_calls()
+    assert w.ledger_problems() == []
+
+
+def test_a_top_up_lost_by_redis_comes_back_with_the_rebuild(w: World) -> None:
+    w.account("carol", balance=UNIT)
+    store = _store(w)
+    assert store.authorize("carol", "c3", "n1", UNIT, UNIT, T0, TTL).allowed
+    before_topup = Snapshot(w)
+    with transaction(w.sessions) as s:
+        repo.topup(s, "carol", 5 * UNIT, reference="t1")
+    assert store.refresh("carol")
+    assert store.account_state("carol").balance_micros == 6 * UNIT
+    before_topup.put_back()
+    assert store.account_state("carol").balance_micros == UNIT, "the top-up is lost in Redis"
+    store.rebuild("carol")
+    assert store.account_state("carol").balance_micros == 6 * UNIT
