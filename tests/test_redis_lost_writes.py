@@ -130,3 +130,37 @@ def test_a_top_up_lost_by_redis_comes_back_with_the_rebuild(w: World) -> None:
     assert store.account_state("carol").balance_micros == UNIT, "the top-up is lost in Redis"
     store.rebuild("carol")
     assert store.account_state("carol").balance_micros == 6 * UNIT
+
+
+def test_a_new_replication_id_rebuilds_once_across_nodes_and_again_after_a_failed_attempt(
+        w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's side of a promotion on one Redis (a Sentinel failover, a restart): the ids are
+    the real server's until the test swaps them for what a promoted replica would answer."""
+    from sqlalchemy.exc import OperationalError
+
+    from agent.core.balance import StoreUnavailable
+
+    w.account("dave", balance=UNIT)
+    node1, node2 = _store(w), _store(w)
+    assert node1.authorize("dave", "c4", "n1", UNIT, UNIT, T0, TTL).allowed
+    assert node1.expire(T0).rebuilt == 0 and node2.expire(T0).rebuilt == 0  # the ids as they are
+    with transaction(w.sessions) as s:
+        repo.topup(s, "dave", 5 * UNIT, reference="t2")  # in SQL; Redis never hears of it (lost)
+    assert node1.account_state("dave").balance_micros == UNIT
+
+    promoted = ["a-new-replication-id-" + uuid.uuid4().hex]
+    monkeypatch.setattr(node1, "_replication_ids", lambda: promoted)
+    monkeypatch.setattr(node2, "_replication_ids", lambda: promoted)
+    real_query = node1._accounts_changed_since
+
+    def sql_down(since_ms: int, slots: set[int] | None) -> list[str]:
+        raise OperationalError("select", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(node1, "_accounts_changed_since", sql_down)
+    with pytest.raises(StoreUnavailable):
+        node1.expire(T0 + 1)  # SQL away at the sweep that sees the promotion: nothing claimed
+    monkeypatch.setattr(node1, "_accounts_changed_since", real_query)
+    assert node1.expire(T0 + 2).rebuilt == 1, "the next sweep rebuilds"
+    assert node1.account_state("dave").balance_micros == 6 * UNIT
+    assert node2.expire(T0 + 3).rebuilt == 0, "another node saw the same promotion: rebuilt once"
+    assert node1.expire(T0 + 4).rebuilt == 0, "and once only on the node that did it"

@@ -656,19 +656,16 @@ class RedisBalanceStore:
         for slot, (old, new) in enumerate(zip(previous, current, strict=True)):
             if new and old and new != old:
                 changed.setdefault(new, []).append(slot)
-        self._replids = [new or old for old, new in zip(previous, current, strict=True)]
-        self._replids_read_ms = read_ms
-        if not changed:
-            return 0
         queued = 0
         for replid, slots in changed.items():
+            # SQL first: if it fails, nothing is claimed or noted, and the next sweep tries again.
+            accounts = self._accounts_changed_since(since_ms, set(slots) if len(current) > 1 else None)
             claim = (f"{self._keys.prefix}rebuilt:{{{slot_tag(slots[0])}}}:{replid}" if len(current) > 1
                      else f"{self._keys.prefix}rebuilt:{replid}")
             if not self._client.set(claim, str(read_ms), nx=True, px=REBUILD_LOOKBACK_MS):
                 log.info("balance store: a master's replication id changed to %s; another node rebuilds its accounts",
                          replid)
                 continue
-            accounts = self._accounts_changed_since(since_ms, set(slots) if len(current) > 1 else None)
             log.warning("balance store: the master of %d slot(s) has a new replication id %s (a replica promoted, "
                         "or a restart): %d accounts changed in SQL since %s are rebuilt from the ledger",
                         len(slots) if len(current) > 1 else SLOTS, replid, len(accounts),
@@ -679,6 +676,8 @@ class RedisBalanceStore:
                 else:
                     self._rebuild_cached(account_id)
                 queued += 1
+        self._replids = [new or old for old, new in zip(previous, current, strict=True)]
+        self._replids_read_ms = read_ms
         return queued
 
     def _replication_ids(self) -> list[str]:
