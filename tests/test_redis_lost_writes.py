@@ -164,3 +164,23 @@ def test_a_new_replication_id_rebuilds_once_across_nodes_and_again_after_a_faile
     assert node1.account_state("dave").balance_micros == 6 * UNIT
     assert node2.expire(T0 + 3).rebuilt == 0, "another node saw the same promotion: rebuilt once"
     assert node1.expire(T0 + 4).rebuilt == 0, "and once only on the node that did it"
+
+
+def test_a_redis_that_refuses_info_still_sweeps(w: World, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Some managed Redis services rename or refuse INFO: the failover watch is off (said once),
+    the sweep itself goes on."""
+    import redis
+
+    w.account("erin", balance=10 * UNIT)
+    store = _store(w)
+    assert store.authorize("erin", "c5", "n1", UNIT, UNIT, T0, TTL).allowed
+
+    def refused(*args: object, **kwargs: object) -> object:
+        raise redis.ResponseError("unknown command 'INFO'")
+
+    monkeypatch.setattr(store._client, "info", refused)
+    with caplog.at_level(logging.WARNING):
+        assert store.expire(T0 + 2 * TTL).expired == ("c5",)
+        assert store.expire(T0 + 3 * TTL).rebuilt == 0
+    assert caplog.text.count("INFO replication refused") == 1

@@ -240,6 +240,7 @@ class RedisBalanceStore:
         # last sweep read it, and when (wall ms): see _watch_replication.
         self._replids: list[str] = []
         self._replids_read_ms = 0
+        self._replids_refused = False  # INFO refused once: logged once
 
     # ------------------------------------------------------------------ plumbing
 
@@ -684,7 +685,14 @@ class RedisBalanceStore:
         """The ``master_replid`` of the master serving each slot (a cluster: 16,384 entries, ""
         where the slot's master did not answer or none serves it), or of the one server."""
         if not isinstance(self._client, RedisCluster):
-            return [self._replid_of(self._client.info("replication"))]
+            try:
+                return [self._replid_of(self._client.info("replication"))]
+            except redis.ResponseError as exc:  # INFO renamed or refused (some managed Redis): no watch
+                if not self._replids_refused:
+                    log.warning("balance store: INFO replication refused (%s): a failover will not be noticed; "
+                                "run `billing-agent accounts rebuild-cache` after one", exc)
+                    self._replids_refused = True
+                return [""]
         slots_of: dict[str, list[int]] = {}
         for slot, nodes in self._client.nodes_manager.slots_cache.items():
             if nodes:
@@ -696,6 +704,12 @@ class RedisBalanceStore:
                 continue
             try:
                 replid = self._replid_of(self._client.info("replication", target_nodes=node))
+            except redis.ResponseError as exc:  # INFO refused (renamed): that master is not watched
+                if not self._replids_refused:
+                    log.warning("balance store: INFO replication refused by %s (%s): its failover will not be "
+                                "noticed; run `billing-agent accounts rebuild-cache` after one", name, exc)
+                    self._replids_refused = True
+                continue
             except (redis.RedisError, RedisClusterException):
                 continue  # a dead master: its slots are compared again once another serves them
             for slot in slots:
