@@ -50,7 +50,11 @@ are live together during the hold and end together. Figures:
   (1 s), so its talk past the charge is its cut delay (the money's end to the PBX's hangup);
   money lost is talk past the charge beyond that margin, on any call (expected 0).
 
-``--kill-master-at S`` (cluster only) kills -9 one master S seconds after the first call is
+``--redis sentinel``: one master, one replica and a Sentinel (``redis+sentinel://``); with
+``--kill-master-at S`` the master is killed and the Sentinel promotes the replica
+(``down-after-milliseconds`` 1 s); every account is then the dead master's.
+
+``--kill-master-at S`` (cluster or Sentinel) kills -9 one master S seconds after the first call is
 placed (``--kill-master most``: the one whose slots hold the most bench accounts; ``random``
 with ``--kill-seed``); the cluster promotes its replica (``cluster-node-timeout`` 1 s). Figures:
 when the replica answered as master, the outage the daemons saw (from their logs: the first
@@ -417,6 +421,9 @@ class MasterKill:
     def _run(self, cluster: Any, go: float) -> None:
         from redis.crc import key_slot
 
+        if hasattr(cluster, "sentinel"):
+            self._run_sentinel(cluster, go)
+            return
         try:
             slots: dict[int, int] = {}  # master port -> how many bench accounts its slots hold
             owners = cluster.masters[0].client().execute_command("CLUSTER", "SLOTS")
@@ -451,6 +458,34 @@ class MasterKill:
                     pass
                 time.sleep(0.02)
             self.error = "the replica was not promoted within 60 s"
+        except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+            self.error = repr(exc)
+
+
+    def _run_sentinel(self, setup: Any, go: float) -> None:
+        """Sentinel: the one master holds every account; its replica is promoted by the Sentinel
+        (``down-after-milliseconds`` 1 s in tests/redis_servers.py, then its failover)."""
+        try:
+            victim, replica = setup.master, setup.replica
+            self.victim_port, self.replica_port = victim.port, replica.port
+            self.victim_accounts = [f"acct{i}" for i in range(self.accounts)]
+            time.sleep(max(0.0, go + self.at_s - time.time()))
+            victim.process.kill()  # SIGKILL
+            self.killed_at = time.time()
+            victim.process.wait(timeout=10)
+            sentinel = setup.sentinel.client()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    named = sentinel.sentinel_get_master_addr_by_name(setup.name)
+                    if (named is not None and int(named[1]) == replica.port
+                            and replica.client().execute_command("ROLE")[0] == "master"):
+                        self.promoted_at = time.time()
+                        return
+                except Exception:  # noqa: BLE001 - a failover in progress answers late
+                    pass
+                time.sleep(0.02)
+            self.error = "the Sentinel did not promote the replica within 60 s"
         except Exception as exc:  # noqa: BLE001 - reported, the run goes on
             self.error = repr(exc)
 
@@ -650,7 +685,7 @@ def warm_accounts(database_url: str, redis_url: str, accounts: int) -> None:
 
 
 def run_once(args: argparse.Namespace, kind: str) -> dict[str, Any]:
-    from tests.redis_servers import free_port, start_cluster, start_server
+    from tests.redis_servers import free_port, start_cluster, start_sentinel, start_server
 
     folder = Path(tempfile.mkdtemp(prefix=f"bench-nodes-{kind}-"))
     database_url, drop = scratch_database()
@@ -660,6 +695,9 @@ def run_once(args: argparse.Namespace, kind: str) -> dict[str, Any]:
         prepare_ledger(database_url, folder, args)
         if kind == "cluster":
             servers = start_cluster(folder / "redis")
+            redis_url = servers.url
+        elif kind == "sentinel":  # one master, one replica, a Sentinel (quorum 1)
+            servers = start_sentinel(folder / "redis")
             redis_url = servers.url
         else:
             servers = start_server(folder / "redis")
@@ -691,7 +729,7 @@ def run_once(args: argparse.Namespace, kind: str) -> dict[str, Any]:
                 time.sleep(0.2)
             node.pbx_line()  # the daemon's AMI login reached the fake
         kill = (MasterKill(args.kill_master_at, args.kill_master, args.accounts, seed=args.kill_seed)
-                if kind == "cluster" and args.kill_master_at is not None else None)
+                if kind in ("cluster", "sentinel") and args.kill_master_at is not None else None)
         return measure(args, kind, nodes, database_url, redis_url, folder, servers, kill)
     finally:
         stop_nodes(nodes)
@@ -1049,7 +1087,7 @@ def main() -> None:
                         help="logging.level of the daemons (their logs stay in the run's folder)")
     parser.add_argument("--cold", action="store_true",
                         help="do not load the accounts into Redis before the calls (see warm_accounts)")
-    parser.add_argument("--redis", choices=["cluster", "single", "both"], default="cluster")
+    parser.add_argument("--redis", choices=["cluster", "single", "both", "sentinel"], default="cluster")
     parser.add_argument("--kill-master-at", type=float, metavar="S",
                         help="cluster only: kill -9 one Redis master S seconds after the first call is placed "
                         "(its replica is promoted by the cluster) and report the outage the daemons saw, the "
@@ -1068,7 +1106,7 @@ def main() -> None:
     if args.hold_s < 3:
         parser.error("--hold-s: at least 3 s (the nibble window lies inside it)")
     if args.kill_master_at is not None and args.redis == "single":
-        parser.error("--kill-master-at: a cluster run (--redis cluster or both)")
+        parser.error("--kill-master-at: a cluster or Sentinel run (--redis cluster, both or sentinel)")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     reports = []
     for kind in (["cluster", "single"] if args.redis == "both" else [args.redis]):
