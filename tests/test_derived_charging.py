@@ -286,6 +286,51 @@ def test_a_call_left_behind_is_settled_at_every_level_with_what_each_debited() -
     assert not engine.adoptable
 
 
+def test_a_call_left_behind_billed_from_the_pbx_cdr_charges_every_level_its_price_of_the_real_time() -> None:
+    """The PBX's own CDR says the call talked 7.2 s, past what the nibbles had debited (they
+    stopped with the agent). The customer pays its price of those 8 billed seconds, and the
+    reseller its own: before, the reseller was charged only what its nibbles had debited."""
+    clock = SystemClock()
+    store = MemoryStore()
+    cdrs = Cdrs()
+    store.add_account("c11", 100_000)
+    store.add_account(RESELLER, 100_000)
+    from agent.core.events import EndedCall
+    from agent.core.session import NibbleStep
+    from agent.services.engine import FROM_PBX_CDR, LeftBehind
+
+    call_id = "n1-A11"
+    level_id = level_call_id(call_id, 1)
+    now = clock.now_ms()
+    answered = now - 10_000
+    store.authorize("c11", call_id, 2_000, 2_000, answered)
+    store.authorize(RESELLER, level_id, 1_000, 1_000, answered)
+    store.nibbles([NibbleStep(call_id, 1, 2_000, 2_000, "c11"), NibbleStep(level_id, 1, 1_000, 1_000, RESELLER)],
+                  answered + 1_000)
+    engine = Engine(settings=EngineSettings(node="n1", nibble_seconds=1), store=store, rater=ChainRater(),
+                    clock=clock, cdr=cdrs)
+    engine.adoptable = {
+        call_id: LiveCall("c11", call_id, "n1", 1, 2_000, 2_000, 0, answered, now + 30_000),
+        level_id: LiveCall(RESELLER, level_id, "n1", 1, 1_000, 1_000, 0, answered, now + 30_000),
+    }
+    engine.adoptable_facts = {call_id: LeftBehind(call_id, "asterisk", "33123", "", "A11", answered, answered)}
+    engine.add_switch(Switch(engine, clock))
+    engine.start()
+    try:
+        engine.on_event(PbxConnected("asterisk", clock.now_ms(), (), (EndedCall("A11", answered, answered + 7_200),)))
+        _wait(lambda: cdrs.records)
+        _wait(lambda: store.open_reservations() == 0)
+    finally:
+        engine.stop(1)
+    (record,) = cdrs.records
+    assert (record.rating.reason, record.duration_ms, record.rating.cost_micros) == (FROM_PBX_CDR, 7_200, 16_000)
+    assert [(g.level, g.account_id, g.tenant, g.cost_micros, g.billed_seconds, g.reason, g.plan_name)
+            for g in record.upper] == [(1, RESELLER, "default", 8_000, 8, FROM_PBX_CDR, "wholesale")]
+    assert store.settled == {call_id: 16_000, level_id: 8_000}
+    assert store.accounts[RESELLER].balance_micros == 100_000 - 8_000
+    assert not engine.adoptable
+
+
 def test_an_adopted_call_in_its_bundle_on_a_plan_in_another_currency_keeps_its_bundle_seconds() -> None:
     """The known gap: a restarted agent adopting a call that draws on a bundle, on a USD plan for
     an EUR account, priced it in money (adoption saw only a plain rate row). Now the plan's own

@@ -1078,7 +1078,7 @@ class CallSession:
             plan_cost_micros=plan_tariff(self.tariff).cost_micros(billed_ms) if converted else cost,
             tenant=self.seller,
         )
-        upper = tuple(_level_decision(p, now_ms, billed_ms, billed_seconds) for p in self.upper)
+        upper = tuple(level_decision(p, now_ms, billed_ms, billed_seconds) for p in self.upper)
         if self.routed is not None:
             rating, upper = self._with_buy_side(rating, upper, billed_ms)
         record = CallRecord(
@@ -1173,7 +1173,7 @@ class CallSession:
         return Disposition.FAILED
 
 
-def _level_decision(payer: Payer, decided_ms: int, billed_ms: int, billed_seconds: int) -> RatingRecord:
+def level_decision(payer: Payer, decided_ms: int, billed_ms: int, billed_seconds: int) -> RatingRecord:
     """The rating decision of one level above the customer: its own price of the billed time."""
     info = payer.rating
     converted = isinstance(payer.tariff, ConvertedTariff)

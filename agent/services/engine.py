@@ -72,6 +72,7 @@ from agent.core.session import (
     Tariff,
     is_level_call_id,
     level_call_id,
+    level_decision,
     payers_of,
 )
 from agent.ports import Clock, EngineStore, Rater, Switch
@@ -565,23 +566,33 @@ class Engine:
                         held.account_id, held.debited_micros, ENDED_WHILE_AGENT_DOWN)
         # What the nibbles used of bundles is committed; the store knows which periods it held.
         bundle = BundleSettle(record.rating.bundle_seconds) if held.bundle_held_s else None
-        # The levels above the customer (DESIGN §11): each charged what its own nibbles debited.
+        # The levels above the customer (DESIGN §11): billed from the PBX's CDR, each level its own
+        # price of the same real time (as the customer); otherwise what its own nibbles debited.
         upper: list[RatingRecord] = []
-        sellers = self._sellers(held.account_id, facts)
+        chain = self._chain_left_behind(held.account_id, facts)
+        sellers = [chain[0].tenant, *(level.seller for level in chain)] if chain else []
+        payers = {payer.level: payer for payer in payers_of(call_id, chain)}
         if sellers:
             record = replace(record, rating=replace(record.rating, tenant=sellers[0]))
+        decided_ms = record.settled_ms or self.clock.now_ms()
         for level in range(1, MAX_LEVELS):
             level_id = level_call_id(call_id, level)
             level_held = self.adoptable.pop(level_id, None)
             self.unreserved.discard(level_id)
             if level_held is None:
                 continue
-            upper.append(RatingRecord(decided_ms=record.settled_ms or self.clock.now_ms(), level=level,
-                                      tenant=sellers[level] if level < len(sellers) else "",
-                                      account_id=level_held.account_id, cost_micros=level_held.debited_micros,
-                                      billed_seconds=record.rating.billed_seconds, reason=record.rating.reason))
+            payer = payers.get(level)
+            if record.rating.reason == FROM_PBX_CDR and payer is not None and payer.account_id == level_held.account_id:
+                level_record = replace(level_decision(payer, decided_ms, record.duration_ms,
+                                                      record.rating.billed_seconds), reason=FROM_PBX_CDR)
+            else:
+                level_record = RatingRecord(decided_ms=decided_ms, level=level,
+                                            tenant=sellers[level] if level < len(sellers) else "",
+                                            account_id=level_held.account_id, cost_micros=level_held.debited_micros,
+                                            billed_seconds=record.rating.billed_seconds, reason=record.rating.reason)
+            upper.append(level_record)
             self._store_work.put(self._settle_level_left_behind, SettleStep(
-                level_id, level_held.seq + 1, level_held.debited_micros, level_held.account_id, None, level, call_id))
+                level_id, level_held.seq + 1, level_record.cost_micros, level_held.account_id, None, level, call_id))
         if upper:
             record = replace(record, upper=tuple(upper))
         self._store_work.put(self._settle_record, SettleStep(call_id, held.seq + 1, record.rating.cost_micros,
@@ -638,17 +649,17 @@ class Engine:
                                 billed_seconds=-(-covered_ms // 1000), cost_micros=cost, reason=reason,
                                 bundle_seconds=bundle_seconds))
 
-    def _sellers(self, account_id: str, facts: LeftBehind | None) -> list[str]:
-        """Whose price each level of a call left behind paid (the customer's seller first), as
-        far as the chain can be rated again; [] for a direct customer or when it cannot."""
+    def _chain_left_behind(self, account_id: str, facts: LeftBehind | None) -> tuple[LevelRated, ...]:
+        """The levels above the customer of a call left behind, rated again at its start (whose
+        price each paid, and at what); () for a direct customer or when it cannot be rated."""
         rate_chain = getattr(self.rater, "rate_chain", None)
         if rate_chain is None or facts is None or not facts.destination:
-            return []
+            return ()
         try:
             chain: tuple[LevelRated, ...] = rate_chain(account_id, facts.destination, facts.authorized_ms)
         except RatingRefused:
-            return []
-        return [chain[0].tenant, *(level.seller for level in chain)] if chain else []
+            return ()
+        return chain
 
     def _settle_level_left_behind(self, step: SettleStep) -> None:
         try:
