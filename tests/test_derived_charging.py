@@ -286,13 +286,19 @@ def test_a_call_left_behind_is_settled_at_every_level_with_what_each_debited() -
     assert not engine.adoptable
 
 
-def test_a_call_left_behind_billed_from_the_pbx_cdr_charges_every_level_its_price_of_the_real_time() -> None:
+@pytest.mark.parametrize("fx", [None, Conversion("USD", "EUR", 9_200_000_000)], ids=["same-currency", "converted"])
+def test_a_call_left_behind_billed_from_the_pbx_cdr_charges_every_level_its_price_of_the_real_time(
+        fx: Conversion | None) -> None:
     """The PBX's own CDR says the call talked 7.2 s, past what the nibbles had debited (they
     stopped with the agent). The customer pays its price of those 8 billed seconds, and the
-    reseller its own: before, the reseller was charged only what its nibbles had debited."""
+    reseller its own: before, the reseller was charged only what its nibbles had debited. A
+    customer in another currency than its plan: the decision records the rate used (before: no
+    rate recorded, so a re-rating could not convert as the charge did)."""
     clock = SystemClock()
     store = MemoryStore()
     cdrs = Cdrs()
+    rater = ChainRater()
+    rater.fx = fx
     store.add_account("c11", 100_000)
     store.add_account(RESELLER, 100_000)
     from agent.core.events import EndedCall
@@ -307,7 +313,7 @@ def test_a_call_left_behind_billed_from_the_pbx_cdr_charges_every_level_its_pric
     store.authorize(RESELLER, level_id, 1_000, 1_000, answered)
     store.nibbles([NibbleStep(call_id, 1, 2_000, 2_000, "c11"), NibbleStep(level_id, 1, 1_000, 1_000, RESELLER)],
                   answered + 1_000)
-    engine = Engine(settings=EngineSettings(node="n1", nibble_seconds=1), store=store, rater=ChainRater(),
+    engine = Engine(settings=EngineSettings(node="n1", nibble_seconds=1), store=store, rater=rater,
                     clock=clock, cdr=cdrs)
     engine.adoptable = {
         call_id: LiveCall("c11", call_id, "n1", 1, 2_000, 2_000, 0, answered, now + 30_000),
@@ -323,10 +329,14 @@ def test_a_call_left_behind_billed_from_the_pbx_cdr_charges_every_level_its_pric
     finally:
         engine.stop(1)
     (record,) = cdrs.records
-    assert (record.rating.reason, record.duration_ms, record.rating.cost_micros) == (FROM_PBX_CDR, 7_200, 16_000)
+    cost = 16_000 if fx is None else 14_720  # 8 s at 2,000 USD micro-units, or in EUR at 0.92
+    assert (record.rating.reason, record.duration_ms, record.rating.cost_micros) == (FROM_PBX_CDR, 7_200, cost)
+    assert (record.rating.plan_currency, record.rating.currency, record.rating.fx_rate_e10,
+            record.rating.plan_cost_micros) == ("USD", "USD" if fx is None else "EUR",
+                                                None if fx is None else 9_200_000_000, 16_000)
     assert [(g.level, g.account_id, g.tenant, g.cost_micros, g.billed_seconds, g.reason, g.plan_name)
             for g in record.upper] == [(1, RESELLER, "default", 8_000, 8, FROM_PBX_CDR, "wholesale")]
-    assert store.settled == {call_id: 16_000, level_id: 8_000}
+    assert store.settled == {call_id: cost, level_id: 8_000}
     assert store.accounts[RESELLER].balance_micros == 100_000 - 8_000
     assert not engine.adoptable
 

@@ -51,7 +51,7 @@ from agent.core.events import (
     PbxConnected,
     WarnLeg,
 )
-from agent.core.fx import plan_tariff, rewrap
+from agent.core.fx import ConvertedTariff, plan_tariff, rewrap
 from agent.core.rating import RateRow
 from agent.core.registry import CallRegistry
 from agent.core.routing import CallRoutes
@@ -607,6 +607,7 @@ class Engine:
         cost = held.debited_micros
         reason = ENDED_WHILE_AGENT_DOWN.lower()
         info = RatingInfo()
+        tariff: Tariff | None = None
         started_ms = facts.authorized_ms if facts is not None else held.created_ms
         answered_ms = facts.answered_ms if facts is not None else None
         ended_ms: int | None = None
@@ -637,6 +638,10 @@ class Engine:
             ended_ms = answered_ms + covered_ms if answered_ms is not None else started_ms
         legs = (LegRecord(facts.a_leg_id, "inbound", started_ms, caller=facts.caller, callee=facts.destination,
                           answered_ms=answered_ms, hangup_cause=ENDED_WHILE_AGENT_DOWN),) if facts else ()
+        # The conversion, as a settled call's decision records it (session.py): the rate and the
+        # plan's own price of the time billed, so that re-rating converts at the same rate.
+        converted = isinstance(tariff, ConvertedTariff)
+        plan_cost = plan_tariff(tariff).cost_micros(covered_ms) if tariff is not None and converted else cost
         return CallRecord(
             call_id=held.call_id, node=self.settings.node, pbx=facts.pbx if facts and facts.pbx else pbx,
             account_id=held.account_id, destination=facts.destination if facts else "",
@@ -647,7 +652,10 @@ class Engine:
             rating=RatingRecord(decided_ms=now_ms, plan_name=info.plan_name, rate_id=info.rate_id,
                                 prefix=info.prefix, rate_micros=info.rate_micros,
                                 billed_seconds=-(-covered_ms // 1000), cost_micros=cost, reason=reason,
-                                bundle_seconds=bundle_seconds))
+                                bundle_seconds=bundle_seconds, plan_currency=info.plan_currency,
+                                currency=info.currency, fx_rate_e10=info.fx_rate_e10 if converted else None,
+                                fx_inverse=info.fx_inverse and converted,
+                                plan_cost_micros=plan_cost if info.plan_currency else None))
 
     def _chain_left_behind(self, account_id: str, facts: LeftBehind | None) -> tuple[LevelRated, ...]:
         """The levels above the customer of a call left behind, rated again at its start (whose
