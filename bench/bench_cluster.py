@@ -48,6 +48,7 @@ def worker(url: str, ledger: str, prefix: str, index: int, args: argparse.Namesp
            results: multiprocessing.Queue[tuple[int, float, float]]) -> None:
     engine = make_engine(ledger)
     store = RedisBalanceStore(make_client(url, 2000), session_factory(engine), key_prefix=prefix)
+    store._batched = not args.pipeline  # --pipeline: one nibble.lua per nibble, as before nibbles.lua
     calls = [(f"p{index}-c{i}", f"acct{(index * args.calls + i) % args.accounts}") for i in range(args.calls)]
     for call_id, account in calls:
         assert store.authorize(account, call_id, "bench", SLICE, SLICE, now_ms(), TTL_MS).allowed
@@ -101,6 +102,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="nibbles per call per run")
     parser.add_argument("--batch", type=int, default=250, help="nibbles per pipeline (the engine's chunk)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--pipeline", action="store_true",
+                        help="one script per nibble in a pipeline (the store's fallback) instead of nibbles.lua")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp())
@@ -122,6 +125,7 @@ def main() -> None:
         median_single, median_cluster = statistics.median(rates_single), statistics.median(rates_cluster)
         print(json.dumps({
             "processes": args.processes, "calls_per_process": args.calls, "batch": args.batch,
+            "nibbles": "pipeline of nibble.lua" if args.pipeline else "nibbles.lua runs",
             "rounds": args.rounds, "runs": args.runs,
             "single_redis_nibbles_per_s_median": round(median_single),
             "single_redis_runs": [round(r) for r in rates_single],

@@ -17,6 +17,9 @@ from agent.adapters.redis.connect import RedisClient
 NAMES = ("authorize", "nibble", "settle", "close", "mark_posted", "rebuild", "openings", "periods")
 # Scripts of their own (no prelude): a shebang with flags must be a script's first line.
 STANDALONE = ("sweep",)
+# Scripts with a shebang (Redis 7.0+) that wrap the prelude themselves, loaded where they run.
+BATCHED = ("nibbles",)
+CROSS_SLOT = "#!lua flags=allow-cross-slot-keys\n"
 
 
 def _source(name: str) -> str:
@@ -24,12 +27,17 @@ def _source(name: str) -> str:
     own = (package / f"{name}.lua").read_text(encoding="utf-8")
     if name in STANDALONE:
         return own
-    return (package / "prelude.lua").read_text(encoding="utf-8") + "\n" + own
+    prelude = (package / "prelude.lua").read_text(encoding="utf-8")
+    if name == "nibbles":  # nibble.lua's body as a function of its KEYS and ARGV (nibbles.lua)
+        body = (package / "nibble.lua").read_text(encoding="utf-8")
+        function = f"local function nibble_one(KEYS, ARGV)\n{body}\nend"
+        return CROSS_SLOT + prelude + "\n" + own.replace("--NIBBLE_BODY--", function, 1)
+    return prelude + "\n" + own
 
 
 class Scripts:
     def __init__(self) -> None:
-        self.source = {name: _source(name) for name in NAMES + STANDALONE}
+        self.source = {name: _source(name) for name in NAMES + STANDALONE + BATCHED}
         self.sha = {name: hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
                     for name, text in self.source.items()}
         self._loaded = False

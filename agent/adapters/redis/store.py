@@ -105,6 +105,8 @@ SWEEP_SLOTS = 1024  # per-slot indexes a cluster sweep reads in one script (keep
 # After a master's replication id changes, the accounts changed in SQL since this long before the
 # last sweep that saw the old one are rebuilt from the ledger (see _watch_replication).
 REBUILD_LOOKBACK_MS = 10 * 60 * 1000
+NIBBLE_BATCH = 256  # nibbles per run of nibbles.lua (each ~25-50 us of Redis: a run blocks it ~10 ms at most)
+NIBBLE_BATCH_MIN = 2  # fewer: the one-script pipeline
 
 
 MAX_CONNECTIONS = 256  # per process; a burst beyond it waits for a free connection
@@ -241,6 +243,7 @@ class RedisBalanceStore:
         self._replids: list[str] = []
         self._replids_read_ms = 0
         self._replids_refused = False  # INFO refused once: logged once
+        self._batched = True  # nibbles as runs of nibbles.lua (off once a server refuses them)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -502,6 +505,63 @@ class RedisBalanceStore:
         return self._nibble_replies([(request, account_id)])[0]
 
     def _nibble_replies(self, items: Sequence[tuple[NibbleRequest, str]]) -> list[list[str]]:
+        if self._batched and len(items) >= NIBBLE_BATCH_MIN:
+            replies = self._batched_nibble_replies(items)
+            if replies is not None:
+                return replies
+        return self._pipelined_nibble_replies(items)
+
+    def _batched_nibble_replies(self, items: Sequence[tuple[NibbleRequest, str]]) -> list[list[str]] | None:
+        """The nibbles as runs of nibbles.lua, one per master and ``NIBBLE_BATCH`` nibbles; None
+        when a server cannot take them that way (a slot moving, a Redis older than 7.0): the
+        caller sends them as a pipeline, where a nibble already applied answers 'replayed'."""
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        client = self._client
+        if isinstance(client, RedisCluster):
+            cache = client.nodes_manager.slots_cache
+            for i, (_, account_id) in enumerate(items):
+                nodes = cache.get(key_slot(self._keys.of(account_id).account.encode()))
+                if not nodes:
+                    return None  # a slot nobody serves now: the pipeline's error says so
+                groups.setdefault(nodes[0].name, (nodes[0], []))[1].append(i)
+            servers = {name: client.get_redis_connection(node) for name, (node, _) in groups.items()}
+        else:
+            groups[""] = (None, list(range(len(items))))
+            servers = {"": client}
+        replies: list[list[str]] = [[] for _ in items]
+        for name, (_, positions) in groups.items():
+            for start in range(0, len(positions), NIBBLE_BATCH):
+                chunk = positions[start:start + NIBBLE_BATCH]
+                args: list[Any] = []
+                for i in chunk:
+                    r, account_id = items[i]
+                    ak = self._keys.of(account_id)
+                    args += (ak.account, ak.live, ak.call(r.call_id), ak.periods, ak.periods_unposted, r.call_id,
+                             r.seq, r.debit_micros, r.reserve_micros, r.now_ms, r.ttl_ms, r.bundle_used_s,
+                             r.bundle_want_s, ak.period_prefix, ak.spend_prefix)
+                try:
+                    out = self._scripts.run_on(servers[name], "nibbles", [], args)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    if isinstance(client, RedisCluster):
+                        # A master lost: the cluster client's own path (the pipeline) meets the
+                        # error, marks the node and reads the slot map again (the promoted replica).
+                        return None
+                    raise
+                except redis.ResponseError as exc:
+                    # A Redis that cannot load the script (before 7.0: no script flags) never
+                    # will; anything else (a slot moving, a demoted master answering READONLY, a
+                    # key not local) is the pipeline's to meet, with the cluster client's
+                    # redirections: this time only.
+                    if any(word in str(exc).lower() for word in ("shebang", "compiling", "flag")):
+                        self._batched = False
+                        log.warning("balance store: nibbles run one script each from now on (a batch was "
+                                    "refused: %s; Redis 7.0 or later runs them in one)", exc)
+                    return None
+                for i, reply in zip(chunk, out, strict=True):
+                    replies[i] = [text(v) for v in reply]
+        return replies
+
+    def _pipelined_nibble_replies(self, items: Sequence[tuple[NibbleRequest, str]]) -> list[list[str]]:
         def build(pipe: Any) -> None:
             for r, account_id in items:
                 ak = self._keys.of(account_id)
