@@ -168,3 +168,11 @@ def test_a_batch_refused_for_a_moving_slot_or_a_demoted_master_goes_by_pipeline_
         assert [o.status for o in outs] == [NibbleStatus.GRANTED, NibbleStatus.GRANTED]
     assert store._batched and not errors
     assert store.account_state("carol").balance_micros == 7 * UNIT
+
+
+def test_a_key_prefix_with_a_newline_is_refused() -> None:
+    """nibbles.lua reads newline-ended fields, keys among them."""
+    from agent.adapters.redis.keys import KeySpace
+
+    with pytest.raises(ValueError, match="printable"):
+        KeySpace("billing\n")

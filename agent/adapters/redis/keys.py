@@ -99,6 +99,8 @@ class KeySpace:
         """``per_slot_index``: a Redis Cluster (the sweeper's index split by slot, see above)."""
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"redis.key_prefix {prefix!r} must not contain braces (they select the hash slot)")
+        if not prefix.isprintable():  # nibbles.lua reads newline-separated fields (keys among them)
+            raise ValueError(f"redis.key_prefix {prefix!r} must be printable characters")
         self.prefix = prefix
         self.index = f"{prefix}calls:index"  # the one index (one Redis); on a cluster, read only
         self.per_slot_index = per_slot_index

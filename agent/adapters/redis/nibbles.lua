@@ -7,13 +7,18 @@
 -- pipeline of nibble.lua elsewhere). Each nibble is its own step, idempotent per (call, seq),
 -- as in a pipeline: a run that fails half-way is sent again whole (the done ones answer
 -- 'replayed').
--- ARGV: groups of 15: the 5 KEYS of nibble.lua, then its 10 ARGV. Reply: one reply each.
+-- ARGV: one per nibble: the 5 KEYS of nibble.lua, then its 10 ARGV, each followed by a newline
+-- (one argument, not 15: redis-py's packing of each argument was most of the client's time; ids
+-- and keys are printable, so never hold a newline). Reply: one reply each.
 --NIBBLE_BODY--
-local out, at = {}, 1
-while at <= #ARGV do
-  out[#out + 1] = nibble_one({ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]},
-    {ARGV[at + 5], ARGV[at + 6], ARGV[at + 7], ARGV[at + 8], ARGV[at + 9], ARGV[at + 10], ARGV[at + 11],
-     ARGV[at + 12], ARGV[at + 13], ARGV[at + 14]})
-  at = at + 15
+local out = {}
+for i = 1, #ARGV do
+  local f, k = {}, 0
+  for field in string.gmatch(ARGV[i], '([^\n]*)\n') do
+    k = k + 1
+    f[k] = field
+  end
+  if k ~= 15 then return redis.error_reply('nibbles.lua: nibble ' .. i .. ' has ' .. k .. ' fields, not 15') end
+  out[i] = nibble_one({f[1], f[2], f[3], f[4], f[5]}, {f[6], f[7], f[8], f[9], f[10], f[11], f[12], f[13], f[14], f[15]})
 end
 return out

@@ -532,13 +532,13 @@ class RedisBalanceStore:
         for name, (_, positions) in groups.items():
             for start in range(0, len(positions), NIBBLE_BATCH):
                 chunk = positions[start:start + NIBBLE_BATCH]
-                args: list[Any] = []
-                for i in chunk:
+                args: list[str] = []
+                for i in chunk:  # one argument per nibble, its 15 fields each ended by a newline (nibbles.lua)
                     r, account_id = items[i]
                     ak = self._keys.of(account_id)
-                    args += (ak.account, ak.live, ak.call(r.call_id), ak.periods, ak.periods_unposted, r.call_id,
-                             r.seq, r.debit_micros, r.reserve_micros, r.now_ms, r.ttl_ms, r.bundle_used_s,
-                             r.bundle_want_s, ak.period_prefix, ak.spend_prefix)
+                    args.append(f"{ak.account}\n{ak.live}\n{ak.call(r.call_id)}\n{ak.periods}\n{ak.periods_unposted}\n"
+                                f"{r.call_id}\n{r.seq}\n{r.debit_micros}\n{r.reserve_micros}\n{r.now_ms}\n{r.ttl_ms}\n"
+                                f"{r.bundle_used_s}\n{r.bundle_want_s}\n{ak.period_prefix}\n{ak.spend_prefix}\n")
                 try:
                     out = self._scripts.run_on(servers[name], "nibbles", [], args)
                 except (redis.ConnectionError, redis.TimeoutError):
