@@ -1,6 +1,7 @@
 """Nibble debits per second from N processes: a 3-master Redis Cluster against one Redis, same run.
 
     python bench/bench_cluster.py [--processes 5] [--calls 2000] [--rounds 5] [--batch 250] [--runs 3]
+    python bench/bench_cluster.py --compare --runs 4     # nibbles.lua against the pipeline, in turn
 
 Both deployments are started here from the installed ``redis-server`` (free loopback ports,
 nothing on disk; the cluster has 3 masters + 3 replicas, as in the tests) and stopped at the end.
@@ -104,6 +105,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--pipeline", action="store_true",
                         help="one script per nibble in a pipeline (the store's fallback) instead of nibbles.lua")
+    parser.add_argument("--compare", action="store_true",
+                        help="each run both ways (nibbles.lua and the pipeline, in turn) on both deployments: "
+                             "the ratio of the two in the same moments of the machine")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp())
@@ -119,6 +123,9 @@ def main() -> None:
     cluster = start_cluster(tmp / "cluster")
     try:
         single_url, rates_single, rates_cluster = f"redis://127.0.0.1:{single.port}/0", [], []
+        if args.compare:
+            compare(args, ledger, {"single": single_url, "cluster": cluster.url})
+            return
         for _ in range(args.runs):  # interleaved: both see the same moments of the shared machine
             rates_single.append(one_run(single_url, ledger, args))
             rates_cluster.append(one_run(cluster.url, ledger, args))
@@ -136,6 +143,26 @@ def main() -> None:
     finally:
         cluster.stop()
         single.stop()
+
+
+def compare(args: argparse.Namespace, ledger: str, urls: dict[str, str]) -> None:
+    """Each run: on each deployment, nibbles.lua and the pipeline one after the other (the order
+    alternates from run to run); medians and the batched / pipeline ratio per deployment."""
+    rates: dict[tuple[str, bool], list[float]] = {}
+    for run in range(args.runs):
+        for name, url in urls.items():
+            for pipeline in ((False, True) if run % 2 == 0 else (True, False)):
+                way = argparse.Namespace(**{**vars(args), "pipeline": pipeline})
+                rates.setdefault((name, pipeline), []).append(one_run(url, ledger, way))
+    report: dict[str, object] = {"processes": args.processes, "calls_per_process": args.calls, "batch": args.batch,
+                                 "rounds": args.rounds, "runs": args.runs}
+    for name in urls:
+        batched, piped = statistics.median(rates[(name, False)]), statistics.median(rates[(name, True)])
+        report[name] = {"nibbles_lua_per_s_median": round(batched), "pipeline_per_s_median": round(piped),
+                        "nibbles_lua_runs": [round(r) for r in rates[(name, False)]],
+                        "pipeline_runs": [round(r) for r in rates[(name, True)]],
+                        "ratio": round(batched / piped, 2)}
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
