@@ -165,24 +165,25 @@ def post_call(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: s
                       account_id, exc)
             return False
     spend = record.spend_periods
-    lost: list[LedgerPosting] | None = None
-    try:
+
+    def write(reconcile: bool) -> list[LedgerPosting] | None:
         with transaction(sessions) as session:
-            lock_account(session, account_id)
-            lost = lost_step_postings(session, call_id, postings, record.optional_int("cost"))
-            if lost is not None:
-                postings, uses = lost, []  # the bundle rows written with the ledger's charge stand too
-            if openings or uses:
-                write_openings(session, account_id, openings)
-                write_uses(session, account_id, call_id, uses)
-            spent = 0
-            for p in postings:
-                posting = post_entry(session, account_id, kind=p.kind, amount_micros=p.amount_micros,
-                                     reference=p.reference, call_id=call_id, description=p.description)
-                if posting.created:
-                    spent -= p.amount_micros
-            if spend is not None and spent:
-                add_spent(session, account_id, spend, spent)
+            entries, call_uses, lost = postings, uses, None
+            if reconcile:  # under the account's lock: the ledger cannot move meanwhile
+                lock_account(session, account_id)
+                lost = lost_step_postings(session, call_id, postings, record.optional_int("cost"))
+                if lost is not None:
+                    entries, call_uses = lost, []  # the bundle rows written with the ledger's charge stand too
+            _write_closed(session, account_id, call_id, openings, call_uses, entries, spend)
+        return lost
+
+    try:
+        try:
+            # Redis may have lost a step the ledger has: only a call with no charge of its own to
+            # write, or one whose references hold other amounts (Conflict), can show it.
+            lost = write(reconcile=not postings)
+        except Conflict:
+            lost = write(reconcile=True)
     except (SQLAlchemyError, BillingError) as exc:
         log.error("ledger write of call=%s account=%s failed, kept for the sweeper: %s", call_id, account_id, exc)
         return False
@@ -203,6 +204,24 @@ def post_call(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: s
             log.error("account=%s not rebuilt after a lost step (run `billing-agent accounts rebuild-cache %s`): %s",
                       account_id, account_id, exc)
     return True
+
+
+def _write_closed(session: Session, account_id: str, call_id: str, openings: Sequence[PeriodOpening],
+                  uses: Sequence[BundleUse], postings: Sequence[LedgerPosting], spend: tuple[int, int] | None) -> None:
+    """A closed call's rows in one transaction: period openings and use rows (after the account's
+    row lock), ledger entries (idempotent per reference), and the spend of what was new."""
+    if openings or uses:
+        lock_account(session, account_id)
+        write_openings(session, account_id, openings)
+        write_uses(session, account_id, call_id, uses)
+    spent = 0
+    for p in postings:
+        posting = post_entry(session, account_id, kind=p.kind, amount_micros=p.amount_micros,
+                             reference=p.reference, call_id=call_id, description=p.description)
+        if posting.created:
+            spent -= p.amount_micros
+    if spend is not None and spent:
+        add_spent(session, account_id, spend, spent)
 
 
 def lost_step_postings(session: Session, call_id: str, postings: Sequence[LedgerPosting],
