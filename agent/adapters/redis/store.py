@@ -206,6 +206,15 @@ def _reply_int(reply: Sequence[str], index: int) -> int:
     return int(reply[index]) if len(reply) > index and reply[index] != "" else 0
 
 
+def _masters(client: RedisCluster) -> dict[str, tuple[Any, list[int]]]:
+    """Each master of the client's slot map (by name): its node and the slots it serves."""
+    by_master: dict[str, tuple[Any, list[int]]] = {}
+    for slot, nodes in client.nodes_manager.slots_cache.items():
+        if nodes:
+            by_master.setdefault(nodes[0].name, (nodes[0], []))[1].append(slot)
+    return by_master
+
+
 @contextmanager
 def _unavailable(what: str) -> Iterator[None]:
     try:
@@ -748,33 +757,26 @@ class RedisBalanceStore:
             try:
                 return [self._replid_of(self._client.info("replication"))]
             except redis.ResponseError as exc:  # INFO renamed or refused (some managed Redis): no watch
-                if not self._replids_refused:
-                    log.warning("balance store: INFO replication refused (%s): a failover will not be noticed; "
-                                "run `billing-agent accounts rebuild-cache` after one", exc)
-                    self._replids_refused = True
+                self._info_refused(exc)
                 return [""]
-        slots_of: dict[str, list[int]] = {}
-        for slot, nodes in self._client.nodes_manager.slots_cache.items():
-            if nodes:
-                slots_of.setdefault(nodes[0].name, []).append(slot)
         by_slot = [""] * SLOTS
-        for name, slots in slots_of.items():
-            node = self._client.get_node(node_name=name)  # type: ignore[no-untyped-call, unused-ignore]
-            if node is None:
-                continue
+        for node, slots in _masters(self._client).values():
             try:
                 replid = self._replid_of(self._client.info("replication", target_nodes=node))
             except redis.ResponseError as exc:  # INFO refused (renamed): that master is not watched
-                if not self._replids_refused:
-                    log.warning("balance store: INFO replication refused by %s (%s): its failover will not be "
-                                "noticed; run `billing-agent accounts rebuild-cache` after one", name, exc)
-                    self._replids_refused = True
+                self._info_refused(exc, f" by {node.name}")
                 continue
             except (redis.RedisError, RedisClusterException):
                 continue  # a dead master: its slots are compared again once another serves them
             for slot in slots:
                 by_slot[slot] = replid
         return by_slot
+
+    def _info_refused(self, exc: Exception, where: str = "") -> None:
+        if not self._replids_refused:
+            log.warning("balance store: INFO replication refused%s (%s): a failover there will not be noticed; "
+                        "run `billing-agent accounts rebuild-cache` after one", where, exc)
+            self._replids_refused = True
 
     @staticmethod
     def _replid_of(info: Any) -> str:
@@ -830,11 +832,7 @@ class RedisBalanceStore:
         different one each time, so a ``limit`` reached early does not starve the last ones."""
         client = self._client
         assert isinstance(client, RedisCluster)
-        by_master: dict[str, tuple[Any, list[int]]] = {}
-        for slot, nodes in client.nodes_manager.slots_cache.items():
-            if nodes:
-                by_master.setdefault(nodes[0].name, (nodes[0], []))[1].append(slot)
-        masters = sorted(by_master.values(), key=lambda entry: entry[0].name)
+        masters = sorted(_masters(client).values(), key=lambda entry: entry[0].name)
         self._sweep_turn += 1
         if masters:
             turn = self._sweep_turn % len(masters)
