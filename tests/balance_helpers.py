@@ -149,6 +149,24 @@ class Engines:
             engine.dispose()
 
 
+def postgres_redis_world(postgres_url: str, redis_url: str, **engine_options: Any) -> Iterator[World]:
+    """A world of its own on a fresh PostgreSQL schema and the given Redis (a fixture's body:
+    ``yield from``); ``engine_options`` go to ``create_engine`` (a lock timeout, say)."""
+    from sqlalchemy import create_engine
+
+    from agent.adapters.sql.engine import normalise_url
+
+    engine = create_engine(normalise_url(postgres_url), **engine_options)
+    fresh_schema(engine)
+    world = World("redis", engine, session_factory(engine), f"test:{uuid.uuid4().hex[:10]}:", redis_url)
+    try:
+        yield world
+    finally:
+        world.close()
+        world.wipe_redis()
+        engine.dispose()
+
+
 def world_for(request: pytest.FixtureRequest, engines_: Engines) -> Iterator[World]:
     engines, tmp = engines_.by_backend, engines_.tmp
     kind = request.param

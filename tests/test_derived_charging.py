@@ -246,33 +246,43 @@ def test_a_restarted_agent_adopts_every_level_of_a_call_and_charges_each_once() 
     assert store.open_reservations() == 0
 
 
+def _left_behind(store: MemoryStore, clock: SystemClock, cdrs: Cdrs, rater: ChainRater, account: str, leg: str,
+                 started_ms: int) -> tuple[Engine, str, str]:
+    """What a run that died left: a call of ``account`` (a customer of acme) and its level-1
+    store call, each reserved at ``started_ms`` and one nibble debited a second later; and the
+    engine of the next run, started, with both adoptable and the call's facts (its leg ``leg``)."""
+    from agent.core.session import NibbleStep
+    from agent.services.engine import LeftBehind
+
+    store.add_account(account, 100_000)
+    store.add_account(RESELLER, 100_000)
+    call_id = f"n1-{leg}"
+    level_id = level_call_id(call_id, 1)
+    now = clock.now_ms()
+    store.authorize(account, call_id, 2_000, 2_000, started_ms)
+    store.authorize(RESELLER, level_id, 1_000, 1_000, started_ms)
+    store.nibbles([NibbleStep(call_id, 1, 2_000, 2_000, account), NibbleStep(level_id, 1, 1_000, 1_000, RESELLER)],
+                  started_ms + 1_000)
+    engine = Engine(settings=EngineSettings(node="n1", nibble_seconds=1), store=store, rater=rater,
+                    clock=clock, cdr=cdrs)
+    engine.adoptable = {
+        call_id: LiveCall(account, call_id, "n1", 1, 2_000, 2_000, 0, started_ms, now + 30_000),
+        level_id: LiveCall(RESELLER, level_id, "n1", 1, 1_000, 1_000, 0, started_ms, now + 30_000),
+    }
+    engine.adoptable_facts = {call_id: LeftBehind(call_id, "asterisk", "33123", "", leg, started_ms, started_ms)}
+    engine.add_switch(Switch(engine, clock))
+    engine.start()
+    return engine, call_id, level_id
+
+
 def test_a_call_left_behind_is_settled_at_every_level_with_what_each_debited() -> None:
     """A call of a reseller's customer that ended while no agent ran: each level is charged
     what its own nibbles debited, once, and the record carries every level."""
     clock = SystemClock()
     store = MemoryStore()
     cdrs = Cdrs()
-    store.add_account("c10", 100_000)
-    store.add_account(RESELLER, 100_000)
-    from agent.core.session import NibbleStep
-    from agent.services.engine import LeftBehind
-
-    call_id = "n1-A10"
-    level_id = level_call_id(call_id, 1)
-    now = clock.now_ms()
-    store.authorize("c10", call_id, 2_000, 2_000, now - 5_000)
-    store.authorize(RESELLER, level_id, 1_000, 1_000, now - 5_000)
-    store.nibbles([NibbleStep(call_id, 1, 2_000, 2_000, "c10"), NibbleStep(level_id, 1, 1_000, 1_000, RESELLER)],
-                  now - 4_000)
-    engine = Engine(settings=EngineSettings(node="n1", nibble_seconds=1), store=store, rater=ChainRater(),
-                    clock=clock, cdr=cdrs)
-    engine.adoptable = {
-        call_id: LiveCall("c10", call_id, "n1", 1, 2_000, 2_000, 0, now - 5_000, now + 30_000),
-        level_id: LiveCall(RESELLER, level_id, "n1", 1, 1_000, 1_000, 0, now - 5_000, now + 30_000),
-    }
-    engine.adoptable_facts = {call_id: LeftBehind(call_id, "asterisk", "33123", "", "A10", now - 5_000, now - 5_000)}
-    engine.add_switch(Switch(engine, clock))
-    engine.start()
+    engine, call_id, level_id = _left_behind(store, clock, cdrs, ChainRater(), "c10", "A10",
+                                             clock.now_ms() - 5_000)
     try:
         engine.on_event(PbxConnected("asterisk", clock.now_ms(), ()))
         _wait(lambda: cdrs.records)
@@ -299,29 +309,11 @@ def test_a_call_left_behind_billed_from_the_pbx_cdr_charges_every_level_its_pric
     cdrs = Cdrs()
     rater = ChainRater()
     rater.fx = fx
-    store.add_account("c11", 100_000)
-    store.add_account(RESELLER, 100_000)
     from agent.core.events import EndedCall
-    from agent.core.session import NibbleStep
-    from agent.services.engine import FROM_PBX_CDR, LeftBehind
+    from agent.services.engine import FROM_PBX_CDR
 
-    call_id = "n1-A11"
-    level_id = level_call_id(call_id, 1)
-    now = clock.now_ms()
-    answered = now - 10_000
-    store.authorize("c11", call_id, 2_000, 2_000, answered)
-    store.authorize(RESELLER, level_id, 1_000, 1_000, answered)
-    store.nibbles([NibbleStep(call_id, 1, 2_000, 2_000, "c11"), NibbleStep(level_id, 1, 1_000, 1_000, RESELLER)],
-                  answered + 1_000)
-    engine = Engine(settings=EngineSettings(node="n1", nibble_seconds=1), store=store, rater=rater,
-                    clock=clock, cdr=cdrs)
-    engine.adoptable = {
-        call_id: LiveCall("c11", call_id, "n1", 1, 2_000, 2_000, 0, answered, now + 30_000),
-        level_id: LiveCall(RESELLER, level_id, "n1", 1, 1_000, 1_000, 0, answered, now + 30_000),
-    }
-    engine.adoptable_facts = {call_id: LeftBehind(call_id, "asterisk", "33123", "", "A11", answered, answered)}
-    engine.add_switch(Switch(engine, clock))
-    engine.start()
+    answered = clock.now_ms() - 10_000
+    engine, call_id, level_id = _left_behind(store, clock, cdrs, rater, "c11", "A11", answered)
     try:
         engine.on_event(PbxConnected("asterisk", clock.now_ms(), (), (EndedCall("A11", answered, answered + 7_200),)))
         _wait(lambda: cdrs.records)

@@ -9,20 +9,18 @@ PostgreSQL, and the store's own connections give up waiting after a lock_timeout
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from agent.adapters.redis.store import RETRY_PENDING_MS, RedisBalanceStore, make_client
-from agent.adapters.sql.engine import normalise_url, session_factory
 from agent.adapters.sql.models import Account
 from agent.core.balance import SettleStatus
 from agent.services.clock import ManualClock
 from agent.services.store_guard import StoreGuard
-from tests.balance_helpers import T0, UNIT, World, fresh_schema
+from tests.balance_helpers import T0, UNIT, World, postgres_redis_world
 
 TTL = 60_000
 LOCK_TIMEOUT_MS = 500
@@ -32,15 +30,8 @@ LOCK_TIMEOUT_MS = 500
 def w(postgres_url: str, redis_url_single: str) -> Iterator[World]:
     # The store's connections wait at most LOCK_TIMEOUT_MS for a row lock: a post that waits on
     # the lock held below fails (SQL refused) instead of hanging the test.
-    engine = create_engine(normalise_url(postgres_url), connect_args={"options": f"-c lock_timeout={LOCK_TIMEOUT_MS}"})
-    fresh_schema(engine)
-    world = World("redis", engine, session_factory(engine), f"test:{uuid.uuid4().hex[:10]}:", redis_url_single)
-    try:
-        yield world
-    finally:
-        world.close()
-        world.wipe_redis()
-        engine.dispose()
+    yield from postgres_redis_world(postgres_url, redis_url_single,
+                                    connect_args={"options": f"-c lock_timeout={LOCK_TIMEOUT_MS}"})
 
 
 def _store(w: World, *, post_later: bool) -> RedisBalanceStore:

@@ -14,28 +14,20 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import create_engine
+import redis
 
-from agent.adapters.redis.store import RedisBalanceStore, make_client
+from agent.adapters.redis.store import RedisBalanceStore
 from agent.adapters.sql import accounts as repo
-from agent.adapters.sql.engine import normalise_url, session_factory, transaction
+from agent.adapters.sql.engine import transaction
 from agent.core.balance import SettleStatus
-from tests.balance_helpers import T0, UNIT, World, fresh_schema
+from tests.balance_helpers import T0, UNIT, World, postgres_redis_world
 
 TTL = 60_000
 
 
 @pytest.fixture
 def w(postgres_url: str, redis_url_single: str) -> Iterator[World]:
-    engine = create_engine(normalise_url(postgres_url))
-    fresh_schema(engine)
-    world = World("redis", engine, session_factory(engine), f"test:{uuid.uuid4().hex[:10]}:", redis_url_single)
-    try:
-        yield world
-    finally:
-        world.close()
-        world.wipe_redis()
-        engine.dispose()
+    yield from postgres_redis_world(postgres_url, redis_url_single)
 
 
 class Snapshot:
@@ -43,26 +35,18 @@ class Snapshot:
 
     def __init__(self, w: World) -> None:
         self.w = w
-        self.client = make_client(w.redis_url, 2000)
-        raw = make_client_raw(w.redis_url)
-        self.keys: dict[str, tuple[bytes, int]] = {}
+        raw = redis.Redis.from_url(w.redis_url)  # bytes: DUMP's payload is binary
+        self.keys: dict[bytes, tuple[bytes, int]] = {}
         for key in raw.scan_iter(match=f"{w.redis_prefix}*".encode(), count=1000):
-            self.keys[key.decode()] = (raw.dump(key), max(0, int(raw.pttl(key))))
+            self.keys[key] = (raw.dump(key), max(0, int(raw.pttl(key))))
         raw.close()
 
     def put_back(self) -> None:
         self.w.wipe_redis()
-        raw = make_client_raw(self.w.redis_url)
+        raw = redis.Redis.from_url(self.w.redis_url)
         for key, (value, pttl) in self.keys.items():
             raw.restore(key, pttl, value)
         raw.close()
-        self.client.close()
-
-
-def make_client_raw(url: str):  # type: ignore[no-untyped-def]
-    import redis
-
-    return redis.Redis.from_url(url)
 
 
 def _store(w: World) -> RedisBalanceStore:
@@ -170,8 +154,6 @@ def test_a_redis_that_refuses_info_still_sweeps(w: World, monkeypatch: pytest.Mo
                                                 caplog: pytest.LogCaptureFixture) -> None:
     """Some managed Redis services rename or refuse INFO: the failover watch is off (said once),
     the sweep itself goes on."""
-    import redis
-
     w.account("erin", balance=10 * UNIT)
     store = _store(w)
     assert store.authorize("erin", "c5", "n1", UNIT, UNIT, T0, TTL).allowed
