@@ -101,6 +101,56 @@ def test_an_expiry_lost_by_redis_then_the_late_settle_is_charged_once_with_its_a
     assert w.ledger_problems() == []
 
 
+def test_a_settle_lost_before_any_nibble_is_closed_by_the_rebuild_as_the_ledger_has_it(w: World) -> None:
+    """Settled inside its first slice (no nibble debited anything), then the settle is lost: the
+    promoted replica has the call open with nothing applied. The rebuild of the promotion must
+    close it at the ledger's charge; left open, the expiry closed it with nothing to post and
+    Redis kept the balance 1.50 above the ledger's."""
+    w.account("frank", balance=10 * UNIT)
+    store = _store(w)
+    assert store.authorize("frank", "c6", "n1", 2 * UNIT, UNIT, T0, TTL).allowed
+    before_settle = Snapshot(w)
+    assert store.settle("c6", 1, UNIT + UNIT // 2, T0 + 20_000).status is SettleStatus.SETTLED
+    assert w.sql_balance("frank") == 10 * UNIT - (UNIT + UNIT // 2)
+    before_settle.put_back()
+
+    store.rebuild("frank")  # what the sweep does for the accounts of a promoted replica
+    state = store.account_state("frank")
+    assert (state.balance_micros, state.reserved_micros) == (w.sql_balance("frank"), 0), state
+    assert [c.call_id for c in store.live_calls()] == [], "the call is over: no reservation, not live"
+    report = store.expire(T0 + 2 * TTL)
+    assert report.expired == () and report.pending == 0, report
+    replay = store.settle("c6", 1, UNIT + UNIT // 2, T0 + 21_000)  # the node's retry of its lost reply
+    assert replay.status is SettleStatus.REPLAYED, replay
+    assert w.entries("c6") == [("charge", -(UNIT + UNIT // 2), "charge:c6")]
+    assert store.account_state("frank").balance_micros == w.sql_balance("frank")
+    w.record_settled_calls()
+    assert w.ledger_problems() == []
+
+
+def test_a_call_open_again_after_a_lost_expiry_stays_open_through_a_rebuild_and_settles_once(w: World) -> None:
+    """The ledger has the call's expiry charge, Redis has it open (the expiry was lost): the node
+    may still settle it, so the rebuild keeps it open and the settle adds the late adjustment."""
+    w.account("gina", balance=10 * UNIT)
+    store = _store(w)
+    assert store.authorize("gina", "c7", "n1", 2 * UNIT, UNIT, T0, TTL).allowed
+    store.debit_and_reserve("c7", 1, 2 * UNIT, 2 * UNIT, T0 + 30_000, TTL)
+    before_expiry = Snapshot(w)
+    assert store.expire(T0 + 30_000 + 2 * TTL).expired == ("c7",)
+    before_expiry.put_back()
+
+    store.rebuild("gina")
+    assert [c.call_id for c in store.live_calls()] == ["c7"]
+    out = store.settle("c7", 2, 3 * UNIT, T0 + 200_000)
+    assert out.status is SettleStatus.SETTLED, out
+    assert w.entries("c7") == [("charge", -2 * UNIT, "charge:c7"), ("adjustment", -UNIT, "charge-late:c7")]
+    assert w.sql_balance("gina") == 7 * UNIT
+    state = store.account_state("gina")
+    assert (state.balance_micros, state.reserved_micros) == (7 * UNIT, 0), state
+    w.record_settled_calls()
+    assert w.ledger_problems() == []
+
+
 def test_a_top_up_lost_by_redis_comes_back_with_the_rebuild(w: World) -> None:
     w.account("carol", balance=UNIT)
     store = _store(w)

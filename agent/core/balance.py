@@ -69,6 +69,8 @@ __all__ = [
     "check_nibble",
     "check_ttl",
     "ledger_postings",
+    "CLOSE_CHARGE_DESCRIPTION",
+    "SETTLE_CHARGE_DESCRIPTION",
     "nibble_step",
 ]
 
@@ -423,6 +425,13 @@ class CallClose(StrEnum):
     RELEASED = "released"  # released by the service
 
 
+# The two ways a call's ``charge:<call>`` entry is written. The description is how the ledger
+# tells a settled call (finished: nothing more will come for it) from one whose reservation
+# closed first (a late settle may still follow); the Redis rebuild reads it (redis/ledger.py).
+SETTLE_CHARGE_DESCRIPTION = "call charge"
+CLOSE_CHARGE_DESCRIPTION = "call charge: nibbles debited before the reservation closed"
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerPosting:
     kind: str
@@ -442,12 +451,11 @@ def ledger_postings(call_id: str, *, closed_charge_micros: int | None, cost_micr
     postings: list[LedgerPosting] = []
     charge_ref = f"charge:{call_id}"
     if closed_charge_micros is not None and closed_charge_micros > 0:
-        postings.append(LedgerPosting("charge", -closed_charge_micros, charge_ref,
-                                      "call charge: nibbles debited before the reservation closed"))
+        postings.append(LedgerPosting("charge", -closed_charge_micros, charge_ref, CLOSE_CHARGE_DESCRIPTION))
         if cost_micros is not None and cost_micros != closed_charge_micros:
             postings.append(LedgerPosting("adjustment", closed_charge_micros - cost_micros,
                                           f"charge-late:{call_id}",
                                           "call settled after its reservation closed"))
     elif cost_micros is not None:
-        postings.append(LedgerPosting("charge", -cost_micros, charge_ref, "call charge"))
+        postings.append(LedgerPosting("charge", -cost_micros, charge_ref, SETTLE_CHARGE_DESCRIPTION))
     return postings

@@ -49,7 +49,7 @@ from agent.adapters.sql.accounts import lock_account, post_entry
 from agent.adapters.sql.bundle_periods import post_usage, post_use, use_reference
 from agent.adapters.sql.engine import transaction
 from agent.adapters.sql.models import BundlePeriod, BundleUsage, LedgerEntry, RatePlan, SpendPeriod
-from agent.core.balance import MAX_STORE_MICROS, LedgerPosting, ledger_postings
+from agent.core.balance import MAX_STORE_MICROS, SETTLE_CHARGE_DESCRIPTION, LedgerPosting, ledger_postings
 from agent.core.bundles import BundleSlot
 from agent.core.errors import BillingError, Conflict, InvalidInput, NotFound
 from agent.core.money import format_amount
@@ -199,7 +199,7 @@ def post_call(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: s
                     "from it", call_id, account_id,
                     ", ".join(f"{p.reference} {p.amount_micros}" for p in lost) or "nothing more to write")
         try:
-            rebuild_account(client, scripts, keys, sessions, account_id, "if_present")
+            rebuild_account(client, scripts, keys, sessions, account_id, "if_present", retention_ms)
         except (redis.RedisError, SQLAlchemyError, BillingError) as exc:
             log.error("account=%s not rebuilt after a lost step (run `billing-agent accounts rebuild-cache %s`): %s",
                       account_id, account_id, exc)
@@ -343,17 +343,30 @@ def post_openings(client: RedisClient, scripts: Scripts, keys: KeySpace, session
     return True
 
 
-def _ledger_sums(session: Session, account_id: str, call_ids: Iterable[str]) -> dict[str, int]:
+@dataclass(frozen=True, slots=True)
+class LedgerOfCall:
+    """What the ledger holds of one call the cache tracks."""
+
+    sum_micros: int
+    settled: bool  # the ledger has its settle (a settle's charge, or a late settle's adjustment)
+
+
+def _ledger_of_calls(session: Session, account_id: str, call_ids: Iterable[str]) -> dict[str, LedgerOfCall]:
     ids = sorted(call_ids)
     sums: dict[str, int] = {}
+    settled: set[str] = set()
     for start in range(0, len(ids), SQL_IN_CHUNK):
         chunk = ids[start:start + SQL_IN_CHUNK]
         rows = session.execute(
-            select(LedgerEntry.call_id, func.sum(LedgerEntry.amount_micros))
-            .where(LedgerEntry.account_id == account_id, LedgerEntry.call_id.in_(chunk))
-            .group_by(LedgerEntry.call_id))
-        sums.update({str(call_id): int(total) for call_id, total in rows})
-    return sums
+            select(LedgerEntry.call_id, LedgerEntry.reference, LedgerEntry.amount_micros, LedgerEntry.description)
+            .where(LedgerEntry.account_id == account_id, LedgerEntry.call_id.in_(chunk)))
+        for call_id, reference, amount, description in rows:
+            cid = str(call_id)
+            sums[cid] = sums.get(cid, 0) + int(amount)
+            if (reference == f"charge-late:{cid}"
+                    or (reference == f"charge:{cid}" and description == SETTLE_CHARGE_DESCRIPTION)):
+                settled.add(cid)
+    return {cid: LedgerOfCall(total, cid in settled) for cid, total in sums.items()}
 
 
 def check_redis_range(account_id: str, balance_micros: int, credit_limit_micros: int) -> None:
@@ -420,7 +433,7 @@ def _cap(value: int | None) -> str:
 
 
 def rebuild_account(client: RedisClient, scripts: Scripts, keys: KeySpace, sessions: sessionmaker[Session],
-                    account_id: str, mode: str) -> str:
+                    account_id: str, mode: str, retention_ms: int) -> str:
     """Load (``if_absent``), refresh (``if_present``) or rebuild (``load``) one account from SQL,
     with its bundle periods, its spend caps and its plan's timezone, and its spend counters.
 
@@ -436,17 +449,17 @@ def rebuild_account(client: RedisClient, scripts: Scripts, keys: KeySpace, sessi
         pipe.smembers(ak.unposted)
         live, unposted = pipe.execute()
         tracked = {text(c) for c in live} | {text(c) for c in unposted}
-        sums = _ledger_sums(session, account_id, tracked)
+        in_ledger = _ledger_of_calls(session, account_id, tracked)
         args: list[object] = [
             mode, account.balance_micros, account.credit_limit_micros, account.status,
             account.max_concurrent_calls or 0, plan.name if plan is not None else "", account.currency,
             time.time_ns() // 1_000_000, ak.call_prefix, ak.period_prefix,
             _cap(account.max_call_cost_micros), _cap(account.daily_spend_micros),
             _cap(account.monthly_spend_micros), (plan.timezone if plan is not None else "") or "UTC",
-            ak.spend_prefix, *_spend_args(session, account_id), len(sums),
+            ak.spend_prefix, retention_ms, *_spend_args(session, account_id), len(in_ledger),
         ]
-        for call_id, total in sums.items():
-            args += [call_id, total]
+        for call_id, of_call in in_ledger.items():
+            args += [call_id, of_call.sum_micros, int(of_call.settled)]
         args += _bundle_args(session, account_id, tracked)
         reply = scripts.run(client, "rebuild", [ak.account, ak.live, ak.unposted, ak.periods, ak.periods_unposted],
                             args)

@@ -14,31 +14,41 @@
 -- the open calls that count on it. A counter neither in the rows given (the newest of each kind)
 -- nor of a tracked call is left as it is; one of a tracked call only, that exists, keeps its
 -- spent (Redis counted it live). A counter created here expires as prelude.lua says (now: ARGV 8).
+-- A call still open here whose settle the ledger already has (a settle, then its posting, reached
+-- a master that died before its replica got the settle; or a restart from an older dump) is
+-- finished: nothing more will come for it. It is closed here as the ledger has it (settled at the
+-- ledger's charge, posted, its reservation and holds given back), so it counts for nothing beyond
+-- SQL. Left open it would keep its reservation and, the formula adding back the ledger's charge
+-- that Redis never took, hold the balance above the ledger's until a later rebuild. A call open
+-- here whose ledger charge came from an expiry or a release stays open: a node that did not see
+-- the close (or reserved it again after Redis lost it) may still settle it, and post_call writes
+-- the late adjustment then.
 -- Call and period hashes are read by name (same hash tag, so the same cluster slot as KEYS).
 -- KEYS: 1 account hash, 2 live calls zset, 3 unposted set, 4 the account's periods set,
 --       5 its period openings not in SQL yet
 -- ARGV: 1 mode (load | if_absent | if_present), 2 SQL balance, 3 credit limit, 4 status,
 --       5 max calls (0 = unlimited), 6 plan, 7 currency, 8 now ms, 9 call key prefix,
 --       10 period key prefix, 11 max call cost cap, 12 daily cap, 13 monthly cap ('' = none),
---       14 the plan's timezone, 15 spend counter key prefix, 16 S, then S pairs: counter id
---       ('d:start' or 'm:start'), its spent in SQL;
---       then C, then C pairs: call id, sum of its ledger entries;
+--       14 the plan's timezone, 15 spend counter key prefix, 16 retention ms of a closed call's
+--       record, 17 S, then S pairs: counter id ('d:start' or 'm:start'), its spent in SQL;
+--       then C, then C triples: call id, sum of its ledger entries, 1 if the ledger has its settle;
 --       then P, then P groups: period id ('grant:start'), allowance, rollover, end, used;
 --       then triples: call id, period id, seconds of the call's use rows there (positive)
 local exists = redis.call('EXISTS', KEYS[1]) == 1
 if ARGV[1] == 'if_absent' and exists then return {'kept'} end
 if ARGV[1] == 'if_present' and not exists then return {'absent'} end
-local sql_spent, spend_ids, at = {}, {}, 17
-for _ = 1, n(ARGV[16]) do
+local sql_spent, spend_ids, at = {}, {}, 18
+for _ = 1, n(ARGV[17]) do
   sql_spent[ARGV[at]] = n(ARGV[at + 1])
   spend_ids[#spend_ids + 1] = ARGV[at]
   at = at + 2
 end
-local in_ledger = {}
+local in_ledger, settled_in_ledger = {}, {}
 at = at + 1
 for _ = 1, n(ARGV[at - 1]) do
   in_ledger[ARGV[at]] = n(ARGV[at + 1])
-  at = at + 2
+  settled_in_ledger[ARGV[at]] = ARGV[at + 2] == '1'
+  at = at + 3
 end
 local sql_periods = {}
 local period_count = n(ARGV[at])
@@ -64,6 +74,20 @@ local function visit(cid)
   if not h[1] then
     redis.call('ZREM', KEYS[2], cid)
     redis.call('SREM', KEYS[3], cid)
+    return
+  end
+  if h[1] == 'open' and settled_in_ledger[cid] then
+    local key = ARGV[9] .. cid
+    redis.call('ZREM', KEYS[2], cid)
+    redis.call('SREM', KEYS[3], cid)
+    redis.call('HSET', key, 'state', 'settled', 'cost', s(-in_ledger[cid]), 'applied', s(in_ledger[cid]),
+      'reserved', '0', 'closed', ARGV[8], 'posted', '1')
+    redis.call('HINCRBY', key, 'ver', 1)
+    redis.call('PEXPIRE', key, ARGV[16])
+    if h[6] then  -- its day and month are written again below, without what it held
+      count_spend('d:' .. h[6], 0, 0)
+      count_spend('m:' .. h[7], 0, 0)
+    end
     return
   end
   balance = balance + n(h[2]) - (in_ledger[cid] or 0)

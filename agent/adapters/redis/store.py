@@ -279,7 +279,7 @@ class RedisBalanceStore:
         reply = run()
         if reply[0] != "noacct":
             return reply
-        rebuild_account(self._client, self._scripts, self._keys, self._sessions, account_id, "if_absent")
+        self._rebuild(account_id, "if_absent")
         return run()
 
     @staticmethod
@@ -795,8 +795,7 @@ class RedisBalanceStore:
     def _rebuild_cached(self, account_id: str) -> bool:
         """Rebuild an account Redis holds (one it does not hold is loaded by its next call)."""
         try:
-            status = rebuild_account(self._client, self._scripts, self._keys, self._sessions, account_id,
-                                     "if_present")
+            status = self._rebuild(account_id, "if_present")
         except (redis.RedisError, RedisClusterException, SQLAlchemyError, BillingError) as exc:
             log.error("account=%s not rebuilt after a Redis failover (run `billing-agent accounts rebuild-cache "
                       "%s`): %s", account_id, account_id, exc)
@@ -888,7 +887,7 @@ class RedisBalanceStore:
                     max_calls = int(v[4] or 0)
                     return AccountState(account_id, v[3], int(v[0]), int(v[2]), int(v[1]),
                                         max_calls or None, int(live), v[5], v[6], int(v[7] or 0))
-                rebuild_account(self._client, self._scripts, self._keys, self._sessions, account_id, "if_absent")
+                self._rebuild(account_id, "if_absent")
         raise NotFound(f"account {account_id!r} could not be loaded into Redis")
 
     def bundle_periods(self, account_id: str) -> dict[tuple[int, int], PeriodState]:
@@ -924,14 +923,18 @@ class RedisBalanceStore:
                 if exists:
                     return {kind: (int(text(v[0] or 0)), int(text(v[1] or 0))) for kind, v in
                             (("day", day), ("month", month))}
-                rebuild_account(self._client, self._scripts, self._keys, self._sessions, account_id, "if_absent")
+                self._rebuild(account_id, "if_absent")
         raise NotFound(f"account {account_id!r} could not be loaded into Redis")
+
+    def _rebuild(self, account_id: str, mode: str) -> str:
+        return rebuild_account(self._client, self._scripts, self._keys, self._sessions, account_id, mode,
+                               self._retention_ms)
 
     def rebuild(self, account_id: str) -> AccountState:
         """Recompute the account from the SQL ledger (after a Redis restart, failover or repair)."""
         with _unavailable("rebuild"):
             self._scripts.ensure_loaded(self._client)
-            rebuild_account(self._client, self._scripts, self._keys, self._sessions, account_id, "load")
+            self._rebuild(account_id, "load")
         return self.account_state(account_id)
 
     def refresh(self, account_id: str) -> bool:
@@ -939,8 +942,7 @@ class RedisBalanceStore:
         account not in Redis is left for the next call to load. True if it was cached."""
         with _unavailable("refresh"):
             self._scripts.ensure_loaded(self._client)
-            return rebuild_account(self._client, self._scripts, self._keys, self._sessions, account_id,
-                                   "if_present") == "loaded"
+            return self._rebuild(account_id, "if_present") == "loaded"
 
     def shard_of(self, account_id: str) -> str:
         """On a cluster, the master that serves the account's slot now (the client's slot map,
