@@ -50,7 +50,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from agent.adapters.redis.connect import RedisClient, make_cluster_client, make_sentinel_client
+from agent.adapters.redis.connect import RedisClient, fast_packing, make_cluster_client, make_sentinel_client
 from agent.adapters.redis.keys import PERIODS_MARK, SLOTS, AccountKeys, KeySpace, slot_tag
 from agent.adapters.redis.ledger import (
     CallRecord,
@@ -178,6 +178,7 @@ def make_client(url: str, timeout_ms: int, *, max_connections: int = MAX_CONNECT
     pool = redis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=seconds, socket_timeout=seconds,
         socket_connect_timeout=seconds, retry=Retry(NoBackoff(), 0), decode_responses=True)
+    pool.connection_class = fast_packing(pool.connection_class)  # before any connection is made
     return redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
 
 
