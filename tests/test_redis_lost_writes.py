@@ -182,7 +182,7 @@ def test_a_new_replication_id_rebuilds_once_across_nodes_and_again_after_a_faile
         repo.topup(s, "dave", 5 * UNIT, reference="t2")  # in SQL; Redis never hears of it (lost)
     assert node1.account_state("dave").balance_micros == UNIT
 
-    promoted = ["a-new-replication-id-" + uuid.uuid4().hex]
+    promoted = [("a-new-replication-id-" + uuid.uuid4().hex, None)]
     monkeypatch.setattr(node1, "_replication_ids", lambda: promoted)
     monkeypatch.setattr(node2, "_replication_ids", lambda: promoted)
     real_query = node1._accounts_changed_since
@@ -198,6 +198,36 @@ def test_a_new_replication_id_rebuilds_once_across_nodes_and_again_after_a_faile
     assert node1.account_state("dave").balance_micros == 6 * UNIT
     assert node2.expire(T0 + 3).rebuilt == 0, "another node saw the same promotion: rebuilt once"
     assert node1.expire(T0 + 4).rebuilt == 0, "and once only on the node that did it"
+
+
+def test_a_node_started_after_the_promotion_notices_it(w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The id the sweeps saw lives in Redis itself (replicated like the balances), not in a
+    daemon's memory: every node may have restarted between the promotion and the next sweep."""
+    w.account("hank", balance=UNIT)
+    before = _store(w)
+    assert before.authorize("hank", "c8", "n1", UNIT, UNIT, T0, TTL).allowed
+    assert before.expire(T0).rebuilt == 0  # the sweep of the node that ran before: the marker
+    with transaction(w.sessions) as s:
+        repo.topup(s, "hank", 5 * UNIT, reference="t3")  # Redis never hears of it (lost)
+    before.close()
+
+    after = _store(w)  # a daemon started after the promotion: it never saw the old id
+    promoted = [("promoted-" + uuid.uuid4().hex, None)]
+    monkeypatch.setattr(after, "_replication_ids", lambda: promoted)
+    assert after.account_state("hank").balance_micros == UNIT
+    assert after.expire(T0 + 1).rebuilt == 1
+    assert after.account_state("hank").balance_micros == 6 * UNIT
+    assert after.expire(T0 + 2).rebuilt == 0, "once: the marker now holds the new id"
+
+
+def test_no_marker_yet_rebuilds_nothing(w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new deployment, or a Redis restarted empty (every account loads from SQL when first
+    used): the first sweep only writes the marker."""
+    w.account("ivy", balance=UNIT)
+    store = _store(w)
+    w.wipe_redis()
+    monkeypatch.setattr(store, "_replication_ids", lambda: [("fresh-" + uuid.uuid4().hex, None)])
+    assert store.expire(T0).rebuilt == 0
 
 
 def test_a_redis_that_refuses_info_still_sweeps(w: World, monkeypatch: pytest.MonkeyPatch,

@@ -122,6 +122,18 @@ class KeySpace:
     def call_account(self, call_id: str) -> str:
         return f"{self.prefix}call:{call_id}"
 
+    def replication_marker(self, slot: int | None) -> str:
+        """The replication id the sweeps last saw on the master that serves ``slot`` (a cluster:
+        the master's first slot, so the key lives on that master and is replicated with its
+        data), or on the one server (None), and when. See RedisBalanceStore._watch_replication."""
+        return f"{self.prefix}replid" if slot is None else f"{self.prefix}replid:{{{slot_tag(slot)}}}"
+
+    def rebuild_claim(self, replid: str, slot: int | None) -> str:
+        """Taken by the one node that rebuilds the accounts after a master's new replication id."""
+        if slot is None:
+            return f"{self.prefix}rebuilt:{replid}"
+        return f"{self.prefix}rebuilt:{{{slot_tag(slot)}}}:{replid}"
+
     @staticmethod
     def member(account_id: str, call_id: str) -> str:
         return f"{account_id}{SEPARATOR}{call_id}"

@@ -51,7 +51,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.adapters.redis.connect import RedisClient, fast_packing, make_cluster_client, make_sentinel_client
-from agent.adapters.redis.keys import PERIODS_MARK, SLOTS, AccountKeys, KeySpace, slot_tag
+from agent.adapters.redis.keys import PERIODS_MARK, SLOTS, AccountKeys, KeySpace
 from agent.adapters.redis.ledger import (
     CallRecord,
     parse_period_id,
@@ -105,6 +105,7 @@ SWEEP_SLOTS = 1024  # per-slot indexes a cluster sweep reads in one script (keep
 # After a master's replication id changes, the accounts changed in SQL since this long before the
 # last sweep that saw the old one are rebuilt from the ledger (see _watch_replication).
 REBUILD_LOOKBACK_MS = 10 * 60 * 1000
+MARKER_KEEP_MS = 7 * 86_400_000  # a replication marker no sweep refreshed for this long goes
 NIBBLE_BATCH = 256  # nibbles per run of nibbles.lua (each ~25-50 us of Redis: a run blocks it ~10 ms at most)
 NIBBLE_BATCH_MIN = 2  # fewer: the one-script pipeline
 
@@ -248,10 +249,6 @@ class RedisBalanceStore:
         self._call_accounts: dict[str, str] = {}
         self._zones: dict[str, str] = {}  # account -> its plan's timezone, as the scripts last said
         self._periods: dict[str, tuple[int, int, SpendPeriods]] = {}  # timezone -> [from, until) -> periods
-        # The replication id of the master serving each slot (one entry on a single Redis), as the
-        # last sweep read it, and when (wall ms): see _watch_replication.
-        self._replids: list[str] = []
-        self._replids_read_ms = 0
         self._replids_refused = False  # INFO refused once: logged once
         self._batched = True  # nibbles as runs of nibbles.lua (off once a server refuses them)
 
@@ -710,68 +707,72 @@ class RedisBalanceStore:
         writes. What the ledger has is safe (ledger.py orders Redis first, SQL second, and
         ``post_call`` lets the ledger win when a lost settle or expiry comes back), but a lost
         top-up, status change or settle leaves the account's Redis balance off until a rebuild.
-        A promoted replica or a restarted server has a new replication id (``master_replid``):
-        the sweep reads each master's (one ``INFO`` per master) and, for the slots whose master
-        changed it, rebuilds the accounts whose SQL row changed since ``REBUILD_LOOKBACK_MS``
-        before the last sweep that saw the old id (a top-up, a posting, a status or limit
-        change all touch ``accounts.updated_at``). One node does it per new id (a claim key);
-        each rebuild is atomic under the account's SQL row lock and exact while calls run.
-        A rebuild does not bring back a live call's lost nibble: its settle charges the call
-        its full cost from what is still reserved and debited."""
+
+        A promoted replica or a restarted server has a new replication id (``master_replid``).
+        Each sweep reads each master's (one ``INFO`` per master) and compares it with the marker
+        the sweeps keep on that master (``KeySpace.replication_marker``: the id they last saw
+        there and when). The marker is data like any other: a replica holds the copy its master
+        replicated, a dump holds the one it was taken with. So a new id is noticed by the first
+        sweep of any node, also one started after the promotion. For that master's slots, the
+        accounts whose SQL row changed since ``REBUILD_LOOKBACK_MS`` before the marker's instant
+        are rebuilt (a top-up, a posting, a status or limit change all touch
+        ``accounts.updated_at``). One node does it per new id (a claim key); each rebuild is
+        atomic under the account's SQL row lock and exact while calls run. No marker (a new
+        deployment, a server restarted empty: every account loads from SQL anyway): it is
+        written, nothing rebuilt. A rebuild does not bring back a live call's lost nibble: its
+        settle charges the call its full cost from what is still reserved and debited."""
         read_ms = int(time.time() * 1000)
-        current = self._replication_ids()
-        previous, since_ms = self._replids, self._replids_read_ms - REBUILD_LOOKBACK_MS
-        if len(previous) != len(current):
-            previous = [""] * len(current)
-        changed: dict[str, list[int]] = {}  # new replication id -> slots (index 0: the one server)
-        for slot, (old, new) in enumerate(zip(previous, current, strict=True)):
-            if new and old and new != old:
-                changed.setdefault(new, []).append(slot)
         queued = 0
-        for replid, slots in changed.items():
-            # SQL first: if it fails, nothing is claimed or noted, and the next sweep tries again.
-            accounts = self._accounts_changed_since(since_ms, set(slots) if len(current) > 1 else None)
-            claim = (f"{self._keys.prefix}rebuilt:{{{slot_tag(slots[0])}}}:{replid}" if len(current) > 1
-                     else f"{self._keys.prefix}rebuilt:{replid}")
-            if not self._client.set(claim, str(read_ms), nx=True, px=REBUILD_LOOKBACK_MS):
-                log.info("balance store: a master's replication id changed to %s; another node rebuilds its accounts",
-                         replid)
-                continue
-            log.warning("balance store: the master of %d slot(s) has a new replication id %s (a replica promoted, "
-                        "or a restart): %d accounts changed in SQL since %s are rebuilt from the ledger",
-                        len(slots) if len(current) > 1 else SLOTS, replid, len(accounts),
-                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since_ms / 1000)))
-            for account_id in accounts:
-                if self._poster is not None:
-                    self._poster.submit(f"rebuild:{account_id}", partial(self._rebuild_cached, account_id))
-                else:
-                    self._rebuild_cached(account_id)
-                queued += 1
-        self._replids = [new or old for old, new in zip(previous, current, strict=True)]
-        self._replids_read_ms = read_ms
+        for replid, slots in self._replication_ids():
+            if not replid:
+                continue  # a master that did not answer: compared again once one serves its slots
+            first = slots[0] if slots is not None else None
+            marker = self._keys.replication_marker(first)
+            seen_id, _, seen_ms = str(self._client.get(marker) or "").partition(" ")
+            if seen_id and seen_id != replid:
+                queued += self._rebuild_after(replid, slots, int(seen_ms or 0) - REBUILD_LOOKBACK_MS, read_ms)
+            # Written after the rebuild was claimed (or found claimed): a sweep that failed before
+            # (SQL away) leaves the old id, and the next sweep tries again.
+            self._client.set(marker, f"{replid} {read_ms}", px=MARKER_KEEP_MS)
         return queued
 
-    def _replication_ids(self) -> list[str]:
-        """The ``master_replid`` of the master serving each slot (a cluster: 16,384 entries, ""
-        where the slot's master did not answer or none serves it), or of the one server."""
+    def _rebuild_after(self, replid: str, slots: list[int] | None, since_ms: int, read_ms: int) -> int:
+        # SQL first: if it fails, nothing is claimed or noted, and the next sweep tries again.
+        accounts = self._accounts_changed_since(since_ms, set(slots) if slots is not None else None)
+        claim = self._keys.rebuild_claim(replid, slots[0] if slots is not None else None)
+        if not self._client.set(claim, str(read_ms), nx=True, px=REBUILD_LOOKBACK_MS):
+            log.info("balance store: a master's replication id changed to %s; another node rebuilds its accounts",
+                     replid)
+            return 0
+        log.warning("balance store: the master of %d slot(s) has a new replication id %s (a replica promoted, "
+                    "or a restart): %d accounts changed in SQL since %s are rebuilt from the ledger",
+                    len(slots) if slots is not None else SLOTS, replid, len(accounts),
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(max(0, since_ms) / 1000)))
+        for account_id in accounts:
+            if self._poster is not None:
+                self._poster.submit(f"rebuild:{account_id}", partial(self._rebuild_cached, account_id))
+            else:
+                self._rebuild_cached(account_id)
+        return len(accounts)
+
+    def _replication_ids(self) -> list[tuple[str, list[int] | None]]:
+        """Each master's ``master_replid`` ("" where it did not answer) and the slots it serves
+        (None: the one server)."""
         if not isinstance(self._client, RedisCluster):
             try:
-                return [self._replid_of(self._client.info("replication"))]
+                return [(self._replid_of(self._client.info("replication")), None)]
             except redis.ResponseError as exc:  # INFO renamed or refused (some managed Redis): no watch
                 self._info_refused(exc)
-                return [""]
-        by_slot = [""] * SLOTS
+                return []
+        found: list[tuple[str, list[int] | None]] = []
         for node, slots in _masters(self._client).values():
             try:
-                replid = self._replid_of(self._client.info("replication", target_nodes=node))
+                found.append((self._replid_of(self._client.info("replication", target_nodes=node)), sorted(slots)))
             except redis.ResponseError as exc:  # INFO refused (renamed): that master is not watched
                 self._info_refused(exc, f" by {node.name}")
-                continue
             except (redis.RedisError, RedisClusterException):
                 continue  # a dead master: its slots are compared again once another serves them
-            for slot in slots:
-                by_slot[slot] = replid
-        return by_slot
+        return found
 
     def _info_refused(self, exc: Exception, where: str = "") -> None:
         if not self._replids_refused:
