@@ -81,10 +81,13 @@ if remaining < reserve then
 end
 redis.call('HSET', KEYS[1], 'balance', s(balance), 'reserved', s(n(a[3]) + grant - held),
   'overrun', s(n(a[4]) + over))
+-- Each number is formatted once (the hash and the reply share the strings): string.format is a
+-- good part of the script's time.
 local debited, overrun, expires = n(c[4]) + debit, n(c[5]) + over, now + n(ARGV[6])
-redis.call('HSET', KEYS[3], 'seq', ARGV[2], 'reserved', s(grant), 'granted', s(grant),
-  'last_debit', s(debit), 'debited', s(debited), 'overrun', s(overrun), 'expires', s(expires),
+local grant_s, debit_s, debited_s, overrun_s, expires_s = s(grant), s(debit), s(debited), s(overrun), s(expires)
+redis.call('HSET', KEYS[3], 'seq', ARGV[2], 'reserved', grant_s, 'granted', grant_s,
+  'last_debit', debit_s, 'debited', debited_s, 'overrun', overrun_s, 'expires', expires_s,
   'applied', s(n(c[9]) - debit), unpack(bfields))
-redis.call('ZADD', KEYS[2], s(expires), ARGV[1])
+redis.call('ZADD', KEYS[2], expires_s, ARGV[1])
 spend_move_call(sp, now, grant + debit - held, 0, sexist)
-return {'granted', s(grant), s(debit), s(debited), s(overrun), s(bundle_granted), s(held_s)}
+return {'granted', grant_s, debit_s, debited_s, overrun_s, s(bundle_granted), s(held_s)}

@@ -11,14 +11,13 @@
 -- (one argument, not 15: redis-py's packing of each argument was most of the client's time; ids
 -- and keys are printable, so never hold a newline). Reply: one reply each.
 --NIBBLE_BODY--
+-- One string.match with 15 captures splits a nibble's argument (a gmatch loop took 1.5x longer).
+local FIELDS = '^' .. string.rep('([^\n]*)\n', 15) .. '$'
+local match = string.match
 local out = {}
 for i = 1, #ARGV do
-  local f, k = {}, 0
-  for field in string.gmatch(ARGV[i], '([^\n]*)\n') do
-    k = k + 1
-    f[k] = field
-  end
-  if k ~= 15 then return redis.error_reply('nibbles.lua: nibble ' .. i .. ' has ' .. k .. ' fields, not 15') end
-  out[i] = nibble_one({f[1], f[2], f[3], f[4], f[5]}, {f[6], f[7], f[8], f[9], f[10], f[11], f[12], f[13], f[14], f[15]})
+  local k1, k2, k3, k4, k5, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10 = match(ARGV[i], FIELDS)
+  if not a10 then return redis.error_reply('nibbles.lua: nibble ' .. i .. ' is not 15 fields each ended by a newline') end
+  out[i] = nibble_one({k1, k2, k3, k4, k5}, {a1, a2, a3, a4, a5, a6, a7, a8, a9, a10})
 end
 return out
