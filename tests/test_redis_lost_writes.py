@@ -226,8 +226,14 @@ def test_no_marker_yet_rebuilds_nothing(w: World, monkeypatch: pytest.MonkeyPatc
     w.account("ivy", balance=UNIT)
     store = _store(w)
     w.wipe_redis()
-    monkeypatch.setattr(store, "_replication_ids", lambda: [("fresh-" + uuid.uuid4().hex, None)])
+    ids = [("fresh-" + uuid.uuid4().hex, None)]
+    monkeypatch.setattr(store, "_replication_ids", lambda: ids)
     assert store.expire(T0).rebuilt == 0
+    marker = store._keys.replication_marker(None)
+    store._client.set(marker, "not a marker")  # written by something else: noted afresh, not read as a change
+    ids[0] = ("another-" + uuid.uuid4().hex, None)
+    assert store.expire(T0 + 1).rebuilt == 0
+    assert str(store._client.get(marker)).startswith(ids[0][0] + " ")
 
 
 def test_a_redis_that_refuses_info_still_sweeps(w: World, monkeypatch: pytest.MonkeyPatch,

@@ -105,7 +105,7 @@ SWEEP_SLOTS = 1024  # per-slot indexes a cluster sweep reads in one script (keep
 # After a master's replication id changes, the accounts changed in SQL since this long before the
 # last sweep that saw the old one are rebuilt from the ledger (see _watch_replication).
 REBUILD_LOOKBACK_MS = 10 * 60 * 1000
-MARKER_KEEP_MS = 7 * 86_400_000  # a replication marker no sweep refreshed for this long goes
+MARKER_KEEP_MS = 7 * 86_400_000  # a replication marker no sweep refreshed for this long expires
 NIBBLE_BATCH = 256  # nibbles per run of nibbles.lua (each ~25-50 us of Redis: a run blocks it ~10 ms at most)
 NIBBLE_BATCH_MIN = 2  # fewer: the one-script pipeline
 
@@ -729,8 +729,10 @@ class RedisBalanceStore:
             first = slots[0] if slots is not None else None
             marker = self._keys.replication_marker(first)
             seen_id, _, seen_ms = str(self._client.get(marker) or "").partition(" ")
+            if not seen_ms.isdigit():  # no marker, or one this code did not write: noted afresh below
+                seen_id = ""
             if seen_id and seen_id != replid:
-                queued += self._rebuild_after(replid, slots, int(seen_ms or 0) - REBUILD_LOOKBACK_MS, read_ms)
+                queued += self._rebuild_after(replid, slots, int(seen_ms) - REBUILD_LOOKBACK_MS, read_ms)
             # Written after the rebuild was claimed (or found claimed): a sweep that failed before
             # (SQL away) leaves the old id, and the next sweep tries again.
             self._client.set(marker, f"{replid} {read_ms}", px=MARKER_KEEP_MS)
