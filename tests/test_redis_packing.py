@@ -41,17 +41,20 @@ def test_what_redis_py_refuses_is_refused_as_it_does(value: object) -> None:
         fast_packing(redis.Connection)().pack_command("SET", "k", value)
 
 
-def test_one_class_per_original_and_every_kind_of_client_packs_this_way(redis_url_single: str) -> None:
+def test_one_class_per_original() -> None:
     assert fast_packing(redis.Connection) is fast_packing(redis.Connection)
     assert issubclass(fast_packing(SentinelManagedConnection), SentinelManagedConnection)
-    client = make_client(redis_url_single, 2000)
+
+
+@pytest.mark.parametrize("deployment", ["single", "cluster", "sentinel"])
+def test_every_client_make_client_gives_packs_this_way(deployment: str, request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue(f"redis_url_{deployment}" if deployment == "single" else f"redis_{deployment}_url")
+    client: Any = make_client(url, 2000)
     try:
-        connection = client.connection_pool.get_connection()
-        try:
-            assert type(connection._command_packer).__name__ == "_HiredisFirst"
-        finally:
-            client.connection_pool.release(connection)
-        key = "test:packing:" + "ü"
+        pool = (client.get_default_node().redis_connection.connection_pool if deployment == "cluster"
+                else client.connection_pool)
+        assert pool.connection_class.__name__.startswith("FastPacking"), pool.connection_class
+        key = "test:packing:{ü}"
         assert client.set(key, "é", ex=60) and client.get(key) == "é"
         client.delete(key)
     finally:
