@@ -71,6 +71,9 @@ __all__ = [
     "ledger_postings",
     "CLOSE_CHARGE_DESCRIPTION",
     "SETTLE_CHARGE_DESCRIPTION",
+    "charge_reference",
+    "is_settle_entry",
+    "late_charge_reference",
     "nibble_step",
 ]
 
@@ -440,6 +443,23 @@ class LedgerPosting:
     description: str
 
 
+def charge_reference(call_id: str) -> str:
+    """The reference of a call's charge (its settle's, or what its nibbles debited at the close)."""
+    return f"charge:{call_id}"
+
+
+def late_charge_reference(call_id: str) -> str:
+    """The reference of the adjustment a settle after the close writes."""
+    return f"charge-late:{call_id}"
+
+
+def is_settle_entry(call_id: str, reference: str, description: str) -> bool:
+    """Whether a ledger entry of ``call_id`` was written by its settle (``ledger_postings``): a
+    settle's charge, or a late settle's adjustment. Such a call is finished in the ledger."""
+    return reference == late_charge_reference(call_id) or (
+        reference == charge_reference(call_id) and description == SETTLE_CHARGE_DESCRIPTION)
+
+
 def ledger_postings(call_id: str, *, closed_charge_micros: int | None, cost_micros: int | None,
                     ) -> list[LedgerPosting]:
     """The ledger entries a closed call must have; their sum is what the store took for it.
@@ -449,12 +469,12 @@ def ledger_postings(call_id: str, *, closed_charge_micros: int | None, cost_micr
     Posting them is idempotent: the references are unique in the ledger.
     """
     postings: list[LedgerPosting] = []
-    charge_ref = f"charge:{call_id}"
+    charge_ref = charge_reference(call_id)
     if closed_charge_micros is not None and closed_charge_micros > 0:
         postings.append(LedgerPosting("charge", -closed_charge_micros, charge_ref, CLOSE_CHARGE_DESCRIPTION))
         if cost_micros is not None and cost_micros != closed_charge_micros:
             postings.append(LedgerPosting("adjustment", closed_charge_micros - cost_micros,
-                                          f"charge-late:{call_id}",
+                                          late_charge_reference(call_id),
                                           "call settled after its reservation closed"))
     elif cost_micros is not None:
         postings.append(LedgerPosting("charge", -cost_micros, charge_ref, SETTLE_CHARGE_DESCRIPTION))

@@ -49,7 +49,14 @@ from agent.adapters.sql.accounts import lock_account, post_entry
 from agent.adapters.sql.bundle_periods import post_usage, post_use, use_reference
 from agent.adapters.sql.engine import transaction
 from agent.adapters.sql.models import BundlePeriod, BundleUsage, LedgerEntry, RatePlan, SpendPeriod
-from agent.core.balance import MAX_STORE_MICROS, SETTLE_CHARGE_DESCRIPTION, LedgerPosting, ledger_postings
+from agent.core.balance import (
+    MAX_STORE_MICROS,
+    LedgerPosting,
+    charge_reference,
+    is_settle_entry,
+    late_charge_reference,
+    ledger_postings,
+)
 from agent.core.bundles import BundleSlot
 from agent.core.errors import BillingError, Conflict, InvalidInput, NotFound
 from agent.core.money import format_amount
@@ -239,7 +246,7 @@ def lost_step_postings(session: Session, call_id: str, postings: Sequence[Ledger
     Without this, ``post_entry`` refuses the differing amount, and the call stayed in the
     sweeper's index with a Conflict logged at every sweep, its Redis balance off by the difference.
     """
-    charge_ref = f"charge:{call_id}"
+    charge_ref = charge_reference(call_id)
     existing = {str(ref): int(amount) for ref, amount in session.execute(
         select(LedgerEntry.reference, LedgerEntry.amount_micros).where(LedgerEntry.call_id == call_id))}
     if charge_ref not in existing:
@@ -249,7 +256,7 @@ def lost_step_postings(session: Session, call_id: str, postings: Sequence[Ledger
         return None
     charged = -existing[charge_ref]
     if (wanted.get(charge_ref) != existing[charge_ref] and cost_micros is not None and charged > 0
-            and f"charge-late:{call_id}" not in existing):
+            and late_charge_reference(call_id) not in existing):
         return ledger_postings(call_id, closed_charge_micros=charged, cost_micros=cost_micros)
     return []
 
@@ -363,8 +370,7 @@ def _ledger_of_calls(session: Session, account_id: str, call_ids: Iterable[str])
         for call_id, reference, amount, description in rows:
             cid = str(call_id)
             sums[cid] = sums.get(cid, 0) + int(amount)
-            if (reference == f"charge-late:{cid}"
-                    or (reference == f"charge:{cid}" and description == SETTLE_CHARGE_DESCRIPTION)):
+            if is_settle_entry(cid, str(reference), str(description)):
                 settled.add(cid)
     return {cid: LedgerOfCall(total, cid in settled) for cid, total in sums.items()}
 
