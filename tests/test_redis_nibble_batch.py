@@ -176,3 +176,22 @@ def test_a_key_prefix_with_a_newline_is_refused() -> None:
 
     with pytest.raises(ValueError, match="printable"):
         KeySpace("billing\n")
+
+
+def test_a_nibble_argument_that_is_not_15_fields_is_refused_by_name(w: World) -> None:
+    """nibbles.lua's guard: a malformed argument (never built by the store) is an error naming
+    the nibble. The nibbles before it were applied, each its own step, as in a pipeline: sent
+    again they answer 'replayed'."""
+    w.account("erin", balance=10 * UNIT)
+    store = _store(w, batched=True)
+    assert store.authorize("erin", "e1", "n1", UNIT, UNIT, T0, BTTL).allowed
+    ak = store._keys.of("erin")
+    good = (f"{ak.account}\n{ak.live}\n{ak.call('e1')}\n{ak.periods}\n{ak.periods_unposted}\n"
+            f"e1\n1\n{UNIT}\n{UNIT}\n{T0 + 1000}\n{BTTL}\n0\n0\n{ak.period_prefix}\n{ak.spend_prefix}\n")
+    client: Any = store._client
+    server = client.get_redis_connection(client.get_node_from_key(ak.account)) if w.kind == "redis-cluster" else client
+    with pytest.raises(redis.ResponseError, match="nibble 2 is not 15 fields"):
+        store._scripts.run_on(server, "nibbles", [], [good, good.rstrip("\n")])
+    assert store.account_state("erin").balance_micros == 9 * UNIT
+    (again,) = store._scripts.run_on(server, "nibbles", [], [good])
+    assert str(again[0]) == "replayed"
