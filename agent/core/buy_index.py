@@ -15,7 +15,9 @@ and ten look-ups a call. Here:
   whose decks have nothing at that slot, so it can be shared by every version without a copy.
   (A prefix that every deck dropped keeps its slot until the daemon restarts.)
 * per deck, one ``bytearray`` of 64 bytes a slot: a flag byte (0: no row, 1: the row follows,
-  2: several rows, in ``several[slot]``, most specific first) and RateTable's own 63-byte record,
+  3: the row follows and applies at every instant (no effective dates, no time window: the
+  selection takes it without a check), 2: several rows, in ``several[slot]``, most specific
+  first) and RateTable's own 63-byte record,
   so packing, precedence and the hollow table's window check are RateTable's code. A deck
   reloaded is one new array (64 MB for a million slots); the other decks' arrays are shared.
 * per deck, its :class:`RateTable` without prefixes ("hollow"): its settings, destinations and
@@ -50,8 +52,9 @@ from agent.core.ratetable import (
     _new_row,
     normalise_number,
 )
-from agent.core.rating import RateRow
+from agent.core.rating import OPEN_END_MS, RateRow
 from agent.core.routing import (
+    _LCR_ORDER,
     COMPARE_SECONDS,
     CarrierState,
     LossVerdicts,
@@ -68,9 +71,19 @@ from agent.core.routing import (
 _SLOT = struct.Struct("<B" + _RECORD.format.lstrip("<"))
 _SIZE = _SLOT.size
 _unpack_from: Callable[[bytearray, int], tuple[Any, ...]] = _SLOT.unpack_from
-_ONE, _SEVERAL = 1, 2
+_ONE, _SEVERAL, _PLAIN = 1, 2, 3  # _PLAIN: one row, open-ended, no time window (most rows)
+# A record is _PLAIN when its start, end and window (fields 7-9 of RateTable's record) are these
+# bytes: effective from 0 to OPEN_END_MS, window 0 (every day, all day), so it applies at any
+# instant in [0, OPEN_END_MS). Compared as bytes: the load does not unpack ten million records.
+_PLAIN_AT = struct.calcsize("<" + _RECORD.format.lstrip("<")[:7])
+_PLAIN_TAIL = struct.pack("<qqH", 0, OPEN_END_MS, 0)
+_PLAIN_END = _PLAIN_AT + len(_PLAIN_TAIL)
 _PAUSE_MASK = 0xFFFF  # a pause every 65,536 rows merged (the daemon yields to live calls)
 _LOADING = "buy deck still loading"
+_NO_OFFSET = 1 << 62  # BuyIndex._longest: no slot (unpack_from raises struct.error there)
+_NO_FIELDS = (0,)  # no record: its flag is never _PLAIN
+_NO_LIVE: Mapping[str, int] = {}
+struct_error = struct.error
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -159,60 +172,59 @@ class BuyIndex:
         """What the deck's own ``RateTable.lookup`` answers (tests, one-off quotes)."""
         deck = self._decks[plan_name]
         digits = normalise_number(number, deck.table.international_prefix)
-        found: list[tuple[Any, ...] | None] = [None]
-        lengths = [0]
-        if not isinstance(digits, Refusal):
-            self._probe(digits, at_ms, (deck,), (deck.records,), (0,), found, lengths)
-        fields = found[0]
-        if fields is None or isinstance(digits, Refusal):
+        if isinstance(digits, Refusal):
             return deck.table.lookup(number, at_ms)  # worded by the deck's (hollow) table
-        row = deck.row(fields, digits, lengths[0])
+        fields, length = self._find(digits, at_ms, deck, deck.records)
+        if fields is None:
+            return deck.table.lookup(number, at_ms)
+        row = deck.row(fields, digits, length)
         return RateTable._blocked(number, row) if row.blocked else row
 
-    def _probe(self, digits: str, at_ms: int, decks: Sequence[BuyDeck], arrays: Sequence[bytearray],
-               positions: Sequence[int], found: list[tuple[Any, ...] | None], lengths: list[int]) -> None:
-        """Fill ``found[i]`` with the unpacked record of deck ``decks[i]``'s row for ``digits`` at
-        ``at_ms`` (left None: no row), ``lengths[i]`` with its prefix length, for ``i`` in
-        ``positions``; ``arrays[i]`` is ``decks[i].records``. The hot path of every routed call: inlined on purpose."""
+    def _probes_of(self, digits: str) -> tuple[int, Sequence[tuple[int, int]]]:
+        """The number's key and the (prefix length, divisor) pairs worth probing, longest first:
+        RateTable.lookup's, with the length filter when the index has one."""
         key = int("1" + digits)
         n = len(digits)
         if self._filter is None or n < GROUP_DIGITS:
-            probes = self._probes[n]
-        else:  # RateTable's _LengthFilter.probes, inlined as RateTable.lookup does
-            group = key // _POWERS[n - GROUP_DIGITS] - _GROUPS
-            probes = (self._memo.get((self._long[group] | self._short[group // 10]) << 7 | n)
-                      or self._filter.probes(key, n))
+            return key, self._probes[n]
+        group = key // _POWERS[n - GROUP_DIGITS] - _GROUPS  # RateTable's _LengthFilter.probes, inlined
+        return key, (self._memo.get((self._long[group] | self._short[group // 10]) << 7 | n)
+                     or self._filter.probes(key, n))
+
+    def _longest(self, digits: str) -> tuple[int, int]:
+        """(record offset, prefix length) of the longest prefix of ``digits`` with a slot in the
+        index, whichever decks have a row there; (_NO_OFFSET, 0) when none has."""
+        key, probes = self._probes_of(digits)
         slots = self._slots
-        pending = positions
+        for length, divisor in probes:
+            slot = slots.get(key // divisor)
+            if slot is not None:
+                return slot * _SIZE, length
+        return _NO_OFFSET, 0
+
+    def _find(self, digits: str, at_ms: int, deck: BuyDeck, records: bytearray) -> tuple[tuple[Any, ...] | None, int]:
+        """The unpacked record of ``deck``'s row for ``digits`` at ``at_ms`` and its prefix length
+        ((None, 0): no row): the longest prefix whose row applies at that instant (effective
+        dates, time window), several rows by RateTable's precedence. ``records`` is
+        ``deck.records``."""
+        key, probes = self._probes_of(digits)
+        slots = self._slots
         for length, divisor in probes:
             slot = slots.get(key // divisor)
             if slot is None:
                 continue
             offset = slot * _SIZE
-            missed: list[int] = []
-            for i in pending:
-                records = arrays[i]
-                try:
-                    flag = records[offset]
-                except IndexError:  # a shorter array: the prefix was added after this deck was built
-                    flag = 0
-                if flag == _ONE:
-                    fields = _unpack_from(records, offset)
-                    if fields[8] <= at_ms < fields[9] and (not fields[10] or decks[i].applies(fields, at_ms)):
-                        found[i] = fields
-                        lengths[i] = length
-                        continue
-                elif flag == _SEVERAL:
-                    deck = decks[i]
-                    applicable = [f for f in map(_SLOT.unpack, deck.several[slot]) if deck.applies(f, at_ms)]
-                    if applicable:
-                        found[i] = applicable[0]  # the most specific (RateTable's precedence)
-                        lengths[i] = length
-                        continue
-                missed.append(i)  # nothing here at that instant: a shorter prefix may have a row
-            if not missed:
-                return
-            pending = missed
+            flag = records[offset] if offset < len(records) else 0  # shorter: a prefix added after this deck
+            if flag in (_PLAIN, _ONE):
+                fields = _unpack_from(records, offset)
+                if deck.applies(fields, at_ms):
+                    return fields, length
+            elif flag == _SEVERAL:
+                for fields in map(_SLOT.unpack, deck.several[slot]):
+                    if deck.applies(fields, at_ms):
+                        return fields, length  # the most specific (RateTable's precedence)
+            # nothing here at that instant: a shorter prefix may have a row
+        return None, 0
 
 
 def _deck(builder: RateTableBuilder, slots: dict[int, int], pause: Callable[[], None] | None) -> BuyDeck:
@@ -226,7 +238,7 @@ def _deck(builder: RateTableBuilder, slots: dict[int, int], pause: Callable[[], 
         for done, (key, entry) in enumerate(index.items(), 1):
             offset = slots[key] * _SIZE
             if isinstance(entry, bytes):
-                view[offset] = _ONE
+                view[offset] = _PLAIN if entry[_PLAIN_AT:_PLAIN_END] == _PLAIN_TAIL else _ONE
                 view[offset + 1:offset + _SIZE] = entry
             else:
                 view[offset] = _SEVERAL
@@ -242,8 +254,10 @@ def _deck(builder: RateTableBuilder, slots: dict[int, int], pause: Callable[[], 
 # ------------------------------------------------------------------------------- selection
 
 # A carrier as the selection reads it: name, trunk, priority, weight, enabled, max channels, why it
-# has no buy rate whatever the number (None: it has a deck, at ``deck``), the deck's position.
-_Candidate = tuple[str, str, int, int, bool, int | None, str | None, int]
+# has no buy rate whatever the number (None: it has a deck), the deck's position in
+# ``Offers.decks``, the deck's records and the position of its international prefix in
+# ``Offers.intls`` (-1 and an empty array without a deck).
+_Candidate = tuple[str, str, int, int, bool, int | None, str | None, int, bytearray, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,8 +267,7 @@ class Offers:
 
     candidates: tuple[_Candidate, ...]
     decks: tuple[BuyDeck, ...]
-    arrays: tuple[bytearray, ...]  # each deck's records (one attribute read less per deck and call)
-    groups: tuple[tuple[str, tuple[int, ...]], ...]  # international prefix -> positions in ``decks``
+    intls: tuple[str, ...]  # the decks' international prefixes, each once (a number is read once per prefix)
     loading: tuple[str, ...]  # decks not in the index yet (the book loads them in the background)
 
 
@@ -264,10 +277,10 @@ def prepare_offers(index: BuyIndex, carriers: Iterable[tuple[CarrierState, str |
     A deck not in ``index`` leaves its carrier out as still loading."""
     candidates: list[_Candidate] = []
     decks: list[BuyDeck] = []
-    groups: dict[str, list[int]] = {}
+    intls: list[str] = []
     loading: list[str] = []
     for state, plan, why in carriers:
-        position, note = -1, why
+        position, note, records, group = -1, why, bytearray(), -1
         if state.enabled and note is None:
             deck = index.deck(plan) if plan is not None else None
             if deck is None:
@@ -275,13 +288,15 @@ def prepare_offers(index: BuyIndex, carriers: Iterable[tuple[CarrierState, str |
                 if plan is not None:
                     loading.append(plan)
             else:
-                position = len(decks)
+                position, records = len(decks), deck.records
                 decks.append(deck)
-                groups.setdefault(deck.table.international_prefix, []).append(position)
+                intl = deck.table.international_prefix
+                if intl not in intls:
+                    intls.append(intl)
+                group = intls.index(intl)
         candidates.append((state.name, state.trunk, state.priority, state.weight, state.enabled,
-                           state.max_channels, note, position))
-    return Offers(tuple(candidates), tuple(decks), tuple(d.records for d in decks),
-                  tuple((k, tuple(v)) for k, v in groups.items()), tuple(loading))
+                           state.max_channels, note, position, records, group))
+    return Offers(tuple(candidates), tuple(decks), tuple(intls), tuple(loading))
 
 
 def _loses_at(points: tuple[tuple[int, int, int, int], ...], rate: int, sell_rate: int) -> bool:
@@ -292,6 +307,7 @@ def _loses_at(points: tuple[tuple[int, int, int, int], ...], rate: int, sell_rat
     return False
 
 
+_LCR = RoutePolicy.LCR
 _new_route = tuple.__new__  # skips Route's Python-level __new__ on the hot path
 _DISABLED, _AT_LIMIT, _NO_RATE, _BLOCKED, _LOSS = (SkipReason.DISABLED, SkipReason.AT_LIMIT, SkipReason.NO_RATE,
                                                    SkipReason.BLOCKED, SkipReason.LOSS)
@@ -304,28 +320,33 @@ def select_offers(sell: RateRow, number: str, at_ms: int, index: BuyIndex, offer
     returns (tested equal), without a row object for a carrier that is left out: the loss
     verdict reads the packed record (``verdicts`` keeps the rule's points per pair of row shapes,
     :class:`~agent.core.routing.LossVerdicts`), a dropped carrier's row and amounts are made
-    only if :meth:`RouteChoice.detail` or ``skipped`` is read. Inlined on purpose: every routed
-    call runs it once per carrier (bench/bench_routing.py)."""
-    decks = offers.decks
-    count = len(decks)
-    found: list[tuple[Any, ...] | None] = [None] * count
-    lengths = [0] * count
-    digits_of: list[str] = [""] * count
-    for intl, positions in offers.groups:
+    only if :meth:`RouteChoice.detail` or ``skipped`` is read.
+
+    One pass over the carriers, inlined on purpose (every routed call runs it once per carrier,
+    bench/bench_routing.py): the number's longest prefix in the shared index is found once (one
+    dict probe per prefix length until a slot exists); a carrier's record there is taken without
+    a check when it is ``_PLAIN`` (one row, open-ended, every day: most rows); anything else (no
+    row at that slot, effective dates, a time window, several rows) goes through
+    :meth:`BuyIndex._find` for that deck alone. A carrier disabled or at its channel limit is not
+    looked up at all."""
+    # per international prefix (usually one): the number's digits and its longest slot
+    heads: list[tuple[str, int, int]] = []
+    for intl in offers.intls:
         digits = normalise_number(number, intl)
-        if isinstance(digits, Refusal):
-            continue  # the deck's hollow table words the bad number below
-        for i in positions:
-            digits_of[i] = digits
-        index._probe(digits, at_ms, decks, offers.arrays, positions, found, lengths)
-    live = live_channels or {}
+        if isinstance(digits, Refusal):  # the deck's hollow table words the bad number below
+            heads.append(("", _NO_OFFSET, 0))
+        else:
+            heads.append((digits, *index._longest(digits)))
+    plain = _PLAIN if 0 <= at_ms < OPEN_END_MS else -1  # a _PLAIN row applies at every real instant
+    live = live_channels or _NO_LIVE
     verdicts = verdicts or LossVerdicts()
     plans = verdicts.shapes_of(sell)  # LossVerdicts.for_sell, inlined below
     sell_rate = sell.rate_micros
+    decks = offers.decks
     routes: list[Route] = []
-    skipped: list[Skipped | tuple[str, int, tuple[Any, ...]]] = []
+    skipped: list[Skipped | int] = []  # an int: the deck position of a carrier left out by revenue assurance
     lazy = False
-    for name, trunk, priority, weight, enabled, max_channels, note, i in offers.candidates:
+    for name, trunk, priority, weight, enabled, max_channels, note, i, records, group in offers.candidates:
         if not enabled:
             skipped.append(Skipped(name, _DISABLED, "disabled"))
             continue
@@ -337,36 +358,43 @@ def select_offers(sell: RateRow, number: str, at_ms: int, index: BuyIndex, offer
         if note is not None:
             skipped.append(Skipped(name, _NO_RATE, note))
             continue
-        fields = found[i]
-        if fields is None:
-            refusal = decks[i].table.lookup(number, at_ms)  # a Refusal: the hollow table has no prefix
-            assert isinstance(refusal, Refusal)
-            skipped.append(Skipped(name, _BLOCKED if refusal.reason is DenyReason.BLOCKED else _NO_RATE,
-                                   refusal.detail))
-            continue
+        digits, offset, length = heads[group]
+        try:
+            fields = _unpack_from(records, offset)
+        except struct_error:  # no slot for the number, or a prefix added after this deck was built
+            fields = _NO_FIELDS
+        if fields[0] != plain:
+            found, length = index._find(digits, at_ms, decks[i], records) if digits else (None, 0)
+            if found is None:
+                refusal = decks[i].table.lookup(number, at_ms)  # a Refusal: the hollow table has no prefix
+                assert isinstance(refusal, Refusal)
+                skipped.append(Skipped(name, _BLOCKED if refusal.reason is DenyReason.BLOCKED else _NO_RATE,
+                                       refusal.detail))
+                continue
+            fields = found
         if fields[11]:  # blocked
-            row = decks[i].row(fields, digits_of[i], lengths[i])
+            row = decks[i].row(fields, digits, length)
             skipped.append(Skipped(name, _BLOCKED, RateTable._blocked(number, row).detail))
             continue
+        rate = fields[2]
         if not allow_loss:
-            rate = fields[2]
             if rate > sell_rate:  # a dearer rate per minute always loses: the likeliest loss
-                skipped.append((name, i, fields))  # made a Skipped only when read
+                skipped.append(i)  # made a Skipped only when read
                 lazy = True
                 continue
-            shape = fields[3:8]
+            shape = fields[3:8]  # fee, first increment, increment, minimum, grace
             points = plans.get(shape)
             if points is None:
                 points = verdicts.points(sell, plans, shape)
             if points and _loses_at(points, rate, sell_rate):
-                skipped.append((name, i, fields))
+                skipped.append(i)
                 lazy = True
                 continue
         # BuyDeck.row and routing._cost of a COMPARE_SECONDS call, inlined: the kept carriers' hot path
-        (_, dest, rate, fee, first, increment, minimum, grace, start_ms, end_ms, window, blocked, rate_id) = fields
+        (_, dest, _, fee, first, increment, minimum, grace, start_ms, end_ms, window, blocked, rate_id) = fields
         deck = decks[i]
         _, time_from, time_to = deck.windows[window]
-        row = _new_row(RateRow, (digits_of[i][:lengths[i]], deck.destinations[dest], rate, fee, first, increment,
+        row = _new_row(RateRow, (digits[:length], deck.destinations[dest], rate, fee, first, increment,
                                  minimum, grace, start_ms, end_ms, deck.weekdays[window], time_from, time_to, blocked,
                                  None if rate_id == _NO_ID else rate_id))
         if COMPARE_SECONDS > grace:
@@ -376,14 +404,28 @@ def select_offers(sell: RateRow, number: str, at_ms: int, index: BuyIndex, offer
         else:
             cost = 0
         routes.append(_new_route(Route, (name, trunk, row, cost, priority, weight)))
-    ordered = tuple(order_routes(routes, policy, seed=seed)) if len(routes) > 1 else tuple(routes)
+    if len(routes) < 2:
+        ordered = tuple(routes)
+    elif policy is _LCR:
+        ordered = tuple(sorted(routes, key=_LCR_ORDER))
+    else:
+        ordered = tuple(order_routes(routes, policy, seed=seed))
     if not lazy:
         return RouteChoice(ordered, cast(tuple[Skipped, ...], tuple(skipped)), policy)
 
     def later() -> tuple[Skipped, ...]:
-        return tuple(item if isinstance(item, Skipped) else
-                     Skipped(item[0], _LOSS, "revenue assurance", 0, sell,
-                             decks[item[1]].row(item[2], digits_of[item[1]], lengths[item[1]]))
-                     for item in skipped)
+        """The Skipped of each carrier left out by revenue assurance, its row found again (pure)."""
+        by_position = {candidate[7]: candidate for candidate in offers.candidates if candidate[7] >= 0}
+        made: list[Skipped] = []
+        for item in skipped:
+            if isinstance(item, Skipped):
+                made.append(item)
+                continue
+            name, _, _, _, _, _, _, i, records, group = by_position[item]
+            digits, _, _ = heads[group]
+            fields, length = index._find(digits, at_ms, decks[i], records)
+            assert fields is not None
+            made.append(Skipped(name, _LOSS, "revenue assurance", 0, sell, decks[i].row(fields, digits, length)))
+        return tuple(made)
 
     return RouteChoice(ordered, (), policy, later=later)
