@@ -80,7 +80,7 @@ _PLAIN_TAIL = struct.pack("<qqH", 0, OPEN_END_MS, 0)
 _PLAIN_END = _PLAIN_AT + len(_PLAIN_TAIL)
 _PAUSE_MASK = 0xFFFF  # a pause every 65,536 rows merged (the daemon yields to live calls)
 _LOADING = "buy deck still loading"
-_NO_OFFSET = 1 << 62  # BuyIndex._longest: no slot (unpack_from raises struct.error there)
+_NO_OFFSET = 1 << 62  # select_offers: the number has no slot (unpack_from raises struct.error there)
 _NO_FIELDS = (0,)  # no record: its flag is never _PLAIN
 _NO_LIVE: Mapping[str, int] = {}
 struct_error = struct.error
@@ -191,17 +191,6 @@ class BuyIndex:
         return key, (self._memo.get((self._long[group] | self._short[group // 10]) << 7 | n)
                      or self._filter.probes(key, n))
 
-    def _longest(self, digits: str) -> tuple[int, int]:
-        """(record offset, prefix length) of the longest prefix of ``digits`` with a slot in the
-        index, whichever decks have a row there; (_NO_OFFSET, 0) when none has."""
-        key, probes = self._probes_of(digits)
-        slots = self._slots
-        for length, divisor in probes:
-            slot = slots.get(key // divisor)
-            if slot is not None:
-                return slot * _SIZE, length
-        return _NO_OFFSET, 0
-
     def _find(self, digits: str, at_ms: int, deck: BuyDeck, records: bytearray) -> tuple[tuple[Any, ...] | None, int]:
         """The unpacked record of ``deck``'s row for ``digits`` at ``at_ms`` and its prefix length
         ((None, 0): no row): the longest prefix whose row applies at that instant (effective
@@ -299,14 +288,6 @@ def prepare_offers(index: BuyIndex, carriers: Iterable[tuple[CarrierState, str |
     return Offers(tuple(candidates), tuple(decks), tuple(intls), tuple(loading))
 
 
-def _loses_at(points: tuple[tuple[int, int, int, int], ...], rate: int, sell_rate: int) -> bool:
-    """LossVerdicts.for_sell's point check (a buy rate no higher than the sell rate)."""
-    for billed, sell_billed, fee, sell_fee in points:
-        if fee - (-(rate * billed) // 60) > sell_fee - (-(sell_rate * sell_billed) // 60):
-            return True
-    return False
-
-
 _LCR = RoutePolicy.LCR
 _new_route = tuple.__new__  # skips Route's Python-level __new__ on the hot path
 _DISABLED, _AT_LIMIT, _NO_RATE, _BLOCKED, _LOSS = (SkipReason.DISABLED, SkipReason.AT_LIMIT, SkipReason.NO_RATE,
@@ -331,16 +312,25 @@ def select_offers(sell: RateRow, number: str, at_ms: int, index: BuyIndex, offer
     looked up at all."""
     # per international prefix (usually one): the number's digits and its longest slot
     heads: list[tuple[str, int, int]] = []
+    slots = index._slots
     for intl in offers.intls:
         digits = normalise_number(number, intl)
         if isinstance(digits, Refusal):  # the deck's hollow table words the bad number below
             heads.append(("", _NO_OFFSET, 0))
+            continue
+        key, probes = index._probes_of(digits)
+        for length, divisor in probes:  # the longest prefix with a slot, whichever decks have a row there
+            slot = slots.get(key // divisor)
+            if slot is not None:
+                head = (digits, slot * _SIZE, length)
+                break
         else:
-            heads.append((digits, *index._longest(digits)))
+            head = (digits, _NO_OFFSET, 0)
+        heads.append(head)
     plain = _PLAIN if 0 <= at_ms < OPEN_END_MS else -1  # a _PLAIN row applies at every real instant
     live = live_channels or _NO_LIVE
     verdicts = verdicts or LossVerdicts()
-    plans = verdicts.shapes_of(sell)  # LossVerdicts.for_sell, inlined below
+    plans = verdicts._by_sell.get(sell[3:8]) or verdicts.shapes_of(sell)  # LossVerdicts.for_sell, inlined below
     sell_rate = sell.rate_micros
     decks = offers.decks
     routes: list[Route] = []
@@ -386,10 +376,16 @@ def select_offers(sell: RateRow, number: str, at_ms: int, index: BuyIndex, offer
             points = plans.get(shape)
             if points is None:
                 points = verdicts.points(sell, plans, shape)
-            if points and _loses_at(points, rate, sell_rate):
-                skipped.append(i)
-                lazy = True
-                continue
+            if points:
+                lost = False
+                for billed, sell_billed, point_fee, sell_fee in points:  # _loses_at, inlined
+                    if point_fee - (-(rate * billed) // 60) > sell_fee - (-(sell_rate * sell_billed) // 60):
+                        lost = True
+                        break
+                if lost:
+                    skipped.append(i)
+                    lazy = True
+                    continue
         # BuyDeck.row and routing._cost of a COMPARE_SECONDS call, inlined: the kept carriers' hot path
         (_, dest, _, fee, first, increment, minimum, grace, start_ms, end_ms, window, blocked, rate_id) = fields
         deck = decks[i]
