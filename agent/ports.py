@@ -214,9 +214,14 @@ class EngineStore(Protocol):
                   ) -> StoreAuthorization:
         ...
 
-    def authorize_levels(self, levels: Sequence[tuple[str, str, int, int]], now_ms: int) -> list[StoreAuthorization]:
-        """The levels above a reseller's customer, ``(call id, account, want, minimum)`` each, at
-        once (one round trip where the store can), in order; each as ``authorize`` (no bundles)."""
+    def authorize_with_levels(self, account_id: str, call_id: str, want_micros: int, min_micros: int,
+                              levels: Sequence[tuple[str, str, int, int]], now_ms: int, *,
+                              bundle_slots: Sequence[BundleSlot] = (), bundle_want_s: int = 0,
+                              ) -> tuple[StoreAuthorization, list[StoreAuthorization]]:
+        """A reseller's customer and the levels above it, ``(call id, account, want, minimum)``
+        each, at once (one round trip where the store can): the customer's answer as
+        ``authorize`` gives it, and each level's in order (no bundles). Each is its own step: one
+        refused changes nothing of the others (the caller releases what it does not use)."""
         ...
 
     def nibbles(self, steps: list[NibbleStep], now_ms: int) -> list[StoreNibble]:

@@ -672,6 +672,36 @@ def test_a_call_partly_in_its_bundle_is_allowed_and_holds_money_for_the_rest(w: 
     assert_books_balance(w, "alice")
 
 
+def test_a_customer_with_a_bundle_and_its_level_in_one_authorize_many_as_each_alone(w: World) -> None:
+    """A reseller's customer (with its bundle) and the level above it in one store call (one
+    round trip on Redis): the customer's step is authorize's, bundle included; another node can
+    settle the customer's call without being told its account (the call's hint), and the
+    level's own steps name theirs."""
+    from agent.core.balance import AuthorizeStep
+
+    w.account("alice", balance=10 * UNIT)
+    w.account("tenant:r1", balance=5 * UNIT)
+    g = grant(w, "alice", 30)
+    store = w.store()
+    customer, level = store.authorize_many([
+        AuthorizeStep("alice", "c1", "n1", 2 * UNIT, UNIT, T0, BTTL, (slot(g, 30),), 60),
+        AuthorizeStep("tenant:r1", "c1^1", "n1", UNIT, UNIT, T0, BTTL)])
+    assert (customer.allowed, customer.granted_micros, customer.bundle_granted_s, customer.bundle_available_s) == (
+        True, 2 * UNIT, 30, 30)
+    assert (level.allowed, level.granted_micros, level.bundle_granted_s) == (True, UNIT, 0)
+    assert periods(w, "alice") == {(g, P0): (30, 0, 30)}
+    assert (store.account_state("alice").reserved_micros, store.account_state("tenant:r1").reserved_micros) == (
+        2 * UNIT, UNIT)
+    other = w.store()  # another node: it never saw the call
+    settled = other.settle("c1", 1, 1_500_000, T0 + 90_000, bundle=BundleSettle(30, (slot(g, 30),)))
+    assert (settled.status, settled.cost_micros) == (SettleStatus.SETTLED, 1_500_000)
+    assert other.settle("c1^1", 1, 2 * UNIT, T0 + 90_000, account_id="tenant:r1").status is SettleStatus.SETTLED
+    assert (w.sql_balance("alice"), w.sql_balance("tenant:r1")) == (8_500_000, 3 * UNIT)
+    assert periods(w, "alice") == {(g, P0): (30, 30, 0)}
+    assert_bundle_books(w, "alice")
+    assert_books_balance(w, "alice")
+
+
 def test_an_empty_bundle_leaves_the_call_to_money_and_its_minimum(w: World) -> None:
     w.account("alice", balance=UNIT // 2)
     g = grant(w, "alice", 60)

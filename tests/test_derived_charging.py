@@ -163,6 +163,26 @@ def test_a_reseller_that_cannot_pay_refuses_the_call_and_releases_the_customer(s
     assert store.open_reservations() == 0
 
 
+def test_a_customer_that_cannot_pay_refuses_with_its_own_reason_and_its_reseller_is_given_back_its_hold(
+        setup) -> None:
+    # The customer and its reseller are reserved in one store call (one round trip): a refused
+    # customer's reseller held the first slice for that moment only, and gets it back.
+    engine, store, switch, cdrs, clock, rater = setup
+    store.add_account("c8", 50)  # not even one second of its own
+    store.add_account(RESELLER, 100_000)
+    decision = engine.authorize(AuthorizeRequest("asterisk", "A8", "c8", "33123", clock.now_ms()))
+    assert not decision.allowed and decision.reason is DenyReason.INSUFFICIENT_FUNDS
+    assert "acme" not in decision.detail  # the customer's own refusal, not its reseller's
+    _wait(lambda: store.open_reservations() == 0)
+    assert store.accounts[RESELLER].reserved_micros == 0 and store.accounts[RESELLER].balance_micros == 100_000
+    store.accounts["c8"].status = "suspended"
+    store.topup("c8", 100_000)
+    refused = engine.authorize(AuthorizeRequest("asterisk", "A9", "c8", "33123", clock.now_ms()))
+    assert not refused.allowed and refused.reason is DenyReason.SUSPENDED
+    _wait(lambda: store.open_reservations() == 0)
+    assert store.accounts[RESELLER].reserved_micros == 0
+
+
 def test_a_suspended_reseller_refuses_new_calls_and_lets_live_ones_drain(setup) -> None:
     engine, store, switch, cdrs, clock, _ = setup
     store.add_account("c6", 100_000)

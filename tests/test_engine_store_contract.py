@@ -71,19 +71,29 @@ def test_authorize_reserves_the_first_slice_or_says_why_not(subject: Subject) ->
     assert subject.store.authorize("solo", "c6", UNIT, UNIT, T0).reason is DenyReason.MAX_CALLS
 
 
-def test_the_levels_above_a_customer_are_authorized_together_each_as_alone(subject: Subject) -> None:
+def test_a_customer_and_the_levels_above_it_are_authorized_together_each_as_alone(subject: Subject) -> None:
+    subject.add_account("cust", 3 * UNIT, None)
     subject.add_account("tenant:r1", 5 * UNIT, None)
     subject.add_account("tenant:r2", UNIT // 4, None)
     subject.add_account("tenant:r3", 10 * UNIT, 1)
     assert subject.store.authorize("tenant:r3", "other^3", UNIT, UNIT, T0).allowed  # its one call
-    out = subject.store.authorize_levels([("c1^1", "tenant:r1", 2 * UNIT, UNIT), ("c1^2", "tenant:r2", UNIT, UNIT),
-                                          ("c1^3", "tenant:r3", UNIT, UNIT), ("c1^4", "ghost", UNIT, UNIT)], T0)
+    customer, out = subject.store.authorize_with_levels(
+        "cust", "c1", 2 * UNIT, UNIT, [("c1^1", "tenant:r1", 2 * UNIT, UNIT), ("c1^2", "tenant:r2", UNIT, UNIT),
+                                       ("c1^3", "tenant:r3", UNIT, UNIT), ("c1^4", "ghost", UNIT, UNIT)], T0)
+    assert (customer.allowed, customer.granted_micros, subject.reserved("cust")) == (True, 2 * UNIT, 2 * UNIT)
     assert [(o.allowed, o.reason, o.granted_micros) for o in out] == [
         (True, None, 2 * UNIT), (False, DenyReason.INSUFFICIENT_FUNDS, 0), (False, DenyReason.MAX_CALLS, 0),
         (False, DenyReason.UNKNOWN_ACCOUNT, 0)]
     assert (subject.reserved("tenant:r1"), subject.reserved("tenant:r2")) == (2 * UNIT, 0)
-    again = subject.store.authorize_levels([("c1^1", "tenant:r1", 2 * UNIT, UNIT)], T0)  # asked twice
-    assert again[0].allowed and subject.reserved("tenant:r1") == 2 * UNIT
+    again, (level,) = subject.store.authorize_with_levels("cust", "c1", 2 * UNIT, UNIT,
+                                                          [("c1^1", "tenant:r1", 2 * UNIT, UNIT)], T0)  # asked twice
+    assert again.allowed and level.allowed
+    assert (subject.reserved("cust"), subject.reserved("tenant:r1")) == (2 * UNIT, 2 * UNIT)
+    # a refused customer does not stop its levels' steps (each is its own): the caller releases them
+    poor, (above,) = subject.store.authorize_with_levels("cust", "c2", 2 * UNIT, 2 * UNIT,
+                                                          [("c2^1", "tenant:r1", UNIT, UNIT)], T0)
+    assert (poor.allowed, poor.reason, above.allowed) == (False, DenyReason.INSUFFICIENT_FUNDS, True)
+    assert subject.reserved("tenant:r1") == 3 * UNIT
 
 
 def test_nibbles_debit_reserve_and_replay_and_the_settle_commits_once(subject: Subject) -> None:

@@ -149,8 +149,9 @@ class NibbleStatus(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class AuthorizeStep:
-    """One call's authorize (seq 0) without bundles, for ``authorize_many``: the levels above a
-    reseller's customer (DESIGN §11), each its own call id on its own account."""
+    """One call's authorize (seq 0), for ``authorize_many``: a reseller's customer and the levels
+    above it (DESIGN §11), each its own call id on its own account, in one round trip. Bundle
+    periods are the customer's only (the levels draw money)."""
 
     account_id: str
     call_id: str
@@ -159,6 +160,8 @@ class AuthorizeStep:
     min_micros: int
     now_ms: int
     ttl_ms: int
+    bundle_slots: tuple[BundleSlot, ...] = ()
+    bundle_want_s: int = 0
 
 
 @dataclass(frozen=True, slots=True)

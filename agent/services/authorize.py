@@ -30,9 +30,12 @@ from agent.ports import Rater
 
 # (account, want, minimum, bundle periods, bundle seconds wanted for the first slice)
 StoreAuthorize = Callable[[str, int, int, tuple[BundleSlot, ...], int], StoreAuthorization]
-# [(a level's store call id, its account, want, minimum)] -> their outcomes, in order: the levels
-# above the customer (DESIGN §11), reserved together (each its own store step, at once)
-LevelAuthorize = Callable[[Sequence[tuple[str, str, int, int]]], list[StoreAuthorization]]
+# (the customer's account, want, minimum, bundle periods, bundle seconds wanted, [(a level's store
+# call id, its account, want, minimum)]) -> the customer's outcome and the levels' in order: a
+# reseller's customer and the levels above it (DESIGN §11) reserved at once (each its own store
+# step, one round trip)
+ChainAuthorize = Callable[[str, int, int, tuple[BundleSlot, ...], int, Sequence[tuple[str, str, int, int]]],
+                          tuple[StoreAuthorization, list[StoreAuthorization]]]
 # (the call as the operator sells it: the customer's rating, or the top reseller's; the account
 # that pays the operator; the number; the instant; the call id) -> the carriers to try (DESIGN
 # §10); None: no carriers, no routing
@@ -77,15 +80,15 @@ def route_call(router: Router, rated: RatedCall, chain: Sequence[LevelRated], ac
 
 def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, store_authorize: StoreAuthorize,
            settings: SessionSettings, max_call_seconds: int, now_ms: int,
-           level_authorize: LevelAuthorize | None = None, router: Router | None = None) -> Outcome:
+           chain_authorize: ChainAuthorize | None = None, router: Router | None = None) -> Outcome:
     """Check the request, rate the destination, reserve the first slice, size the backstop.
 
-    With a ``ChainRater`` and ``level_authorize``, a customer of a reseller is also rated and
+    With a ``ChainRater`` and ``chain_authorize``, a customer of a reseller is also rated and
     reserved at every level above it (DESIGN §11): every level is rated before anything is
-    reserved (a level without a rate refuses the call with its reason), then the customer is
-    reserved first and every level above it together (see "Ordering" in agent/core/session.py);
-    a level that refuses releases the customer and the levels that were reserved. The call may
-    last what every level can pay.
+    reserved (a level without a rate refuses the call with its reason), then the customer and
+    every level above it are reserved at once, one round trip (see "Ordering" in
+    agent/core/session.py); a refusal at any of them releases the others that were reserved.
+    The call may last what every level can pay.
 
     With a ``router`` (wholesale, DESIGN §10) the carriers are chosen once every level is rated
     and before anything is reserved: no route refuses the call (``no_route``) with nothing held.
@@ -106,7 +109,7 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
     except RatingRefused as refused:
         return deny(refused.reason, refused.detail)
     chain: tuple[LevelRated, ...] = ()
-    rate_chain = getattr(rater, "rate_chain", None) if level_authorize is not None else None
+    rate_chain = getattr(rater, "rate_chain", None) if chain_authorize is not None else None
     if rate_chain is not None:
         try:
             chain = cast(ChainRater, rater).rate_chain(request.account_id, request.destination, now_ms)
@@ -124,15 +127,17 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
     slots = rated.bundles if row is not None else ()
     bundle = BundleTariff(row, 0, slots) if row is not None and slots else None
     want_s = bundle.billed_seconds_at(settings.nibble_ms) if bundle is not None else 0
-    stored = store_authorize(request.account_id, want, minimum, slots, want_s)
-    if not stored.allowed:
-        return deny(stored.reason or DenyReason.INSUFFICIENT_FUNDS, stored.detail)
     upper: list[Payer] = []
     if chain:
-        assert level_authorize is not None
+        assert chain_authorize is not None
         upper = payers_of(call_id, chain)
-        answers = level_authorize([(p.call_id, p.account_id, lv.rated.tariff.cost_micros(settings.nibble_ms),
-                                    lv.rated.tariff.cost_micros(1000)) for p, lv in zip(upper, chain, strict=True)])
+        stored, answers = chain_authorize(
+            request.account_id, want, minimum, slots, want_s,
+            [(p.call_id, p.account_id, lv.rated.tariff.cost_micros(settings.nibble_ms),
+              lv.rated.tariff.cost_micros(1000)) for p, lv in zip(upper, chain, strict=True)])
+        reserved = tuple((p.call_id, p.account_id) for p, a in zip(upper, answers, strict=True) if a.allowed)
+        if not stored.allowed:  # the customer says why; the levels that reserved give it back
+            return deny(stored.reason or DenyReason.INSUFFICIENT_FUNDS, stored.detail, levels=reserved)
         for payer, got in zip(upper, answers, strict=True):
             payer.budget_micros = got.granted_micros
             payer.available_micros = got.available_micros
@@ -141,8 +146,11 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
             level, got = unpaid[0]  # the nearest level that cannot pay says why
             return deny(got.reason or DenyReason.INSUFFICIENT_FUNDS,
                         f"tenant {level.tenant!r} (account {level.account_id!r}): {got.detail}", release=True,
-                        levels=tuple((p.call_id, p.account_id) for p, a in zip(upper, answers, strict=True)
-                                     if a.allowed))
+                        levels=reserved)
+    else:
+        stored = store_authorize(request.account_id, want, minimum, slots, want_s)
+        if not stored.allowed:
+            return deny(stored.reason or DenyReason.INSUFFICIENT_FUNDS, stored.detail)
     tariff = rated.tariff
     limit_tariff = rated.tariff
     if bundle is not None and stored.bundle_granted_s > 0:

@@ -720,21 +720,25 @@ class Engine:
                 return StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE,
                                           detail=f"balance store error: {exc}")
 
-        def level_authorize(levels: Sequence[tuple[str, str, int, int]]) -> list[StoreAuthorization]:
-            # The levels above the customer at once (each its own store step on its own account),
-            # in one store call: one round trip and one pipeline, not one per level.
+        def chain_authorize(account_id: str, want: int, minimum: int, slots: tuple[BundleSlot, ...], want_s: int,
+                            levels: Sequence[tuple[str, str, int, int]],
+                            ) -> tuple[StoreAuthorization, list[StoreAuthorization]]:
+            # A reseller's customer and the levels above it at once (each its own store step on
+            # its own account), in one store call: one round trip, one pipeline.
             try:
-                return self.store.authorize_levels(levels, now_ms)
+                return self.store.authorize_with_levels(account_id, call_id, want, minimum, levels, now_ms,
+                                                        bundle_slots=slots, bundle_want_s=want_s)
             except Exception as exc:  # as above: fail closed
-                log.error("balance store failed during authorize of the levels of %s: %s", call_id, exc,
+                log.error("balance store failed during authorize of %s and its levels: %s", call_id, exc,
                           exc_info=True)
-                return [StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE,
-                                           detail=f"balance store error: {exc}") for _ in levels]
+                down = StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE,
+                                          detail=f"balance store error: {exc}")
+                return down, [down for _ in levels]
 
         outcome = decide(request, call_id=call_id, node=self.settings.node, rater=self.rater,
                          store_authorize=store_authorize, settings=self.session_settings,
                          max_call_seconds=self.settings.max_call_seconds, now_ms=now_ms,
-                         level_authorize=level_authorize, router=self.router)
+                         chain_authorize=chain_authorize, router=self.router)
         refused = self._screened_beside(beside, call_id)
         if refused is not None:
             if outcome.decision.allowed or outcome.release_reservation:

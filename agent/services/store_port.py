@@ -45,14 +45,20 @@ class EngineStoreAdapter:
             return StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE, detail=str(exc))
         return _store_authorization(outcome)
 
-    def authorize_levels(self, levels: Sequence[tuple[str, str, int, int]], now_ms: int) -> list[StoreAuthorization]:
+    def authorize_with_levels(self, account_id: str, call_id: str, want_micros: int, min_micros: int,
+                              levels: Sequence[tuple[str, str, int, int]], now_ms: int, *,
+                              bundle_slots: Sequence[BundleSlot] = (), bundle_want_s: int = 0,
+                              ) -> tuple[StoreAuthorization, list[StoreAuthorization]]:
+        steps = [AuthorizeStep(account_id, call_id, self.node, want_micros, min_micros, now_ms, self.ttl_ms,
+                               tuple(bundle_slots), bundle_want_s)]
+        steps += [AuthorizeStep(level_account, level_call, self.node, want, minimum, now_ms, self.ttl_ms)
+                  for level_call, level_account, want, minimum in levels]
         try:
-            outcomes = self.store.authorize_many([AuthorizeStep(account_id, call_id, self.node, want, minimum, now_ms,
-                                                                self.ttl_ms)
-                                                  for call_id, account_id, want, minimum in levels])
+            outcomes = self.store.authorize_many(steps)
         except StoreUnavailable as exc:
-            return [StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE, detail=str(exc)) for _ in levels]
-        return [_store_authorization(outcome) for outcome in outcomes]
+            down = StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE, detail=str(exc))
+            return down, [down for _ in levels]
+        return _store_authorization(outcomes[0]), [_store_authorization(outcome) for outcome in outcomes[1:]]
 
     def nibbles(self, steps: list[NibbleStep], now_ms: int) -> list[StoreNibble]:
         requests = [

@@ -123,9 +123,14 @@ class MemoryStore:
 
     # ---------------------------------------------------------------- EngineStore (agent/ports.py)
 
-    def authorize_levels(self, levels: Sequence[tuple[str, str, int, int]], now_ms: int) -> list[StoreAuthorization]:
-        return [self.authorize(account_id, call_id, want, minimum, now_ms) for call_id, account_id, want, minimum
-                in levels]
+    def authorize_with_levels(self, account_id: str, call_id: str, want_micros: int, min_micros: int,
+                              levels: Sequence[tuple[str, str, int, int]], now_ms: int, *,
+                              bundle_slots: Sequence[BundleSlot] = (), bundle_want_s: int = 0,
+                              ) -> tuple[StoreAuthorization, list[StoreAuthorization]]:
+        customer = self.authorize(account_id, call_id, want_micros, min_micros, now_ms, bundle_slots=bundle_slots,
+                                  bundle_want_s=bundle_want_s)
+        return customer, [self.authorize(level_account, level_call, want, minimum, now_ms)
+                          for level_call, level_account, want, minimum in levels]
 
     def authorize(self, account_id: str, call_id: str, want_micros: int, min_micros: int,
                   now_ms: int, *, bundle_slots: Sequence[BundleSlot] = (), bundle_want_s: int = 0,

@@ -37,7 +37,7 @@ With ``tenant_share`` some accounts are customers of resellers (DESIGN §11): a 
 and its own prices (the operator's rows marked up per level). A customer of ``r1`` is charged
 r1's price and r1 the operator's; a customer of ``r2`` r2's price, r2 r1's, r1 the operator's;
 the decision, the nibbles and the settles of every level run as the engine runs them
-(``decide`` with ``rate_chain`` and ``authorize_levels``). The resellers' money is limited, so a
+(``decide`` with ``rate_chain`` and ``authorize_with_levels``). The resellers' money is limited, so a
 reseller's own money cuts its customers' calls. The checks then add, per level: every level's
 charge equals its own §4 price of the call's duration (written out here), each CDR's upper
 decisions equal the store's charges, and the resellers' accounts obey the same conservation and
@@ -389,7 +389,9 @@ class Simulation:
         else:
             outcome = decide(request, call_id=call_id, node="sim", rater=self.rater, store_authorize=store_authorize,
                              settings=self.settings, max_call_seconds=14_400, now_ms=self.now_ms,
-                             level_authorize=lambda levels: self.store.authorize_levels(levels, self.now_ms))
+                             chain_authorize=lambda account_id, want, minimum, slots, want_s, levels:
+                             self.store.authorize_with_levels(account_id, call_id, want, minimum, levels, self.now_ms,
+                                                              bundle_slots=slots, bundle_want_s=want_s))
             if outcome.session is None and self.counters is not None:
                 self.counters.forget(account, call_id)
         if outcome.release_reservation:

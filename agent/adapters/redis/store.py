@@ -91,6 +91,7 @@ from agent.core.balance import (
 from agent.core.budgets import SpendPeriods, spend_periods
 from agent.core.bundles import BundleSlot, PeriodState
 from agent.core.errors import BillingError, Conflict, InvalidInput, NotFound
+from agent.core.session import is_level_call_id
 from agent.redis_url import parse_redis_url
 
 log = logging.getLogger(__name__)
@@ -411,38 +412,57 @@ class RedisBalanceStore:
         return outcome
 
     def authorize_many(self, steps: Sequence[AuthorizeStep]) -> list[AuthorizeOutcome]:
-        """Every step's index entry and script in one pipeline (one round trip; a cluster client
-        splits it by master). A step whose account is not in Redis, or whose account has a spend
-        cap in a timezone this store does not know yet, is then run again alone (``authorize``):
-        the first pass changed nothing for it. No call -> account hint is written: the levels'
-        later steps always name their account (the engine's, the journal's, an adoption's)."""
+        """Every step's commands as ``authorize`` queues them, in one pipeline (one round trip; a
+        cluster client splits it by master): a reseller's customer and the levels above it. A
+        step whose account is not in Redis, or whose account has a spend cap in a timezone this
+        store does not know yet, is then run again alone (``authorize``): the first pass changed
+        nothing for it. The call -> account hint is written for a call's own id, not for a
+        level's (``^L``): the levels' later steps always name their account."""
+        checked = [(st, _check_bundle_seconds(st.bundle_slots, st.bundle_want_s)) for st in steps]
         for st in steps:
             check_authorize(st.call_id, st.want_micros, st.min_micros, st.ttl_ms)
         if not steps:
             return []
+        on_cluster = self._keys.per_slot_index
+        replies: list[int] = []  # each step's script reply, by its position in the pipeline
 
         def build(p: Any) -> None:
-            for st in steps:
+            replies.clear()  # built again after a NOSCRIPT
+            queued = 0
+            for st, slots in checked:
                 ak = self._keys.of(st.account_id)
-                p.zadd(self._keys.index_of(st.account_id),
-                       {self._keys.member(st.account_id, st.call_id): st.now_ms + st.ttl_ms}, nx=True)
+                index = self._keys.index_of(st.account_id)
+                p.zadd(index, {self._keys.member(st.account_id, st.call_id): st.now_ms + st.ttl_ms}, nx=True)
+                queued += 1
+                if not on_cluster and not is_level_call_id(st.call_id):
+                    p.set(self._keys.call_account(st.call_id), st.account_id, ex=CALL_ACCOUNT_TTL_S)
+                    queued += 1
                 self._scripts.call(p, "authorize", [ak.account, ak.live, ak.call(st.call_id), ak.periods,
                                                     ak.periods_unposted],
                                    [st.account_id, st.call_id, st.node, st.want_micros, st.min_micros, st.now_ms,
-                                    st.ttl_ms, ak.period_prefix, 0, *self._spend_args(st.account_id, st.now_ms),
-                                    ak.spend_prefix])
+                                    st.ttl_ms, ak.period_prefix, st.bundle_want_s,
+                                    *self._spend_args(st.account_id, st.now_ms), ak.spend_prefix, *slots])
+                replies.append(queued)
+                queued += 1
+                if slots:  # as in authorize: after the script
+                    p.zadd(index, {self._keys.periods_member(st.account_id): st.now_ms}, nx=True)
+                    queued += 1
 
         with _unavailable("authorize"):
             results = self._execute(build)
         outcomes: list[AuthorizeOutcome] = []
-        for i, st in enumerate(steps):
-            reply = [text(v) for v in results[2 * i + 1]]  # each step queued its index entry, then its script
+        for st, at in zip(steps, replies, strict=True):
+            reply = [text(v) for v in results[at]]
             if reply[0] in ("noacct", "tz"):
                 outcomes.append(self.authorize(st.account_id, st.call_id, st.node, st.want_micros, st.min_micros,
-                                               st.now_ms, st.ttl_ms))
+                                               st.now_ms, st.ttl_ms, bundle_slots=st.bundle_slots,
+                                               bundle_want_s=st.bundle_want_s))
                 continue
             with _unavailable("authorize"):
-                outcomes.append(self._authorize_outcome(st.account_id, st.call_id, reply))
+                outcome = self._authorize_outcome(st.account_id, st.call_id, reply)
+            if on_cluster and outcome.allowed and not outcome.replayed and not is_level_call_id(st.call_id):
+                self._write_call_hint(st.call_id, st.account_id)
+            outcomes.append(outcome)
         return outcomes
 
     def _write_call_hint(self, call_id: str, account_id: str) -> None:

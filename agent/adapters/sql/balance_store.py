@@ -165,7 +165,8 @@ class SqlBalanceStore:
     def authorize_many(self, steps: Sequence[AuthorizeStep]) -> list[AuthorizeOutcome]:
         """One transaction each (their accounts' row locks are not held together)."""
         return [self.authorize(st.account_id, st.call_id, st.node, st.want_micros, st.min_micros, st.now_ms,
-                               st.ttl_ms) for st in steps]
+                               st.ttl_ms, bundle_slots=st.bundle_slots, bundle_want_s=st.bundle_want_s)
+                for st in steps]
 
     def _authorize(self, session: Session, account_id: str, call_id: str, node: str, want: int,
                    minimum: int, now_ms: int, ttl_ms: int, slots: tuple[BundleSlot, ...] = (),
