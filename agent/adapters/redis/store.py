@@ -368,33 +368,45 @@ class RedisBalanceStore:
 
     # ------------------------------------------------------------------ authorize
 
+    def _queue_authorize(self, p: Any, st: AuthorizeStep, slots: list[str], *, hint: bool) -> tuple[int, int]:
+        """Queue one authorize's commands on the pipeline ``p``; returns the position of the
+        script's reply among them and how many were queued. The index entry goes first, in the same round trip: the
+        sweeper's index must hold every call that can exist (an entry without a call is cleaned
+        up, the reverse would leak). Then, with ``hint`` on one server, the call -> account hint
+        (on a Cluster it lives in the call's own slot: written after, ``_write_call_hint``). The
+        spend arguments are read now: a pipeline built again after a 'tz' reply has the new ones."""
+        ak = self._keys.of(st.account_id)
+        index = self._keys.index_of(st.account_id)
+        p.zadd(index, {self._keys.member(st.account_id, st.call_id): st.now_ms + st.ttl_ms}, nx=True)
+        script_at = 1
+        if hint and not self._keys.per_slot_index:
+            p.set(self._keys.call_account(st.call_id), st.account_id, ex=CALL_ACCOUNT_TTL_S)
+            script_at += 1
+        self._scripts.call(p, "authorize", [ak.account, ak.live, ak.call(st.call_id), ak.periods,
+                                            ak.periods_unposted],
+                           [st.account_id, st.call_id, st.node, st.want_micros, st.min_micros, st.now_ms, st.ttl_ms,
+                            ak.period_prefix, st.bundle_want_s, *self._spend_args(st.account_id, st.now_ms),
+                            ak.spend_prefix, *slots])
+        if slots:  # after the script: a period it opened is in the index before the sweeper can drop it
+            p.zadd(index, {self._keys.periods_member(st.account_id): st.now_ms}, nx=True)
+        return script_at, script_at + (2 if slots else 1)
+
     def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
                   now_ms: int, ttl_ms: int, *, bundle_slots: Sequence[BundleSlot] = (),
                   bundle_want_s: int = 0) -> AuthorizeOutcome:
         check_authorize(call_id, want_micros, min_micros, ttl_ms)
         slots = _check_bundle_seconds(bundle_slots, bundle_want_s)
-        ak = self._keys.of(account_id)
-        keys = [ak.account, ak.live, ak.call(call_id), ak.periods, ak.periods_unposted]
-        member = self._keys.member(account_id, call_id)
-        index = self._keys.index_of(account_id)
-        on_cluster = self._keys.per_slot_index
-        script_at = 1 if on_cluster else 2  # the script's reply in the pipeline's (after the hints)
+        step = AuthorizeStep(account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms, tuple(bundle_slots),
+                             bundle_want_s)
+        script_at = [0]
 
-        def build(p: Any, args: list[object]) -> None:
-            # The hints go first, in the same round trip: the sweeper's index must hold every
-            # call that can exist (an entry without a call is cleaned up, the reverse would leak).
-            p.zadd(index, {member: now_ms + ttl_ms}, nx=True)
-            if not on_cluster:
-                p.set(self._keys.call_account(call_id), account_id, ex=CALL_ACCOUNT_TTL_S)
-            self._scripts.call(p, "authorize", keys, args)
-            if slots:  # after the script: a period it opened is in the index before the sweeper can drop it
-                p.zadd(index, {self._keys.periods_member(account_id): now_ms}, nx=True)
+        def build(p: Any) -> None:
+            script_at[0], _ = self._queue_authorize(p, step, slots, hint=True)
 
         def run() -> list[Any]:
             for _ in (1, 2):  # twice at most: the script names the timezone when it was not the one used
-                args = [account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms, ak.period_prefix,
-                        bundle_want_s, *self._spend_args(account_id, now_ms), ak.spend_prefix, *slots]
-                reply = [text(v) for v in self._execute(partial(build, args=args))[script_at]]
+                results = self._execute(build)
+                reply = [text(v) for v in results[script_at[0]]]
                 if reply[0] != "tz":
                     return reply
                 self._learn_zone(account_id, reply[1])
@@ -407,7 +419,7 @@ class RedisBalanceStore:
             except NotFound:
                 reply = ["deny", "unknown_account", "0", "", ""]
             outcome = self._authorize_outcome(account_id, call_id, reply)
-        if on_cluster and outcome.allowed and not outcome.replayed:
+        if self._keys.per_slot_index and outcome.allowed and not outcome.replayed:
             self._write_call_hint(call_id, account_id)
         return outcome
 
@@ -423,30 +435,15 @@ class RedisBalanceStore:
             check_authorize(st.call_id, st.want_micros, st.min_micros, st.ttl_ms)
         if not steps:
             return []
-        on_cluster = self._keys.per_slot_index
         replies: list[int] = []  # each step's script reply, by its position in the pipeline
 
         def build(p: Any) -> None:
             replies.clear()  # built again after a NOSCRIPT
             queued = 0
             for st, slots in checked:
-                ak = self._keys.of(st.account_id)
-                index = self._keys.index_of(st.account_id)
-                p.zadd(index, {self._keys.member(st.account_id, st.call_id): st.now_ms + st.ttl_ms}, nx=True)
-                queued += 1
-                if not on_cluster and not is_level_call_id(st.call_id):
-                    p.set(self._keys.call_account(st.call_id), st.account_id, ex=CALL_ACCOUNT_TTL_S)
-                    queued += 1
-                self._scripts.call(p, "authorize", [ak.account, ak.live, ak.call(st.call_id), ak.periods,
-                                                    ak.periods_unposted],
-                                   [st.account_id, st.call_id, st.node, st.want_micros, st.min_micros, st.now_ms,
-                                    st.ttl_ms, ak.period_prefix, st.bundle_want_s,
-                                    *self._spend_args(st.account_id, st.now_ms), ak.spend_prefix, *slots])
-                replies.append(queued)
-                queued += 1
-                if slots:  # as in authorize: after the script
-                    p.zadd(index, {self._keys.periods_member(st.account_id): st.now_ms}, nx=True)
-                    queued += 1
+                at, count = self._queue_authorize(p, st, slots, hint=not is_level_call_id(st.call_id))
+                replies.append(queued + at)
+                queued += count
 
         with _unavailable("authorize"):
             results = self._execute(build)
@@ -460,7 +457,8 @@ class RedisBalanceStore:
                 continue
             with _unavailable("authorize"):
                 outcome = self._authorize_outcome(st.account_id, st.call_id, reply)
-            if on_cluster and outcome.allowed and not outcome.replayed and not is_level_call_id(st.call_id):
+            if (self._keys.per_slot_index and outcome.allowed and not outcome.replayed
+                    and not is_level_call_id(st.call_id)):
                 self._write_call_hint(st.call_id, st.account_id)
             outcomes.append(outcome)
         return outcomes
