@@ -64,6 +64,7 @@ from agent.core.routing import (
     Skipped,
     SkipReason,
     order_routes,
+    points_lose,
 )
 
 # The flag byte, then RateTable's record: the unpacked fields keep RateRow's positions 2-7
@@ -83,7 +84,6 @@ _LOADING = "buy deck still loading"
 _NO_OFFSET = 1 << 62  # select_offers: the number has no slot (unpack_from raises struct.error there)
 _NO_FIELDS = (0,)  # no record: its flag is never _PLAIN
 _NO_LIVE: Mapping[str, int] = {}
-struct_error = struct.error
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -330,7 +330,7 @@ def select_offers(sell: RateRow, number: str, at_ms: int, index: BuyIndex, offer
     plain = _PLAIN if 0 <= at_ms < OPEN_END_MS else -1  # a _PLAIN row applies at every real instant
     live = live_channels or _NO_LIVE
     verdicts = verdicts or LossVerdicts()
-    plans = verdicts._by_sell.get(sell[3:8]) or verdicts.shapes_of(sell)  # LossVerdicts.for_sell, inlined below
+    plans = verdicts.shapes_of(sell)  # LossVerdicts.for_sell, inlined below
     sell_rate = sell.rate_micros
     decks = offers.decks
     routes: list[Route] = []
@@ -351,7 +351,7 @@ def select_offers(sell: RateRow, number: str, at_ms: int, index: BuyIndex, offer
         digits, offset, length = heads[group]
         try:
             fields = _unpack_from(records, offset)
-        except struct_error:  # no slot for the number, or a prefix added after this deck was built
+        except struct.error:  # no slot for the number, or a prefix added after this deck was built
             fields = _NO_FIELDS
         if fields[0] != plain:
             found, length = index._find(digits, at_ms, decks[i], records) if digits else (None, 0)
@@ -376,16 +376,10 @@ def select_offers(sell: RateRow, number: str, at_ms: int, index: BuyIndex, offer
             points = plans.get(shape)
             if points is None:
                 points = verdicts.points(sell, plans, shape)
-            if points:
-                lost = False
-                for billed, sell_billed, point_fee, sell_fee in points:  # _loses_at, inlined
-                    if point_fee - (-(rate * billed) // 60) > sell_fee - (-(sell_rate * sell_billed) // 60):
-                        lost = True
-                        break
-                if lost:
-                    skipped.append(i)
-                    lazy = True
-                    continue
+            if points and points_lose(points, rate, sell_rate):
+                skipped.append(i)
+                lazy = True
+                continue
         # BuyDeck.row and routing._cost of a COMPARE_SECONDS call, inlined: the kept carriers' hot path
         (_, dest, _, fee, first, increment, minimum, grace, start_ms, end_ms, window, blocked, rate_id) = fields
         deck = decks[i]

@@ -302,7 +302,7 @@ class LossVerdicts:
         return points
 
     def for_sell(self, sell: RateRow) -> Callable[[Sequence[Any]], bool]:
-        """``loses(buy)``: ``_loses(sell, buy)`` (agent/core/buy_index.py inlines it)."""
+        """``loses(buy)``: ``_loses(sell, buy)`` (agent/core/buy_index.py does the same on packed records)."""
         plans = self.shapes_of(sell)
         sell_rate = sell.rate_micros
 
@@ -314,12 +314,18 @@ class LossVerdicts:
             points = plans.get(shape)
             if points is None:
                 points = self.points(sell, plans, shape)
-            for billed, sell_billed, fee, sell_fee in points:
-                if fee - (-(rate * billed) // 60) > sell_fee - (-(sell_rate * sell_billed) // 60):
-                    return True
-            return False
+            return points_lose(points, rate, sell_rate)
 
         return loses
+
+
+def points_lose(points: tuple[tuple[int, int, int, int], ...], rate: int, sell_rate: int) -> bool:
+    """Whether a buy rate no higher than the sell rate costs more at one of a pair of shapes'
+    kept points (:meth:`LossVerdicts.points`): the check of the rule once the shapes are known."""
+    for billed, sell_billed, fee, sell_fee in points:
+        if fee - (-(rate * billed) // 60) > sell_fee - (-(sell_rate * sell_billed) // 60):
+            return True
+    return False
 
 
 def _points_that_can_lose(sell: RateRow, buy: RateRow) -> tuple[tuple[int, int, int, int], ...]:
