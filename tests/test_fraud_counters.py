@@ -5,13 +5,15 @@ read: windows slide on fake milliseconds."""
 from __future__ import annotations
 
 import textwrap
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from agent.adapters.fraud_rules_file import load_rules
-from agent.adapters.redis.counters import RedisFraudCounters
+from agent.adapters.redis.counters import RedisFraudCounters, _lua
+from agent.adapters.redis.store import make_client
 from agent.core.fraud import CallFacts, LocalCounters, Verdict, destination_digits, evaluate
 from agent.core.fraud_rules import RuleSet
 from agent.ports import FraudCounters
@@ -19,10 +21,14 @@ from agent.ports import FraudCounters
 Make = Callable[[RuleSet], FraudCounters]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def make(request: pytest.FixtureRequest) -> Make:
     if request.param == "memory":
         return LocalCounters
+    if request.param == "cluster":  # the script reaches its figure keys from the one key it is given
+        client = make_client(request.getfixturevalue("redis_cluster_url"), 2000)
+        prefix = f"test:{uuid.uuid4().hex[:8]}:"
+        return lambda rules: RedisFraudCounters(client, key_prefix=prefix, rules=rules)
     client = request.getfixturevalue("redis_client")
     prefix = request.getfixturevalue("redis_prefix")
     return lambda rules: RedisFraudCounters(client, key_prefix=prefix, rules=rules)
@@ -157,3 +163,24 @@ def test_first_call_to_a_country_not_called_in_the_window(make: Make, tmp_path: 
     assert not fired("c4", "+4930123457", day_ms + night)  # Germany called yesterday
     assert fired("c5", "+5371234567", 31 * day_ms + night)  # Cuba again after 31 days: new again
     assert check(rules, counters, facts("b", "x", "+5371234567", rules, night)).hits  # b has its own history
+
+
+def test_new_rules_take_effect_on_the_same_counters(make: Make, tmp_path: Path) -> None:
+    """A SIGHUP gives the counters new rules (``set_rules``): in Redis the observe script is
+    written for the rule set, so the new one must be the one that runs."""
+    one_s = rules_from(tmp_path, "rules:\n  - {name: cps, kind: new_calls, window_s: 1, threshold: 1, action: deny}\n")
+    counters = make(one_s)
+    assert check(one_s, counters, facts("a", "c1", "+3314", one_s, 0)).deny is None
+    assert check(one_s, counters, facts("a", "c2", "+3314", one_s, 1_500)).deny is None  # c1 left the 1 s window
+    ten_s = rules_from(tmp_path, "rules:\n  - {name: cps, kind: new_calls, window_s: 10, threshold: 1, action: deny}\n")
+    counters.set_rules(ten_s)
+    assert check(ten_s, counters, facts("a", "c3", "+3314", ten_s, 3_000)).deny is None  # a new window starts empty
+    verdict = check(ten_s, counters, facts("a", "c4", "+3314", ten_s, 4_000))  # 1 s after c3: the 1 s rule would let it
+    assert verdict.deny is not None and verdict.deny.figure == 2
+
+
+def test_a_group_name_reaches_the_script_as_the_same_bytes(redis_client: object) -> None:
+    """Group names and key suffixes are written into the observe script as Lua literals: any byte
+    reads back as itself (a rule file never becomes code)."""
+    text = "hr-1.x,:_'\"\\\n]]--é"
+    assert redis_client.eval(f"return {_lua(text)}", 0) == text.encode()  # type: ignore[attr-defined]
