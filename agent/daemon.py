@@ -64,7 +64,7 @@ from agent.services.balance_alerts import BalanceWatch
 from agent.services.cdr_pipeline import CdrPipeline
 from agent.services.clock import SystemClock
 from agent.services.engine import Engine as CallEngine
-from agent.services.engine import EngineSettings, LeftBehind
+from agent.services.engine import EngineSettings, LeftBehind, NothingToRide
 from agent.services.fraud import FraudGuard
 from agent.services.metrics import Metrics
 from agent.services.rater import PlanRater
@@ -417,7 +417,9 @@ class Daemon:
         refresh = getattr(store.store, "refresh", None)  # Redis keeps the status of its own
         counters = tenant_counters = None
         redis = self.config.redis
-        client = self._redis_client
+        # The balance store's own client when it is Redis: the counters' observe then rides in the
+        # store's authorize round trip (one round trip per screened call, agent/ports.py StoreRider).
+        client = getattr(store.store, "client", None) or self._redis_client
         if client is not None:  # the figures shared by every node (a tenant's too: count: tenant)
             from agent.adapters.redis.counters import RedisFraudCounters
 
@@ -942,6 +944,9 @@ class _JournalScreen:
 
     def screen(self, request: AuthorizeRequest, call_id: str, now_ms: int) -> AuthorizeDecision | None:
         return None
+
+    def ride(self, request: AuthorizeRequest, call_id: str, now_ms: int) -> NothingToRide:
+        return NothingToRide()
 
     def decided(self, request: AuthorizeRequest, decision: AuthorizeDecision) -> None:
         if decision.allowed:

@@ -194,14 +194,14 @@ class NoActions:
         return []
 
 
-def add_fraud_screen(engine: Engine, rules_path: str, prefix: str) -> Any:
+def add_fraud_screen(engine: Engine, rules_path: str, prefix: str, client: Any) -> Any:
     """The fraud rules of ``rules_path`` on Redis counters, every action made an alert (the traffic
-    is the same with and without them: only the cost of the screen is measured)."""
+    is the same with and without them: only the cost of the screen is measured). ``client``: the
+    balance store's, as the daemon does (the counters' observe rides in its round trip)."""
     import dataclasses as dc
 
     from agent.adapters.fraud_rules_file import load_rules
     from agent.adapters.redis.counters import RedisFraudCounters
-    from agent.adapters.redis.store import make_client
     from agent.core.fraud_rules import Action, RuleSet
     from agent.services.fraud import FraudGuard
 
@@ -209,7 +209,7 @@ def add_fraud_screen(engine: Engine, rules_path: str, prefix: str) -> Any:
     rules = RuleSet(tuple(dc.replace(r, action=Action.ALERT, deny_group_only=False) for r in loaded.rules),
                     loaded.groups)
     guard = FraudGuard(rules, node="bench", actions=NoActions(), clock=SystemClock(),
-                       counters=RedisFraudCounters(make_client(REDIS_URL, 2000), key_prefix=prefix, rules=rules))
+                       counters=RedisFraudCounters(client, key_prefix=prefix, rules=rules))
     engine.screens.append(guard)
     engine.on_finished.append(guard.finished)
     guard.start()
@@ -244,7 +244,7 @@ def authorization_run(rate: float, calls: int, concurrent: int, fraud_rules: str
                       carriers: int = 0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as workdir:
         engine, (store, prefix, sql) = redis_engine(workdir)
-        guard = add_fraud_screen(engine, fraud_rules, prefix) if fraud_rules else None
+        guard = add_fraud_screen(engine, fraud_rules, prefix, store.client) if fraud_rules else None
         book = add_routing(engine, sql, workdir, carriers) if carriers else None
         fake = FakeAsterisk("127.0.0.1", 1, ami_secret=SECRET).start()  # AMI only: the agent needs it up
         adapter = start_agent(engine, fake)

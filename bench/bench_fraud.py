@@ -5,6 +5,7 @@
     python bench/bench_fraud.py --rules my.yaml --runs 7 --calls 20000 --accounts 500
     python bench/bench_fraud.py --redis redis://127.0.0.1:6379/0 --calls 5000   # counters in Redis
     python bench/bench_fraud.py --fastagi --rate 1000 --calls 5000 --runs 5     # through real FastAGI
+    python bench/bench_fraud.py --fastagi --rate 200 --calls 3000 --alone-too  # and the observe on its own trip
 
 ``--fastagi``: the authorization as Asterisk sees it, through real FastAGI on loopback at
 ``--rate`` calls/s (bench/bench_asterisk.py's load generator in its own process, our FastAGI
@@ -200,8 +201,11 @@ def bench_rules(path: str, folder: Path) -> Path:
     return target
 
 
-def fastagi_screen(engine: Engine, rules_path: Path, prefix: str, folder: Path) -> Any:
-    """The screen as the daemon builds it: Redis counters, the alert service on a disk spool."""
+def fastagi_screen(engine: Engine, rules_path: Path, prefix: str, folder: Path, store: Any, alone: bool) -> Any:
+    """The screen as the daemon builds it: Redis counters on the balance store's client (their
+    observe rides in the store's authorize round trip), the alert service on a disk spool.
+    ``alone``: the counters on a client of their own, so each observe makes its own round trip
+    (as before 2026-12-04: the comparison)."""
     import bench_asterisk as ast
 
     from agent.adapters.alert_spool import AlertSpool
@@ -213,7 +217,8 @@ def fastagi_screen(engine: Engine, rules_path: Path, prefix: str, folder: Path) 
     clock = SystemClock()
     alerts = Alerts(NoActions(), node="bench", clock=clock, queue=AlertSpool(folder / "alerts" / "sql.jsonl"))
     guard = FraudGuard(rules, node="bench", actions=NoActions(), clock=clock, alerts=alerts,
-                       counters=RedisFraudCounters(make_client(ast.REDIS_URL, 2000), key_prefix=prefix, rules=rules),
+                       counters=RedisFraudCounters(make_client(ast.REDIS_URL, 2000) if alone else store.client,
+                                                   key_prefix=prefix, rules=rules),
                        timezone_of=lambda account, plan: "Europe/Paris")
     engine.screens.append(guard)
     engine.on_finished.append(guard.finished)
@@ -222,7 +227,7 @@ def fastagi_screen(engine: Engine, rules_path: Path, prefix: str, folder: Path) 
     return guard, alerts
 
 
-def fastagi_run(args: argparse.Namespace, with_rules: bool) -> dict[str, Any]:
+def fastagi_run(args: argparse.Namespace, with_rules: bool, alone: bool = False) -> dict[str, Any]:
     import bench_asterisk as ast
 
     from agent.sim.asterisk import FakeAsterisk
@@ -230,7 +235,8 @@ def fastagi_run(args: argparse.Namespace, with_rules: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as workdir:
         folder = Path(workdir)
         engine, (store, prefix, sql) = ast.redis_engine(workdir)
-        screen = fastagi_screen(engine, bench_rules(args.rules, folder), prefix, folder) if with_rules else None
+        screen = fastagi_screen(engine, bench_rules(args.rules, folder), prefix, folder, store,
+                                alone) if with_rules else None
         if with_rules and not args.no_caps:
             set_caps(sql, ast.ACCOUNTS)
         fake = FakeAsterisk("127.0.0.1", 1, ami_secret=ast.SECRET).start()
@@ -298,34 +304,39 @@ def fastagi_main(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     logging.disable(logging.WARNING)  # one log line per alert would measure the logging
     load_before = uptime()
-    off: list[dict[str, Any]] = []
-    on: list[dict[str, Any]] = []
+    variants = {"off": (False, False), "on": (True, False)}
+    if args.alone_too:
+        variants["on, observe alone"] = (True, True)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for run in range(args.runs):
-        off.append(fastagi_run(args, False))
-        on.append(fastagi_run(args, True))
-        print(f"run {run + 1}: off p50 {off[-1]['p50_ms']:.3f} p99 {off[-1]['p99_ms']:.3f} ms "
-              f"(agent {off[-1]['agent_p50_ms']:.3f} / {off[-1]['agent_p99_ms']:.3f}); "
-              f"on p50 {on[-1]['p50_ms']:.3f} p99 {on[-1]['p99_ms']:.3f} ms "
-              f"(agent {on[-1]['agent_p50_ms']:.3f} / {on[-1]['agent_p99_ms']:.3f}); "
-              f"refused {off[-1]['refusals'] or 0}/{on[-1]['refusals'] or 0}, errors {off[-1]['client_errors']}/"
-              f"{on[-1]['client_errors']}, alerts {on[-1].get('alerts', 0)}; CPU per call agent "
-              f"{off[-1]['agent_cpu_us']}/{on[-1]['agent_cpu_us']} us, redis {off[-1]['redis_cpu_us']}/"
-              f"{on[-1]['redis_cpu_us']} us", flush=True)
+        for name, (with_rules, alone) in variants.items():
+            runs[name].append(fastagi_run(args, with_rules, alone))
+        print(f"run {run + 1}: " + "; ".join(
+            f"{name} p50 {r[-1]['p50_ms']:.3f} p99 {r[-1]['p99_ms']:.3f} ms (agent {r[-1]['agent_p50_ms']:.3f} / "
+            f"{r[-1]['agent_p99_ms']:.3f}), refused {r[-1]['refusals'] or 0}, errors {r[-1]['client_errors']}, "
+            f"alerts {r[-1].get('alerts', 0)}, CPU per call agent {r[-1]['agent_cpu_us']} us, redis "
+            f"{r[-1]['redis_cpu_us']} us" for name, r in runs.items()), flush=True)
 
     def med(runs: list[dict[str, Any]], key: str) -> float:
         return float(statistics.median(run[key] for run in runs))
 
     caps = "no spend caps" if args.no_caps else "3 spend caps (max call cost, daily, monthly) on every account"
     print(f"FastAGI at {args.rate:.0f}/s, {args.calls} calls per run, {args.runs} runs interleaved (medians); "
-          f"on = 10 rules with the counters in Redis and {caps}")
-    for key, what in (("p50_ms", "client p50"), ("p99_ms", "client p99"), ("agent_p50_ms", "agent p50"),
-                      ("agent_p99_ms", "agent p99")):
-        a, b = med(off, key), med(on, key)
-        print(f"  {what:<10}  off {a:7.3f} ms  on {b:7.3f} ms  added {b - a:+7.3f} ms  ratio {b / a if a else 0:5.2f}")
-    for key, what in (("agent_cpu_us", "agent CPU"), ("redis_cpu_us", "Redis CPU")):
-        a, b = med(off, key), med(on, key)
-        print(f"  {what:<10}  off {a:7.1f} us  on {b:7.1f} us  added {b - a:+7.1f} us per authorization "
-              f"({(b - a) * args.rate / 1e6:.0%} of a core at {args.rate:.0f}/s)")
+          f"on = 10 rules with the counters in Redis (their observe in the store's round trip; 'observe alone': "
+          f"a round trip of their own) and {caps}")
+    off = runs["off"]
+    for name in [n for n in runs if n != "off"]:
+        on = runs[name]
+        print(f" {name}:")
+        for key, what in (("p50_ms", "client p50"), ("p99_ms", "client p99"), ("agent_p50_ms", "agent p50"),
+                          ("agent_p99_ms", "agent p99")):
+            a, b = med(off, key), med(on, key)
+            print(f"  {what:<10}  off {a:7.3f} ms  on {b:7.3f} ms  added {b - a:+7.3f} ms  "
+                  f"ratio {b / a if a else 0:5.2f}")
+        for key, what in (("agent_cpu_us", "agent CPU"), ("redis_cpu_us", "Redis CPU")):
+            a, b = med(off, key), med(on, key)
+            print(f"  {what:<10}  off {a:7.1f} us  on {b:7.1f} us  added {b - a:+7.1f} us per authorization "
+                  f"({(b - a) * args.rate / 1e6:.0%} of a core at {args.rate:.0f}/s)")
     print(f"  load: before {load_before}; after {uptime()}")
 
 
@@ -349,6 +360,8 @@ def main() -> None:
     parser.add_argument("--fastagi", action="store_true", help="through real FastAGI with Redis (see above)")
     parser.add_argument("--rate", type=float, default=1000.0, help="--fastagi: calls per second")
     parser.add_argument("--no-caps", action="store_true", help="--fastagi: the rules only, no spend caps")
+    parser.add_argument("--alone-too", action="store_true",
+                        help="--fastagi: a third variant, the counters' observe on a round trip of its own")
     args = parser.parse_args()
     if args.fastagi:
         fastagi_main(args)

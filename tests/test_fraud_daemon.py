@@ -155,6 +155,11 @@ def test_an_attack_spread_over_two_nodes_is_seen_whole_and_cut_on_both(
             b"alice", b"irsf_parallel", b"4", b"n2")
         later = fakes[0].place_call("alice", "33142685300", talk_ms=1_000)  # n1 refuses it too (status)
         assert later.done.wait(10) and later.outcome == "denied"
+        # The counters' observe rode in the balance store's authorize round trip (the daemon gives
+        # both one client), but for each node's first call: that one loads the script on Redis.
+        observed = [{how: d.metrics.fraud_observes.labels(how)._value.get() for how in ("with_store", "alone")}
+                    for d in daemons]
+        assert observed == [{"with_store": 2, "alone": 1}, {"with_store": 1, "alone": 1}], observed  # 3 calls, 2
     finally:
         for daemon in daemons:
             daemon.shutdown()

@@ -299,6 +299,9 @@ class BrokenCounters:
     def observe(self, facts: object) -> dict[str, int]:
         raise ConnectionError("redis is away")
 
+    def observe_rider(self, facts: object) -> None:
+        return None  # nothing rides: the guard observes on its own round trip, which fails
+
     def forget(self, account_id: str, call_id: str) -> None:
         raise ConnectionError("redis is away")
 
@@ -354,25 +357,30 @@ def test_spend_velocity_suspends_at_the_settle_that_crosses_it(where: str, reque
         guard.stop(1)
 
 
-class RoundTripCounters:
-    """Shared counters (as Redis is) whose observe waits until the balance store is being asked:
-    it can only return if the engine screens beside the store, not before it."""
+class RidingCounters:
+    """Shared counters (as Redis is) whose observe rides in the store's round trip: the rider
+    queues a command on a store that talks to the same server (``server``), the store runs it
+    and answers. Counts the observes made on their own round trip."""
 
     shared = True
 
-    def __init__(self, rules: RuleSet, store_asked: gevent.event.Event) -> None:
+    def __init__(self, rules: RuleSet, server: object) -> None:
         from agent.core.fraud import LocalCounters
 
         self.local = LocalCounters(rules)
-        self.store_asked = store_asked
-        self.saw_store_asked: list[bool] = []
+        self.server = server
+        self.own_trips = 0
+        self.carried = 0
 
     def set_rules(self, rules: RuleSet) -> None:
         self.local.set_rules(rules)
 
     def observe(self, facts: object) -> dict[str, int]:
-        self.saw_store_asked.append(self.store_asked.wait(timeout=2.0))
+        self.own_trips += 1
         return self.local.observe(facts)  # type: ignore[arg-type]
+
+    def observe_rider(self, facts: object) -> Rider:
+        return Rider(self, facts)
 
     def forget(self, account_id: str, call_id: str) -> None:
         self.local.forget(account_id, call_id)
@@ -381,31 +389,63 @@ class RoundTripCounters:
         return self.local.ended(*args)  # type: ignore[arg-type]
 
 
-class AskedStore(MemoryStore):
-    """The in-memory store that says when it is asked and answers after a round trip's pause."""
+class Rider:
+    def __init__(self, counters: RidingCounters, facts: object) -> None:
+        self.counters, self.facts = counters, facts
+        self.reply: object = None
 
-    def __init__(self) -> None:
+    def queue(self, client: object, pipeline: list[object]) -> bool:
+        if client is not self.counters.server:
+            return False
+
+        def run() -> dict[str, int]:
+            self.counters.carried += 1
+            return self.counters.local.observe(self.facts)  # type: ignore[arg-type]
+
+        pipeline.append(run)
+        return True
+
+    def answer(self, reply: object) -> None:
+        self.reply = reply
+
+    def figures(self) -> dict[str, int] | None:
+        return self.reply if isinstance(self.reply, dict) else None
+
+
+class CarryingStore(MemoryStore):
+    """The in-memory store with a "server" of its own: a rider for that server goes in its
+    authorize's "pipeline" and is answered, as the Redis store does with the fraud counters'
+    observe (one round trip for both)."""
+
+    def __init__(self, server: object) -> None:
         super().__init__()
-        self.asked = gevent.event.Event()
+        self.server = server
+        self.asked = 0
 
-    def authorize(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-        self.asked.set()
-        gevent.sleep(0.01)
+    def authorize(self, *args: object, rider: object = None, **kwargs: object):  # type: ignore[no-untyped-def]
+        self.asked += 1
+        pipeline: list[object] = []
+        if rider is not None and rider.queue(self.server, pipeline):  # type: ignore[attr-defined]
+            rider.answer(pipeline[0]())  # type: ignore[attr-defined,operator]
         return super().authorize(*args, **kwargs)  # type: ignore[arg-type]
 
 
-def test_shared_counters_screen_beside_the_store_and_a_refusal_gives_the_money_back(tmp_path: Path) -> None:
-    """With counters in Redis the screen's round trip overlaps the store's (the call waits for one,
-    not two); a call the rules refuse then had money reserved, which is released, so the account
-    ends with its whole balance and no reservation."""
+@pytest.mark.parametrize("carried", [True, False], ids=["store-carries-it", "own-round-trip"])
+def test_shared_counters_ride_with_the_store_and_a_refusal_gives_the_money_back(tmp_path: Path,
+                                                                                carried: bool) -> None:
+    """With counters in Redis the screen's observe rides in the store's round trip (the call waits
+    for one, not two); a store that cannot carry it (another server, SQL, an open circuit) leaves
+    it, and the screen observes on its own after. Either way a call the rules refuse had money
+    reserved, which is released: the account ends with its whole balance and no reservation."""
     clock = SystemClock()
-    store = AskedStore()
+    server = object()
+    store = CarryingStore(server if carried else object())
     store.add_account("victim", 100_000_000)
     metrics = Metrics()
     engine = CallEngine(settings=EngineSettings(node="n1"), store=store, rater=Rater(), clock=clock, cdr=Cdrs(),
                         metrics=metrics)
     ruleset = rules(tmp_path)
-    counters = RoundTripCounters(ruleset, store.asked)
+    counters = RidingCounters(ruleset, server)
     engine.add_switch(Switch(engine, clock))
     guard = FraudGuard(ruleset, node="n1", actions=Actions(), clock=clock, metrics=metrics, counters=counters)
     guard.cut_local = engine.cut_account
@@ -415,12 +455,14 @@ def test_shared_counters_screen_beside_the_store_and_a_refusal_gives_the_money_b
     guard.start()
     try:
         for n in range(3):
-            store.asked.clear()
             assert engine.authorize(call(engine, n, "victim", "+88212345")).allowed
-        store.asked.clear()
         fourth = engine.authorize(call(engine, 3, "victim", "+88212345"))
         assert not fourth.allowed and fourth.reason is DenyReason.FRAUD_RULE and "irsf_parallel" in fourth.detail
-        assert counters.saw_store_asked == [True] * 4  # every screen ran while the store was asked
+        assert (counters.carried, counters.own_trips) == ((4, 0) if carried else (0, 4))
+        asked = store.asked
+        fifth = engine.authorize(call(engine, 4, "victim", "+3314"))  # suspended here: refused before the store
+        assert not fifth.allowed and "suspended by fraud rule irsf_parallel" in fifth.detail
+        assert store.asked == asked and counters.carried + counters.own_trips == 4
         # The refused call's reservation is released; the three allowed ones are cut (suspension)
         # and settle: nothing stays reserved and the refused call cost nothing.
         wait(lambda: store.open_reservations() == 0)

@@ -292,6 +292,10 @@ class LocalCounters:
                 continue
             window.prune(at_ms - key.window_ms)
 
+    def observe_rider(self, facts: CallFacts) -> None:
+        """In memory ``observe`` costs no round trip: nothing to ride in the store's."""
+        return None
+
     def forget(self, account_id: str, call_id: str) -> None:
         """A call counted live that was denied after all."""
         account = self._accounts.get(account_id)

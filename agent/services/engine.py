@@ -75,7 +75,7 @@ from agent.core.session import (
     level_decision,
     payers_of,
 )
-from agent.ports import Clock, EngineStore, Rater, Switch
+from agent.ports import Clock, EngineStore, Rater, StoreRider, Switch
 from agent.services.authorize import Router, decide, route_call
 from agent.services.metrics import Metrics
 
@@ -83,7 +83,6 @@ log = logging.getLogger(__name__)
 
 CALL_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.:@-]")
 SETTLE_RETRY_MAX_S = 30.0
-SCREEN_WAIT_S = 5.0  # a call screen beside the store (one Redis round trip) is waited for at most this
 MAX_LEVELS = 4  # a tenant tree's depth (agent/adapters/sql/tenants.py): at most 3 levels above a customer
 CLOCK_STEP_MS = 500  # the wall clock moved this much more (or less) than the monotonic one: a step
 
@@ -111,10 +110,45 @@ class CallScreen(Protocol):
 
     @property
     def round_trip(self) -> bool:
-        """The screen makes a network round trip (fraud counters in Redis): the engine runs it
-        beside the balance store's authorize, not before it, so the call waits for one round trip,
-        not two; a refusal then releases what the store reserved."""
+        """The screen makes a network round trip (fraud counters in Redis): the engine then uses
+        ``ride`` around the balance store's authorize instead of ``screen`` before it, so the call
+        waits for one round trip, not two; a refusal then releases what the store reserved."""
         ...
+
+    def ride(self, request: AuthorizeRequest, call_id: str, now_ms: int) -> ScreenRide:
+        """``screen`` in two halves (only asked of a ``round_trip`` screen): what may ride in the
+        store's authorize round trip, and ``finish`` after the store answered."""
+        ...
+
+
+class ScreenRide(Protocol):
+    """A screen's work on one call, split around the store's authorize (``CallScreen.ride``)."""
+
+    @property
+    def rider(self) -> StoreRider | None:
+        """The command the store may carry in its round trip (agent/ports.py), or None."""
+        ...
+
+    @property
+    def refused(self) -> AuthorizeDecision | None:
+        """A refusal known before the store is asked (an account the screen suspended): the call
+        never reaches the store."""
+        ...
+
+    def finish(self) -> AuthorizeDecision | None:
+        """None to go on, or the refusal; makes its own round trip if the store carried nothing.
+        Bounded, never raises."""
+        ...
+
+
+class NothingToRide:
+    """The ride of a screen whose ``screen`` never refuses and makes no round trip."""
+
+    rider: StoreRider | None = None
+    refused: AuthorizeDecision | None = None
+
+    def finish(self) -> AuthorizeDecision | None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -704,9 +738,13 @@ class Engine:
                 if refused is not None:
                     return refused
         # The screens that make a round trip start only now (one that counted the call must see
-        # the final decision) and run while the store answers.
-        beside = [(screen, gevent.spawn(screen.screen, request, call_id, now_ms))
-                  for screen in self.screens if screen.round_trip]
+        # the final decision): the first one's command rides in the store's own round trip (one
+        # pipeline: the fraud counters' observe beside the authorize script), the verdicts come after.
+        rides = [screen.ride(request, call_id, now_ms) for screen in self.screens if screen.round_trip]
+        for ride in rides:
+            if ride.refused is not None:
+                return ride.refused
+        rider = next((ride.rider for ride in rides if ride.rider is not None), None)
 
         def store_authorize(account_id: str, want: int, minimum: int, slots: tuple[BundleSlot, ...],
                             want_s: int) -> StoreAuthorization:
@@ -714,7 +752,7 @@ class Engine:
             # policy see the timeout (a racing one here denied every call, fail_open or not).
             try:
                 return self.store.authorize(account_id, call_id, want, minimum, now_ms, bundle_slots=slots,
-                                            bundle_want_s=want_s)
+                                            bundle_want_s=want_s, rider=rider)
             except Exception as exc:  # a store that is down denies the call (fail closed), never hangs it
                 log.error("balance store failed during authorize of %s: %s", call_id, exc, exc_info=True)
                 return StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE,
@@ -727,7 +765,7 @@ class Engine:
             # its own account), in one store call: one round trip, one pipeline.
             try:
                 return self.store.authorize_with_levels(account_id, call_id, want, minimum, levels, now_ms,
-                                                        bundle_slots=slots, bundle_want_s=want_s)
+                                                        bundle_slots=slots, bundle_want_s=want_s, rider=rider)
             except Exception as exc:  # as above: fail closed
                 log.error("balance store failed during authorize of %s and its levels: %s", call_id, exc,
                           exc_info=True)
@@ -739,7 +777,7 @@ class Engine:
                          store_authorize=store_authorize, settings=self.session_settings,
                          max_call_seconds=self.settings.max_call_seconds, now_ms=now_ms,
                          chain_authorize=chain_authorize, router=self.router)
-        refused = self._screened_beside(beside, call_id)
+        refused = self._finish_rides(rides, call_id)
         if refused is not None:
             if outcome.decision.allowed or outcome.release_reservation:
                 # The store reserved for a call the screen refuses: give it back (queued, like
@@ -765,24 +803,18 @@ class Engine:
             screen.decided(request, outcome.decision)
         return outcome.decision
 
-    def _screened_beside(self, beside: list[tuple[CallScreen, gevent.Greenlet[..., AuthorizeDecision | None]]],
-                         call_id: str) -> AuthorizeDecision | None:
-        """The first refusal of the screens that ran beside the store, each waited for at most
-        ``SCREEN_WAIT_S`` (a screen is bounded by its own round trip's timeout; one that is late
-        or fails lets the call through, logged: money is the balance store's, not the screen's)."""
+    def _finish_rides(self, rides: list[ScreenRide], call_id: str) -> AuthorizeDecision | None:
+        """The first refusal of the screens that rode with the store. A screen that fails lets
+        the call through, logged: money is the balance store's, not the screen's."""
         refused: AuthorizeDecision | None = None
-        for screen, greenlet in beside:
-            greenlet.join(timeout=SCREEN_WAIT_S)
-            if not greenlet.ready():
-                log.error("call screen %s did not answer in %.1f s for call=%s: the call goes on unscreened "
-                          "(the screen finishes in the background)", type(screen).__name__, SCREEN_WAIT_S, call_id)
-                greenlet.link_exception(_log_screen_failure)
-                continue
-            if not greenlet.successful():
-                _log_screen_failure(greenlet)
+        for ride in rides:
+            try:
+                verdict = ride.finish()
+            except Exception:
+                log.exception("call screen failed for call=%s: the call goes on unscreened", call_id)
                 continue
             if refused is None:
-                refused = greenlet.value
+                refused = verdict
         return refused
 
     def _release_quietly(self, call_id: str, seq: int, account_id: str) -> None:
@@ -1030,10 +1062,6 @@ class CarrierClaims(Protocol):
     def claim(self, carrier: str, call_id: str) -> None: ...
 
     def release(self, carrier: str, call_id: str) -> None: ...
-
-
-def _log_screen_failure(greenlet: gevent.Greenlet[..., Any]) -> None:
-    log.error("call screen failed: %r; the call went on unscreened", greenlet.exception)
 
 
 def _same_call(leg: LiveLeg, a_leg: LiveLeg) -> bool:

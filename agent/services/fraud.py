@@ -1,7 +1,8 @@
 """Fraud rules at authorize (DESIGN §8): the engine's call screen, and the actions off the call path.
 
 ``FraudGuard.screen`` runs inside ``Engine.authorize``, before the balance store (counters in
-memory) or beside it (counters in Redis, see ``round_trip``): it counts the
+memory), or ``FraudGuard.ride`` around it (counters in Redis, see ``round_trip``: the counters'
+script rides in the store's round trip, ``StoreRider`` in agent/ports.py): it counts the
 call, evaluates the rules (pure, ``agent/core/fraud.py``) and refuses it (``DenyReason.FRAUD_RULE``)
 when a deny or suspend rule fires. It never waits: an alert goes to the alert service
 (``agent/services/alerts.py``: the ``alerts`` table through a durable queue, the webhook, the
@@ -31,7 +32,7 @@ from agent.core.cdr import CallRecord, Disposition
 from agent.core.events import AuthorizeDecision, AuthorizeRequest, DenyReason
 from agent.core.fraud import AlertRecord, CallFacts, Hit, LocalCounters, destination_digits, evaluate
 from agent.core.fraud_rules import Action, Rule, RuleSet
-from agent.ports import Clock, FraudActions, FraudCounters
+from agent.ports import Clock, FraudActions, FraudCounters, ObserveRider
 from agent.services.alerts import Alerts
 from agent.services.metrics import Metrics
 
@@ -55,6 +56,27 @@ class _Suspension:
 
 TimezoneOf = Callable[[str, str], str]  # (account, its plan if known, else "") -> IANA zone
 TenantsOf = Callable[[str], frozenset[str]]  # account -> the tenants it is under (its own and above)
+
+
+class FraudRide:
+    """One call's screen split around the balance store's authorize (``FraudGuard.ride``)."""
+
+    __slots__ = ("_guard", "refused", "_facts", "rider")
+
+    def __init__(self, guard: FraudGuard, refused: AuthorizeDecision | None, facts: CallFacts | None,
+                 rider: ObserveRider | None) -> None:
+        self._guard, self._facts = guard, facts
+        self.refused = refused  # known before the store: an account suspended here
+        self.rider: ObserveRider | None = rider  # for the store to queue; None: nothing to ride
+
+    def finish(self) -> AuthorizeDecision | None:
+        """The screen's verdict, as ``FraudGuard.screen`` gives it: from the figures the store
+        brought back, else by an observe of its own (one round trip, bounded like ``screen``)."""
+        if self._facts is None:
+            return self.refused
+        figures = self.rider.figures() if self.rider is not None else None
+        self._guard.metrics.fraud_observes.labels("alone" if figures is None else "with_store").inc()
+        return self._guard._judge(self._facts, figures)
 
 
 class FraudGuard:
@@ -130,21 +152,52 @@ class FraudGuard:
     def screen(self, request: AuthorizeRequest, call_id: str, now_ms: int) -> AuthorizeDecision | None:
         """None to go on with the call, or the refusal. In memory it never waits; with Redis
         counters it makes one round trip (``redis.timeout_ms`` at most), and a Redis that fails
-        lets the call through unscreened (logged and counted: money is the balance store's)."""
+        lets the call through unscreened (logged and counted: money is the balance store's).
+        The engine uses ``ride`` instead when the counters are shared."""
+        early, facts = self._begin(request, call_id, now_ms)
+        if facts is None:
+            return early
+        return self._judge(facts, None)
+
+    def ride(self, request: AuthorizeRequest, call_id: str, now_ms: int) -> FraudRide:
+        """``screen`` in two halves around the balance store's authorize: the counters' observe
+        rides in the store's round trip (``FraudRide.rider``, agent/ports.py ``StoreRider``), and
+        ``FraudRide.finish`` judges the figures it brought back, or observes on its own round trip
+        when the store did not take it (SQL, an open circuit, a call refused before the store)."""
+        early, facts = self._begin(request, call_id, now_ms)
+        if facts is None:
+            return FraudRide(self, early, None, None)
+        try:
+            rider = self.counters.observe_rider(facts)
+        except Exception as exc:  # noqa: BLE001 - as a failed observe: the call goes on unscreened
+            self._counters_failed("observe", exc)
+            return FraudRide(self, None, None, None)
+        return FraudRide(self, None, facts, rider)
+
+    def _begin(self, request: AuthorizeRequest, call_id: str, now_ms: int,
+               ) -> tuple[AuthorizeDecision | None, CallFacts | None]:
+        """(the decision, None) when the rules need not be asked: a suspended account, no rules;
+        else (None, the call's facts)."""
         account_id = request.account_id
         held = self.suspended.get(account_id)
         if held is not None:
             if held.written_ms is None or now_ms - held.written_ms < SUSPENDED_HOLD_MS:
                 return AuthorizeDecision(False, call_id, reason=DenyReason.FRAUD_RULE,
-                                         detail=f"account suspended by fraud rule {held.rule}")
+                                         detail=f"account suspended by fraud rule {held.rule}"), None
             del self.suspended[account_id]  # the balance store refuses it now (status suspended)
         if not self.rules.rules:
-            return None
+            return None, None
         digits = destination_digits(request.destination)
-        facts = CallFacts(account_id, call_id, digits, self.rules.groups_of(digits), now_ms, request.caller,
-                          request.pbx)
+        return None, CallFacts(account_id, call_id, digits, self.rules.groups_of(digits), now_ms, request.caller,
+                               request.pbx)
+
+    def _judge(self, facts: CallFacts, figures: dict[str, int] | None) -> AuthorizeDecision | None:
+        """Count the call (``figures``: the account's, already counted by a ride; None: observe
+        now), then every rule: alerts, a suspension, the refusal."""
+        call_id, account_id = facts.call_id, facts.account_id
         try:
-            figures = self.counters.observe(facts)
+            if figures is None:
+                figures = self.counters.observe(facts)
             if self._tenant_rules:
                 facts, figures = self._observe_tenants(facts, figures)
         except Exception as exc:  # noqa: BLE001 - fraud figures are advisory; the call goes to the store

@@ -22,6 +22,9 @@ class Metrics:
         self.alerts = Counter("billing_alerts", "Operator alerts", ["kind"], registry=r)
         self.fraud_alerts = Counter("billing_fraud_alerts", "Fraud rules that fired (one per account and rule "
                                     "per minute)", ["rule", "action"], registry=r)
+        self.fraud_observes = Counter(
+            "billing_fraud_observes", "Calls counted by the shared fraud counters at authorize, by how: 'with_store' "
+            "in the balance store's round trip, 'alone' on a round trip of their own", ["how"], registry=r)
         self.settled = Counter("billing_settled_calls", "Calls settled", ["disposition"], registry=r)
         self.settle_retries = Counter("billing_settle_retries", "Settle attempts that failed and were retried",
                                       registry=r)

@@ -62,7 +62,7 @@ from agent.core.balance import (
 from agent.core.bundles import BundleSlot, PeriodState
 from agent.core.errors import BillingError
 from agent.core.money import parse_amount
-from agent.ports import BalanceStore, Clock
+from agent.ports import BalanceStore, Clock, StoreRider
 
 log = logging.getLogger(__name__)
 
@@ -270,23 +270,27 @@ class StoreGuard:
 
     def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
                   now_ms: int, ttl_ms: int, *, bundle_slots: Sequence[BundleSlot] = (),
-                  bundle_want_s: int = 0) -> AuthorizeOutcome:
+                  bundle_want_s: int = 0, rider: StoreRider | None = None) -> AuthorizeOutcome:
+        # An open circuit or a passed deadline leaves ``rider`` unanswered: its owner makes its own trip.
         try:
             outcome = self._attempt("authorize", self._shard(account_id), lambda: self.store.authorize(
                 account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms, bundle_slots=bundle_slots,
-                bundle_want_s=bundle_want_s), account_id)
+                bundle_want_s=bundle_want_s, rider=rider), account_id)
         except StoreUnavailable:
             # Offline (fail_open) grants are money only: bundle seconds are shared by every node
             # and cannot be counted without the store.
             return self._authorize_offline(account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms)
         return outcome
 
-    def authorize_many(self, steps: Sequence[AuthorizeStep]) -> list[AuthorizeOutcome]:
+    def authorize_many(self, steps: Sequence[AuthorizeStep], *,
+                       rider: StoreRider | None = None) -> list[AuthorizeOutcome]:
         """One part per shard, each under its deadline; a step whose shard does not answer is
-        as ``authorize`` would be offline."""
+        as ``authorize`` would be offline. ``rider`` goes with the first step's part (the
+        customer's: the fraud counters' keys share its slot)."""
         groups = _group([self._shard(st.account_id) for st in steps])
         answers = self._per_shard("authorize", {
-            shard: (partial(self.store.authorize_many, [steps[i] for i in indexes]), steps[indexes[0]].account_id)
+            shard: (partial(self.store.authorize_many, [steps[i] for i in indexes],
+                            rider=rider if indexes[0] == 0 else None), steps[indexes[0]].account_id)
             for shard, indexes in groups.items()})
         outcomes: list[AuthorizeOutcome | None] = [None] * len(steps)
         for shard, indexes in groups.items():

@@ -19,7 +19,7 @@ from agent.core.balance import (
 from agent.core.bundles import BundleSlot
 from agent.core.events import DenyReason
 from agent.core.session import NibbleStep
-from agent.ports import BalanceStore
+from agent.ports import BalanceStore, StoreRider
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,11 @@ class EngineStoreAdapter:
 
     def authorize(self, account_id: str, call_id: str, want_micros: int, min_micros: int,
                   now_ms: int, *, bundle_slots: Sequence[BundleSlot] = (), bundle_want_s: int = 0,
-                  ) -> StoreAuthorization:
+                  rider: StoreRider | None = None) -> StoreAuthorization:
         try:
             outcome = self.store.authorize(account_id, call_id, self.node, want_micros, min_micros, now_ms,
-                                           self.ttl_ms, bundle_slots=bundle_slots, bundle_want_s=bundle_want_s)
+                                           self.ttl_ms, bundle_slots=bundle_slots, bundle_want_s=bundle_want_s,
+                                           rider=rider)
         except StoreUnavailable as exc:
             return StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE, detail=str(exc))
         return _store_authorization(outcome)
@@ -48,13 +49,14 @@ class EngineStoreAdapter:
     def authorize_with_levels(self, account_id: str, call_id: str, want_micros: int, min_micros: int,
                               levels: Sequence[tuple[str, str, int, int]], now_ms: int, *,
                               bundle_slots: Sequence[BundleSlot] = (), bundle_want_s: int = 0,
+                              rider: StoreRider | None = None,
                               ) -> tuple[StoreAuthorization, list[StoreAuthorization]]:
         steps = [AuthorizeStep(account_id, call_id, self.node, want_micros, min_micros, now_ms, self.ttl_ms,
                                tuple(bundle_slots), bundle_want_s)]
         steps += [AuthorizeStep(level_account, level_call, self.node, want, minimum, now_ms, self.ttl_ms)
                   for level_call, level_account, want, minimum in levels]
         try:
-            outcomes = self.store.authorize_many(steps)
+            outcomes = self.store.authorize_many(steps, rider=rider)
         except StoreUnavailable as exc:
             down = StoreAuthorization(False, reason=DenyReason.STORE_UNAVAILABLE, detail=str(exc))
             return down, [down for _ in levels]

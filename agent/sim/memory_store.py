@@ -23,6 +23,7 @@ from agent.core.balance import (
 from agent.core.bundles import BundleSlot, commit, rollover_carry
 from agent.core.events import DenyReason
 from agent.core.session import NibbleStep
+from agent.ports import StoreRider
 
 
 class OverspendError(AssertionError):
@@ -126,6 +127,7 @@ class MemoryStore:
     def authorize_with_levels(self, account_id: str, call_id: str, want_micros: int, min_micros: int,
                               levels: Sequence[tuple[str, str, int, int]], now_ms: int, *,
                               bundle_slots: Sequence[BundleSlot] = (), bundle_want_s: int = 0,
+                              rider: StoreRider | None = None,
                               ) -> tuple[StoreAuthorization, list[StoreAuthorization]]:
         customer = self.authorize(account_id, call_id, want_micros, min_micros, now_ms, bundle_slots=bundle_slots,
                                   bundle_want_s=bundle_want_s)
@@ -134,7 +136,8 @@ class MemoryStore:
 
     def authorize(self, account_id: str, call_id: str, want_micros: int, min_micros: int,
                   now_ms: int, *, bundle_slots: Sequence[BundleSlot] = (), bundle_want_s: int = 0,
-                  ) -> StoreAuthorization:
+                  rider: StoreRider | None = None) -> StoreAuthorization:
+        # ``rider`` is never taken (no round trip here): its owner makes its own (agent/ports.py)
         self._raise_if_down()
         account = self.accounts.get(account_id)
         if account is None:

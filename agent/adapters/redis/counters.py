@@ -201,6 +201,9 @@ class RedisFraudCounters:
                 suffixes.append(suffix + ":agg")
         self._sources["observe"] = observe_source(self._figures, suffixes, self.live_ttl_ms)
         self._sha.pop("observe", None)
+        # Riders only once an observe of this script went through here (it loads the script on the
+        # servers): a rider cannot load it, and its NOSCRIPT reply would cost the call a second trip.
+        self._observe_loaded = False
         self._live_groups = sorted({r.group for r in rules.rules if r.kind is RuleKind.LIVE_CALLS})
         self._settle = sorted({FigureKey.of(r) for r in rules.rules if r.kind in SETTLE_KINDS})
 
@@ -223,19 +226,30 @@ class RedisFraudCounters:
     def observe(self, facts: CallFacts) -> dict[str, int]:
         if not self._figures:
             return {}
+        figures = self._figures_of(self._run("observe", [self._base(facts.account_id)], self._observe_args(facts)))
+        self._observe_loaded = True
+        return figures
+
+    def observe_rider(self, facts: CallFacts) -> _ObserveRider | None:
+        """``observe`` queued in the balance store's own pipeline when the store talks through the
+        same client (the daemon gives both one): one round trip for the call, not two."""
+        if not self._figures or not self._observe_loaded:
+            return None
+        return _ObserveRider(self, facts)
+
+    def _observe_args(self, facts: CallFacts) -> list[Any]:
         groups = facts.groups
-        values = self._run("observe", [self._base(facts.account_id)], [
-            facts.at_ms, facts.call_id, facts.destination, "," + ",".join(groups) + "," if groups else ","])
-        figures: list[tuple[int, int]] = []  # (value or total, count)
-        at = 0
-        for key in self._figures:
-            if key.kind in SETTLE_KINDS:
-                figures.append((int(values[at]), int(values[at + 1])))
-                at += 2
-            else:
-                figures.append((int(values[at]), 0))
-                at += 1
-        return {rule.name: _figure(rule, *figures[index]) for rule, index in self._rule_figure}
+        return [facts.at_ms, facts.call_id, facts.destination, "," + ",".join(groups) + "," if groups else ","]
+
+    def _figures_of(self, values: Sequence[Any]) -> dict[str, int]:
+        return _figures_from(values, self._figures, self._rule_figure)
+
+    def _observe_sha(self) -> str:
+        sha = self._sha.get("observe")
+        if sha is None:
+            sha = self._sha["observe"] = hashlib.sha1(self._sources["observe"].encode(),
+                                                      usedforsecurity=False).hexdigest()
+        return sha
 
     def forget(self, account_id: str, call_id: str) -> None:
         if self._live_groups:
@@ -271,8 +285,59 @@ class RedisFraudCounters:
             return self.client.evalsha(sha, len(keys), *keys, *args)
 
 
+def _figures_from(values: Sequence[Any], keys: Sequence[FigureKey], rule_figure: Sequence[tuple[Rule, int]],
+                  ) -> dict[str, int]:
+    """Every rule's figure by name from the observe script's reply (``keys``: its figures in order)."""
+    figures: list[tuple[int, int]] = []  # (value or total, count)
+    at = 0
+    for key in keys:
+        if key.kind in SETTLE_KINDS:
+            figures.append((int(values[at]), int(values[at + 1])))
+            at += 2
+        else:
+            figures.append((int(values[at]), 0))
+            at += 1
+    return {rule.name: _figure(rule, *figures[index]) for rule, index in rule_figure}
+
+
 def _figure(rule: Rule, value: int, count: int) -> int:
     """A rule's figure from its window's value (spend and short_calls: total and count)."""
     if rule.kind is RuleKind.SHORT_CALLS:
         return 0 if count < rule.min_calls or not count else value * 100 // count
     return value
+
+
+class _ObserveRider:
+    """One call's observe, as a ``StoreRider`` (agent/ports.py): queued in the balance store's
+    pipeline if that pipeline is of this counters' client, its reply turned into the figures.
+    An error in the reply (the script not loaded on that server, say) gives no figures: the fraud
+    service then calls ``observe``, which loads the script (and riders go on after it). The rider
+    holds the script's sha of the rules it was made with, so a reload in between cannot mix them
+    up."""
+
+    __slots__ = ("_counters", "_key", "_args", "_sha", "_keys", "_rule_figure", "_reply")
+
+    def __init__(self, counters: RedisFraudCounters, facts: CallFacts) -> None:
+        self._counters = counters
+        self._key = counters._base(facts.account_id)
+        self._args = counters._observe_args(facts)
+        self._sha = counters._observe_sha()
+        self._keys, self._rule_figure = counters._figures, counters._rule_figure  # the rules of the sha
+        self._reply: object = None
+
+    def queue(self, client: object, pipeline: Any) -> bool:
+        if client is not self._counters.client:
+            return False
+        pipeline.evalsha(self._sha, 1, self._key, *self._args)
+        return True
+
+    def answer(self, reply: object) -> None:
+        self._reply = reply
+        if isinstance(reply, NoScriptError):  # the server lost its scripts: the next observe loads it
+            self._counters._observe_loaded = False
+
+    def figures(self) -> dict[str, int] | None:
+        reply = self._reply
+        if not isinstance(reply, list):
+            return None
+        return _figures_from(reply, self._keys, self._rule_figure)

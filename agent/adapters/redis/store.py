@@ -92,6 +92,7 @@ from agent.core.budgets import SpendPeriods, spend_periods
 from agent.core.bundles import BundleSlot, PeriodState
 from agent.core.errors import BillingError, Conflict, InvalidInput, NotFound
 from agent.core.session import is_level_call_id
+from agent.ports import StoreRider
 from agent.redis_url import parse_redis_url
 
 log = logging.getLogger(__name__)
@@ -253,16 +254,28 @@ class RedisBalanceStore:
         self._replids_refused = False  # INFO refused once: logged once
         self._batched = True  # nibbles as runs of nibbles.lua (off once a server refuses them)
 
+    @property
+    def client(self) -> RedisClient:
+        """The store's client: an adapter given this one (the daemon's fraud counters) can have a
+        command ride in the store's authorize round trip (``StoreRider``, agent/ports.py)."""
+        return self._client
+
     # ------------------------------------------------------------------ plumbing
 
-    def _execute(self, build: Callable[[Any], object]) -> list[Any]:
+    def _execute(self, build: Callable[[Any], object], ride: _Ride | None = None) -> list[Any]:
         """Run a pipeline (one round trip); load the scripts and rerun on NOSCRIPT. Every
-        command queued here is idempotent, so running the whole pipeline again is safe."""
+        command queued here is idempotent, so running the whole pipeline again is safe. A
+        ``ride``'s command goes last, once: its reply is its own (an error there is not ours), and
+        the rerun leaves it out."""
         self._scripts.ensure_loaded(self._client)
         for attempt in (1, 2):
             pipe = self._client.pipeline(transaction=False)
             build(pipe)
-            results = pipe.execute(raise_on_error=False)
+            if ride is not None and ride.board(self._client, pipe):
+                results = pipe.execute(raise_on_error=False)
+                ride.answer(results.pop())
+            else:
+                results = pipe.execute(raise_on_error=False)
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
                 log.info("Redis lost its script cache; loading the scripts again")
                 self._scripts.load(self._client)
@@ -393,19 +406,20 @@ class RedisBalanceStore:
 
     def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
                   now_ms: int, ttl_ms: int, *, bundle_slots: Sequence[BundleSlot] = (),
-                  bundle_want_s: int = 0) -> AuthorizeOutcome:
+                  bundle_want_s: int = 0, rider: StoreRider | None = None) -> AuthorizeOutcome:
         check_authorize(call_id, want_micros, min_micros, ttl_ms)
         slots = _check_bundle_seconds(bundle_slots, bundle_want_s)
         step = AuthorizeStep(account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms, tuple(bundle_slots),
                              bundle_want_s)
         script_at = [0]
+        ride = _Ride(rider) if rider is not None else None
 
         def build(p: Any) -> None:
             script_at[0], _ = self._queue_authorize(p, step, slots, hint=True)
 
         def run() -> list[Any]:
             for _ in (1, 2):  # twice at most: the script names the timezone when it was not the one used
-                results = self._execute(build)
+                results = self._execute(build, ride)
                 reply = [text(v) for v in results[script_at[0]]]
                 if reply[0] != "tz":
                     return reply
@@ -423,7 +437,8 @@ class RedisBalanceStore:
             self._write_call_hint(call_id, account_id)
         return outcome
 
-    def authorize_many(self, steps: Sequence[AuthorizeStep]) -> list[AuthorizeOutcome]:
+    def authorize_many(self, steps: Sequence[AuthorizeStep], *,
+                       rider: StoreRider | None = None) -> list[AuthorizeOutcome]:
         """Every step's commands as ``authorize`` queues them, in one pipeline (one round trip; a
         cluster client splits it by master): a reseller's customer and the levels above it. A
         step whose account is not in Redis, or whose account has a spend cap in a timezone this
@@ -446,7 +461,7 @@ class RedisBalanceStore:
                 queued += count
 
         with _unavailable("authorize"):
-            results = self._execute(build)
+            results = self._execute(build, _Ride(rider) if rider is not None else None)
         outcomes: list[AuthorizeOutcome] = []
         for st, at in zip(steps, replies, strict=True):
             reply = [text(v) for v in results[at]]
@@ -979,3 +994,22 @@ class RedisBalanceStore:
         if self._poster is not None:
             self._poster.stop()
         self._client.close()
+
+
+class _Ride:
+    """A ``StoreRider`` (agent/ports.py) on one store call: offered a place in the pipeline until
+    it has been answered once, never again (the call's own reruns, NOSCRIPT or an account
+    loaded from SQL, leave it out: a fraud observe counted twice would count the call twice)."""
+
+    __slots__ = ("_rider",)
+
+    def __init__(self, rider: StoreRider) -> None:
+        self._rider: StoreRider | None = rider
+
+    def board(self, client: object, pipe: Any) -> bool:
+        return self._rider is not None and self._rider.queue(client, pipe)
+
+    def answer(self, reply: object) -> None:
+        rider, self._rider = self._rider, None
+        if rider is not None:
+            rider.answer(reply)

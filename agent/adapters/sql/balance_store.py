@@ -57,6 +57,7 @@ from agent.core.balance import (
 from agent.core.budgets import SpendLimits, SpendPeriods, SpendUse, capped, spend_periods
 from agent.core.bundles import BundleSlot, PeriodState, commit
 from agent.core.errors import Conflict, NotFound
+from agent.ports import StoreRider
 
 log = logging.getLogger(__name__)
 
@@ -156,14 +157,16 @@ class SqlBalanceStore:
 
     def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
                   now_ms: int, ttl_ms: int, *, bundle_slots: Sequence[BundleSlot] = (),
-                  bundle_want_s: int = 0) -> AuthorizeOutcome:
+                  bundle_want_s: int = 0, rider: StoreRider | None = None) -> AuthorizeOutcome:
+        # ``rider`` is never taken: SQL shares no round trip with the fraud counters (agent/ports.py)
         check_authorize(call_id, want_micros, min_micros, ttl_ms)
         check_bundle_request(bundle_slots, bundle_want_s)
         return self._run(lambda s: self._authorize(s, account_id, call_id, node, want_micros, min_micros,
                                                    now_ms, ttl_ms, tuple(bundle_slots), bundle_want_s))
 
-    def authorize_many(self, steps: Sequence[AuthorizeStep]) -> list[AuthorizeOutcome]:
-        """One transaction each (their accounts' row locks are not held together)."""
+    def authorize_many(self, steps: Sequence[AuthorizeStep], *,
+                       rider: StoreRider | None = None) -> list[AuthorizeOutcome]:
+        """One transaction each (their accounts' row locks are not held together); no rider taken."""
         return [self.authorize(st.account_id, st.call_id, st.node, st.want_micros, st.min_micros, st.now_ms,
                                st.ttl_ms, bundle_slots=st.bundle_slots, bundle_want_s=st.bundle_want_s)
                 for st in steps]
