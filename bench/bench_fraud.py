@@ -230,6 +230,7 @@ def fastagi_screen(engine: Engine, rules_path: Path, prefix: str, folder: Path, 
 def fastagi_run(args: argparse.Namespace, with_rules: bool, alone: bool = False) -> dict[str, Any]:
     import bench_asterisk as ast
 
+    from agent.daemon import freeze_startup_objects
     from agent.sim.asterisk import FakeAsterisk
 
     with tempfile.TemporaryDirectory() as workdir:
@@ -245,6 +246,10 @@ def fastagi_run(args: argparse.Namespace, with_rules: bool, alone: bool = False)
             for index in range(ast.ACCOUNTS):  # warm the caches: accounts load from SQL on first use
                 engine.authorize(AuthorizeRequest("asterisk", f"warm{index}", f"acct{index}", "12125551234",
                                                   int(time.time() * 1000)))
+            # As the daemon does once started (agent/daemon.py): without it full collections scan
+            # every module (cel-python's parser, SQLAlchemy, redis...) and stop the loop 30-170 ms
+            # (gc.callbacks, 2026-12-04): the p99 of one run in three, whichever variant it was.
+            freeze_startup_objects()
             redis_cpu = redis_cpu_s()
             cpu = time.process_time()
             process, result = ast.spawn("--agi-client", str(adapter.agi_port), "--rate", str(args.rate), "--calls",
@@ -308,8 +313,12 @@ def fastagi_main(args: argparse.Namespace) -> None:
     if args.alone_too:
         variants["on, observe alone"] = (True, True)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    names = list(variants)
     for run in range(args.runs):
-        for name, (with_rules, alone) in variants.items():
+        # The order turns from run to run: the first of a round was seen to catch more of the
+        # machine's stalls (the previous run's teardown), whichever variant it was.
+        for name in names[run % len(names):] + names[:run % len(names)]:
+            with_rules, alone = variants[name]
             runs[name].append(fastagi_run(args, with_rules, alone))
         print(f"run {run + 1}: " + "; ".join(
             f"{name} p50 {r[-1]['p50_ms']:.3f} p99 {r[-1]['p99_ms']:.3f} ms (agent {r[-1]['agent_p50_ms']:.3f} / "
