@@ -138,31 +138,45 @@ def _lua(text: str) -> str:
     return "'" + "".join(chr(b) if b in safe else f"\\{b:03d}" for b in text.encode()) + "'"
 
 
-# KEYS: the live zsets, then per settle figure its zset and agg. ARGV: now, call id, count of live
-# keys, count of settle figures, then per settle figure: kind, window_ms, value ('' = not counted).
-ENDED = _PRUNE + """
-local now, call_id = tonumber(ARGV[1]), ARGV[2]
-local lives, figures = tonumber(ARGV[3]), tonumber(ARGV[4])
-for i = 1, lives do redis.call('ZREM', KEYS[i], call_id) end
+# The ended script is written for the rule set too (``ended_source``): the live groups' zsets and
+# the settle figures' windows as literals; a call sends the account's base key, now, the call id
+# and one value per settle figure ('' = not counted). Each figure's aggregate is read once and
+# written once (HMGET, HSET) instead of two HINCRBY to add, two to prune and two HGET to answer.
+# Returns per settle figure its total and count after the call.
+_ENDED_HEAD = """
+local base, now, call_id = KEYS[1], tonumber(ARGV[1]), ARGV[2]
 local out = {}
-for i = 1, figures do
-  local key, agg = KEYS[lives + 2 * i - 1], KEYS[lives + 2 * i]
-  local base = 4 + 3 * (i - 1)
-  local window, value = tonumber(ARGV[base + 2]), ARGV[base + 3]
-  if value ~= '' then
-    if redis.call('ZADD', key, now, call_id .. ':' .. value) == 1 then
-      redis.call('HINCRBY', agg, 'total', tonumber(value))
-      redis.call('HINCRBY', agg, 'count', 1)
-    end
-  end
-  prune(key, agg, now - window)
-  redis.call('PEXPIRE', key, window + 60000)
-  redis.call('PEXPIRE', agg, window + 60000)
-  out[2 * i - 1] = tonumber(redis.call('HGET', agg, 'total') or '0')
-  out[2 * i] = tonumber(redis.call('HGET', agg, 'count') or '0')
-end
-return out
 """
+
+
+def ended_source(live_suffixes: Sequence[str], settle: Sequence[tuple[str, int]]) -> str:
+    """The ended script of one rule set: ``live_suffixes`` the live groups' zsets after the
+    account's base, ``settle`` each settle figure's zset suffix and window (ms), in order."""
+    parts = [_ENDED_HEAD]
+    parts += [f"redis.call('ZREM', base .. {_lua(suffix)}, call_id)\n" for suffix in live_suffixes]
+    for n, (suffix, window) in enumerate(settle):
+        parts.append(f"""do
+  local key, agg, value = base .. {_lua(suffix)}, base .. {_lua(suffix + ':agg')}, ARGV[{n + 3}]
+  local got = redis.call('HMGET', agg, 'total', 'count')
+  local total, count = tonumber(got[1] or '0'), tonumber(got[2] or '0')
+  if value ~= '' and redis.call('ZADD', key, ARGV[1], call_id .. ':' .. value) == 1 then
+    total, count = total + tonumber(value), count + 1
+  end
+  local gone = redis.call('ZRANGEBYSCORE', key, '-inf', now - {window})
+  if #gone > 0 then
+    for _, member in ipairs(gone) do total = total - tonumber(string.match(member, ':(%-?%d+)$')) end
+    count = count - #gone
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - {window})
+  end
+  redis.call('HSET', agg, 'total', string.format('%d', total), 'count', string.format('%d', count))
+  redis.call('PEXPIRE', key, {window + KEY_GRACE_MS})
+  redis.call('PEXPIRE', agg, {window + KEY_GRACE_MS})
+  out[{2 * n + 1}], out[{2 * n + 2}] = total, count
+end
+""")
+    parts.append("return out\n")
+    return "".join(parts)
+
 
 FORGET = """
 for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
@@ -184,13 +198,13 @@ class RedisFraudCounters:
         self.prefix = key_prefix
         self.live_ttl_ms = live_ttl_ms
         self._sha: dict[str, str] = {}
-        self._sources = {"observe": "", "ended": ENDED, "forget": FORGET}
+        self._sources = {"observe": "", "ended": "", "forget": FORGET}
         self.set_rules(rules or RuleSet())
 
     def set_rules(self, rules: RuleSet) -> None:
         self.rules = rules
-        # The distinct figures, in the order of the rules (each computed once per call), with the
-        # parts of the observe script's KEYS and ARGV that do not change from call to call.
+        # The distinct figures, in the order of the rules (each computed once per call); their
+        # kinds, windows, groups and keys are written into this rule set's scripts.
         self._figures: list[FigureKey] = list(dict.fromkeys(FigureKey.of(r) for r in rules.rules))
         self._rule_figure = [(rule, self._figures.index(FigureKey.of(rule))) for rule in rules.rules]
         suffixes: list[str] = []
@@ -206,6 +220,11 @@ class RedisFraudCounters:
         self._observe_loaded = False
         self._live_groups = sorted({r.group for r in rules.rules if r.kind is RuleKind.LIVE_CALLS})
         self._settle = sorted({FigureKey.of(r) for r in rules.rules if r.kind in SETTLE_KINDS})
+        base = len(self._base(""))
+        self._sources["ended"] = ended_source(
+            [self._live_key("", group)[base:] for group in self._live_groups],
+            [(self._window_key("", key)[base:], key.window_ms) for key in self._settle])
+        self._sha.pop("ended", None)
 
     # ---------------------------------------------------------------- keys
 
@@ -259,17 +278,13 @@ class RedisFraudCounters:
               duration_ms: int) -> dict[str, int]:
         if not self._live_groups and not self._settle:
             return {}
-        keys = [self._live_key(account_id, group) for group in self._live_groups]
-        args: list[Any] = [at_ms, call_id, len(self._live_groups), len(self._settle)]
+        args: list[Any] = [at_ms, call_id]
         for key in self._settle:
-            window = self._window_key(account_id, key)
-            keys += [window, window + ":agg"]
             if key.kind is RuleKind.SPEND:
-                value = str(cost_micros)
+                args.append(str(cost_micros))
             else:
-                value = str(int(duration_ms < key.short_call_ms)) if answered else ""
-            args += [key.kind.value, key.window_ms, value]
-        values = self._run("ended", keys, args)
+                args.append(str(int(duration_ms < key.short_call_ms)) if answered else "")
+        values = self._run("ended", [self._base(account_id)], args)
         totals = {key: (int(values[2 * i]), int(values[2 * i + 1])) for i, key in enumerate(self._settle)}
         return {rule.name: _figure(rule, *totals[FigureKey.of(rule)]) for rule in self.rules.rules
                 if rule.kind in SETTLE_KINDS}
