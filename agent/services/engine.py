@@ -97,8 +97,9 @@ class CdrSubmit(Protocol):
 
 
 class CallScreen(Protocol):
-    """A check of every new call before the balance store (the fraud rules, agent/services/fraud.py),
-    told of the final decision (the fraud counters, the daemon's journal of authorized calls)."""
+    """A check of every new call before the balance store, or around it for a screen that makes a
+    round trip (the fraud rules, agent/services/fraud.py), told of the final decision (the fraud
+    counters, the daemon's journal of authorized calls)."""
 
     def screen(self, request: AuthorizeRequest, call_id: str, now_ms: int) -> AuthorizeDecision | None:
         """None to go on, or the refusal. Bounded (one Redis round trip at most), never raises."""
