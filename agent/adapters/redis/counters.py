@@ -197,9 +197,14 @@ class RedisFraudCounters:
         self.keys = KeySpace(key_prefix)  # refuses a prefix with braces
         self.prefix = key_prefix
         self.live_ttl_ms = live_ttl_ms
-        self._sha: dict[str, str] = {}
-        self._sources = {"observe": "", "ended": "", "forget": FORGET}
+        self._sources: dict[str, str] = {}
+        self._sha: dict[str, str] = {}  # of each source, as EVALSHA names it
+        self._use_script("forget", FORGET)
         self.set_rules(rules or RuleSet())
+
+    def _use_script(self, name: str, source: str) -> None:
+        self._sources[name] = source
+        self._sha[name] = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
     def set_rules(self, rules: RuleSet) -> None:
         self.rules = rules
@@ -207,24 +212,22 @@ class RedisFraudCounters:
         # kinds, windows, groups and keys are written into this rule set's scripts.
         self._figures: list[FigureKey] = list(dict.fromkeys(FigureKey.of(r) for r in rules.rules))
         self._rule_figure = [(rule, self._figures.index(FigureKey.of(rule))) for rule in rules.rules]
+        base = len(self._base(""))  # the scripts name each key by its suffix after the account's base
         suffixes: list[str] = []
         for key in self._figures:
-            suffix = self._window_key("", key)[len(self._base("")):]
+            suffix = self._window_key("", key)[base:]
             suffixes.append(suffix)
             if key.kind in SETTLE_KINDS:
                 suffixes.append(suffix + ":agg")
-        self._sources["observe"] = observe_source(self._figures, suffixes, self.live_ttl_ms)
-        self._sha.pop("observe", None)
+        self._use_script("observe", observe_source(self._figures, suffixes, self.live_ttl_ms))
         # Riders only once an observe of this script went through here (it loads the script on the
         # servers): a rider cannot load it, and its NOSCRIPT reply would cost the call a second trip.
         self._observe_loaded = False
         self._live_groups = sorted({r.group for r in rules.rules if r.kind is RuleKind.LIVE_CALLS})
         self._settle = sorted({FigureKey.of(r) for r in rules.rules if r.kind in SETTLE_KINDS})
-        base = len(self._base(""))
-        self._sources["ended"] = ended_source(
+        self._use_script("ended", ended_source(
             [self._live_key("", group)[base:] for group in self._live_groups],
-            [(self._window_key("", key)[base:], key.window_ms) for key in self._settle])
-        self._sha.pop("ended", None)
+            [(self._window_key("", key)[base:], key.window_ms) for key in self._settle]))
 
     # ---------------------------------------------------------------- keys
 
@@ -263,13 +266,6 @@ class RedisFraudCounters:
     def _figures_of(self, values: Sequence[Any]) -> dict[str, int]:
         return _figures_from(values, self._figures, self._rule_figure)
 
-    def _observe_sha(self) -> str:
-        sha = self._sha.get("observe")
-        if sha is None:
-            sha = self._sha["observe"] = hashlib.sha1(self._sources["observe"].encode(),
-                                                      usedforsecurity=False).hexdigest()
-        return sha
-
     def forget(self, account_id: str, call_id: str) -> None:
         if self._live_groups:
             self._run("forget", [self._live_key(account_id, group) for group in self._live_groups], [call_id])
@@ -290,9 +286,7 @@ class RedisFraudCounters:
                 if rule.kind in SETTLE_KINDS}
 
     def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        sha = self._sha.get(name)
-        if sha is None:
-            sha = self._sha[name] = hashlib.sha1(self._sources[name].encode(), usedforsecurity=False).hexdigest()
+        sha = self._sha[name]
         try:
             return self.client.evalsha(sha, len(keys), *keys, *args)
         except NoScriptError:
@@ -336,7 +330,7 @@ class _ObserveRider:
         self._counters = counters
         self._key = counters._base(facts.account_id)
         self._args = counters._observe_args(facts)
-        self._sha = counters._observe_sha()
+        self._sha = counters._sha["observe"]
         self._keys, self._rule_figure = counters._figures, counters._rule_figure  # the rules of the sha
         self._reply: object = None
 

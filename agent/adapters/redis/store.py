@@ -271,11 +271,10 @@ class RedisBalanceStore:
         for attempt in (1, 2):
             pipe = self._client.pipeline(transaction=False)
             build(pipe)
-            if ride is not None and ride.board(self._client, pipe):
-                results = pipe.execute(raise_on_error=False)
+            boarded = ride is not None and ride.board(self._client, pipe)
+            results = pipe.execute(raise_on_error=False)
+            if boarded and ride is not None:
                 ride.answer(results.pop())
-            else:
-                results = pipe.execute(raise_on_error=False)
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
                 log.info("Redis lost its script cache; loading the scripts again")
                 self._scripts.load(self._client)
@@ -412,7 +411,7 @@ class RedisBalanceStore:
         step = AuthorizeStep(account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms, tuple(bundle_slots),
                              bundle_want_s)
         script_at = [0]
-        ride = _Ride(rider) if rider is not None else None
+        ride = _Ride(rider)
 
         def build(p: Any) -> None:
             script_at[0], _ = self._queue_authorize(p, step, slots, hint=True)
@@ -461,7 +460,7 @@ class RedisBalanceStore:
                 queued += count
 
         with _unavailable("authorize"):
-            results = self._execute(build, _Ride(rider) if rider is not None else None)
+            results = self._execute(build, _Ride(rider))
         outcomes: list[AuthorizeOutcome] = []
         for st, at in zip(steps, replies, strict=True):
             reply = [text(v) for v in results[at]]
@@ -1003,8 +1002,8 @@ class _Ride:
 
     __slots__ = ("_rider",)
 
-    def __init__(self, rider: StoreRider) -> None:
-        self._rider: StoreRider | None = rider
+    def __init__(self, rider: StoreRider | None) -> None:
+        self._rider = rider  # None: nothing rides (or no longer)
 
     def board(self, client: object, pipe: Any) -> bool:
         return self._rider is not None and self._rider.queue(client, pipe)
