@@ -351,6 +351,30 @@ def test_a_routed_call_makes_the_left_out_carriers_only_when_read() -> None:
                                "new: buy deck still loading")
 
 
+def test_one_loss_cache_serves_two_indexes_whose_shapes_differ_at_the_same_position() -> None:
+    """The selection keys the loss rule by a shape's position in its index (an int, not a
+    tuple): the same position in another index is another shape, so a cache shared by both
+    (the route book keeps one) must not answer for the other's."""
+    sell = RateRow("44", "UK", 20_000, initial_increment=1, increment=1)  # 0.02/min, per second
+    per_second = BuyIndex().with_decks([_builder("carrier:a", "UTC", "00", [RateRow("44", "UK", 10_000)])])
+    per_minute = BuyIndex().with_decks([_builder("carrier:a", "UTC", "00", [  # 60/60: a 1 s call costs 0.01
+        RateRow("44", "UK", 10_000, initial_increment=60, increment=60)])])
+    verdicts = LossVerdicts()
+    for index, kept in ((per_second, ["a"]), (per_minute, []), (per_second, ["a"])):
+        offers = prepare_offers(index, [(carrier("a"), "carrier:a", None)])
+        choice = select_offers(sell, "+442071", T0, index, offers, RoutePolicy.LCR, verdicts=verdicts)
+        assert names(choice) == kept
+        expected = select_routes(sell, [(carrier("a"), index.lookup("carrier:a", "+442071", T0))], RoutePolicy.LCR)
+        assert choice == expected
+    # a reload adds its new shape after the others: the older index's positions keep their shapes
+    reloaded = per_second.with_decks([_builder("carrier:b", "UTC", "00", [
+        RateRow("44", "UK", 9_000, connect_fee_micros=500, minimum_seconds=30)])])
+    offers = prepare_offers(reloaded, [(carrier("a"), "carrier:a", None), (carrier("b"), "carrier:b", None)])
+    choice = select_offers(sell, "+442071", T0, reloaded, offers, RoutePolicy.LCR, verdicts=verdicts)
+    assert names(choice) == ["a"] and choice.skipped[0].reason is SkipReason.LOSS  # b: 0.0095 for a 1 s call
+    assert per_second.lookup("carrier:a", "+442071", T0) == RateRow("44", "UK", 10_000)
+
+
 def test_a_live_calls_routes_cost_the_garbage_collector_nothing() -> None:
     """A routed call keeps its routes until it ends: as one flat tuple of atomic values (two
     containers made per call, not one per route and per row: each counts towards the next young

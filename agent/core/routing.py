@@ -278,26 +278,38 @@ class LossVerdicts:
     def __init__(self, limit: int = 4_096) -> None:
         self.limit = limit
         self.size = 0
-        self._by_sell: dict[tuple[int, ...], dict[tuple[int, ...], tuple[tuple[int, int, int, int], ...]]] = {}
+        self._by_sell: dict[tuple[int, ...], dict[Any, tuple[tuple[int, int, int, int], ...]]] = {}
+        self._shapes: Sequence[tuple[int, ...]] | None = None  # what an int key of a buy shape is a position in
 
-    def shapes_of(self, sell: RateRow) -> dict[tuple[int, ...], tuple[tuple[int, int, int, int], ...]]:
-        """The points kept for a sell row's shape, per buy row shape (filled by :meth:`points`)."""
+    def shapes_of(self, sell: RateRow, shapes: Sequence[tuple[int, ...]] | None = None,
+                  ) -> dict[Any, tuple[tuple[int, int, int, int], ...]]:
+        """The points kept for a sell row's shape, per buy row shape (filled by :meth:`points`).
+
+        A buy shape is keyed by itself (a tuple), or, by the shared buy index, by its position in
+        the index's list of shapes, ``shapes`` (an int: no slice, a cheaper hash): the int keys
+        hold for that list only (it only grows), so another list drops every kept point."""
+        if shapes is not None and shapes is not self._shapes:
+            self._by_sell.clear()
+            self.size = 0
+            self._shapes = shapes
         sell_shape = sell[3:8]
         plans = self._by_sell.get(sell_shape)
         if plans is None:
             plans = self._by_sell[sell_shape] = {}
         return plans
 
-    def points(self, sell: RateRow, plans: dict[tuple[int, ...], tuple[tuple[int, int, int, int], ...]],
-               shape: tuple[int, ...]) -> tuple[tuple[int, int, int, int], ...]:
-        """The points of a pair of shapes not seen yet: worked out, kept in ``plans`` (bounded)."""
+    def points(self, sell: RateRow, plans: dict[Any, tuple[tuple[int, int, int, int], ...]],
+               shape: tuple[int, ...], key: int | None = None) -> tuple[tuple[int, int, int, int], ...]:
+        """The points of a pair of shapes not seen yet: worked out, kept in ``plans`` (bounded)
+        under ``key`` (the shape's position, :meth:`shapes_of`) or the shape itself."""
         if self.size >= self.limit:
             self._by_sell.clear()
             plans.clear()
             self._by_sell[sell[3:8]] = plans
             self.size = 0
         fee, first, increment, minimum, grace = shape
-        points = plans[shape] = _points_that_can_lose(sell, RateRow("", "", 0, fee, first, increment, minimum, grace))
+        points = plans[shape if key is None else key] = _points_that_can_lose(
+            sell, RateRow("", "", 0, fee, first, increment, minimum, grace))
         self.size += 1
         return points
 
