@@ -340,8 +340,8 @@ def select_offers(sell: RateRow, number: str, at_ms: int, index: BuyIndex, offer
     """What ``select_routes(sell, [(state, deck's lookup(number, at_ms)) ...], policy, ...)``
     returns (tested equal), without a row object for a carrier that is left out: the loss
     verdict reads the packed record (``verdicts`` keeps the rule's points per pair of row shapes,
-    :class:`~agent.core.routing.LossVerdicts`), a dropped carrier's row and amounts are made
-    only if :meth:`RouteChoice.detail` or ``skipped`` is read.
+    :class:`~agent.core.routing.LossVerdicts`), a carrier dropped by that rule or for a blocked
+    row gets its row, amounts and words only if :meth:`RouteChoice.detail` or ``skipped`` is read.
 
     One pass over the carriers, inlined on purpose (every routed call runs it once per carrier,
     bench/bench_routing.py): the number's longest prefix in the shared index is found once (one
@@ -375,7 +375,8 @@ def select_offers(sell: RateRow, number: str, at_ms: int, index: BuyIndex, offer
     sell_rate = sell.rate_micros
     decks = offers.decks
     routes: list[Route] = []
-    skipped: list[Skipped | int] = []  # an int: the deck position of a carrier left out by revenue assurance
+    # an int: the deck position i of a carrier left out by revenue assurance, or ~i (< 0) of one whose row is blocked
+    skipped: list[Skipped | int] = []
     lazy = False
     for name, trunk, priority, weight, enabled, max_channels, note, i, records, group in offers.candidates:
         if not enabled:
@@ -403,9 +404,9 @@ def select_offers(sell: RateRow, number: str, at_ms: int, index: BuyIndex, offer
                                        refusal.detail))
                 continue
             fields = found
-        if fields[7]:  # blocked
-            row = decks[i].row(fields, digits, length)
-            skipped.append(Skipped(name, _BLOCKED, RateTable._blocked(number, row).detail))
+        if fields[7]:  # blocked: its row and the refusal's words are made only when read
+            skipped.append(~i)
+            lazy = True
             continue
         rate = fields[2]
         if not allow_loss:
@@ -451,18 +452,21 @@ def select_offers(sell: RateRow, number: str, at_ms: int, index: BuyIndex, offer
         return RouteChoice(ordered, cast(tuple[Skipped, ...], tuple(skipped)), policy)
 
     def later() -> tuple[Skipped, ...]:
-        """The Skipped of each carrier left out by revenue assurance, its row found again (pure)."""
+        """The Skipped of each carrier left out by revenue assurance or a blocked row, its row found
+        again (pure)."""
         by_position = {candidate[7]: candidate for candidate in offers.candidates if candidate[7] >= 0}
         made: list[Skipped] = []
         for item in skipped:
             if isinstance(item, Skipped):
                 made.append(item)
                 continue
-            name, _, _, _, _, _, _, i, records, group = by_position[item]
+            name, _, _, _, _, _, _, i, records, group = by_position[item if item >= 0 else ~item]
             digits, _, _ = heads[group]
             fields, length = index._find(digits, at_ms, decks[i], records)
             assert fields is not None
-            made.append(Skipped(name, _LOSS, "revenue assurance", 0, sell, decks[i].row(fields, digits, length)))
+            row = decks[i].row(fields, digits, length)
+            made.append(Skipped(name, _LOSS, "revenue assurance", 0, sell, row) if item >= 0
+                        else Skipped(name, _BLOCKED, RateTable._blocked(number, row).detail))
         return tuple(made)
 
     return RouteChoice(ordered, (), policy, later=later)
