@@ -19,6 +19,7 @@ import pytest
 from gevent import socket
 from gevent.server import StreamServer
 
+from agent.adapters.asterisk import adapter as adapter_module
 from agent.adapters.asterisk.adapter import AsteriskAdapter, AsteriskSettings
 from agent.adapters.asterisk.ami import AmiSettings, NotConnected
 from agent.core.cdr import CallRecord, Disposition
@@ -279,6 +280,33 @@ def test_ami_drop_mid_call_reconnects_resyncs_and_still_bills(world: World) -> N
     assert record.disposition is Disposition.ANSWERED and record.duration_ms >= 1450
     assert record.rating.billed_seconds == seconds_up(record.duration_ms)
     assert adapter.ami.stats.connections == 2
+
+
+def test_an_ami_user_that_cannot_read_call_events_is_named_once_per_connection(
+        world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asterisk sends a user without ``read = call`` no call event and says nothing: the agent
+    notices that an allowed call never showed and names the missing right, once. A check per
+    allowed call runs only until one call's events have shown on the connection; a new
+    connection (another login, maybe other rights) checks again."""
+    monkeypatch.setattr(adapter_module, "RIGHTS_CHECK_DELAY_S", 0.1)
+    world.store.add_account("1020", 10_000_000)
+    adapter = world.start_adapter()
+    finish(world.fake.place_call("1020", "33123456", talk_ms=200))
+    world.cdrs.wait()
+    wait_for(lambda: not adapter._rights_checks, "the first check")
+    finish(world.fake.place_call("1020", "33123456", talk_ms=50))
+    assert not adapter._rights_checks  # the right is proven on this connection: no more timers
+    assert "needs 'read = call'" not in caplog.text
+    world.fake.ami_read = frozenset({"system", "dialplan", "reporting"})  # the operator edits manager.conf
+    world.fake.drop_ami_connections()
+    wait_for(lambda: adapter.synced.is_set() and adapter.ami.stats.connections == 2, "reconnect")
+    with caplog.at_level(logging.ERROR):
+        for _ in range(2):
+            call = finish(world.fake.place_call("1020", "33123456", talk_ms=50))
+            assert call.decision == "allow"
+        wait_for(lambda: "needs 'read = call'" in caplog.text, "the missing right named")
+        wait_for(lambda: not adapter._rights_checks, "the checks")
+    assert caplog.text.count("needs 'read = call'") == 1
 
 
 def test_call_ending_during_an_ami_outage_is_ended_by_the_resync(world: World) -> None:

@@ -241,12 +241,13 @@ class _AmiSession:
         self.address = address
         self.authed = False
         self.username = ""
-        self.classes: set[str] = set(EVENT_CLASSES)
+        self.classes: set[str] = set(EVENT_CLASSES)  # what the session asked for (Events, Login)
+        self.read: frozenset[str] = frozenset(EVENT_CLASSES)  # what its user may read (manager.conf)
         self.lock = gevent.lock.Semaphore()
         self.alive = True
 
     def wants(self, klass: str) -> bool:
-        return self.authed and klass in self.classes
+        return self.authed and klass in self.classes and klass in self.read
 
     def send(self, data: bytes) -> None:
         if not self.alive:
@@ -299,7 +300,7 @@ class FakeAsterisk:
     def __init__(self, agi_host: str = "127.0.0.1", agi_port: int = 4573, *, ami_host: str = "127.0.0.1",
                  ami_port: int = 0, ami_username: str = "billing", ami_secret: str = "secret",
                  tech: str = "PJSIP", trunk: str = "carrier", seed: int = 7, login_failure_delay_s: float = 1.0,
-                 agi_idle_timeout_s: float = 60.0, cdr_file: str = "",
+                 agi_idle_timeout_s: float = 60.0, cdr_file: str = "", ami_read: Iterable[str] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         if tech not in ("PJSIP", "SIP"):
             raise ValueError(f"tech must be PJSIP or SIP, not {tech!r}")
@@ -308,6 +309,10 @@ class FakeAsterisk:
         self.cdr_file = cdr_file  # where cdr_custom writes the shipped format ("": no CDR file)
         self.ami_username = ami_username
         self.ami_secret = ami_secret
+        # The AMI user's ``read =`` classes (manager.conf; None: all). As on a real Asterisk, an
+        # event of another class never reaches the user, and nothing says so (the agent notices
+        # that an authorized call shows no events: tests/realpbx/test_real_faults.py).
+        self.ami_read = frozenset(EVENT_CLASSES if ami_read is None else ami_read)
         self.tech = tech
         self.trunk = trunk
         # Peer names whose trunk answers 503 (Dial ends CONGESTION, cause 34), as a carrier
@@ -1203,6 +1208,7 @@ class FakeAsterisk:
         self.logins_accepted += 1
         session.authed = True
         session.username = headers.get("username", "")
+        session.read = self.ami_read
         if "events" in headers:
             session.classes = _event_mask(headers["events"])
         self._respond(session, action_id, "Success", [("Message", "Authentication accepted")])

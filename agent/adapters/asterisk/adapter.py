@@ -183,6 +183,10 @@ class AsteriskAdapter:
         self.held = HeldEvents(self.engine.on_event)  # a caller's events while its call is authorized
         self._authorize_slots = gevent.lock.BoundedSemaphore(self.settings.authorize_concurrency)
         self._missing_rights: set[str] = set()  # classes already reported missing (once per connection)
+        # The read=call check (_check_events_arrive): one timer per allowed call until one call's
+        # events have shown on this connection, which proves the right; none after that.
+        self._call_events_seen = False
+        self._rights_checks = gevent.pool.Group()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -200,6 +204,7 @@ class AsteriskAdapter:
         self.ami.stop(timeout_s)
         self._lookups.kill(timeout=timeout_s)
         self._cdr_rereads.kill(timeout=timeout_s)
+        self._rights_checks.kill(timeout=timeout_s)
 
     # ---------------------------------------------------------------- Switch port
 
@@ -311,6 +316,7 @@ class AsteriskAdapter:
         self.last_disconnect = reason
         self.synced.clear()
         self._missing_rights.clear()
+        self._call_events_seen = False  # the next connection may log in with other rights
         self.engine.on_event(PbxDisconnected(PBX, self.clock.now_ms()))
 
     def _vanished(self, leg_id: str) -> None:
@@ -414,12 +420,17 @@ class AsteriskAdapter:
         request = authorize_request(env, self.clock.now_ms())
         decision = self._decide(request)
         self._answer(session, request, decision)
-        if decision.allowed and not self.settings.authorize_without_ami:
-            gevent.spawn_later(RIGHTS_CHECK_DELAY_S, self._check_events_arrive, leg_id)
+        if (decision.allowed and not self.settings.authorize_without_ami and not self._call_events_seen
+                and "read:call" not in self._missing_rights):
+            self._rights_checks.add(gevent.spawn_later(RIGHTS_CHECK_DELAY_S, self._check_events_arrive, leg_id))
 
     def _check_events_arrive(self, leg_id: str) -> None:
-        """An allowed call whose caller leg never showed on AMI: the user cannot read call events."""
-        if "read:call" in self._missing_rights or not self.ami.connected or self.translator.known(leg_id):
+        """An allowed call whose caller leg never showed on AMI: the user cannot read call events.
+        One whose leg did show proves the right for this connection: no more checks until it drops."""
+        if "read:call" in self._missing_rights or not self.ami.connected:
+            return
+        if self.translator.known(leg_id):
+            self._call_events_seen = True
             return
         self._missing_rights.add("read:call")
         log.error("Asterisk sent no AMI event for channel %s, which the agent just authorized: the AMI user %r "
