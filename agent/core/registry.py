@@ -103,7 +103,7 @@ class CallRegistry:
             caller=a_leg.caller, a_leg=Leg(a_leg.leg_id, Direction.INBOUND, created_ms, channel=a_leg.channel,
                                            caller=a_leg.caller, callee=a_leg.callee),
             authorized_ms=created_ms, tariff=tariff, rating=rating, settings=settings,
-            granted_micros=reserved_micros, limit_ms=0, group_id=a_leg.group_id, upper=list(upper), seller=seller,
+            granted_micros=reserved_micros, limit_ms=0, group_id=a_leg.group_id, upper=tuple(upper), seller=seller,
             routed=routed)
         effects = self.add(session)
         for leg in others:

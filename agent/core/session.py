@@ -385,7 +385,11 @@ class RatingInfo:
     fx_inverse: bool = False
 
 
-@dataclass
+# Slots, an empty tuple for ``upper`` and no set until the call ends: a live call is
+# several objects the garbage collector walks until the call ends, and every one that survives
+# counts towards the next young collection (a pause in whatever greenlet runs then: on a busy
+# node the p99 of authorization). 8 such containers a call before, 5 now.
+@dataclass(slots=True)
 class CallSession:
     call_id: str
     node: str
@@ -433,11 +437,11 @@ class CallSession:
     # Derived charging (DESIGN §11): the levels above the customer, nearest first (empty: a
     # direct customer of the operator, today's single-payer call) and the tenant whose price
     # the customer pays (its reseller's; "" for a direct customer).
-    upper: list[Payer] = field(default_factory=list)
+    upper: tuple[Payer, ...] = ()
     seller: str = ""
     # The answers of the step in flight, by level, until every level has answered.
     answers: dict[int, tuple[int, int, bool, str, int]] = field(default_factory=dict)
-    settles_left: set[int] = field(default_factory=set)  # levels whose settle/release is not done
+    settles_left: set[int] | None = None  # levels whose settle/release is not done (from the end, with levels)
     # Wholesale (DESIGN §10): the carriers the PBX was given; the one that answered prices the
     # buy side of the rating decision (None: no carriers configured, or an adopted call).
     routed: CallRoutes | None = None
@@ -994,7 +998,8 @@ class CallSession:
         was_answered = self.phase is Phase.ANSWERED
         self.phase = Phase.ENDED
         self.want_pending = False
-        self.settles_left = {0, *(p.level for p in self.upper)}
+        if self.upper:
+            self.settles_left = {0, *(p.level for p in self.upper)}
         if not was_answered:
             seq = self._next_seq()
             return [ReleaseStep(self.call_id, seq, self.account_id),
@@ -1050,9 +1055,11 @@ class CallSession:
         if self.upper:  # every level's settle (or release) first
             if level == 0:
                 self.settled_cost_micros = cost_micros
-            self.settles_left.discard(level)
-            if self.settles_left:
-                return []
+            left = self.settles_left
+            if left is not None:
+                left.discard(level)
+                if left:
+                    return []
             cost_micros = self.settled_cost_micros
         self.phase = Phase.SETTLED
         self.settled_ms = now_ms

@@ -176,7 +176,7 @@ def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, 
         call_id=call_id, node=node, pbx=request.pbx, account_id=request.account_id,
         destination=request.destination, caller=request.caller, a_leg=a_leg, authorized_ms=now_ms,
         tariff=tariff, rating=rated.info, settings=settings, granted_micros=stored.granted_micros,
-        limit_ms=limit_ms, group_id=request.group_id, upper=upper, seller=chain[0].tenant if chain else "",
+        limit_ms=limit_ms, group_id=request.group_id, upper=tuple(upper), seller=chain[0].tenant if chain else "",
         bundle_open=isinstance(plan_tariff(tariff), BundleTariff) and stored.bundle_granted_s >= want_s,
         routed=routed,
     )
