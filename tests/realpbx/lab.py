@@ -509,21 +509,26 @@ class CustomerRun:
     def log(self) -> Path:
         return self.folder / f"{self.name}.log"
 
+    @property
+    def stderr_path(self) -> Path:
+        return self.folder / f"{self.name}-stderr.log"
+
     def start(self) -> None:
         scenario = self.folder / f"{self.name}.xml"
         scenario.write_text(customer_scenario(self.hold_ms, refer_after_ms=self.refer_after_ms))
         injection = self.folder / f"{self.name}.csv"
         injection.write_text("SEQUENTIAL\n" + "".join(f"{account};{number};\n" for account, number in self.calls))
-        port = free_port(socket.SOCK_DGRAM)
+        port, media_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
         rate_per_min = max(1, round(self.rate_per_s * 60))  # -r N -rp 60000: fractional rates too
         self.started_at = time.monotonic()
-        self.process = subprocess.Popen(
-            ["sipp", f"127.0.0.1:{self.pbx_port}", "-sf", str(scenario), "-inf", str(injection), "-i", "127.0.0.1",
-             "-p", str(port), "-mi", "127.0.0.1", "-mp", str(free_port(socket.SOCK_DGRAM)), "-m", str(len(self.calls)),
-             "-r", str(rate_per_min), "-rp", "60000", "-l", "10000", "-nostdin", "-aa", "-trace_logs", "-log_file",
-             str(self.log), "-trace_err", "-error_file", str(self.folder / f"{self.name}-errors.log"),
-             "-timeout", f"{int(self.timeout_s)}s", "-timeout_error", "-max_recv_loops", "10000"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.folder)
+        with self.stderr_path.open("wb") as stderr:  # sipp's own copy stays open; ours closes here
+            self.process = subprocess.Popen(
+                ["sipp", f"127.0.0.1:{self.pbx_port}", "-sf", str(scenario), "-inf", str(injection), "-i", "127.0.0.1",
+                 "-p", str(port), "-mi", "127.0.0.1", "-mp", str(media_port), "-m", str(len(self.calls)),
+                 "-r", str(rate_per_min), "-rp", "60000", "-l", "10000", "-nostdin", "-aa", "-trace_logs", "-log_file",
+                 str(self.log), "-trace_err", "-error_file", str(self.folder / f"{self.name}-errors.log"),
+                 "-timeout", f"{int(self.timeout_s)}s", "-timeout_error", "-max_recv_loops", "10000"],
+                stdout=subprocess.DEVNULL, stderr=stderr, cwd=self.folder)
 
     def wait(self) -> dict[int, SippCall]:
         assert self.process is not None
@@ -533,7 +538,18 @@ class CustomerRun:
             self.process.kill()
             self.process.wait(5)
         self.result = parse_customer_log(self.log)
+        # sipp that places no call at all (it could not bind, read its files...) says why only
+        # in its own files: put that in the failure instead of a count of 0 further on.
+        assert self.result or not self.calls, f"sipp {self.name} placed no call: {self.diagnosis()}"
         return self.result
+
+    def diagnosis(self) -> str:
+        assert self.process is not None
+        tails = []
+        for path in (self.stderr_path, self.folder / f"{self.name}-errors.log"):
+            text = path.read_text(errors="replace").strip() if path.exists() else ""
+            tails.append(f"{path.name}: {text[-800:] or '(empty)'}")
+        return f"exit code {self.process.returncode}; " + "; ".join(tails)
 
     def answered_seen(self) -> int:
         return sum(1 for call in parse_customer_log(self.log).values() if call.answered_tick is not None)
