@@ -513,6 +513,10 @@ class CustomerRun:
     def stderr_path(self) -> Path:
         return self.folder / f"{self.name}-stderr.log"
 
+    @property
+    def errors_path(self) -> Path:
+        return self.folder / f"{self.name}-errors.log"
+
     def start(self) -> None:
         scenario = self.folder / f"{self.name}.xml"
         scenario.write_text(customer_scenario(self.hold_ms, refer_after_ms=self.refer_after_ms))
@@ -526,7 +530,7 @@ class CustomerRun:
                 ["sipp", f"127.0.0.1:{self.pbx_port}", "-sf", str(scenario), "-inf", str(injection), "-i", "127.0.0.1",
                  "-p", str(port), "-mi", "127.0.0.1", "-mp", str(media_port), "-m", str(len(self.calls)),
                  "-r", str(rate_per_min), "-rp", "60000", "-l", "10000", "-nostdin", "-aa", "-trace_logs", "-log_file",
-                 str(self.log), "-trace_err", "-error_file", str(self.folder / f"{self.name}-errors.log"),
+                 str(self.log), "-trace_err", "-error_file", str(self.errors_path),
                  "-timeout", f"{int(self.timeout_s)}s", "-timeout_error", "-max_recv_loops", "10000"],
                 stdout=subprocess.DEVNULL, stderr=stderr, cwd=self.folder)
 
@@ -546,7 +550,7 @@ class CustomerRun:
     def diagnosis(self) -> str:
         assert self.process is not None
         tails = []
-        for path in (self.stderr_path, self.folder / f"{self.name}-errors.log"):
+        for path in (self.stderr_path, self.errors_path):
             text = path.read_text(errors="replace").strip() if path.exists() else ""
             tails.append(f"{path.name}: {text[-800:] or '(empty)'}")
         return f"exit code {self.process.returncode}; " + "; ".join(tails)
