@@ -313,6 +313,13 @@ def test_selection_on_the_shared_index_is_select_routes_on_each_decks_lookup(
         assert choice.routes == expected.routes
         assert choice.detail() == expected.detail()
         assert choice == expected
+        # what the call keeps (IndexedRoutes: positions, the rows found again when read) gives the same routes
+        kept = choice.call_routes(sell, 1)
+        assert kept.routes == expected.routes and kept.level == 1 and kept.sell == sell
+        assert kept.trunks == tuple(r.trunk for r in expected.routes)
+        assert kept.carriers == tuple(r.carrier for r in expected.routes)
+        for n, route in enumerate(expected.routes):
+            assert kept.carrier_of("", n) == route
 
 
 def test_a_reloaded_deck_replaces_its_own_rows_only_and_the_old_index_stays_whole() -> None:
@@ -376,13 +383,14 @@ def test_one_loss_cache_serves_two_indexes_whose_shapes_differ_at_the_same_posit
 
 
 def test_a_live_calls_routes_cost_the_garbage_collector_nothing() -> None:
-    """A routed call keeps its routes until it ends: as one flat tuple of atomic values (two
-    containers made per call, not one per route and per row: each counts towards the next young
-    collection), which a collection stops tracking, so a busy node's collections do not grow
-    with ten routes per live call."""
+    """A routed call keeps its routes until it ends, and every young collection walks what a
+    live call holds: routes of any origin as one flat tuple of atomic values (two containers
+    made per call, not one per route and per row), which a collection stops tracking; routes
+    chosen on the buy index as one object holding the carriers' positions (nothing per route
+    for a collection to walk)."""
     import gc
 
-    from agent.core.routing import CallRoutes, Route
+    from agent.core.routing import FlatRoutes, Route
 
     sell = RateRow("44", "UK", 12_000)
     routes = [Route(f"c{i}", f"PJSIP/c{i}", RateRow("44", "UK", 6_000 + i, rate_id=i), 6_000 + i, i, 1)
@@ -390,7 +398,7 @@ def test_a_live_calls_routes_cost_the_garbage_collector_nothing() -> None:
     gc.disable()
     try:
         before = gc.get_count()[0]
-        kept = CallRoutes(routes, sell)
+        kept = FlatRoutes(routes, sell)
         made = gc.get_count()[0] - before
     finally:
         gc.enable()
@@ -400,3 +408,21 @@ def test_a_live_calls_routes_cost_the_garbage_collector_nothing() -> None:
     assert kept.routes == tuple(routes) and kept.trunks == tuple(r.trunk for r in routes)
     assert kept.carrier_of("c3", -1) == routes[3] and kept.carrier_of("", 1) == routes[1]
     assert kept.carrier_of("other", 12) is None and kept.first_carrier == "c0"
+
+    index = BuyIndex().with_decks([_builder(f"carrier:c{i}", "UTC", "00", [RateRow("44", "UK", 6_000 + i)])
+                                   for i in range(10)])
+    offers = prepare_offers(index, [(carrier(f"c{i}"), f"carrier:c{i}", None)
+                                    for i in range(10)])
+    choice = select_offers(sell, "+442071", T0, index, offers, RoutePolicy.LCR)
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        indexed = choice.call_routes(sell)
+        made = gc.get_count()[0] - before
+    finally:
+        gc.enable()
+    assert made <= 1 and len(gc.get_referents(indexed)) <= 7  # the object: its six slots (order: bytes), its class
+    assert indexed.routes == choice.routes and len(choice.routes) == 10
+    assert indexed.first_carrier == "c0" and indexed.carriers == tuple(f"c{i}" for i in range(10))
+    assert indexed.carrier_of("c3", -1) == choice.routes[3] and indexed.carrier_of("", 1) == choice.routes[1]
+    assert indexed.carrier_of("other", 12) is None

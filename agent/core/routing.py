@@ -179,6 +179,10 @@ class RouteChoice:
     def reason(self) -> DenyReason | None:
         return DenyReason.NO_ROUTE if not self.routes else None
 
+    def call_routes(self, sell: RateRow, level: int = 0) -> CallRoutes:
+        """What the call keeps of this choice until it ends (the routes, ``sell``, ``level``)."""
+        return FlatRoutes(self.routes, sell, level)
+
     def detail(self) -> str:
         """Why there is no route (or which carriers were left out), for logs and the decision."""
         why = "; ".join(f"{s.carrier}: {s.detail}" for s in self.skipped) or "no carrier"
@@ -432,32 +436,72 @@ class CallRoutes:
     or for a reseller's customer the top reseller's, DESIGN §11) and the level of the chain
     whose decision records the buy side (0: the customer's).
 
-    The routes are kept as **one flat tuple** of plain values (per route: carrier, trunk, 60 s
-    cost, priority, weight and the buy row's 15 fields): a live call holds them until it ends,
-    and every container made counts towards the garbage collector's next young collection. One
-    tuple per route and one per buy row (21 for ten routes) tripled a busy node's young
-    collections (bench_asterisk --carriers 10); NamedTuples are never untracked at all.
-    ``routes`` and ``carrier_of`` rebuild them."""
+    A live call holds this until it ends, and every young collection of the garbage collector
+    walks what it references once (then again in the older generations): so it holds as little
+    as it can. :class:`FlatRoutes` (any routes) holds one flat tuple of plain values;
+    ``agent.core.buy_index.IndexedRoutes`` (the daemon's route book) only the positions of the
+    carriers in the offers they were chosen from, and rebuilds a route when it is read."""
 
-    __slots__ = ("_flat", "sell", "level")
+    __slots__ = ("level", "sell")
+
+    def __init__(self, sell: RateRow, level: int = 0) -> None:
+        self.sell = sell
+        self.level = level
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return tuple(self._route(n) for n in range(len(self.trunks)))
+
+    @property
+    def trunks(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    @property
+    def carriers(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    @property
+    def first_carrier(self) -> str:
+        carriers = self.carriers
+        return carriers[0] if carriers else ""
+
+    def _route(self, n: int) -> Route:
+        """The n-th route (0-based), as it was chosen."""
+        raise NotImplementedError
+
+    def carrier_of(self, peer: str, attempt: int) -> Route | None:
+        """The route that carried a leg: the one whose trunk names the leg's ``peer``, else the
+        ``attempt``-th (0-based: the dialplans try the routes in order, one leg each); None when
+        neither tells."""
+        trunks = self.trunks
+        if peer:
+            for n, trunk in enumerate(trunks):
+                if trunk_peer(trunk) == peer:
+                    return self._route(n)
+        return self._route(attempt) if 0 <= attempt < len(trunks) else None
+
+
+class FlatRoutes(CallRoutes):
+    """Any routes kept as **one flat tuple** of plain values (per route: carrier, trunk, 60 s
+    cost, priority, weight and the buy row's 15 fields): one tuple per route and one per buy row
+    (21 for ten routes) tripled a busy node's young collections (bench_asterisk --carriers 10);
+    NamedTuples are never untracked at all. ``routes`` and ``carrier_of`` rebuild them."""
+
+    __slots__ = ("_flat",)
 
     def __init__(self, routes: Sequence[Route], sell: RateRow, level: int = 0) -> None:
+        super().__init__(sell, level)
         flat: list[object] = []
         for r in routes:
             flat += (r.carrier, r.trunk, r.buy_cost_micros, r.priority, r.weight)
             flat += r.buy
         self._flat = tuple(flat)
-        self.sell = sell
-        self.level = level
 
-    def _route(self, at: int) -> Route:
+    def _route(self, n: int) -> Route:
+        at = n * _STRIDE
         carrier, trunk, cost, priority, weight = self._flat[at:at + 5]
         buy = RateRow(*self._flat[at + 5:at + _STRIDE])  # type: ignore[arg-type]
         return Route(carrier, trunk, buy, cost, priority, weight)  # type: ignore[arg-type]
-
-    @property
-    def routes(self) -> tuple[Route, ...]:
-        return tuple(self._route(at) for at in range(0, len(self._flat), _STRIDE))
 
     @property
     def trunks(self) -> tuple[str, ...]:
@@ -471,19 +515,8 @@ class CallRoutes:
     def first_carrier(self) -> str:
         return cast(str, self._flat[0]) if self._flat else ""
 
-    def carrier_of(self, peer: str, attempt: int) -> Route | None:
-        """The route that carried a leg: the one whose trunk names the leg's ``peer``, else the
-        ``attempt``-th (0-based: the dialplans try the routes in order, one leg each); None when
-        neither tells."""
-        if peer:
-            for at in range(0, len(self._flat), _STRIDE):
-                if trunk_peer(cast(str, self._flat[at + 1])) == peer:
-                    return self._route(at)
-        count = len(self._flat) // _STRIDE
-        return self._route(attempt * _STRIDE) if 0 <= attempt < count else None
 
-
-_STRIDE = 5 + len(RateRow._fields)  # CallRoutes: a route's scalars, then its buy row's fields
+_STRIDE = 5 + len(RateRow._fields)  # FlatRoutes: a route's scalars, then its buy row's fields
 
 
 # ---------------------------------------------------------------------------------- margin

@@ -75,7 +75,7 @@ def route_call(router: Router, rated: RatedCall, chain: Sequence[LevelRated], ac
     choice = router(top, top_payer, destination, at_ms, call_id)
     if choice is None or choice.refused:
         return choice, None
-    return choice, CallRoutes(choice.routes, sell, top_level)
+    return choice, choice.call_routes(sell, top_level)
 
 
 def decide(request: AuthorizeRequest, *, call_id: str, node: str, rater: Rater, store_authorize: StoreAuthorize,
