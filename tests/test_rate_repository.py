@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, delete, insert, select, update
 
 from agent.adapters.sql.models import Rate, RatePlan
-from agent.adapters.sql.rate_repository import RatePlanCache, load_table
+from agent.adapters.sql.rate_repository import RatePlanCache, load_table, reading
 from agent.core.errors import NotFound
 from agent.core.events import DenyReason
 from agent.core.ratetable import RateTable, Refusal, epoch_ms
@@ -134,6 +134,28 @@ def test_a_long_load_on_sqlite_does_not_lock_out_writers(sqlite_engine: Engine) 
 
     table = load_table(sqlite_engine, "retail", batch_rows=3, pause=write_while_loading)
     assert len(table) == 10 and len(writes) == 4
+
+
+def test_sqlite_reads_reuse_one_reader_and_each_sees_the_latest_commit(sqlite_engine: Engine) -> None:
+    """The plain reader of a SQLite file is made once and keeps its connections (a new engine
+    per read cost ~1 ms of the loop for each tiny periodic read); an idle pooled connection
+    holds no snapshot: every read sees what was committed before it, and writers never wait."""
+    plan_id = make_plan(sqlite_engine)
+    engines = []
+    for currency in ("USD", "GBP", "CHF"):
+        with reading(sqlite_engine) as connection:
+            engines.append(connection.engine)
+            seen = connection.execute(select(RatePlan.currency).where(RatePlan.id == plan_id)).scalar_one()
+        with sqlite_engine.begin() as conn:  # BEGIN IMMEDIATE: would wait on a reader's open transaction
+            conn.execute(update(RatePlan).where(RatePlan.id == plan_id).values(currency=currency))
+        with reading(sqlite_engine) as connection:
+            assert connection.execute(select(RatePlan.currency).where(RatePlan.id == plan_id)).scalar_one() == currency
+        assert seen != currency
+    assert engines[0] is engines[1] is engines[2] and engines[0] is not sqlite_engine
+    pool = engines[0].pool
+    assert pool.checkedin() >= 1  # type: ignore[attr-defined]  # kept for the next read
+    sqlite_engine.dispose()
+    assert pool.checkedin() == 0  # type: ignore[attr-defined]  # its connections closed with the engine
 
 
 # ------------------------------------------------------------------------------ the cache

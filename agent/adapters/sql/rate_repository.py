@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,9 +24,19 @@ import gevent
 from gevent.event import AsyncResult
 from gevent.greenlet import Greenlet
 from gevent.pool import Group
-from sqlalchemy import Connection, Engine, Integer, String, create_engine, func, literal_column, select, type_coerce
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Integer,
+    String,
+    create_engine,
+    event,
+    func,
+    literal_column,
+    select,
+    type_coerce,
+)
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import NullPool
 
 from agent.adapters.sql.models import Rate, RatePlan
 from agent.core.errors import BillingError, InvalidInput, NotFound
@@ -102,15 +113,29 @@ def reading(engine: Engine) -> Iterator[Connection]:
     statement and neither blocks nor waits for writers.
     """
     if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
-        reader = create_engine(engine.url, poolclass=NullPool, connect_args={"timeout": 30})
-        try:
-            with reader.connect() as connection:
-                yield connection
-        finally:
-            reader.dispose()
+        with _plain_reader(engine).connect() as connection:
+            yield connection
     else:
         with engine.connect() as connection:
             yield connection
+
+
+# The plain reader of each SQLite engine, made once: creating an engine per read (its dialect
+# set up on its first connection) took ~1 ms of the loop for every tiny periodic read, the route
+# book's three every 5 s among them (hub stalls of 4-9 ms every 5 s in bench_asterisk --carriers).
+# Its connections are pooled: pysqlite opens no transaction for a SELECT, so an idle one holds
+# no snapshot and no lock (a million-row load still sees one snapshot per statement).
+_READERS: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+
+
+def _plain_reader(engine: Engine) -> Engine:
+    reader = _READERS.get(engine)
+    if reader is None:
+        reader = _READERS[engine] = create_engine(engine.url, pool_size=2, max_overflow=8,
+                                                  connect_args={"timeout": 30})
+        # the engine's dispose() closes its reader's connections too (tests, the CLI's exit)
+        event.listen(engine, "engine_disposed", lambda _engine: reader.dispose())
+    return reader
 
 
 def load_table(engine: Engine, plan_name: str, *, for_number: str | None = None,
