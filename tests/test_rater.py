@@ -51,3 +51,25 @@ def test_every_failure_is_a_refusal_with_its_reason(plan_of, tables, number, rea
     with pytest.raises(RatingRefused) as refused:
         PlanRater(plan_of, tables).rate("alice", number, 0)
     assert refused.value.reason is reason
+
+
+def test_live_calls_to_one_destination_share_its_row_and_rating_info(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every live call keeps its row and rating info (per level of a reseller chain) until it
+    ends: equal ones are handed out once, so calls keep nothing of their own for them (fewer
+    objects for the garbage collector's young collections); a different row is its own; the
+    memory is bounded."""
+    builder = RateTableBuilder("retail")
+    builder.add(FRANCE)
+    builder.add(RateRow(prefix="336", destination="France mobile", rate_micros=90_000))
+    builder.add(RateRow(prefix="34", destination="Spain", rate_micros=70_000))
+    rater = PlanRater({"alice": "retail", "bob": "retail"}.get, Tables({"retail": builder.build()}))
+    first, second = rater.rate("alice", "33123456", 0), rater.rate("bob", "33987654", 5_000)
+    assert first.tariff is second.tariff and first.info is second.info
+    assert first.tariff == FRANCE
+    mobile = rater.rate("alice", "33612345", 0)
+    assert mobile.tariff is not first.tariff and mobile.info.prefix == "336" and mobile.info.rate_micros == 90_000
+    monkeypatch.setattr("agent.services.rater.SHARED_MAX", 4)  # full: France's and the mobile's row and info
+    assert rater.rate("alice", "33123456", 0).tariff is first.tariff  # found: nothing forgotten
+    assert rater.rate("alice", "34123456", 0).info.prefix == "34"  # a new one: the memory starts again
+    again = rater.rate("alice", "33123456", 0).tariff
+    assert again == first.tariff and again is not first.tariff

@@ -5,7 +5,7 @@ force at the call's start (DESIGN §11, agent/core/fx.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from agent.core.bundles import BundleGrant, slots_for
 from agent.core.errors import BillingError
@@ -41,6 +41,9 @@ class _AccountPlan(Protocol):
     def currency(self) -> str: ...
 
 
+_T = TypeVar("_T")
+SHARED_MAX = 65_536  # PlanRater: rows and rating infos kept to be handed out again
+
 # (plan currency, account currency, instant) -> the conversion in force, None when no rate
 FxOf = Callable[[str, str, int], Conversion | None]
 
@@ -73,6 +76,8 @@ class PlanRater:
         self.grants_of = grants_of  # the account's bundle grants (DESIGN §9); None: no bundles
         self.fx_of = fx_of
         self.chain_of = chain_of  # the levels above an account (DESIGN §11); None: no derived charging
+        # Rows and infos equal to one handed out before are handed out again (see _shared).
+        self._shared: dict[object, object] = {}
 
     def rate_chain(self, account_id: str, destination: str, at_ms: int) -> tuple[LevelRated, ...]:
         """Each level above ``account_id``, nearest first, rated by its own account's plan (the
@@ -118,6 +123,7 @@ class PlanRater:
         result = table.lookup(destination, at_ms)
         if isinstance(result, Refusal):
             raise RatingRefused(result.reason, result.detail)
+        result = self._share(result)
         # RatingInfo built once, not through dataclasses.replace: a reseller's customer rates
         # every level above it on each authorization (bench_tenants.py).
         tariff: Tariff = result
@@ -131,6 +137,7 @@ class PlanRater:
             tariff = ConvertedTariff(result, conversion)
             info = RatingInfo(plan, result.rate_id, result.prefix, result.rate_micros, found.plan_currency,
                               found.currency, conversion.rate_e10, conversion.inverse)
+        info = self._share(info)
         if self.grants_of is None:
             return RatedCall(tariff, info)
         try:
@@ -143,6 +150,23 @@ class PlanRater:
         # The periods read in the plan's timezone, the number as the plan rates it (DESIGN §9).
         slots = slots_for(grants, table.normalise(destination), at_ms, table.timezone)
         return RatedCall(tariff, info, slots)
+
+    def _share(self, value: _T) -> _T:
+        """The one object equal to ``value`` this rater handed out, else ``value`` (kept).
+
+        A live call keeps its row and its rating info (one pair per level of a reseller chain)
+        until it ends, and every object a call keeps makes the garbage collector's young
+        collections come sooner (bench_tenants.py fastagi: a customer three levels deep kept 17
+        tracked objects per call against 7 for a direct one). The table makes a new row per
+        look-up (cheaper than a cache there); equal ones are shared here, so live calls to the
+        same destination keep nothing of their own for it. Bounded: forgotten at 65,536."""
+        found = self._shared.get(value)
+        if found is not None:
+            return found  # type: ignore[return-value]
+        if len(self._shared) >= SHARED_MAX:
+            self._shared.clear()
+        self._shared[value] = value
+        return value
 
     def _conversion(self, account_id: str, plan: str, found: _AccountPlan, at_ms: int) -> Conversion:
         pair = f"{found.plan_currency}->{found.currency}"
