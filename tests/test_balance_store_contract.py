@@ -1082,6 +1082,43 @@ def test_a_period_opened_while_sql_is_down_is_written_by_the_sweeper(rw: World, 
     assert_bundle_books(rw, "alice")
 
 
+def test_the_sweepers_index_holds_what_exists_and_nothing_for_a_refused_call(rw: World) -> None:
+    """authorize.lua writes the index entries with what they index (one script, one slot): an
+    allowed call's entry due at its expiry and its account hint, nothing for a refused call
+    (no clean-up round trip), and the account's periods entry as soon as a period is opened,
+    even for a call then refused."""
+    from agent.adapters.redis.store import RedisBalanceStore, make_client
+
+    rw.account("alice", balance=UNIT)
+    store = rw.store()
+    assert isinstance(store, RedisBalanceStore)
+    keys = store._keys
+    index = keys.index_of("alice")
+    raw = make_client(rw.redis_url, 2000)
+    try:
+        assert store.authorize("alice", "ok1", "n1", UNIT, UNIT, T0, TTL).allowed
+        assert raw.zscore(index, keys.member("alice", "ok1")) == T0 + TTL
+        round_trips: list[object] = []
+        execute = store._execute
+        store._execute = lambda *a, **k: round_trips.append(a) or execute(*a, **k)  # type: ignore[method-assign]
+        assert not store.authorize("alice", "no1", "n1", UNIT, UNIT, T0, TTL).allowed  # the money is held
+        store._execute = execute  # type: ignore[method-assign]
+        assert len(round_trips) == 1  # the refusal itself: nothing to clean up after it
+        assert raw.zscore(index, keys.member("alice", "no1")) is None
+        assert raw.get(keys.call_account("ok1")) == "alice" and raw.get(keys.call_account("no1")) is None
+        assert raw.zscore(index, keys.periods_member("alice")) is None
+        g = grant(rw, "alice", 100)
+        store.refresh("alice")
+        outcome = store.authorize("alice", "no2", "n1", 10 * UNIT, 10 * UNIT, T0 + 1, BTTL,
+                                  bundle_slots=[slot(g, 100)], bundle_want_s=0)
+        assert not outcome.allowed  # money alone decides (no bundle seconds wanted): refused
+        assert raw.zscore(index, keys.periods_member("alice")) == T0 + 1  # the period it opened is indexed
+        assert raw.zscore(index, keys.member("alice", "no2")) is None
+    finally:
+        raw.close()
+    store.release("ok1", 1, T0 + 2)
+
+
 def test_bundle_seconds_given_back_in_sql_reach_redis_with_the_refresh(rw: World) -> None:
     from agent.adapters.redis.store import RedisBalanceStore
 

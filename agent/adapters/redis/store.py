@@ -380,28 +380,22 @@ class RedisBalanceStore:
 
     # ------------------------------------------------------------------ authorize
 
-    def _queue_authorize(self, p: Any, st: AuthorizeStep, slots: list[str], *, hint: bool) -> tuple[int, int]:
-        """Queue one authorize's commands on the pipeline ``p``; returns the position of the
-        script's reply among them and how many were queued. The index entry goes first, in the same round trip: the
-        sweeper's index must hold every call that can exist (an entry without a call is cleaned
-        up, the reverse would leak). Then, with ``hint`` on one server, the call -> account hint
-        (on a Cluster it lives in the call's own slot: written after, ``_write_call_hint``). The
-        spend arguments are read now: a pipeline built again after a 'tz' reply has the new ones."""
+    def _queue_authorize(self, p: Any, st: AuthorizeStep, slots: list[str], *, hint: bool) -> None:
+        """Queue one authorize on the pipeline ``p``: one script, which also writes the sweeper's
+        index entries (the call's, and the account's periods' when it opened one) and, with
+        ``hint`` on one server, the call -> account hint, only for what it created (on a Cluster
+        the hint lives in the call's own slot: written after, ``_write_call_hint``). The spend
+        arguments are read now: a pipeline built again after a 'tz' reply has the new ones."""
         ak = self._keys.of(st.account_id)
-        index = self._keys.index_of(st.account_id)
-        p.zadd(index, {self._keys.member(st.account_id, st.call_id): st.now_ms + st.ttl_ms}, nx=True)
-        script_at = 1
+        keys = [ak.account, ak.live, ak.call(st.call_id), ak.periods, ak.periods_unposted,
+                self._keys.index_of(st.account_id)]
         if hint and not self._keys.per_slot_index:
-            p.set(self._keys.call_account(st.call_id), st.account_id, ex=CALL_ACCOUNT_TTL_S)
-            script_at += 1
-        self._scripts.call(p, "authorize", [ak.account, ak.live, ak.call(st.call_id), ak.periods,
-                                            ak.periods_unposted],
+            keys.append(self._keys.call_account(st.call_id))
+        self._scripts.call(p, "authorize", keys,
                            [st.account_id, st.call_id, st.node, st.want_micros, st.min_micros, st.now_ms, st.ttl_ms,
                             ak.period_prefix, st.bundle_want_s, *self._spend_args(st.account_id, st.now_ms),
-                            ak.spend_prefix, *slots])
-        if slots:  # after the script: a period it opened is in the index before the sweeper can drop it
-            p.zadd(index, {self._keys.periods_member(st.account_id): st.now_ms}, nx=True)
-        return script_at, script_at + (2 if slots else 1)
+                            ak.spend_prefix, self._keys.member(st.account_id, st.call_id),
+                            self._keys.periods_member(st.account_id), CALL_ACCOUNT_TTL_S, *slots])
 
     def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
                   now_ms: int, ttl_ms: int, *, bundle_slots: Sequence[BundleSlot] = (),
@@ -410,16 +404,15 @@ class RedisBalanceStore:
         slots = _check_bundle_seconds(bundle_slots, bundle_want_s)
         step = AuthorizeStep(account_id, call_id, node, want_micros, min_micros, now_ms, ttl_ms, tuple(bundle_slots),
                              bundle_want_s)
-        script_at = [0]
         ride = _Ride(rider)
 
         def build(p: Any) -> None:
-            script_at[0], _ = self._queue_authorize(p, step, slots, hint=True)
+            self._queue_authorize(p, step, slots, hint=True)
 
         def run() -> list[Any]:
             for _ in (1, 2):  # twice at most: the script names the timezone when it was not the one used
                 results = self._execute(build, ride)
-                reply = [text(v) for v in results[script_at[0]]]
+                reply = [text(v) for v in results[0]]
                 if reply[0] != "tz":
                     return reply
                 self._learn_zone(account_id, reply[1])
@@ -449,21 +442,15 @@ class RedisBalanceStore:
             check_authorize(st.call_id, st.want_micros, st.min_micros, st.ttl_ms)
         if not steps:
             return []
-        replies: list[int] = []  # each step's script reply, by its position in the pipeline
-
-        def build(p: Any) -> None:
-            replies.clear()  # built again after a NOSCRIPT
-            queued = 0
+        def build(p: Any) -> None:  # one script per step: step i's reply is the pipeline's i-th
             for st, slots in checked:
-                at, count = self._queue_authorize(p, st, slots, hint=not is_level_call_id(st.call_id))
-                replies.append(queued + at)
-                queued += count
+                self._queue_authorize(p, st, slots, hint=not is_level_call_id(st.call_id))
 
         with _unavailable("authorize"):
             results = self._execute(build, _Ride(rider))
         outcomes: list[AuthorizeOutcome] = []
-        for st, at in zip(steps, replies, strict=True):
-            reply = [text(v) for v in results[at]]
+        for st, result in zip(steps, results, strict=True):
+            reply = [text(v) for v in result]
             if reply[0] in ("noacct", "tz"):
                 outcomes.append(self.authorize(st.account_id, st.call_id, st.node, st.want_micros, st.min_micros,
                                                st.now_ms, st.ttl_ms, bundle_slots=st.bundle_slots,
@@ -501,12 +488,7 @@ class RedisBalanceStore:
                                     replayed=True, bundle_granted_s=int(reply[6]), bundle_available_s=int(reply[7]))
         if status != "deny":
             raise RuntimeError(f"authorize script answered {reply!r}")
-        member = self._keys.member(account_id, call_id)  # a denied call leaves no trace
-        if self._keys.per_slot_index:  # the hint was not written (see authorize)
-            self._execute(lambda p: p.zrem(self._keys.index_of(account_id), member))
-        else:
-            self._execute(lambda p: (p.zrem(self._keys.index_of(account_id), member),
-                                     p.delete(self._keys.call_account(call_id))))
+        # a denied call left no trace: authorize.lua writes the index entry and the hint only for a call it made
         return AuthorizeOutcome(call_id, False, DenyReason(reply[1]), 0, int(reply[2]), reply[3], reply[4],
                                 bundle_available_s=_reply_int(reply, 5))
 
