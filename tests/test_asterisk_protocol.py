@@ -339,3 +339,22 @@ def test_malformed_environments() -> None:
         split_environment(b"agi_x: " + b"y" * 20_000)
     with pytest.raises(AgiProtocolError, match="not an AGI reply"):
         AgiReplyReader().feed(b"hello\n")
+
+
+def test_mset_checks_every_name_and_value_and_remembers_only_what_passed() -> None:
+    """exec_mset skips the check of a name or value it already found safe (a routed decision
+    sets 14 variables per call), apart: a name may hold a comma, a value never; a refused text
+    is refused again."""
+    from agent.adapters.asterisk.agi_protocol import exec_mset
+
+    assert exec_mset([("CHANNEL(a,b)", 1), ("BILLING_ROUTE_1", "PJSIP/acme")]) == \
+        b'EXEC MSet "CHANNEL(a,b)=1,BILLING_ROUTE_1=PJSIP/acme"\n'
+    assert exec_mset([("BILLING_ROUTE_1", "PJSIP/acme")]) == b'EXEC MSet "BILLING_ROUTE_1=PJSIP/acme"\n'
+    for _ in range(2):
+        with pytest.raises(UnsafeValue):
+            exec_mset([("X", "CHANNEL(a,b)")])  # a safe name, not a safe value: MSet splits on commas
+        with pytest.raises(UnsafeValue):
+            exec_mset([("X", "a b")])
+        with pytest.raises(UnsafeValue):
+            exec_mset([("X Y", 1)])
+    assert exec_mset([("X", -5)]) == b'EXEC MSet "X=-5"\n'
