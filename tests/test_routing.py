@@ -426,3 +426,9 @@ def test_a_live_calls_routes_cost_the_garbage_collector_nothing() -> None:
     assert indexed.first_carrier == "c0" and indexed.carriers == tuple(f"c{i}" for i in range(10))
     assert indexed.carrier_of("c3", -1) == choice.routes[3] and indexed.carrier_of("", 1) == choice.routes[1]
     assert indexed.carrier_of("other", 12) is None
+
+    # two carriers of one name (no position says which): the call keeps the flat tuple instead
+    twice = prepare_offers(index, [(carrier("c0"), "carrier:c0", None), (carrier("c0"), "carrier:c1", None)])
+    doubled = select_offers(sell, "+442071", T0, index, twice, RoutePolicy.LCR)
+    kept_flat = doubled.call_routes(sell)
+    assert isinstance(kept_flat, FlatRoutes) and kept_flat.routes == doubled.routes and len(doubled.routes) == 2
