@@ -10,7 +10,8 @@ import hashlib
 from importlib import resources
 from typing import Any
 
-from redis.exceptions import NoScriptError
+from redis.cluster import RedisCluster
+from redis.exceptions import NoScriptError, ResponseError
 
 from agent.adapters.redis.connect import RedisClient
 
@@ -18,7 +19,10 @@ NAMES = ("authorize", "nibble", "settle", "close", "mark_posted", "rebuild", "op
 # Scripts of their own (no prelude): a shebang with flags must be a script's first line.
 STANDALONE = ("sweep",)
 # Scripts with a shebang (Redis 7.0+) that wrap the prelude themselves, loaded where they run.
-BATCHED = ("nibbles",)
+BATCHED = ("nibbles", "authorizes")
+# The script each batched one runs once per item, and the marker its body replaces.
+_BATCHED_BODY = {"nibbles": ("nibble", "nibble_one", "--NIBBLE_BODY--"),
+                 "authorizes": ("authorize", "authorize_one", "--AUTHORIZE_BODY--")}
 CROSS_SLOT = "#!lua flags=allow-cross-slot-keys\n"
 
 
@@ -28,10 +32,11 @@ def _source(name: str) -> str:
     if name in STANDALONE:
         return own
     prelude = (package / "prelude.lua").read_text(encoding="utf-8")
-    if name == "nibbles":  # nibble.lua's body as a function of its KEYS and ARGV (nibbles.lua)
-        body = (package / "nibble.lua").read_text(encoding="utf-8")
-        function = f"local function nibble_one(KEYS, ARGV)\n{body}\nend"
-        return CROSS_SLOT + prelude + "\n" + own.replace("--NIBBLE_BODY--", function, 1)
+    if name in _BATCHED_BODY:  # e.g. nibble.lua's body as a function of its KEYS and ARGV (nibbles.lua)
+        script, function_name, marker = _BATCHED_BODY[name]
+        body = (package / f"{script}.lua").read_text(encoding="utf-8")
+        function = f"local function {function_name}(KEYS, ARGV)\n{body}\nend"
+        return CROSS_SLOT + prelude + "\n" + own.replace(marker, function, 1)
     return prelude + "\n" + own
 
 
@@ -41,17 +46,28 @@ class Scripts:
         self.sha = {name: hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
                     for name, text in self.source.items()}
         self._loaded = False
+        self.refused: dict[str, str] = {}  # batched scripts a server would not load, and why
 
     def load(self, client: RedisClient) -> None:
         """SCRIPT LOAD every script (idempotent: the SHA is the content's). One command each, not
         a pipeline: a cluster client sends SCRIPT LOAD to every master, a pipeline cannot. (The
-        standalone scripts are loaded where they run: ``run_on``.)"""
+        standalone scripts are loaded where they run: ``run_on``; on one server the batched ones
+        too, for they run in pipelines there, unless the server refuses their shebang: a Redis
+        older than 7.0, noted in ``refused``.)"""
         for name in NAMES:
-            text = self.source[name]
-            sha = client.script_load(text)
-            if sha != self.sha[name]:
-                raise RuntimeError(f"Redis returned SHA {sha} for script {name}, expected {self.sha[name]}")
+            self._load_one(client, name)
+        if not isinstance(client, RedisCluster):
+            for name in BATCHED:
+                try:
+                    self._load_one(client, name)
+                except ResponseError as exc:
+                    self.refused[name] = str(exc)
         self._loaded = True
+
+    def _load_one(self, client: RedisClient, name: str) -> None:
+        sha = client.script_load(self.source[name])
+        if sha != self.sha[name]:
+            raise RuntimeError(f"Redis returned SHA {sha} for script {name}, expected {self.sha[name]}")
 
     def ensure_loaded(self, client: RedisClient) -> None:
         if not self._loaded:

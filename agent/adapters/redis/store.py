@@ -386,16 +386,36 @@ class RedisBalanceStore:
         ``hint`` on one server, the call -> account hint, only for what it created (on a Cluster
         the hint lives in the call's own slot: written after, ``_write_call_hint``). The spend
         arguments are read now: a pipeline built again after a 'tz' reply has the new ones."""
+        keys, args = self._authorize_arguments(st, slots, hint=hint)
+        self._scripts.call(p, "authorize", keys, args)
+
+    def _authorize_arguments(self, st: AuthorizeStep, slots: list[str], *,
+                             hint: bool) -> tuple[list[str], list[object]]:
+        """authorize.lua's KEYS and ARGV for one step."""
         ak = self._keys.of(st.account_id)
         keys = [ak.account, ak.live, ak.call(st.call_id), ak.periods, ak.periods_unposted,
                 self._keys.index_of(st.account_id)]
         if hint and not self._keys.per_slot_index:
             keys.append(self._keys.call_account(st.call_id))
-        self._scripts.call(p, "authorize", keys,
-                           [st.account_id, st.call_id, st.node, st.want_micros, st.min_micros, st.now_ms, st.ttl_ms,
-                            ak.period_prefix, st.bundle_want_s, *self._spend_args(st.account_id, st.now_ms),
-                            ak.spend_prefix, self._keys.member(st.account_id, st.call_id),
-                            self._keys.periods_member(st.account_id), CALL_ACCOUNT_TTL_S, *slots])
+        return keys, [st.account_id, st.call_id, st.node, st.want_micros, st.min_micros, st.now_ms, st.ttl_ms,
+                      ak.period_prefix, st.bundle_want_s, *self._spend_args(st.account_id, st.now_ms),
+                      ak.spend_prefix, self._keys.member(st.account_id, st.call_id),
+                      self._keys.periods_member(st.account_id), CALL_ACCOUNT_TTL_S, *slots]
+
+    def _queue_authorizes(self, p: Any, checked: Sequence[tuple[AuthorizeStep, list[str]]]) -> None:
+        """Queue a chain's steps as one run of authorizes.lua (one server only): one argument per
+        step, its key count, KEYS and ARGV each ended by a newline."""
+        packed = []
+        for st, slots in checked:
+            keys, args = self._authorize_arguments(st, slots, hint=not is_level_call_id(st.call_id))
+            packed.append("".join(f"{field}\n" for field in (len(keys), *keys, *args)))
+        self._scripts.call(p, "authorizes", [], packed)
+
+    def _chained(self, count: int) -> bool:
+        """A chain's steps go as one script: more than one step, one server (a Cluster spreads a
+        chain's accounts over its masters) that took authorizes.lua (Redis 7.0 and later)."""
+        return (count > 1 and self._batched and not self._keys.per_slot_index
+                and "authorizes" not in self._scripts.refused)
 
     def authorize(self, account_id: str, call_id: str, node: str, want_micros: int, min_micros: int,
                   now_ms: int, ttl_ms: int, *, bundle_slots: Sequence[BundleSlot] = (),
@@ -431,8 +451,11 @@ class RedisBalanceStore:
 
     def authorize_many(self, steps: Sequence[AuthorizeStep], *,
                        rider: StoreRider | None = None) -> list[AuthorizeOutcome]:
-        """Every step's commands as ``authorize`` queues them, in one pipeline (one round trip; a
-        cluster client splits it by master): a reseller's customer and the levels above it. A
+        """Every step's commands as ``authorize`` queues them, in one round trip: a reseller's
+        customer and the levels above it. On one server the steps run as one script
+        (authorizes.lua: authorize.lua once per step, each its own idempotent step); on a
+        Cluster, or a server that refused that script, as a pipeline of one authorize.lua each
+        (a cluster client splits it by master). A
         step whose account is not in Redis, or whose account has a spend cap in a timezone this
         store does not know yet, is then run again alone (``authorize``): the first pass changed
         nothing for it. The call -> account hint is written for a call's own id, not for a
@@ -446,8 +469,19 @@ class RedisBalanceStore:
             for st, slots in checked:
                 self._queue_authorize(p, st, slots, hint=not is_level_call_id(st.call_id))
 
+        ride = _Ride(rider)
         with _unavailable("authorize"):
-            results = self._execute(build, _Ride(rider))
+            results: list[Any] | None = None
+            if self._chained(len(steps)):
+                try:  # authorizes.lua: one script, step i's reply its i-th
+                    results = self._execute(lambda p: self._queue_authorizes(p, checked), ride)[0]
+                except redis.ResponseError as exc:  # refused as a whole: nothing ran; the pipeline
+                    if "authorizes.lua" in str(exc) or not any(w in str(exc).lower() for w in ("shebang", "flag")):
+                        raise
+                    self._scripts.refused["authorizes"] = str(exc)
+                    log.warning("balance store: a chain's levels run one script each from now on (%s)", exc)
+            if results is None:
+                results = self._execute(build, ride)
         outcomes: list[AuthorizeOutcome] = []
         for st, result in zip(steps, results, strict=True):
             reply = [text(v) for v in result]
