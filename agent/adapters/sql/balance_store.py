@@ -187,10 +187,12 @@ class SqlBalanceStore:
                                     existing.auth_available_micros, plan_name, account.currency, replayed=True,
                                     bundle_granted_s=existing.bundle_held_s)
         now = ms_to_datetime(now_ms)
-        live = session.scalar(
-            select(func.count()).select_from(Reservation).where(
-                Reservation.account_id == account_id, Reservation.state == "open", Reservation.expires_at > now)
-        ) or 0
+        live = 0  # counted only where a limit reads it: one statement less per authorization
+        if account.max_concurrent_calls:
+            live = session.scalar(
+                select(func.count()).select_from(Reservation).where(
+                    Reservation.account_id == account_id, Reservation.state == "open", Reservation.expires_at > now)
+            ) or 0
         available = account.balance_micros + account.credit_limit_micros - account.reserved_micros
         limits = _limits(account)
         spend = spend_periods(plan.timezone if plan is not None else "UTC", now_ms) if limits.any else None
