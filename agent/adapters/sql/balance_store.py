@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -102,6 +102,25 @@ def _retryable(exc: DBAPIError) -> bool:
     return bool(args) and args[0] in RETRYABLE_MYSQL_CODES
 
 
+_ACCOUNTS: Table = Account.__table__  # type: ignore[assignment]
+_RESERVATIONS: Table = Reservation.__table__  # type: ignore[assignment]
+# The authorization's statements (SqlBalanceStore._authorize): built once, Core, on the tables.
+_LOCK_ACCOUNT_FOR_AUTHORIZE = (
+    select(_ACCOUNTS.c.rate_plan_id, _ACCOUNTS.c.currency, _ACCOUNTS.c.status, _ACCOUNTS.c.balance_micros,
+           _ACCOUNTS.c.credit_limit_micros, _ACCOUNTS.c.reserved_micros, _ACCOUNTS.c.max_concurrent_calls,
+           _ACCOUNTS.c.max_call_cost_micros, _ACCOUNTS.c.daily_spend_micros, _ACCOUNTS.c.monthly_spend_micros)
+    .where(_ACCOUNTS.c.id == bindparam("account_id")).with_for_update())
+_PLAN_OF = select(RatePlan.__table__.c.name, RatePlan.__table__.c.timezone).where(
+    RatePlan.__table__.c.id == bindparam("plan_id"))
+_LOCK_CALL_FOR_AUTHORIZE = (
+    select(_RESERVATIONS.c.account_id, _RESERVATIONS.c.auth_granted_micros, _RESERVATIONS.c.auth_available_micros,
+           _RESERVATIONS.c.bundle_held_s)
+    .where(_RESERVATIONS.c.call_id == bindparam("call_id")).with_for_update())
+_INSERT_RESERVATION = insert(_RESERVATIONS)
+_RESERVE_ON_ACCOUNT = (update(_ACCOUNTS).where(_ACCOUNTS.c.id == bindparam("account_id"))
+                       .values(reserved_micros=_ACCOUNTS.c.reserved_micros + bindparam("granted")))
+
+
 class SqlBalanceStore:
     """Implements the ``BalanceStore`` port (agent/ports.py) on any supported SQL backend."""
 
@@ -174,12 +193,16 @@ class SqlBalanceStore:
     def _authorize(self, session: Session, account_id: str, call_id: str, node: str, want: int,
                    minimum: int, now_ms: int, ttl_ms: int, slots: tuple[BundleSlot, ...] = (),
                    want_s: int = 0) -> AuthorizeOutcome:
-        account = self._lock_account(session, account_id)
+        # Core statements on the tables, not ORM entities: the authorization is in every call's
+        # post-dial delay, and loading and flushing entities was most of its time on SQLite (an
+        # ORM select, insert and update cost several times the statement). Bundle periods and
+        # spend counters, where an account has them, stay ORM rows (flushed at commit).
+        account = session.execute(_LOCK_ACCOUNT_FOR_AUTHORIZE, {"account_id": account_id}).first()
         if account is None:
             return AuthorizeOutcome(call_id, False, DenyReason.UNKNOWN_ACCOUNT, 0, 0)
-        plan = session.get(RatePlan, account.rate_plan_id)
-        plan_name = plan.name if plan is not None else ""
-        existing = self._lock_call(session, call_id)
+        plan = session.execute(_PLAN_OF, {"plan_id": account.rate_plan_id}).first()
+        plan_name, timezone = (plan.name, plan.timezone) if plan is not None else ("", "UTC")
+        existing = session.execute(_LOCK_CALL_FOR_AUTHORIZE, {"call_id": call_id}).first()
         if existing is not None:
             if existing.account_id != account_id:
                 raise Conflict(f"call {call_id!r} is already authorized on account {existing.account_id!r}")
@@ -194,8 +217,8 @@ class SqlBalanceStore:
                     Reservation.account_id == account_id, Reservation.state == "open", Reservation.expires_at > now)
             ) or 0
         available = account.balance_micros + account.credit_limit_micros - account.reserved_micros
-        limits = _limits(account)
-        spend = spend_periods(plan.timezone if plan is not None else "UTC", now_ms) if limits.any else None
+        limits = SpendLimits(account.max_call_cost_micros, account.daily_spend_micros, account.monthly_spend_micros)
+        spend = spend_periods(timezone, now_ms) if limits.any else None
         spend_rows = self._spend_rows(session, account_id, spend) if spend is not None else []
         binding = ""
         if limits.any:
@@ -214,14 +237,16 @@ class SqlBalanceStore:
                                     bundle_available_s=bundle_available)
         for period, seconds in zip(periods, taken, strict=True):
             period.reserved_s += seconds
-        session.add(Reservation(
-            call_id=call_id, account_id=account_id, node=node, state="open", seq=0, granted_micros=granted,
-            last_debit_micros=0, auth_granted_micros=granted, auth_available_micros=available,
-            reserved_micros=granted, debited_micros=0, overrun_micros=0, created_at=now,
-            expires_at=ms_to_datetime(now_ms + ttl_ms), bundle_held_s=sum(taken), bundle_used_s=0,
-            bundle_last_granted_s=sum(taken), bundle_slots=dump_holds(list(zip(slots, taken, strict=True))),
-            spend_day_ms=spend.day_start_ms if spend else 0, spend_month_ms=spend.month_start_ms if spend else 0))
-        account.reserved_micros += granted
+        session.execute(_INSERT_RESERVATION, {
+            "call_id": call_id, "account_id": account_id, "node": node, "state": "open", "seq": 0,
+            "granted_micros": granted, "last_debit_micros": 0, "auth_granted_micros": granted,
+            "auth_available_micros": available, "reserved_micros": granted, "debited_micros": 0,
+            "overrun_micros": 0, "created_at": now, "expires_at": ms_to_datetime(now_ms + ttl_ms),
+            "bundle_held_s": sum(taken), "bundle_used_s": 0, "bundle_last_granted_s": sum(taken),
+            "bundle_slots": dump_holds(list(zip(slots, taken, strict=True))),
+            "spend_day_ms": spend.day_start_ms if spend else 0, "spend_month_ms": spend.month_start_ms if spend else 0})
+        if granted:
+            session.execute(_RESERVE_ON_ACCOUNT, {"account_id": account_id, "granted": granted})
         _move(spend_rows, held=granted)
         session.flush()
         return AuthorizeOutcome(call_id, True, None, granted, available, plan_name, account.currency,
