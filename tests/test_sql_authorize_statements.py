@@ -5,6 +5,7 @@ caps), and counts the live calls only for an account with a call limit."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,47 @@ def test_a_replayed_authorization_writes_nothing(engine: Engine) -> None:
     replay = store.authorize("plain", "c1", "n1", 2 * UNIT, UNIT, T0 + 5, 60_000)
     assert (replay.replayed, replay.granted_micros) == (True, first.granted_micros)
     assert store.account_state("plain").reserved_micros == UNIT
+
+
+def test_a_nibble_batch_mixing_plain_and_bundle_calls_of_one_account_keeps_its_money_exact(
+        engine: Engine) -> None:
+    """On SQLite a batch of nibbles is one transaction: a bundle call's nibble loads the account
+    as an entity, a plain call's updates it with a statement, the next bundle call's must see
+    that update (a stale entity would write the account's held money back without it)."""
+    from sqlalchemy import func, select
+
+    from agent.adapters.sql.models import Account, Bundle, BundleGrant, Reservation
+    from agent.core.balance import NibbleRequest
+    from agent.core.bundles import BundleSlot
+
+    day_ms = 86_400_000
+    sessions = session_factory(engine)
+    with transaction(sessions) as s:
+        repo.create_account(s, "mix", plan="retail", balance_micros=100 * UNIT)
+        bundle = Bundle(name="free", seconds=90, period="month", anchor=1, rollover=False)
+        s.add(bundle)
+        s.flush()
+        found = BundleGrant(account_id="mix", bundle_id=bundle.id, valid_from=datetime(2020, 1, 1, tzinfo=UTC),
+                            reference="grant-mix")
+        s.add(found)
+        s.flush()
+        grant_id = found.id
+    slot = BundleSlot(grant_id, T0 - 10 * day_ms, 90, T0 + 20 * day_ms, None)
+    store = SqlBalanceStore(sessions)
+    ttl = 600_000
+    b1 = store.authorize("mix", "b1", "n1", UNIT, UNIT, T0, ttl, bundle_slots=[slot], bundle_want_s=60)
+    b2 = store.authorize("mix", "b2", "n1", UNIT, UNIT, T0, ttl, bundle_slots=[slot], bundle_want_s=60)
+    p1 = store.authorize("mix", "p1", "n1", 2 * UNIT, UNIT, T0, ttl)
+    assert (b1.bundle_granted_s, b2.bundle_granted_s, p1.granted_micros) == (60, 30, 2 * UNIT)
+    now = T0 + 60_000
+    outs = store.debit_and_reserve_many([
+        NibbleRequest("b1", 1, 0, UNIT, now, ttl, bundle_used_s=60, bundle_want_s=60),  # out of seconds: money
+        NibbleRequest("p1", 1, UNIT, 2 * UNIT, now, ttl),
+        NibbleRequest("b2", 1, UNIT, UNIT, now, ttl, bundle_used_s=30, bundle_want_s=60)])
+    assert [o.status.value for o in outs] == ["granted"] * 3
+    with transaction(sessions) as s:
+        held = s.scalar(select(func.sum(Reservation.reserved_micros + Reservation.debited_micros))
+                        .where(Reservation.account_id == "mix", Reservation.state == "open"))
+        reserved = s.scalar(select(Account.reserved_micros).where(Account.id == "mix"))
+    assert reserved == held, (reserved, held)
+    assert held == UNIT + (2 * UNIT + UNIT) + (UNIT + b2.granted_micros)

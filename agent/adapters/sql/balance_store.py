@@ -117,6 +117,27 @@ _LOCK_CALL_FOR_AUTHORIZE = (
            _RESERVATIONS.c.bundle_held_s)
     .where(_RESERVATIONS.c.call_id == bindparam("call_id")).with_for_update())
 _INSERT_RESERVATION = insert(_RESERVATIONS)
+# A nibble's (SqlBalanceStore._nibble): the call's account, then the account and the call locked
+# in the one order every step uses, and the two updates.
+_ACCOUNT_OF_CALL = select(_RESERVATIONS.c.account_id).where(_RESERVATIONS.c.call_id == bindparam("call_id"))
+_LOCK_ACCOUNT_FOR_NIBBLE = (
+    select(_ACCOUNTS.c.balance_micros, _ACCOUNTS.c.credit_limit_micros, _ACCOUNTS.c.reserved_micros,
+           _ACCOUNTS.c.max_call_cost_micros, _ACCOUNTS.c.daily_spend_micros, _ACCOUNTS.c.monthly_spend_micros)
+    .where(_ACCOUNTS.c.id == bindparam("account_id")).with_for_update())
+_LOCK_CALL_FOR_NIBBLE = (
+    select(_RESERVATIONS.c.state, _RESERVATIONS.c.seq, _RESERVATIONS.c.granted_micros,
+           _RESERVATIONS.c.last_debit_micros, _RESERVATIONS.c.reserved_micros, _RESERVATIONS.c.debited_micros,
+           _RESERVATIONS.c.overrun_micros, _RESERVATIONS.c.expires_at, _RESERVATIONS.c.bundle_slots,
+           _RESERVATIONS.c.bundle_held_s, _RESERVATIONS.c.bundle_last_granted_s, _RESERVATIONS.c.spend_day_ms,
+           _RESERVATIONS.c.spend_month_ms)
+    .where(_RESERVATIONS.c.call_id == bindparam("call_id")).with_for_update())
+_HOLD_ON_ACCOUNT = (update(_ACCOUNTS).where(_ACCOUNTS.c.id == bindparam("account_id"))
+                    .values(reserved_micros=_ACCOUNTS.c.reserved_micros + bindparam("delta")))
+_NIBBLE_ON_CALL = (update(_RESERVATIONS).where(_RESERVATIONS.c.call_id == bindparam("call"))
+                   .values(seq=bindparam("seq"), reserved_micros=bindparam("granted"),
+                           granted_micros=bindparam("granted"), last_debit_micros=bindparam("debit"),
+                           debited_micros=bindparam("debited"), overrun_micros=bindparam("overrun"),
+                           expires_at=bindparam("expires_at")))
 _RESERVE_ON_ACCOUNT = (update(_ACCOUNTS).where(_ACCOUNTS.c.id == bindparam("account_id"))
                        .values(reserved_micros=_ACCOUNTS.c.reserved_micros + bindparam("granted")))
 
@@ -151,11 +172,15 @@ class SqlBalanceStore:
 
     @staticmethod
     def _lock_account(session: Session, account_id: str) -> Account | None:
-        return session.scalar(select(Account).where(Account.id == account_id).with_for_update())
+        # populate_existing: the row as locked now, should the session still hold the entity from
+        # an earlier step of a batch that a Core statement updated since (SQLite's nibble batch)
+        return session.scalar(select(Account).where(Account.id == account_id).with_for_update()
+                              .execution_options(populate_existing=True))
 
     @staticmethod
     def _lock_call(session: Session, call_id: str) -> Reservation | None:
-        return session.scalar(select(Reservation).where(Reservation.call_id == call_id).with_for_update())
+        return session.scalar(select(Reservation).where(Reservation.call_id == call_id).with_for_update()
+                              .execution_options(populate_existing=True))
 
     def _lock_call_and_account(self, session: Session, call_id: str) -> tuple[Reservation | None, Account | None]:
         """Lock in the one order every step uses: the account row, then the reservation."""
@@ -271,6 +296,53 @@ class SqlBalanceStore:
         return [self._run(lambda s, r=request: self._nibble(s, r)) for request in requests]  # type: ignore[misc]
 
     def _nibble(self, session: Session, req: NibbleRequest) -> NibbleOutcome:
+        """One nibble. A call without bundle holds or spend counters, on an account without caps
+        (most calls), as Core statements on the tables (its account's money, its reservation):
+        every live call nibbles, and loading and flushing entities cost several times the
+        statements (on SQLite the whole batch runs in the daemon's loop). Anything else: the
+        entity path (``_nibble_entities``), the same rows locked in the same order."""
+        account_id = session.execute(_ACCOUNT_OF_CALL, {"call_id": req.call_id}).scalar()
+        if account_id is None:
+            return NibbleOutcome(req.call_id, req.seq, NibbleStatus.UNKNOWN_CALL, 0, 0)
+        account = session.execute(_LOCK_ACCOUNT_FOR_NIBBLE, {"account_id": account_id}).first()
+        r = session.execute(_LOCK_CALL_FOR_NIBBLE, {"call_id": req.call_id}).first()
+        if r is None or account is None:
+            return NibbleOutcome(req.call_id, req.seq, NibbleStatus.UNKNOWN_CALL, 0, 0)
+        totals = {"total_debited_micros": r.debited_micros, "overrun_micros": r.overrun_micros}
+        if r.state != "open":
+            return NibbleOutcome(req.call_id, req.seq, NibbleStatus.CLOSED, 0, 0, **totals)
+        if req.seq == r.seq:
+            return NibbleOutcome(req.call_id, req.seq, NibbleStatus.REPLAYED, r.granted_micros,
+                                 r.last_debit_micros, **totals, bundle_granted_s=r.bundle_last_granted_s,
+                                 bundle_held_s=r.bundle_held_s)
+        if req.seq < r.seq:
+            return NibbleOutcome(req.call_id, req.seq, NibbleStatus.STALE, 0, 0, **totals)
+        if datetime_to_ms(r.expires_at) <= req.now_ms:
+            return NibbleOutcome(req.call_id, req.seq, NibbleStatus.EXPIRED, 0, 0, **totals)
+        if (r.bundle_slots not in ("", "[]") or r.spend_day_ms or r.spend_month_ms
+                or SpendLimits(account.max_call_cost_micros, account.daily_spend_micros,
+                               account.monthly_spend_micros).any):
+            return self._nibble_entities(session, req)
+        beyond = req.debit_micros - min(req.debit_micros, r.reserved_micros)  # an overrun adds to what is held
+        effect = nibble_step(
+            call_reserved_micros=r.reserved_micros, debit_micros=req.debit_micros,
+            reserve_micros=req.reserve_micros, available_after_debit_micros=(
+                account.balance_micros + account.credit_limit_micros - account.reserved_micros - beyond))
+        remaining = r.reserved_micros - effect.taken_micros
+        if effect.overrun_micros:
+            log.warning("nibble overrun call=%s seq=%d overrun_micros=%d", req.call_id, req.seq,
+                        effect.overrun_micros)
+        held_delta = effect.overrun_micros + effect.granted_micros - remaining
+        if held_delta:
+            session.execute(_HOLD_ON_ACCOUNT, {"account_id": account_id, "delta": held_delta})
+        debited, overrun = r.debited_micros + req.debit_micros, r.overrun_micros + effect.overrun_micros
+        session.execute(_NIBBLE_ON_CALL, {
+            "call": req.call_id, "seq": req.seq, "granted": effect.granted_micros, "debit": req.debit_micros,
+            "debited": debited, "overrun": overrun, "expires_at": ms_to_datetime(req.now_ms + req.ttl_ms)})
+        return NibbleOutcome(req.call_id, req.seq, NibbleStatus.GRANTED, effect.granted_micros, req.debit_micros,
+                             debited, overrun, bundle_granted_s=0, bundle_held_s=r.bundle_held_s)
+
+    def _nibble_entities(self, session: Session, req: NibbleRequest) -> NibbleOutcome:
         r, account = self._lock_call_and_account(session, req.call_id)
         if r is None or account is None:
             return NibbleOutcome(req.call_id, req.seq, NibbleStatus.UNKNOWN_CALL, 0, 0)
