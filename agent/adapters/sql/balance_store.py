@@ -118,7 +118,7 @@ _LOCK_CALL_FOR_AUTHORIZE = (
     .where(_RESERVATIONS.c.call_id == bindparam("call_id")).with_for_update())
 _INSERT_RESERVATION = insert(_RESERVATIONS)
 # A nibble's (SqlBalanceStore._nibble): the call's account, then the account and the call locked
-# in the one order every step uses, and the two updates.
+# in the one order every step uses, and the two updates (the first one the authorization's too).
 _ACCOUNT_OF_CALL = select(_RESERVATIONS.c.account_id).where(_RESERVATIONS.c.call_id == bindparam("call_id"))
 _LOCK_ACCOUNT_FOR_NIBBLE = (
     select(_ACCOUNTS.c.balance_micros, _ACCOUNTS.c.credit_limit_micros, _ACCOUNTS.c.reserved_micros,
@@ -138,8 +138,6 @@ _NIBBLE_ON_CALL = (update(_RESERVATIONS).where(_RESERVATIONS.c.call_id == bindpa
                            granted_micros=bindparam("granted"), last_debit_micros=bindparam("debit"),
                            debited_micros=bindparam("debited"), overrun_micros=bindparam("overrun"),
                            expires_at=bindparam("expires_at")))
-_RESERVE_ON_ACCOUNT = (update(_ACCOUNTS).where(_ACCOUNTS.c.id == bindparam("account_id"))
-                       .values(reserved_micros=_ACCOUNTS.c.reserved_micros + bindparam("granted")))
 
 
 class SqlBalanceStore:
@@ -271,7 +269,7 @@ class SqlBalanceStore:
             "bundle_slots": dump_holds(list(zip(slots, taken, strict=True))),
             "spend_day_ms": spend.day_start_ms if spend else 0, "spend_month_ms": spend.month_start_ms if spend else 0})
         if granted:
-            session.execute(_RESERVE_ON_ACCOUNT, {"account_id": account_id, "granted": granted})
+            session.execute(_HOLD_ON_ACCOUNT, {"account_id": account_id, "delta": granted})
         _move(spend_rows, held=granted)
         session.flush()
         return AuthorizeOutcome(call_id, True, None, granted, available, plan_name, account.currency,
