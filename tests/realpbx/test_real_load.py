@@ -39,7 +39,13 @@ def test_200_calls_at_20_per_second_are_billed_exactly(lab: Lab) -> None:
     assert len(cdrs) == CALLS and len({c["call_id"] for c in cdrs}) == CALLS
     wrong = [c for c in cdrs if micros(c["rating"]["cost"]) != math.ceil(c["duration_ms"] / 1000) * 10_000]
     assert wrong == []
-    assert all(3_900 <= c["duration_ms"] <= 4_600 for c in cdrs), sorted(c["duration_ms"] for c in cdrs)[-3:]
+    # FreeSWITCH 1.11.1 under load (2026-12-05, beside a CI run) failed one answered call itself
+    # 20 ms after the carrier's answer (INCOMPATIBLE_DESTINATION, as in the cut test below): billed
+    # to the ms of its real duration (``wrong`` above). Every other call lasts what the caller held.
+    failed_by_pbx = [c for c in cdrs if c["hangup_cause"] not in ("NORMAL_CLEARING", "16", "ALLOTTED_TIMEOUT")]
+    assert len(failed_by_pbx) <= 2, failed_by_pbx
+    durations = sorted(c["duration_ms"] for c in cdrs if c not in failed_by_pbx)
+    assert 3_900 <= durations[0] and durations[-1] <= 4_600, (durations[:3], durations[-3:])
     ok, report = lab.agent.ledger_check()
     assert ok, report
 
