@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -76,7 +76,20 @@ def datetime_to_ms(moment: datetime) -> int:
     return (moment - EPOCH) // timedelta(milliseconds=1)
 
 
-def _limits(account: Account) -> SpendLimits:
+class _CapColumns(Protocol):
+    """An account's caps: its entity, or a row of its columns (the Core statements)."""
+
+    @property
+    def max_call_cost_micros(self) -> int | None: ...
+
+    @property
+    def daily_spend_micros(self) -> int | None: ...
+
+    @property
+    def monthly_spend_micros(self) -> int | None: ...
+
+
+def _limits(account: _CapColumns) -> SpendLimits:
     return SpendLimits(account.max_call_cost_micros, account.daily_spend_micros, account.monthly_spend_micros)
 
 
@@ -240,7 +253,7 @@ class SqlBalanceStore:
                     Reservation.account_id == account_id, Reservation.state == "open", Reservation.expires_at > now)
             ) or 0
         available = account.balance_micros + account.credit_limit_micros - account.reserved_micros
-        limits = SpendLimits(account.max_call_cost_micros, account.daily_spend_micros, account.monthly_spend_micros)
+        limits = _limits(account)
         spend = spend_periods(timezone, now_ms) if limits.any else None
         spend_rows = self._spend_rows(session, account_id, spend) if spend is not None else []
         binding = ""
@@ -318,9 +331,8 @@ class SqlBalanceStore:
         if datetime_to_ms(r.expires_at) <= req.now_ms:
             return NibbleOutcome(req.call_id, req.seq, NibbleStatus.EXPIRED, 0, 0, **totals)
         if (r.bundle_slots not in ("", "[]") or r.spend_day_ms or r.spend_month_ms
-                or SpendLimits(account.max_call_cost_micros, account.daily_spend_micros,
-                               account.monthly_spend_micros).any):
-            return self._nibble_entities(session, req)
+                or _limits(account).any):
+            return self._nibble_entities(session, req, account_id)
         beyond = req.debit_micros - min(req.debit_micros, r.reserved_micros)  # an overrun adds to what is held
         effect = nibble_step(
             call_reserved_micros=r.reserved_micros, debit_micros=req.debit_micros,
@@ -340,21 +352,13 @@ class SqlBalanceStore:
         return NibbleOutcome(req.call_id, req.seq, NibbleStatus.GRANTED, effect.granted_micros, req.debit_micros,
                              debited, overrun, bundle_granted_s=0, bundle_held_s=r.bundle_held_s)
 
-    def _nibble_entities(self, session: Session, req: NibbleRequest) -> NibbleOutcome:
-        r, account = self._lock_call_and_account(session, req.call_id)
-        if r is None or account is None:
-            return NibbleOutcome(req.call_id, req.seq, NibbleStatus.UNKNOWN_CALL, 0, 0)
-        totals = {"total_debited_micros": r.debited_micros, "overrun_micros": r.overrun_micros}
-        if r.state != "open":
-            return NibbleOutcome(req.call_id, req.seq, NibbleStatus.CLOSED, 0, 0, **totals)
-        if req.seq == r.seq:
-            return NibbleOutcome(req.call_id, req.seq, NibbleStatus.REPLAYED, r.granted_micros,
-                                 r.last_debit_micros, **totals, bundle_granted_s=r.bundle_last_granted_s,
-                                 bundle_held_s=r.bundle_held_s)
-        if req.seq < r.seq:
-            return NibbleOutcome(req.call_id, req.seq, NibbleStatus.STALE, 0, 0, **totals)
-        if datetime_to_ms(r.expires_at) <= req.now_ms:
-            return NibbleOutcome(req.call_id, req.seq, NibbleStatus.EXPIRED, 0, 0, **totals)
+    def _nibble_entities(self, session: Session, req: NibbleRequest, account_id: str) -> NibbleOutcome:
+        """``_nibble``'s path for a call with bundle holds or spend counters, or an account with
+        caps: ``_nibble`` locked both rows and found the call open, at this step, not expired;
+        their entities are read here (as locked: ``populate_existing``)."""
+        account = self._lock_account(session, account_id)
+        r = self._lock_call(session, req.call_id)
+        assert account is not None and r is not None  # locked by _nibble in this transaction
         reserve_micros, bundle_granted = self._nibble_bundles(session, r, req)
         beyond = req.debit_micros - min(req.debit_micros, r.reserved_micros)  # an overrun adds to what is held
         available_after = (account.balance_micros + account.credit_limit_micros - account.reserved_micros - beyond)
