@@ -17,6 +17,7 @@ from agent.adapters.sql.balance_store import SqlBalanceStore
 from agent.adapters.sql.engine import make_engine, session_factory, transaction
 from agent.adapters.sql.migrate import upgrade
 from agent.adapters.sql.plans import create_plan
+from agent.core.errors import Conflict
 
 T0 = 1_800_000_000_000
 UNIT = 1_000_000
@@ -112,3 +113,65 @@ def test_a_nibble_batch_mixing_plain_and_bundle_calls_of_one_account_keeps_its_m
         reserved = s.scalar(select(Account.reserved_micros).where(Account.id == "mix"))
     assert reserved == held, (reserved, held)
     assert held == UNIT + (2 * UNIT + UNIT) + (UNIT + b2.granted_micros)
+
+
+def _ledger_ok(engine: Engine) -> None:
+    """Balances equal their ledger, held money equals the open calls' (no CDRs here: the charges'
+    own check needs them)."""
+    from agent.adapters.sql.reconcile import Report, check_balances, check_reserved
+
+    report = Report()
+    with transaction(session_factory(engine)) as s:
+        check_balances(s, report)
+        check_reserved(s, report, 10)
+    assert report.ok, report.problems
+
+
+def test_a_plain_settle_release_and_expiry_are_core_statements_and_keep_the_ledger_exact(engine: Engine) -> None:
+    """Every call closes once, on SQLite in the daemon's loop: a call without bundle holds or
+    spend counters settles (or is released, or expires) in a fixed list of statements, no entity."""
+    from agent.core.balance import ReleaseStatus, SettleStatus
+
+    store = SqlBalanceStore(session_factory(engine))
+    store.authorize("plain", "c1", "n1", UNIT, UNIT, T0, 60_000)
+    store.debit_and_reserve("c1", 1, UNIT // 2, UNIT, T0 + 1_000, 60_000)
+    settle = _statements(engine, lambda: store.settle("c1", 2, 2 * UNIT, T0 + 2_000))
+    assert [s.split()[0] for s in settle] == [
+        "BEGIN", "SELECT", "SELECT", "SELECT", "SELECT", "UPDATE", "INSERT", "UPDATE"], settle
+    # held 1.5 (0.5 debited + 1 reserved), cost 2: 0.5 overrun, charged in full
+    replay = store.settle("c1", 2, 2 * UNIT, T0 + 3_000)
+    assert (replay.status, replay.cost_micros, replay.overrun_micros) == (SettleStatus.REPLAYED, 2 * UNIT, UNIT // 2)
+    state = store.account_state("plain")
+    assert (state.balance_micros, state.reserved_micros) == (8 * UNIT, 0)
+
+    store.authorize("plain", "c2", "n1", UNIT, UNIT, T0, 60_000)
+    store.debit_and_reserve("c2", 1, UNIT // 4, UNIT, T0 + 1_000, 60_000)
+    release = store.release("c2", 2, T0 + 2_000)
+    assert (release.status, release.released_micros, release.charged_micros) == (
+        ReleaseStatus.RELEASED, UNIT, UNIT // 4)
+    store.authorize("plain", "c3", "n1", UNIT, UNIT, T0, 60_000)  # never nibbled: nothing charged
+    quiet = _statements(engine, lambda: store.release("c3", 1, T0 + 2_000))
+    assert not any(s.startswith("INSERT") for s in quiet), quiet
+    store.authorize("plain", "c4", "n1", UNIT, UNIT, T0, 60_000)
+    assert store.expire(T0 + 59_000).expired == ()  # not yet
+    assert store.expire(T0 + 60_000).expired == ("c4",)
+    late = store.settle("c2", 3, UNIT, T0 + 5_000)  # after its release: the entity path adjusts
+    assert late.status is SettleStatus.AFTER_EXPIRY
+    state = store.account_state("plain")
+    assert (state.balance_micros, state.reserved_micros, state.live_calls) == (
+        8 * UNIT - UNIT, 0, 0)
+    _ledger_ok(engine)
+
+
+def test_a_settle_whose_charge_reference_is_taken_is_refused_as_before(engine: Engine) -> None:
+    """The Core path never writes a second entry under a reference: the entity path decides
+    (the same movement is kept, another one is refused), as it always did."""
+    store = SqlBalanceStore(session_factory(engine))
+    sessions = session_factory(engine)
+    with transaction(sessions) as s:
+        repo.post_entry(s, "plain", kind="adjustment", amount_micros=-UNIT, reference="charge:c9")
+    store.authorize("plain", "c9", "n1", UNIT, UNIT, T0, 60_000)
+    with pytest.raises(Conflict):
+        store.settle("c9", 1, UNIT, T0 + 1_000)
+    state = store.account_state("plain")
+    assert (state.balance_micros, state.reserved_micros) == (9 * UNIT, UNIT)  # nothing half-written

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from agent.adapters.sql.accounts import post_entry
 from agent.adapters.sql.bundle_periods import dump_holds, load_holds, open_period, periods_of, post_use
 from agent.adapters.sql.engine import transaction
-from agent.adapters.sql.models import Account, RatePlan, Reservation, SpendPeriod
+from agent.adapters.sql.models import Account, LedgerEntry, RatePlan, Reservation, SpendPeriod, utcnow
 from agent.core.balance import (
     AccountState,
     AuthorizeOutcome,
@@ -34,6 +34,7 @@ from agent.core.balance import (
     BundleSettle,
     DenyReason,
     ExpireReport,
+    LedgerPosting,
     LiveCall,
     NibbleOutcome,
     NibbleRequest,
@@ -151,6 +152,30 @@ _NIBBLE_ON_CALL = (update(_RESERVATIONS).where(_RESERVATIONS.c.call_id == bindpa
                            granted_micros=bindparam("granted"), last_debit_micros=bindparam("debit"),
                            debited_micros=bindparam("debited"), overrun_micros=bindparam("overrun"),
                            expires_at=bindparam("expires_at")))
+
+
+# The close of a plain call (SqlBalanceStore._close_plain: settle, release, expiry): its account's
+# balance and the call's closing columns locked, the ledger's references looked up, then the
+# account moved, its entries inserted and the call closed.
+_LEDGER: Table = LedgerEntry.__table__  # type: ignore[assignment]
+_LOCK_ACCOUNT_FOR_CLOSE = (select(_ACCOUNTS.c.balance_micros).where(_ACCOUNTS.c.id == bindparam("account_id"))
+                           .with_for_update())
+_LOCK_CALL_FOR_CLOSE = (
+    select(_RESERVATIONS.c.state, _RESERVATIONS.c.seq, _RESERVATIONS.c.reserved_micros,
+           _RESERVATIONS.c.debited_micros, _RESERVATIONS.c.overrun_micros, _RESERVATIONS.c.expires_at,
+           _RESERVATIONS.c.bundle_slots, _RESERVATIONS.c.bundle_used_s, _RESERVATIONS.c.spend_day_ms,
+           _RESERVATIONS.c.spend_month_ms)
+    .where(_RESERVATIONS.c.call_id == bindparam("call_id")).with_for_update())
+_REFERENCES_USED = select(_LEDGER.c.reference).where(_LEDGER.c.reference.in_(bindparam("references", expanding=True)))
+_CHARGE_ACCOUNT = (update(_ACCOUNTS).where(_ACCOUNTS.c.id == bindparam("account_id"))
+                   .values(reserved_micros=_ACCOUNTS.c.reserved_micros + bindparam("delta"),
+                           balance_micros=_ACCOUNTS.c.balance_micros + bindparam("amount"),
+                           updated_at=bindparam("updated_at")))
+_INSERT_LEDGER_ENTRY = insert(_LEDGER)
+_CLOSE_CALL = (update(_RESERVATIONS).where(_RESERVATIONS.c.call_id == bindparam("call"))
+               .values(state=bindparam("state"), reserved_micros=0, seq=bindparam("seq"),
+                       closed_at=bindparam("closed_at"), overrun_micros=bindparam("overrun"),
+                       cost_micros=bindparam("cost"), closed_charge_micros=bindparam("closed_charge")))
 
 
 class SqlBalanceStore:
@@ -424,6 +449,10 @@ class SqlBalanceStore:
 
     def _settle(self, session: Session, call_id: str, seq: int, cost: int, now_ms: int,
                 account_hint: str | None, bundle: BundleSettle | None = None) -> SettleOutcome:
+        if bundle is None or not bundle.slots or bundle.covered_s <= 0:  # no seconds to commit without holds
+            plain = self._close_plain(session, call_id, seq, now_ms, "settled", cost)
+            if isinstance(plain, SettleOutcome):
+                return plain
         r, account = self._lock_call_and_account(session, call_id)
         if r is None:
             return self._settle_without_reservation(session, call_id, seq, cost, now_ms, account_hint, bundle)
@@ -463,6 +492,64 @@ class SqlBalanceStore:
         self._post(session, r)
         return SettleOutcome(call_id, r.account_id, status, cost, r.debited_micros, released, r.overrun_micros,
                              bundle_used_s=r.bundle_used_s)
+
+    def _close_plain(self, session: Session, call_id: str, seq: int, now_ms: int, state: str,
+                     cost: int | None = None) -> SettleOutcome | ReleaseOutcome | None:
+        """Settle (``state`` "settled", with ``cost``), release or expire an open call without
+        bundle holds or spend counters (most calls) as Core statements: every call closes once,
+        on SQLite in the daemon's loop, and the entity path cost about five times an
+        authorization there. None: not such a call, or a ledger reference already taken; the
+        entity path (``_settle``, ``_close``) then decides on the same rows, locked in the same
+        order (it reads them as locked: ``populate_existing``)."""
+        account_id = session.execute(_ACCOUNT_OF_CALL, {"call_id": call_id}).scalar()
+        if account_id is None:
+            return None
+        account = session.execute(_LOCK_ACCOUNT_FOR_CLOSE, {"account_id": account_id}).first()
+        r = session.execute(_LOCK_CALL_FOR_CLOSE, {"call_id": call_id}).first()
+        if (account is None or r is None or r.state != "open" or r.bundle_slots not in ("", "[]")
+                or r.spend_day_ms or r.spend_month_ms):
+            return None
+        if state == "expired" and datetime_to_ms(r.expires_at) > now_ms:
+            return ReleaseOutcome(call_id, ReleaseStatus.CLOSED)  # renewed since the sweep looked
+        held = r.reserved_micros + r.debited_micros
+        settling = state == "settled"
+        assert not settling or cost is not None
+        closed_charge = None if settling else r.debited_micros
+        postings = ledger_postings(call_id, closed_charge_micros=closed_charge, cost_micros=cost)
+        if postings and session.execute(_REFERENCES_USED, {"references": [p.reference for p in postings]}).first():
+            return None  # the entity path refuses a conflicting reference or keeps the stored entry
+        overrun = max(0, cost - held) if cost is not None else 0
+        if overrun:
+            log.warning("settle overrun call=%s cost_micros=%d overrun_micros=%d", call_id, cost, overrun)
+        self._post_plain(session, account_id, account.balance_micros, -held, postings, call_id)
+        session.execute(_CLOSE_CALL, {
+            "call": call_id, "state": state, "seq": max(r.seq, seq), "closed_at": ms_to_datetime(now_ms),
+            "overrun": r.overrun_micros + overrun, "cost": cost, "closed_charge": closed_charge})
+        if settling:
+            assert cost is not None
+            return SettleOutcome(call_id, account_id, SettleStatus.SETTLED, cost, r.debited_micros,
+                                 r.reserved_micros, r.overrun_micros + overrun, bundle_used_s=r.bundle_used_s)
+        return ReleaseOutcome(call_id, ReleaseStatus.RELEASED, r.reserved_micros, r.debited_micros)
+
+    @staticmethod
+    def _post_plain(session: Session, account_id: str, balance_micros: int, held_delta: int,
+                    postings: Sequence[LedgerPosting], call_id: str) -> None:
+        """``_post`` as Core statements, with the account's held money moved in the same update:
+        the entries (references known to be free) and their balances after, from the locked
+        balance."""
+        if not postings:
+            session.execute(_HOLD_ON_ACCOUNT, {"account_id": account_id, "delta": held_delta})
+            return
+        now = utcnow()
+        entries = []
+        for posting in postings:
+            balance_micros += posting.amount_micros
+            entries.append({"account_id": account_id, "kind": posting.kind, "amount_micros": posting.amount_micros,
+                            "balance_after_micros": balance_micros, "reference": posting.reference,
+                            "call_id": call_id, "description": posting.description[:255], "created_at": now})
+        session.execute(_CHARGE_ACCOUNT, {"account_id": account_id, "delta": held_delta, "updated_at": now,
+                                          "amount": sum(p.amount_micros for p in postings)})
+        session.execute(_INSERT_LEDGER_ENTRY, entries if len(entries) > 1 else entries[0])
 
     @staticmethod
     def _commit_bundles(session: Session, r: Reservation, covered_s: int) -> None:
@@ -553,6 +640,9 @@ class SqlBalanceStore:
 
     def _close(self, session: Session, call_id: str, seq: int, now_ms: int, state: str) -> ReleaseOutcome:
         """Release (or expire) an open reservation; its nibble debits are charged."""
+        plain = self._close_plain(session, call_id, seq, now_ms, state)
+        if isinstance(plain, ReleaseOutcome):
+            return plain
         r, account = self._lock_call_and_account(session, call_id)
         if r is None or account is None:
             return ReleaseOutcome(call_id, ReleaseStatus.UNKNOWN_CALL)
