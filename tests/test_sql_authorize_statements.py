@@ -164,8 +164,8 @@ def test_a_plain_settle_release_and_expiry_are_core_statements_and_keep_the_ledg
 
 
 def test_a_settle_whose_charge_reference_is_taken_is_refused_as_before(engine: Engine) -> None:
-    """The Core path never writes a second entry under a reference: the entity path decides
-    (the same movement is kept, another one is refused), as it always did."""
+    """The Core path never writes a second entry under a reference: another movement under the
+    call's charge reference is refused, and nothing of the close is written."""
     store = SqlBalanceStore(session_factory(engine))
     sessions = session_factory(engine)
     with transaction(sessions) as s:
@@ -175,3 +175,31 @@ def test_a_settle_whose_charge_reference_is_taken_is_refused_as_before(engine: E
         store.settle("c9", 1, UNIT, T0 + 1_000)
     state = store.account_state("plain")
     assert (state.balance_micros, state.reserved_micros) == (9 * UNIT, UNIT)  # nothing half-written
+
+
+def test_post_entries_keeps_a_repeated_movement_refuses_another_and_chains_the_balances(engine: Engine) -> None:
+    """The Core posting both stores close calls with (the SQL store's settle, the Redis store's
+    ledger poster): idempotent per reference as ``post_entry`` is, balances after in order."""
+    from sqlalchemy import select
+
+    from agent.adapters.sql.models import Account, LedgerEntry
+    from agent.core.balance import LedgerPosting
+
+    sessions = session_factory(engine)
+    first = [LedgerPosting("charge", -UNIT, "charge:x1", "call"),
+             LedgerPosting("adjustment", UNIT // 4, "charge-late:x1", "late")]
+    with transaction(sessions) as s:
+        assert repo.post_entries(s, "plain", first, call_id="x1") == [True, True]
+    with transaction(sessions) as s:  # a replay: nothing new, nothing moved
+        assert repo.post_entries(s, "plain", first, call_id="x1") == [False, False]
+    with transaction(sessions) as s:
+        rows = s.execute(select(LedgerEntry.reference, LedgerEntry.balance_after_micros)
+                         .where(LedgerEntry.call_id == "x1").order_by(LedgerEntry.id)).all()
+        balance = s.scalar(select(Account.balance_micros).where(Account.id == "plain"))
+    assert [tuple(r) for r in rows] == [("charge:x1", 9 * UNIT), ("charge-late:x1", 9 * UNIT + UNIT // 4)]
+    assert balance == 9 * UNIT + UNIT // 4
+    with pytest.raises(Conflict), transaction(sessions) as s:
+        repo.post_entries(s, "plain", [LedgerPosting("charge", -2 * UNIT, "charge:x1", "call")], call_id="x1")
+    with pytest.raises(Conflict), transaction(sessions) as s:  # the same reference on another account
+        repo.post_entries(s, "limited", [first[0]], call_id="x1")
+    _ledger_ok(engine)

@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from agent.adapters.redis.connect import RedisClient
 from agent.adapters.redis.keys import KeySpace
 from agent.adapters.redis.scripts import Scripts
-from agent.adapters.sql.accounts import lock_account, post_entry
+from agent.adapters.sql.accounts import lock_account, post_entries
 from agent.adapters.sql.bundle_periods import post_usage, post_use, use_reference
 from agent.adapters.sql.engine import transaction
 from agent.adapters.sql.models import BundlePeriod, BundleUsage, LedgerEntry, RatePlan, SpendPeriod
@@ -221,12 +221,8 @@ def _write_closed(session: Session, account_id: str, call_id: str, openings: Seq
         lock_account(session, account_id)
         write_openings(session, account_id, openings)
         write_uses(session, account_id, call_id, uses)
-    spent = 0
-    for p in postings:
-        posting = post_entry(session, account_id, kind=p.kind, amount_micros=p.amount_micros,
-                             reference=p.reference, call_id=call_id, description=p.description)
-        if posting.created:
-            spent -= p.amount_micros
+    created = post_entries(session, account_id, postings, call_id=call_id)
+    spent = -sum(p.amount_micros for p, new in zip(postings, created, strict=True) if new)
     if spend is not None and spent:
         add_spent(session, account_id, spend, spent)
 
@@ -243,7 +239,7 @@ def lost_step_postings(session: Session, call_id: str, postings: Sequence[Ledger
       cost): it is a late settle, so the ``charge-late`` adjustment is what is left to write;
     * otherwise (the ledger has the settle, or the late adjustment already): nothing to write.
 
-    Without this, ``post_entry`` refuses the differing amount, and the call stayed in the
+    Without this, ``post_entries`` refuses the differing amount, and the call stayed in the
     sweeper's index with a Conflict logged at every sweep, its Redis balance off by the difference.
     """
     charge_ref = charge_reference(call_id)
@@ -263,7 +259,7 @@ def lost_step_postings(session: Session, call_id: str, postings: Sequence[Ledger
 
 def add_spent(session: Session, account_id: str, spend: tuple[int, int], amount_micros: int) -> None:
     """Add a call's newly posted charges to the spent of its day and month: one UPDATE of both
-    rows, and the rows missing created. The caller holds the account's row lock (post_entry took
+    rows, and the rows missing created. The caller holds the account's row lock (post_entries took
     it), so no two writers change or create the same rows at once."""
     wanted = {("day", spend[0]), ("month", spend[1])}
     which = or_(*[and_(SpendPeriod.kind == kind, SpendPeriod.start_ms == start) for kind, start in wanted])

@@ -8,15 +8,17 @@ always equals the sum of the ledger. Replaying a reference never posts twice.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from agent.adapters.sql.models import Account, LedgerEntry, RatePlan, Tenant, utcnow
+from agent.core.balance import LedgerPosting
 from agent.core.budgets import SpendLimits, check_limits
 from agent.core.errors import Conflict, InvalidInput, NotFound
 from agent.core.fx import check_currency
@@ -194,6 +196,63 @@ def post_entry(
     session.flush()
     return Posting(entry.id, account_id, kind, amount_micros, entry.balance_after_micros, reference,
                    created=True)
+
+
+_ACCOUNTS: Table = Account.__table__  # type: ignore[assignment]
+_LEDGER: Table = LedgerEntry.__table__  # type: ignore[assignment]
+_LOCK_BALANCE = select(_ACCOUNTS.c.balance_micros).where(_ACCOUNTS.c.id == bindparam("account_id")).with_for_update()
+_ENTRIES_OF = select(_LEDGER.c.reference, _LEDGER.c.account_id, _LEDGER.c.kind, _LEDGER.c.amount_micros).where(
+    _LEDGER.c.reference.in_(bindparam("references", expanding=True)))
+_MOVE_ACCOUNT = (update(_ACCOUNTS).where(_ACCOUNTS.c.id == bindparam("account_id"))
+                 .values(balance_micros=_ACCOUNTS.c.balance_micros + bindparam("amount"),
+                         reserved_micros=_ACCOUNTS.c.reserved_micros + bindparam("held"),
+                         updated_at=bindparam("updated_at")))
+_HOLD = (update(_ACCOUNTS).where(_ACCOUNTS.c.id == bindparam("account_id"))
+         .values(reserved_micros=_ACCOUNTS.c.reserved_micros + bindparam("held")))
+_INSERT_ENTRY = insert(_LEDGER)
+
+
+def post_entries(session: Session, account_id: str, postings: Sequence[LedgerPosting], *, call_id: str,
+                 held_delta_micros: int = 0, locked_balance_micros: int | None = None) -> list[bool]:
+    """``post_entry`` for a closed call's entries, as Core statements: every call closes once,
+    and the balance stores close calls on the daemon's busy path (the SQL store in its loop, the
+    Redis store's ledger poster beside it), where loading and flushing entities cost several
+    times the statements. The account is locked (unless the caller holds its lock and passes
+    its balance), the references looked up: one the ledger holds with the same movement is kept
+    (not created), with another one refused (Conflict), as ``post_entry`` does; then the new
+    entries are inserted with their balances after, and the account's balance (and the money it
+    holds for live calls, ``held_delta_micros``: the SQL store's) moved in one update.
+    Returns, per posting, whether this call created it."""
+    balance = locked_balance_micros
+    if balance is None:
+        balance = session.execute(_LOCK_BALANCE, {"account_id": account_id}).scalar()
+        if balance is None:
+            raise NotFound(f"unknown account {account_id!r}")
+    stored = {row.reference: row for row in session.execute(
+        _ENTRIES_OF, {"references": [p.reference for p in postings]})} if postings else {}
+    created, entries, moved = [], [], 0
+    now = utcnow()
+    for p in postings:
+        row = stored.get(p.reference)
+        if row is not None:
+            if (row.account_id, row.kind, row.amount_micros) != (account_id, p.kind, p.amount_micros):
+                raise Conflict(f"reference {p.reference!r} was already used for a {row.kind} of "
+                               f"{row.amount_micros} micro-units on account {row.account_id!r}")
+            created.append(False)
+            continue
+        balance += p.amount_micros
+        moved += p.amount_micros
+        entries.append({"account_id": account_id, "kind": p.kind, "amount_micros": p.amount_micros,
+                        "balance_after_micros": balance, "reference": p.reference, "call_id": call_id,
+                        "description": p.description[:255], "created_at": now})
+        created.append(True)
+    if entries:
+        session.execute(_MOVE_ACCOUNT, {"account_id": account_id, "amount": moved, "held": held_delta_micros,
+                                        "updated_at": now})
+        session.execute(_INSERT_ENTRY, entries if len(entries) > 1 else entries[0])
+    elif held_delta_micros:
+        session.execute(_HOLD, {"account_id": account_id, "held": held_delta_micros})
+    return created
 
 
 def topup(session: Session, account_id: str, amount_micros: int, reference: str | None = None) -> Posting:

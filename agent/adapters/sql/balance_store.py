@@ -23,10 +23,10 @@ from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from agent.adapters.sql.accounts import post_entry
+from agent.adapters.sql.accounts import post_entries, post_entry
 from agent.adapters.sql.bundle_periods import dump_holds, load_holds, open_period, periods_of, post_use
 from agent.adapters.sql.engine import transaction
-from agent.adapters.sql.models import Account, LedgerEntry, RatePlan, Reservation, SpendPeriod, utcnow
+from agent.adapters.sql.models import Account, RatePlan, Reservation, SpendPeriod
 from agent.core.balance import (
     AccountState,
     AuthorizeOutcome,
@@ -34,7 +34,6 @@ from agent.core.balance import (
     BundleSettle,
     DenyReason,
     ExpireReport,
-    LedgerPosting,
     LiveCall,
     NibbleOutcome,
     NibbleRequest,
@@ -155,9 +154,8 @@ _NIBBLE_ON_CALL = (update(_RESERVATIONS).where(_RESERVATIONS.c.call_id == bindpa
 
 
 # The close of a plain call (SqlBalanceStore._close_plain: settle, release, expiry): its account's
-# balance and the call's closing columns locked, the ledger's references looked up, then the
-# account moved, its entries inserted and the call closed.
-_LEDGER: Table = LedgerEntry.__table__  # type: ignore[assignment]
+# balance and the call's closing columns locked, then its ledger entries (accounts.post_entries:
+# the account moved in the same update) and the call closed.
 _LOCK_ACCOUNT_FOR_CLOSE = (select(_ACCOUNTS.c.balance_micros).where(_ACCOUNTS.c.id == bindparam("account_id"))
                            .with_for_update())
 _LOCK_CALL_FOR_CLOSE = (
@@ -166,12 +164,6 @@ _LOCK_CALL_FOR_CLOSE = (
            _RESERVATIONS.c.bundle_slots, _RESERVATIONS.c.bundle_used_s, _RESERVATIONS.c.spend_day_ms,
            _RESERVATIONS.c.spend_month_ms)
     .where(_RESERVATIONS.c.call_id == bindparam("call_id")).with_for_update())
-_REFERENCES_USED = select(_LEDGER.c.reference).where(_LEDGER.c.reference.in_(bindparam("references", expanding=True)))
-_CHARGE_ACCOUNT = (update(_ACCOUNTS).where(_ACCOUNTS.c.id == bindparam("account_id"))
-                   .values(reserved_micros=_ACCOUNTS.c.reserved_micros + bindparam("delta"),
-                           balance_micros=_ACCOUNTS.c.balance_micros + bindparam("amount"),
-                           updated_at=bindparam("updated_at")))
-_INSERT_LEDGER_ENTRY = insert(_LEDGER)
 _CLOSE_CALL = (update(_RESERVATIONS).where(_RESERVATIONS.c.call_id == bindparam("call"))
                .values(state=bindparam("state"), reserved_micros=0, seq=bindparam("seq"),
                        closed_at=bindparam("closed_at"), overrun_micros=bindparam("overrun"),
@@ -498,9 +490,11 @@ class SqlBalanceStore:
         """Settle (``state`` "settled", with ``cost``), release or expire an open call without
         bundle holds or spend counters (most calls) as Core statements: every call closes once,
         on SQLite in the daemon's loop, and the entity path cost about five times an
-        authorization there. None: not such a call, or a ledger reference already taken; the
-        entity path (``_settle``, ``_close``) then decides on the same rows, locked in the same
-        order (it reads them as locked: ``populate_existing``)."""
+        authorization there. None: not such a call (closed, with bundle holds or spend
+        counters, unknown); the entity path (``_settle``, ``_close``) then decides on the same
+        rows, locked in the same order (it reads them as locked: ``populate_existing``). A
+        ledger reference the call's entry needs, held by another movement, is refused
+        (Conflict) as the entity path refuses it."""
         account_id = session.execute(_ACCOUNT_OF_CALL, {"call_id": call_id}).scalar()
         if account_id is None:
             return None
@@ -516,12 +510,11 @@ class SqlBalanceStore:
         assert not settling or cost is not None
         closed_charge = None if settling else r.debited_micros
         postings = ledger_postings(call_id, closed_charge_micros=closed_charge, cost_micros=cost)
-        if postings and session.execute(_REFERENCES_USED, {"references": [p.reference for p in postings]}).first():
-            return None  # the entity path refuses a conflicting reference or keeps the stored entry
         overrun = max(0, cost - held) if cost is not None else 0
         if overrun:
             log.warning("settle overrun call=%s cost_micros=%d overrun_micros=%d", call_id, cost, overrun)
-        self._post_plain(session, account_id, account.balance_micros, -held, postings, call_id)
+        post_entries(session, account_id, postings, call_id=call_id, held_delta_micros=-held,
+                     locked_balance_micros=account.balance_micros)
         session.execute(_CLOSE_CALL, {
             "call": call_id, "state": state, "seq": max(r.seq, seq), "closed_at": ms_to_datetime(now_ms),
             "overrun": r.overrun_micros + overrun, "cost": cost, "closed_charge": closed_charge})
@@ -530,26 +523,6 @@ class SqlBalanceStore:
             return SettleOutcome(call_id, account_id, SettleStatus.SETTLED, cost, r.debited_micros,
                                  r.reserved_micros, r.overrun_micros + overrun, bundle_used_s=r.bundle_used_s)
         return ReleaseOutcome(call_id, ReleaseStatus.RELEASED, r.reserved_micros, r.debited_micros)
-
-    @staticmethod
-    def _post_plain(session: Session, account_id: str, balance_micros: int, held_delta: int,
-                    postings: Sequence[LedgerPosting], call_id: str) -> None:
-        """``_post`` as Core statements, with the account's held money moved in the same update:
-        the entries (references known to be free) and their balances after, from the locked
-        balance."""
-        if not postings:
-            session.execute(_HOLD_ON_ACCOUNT, {"account_id": account_id, "delta": held_delta})
-            return
-        now = utcnow()
-        entries = []
-        for posting in postings:
-            balance_micros += posting.amount_micros
-            entries.append({"account_id": account_id, "kind": posting.kind, "amount_micros": posting.amount_micros,
-                            "balance_after_micros": balance_micros, "reference": posting.reference,
-                            "call_id": call_id, "description": posting.description[:255], "created_at": now})
-        session.execute(_CHARGE_ACCOUNT, {"account_id": account_id, "delta": held_delta, "updated_at": now,
-                                          "amount": sum(p.amount_micros for p in postings)})
-        session.execute(_INSERT_LEDGER_ENTRY, entries if len(entries) > 1 else entries[0])
 
     @staticmethod
     def _commit_bundles(session: Session, r: Reservation, covered_s: int) -> None:
