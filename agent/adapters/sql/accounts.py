@@ -200,15 +200,17 @@ def post_entry(
 
 _ACCOUNTS: Table = Account.__table__  # type: ignore[assignment]
 _LEDGER: Table = LedgerEntry.__table__  # type: ignore[assignment]
-_LOCK_BALANCE = select(_ACCOUNTS.c.balance_micros).where(_ACCOUNTS.c.id == bindparam("account_id")).with_for_update()
+# Shared with the SQL balance store (balance_store.py): an account's balance under its row lock,
+# and a move of the money it holds for live calls.
+LOCK_BALANCE = select(_ACCOUNTS.c.balance_micros).where(_ACCOUNTS.c.id == bindparam("account_id")).with_for_update()
+HOLD_ON_ACCOUNT = (update(_ACCOUNTS).where(_ACCOUNTS.c.id == bindparam("account_id"))
+                   .values(reserved_micros=_ACCOUNTS.c.reserved_micros + bindparam("delta")))
 _ENTRIES_OF = select(_LEDGER.c.reference, _LEDGER.c.account_id, _LEDGER.c.kind, _LEDGER.c.amount_micros).where(
     _LEDGER.c.reference.in_(bindparam("references", expanding=True)))
 _MOVE_ACCOUNT = (update(_ACCOUNTS).where(_ACCOUNTS.c.id == bindparam("account_id"))
                  .values(balance_micros=_ACCOUNTS.c.balance_micros + bindparam("amount"),
                          reserved_micros=_ACCOUNTS.c.reserved_micros + bindparam("held"),
                          updated_at=bindparam("updated_at")))
-_HOLD = (update(_ACCOUNTS).where(_ACCOUNTS.c.id == bindparam("account_id"))
-         .values(reserved_micros=_ACCOUNTS.c.reserved_micros + bindparam("held")))
 _INSERT_ENTRY = insert(_LEDGER)
 
 
@@ -225,7 +227,7 @@ def post_entries(session: Session, account_id: str, postings: Sequence[LedgerPos
     Returns, per posting, whether this call created it."""
     balance = locked_balance_micros
     if balance is None:
-        balance = session.execute(_LOCK_BALANCE, {"account_id": account_id}).scalar()
+        balance = session.execute(LOCK_BALANCE, {"account_id": account_id}).scalar()
         if balance is None:
             raise NotFound(f"unknown account {account_id!r}")
     stored = {row.reference: row for row in session.execute(
@@ -251,7 +253,7 @@ def post_entries(session: Session, account_id: str, postings: Sequence[LedgerPos
                                         "updated_at": now})
         session.execute(_INSERT_ENTRY, entries if len(entries) > 1 else entries[0])
     elif held_delta_micros:
-        session.execute(_HOLD, {"account_id": account_id, "held": held_delta_micros})
+        session.execute(HOLD_ON_ACCOUNT, {"account_id": account_id, "delta": held_delta_micros})
     return created
 
 

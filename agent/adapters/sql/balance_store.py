@@ -23,7 +23,7 @@ from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from agent.adapters.sql.accounts import post_entries, post_entry
+from agent.adapters.sql.accounts import HOLD_ON_ACCOUNT, LOCK_BALANCE, post_entries, post_entry
 from agent.adapters.sql.bundle_periods import dump_holds, load_holds, open_period, periods_of, post_use
 from agent.adapters.sql.engine import transaction
 from agent.adapters.sql.models import Account, RatePlan, Reservation, SpendPeriod
@@ -131,7 +131,8 @@ _LOCK_CALL_FOR_AUTHORIZE = (
     .where(_RESERVATIONS.c.call_id == bindparam("call_id")).with_for_update())
 _INSERT_RESERVATION = insert(_RESERVATIONS)
 # A nibble's (SqlBalanceStore._nibble): the call's account, then the account and the call locked
-# in the one order every step uses, and the two updates (the first one the authorization's too).
+# in the one order every step uses, and the two updates (the first, accounts.HOLD_ON_ACCOUNT, the
+# authorization's too).
 _ACCOUNT_OF_CALL = select(_RESERVATIONS.c.account_id).where(_RESERVATIONS.c.call_id == bindparam("call_id"))
 _LOCK_ACCOUNT_FOR_NIBBLE = (
     select(_ACCOUNTS.c.balance_micros, _ACCOUNTS.c.credit_limit_micros, _ACCOUNTS.c.reserved_micros,
@@ -144,8 +145,6 @@ _LOCK_CALL_FOR_NIBBLE = (
            _RESERVATIONS.c.bundle_held_s, _RESERVATIONS.c.bundle_last_granted_s, _RESERVATIONS.c.spend_day_ms,
            _RESERVATIONS.c.spend_month_ms)
     .where(_RESERVATIONS.c.call_id == bindparam("call_id")).with_for_update())
-_HOLD_ON_ACCOUNT = (update(_ACCOUNTS).where(_ACCOUNTS.c.id == bindparam("account_id"))
-                    .values(reserved_micros=_ACCOUNTS.c.reserved_micros + bindparam("delta")))
 _NIBBLE_ON_CALL = (update(_RESERVATIONS).where(_RESERVATIONS.c.call_id == bindparam("call"))
                    .values(seq=bindparam("seq"), reserved_micros=bindparam("granted"),
                            granted_micros=bindparam("granted"), last_debit_micros=bindparam("debit"),
@@ -156,8 +155,6 @@ _NIBBLE_ON_CALL = (update(_RESERVATIONS).where(_RESERVATIONS.c.call_id == bindpa
 # The close of a plain call (SqlBalanceStore._close_plain: settle, release, expiry): its account's
 # balance and the call's closing columns locked, then its ledger entries (accounts.post_entries:
 # the account moved in the same update) and the call closed.
-_LOCK_ACCOUNT_FOR_CLOSE = (select(_ACCOUNTS.c.balance_micros).where(_ACCOUNTS.c.id == bindparam("account_id"))
-                           .with_for_update())
 _LOCK_CALL_FOR_CLOSE = (
     select(_RESERVATIONS.c.state, _RESERVATIONS.c.seq, _RESERVATIONS.c.reserved_micros,
            _RESERVATIONS.c.debited_micros, _RESERVATIONS.c.overrun_micros, _RESERVATIONS.c.expires_at,
@@ -299,7 +296,7 @@ class SqlBalanceStore:
             "bundle_slots": dump_holds(list(zip(slots, taken, strict=True))),
             "spend_day_ms": spend.day_start_ms if spend else 0, "spend_month_ms": spend.month_start_ms if spend else 0})
         if granted:
-            session.execute(_HOLD_ON_ACCOUNT, {"account_id": account_id, "delta": granted})
+            session.execute(HOLD_ON_ACCOUNT, {"account_id": account_id, "delta": granted})
         _move(spend_rows, held=granted)
         session.flush()
         return AuthorizeOutcome(call_id, True, None, granted, available, plan_name, account.currency,
@@ -361,7 +358,7 @@ class SqlBalanceStore:
                         effect.overrun_micros)
         held_delta = effect.overrun_micros + effect.granted_micros - remaining
         if held_delta:
-            session.execute(_HOLD_ON_ACCOUNT, {"account_id": account_id, "delta": held_delta})
+            session.execute(HOLD_ON_ACCOUNT, {"account_id": account_id, "delta": held_delta})
         debited, overrun = r.debited_micros + req.debit_micros, r.overrun_micros + effect.overrun_micros
         session.execute(_NIBBLE_ON_CALL, {
             "call": req.call_id, "seq": req.seq, "granted": effect.granted_micros, "debit": req.debit_micros,
@@ -498,9 +495,9 @@ class SqlBalanceStore:
         account_id = session.execute(_ACCOUNT_OF_CALL, {"call_id": call_id}).scalar()
         if account_id is None:
             return None
-        account = session.execute(_LOCK_ACCOUNT_FOR_CLOSE, {"account_id": account_id}).first()
+        balance = session.execute(LOCK_BALANCE, {"account_id": account_id}).scalar()
         r = session.execute(_LOCK_CALL_FOR_CLOSE, {"call_id": call_id}).first()
-        if (account is None or r is None or r.state != "open" or r.bundle_slots not in ("", "[]")
+        if (balance is None or r is None or r.state != "open" or r.bundle_slots not in ("", "[]")
                 or r.spend_day_ms or r.spend_month_ms):
             return None
         if state == "expired" and datetime_to_ms(r.expires_at) > now_ms:
@@ -514,7 +511,7 @@ class SqlBalanceStore:
         if overrun:
             log.warning("settle overrun call=%s cost_micros=%d overrun_micros=%d", call_id, cost, overrun)
         post_entries(session, account_id, postings, call_id=call_id, held_delta_micros=-held,
-                     locked_balance_micros=account.balance_micros)
+                     locked_balance_micros=balance)
         session.execute(_CLOSE_CALL, {
             "call": call_id, "state": state, "seq": max(r.seq, seq), "closed_at": ms_to_datetime(now_ms),
             "overrun": r.overrun_micros + overrun, "cost": cost, "closed_charge": closed_charge})
