@@ -567,9 +567,13 @@ def test_the_socket_application_authorizes_in_one_round_trip(socket_fake: FakeFr
     # billing_decision stays empty: a later pass through billing-outbound (the caller's leg
     # transferred) asks the agent again instead of dialling on an old decision.
     assert not any("billing_decision" in c for c in socket_fake.commands)
-    # What the dialplan does not read comes after, over the event socket (off the post-dial path).
-    engine.wait_for(lambda: f"api uuid_setvar_multi {call.a_uuid} billing_call_id=call-{call.a_uuid};"
-                            "billing_limit_ms=60000" in socket_fake.commands)
+    # What the dialplan does not read comes after, over the event socket (off the post-dial
+    # path), and so does the caller's ceiling in place of billing.xml's 10 s guard.
+    informative = [f"api uuid_setvar_multi {call.a_uuid} billing_call_id=call-{call.a_uuid};billing_limit_ms=60000",
+                   f"api sched_del {call.a_uuid}", f"api sched_hangup +181 {call.a_uuid} ALLOTTED_TIMEOUT"]
+    engine.wait_for(lambda: all(c in socket_fake.commands for c in informative))
+    at = [socket_fake.commands.index(c) for c in informative]
+    assert at == sorted(at)  # in this order, on the event socket
     assert not any(c.startswith("api uuid_transfer") for c in socket_fake.commands)  # the dialplan transfers
     engine.wait_for(lambda: engine.hung_up(call.a_uuid, b_leg(call)))
 
@@ -633,3 +637,21 @@ def test_an_allowed_call_outlives_the_dialplans_guard(engine: FakeEngine, starte
         finish(call)
         assert call.outcome == "answered" and call.hangup_cause == "NORMAL_CLEARING"
         assert call.b_ended_us - call.b_answered_us >= 2_400_000
+
+
+def test_without_the_event_socket_the_ceiling_goes_over_the_authorize_socket(engine: FakeEngine,
+                                                                               started: Started) -> None:
+    """The agent replaces billing.xml's guard with the caller's ceiling over the event socket
+    after the decision; when that socket is down at the decision, it sends both commands in
+    its reply instead, so an allowed call still outlives the guard."""
+    with FakeFreeswitch(heartbeat_s=0.2, mode="socket", authorize_guard_s=1) as guarded:
+        adapter = start_socket_adapter(guarded, engine, started)
+        adapter.client.stop(timeout_s=1.0)
+        assert not adapter.client.connected
+        call = guarded.place_call("1001", "33123456", talk_ms=2_500)
+        finish(call)
+        assert call.outcome == "answered" and call.hangup_cause == "NORMAL_CLEARING"
+        assert call.b_ended_us - call.b_answered_us >= 2_400_000
+        outbound = [c for c in guarded.commands if c.startswith("outbound api ")]
+        assert outbound[1:] == [f"outbound api sched_del {call.a_uuid}",
+                                f"outbound api sched_hangup +181 {call.a_uuid} ALLOTTED_TIMEOUT"], outbound

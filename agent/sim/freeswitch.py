@@ -381,16 +381,14 @@ class FakeFreeswitch:
             call.outcome = "failed"
             self.hangup(a, "NO_ROUTE_DESTINATION")  # no extension matches without a decision
             return
-        # The 10 s guard goes (sched_cancel), the caller's ceiling comes: "sched_hangup +" with
-        # no number hangs up at once (a one-pass allow without a ceiling fails closed).
-        self._api_sched_del(a.uuid)
-        ceiling = a.variables.get("billing_ceiling_s", "")
-        if ceiling.isdigit():
-            self.schedule_hangup(a, int(ceiling), "ALLOTTED_TIMEOUT")
-        elif one_pass:
-            call.outcome = "failed"
-            self.hangup(a, "ALLOTTED_TIMEOUT")
-            return
+        if not one_pass:
+            # An older dialplan's own sched_cancel (the guard) and the caller's ceiling
+            # ("sched_hangup +" with no number would hang up at once). billing.xml's one pass
+            # dials at once: the agent replaces the guard itself (api sched_del, sched_hangup).
+            self._api_sched_del(a.uuid)
+            ceiling = a.variables.get("billing_ceiling_s", "")
+            if ceiling.isdigit():
+                self.schedule_hangup(a, int(ceiling), "ALLOTTED_TIMEOUT")
         a.variables["current_application"] = "bridge"
         last_cause = "NO_ROUTE_DESTINATION"
         routed = self._routed_attempts(call, a)
