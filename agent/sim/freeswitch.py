@@ -33,7 +33,9 @@ dialplan/freeswitch/billing.xml around the agent:
 * faults: ``drop_connections()`` (the socket dies mid-call, calls go on), ``stall(s)``
   (nothing written for a while: a black-holed link), ``inject(bytes)`` (malformed frames).
 
-Time is the real clock (gevent timers); timestamps are wall-clock µs, strictly increasing;
+Time is the real clock (gevent timers); timestamps are wall-clock µs on FreeSWITCH's 20 ms
+tick (``STAMP_TICK_US``: the last tick at or before the instant, as the real one stamps; made
+strictly increasing by a µs where two fall on one tick);
 uuids come from a seeded generator. Run ``python -m agent.sim.freeswitch --help`` for a
 standalone server (the benchmark runs it in a separate process).
 """
@@ -71,6 +73,9 @@ from agent.adapters.freeswitch.esl_protocol import (
 log = logging.getLogger(__name__)
 
 DEFAULT_PASSWORD = "ClueCon"
+STAMP_TICK_US = 20_000
+"""FreeSWITCH's time stamps move once per soft-timer tick, 20 ms by default (switch_time.c; seen
+on 1.11.1: agent/adapters/freeswitch/translate.py)."""
 Q850 = {
     "NORMAL_CLEARING": 16, "USER_BUSY": 17, "NO_USER_RESPONSE": 18, "NO_ANSWER": 19, "CALL_REJECTED": 21,
     "NO_ROUTE_DESTINATION": 3, "UNALLOCATED_NUMBER": 1, "INVALID_NUMBER_FORMAT": 28,
@@ -192,7 +197,8 @@ class FakeFreeswitch:
                  heartbeat_s: float = 20.0, park_timeout_s: float = 10.0, ignore_uuid_kill: bool = False,
                  callee_backstop: bool = True, hostname: str = "fake-fs", mode: str = "socket",
                  authorize_host: str = "127.0.0.1", authorize_port: int = 8084, authorize_guard_s: int = 10,
-                 cdr_file: str = "", clock: Callable[[], float] = time.time) -> None:
+                 cdr_file: str = "", clock: Callable[[], float] = time.time,
+                 stamp_tick_us: int = STAMP_TICK_US) -> None:
         if mode not in ("socket", "socket2", "park"):
             raise ValueError(f"mode must be socket, socket2 or park, not {mode!r}")
         self.mode = mode
@@ -207,6 +213,7 @@ class FakeFreeswitch:
         self.callee_backstop = callee_backstop  # False: a dialplan without the execute_on_answer backstop
         self.hostname = hostname
         self.clock = clock
+        self.stamp_tick_us = max(1, stamp_tick_us)
         self._rng = random.Random(seed)
         self.core_uuid = self._new_uuid()
         self.server = StreamServer((host, port), self._serve)
@@ -603,6 +610,7 @@ class FakeFreeswitch:
 
     def _now_us(self) -> int:
         now = int(self.clock() * 1_000_000)
+        now -= now % self.stamp_tick_us
         self._last_us = max(now, self._last_us + 1)
         return self._last_us
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from agent.sim.freeswitch import STAMP_TICK_US
 from tests.realpbx.conftest import Lab
 from tests.realpbx.lab import STATIC_PREFIX, PbxBuild, run_customers
 from tests.realpbx.test_real_calls import DECK, NUMBER, billed_leg, micros, ms
@@ -67,7 +68,11 @@ def test_200_calls_are_each_cut_when_their_money_runs_out(lab: Lab) -> None:
     cdrs = [c for c in every if c not in failed_by_pbx]
     assert {c["disposition"] for c in cdrs} == {"CUT"}, {c["disposition"] for c in cdrs}
     late = sorted(ms(billed_leg(c)["ended_at"]) - (ms(billed_leg(c)["answered_at"]) + 3_000) for c in cdrs)
-    assert late[0] >= -20 and late[int(0.99 * len(late)) - 1] <= 100, late[-5:]  # p99 within 100 ms
+    # FreeSWITCH stamps from a clock that moves every 20 ms (agent/adapters/freeswitch/translate.py):
+    # a hangup that runs just ahead of the tick carries the tick before it (-20 ms, -21 with the
+    # two stamps' ms), seen once in 200 cut calls (2026-12-05). Asterisk stamps the real instant.
+    earliest_ms = -(STAMP_TICK_US // 1000 + 2) if lab.pbx.build.kind == "freeswitch" else -20
+    assert late[0] >= earliest_ms and late[int(0.99 * len(late)) - 1] <= 100, (late[:3], late[-5:])  # p99 ≤ 100 ms
     assert all(micros(c["rating"]["cost"]) == 30_000 for c in cdrs)
     ok, report = lab.agent.ledger_check()
     assert ok, report

@@ -13,6 +13,15 @@ What the captures and mod_sofia show (reference/protocols.md §4.3, §5.2):
   ignores it for billing.
 * CHANNEL_HANGUP_COMPLETE carries ``Caller-Channel-Hangup-Time`` (µs, the instant of the
   hangup), ``Hangup-Cause``, ``variable_hangup_cause_q850`` and ``variable_billsec``.
+* Every FreeSWITCH time stamp (these, ``Event-Date-Timestamp``, the CDR's ``*_uepoch``) is read
+  from a clock its soft timer moves once per tick: 20 ms by default (``runtime.timestamp`` in
+  switch_time.c, monotonic plus an offset from the last sync). Seen on 1.11.1 (2026-12-05): the
+  answer and end stamps of 200 calls all fell on the same millisecond modulo 20. A stamp is the
+  last tick at or before the instant, so an answer or a hangup is stamped up to one tick early:
+  the agent, which cuts at the answer's stamp + the money's time on its own clock, sees a cut
+  call end at exactly that instant in FreeSWITCH's stamps, or one tick (20 ms) before it when
+  the hangup ran just ahead of the tick (1 call in 200 under load). Billing uses these stamps,
+  as FreeSWITCH's own CDR does.
 
 Events of channels never seen before (the agent restarted, the socket dropped) are translated
 all the same: a live leg is first introduced with a ``LegCreated`` built from the event's own
