@@ -74,6 +74,7 @@ from agent.services.store_port import EngineStoreAdapter
 
 if TYPE_CHECKING:
     from agent.adapters.redis.carrier_channels import RedisCarrierChannels
+from agent.services.call_path import CALL_PATH
 
 log = logging.getLogger("agent.daemon")
 
@@ -661,6 +662,7 @@ class Daemon:
     def _sweep_loop(self) -> None:
         interval = self.config.daemon.sweep_seconds
         while not self.stopping.wait(interval):
+            CALL_PATH.yield_to_calls()
             self.sweep_once()
 
     def sweep_once(self) -> None:
@@ -686,6 +688,7 @@ class Daemon:
         # the shutdown kills this greenlet.
         interval = self.config.daemon.publish_seconds
         while True:
+            CALL_PATH.yield_to_calls()
             self.publish_once()
             gevent.sleep(interval)
 

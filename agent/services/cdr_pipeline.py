@@ -49,6 +49,7 @@ import gevent.pool
 from prometheus_client import Counter, Gauge, Histogram
 
 from agent.core.cdr import CallRecord, LegRecord, RatingRecord
+from agent.services.call_path import CALL_PATH
 from agent.services.cdr_lines import TAGS as LINES_TAGS
 from agent.services.cdr_lines import decode_lines, encode_lines
 from agent.services.metrics import Metrics
@@ -452,6 +453,7 @@ class CdrPipeline:
     def _writer_loop(self) -> None:
         backoff_s = RETRY_START_S
         while self._running:
+            CALL_PATH.yield_to_calls()
             try:
                 self._drain()
             except CdrStoreUnavailable as exc:

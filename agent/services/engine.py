@@ -77,6 +77,7 @@ from agent.core.session import (
 )
 from agent.ports import Clock, EngineStore, Rater, StoreRider, Switch
 from agent.services.authorize import Router, decide, route_call
+from agent.services.call_path import CALL_PATH
 from agent.services.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -246,10 +247,11 @@ class WorkQueue:
     (the queue is unbounded: the loop that puts must never wait for a busy store or PBX), and a
     job that fails is logged, never the end of its worker."""
 
-    def __init__(self, name: str, workers: int, group: gevent.pool.Group) -> None:
+    def __init__(self, name: str, workers: int, group: gevent.pool.Group, *, background: bool = False) -> None:
         self.name = name
         self.workers = workers
         self.group = group
+        self.background = background  # its jobs step aside for authorizations (agent/services/call_path.py)
         self.queue: gevent.queue.Queue[tuple[Callable[..., None], tuple[Any, ...]]] = gevent.queue.Queue()
         self.busy = 0
 
@@ -274,6 +276,8 @@ class WorkQueue:
     def _work(self) -> None:
         while True:
             job, args = self.queue.get()
+            if self.background:
+                CALL_PATH.yield_to_calls()
             self.busy += 1
             try:
                 job(*args)
@@ -308,8 +312,10 @@ class Engine:
         self._group = gevent.pool.Group()
         # Nibbles apart from settles: a slow settle must not delay the next slice of money (and
         # with it a cut); each queue has workers of its own.
-        self._nibble_work = WorkQueue("nibble", settings.nibble_workers, self._group)
-        self._store_work = WorkQueue("store", settings.store_workers, self._group)
+        # Nibbles are asked nibble_lead_ms ahead and settles are not urgent: both step aside for
+        # authorizations; switch commands (cuts, backstops) never do.
+        self._nibble_work = WorkQueue("nibble", settings.nibble_workers, self._group, background=True)
+        self._store_work = WorkQueue("store", settings.store_workers, self._group, background=True)
         self._switch_work = WorkQueue("switch", settings.switch_workers, self._group)
         self._retries = gevent.pool.Group()  # settles waiting for their next attempt
         self._pending_settles: dict[str, SettleStep] = {}  # not yet committed by the store

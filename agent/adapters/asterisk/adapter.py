@@ -64,6 +64,7 @@ from agent.core.events import (
     PbxDisconnected,
 )
 from agent.ports import CallEngine, Clock
+from agent.services.call_path import CALL_PATH
 from agent.services.clock import SystemClock
 
 log = logging.getLogger(__name__)
@@ -446,7 +447,8 @@ class AsteriskAdapter:
                                          detail=f"{self.settings.authorize_concurrency} authorizations already "
                                                 f"running for {self.settings.agi_command_timeout_s}s")
             try:
-                return self.engine.authorize(request)
+                with CALL_PATH.authorizing():  # the MSet is written right after, without a switch
+                    return self.engine.authorize(request)
             finally:
                 self._authorize_slots.release()
         except Exception as exc:  # the engine must not raise; if it does, the call is refused

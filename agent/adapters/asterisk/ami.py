@@ -36,6 +36,7 @@ from gevent import socket
 
 from agent.adapters.asterisk.ami_protocol import AmiFramingError, AmiMessage, AmiParser, encode_action
 from agent.adapters.backoff import Backoff
+from agent.services.call_path import CALL_PATH
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +334,7 @@ class AmiClient:
     def _read(self, conn: _Connection) -> None:
         try:
             while True:
+                CALL_PATH.yield_to_calls()  # events carry Asterisk's time stamps: they can wait
                 data = conn.sock.recv(RECV_BYTES)
                 if not data:
                     conn.close(conn.closed_reason or "Asterisk closed the connection")

@@ -82,6 +82,7 @@ from agent.core.events import (
     PbxDisconnected,
 )
 from agent.ports import CallEngine, Clock
+from agent.services.call_path import CALL_PATH
 from agent.services.clock import SystemClock
 
 log = logging.getLogger(__name__)
@@ -279,17 +280,19 @@ class FreeswitchAdapter:
                 return
             if not self.held.hold(leg_id):
                 return  # a second connection for the same leg: the first decides
-            request = authorize_request(event, self.clock.now_ms())
-            decision = self._decide(request)
-            one_pass = bool(variable(event, VAR_REFUSAL))
-            steps, informative = self._decision_commands(request, decision, one_pass=one_pass)
+            with CALL_PATH.authorizing():
+                request = authorize_request(event, self.clock.now_ms())
+                decision = self._decide(request)
+                one_pass = bool(variable(event, VAR_REFUSAL))
+                steps, informative = self._decision_commands(request, decision, one_pass=one_pass)
+                with gevent.Timeout(self.settings.esl.command_timeout_s, EslError("no reply to the decision")):
+                    sock.sendall(b"".join(encode_command(f"api {step}") for step in steps))
+                    # Half-close at once: FreeSWITCH runs the commands, writes the replies, reads
+                    # the end of the stream and goes on with the dialplan, without waiting for
+                    # this greenlet to be scheduled, read the replies and close (post-dial delay,
+                    # issue 13). The replies are still read below, for the log.
+                    sock.shutdown(socket.SHUT_WR)
             with gevent.Timeout(self.settings.esl.command_timeout_s, EslError("no reply to the decision")):
-                sock.sendall(b"".join(encode_command(f"api {step}") for step in steps))
-                # Half-close at once: FreeSWITCH runs the commands, writes the replies, reads
-                # the end of the stream and goes on with the dialplan, without waiting for this
-                # greenlet to be scheduled, read the replies and close (post-dial delay, issue
-                # 13). The replies are still read below, for the log.
-                sock.shutdown(socket.SHUT_WR)
                 replies = _read_frames(sock, FrameReader(), len(steps))
             for command, reply in zip(steps, replies, strict=True):
                 if not commands.is_ok(reply.text()):  # the variables did not land: the dialplan refuses
@@ -310,7 +313,8 @@ class FreeswitchAdapter:
         """The engine's decision; the leg's events held meanwhile are released after it."""
         self.stats.authorizations += 1
         try:
-            return self.engine.authorize(request)
+            with CALL_PATH.authorizing():
+                return self.engine.authorize(request)
         except Exception as exc:  # the engine must not raise; if it does, the call is refused
             log.exception("engine.authorize failed for leg %s", request.leg_id)
             return AuthorizeDecision(False, "", reason=DenyReason.STORE_UNAVAILABLE, detail=f"agent error: {exc}")

@@ -53,6 +53,7 @@ from agent.adapters.freeswitch.esl_protocol import (
     encode_command,
     parse_event,
 )
+from agent.services.call_path import CALL_PATH
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class GreenswitchConnection(InboundESL):  # type: ignore[misc]  # greenswitch ha
         reason = "closed by FreeSWITCH"
         try:
             while self._run:
+                CALL_PATH.yield_to_calls()  # events carry FreeSWITCH's time stamps: they can wait
                 data = self.sock.recv(RECV_BYTES)
                 if not data:
                     reader.close()

@@ -22,6 +22,8 @@ from collections.abc import Callable
 import gevent
 import gevent.event
 
+from agent.services.call_path import CALL_PATH
+
 log = logging.getLogger(__name__)
 
 MAX_QUEUED = 100_000  # beyond it jobs are left to the sweepers (they are in Redis's index anyway)
@@ -64,6 +66,7 @@ class LedgerPoster:
         """Run up to ``limit`` queued jobs, oldest first; returns how many wrote their rows."""
         done = 0
         for _ in range(min(limit, len(self._jobs))):
+            CALL_PATH.yield_to_calls()
             key = next(iter(self._jobs))
             job = self._jobs.pop(key)
             try:
