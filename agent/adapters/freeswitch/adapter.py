@@ -280,19 +280,17 @@ class FreeswitchAdapter:
                 return
             if not self.held.hold(leg_id):
                 return  # a second connection for the same leg: the first decides
-            with CALL_PATH.authorizing():
-                request = authorize_request(event, self.clock.now_ms())
-                decision = self._decide(request)
-                one_pass = bool(variable(event, VAR_REFUSAL))
-                steps, informative = self._decision_commands(request, decision, one_pass=one_pass)
-                with gevent.Timeout(self.settings.esl.command_timeout_s, EslError("no reply to the decision")):
-                    sock.sendall(b"".join(encode_command(f"api {step}") for step in steps))
-                    # Half-close at once: FreeSWITCH runs the commands, writes the replies, reads
-                    # the end of the stream and goes on with the dialplan, without waiting for
-                    # this greenlet to be scheduled, read the replies and close (post-dial delay,
-                    # issue 13). The replies are still read below, for the log.
-                    sock.shutdown(socket.SHUT_WR)
+            request = authorize_request(event, self.clock.now_ms())
+            decision = self._decide(request)  # the command is written right after, without a switch
+            one_pass = bool(variable(event, VAR_REFUSAL))
+            steps, informative = self._decision_commands(request, decision, one_pass=one_pass)
             with gevent.Timeout(self.settings.esl.command_timeout_s, EslError("no reply to the decision")):
+                sock.sendall(b"".join(encode_command(f"api {step}") for step in steps))
+                # Half-close at once: FreeSWITCH runs the commands, writes the replies, reads
+                # the end of the stream and goes on with the dialplan, without waiting for this
+                # greenlet to be scheduled, read the replies and close (post-dial delay, issue
+                # 13). The replies are still read below, for the log.
+                sock.shutdown(socket.SHUT_WR)
                 replies = _read_frames(sock, FrameReader(), len(steps))
             for command, reply in zip(steps, replies, strict=True):
                 if not commands.is_ok(reply.text()):  # the variables did not land: the dialplan refuses
