@@ -42,6 +42,7 @@ from agent.adapters.http_status import StatusServer
 from agent.adapters.sql.account_plans import AccountPlans
 from agent.adapters.sql.bundle_book import BundleBook
 from agent.adapters.sql.cached_lookup import TenantChains
+from agent.adapters.sql.checkpoint import WalCheckpointer, database_file
 from agent.adapters.sql.engine import make_engine
 from agent.adapters.sql.fraud import SqlAlerts, SqlFraudActions, suspended_by_rule
 from agent.adapters.sql.fx_rates import FxBook
@@ -126,6 +127,7 @@ class Daemon:
         self.stopping = gevent.event.Event()
         self.stopped = gevent.event.Event()
         self.sql: Engine | None = None
+        self.checkpointer: WalCheckpointer | None = None
         self.store: StoreGuard | None = None
         self.engine: CallEngine | None = None
         self.status: StatusServer | None = None
@@ -163,6 +165,7 @@ class Daemon:
         self._bind_status()
         self.sql = self._connect_database()
         self._check_schema(self.sql)
+        self._start_checkpoints(self.sql)
         # Another live run of this node.id refuses the start before anything of the node is
         # touched (its journal, its reservations, its published calls); register checks again.
         publisher = LiveCallPublisher(self.sql, self.config.node.id, publish_seconds=self.config.daemon.publish_seconds)
@@ -231,6 +234,16 @@ class Daemon:
         if not os.access(folder, os.W_OK | os.X_OK):
             raise StartupError(f"cdr.spool_dir: {folder} is not writable by this user")
 
+    def _start_checkpoints(self, engine: Engine) -> None:
+        """SQLite: the write-ahead log copied back into the file in gevent's thread pool, never
+        inside a commit of the loop (agent/adapters/sql/checkpoint.py)."""
+        path = database_file(engine.url.database) if engine.dialect.name == "sqlite" else None
+        if path is None:
+            return
+        checkpointer = self.checkpointer = WalCheckpointer(path)
+        # Through the drain too (calls still settle): the shutdown kills it with the other loops.
+        self._spawn(lambda: checkpointer.run(self.stopped), "SQLite checkpointer")
+
     def _spawn(self, func: Callable[[], None], what: str) -> None:
         greenlet = self.group.spawn(func)
         greenlet.link_exception(lambda g: log.critical("%s died: %r", what, g.exception))
@@ -295,8 +308,9 @@ class Daemon:
 
     def _connect_database(self) -> Engine:
         db = self.config.database
+        # SQLite: no checkpoint inside the loop's commits; _start_checkpoints runs them in a thread.
         engine = make_engine(db.url, pool_size=db.pool_size, connect_timeout_seconds=db.connect_timeout_seconds,
-                             echo=db.echo)
+                             echo=db.echo, wal_autocheckpoint=False)
         delay = 0.5
         where = self._database_where = engine.url.render_as_string(hide_password=True)
         while not self.stopping.is_set():

@@ -22,7 +22,9 @@ def normalise_url(url: str) -> str:
 
 
 def make_engine(url: str, *, pool_size: int = 10, connect_timeout_seconds: float = 5.0,
-                echo: bool = False) -> Engine:
+                echo: bool = False, wal_autocheckpoint: bool = True) -> Engine:
+    """``wal_autocheckpoint=False`` (SQLite only): commits never copy the write-ahead log back
+    into the file; the daemon does it in another thread (agent/adapters/sql/checkpoint.py)."""
     url = normalise_url(url)
     backend = make_url(url).get_backend_name()
     kwargs: dict[str, Any] = {"echo": echo, "future": True}
@@ -38,11 +40,11 @@ def make_engine(url: str, *, pool_size: int = 10, connect_timeout_seconds: float
             kwargs["isolation_level"] = "READ COMMITTED"
     engine = create_engine(url, connect_args=connect_args, **kwargs)
     if backend == "sqlite":
-        _tune_sqlite(engine)
+        _tune_sqlite(engine, wal_autocheckpoint=wal_autocheckpoint)
     return engine
 
 
-def _tune_sqlite(engine: Engine) -> None:
+def _tune_sqlite(engine: Engine, *, wal_autocheckpoint: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Disable pysqlite's own transaction handling so BEGIN IMMEDIATE below is ours.
@@ -52,6 +54,8 @@ def _tune_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=30000")
+        if not wal_autocheckpoint:
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()
 
     @event.listens_for(engine, "begin")
