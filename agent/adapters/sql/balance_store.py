@@ -17,14 +17,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql import Executable
 
 from agent.adapters.sql.accounts import HOLD_ON_ACCOUNT, LOCK_BALANCE, post_entries, post_entry
 from agent.adapters.sql.bundle_periods import dump_holds, load_holds, open_period, periods_of, post_use
+from agent.adapters.sql.driver_statements import DriverStatements
 from agent.adapters.sql.engine import transaction
 from agent.adapters.sql.models import Account, RatePlan, Reservation, SpendPeriod
 from agent.core.balance import (
@@ -174,6 +176,16 @@ class SqlBalanceStore:
         self._sessions = sessions
         bind = sessions.kw.get("bind")
         self._single_writer = getattr(getattr(bind, "dialect", None), "name", "") == "sqlite"
+        # SQLite: the hot statements straight on the driver's cursor (agent/adapters/sql/driver_statements.py).
+        self._driver = DriverStatements(bind.dialect) if self._single_writer and bind is not None else None
+
+    def _exec(self, session: Session, statement: Executable, params: dict[str, Any]) -> Any:
+        """One of this module's Core statements: ``first()`` and ``scalar()`` of its result."""
+        if self._driver is None:
+            return session.execute(statement, params)
+        if session.identity_map:  # an entity an earlier step of a batch loaded may be changed
+            session.flush()
+        return self._driver.run(session, statement, params)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -247,12 +259,12 @@ class SqlBalanceStore:
         # post-dial delay, and loading and flushing entities was most of its time on SQLite (an
         # ORM select, insert and update cost several times the statement). Bundle periods and
         # spend counters, where an account has them, stay ORM rows (flushed at commit).
-        account = session.execute(_LOCK_ACCOUNT_FOR_AUTHORIZE, {"account_id": account_id}).first()
+        account = self._exec(session, _LOCK_ACCOUNT_FOR_AUTHORIZE, {"account_id": account_id}).first()
         if account is None:
             return AuthorizeOutcome(call_id, False, DenyReason.UNKNOWN_ACCOUNT, 0, 0)
-        plan = session.execute(_PLAN_OF, {"plan_id": account.rate_plan_id}).first()
+        plan = self._exec(session, _PLAN_OF, {"plan_id": account.rate_plan_id}).first()
         plan_name, timezone = (plan.name, plan.timezone) if plan is not None else ("", "UTC")
-        existing = session.execute(_LOCK_CALL_FOR_AUTHORIZE, {"call_id": call_id}).first()
+        existing = self._exec(session, _LOCK_CALL_FOR_AUTHORIZE, {"call_id": call_id}).first()
         if existing is not None:
             if existing.account_id != account_id:
                 raise Conflict(f"call {call_id!r} is already authorized on account {existing.account_id!r}")
@@ -287,7 +299,7 @@ class SqlBalanceStore:
                                     bundle_available_s=bundle_available)
         for period, seconds in zip(periods, taken, strict=True):
             period.reserved_s += seconds
-        session.execute(_INSERT_RESERVATION, {
+        self._exec(session, _INSERT_RESERVATION, {
             "call_id": call_id, "account_id": account_id, "node": node, "state": "open", "seq": 0,
             "granted_micros": granted, "last_debit_micros": 0, "auth_granted_micros": granted,
             "auth_available_micros": available, "reserved_micros": granted, "debited_micros": 0,
@@ -296,7 +308,7 @@ class SqlBalanceStore:
             "bundle_slots": dump_holds(list(zip(slots, taken, strict=True))),
             "spend_day_ms": spend.day_start_ms if spend else 0, "spend_month_ms": spend.month_start_ms if spend else 0})
         if granted:
-            session.execute(HOLD_ON_ACCOUNT, {"account_id": account_id, "delta": granted})
+            self._exec(session, HOLD_ON_ACCOUNT, {"account_id": account_id, "delta": granted})
         _move(spend_rows, held=granted)
         session.flush()
         return AuthorizeOutcome(call_id, True, None, granted, available, plan_name, account.currency,
@@ -326,11 +338,11 @@ class SqlBalanceStore:
         every live call nibbles, and loading and flushing entities cost several times the
         statements (on SQLite the whole batch runs in the daemon's loop). Anything else: the
         entity path (``_nibble_entities``), the same rows locked in the same order."""
-        account_id = session.execute(_ACCOUNT_OF_CALL, {"call_id": req.call_id}).scalar()
+        account_id = self._exec(session, _ACCOUNT_OF_CALL, {"call_id": req.call_id}).scalar()
         if account_id is None:
             return NibbleOutcome(req.call_id, req.seq, NibbleStatus.UNKNOWN_CALL, 0, 0)
-        account = session.execute(_LOCK_ACCOUNT_FOR_NIBBLE, {"account_id": account_id}).first()
-        r = session.execute(_LOCK_CALL_FOR_NIBBLE, {"call_id": req.call_id}).first()
+        account = self._exec(session, _LOCK_ACCOUNT_FOR_NIBBLE, {"account_id": account_id}).first()
+        r = self._exec(session, _LOCK_CALL_FOR_NIBBLE, {"call_id": req.call_id}).first()
         if r is None or account is None:
             return NibbleOutcome(req.call_id, req.seq, NibbleStatus.UNKNOWN_CALL, 0, 0)
         totals = {"total_debited_micros": r.debited_micros, "overrun_micros": r.overrun_micros}
@@ -358,9 +370,9 @@ class SqlBalanceStore:
                         effect.overrun_micros)
         held_delta = effect.overrun_micros + effect.granted_micros - remaining
         if held_delta:
-            session.execute(HOLD_ON_ACCOUNT, {"account_id": account_id, "delta": held_delta})
+            self._exec(session, HOLD_ON_ACCOUNT, {"account_id": account_id, "delta": held_delta})
         debited, overrun = r.debited_micros + req.debit_micros, r.overrun_micros + effect.overrun_micros
-        session.execute(_NIBBLE_ON_CALL, {
+        self._exec(session, _NIBBLE_ON_CALL, {
             "call": req.call_id, "seq": req.seq, "granted": effect.granted_micros, "debit": req.debit_micros,
             "debited": debited, "overrun": overrun, "expires_at": ms_to_datetime(req.now_ms + req.ttl_ms)})
         return NibbleOutcome(req.call_id, req.seq, NibbleStatus.GRANTED, effect.granted_micros, req.debit_micros,
@@ -492,11 +504,11 @@ class SqlBalanceStore:
         rows, locked in the same order (it reads them as locked: ``populate_existing``). A
         ledger reference the call's entry needs, held by another movement, is refused
         (Conflict) as the entity path refuses it."""
-        account_id = session.execute(_ACCOUNT_OF_CALL, {"call_id": call_id}).scalar()
+        account_id = self._exec(session, _ACCOUNT_OF_CALL, {"call_id": call_id}).scalar()
         if account_id is None:
             return None
-        balance = session.execute(LOCK_BALANCE, {"account_id": account_id}).scalar()
-        r = session.execute(_LOCK_CALL_FOR_CLOSE, {"call_id": call_id}).first()
+        balance = self._exec(session, LOCK_BALANCE, {"account_id": account_id}).scalar()
+        r = self._exec(session, _LOCK_CALL_FOR_CLOSE, {"call_id": call_id}).first()
         if (balance is None or r is None or r.state != "open" or r.bundle_slots not in ("", "[]")
                 or r.spend_day_ms or r.spend_month_ms):
             return None
@@ -512,7 +524,7 @@ class SqlBalanceStore:
             log.warning("settle overrun call=%s cost_micros=%d overrun_micros=%d", call_id, cost, overrun)
         post_entries(session, account_id, postings, call_id=call_id, held_delta_micros=-held,
                      locked_balance_micros=balance)
-        session.execute(_CLOSE_CALL, {
+        self._exec(session, _CLOSE_CALL, {
             "call": call_id, "state": state, "seq": max(r.seq, seq), "closed_at": ms_to_datetime(now_ms),
             "overrun": r.overrun_micros + overrun, "cost": cost, "closed_charge": closed_charge})
         if settling:
