@@ -106,7 +106,7 @@ class DriverStatements:
             value = params[name] if name in params or name not in fixed else fixed[name]
             values.append(value if processor is None else processor(value))
         # The session's own transaction (its connection began it: BEGIN IMMEDIATE on SQLite);
-        # looked up once per session (a session is one transaction in the store).
+        # the driver's connection looked up once per transaction of the session.
         transaction = session.get_transaction()
         known = session.info.get(_DRIVER)
         if known is not None and known[0] is transaction:
