@@ -11,11 +11,12 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Executable
 
 from agent.adapters.sql.models import Account, LedgerEntry, RatePlan, Tenant, utcnow
 from agent.core.balance import LedgerPosting
@@ -211,11 +212,25 @@ _MOVE_ACCOUNT = (update(_ACCOUNTS).where(_ACCOUNTS.c.id == bindparam("account_id
                  .values(balance_micros=_ACCOUNTS.c.balance_micros + bindparam("amount"),
                          reserved_micros=_ACCOUNTS.c.reserved_micros + bindparam("held"),
                          updated_at=bindparam("updated_at")))
+_ENTRY_OF = select(_LEDGER.c.reference, _LEDGER.c.account_id, _LEDGER.c.kind, _LEDGER.c.amount_micros).where(
+    _LEDGER.c.reference == bindparam("reference"))  # the usual close: one posting
 _INSERT_ENTRY = insert(_LEDGER)
 
 
+class StatementRunner(Protocol):
+    """How a caller runs this module's Core statements (the SQL store on SQLite: on the driver's
+    cursor, agent/adapters/sql/driver_statements.py); ``first()`` and ``scalar()`` of the result."""
+
+    def __call__(self, session: Session, statement: Executable, params: dict[str, Any]) -> Any: ...
+
+
+def _session_execute(session: Session, statement: Executable, params: dict[str, Any]) -> Any:
+    return session.execute(statement, params)
+
+
 def post_entries(session: Session, account_id: str, postings: Sequence[LedgerPosting], *, call_id: str,
-                 held_delta_micros: int = 0, locked_balance_micros: int | None = None) -> list[bool]:
+                 held_delta_micros: int = 0, locked_balance_micros: int | None = None,
+                 execute: StatementRunner = _session_execute) -> list[bool]:
     """``post_entry`` for a closed call's entries, as Core statements: every call closes once,
     and the balance stores close calls on the daemon's busy path (the SQL store in its loop, the
     Redis store's ledger poster beside it), where loading and flushing entities cost several
@@ -224,14 +239,19 @@ def post_entries(session: Session, account_id: str, postings: Sequence[LedgerPos
     (not created), with another one refused (Conflict), as ``post_entry`` does; then the new
     entries are inserted with their balances after, and the account's balance (and the money it
     holds for live calls, ``held_delta_micros``: the SQL store's) moved in one update.
-    Returns, per posting, whether this call created it."""
+    Returns, per posting, whether this call created it. ``execute`` runs the single-row
+    statements (the SQL store passes its own on SQLite)."""
     balance = locked_balance_micros
     if balance is None:
-        balance = session.execute(LOCK_BALANCE, {"account_id": account_id}).scalar()
+        balance = execute(session, LOCK_BALANCE, {"account_id": account_id}).scalar()
         if balance is None:
             raise NotFound(f"unknown account {account_id!r}")
-    stored = {row.reference: row for row in session.execute(
-        _ENTRIES_OF, {"references": [p.reference for p in postings]})} if postings else {}
+    if len(postings) == 1:
+        found = execute(session, _ENTRY_OF, {"reference": postings[0].reference}).first()
+        stored = {found.reference: found} if found is not None else {}
+    else:
+        stored = {row.reference: row for row in session.execute(
+            _ENTRIES_OF, {"references": [p.reference for p in postings]})} if postings else {}
     created, entries, moved = [], [], 0
     now = utcnow()
     for p in postings:
@@ -249,11 +269,14 @@ def post_entries(session: Session, account_id: str, postings: Sequence[LedgerPos
                         "description": p.description[:255], "created_at": now})
         created.append(True)
     if entries:
-        session.execute(_MOVE_ACCOUNT, {"account_id": account_id, "amount": moved, "held": held_delta_micros,
-                                        "updated_at": now})
-        session.execute(_INSERT_ENTRY, entries if len(entries) > 1 else entries[0])
+        execute(session, _MOVE_ACCOUNT, {"account_id": account_id, "amount": moved, "held": held_delta_micros,
+                                         "updated_at": now})
+        if len(entries) == 1:
+            execute(session, _INSERT_ENTRY, entries[0])
+        else:
+            session.execute(_INSERT_ENTRY, entries)
     elif held_delta_micros:
-        session.execute(HOLD_ON_ACCOUNT, {"account_id": account_id, "delta": held_delta_micros})
+        execute(session, HOLD_ON_ACCOUNT, {"account_id": account_id, "delta": held_delta_micros})
     return created
 
 

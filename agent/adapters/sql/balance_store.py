@@ -523,7 +523,7 @@ class SqlBalanceStore:
         if overrun:
             log.warning("settle overrun call=%s cost_micros=%d overrun_micros=%d", call_id, cost, overrun)
         post_entries(session, account_id, postings, call_id=call_id, held_delta_micros=-held,
-                     locked_balance_micros=balance)
+                     locked_balance_micros=balance, execute=self._exec)
         self._exec(session, _CLOSE_CALL, {
             "call": call_id, "state": state, "seq": max(r.seq, seq), "closed_at": ms_to_datetime(now_ms),
             "overrun": r.overrun_micros + overrun, "cost": cost, "closed_charge": closed_charge})
