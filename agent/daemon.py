@@ -42,8 +42,8 @@ from agent.adapters.http_status import StatusServer
 from agent.adapters.sql.account_plans import AccountPlans
 from agent.adapters.sql.bundle_book import BundleBook
 from agent.adapters.sql.cached_lookup import TenantChains
-from agent.adapters.sql.checkpoint import WalCheckpointer, database_file
-from agent.adapters.sql.engine import make_engine
+from agent.adapters.sql.checkpoint import WalCheckpointer
+from agent.adapters.sql.engine import make_engine, sqlite_file
 from agent.adapters.sql.fraud import SqlAlerts, SqlFraudActions, suspended_by_rule
 from agent.adapters.sql.fx_rates import FxBook
 from agent.adapters.sql.live_calls import LiveCallFact, LiveCallPublisher, NodeIdInUse, live_call_rows
@@ -237,7 +237,7 @@ class Daemon:
     def _start_checkpoints(self, engine: Engine) -> None:
         """SQLite: the write-ahead log copied back into the file in gevent's thread pool, never
         inside a commit of the loop (agent/adapters/sql/checkpoint.py)."""
-        path = database_file(engine.url.database) if engine.dialect.name == "sqlite" else None
+        path = sqlite_file(engine.url)
         if path is None:
             return
         checkpointer = self.checkpointer = WalCheckpointer(path)

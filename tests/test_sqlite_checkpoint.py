@@ -14,8 +14,8 @@ import gevent.event
 import pytest
 from sqlalchemy import Engine, text
 
-from agent.adapters.sql.checkpoint import CheckpointResult, WalCheckpointer, database_file
-from agent.adapters.sql.engine import make_engine
+from agent.adapters.sql.checkpoint import CheckpointResult, WalCheckpointer
+from agent.adapters.sql.engine import make_engine, sqlite_file
 from agent.cli.demo import demo_config, prepare_database
 from agent.daemon import Daemon
 
@@ -135,6 +135,7 @@ def test_the_daemon_checkpoints_its_sqlite_database_off_the_loop(tmp_path: Path)
 
 
 def test_only_a_database_file_is_checkpointed() -> None:
-    assert database_file(None) is None and database_file(":memory:") is None
-    assert database_file("file::memory:?cache=shared") is None
-    assert database_file("/var/lib/billing-agent/billing-agent.db") == "/var/lib/billing-agent/billing-agent.db"
+    assert sqlite_file("sqlite://") is None and sqlite_file("sqlite:///:memory:") is None
+    assert sqlite_file("sqlite:///file::memory:?cache=shared") is None
+    assert sqlite_file("postgresql://postgres@127.0.0.1/test") is None
+    assert sqlite_file("sqlite:////var/lib/billing-agent/billing-agent.db") == "/var/lib/billing-agent/billing-agent.db"

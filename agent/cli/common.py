@@ -26,12 +26,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def missing_sqlite_file(url: str) -> Path | None:
     """The file a SQLite URL names when it does not exist (None for other databases and memory)."""
-    from sqlalchemy.engine import make_url
+    from agent.adapters.sql.engine import sqlite_file
 
-    parsed = make_url(url)
-    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+    name = sqlite_file(url)
+    if name is None:
         return None
-    path = Path(parsed.database)
+    path = Path(name)
     return None if path.exists() else path.absolute()
 
 

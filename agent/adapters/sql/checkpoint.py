@@ -102,9 +102,3 @@ class WalCheckpointer:
                         "reader keeps an old snapshot open (a long query or an open transaction)",
                         self.database_path, result.log_pages, result.checkpointed_pages)
 
-
-def database_file(url_database: str | None) -> str | None:
-    """The file of an SQLite URL's database part; None for an in-memory database."""
-    if not url_database or url_database == ":memory:" or url_database.startswith("file::memory:"):
-        return None
-    return url_database

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -19,6 +19,16 @@ def normalise_url(url: str) -> str:
     elif parsed.drivername in ("mysql", "mariadb"):
         parsed = parsed.set(drivername=f"{parsed.drivername}+pymysql")
     return parsed.render_as_string(hide_password=False)
+
+
+def sqlite_file(url: str | URL) -> str | None:
+    """The file a SQLite URL names; None for another database or an in-memory one."""
+    parsed = make_url(url)
+    database = parsed.database
+    if not parsed.drivername.startswith("sqlite") or database in (None, "", ":memory:"):
+        return None
+    assert database is not None
+    return None if database.startswith("file::memory:") else database
 
 
 def make_engine(url: str, *, pool_size: int = 10, connect_timeout_seconds: float = 5.0,
