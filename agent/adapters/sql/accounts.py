@@ -246,12 +246,14 @@ def post_entries(session: Session, account_id: str, postings: Sequence[LedgerPos
         balance = execute(session, LOCK_BALANCE, {"account_id": account_id}).scalar()
         if balance is None:
             raise NotFound(f"unknown account {account_id!r}")
+    stored: dict[str, Any] = {}
     if len(postings) == 1:
         found = execute(session, _ENTRY_OF, {"reference": postings[0].reference}).first()
-        stored = {found.reference: found} if found is not None else {}
-    else:
+        if found is not None:
+            stored[found.reference] = found
+    elif postings:
         stored = {row.reference: row for row in session.execute(
-            _ENTRIES_OF, {"references": [p.reference for p in postings]})} if postings else {}
+            _ENTRIES_OF, {"references": [p.reference for p in postings]})}
     created, entries, moved = [], [], 0
     now = utcnow()
     for p in postings:
