@@ -52,6 +52,7 @@ from agent.adapters.sql.models import RatePlan
 from agent.adapters.sql.rate_repository import RatePlanCache
 from agent.adapters.sql.route_book import RouteBook
 from agent.adapters.sql.tenants import ROOT_TENANT
+from agent.adapters.sql.warm_up import warm_up
 from agent.adapters.webhook import AlertWebhook
 from agent.config import NIBBLE_LEAD_MARGIN_MS, Config
 from agent.core.balance import LiveCall
@@ -199,6 +200,7 @@ class Daemon:
         self._start_fraud(self.engine, self.sql, self.store)
         self._start_routing(self.engine, self.sql)
         self.engine.start()
+        self._warm_up()
         self._start_adapters(self.engine)
         pbx = ",".join(a.name for a in self.adapters)
         self._claim_node_id(lambda host, pid: publisher.register(host=host, pid=pid, version=__version__, pbx=pbx))
@@ -209,6 +211,18 @@ class Daemon:
         log.info("billing agent ready in %.2fs: node=%s store=%s pbx=%s status=%s", time.monotonic() - began,
                  self.config.node.id, "redis" if self.config.redis.url else "sql",
                  ",".join(a.name for a in self.adapters) or "none", self.status_url or "disabled")
+
+    def _warm_up(self) -> None:
+        """Before the PBX adapters accept calls: the first calls' look-ups read and the store's
+        statements compiled (agent/adapters/sql/warm_up.py)."""
+        assert self.sql is not None and self.store is not None and self.plans is not None
+        assert self.bundle_book is not None and self.tenant_chains is not None and self.fx_book is not None
+        report = warm_up(self.sql, plans=self.plans, bundles=self.bundle_book, chains=self.tenant_chains,
+                         fx=self.fx_book, store=self.store.store, node=self.config.node.id,
+                         now_ms=self.clock.now_ms())
+        if report is not None:
+            log.info("warmed up in %.0f ms: look-ups of %d of %d accounts read%s", report.elapsed_ms,
+                     report.accounts, report.of, ", the balance store's statements compiled" if report.store else "")
 
     @staticmethod
     def _claim_node_id(claim: Callable[[str, int], None]) -> None:

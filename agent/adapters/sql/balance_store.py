@@ -15,6 +15,7 @@ keeps equal to the sum of the ledger at every instant, and the settle writes exa
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -658,6 +659,28 @@ class SqlBalanceStore:
                             outcome.released_micros, outcome.charged_micros)
                 expired.append(call_id)
         return ExpireReport(tuple(expired), posted=len(expired), pending=0)
+
+    # ------------------------------------------------------------------ warm-up
+
+    def warm_up(self, account_id: str, node: str, now_ms: int) -> bool:
+        """A made-up call of one micro-unit on ``account_id``, authorized, nibbled and settled
+        in one transaction that is rolled back: nothing stays, and every statement of a plain
+        call has been compiled (SQLAlchemy's cache, the driver statements) before the first real
+        call pays for it (agent/adapters/sql/warm_up.py). False: the account could not carry it
+        (refused, no money, caps or bundles: another path); what ran is compiled all the same."""
+        call_id = f"warm-up:{uuid.uuid4().hex}"
+        with self._sessions() as session:
+            session.begin()
+            try:
+                authorized = self._authorize(session, account_id, call_id, node, 1, 0, now_ms, 60_000)
+                if not authorized.allowed or authorized.granted_micros < 1:
+                    return False
+                nibbled = self._nibble(session, NibbleRequest(call_id, 1, 1, 0, now_ms, 60_000, account_id))
+                if not nibbled.applied:
+                    return False
+                return isinstance(self._close_plain(session, call_id, 2, now_ms, "settled", 1), SettleOutcome)
+            finally:
+                session.rollback()
 
     # ------------------------------------------------------------------ views
 
