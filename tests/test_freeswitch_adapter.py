@@ -37,6 +37,7 @@ from agent.core.events import (
     PbxConnected,
     PbxDisconnected,
 )
+from agent.services.call_path import CALL_PATH
 from agent.sim.freeswitch import Attempt, FakeCall, FakeFreeswitch
 
 WAIT_S = 5.0
@@ -613,6 +614,27 @@ def test_the_listener_writes_connect_as_it_accepts() -> None:
             assert entered.wait(2.0)
     finally:
         server.stop(timeout=0.5)
+
+
+def test_background_work_steps_aside_from_the_connection_on(socket_fake: FakeFreeswitch, engine: FakeEngine,
+                                                           started: Started) -> None:
+    """The call path starts when FreeSWITCH connects, not when its channel data has arrived:
+    a CDR batch or an event burst that would start meanwhile waits (agent/services/call_path.py),
+    and no longer once the decision is written."""
+    adapter = start_socket_adapter(socket_fake, engine, started)
+    assert CALL_PATH.in_flight == 0
+    with gsocket.create_connection(("127.0.0.1", adapter.authorize_port), timeout=2.0) as conn:
+        data = b""
+        while not data.endswith(b"\n\n"):
+            chunk = conn.recv(64)
+            assert chunk, data
+            data += chunk
+        engine.wait_for(lambda: CALL_PATH.in_flight == 1)  # connected, no channel data yet
+        conn.close()
+    engine.wait_for(lambda: CALL_PATH.in_flight == 0)  # the session ended: background goes on
+    call = socket_fake.place_call("1001", "33123456", talk_ms=100)
+    finish(call)
+    assert call.decision == "allow" and CALL_PATH.in_flight == 0
 
 
 def test_a_refusal_over_the_socket_and_an_agent_that_cannot_be_reached(socket_fake: FakeFreeswitch,

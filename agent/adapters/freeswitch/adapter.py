@@ -269,28 +269,33 @@ class FreeswitchAdapter:
         address, connect_sent = peer
         leg_id = ""
         try:
-            with gevent.Timeout(self.settings.esl.command_timeout_s, EslError("FreeSWITCH sent no channel data")):
-                if connect_sent < len(CONNECT):
-                    sock.sendall(CONNECT[connect_sent:])
-                event = _read_channel_data(sock)
-            leg_id = event.get("Unique-ID")
-            if not leg_id or not awaiting_authorization(event):
-                log.error("FreeSWITCH authorize socket from %s: channel %r is not waiting for a billing decision "
-                          "(billing_destination unset or a decision already set)", address, leg_id or "?")
-                return
-            if not self.held.hold(leg_id):
-                return  # a second connection for the same leg: the first decides
-            request = authorize_request(event, self.clock.now_ms())
-            decision = self._decide(request)  # the command is written right after, without a switch
-            one_pass = bool(variable(event, VAR_REFUSAL))
-            steps, informative = self._decision_commands(request, decision, one_pass=one_pass)
+            # The call path from the connection on (agent/services/call_path.py): background
+            # work that would start while FreeSWITCH sends the channel data steps aside too.
+            with CALL_PATH.authorizing():
+                with gevent.Timeout(self.settings.esl.command_timeout_s,
+                                    EslError("FreeSWITCH sent no channel data")):
+                    if connect_sent < len(CONNECT):
+                        sock.sendall(CONNECT[connect_sent:])
+                    event = _read_channel_data(sock)
+                leg_id = event.get("Unique-ID")
+                if not leg_id or not awaiting_authorization(event):
+                    log.error("FreeSWITCH authorize socket from %s: channel %r is not waiting for a billing decision "
+                              "(billing_destination unset or a decision already set)", address, leg_id or "?")
+                    return
+                if not self.held.hold(leg_id):
+                    return  # a second connection for the same leg: the first decides
+                request = authorize_request(event, self.clock.now_ms())
+                decision = self._decide(request)  # the command is written right after, without a switch
+                one_pass = bool(variable(event, VAR_REFUSAL))
+                steps, informative = self._decision_commands(request, decision, one_pass=one_pass)
+                with gevent.Timeout(self.settings.esl.command_timeout_s, EslError("no reply to the decision")):
+                    sock.sendall(b"".join(encode_command(f"api {step}") for step in steps))
+                    # Half-close at once: FreeSWITCH runs the commands, writes the replies, reads
+                    # the end of the stream and goes on with the dialplan, without waiting for this
+                    # greenlet to be scheduled, read the replies and close (post-dial delay, issue
+                    # 13). The replies are still read below, for the log.
+                    sock.shutdown(socket.SHUT_WR)
             with gevent.Timeout(self.settings.esl.command_timeout_s, EslError("no reply to the decision")):
-                sock.sendall(b"".join(encode_command(f"api {step}") for step in steps))
-                # Half-close at once: FreeSWITCH runs the commands, writes the replies, reads
-                # the end of the stream and goes on with the dialplan, without waiting for this
-                # greenlet to be scheduled, read the replies and close (post-dial delay, issue
-                # 13). The replies are still read below, for the log.
-                sock.shutdown(socket.SHUT_WR)
                 replies = _read_frames(sock, FrameReader(), len(steps))
             for command, reply in zip(steps, replies, strict=True):
                 if not commands.is_ok(reply.text()):  # the variables did not land: the dialplan refuses
