@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import gevent
 import gevent.event
 
 MAX_WAIT_S = 0.005
@@ -53,6 +54,19 @@ class CallPath:
         if self._in_flight:
             self.waits += 1
             self._quiet.wait(self.max_wait_s)
+
+    def step_aside(self) -> None:
+        """Between the pieces of one long background job (a CDR batch: its rows, then the spool;
+        the live-call publisher's tables): whatever the loop has pending runs first, then as
+        :meth:`yield_to_calls`. Without the first part a PBX connection that arrived during the
+        job's first piece is accepted only after the whole job, and its authorization is not in
+        flight yet when the job asks (seen on FreeSWITCH: the slowest calls' sockets were
+        accepted after a CDR batch or a publish that had started just after their INVITE).
+        ``gevent.idle`` waits for a loop with nothing else to do, which a busy loop may never
+        be: bounded by ``max_wait_s`` as the rest."""
+        with gevent.Timeout(self.max_wait_s, False):
+            gevent.idle()
+        self.yield_to_calls()
 
 
 CALL_PATH = CallPath()

@@ -544,12 +544,15 @@ class CdrPipeline:
                     self._count_written(len(batch.entries), len(batch.entries), done.settled,
                                         time.monotonic() - done.write_seconds)
                 elif batch.entries:
+                    CALL_PATH.step_aside()  # the spool's read was one piece, the rows are the next
                     self._write_batch(batch.entries, ahead if full else None)
                 if full and done is None:
                     ahead()  # when the store did not
             finally:
                 if self._ahead is not None:
                     self._ahead.wait()  # no spool.read in flight past this point
+            if batch.entries:  # an empty read commits in the same piece: a flush sees it drained
+                CALL_PATH.step_aside()  # the spool's commit (a file written and renamed) is the last piece
             self.spool.commit(batch.end)
             self._inflight = self._inflight_written = None
             self._progress.set()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import gevent
-from sqlalchemy import ColumnElement, Connection, Engine, delete, insert, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, bindparam, delete, insert, select, update
 
 from agent.adapters.sql.models import AgentNode, CallCommand, LiveCallRow, utcnow
 from agent.core.errors import BillingError, NotFound
@@ -95,6 +95,11 @@ class PendingCommand:
     call_id: str
     command: str
     reason: str
+
+
+# A published call's answer and cut instants, for many calls in one executemany.
+_UPDATE_LIVE_CALL = (update(LiveCallRow).where(LiveCallRow.call_id == bindparam("b_call_id"))
+                     .values(answered_at=bindparam("answered_at"), cut_at=bindparam("cut_at")))
 
 
 class LiveCallPublisher:
@@ -235,9 +240,9 @@ class LiveCallPublisher:
                     conn.execute(delete(LiveCallRow).where(LiveCallRow.call_id.in_(gone[i:i + 500])))
             if new:
                 conn.execute(insert(LiveCallRow), [self._row(f) for f in new])
-            for f in changed:
-                conn.execute(update(LiveCallRow).where(LiveCallRow.call_id == f.call_id)
-                             .values(answered_at=_at(f.answered_ms), cut_at=_at(f.cut_at_ms)))
+            if changed:  # one statement for all (an answer changes most calls once)
+                conn.execute(_UPDATE_LIVE_CALL, [{"b_call_id": f.call_id, "answered_at": _at(f.answered_ms),
+                                                  "cut_at": _at(f.cut_at_ms)} for f in changed])
         self._published = current
 
     def _row(self, f: LiveCallFact) -> dict[str, object]:
