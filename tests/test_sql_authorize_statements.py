@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event
+from sqlalchemy.orm import Session, sessionmaker
 
 from agent.adapters.sql import accounts as repo
 from agent.adapters.sql.balance_store import SqlBalanceStore
@@ -202,3 +203,48 @@ def test_post_entries_keeps_a_repeated_movement_refuses_another_and_chains_the_b
     with pytest.raises(Conflict), transaction(sessions) as s:  # the same reference on another account
         repo.post_entries(s, "limited", [first[0]], call_id="x1")
     _ledger_ok(engine)
+
+
+class _CountingSessions(sessionmaker[Session]):
+    """A session factory that counts the sessions it makes."""
+
+    made = 0
+
+    def __call__(self, **local_kw: Any) -> Session:
+        type(self).made += 1
+        return super().__call__(**local_kw)
+
+
+def test_the_plain_steps_run_without_an_orm_session_and_the_others_fall_back_to_one(engine: Engine) -> None:
+    """On SQLite an authorization, a nibble batch and a close of a plain call are one raw
+    transaction each (no session made: its machinery was a third of an authorization); a step
+    that needs entities (a capped account's spend counters) is rolled back and run in a session,
+    with the same money."""
+    sessions = _CountingSessions(engine, expire_on_commit=False)
+    store = SqlBalanceStore(sessions)
+    _CountingSessions.made = 0
+    assert store.authorize("plain", "c1", "n1", UNIT, UNIT, T0, 60_000).allowed
+    assert store.debit_and_reserve("c1", 1, UNIT // 2, UNIT, T0 + 6_000, 60_000).applied
+    assert store.settle("c1", 2, UNIT, T0 + 9_000).cost_micros == UNIT
+    assert _CountingSessions.made == 0
+    assert store.release("nobody", 1, T0).status.name == "UNKNOWN_CALL"  # the entity path says so
+    _CountingSessions.made = 0
+
+    with transaction(session_factory(engine)) as s:
+        repo.set_limits(s, "plain", daily_micros=5 * UNIT)
+    capped = store.authorize("plain", "c2", "n1", UNIT, UNIT, T0 + 10_000, 60_000)
+    assert capped.allowed and _CountingSessions.made == 1  # the spend counters: the session path
+    store.settle("c2", 1, UNIT // 2, T0 + 12_000)
+    state = store.account_state("plain")
+    assert (state.balance_micros, state.reserved_micros, state.live_calls) == (10 * UNIT - UNIT - UNIT // 2, 0, 0)
+
+
+def test_a_refused_step_on_a_raw_transaction_leaves_nothing_open(engine: Engine) -> None:
+    store = SqlBalanceStore(session_factory(engine))
+    store.authorize("plain", "c1", "n1", UNIT, UNIT, T0, 60_000)
+    with pytest.raises(Conflict):  # the same call id on another account: refused mid-transaction
+        store.authorize("limited", "c1", "n1", UNIT, UNIT, T0, 60_000)
+    # rolled back: the next steps take the write lock at once and the money is as it was
+    assert store.authorize("limited", "c2", "n1", UNIT, UNIT, T0 + 1, 60_000).allowed
+    assert store.account_state("limited").reserved_micros == UNIT
+    assert store.account_state("plain").reserved_micros == UNIT

@@ -221,14 +221,16 @@ class StatementRunner(Protocol):
     """How a caller runs this module's Core statements (the SQL store on SQLite: on the driver's
     cursor, agent/adapters/sql/driver_statements.py); ``first()`` and ``scalar()`` of the result."""
 
-    def __call__(self, session: Session, statement: Executable, params: dict[str, Any]) -> Any: ...
+    def __call__(self, session: Session | None, statement: Executable, params: dict[str, Any]) -> Any: ...
 
 
-def _session_execute(session: Session, statement: Executable, params: dict[str, Any]) -> Any:
+def _session_execute(session: Session | None, statement: Executable, params: dict[str, Any]) -> Any:
+    if session is None:
+        raise ValueError("post_entries without a session needs the caller's statement runner")
     return session.execute(statement, params)
 
 
-def post_entries(session: Session, account_id: str, postings: Sequence[LedgerPosting], *, call_id: str,
+def post_entries(session: Session | None, account_id: str, postings: Sequence[LedgerPosting], *, call_id: str,
                  held_delta_micros: int = 0, locked_balance_micros: int | None = None,
                  execute: StatementRunner = _session_execute) -> list[bool]:
     """``post_entry`` for a closed call's entries, as Core statements: every call closes once,
@@ -240,7 +242,8 @@ def post_entries(session: Session, account_id: str, postings: Sequence[LedgerPos
     entries are inserted with their balances after, and the account's balance (and the money it
     holds for live calls, ``held_delta_micros``: the SQL store's) moved in one update.
     Returns, per posting, whether this call created it. ``execute`` runs the single-row
-    statements (the SQL store passes its own on SQLite)."""
+    statements (the SQL store passes its own on SQLite); without a ``session`` (the SQL store's
+    raw SQLite transaction) only one posting can be made."""
     balance = locked_balance_micros
     if balance is None:
         balance = execute(session, LOCK_BALANCE, {"account_id": account_id}).scalar()
@@ -252,6 +255,8 @@ def post_entries(session: Session, account_id: str, postings: Sequence[LedgerPos
         if found is not None:
             stored[found.reference] = found
     elif postings:
+        if session is None:
+            raise ValueError(f"{len(postings)} postings need a session")
         stored = {row.reference: row for row in session.execute(
             _ENTRIES_OF, {"references": [p.reference for p in postings]})}
     created, entries, moved = [], [], 0
@@ -276,6 +281,7 @@ def post_entries(session: Session, account_id: str, postings: Sequence[LedgerPos
         if len(entries) == 1:
             execute(session, _INSERT_ENTRY, entries[0])
         else:
+            assert session is not None  # several postings: refused above without one
             session.execute(_INSERT_ENTRY, entries)
     elif held_delta_micros:
         execute(session, HOLD_ON_ACCOUNT, {"account_id": account_id, "delta": held_delta_micros})

@@ -92,6 +92,20 @@ class DriverStatements:
         self._compiled: dict[int, tuple[Executable, _Compiled]] = {}
 
     def run(self, session: Session, statement: Executable, params: Mapping[str, Any]) -> DriverRows:
+        """``statement`` in the session's own transaction."""
+        # The session's own transaction (its connection began it: BEGIN IMMEDIATE on SQLite);
+        # the driver's connection looked up once per transaction of the session.
+        transaction = session.get_transaction()
+        known = session.info.get(_DRIVER)
+        if known is not None and known[0] is transaction:
+            driver = known[1]
+        else:
+            driver = session.connection().connection.driver_connection
+            session.info[_DRIVER] = (session.get_transaction(), driver)
+        return self.run_on(driver, statement, params)
+
+    def run_on(self, driver: Any, statement: Executable, params: Mapping[str, Any]) -> DriverRows:
+        """``statement`` on a DBAPI connection, in whatever transaction it has open."""
         found = self._compiled.get(id(statement))
         if found is None or found[0] is not statement:
             found = (statement, _Compiled(cast(ClauseElement, statement), self.dialect, params))
@@ -105,15 +119,6 @@ class DriverStatements:
         for name, processor in zip(compiled.names, compiled.bind, strict=True):
             value = params[name] if name in params or name not in fixed else fixed[name]
             values.append(value if processor is None else processor(value))
-        # The session's own transaction (its connection began it: BEGIN IMMEDIATE on SQLite);
-        # the driver's connection looked up once per transaction of the session.
-        transaction = session.get_transaction()
-        known = session.info.get(_DRIVER)
-        if known is not None and known[0] is transaction:
-            driver = known[1]
-        else:
-            driver = session.connection().connection.driver_connection
-            session.info[_DRIVER] = (session.get_transaction(), driver)
         cursor = driver.execute(compiled.sql, values)
         try:
             return DriverRows(cursor.fetchone() if compiled.make is not None else None, compiled.make)
