@@ -248,3 +248,31 @@ def test_a_refused_step_on_a_raw_transaction_leaves_nothing_open(engine: Engine)
     assert store.authorize("limited", "c2", "n1", UNIT, UNIT, T0 + 1, 60_000).allowed
     assert store.account_state("limited").reserved_micros == UNIT
     assert store.account_state("plain").reserved_micros == UNIT
+
+
+def test_a_locked_database_on_a_raw_transaction_is_the_store_unavailable(tmp_path: Path) -> None:
+    """A driver error in a raw transaction is classified as the session path classifies it:
+    a write lock held past the busy timeout makes the store unavailable (the guard's circuit
+    and journal then decide), not a crash with sqlite3's own exception."""
+    import sqlite3
+
+    from agent.core.balance import StoreUnavailable
+
+    locked = make_engine(f"sqlite:///{tmp_path}/locked.db")
+    upgrade(locked)
+    with transaction(session_factory(locked)) as s:
+        create_plan(s, "retail", currency="EUR")
+        repo.create_account(s, "plain", plan="retail", balance_micros=10 * UNIT)
+    event.listen(locked, "connect", lambda dbapi, _record: dbapi.execute("PRAGMA busy_timeout=50"))
+    locked.dispose()  # the next connections get the short timeout
+    store = SqlBalanceStore(session_factory(locked))
+    holder = sqlite3.connect(str(tmp_path / "locked.db"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreUnavailable, match="locked"):
+            store.authorize("plain", "c1", "n1", UNIT, UNIT, T0, 60_000)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert store.authorize("plain", "c1", "n1", UNIT, UNIT, T0, 60_000).allowed  # and back once free
+    locked.dispose()
