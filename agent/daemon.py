@@ -181,6 +181,8 @@ class Daemon:
         fx_book = self.fx_book = FxBook(self.sql, self.clock.now_ms, background=True)  # DESIGN §11
         chains = self.tenant_chains = TenantChains(self.sql, self.clock.now_ms, background=True)  # DESIGN §11
         billing = self.config.billing
+        rater = PlanRater(plans.rating_of, self.rate_cache, bundle_book.grants_of, fx_of=fx_book.conversion,
+                          chain_of=chains.chain_of)
         store = EngineStoreAdapter(self.store, node=self.config.node.id,
                                    ttl_ms=billing.reservation_ttl_seconds * 1000)
         self.engine = CallEngine(
@@ -191,8 +193,7 @@ class Daemon:
                 max_call_seconds=billing.max_call_seconds,
                 reservation_ttl_ms=billing.reservation_ttl_seconds * 1000,
                 nibble_lead_ms=billing.store_timeout_ms + NIBBLE_LEAD_MARGIN_MS),
-            store=store, rater=PlanRater(plans.rating_of, self.rate_cache, bundle_book.grants_of,
-                                         fx_of=fx_book.conversion, chain_of=chains.chain_of),
+            store=store, rater=rater,
             clock=self.clock, cdr=self.cdr,
             metrics=self.metrics)
         self._offer_adoption(self.engine, self.store)
@@ -200,7 +201,7 @@ class Daemon:
         self._start_fraud(self.engine, self.sql, self.store)
         self._start_routing(self.engine, self.sql)
         self.engine.start()
-        self._warm_up()
+        self._warm_up(rater)
         self._start_adapters(self.engine)
         pbx = ",".join(a.name for a in self.adapters)
         self._claim_node_id(lambda host, pid: publisher.register(host=host, pid=pid, version=__version__, pbx=pbx))
@@ -212,13 +213,11 @@ class Daemon:
                  self.config.node.id, "redis" if self.config.redis.url else "sql",
                  ",".join(a.name for a in self.adapters) or "none", self.status_url or "disabled")
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, rater: PlanRater) -> None:
         """Before the PBX adapters accept calls: the first calls' look-ups read and the store's
         statements compiled (agent/adapters/sql/warm_up.py)."""
-        assert self.sql is not None and self.store is not None and self.plans is not None
-        assert self.bundle_book is not None and self.tenant_chains is not None and self.fx_book is not None
-        report = warm_up(self.sql, plans=self.plans, bundles=self.bundle_book, chains=self.tenant_chains,
-                         fx=self.fx_book, store=self.store.store, node=self.config.node.id,
+        assert self.sql is not None and self.store is not None
+        report = warm_up(self.sql, rater=rater, store=self.store.store, node=self.config.node.id,
                          now_ms=self.clock.now_ms())
         if report is not None:
             log.info("warmed up in %.0f ms: look-ups of %d of %d accounts read%s", report.elapsed_ms,

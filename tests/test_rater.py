@@ -73,3 +73,45 @@ def test_live_calls_to_one_destination_share_its_row_and_rating_info(monkeypatch
     assert rater.rate("alice", "34123456", 0).info.prefix == "34"  # a new one: the memory starts again
     again = rater.rate("alice", "33123456", 0).tariff
     assert again == first.tariff and again is not first.tariff
+
+
+def test_reading_ahead_reads_what_rating_the_call_reads() -> None:
+    """A starting node's warm-up (agent/adapters/sql/warm_up.py) reads through the rater: the
+    same look-ups, of every level, as rating a call of the account and the levels above it."""
+    from collections import namedtuple
+
+    from agent.core.fx import Conversion
+
+    plan = namedtuple("plan", "plan plan_currency currency")
+    level = namedtuple("level", "tenant parent account_id")
+    plans = {"zoe": plan("retail", "EUR", "EUR"), "tenant:globex": plan("wholesale", "USD", "EUR")}
+
+    def rater(read: list[tuple[str, ...]]) -> PlanRater:
+        def plan_of(account_id: str) -> object:
+            read.append(("plan", account_id))
+            return plans.get(account_id)
+
+        def grants_of(account_id: str) -> tuple[()]:
+            read.append(("grants", account_id))
+            return ()
+
+        def fx_of(plan_currency: str, currency: str, at_ms: int) -> Conversion:
+            read.append(("fx", plan_currency, currency))
+            return Conversion(plan_currency, currency, 9_000_000_000)
+
+        def chain_of(account_id: str) -> list[object]:
+            read.append(("chain", account_id))
+            return [level("globex", "operator", "tenant:globex")] if account_id == "zoe" else []
+
+        return PlanRater(plan_of, Tables({"retail": _table(), "wholesale": _table()}),  # type: ignore[arg-type]
+                         grants_of, fx_of=fx_of, chain_of=chain_of)  # type: ignore[arg-type]
+
+    rated: list[tuple[str, ...]] = []
+    rating = rater(rated)
+    rating.rate("zoe", "33123456", 0)
+    rating.rate_chain("zoe", "33123456", 0)
+    ahead: list[tuple[str, ...]] = []
+    rater(ahead).read_ahead("zoe", 0)
+    assert set(ahead) == set(rated) == {("plan", "zoe"), ("grants", "zoe"), ("chain", "zoe"),
+                                        ("plan", "tenant:globex"), ("grants", "tenant:globex"),
+                                        ("fx", "USD", "EUR")}

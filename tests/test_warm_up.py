@@ -25,8 +25,10 @@ from agent.adapters.sql.engine import make_engine, session_factory, transaction
 from agent.adapters.sql.fx_rates import FxBook
 from agent.adapters.sql.models import LedgerEntry, Reservation
 from agent.adapters.sql.plans import create_plan
+from agent.adapters.sql.rate_repository import RatePlanCache
 from agent.adapters.sql.warm_up import sample_accounts, warm_up
 from agent.cli.demo import prepare_database
+from agent.services.rater import PlanRater
 
 T0 = 1_800_000_000_000
 UNIT = 1_000_000
@@ -90,20 +92,23 @@ class _Compiles:
             self.sqlalchemy.append(" ".join(statement.split())[:80])
 
 
-def _books(engine: Engine) -> dict[str, Any]:
+def _rater(engine: Engine) -> PlanRater:
+    """The daemon's rater over its look-ups, its sell plans loaded as at start."""
     clock = lambda: T0  # noqa: E731
-    return {"plans": AccountPlans(engine, clock), "bundles": BundleBook(engine, clock),
-            "chains": TenantChains(engine, clock), "fx": FxBook(engine, clock)}
+    tables = RatePlanCache(engine)
+    tables.preload(["demo", "globex-retail", "wholesale-usd"])
+    return PlanRater(AccountPlans(engine, clock).rating_of, tables, BundleBook(engine, clock).grants_of,
+                     fx_of=FxBook(engine, clock).conversion, chain_of=TenantChains(engine, clock).chain_of)
 
 
 def test_after_the_warm_up_a_first_call_compiles_nothing(demo: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """The warm-up reads one reseller's customer and one funded account; a first call of
     other accounts (a direct customer, another reseller customer) then runs only statements
-    already compiled: the look-ups, the chain's levels, the FX pair, and the store's whole plain
-    call (authorize, nibble, settle)."""
-    books = _books(demo)
+    already compiled: its rating (the look-ups, the chain's levels, the FX pair) and the store's
+    whole plain call (authorize, nibble, settle)."""
+    rater = _rater(demo)
     store = SqlBalanceStore(session_factory(demo))
-    report = warm_up(demo, store=store, node="n1", now_ms=T0, **books)
+    report = warm_up(demo, rater=rater, store=store, node="n1", now_ms=T0)
     assert report is not None and report.store and report.accounts == report.of >= 2
 
     with transaction(session_factory(demo)) as s:  # accounts the warm-up never read
@@ -111,14 +116,9 @@ def test_after_the_warm_up_a_first_call_compiles_nothing(demo: Engine, monkeypat
         repo.create_account(s, "zed", plan="globex-retail", balance_micros=3 * UNIT, tenant="globex")
     compiles = _Compiles(demo, monkeypatch)
     for account_id in ("newcomer", "zed"):
-        assert books["plans"].rating_of(account_id) is not None
-        books["bundles"].grants_of(account_id)
-        chain = books["chains"].chain_of(account_id)
-        for level in chain:
-            level_plan = books["plans"].rating_of(level.account_id)
-            assert level_plan is not None
-            books["fx"].conversion(level_plan.plan_currency, level_plan.currency, T0)
-    assert chain, "zed is a reseller's customer: its chain has a level"
+        rater.rate(account_id, "33142685300", T0)
+        levels = rater.rate_chain(account_id, "33142685300", T0)
+    assert levels, "zed is a reseller's customer: its chain has a level"
     assert store.authorize("newcomer", "first-call", "n1", UNIT, UNIT, T0, 60_000).allowed
     assert store.debit_and_reserve("first-call", 1, UNIT // 2, UNIT // 2, T0 + 6_000, 60_000).applied
     store.settle("first-call", 2, UNIT, T0 + 12_000)
@@ -144,12 +144,13 @@ def test_a_database_that_fails_skips_the_warm_up_with_a_log_line(demo: Engine, m
 
     monkeypatch.setattr("agent.adapters.sql.warm_up.sample_accounts", down)
     with caplog.at_level(logging.WARNING):
-        assert warm_up(demo, store=SqlBalanceStore(session_factory(demo)), node="n1", now_ms=T0, **_books(demo)) is None
+        assert warm_up(demo, rater=_rater(demo), store=SqlBalanceStore(session_factory(demo)), node="n1",
+                       now_ms=T0) is None
     assert "warm-up skipped" in caplog.text and "OperationalError" in caplog.text
 
 
 def test_the_warm_up_stops_at_its_time_budget(demo: Engine) -> None:
     ticks = iter(range(100))
-    report = warm_up(demo, store=None, node="n1", now_ms=T0, budget_s=1.5, monotonic=lambda: float(next(ticks)),
-                     **_books(demo))
+    report = warm_up(demo, rater=_rater(demo), store=None, node="n1", now_ms=T0, budget_s=1.5,
+                     monotonic=lambda: float(next(ticks)))
     assert report is not None and report.accounts == 1 and report.of >= 2 and not report.store

@@ -79,6 +79,21 @@ class PlanRater:
         # Rows and infos equal to one handed out before are handed out again (see _shared).
         self._shared: dict[object, object] = {}
 
+    def read_ahead(self, account_id: str, at_ms: int) -> None:
+        """Read now what rating a call of ``account_id`` reads through the look-ups, whatever
+        its destination: the plan of the account and of every level above it, their bundle
+        grants, and the FX pair of each plan priced in another currency than its account's (a
+        starting node's warm-up, agent/adapters/sql/warm_up.py). A look-up's error is raised."""
+        levels = self.chain_of(account_id) if self.chain_of is not None else ()
+        for owner in (account_id, *(level.account_id for level in levels)):
+            found = self.plan_of(owner)
+            if found is None:
+                continue
+            if self.grants_of is not None:
+                self.grants_of(owner)
+            if not isinstance(found, str) and found.plan_currency != found.currency and self.fx_of is not None:
+                self.fx_of(found.plan_currency, found.currency, at_ms)
+
     def rate_chain(self, account_id: str, destination: str, at_ms: int) -> tuple[LevelRated, ...]:
         """Each level above ``account_id``, nearest first, rated by its own account's plan (the
         seller's, FX applied into the reseller's currency); () for a direct customer. A level

@@ -22,15 +22,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from agent.adapters.sql.account_plans import AccountPlan, AccountPlans
 from agent.adapters.sql.balance_store import SqlBalanceStore
-from agent.adapters.sql.bundle_book import BundleBook
-from agent.adapters.sql.cached_lookup import TenantChains
-from agent.adapters.sql.fx_rates import FxBook
 from agent.adapters.sql.models import Account, Reservation, Tenant
 
 log = logging.getLogger(__name__)
@@ -70,11 +67,15 @@ def sample_accounts(engine: Engine, *, limit: int = LIVE_ACCOUNTS_LIMIT) -> Warm
     return WarmUpSample(tuple(ordered), funded)
 
 
-def warm_up(engine: Engine, *, plans: AccountPlans, bundles: BundleBook, chains: TenantChains, fx: FxBook,
-            store: object, node: str, now_ms: int, budget_s: float = 2.0,
+class _ReadsAhead(Protocol):
+    def read_ahead(self, account_id: str, at_ms: int) -> None: ...
+
+
+def warm_up(engine: Engine, *, rater: _ReadsAhead, store: object, node: str, now_ms: int, budget_s: float = 2.0,
             monotonic: Callable[[], float] = time.monotonic) -> WarmUpReport | None:
-    """Read the sampled accounts' look-ups into the caches and compile the store's statements;
-    None when the database could not even be sampled (logged)."""
+    """Read the sampled accounts' look-ups into the caches (``PlanRater.read_ahead``: the rater
+    owns what a call reads) and compile the store's statements; None when the database could not
+    even be sampled (logged)."""
     started = monotonic()
     try:
         sample = sample_accounts(engine)
@@ -96,28 +97,9 @@ def warm_up(engine: Engine, *, plans: AccountPlans, bundles: BundleBook, chains:
                      len(sample.accounts))
             break
         try:
-            _read_account(account_id, plans=plans, bundles=bundles, chains=chains, fx=fx, now_ms=now_ms)
+            rater.read_ahead(account_id, now_ms)
         except Exception as exc:  # noqa: BLE001 - the call will read it again and refuse or serve as it must
             log.warning("warm-up: account %r not read (%s: %s)", account_id, exc.__class__.__name__, exc)
             continue
         warmed += 1
     return WarmUpReport(warmed, len(sample.accounts), stored, (monotonic() - started) * 1000)
-
-
-def _read_account(account_id: str, *, plans: AccountPlans, bundles: BundleBook, chains: TenantChains,
-                  fx: FxBook, now_ms: int) -> None:
-    """What the rater reads for a call of ``account_id`` (agent/services/rater.py), whatever the
-    destination: its plan and currencies, its bundle grants, the levels above it and theirs, and
-    the FX pair of every level whose plan is in another currency."""
-    found = plans.rating_of(account_id)
-    if found is None:
-        return
-    bundles.grants_of(account_id)
-    ratings: list[AccountPlan] = [found]
-    for level in chains.chain_of(account_id):
-        level_plan = plans.rating_of(level.account_id)
-        if level_plan is not None:
-            ratings.append(level_plan)
-    for rating in ratings:
-        if rating.plan_currency != rating.currency:
-            fx.conversion(rating.plan_currency, rating.currency, now_ms)
