@@ -592,6 +592,16 @@ def test_the_older_two_pass_dialplan_still_gets_its_decision(engine: FakeEngine,
                "billing_ceiling_s=181" in older.commands
 
 
+def _read_connect(conn: Any) -> bytes:
+    """What the authorize listener writes first, up to its empty line."""
+    data = b""
+    while not data.endswith(b"\n\n"):
+        chunk = conn.recv(64)
+        assert chunk, data
+        data += chunk
+    return data
+
+
 def test_the_listener_writes_connect_as_it_accepts() -> None:
     """FreeSWITCH waits for ``connect``: the authorize listener writes it in its accept
     callback, before the session's greenlet runs (here one that never writes anything)."""
@@ -605,12 +615,7 @@ def test_the_listener_writes_connect_as_it_accepts() -> None:
     server = serve_tcp("127.0.0.1", 0, silent, gevent.pool.Pool(4), server_class=AuthorizeServer)
     try:
         with gsocket.create_connection(("127.0.0.1", server.server_port), timeout=2.0) as conn:
-            data = b""
-            while not data.endswith(b"\n\n"):
-                chunk = conn.recv(64)
-                assert chunk, data
-                data += chunk
-            assert data == b"connect\n\n"
+            assert _read_connect(conn) == b"connect\n\n"
             assert entered.wait(2.0)
     finally:
         server.stop(timeout=0.5)
@@ -624,11 +629,7 @@ def test_background_work_steps_aside_from_the_connection_on(socket_fake: FakeFre
     adapter = start_socket_adapter(socket_fake, engine, started)
     assert CALL_PATH.in_flight == 0
     with gsocket.create_connection(("127.0.0.1", adapter.authorize_port), timeout=2.0) as conn:
-        data = b""
-        while not data.endswith(b"\n\n"):
-            chunk = conn.recv(64)
-            assert chunk, data
-            data += chunk
+        assert _read_connect(conn) == b"connect\n\n"
         engine.wait_for(lambda: CALL_PATH.in_flight == 1)  # connected, no channel data yet
         conn.close()
     engine.wait_for(lambda: CALL_PATH.in_flight == 0)  # the session ended: background goes on
