@@ -575,6 +575,10 @@ def test_the_socket_application_authorizes_in_one_round_trip(socket_fake: FakeFr
     engine.wait_for(lambda: all(c in socket_fake.commands for c in informative))
     at = [socket_fake.commands.index(c) for c in informative]
     assert at == sorted(at)  # in this order, on the event socket
+    # ... and only once FreeSWITCH has dialled: at once, its api commands ran beside the bridge's
+    # set-up on the real FreeSWITCH (post-dial delay).
+    decided_at = socket_fake.command_at[socket_fake.commands.index(outbound[1])]
+    assert socket_fake.command_at[at[0]] - decided_at >= 0.015  # the real one dials ~2 ms after the end
     assert not any(c.startswith("api uuid_transfer") for c in socket_fake.commands)  # the dialplan transfers
     engine.wait_for(lambda: engine.hung_up(call.a_uuid, b_leg(call)))
 

@@ -222,6 +222,7 @@ class FakeFreeswitch:
         self.scheduled: dict[str, list[gevent.Greenlet[Any, Any]]] = {}  # sched_hangup tasks by channel uuid
         self.calls: list[FakeCall] = []
         self.commands: list[str] = []  # every command received, in order (auth included)
+        self.command_at: list[float] = []  # the monotonic instant each of ``commands`` arrived
         # Gateways that fail every attempt with this cause (a carrier answering 503 gives
         # NORMAL_CIRCUIT_CONGESTION): the agent's routes (a '|' failover billing_trunk) then go on
         # to the next; billing.xml's fail_on_single_reject causes end the bridge instead.
@@ -452,6 +453,7 @@ class FakeFreeswitch:
                 command, _, buffer = buffer.partition(b"\n\n")
                 text = command.decode("utf-8", "replace").strip()
                 self.commands.append(f"outbound {text}")
+                self.command_at.append(time.monotonic())
                 if text == "connect":
                     headers = [("Content-Type", "command/reply"), ("Reply-Text", "+OK"), ("Socket-Mode", "static"),
                                ("Control", "full"), *self.channel_headers("CHANNEL_DATA", a)]
@@ -728,6 +730,7 @@ class FakeFreeswitch:
                         break
                     command, buf = buf[:end].decode("utf-8", "replace"), buf[end + 2:]
                     self.commands.append(command)
+                    self.command_at.append(time.monotonic())
                     if not self._stalled():
                         self._command(conn, command.strip())
         except OSError:
