@@ -96,8 +96,9 @@ MAX_CHANNEL_DATA_BYTES = 256 * 1024  # the reply to connect: every channel varia
 # caller's ceiling in place of billing.xml's guard) goes this long after the decision, once
 # FreeSWITCH has dialled (about 2 ms after the end of our stream on the real 1.11.1). Sent at
 # once, its api commands ran in FreeSWITCH's event-socket thread while the channel's thread set
-# up the bridge, on the same cores: post-dial delay (bench/bench_realpbx.py, 400 calls at 20/s,
-# PostgreSQL + Redis: p50 4.1-4.4 -> 3.9 ms, p99 5.6-5.8 -> 5.1-5.4 added).
+# up the bridge, on the same cores (bench/bench_realpbx.py, 400 calls at 20/s, PostgreSQL + Redis,
+# alternated, medians of the sets: added p50 4.26 -> 4.10 ms, p99 5.68 -> 5.37; small, inside a
+# shared 2-core machine's noise, and free).
 INFORMATIVE_DELAY_S = 0.02
 
 
