@@ -21,7 +21,7 @@ from greenswitch import InboundESL
 
 from agent.adapters.freeswitch.adapter import AuthorizeServer, FreeswitchAdapter, FreeswitchSettings
 from agent.adapters.freeswitch.esl import EslSettings, NotConnected
-from agent.adapters.freeswitch.esl_protocol import encode_event
+from agent.adapters.freeswitch.esl_protocol import FrameReader, encode_command, encode_event
 from agent.adapters.listener import serve_tcp
 from agent.core.events import (
     AuthorizeDecision,
@@ -315,7 +315,8 @@ def test_events_read_just_before_a_drop_are_still_handed_over(fake: FakeFreeswit
     start_adapter(fake.port, engine, started)
     call = fake.place_call("1001", "33123456", talk_ms=10_000)
     engine.wait_for(lambda: bool(engine.of(LegBridged)))
-    fake.hangup(fake.channels[call.a_uuid], "NORMAL_CLEARING")  # the hangup events are written...
+    fake.hangup(fake.channels[call.a_uuid], "NORMAL_CLEARING")
+    fake.flush_events()  # the hangup events are written...
     fake.drop_connections()  # ...and the socket dies right after them
     engine.wait_for(lambda: len(engine.of(PbxConnected)) == 2)
     hangups = [e for e in engine.events if isinstance(e, (LegHungUp, PbxDisconnected))]
@@ -501,6 +502,46 @@ def test_stock_greenswitch_understands_the_fake(fake: FakeFreeswitch) -> None:
         client.connect()
         assert client.send("api uuid_kill 0f0f0f0f-0000-4000-8000-000000000003").data == "-ERR No such channel!\n"
         client.stop()
+
+
+def test_the_fake_writes_events_when_its_listener_wakes_as_freeswitch_does() -> None:
+    """Real FreeSWITCH 1.11.1 writes a listener's queued events every 20 ms, or right after the
+    reply to a command it reads (agent/adapters/freeswitch/translate.py): never the moment they
+    happen. The fake does the same (here every 0.2 s, to be seen), so the agent meets replies
+    that overtake older events."""
+    reader = FrameReader()
+
+    def frames(conn: Any, timeout_s: float) -> list[str]:
+        conn.settimeout(timeout_s)
+        try:
+            data = conn.recv(65536)
+        except TimeoutError:
+            return []
+        return [frame.reply_text or frame.content_type for frame in reader.feed(data)]
+
+    def until(conn: Any, count: int) -> list[str]:
+        got: list[str] = []
+        with gevent.Timeout(WAIT_S):
+            while len(got) < count:
+                got += frames(conn, WAIT_S)
+        return got
+
+    event = [("Event-Name", "CHANNEL_CREATE"), ("Unique-ID", "0f0f0f0f-0000-4000-8000-00000000000a")]
+    with FakeFreeswitch(heartbeat_s=0, event_tick_s=0.2) as fake, \
+            gsocket.create_connection(("127.0.0.1", fake.port), timeout=2.0) as conn:
+        assert until(conn, 1) == ["auth/request"]
+        conn.sendall(encode_command("auth ClueCon") + encode_command("event plain CHANNEL_CREATE"))
+        assert until(conn, 2) == ["+OK accepted", "+OK event listener enabled plain"]
+        fake.fire(event)
+        assert until(conn, 1) == ["text/event-plain"]  # at a wake-up
+        woke = time.monotonic()
+        fake.fire(event)
+        assert frames(conn, 0.05) == []  # queued: not written at once
+        assert until(conn, 1) == ["text/event-plain"]
+        assert time.monotonic() - woke >= 0.15  # the next wake-up
+        fake.fire(event)
+        conn.sendall(encode_command("api status"))
+        assert until(conn, 2) == ["api/response", "text/event-plain"]  # the command woke it: reply, then the event
 
 
 def test_the_backstop_moves_when_the_agent_re_arms_it(fake: FakeFreeswitch, engine: FakeEngine,

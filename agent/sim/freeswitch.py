@@ -35,7 +35,9 @@ dialplan/freeswitch/billing.xml around the agent:
 
 Time is the real clock (gevent timers); timestamps are wall-clock µs on FreeSWITCH's 20 ms
 tick (``STAMP_TICK_US``: the last tick at or before the instant, as the real one stamps; made
-strictly increasing by a µs where two fall on one tick);
+strictly increasing by a µs where two fall on one tick); events reach a connection when its
+listener wakes, as on the real one (``EVENT_TICK_S``: every 20 ms, and right after the reply to
+each command it reads; ``flush_events()`` writes them now);
 uuids come from a seeded generator. Run ``python -m agent.sim.freeswitch --help`` for a
 standalone server (the benchmark runs it in a separate process).
 """
@@ -76,6 +78,10 @@ DEFAULT_PASSWORD = "ClueCon"
 STAMP_TICK_US = 20_000
 """FreeSWITCH's time stamps move once per soft-timer tick, 20 ms by default (switch_time.c; seen
 on 1.11.1: agent/adapters/freeswitch/translate.py)."""
+EVENT_TICK_S = 0.02
+"""An event-socket listener writes its queued events when it wakes: on a command (after its
+reply), else every 20 ms (mod_event_socket's read_packet sleeps in a 20 ms poll that new events
+do not interrupt; seen on 1.11.1: agent/adapters/freeswitch/translate.py). 0: every event at once."""
 Q850 = {
     "NORMAL_CLEARING": 16, "USER_BUSY": 17, "NO_USER_RESPONSE": 18, "NO_ANSWER": 19, "CALL_REJECTED": 21,
     "NO_ROUTE_DESTINATION": 3, "UNALLOCATED_NUMBER": 1, "INVALID_NUMBER_FORMAT": 28,
@@ -176,6 +182,7 @@ class _Connection:
         self.all_events = False
         self.lock = gevent.lock.Semaphore()
         self.alive = True
+        self.queued: list[bytes] = []  # events waiting for the listener's next wake-up
 
     def wants(self, name: str) -> bool:
         return self.authed and (self.all_events or name in self.events)
@@ -189,6 +196,11 @@ class _Connection:
             except OSError:
                 self.alive = False
 
+    def flush(self) -> None:
+        if self.queued:
+            data, self.queued = b"".join(self.queued), []
+            self.send(data)
+
 
 class FakeFreeswitch:
     """An event-socket server on loopback with scripted calls (see the module docstring)."""
@@ -198,7 +210,7 @@ class FakeFreeswitch:
                  callee_backstop: bool = True, hostname: str = "fake-fs", mode: str = "socket",
                  authorize_host: str = "127.0.0.1", authorize_port: int = 8084, authorize_guard_s: int = 10,
                  cdr_file: str = "", clock: Callable[[], float] = time.time,
-                 stamp_tick_us: int = STAMP_TICK_US) -> None:
+                 stamp_tick_us: int = STAMP_TICK_US, event_tick_s: float = EVENT_TICK_S) -> None:
         if mode not in ("socket", "socket2", "park"):
             raise ValueError(f"mode must be socket, socket2 or park, not {mode!r}")
         self.mode = mode
@@ -214,6 +226,7 @@ class FakeFreeswitch:
         self.hostname = hostname
         self.clock = clock
         self.stamp_tick_us = max(1, stamp_tick_us)
+        self.event_tick_s = max(0.0, event_tick_s)
         self._rng = random.Random(seed)
         self.core_uuid = self._new_uuid()
         self.server = StreamServer((host, port), self._serve)
@@ -246,6 +259,8 @@ class FakeFreeswitch:
         self.server.start()
         if self.heartbeat_s > 0:
             self.group.spawn(self._heartbeats)
+        if self.event_tick_s > 0:
+            self.group.spawn(self._event_ticks)
         return self
 
     def stop(self) -> None:
@@ -272,6 +287,11 @@ class FakeFreeswitch:
         self.calls.append(call)
         self.group.spawn(self._run_call, call)
         return call
+
+    def flush_events(self) -> None:
+        """Write the queued events now, as a listener does when it wakes (EVENT_TICK_S)."""
+        for conn in list(self._connections):
+            conn.flush()
 
     def drop_connections(self) -> None:
         """The TCP connections die (no goodbye); calls go on."""
@@ -687,7 +707,17 @@ class FakeFreeswitch:
             return
         data = build()
         for conn in targets:
-            conn.send(data)
+            if self.event_tick_s > 0:
+                conn.queued.append(data)
+            else:
+                conn.send(data)
+
+    def _event_ticks(self) -> None:
+        """The listeners' idle wake-ups: what they queued since goes out (EVENT_TICK_S)."""
+        while True:
+            gevent.sleep(self.event_tick_s)
+            if not self._stalled():
+                self.flush_events()
 
     def _stalled(self) -> bool:
         return time.monotonic() < self._stalled_until
@@ -733,6 +763,7 @@ class FakeFreeswitch:
                     self.command_at.append(time.monotonic())
                     if not self._stalled():
                         self._command(conn, command.strip())
+                        conn.flush()  # the listener woke for the command: its queued events follow the reply
         except OSError:
             pass
         finally:
