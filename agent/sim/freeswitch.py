@@ -472,8 +472,7 @@ class FakeFreeswitch:
                     buffer += data
                 command, _, buffer = buffer.partition(b"\n\n")
                 text = command.decode("utf-8", "replace").strip()
-                self.commands.append(f"outbound {text}")
-                self.command_at.append(time.monotonic())
+                self._record(f"outbound {text}")
                 if text == "connect":
                     headers = [("Content-Type", "command/reply"), ("Reply-Text", "+OK"), ("Socket-Mode", "static"),
                                ("Control", "full"), *self.channel_headers("CHANNEL_DATA", a)]
@@ -719,6 +718,11 @@ class FakeFreeswitch:
             if not self._stalled():
                 self.flush_events()
 
+    def _record(self, command: str) -> None:
+        """``commands`` and ``command_at`` are kept in step here only."""
+        self.commands.append(command)
+        self.command_at.append(time.monotonic())
+
     def _stalled(self) -> bool:
         return time.monotonic() < self._stalled_until
 
@@ -759,8 +763,7 @@ class FakeFreeswitch:
                     if end < 0:
                         break
                     command, buf = buf[:end].decode("utf-8", "replace"), buf[end + 2:]
-                    self.commands.append(command)
-                    self.command_at.append(time.monotonic())
+                    self._record(command)
                     if not self._stalled():
                         self._command(conn, command.strip())
                         conn.flush()  # the listener woke for the command: its queued events follow the reply
